@@ -1,0 +1,47 @@
+# cityedge — two commands: `make demo` and `make test`. Both set themselves up.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-deps demo test test-core test-mp lint typecheck bench firmware clean
+
+# Debian packages the real-component tests and the demo use. Installed only when missing.
+DEBS := mosquitto mosquitto-clients openssl
+system-deps:
+	@missing=""; for c in mosquitto mosquitto_sub openssl; do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "cityedge: installing Debian packages: $(DEBS)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBS); \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: system-deps $(STAMP)
+
+demo: setup
+	$(BIN)/python -m cityedge.demo
+
+test: setup lint typecheck
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python -m bench
+
+firmware: setup
+	$(BIN)/python -m cityedge.build_firmware
+
+clean:
+	rm -rf build var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,50 @@
+"""The ``cityedge`` command: one entry point, one sub-command group per part of the system.
+
+Errors a user can cause (a bad file, a bad key, an unreachable service) are reported as
+``cityedge: <what went wrong and what to do>`` with exit code 1, never a traceback. Usage
+errors (a wrong option) exit 2, as Click does.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from cityedge_core.errors import CityedgeError
+
+from cityedge.crypto import KeyFileError
+from cityedge.inspect_cmd import inspect_command
+
+app = typer.Typer(
+    name="cityedge",
+    help="Edge gateway firmware and fleet manager for a city's sensor network.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """cityedge: sign, relay, verify and manage a city's sensor readings."""
+
+
+app.command("inspect")(inspect_command)
+
+# Sub-command groups of the other parts register here (one line each).
+
+
+class UserError(Exception):
+    """Raised by commands for a problem the user can fix; printed without a traceback."""
+
+
+def main() -> None:
+    try:
+        app()
+    except (UserError, KeyFileError, CityedgeError, OSError) as e:
+        print("cityedge: %s" % e, file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Every size, count and time limit of the wire formats, with its unit, in one place.
+
+Decoders take their limits from here unless a caller passes tighter ones. The numbers are
+chosen for the smallest board (64 KiB MicroPython heap): a batch must fit in RAM twice
+(received bytes + decoded records) with room to spare.
+"""
+
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: int) -> int:
+        return x
+
+
+# CBOR decoding
+CBOR_MAX_BYTES = const(65536)  # bytes: largest CBOR item we decode at all
+CBOR_MAX_DEPTH = const(16)  # nesting levels of arrays/maps/tags
+CBOR_MAX_ITEMS = const(4096)  # data items in one decode (all levels together)
+CBOR_MAX_STRING = const(16384)  # bytes: longest byte or text string
+CBOR_MAX_BIGNUM_BYTES = const(64)  # bytes: magnitude of a tag 2/3 bignum
+
+# Reading batches
+BATCH_MAX_BYTES = const(16384)  # bytes: a whole signed batch (COSE_Sign1) on the wire
+BATCH_MAX_RECORDS = const(256)  # SenML records in one batch
+DEVICE_ID_MAX_CHARS = const(128)  # characters of an RFC 9039 device URN
+SENML_NAME_MAX_CHARS = const(64)  # characters of a SenML name or unit
+SENML_STRING_MAX_CHARS = const(256)  # characters of a SenML string value (vs)
+KID_MAX_BYTES = const(64)  # bytes: a COSE key id
+
+# Chain verification
+CHAIN_RECENT_HASHES = const(64)  # batches whose hashes are kept to recognise duplicates
+CHAIN_MAX_PENDING_GAPS = const(1024)  # missing sequence numbers tracked for late arrival
+SEQ_MAX = const(0xFFFFFFFFFFFF)  # largest sequence number (48 bits; decades at 1/s)

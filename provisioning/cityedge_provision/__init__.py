@@ -1,0 +1,1 @@
+"""cityedge_provision package."""
