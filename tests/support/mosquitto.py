@@ -13,6 +13,7 @@ directory made world-readable for it; the keys in it are throwaway test keys.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -209,10 +210,8 @@ class Mosquitto:
         self.conf.chmod(0o644)
         # pki files must be reachable by the mosquitto user
         for d in (pki.dir, pki.dir.parent):
-            try:
+            with contextlib.suppress(PermissionError):
                 d.chmod(d.stat().st_mode | 0o755)
-            except PermissionError:
-                pass
 
     def start(self) -> Mosquitto:
         if self.proc is not None and self.proc.poll() is None:
