@@ -1,10 +1,11 @@
 """A C-backed CBOR decoder (``cbor2``) for CPython hot paths, held to the core's rules.
 
 The shared core's decoder is the reference. ``cbor2`` is much faster on CPython, but 5.x
-ignores trailing bytes and accepts two-byte simple values below 32 (RFC 8949 §3.3 says
-not well-formed). ``loads`` rejects trailing bytes itself; a stray simple value cannot pass
-``Batch.from_map``, which checks the type of every field it knows, and that is the only
-consumer. Only a batch payload goes through here, and only after its signature verified.
+ignores trailing bytes, accepts stray break bytes (``ff``, ``81ff``, ``a1ff00``) and
+two-byte simple values below 32 (RFC 8949 §3.3 says not well-formed). ``loads`` rejects
+trailing bytes itself and walks the result once (``_check``), refusing break markers, low
+simple values, nesting deeper than the core allows and map keys the core would refuse.
+Only a batch payload goes through here, and only after its signature verified.
 ``tests/core/test_fastcbor.py`` checks that core and fast path agree on every vector, on
 every batch, and on generated inputs.
 """
@@ -30,4 +31,40 @@ def loads(data: bytes, max_bytes: int = limits.BATCH_MAX_BYTES) -> Any:
         raise MalformedError("CBOR: %s" % e) from e
     if fp.tell() != len(data):
         raise MalformedError("CBOR: %d trailing bytes after the item" % (len(data) - fp.tell()))
+    _check(obj, 0)
     return obj
+
+
+_SCALARS = frozenset((int, float, str, bytes, bool, type(None)))
+_KEYS = frozenset((int, str, bytes, bool, float, type(None)))
+
+
+def _check(obj: Any, depth: int) -> None:
+    """Refuse what the core's decoder refuses but cbor2 5.x lets through."""
+    if depth > limits.CBOR_MAX_DEPTH:
+        raise LimitError("CBOR: nested deeper than %d" % limits.CBOR_MAX_DEPTH)
+    t = type(obj)
+    if t is dict:
+        for k, v in obj.items():
+            if type(k) not in _KEYS:
+                _check_key(k)
+            if type(v) not in _SCALARS:
+                _check(v, depth + 1)
+    elif t is list:
+        for v in obj:
+            if type(v) not in _SCALARS:
+                _check(v, depth + 1)
+    elif t is cbor2.CBORTag:
+        _check(obj.value, depth + 1)
+    elif t is cbor2.CBORSimpleValue:
+        if obj.value < 32:  # cbor2 cannot tell e0 (valid) from f800 (not); batches use neither
+            raise MalformedError("CBOR: simple value %d refused on the fast path" % obj.value)
+    elif t not in _SCALARS and obj is not cbor2.undefined:
+        raise MalformedError("CBOR: not well-formed (%s)" % t.__name__)
+
+
+def _check_key(k: Any) -> None:
+    if isinstance(k, cbor2.CBORTag):
+        _check(k.value, 1)
+        return
+    raise MalformedError("CBOR: map key of type %s not supported" % type(k).__name__)

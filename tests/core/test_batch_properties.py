@@ -1,0 +1,86 @@
+"""Property tests: any bit flip breaks a signed batch; the chain classifier matches a model."""
+
+from __future__ import annotations
+
+import random
+
+from helpers import DEVICE, records
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cityedge.crypto import EcSigner
+from cityedge_core import batch as batchmod
+from cityedge_core import chain
+
+SIGNER = EcSigner.generate()
+RING = {SIGNER.kid: chain.KeyEntry(DEVICE, SIGNER.verifier())}
+BATCHES: list[bytes] = []
+_w = batchmod.BatchWriter(DEVICE, SIGNER, SIGNER.kid)
+for _ in range(40):
+    BATCHES.append(_w.sign(records(5), boot=1))
+
+
+@given(st.integers(0, len(BATCHES[0]) * 8 - 1))
+@settings(max_examples=300)
+def test_any_bit_flip_fails_verification(bit: int) -> None:
+    data = bytearray(BATCHES[0])
+    data[bit // 8] ^= 1 << (bit % 8)
+    verdict = chain.BatchVerifier(RING).check(bytes(data))
+    assert verdict.status in (chain.BAD_SIGNATURE, chain.MALFORMED, chain.UNKNOWN_KEY), bit
+
+
+@given(st.binary(max_size=300))
+def test_garbage_is_classified_never_raises(data: bytes) -> None:
+    assert chain.BatchVerifier(RING).check(data).status == chain.MALFORMED
+
+
+def model(order: list[int]) -> list[tuple[str, int]]:
+    """What the classifier must say for a delivery order of seqs 1..40 (window not exceeded)."""
+    seen: set[int] = set()
+    top = 0
+    out = []
+    for s in order:
+        if s in seen:
+            out.append((chain.DUPLICATE, 0))
+        elif s == top + 1:
+            out.append((chain.OK, 0))
+        elif s > top + 1:
+            out.append((chain.GAP, s - top - 1))
+        else:
+            out.append((chain.REORDERED, 0))
+        seen.add(s)
+        top = max(top, s)
+    return out
+
+
+deliveries = st.lists(st.integers(1, 40), min_size=1, max_size=60)
+
+
+@given(deliveries)
+@settings(max_examples=200)
+def test_chain_classifier_matches_model(order: list[int]) -> None:
+    verifier = chain.BatchVerifier(RING)
+    got = []
+    for s in order:
+        v = verifier.check(BATCHES[s - 1])
+        got.append((v.status, v.missing))
+    assert got == model(order)
+    state = verifier.states[DEVICE]
+    assert state.missing_count() == max(order) - len(set(order))
+
+
+@given(st.integers(0, 2**32), st.floats(0, 0.5), st.floats(0, 0.5))
+@settings(max_examples=100)
+def test_drop_duplicate_reorder_sequences(seed: int, p_drop: float, p_dup: float) -> None:
+    rnd = random.Random(seed)
+    order = [s for s in range(1, 41) if rnd.random() >= p_drop]
+    order += [rnd.choice(order) for _ in range(int(len(order) * p_dup))] if order else []
+    for _ in range(len(order) // 4):  # local reordering
+        if len(order) > 1:
+            i = rnd.randrange(len(order) - 1)
+            order[i], order[i + 1] = order[i + 1], order[i]
+    if not order:
+        return
+    verifier = chain.BatchVerifier(RING)
+    got = [(verifier.check(BATCHES[s - 1]).status, 0) for s in order]
+    assert [g[0] for g in got] == [m[0] for m in model(order)]

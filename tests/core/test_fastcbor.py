@@ -1,0 +1,78 @@
+"""Differential tests: the cbor2-backed fast path agrees with the core's reference decoder."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from helpers import DEVICE, ROOT, records
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cbor_properties import same, values
+
+from cityedge import fastcbor
+from cityedge.crypto import EcSigner
+from cityedge_core import batch as batchmod
+from cityedge_core import cbor, chain, cose
+from cityedge_core.errors import MalformedError
+
+VECTORS = ROOT.parent / "shared" / "vectors" / "cbor-test-vectors"
+
+
+def outcome(decode: Any, data: bytes) -> Any:
+    try:
+        return ("ok", decode(data))
+    except MalformedError:
+        return ("malformed", None)
+
+
+@given(values)
+def test_agree_on_valid_items(value: Any) -> None:
+    data = cbor.dumps(value)
+    a, b = cbor.loads(data), fastcbor.loads(data)
+    if not isinstance(value, (cbor.Tag, list, dict)):
+        assert same(a, b)
+
+
+def test_pull5_rejections_or_batch_schema_catches_them() -> None:
+    """Everything the core rejects is rejected by the fast path, or cannot pass a batch."""
+    cases = json.loads((VECTORS / "pull-5" / "fail.json").read_text())
+    accepted_by_fast = []
+    for case in cases:
+        data = bytes.fromhex(case["hex"])
+        if outcome(fastcbor.loads, data)[0] == "ok":
+            accepted_by_fast.append(case["hex"])
+            try:
+                batchmod.Batch.from_map(fastcbor.loads(data))
+            except MalformedError:
+                continue
+            raise AssertionError("batch accepted malformed CBOR %s" % case["hex"])
+    assert accepted_by_fast == [], accepted_by_fast
+
+
+def test_same_verdicts_on_batches() -> None:
+    signer = EcSigner.generate()
+    ring = {signer.kid: chain.KeyEntry(DEVICE, signer.verifier())}
+    w = batchmod.BatchWriter(DEVICE, signer, signer.kid)
+    data = [w.sign(records(50), boot=1) for _ in range(5)]
+    ref = chain.BatchVerifier(ring)
+    fast = chain.BatchVerifier(ring, decode=fastcbor.loads)
+    for d in data + data[:2]:
+        r, f = ref.check(d), fast.check(d)
+        assert (r.status, r.missing) == (f.status, f.missing)
+        assert r.batch.to_map() == f.batch.to_map()
+    payload = cose.decode_sign1(data[0]).payload
+    assert fastcbor.loads(payload) == cbor.loads(payload)
+
+
+@given(st.binary(max_size=80))
+@settings(max_examples=400)
+def test_fast_path_never_accepts_trailing_or_truncated(data: bytes) -> None:
+    ref = outcome(cbor.loads, data)
+    fast = outcome(fastcbor.loads, data)
+    scalar = not isinstance(ref[1], (cbor.Tag, cbor.Simple, list, dict))
+    if ref[0] == "ok" and fast[0] == "ok" and scalar:
+        assert same(ref[1], fast[1])
+    if fast[0] == "ok" and ref[0] != "ok":
+        # only f800..f813 may differ (cbor2 gives CBORSimpleValue); Batch.from_map refuses it
+        assert b"\xf8" in data, data.hex()
