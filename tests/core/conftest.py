@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import compile_core  # noqa: E402
+from helpers import compile_core
 
 
 @pytest.fixture(scope="session")

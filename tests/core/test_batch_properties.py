@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 
-from helpers import DEVICE, records
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
 from cityedge_core import chain
+
+from helpers import DEVICE, records
 
 SIGNER = EcSigner.generate()
 RING = {SIGNER.kid: chain.KeyEntry(DEVICE, SIGNER.verifier())}

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from helpers import DEVICE, ROOT, records
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cbor_properties import same, values
 
 from cityedge import fastcbor
 from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, chain, cose
 from cityedge_core.errors import MalformedError
+
+from helpers import DEVICE, ROOT, records
+from test_cbor_properties import same, values
 
 VECTORS = ROOT.parent / "shared" / "vectors" / "cbor-test-vectors"
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from helpers import DEVICE, ROOT, records, run_micropython
 from pycose.algorithms import Es256
 from pycose.headers import KID, Algorithm
 from pycose.keys import EC2Key
@@ -16,6 +15,8 @@ from pycose.messages import Sign1Message
 from cityedge.crypto import EcSigner, EcVerifier, public_sec1
 from cityedge_core import batch as batchmod
 from cityedge_core import chain, cose, p256
+
+from helpers import DEVICE, ROOT, records, run_micropython
 
 D = 0x5A1E5A1E5A1E5A1E5A1E5A1E5A1E5A1E5A1E5A1E5A1E5A1E5A1E5A1E5A1E
 VECTORS = ROOT.parent / "shared" / "vectors"
