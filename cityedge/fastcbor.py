@@ -20,8 +20,37 @@ from cityedge_core import limits
 from cityedge_core.errors import LimitError, MalformedError
 
 
+def loads_batch_payload(data: bytes) -> Any:
+    """``loads`` for a batch payload, checking each node once.
+
+    The SenML records (key 7) are left to ``Batch.from_map``, which type-checks every field
+    of every record (unknown fields must be scalars), so a break marker or simple value in
+    a record is refused there; everything else is checked here.
+    """
+    obj = _decode(data, limits.BATCH_MAX_BYTES)
+    if type(obj) is dict:
+        for k, v in obj.items():
+            if type(k) not in _KEYS:
+                _check_key(k)
+            if k == 7 and type(v) is list:
+                for rec in v:
+                    if type(rec) is not dict:
+                        _check(rec, 2)
+            elif type(v) not in _SCALARS:
+                _check(v, 1)
+    else:
+        _check(obj, 0)
+    return obj
+
+
 def loads(data: bytes, max_bytes: int = limits.BATCH_MAX_BYTES) -> Any:
     """Decode exactly one CBOR item like ``cityedge_core.cbor.loads`` does, faster."""
+    obj = _decode(data, max_bytes)
+    _check(obj, 0)
+    return obj
+
+
+def _decode(data: bytes, max_bytes: int) -> Any:
     if len(data) > max_bytes:
         raise LimitError("CBOR: input of %d bytes exceeds %d" % (len(data), max_bytes))
     fp = io.BytesIO(data)
@@ -31,7 +60,6 @@ def loads(data: bytes, max_bytes: int = limits.BATCH_MAX_BYTES) -> Any:
         raise MalformedError("CBOR: %s" % e) from e
     if fp.tell() != len(data):
         raise MalformedError("CBOR: %d trailing bytes after the item" % (len(data) - fp.tell()))
-    _check(obj, 0)
     return obj
 
 
@@ -52,7 +80,14 @@ def _check(obj: Any, depth: int) -> None:
                 _check(v, depth + 1)
     elif t is list:
         for v in obj:
-            if type(v) not in _SCALARS:
+            tv = type(v)
+            if tv is dict:  # a SenML record: a flat map, checked inline (the hot path)
+                for k, x in v.items():
+                    if type(k) not in _KEYS:
+                        _check_key(k)
+                    if type(x) not in _SCALARS:
+                        _check(x, depth + 2)
+            elif tv not in _SCALARS:
                 _check(v, depth + 1)
     elif t is cbor2.CBORTag:
         _check(obj.value, depth + 1)

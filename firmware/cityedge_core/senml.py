@@ -44,15 +44,9 @@ _NAMES = {}
 for _k in JSON_LABELS:
     _NAMES[JSON_LABELS[_k]] = _k
 
-_TEXT = (BN, BU, N, U, VS)
-_NUMBER = (BT, BV, BS, V, S, T, UT)
 _RELATIVE_LIMIT = 268435456  # 2**28 seconds: below it a time is relative (§4.5.3)
 _NAME_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _NAME_REST = _NAME_FIRST + "-:./_"
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_name(name: str) -> None:
@@ -65,34 +59,52 @@ def _check_name(name: str) -> None:
             raise MalformedError("SenML: name %r has character %r" % (name, ch))
 
 
+_K_TEXT = 1
+_K_NUMBER = 2
+_K_BOOL = 3
+_K_BYTES = 4
+_K_VERSION = 5
+_KINDS = {BN: _K_TEXT, BU: _K_TEXT, N: _K_TEXT, U: _K_TEXT, VS: _K_TEXT,
+          BT: _K_NUMBER, BV: _K_NUMBER, BS: _K_NUMBER, V: _K_NUMBER, S: _K_NUMBER,
+          T: _K_NUMBER, UT: _K_NUMBER, VB: _K_BOOL, VD: _K_BYTES, BVER: _K_VERSION}
+_SCALAR_TYPES = (int, float, str, bytes, bool)
+
+
 def validate_record(rec: Any) -> None:
-    """Check one record's field types and limits (not the base-field resolution)."""
-    if not isinstance(rec, dict):
+    """Check one record's field types and limits (not the base-field resolution).
+
+    Fields we do not know are kept, but their values must be scalars (number, text, bytes,
+    boolean): a record stays one flat map.
+    """
+    if type(rec) is not dict:
         raise MalformedError("SenML: record is not a map")
-    for key in rec:
-        val = rec[key]
-        if key in _TEXT:
-            if not isinstance(val, str):
+    for key, val in rec.items():
+        kind = _KINDS.get(key)
+        tv = type(val)
+        if kind == _K_NUMBER:
+            if tv is not float and tv is not int:  # bool is not a number here
+                raise MalformedError("SenML: field %s must be a number" % _NAMES[key])
+        elif kind == _K_TEXT:
+            if tv is not str:
                 raise MalformedError("SenML: field %s must be text" % _NAMES[key])
             cap = limits.SENML_STRING_MAX_CHARS if key == VS else limits.DEVICE_ID_MAX_CHARS
             if len(val) > cap:
                 raise LimitError("SenML: field %s longer than %d" % (_NAMES[key], cap))
-        elif key in _NUMBER:
-            if not _is_number(val):
-                raise MalformedError("SenML: field %s must be a number" % _NAMES[key])
-        elif key == VB:
-            if not isinstance(val, bool):
+        elif kind == _K_BOOL:
+            if tv is not bool:
                 raise MalformedError("SenML: field vb must be a boolean")
-        elif key == VD:
-            if not isinstance(val, bytes):
+        elif kind == _K_BYTES:
+            if tv is not bytes:
                 raise MalformedError("SenML: field vd must be a byte string")
-        elif key == BVER:
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+        elif kind == _K_VERSION:
+            if tv is not int or val < 1:
                 raise MalformedError("SenML: bver must be a positive integer")
         elif isinstance(key, str) and key.endswith("_"):
             raise MalformedError("SenML: must-understand field %r not supported" % key)
         elif not isinstance(key, (int, str)):
             raise MalformedError("SenML: label must be an integer or text")
+        elif not isinstance(val, _SCALAR_TYPES):
+            raise MalformedError("SenML: unknown field %r must hold a scalar" % (key,))
 
 
 def validate_pack(records: Any) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import paho.mqtt.client as mqtt
+
 from support.mosquitto import Mosquitto, TestPKI
 
 DEVICE = "urn:dev:mac:0024befffe804ff1"

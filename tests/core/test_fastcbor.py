@@ -44,7 +44,7 @@ def test_pull5_rejections_or_batch_schema_catches_them() -> None:
         if outcome(fastcbor.loads, data)[0] == "ok":
             accepted_by_fast.append(case["hex"])
             try:
-                batchmod.Batch.from_map(fastcbor.loads(data))
+                batchmod.Batch.from_map(fastcbor.loads_batch_payload(data))
             except MalformedError:
                 continue
             raise AssertionError("batch accepted malformed CBOR %s" % case["hex"])
@@ -57,7 +57,7 @@ def test_same_verdicts_on_batches() -> None:
     w = batchmod.BatchWriter(DEVICE, signer, signer.kid)
     data = [w.sign(records(50), boot=1) for _ in range(5)]
     ref = chain.BatchVerifier(ring)
-    fast = chain.BatchVerifier(ring, decode=fastcbor.loads)
+    fast = chain.BatchVerifier(ring, decode=fastcbor.loads_batch_payload)
     for d in data + data[:2]:
         r, f = ref.check(d), fast.check(d)
         assert (r.status, r.missing) == (f.status, f.missing)
@@ -77,3 +77,36 @@ def test_fast_path_never_accepts_trailing_or_truncated(data: bytes) -> None:
     if fast[0] == "ok" and ref[0] != "ok":
         # only f800..f813 may differ (cbor2 gives CBORSimpleValue); Batch.from_map refuses it
         assert b"\xf8" in data, data.hex()
+
+
+@given(st.binary(max_size=80))
+@settings(max_examples=300)
+def test_batch_payload_path_rejects_what_the_core_rejects(data: bytes) -> None:
+    """Core-malformed payloads never become a Batch through the fast batch path."""
+    def to_batch(decode: Any) -> str:
+        try:
+            batchmod.Batch.from_map(decode(data))
+        except MalformedError:
+            return "malformed"
+        return "ok"
+
+    if to_batch(cbor.loads) == "malformed":
+        assert to_batch(fastcbor.loads_batch_payload) == "malformed"
+
+
+@given(st.lists(st.sampled_from([b"\xf8\x00", b"\xff", b"\xf7", b"\xc1\x01", b"\x80"]),
+                min_size=1, max_size=3), st.integers(0, 3))
+def test_bad_items_inside_records_are_refused(bad: list[bytes], where: int) -> None:
+    rec = {0: "temp", 2: 1.5}
+    good = cbor.dumps({1: 0, 2: DEVICE, 3: 1, 4: bytes(32), 5: 1, 6: 0, 7: [rec]})
+    # splice a raw item as the value of an unknown field 99 in the record
+    enc_rec = cbor.dumps(rec)
+    raw = b"".join(bad[:1])
+    spliced_rec = bytes([enc_rec[0] + 1]) + enc_rec[1:] + b"\x18\x63" + raw
+    data = good.replace(enc_rec, spliced_rec)
+    for decode in (cbor.loads, fastcbor.loads_batch_payload):
+        try:
+            batchmod.Batch.from_map(decode(data))
+        except MalformedError:
+            continue
+        raise AssertionError("accepted %s via %s" % (data.hex(), decode))

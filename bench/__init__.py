@@ -1,0 +1,1 @@
+"""cityedge benchmarks: ``make bench`` (python -m bench)."""

@@ -1,0 +1,37 @@
+"""Run every benchmark and print the figures with their baselines (medians of several runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import core
+from bench.machine import describe
+
+
+def main() -> None:
+    print("cityedge bench on %s" % describe())
+    results: dict[str, object] = {"machine": describe()}
+    v = core.cpython_verify()
+    results["core_verify"] = v
+    print("\nCore verify path, 50-reading batches (%d bytes), median of %d runs:"
+          % (v["batch_bytes"], core.RUNS))
+    print("  raw OpenSSL ES256 verify (baseline)  %10.0f /s" % v["raw_openssl_verify_per_s"])
+    print("  cityedge full verify path            %10.0f batches/s = %.0f readings/s"
+          % (v["ours_batches_per_s"], v["ours_readings_per_s"]))
+    print("  ratio ours / raw                     %10.2f  (target >= 0.50)" % v["ratio"])
+    print("  same path with the pure-Python core decoder: %.0f batches/s"
+          % v["pure_core_decoder_batches_per_s"])
+    m = core.micropython_sign()
+    results["micropython_sign"] = m
+    print("\nMicroPython unix port, one 50-reading batch:")
+    print("  sign time (median of 21)             %10.1f ms" % m["mp_sign_ms"])
+    print("  smallest heap that signs (code incl.)%10d KiB" % m["mp_min_heap_kib"])
+    out = Path("build") / "bench.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print("\nwritten %s" % out)
+
+
+if __name__ == "__main__":
+    main()
