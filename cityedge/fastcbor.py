@@ -16,6 +16,7 @@ import io
 from typing import Any
 
 import cbor2
+
 from cityedge_core import limits
 from cityedge_core.errors import LimitError, MalformedError
 
