@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from bench.machine import median_of
-from cityedge import fastcbor
 from cityedge.crypto import EcSigner
+from cityedge.mpy import compile_core
+from cityedge.verify import make_batch_verifier
 from cityedge_core import batch as batchmod
 from cityedge_core import chain, cose, senml
 
@@ -62,9 +62,9 @@ def cpython_verify() -> dict[str, float]:
             pub.verify(sig, tbs, algo)
         return N_BATCHES / (time.perf_counter() - t)
 
-    def run_ours(decode: Any) -> Any:
+    def run_ours(fast: bool) -> Any:
         def go() -> float:
-            v = chain.BatchVerifier(ring, decode=decode)
+            v = make_batch_verifier(ring) if fast else chain.BatchVerifier(ring)
             t = time.perf_counter()
             for b in batches:
                 if v.check(b).status != chain.OK:
@@ -74,12 +74,12 @@ def cpython_verify() -> dict[str, float]:
 
     # Interleave baseline and ours so load from other processes hits both alike; the ratio
     # is taken per pair, then the median.
-    ours = run_ours(fastcbor.loads_batch_payload)
+    ours = run_ours(True)
     pairs = [(run_raw(), ours()) for _ in range(RUNS)]
     raw_rate = statistics.median(p[0] for p in pairs)
     fast_rate = statistics.median(p[1] for p in pairs)
     ratio = statistics.median(p[1] / p[0] for p in pairs)
-    core_rate = median_of(3, run_ours(None))
+    core_rate = median_of(3, run_ours(False))
     return {"raw_openssl_verify_per_s": raw_rate, "ours_batches_per_s": fast_rate,
             "ours_readings_per_s": fast_rate * READINGS, "ratio": ratio,
             "pure_core_decoder_batches_per_s": core_rate, "batch_bytes": len(batches[0])}
@@ -107,9 +107,6 @@ print(times[len(times) // 2])
 
 
 def micropython_sign() -> dict[str, float]:
-    sys.path.insert(0, str(ROOT / "tests" / "core"))
-    from helpers import compile_core
-
     mp = str(ROOT / ".venv" / "bin" / "micropython")
     with tempfile.TemporaryDirectory() as d:
         core = compile_core(Path(d))

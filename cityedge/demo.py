@@ -9,15 +9,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from cityedge import fastcbor
 from cityedge.crypto import EcVerifier
+from cityedge.mpy import compile_core
+from cityedge.verify import make_batch_verifier
 from cityedge_core import chain, senml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,19 +52,12 @@ for b in range(%(batches)d):
 """
 
 
-def _compile_core(dest: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests" / "core"))
-    from helpers import compile_core
-
-    return compile_core(dest)
-
-
 def main() -> None:
     con = Console()
     con.rule("[bold]cityedge demo: sign on MicroPython, verify on CPython")
     mp = ROOT / ".venv" / "bin" / "micropython"
     with tempfile.TemporaryDirectory() as d:
-        core = _compile_core(Path(d))
+        core = compile_core(Path(d))
         con.print("1. device: MicroPython %s, heap capped at 96 KiB, core compiled with mpy-cross"
                   % subprocess.run([str(mp), "-c", "import sys; print(sys.version)"],
                                    capture_output=True, text=True).stdout.split(";")[-1].strip())
@@ -83,7 +76,7 @@ def main() -> None:
 
     verifier = EcVerifier.from_sec1(pub)
     ring = {verifier.kid: chain.KeyEntry(DEVICE, verifier)}
-    check = chain.BatchVerifier(ring, decode=fastcbor.loads_batch_payload)
+    check = make_batch_verifier(ring)
     table = Table(title="2. fleet side: CPython + OpenSSL verify every batch")
     for col in ("#", "input", "bytes", "verdict", "first reading"):
         table.add_column(col)

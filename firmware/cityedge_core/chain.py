@@ -202,21 +202,25 @@ class BatchVerifier:
 
     ``keyring``: mapping kid (bytes) -> ``KeyEntry``. ``states``: mapping device id ->
     ``ChainState`` (a dict by default; the fleet passes a database-backed mapping).
-    ``decode``: the CBOR decoder for the payload (the core's by default; CPython may pass
-    a C decoder that the differential tests check against the core's).
+    ``decode``: the CBOR decoder for the payload, ``envelope_decode(data, max_bytes)`` the
+    one for the COSE envelope (the core's by default; CPython passes C-backed decoders that
+    the differential tests hold to the core's: see ``cityedge/verify.py``).
     """
 
-    def __init__(self, keyring: Any, states: Any = None, decode: Any = None) -> None:
+    def __init__(
+        self, keyring: Any, states: Any = None, decode: Any = None, envelope_decode: Any = None
+    ) -> None:
         self.keyring = keyring
         self.states = states if states is not None else {}
         self.decode = decode if decode is not None else cbor.loads
+        self.envelope_decode = envelope_decode
 
     def open(self, data: Any) -> Any:
         """Envelope, key, signature and payload checks; returns (batch, digest, kid).
 
         Raises ``MalformedError``, ``UnknownKeyError`` or ``SignatureError``.
         """
-        msg = cose.decode_sign1(data)
+        msg = cose.decode_sign1(data, loads=self.envelope_decode)
         kid = msg.kid
         entry = self.keyring.get(kid) if kid is not None else None
         if entry is None or entry.revoked:

@@ -110,13 +110,26 @@ def encode_sign1(payload: bytes, signer: Any, kid: bytes, external_aad: bytes = 
 
 
 def decode_sign1(
-    data: Any, allow_untagged: bool = False, max_bytes: int = limits.BATCH_MAX_BYTES
+    data: Any,
+    allow_untagged: bool = False,
+    max_bytes: int = limits.BATCH_MAX_BYTES,
+    loads: Any = None,
 ) -> Sign1:
-    """Decode and structurally check a COSE_Sign1 message (rules in the module doc)."""
-    obj = cbor.loads(data, max_bytes=max_bytes, max_items=64, max_depth=4)
-    if isinstance(obj, cbor.Tag):
-        if obj.tag != COSE_SIGN1_TAG:
-            raise MalformedError("COSE: tag %d is not COSE_Sign1 (18)" % obj.tag)
+    """Decode and structurally check a COSE_Sign1 message (rules in the module doc).
+
+    ``loads(data, max_bytes)`` may replace the core decoder (CPython passes a C-backed one
+    held to the same rules); a tag is then any object with ``tag`` and ``value``.
+    """
+    if loads is None:
+        obj = cbor.loads(data, max_bytes=max_bytes, max_items=64, max_depth=4)
+    else:
+        obj = loads(data, max_bytes)
+    if not isinstance(obj, list):
+        tag = getattr(obj, "tag", None)
+        if tag is None:
+            raise MalformedError("COSE: message is not a COSE_Sign1 array")
+        if tag != COSE_SIGN1_TAG:
+            raise MalformedError("COSE: tag %d is not COSE_Sign1 (18)" % tag)
         obj = obj.value
     elif not allow_untagged:
         raise MalformedError("COSE: message is not tagged COSE_Sign1 (18)")

