@@ -92,14 +92,15 @@ from cityedge_core import batch, p256, cose
 k = p256.PrivateKey(0x1D2C3B4A)
 kid = cose.kid_for_public_key(k.public_key().to_sec1())
 w = batch.BatchWriter(%r, k, kid)
-recs = [{-2: %r, -3: 1700000000, 0: 'temp', 1: 'Cel', 2: 21.5}]
+recs = batch.RecordBuffer()
+recs.add({-2: %r, -3: 1700000000, 0: 'temp', 1: 'Cel', 2: 21.5})
 for i in range(1, 50):
-    recs.append({0: 'temp', 6: i, 2: 20 + i / 8})
+    recs.add({0: 'temp', 6: i, 2: 20 + i / 8})
 times = []
 for _ in range(%d):
     gc.collect()
     t = time.ticks_us()
-    w.sign(recs, 1)
+    w.sign_buffer(recs, 1)
     times.append(time.ticks_diff(time.ticks_us(), t))
 times.sort()
 print(times[len(times) // 2])

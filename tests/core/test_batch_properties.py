@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
-from cityedge_core import chain
+from cityedge_core import chain, senml
 
 from helpers import DEVICE, records
 
@@ -85,3 +86,23 @@ def test_drop_duplicate_reorder_sequences(seed: int, p_drop: float, p_dup: float
     verifier = chain.BatchVerifier(RING)
     got = [(verifier.check(BATCHES[s - 1]).status, 0) for s in order]
     assert [g[0] for g in got] == [m[0] for m in model(order)]
+
+
+record = st.fixed_dictionaries(
+    {senml.N: st.sampled_from(["temp", "rh", "pm25", "co2"]),
+     senml.V: st.one_of(st.integers(-1000, 10**6), st.floats(-1e6, 1e6))},
+    optional={senml.T: st.integers(0, 3600), senml.U: st.sampled_from(["Cel", "%RH", "ppm"]),
+              senml.BN: st.just(DEVICE + ":"), senml.BT: st.integers(0, 2**31)})
+
+
+@given(st.lists(record, max_size=60), st.integers(1, 2**40), st.integers(0, 2**32 - 1),
+       st.sampled_from([None, [1, 5, 5, 200]]))
+def test_record_buffer_payload_equals_dict_encoding(recs: list[dict[int, Any]], seq: int,
+                                                    boot: int, dropped: Any) -> None:
+    buf = batchmod.RecordBuffer()
+    for r in recs:
+        buf.add(r)
+    kind = batchmod.KIND_DROP if dropped else batchmod.KIND_READINGS
+    streamed = batchmod.encode_payload(DEVICE, seq, bytes(32), boot, 0, kind, buf, dropped)
+    whole = batchmod.Batch(DEVICE, seq, bytes(32), boot, recs, 0, kind, dropped).encode()
+    assert streamed == whole
