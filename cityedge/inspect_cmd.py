@@ -12,13 +12,14 @@ import typer
 from cityedge.crypto import EcVerifier, KeyFileError, load_verifier
 from cityedge_core import batch as batchmod
 from cityedge_core import cose, limits, senml
+from cityedge_core.cose_decode import Sign1
 from cityedge_core.errors import CityedgeError, MalformedError
 
 _TIMEBASE = {batchmod.TIME_UNIX: "unix", batchmod.TIME_SINCE_BOOT: "since-boot"}
 _KIND = {batchmod.KIND_READINGS: "readings", batchmod.KIND_DROP: "drop-record"}
 
 
-def _describe(msg: cose.Sign1, b: batchmod.Batch, verified: bool | None) -> dict[str, Any]:
+def _describe(msg: Sign1, b: batchmod.Batch, verified: bool | None) -> dict[str, Any]:
     readings = []
     for rec in senml.resolve(b.records):
         out = senml.to_json_names(rec)

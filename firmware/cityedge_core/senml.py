@@ -108,7 +108,7 @@ def validate_record(rec: Any) -> None:
 
 
 # value types a known label takes without further checks (bver is left to the slow path)
-_PLAIN_TYPES = {}
+_PLAIN_TYPES: dict[int, tuple[type, ...]] = {}
 for _label in _KINDS:
     _kind = _KINDS[_label]
     if _kind == _K_NUMBER:

@@ -1,0 +1,121 @@
+"""The decoding half of ``cose``: ``Sign1`` and the checks ``decode_sign1`` applies.
+
+Loaded on first use through ``cose.decode_sign1`` (a signing-only device never loads it).
+The rules are listed in ``cose``'s module docstring.
+"""
+
+try:
+    from typing import Any
+except ImportError:  # MicroPython: annotations are not evaluated
+    pass
+
+from . import cbor, limits
+from .cose import (
+    _UNDERSTOOD,
+    ALG_ES256,
+    COSE_SIGN1_TAG,
+    HDR_ALG,
+    HDR_CRIT,
+    HDR_KID,
+    SIGNATURE_BYTES,
+    sig_structure,
+)
+from .errors import MalformedError, SignatureError
+
+
+class Sign1:
+    """A decoded, not yet verified, COSE_Sign1 message."""
+
+    def __init__(
+        self, protected_raw: bytes, protected: Any, unprotected: Any, payload: bytes, sig: bytes
+    ) -> None:
+        self.protected_raw = protected_raw
+        self.protected = protected
+        self.unprotected = unprotected
+        self.payload = payload
+        self.signature = sig
+
+    @property
+    def kid(self) -> Any:
+        """The key id, protected bucket first (cityedge always protects it)."""
+        kid = self.protected.get(HDR_KID)
+        if kid is None:
+            kid = self.unprotected.get(HDR_KID)
+        return kid
+
+    def to_be_signed(self, external_aad: bytes = b"") -> bytes:
+        return sig_structure(self.protected_raw, self.payload, external_aad)
+
+    def verify(self, verifier: Any, external_aad: bytes = b"") -> None:
+        """Raise ``SignatureError`` unless the signature verifies with ``verifier``."""
+        if not verifier.verify(self.to_be_signed(external_aad), self.signature):
+            raise SignatureError("COSE_Sign1: signature does not verify")
+
+
+def decode_sign1(
+    data: Any,
+    allow_untagged: bool = False,
+    max_bytes: int = limits.BATCH_MAX_BYTES,
+    loads: Any = None,
+) -> Sign1:
+    """Decode and structurally check a COSE_Sign1 message (rules in the module doc).
+
+    ``loads(data, max_bytes)`` may replace the core decoder (CPython passes a C-backed one
+    held to the same rules); a tag is then any object with ``tag`` and ``value``.
+    """
+    if loads is None:
+        obj = cbor.loads(data, max_bytes=max_bytes, max_items=64, max_depth=4)
+    else:
+        obj = loads(data, max_bytes)
+    if not isinstance(obj, list):
+        tag = getattr(obj, "tag", None)
+        if tag is None:
+            raise MalformedError("COSE: message is not a COSE_Sign1 array")
+        if tag != COSE_SIGN1_TAG:
+            raise MalformedError("COSE: tag %d is not COSE_Sign1 (18)" % tag)
+        obj = obj.value
+    elif not allow_untagged:
+        raise MalformedError("COSE: message is not tagged COSE_Sign1 (18)")
+    return sign1_from_array(obj)
+
+
+def sign1_from_array(obj: Any) -> Sign1:
+    """Check the four-element COSE_Sign1 array (already decoded) and return a ``Sign1``."""
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise MalformedError("COSE: COSE_Sign1 must be an array of four items")
+    protected_raw, unprotected, payload, sig = obj
+    if not isinstance(protected_raw, bytes):
+        raise MalformedError("COSE: protected header must be a byte string")
+    if not isinstance(unprotected, dict):
+        raise MalformedError("COSE: unprotected header must be a map")
+    if not isinstance(payload, bytes):
+        raise MalformedError("COSE: payload must be a byte string (no detached payloads)")
+    if not isinstance(sig, bytes):
+        raise MalformedError("COSE: signature must be a byte string")
+    if protected_raw:
+        protected = cbor.loads(protected_raw, max_items=32, max_depth=2)
+        if not isinstance(protected, dict):
+            raise MalformedError("COSE: protected header is not a map")
+    else:
+        protected = {}
+    if protected.get(HDR_ALG) != ALG_ES256:
+        if HDR_ALG not in protected:
+            raise MalformedError("COSE: alg must be in the protected header")
+        raise MalformedError("COSE: unsupported alg %r (only ES256)" % (protected[HDR_ALG],))
+    for bucket in (protected, unprotected):
+        for label in bucket:
+            if label in protected and bucket is unprotected:
+                raise MalformedError("COSE: header label %r in both buckets" % (label,))
+    crit = protected.get(HDR_CRIT)
+    if crit is not None:
+        if not isinstance(crit, list) or not crit:
+            raise MalformedError("COSE: crit must be a non-empty array")
+        for label in crit:
+            if label not in _UNDERSTOOD:
+                raise MalformedError("COSE: critical header %r not understood" % (label,))
+    kid = protected.get(HDR_KID, unprotected.get(HDR_KID))
+    if kid is not None and (not isinstance(kid, bytes) or len(kid) > limits.KID_MAX_BYTES):
+        raise MalformedError("COSE: kid must be a byte string of at most 64 bytes")
+    if len(sig) != SIGNATURE_BYTES:
+        raise SignatureError("COSE: ES256 signature must be 64 bytes, got %d" % len(sig))
+    return Sign1(protected_raw, protected, unprotected, payload, sig)
