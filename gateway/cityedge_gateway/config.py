@@ -1,0 +1,368 @@
+"""The gateway's TOML configuration, checked completely at start.
+
+``load_config(path)`` parses the file with ``tomllib`` and validates every field. All
+mistakes are collected and raised together as one ``ConfigError`` whose message has a line
+per mistake: the key path, what is wrong, and what to do. The layout (see
+``gateway/gateway.example.toml``)::
+
+    [gateway]   device, key_file, batch_readings, batch_max_age_s
+    [store]     path, budget_bytes
+    [broker]    host, port, ca_file, cert_file, key_file, keepalive_s, inflight
+    [node_link] the same keys, for the site's local broker the nodes publish to
+    [metrics]   port (127.0.0.1 only)
+    [[serial]]  name, port, protocol = "sds011" | "modbus", baud,
+                modbus only: unit, poll_interval_s, [[serial.registers]]
+    [[nodes]]   device, public_key (PEM file of the node's ES256 key)
+
+Relative file paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cityedge_core.batch import check_device_id
+from cityedge_core.errors import MalformedError
+
+from . import limits
+from .modbus import Register
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+class ConfigError(ValueError):
+    """The configuration file is wrong; the message lists every mistake found."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(
+            "%s has %d problem%s:\n  %s"
+            % (path, len(problems), "" if len(problems) == 1 else "s", "\n  ".join(problems))
+        )
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    name: str
+    port: str
+    protocol: str
+    baud: int
+    unit: int = 0
+    poll_interval_s: float = 10.0
+    registers: tuple[Register, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    device: str
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str
+    port: int
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    keepalive_s: int = limits.MQTT_KEEPALIVE_S
+    inflight: int = 64
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    device: str
+    key_file: Path
+    store_path: Path
+    budget_bytes: int = limits.STORE_BUDGET_DEFAULT_BYTES
+    batch_readings: int = limits.BATCH_READINGS_DEFAULT
+    batch_max_age_s: float = limits.BATCH_MAX_AGE_DEFAULT_S
+    broker: BrokerConfig | None = None
+    node_link: BrokerConfig | None = None  # the site's local broker the nodes publish to
+    metrics_port: int = 0  # 0: no metrics endpoint
+    serial: tuple[SerialConfig, ...] = ()
+    nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
+
+
+class _Checker:
+    """Reads typed values out of nested tables, recording a problem instead of raising."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.problems: list[str] = []
+
+    def bad(self, where: str, what: str) -> None:
+        self.problems.append("%s: %s" % (where, what))
+
+    def table(self, doc: dict[str, Any], key: str, required: bool = True) -> dict[str, Any]:
+        val = doc.get(key)
+        if val is None:
+            if required:
+                self.bad("[%s]" % key, "missing; add the section (see gateway.example.toml)")
+            return {}
+        if not isinstance(val, dict):
+            self.bad(key, "must be a table [%s]" % key)
+            return {}
+        return val
+
+    def unknown(self, where: str, tbl: dict[str, Any], known: set[str]) -> None:
+        for key in sorted(set(tbl) - known):
+            self.bad(
+                "%s.%s" % (where, key),
+                "unknown key; check the spelling (known: %s)" % ", ".join(sorted(known)),
+            )
+
+    def text(self, where: str, tbl: dict[str, Any], key: str, default: str | None = None) -> str:
+        val = tbl.get(key, default)
+        if val is None:
+            self.bad("%s.%s" % (where, key), "missing; it is required")
+            return ""
+        if not isinstance(val, str) or not val:
+            self.bad("%s.%s" % (where, key), "must be a non-empty string, got %r" % (val,))
+            return ""
+        return val
+
+    def number(
+        self,
+        where: str,
+        tbl: dict[str, Any],
+        key: str,
+        default: float | None,
+        lo: float,
+        hi: float,
+        unit: str,
+        integer: bool = False,
+    ) -> Any:
+        val = tbl.get(key, default)
+        path = "%s.%s" % (where, key)
+        if val is None:
+            self.bad(path, "missing; give a value in %s between %s and %s" % (unit, lo, hi))
+            return lo
+        ok_type = isinstance(val, int) if integer else isinstance(val, int | float)
+        if isinstance(val, bool) or not ok_type:
+            kind = "an integer" if integer else "a number"
+            self.bad(path, "must be %s (%s), got %r" % (kind, unit, val))
+            return lo
+        if not lo <= val <= hi:
+            self.bad(path, "%r is out of range; use %s..%s %s" % (val, lo, hi, unit))
+            return lo
+        return val
+
+    def path(self, where: str, tbl: dict[str, Any], key: str, must_exist: bool = True) -> Path:
+        text = self.text(where, tbl, key)
+        if not text:
+            return Path()
+        p = Path(text)
+        if not p.is_absolute():
+            p = self.base / p
+        if must_exist and not p.is_file():
+            self.bad("%s.%s" % (where, key), "file %s does not exist; fix the path" % p)
+        return p
+
+    def device(self, where: str, tbl: dict[str, Any], key: str = "device") -> str:
+        dev = self.text(where, tbl, key)
+        if dev:
+            try:
+                check_device_id(dev)
+            except MalformedError as e:
+                self.bad("%s.%s" % (where, key), "%s; use e.g. urn:dev:mac:0024befffe804ff1" % e)
+        return dev
+
+
+def _registers(c: _Checker, where: str, items: Any) -> tuple[Register, ...]:
+    if not isinstance(items, list) or not items:
+        c.bad(where, "a modbus input needs at least one [[serial.registers]] entry")
+        return ()
+    out = []
+    for i, r in enumerate(items):
+        w = "%s[%d]" % (where, i)
+        if not isinstance(r, dict):
+            c.bad(w, "must be a table")
+            continue
+        known = {"name", "address", "unit", "words", "signed", "scale", "offset"}
+        c.unknown(w, r, known)
+        name = c.text(w, r, "name")
+        if name and not set(name) <= _NAME_CHARS:
+            c.bad(w + ".name", "use lowercase letters, digits, - and _ only")
+        signed = r.get("signed", False)
+        if not isinstance(signed, bool):
+            c.bad(w + ".signed", "must be true or false")
+            signed = False
+        out.append(
+            Register(
+                name=name,
+                address=c.number(w, r, "address", None, 0, 0xFFFF, "register number", True),
+                unit=c.text(w, r, "unit"),
+                words=c.number(w, r, "words", 1, 1, 2, "registers", True),
+                signed=signed,
+                scale=float(c.number(w, r, "scale", 1.0, -1e9, 1e9, "")),
+                offset=float(c.number(w, r, "offset", 0.0, -1e9, 1e9, "")),
+            )
+        )
+    if out:
+        span = max(r.address + r.words for r in out) - min(r.address for r in out)
+        if span > limits.MODBUS_MAX_REGISTERS:
+            c.bad(where, "registers span %d; one request reads at most %d" % (
+                span, limits.MODBUS_MAX_REGISTERS))  # fmt: skip
+    return tuple(out)
+
+
+def _serial(c: _Checker, items: Any) -> tuple[SerialConfig, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        c.bad("serial", "must be an array of tables [[serial]]")
+        return ()
+    out = []
+    names: set[str] = set()
+    for i, s in enumerate(items):
+        w = "serial[%d]" % i
+        if not isinstance(s, dict):
+            c.bad(w, "must be a table")
+            continue
+        known = {"name", "port", "protocol", "baud", "unit", "poll_interval_s", "registers"}
+        c.unknown(w, s, known)
+        name = c.text(w, s, "name")
+        if name and not set(name) <= _NAME_CHARS:
+            c.bad(w + ".name", "%r: use lowercase letters, digits, - and _ only" % name)
+        if name in names:
+            c.bad(w + ".name", "%r is used twice; names must be unique" % name)
+        names.add(name)
+        protocol = c.text(w, s, "protocol")
+        if protocol and protocol not in ("sds011", "modbus"):
+            c.bad(w + ".protocol", '%r is not supported; use "sds011" or "modbus"' % protocol)
+        baud = s.get("baud", 9600)
+        if baud not in limits.BAUD_RATES:
+            rates = ", ".join(str(b) for b in limits.BAUD_RATES)
+            c.bad(w + ".baud", "%r is not a standard rate; use one of %s" % (baud, rates))
+        cfg = SerialConfig(name=name, port=c.text(w, s, "port"), protocol=protocol, baud=baud)
+        if protocol == "modbus":
+            cfg = SerialConfig(
+                name=cfg.name,
+                port=cfg.port,
+                protocol=protocol,
+                baud=baud,
+                unit=c.number(w, s, "unit", None, 1, 247, "slave address", True),
+                poll_interval_s=float(
+                    c.number(w, s, "poll_interval_s", 10.0, limits.MODBUS_POLL_MIN_S, 86400, "s")
+                ),
+                registers=_registers(c, w + ".registers", s.get("registers")),
+            )
+        elif "registers" in s or "unit" in s:
+            c.bad(w, 'unit and registers apply to protocol = "modbus" only; remove them')
+        out.append(cfg)
+    return tuple(out)
+
+
+def _nodes(c: _Checker, items: Any) -> tuple[NodeConfig, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        c.bad("nodes", "must be an array of tables [[nodes]]")
+        return ()
+    if len(items) > limits.NODES_MAX:
+        c.bad("nodes", "%d nodes; at most %d per gateway" % (len(items), limits.NODES_MAX))
+    out = []
+    seen: set[str] = set()
+    for i, n in enumerate(items):
+        w = "nodes[%d]" % i
+        if not isinstance(n, dict):
+            c.bad(w, "must be a table")
+            continue
+        c.unknown(w, n, {"device", "public_key"})
+        dev = c.device(w, n)
+        if dev in seen:
+            c.bad(w + ".device", "%s is listed twice" % dev)
+        seen.add(dev)
+        out.append(NodeConfig(dev, c.path(w, n, "public_key")))
+    return tuple(out)
+
+
+def _has_nodes(doc: dict[str, Any]) -> bool:
+    return bool(doc.get("nodes"))
+
+
+def _broker(c: _Checker, doc: dict[str, Any], name: str) -> BrokerConfig | None:
+    b = c.table(doc, name, required=False)
+    if not b:
+        return None
+    known = {"host", "port", "ca_file", "cert_file", "key_file", "keepalive_s", "inflight"}
+    c.unknown(name, b, known)
+    return BrokerConfig(
+        host=c.text(name, b, "host"),
+        port=c.number(name, b, "port", 8883, 1, 65535, "TCP port", True),
+        ca_file=c.path(name, b, "ca_file"),
+        cert_file=c.path(name, b, "cert_file"),
+        key_file=c.path(name, b, "key_file"),
+        keepalive_s=c.number(name, b, "keepalive_s", limits.MQTT_KEEPALIVE_S, 5, 3600, "s", True),
+        inflight=c.number(name, b, "inflight", 64, 1, limits.MQTT_INFLIGHT_MAX, "messages", True),
+    )
+
+
+def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig:
+    c = _Checker(base)
+    c.unknown(
+        "(top level)",
+        doc,
+        {"gateway", "store", "broker", "node_link", "metrics", "serial", "nodes"},
+    )
+    g = c.table(doc, "gateway")
+    c.unknown("gateway", g, {"device", "key_file", "batch_readings", "batch_max_age_s"})
+    st = c.table(doc, "store")
+    c.unknown("store", st, {"path", "budget_bytes"})
+    device = c.device("gateway", g)
+    key_file = c.path("gateway", g, "key_file")
+    batch_readings = c.number(
+        "gateway", g, "batch_readings", limits.BATCH_READINGS_DEFAULT,
+        1, limits.BATCH_READINGS_MAX, "readings", True,
+    )  # fmt: skip
+    batch_max_age_s = c.number(
+        "gateway", g, "batch_max_age_s", limits.BATCH_MAX_AGE_DEFAULT_S,
+        0.01, limits.BATCH_MAX_AGE_MAX_S, "s",
+    )  # fmt: skip
+    store_path = c.path("store", st, "path", must_exist=False)
+    if store_path != Path() and not store_path.parent.is_dir():
+        c.bad("store.path", "directory %s does not exist; create it" % store_path.parent)
+    budget = c.number(
+        "store", st, "budget_bytes", limits.STORE_BUDGET_DEFAULT_BYTES,
+        limits.STORE_BUDGET_MIN_BYTES, 2**48, "bytes", True,
+    )  # fmt: skip
+    broker = _broker(c, doc, "broker")
+    node_link = _broker(c, doc, "node_link")
+    if node_link is not None and not _has_nodes(doc):
+        c.bad("node_link", "no [[nodes]] are configured; add them or remove [node_link]")
+    m = c.table(doc, "metrics", required=False)
+    c.unknown("metrics", m, {"port"})
+    metrics_port = c.number("metrics", m, "port", 0, 0, 65535, "TCP port", True)
+    cfg = GatewayConfig(
+        device=device,
+        key_file=key_file,
+        store_path=store_path,
+        budget_bytes=budget,
+        batch_readings=batch_readings,
+        batch_max_age_s=float(batch_max_age_s),
+        broker=broker,
+        node_link=node_link,
+        metrics_port=metrics_port,
+        serial=_serial(c, doc.get("serial")),
+        nodes=_nodes(c, doc.get("nodes")),
+    )
+    if c.problems:
+        raise ConfigError(source, c.problems)
+    return cfg
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and validate ``path``; raises ``ConfigError`` listing every mistake."""
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, ["cannot read the file: %s" % e.strerror]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, ["not valid TOML: %s" % e]) from e
+    return parse_config(doc, path.resolve().parent, path)

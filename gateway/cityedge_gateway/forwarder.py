@@ -1,0 +1,182 @@
+"""Forwarding the buffer to the city broker: MQTT over TLS (client certificate), QoS 1.
+
+``Forwarder.run()`` keeps a connection up (reconnecting with jittered exponential backoff;
+a broker that is down at boot is normal) and publishes buffered batches oldest first, with
+up to ``inflight`` publishes awaiting PUBACK at once. A batch is deleted from the store only
+after its PUBACK (deletions are grouped). After a reconnect it starts again from the oldest
+row: a batch whose PUBACK was lost is sent twice, and the ingest recognises the duplicate
+by its hash (``chain.DUPLICATE``). New batches are appended behind the backlog, so the
+backlog drains in order while new data keeps arriving.
+
+Topics: the gateway's own batches go to ``ce/v1/<gateway>/up/readings``; a node's batch,
+relayed unchanged, goes to ``ce/v1/<gateway>/up/relay`` (the broker ACL lets a client
+write only under its own id; the batch names and is signed by its node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+
+from . import limits
+from .config import BrokerConfig
+from .store import Store, Stored
+
+log = logging.getLogger(__name__)
+
+DELETE_EVERY_S = 0.05  # seconds: acknowledged rows are deleted in groups this often
+LINK_CHECK_S = 0.2  # seconds: how often the drain checks that the socket is still up
+
+
+def paho_client(client: aiomqtt.Client) -> Any:
+    """The paho client inside aiomqtt: the one seam for what aiomqtt does not expose
+    (connection state, manual acknowledgements)."""
+    return client._client
+
+
+def tls_context(cfg: BrokerConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cfg.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+    return ctx
+
+
+@dataclass
+class ForwarderStats:
+    connected: bool = False
+    connects: int = 0
+    connect_failures: int = 0
+    published: int = 0  # PUBACKs received
+    last_error: str = ""
+
+
+class Forwarder:
+    def __init__(self, cfg: BrokerConfig, device: str, store: Store) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.store = store
+        self.stats = ForwarderStats()
+        self.wakeup = asyncio.Event()  # set when new batches were committed
+        self.client: aiomqtt.Client | None = None  # while connected
+        self._ctx = tls_context(cfg)
+
+    def topic_for(self, row: Stored) -> str:
+        kind = "readings" if row.device == self.device else "relay"
+        return "ce/v1/%s/up/%s" % (self.device, kind)
+
+    def notify(self) -> None:
+        self.wakeup.set()
+
+    async def publish_status(self, data: bytes) -> bool:
+        """Publish a signed status now if connected (status is not buffered: it is current
+        state, and the next one supersedes it)."""
+        client = self.client
+        if client is None:
+            return False
+        try:
+            await client.publish("ce/v1/%s/up/status" % self.device, data, qos=1)
+        except aiomqtt.MqttError as e:
+            log.info("status not sent: %s", e)
+            return False
+        return True
+
+    async def run(self) -> None:
+        backoff = limits.MQTT_BACKOFF_MIN_S
+        while True:
+            try:
+                client = aiomqtt.Client(
+                    self.cfg.host,
+                    self.cfg.port,
+                    identifier=self.device,
+                    tls_context=self._ctx,
+                    keepalive=self.cfg.keepalive_s,
+                    max_inflight_messages=self.cfg.inflight,
+                    timeout=10,
+                )
+                # many publishes in flight is the design, not a leak: silence that warning
+                client.pending_calls_threshold = self.cfg.inflight + 1
+                async with client:
+                    self.stats.connected = True
+                    self.stats.connects += 1
+                    backoff = limits.MQTT_BACKOFF_MIN_S
+                    log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
+                    self.client = client
+                    await self._drain(client)
+            except aiomqtt.MqttError as e:
+                self.stats.connect_failures += 1
+                self.stats.last_error = str(e)
+                log.warning("broker link down: %s; retrying in about %.1f s", e, backoff)
+            finally:
+                self.stats.connected = False
+                self.client = None
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 (jitter)
+            backoff = min(backoff * 2, limits.MQTT_BACKOFF_MAX_S)
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        sem = asyncio.Semaphore(self.cfg.inflight)
+        acked: list[int] = []
+        failed: list[BaseException] = []
+        tasks: set[asyncio.Task[None]] = set()
+        cursor = 0
+        last_delete = time.monotonic()
+
+        async def publish(row: Stored) -> None:
+            try:
+                await client.publish(self.topic_for(row), row.data, qos=1)
+                acked.append(row.id)
+                self.stats.published += 1
+            except aiomqtt.MqttError as e:
+                failed.append(e)
+            finally:
+                sem.release()
+
+        paho = paho_client(client)
+
+        async def watchdog() -> None:
+            # aiomqtt leaves a publish waiting for its PUBACK until its timeout even when
+            # the socket is gone; notice the loss at once and let the reconnect begin.
+            while paho.is_connected():
+                await asyncio.sleep(LINK_CHECK_S)
+            failed.append(aiomqtt.MqttError("connection lost"))
+            for task in list(tasks):
+                task.cancel()
+            for _ in range(self.cfg.inflight):
+                sem.release()  # unblock the loop below even for tasks that never started
+
+        dog = asyncio.create_task(watchdog())
+        try:
+            while not failed:
+                if acked and (len(acked) >= 256 or time.monotonic() - last_delete > DELETE_EVERY_S):
+                    self.store.delete(acked[:])
+                    acked.clear()
+                    last_delete = time.monotonic()
+                rows = self.store.oldest(self.cfg.inflight, after_id=cursor)
+                if not rows:
+                    self.wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wakeup.wait(), DELETE_EVERY_S)
+                    continue
+                for row in rows:
+                    await sem.acquire()
+                    if failed:
+                        sem.release()
+                        break
+                    task = asyncio.create_task(publish(row))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    cursor = row.id
+            raise failed[0]
+        finally:
+            dog.cancel()
+            for task in list(tasks):
+                task.cancel()
+            if acked:
+                self.store.delete(acked[:])

@@ -1,0 +1,45 @@
+"""Every size, count and time limit of the gateway agent, with its unit, in one place.
+
+Wire-format limits (batch size, records per batch) live in ``cityedge_core.limits``; these
+are the agent's own: serial framing, buffering, batching and forwarding. Config values are
+checked against the ranges here (``config``), so a typo cannot set a 0-byte disk budget.
+"""
+
+from __future__ import annotations
+
+# Serial inputs
+SERIAL_READ_BYTES = 4096  # bytes: largest single read from a serial port
+SERIAL_BUFFER_MAX_BYTES = 1024  # bytes: parser buffer; more without a frame is garbage
+SERIAL_REOPEN_MIN_S = 0.5  # seconds: first wait before reopening an unplugged port
+SERIAL_REOPEN_MAX_S = 30.0  # seconds: longest wait between reopen attempts
+BAUD_RATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)  # accepted bauds
+
+# Modbus RTU (master side)
+MODBUS_RESPONSE_TIMEOUT_S = 1.0  # seconds: a slave's answer must arrive within this
+MODBUS_MAX_REGISTERS = 125  # registers per read-holding-registers request (spec limit)
+MODBUS_POLL_MIN_S = 0.1  # seconds: shortest poll interval allowed in config
+
+# Batching own readings
+BATCH_READINGS_DEFAULT = 50  # readings per signed batch
+BATCH_READINGS_MAX = 256  # = cityedge_core.limits.BATCH_MAX_RECORDS
+BATCH_MAX_AGE_DEFAULT_S = 10.0  # seconds: a partial batch is signed after this long
+BATCH_MAX_AGE_MAX_S = 3600.0  # seconds
+
+# Store-and-forward
+STORE_BUDGET_MIN_BYTES = 64 * 1024  # bytes: smallest disk budget accepted
+STORE_BUDGET_DEFAULT_BYTES = 2 * 1024**3  # bytes: a day of a 200-sensor site, with room
+STORE_ROW_OVERHEAD_BYTES = 64  # bytes: SQLite row + index cost counted per batch
+STORE_COMMIT_MAX_BATCHES = 512  # batches grouped into one durable transaction
+
+# Forwarding
+MQTT_INFLIGHT_MAX = 256  # QoS 1 publishes awaiting PUBACK
+MQTT_KEEPALIVE_S = 30  # seconds
+MQTT_BACKOFF_MIN_S = 0.5  # seconds: first reconnect wait (jittered)
+MQTT_BACKOFF_MAX_S = 60.0  # seconds: longest reconnect wait
+
+# Node relay
+NODES_MAX = 1024  # downstream nodes one gateway relays
+
+# Service loop
+COMMIT_INTERVAL_S = 0.02  # seconds: ready batches are signed and committed together this often
+STATUS_INTERVAL_S = 60.0  # seconds: between signed status messages

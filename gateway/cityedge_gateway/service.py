@@ -1,0 +1,159 @@
+"""The gateway service: wires config, key, store, inputs, relay, forwarder and metrics.
+
+Readings from the serial inputs are grouped into record lists of ``batch_readings``; every
+``limits.COMMIT_INTERVAL_S`` the full lists (and a partial one older than
+``batch_max_age_s``) are signed and committed in one durable transaction (group commit:
+one fsync for many batches), then the forwarder is woken. Everything runs on one asyncio
+loop in one thread, so the SQLite connection is never shared between threads.
+
+The signing key must be a file only its owner can read (mode 0600 or stricter); the
+service refuses to start otherwise. The key is never logged or printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from cityedge.crypto import KeyFileError, load_signer, load_verifier
+
+from . import limits
+from .config import GatewayConfig
+from .forwarder import Forwarder
+from .metrics_http import serve_metrics
+from .node_link import NodeListener
+from .readings import Reading
+from .relay import NodeRelay
+from .serial_input import SerialInput
+from .status import metrics_text, sign_status
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a private key that group or others can read or write."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise KeyFileError("cannot read key %s: %s" % (path, e.strerror)) from e
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            "key %s has mode %03o: group or others may read it; run `chmod 600 %s`"
+            % (path, stat.S_IMODE(mode), path)
+        )
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        check_private_file(cfg.key_file)
+        for link in (cfg.broker, cfg.node_link):
+            if link is not None:
+                check_private_file(link.key_file)
+        self.signer = load_signer(cfg.key_file)
+        self.store = Store(cfg.store_path, cfg.budget_bytes)
+        self.store.attach_writer(cfg.device, self.signer, self.signer.kid)
+        nodes = {n.device: load_verifier(n.public_key) for n in cfg.nodes}
+        self.relay = NodeRelay(nodes, self.store)
+        self.inputs = [SerialInput(s, self.add_readings) for s in cfg.serial]
+        self.forwarder = (
+            Forwarder(cfg.broker, cfg.device, self.store) if cfg.broker is not None else None
+        )
+        self.node_listener = (
+            NodeListener(cfg.node_link, cfg.device, self.relay, self._notify)
+            if cfg.node_link is not None
+            else None
+        )
+        self._records: list[dict[int, Any]] = []
+        self._first_at = 0.0  # monotonic time of the oldest reading in ``_records``
+        self._ready: list[list[dict[int, Any]]] = []
+        self.metrics_port = 0  # the bound port once serving
+
+    def _notify(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.notify()
+
+    def add_readings(self, readings: list[Reading], t: float) -> None:
+        if not self._records:
+            self._first_at = time.monotonic()
+        for r in readings:
+            self._records.append(r.to_senml(t))
+            if len(self._records) >= self.cfg.batch_readings:
+                self._ready.append(self._records)
+                self._records = []
+                self._first_at = time.monotonic()
+
+    def flush(self, force: bool = False) -> int:
+        """Sign and commit ready batches (and an old or forced partial one); returns count."""
+        if self._records and (
+            force or time.monotonic() - self._first_at >= self.cfg.batch_max_age_s
+        ):
+            self._ready.append(self._records)
+            self._records = []
+        if not self._ready:
+            return 0
+        ready = self._ready[: limits.STORE_COMMIT_MAX_BATCHES]
+        report = self.store.commit(own=ready)
+        del self._ready[: len(ready)]
+        if report.own or report.nodes:
+            log.warning("buffer full: dropped %s (own) and %s (nodes)", report.own, report.nodes)
+        if self.forwarder is not None:
+            self.forwarder.notify()
+        return len(ready)
+
+    async def _committer(self) -> None:
+        while True:
+            await asyncio.sleep(limits.COMMIT_INTERVAL_S)
+            self.flush()
+
+    async def _status(self) -> None:
+        assert self.forwarder is not None
+        while True:  # first status as soon as the link is up, then every interval
+            sent = await self.forwarder.publish_status(sign_status(self))
+            await asyncio.sleep(limits.STATUS_INTERVAL_S if sent else 1.0)
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Run until cancelled or SIGTERM/SIGINT; commits what is pending on the way out."""
+        loop = asyncio.get_running_loop()
+        tasks = [asyncio.create_task(i.run()) for i in self.inputs]
+        tasks.append(asyncio.create_task(self._committer()))
+        if self.node_listener is not None:
+            tasks.append(asyncio.create_task(self.node_listener.run()))
+        if self.forwarder is not None:
+            tasks.append(asyncio.create_task(self.forwarder.run()))
+            tasks.append(asyncio.create_task(self._status()))
+        server = None
+        if self.cfg.metrics_port:
+            server = await serve_metrics(self.cfg.metrics_port, lambda: metrics_text(self))
+            self.metrics_port = server.sockets[0].getsockname()[1]
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "gateway %s running: %d serial inputs, %d nodes, buffer %s",
+            self.cfg.device, len(self.inputs), len(self.cfg.nodes), self.cfg.store_path,
+        )  # fmt: skip
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if server is not None:
+                server.close()
+            while self.flush(force=True):
+                pass
+            self.store.close()

@@ -1,0 +1,110 @@
+"""Config validation: a good file loads; each mistake is reported with path and remedy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cityedge_gateway.config import ConfigError, load_config
+
+GOOD = """
+[gateway]
+device = "urn:dev:mac:0024befffe804ff1"
+key_file = "gw.key"
+batch_readings = 50
+
+[store]
+path = "buffer.sqlite"
+budget_bytes = 1_000_000
+
+[metrics]
+port = 9108
+
+[[serial]]
+name = "pm-north"
+port = "/dev/ttyUSB0"
+protocol = "sds011"
+
+[[serial]]
+name = "env"
+port = "/dev/ttyUSB1"
+protocol = "modbus"
+baud = 19200
+unit = 3
+poll_interval_s = 5
+registers = [
+  { name = "temp", address = 0, unit = "Cel", signed = true, scale = 0.1 },
+  { name = "rh", address = 1, unit = "%RH", scale = 0.1 },
+]
+
+[[nodes]]
+device = "urn:dev:mac:0024befffe804ff2"
+public_key = "node.pem"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "gw.key").write_text("x")
+    (tmp_path / "node.pem").write_text("x")
+    p = tmp_path / "gateway.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_loads(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, GOOD))
+    assert cfg.device == "urn:dev:mac:0024befffe804ff1"
+    assert cfg.key_file == tmp_path / "gw.key"
+    assert cfg.store_path == tmp_path / "buffer.sqlite"
+    assert cfg.budget_bytes == 1_000_000
+    assert [s.protocol for s in cfg.serial] == ["sds011", "modbus"]
+    assert cfg.serial[1].registers[0].signed and cfg.serial[1].unit == 3
+    assert cfg.nodes[0].public_key == tmp_path / "node.pem"
+    assert cfg.broker is None and cfg.metrics_port == 9108
+
+
+def test_example_config_in_repo_is_valid_apart_from_missing_files() -> None:
+    example = Path(__file__).parents[2] / "gateway" / "gateway.example.toml"
+    with pytest.raises(ConfigError) as e:
+        load_config(example)
+    # Only paths to files that exist on a real gateway may be reported.
+    assert all("does not exist" in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where", "what"),
+    [
+        ('device = "urn:dev:mac:0024befffe804ff1"', 'device = "gw1"', "gateway.device", "urn:dev"),
+        ('key_file = "gw.key"', 'key_file = "nope.key"', "gateway.key_file", "does not exist"),
+        ("batch_readings = 50", "batch_readings = 0", "gateway.batch_readings", "out of range"),
+        ("batch_readings = 50", 'batch_readings = "50"', "gateway.batch_readings", "integer"),
+        ("budget_bytes = 1_000_000", "budget_bytes = 10", "store.budget_bytes", "out of range"),
+        ('protocol = "sds011"', 'protocol = "pms5003"', "serial[0].protocol", "not supported"),
+        ("baud = 19200", "baud = 12345", "serial[1].baud", "standard rate"),
+        ("unit = 3\n", "unit = 300\n", "serial[1].unit", "out of range"),
+        ('name = "env"', 'name = "pm-north"', "serial[1].name", "used twice"),
+        ("[metrics]", "[metrix]", "(top level).metrix", "unknown key"),
+        ("batch_readings = 50", "batch_reading = 50", "gateway.batch_reading", "spelling"),
+        ('path = "buffer.sqlite"', 'path = "no/dir/b.sqlite"', "store.path", "create it"),
+    ],
+)
+def test_each_mistake_is_named(tmp_path: Path, old: str, new: str, where: str, what: str) -> None:
+    assert old in GOOD
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, GOOD.replace(old, new, 1)))
+    assert len(e.value.problems) == 1, e.value.problems
+    assert e.value.problems[0].startswith(where + ":")
+    assert what in e.value.problems[0]
+
+
+def test_several_mistakes_all_reported_and_bad_toml(tmp_path: Path) -> None:
+    text = GOOD.replace("batch_readings = 50", "batch_readings = 999").replace(
+        "budget_bytes = 1_000_000", "budget_bytes = -1"
+    )
+    with pytest.raises(ConfigError, match="2 problems"):
+        load_config(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[gateway\n"))
+    with pytest.raises(ConfigError, match=r"\[gateway\]: missing"):
+        load_config(_write(tmp_path, ""))
