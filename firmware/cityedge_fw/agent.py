@@ -1,0 +1,470 @@
+"""The device agent: sample, sign, buffer on flash, forward over MQTT, report status.
+
+Tasks (asyncio), all started by ``Agent.run``:
+
+- **sampler** reads every sensor each ``sample_interval_s``; a reading becomes a SenML
+  record (CBOR labels). A sensor that fails is counted and reported in the status, never
+  fatal. Every ``batch_readings`` records or ``batch_seconds`` seconds the records are
+  signed as one batch (``BatchWriter``: COSE_Sign1 ES256, hash chain) and appended to the
+  ring buffer; ``seq`` and the chain ``head`` are persisted after each batch. Only then is
+  a reading "accepted": from here on it survives power cuts and outages.
+- **forwarder** publishes the oldest stored batches (QoS 1, at most ``mqtt.MAX_INFLIGHT``
+  in flight) on ``ce/v1/<device>/up/readings`` and removes each from flash on its PUBACK.
+  After a reconnect the MQTT client re-sends the unacknowledged ones, in order.
+- **status** publishes a signed status map on ``up/status`` every ``status_interval_s``.
+- **watchdog** feeds the board's watchdog only while the sampler and the store are healthy.
+- the MQTT ``Link`` (``mqtt_async``) keeps the session up and delivers ``down/cmd`` and the
+  retained ``down/desired`` messages to ``commands.CommandGate``.
+
+When the buffer's byte budget forces the oldest batches out, the agent tallies what is lost
+(``[first_seq, last_seq, batches, readings]``, in ``State`` before the append that drops,
+since the store deletes the files) and, once the link is up, signs one drop record
+(``KIND_DROP``) with the tally and forwards it like a batch: the fleet learns exactly what
+was lost, and a long outage costs one drop record rather than one per batch. A power cut
+between the tally and the append can over-count one append's worth, never under-count.
+
+Timestamps: with a trusted clock (``board.unix_time()`` not None) a batch uses UNIX seconds
+(``TIME_UNIX``), otherwise seconds since boot (``TIME_SINCE_BOOT``) with the boot counter;
+a batch never mixes the two. ``time_scale`` > 1 runs the schedule faster (tests, soak):
+times in the records are then simulated seconds since boot.
+
+Memory (unix port, ``-X heapsize=64k``, from ``tests/firmware/test_agent_e2e.py``): see
+``docs/ARCHITECTURE.md``; the largest transient is one signed batch (about 35 bytes per
+reading) plus the records being collected.
+"""
+
+import gc
+
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio  # type: ignore[no-redef]
+
+from cityedge_core import batch as batchmod
+from cityedge_core import cbor, cose
+from cityedge_core.errors import CityedgeError, PeerError, StorageError
+
+from . import mqtt
+from .mqtt_async import Link, MonotonicMs, sleep_ms, wait_event_ms
+
+FIRMWARE_VERSION = "0.1.0"
+
+# SenML CBOR labels (RFC 8428 Table 6), as in ``cityedge_core.senml``; that module is
+# not imported here to keep the receiver-side code off the device's heap.
+_N = const(0)
+_U = const(1)
+_V = const(2)
+_T = const(6)
+_BT = const(-3)
+
+# --- settings and their limits (units in the names) --------------------------------------
+DEFAULTS = {
+    "sample_interval_s": 10,  # seconds between two sensor sweeps
+    "batch_readings": 32,  # readings (SenML records) per batch at most
+    "batch_seconds": 300,  # seconds: a batch is sealed at least this often
+    "status_interval_s": 60,  # seconds between two status messages
+    "buffer_budget_bytes": 262144,  # bytes of flash for buffered batches (with headers)
+    "time_scale": 1,  # >1: accelerated clock (tests); schedule runs this much faster
+    "keepalive_s": 60,  # MQTT keep-alive
+    "watchdog_ms": 5000,  # ms between two watchdog feeds
+}
+LIMITS = {  # accepted range of each setting, also for values from down/desired
+    "sample_interval_s": (1, 86400),
+    "batch_readings": (1, 200),
+    "batch_seconds": (1, 86400),
+    "status_interval_s": (5, 86400),
+    "buffer_budget_bytes": (4096, 1 << 30),
+    "time_scale": (1, 100000),
+    "keepalive_s": (10, 3600),
+    "watchdog_ms": (100, 60000),
+}
+DESIRED_KEYS = ("sample_interval_s", "batch_readings", "batch_seconds", "status_interval_s")
+FORWARD_IDLE_MS = 200  # ms: forwarder poll when it has nothing to do (it is also woken)
+UNHEALTHY_AFTER_SWEEPS = 3  # missed sampler sweeps before the watchdog is starved
+STORE_HEADER_BYTES = 20  # bytes the ring buffer adds per batch (store.HEADER_SIZE)
+
+
+def check_settings(settings):
+    """Defaults filled in, every value an int within ``LIMITS`` (ValueError otherwise)."""
+    out = dict(DEFAULTS)
+    for key in settings:
+        if key in LIMITS:
+            out[key] = settings[key]
+    for key in LIMITS:
+        lo, hi = LIMITS[key]
+        v = out[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > hi:
+            raise ValueError("setting %s=%r must be an integer in %d..%d" % (key, v, lo, hi))
+    return out
+
+
+def topic(device, leaf):
+    return "ce/v1/%s/%s" % (device, leaf)
+
+
+def drop_tally(seq, signed):
+    """What losing stored batch ``seq`` costs: ``[first, last, batches, readings]``.
+
+    A reading batch is itself: one batch and its records. A drop record that is itself
+    dropped passes on what it reported, so the next drop record still has exact counts."""
+    try:
+        obj = cbor.loads(cose.decode_sign1(signed).payload)
+        if obj.get(batchmod.F_KIND) == batchmod.KIND_DROP:
+            first, _last, batches, readings = obj[batchmod.F_DROPPED]
+            return [first, seq, batches + 1, readings]
+        return [seq, seq, 1, len(obj.get(batchmod.F_RECORDS, ()))]
+    except (PeerError, AttributeError, TypeError, KeyError, ValueError):
+        return [seq, seq, 1, 0]  # unreadable: the batch is lost, its readings unknown
+
+
+def merge_tally(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2], a[3] + b[3]]
+
+
+class Agent:
+    """One device: ``board`` (HAL), its signing ``key`` (``p256.PrivateKey``), the ring
+    buffer ``store``, the ``state`` file, the TLS context and broker address."""
+
+    def __init__(self, board, device, key, kid, store, state, settings, broker_host,
+                 broker_port, ssl_ctx=None, server_hostname=None, fleet_keys=None,
+                 sensors=None):
+        self.board = board
+        self.device = device
+        self.key = key
+        self.store = store
+        self.state = state
+        self.cfg = check_settings(settings)
+        desired = state.get("desired")
+        if isinstance(desired, dict):
+            self.apply_desired(desired, persist=False)
+        self.sensors = sensors if sensors is not None else board.sensors(self.cfg)
+        self.boot = state.get("boot", 0) + 1
+        state.set(boot=self.boot)
+        seq, head = self._restore_chain()
+        self.writer = batchmod.BatchWriter(device, key, kid, seq, head)
+        self.clock = MonotonicMs()
+        self.scale = self.cfg["time_scale"]
+        self.records = []
+        self._bt = 0
+        self.batch_started_ms = None
+        self.batch_timebase = None
+        self.readings_total = 0
+        self.sensor_faults = 0
+        self.drops_total = 0
+        self.last_error = None
+        self.last_sweep_ms = 0
+        self.store_ok = True
+        self.batches_signed = 0
+        self.published = 0
+        self._pid_seq = {}  # MQTT packet id -> batch seq in flight
+        self._sent_upto = 0  # highest seq handed to the MQTT client
+        self._wake = asyncio.Event()
+        client = mqtt.Client(device, self.cfg["keepalive_s"], True, None)
+        self.link = Link(client, broker_host, broker_port, ssl_ctx, server_hostname,
+                         self._on_event, self._on_connect)
+        self.fleet_keys = fleet_keys or {}
+        self.gate = None  # commands.CommandGate, loaded with the first command
+
+    # --- chain state ----------------------------------------------------------------
+    def _restore_chain(self):
+        """seq/head from State; if a power cut hit between the append and the state write,
+        the newest stored batch is ahead of State and is the true head."""
+        seq = self.state.get("seq", 0)
+        head = self.state.get("head", batchmod.ZERO_HASH)
+        seqs = self.store.seqs()
+        if seqs and seqs[-1] > seq:
+            last = self.store.oldest(len(seqs))[-1]
+            seq, head = last[0], batchmod.batch_hash(last[1])
+            self.state.set(seq=seq, head=head)
+        return seq, head
+
+    # --- time -------------------------------------------------------------------------
+    def sim_ms(self):
+        """Milliseconds since boot on the (possibly accelerated) schedule clock."""
+        return self.clock() * self.scale
+
+    def now(self):
+        """(timebase, seconds) for a reading taken now."""
+        unix = self.board.unix_time() if self.scale == 1 else None
+        if unix is not None:
+            return batchmod.TIME_UNIX, unix
+        return batchmod.TIME_SINCE_BOOT, self.sim_ms() // 1000
+
+    async def sleep_sim(self, ms):
+        await sleep_ms(max(1, ms // self.scale))
+
+    # --- sampling and batches -----------------------------------------------------------
+    def sweep(self):
+        """Read every sensor once; returns the number of readings taken."""
+        timebase, t = self.now()
+        if self.records and timebase != self.batch_timebase:
+            self.seal()  # the clock got set: do not mix time bases in one batch
+        n = 0
+        for sensor in self.sensors:
+            try:
+                values = sensor.read()
+            except MemoryError:
+                raise
+            except Exception as e:  # a driver's fault: reported, never fatal
+                self.sensor_faults += 1
+                self.last_error = "sensor %s: %s" % (getattr(sensor, "name", "?"), e)
+                continue
+            for name, unit, value in values:
+                if not self.records:
+                    self.batch_started_ms = self.sim_ms()
+                    self.batch_timebase = timebase
+                    rec = {_BT: t, _N: name, _U: unit, _V: value}
+                    self._bt = t
+                else:
+                    rec = {_N: name, _U: unit, _V: value}
+                    if t != self._bt:
+                        rec[_T] = t - self._bt
+                self.records.append(rec)
+                n += 1
+                if len(self.records) >= self.cfg["batch_readings"]:
+                    self.seal()
+        self.readings_total += n
+        self.last_sweep_ms = self.sim_ms()
+        if self.records and self.sim_ms() - self.batch_started_ms >= \
+                self.cfg["batch_seconds"] * 1000:
+            self.seal()
+        return n
+
+    def seal(self):
+        """Sign the collected records as one batch and store it (durable on return)."""
+        if not self.records:
+            return
+        records, self.records = self.records, []
+        self._store_signed(self.writer.sign(records, self.boot, self.batch_timebase))
+        del records
+        self.batches_signed += 1
+        self._wake.set()
+
+    def _store_signed(self, data, reported=False):
+        """Append one signed batch, after tallying what the append will push out.
+
+        The tally ``[first_seq, last_seq, batches, readings]`` of dropped batches lives in
+        ``State`` key ``drop`` (written before the append) until a drop record reports
+        it. ``reported``: this batch is that drop record, so after the append only what
+        the append itself pushed out stays in the tally (same write as the chain head)."""
+        pending, doomed = self._tally_doomed(len(data))
+        try:
+            self.store.append(self.writer.seq, data)
+        except StorageError as e:
+            self.store_ok = False
+            self.last_error = str(e)
+            raise
+        self.store.take_drops()  # the agent's own tally is the record; keep the store's small
+        self.state.set(seq=self.writer.seq, head=self.writer.head,
+                       drop=doomed if reported else pending)
+        self.store_ok = True
+
+    def _tally_doomed(self, size):
+        """Tally the oldest batches that appending ``size`` bytes will drop.
+
+        Mirrors the ring buffer's rule (oldest first until the excess is freed) and reads
+        one batch at a time, so a long buffer never comes into RAM at once. Returns
+        (pending tally + doomed, doomed), either None when empty; the first is persisted
+        before the append."""
+        pending = self.state.get("drop")
+        doomed = None
+        excess = self.store.used_bytes + STORE_HEADER_BYTES + size - self.store.budget
+        i = 0
+        while excess > 0 and i < self.store.count:
+            got = self.store.oldest(i + 1)
+            if len(got) <= i:
+                break
+            seq, data = got[i]
+            del got
+            doomed = merge_tally(doomed, drop_tally(seq, data))
+            excess -= len(data) + STORE_HEADER_BYTES
+            i += 1
+        if doomed is None:
+            return pending, None
+        pending = merge_tally(pending, doomed)
+        self.state.set(drop=pending)
+        return pending, doomed
+
+    def report_drops(self):
+        """Sign and store one drop record for everything dropped so far (if anything).
+
+        Called when the link is up, right before forwarding: while the link is down the
+        tally just grows, so a week-long outage costs one drop record, not one per batch.
+        ``dropped = [first_seq, last_seq, batches, readings]`` counts every lost batch
+        (earlier drop records included) and every lost reading."""
+        tally = self.state.get("drop")
+        if tally is None:
+            return False
+        gc.collect()
+        data = self.writer.sign([], self.boot, batchmod.TIME_SINCE_BOOT, batchmod.KIND_DROP,
+                                list(tally))
+        self.drops_total += tally[2]
+        self._store_signed(data, True)
+        self._wake.set()
+        return True
+
+    # --- MQTT ----------------------------------------------------------------------------
+    async def _on_connect(self):
+        self._wake.set()
+        await self.link.subscribe([(topic(self.device, "down/cmd"), 1),
+                                   (topic(self.device, "down/desired"), 1)])
+
+    async def _on_event(self, event):
+        kind = event[0]
+        if kind == mqtt.PUBACK:
+            seq = self._pid_seq.pop(event[1], None)
+            if seq is not None:
+                try:
+                    self.store.remove(seq)
+                    self.published += 1
+                except StorageError as e:
+                    self.store_ok = False
+                    self.last_error = str(e)
+            self._wake.set()
+        elif kind == mqtt.PUBLISH:
+            await self.handle_command(event[2])
+        elif kind == mqtt.SUBACK and 0x80 in event[2]:
+            self.last_error = "mqtt: subscription refused by the broker"
+
+    async def handle_command(self, payload):
+        if self.gate is None:
+            from . import commands
+
+            self.gate = commands.CommandGate(self.device, self.fleet_keys, self.state,
+                                             self.board.unix_time)
+        try:
+            cmd = self.gate.check(payload)
+        except (PeerError, StorageError) as e:
+            self.last_error = "command refused: %s" % e
+            return None
+        if cmd.name == "desired" and isinstance(cmd.args, dict):
+            self.apply_desired(cmd.args)
+        elif cmd.name == "status":
+            await self.publish_status()
+        else:
+            self.last_error = "command %s: not supported by this firmware" % cmd.name
+        return cmd
+
+    def apply_desired(self, args, persist=True):
+        """Take the known, in-range keys of a desired-state map; ignore the rest."""
+        kept = {}
+        for key in DESIRED_KEYS:
+            v = args.get(key)
+            lo, hi = LIMITS[key]
+            if isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi:
+                self.cfg[key] = v
+                kept[key] = v
+        if persist:
+            self.state.set(desired=kept)
+
+    async def forward_once(self):
+        """Hand the next stored batches to MQTT while the window has room."""
+        client = self.link.client
+        if client.can_publish():
+            self.report_drops()
+        while client.can_publish():
+            want = client.inflight_count + 1
+            batch = None
+            for seq, data in self.store.oldest(want):
+                if seq > self._sent_upto:
+                    batch = (seq, data)
+                    break
+            if batch is None:
+                return
+            # record the packet id before any await: a failed flush must not lose it
+            pid = client.publish(topic(self.device, "up/readings"), batch[1], 1, False,
+                                 self.link.clock())
+            self._pid_seq[pid] = batch[0]
+            self._sent_upto = batch[0]
+            batch = None
+            await self.link.flush()
+
+    def status_map(self):
+        gc.collect()
+        return {
+            "device": self.device,
+            "fw": FIRMWARE_VERSION,
+            "board": getattr(self.board, "name", "?"),
+            "boot": self.boot,
+            "uptime_s": self.sim_ms() // 1000,
+            "heap_free": self.board.free_heap(),
+            "buffer_batches": self.store.count,
+            "buffer_bytes": self.store.used_bytes,
+            "buffer_budget": self.store.budget,
+            "drops": self.drops_total,
+            "sensor_faults": self.sensor_faults,
+            "readings": self.readings_total,
+            "seq": self.writer.seq,
+            "mqtt_connects": self.link.connects,
+            "last_error": self.last_error or self.link.last_error or "",
+        }
+
+    async def publish_status(self):
+        if self.link.client.state != mqtt.CONNECTED:
+            return False
+        data = cose.encode_sign1(cbor.dumps(self.status_map()), self.key, self.writer.kid)
+        await self.link.publish(topic(self.device, "up/status"), data, 0)
+        return True
+
+    # --- tasks -------------------------------------------------------------------------
+    async def sampler(self):
+        while True:
+            start = self.sim_ms()
+            try:
+                self.sweep()
+            except (StorageError, CityedgeError, ValueError) as e:
+                self.last_error = "sampler: %s" % e
+            spent = self.sim_ms() - start
+            await self.sleep_sim(max(0, self.cfg["sample_interval_s"] * 1000 - spent))
+
+    async def forwarder(self):
+        while True:
+            if self.link.client.state == mqtt.CONNECTED:
+                try:
+                    await self.forward_once()
+                except (OSError, CityedgeError) as e:
+                    self.last_error = "forwarder: %s" % e
+            self._wake.clear()
+            await wait_event_ms(self._wake, FORWARD_IDLE_MS)
+
+    async def status(self):
+        while True:
+            await self.sleep_sim(self.cfg["status_interval_s"] * 1000)
+            try:
+                await self.publish_status()
+            except (OSError, CityedgeError) as e:
+                self.last_error = "status: %s" % e
+
+    def healthy(self):
+        late = self.sim_ms() - self.last_sweep_ms
+        return self.store_ok and late < UNHEALTHY_AFTER_SWEEPS * \
+            self.cfg["sample_interval_s"] * 1000
+
+    async def watchdog(self):
+        while True:
+            if self.healthy():
+                self.board.wdt_feed()
+            await sleep_ms(self.cfg["watchdog_ms"])
+
+    async def run(self):
+        """Run every task until one of them fails (then the watchdog resets the board)."""
+        tasks = [asyncio.create_task(c) for c in (
+            self.link.run(), self.sampler(), self.forwarder(), self.status(),
+            self.watchdog())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()

@@ -1,0 +1,130 @@
+"""Fleet commands to the device: the one place that accepts or refuses them.
+
+Commands arrive on ``ce/v1/<device>/down/cmd`` and the retained desired state on
+``ce/v1/<device>/down/desired``. The broker is not trusted (a broker compromise must not
+be enough to command a device), so every message must be a COSE_Sign1 (ES256) whose
+payload is a CBOR map:
+
+=====  ========  ==============================================================
+key    name      value
+=====  ========  ==============================================================
+1      name      command name (text), e.g. ``"status"``; ``"desired"`` on down/desired
+2      target    the device URN this command is for (exactly this device)
+3      seq       fleet sequence number for this device, strictly increasing
+4      expires   UNIX seconds after which the command is void
+5      args      command arguments (any CBOR value; a map for ``desired``)
+=====  ========  ==============================================================
+
+``CommandGate.check`` applies, in order (first failure refuses, with the reason):
+
+1. COSE_Sign1 structure (``cose.decode_sign1``), at most ``MAX_COMMAND_BYTES``.
+2. ``kid`` names a fleet key the device trusts; the signature verifies with it.
+3. The payload is a map with the fields above; ``target`` equals this device's id.
+4. ``expires`` is in the future by the device clock. A device without a trusted clock
+   (no NTP yet) refuses commands unless ``require_clock`` is off; then ``seq`` alone
+   protects it from replay.
+5. ``seq`` is above the last accepted one (persisted in ``State`` key ``cmd_seq``), so a
+   replayed or reordered command is refused; the same rule makes the retained
+   ``desired`` message idempotent across reconnects.
+
+Refusals raise ``SignatureError``/``UnknownKeyError`` (forged or foreign),
+``MalformedError`` (shape), or ``CommandRefused`` (valid but not for now/us): all
+``PeerError``, never fatal to the agent.
+"""
+
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from cityedge_core import cbor, cose
+from cityedge_core.errors import MalformedError, PeerError, UnknownKeyError
+
+MAX_COMMAND_BYTES = const(4096)  # bytes: largest signed command we decode
+
+C_NAME = const(1)
+C_TARGET = const(2)
+C_SEQ = const(3)
+C_EXPIRES = const(4)
+C_ARGS = const(5)
+
+
+class CommandRefused(PeerError):
+    """A well-formed, authentic command that is not for this device or not for now."""
+
+
+class Command:
+    """An accepted command."""
+
+    def __init__(self, name, seq, expires, args):
+        self.name = name
+        self.seq = seq
+        self.expires = expires
+        self.args = args
+
+    def __repr__(self):
+        return "<Command %s seq=%d>" % (self.name, self.seq)
+
+
+class CommandGate:
+    """Checks signed fleet commands for one device (rules in the module docstring).
+
+    ``fleet_keys``: dict kid (bytes) -> verifier (``p256.PublicKey`` on the device).
+    ``state``: a ``store.State`` (or anything with ``get``/``set``) for ``cmd_seq``.
+    ``clock``: callable returning UNIX seconds, or None when the device has no clock.
+    """
+
+    def __init__(self, device, fleet_keys, state, clock, require_clock=True):
+        self.device = device
+        self.fleet_keys = fleet_keys
+        self.state = state
+        self.clock = clock
+        self.require_clock = require_clock
+
+    def check(self, data):
+        """Return the accepted ``Command`` or raise a ``PeerError`` saying why not."""
+        msg = cose.decode_sign1(data, max_bytes=MAX_COMMAND_BYTES)
+        kid = msg.kid
+        verifier = self.fleet_keys.get(kid) if kid is not None else None
+        if verifier is None:
+            raise UnknownKeyError("command: signed by unknown key %r" % (kid,))
+        msg.verify(verifier)
+        obj = cbor.loads(msg.payload, max_bytes=MAX_COMMAND_BYTES)
+        if not isinstance(obj, dict):
+            raise MalformedError("command: payload is not a map")
+        name = obj.get(C_NAME)
+        target = obj.get(C_TARGET)
+        seq = obj.get(C_SEQ)
+        expires = obj.get(C_EXPIRES)
+        if not isinstance(name, str) or not isinstance(target, str):
+            raise MalformedError("command: name and target must be text")
+        if not _is_uint(seq) or not _is_uint(expires):
+            raise MalformedError("command: seq and expires must be unsigned integers")
+        if target != self.device:
+            raise CommandRefused("command: for %s, not this device" % target)
+        now = self.clock() if self.clock is not None else None
+        if now is None:
+            if self.require_clock:
+                raise CommandRefused("command: no trusted clock yet to check its expiry")
+        elif now >= expires:
+            raise CommandRefused("command: expired %d s ago" % (now - expires))
+        last = self.state.get("cmd_seq", 0)
+        if seq <= last:
+            raise CommandRefused("command: seq %d is not after %d (replay)" % (seq, last))
+        self.state.set(cmd_seq=seq)
+        return Command(name, seq, expires, obj.get(C_ARGS))
+
+
+def _is_uint(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def encode_command(signer, kid, name, target, seq, expires, args=None):
+    """The fleet side (and tests): sign a command. The device never calls this."""
+    body = {C_NAME: name, C_TARGET: target, C_SEQ: seq, C_EXPIRES: expires}
+    if args is not None:
+        body[C_ARGS] = args
+    return cose.encode_sign1(cbor.dumps(body), signer, kid)

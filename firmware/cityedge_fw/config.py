@@ -1,0 +1,183 @@
+"""The device configuration file (JSON on flash), checked once at boot with clear errors.
+
+Layout (``main.py`` describes the sections it reads)::
+
+    {"device": "urn:dev:mac:...",              # optional on boards (derived from the MAC)
+     "broker": {"host": "mqtt.city.example", "port": 8883, "server_hostname": "..."},
+     "tls": {"cert": "/cert.der", "key": "/key.der", "ca": "/ca.der"},
+     "fleet_keys": ["/fleet0.pub"],
+     "store": {"dir": "/buffer", "state": "/state.cbor"},
+     "topic_prefix": "ce/v1",
+     "wifi": {"ssid": "...", "password": "..."},    # optional: fallback after Ethernet
+     "agent": {"sample_interval_s": 10, "batch_readings": 32, "batch_seconds": 300,
+               "buffer_budget_bytes": 262144, ...},   # ranges: ``agent.LIMITS``
+     "sensors": [{"type": "sht3x", "name": "air", "i2c": 0, "sda": 21, "scl": 22},
+                 {"type": "scd4x", "name": "room", "i2c": 0, "sda": 21, "scl": 22},
+                 {"type": "ds18b20", "name": "water", "pin": 4, "rom": "28ff..."},
+                 {"type": "adc", "name": "noise", "pin": 34, "unit": "dB",
+                  "scale": 100.0, "offset": 20.0, "low": 25.0, "high": 110.0}]}
+
+``load(path)`` returns the parsed map with defaults filled in, or raises ``ConfigError``
+naming the key and what is wrong. The agent's own settings (intervals, batch size and age,
+buffer budget) are range-checked by ``agent.check_settings``: one place for those limits.
+"""
+
+import json
+
+from cityedge_core.batch import check_device_id
+from cityedge_core.errors import LocalError, MalformedError
+
+SENSOR_TYPES = ("sht3x", "scd4x", "ds18b20", "adc")
+I2C_TYPES = ("sht3x", "scd4x")
+SENSORS_MAX = 16  # sensors on one device
+NAME_MAX_CHARS = 24  # characters of a sensor name (it prefixes SenML names of 64 at most)
+CONFIG_MAX_BYTES = 8192  # bytes: a larger config file is a mistake, not a config
+PIN_MAX = 48  # highest GPIO number on the boards we support (ESP32-S3: 48)
+I2C_FREQ_MAX = 1000000  # Hz: I2C fast mode plus
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-_"
+DEFAULT_TOPIC_PREFIX = "ce/v1"
+
+
+class ConfigError(LocalError):
+    """The device configuration is missing, unreadable or invalid (our side, not a peer's)."""
+
+
+def _fail(where: str, msg: str) -> None:
+    raise ConfigError("config: %s: %s" % (where, msg))
+
+
+def _int(obj: dict, key: str, where: str, lo: int, hi: int, default: object = None) -> None:
+    v = obj.get(key, default)
+    if v is None and default is None and key not in obj:
+        _fail(where, "%s is required" % key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > hi:
+        _fail(where, "%s=%r must be an integer in %d..%d" % (key, v, lo, hi))
+    obj[key] = v
+
+
+def _str(obj: dict, key: str, where: str, required: bool = True) -> None:
+    if key not in obj:
+        if required:
+            _fail(where, "%s is required" % key)
+        return
+    if not isinstance(obj[key], str) or not obj[key]:
+        _fail(where, "%s must be a non-empty string" % key)
+
+
+def _number(obj: dict, key: str, where: str) -> None:
+    v = obj.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        _fail(where, "%s=%r must be a number" % (key, v))
+
+
+def _map(cfg: dict, key: str, required: bool) -> dict:
+    v = cfg.get(key)
+    if v is None:
+        if required:
+            _fail(key, "section is required")
+        v = {}
+        cfg[key] = v
+    if not isinstance(v, dict):
+        _fail(key, "must be a map")
+    return v
+
+
+def check_sensor(s: object, i: int) -> dict:
+    where = "sensors[%d]" % i
+    if not isinstance(s, dict):
+        _fail(where, "must be a map")
+    kind = s.get("type")
+    if kind not in SENSOR_TYPES:
+        _fail(where, "type=%r is not one of %s" % (kind, ", ".join(SENSOR_TYPES)))
+    _str(s, "name", where)
+    name = s["name"]
+    if len(name) > NAME_MAX_CHARS or any(c not in _NAME_CHARS for c in name):
+        _fail(where, "name %r: at most %d of a-z 0-9 - _" % (name, NAME_MAX_CHARS))
+    if kind in I2C_TYPES:
+        _int(s, "i2c", where, 0, 1, 0)
+        _int(s, "sda", where, 0, PIN_MAX)
+        _int(s, "scl", where, 0, PIN_MAX)
+        _int(s, "freq", where, 10000, I2C_FREQ_MAX, 100000)
+        _int(s, "address", where, 0x08, 0x77, 0x44 if kind == "sht3x" else 0x62)
+    else:
+        _int(s, "pin", where, 0, PIN_MAX)
+    if kind == "ds18b20" and "rom" in s:
+        rom = s["rom"]
+        if (
+            not isinstance(rom, str)
+            or len(rom) != 16
+            or any(c not in "0123456789abcdef" for c in rom.lower())
+        ):
+            _fail(where, "rom must be 16 hex digits (the 64-bit ROM code)")
+    if kind == "adc":
+        _str(s, "unit", where)
+        for key in ("scale", "offset", "low", "high"):
+            _number(s, key, where)
+    return s
+
+
+def validate(cfg: object) -> dict:
+    """Check a parsed configuration map; returns it with defaults filled in."""
+    if not isinstance(cfg, dict):
+        _fail("top level", "must be a JSON object")
+    if "device" in cfg:
+        try:
+            check_device_id(cfg["device"])
+        except MalformedError as e:
+            _fail("device", str(e))
+    broker = _map(cfg, "broker", True)
+    _str(broker, "host", "broker")
+    _int(broker, "port", "broker", 1, 65535, 8883)
+    _str(broker, "server_hostname", "broker", False)
+    tls = _map(cfg, "tls", True)
+    for key in ("cert", "key", "ca"):
+        _str(tls, key, "tls")
+    store = _map(cfg, "store", False)
+    store.setdefault("dir", "/buffer")
+    store.setdefault("state", "/state.cbor")
+    _str(store, "dir", "store")
+    _str(store, "state", "store")
+    keys = cfg.setdefault("fleet_keys", [])
+    if not isinstance(keys, list) or any(not isinstance(k, str) for k in keys):
+        _fail("fleet_keys", "must be a list of file paths")
+    prefix = cfg.setdefault("topic_prefix", DEFAULT_TOPIC_PREFIX)
+    if not isinstance(prefix, str) or not prefix or "+" in prefix or "#" in prefix:
+        _fail("topic_prefix", "must be a topic without wildcards")
+    if "wifi" in cfg:
+        wifi = _map(cfg, "wifi", False)
+        _str(wifi, "ssid", "wifi")
+        if not isinstance(wifi.get("password", ""), str):
+            _fail("wifi", "password must be a string")
+    agent_settings = _map(cfg, "agent", False)
+    from .agent import check_settings  # the one place of the agent's limits
+
+    try:
+        cfg["agent"] = check_settings(agent_settings)
+    except ValueError as e:
+        _fail("agent", str(e))
+    sensors = cfg.setdefault("sensors", [])
+    if not isinstance(sensors, list) or len(sensors) > SENSORS_MAX:
+        _fail("sensors", "must be a list of at most %d sensors" % SENSORS_MAX)
+    names = []
+    for i in range(len(sensors)):
+        check_sensor(sensors[i], i)
+        if sensors[i]["name"] in names:
+            _fail("sensors[%d]" % i, "name %r used twice" % sensors[i]["name"])
+        names.append(sensors[i]["name"])
+    return cfg
+
+
+def load(path: str) -> dict:
+    """Read and check the configuration file at ``path``."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e:
+        raise ConfigError("config: cannot read %s: %s" % (path, e)) from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise ConfigError("config: %s is larger than %d bytes" % (path, CONFIG_MAX_BYTES))
+    try:
+        cfg = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError("config: %s is not valid JSON: %s" % (path, e)) from None
+    return validate(cfg)

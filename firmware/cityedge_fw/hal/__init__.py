@@ -1,0 +1,176 @@
+"""Board support: ``get_board()`` returns the board object the agent runs on.
+
+Every board has the same members: ``name``, ``device_id()`` (RFC 9039
+``urn:dev:mac:<12 hex>``), ``connect_network() -> bool``, ``wdt_feed()``, ``free_heap()``,
+``ticks_ms()``, ``unix_time()`` (None until NTP set the clock), ``sensors(config)``.
+The shared behaviour is in ``BaseBoard`` here; ``esp32.py``, ``rp2.py`` and ``unix.py`` hold
+only their constants (pins, PHY, timeouts) and wiring (which bus class, which network).
+"""
+
+import gc
+import sys
+import time
+
+from ..sensors import SensorFault
+
+UNIX_EPOCH_OFFSET_2000 = 946684800  # seconds from 1970-01-01 to 2000-01-01 (MicroPython epoch)
+NTP_MIN_YEAR = 2024  # a clock before this was never set: report no time
+
+
+def mac_urn(mac: bytes) -> str:
+    """RFC 9039 device URN of a 6-byte MAC address: ``urn:dev:mac:`` + 12 lowercase hex."""
+    if len(mac) != 6:
+        raise ValueError("MAC address must be 6 bytes")
+    return "urn:dev:mac:" + "".join("%02x" % b for b in mac)
+
+
+def epoch_seconds(t: int) -> int:
+    """``time.time()`` as UNIX seconds on ports whose epoch is 2000-01-01."""
+    return t + UNIX_EPOCH_OFFSET_2000 if time.gmtime(0)[0] == 2000 else t
+
+
+class FaultySensor:
+    """Stands in for a sensor whose bus could not be set up: every read reports why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
+    def read(self) -> list:
+        raise SensorFault(self.reason)
+
+
+class BaseBoard:
+    name = "base"
+
+    def __init__(self, config: dict | None = None) -> None:
+        self.config = config or {}
+        self._buses = {}  # type: dict
+        self._clock_set = False
+
+    # -- identity, health, time ---------------------------------------------
+
+    def mac(self) -> bytes:
+        import machine
+
+        return machine.unique_id()[:6]
+
+    def device_id(self) -> str:
+        return self.config.get("device") or mac_urn(self.mac())
+
+    def connect_network(self) -> bool:
+        return True
+
+    def wdt_feed(self) -> None:
+        pass
+
+    def free_heap(self) -> int:
+        return gc.mem_free()
+
+    def ticks_ms(self) -> int:
+        return time.ticks_ms()
+
+    def sync_time(self) -> bool:
+        """Set the clock by NTP (once the network is up); False if no server answered."""
+        try:
+            import ntptime
+
+            ntptime.settime()
+        except (OSError, ImportError, OverflowError):
+            return False
+        self._clock_set = time.gmtime()[0] >= NTP_MIN_YEAR
+        return self._clock_set
+
+    def unix_time(self) -> int | None:
+        if not self._clock_set:
+            return None
+        return epoch_seconds(int(time.time()))
+
+    # -- sensors ------------------------------------------------------------
+
+    def i2c(self, bus_id: int, sda: int, scl: int, freq: int) -> object:
+        from machine import I2C, Pin
+
+        return I2C(bus_id, sda=Pin(sda), scl=Pin(scl), freq=freq)
+
+    def onewire(self, pin: int) -> object:
+        from machine import Pin
+        from onewire import OneWire
+
+        return OneWire(Pin(pin))
+
+    def adc(self, pin: int) -> object:
+        from machine import ADC, Pin
+
+        return ADC(Pin(pin))
+
+    def _bus(self, key: tuple, make: object) -> object:
+        bus = self._buses.get(key)
+        if bus is None:
+            bus = make()
+            self._buses[key] = bus
+        return bus
+
+    def sensor(self, spec: dict) -> object:
+        """The driver for one (validated) ``config.sensors`` entry, wired to this board."""
+        kind = spec["type"]
+        name = spec["name"]
+        if kind in ("sht3x", "scd4x"):
+            i2c = self._bus(
+                ("i2c", spec.get("i2c", 0)),
+                lambda: self.i2c(
+                    spec.get("i2c", 0), spec["sda"], spec["scl"], spec.get("freq", 100000)
+                ),
+            )
+            if kind == "sht3x":
+                from ..sensors.sht3x import SHT3x
+
+                return SHT3x(name, i2c, spec.get("address", 0x44))
+            from ..sensors.scd4x import SCD4x
+
+            return SCD4x(name, i2c, spec.get("address", 0x62))
+        if kind == "ds18b20":
+            from ..sensors.ds18b20 import DS18B20
+
+            ow = self._bus(("ow", spec["pin"]), lambda: self.onewire(spec["pin"]))
+            rom = spec.get("rom")
+            return DS18B20(name, ow, bytes.fromhex(rom) if rom else None)
+        if kind == "adc":
+            from ..sensors.adc import ADCChannel
+
+            return ADCChannel(
+                name,
+                self.adc(spec["pin"]),
+                spec["unit"],
+                spec.get("scale", 1.0),
+                spec.get("offset", 0.0),
+                spec.get("low"),
+                spec.get("high"),
+            )
+        raise ValueError("unknown sensor type %r" % kind)
+
+    def sensors(self, config: dict) -> list:
+        """Drivers for ``config["sensors"]``; a bus that cannot be set up is a reported fault."""
+        specs = config.get("sensors")
+        if specs is None:
+            specs = self.config.get("sensors", [])
+        out = []
+        for spec in specs:
+            try:
+                out.append(self.sensor(spec))
+            except (OSError, ValueError, ImportError) as e:
+                out.append(FaultySensor(spec.get("name", "?"), "bus setup failed: %s" % e))
+        return out
+
+
+def get_board(config: dict | None = None) -> BaseBoard:
+    """The board for this port (``sys.platform``): esp32, rp2, or the unix port (linux)."""
+    if sys.platform == "esp32":
+        from .esp32 import Board
+    elif sys.platform == "rp2":
+        from .rp2 import Board
+    elif sys.platform in ("linux", "darwin"):
+        from .unix import Board
+    else:
+        raise ValueError("cityedge: no board support for platform %r" % sys.platform)
+    return Board(config)

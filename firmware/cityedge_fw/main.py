@@ -1,0 +1,96 @@
+"""Boot entry of the device agent: read the configuration, load keys, start the agent.
+
+On a board, the frozen ``main.py`` calls ``cityedge_fw.main.main()``; the simulator calls
+``build(cfg, board)`` itself. The configuration is a JSON map (checked by ``config.load``):
+
+``broker``     ``{"host": ..., "port": 8883, "server_hostname": ...}``
+``tls``        paths of DER files: ``{"cert": ..., "key": ..., "ca": ...}``; the key is the
+               device's P-256 key (SEC1 or PKCS#8 DER), used for TLS *and* batch signing
+``fleet_keys`` paths of fleet public keys (65-byte SEC1 points) trusted for commands
+``store``      ``{"dir": "/buffer", "state": "/state.cbor"}``
+``agent``      agent settings (``agent.DEFAULTS``); ``device`` overrides the board's URN
+
+Errors that stop the boot (no key, no certificate) are printed and re-raised: the board
+then resets through its watchdog and the technician sees the message on the console.
+"""
+
+import gc
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio  # type: ignore[no-redef]
+
+from cityedge_core import cose, p256
+from cityedge_core.errors import LocalError
+
+CONFIG_PATH = "/config.json"
+_SEC1_PREFIX = b"\x02\x01\x01\x04\x20"  # ECPrivateKey: version 1, privateKey OCTET STRING(32)
+
+
+def read_file(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise LocalError("cannot read %s: %s" % (path, e)) from e
+
+
+def private_key_from_der(der):
+    """The P-256 private scalar of a SEC1 (RFC 5915) or PKCS#8 (RFC 5958) DER key.
+
+    Both wrap the same ``ECPrivateKey`` structure; its version and 32-byte key octets
+    have a fixed encoding, so finding that prefix is enough (the curve is checked by
+    deriving the public key, which must match the certificate's for TLS to work)."""
+    i = der.find(_SEC1_PREFIX)
+    if i < 0 or i + len(_SEC1_PREFIX) + 32 > len(der):
+        raise LocalError("device key: not a P-256 SEC1 or PKCS#8 DER key")
+    start = i + len(_SEC1_PREFIX)
+    return p256.PrivateKey(int.from_bytes(der[start:start + 32], "big"))
+
+
+def load_fleet_keys(paths):
+    keys = {}
+    for path in paths:
+        pub = p256.PublicKey.from_sec1(read_file(path))
+        keys[cose.kid_for_public_key(pub.to_sec1())] = pub
+    return keys
+
+
+def build(cfg, board):
+    """Make the ``Agent`` described by ``cfg`` on ``board`` (keys loaded, store opened)."""
+    from . import agent, store
+    from .mqtt_async import tls_context
+
+    tls = cfg["tls"]
+    key_der = read_file(tls["key"])
+    key = private_key_from_der(key_der)
+    kid = cose.kid_for_public_key(key.public_key().to_sec1())
+    ssl_ctx = tls_context(read_file(tls["cert"]), key_der, read_file(tls["ca"]))
+    del key_der
+    gc.collect()
+    settings = cfg.get("agent", {})
+    st = cfg.get("store", {})
+    broker = cfg["broker"]
+    device = cfg.get("device") or board.device_id()
+    budget = settings.get("buffer_budget_bytes", agent.DEFAULTS["buffer_budget_bytes"])
+    return agent.Agent(
+        board, device, key, kid, store.RingBuffer(st.get("dir", "/buffer"), budget),
+        store.State(st.get("state", "/state.cbor")),
+        settings, broker["host"], broker.get("port", 8883), ssl_ctx,
+        broker.get("server_hostname"), load_fleet_keys(cfg.get("fleet_keys", ())),
+        board.sensors(cfg))
+
+
+def start(cfg, board):
+    """Build the agent and run it forever (returns only if a task fails)."""
+    a = build(cfg, board)
+    board.connect_network()
+    asyncio.run(a.run())
+
+
+def main():
+    from . import config, hal
+
+    cfg = config.load(CONFIG_PATH)
+    start(cfg, hal.get_board(cfg))

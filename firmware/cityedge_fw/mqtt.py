@@ -1,0 +1,424 @@
+"""MQTT 3.1.1 client as a sans-IO state machine (OASIS MQTT 3.1.1, 2014).
+
+The client is fed the bytes the broker sent (``feed``) and returns events; whatever it has
+to send accumulates until ``data_to_send`` takes it. Sockets, TLS and asyncio live in
+``mqtt_async``; this module does no I/O, reads no clock (``tick`` is given the time) and
+runs unchanged on MicroPython and CPython.
+
+What it does:
+
+- CONNECT / CONNACK (§3.1, §3.2), clean or persistent session, username, keep-alive.
+- PUBLISH QoS 0 and 1 (§3.3, §4.3.2): QoS 1 messages stay in the in-flight window (at
+  most ``max_inflight``, oldest first) until their PUBACK; after a reconnect they are sent
+  again, in the same order, with the DUP flag (§4.4). An inbound QoS 1 PUBLISH is
+  acknowledged at once. Inbound QoS 2 is refused: we never subscribe above QoS 1.
+- SUBSCRIBE / SUBACK (§3.8, §3.9), PINGREQ / PINGRESP (§3.12, §3.13), DISCONNECT (§3.14).
+
+Errors: bytes from the broker that break the protocol raise ``MalformedError`` (the peer is
+at fault; drop the connection); a PINGRESP that does not come raises ``TransportError``;
+a full in-flight window raises ``InflightFull`` (a ``LocalError``: wait for PUBACKs).
+
+Sizes are bounded: an inbound packet larger than ``max_packet`` bytes is refused before
+it is buffered (``LimitError``). All MQTT limits are the constants below.
+"""
+
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from cityedge_core.errors import LimitError, LocalError, MalformedError, TransportError
+
+# --- limits (all MQTT sizes, counts and times in one place) ---------------------------
+MAX_PACKET_BYTES = const(20480)  # bytes: largest inbound packet (a 16 KiB command + topic)
+MAX_INFLIGHT = const(4)  # QoS 1 publishes awaiting PUBACK
+MAX_TOPIC_BYTES = const(256)  # bytes: UTF-8 topic name or filter
+MAX_CLIENT_ID_BYTES = const(128)  # bytes: client id (a device URN)
+KEEPALIVE_S = const(60)  # seconds: default keep-alive interval (§3.1.2.10)
+REMAINING_LENGTH_MAX = const(268435455)  # §2.2.3: four-byte variable length integer
+
+# --- packet types (§2.2.1) -------------------------------------------------------------
+CONNECT = const(1)
+CONNACK = const(2)
+PUBLISH = const(3)
+PUBACK = const(4)
+PUBREC = const(5)
+SUBSCRIBE = const(8)
+SUBACK = const(9)
+PINGREQ = const(12)
+PINGRESP = const(13)
+DISCONNECT = const(14)
+
+# --- client states ---------------------------------------------------------------------
+DISCONNECTED = const(0)
+CONNECTING = const(1)
+CONNECTED = const(2)
+
+CONNACK_TEXT = {
+    1: "unacceptable protocol version",
+    2: "client identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+
+
+class InflightFull(LocalError):
+    """The QoS 1 in-flight window is full; publish again after a PUBACK."""
+
+
+class ConnectRefused(TransportError):
+    """The broker answered CONNACK with a non-zero return code (§3.2.2.3)."""
+
+    def __init__(self, code):
+        TransportError.__init__(
+            self, "mqtt: broker refused the connection: %s (code %d)"
+            % (CONNACK_TEXT.get(code, "unknown"), code))
+        self.code = code
+
+
+# Events returned by ``feed`` are tuples (cheaper than classes on a 64 KiB heap):
+#   (CONNACK, session_present)        CONNACK accepted
+#   (PUBACK, packet_id)               our QoS 1 publish was acknowledged
+#   (SUBACK, packet_id, granted)      granted QoS per filter, 0x80 = refused
+#   (PUBLISH, topic, payload, retain) a message for us (already acknowledged if QoS 1)
+#   (PINGRESP,)                       the broker answered PINGREQ
+
+
+# --- encoding ----------------------------------------------------------------------------
+def encode_length(n):
+    """Remaining Length (§2.2.3): 7 bits per byte, continuation bit 0x80, at most 4 bytes."""
+    if n < 0 or n > REMAINING_LENGTH_MAX:
+        raise ValueError("mqtt: remaining length %d out of range" % n)
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_str(s, limit=MAX_TOPIC_BYTES):
+    """UTF-8 string with a two-byte length prefix (§1.5.3)."""
+    b = s.encode() if isinstance(s, str) else bytes(s)
+    if b"\x00" in b:
+        raise ValueError("mqtt: string contains NUL")
+    if len(b) > limit:
+        raise ValueError("mqtt: string of %d bytes, limit %d" % (len(b), limit))
+    return len(b).to_bytes(2, "big") + b
+
+
+def packet(ptype, flags, body):
+    """Fixed header + body."""
+    return bytes([(ptype << 4) | flags]) + encode_length(len(body)) + body
+
+
+def encode_connect(client_id, keepalive_s, clean_session, username=None):
+    """CONNECT (§3.1), no will message."""
+    flags = 0x02 if clean_session else 0
+    payload = encode_str(client_id, MAX_CLIENT_ID_BYTES)
+    if username is not None:
+        flags |= 0x80
+        payload += encode_str(username, MAX_CLIENT_ID_BYTES)
+    if keepalive_s < 0 or keepalive_s > 0xFFFF:
+        raise ValueError("mqtt: keep-alive %d s out of range" % keepalive_s)
+    head = b"\x00\x04MQTT\x04" + bytes([flags]) + keepalive_s.to_bytes(2, "big")
+    return packet(CONNECT, 0, head + payload)
+
+
+def encode_publish(topic, payload, qos=0, retain=False, packet_id=0, dup=False):
+    """PUBLISH (§3.3)."""
+    if qos not in (0, 1):
+        raise ValueError("mqtt: QoS %r not supported" % qos)
+    if not topic or "+" in topic or "#" in topic:  # a topic name, not a filter (§4.7)
+        raise ValueError("mqtt: bad topic name %r" % topic)
+    flags = (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
+    body = encode_str(topic)
+    if qos:
+        body += packet_id.to_bytes(2, "big")
+    return packet(PUBLISH, flags, body + bytes(payload))
+
+
+def encode_subscribe(packet_id, filters):
+    """SUBSCRIBE (§3.8): ``filters`` is a list of (topic filter, max QoS)."""
+    if not filters:
+        raise ValueError("mqtt: SUBSCRIBE needs at least one filter")
+    body = packet_id.to_bytes(2, "big")
+    for topic, qos in filters:
+        body += encode_str(topic) + bytes([qos])
+    return packet(SUBSCRIBE, 2, body)
+
+
+def encode_puback(packet_id):
+    return packet(PUBACK, 0, packet_id.to_bytes(2, "big"))
+
+
+PINGREQ_BYTES = b"\xc0\x00"
+PINGRESP_BYTES = b"\xd0\x00"
+DISCONNECT_BYTES = b"\xe0\x00"
+
+
+# --- decoding ------------------------------------------------------------------------------
+def split_packet(buf, max_packet=MAX_PACKET_BYTES):
+    """Find the first whole packet in ``buf``.
+
+    Returns ``(ptype, flags, body_start, end)`` or ``None`` when more bytes are needed.
+    Raises ``MalformedError`` for a bad length encoding and ``LimitError`` for a packet
+    over ``max_packet`` bytes (checked before the body arrives).
+    """
+    n = len(buf)
+    if n < 2:
+        return None
+    length = 0
+    shift = 0
+    i = 1
+    while True:
+        if i >= n:
+            return None
+        if i > 4:
+            raise MalformedError("mqtt: remaining length longer than four bytes")
+        byte = buf[i]
+        length |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    if i + length > max_packet:
+        raise LimitError("mqtt: packet of %d bytes, limit %d" % (i + length, max_packet))
+    if n < i + length:
+        return None
+    return buf[0] >> 4, buf[0] & 0x0F, i, i + length
+
+
+def decode_str(body, pos):
+    """Read a length-prefixed UTF-8 string; returns (text, next position)."""
+    if pos + 2 > len(body):
+        raise MalformedError("mqtt: string length runs past the packet")
+    n = (body[pos] << 8) | body[pos + 1]
+    end = pos + 2 + n
+    if end > len(body):
+        raise MalformedError("mqtt: string runs past the packet")
+    try:
+        text = bytes(body[pos + 2:end]).decode()
+    except UnicodeError as e:
+        raise MalformedError("mqtt: string is not UTF-8") from e
+    if "\x00" in text:
+        raise MalformedError("mqtt: string contains NUL")
+    return text, end
+
+
+def decode_publish(flags, body):
+    """PUBLISH body -> (topic, payload, qos, retain, dup, packet_id)."""
+    qos = (flags >> 1) & 3
+    if qos == 3:
+        raise MalformedError("mqtt: PUBLISH with QoS 3")
+    topic, pos = decode_str(body, 0)
+    if not topic or "+" in topic or "#" in topic:
+        raise MalformedError("mqtt: PUBLISH with bad topic name %r" % topic)
+    packet_id = 0
+    if qos:
+        if pos + 2 > len(body):
+            raise MalformedError("mqtt: PUBLISH without packet id")
+        packet_id = (body[pos] << 8) | body[pos + 1]
+        pos += 2
+        if packet_id == 0:
+            raise MalformedError("mqtt: PUBLISH with packet id 0")
+    return topic, bytes(body[pos:]), qos, bool(flags & 1), bool(flags & 8), packet_id
+
+
+def _packet_id(body, name):
+    if len(body) != 2:
+        raise MalformedError("mqtt: %s of %d bytes, expected 2" % (name, len(body)))
+    return (body[0] << 8) | body[1]
+
+
+# --- the state machine -------------------------------------------------------------------
+class Client:
+    """One MQTT session seen from the client. Not thread-safe; one connection at a time.
+
+    Typical use: ``connect()`` once the socket is up, send ``data_to_send()``, pass every
+    received chunk to ``feed()`` and handle the events, call ``tick(now_ms)`` about once a
+    second. When the transport breaks call ``connection_lost()`` and later ``connect()``
+    again: unacknowledged QoS 1 messages are re-sent after the next CONNACK.
+
+    ``now_ms`` must be a clock that does not wrap (``mqtt_async`` builds one from
+    ``time.ticks_ms``).
+    """
+
+    def __init__(self, client_id, keepalive_s=KEEPALIVE_S, clean_session=True,
+                 username=None, max_inflight=MAX_INFLIGHT,
+                 max_packet=MAX_PACKET_BYTES):
+        self.client_id = client_id
+        self.keepalive_ms = keepalive_s * 1000
+        self.clean_session = clean_session
+        self.username = username
+        self.max_inflight = max_inflight
+        self.max_packet = max_packet
+        self.state = DISCONNECTED
+        self._out = bytearray()
+        self._in = b""
+        self._next_id = 0
+        self._inflight = []  # [packet_id, topic, payload, retain], oldest first
+        self._pending_subs = []  # packet ids of SUBSCRIBEs awaiting SUBACK
+        self._last_sent_ms = 0
+        self._ping_sent_ms = None
+
+    # --- outbound -------------------------------------------------------------------
+    def connect(self, now_ms=0):
+        """Queue CONNECT. Valid only when disconnected."""
+        if self.state != DISCONNECTED:
+            raise ValueError("mqtt: connect() while not disconnected")
+        self._in = b""
+        self._out = bytearray()
+        self._ping_sent_ms = None
+        self._send(encode_connect(self.client_id, self.keepalive_ms // 1000,
+                                  self.clean_session, self.username), now_ms)
+        self.state = CONNECTING
+
+    def publish(self, topic, payload, qos=0, retain=False, now_ms=0):
+        """Queue a PUBLISH; returns its packet id (0 for QoS 0)."""
+        self._require_connected()
+        packet_id = 0
+        if qos == 1:
+            if len(self._inflight) >= self.max_inflight:
+                raise InflightFull("mqtt: %d messages await PUBACK" % len(self._inflight))
+            packet_id = self._new_packet_id()
+        data = encode_publish(topic, payload, qos, retain, packet_id)
+        if qos == 1:
+            self._inflight.append([packet_id, topic, payload, retain])
+        self._send(data, now_ms)
+        return packet_id
+
+    def subscribe(self, filters, now_ms=0):
+        """Queue SUBSCRIBE for [(filter, qos<=1), ...]; returns its packet id."""
+        self._require_connected()
+        for _topic, qos in filters:
+            if qos not in (0, 1):
+                raise ValueError("mqtt: subscribe QoS %r not supported" % qos)
+        packet_id = self._new_packet_id()
+        self._send(encode_subscribe(packet_id, filters), now_ms)
+        self._pending_subs.append(packet_id)
+        return packet_id
+
+    def disconnect(self):
+        """Queue DISCONNECT (§3.14); the caller closes the socket after sending it."""
+        if self.state == CONNECTED:
+            self._out += DISCONNECT_BYTES
+        self.state = DISCONNECTED
+
+    def data_to_send(self):
+        """Take the bytes queued for the broker (may be empty)."""
+        data = bytes(self._out)
+        self._out = bytearray()
+        return data
+
+    def tick(self, now_ms):
+        """Keep-alive (§3.1.2.10): send PINGREQ when idle; fail when PINGRESP is late."""
+        if self.state != CONNECTED or not self.keepalive_ms:
+            return
+        if self._ping_sent_ms is not None:
+            if now_ms - self._ping_sent_ms >= self.keepalive_ms:
+                raise TransportError("mqtt: no PINGRESP within %d s" % (self.keepalive_ms // 1000))
+        elif now_ms - self._last_sent_ms >= self.keepalive_ms // 2:
+            # Half the interval: the broker allows 1.5x, so a slow link still keeps us alive.
+            self._send(PINGREQ_BYTES, now_ms)
+            self._ping_sent_ms = now_ms
+
+    def connection_lost(self):
+        """The transport broke: forget the partial input; in-flight messages are kept."""
+        self.state = DISCONNECTED
+        self._in = b""
+        self._out = bytearray()
+        self._pending_subs = []
+        self._ping_sent_ms = None
+
+    @property
+    def inflight_count(self):
+        return len(self._inflight)
+
+    def can_publish(self):
+        return self.state == CONNECTED and len(self._inflight) < self.max_inflight
+
+    # --- inbound --------------------------------------------------------------------
+    def feed(self, data, now_ms=0):
+        """Take bytes from the broker; returns the list of events they complete."""
+        if self.state == DISCONNECTED:
+            raise ValueError("mqtt: feed() while disconnected")
+        buf = self._in + bytes(data) if self._in else bytes(data)
+        events = []
+        start = 0
+        while True:
+            view = memoryview(buf)[start:]
+            found = split_packet(view, self.max_packet)
+            if found is None:
+                break
+            ptype, flags, body_start, end = found
+            self._handle(ptype, flags, view[body_start:end], events, now_ms)
+            start += end
+        self._in = buf[start:] if start < len(buf) else b""
+        return events
+
+    def _handle(self, ptype, flags, body, events, now_ms):
+        if self.state == CONNECTING:
+            if ptype != CONNACK:
+                raise MalformedError("mqtt: expected CONNACK, got packet type %d" % ptype)
+            if len(body) != 2 or flags:
+                raise MalformedError("mqtt: malformed CONNACK")
+            if body[1]:
+                self.state = DISCONNECTED
+                raise ConnectRefused(body[1])
+            self.state = CONNECTED
+            events.append((CONNACK, bool(body[0] & 1)))
+            for item in self._inflight:  # §4.4: re-send unacknowledged, in order, DUP set
+                self._send(encode_publish(item[1], item[2], 1, item[3], item[0], True), now_ms)
+            return
+        if ptype == PUBLISH:
+            topic, payload, qos, retain, _dup, packet_id = decode_publish(flags, body)
+            if qos == 2:
+                raise MalformedError("mqtt: QoS 2 PUBLISH on a QoS 1 subscription")
+            if qos == 1:
+                self._send(encode_puback(packet_id), now_ms)
+            events.append((PUBLISH, topic, payload, retain))
+        elif ptype == PUBACK:
+            packet_id = _packet_id(body, "PUBACK")
+            for i, item in enumerate(self._inflight):
+                if item[0] == packet_id:
+                    del self._inflight[i]
+                    events.append((PUBACK, packet_id))
+                    break
+            # A PUBACK for an id we no longer hold (answer to a DUP): nothing to do.
+        elif ptype == SUBACK:
+            if len(body) < 3:
+                raise MalformedError("mqtt: SUBACK without return codes")
+            packet_id = (body[0] << 8) | body[1]
+            if packet_id in self._pending_subs:
+                self._pending_subs.remove(packet_id)
+            events.append((SUBACK, packet_id, bytes(body[2:])))
+        elif ptype == PINGRESP:
+            self._ping_sent_ms = None
+            events.append((PINGRESP,))
+        else:
+            raise MalformedError("mqtt: unexpected packet type %d from the broker" % ptype)
+
+    # --- helpers ----------------------------------------------------------------------
+    def _require_connected(self):
+        if self.state != CONNECTED:
+            raise TransportError("mqtt: not connected")
+
+    def _send(self, data, now_ms):
+        self._out += data
+        self._last_sent_ms = now_ms
+
+    def _new_packet_id(self):
+        busy = [item[0] for item in self._inflight] + self._pending_subs
+        for _ in range(len(busy) + 1):
+            self._next_id = self._next_id % 0xFFFF + 1
+            if self._next_id not in busy:
+                return self._next_id
+        raise InflightFull("mqtt: no free packet id")

@@ -1,0 +1,437 @@
+"""Provisioning mode on the device: framed requests over the UART, one step at a time.
+
+The device is reachable here only while it is unprovisioned, or after an authenticated
+unlock (a COSE_Sign1 fleet command named ``unlock`` for this device, checked by
+``commands.CommandGate``); a locked device answers ``hello`` and ``unlock`` and refuses
+everything else with ``E_LOCKED``. There is no REPL behind it.
+
+Steps (message types and fields in ``cityedge_core.frame``) and the state each needs:
+
+============  ===========================  ==============================================
+step          allowed in state             effect
+============  ===========================  ==============================================
+hello         any                          model, hardware serial, firmware, state, URN
+generate_key  unprovisioned..tested        new P-256 key from ``os.urandom`` (the board's
+                                           RNG); any installed identity is removed first;
+                                           state ``keyed``. The private key is written to
+                                           flash and never leaves the device.
+csr           keyed..tested                PKCS#10 DER for the key (``cityedge_core.csr``)
+install       keyed..tested                certificate chain (its leaf must hold our public
+                                           key), CA, broker, fleet keys, config; each file
+                                           written atomically, the state file last:
+                                           ``installed``
+self_test     installed, tested            TCP to the broker, then TLS with the new
+                                           certificate, MQTT CONNECT, one signed batch
+                                           published QoS 1 and acknowledged: ``tested``
+lock          tested                       ``locked``: the agent boots from now on
+unlock        locked                       back to ``tested`` (files are kept)
+============  ===========================  ==============================================
+
+A request out of order gets ``E_ORDER``; bad fields ``E_BAD_INPUT``; a flash failure
+``E_STORAGE``. Framing faults from the decoder are answered with one error frame each.
+Every reply echoes the request's ``F_ID``. Nothing here blocks except the self-test,
+which is bounded by its timeout.
+"""
+
+import os
+import time
+
+try:
+    import asyncio
+except ImportError:  # pragma: no cover
+    import uasyncio as asyncio  # type: ignore[no-redef]
+
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from cityedge_core import batch as batchmod
+from cityedge_core import cbor, cose, csr, frame, p256
+from cityedge_core.errors import CityedgeError, PeerError, StorageError
+
+PROTOCOL_VERSION = const(1)
+SELF_TEST_MAX_S = const(60)  # seconds: longest self-test a host may ask for
+SELF_TEST_DEFAULT_S = const(20)  # seconds: when the host does not say
+
+UNPROVISIONED = "unprovisioned"
+KEYED = "keyed"
+INSTALLED = "installed"
+TESTED = "tested"
+LOCKED = "locked"
+
+# file names under the device's root directory
+STATE_FILE = "provision.cbor"
+KEY_FILE = "key.der"
+CERT_FILE = "cert.der"
+CA_FILE = "ca.der"
+CONFIG_FILE = "config.json"
+AGENT_STATE_FILE = "state.cbor"
+FLEET_KEY_FILE = "fleet_key_%d.sec1"
+INSTALLED_FILES = (CONFIG_FILE, CERT_FILE, CA_FILE)
+
+_T = frame
+
+
+class StepRefused(PeerError):
+    """A well-formed request the device will not do now (carries a frame error code)."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def _write_atomic(path, data):
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise StorageError("cannot write %s: %s" % (path, e)) from e
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class Provisioner:
+    """The device's provisioning state machine; ``handle(msg)`` returns the reply map.
+
+    ``info``: ``{"model", "serial", "device", "firmware"}`` from the board.
+    ``root``: directory of the device's files (``/`` on a board).
+    """
+
+    def __init__(self, root, info, randbytes=os.urandom, clock=None):
+        self.root = root.rstrip("/")
+        self.info = info
+        self.randbytes = randbytes
+        self.clock = clock or _unix_clock
+        self._key = None
+        raw = _read(self._path(STATE_FILE))
+        self.state = UNPROVISIONED
+        if raw is not None:
+            try:
+                self.state = cbor.loads(raw)["state"]
+            except (CityedgeError, KeyError, TypeError):
+                self.state = UNPROVISIONED  # a torn state file: start over
+        if self.state != UNPROVISIONED and _read(self._path(KEY_FILE)) is None:
+            self.state = UNPROVISIONED
+
+    def _path(self, name):
+        return self.root + "/" + name
+
+    def _set_state(self, state):
+        _write_atomic(self._path(STATE_FILE), cbor.dumps({"state": state}))
+        self.state = state
+
+    def key(self):
+        if self._key is None:
+            from .main import private_key_from_der
+
+            der = _read(self._path(KEY_FILE))
+            if der is None:
+                raise StepRefused(_T.E_ORDER, "no device key yet: generate_key first")
+            self._key = private_key_from_der(der)
+        return self._key
+
+    # --- dispatch ----------------------------------------------------------------------
+    def handle(self, msg):
+        rid = msg.get(_T.F_ID)
+        try:
+            reply = self._dispatch(msg)
+        except StepRefused as e:
+            reply = _T.error_message(e.code, str(e))
+        except (PeerError, ValueError, TypeError, KeyError) as e:
+            reply = _T.error_message(_T.E_BAD_INPUT, "%s: %s" % (type(e).__name__, e))
+        except (StorageError, OSError) as e:
+            reply = _T.error_message(_T.E_STORAGE, str(e))
+        except Exception as e:  # never die on a request; say what happened
+            reply = _T.error_message(_T.E_INTERNAL, "%s: %s" % (type(e).__name__, e))
+        if rid is not None:
+            reply[_T.F_ID] = rid
+        return reply
+
+    def _dispatch(self, msg):
+        t = msg[_T.F_TYPE]
+        if t == _T.T_HELLO:
+            return self.hello()
+        if t == _T.T_UNLOCK:
+            return self.unlock(msg)
+        if t not in _T.TYPE_NAMES or t == _T.T_ERROR:
+            raise StepRefused(_T.E_UNKNOWN_TYPE, "unknown message type %r" % (t,))
+        if self.state == LOCKED:
+            raise StepRefused(_T.E_LOCKED, "device is provisioned and locked; "
+                                           "an authenticated unlock is needed")
+        if t == _T.T_GENERATE_KEY:
+            return self.generate_key()
+        if t == _T.T_CSR:
+            return self.make_csr()
+        if t == _T.T_INSTALL:
+            return self.install(msg)
+        if t == _T.T_SELF_TEST:
+            return self.self_test(msg)
+        return self.lock()
+
+    def _need(self, *states):
+        if self.state not in states:
+            raise StepRefused(_T.E_ORDER, "not allowed in state %s (needs %s)"
+                              % (self.state, " or ".join(states)))
+
+    # --- steps -------------------------------------------------------------------------
+    def hello(self):
+        reply = {
+            _T.F_TYPE: _T.T_HELLO, _T.F_MODEL: self.info["model"],
+            _T.F_SERIAL: self.info["serial"], _T.F_FIRMWARE: self.info["firmware"],
+            _T.F_STATE: self.state, _T.F_DEVICE: self.info["device"],
+            _T.F_PROTOCOL: PROTOCOL_VERSION,
+        }
+        if self.state != UNPROVISIONED:
+            reply[_T.F_KID] = cose.kid_for_public_key(self.key().public_key().to_sec1())
+        return reply
+
+    def generate_key(self):
+        for name in INSTALLED_FILES:  # an old identity never outlives its key
+            _remove(self._path(name))
+        key = p256.PrivateKey.generate(self.randbytes)
+        _write_atomic(self._path(KEY_FILE), csr.ec_private_key_der(key))
+        _remove(self._path(AGENT_STATE_FILE))  # a new key starts a new batch chain
+        self._key = key
+        self._set_state(KEYED)
+        pub = key.public_key().to_sec1()
+        return {_T.F_TYPE: _T.T_GENERATE_KEY, _T.F_PUBLIC_KEY: pub,
+                _T.F_KID: cose.kid_for_public_key(pub)}
+
+    def make_csr(self):
+        self._need(KEYED, INSTALLED, TESTED)
+        return {_T.F_TYPE: _T.T_CSR, _T.F_CSR: csr.build_csr(self.key(), self.info["device"])}
+
+    def install(self, msg):
+        self._need(KEYED, INSTALLED, TESTED)
+        chain = msg.get(_T.F_CHAIN)
+        cas = msg.get(_T.F_CA)
+        broker = msg.get(_T.F_BROKER)
+        config = msg.get(_T.F_CONFIG) or {}
+        fleet_keys = msg.get(_T.F_FLEET_KEYS) or []
+        if not isinstance(chain, list) or not chain or not all(
+                isinstance(c, bytes) for c in chain):
+            raise StepRefused(_T.E_BAD_INPUT, "install: chain must be a list of DER certificates")
+        if not isinstance(cas, list) or not cas or not all(isinstance(c, bytes) for c in cas):
+            raise StepRefused(_T.E_BAD_INPUT, "install: ca must be a list of DER certificates")
+        if not isinstance(broker, dict) or not isinstance(broker.get("host"), str) \
+                or not isinstance(broker.get("port"), int):
+            raise StepRefused(_T.E_BAD_INPUT, "install: broker needs host and port")
+        if not isinstance(config, dict) or not isinstance(fleet_keys, list):
+            raise StepRefused(_T.E_BAD_INPUT, "install: config must be a map, fleet keys a list")
+        pub = self.key().public_key().to_sec1()
+        if chain[0].find(pub) < 0:
+            raise StepRefused(_T.E_BAD_INPUT,
+                              "install: the certificate is not for this device's key")
+        key_paths = []
+        for i, k in enumerate(fleet_keys):
+            p256.PublicKey.from_sec1(k)  # refuses a point not on the curve
+            path = self._path(FLEET_KEY_FILE % i)
+            _write_atomic(path, k)
+            key_paths.append(path)
+        _write_atomic(self._path(CERT_FILE), chain[0])
+        _write_atomic(self._path(CA_FILE), cas[-1])  # the root: what the device trusts
+        import json
+
+        cfg = {
+            "device": self.info["device"],
+            "broker": {"host": broker["host"], "port": broker["port"],
+                       "server_hostname": broker.get("server_hostname") or broker["host"]},
+            "tls": {"cert": self._path(CERT_FILE), "key": self._path(KEY_FILE),
+                    "ca": self._path(CA_FILE)},
+            "fleet_keys": key_paths,
+            "store": {"dir": self._path("buffer"), "state": self._path(AGENT_STATE_FILE)},
+            "fleet": config,
+        }
+        _write_atomic(self._path(CONFIG_FILE), json.dumps(cfg).encode())
+        self._set_state(INSTALLED)
+        return {_T.F_TYPE: _T.T_INSTALL, _T.F_KID: cose.kid_for_public_key(pub)}
+
+    def self_test(self, msg):
+        self._need(INSTALLED, TESTED)
+        timeout_s = msg.get(_T.F_TIMEOUT, SELF_TEST_DEFAULT_S)
+        if not isinstance(timeout_s, int) or not 0 < timeout_s <= SELF_TEST_MAX_S:
+            raise StepRefused(_T.E_BAD_INPUT, "self_test: timeout 1..%d s" % SELF_TEST_MAX_S)
+        test = SelfTest(self)
+        try:
+            asyncio.run(asyncio.wait_for(test.run(), timeout_s))
+            ok = True
+            text = "published batch %d, acknowledged" % test.seq
+        except asyncio.TimeoutError:
+            ok = False
+            text = "no answer within %d s" % timeout_s
+        except Exception as e:  # the stage says where it failed
+            ok = False
+            text = "%s: %s" % (type(e).__name__, e)
+        if ok:
+            self._set_state(TESTED)
+            test.stage = "done"
+        return {_T.F_TYPE: _T.T_SELF_TEST, _T.F_OK: ok, _T.F_STAGE: test.stage,
+                _T.F_MESSAGE: text, _T.F_SEQ: test.seq}
+
+    def lock(self):
+        self._need(TESTED)
+        self._set_state(LOCKED)
+        return {_T.F_TYPE: _T.T_LOCK, _T.F_STATE: LOCKED}
+
+    def unlock(self, msg):
+        if self.state != LOCKED:
+            raise StepRefused(_T.E_ORDER, "unlock: device is not locked")
+        from . import commands, main, store
+
+        cfg = self._config()
+        gate = commands.CommandGate(self.info["device"],
+                                    main.load_fleet_keys(cfg.get("fleet_keys", ())),
+                                    store.State(self._path(AGENT_STATE_FILE)), self.clock,
+                                    require_clock=False)
+        data = msg.get(_T.F_COMMAND)
+        if not isinstance(data, bytes):
+            raise StepRefused(_T.E_BAD_INPUT, "unlock: a signed fleet command is needed")
+        cmd = gate.check(data)  # PeerError -> E_BAD_INPUT with the reason
+        if cmd.name != "unlock":
+            raise StepRefused(_T.E_BAD_INPUT, "unlock: command is %r, not unlock" % cmd.name)
+        self._set_state(TESTED)
+        return {_T.F_TYPE: _T.T_UNLOCK, _T.F_STATE: TESTED}
+
+    def _config(self):
+        import json
+
+        raw = _read(self._path(CONFIG_FILE))
+        if raw is None:
+            raise StepRefused(_T.E_ORDER, "no configuration installed")
+        return json.loads(raw)
+
+
+def _unix_clock():
+    now = int(time.time())
+    return now if now > 1600000000 else None  # no trusted clock before NTP
+
+
+class SelfTest:
+    """Connect to the broker with the installed identity and publish one signed batch."""
+
+    def __init__(self, prov):
+        self.prov = prov
+        self.stage = "connect"
+        self.seq = 0
+
+    async def run(self):
+        from . import mqtt, store
+        from .mqtt_async import tls_context
+
+        prov = self.prov
+        cfg = prov._config()
+        broker = cfg["broker"]
+        device = cfg["device"]
+        # 1. plain TCP: is the broker there at all?
+        self.stage = "connect"
+        _r, w = await asyncio.open_connection(broker["host"], broker["port"])
+        w.close()
+        await w.wait_closed()
+        # 2. TLS with the new certificate, MQTT CONNECT
+        self.stage = "tls"
+        ctx = tls_context(_read(cfg["tls"]["cert"]), _read(cfg["tls"]["key"]),
+                          _read(cfg["tls"]["ca"]))
+        reader, writer = await asyncio.open_connection(
+            broker["host"], broker["port"], ssl=ctx,
+            server_hostname=broker.get("server_hostname") or broker["host"])
+        try:
+            client = mqtt.Client(device, 30, True, None)
+            client.connect(_ms())
+            writer.write(client.data_to_send())
+            await writer.drain()
+            await self._until(reader, writer, client, mqtt.CONNACK)
+            # 3. one signed batch on the readings topic, QoS 1
+            self.stage = "publish"
+            state = store.State(cfg["store"]["state"])
+            key = prov.key()
+            kid = cose.kid_for_public_key(key.public_key().to_sec1())
+            w_ = batchmod.BatchWriter(device, key, kid, state.get("seq", 0),
+                                      state.get("head", batchmod.ZERO_HASH))
+            recs = batchmod.RecordBuffer()
+            now = prov.clock()
+            rec = {-2: device + ":", 0: "selftest", 2: 1}
+            if now is not None:
+                rec[-3] = now
+            recs.add(rec)
+            signed = w_.sign_buffer(recs, state.get("boot", 0),
+                                    batchmod.TIME_UNIX if now is not None
+                                    else batchmod.TIME_SINCE_BOOT)
+            state.set(seq=w_.seq, head=w_.head)  # as the agent does: persisted before sending
+            self.seq = w_.seq
+            client.publish("ce/v1/%s/up/readings" % device, signed, 1, False, _ms())
+            writer.write(client.data_to_send())
+            await writer.drain()
+            await self._until(reader, writer, client, mqtt.PUBACK)
+            client.disconnect()
+            writer.write(client.data_to_send())
+            await writer.drain()
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    async def _until(self, reader, writer, client, event_type):
+        from cityedge_core.errors import TransportError
+
+        while True:
+            data = await reader.read(1024)
+            if not data:
+                raise TransportError("the broker closed the connection")
+            for ev in client.feed(data, _ms()):
+                if ev[0] == event_type:
+                    return ev
+            out = client.data_to_send()
+            if out:
+                writer.write(out)
+                await writer.drain()
+
+
+def _ms():
+    try:
+        return time.ticks_ms()  # type: ignore[attr-defined]
+    except AttributeError:  # CPython
+        return int(time.monotonic() * 1000)
+
+
+def serve(prov, read, write):
+    """The UART loop: ``read()`` returns bytes (``b""`` when the line is gone), ``write(b)``.
+
+    Returns when the line is closed (USB unplugged, pty closed).
+    """
+    dec = frame.FrameDecoder()
+    while True:
+        data = read()
+        if not data:
+            return
+        for item in dec.feed(data):
+            if isinstance(item, frame.FrameError):
+                reply = frame.error_message(item.code, item.message)
+            else:
+                reply = prov.handle(item)
+            write(frame.encode_frame(reply))

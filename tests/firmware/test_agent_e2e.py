@@ -1,0 +1,173 @@
+"""End to end: the real agent on the MicroPython unix port, mTLS to a real Mosquitto.
+
+An independent subscriber (paho, as the fleet's ingest service) receives the batches; they
+verify with the core's ``BatchVerifier`` and one with ``pycose``, and the chain is unbroken.
+Also: broker killed and restarted mid-stream (nothing lost, in order), and a device with a
+foreign certificate or another device's id gets nothing through.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fw_harness import (
+    HEAP,
+    MICROPYTHON,
+    Subscriber,
+    check_chain,
+    compile_device,
+    device_env,
+    wait_for,
+)
+from pycose.keys.curves import P256
+from pycose.keys.ec2 import EC2Key
+from pycose.messages import Sign1Message
+
+from cityedge.crypto import EcVerifier
+from cityedge_core.batch import Batch
+from cityedge_core.cose import decode_sign1
+
+from support.mosquitto import Credentials, Mosquitto, TestPKI
+
+DEVICE = "urn:dev:mac:0024befffe804ff1"
+OTHER = "urn:dev:mac:0024befffe804ff2"
+
+
+@pytest.fixture(scope="module")
+def mpy_dir(tmp_path_factory: pytest.TempPathFactory, micropython: str, mpy_cross: str) -> Path:
+    return compile_device(tmp_path_factory.mktemp("mpy"))
+
+
+def device_config(tmp: Path, broker: Mosquitto, pki: TestPKI, creds: Credentials,
+                  stop: dict[str, Any], device: str = DEVICE, **agent: Any) -> Path:
+    settings = {"sample_interval_s": 1, "batch_readings": 10, "time_scale": 20,
+                "status_interval_s": 5}
+    settings.update(agent)
+    fail_every = agent.pop("fail_every", 0)
+    cfg = {"device": device, "stop": stop, "clock": False, "fail_every": fail_every,
+           "broker": {"host": "127.0.0.1", "port": broker.port,
+                      "server_hostname": "localhost"},
+           "tls": {"cert": str(creds.cert_der), "key": str(creds.key_der),
+                   "ca": str(pki.ca_der)},
+           "store": {"dir": str(tmp / "buffer"), "state": str(tmp / "state.cbor")},
+           "agent": settings}
+    path = tmp / "device.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def start_device(mpy_dir: Path, config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(MICROPYTHON), "-X", "heapsize=%s" % HEAP, "-c",
+                             "import mp_device"], env=device_env(mpy_dir, config),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 90) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError("device did not finish:\n%s\n%s" % (out, err)) from None
+    assert proc.returncode == 0, out + err
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out + err
+    result: dict[str, Any] = json.loads(lines[-1][7:])
+    return result
+
+
+def pycose_verify(data: bytes, creds: Credentials) -> bytes:
+    nums = creds.key.public_key().public_numbers()
+    key = EC2Key(crv=P256, x=nums.x.to_bytes(32, "big"), y=nums.y.to_bytes(32, "big"))
+    msg = Sign1Message.decode(data)
+    msg.key = key
+    assert msg.verify_signature()
+    payload: bytes = msg.payload
+    return payload
+
+
+@pytest.fixture
+def broker(pki: TestPKI) -> Iterator[Mosquitto]:
+    b = Mosquitto(pki, persistence=True, extra="autosave_interval 1").start()
+    yield b
+    b.cleanup()
+
+
+def test_agent_streams_signed_batches_over_mtls(broker: Mosquitto, pki: TestPKI,
+                                                 mpy_dir: Path, tmp_path: Path) -> None:
+    creds = pki.issue_client(DEVICE)
+    sub = Subscriber(broker, pki)
+    try:
+        proc = start_device(mpy_dir, device_config(tmp_path, broker, pki, creds,
+                                                   {"batches": 6}))
+        result = finish(proc)
+        assert result["batches"] >= 6 and result["stored"] == 0, result
+        assert result["connects"] == 1 and result["last_error"] == "", result
+        wait_for(lambda: len(sub.readings()) >= result["seq"])
+        seqs = check_chain(sub.readings(), creds)
+        assert seqs == list(range(1, result["seq"] + 1))
+        payload = pycose_verify(sub.readings()[0], creds)
+        batch = Batch.decode(payload)
+        assert batch.device == DEVICE and batch.seq == 1 and batch.timebase == 1
+        assert len(batch.records) == 10 and batch.records[0][0] == "s1_t"
+        # the status message is signed with the same key
+        wait_for(lambda: len(sub.status()) >= 1)
+        msg = decode_sign1(sub.status()[0])
+        msg.verify(EcVerifier(creds.key.public_key()))
+        assert result["fed"] > 0  # the watchdog was fed while healthy
+    finally:
+        sub.close()
+
+
+def test_broker_outage_loses_nothing(broker: Mosquitto, pki: TestPKI, mpy_dir: Path,
+                                     tmp_path: Path) -> None:
+    creds = pki.issue_client(DEVICE)
+    sub = Subscriber(broker, pki)
+    time.sleep(1.5)  # let the broker autosave the subscriber's session before we kill it
+    try:
+        proc = start_device(mpy_dir, device_config(tmp_path, broker, pki, creds,
+                                                   {"batches": 16}))
+        wait_for(lambda: len(sub.readings()) >= 3)
+        broker.kill()
+        time.sleep(3)  # the device keeps sampling and signing into its buffer
+        broker.start()
+        result = finish(proc)
+        assert result["connects"] >= 2, result
+        assert result["stored"] == 0 and result["drops"] == 0, result
+        wait_for(lambda: len({m for m in sub.readings()}) >= result["seq"], timeout=30)
+        seqs = check_chain(sub.readings(), creds)
+        assert seqs == list(range(1, result["seq"] + 1)), seqs
+    finally:
+        sub.close()
+
+
+def test_foreign_certificate_and_foreign_id_get_nothing_through(
+        broker: Mosquitto, pki: TestPKI, mpy_dir: Path, tmp_path: Path) -> None:
+    sub = Subscriber(broker, pki)
+    try:
+        rogue = TestPKI(tmp_path / "rogue", ca_name="rogue CA").issue_client(DEVICE)
+        (tmp_path / "a").mkdir()
+        proc = start_device(mpy_dir, device_config(tmp_path / "a", broker, pki, rogue,
+                                                   {"seconds": 3}))
+        result = finish(proc)
+        assert result["connects"] == 0 and result["published"] == 0, result
+        assert result["stored"] == result["batches"] > 0, result  # kept for later, not lost
+        assert "mqtt" in result["link_error"], result
+        # a genuine device certificate, but the agent claims another device's id
+        creds = pki.issue_client(DEVICE)
+        (tmp_path / "b").mkdir()
+        proc = start_device(mpy_dir, device_config(tmp_path / "b", broker, pki, creds,
+                                                   {"batches": 3}, device=OTHER))
+        result = finish(proc)
+        assert result["connects"] == 1 and result["published"] >= 3, result
+        time.sleep(0.5)
+        assert sub.readings(OTHER) == [] and sub.readings(DEVICE) == []
+        assert sub.status(OTHER) == []
+    finally:
+        sub.close()

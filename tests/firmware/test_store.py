@@ -1,0 +1,168 @@
+"""The flash ring buffer and state file on CPython with a plain directory (same code as on flash).
+
+Power cuts on LittleFS are in ``test_store_powercut.py``; here: ordering, PUBACK removal,
+budget drops with exact counts, drop records surviving a reboot, corrupt files, State.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "firmware"))
+
+from cityedge_core.errors import StorageError
+from cityedge_fw.store import HEADER_SIZE, RingBuffer, State
+
+
+def _data(seq: int, n: int = 100) -> bytes:
+    return bytes((seq + i) & 0xFF for i in range(n))
+
+
+def test_append_oldest_remove_and_reopen(tmp_path: Path) -> None:
+    rb = RingBuffer(str(tmp_path / "rb"), 10_000)
+    for seq in range(1, 6):
+        rb.append(seq, _data(seq))
+    assert rb.count == 5
+    assert rb.used_bytes == 5 * (100 + HEADER_SIZE)
+    assert [s for s, _ in rb.oldest(3)] == [1, 2, 3]
+    assert rb.remove(1) and rb.remove(3)
+    assert not rb.remove(3)  # a second PUBACK for the same batch is harmless
+    again = RingBuffer(str(tmp_path / "rb"), 10_000)
+    assert again.oldest(10) == [(2, _data(2)), (4, _data(4)), (5, _data(5))]
+    assert again.used_bytes == 3 * (100 + HEADER_SIZE)
+    with pytest.raises(ValueError, match="not after"):
+        again.append(5, b"x")
+
+
+def test_budget_full_drops_oldest_and_counts_exactly(tmp_path: Path) -> None:
+    per = 100 + HEADER_SIZE
+    rb = RingBuffer(str(tmp_path / "rb"), 4 * per)
+    for seq in range(1, 5):
+        rb.append(seq, _data(seq))
+    assert rb.take_drops() is None
+    rb.append(5, _data(5))  # one over: batch 1 goes
+    rb.append(6, _data(6))  # and batch 2
+    assert rb.seqs() == [3, 4, 5, 6]
+    assert rb.used_bytes == 4 * per
+    assert rb.take_drops() == [1, 2, 2]
+    assert rb.take_drops() is None
+    rb.append(7, _data(7, 2 * 100 + HEADER_SIZE))  # needs two slots: 3 and 4 go
+    assert rb.take_drops() == [3, 4, 2]
+
+
+def test_drop_record_survives_reboot_until_the_next_append(tmp_path: Path) -> None:
+    per = 50 + HEADER_SIZE
+    root = str(tmp_path / "rb")
+    rb = RingBuffer(root, 3 * per)
+    for seq in range(1, 6):
+        rb.append(seq, _data(seq, 50))
+    assert rb.take_drops() == [1, 2, 2]
+    # reboot before the signed drop record was stored: the drop is reported again
+    rb = RingBuffer(root, 3 * per)
+    assert rb.take_drops() == [1, 2, 2]
+    rb.append(6, b"signed drop record")  # stored: the report is confirmed ...
+    rb = RingBuffer(root, 3 * per)
+    assert rb.take_drops() == [3, 3, 1]  # ... and only the drop that append caused is left
+
+
+def test_corrupt_file_is_dropped_and_reported_not_handed_out(tmp_path: Path) -> None:
+    rb = RingBuffer(str(tmp_path / "rb"), 10_000)
+    for seq in (1, 2, 3):
+        rb.append(seq, _data(seq))
+    path = tmp_path / "rb" / ("%012x.b" % 2)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # one flipped bit: the CRC catches it
+    path.write_bytes(bytes(raw))
+    assert [s for s, _ in rb.oldest(5)] == [1, 3]
+    assert rb.take_drops() == [2, 2, 1]
+    assert not path.exists()
+
+
+def test_stray_temp_file_from_a_cut_is_cleaned(tmp_path: Path) -> None:
+    root = tmp_path / "rb"
+    rb = RingBuffer(str(root), 10_000)
+    rb.append(1, _data(1))
+    (root / ("%012x.b.tmp" % 2)).write_bytes(b"half a batch")
+    rb = RingBuffer(str(root), 10_000)
+    assert rb.seqs() == [1]
+    assert os.listdir(root) == ["%012x.b" % 1]
+
+
+def test_misuse_is_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        RingBuffer(str(tmp_path / "rb"), HEADER_SIZE)
+    rb = RingBuffer(str(tmp_path / "rb"), 200)
+    with pytest.raises(ValueError, match="exceeds the budget"):
+        rb.append(1, bytes(500))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 400)), min_size=1, max_size=60))
+def test_accounting_matches_disk(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[bool, int]]
+) -> None:
+    root = str(tmp_path_factory.mktemp("rb"))
+    budget = 2000
+    rb = RingBuffer(root, budget)
+    seq = 0
+    dropped = 0
+    removed = 0
+    for add, size in ops:
+        if add or rb.count == 0:
+            seq += 1
+            rb.append(seq, _data(seq, size))
+            d = rb.take_drops()
+            if d:
+                dropped += d[2]
+        else:
+            assert rb.remove(rb.seqs()[0])
+            removed += 1
+        assert rb.used_bytes <= budget
+    assert dropped + removed + rb.count == seq  # every batch is held, removed or counted
+    again = RingBuffer(root, budget)
+    assert again.seqs() == rb.seqs()
+    assert again.used_bytes == rb.used_bytes
+    assert [s for s, _ in again.oldest(1000)] == rb.seqs()
+
+
+def test_state_atomic_set_and_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.cbor")
+    s = State(path)
+    assert s.get("seq", 0) == 0
+    s.set(seq=7, head=b"\x01" * 32, boot=3)
+    s.set(seq=8)
+    again = State(path)
+    assert (again.get("seq"), again.get("head"), again.get("boot")) == (8, b"\x01" * 32, 3)
+    again.set(boot=None)
+    assert State(path).get("boot") is None
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_state_corrupt_file_is_a_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.cbor"
+    path.write_bytes(b"\xa1\x63seq")  # truncated CBOR
+    with pytest.raises(StorageError, match="corrupt"):
+        State(str(path))
+
+
+def test_state_write_failure_keeps_old_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "state.cbor")
+    s = State(path)
+    s.set(seq=1)
+
+    def broken_rename(a: str, b: str) -> None:
+        raise OSError(5, "EIO")
+
+    monkeypatch.setattr(os, "rename", broken_rename)
+    with pytest.raises(StorageError):
+        s.set(seq=2)
+    monkeypatch.undo()
+    assert s.get("seq") == 1
+    assert State(path).get("seq") == 1
+    assert not os.path.exists(path + ".tmp")
