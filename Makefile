@@ -8,9 +8,11 @@ STAMP := $(VENV)/.installed
 .PHONY: setup system-deps demo test test-core test-mp lint typecheck bench firmware clean
 
 # Debian packages the real-component tests and the demo use. Installed only when missing.
-DEBS := mosquitto mosquitto-clients openssl
+# PostgreSQL: the server binaries only; tests start their own throwaway cluster.
+DEBS := mosquitto mosquitto-clients openssl postgresql
 system-deps:
 	@missing=""; for c in mosquitto mosquitto_sub openssl; do command -v $$c >/dev/null || missing=1; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  echo "cityedge: installing Debian packages: $(DEBS)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \

@@ -1,0 +1,96 @@
+"""Enrollment over HTTP: technicians issue tokens and upload manifests; devices enroll."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from cityedge_fleet import audit, enrollment
+from cityedge_fleet.api.deps import CaDep, SettingsDep, TechnicianDep
+from cityedge_fleet.auth import client_address
+from cityedge_fleet.db import SessionDep
+from cityedge_fleet.models import (
+    EnrollmentTokenCreate,
+    EnrollmentTokenCreated,
+    EnrollRequest,
+    EnrollResponse,
+    ManifestAccepted,
+    ManifestUpload,
+)
+
+router = APIRouter(tags=["enrollment"])
+
+
+@router.post("/enrollment/tokens", response_model=EnrollmentTokenCreated, status_code=201)
+def create_enrollment_token(body: EnrollmentTokenCreate, request: Request,
+                            session: SessionDep, settings: SettingsDep,
+                            who: TechnicianDep) -> EnrollmentTokenCreated:
+    lim = settings.limits
+    ttl = body.ttl_s or lim.enroll_token_ttl_s
+    if ttl > lim.enroll_token_max_ttl_s:
+        raise HTTPException(422, "ttl_s may be at most %d" % lim.enroll_token_max_ttl_s)
+    row, token = enrollment.issue_token(session, serial=body.serial, ttl_s=ttl,
+                                        created_by=who.name)
+    audit.append(session, actor=who.name, action="enroll.token", outcome=audit.OK,
+                 target=body.serial, source=client_address(request),
+                 detail={"ttl_s": ttl, "id": row.id})
+    session.commit()
+    return EnrollmentTokenCreated(serial=body.serial, token=token, expires_at=row.expires_at)
+
+
+@router.post("/enrollment/manifests", response_model=ManifestAccepted, status_code=201)
+def upload_manifest(body: ManifestUpload, request: Request, session: SessionDep,
+                    settings: SettingsDep, who: TechnicianDep) -> ManifestAccepted:
+    lim = settings.limits
+    if len(body.serials) > lim.manifest_max_serials:
+        raise HTTPException(422, "a manifest may list at most %d serials"
+                            % lim.manifest_max_serials)
+    if any(not 0 < len(s) <= lim.text_max_chars for s in body.serials):
+        raise HTTPException(422, "a serial has 1..%d characters" % lim.text_max_chars)
+    added, already = enrollment.allow_serials(session, manifest=body.manifest,
+                                              serials=body.serials, added_by=who.name)
+    audit.append(session, actor=who.name, action="enroll.manifest", outcome=audit.OK,
+                 target=body.manifest, source=client_address(request),
+                 detail={"added": added, "already_listed": already})
+    session.commit()
+    return ManifestAccepted(manifest=body.manifest, added=added, already_listed=already)
+
+
+@router.post("/enroll", response_model=EnrollResponse,
+             responses={403: {}, 409: {}, 422: {}, 429: {}, 503: {}})
+def enroll(body: EnrollRequest, request: Request, session: SessionDep, settings: SettingsDep,
+           ca: CaDep) -> EnrollResponse:
+    """A device sends its serial, its enrollment token (unless allow-listed) and a CSR."""
+    source = client_address(request)
+    if not request.app.state.enroll_limiter.take(source):
+        raise HTTPException(429, "too many enrollment attempts; retry later")
+    try:
+        device, cred, response, gate = enrollment.enroll(session, ca=ca, settings=settings,
+                                                         req=body)
+    except enrollment.EnrollmentRefused as e:
+        session.rollback()
+        audit.record(session, actor="device:%s" % body.serial, action="enroll",
+                     outcome=audit.REFUSED, target=body.serial, source=source,
+                     detail={"why": str(e), "status": e.status})
+        raise HTTPException(e.status, str(e)) from e
+    audit.append(session, actor="device:%s" % body.serial, action="enroll", outcome=audit.OK,
+                 target=device.id, source=source,
+                 detail={"gate": gate, "cert_serial": cred.serial, "kid": cred.kid})
+    session.commit()
+    return response
+
+
+@router.get("/ca/crl", response_class=PlainTextResponse, tags=["ca"])
+def get_crl(ca: CaDep) -> Response:
+    """The current CRL (PEM), the same file the broker loads."""
+    try:
+        data = ca.crl_path.read_bytes()
+    except OSError as e:
+        raise HTTPException(503, "no CRL published yet") from e
+    return Response(data, media_type="application/x-pem-file")
+
+
+@router.get("/ca/bundle", response_class=PlainTextResponse, tags=["ca"])
+def get_bundle(ca: CaDep) -> Response:
+    """Intermediate + root certificates (PEM)."""
+    return Response(ca.bundle_pem(), media_type="application/x-pem-file")

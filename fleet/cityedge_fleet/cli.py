@@ -1,0 +1,175 @@
+"""The fleet's sub-commands of ``cityedge``: ``fleet``, ``ca``, ``audit`` and ``broker``.
+
+Errors the operator can fix raise ``FleetCliError`` (a ``CityedgeError``), which the
+``cityedge`` entry point prints as ``cityedge: <message>`` with exit code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from cityedge_core.errors import LocalError
+from cityedge_fleet.config import Settings
+
+fleet_app = typer.Typer(help="Fleet service: API, ingest, tokens.", no_args_is_help=True)
+ca_app = typer.Typer(help="Certificate authority: offline root, online intermediate.",
+                     no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+broker_app = typer.Typer(help="Mosquitto configuration for the fleet.", no_args_is_help=True)
+
+
+class FleetCliError(LocalError):
+    """A problem the operator can fix (settings, files); printed without a traceback."""
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as e:
+        msgs = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
+        raise FleetCliError("fleet settings: %s" % msgs) from e
+
+
+def _engine(settings: Settings) -> Engine:
+    from cityedge_fleet.db import make_engine, migrate
+
+    engine = make_engine(settings)
+    migrate(engine)
+    return engine
+
+
+@fleet_app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    ingest: Annotated[bool, typer.Option(help="Also run an ingest worker.")] = True,
+) -> None:
+    """Run the fleet API (OpenAPI at /docs); migrations are applied at start."""
+    from cityedge_fleet.serve import serve
+
+    settings = load_settings()
+    settings.ingest_with_serve = ingest and settings.ingest_with_serve
+    try:
+        serve(settings, host, port)
+    except ValueError as e:
+        raise FleetCliError(str(e)) from e
+
+
+@fleet_app.command("ingest")
+def ingest_command() -> None:
+    """Run one ingest worker (MQTT 5 shared subscription); several may run side by side."""
+    from cityedge_fleet.ingest import Ingestor, MqttIngestWorker
+
+    settings = load_settings()
+    try:
+        worker = MqttIngestWorker(Ingestor(_engine(settings), settings), settings)
+    except ValueError as e:
+        raise FleetCliError(str(e)) from e
+    worker.run_forever()
+
+
+@fleet_app.command("create-token")
+def create_token_command(
+    name: Annotated[str, typer.Option(help="Who the token is for.")],
+    role: Annotated[str, typer.Option(help="Role: admin, security, technician, ...")] = "admin",
+) -> None:
+    """Create an API token (the bootstrap admin token); it is printed once, never stored."""
+    from cityedge_fleet import audit
+    from cityedge_fleet.auth import create_api_token
+    from cityedge_fleet.models import Role
+
+    try:
+        role_ = Role(role)
+    except ValueError as e:
+        raise FleetCliError("unknown role %r; one of: %s"
+                            % (role, ", ".join(r.value for r in Role))) from e
+    settings = load_settings()
+    with Session(_engine(settings)) as session:
+        row, token = create_api_token(session, name=name, role=role_, created_by="cli")
+        audit.append(session, actor="cli", action="token.create", outcome=audit.OK,
+                     target=name, source="local", detail={"role": role_.value, "id": row.id})
+        session.commit()
+    print(token)
+    print("cityedge: token for %s (%s) printed once; store it now" % (name, role_.value),
+          file=sys.stderr)
+
+
+@ca_app.command("init")
+def ca_init_command(
+    root_dir: Annotated[Path, typer.Option(help="Offline root: key + cert (keep it offline).")],
+    out_dir: Annotated[Path, typer.Option(help="Online CA dir (CITYEDGE_CA_DIR).")],
+    name: Annotated[str, typer.Option(help="Name in the CA certificates.")] = "cityedge",
+) -> None:
+    """Create the offline root CA and the online intermediate that signs devices."""
+    from cityedge_fleet.ca import init_ca
+
+    init_ca(root_dir, out_dir, name=name)
+    print("root CA: %s (move the key offline); intermediate: %s" % (root_dir, out_dir))
+
+
+@audit_app.command("verify")
+def audit_verify_command() -> None:
+    """Recompute the audit chain; exit 1 naming every edited, deleted or reordered row."""
+    from cityedge_fleet import audit
+
+    settings = load_settings()
+    with Session(_engine(settings)) as session:
+        result = audit.verify(session)
+    if not result.ok:
+        for problem in result.problems:
+            print(problem, file=sys.stderr)
+        raise FleetCliError("audit log is broken: %d problem(s) in %d rows"
+                            % (len(result.problems), result.rows))
+    print("audit log intact: %d rows" % result.rows)
+
+
+@audit_app.command("export")
+def audit_export_command(
+    out: Annotated[Path | None, typer.Option(help="File to write (default: stdout).")] = None,
+) -> None:
+    """Export the audit log as JSON lines."""
+    from cityedge_fleet import audit
+
+    settings = load_settings()
+    with Session(_engine(settings)) as session:
+        if out is None:
+            for line in audit.export_jsonl(session):
+                sys.stdout.write(line)
+            return
+        with out.open("w") as f:
+            for line in audit.export_jsonl(session):
+                f.write(line)
+
+
+@broker_app.command("config")
+def broker_config_command(
+    out_dir: Annotated[Path, typer.Option(help="Where to write mosquitto.conf and acl.")],
+    certfile: Annotated[Path, typer.Option(help="The broker's server certificate (PEM).")],
+    keyfile: Annotated[Path, typer.Option(help="The broker's server key (PEM).")],
+    port: Annotated[int, typer.Option(help="TLS listener port.")] = 8883,
+    bind: Annotated[str, typer.Option(help="Listener address.")] = "0.0.0.0",  # noqa: S104
+    pid_file: Annotated[Path | None, typer.Option(help="Mosquitto pid file (for SIGHUP).")]
+    = None,
+) -> None:
+    """Write a Mosquitto config: mTLS listener, CN as username, per-device ACL, CRL."""
+    from cityedge_fleet import broker
+    from cityedge_fleet.ca import CRL_FILE, CertificateAuthority
+
+    settings = load_settings()
+    ca = CertificateAuthority(settings.ca_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = out_dir / "ca-bundle.pem"
+    bundle.write_text(ca.bundle_pem())
+    bundle.chmod(0o644)
+    files = broker.BrokerFiles(cafile=bundle, certfile=certfile.resolve(),
+                               keyfile=keyfile.resolve(),
+                               crlfile=(settings.ca_dir / CRL_FILE).resolve())
+    conf = broker.write(out_dir, files, port=port, bind=bind, pid_file=pid_file)
+    print(conf)

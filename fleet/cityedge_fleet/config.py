@@ -1,0 +1,86 @@
+"""The fleet service's settings (environment ``CITYEDGE_*`` or a ``.env`` file) and limits.
+
+Every size, count and time the fleet enforces lives in ``FleetLimits`` with its unit.
+Outside development mode the settings refuse to start unless the operator named the
+database and the CA directory explicitly: there are no default secrets or key paths in
+production (the development defaults put everything under ``var/``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_VAR_DIR = Path("var")
+
+
+class FleetLimits(BaseModel):
+    """Limits of the fleet service, each with its unit in the name or comment."""
+
+    enroll_token_ttl_s: int = 3600  # seconds an enrollment token stays valid
+    enroll_token_max_ttl_s: int = 7 * 86400  # seconds: longest TTL a technician may ask for
+    manifest_max_serials: int = 10_000  # serials in one vendor delivery manifest
+    csr_max_bytes: int = 8192  # bytes of a PEM CSR
+    cert_validity_days: int = 90  # days a device certificate is valid
+    crl_validity_s: int = 7 * 86400  # seconds from thisUpdate to nextUpdate of a CRL
+    page_max: int = 500  # rows in one page of a list endpoint
+    page_default: int = 100  # rows in a page when the client does not say
+    tags_max: int = 32  # tags on one device
+    text_max_chars: int = 128  # characters of a serial, model, site, tag, name
+    quarantine_after_forgeries: int = 3  # bad-signature batches before a device is quarantined
+    auth_fail_burst: int = 20  # failed authentications allowed in a burst per client IP
+    auth_fail_per_s: float = 1.0  # refill rate of that bucket, per second
+    enroll_burst: int = 10  # enrollment attempts allowed in a burst per client IP
+    enroll_per_s: float = 0.5  # refill rate of that bucket, per second
+    rate_limit_clients_max: int = 10_000  # client IPs tracked by one rate limiter
+    keyring_max_age_s: float = 5.0  # seconds a worker trusts its cached keys (revocation delay)
+    ingest_attempts: int = 3  # tries to store one message before leaving it unacknowledged
+    ingest_retry_s: float = 0.2  # seconds before the 2nd try (then 2x, 3x ...)
+    ingest_session_expiry_s: int = 3600  # seconds the broker keeps the ingest's queue
+
+
+class Settings(BaseSettings):
+    """Where the fleet keeps its data and keys, and how it reaches the broker."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CITYEDGE_", env_file=".env", env_nested_delimiter="__", extra="ignore"
+    )
+
+    mode: Literal["development", "production"] = "development"
+    database_url: str = "sqlite:///%s" % (DEV_VAR_DIR / "fleet.sqlite3")
+    ca_dir: Path = DEV_VAR_DIR / "ca"  # online intermediate key + cert, root cert, CRL
+    broker_url: str = "mqtts://127.0.0.1:8883"  # what enrolled devices are told to use
+    broker_pid_file: Path | None = None  # Mosquitto's pid file: SIGHUP it when the CRL changes
+    crl_url: str = "/ca/crl"  # where the CRL is published (URL path of this service)
+    # ingest worker: MQTT over TLS with a client certificate
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 8883
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    mqtt_client_id: str = "fleet-ingest"
+    ingest_share_group: str = "ingest"
+    ingest_with_serve: bool = True  # `fleet serve` also runs an ingest worker
+    limits: FleetLimits = Field(default_factory=FleetLimits)
+
+    @model_validator(mode="after")
+    def _no_defaults_in_production(self) -> Self:
+        if self.mode == "development":
+            return self
+        missing = [
+            "CITYEDGE_" + name.upper()
+            for name in ("database_url", "ca_dir", "broker_url")
+            if name not in self.model_fields_set
+        ]
+        if missing:
+            raise ValueError(
+                "production mode needs explicit settings, not defaults: %s" % ", ".join(missing)
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,75 @@
+"""Database engine, sessions and migrations.
+
+``make_engine`` opens SQLite (the embedded default; WAL, every transaction ``BEGIN
+IMMEDIATE``) or PostgreSQL (rows locked with ``SELECT ... FOR UPDATE`` where it matters)
+from the settings URL;
+``migrate`` brings the schema to the newest Alembic revision (run at every start, a no-op
+when up to date). ``SessionDep`` is the FastAPI dependency alias for a request's session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from alembic import command
+from alembic.config import Config
+from fastapi import Depends, Request
+from sqlalchemy import Engine, event
+from sqlmodel import Session, create_engine
+
+from cityedge_fleet.config import Settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "alembic"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" event below opens transactions
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.execute("PRAGMA journal_mode = WAL")
+    cur.execute("PRAGMA busy_timeout = 5000")  # milliseconds to wait for a writer
+    cur.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    """Take SQLite's write lock when a transaction starts, not at its first write.
+
+    The chain state, the audit chain and one-time tokens are read, then updated; with
+    pysqlite's deferred transactions two processes (say two ingest workers) could both
+    read the same state and one update would be lost. Readers in WAL mode are not blocked.
+    """
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(settings: Settings) -> Engine:
+    url = settings.database_url
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    if settings.is_sqlite:
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade the schema to the newest revision (idempotent)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(request.app.state.engine) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]

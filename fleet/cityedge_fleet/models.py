@@ -1,0 +1,417 @@
+"""The fleet's data model, in SQLModel families: ``Base`` -> ``Create``/``Update`` -> table
+-> ``Public``.
+
+A ``Base`` holds the fields a client may set; ``Create``/``Update`` are request bodies; the
+``table=True`` class adds what only the server sets (state, times, hashes); ``Public`` is
+what the API returns. Secrets (token hashes) live only on table classes and never reach a
+``Public`` model. Times are timezone-aware UTC everywhere (``UTCDateTime`` restores the zone
+that SQLite forgets). The Alembic migrations in ``alembic/versions`` create these tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from enum import StrEnum
+from typing import Any
+
+from pydantic import field_validator, model_validator
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import AutoString, Field, SQLModel
+
+from cityedge_core import batch as batchmod
+from cityedge_core.errors import MalformedError
+
+TEXT_MAX = 128  # characters of serial, model, site, tag, names (FleetLimits.text_max_chars)
+ID_MAX = 2**31 - 1  # largest integer row id (PostgreSQL INTEGER)
+# control characters other than tab and newlines (PEM needs those); PostgreSQL cannot store
+# NUL in text at all, and none of them belongs in a name, serial or tag
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def check_text(value: Any) -> None:
+    """Refuse control characters anywhere in a request value (strings, lists, maps)."""
+    if isinstance(value, str):
+        if CONTROL_CHARACTERS.search(value):
+            raise ValueError("text must not contain control characters")
+    elif isinstance(value, list):
+        for item in value:
+            check_text(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            check_text(item)
+
+
+class InputModel(SQLModel):
+    """Base of every request body: text without control characters."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_text(data)
+        return data
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime on every database (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+        return value.astimezone(dt.UTC)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------- roles
+
+
+class Role(StrEnum):
+    technician = "technician"
+    security = "security"
+    release_manager = "release-manager"
+    vendor = "vendor"
+    viewer = "viewer"
+    admin = "admin"
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+class DeviceState(StrEnum):
+    registered = "registered"
+    provisioned = "provisioned"
+    active = "active"
+    quarantined = "quarantined"
+    retired = "retired"
+
+
+class DeviceBase(InputModel):
+    serial: str = Field(min_length=1, max_length=TEXT_MAX, unique=True)
+    model: str = Field(min_length=1, max_length=TEXT_MAX, index=True)
+    hardware_class: str = Field(min_length=1, max_length=TEXT_MAX, index=True)
+    site: str = Field(default="", max_length=TEXT_MAX, index=True)
+    firmware_version: str = Field(default="", max_length=TEXT_MAX, index=True)
+
+
+def _check_tags(tags: list[str] | None) -> list[str] | None:
+    if tags is None:
+        return None
+    if len(tags) > 32:
+        raise ValueError("at most 32 tags")
+    for tag in tags:
+        if not 0 < len(tag) <= TEXT_MAX:
+            raise ValueError("a tag has 1..%d characters" % TEXT_MAX)
+    return sorted(set(tags))
+
+
+class DeviceCreate(DeviceBase):
+    id: str = Field(max_length=128, description="RFC 9039 device URN, e.g. urn:dev:mac:...")
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _urn(cls, value: str) -> str:
+        try:
+            batchmod.check_device_id(value)
+        except MalformedError as e:
+            raise ValueError(str(e).replace("batch: ", "")) from e
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        return _check_tags(value) or []
+
+
+class DeviceUpdate(InputModel):
+    model: str | None = Field(default=None, min_length=1, max_length=TEXT_MAX)
+    hardware_class: str | None = Field(default=None, min_length=1, max_length=TEXT_MAX)
+    site: str | None = Field(default=None, max_length=TEXT_MAX)
+    firmware_version: str | None = Field(default=None, max_length=TEXT_MAX)
+    tags: list[str] | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str] | None) -> list[str] | None:
+        return _check_tags(value)
+
+
+class Device(DeviceBase, table=True):
+    id: str = Field(primary_key=True, max_length=128)
+    state: DeviceState = Field(default=DeviceState.registered, index=True, sa_type=AutoString(16))
+    forgeries: int = 0  # bad-signature batches seen since the last (re)activation
+    created_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_seen: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class DeviceTag(SQLModel, table=True):
+    __tablename__ = "device_tag"
+    device_id: str = Field(primary_key=True, foreign_key="device.id", max_length=128)
+    tag: str = Field(primary_key=True, max_length=TEXT_MAX, index=True)
+
+
+class ChainPublic(SQLModel):
+    last_seq: int
+    missing: int  # sequence numbers not yet received (gaps still open)
+    forgotten: int  # missing sequence numbers given up on (over the tracking limit)
+
+
+class DevicePublic(DeviceBase):
+    id: str
+    state: DeviceState
+    tags: list[str]
+    forgeries: int
+    created_at: dt.datetime
+    last_seen: dt.datetime | None
+    chain: ChainPublic | None = None
+
+
+class DevicesPublic(SQLModel):
+    data: list[DevicePublic]
+    next_after: str | None  # pass as ``after`` to get the next page; None on the last
+
+
+class StateChange(InputModel):
+    state: DeviceState
+    reason: str = Field(default="", max_length=256)
+
+
+# ---------------------------------------------------------------------------- credentials
+
+
+class CredentialStatus(StrEnum):
+    active = "active"
+    revoked = "revoked"
+
+
+class CredentialBase(SQLModel):
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    serial: str = Field(unique=True, max_length=64)  # certificate serial, hex
+    kid: str = Field(unique=True, max_length=16)  # COSE kid of the key, hex
+    public_key: str = Field(max_length=130)  # SEC1 uncompressed point, hex
+    not_before: dt.datetime = Field(sa_type=UTCDateTime)
+    not_after: dt.datetime = Field(sa_type=UTCDateTime)
+    status: CredentialStatus = Field(default=CredentialStatus.active, sa_type=AutoString(16))
+    revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class Credential(CredentialBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    cert_pem: str = Field(sa_type=Text)
+
+
+class CredentialPublic(CredentialBase):
+    id: int
+
+
+# ---------------------------------------------------------------------------- API tokens
+
+
+class ApiTokenBase(InputModel):
+    name: str = Field(min_length=1, max_length=TEXT_MAX)
+    role: Role = Field(sa_type=AutoString(32))
+
+
+class ApiTokenCreate(ApiTokenBase):
+    pass
+
+
+class ApiToken(ApiTokenBase, table=True):
+    __tablename__ = "api_token"
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, max_length=64)  # SHA-256 hex of the token
+    created_by: str = Field(max_length=TEXT_MAX)
+    created_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    revoked: bool = False
+
+
+class ApiTokenPublic(ApiTokenBase):
+    id: int
+    created_by: str
+    created_at: dt.datetime
+    revoked: bool
+
+
+class ApiTokenCreated(ApiTokenPublic):
+    token: str  # shown once, never stored
+
+
+# ---------------------------------------------------------------------------- enrollment
+
+
+class EnrollmentTokenCreate(InputModel):
+    serial: str = Field(min_length=1, max_length=TEXT_MAX)
+    ttl_s: int | None = Field(default=None, gt=0)
+
+
+class EnrollmentToken(SQLModel, table=True):
+    __tablename__ = "enrollment_token"
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, max_length=64)
+    serial: str = Field(index=True, max_length=TEXT_MAX)
+    created_by: str = Field(max_length=TEXT_MAX)
+    created_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: dt.datetime = Field(sa_type=UTCDateTime)
+    used_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class EnrollmentTokenCreated(SQLModel):
+    serial: str
+    token: str  # shown once
+    expires_at: dt.datetime
+
+
+class ManifestUpload(InputModel):
+    manifest: str = Field(min_length=1, max_length=TEXT_MAX)  # the vendor's delivery note id
+    serials: list[str] = Field(min_length=1)
+
+
+class ManifestAccepted(SQLModel):
+    manifest: str
+    added: int
+    already_listed: int
+
+
+class AllowedSerial(SQLModel, table=True):
+    __tablename__ = "allowed_serial"
+    serial: str = Field(primary_key=True, max_length=TEXT_MAX)
+    manifest: str = Field(max_length=TEXT_MAX)
+    added_by: str = Field(max_length=TEXT_MAX)
+    added_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    used_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class EnrollRequest(InputModel):
+    serial: str = Field(min_length=1, max_length=TEXT_MAX)
+    token: str | None = Field(default=None, max_length=128)  # absent: allow-listed serial
+    csr_pem: str = Field(min_length=1, max_length=8192)
+
+
+class EnrollResponse(SQLModel):
+    device_id: str
+    certificate_pem: str
+    chain_pem: str  # device certificate + intermediate
+    ca_bundle_pem: str  # the root the device trusts for the broker and the fleet
+    broker_url: str
+    config: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- audit
+
+
+class AuditRecord(SQLModel, table=True):
+    """One row of the append-only, hash-chained audit log (see ``audit``)."""
+
+    __tablename__ = "audit_record"
+    id: int | None = Field(default=None, primary_key=True)
+    at: str = Field(max_length=32)  # ISO 8601 UTC with microseconds: hashed as text
+    actor: str = Field(max_length=TEXT_MAX)
+    action: str = Field(max_length=64, index=True)
+    target: str = Field(default="", max_length=256)
+    source: str = Field(default="", max_length=64)  # client address
+    outcome: str = Field(max_length=16)  # ok / denied / refused / error
+    detail: str = Field(default="{}", sa_type=Text)  # canonical JSON
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(unique=True, max_length=64)
+
+
+class AuditPublic(SQLModel):
+    id: int
+    at: str
+    actor: str
+    action: str
+    target: str
+    source: str
+    outcome: str
+    detail: str
+    prev_hash: str
+    hash: str
+
+
+class AuditVerifyResult(SQLModel):
+    ok: bool
+    rows: int
+    problems: list[str]
+
+
+# ---------------------------------------------------------------------------- ingest
+
+
+class ChainStateRow(SQLModel, table=True):
+    __tablename__ = "chain_state"
+    device_id: str = Field(primary_key=True, foreign_key="device.id", max_length=128)
+    state: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # ChainState bytes
+    last_seq: int = Field(sa_type=BigInteger)
+    missing: int = 0
+    forgotten: int = 0
+
+
+class ReadingBase(SQLModel):
+    t: float  # UNIX seconds (or seconds since boot when timebase = 1)
+    name: str = Field(max_length=128)
+    unit: str | None = Field(default=None, max_length=64)
+    value: float | None = None
+    vs: str | None = Field(default=None, sa_type=Text)
+    vb: bool | None = None
+    vd: str | None = Field(default=None, sa_type=Text)  # data value, hex
+    sum: float | None = None
+    batch_seq: int = Field(sa_type=BigInteger)  # provenance: the signed batch it came in
+    status: str = Field(max_length=16)  # provenance: the chain verdict of that batch
+    timebase: int = 0
+
+
+class Reading(ReadingBase, table=True):
+    __table_args__ = (Index("ix_reading_device_t", "device_id", "t"),)
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    device_id: str = Field(max_length=128)
+
+
+class ReadingPublic(ReadingBase):
+    pass
+
+
+class IngestEvent(SQLModel, table=True):
+    """Anything the ingest noticed that is not a plain ``ok``: gaps, drops, forgeries."""
+
+    __tablename__ = "ingest_event"
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True, max_length=128)
+    at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    status: str = Field(max_length=32)
+    seq: int | None = Field(default=None, sa_type=BigInteger)
+    missing: int = 0
+    explained: int = 0
+    detail: str = Field(default="", max_length=512)
+
+
+class IngestEventPublic(SQLModel):
+    device_id: str
+    at: dt.datetime
+    status: str
+    seq: int | None
+    missing: int
+    explained: int
+    detail: str

@@ -1,0 +1,178 @@
+"""The device registry: devices, their tags and lifecycle, and their credentials.
+
+Lifecycle (``TRANSITIONS`` is the whole rule; anything else is refused with
+``TransitionError``)::
+
+    registered -> provisioned -> active <-> quarantined
+         \\             \\            \\          \\
+          `-------------`------------`----------`--> retired (final)
+
+Enrollment moves registered -> provisioned, the first accepted batch provisioned ->
+active, repeated forgeries -> quarantined, the security team quarantined -> active.
+Lists use keyset pagination on the device id (``after`` = last id of the previous page),
+so a page costs the same at device 100,000 as at device 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from sqlmodel import Session, col, select
+
+from cityedge_fleet.models import (
+    ChainPublic,
+    ChainStateRow,
+    Credential,
+    CredentialStatus,
+    Device,
+    DeviceCreate,
+    DevicePublic,
+    DeviceState,
+    DeviceTag,
+    DeviceUpdate,
+)
+
+S = DeviceState
+TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
+    S.registered: frozenset({S.provisioned, S.retired}),
+    S.provisioned: frozenset({S.active, S.quarantined, S.retired}),
+    S.active: frozenset({S.quarantined, S.retired}),
+    S.quarantined: frozenset({S.active, S.retired}),
+    S.retired: frozenset(),
+}
+
+
+class TransitionError(ValueError):
+    """A lifecycle change that the rules do not allow."""
+
+
+class ConflictError(ValueError):
+    """The request conflicts with what is registered (duplicate id or serial)."""
+
+
+def check_transition(current: DeviceState, new: DeviceState) -> None:
+    if new not in TRANSITIONS[DeviceState(current)]:
+        raise TransitionError("a %s device cannot become %s" % (current, new))
+
+
+def set_state(session: Session, *, device: Device, state: DeviceState) -> DeviceState:
+    """Move ``device`` to ``state`` (in the session; the caller commits); returns the old."""
+    old = DeviceState(device.state)
+    check_transition(old, state)
+    device.state = state
+    if state == S.active:
+        device.forgeries = 0
+    session.add(device)
+    return old
+
+
+def create_device(session: Session, *, data: DeviceCreate) -> Device:
+    if session.get(Device, data.id) is not None:
+        raise ConflictError("device %s is already registered" % data.id)
+    if session.exec(select(Device).where(Device.serial == data.serial)).first() is not None:
+        raise ConflictError("serial %s is already registered" % data.serial)
+    device = Device.model_validate(data, update={"state": S.registered})
+    session.add(device)
+    session.flush()
+    for tag in data.tags:
+        session.add(DeviceTag(device_id=data.id, tag=tag))
+    session.flush()
+    return device
+
+
+def update_device(session: Session, *, device: Device, data: DeviceUpdate) -> Device:
+    changes = data.model_dump(exclude_unset=True)
+    tags = changes.pop("tags", None)
+    device.sqlmodel_update(changes)
+    session.add(device)
+    if tags is not None:
+        for old in session.exec(select(DeviceTag).where(DeviceTag.device_id == device.id)):
+            session.delete(old)
+        session.flush()
+        for tag in tags:
+            session.add(DeviceTag(device_id=device.id, tag=tag))
+    session.flush()
+    return device
+
+
+def get_by_serial(session: Session, serial: str) -> Device | None:
+    return session.exec(select(Device).where(Device.serial == serial)).first()
+
+
+def list_devices(
+    session: Session,
+    *,
+    limit: int,
+    after: str | None = None,
+    state: DeviceState | None = None,
+    hardware_class: str | None = None,
+    model: str | None = None,
+    site: str | None = None,
+    firmware_version: str | None = None,
+    tag: str | None = None,
+) -> tuple[Sequence[Device], str | None]:
+    """One page of devices ordered by id, and the ``after`` cursor of the next page."""
+    query = select(Device)
+    if after is not None:
+        query = query.where(col(Device.id) > after)
+    if state is not None:
+        query = query.where(Device.state == state)
+    if hardware_class is not None:
+        query = query.where(Device.hardware_class == hardware_class)
+    if model is not None:
+        query = query.where(Device.model == model)
+    if site is not None:
+        query = query.where(Device.site == site)
+    if firmware_version is not None:
+        query = query.where(Device.firmware_version == firmware_version)
+    if tag is not None:
+        tagged = select(DeviceTag.device_id).where(DeviceTag.tag == tag)
+        query = query.where(col(Device.id).in_(tagged))
+    rows = session.exec(query.order_by(col(Device.id)).limit(limit + 1)).all()
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].id
+    return rows, None
+
+
+def to_public(session: Session, devices: Sequence[Device]) -> list[DevicePublic]:
+    """Public views with tags and chain summary, in two queries for the whole page."""
+    ids = [d.id for d in devices]
+    tags: dict[str, list[str]] = {i: [] for i in ids}
+    chains: dict[str, ChainPublic] = {}
+    if ids:
+        for t in session.exec(select(DeviceTag).where(col(DeviceTag.device_id).in_(ids))
+                              .order_by(col(DeviceTag.tag))):
+            tags[t.device_id].append(t.tag)
+        for c in session.exec(select(ChainStateRow).where(
+                col(ChainStateRow.device_id).in_(ids))):
+            chains[c.device_id] = ChainPublic(last_seq=c.last_seq, missing=c.missing,
+                                              forgotten=c.forgotten)
+    return [
+        DevicePublic.model_validate(d, update={"tags": tags[d.id], "chain": chains.get(d.id)})
+        for d in devices
+    ]
+
+
+def add_credential(session: Session, *, credential: Credential) -> Credential:
+    session.add(credential)
+    session.flush()
+    return credential
+
+
+def revoke_credential(session: Session, *, credential: Credential,
+                      at: dt.datetime | None = None) -> None:
+    credential.status = CredentialStatus.revoked
+    credential.revoked_at = at or dt.datetime.now(dt.UTC)
+    session.add(credential)
+    session.flush()
+
+
+def credentials_of(session: Session, device_id: str) -> Sequence[Credential]:
+    return session.exec(select(Credential).where(Credential.device_id == device_id)
+                        .order_by(col(Credential.id))).all()
+
+
+def revoked_credentials(session: Session) -> Sequence[Credential]:
+    return session.exec(select(Credential).where(
+        Credential.status == CredentialStatus.revoked)).all()

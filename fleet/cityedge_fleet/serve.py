@@ -1,0 +1,48 @@
+"""``cityedge fleet serve``: the API under uvicorn, plus (by default) an ingest worker and a
+CRL refresher in background threads of the same process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import uvicorn
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from cityedge_fleet import revocation
+from cityedge_fleet.app import create_app
+from cityedge_fleet.ca import CaError, CertificateAuthority
+from cityedge_fleet.config import Settings
+from cityedge_fleet.ingest import Ingestor, MqttIngestWorker
+
+log = logging.getLogger(__name__)
+CRL_CHECK_EVERY_S = 3600.0  # seconds between checks whether the CRL needs re-signing
+
+
+def crl_refresher(settings: Settings, engine: Engine, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            ca = CertificateAuthority(settings.ca_dir)
+            with Session(engine) as session:
+                if revocation.refresh_if_due(session, ca, settings):
+                    log.info("CRL re-signed")
+        except CaError as e:
+            log.warning("CRL not refreshed: %s", e)
+        stop.wait(CRL_CHECK_EVERY_S)
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    app = create_app(settings)
+    stop = threading.Event()
+    threading.Thread(target=crl_refresher, args=(settings, app.state.engine, stop), daemon=True,
+                     name="crl-refresher").start()
+    worker = None
+    if settings.ingest_with_serve:
+        worker = MqttIngestWorker(Ingestor(app.state.engine, settings), settings).start()
+    try:
+        uvicorn.run(app, host=host, port=port)
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.stop()

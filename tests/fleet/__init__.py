@@ -1,0 +1,1 @@
+"""Fleet service tests: settings, auth, CA, registry, enrollment, audit, ingest."""

@@ -1,0 +1,62 @@
+"""Helpers for the ingest tests: an enrolled device with its own key, signing batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from cityedge.crypto import EcSigner
+from cityedge_core import batch as batchmod
+from cityedge_core import senml
+from cityedge_fleet.models import Role
+
+from .conftest import Api, device_body
+
+
+@dataclass
+class EnrolledDevice:
+    id: str
+    signer: EcSigner
+    writer: batchmod.BatchWriter
+    enrollment: dict[str, object]
+
+    @property
+    def topic(self) -> str:
+        return "ce/v1/%s/up/readings" % self.id
+
+    def sign(self, n: int = 3, t0: float = 1_790_000_000.0) -> bytes:
+        return self.writer.sign(records(n, t0), boot=1)
+
+
+def records(n: int, t0: float = 1_790_000_000.0) -> list[dict[int, object]]:
+    recs: list[dict[int, object]] = [{senml.BN: "pm25-", senml.BT: t0, senml.BU: "ug/m3",
+                                      senml.N: "0", senml.V: 1.5}]
+    for i in range(1, n):
+        recs.append({senml.N: str(i), senml.T: float(i), senml.V: 1.5 + i})
+    return recs
+
+
+def csr_for(signer: EcSigner, cn: str) -> str:
+    key = serialization.load_pem_private_key(signer.private_pem(), password=None)
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def enroll_device(api: Api, i: int) -> EnrolledDevice:
+    body = device_body(i)
+    tech = api.headers(Role.technician)
+    assert api.client.post("/devices", json=body, headers=tech).status_code == 201
+    token = api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
+                            headers=tech).json()["token"]
+    signer = EcSigner.generate()
+    r = api.client.post("/enroll", json={"serial": body["serial"], "token": token,
+                                         "csr_pem": csr_for(signer, str(body["id"]))})
+    assert r.status_code == 200, r.text
+    dev_id = str(body["id"])
+    return EnrolledDevice(dev_id, signer, batchmod.BatchWriter(dev_id, signer, signer.kid),
+                          r.json())

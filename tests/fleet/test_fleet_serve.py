@@ -1,0 +1,55 @@
+"""`cityedge fleet serve` for real: uvicorn on a free port, migrations applied at start,
+OpenAPI at /docs, and the bootstrap admin token from `cityedge fleet create-token`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import wait_for
+from support.mosquitto import free_port
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_serve_applies_migrations_and_accepts_the_bootstrap_token(
+        db_url: str, ca_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    env = dict(os.environ, CITYEDGE_DATABASE_URL=db_url, CITYEDGE_CA_DIR=str(ca_dirs[1]),
+               CITYEDGE_INGEST_WITH_SERVE="false")
+    made = subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "create-token",
+                           "--name", "ops", "--role", "admin"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert len(token) >= 43 and "printed once" in made.stderr
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "fleet", "serve", "--port",
+                             str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    base = "http://127.0.0.1:%d" % port
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(base + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(up, timeout=30), proc.stderr.read().decode() if proc.stderr else ""
+        assert httpx.get(base + "/docs").status_code == 200
+        assert "/enroll" in httpx.get(base + "/openapi.json").json()["paths"]
+        auth = {"Authorization": "Bearer " + token}
+        r = httpx.get(base + "/audit/verify", headers=auth)
+        assert r.status_code == 200 and r.json()["ok"] is True and r.json()["rows"] == 1
+        assert httpx.get(base + "/devices", headers={"Authorization": "Bearer x"}
+                         ).status_code == 401
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -1,0 +1,58 @@
+"""Settings: development defaults under var/, production refuses defaults; migrations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import inspect
+
+from cityedge_fleet.config import Settings
+from cityedge_fleet.db import make_engine, migrate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_development_defaults_live_under_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MODE", "DATABASE_URL", "CA_DIR", "BROKER_URL"):
+        monkeypatch.delenv("CITYEDGE_" + name, raising=False)
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.mode == "development"
+    assert s.database_url == "sqlite:///var/fleet.sqlite3"
+    assert s.ca_dir == Path("var/ca")
+
+
+def test_production_refuses_default_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CITYEDGE_MODE", "production")
+    monkeypatch.setenv("CITYEDGE_DATABASE_URL", "postgresql://fleet@db/fleet")
+    with pytest.raises(ValidationError, match="CITYEDGE_CA_DIR, CITYEDGE_BROKER_URL"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("CITYEDGE_CA_DIR", "/srv/ca")
+    monkeypatch.setenv("CITYEDGE_BROKER_URL", "mqtts://broker.city:8883")
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.ca_dir == Path("/srv/ca")
+
+
+def test_cli_reports_refused_settings_without_traceback(tmp_path: Path) -> None:
+    env = {"CITYEDGE_MODE": "production", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "cityedge.cli", "audit", "verify"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("cityedge: fleet settings: production mode needs explicit")
+    assert "Traceback" not in r.stderr
+
+
+def test_migrations_create_every_table_and_are_idempotent(db_url: str, tmp_path: Path) -> None:
+    engine = make_engine(Settings(database_url=db_url, ca_dir=tmp_path))
+    migrate(engine)
+    migrate(engine)  # a second start is a no-op
+    tables = set(inspect(engine).get_table_names())
+    assert {"device", "device_tag", "credential", "api_token", "enrollment_token",
+            "allowed_serial", "audit_record", "chain_state", "reading",
+            "ingest_event", "alembic_version"} <= tables
+    indexes = {ix["name"] for ix in inspect(engine).get_indexes("device")}
+    assert {"ix_device_state", "ix_device_hardware_class", "ix_device_site"} <= indexes
+    engine.dispose()
