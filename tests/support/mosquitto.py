@@ -30,20 +30,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cityedge_fleet.broker import ACL
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 START_TIMEOUT_S = 10.0
 
-DEFAULT_ACL = """\
-# devices: write only their own up/ topics, read only their own down/ topics
-pattern write ce/v1/%u/up/#
-pattern read ce/v1/%u/down/#
-# the fleet's services (client certificates with these CNs)
-user fleet-ingest
-topic read ce/v1/+/up/#
-topic read $share/+/ce/v1/+/up/#
-user fleet-commands
-topic write ce/v1/+/down/#
-"""
+DEFAULT_ACL = ACL  # the production ACL that `cityedge broker config` writes
 
 
 def free_port() -> int:
