@@ -263,3 +263,52 @@ class CertificateAuthority:
             return True
         life = nxt - crl.last_update_utc
         return nxt - now < life / 2
+
+
+SERVICE_NAMES = ("fleet-ingest", "fleet-commands")  # the CNs the broker ACL knows
+
+
+def issue_service(ca: CertificateAuthority, cn: str, out_dir: Path,
+                  server_names: tuple[str, ...] = (), days: int = 90) -> tuple[Path, Path]:
+    """A key and certificate for one of the fleet's own services, written to ``out_dir``.
+
+    ``server_names`` makes it a TLS server certificate (the broker: DNS names or IP
+    addresses); otherwise it is a client certificate whose CN the broker ACL names
+    (``SERVICE_NAMES``). The key is made here, on the service's host, mode 0600.
+    """
+    import ipaddress
+
+    if not server_names and cn not in SERVICE_NAMES:
+        raise CaError("service CN must be one of %s (the broker ACL names them)"
+                      % ", ".join(SERVICE_NAMES))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(seconds=BACKDATE_S))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    if server_names:
+        alt: list[x509.GeneralName] = []
+        for n in server_names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                alt.append(x509.DNSName(n))
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    else:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    cert = builder.sign(ca._key, hashes.SHA256())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = out_dir / (cn + ".key"), out_dir / (cn + ".crt")
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, _cert_pem(cert) + _cert_pem(ca.cert), 0o644)
+    return cert_path, key_path

@@ -114,6 +114,21 @@ def ca_init_command(
     print("root CA: %s (move the key offline); intermediate: %s" % (root_dir, out_dir))
 
 
+@ca_app.command("issue-service")
+def ca_issue_service_command(
+    cn: Annotated[str, typer.Option(help="fleet-ingest, fleet-commands, or the broker's name.")],
+    out_dir: Annotated[Path, typer.Option(help="Where to write <cn>.key and <cn>.crt.")],
+    server: Annotated[list[str] | None, typer.Option(
+        help="Make a TLS server certificate for this DNS name or IP (repeatable).")] = None,
+) -> None:
+    """Issue a certificate for a fleet service (ingest, commands) or for the broker."""
+    from cityedge_fleet.ca import CertificateAuthority, issue_service
+
+    ca = CertificateAuthority(load_settings().ca_dir)
+    cert, key = issue_service(ca, cn, out_dir, tuple(server or ()))
+    print("certificate %s, key %s (mode 0600)" % (cert, key))
+
+
 @audit_app.command("verify")
 def audit_verify_command() -> None:
     """Recompute the audit chain; exit 1 naming every edited, deleted or reordered row."""
