@@ -10,10 +10,14 @@ from __future__ import annotations
 import sys
 
 import typer
-from cityedge_core.errors import CityedgeError
 
 from cityedge.crypto import KeyFileError
 from cityedge.inspect_cmd import inspect_command
+from cityedge.sim import sim_app
+from cityedge_core.errors import CityedgeError
+from cityedge_fleet.cli import audit_app, broker_app, ca_app, fleet_app
+from cityedge_gateway.cli import gateway_app
+from cityedge_provision.cli import provision_app
 
 app = typer.Typer(
     name="cityedge",
@@ -31,7 +35,17 @@ def _root() -> None:
 
 app.command("inspect")(inspect_command)
 
-# Sub-command groups of the other parts register here (one line each).
+# Sub-command groups of the other parts, one entry each.
+for _name, _group in (
+    ("gateway", gateway_app),
+    ("fleet", fleet_app),
+    ("ca", ca_app),
+    ("audit", audit_app),
+    ("broker", broker_app),
+    ("sim", sim_app),
+    ("provision", provision_app),
+):
+    app.add_typer(_group, name=_name)
 
 
 class UserError(Exception):

@@ -4,8 +4,8 @@
 [--model M]`` serves framed provisioning requests on stdin and answers on stdout until
 the line closes (stdin at end of file, or the pseudo-terminal hung up); nothing else is
 ever written to stdout. Diagnostics go to stderr. On a board, ``main.py`` calls
-``run(root, info, read, write)`` with the UART instead, and only while the device is
-unprovisioned or unlocked.
+``board_boot(uart, root, info)``: provisioning mode on the UART while the device is not
+locked (unprovisioned, or unlocked by a signed fleet command), then the agent.
 """
 
 import sys
@@ -58,14 +58,43 @@ def stdio_line():
     return read, write
 
 
-def run(root, info, read, write):
+def uart_line(uart, idle_ms=20):
+    """``(read, write)`` over a ``machine.UART`` (a board): ``read`` waits for bytes."""
+    import time
+
+    def read():
+        while True:
+            data = uart.read(READ_MAX)
+            if data:
+                return data
+            time.sleep_ms(idle_ms)  # type: ignore[attr-defined]
+
+    return read, uart.write
+
+
+def run(root, info, read, write, until_locked=False):
+    """Serve provisioning requests until the line closes (or, on a board, until locked)."""
     from cityedge_fw import provision
 
     prov = provision.Provisioner(root, info)
     print("provisioning mode: %s %s state=%s" % (info["device"], info["serial"], prov.state),
           file=sys.stderr)
-    provision.serve(prov, read, write)
+    provision.serve(prov, read, write, until_locked)
     print("provisioning mode: line closed (state=%s)" % prov.state, file=sys.stderr)
+
+
+def board_boot(uart, root, info):
+    """For a board's ``main.py``: provisioning mode on ``uart`` unless provisioned.
+
+    Returns True when the device is (now) locked and the agent may start; the caller
+    resets after a fresh lock so the agent boots from a clean heap."""
+    from cityedge_fw import provision
+
+    if provision.is_locked(root):
+        return True
+    read, write = uart_line(uart)
+    run(root, info, read, write, until_locked=True)
+    return provision.is_locked(root)
 
 
 def _args(argv):

@@ -1,1 +1,1 @@
-"""cityedge_provision package."""
+"""The field technician's provisioning tool: device over serial, fleet over HTTPS."""

@@ -1,0 +1,258 @@
+"""The fleet as the provisioning tool sees it: an HTTP client and the technician's local files.
+
+``FleetClient`` wraps the fleet API (httpx) and turns its failures into the tool's errors:
+connection failures and timeouts are ``FleetUnreachable``, 401 is ``NotLoggedIn`` (token
+expired or revoked), other HTTP errors ``FleetRefused`` with the fleet's own message.
+
+``Workspace`` is the technician's side, all under one directory (``CITYEDGE_HOME`` or
+``$XDG_CONFIG_HOME/cityedge``), every file written atomically with mode 0600:
+
+- ``login.json``: the fleet URL and the technician's API token (never printed);
+- ``tokens.json``: enrollment tokens fetched beforehand for offline work, per serial;
+- ``sessions/<serial>.json``: a provisioning in progress (the device's kid, and once
+  enrolled, the certificate chain and config the fleet returned: public data), so an
+  interrupted run resumes instead of enrolling twice;
+- ``queue/<serial>.json``: CSRs made offline, waiting for ``cityedge provision sync``;
+- ``provisioned.jsonl``: one line per device provisioned from this laptop.
+
+No private key ever passes through here: the device keeps its key, the tool only sees
+CSRs and certificates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cityedge_provision.errors import FleetRefused, FleetUnreachable, NotLoggedIn
+from cityedge_provision.limits import LIMITS, ProvisionLimits
+
+
+def default_home() -> Path:
+    env = os.environ.get("CITYEDGE_HOME")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "cityedge"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename), readable by us only."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise FleetRefused("%s is unreadable (%s); remove it and log in again" % (path, e),
+                           0) from e
+
+
+class Workspace:
+    """The technician's files (see the module docstring)."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home or default_home()
+
+    # login ----------------------------------------------------------------------------
+    def save_login(self, url: str, token: str) -> None:
+        write_private(self.home / "login.json",
+                      json.dumps({"url": url.rstrip("/"), "token": token}).encode())
+
+    def login(self) -> tuple[str, str]:
+        data = _read_json(self.home / "login.json")
+        if not isinstance(data, dict) or not data.get("url") or not data.get("token"):
+            raise NotLoggedIn("not logged in to a fleet")
+        return str(data["url"]), str(data["token"])
+
+    def logout(self) -> None:
+        (self.home / "login.json").unlink(missing_ok=True)
+
+    # offline enrollment tokens ------------------------------------------------------------
+    def save_tokens(self, tokens: dict[str, dict[str, str]]) -> None:
+        current = self.tokens()
+        current.update(tokens)
+        write_private(self.home / "tokens.json", json.dumps(current, indent=1).encode())
+
+    def tokens(self) -> dict[str, dict[str, str]]:
+        data = _read_json(self.home / "tokens.json")
+        return data if isinstance(data, dict) else {}
+
+    def take_token(self, serial: str) -> str | None:
+        """The pre-fetched token for ``serial`` if it has not expired (kept until used)."""
+        entry = self.tokens().get(serial)
+        if not entry:
+            return None
+        expires = dt.datetime.fromisoformat(entry["expires_at"])
+        if expires.tzinfo is None:
+            expires = expires.replace(tzinfo=dt.UTC)
+        if expires <= dt.datetime.now(dt.UTC):
+            return None
+        return entry["token"]
+
+    def drop_token(self, serial: str) -> None:
+        current = self.tokens()
+        if current.pop(serial, None) is not None:
+            write_private(self.home / "tokens.json", json.dumps(current, indent=1).encode())
+
+    # sessions, queue, log -------------------------------------------------------------
+    def _json_file(self, kind: str, serial: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in serial)
+        return self.home / kind / (safe + ".json")
+
+    def session(self, serial: str) -> dict[str, Any] | None:
+        data = _read_json(self._json_file("sessions", serial))
+        return data if isinstance(data, dict) else None
+
+    def save_session(self, serial: str, record: dict[str, Any]) -> None:
+        write_private(self._json_file("sessions", serial), json.dumps(record).encode())
+
+    def end_session(self, serial: str) -> None:
+        self._json_file("sessions", serial).unlink(missing_ok=True)
+
+    def queue(self, serial: str, entry: dict[str, Any]) -> None:
+        if len(self.queued()) >= LIMITS.queue_max_entries:
+            raise FleetRefused("the offline queue is full (%d CSRs): run `cityedge provision "
+                               "sync`" % LIMITS.queue_max_entries, 0)
+        write_private(self._json_file("queue", serial), json.dumps(entry).encode())
+
+    def queued(self) -> list[dict[str, Any]]:
+        d = self.home / "queue"
+        if not d.is_dir():
+            return []
+        out = []
+        for p in sorted(d.glob("*.json")):
+            data = _read_json(p)
+            if isinstance(data, dict):
+                out.append(data)
+        return out
+
+    def unqueue(self, serial: str) -> None:
+        self._json_file("queue", serial).unlink(missing_ok=True)
+
+    def log_provisioned(self, entry: dict[str, Any]) -> None:
+        path = self.home / "provisioned.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+class FleetClient:
+    """The fleet API with the technician's token (see the module docstring)."""
+
+    def __init__(self, url: str, token: str, limits: ProvisionLimits = LIMITS,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=limits.http_timeout_s,
+                                  headers={"Authorization": "Bearer %s" % token},
+                                  transport=transport)
+        self.limits = limits
+
+    @classmethod
+    def from_workspace(cls, ws: Workspace) -> FleetClient:
+        url, token = ws.login()
+        return cls(url, token)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, ok: tuple[int, ...] = (200, 201),
+              **kw: Any) -> httpx.Response:
+        try:
+            res = self._http.request(method, path, **kw)
+        except httpx.TimeoutException as e:
+            raise FleetUnreachable("the fleet at %s did not answer in %.0f s"
+                                   % (self.url, self.limits.http_timeout_s)) from e
+        except httpx.TransportError as e:
+            raise FleetUnreachable("cannot reach the fleet at %s (%s)" % (self.url, e)) from e
+        if res.status_code in ok:
+            return res
+        detail = _detail(res)
+        if res.status_code == 401:
+            raise NotLoggedIn("the fleet refused your login token (%s)" % detail,
+                              "the token has expired or was revoked: log in again with "
+                              "`cityedge provision login` (ask your fleet admin for a token)")
+        if res.status_code == 403:
+            raise FleetRefused("the fleet refused: %s" % detail, 403,
+                               "your role may not do this; ask a fleet admin")
+        raise FleetRefused("the fleet refused %s %s: %s" % (method, path, detail),
+                           res.status_code)
+
+    def check_login(self) -> None:
+        self._call("GET", "/devices", params={"limit": 1})
+
+    def get_device(self, device_id: str) -> dict[str, Any] | None:
+        res = self._call("GET", "/devices/%s" % device_id, ok=(200, 404))
+        return None if res.status_code == 404 else _obj(res)
+
+    def register_device(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _obj(self._call("POST", "/devices", json=body))
+
+    def update_device(self, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return _obj(self._call("PATCH", "/devices/%s" % device_id, json=body))
+
+    def set_state(self, device_id: str, state: str, reason: str) -> dict[str, Any]:
+        return _obj(self._call("POST", "/devices/%s/state" % device_id,
+                               json={"state": state, "reason": reason}))
+
+    def credentials(self, device_id: str) -> list[dict[str, Any]]:
+        data = self._call("GET", "/devices/%s/credentials" % device_id).json()
+        return data if isinstance(data, list) else []
+
+    def revoke_credential(self, device_id: str, serial: str) -> dict[str, Any]:
+        return _obj(self._call("POST", "/devices/%s/credentials/%s/revoke"
+                               % (device_id, serial)))
+
+    def enrollment_token(self, serial: str, ttl_s: int) -> dict[str, Any]:
+        return _obj(self._call("POST", "/enrollment/tokens",
+                               json={"serial": serial, "ttl_s": ttl_s}))
+
+    def upload_manifest(self, manifest: str, serials: list[str]) -> dict[str, Any]:
+        return _obj(self._call("POST", "/enrollment/manifests",
+                               json={"manifest": manifest, "serials": serials}))
+
+    def enroll(self, serial: str, token: str | None, csr_pem: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"serial": serial, "csr_pem": csr_pem}
+        if token is not None:
+            body["token"] = token
+        return _obj(self._call("POST", "/enroll", json=body))
+
+
+def _detail(res: httpx.Response) -> str:
+    with contextlib.suppress(ValueError):
+        body = res.json()
+        if isinstance(body, dict) and "detail" in body:
+            return str(body["detail"])
+    return "HTTP %d" % res.status_code
+
+
+def _obj(res: httpx.Response) -> dict[str, Any]:
+    try:
+        data = res.json()
+    except ValueError as e:
+        raise FleetRefused("the fleet sent a reply that is not JSON", res.status_code) from e
+    if not isinstance(data, dict):
+        raise FleetRefused("the fleet sent an unexpected reply", res.status_code)
+    return data

@@ -1,0 +1,48 @@
+"""Fixtures for the provisioning tests: the firmware as .mpy, devices on pseudo-terminals."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cityedge_provision.simdevice import compile_firmware
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from device_pty import DeviceFactory, PtyDevice
+from fleet_server import FleetServer
+
+from support.mosquitto import Mosquitto, TestPKI
+
+
+@pytest.fixture(scope="session")
+def fw_mpy(tmp_path_factory: pytest.TempPathFactory, mpy_cross: str, micropython: str) -> Path:
+    """The core and the device firmware compiled to .mpy (what a board runs)."""
+    return compile_firmware(tmp_path_factory.mktemp("fw-mpy"))
+
+
+@pytest.fixture
+def make_device(fw_mpy: Path, tmp_path: Path) -> Iterator[DeviceFactory]:
+    """Start devices (``make_device(serial, urn, root=...)``); all are stopped afterwards."""
+    started: list[PtyDevice] = []
+
+    def make(serial: str = "SN-00001", device: str = "urn:dev:mac:0024befffe800001",
+             root: Path | None = None) -> PtyDevice:
+        dev = PtyDevice(root or tmp_path / ("dev-" + serial), fw_mpy, serial, device).start()
+        started.append(dev)
+        return dev
+
+    yield make
+    for dev in started:
+        dev.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, pki: TestPKI, mosquitto: Mosquitto) -> Iterator[FleetServer]:
+    """The real fleet service (SQLite), its CA trusted by the test broker."""
+    server = FleetServer(tmp_path / "fleet", pki, mosquitto.port).start()
+    yield server
+    server.stop()

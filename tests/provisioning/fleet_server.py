@@ -1,0 +1,88 @@
+"""The real fleet service for provisioning tests: FastAPI under uvicorn on a free loopback
+port (a thread of the test process), SQLite in a temp dir, and a CA whose intermediate is
+the test PKI's CA, so the test Mosquitto trusts the certificates the fleet issues."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from sqlmodel import Session
+
+from cityedge_fleet.app import create_app
+from cityedge_fleet.auth import create_api_token
+from cityedge_fleet.config import FleetLimits, Settings
+from cityedge_fleet.ingest import Ingestor
+from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+from cityedge_fleet.models import Role
+
+from support.mosquitto import TestPKI, free_port
+
+START_TIMEOUT_S = 10.0
+
+
+def fleet_ca_from_pki(pki: TestPKI, ca_dir: Path) -> Path:
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    (ca_dir / "intermediate.key").write_bytes(pki.ca_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (ca_dir / "intermediate.key").chmod(0o600)
+    (ca_dir / "intermediate.crt").write_bytes(pki.ca_pem.read_bytes())
+    (ca_dir / "root.crt").write_bytes(pki.ca_pem.read_bytes())
+    return ca_dir
+
+
+class FleetServer:
+    def __init__(self, base: Path, pki: TestPKI, broker_port: int) -> None:
+        self.dir = base
+        self.db_path = base / "fleet.sqlite3"
+        ingest = pki.issue_client("fleet-ingest")
+        self.settings = Settings(
+            mode="development", database_url="sqlite:///%s" % self.db_path,
+            ca_dir=fleet_ca_from_pki(pki, base / "ca"),
+            broker_url="mqtts://127.0.0.1:%d" % broker_port, ingest_with_serve=False,
+            mqtt_port=broker_port, mqtt_ca_file=pki.ca_pem, mqtt_cert_file=ingest.cert_pem,
+            mqtt_key_file=ingest.key_pem,
+            # many devices from one test client address: no enrollment rate limit here
+            limits=FleetLimits(enroll_burst=10_000, enroll_per_s=1000.0))
+        self.worker: MqttIngestWorker | None = None
+        self.app = create_app(self.settings)
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="fleet")
+
+    def start(self) -> FleetServer:
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the fleet service did not start on port %d" % self.port)
+            time.sleep(0.02)
+        return self
+
+    def token(self, role: Role = Role.technician, name: str = "tech") -> str:
+        with Session(self.app.state.engine) as session:
+            _, tok = create_api_token(session, name=name, role=role, created_by="test")
+            session.commit()
+        return tok
+
+    def start_ingest(self) -> MqttIngestWorker:
+        """The ingest worker: verifies batches from the broker into the fleet database."""
+        self.worker = MqttIngestWorker(Ingestor(self.app.state.engine, self.settings),
+                                       self.settings).start()
+        if not self.worker.subscribed.wait(START_TIMEOUT_S):
+            raise RuntimeError("the ingest worker did not subscribe")
+        return self.worker
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.app.state.engine.dispose()
