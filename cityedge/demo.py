@@ -55,7 +55,7 @@ for b in range(%(batches)d):
 
 def main() -> None:
     con = Console()
-    con.rule("[bold]cityedge demo: sign on MicroPython, verify on CPython")
+    con.rule("[bold]cityedge demo, part 1: sign on MicroPython, verify on CPython")
     mp = ROOT / ".venv" / "bin" / "micropython"
     with tempfile.TemporaryDirectory() as d:
         core = compile_core(Path(d))
@@ -110,7 +110,9 @@ def main() -> None:
               "   stored twice)"
               " and the lost and late batches by the hash chain.")
     con.print("   Inspect any batch yourself: cityedge inspect FILE --pubkey KEY.pem")
-    con.rule("[bold green]demo complete")
+    from cityedge import demo_system
+
+    demo_system.main(con)
 
 
 if __name__ == "__main__":

@@ -109,13 +109,14 @@ async def run(agent, seconds):
 def main():
     with open(os.getenv("CE_SIM_CONFIG")) as f:
         cfg = json.load(f)
-    image = cfg["image"]
-    flash = FileFlash(image["path"], image["blocks"], image["block_size"])
-    try:
-        vfs.mount(vfs.VfsLfs2(flash), "/flash")
-    except OSError:
-        vfs.VfsLfs2.mkfs(flash)
-        vfs.mount(vfs.VfsLfs2(flash), "/flash")
+    image = cfg.get("image")
+    if image:  # flash in a LittleFS image; otherwise a provisioned device's directory
+        flash = FileFlash(image["path"], image["blocks"], image["block_size"])
+        try:
+            vfs.mount(vfs.VfsLfs2(flash), "/flash")
+        except OSError:
+            vfs.VfsLfs2.mkfs(flash)
+            vfs.mount(vfs.VfsLfs2(flash), "/flash")
     from cityedge_fw import main as fw_main
 
     cfg, board = board_for(cfg)
@@ -125,7 +126,8 @@ def main():
     del sys.modules["cityedge_fw.main"]
     gc.collect()
     asyncio.run(run(agent, float(os.getenv("CE_SIM_SECONDS") or 0)))
-    vfs.umount("/flash")
+    if image:
+        vfs.umount("/flash")
 
 
 main()
@@ -178,6 +180,35 @@ def load_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+# What a provisioned simulated device samples when its configuration names no sensors.
+DEFAULT_SENSORS = [
+    {"type": "sht3x", "name": "air", "i2c": 0, "sda": 21, "scl": 22},
+    {"type": "adc", "name": "noise", "pin": 34, "unit": "dB"},
+]
+
+
+def load_provisioned(root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The configuration a provisioned device wrote to its flash directory ``root``.
+
+    Provisioning (``cityedge provision``) installs the certificate, CA, broker and store
+    paths there; ``overrides`` (from ``--config``) may add sensors, agent or sim settings.
+    """
+    path = root / "config.json"
+    try:
+        cfg: dict[str, Any] = json.loads(path.read_text())
+    except OSError as e:
+        raise LocalError("sim: %s has no config.json: provision the device first "
+                         "(cityedge provision --port ...)" % root) from e
+    except ValueError as e:
+        raise LocalError("sim: %s is not valid JSON: %s" % (path, e)) from e
+    for key in ("sensors", "agent", "sim", "clock"):
+        if key in overrides:
+            cfg[key] = overrides[key]
+    cfg.setdefault("sensors", DEFAULT_SENSORS)
+    cfg.pop("image", None)
+    return cfg
+
+
 def ensure_image(image: dict[str, Any]) -> None:
     """Create the flash image erased (all 0xff) unless it exists with the right size."""
     path = Path(image["path"])
@@ -195,17 +226,26 @@ def ensure_image(image: dict[str, Any]) -> None:
 
 @sim_app.command("device")
 def device(
-    config: Annotated[Path, typer.Option("--config", help="device configuration (JSON)")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="device configuration (JSON); with --root: overrides only")] = None,
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="a device provisioned over serial: its flash directory")] = None,
     seconds: Annotated[float, typer.Option(
         help="stop after this many seconds (0: run until ^C)")] = 0,
 ) -> None:
     """Run one simulated device: real firmware, simulated sensors, flash in a file."""
-    cfg = load_config(config)
+    if root is not None:
+        overrides = json.loads(config.read_text()) if config is not None else {}
+        cfg = load_provisioned(root.resolve(), overrides)
+    elif config is not None:
+        cfg = load_config(config)
+        ensure_image(cfg["image"])
+    else:
+        raise LocalError("sim: give --config FILE, or --root DIR of a provisioned device")
     micropython = BIN / "micropython"
     if not micropython.exists():
         raise LocalError("sim: %s not found; run `make setup`" % micropython)
     heap = str(cfg.get("sim", {}).get("heap", DEFAULT_HEAP))
-    ensure_image(cfg["image"])
     with tempfile.TemporaryDirectory(prefix="cityedge-sim-") as tmp:
         mpy = compile_firmware(Path(tmp) / "mpy")
         cfg_path = Path(tmp) / "config.json"
