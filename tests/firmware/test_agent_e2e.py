@@ -21,7 +21,6 @@ from fw_harness import (
     MICROPYTHON,
     Subscriber,
     check_chain,
-    compile_device,
     device_env,
     wait_for,
 )
@@ -37,11 +36,6 @@ from support.mosquitto import Credentials, Mosquitto, TestPKI
 
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 OTHER = "urn:dev:mac:0024befffe804ff2"
-
-
-@pytest.fixture(scope="module")
-def mpy_dir(tmp_path_factory: pytest.TempPathFactory, micropython: str, mpy_cross: str) -> Path:
-    return compile_device(tmp_path_factory.mktemp("mpy"))
 
 
 def device_config(tmp: Path, broker: Mosquitto, pki: TestPKI, creds: Credentials,
