@@ -79,6 +79,10 @@ async def supervise(agent, stop, stats):
         if "seconds" in stop and time.ticks_diff(time.ticks_ms(), start) > stop["seconds"] * 1000:
             done = True
         if done:
+            # what held at the stop condition: the sampler may seal one more batch while
+            # the cancellation below propagates, and that one is not part of the run
+            stats["at_stop"] = {"batches": agent.batches_signed, "seq": agent.writer.seq,
+                                "stored": agent.store.count, "published": agent.published}
             break
     task.cancel()
     await asyncio.sleep_ms(10)
@@ -96,7 +100,7 @@ def run(path):
     stats = {"min_free": gc.mem_free(), "alloc": [], "boot_alloc": gc.mem_alloc()}
     asyncio.run(supervise(agent, cfg["stop"], stats))
     gc.collect()
-    print("RESULT " + json.dumps({
+    result = {
         "batches": agent.batches_signed, "published": agent.published,
         "seq": agent.writer.seq, "stored": agent.store.count, "readings": agent.readings_total,
         "drops": agent.drops_total, "faults": agent.sensor_faults,
@@ -105,7 +109,9 @@ def run(path):
         "last_error": agent.last_error or "",
         "link_error": agent.link.last_error or "", "alloc": stats["alloc"],
         "boot_alloc": stats["boot_alloc"], "sim_s": agent.sim_ms() // 1000,
-        "heap": gc.mem_free() + gc.mem_alloc()}))
+        "heap": gc.mem_free() + gc.mem_alloc()}
+    result.update(stats.get("at_stop", {}))
+    print("RESULT " + json.dumps(result))
 
 
 run(os.getenv("CE_CONFIG"))

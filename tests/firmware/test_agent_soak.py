@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from fw_harness import DEVICE, HEAP, Subscriber, check_chain, wait_for
 from test_agent_e2e import device_config, finish, start_device
-from test_agent_e2e import mpy_dir as mpy_dir  # the compiled firmware fixture
 
 from support.mosquitto import Mosquitto, TestPKI
 
