@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from bench import core
+from bench import fleet as fleet_bench
 from bench.machine import describe
 
 
@@ -27,6 +28,9 @@ def main() -> None:
     print("\nMicroPython unix port, one 50-reading batch:")
     print("  sign time (median of 21)             %10.1f ms" % m["mp_sign_ms"])
     print("  smallest heap that signs (code incl.)%10d KiB" % m["mp_min_heap_kib"])
+    f = fleet_bench.run()
+    results["fleet"] = f
+    fleet_bench.report(f)
     out = Path("build") / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -6,6 +6,9 @@ The first row chains from 64 zeros. ``verify`` recomputes the chain and reports 
 that was edited, deleted (a broken link), inserted or reordered; ``export_jsonl`` writes
 the rows as JSON lines, which an auditor can re-verify with the same rule.
 
+Deleting the newest rows leaves a valid, shorter chain: ``audit_anchor`` keeps the head
+outside the database, and ``verify`` compares (when ``CITYEDGE_AUDIT_ANCHOR_FILE`` is set).
+
 Appending takes the last row's hash, so two writers must not append at once: on
 PostgreSQL ``append`` locks the table for the transaction; SQLite serialises writers.
 """
@@ -21,6 +24,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlmodel import Session, col, select
 
+from cityedge_fleet import audit_anchor
 from cityedge_fleet.models import AuditRecord, AuditVerifyResult
 
 GENESIS = "0" * 64
@@ -80,6 +84,7 @@ def append(
     row.hash = chain_hash(prev_hash, canonical_content(row))
     session.add(row)
     session.flush()
+    audit_anchor.remember(session, next_id, row.hash)
     return row
 
 
@@ -131,7 +136,29 @@ def iter_rows(session: Session, batch: int = 1000) -> Iterator[AuditRecord]:
 
 
 def verify(session: Session) -> AuditVerifyResult:
-    return verify_rows(iter_rows(session))
+    """``verify_rows`` over the database, and every anchored head still there (when the
+    engine has an anchor file: ``audit_anchor``)."""
+    anchor = audit_anchor.for_session(session)
+    if anchor is None:
+        return verify_rows(iter_rows(session))
+    anchored, problems = anchor.read()
+    seen: dict[int, str] = {}
+
+    def rows() -> Iterator[AuditRecord]:
+        for row in iter_rows(session):
+            if row.id in anchored:
+                seen[row.id] = row.hash
+            yield row
+
+    result = verify_rows(rows())
+    for rid, anchored_hash in sorted(anchored.items()):
+        got = seen.get(rid)
+        if got is None:
+            problems.append("row %d: anchored but missing (the log was truncated)" % rid)
+        elif got != anchored_hash:
+            problems.append("row %d: hash differs from the anchored one (rewritten)" % rid)
+    problems = result.problems + problems
+    return AuditVerifyResult(ok=not problems, rows=result.rows, problems=problems)
 
 
 def export_jsonl(session: Session) -> Iterator[str]:

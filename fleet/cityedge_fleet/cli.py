@@ -65,7 +65,8 @@ def serve_command(
 @fleet_app.command("ingest")
 def ingest_command() -> None:
     """Run one ingest worker (MQTT 5 shared subscription); several may run side by side."""
-    from cityedge_fleet.ingest import Ingestor, MqttIngestWorker
+    from cityedge_fleet.ingest import Ingestor
+    from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 
     settings = load_settings()
     try:
@@ -143,6 +144,9 @@ def audit_verify_command() -> None:
         raise FleetCliError("audit log is broken: %d problem(s) in %d rows"
                             % (len(result.problems), result.rows))
     print("audit log intact: %d rows" % result.rows)
+    if settings.audit_anchor_file is None:
+        print("warning: no CITYEDGE_AUDIT_ANCHOR_FILE: deleting the newest rows would not "
+              "be detected", file=sys.stderr)
 
 
 @audit_app.command("export")

@@ -40,6 +40,16 @@ class FleetLimits(BaseModel):
     ingest_attempts: int = 3  # tries to store one message before leaving it unacknowledged
     ingest_retry_s: float = 0.2  # seconds before the 2nd try (then 2x, 3x ...)
     ingest_session_expiry_s: int = 3600  # seconds the broker keeps the ingest's queue
+    ingest_group_max_messages: int = 200  # MQTT messages stored in one transaction
+    ingest_group_max_s: float = 0.05  # seconds a group waits after its first message
+    ingest_receive_max: int = 1000  # unacknowledged messages the broker may send (MQTT 5)
+
+    @model_validator(mode="after")
+    def _groups_fit_in_flight(self) -> Self:
+        if self.ingest_receive_max < 2 * self.ingest_group_max_messages:
+            raise ValueError("ingest_receive_max must be at least twice "
+                             "ingest_group_max_messages (one group stored, one arriving)")
+        return self
 
 
 class Settings(BaseSettings):
@@ -55,6 +65,9 @@ class Settings(BaseSettings):
     broker_url: str = "mqtts://127.0.0.1:8883"  # what enrolled devices are told to use
     broker_pid_file: Path | None = None  # Mosquitto's pid file: SIGHUP it when the CRL changes
     crl_url: str = "/ca/crl"  # where the CRL is published (URL path of this service)
+    # append-only file outside the database anchoring the audit log's head (detects a
+    # truncated tail); unset: `audit verify` cannot see the newest rows deleted
+    audit_anchor_file: Path | None = None
     # ingest worker: MQTT over TLS with a client certificate
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 8883

@@ -2,7 +2,7 @@
 
 ``make_engine`` opens SQLite (the embedded default; WAL, every transaction ``BEGIN
 IMMEDIATE``) or PostgreSQL (rows locked with ``SELECT ... FOR UPDATE`` where it matters)
-from the settings URL;
+from the settings URL, with the settings' audit anchor file attached (``audit_anchor``);
 ``migrate`` brings the schema to the newest Alembic revision (run at every start, a no-op
 when up to date). ``SessionDep`` is the FastAPI dependency alias for a request's session.
 """
@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine, event
 from sqlmodel import Session, create_engine
 
+from cityedge_fleet import audit_anchor
 from cityedge_fleet.config import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "alembic"
@@ -54,8 +55,10 @@ def make_engine(settings: Settings) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    audit_anchor.attach(engine, settings.audit_anchor_file)
+    return engine
 
 
 def migrate(engine: Engine) -> None:

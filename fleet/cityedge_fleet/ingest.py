@@ -1,67 +1,87 @@
 """The ingest: verify every signed batch that arrives on MQTT, classify it on its device's
 chain, store its readings with their provenance, and record everything else.
 
-``Ingestor.handle(topic, payload)`` is the whole decision for one message and does no
-network I/O (tests feed it bytes); ``MqttIngestWorker`` is the thin paho-mqtt (MQTT 5)
-wrapper: a shared subscription ``$share/<group>/ce/v1/+/up/readings`` over TLS with a
-client certificate, acknowledging each message only after its outcome is committed
-(QoS 1, manual acks), so a crash redelivers rather than loses.
+``Ingestor.handle_many(messages)`` is the whole decision for a group of MQTT messages and
+does no network I/O (tests feed it bytes; ``handle`` is a group of one). The group is one
+database transaction: chain states are read once per device and written once
+(``ingest_store.ChainStates``), readings go in with one ``COPY``/``executemany``
+(``ingest_store.ReadingRows``). ``ingest_mqtt.MqttIngestWorker`` acknowledges a message
+only after its group committed, so nothing acknowledged is lost.
 
-Per message, in one transaction:
+Two topics (``ce/v1/<publisher>/up/<kind>``; the broker ACL lets a client write only under
+its own certificate CN, so the publisher is authenticated):
 
-1. the topic names a registered device that is provisioned, active (or quarantined:
-   refused and recorded);
-2. ``cityedge_core.chain.BatchVerifier`` checks it against that device's keys only
-   (``TopicKeyring``): a batch signed with another device's key is ``topic_mismatch``;
-3. accepted batches (ok / gap / reordered / fork) store their readings; drop records
+- ``up/readings``: the publisher's own batches. It must be a registered device that is
+  provisioned or active, and the batch must be signed by one of *its* keys
+  (``TopicKeyring``): another device's key is ``topic_mismatch``.
+- ``up/relay``: a gateway forwarding its downstream nodes' batches unchanged. The gateway
+  must be provisioned or active; each batch is verified with the *node's* registered key
+  (found by kid) and classified on the node's chain; the node must be registered and
+  provisioned or active (``not_accepting`` otherwise); a batch signed with the gateway's
+  own key is ``topic_mismatch`` (its own batches go on ``up/readings``). Stored readings
+  name the gateway in ``via``. A bad signature counts as a forgery of the *gateway*: it
+  published the bytes, and a relay checks node signatures before forwarding.
+
+Per message:
+
+1. accepted batches (ok / gap / reordered / fork) store their readings; drop records
    close their range of the chain; anything not ``ok`` becomes an ``IngestEvent``;
-4. a device whose key signs ``quarantine_after_forgeries`` bad signatures is quarantined.
+2. a publisher whose messages carry ``quarantine_after_forgeries`` bad signatures is
+   quarantined.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Engine, insert
-from sqlmodel import Session, select
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
 
-from cityedge import fastcbor
 from cityedge.crypto import EcVerifier
+from cityedge.verify import make_batch_verifier
 from cityedge_core import batch as batchmod
-from cityedge_core import chain, senml
-from cityedge_core.chain import BatchVerifier, ChainState, KeyEntry
-from cityedge_fleet import audit, registry
+from cityedge_core import chain
+from cityedge_core.chain import KeyEntry
+from cityedge_core.errors import PeerError
+from cityedge_fleet import audit, reading_rows, registry
 from cityedge_fleet.config import Settings
+from cityedge_fleet.ingest_store import ChainStates, ReadingRow, ReadingRows
 from cityedge_fleet.models import (
-    ChainStateRow,
     Credential,
     CredentialStatus,
     Device,
     DeviceState,
     IngestEvent,
-    Reading,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
-READING_TABLE = Reading.__table__  # type: ignore[attr-defined]
 
 TOPIC_MISMATCH = "topic_mismatch"  # signed by a key of another device than the topic's
 UNKNOWN_DEVICE = "unknown_device"  # the topic names no registered device
 NOT_ACCEPTING = "not_accepting"  # the device is registered, quarantined or retired
 BAD_TOPIC = "bad_topic"
 KEYRING_RELOAD_MIN_S = 1.0  # seconds between keyring reloads caused by unknown kids
+READINGS = "readings"  # topic kinds
+RELAY = "relay"
+ACCEPTING = (DeviceState.provisioned, DeviceState.active)
+
+
+def parse_topic(topic: str) -> tuple[str, str] | None:
+    """``(publisher, kind)`` of ``ce/v1/<publisher>/up/<readings|relay>``, else None."""
+    parts = topic.split("/")
+    if (len(parts) != 5 or parts[0] != "ce" or parts[1] != "v1" or parts[3] != "up"
+            or parts[4] not in (READINGS, RELAY)):
+        return None
+    return parts[2], parts[4]
 
 
 def topic_device(topic: str) -> str | None:
-    parts = topic.split("/")
-    if len(parts) != 5 or parts[:2] != ["ce", "v1"] or parts[3:] != ["up", "readings"]:
-        return None
-    return parts[2]
+    parsed = parse_topic(topic)
+    return parsed[0] if parsed is not None and parsed[1] == READINGS else None
 
 
 class Keyring:
@@ -100,42 +120,47 @@ class Keyring:
 
 
 class TopicKeyring:
-    """The keyring seen from one topic: only the topic device's own keys are trusted."""
+    """The keyring seen from a ``readings`` topic: only the topic device's keys count."""
 
     def __init__(self, keyring: Keyring, device: str, session: Session) -> None:
         self.keyring = keyring
         self.device = device
         self.session = session
-        self.other_device: str | None = None
+        self.refusal: tuple[str, str] | None = None  # (status, detail) when a key is refused
 
     def get(self, kid: bytes) -> KeyEntry | None:
         entry = self.keyring.get(bytes(kid), self.session)
         if entry is not None and entry.device != self.device:
-            self.other_device = entry.device
+            self.refusal = (TOPIC_MISMATCH, "signed with a key of %s" % entry.device)
             return None
         return entry
 
 
-class DbChainStates:
-    """The verifier's per-device ``ChainState`` mapping, stored in ``chain_state``."""
+class RelayKeyring:
+    """The keyring seen from a gateway's ``relay`` topic: keys of accepting nodes only."""
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    def __init__(self, keyring: Keyring, gateway: str, group: _Group) -> None:
+        self.keyring = keyring
+        self.gateway = gateway
+        self.group = group
+        self.session = group.session
+        self.refusal: tuple[str, str] | None = None
+        self.node: Device | None = None
 
-    def get(self, device: str) -> ChainState | None:
-        row = self.session.exec(select(ChainStateRow).where(
-            ChainStateRow.device_id == device).with_for_update()).first()
-        return ChainState.from_bytes(row.state) if row is not None else None
-
-    def __setitem__(self, device: str, state: ChainState) -> None:
-        row = self.session.get(ChainStateRow, device)
-        if row is None:
-            row = ChainStateRow(device_id=device, state=b"", last_seq=0)
-        row.state = state.to_bytes()
-        row.last_seq = state.last_seq
-        row.missing = state.missing_count()
-        row.forgotten = state.forgotten
-        self.session.add(row)
+    def get(self, kid: bytes) -> KeyEntry | None:
+        entry = self.keyring.get(bytes(kid), self.session)
+        if entry is None:
+            return None
+        if entry.device == self.gateway:
+            self.refusal = (TOPIC_MISMATCH, "the gateway's own batch on its relay topic")
+            return None
+        node = self.group.device(entry.device)
+        if node is None or node.state not in ACCEPTING:
+            self.refusal = (NOT_ACCEPTING, "relayed node %s is %s" % (
+                entry.device, node.state if node is not None else "not registered"))
+            return None
+        self.node = node
+        return entry
 
 
 @dataclass
@@ -143,27 +168,49 @@ class Outcome:
     status: str
     device: str | None
     readings: int = 0
+    via: str | None = None  # the gateway that relayed the batch
 
 
-def _readings(device: str, verdict: chain.Verdict, now: float) -> list[dict[str, Any]]:
-    """Rows for the ``reading`` table (plain dicts: one multi-row INSERT per batch)."""
+def _readings(device: str, verdict: chain.Verdict, now: float,
+              via: str | None) -> list[ReadingRow]:
+    """Rows for the ``reading`` table, in ``ingest_store.READING_COLUMNS`` order."""
     b = verdict.batch
     base = now if b.timebase == batchmod.TIME_UNIX else 0.0
-    rows = []
-    for rec in senml.resolve(b.records, base):
-        vd = rec.get(senml.VD)
-        rows.append({
-            "device_id": device, "t": float(rec[senml.T]), "name": rec[senml.N],
-            "unit": rec.get(senml.U), "value": rec.get(senml.V), "vs": rec.get(senml.VS),
-            "vb": rec.get(senml.VB), "vd": vd.hex() if isinstance(vd, bytes) else None,
-            "sum": rec.get(senml.S), "batch_seq": b.seq, "status": verdict.status,
-            "timebase": b.timebase,
-        })
-    return rows
+    return reading_rows.rows(device, b.records, base,
+                             (b.seq, verdict.status, b.timebase, via))
+
+
+class _Group:
+    """What one transaction accumulates while its messages are decided."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.chains = ChainStates(session)
+        self.readings = ReadingRows()
+        self.devices: dict[str, Device | None] = {}  # strong references: the session's
+        # identity map is weak, and a device read once is used by every message of it
+
+    def prefetch(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        publishers = {p[0] for p in (parse_topic(t) for t, _ in messages) if p is not None}
+        if publishers:
+            for d in self.session.exec(select(Device).where(col(Device.id).in_(publishers))):
+                self.devices[d.id] = d
+            for p in publishers:
+                self.devices.setdefault(p, None)
+            self.chains.prefetch(publishers)
+
+    def device(self, device_id: str) -> Device | None:
+        if device_id not in self.devices:
+            self.devices[device_id] = self.session.get(Device, device_id)
+        return self.devices[device_id]
+
+    def flush(self) -> None:
+        self.chains.flush()
+        self.readings.flush(self.session)
 
 
 class Ingestor:
-    """Verifies, classifies and stores one MQTT message at a time (no network I/O)."""
+    """Verifies, classifies and stores MQTT messages, a group per transaction."""
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
@@ -172,67 +219,107 @@ class Ingestor:
         self.counts: dict[str, int] = {}
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
-        outcome = self._handle(topic, payload)
-        self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
-        return outcome
+        return self.handle_many([(topic, payload)])[0]
 
-    def _handle(self, topic: str, payload: bytes) -> Outcome:
-        device_id = topic_device(topic)
+    def handle_many(self, messages: Iterable[tuple[str, bytes]]) -> list[Outcome]:
+        """Decide and store ``(topic, payload)`` messages in order, in one transaction.
+
+        Raises only for a local fault (the database); then nothing of the group is stored.
+        """
+        messages = list(messages)
         with Session(self.engine) as session:
-            if device_id is None:
-                log.warning("ignoring message on %r: not a readings topic", topic)
-                return Outcome(BAD_TOPIC, None)
-            device = session.get(Device, device_id)
-            if device is None:
-                self._event(session, device_id, UNKNOWN_DEVICE, None, "not registered")
-                session.commit()
-                return Outcome(UNKNOWN_DEVICE, device_id)
-            if device.state not in (DeviceState.provisioned, DeviceState.active):
-                self._event(session, device_id, NOT_ACCEPTING, None,
-                            "device is %s" % device.state)
-                session.commit()
-                return Outcome(NOT_ACCEPTING, device_id)
-            keys = TopicKeyring(self.keyring, device_id, session)
-            verifier = BatchVerifier(keys, DbChainStates(session), decode=fastcbor.loads)
-            verdict = verifier.check(payload)
-            status = verdict.status
-            if status == chain.UNKNOWN_KEY and keys.other_device is not None:
-                status = TOPIC_MISMATCH
-                self._event(session, device_id, status, None,
-                            "signed with a key of %s" % keys.other_device)
-            elif status == chain.BAD_SIGNATURE:
-                self._forgery(session, device, verdict.reason)
-            elif verdict.accepted:
-                count = self._accept(session, device, verdict)
-                session.commit()
-                return Outcome(status, device_id, count)
-            else:
-                seq = verdict.batch.seq if verdict.batch is not None else None
-                self._event(session, device_id, status, seq, verdict.reason[:512])
+            group = _Group(session)
+            group.prefetch(messages)
+            outcomes = [self._handle(group, topic, payload) for topic, payload in messages]
+            group.flush()
             session.commit()
-            return Outcome(status, device_id)
+        for outcome in outcomes:
+            self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+        return outcomes
 
-    def _accept(self, session: Session, device: Device, verdict: chain.Verdict) -> int:
+    def _handle(self, group: _Group, topic: str, payload: bytes) -> Outcome:
+        session = group.session
+        parsed = parse_topic(topic)
+        if parsed is None:
+            log.warning("ignoring message on %r: not a readings or relay topic", topic)
+            return Outcome(BAD_TOPIC, None)
+        publisher_id, kind = parsed
+        publisher = group.device(publisher_id)
+        if publisher is None:
+            self._event(session, publisher_id, UNKNOWN_DEVICE, None, "not registered")
+            return Outcome(UNKNOWN_DEVICE, publisher_id)
+        if publisher.state not in ACCEPTING:
+            self._event(session, publisher_id, NOT_ACCEPTING, None,
+                        "device is %s" % publisher.state)
+            return Outcome(NOT_ACCEPTING, publisher_id)
+        if kind == RELAY:
+            return self._relayed(group, publisher, payload)
+        keys = TopicKeyring(self.keyring, publisher_id, session)
+        verdict = make_batch_verifier(keys, group.chains).check(payload)
+        status = verdict.status
+        if status == chain.UNKNOWN_KEY and keys.refusal is not None:
+            status, detail = keys.refusal
+            self._event(session, publisher_id, status, None, detail)
+        elif status == chain.BAD_SIGNATURE:
+            self._forgery(session, publisher, verdict.reason)
+        elif verdict.accepted:
+            return self._accept(group, publisher, verdict, None)
+        else:
+            seq = verdict.batch.seq if verdict.batch is not None else None
+            self._event(session, publisher_id, status, seq, verdict.reason[:512])
+        return Outcome(status, publisher_id)
+
+    def _relayed(self, group: _Group, gateway: Device, payload: bytes) -> Outcome:
+        session = group.session
+        keys = RelayKeyring(self.keyring, gateway.id, group)
+        verdict = make_batch_verifier(keys, group.chains).check(payload)
+        status = verdict.status
+        gateway.last_seen = utcnow()
+        session.add(gateway)
+        if status == chain.UNKNOWN_KEY and keys.refusal is not None:
+            status, detail = keys.refusal
+            self._event(session, gateway.id, status, None, "relay: " + detail)
+            return Outcome(status, gateway.id)
+        if status == chain.BAD_SIGNATURE:
+            self._forgery(session, gateway, "relay: " + verdict.reason)
+            return Outcome(status, gateway.id)
+        if verdict.accepted and keys.node is not None:
+            return self._accept(group, keys.node, verdict, gateway.id)
+        node = verdict.batch.device if verdict.batch is not None else gateway.id
+        seq = verdict.batch.seq if verdict.batch is not None else None
+        self._event(session, node, status, seq,
+                    ("relayed by %s: %s" % (gateway.id, verdict.reason))[:512])
+        return Outcome(status, node, via=gateway.id)
+
+    def _accept(self, group: _Group, device: Device, verdict: chain.Verdict,
+                via: str | None) -> Outcome:
+        session = group.session
         b = verdict.batch
-        now = time.time()
         count = 0
+        suffix = "" if via is None else "relayed by %s" % via
         if b.kind == batchmod.KIND_DROP:
             first, last, batches, readings = b.dropped
-            self._event(session, device.id, "drop", b.seq, "device dropped seq %d..%d: "
-                        "%d batches, %d readings" % (first, last, batches, readings),
+            detail = "device dropped seq %d..%d: %d batches, %d readings" % (
+                first, last, batches, readings)
+            self._event(session, device.id, "drop", b.seq,
+                        detail + (" (%s)" % suffix if suffix else ""),
                         explained=verdict.explained)
         else:
-            rows = _readings(device.id, verdict, now)
-            if rows:
-                session.execute(insert(READING_TABLE), rows)
+            try:
+                rows = _readings(device.id, verdict, time.time(), via)
+            except PeerError as e:  # signed, chained, but its records do not resolve
+                self._event(session, device.id, chain.MALFORMED, b.seq, str(e)[:512])
+                return Outcome(chain.MALFORMED, device.id, via=via)
+            group.readings.extend(rows)
             count = len(rows)
         if verdict.status != chain.OK:
-            self._event(session, device.id, verdict.status, b.seq, "", missing=verdict.missing)
+            self._event(session, device.id, verdict.status, b.seq, suffix,
+                        missing=verdict.missing)
         if device.state == DeviceState.provisioned:
             registry.set_state(session, device=device, state=DeviceState.active)
         device.last_seen = utcnow()
         session.add(device)
-        return count
+        return Outcome(verdict.status, device.id, count, via)
 
     def _forgery(self, session: Session, device: Device, reason: str) -> None:
         device.forgeries += 1
@@ -250,83 +337,3 @@ class Ingestor:
                missing: int = 0, explained: int = 0) -> None:
         session.add(IngestEvent(device_id=device_id, status=status, seq=seq, detail=detail,
                                 missing=missing, explained=explained))
-
-
-class MqttIngestWorker:
-    """Runs an ``Ingestor`` on an MQTT 5 shared subscription (paho-mqtt, TLS client cert)."""
-
-    def __init__(self, ingestor: Ingestor, settings: Settings) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        s = settings
-        if s.mqtt_ca_file is None or s.mqtt_cert_file is None or s.mqtt_key_file is None:
-            raise ValueError("the ingest needs CITYEDGE_MQTT_CA_FILE, CITYEDGE_MQTT_CERT_FILE "
-                             "and CITYEDGE_MQTT_KEY_FILE (its client certificate); "
-                             "or run `cityedge fleet serve --no-ingest`")
-        self.ingestor = ingestor
-        self.topic = "$share/%s/ce/v1/+/up/readings" % s.ingest_share_group
-        self.settings = s
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.mqtt_client_id,
-                                  protocol=mqtt.MQTTv5, manual_ack=True)
-        self.client.tls_set(ca_certs=str(s.mqtt_ca_file), certfile=str(s.mqtt_cert_file),
-                            keyfile=str(s.mqtt_key_file))
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.on_disconnect = self._on_disconnect
-        self._props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        self._props.SessionExpiryInterval = s.limits.ingest_session_expiry_s
-        self._thread: threading.Thread | None = None
-
-    def _on_connect(self, client: Any, _userdata: Any, _flags: Any, reason: Any,
-                    _props: Any) -> None:
-        if reason.is_failure:
-            log.error("broker refused the ingest: %s", reason)
-            return
-        self.connected.set()
-        client.subscribe(self.topic, qos=1)
-
-    def _on_subscribe(self, _client: Any, _userdata: Any, _mid: int, reasons: Any,
-                      _props: Any) -> None:
-        if all(not r.is_failure for r in reasons):
-            self.subscribed.set()
-        else:
-            log.error("broker refused the subscription %s: %s", self.topic, reasons)
-
-    def _on_disconnect(self, *_args: Any) -> None:
-        self.connected.clear()
-        self.subscribed.clear()
-
-    def _on_message(self, client: Any, _userdata: Any, msg: Any) -> None:
-        attempts = self.settings.limits.ingest_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                self.ingestor.handle(msg.topic, bytes(msg.payload))
-                break
-            except Exception:  # a database failure (lock timeout, lost connection)
-                if attempt == attempts:
-                    # unacknowledged: the broker redelivers it when the session reconnects
-                    log.exception("ingest failed %d times on %s", attempts, msg.topic)
-                    return
-                time.sleep(self.settings.limits.ingest_retry_s * attempt)
-        client.ack(msg.mid, msg.qos)
-
-    def start(self) -> MqttIngestWorker:
-        self.client.connect_async(self.settings.mqtt_host, self.settings.mqtt_port,
-                                  keepalive=30, clean_start=False, properties=self._props)
-        self.client.loop_start()
-        return self
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def run_forever(self) -> None:
-        self.client.connect(self.settings.mqtt_host, self.settings.mqtt_port, keepalive=30,
-                            clean_start=False, properties=self._props)
-        self.client.loop_forever(retry_first_connection=True)

@@ -376,6 +376,7 @@ class ReadingBase(SQLModel):
     batch_seq: int = Field(sa_type=BigInteger)  # provenance: the signed batch it came in
     status: str = Field(max_length=16)  # provenance: the chain verdict of that batch
     timebase: int = 0
+    via: str | None = Field(default=None, max_length=128)  # provenance: relaying gateway
 
 
 class Reading(ReadingBase, table=True):

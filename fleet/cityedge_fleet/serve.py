@@ -14,7 +14,8 @@ from cityedge_fleet import revocation
 from cityedge_fleet.app import create_app
 from cityedge_fleet.ca import CaError, CertificateAuthority
 from cityedge_fleet.config import Settings
-from cityedge_fleet.ingest import Ingestor, MqttIngestWorker
+from cityedge_fleet.ingest import Ingestor
+from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 
 log = logging.getLogger(__name__)
 CRL_CHECK_EVERY_S = 3600.0  # seconds between checks whether the CRL needs re-signing

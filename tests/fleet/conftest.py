@@ -1,26 +1,18 @@
 """Fixtures for the fleet tests: a CA, a throwaway PostgreSQL 15 cluster, and an API client
 per database (``db`` is parametrized over SQLite and PostgreSQL).
 
-PostgreSQL: ``initdb`` refuses to run as root, so as root the cluster is created and run
-as the ``postgres`` user (``runuser``) in a temporary directory it owns, listening on a
-free loopback port and a socket in that directory. The machine's own PostgreSQL is never
-touched. Each test gets a fresh database (``CREATE DATABASE``), SQLite a fresh file.
+PostgreSQL: one throwaway cluster per session (``pg.py``; the machine's own PostgreSQL is
+never touched). Each test gets a fresh database (``CREATE DATABASE``), SQLite a fresh file.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-import pwd
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
@@ -31,70 +23,17 @@ from cityedge_fleet.ca import init_ca
 from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.models import Role
 
-from support.mosquitto import free_port
-
-
-def _pg_bin() -> Path:
-    """Debian's newest installed PostgreSQL server binaries (``make setup`` installs them)."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
-                   else 0)
-    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
-
-
-PG_BIN = _pg_bin()
-PG_START_TIMEOUT_S = 30
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-@dataclass
-class PgCluster:
-    dir: Path
-    port: int
-    _names: Iterator[int]
-
-    def admin_url(self) -> str:
-        return "postgresql://postgres@127.0.0.1:%d/postgres" % self.port
-
-    def new_database(self) -> str:
-        name = "fleet_test_%d" % next(self._names)
-        with psycopg.connect(self.admin_url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE %s" % name)
-        return "postgresql://postgres@127.0.0.1:%d/%s" % (self.port, name)
+from . import pg
+from .pg import PgCluster
 
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
-    initdb = PG_BIN / "initdb"
-    if not initdb.exists():
-        pytest.fail("PostgreSQL 15 server binaries missing: apt-get install postgresql-15")
-    base = Path(tempfile.mkdtemp(prefix="cityedge-pg-"))
-    data = base / "data"
-    if os.geteuid() == 0:
-        pg = pwd.getpwnam("postgres")
-        os.chown(base, pg.pw_uid, pg.pw_gid)
-    port = free_port()
-    subprocess.run(_as_postgres([str(initdb), "-D", str(data), "-U", "postgres", "-A", "trust",
-                                 "--no-sync", "-E", "UTF8"]),
-                   check=True, capture_output=True)
-    opts = "-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off" % (port, base)
-    started = subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts,
-                                           "-l", str(base / "log"), "-w", "-t",
-                                           str(PG_START_TIMEOUT_S), "start"]),
-                             capture_output=True)
-    if started.returncode != 0:
-        log = (base / "log").read_text() if (base / "log").exists() else ""
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.fail("PostgreSQL did not start: %s %s" % (started.stderr.decode(), log))
     try:
-        yield PgCluster(base, port, itertools.count(1))
-    finally:
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
-                                     "immediate", "stop"]), capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        with pg.pg_cluster() as cluster:
+            yield cluster
+    except pg.PgError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +59,7 @@ def settings(db_url: str, ca_dirs: tuple[Path, Path], tmp_path: Path) -> Setting
     shutil.copytree(ca_dirs[1], online)  # revocations write this test's own CRL
     return Settings(mode="development", database_url=db_url, ca_dir=online,
                     broker_url="mqtts://127.0.0.1:8883", ingest_with_serve=False,
+                    audit_anchor_file=tmp_path / "audit.anchor",
                     limits=FleetLimits(quarantine_after_forgeries=3))
 
 

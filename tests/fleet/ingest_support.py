@@ -47,13 +47,15 @@ def csr_for(signer: EcSigner, cn: str) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def enroll_device(api: Api, i: int) -> EnrolledDevice:
+def enroll_device(api: Api, i: int, signer: EcSigner | None = None) -> EnrolledDevice:
+    """Register device ``i`` and enroll it (token + CSR) with ``signer``'s key (a new one
+    by default)."""
     body = device_body(i)
     tech = api.headers(Role.technician)
     assert api.client.post("/devices", json=body, headers=tech).status_code == 201
     token = api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
                             headers=tech).json()["token"]
-    signer = EcSigner.generate()
+    signer = signer or EcSigner.generate()
     r = api.client.post("/enroll", json={"serial": body["serial"], "token": token,
                                          "csr_pem": csr_for(signer, str(body["id"]))})
     assert r.status_code == 200, r.text

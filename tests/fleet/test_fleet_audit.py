@@ -1,5 +1,6 @@
 """The audit log: editing, deleting or reordering any row in the database is detected by
-`cityedge audit verify` (and the API); the export re-verifies with the same rule."""
+`cityedge audit verify` (and the API), deleting the newest rows too (the anchor file);
+the export re-verifies with the same rule."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlmodel import Session, col, select
 
 from cityedge_fleet import audit
-from cityedge_fleet.models import Role
+from cityedge_fleet.models import AuditRecord, Role
 
 from .conftest import Api, device_body
 
@@ -24,9 +27,11 @@ def _fill(api: Api, n: int = 6) -> None:
         assert r.status_code == 201
 
 
-def _cli_verify(api: Api) -> subprocess.CompletedProcess[str]:
+def _cli_verify(api: Api, anchor: bool = True) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, CITYEDGE_DATABASE_URL=api.settings.database_url,
                CITYEDGE_CA_DIR=str(api.settings.ca_dir))
+    if anchor:
+        env["CITYEDGE_AUDIT_ANCHOR_FILE"] = str(api.settings.audit_anchor_file)
     return subprocess.run([sys.executable, "-m", "cityedge.cli", "audit", "verify"], env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -64,11 +69,33 @@ def test_tampering_is_detected(api: Api, how: str) -> None:
     assert before["ok"] is True and before["rows"] >= 6
     _tamper(api, how)
     result = api.client.get("/audit/verify", headers=sec).json()
-    if how == "delete-last":
-        # truncating the tail is only detectable against an exported or anchored head
-        assert result["ok"] is True and result["rows"] == before["rows"] - 1
-        return
     assert result["ok"] is False and result["problems"], result
+    if how == "delete-last":  # caught by the head anchored outside the database
+        assert result["problems"] == ["row %d: anchored but missing (the log was truncated)"
+                                      % before["rows"]]
+
+
+def test_truncated_tail_is_detected_by_the_anchor_file(api: Api, tmp_path: Path) -> None:
+    """Delete the newest rows: only the anchored head shows it, through the CLI too; a
+    rolled-back append anchors nothing; without an anchor file the loss goes unseen."""
+    _fill(api, 4)
+    anchor = api.settings.audit_anchor_file
+    assert anchor is not None
+    lines = anchor.read_text().splitlines()
+    with Session(api.engine) as s:
+        last = s.exec(select(AuditRecord).order_by(col(AuditRecord.id).desc())).first()
+        assert last is not None and lines[-1] == "%d %s" % (last.id, last.hash)
+        audit.append(s, actor="t", action="rolled.back", outcome=audit.OK)
+        s.rollback()
+    assert anchor.read_text().splitlines() == lines
+    assert _cli_verify(api).returncode == 0
+    with api.engine.begin() as conn:
+        conn.execute(text("DELETE FROM audit_record WHERE id > 2"))
+    r = _cli_verify(api)
+    assert r.returncode == 1 and "anchored but missing (the log was truncated)" in r.stderr
+    unanchored = _cli_verify(api, anchor=False)
+    assert unanchored.returncode == 0 and "warning: no CITYEDGE_AUDIT_ANCHOR_FILE" in (
+        unanchored.stderr)
 
 
 def test_cli_verify_exits_1_naming_the_rows(api: Api) -> None:

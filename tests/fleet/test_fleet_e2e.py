@@ -1,6 +1,7 @@
 """End to end on a real Mosquitto configured by `cityedge broker config`: a device enrolled
 through the API connects with its new certificate, its signed readings arrive through the
-MQTT 5 shared-subscription ingest and appear verified in the readings API; after the
+MQTT 5 shared-subscription ingest and appear verified in the readings API (also when
+another device relays them as a gateway); after the
 security team revokes its certificate the broker (SIGHUP, CRL) refuses it."""
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from fastapi.testclient import TestClient
 from cityedge_fleet.app import create_app
 from cityedge_fleet.ca import INTERMEDIATE_CERT, INTERMEDIATE_KEY
 from cityedge_fleet.config import Settings
-from cityedge_fleet.ingest import Ingestor, MqttIngestWorker
+from cityedge_fleet.ingest import Ingestor
+from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import Role
 
 from .conftest import Api, wait_for
@@ -164,9 +166,26 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
             assert wait_for(lambda: readings() == 50), readings()
             got = client.get("/devices/%s" % dev.id, headers=viewer).json()
             assert got["state"] == "active" and got["chain"]["last_seq"] == 10
+
             # the broker shared the batches between the two workers
             mine = sum(worker.ingestor.counts.values())
             assert 0 < mine < 10, worker.ingestor.counts
+
+            # the other device, as a gateway, relays dev's next batch unchanged
+            g = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="gw",
+                            protocol=mqtt.MQTTv5)
+            g.tls_set(ca_certs=str(other_files / "ca.pem"),
+                      certfile=str(other_files / "chain.pem"),
+                      keyfile=str(other_files / "key.pem"), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            g.connect("127.0.0.1", port)
+            g.loop_start()
+            g.publish("ce/v1/%s/up/relay" % other.id, dev.sign(5), qos=1).wait_for_publish(5)
+            g.disconnect()
+            g.loop_stop()
+            assert wait_for(lambda: readings() == 55), readings()
+            relayed = [r for r in client.get("/devices/%s/readings" % dev.id, headers=viewer,
+                                             params={"limit": 500}).json() if r["via"]]
+            assert {(r["batch_seq"], r["via"]) for r in relayed} == {(11, other.id)}
 
             def can_publish(files: Path, topic: str) -> bool:
                 p = subprocess.run(

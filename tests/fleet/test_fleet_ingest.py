@@ -49,7 +49,7 @@ def test_in_order_batches_are_stored_with_provenance(api: Api) -> None:
     assert {r["batch_seq"] for r in rows} == {1, 2, 3, 4}
     assert rows[0] == {"t": 1_790_000_000.0, "name": "pm25-0", "unit": "ug/m3", "value": 1.5,
                        "vs": None, "vb": None, "vd": None, "sum": None, "batch_seq": 1,
-                       "status": "ok", "timebase": 0}
+                       "status": "ok", "timebase": 0, "via": None}
     window = api.client.get("/devices/%s/readings" % dev.id, headers=viewer, params={
         "since": "2026-09-21T14:13:21Z", "until": "2026-09-21T14:13:22Z"}).json()
     assert {r["t"] for r in window} == {1_790_000_001.0}

@@ -56,3 +56,11 @@ def test_migrations_create_every_table_and_are_idempotent(db_url: str, tmp_path:
     indexes = {ix["name"] for ix in inspect(engine).get_indexes("device")}
     assert {"ix_device_state", "ix_device_hardware_class", "ix_device_site"} <= indexes
     engine.dispose()
+
+
+def test_ingest_groups_must_fit_in_the_receive_window() -> None:
+    from cityedge_fleet.config import FleetLimits
+
+    with pytest.raises(ValidationError, match="ingest_receive_max"):
+        FleetLimits(ingest_group_max_messages=600, ingest_receive_max=1000)
+    assert FleetLimits(ingest_group_max_messages=500).ingest_receive_max == 1000

@@ -1,0 +1,80 @@
+"""The MQTT ingest worker's grouping: messages are stored a group per transaction and
+acknowledged only after that transaction committed, in the order received; a group the
+database refuses stays unacknowledged (the broker redelivers it)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cityedge_fleet.config import FleetLimits, Settings
+from cityedge_fleet.ingest import Outcome
+from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+
+from .conftest import wait_for
+from support.mosquitto import TestPKI
+
+
+@dataclass
+class FakeMessage:
+    mid: int
+    topic: str = "ce/v1/urn:dev:mac:01/up/readings"
+    payload: bytes = b"x"
+    qos: int = 1
+
+
+class FakeIngestor:
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.groups: list[list[tuple[str, bytes]]] = []
+
+    def handle_many(self, messages: list[tuple[str, bytes]]) -> list[Outcome]:
+        if self.fail:
+            raise RuntimeError("database is down")
+        self.groups.append(messages)
+        return [Outcome("ok", None) for _ in messages]
+
+
+def _worker(tmp_path: Path, ingestor: Any) -> tuple[MqttIngestWorker, list[int]]:
+    pki = TestPKI(tmp_path / "pki")
+    creds = pki.issue_client("fleet-ingest")
+    settings = Settings(database_url="sqlite://", ca_dir=tmp_path, mqtt_ca_file=pki.ca_pem,
+                        mqtt_cert_file=creds.cert_pem, mqtt_key_file=creds.key_pem,
+                        limits=FleetLimits(ingest_group_max_messages=4, ingest_attempts=2,
+                                           ingest_retry_s=0.01, ingest_group_max_s=0.2))
+    worker = MqttIngestWorker(ingestor, settings)
+    acks: list[int] = []
+    worker.client.ack = lambda mid, qos: acks.append(mid)  # type: ignore[method-assign]
+    return worker, acks
+
+
+def test_groups_are_acknowledged_after_commit_in_order(tmp_path: Path) -> None:
+    ing = FakeIngestor(fail=False)
+    worker, acks = _worker(tmp_path, ing)
+    for mid in range(1, 11):
+        worker._on_message(None, None, FakeMessage(mid))
+    worker._start_thread()
+    try:
+        assert wait_for(lambda: len(acks) == 10, timeout=5), acks
+    finally:
+        worker._stopping.set()
+        assert worker._thread is not None
+        worker._thread.join(5)
+    assert acks == list(range(1, 11))
+    assert [len(g) for g in ing.groups] == [4, 4, 2]  # at most 4 per transaction
+    assert worker.groups == 3
+
+
+def test_a_group_the_database_refuses_is_not_acknowledged(tmp_path: Path) -> None:
+    ing = FakeIngestor(fail=True)
+    worker, acks = _worker(tmp_path, ing)
+    for mid in range(1, 4):
+        worker._on_message(None, None, FakeMessage(mid))
+    group = worker._take_group()
+    started = time.monotonic()
+    assert [m.mid for m in group] == [1, 2, 3]
+    assert worker._store(group) is False  # retried ingest_attempts times, then left
+    assert time.monotonic() - started < 5
+    assert acks == []
