@@ -43,7 +43,7 @@ from sqlmodel import Session, col, select
 from cityedge.crypto import EcVerifier
 from cityedge.verify import make_batch_verifier
 from cityedge_core import batch as batchmod
-from cityedge_core import chain
+from cityedge_core import chain, limits
 from cityedge_core.chain import KeyEntry
 from cityedge_core.errors import PeerError
 from cityedge_fleet import audit, reading_rows, registry
@@ -64,7 +64,6 @@ TOPIC_MISMATCH = "topic_mismatch"  # signed by a key of another device than the 
 UNKNOWN_DEVICE = "unknown_device"  # the topic names no registered device
 NOT_ACCEPTING = "not_accepting"  # the device is registered, quarantined or retired
 BAD_TOPIC = "bad_topic"
-KEYRING_RELOAD_MIN_S = 1.0  # seconds between keyring reloads caused by unknown kids
 READINGS = "readings"  # topic kinds
 RELAY = "relay"
 ACCEPTING = (DeviceState.provisioned, DeviceState.active)
@@ -88,9 +87,11 @@ class Keyring:
     """kid -> KeyEntry for every active credential, loaded from the registry.
 
     Reloaded when older than ``max_age_s`` (so a revocation reaches every worker within
-    that time) and, at most once a second, when a batch names a kid it does not know (a
-    device enrolled since the last load). Loads use the caller's session: on SQLite a
-    second connection would wait for the write lock that session holds.
+    that time). A kid it does not know (a device enrolled since the last load) is looked up
+    on its own with one indexed query, at once: a device's first batch may arrive within
+    milliseconds of its enrollment, and must not be refused for a stale cache. Loads use the
+    caller's session: on SQLite a second connection would wait for the write lock that
+    session holds.
     """
 
     def __init__(self, max_age_s: float = 5.0) -> None:
@@ -102,21 +103,25 @@ class Keyring:
         entries: dict[bytes, KeyEntry] = {}
         for cred in session.exec(select(Credential).where(
                 Credential.status == CredentialStatus.active)):
-            entries[bytes.fromhex(cred.kid)] = KeyEntry(
-                cred.device_id, EcVerifier.from_sec1(bytes.fromhex(cred.public_key)))
+            entries[bytes.fromhex(cred.kid)] = _entry(cred)
         self.entries = entries
         self.loaded_at = time.monotonic()
 
     def get(self, kid: bytes, session: Session) -> KeyEntry | None:
-        age = time.monotonic() - self.loaded_at
-        if age >= self.max_age_s:
+        if time.monotonic() - self.loaded_at >= self.max_age_s:
             self.reload(session)
-            age = 0.0
         entry = self.entries.get(kid)
-        if entry is None and age >= KEYRING_RELOAD_MIN_S:
-            self.reload(session)  # a device enrolled since the last load
-            entry = self.entries.get(kid)
+        if entry is None and len(kid) <= limits.KID_MAX_BYTES:
+            cred = session.exec(select(Credential).where(
+                Credential.kid == kid.hex(),
+                Credential.status == CredentialStatus.active)).first()
+            if cred is not None:
+                entry = self.entries[kid] = _entry(cred)
         return entry
+
+
+def _entry(cred: Credential) -> KeyEntry:
+    return KeyEntry(cred.device_id, EcVerifier.from_sec1(bytes.fromhex(cred.public_key)))
 
 
 class TopicKeyring:

@@ -18,7 +18,14 @@ from cityedge_core import batch as batchmod
 from cityedge_core import chain
 from cityedge_fleet import ingest
 from cityedge_fleet.ingest import Ingestor
-from cityedge_fleet.models import AuditRecord, IngestEvent, Reading, Role
+from cityedge_fleet.models import (
+    AuditRecord,
+    Credential,
+    CredentialStatus,
+    IngestEvent,
+    Reading,
+    Role,
+)
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
 from .conftest import Api
@@ -189,6 +196,12 @@ def test_device_enrolled_after_the_worker_started_is_accepted(api: Api) -> None:
     ing = Ingestor(api.engine, api.settings)
     first = enroll_device(api, 8)
     assert ing.handle(first.topic, first.sign()).status == chain.OK  # loads the keyring
-    late = enroll_device(api, 9)
-    ing.keyring.loaded_at -= ingest.KEYRING_RELOAD_MIN_S  # a second later
+    late = enroll_device(api, 9)  # enrolled a moment later: the cache is fresh, not stale
     assert ing.handle(late.topic, late.sign()).status == chain.OK
+    unknown = enroll_device(api, 10)
+    with Session(api.engine) as s:  # its credential is revoked before it ever sends
+        cred = s.exec(select(Credential).where(Credential.device_id == unknown.id)).one()
+        cred.status = CredentialStatus.revoked
+        s.add(cred)
+        s.commit()
+    assert ing.handle(unknown.topic, unknown.sign()).status == chain.UNKNOWN_KEY
