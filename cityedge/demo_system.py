@@ -229,7 +229,8 @@ def stream(con: Console, c: dict[str, Any], roots: list[Path]) -> None:
     time.sleep(2)  # the last batches reach the ingest
     headers = {"Authorization": "Bearer " + c["admin"]}
     table = Table(title="5. verified readings in the fleet (GET /devices/{id}/readings)")
-    for col in ("device", "site", "state", "batches", "readings", "verdicts"):
+    table.add_column("device", no_wrap=True, min_width=24)
+    for col in ("site", "state", "batches", "readings", "verdict"):
         table.add_column(col)
     total = 0
     latest_lines = []
