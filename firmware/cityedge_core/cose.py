@@ -91,11 +91,11 @@ def decode_sign1(data: Any, allow_untagged: bool = False, max_bytes: int = limit
     return cose_decode.decode_sign1(data, allow_untagged, max_bytes, loads)
 
 
-def sign1_from_array(obj: Any) -> Any:
+def sign1_from_array(obj: Any, loads: Any = None) -> Any:
     """Check an already decoded COSE_Sign1 array; returns a ``cose_decode.Sign1``."""
     from . import cose_decode
 
-    return cose_decode.sign1_from_array(obj)
+    return cose_decode.sign1_from_array(obj, loads)
 
 
 def kid_for_public_key(sec1_point: bytes) -> bytes:

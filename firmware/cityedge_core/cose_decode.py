@@ -76,10 +76,10 @@ def decode_sign1(
         obj = obj.value
     elif not allow_untagged:
         raise MalformedError("COSE: message is not tagged COSE_Sign1 (18)")
-    return sign1_from_array(obj)
+    return sign1_from_array(obj, loads)
 
 
-def sign1_from_array(obj: Any) -> Sign1:
+def sign1_from_array(obj: Any, loads: Any = None) -> Sign1:
     """Check the four-element COSE_Sign1 array (already decoded) and return a ``Sign1``."""
     if not isinstance(obj, list) or len(obj) != 4:
         raise MalformedError("COSE: COSE_Sign1 must be an array of four items")
@@ -93,7 +93,10 @@ def sign1_from_array(obj: Any) -> Sign1:
     if not isinstance(sig, bytes):
         raise MalformedError("COSE: signature must be a byte string")
     if protected_raw:
-        protected = cbor.loads(protected_raw, max_items=32, max_depth=2)
+        if loads is None:
+            protected = cbor.loads(protected_raw, max_items=32, max_depth=2)
+        else:
+            protected = loads(protected_raw, limits.KID_MAX_BYTES + 64)
         if not isinstance(protected, dict):
             raise MalformedError("COSE: protected header is not a map")
     else:

@@ -178,14 +178,16 @@ def _b64url_decode(text: str) -> bytes:
         raise MalformedError("SenML: vd is not base64url") from None
 
 
-def resolve(records: Any, now: float = 0.0) -> list[dict[Any, Any]]:
+def resolve(records: Any, now: float = 0.0, validated: bool = False) -> list[dict[Any, Any]]:
     """Resolve base fields (RFC 8428 §4.6); returns new records keyed by CBOR labels.
 
     Each resolved record has a name, a time (absolute when the sum reaches 2**28, else
     ``now`` plus it), and at most one of the value fields. Raises ``MalformedError`` when
-    a record has no name after resolution, or no value and no sum.
+    a record has no name after resolution, or no value and no sum. ``validated=True``
+    skips ``validate_pack`` for records that already passed it (``Batch.from_map`` does).
     """
-    validate_pack(records)
+    if not validated:
+        validate_pack(records)
     bn = ""
     bt = 0
     bu = None
