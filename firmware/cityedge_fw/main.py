@@ -1,7 +1,11 @@
 """Boot entry of the device agent: read the configuration, load keys, start the agent.
 
-On a board, the frozen ``main.py`` calls ``cityedge_fw.main.main()``; the simulator calls
-``build(cfg, board)`` itself. The configuration is a JSON map (checked by ``config.load``):
+On a board, the frozen ``main.py`` calls ``cityedge_fw.main.main(uart, info)``: while the
+device is not locked, provisioning mode runs on ``uart`` (``provision_main.board_boot``,
+which also retries a pending offline enrollment); after a fresh lock the board resets so
+the agent starts from a clean heap; a locked device starts the agent at once. The
+simulator calls ``build(cfg, board)`` itself. The configuration is a JSON map (checked by
+``config.load``):
 
 ``broker``     ``{"host": ..., "port": 8883, "server_hostname": ...}``
 ``tls``        paths of DER files: ``{"cert": ..., "key": ..., "ca": ...}``; the key is the
@@ -89,8 +93,30 @@ def start(cfg, board):
     asyncio.run(a.run())
 
 
-def main():
+def _machine_reset():
+    import machine  # type: ignore[import-not-found]
+
+    machine.reset()
+
+
+def main(uart=None, info=None, root="/", reset=_machine_reset, agent=start):
+    """Boot: provisioning mode while not locked (given the board's ``uart`` and ``info``
+    ``{"model", "serial", "device", "firmware"}``), then the agent.
+
+    Returns False if the provisioning line closed without a lock (only a test's UART
+    does that), True after ``reset()`` returned (a real reset never does)."""
     from . import config, hal
 
-    cfg = config.load(CONFIG_PATH)
-    start(cfg, hal.get_board(cfg))
+    if uart is not None:
+        from . import provision, provision_main
+
+        fresh = not provision.is_locked(root)
+        if not provision_main.board_boot(uart, root, info, reset=reset):
+            return False
+        if fresh:
+            gc.collect()
+            reset()  # the agent starts on the next boot, from a clean heap
+            return True
+    path = CONFIG_PATH if root == "/" else root.rstrip("/") + CONFIG_PATH
+    cfg = config.load(path)
+    agent(cfg, hal.get_board(cfg))

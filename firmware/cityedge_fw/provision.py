@@ -16,16 +16,31 @@ generate_key  unprovisioned..tested        new P-256 key from ``os.urandom`` (th
                                            state ``keyed``. The private key is written to
                                            flash and never leaves the device.
 csr           keyed..tested                PKCS#10 DER for the key (``cityedge_core.csr``)
-install       keyed..tested                certificate chain (its leaf must hold our public
+install       keyed..tested, pending       certificate chain (its leaf must hold our public
                                            key), CA, broker, fleet keys, config; each file
                                            written atomically, the state file last:
                                            ``installed``
+install with  keyed, pending               offline provisioning: an *enrollment ticket*
+  a ticket                                 (``F_TICKET``, below) instead of a chain; stored
+                                           atomically, state ``pending-enrollment``
 self_test     installed, tested            TCP to the broker, then TLS with the new
                                            certificate, MQTT CONNECT, one signed batch
                                            published QoS 1 and acknowledged: ``tested``
 lock          tested                       ``locked``: the agent boots from now on
 unlock        locked                       back to ``tested`` (files are kept)
 ============  ===========================  ==============================================
+
+Offline provisioning (the laptop has no connection): the install request carries
+``F_TICKET`` = ``{"token", "url", "ca", "dev_http", "register", "fleet_keys",
+"server_hostname"}``: the one-time enrollment token fetched beforehand, the fleet's
+``/enroll/ticket`` URL, the DER CA of the fleet's HTTPS certificate, what to register.
+The device adds its serial and its CSR (PEM) and stores the ticket. From then on its boot
+path (``provision_main``) retries the enrollment itself between UART reads
+(``enroll_http.Enroller``, jittered backoff); the fleet's answer is installed exactly as
+the ``install`` step does, then the device locks itself and starts the agent. A refusal
+that retrying cannot fix (token expired, unknown or for another serial) drops the ticket
+and returns to ``keyed``: the technician's next visit finishes the device. The
+technician may also come back first: a normal ``install`` replaces the ticket.
 
 A request out of order gets ``E_ORDER``; bad fields ``E_BAD_INPUT``; a flash failure
 ``E_STORAGE``. Framing faults from the decoder are answered with one error frame each.
@@ -70,9 +85,16 @@ KEYED = "keyed"
 INSTALLED = "installed"
 TESTED = "tested"
 LOCKED = "locked"
+PENDING = "pending-enrollment"  # holds an offline enrollment ticket (see above)
+
+# install field carrying the offline enrollment ticket. Proposed for ``cityedge_core.frame``
+# as ``F_TICKET = 6`` (the core is not ours to edit); frame maps keep unknown fields.
+F_TICKET = const(6)
+TICKET_MAX_BYTES = const(6144)  # bytes of a stored ticket (token, URL, CA, CSR, register)
 
 # file names under the device's root directory
 STATE_FILE = "provision.cbor"
+TICKET_FILE = "ticket.cbor"
 KEY_FILE = "key.der"
 CERT_FILE = "cert.der"
 CA_FILE = "ca.der"
@@ -194,6 +216,8 @@ class Provisioner:
             return self.generate_key()
         if t == _T.T_CSR:
             return self.make_csr()
+        if t == _T.T_INSTALL and msg.get(F_TICKET) is not None:
+            return self.store_ticket(msg[F_TICKET])
         if t == _T.T_INSTALL:
             return self.install(msg)
         if t == _T.T_SELF_TEST:
@@ -218,7 +242,7 @@ class Provisioner:
         return reply
 
     def generate_key(self):
-        for name in INSTALLED_FILES:  # an old identity never outlives its key
+        for name in INSTALLED_FILES + (TICKET_FILE,):  # nothing outlives its key
             _remove(self._path(name))
         key = p256.PrivateKey.generate(self.randbytes)
         _write_atomic(self._path(KEY_FILE), csr.ec_private_key_der(key))
@@ -230,11 +254,11 @@ class Provisioner:
                 _T.F_KID: cose.kid_for_public_key(pub)}
 
     def make_csr(self):
-        self._need(KEYED, INSTALLED, TESTED)
+        self._need(KEYED, PENDING, INSTALLED, TESTED)
         return {_T.F_TYPE: _T.T_CSR, _T.F_CSR: csr.build_csr(self.key(), self.info["device"])}
 
     def install(self, msg):
-        self._need(KEYED, INSTALLED, TESTED)
+        self._need(KEYED, PENDING, INSTALLED, TESTED)
         chain = msg.get(_T.F_CHAIN)
         cas = msg.get(_T.F_CA)
         broker = msg.get(_T.F_BROKER)
@@ -276,7 +300,82 @@ class Provisioner:
         }
         _write_atomic(self._path(CONFIG_FILE), json.dumps(cfg).encode())
         self._set_state(INSTALLED)
+        _remove(self._path(TICKET_FILE))  # installed: a pending ticket has no use any more
         return {_T.F_TYPE: _T.T_INSTALL, _T.F_KID: cose.kid_for_public_key(pub)}
+
+    # --- offline enrollment ticket ----------------------------------------------------------
+    def store_ticket(self, ticket):
+        """Keep the ticket (validated, with our serial and CSR added): ``pending``."""
+        self._need(KEYED, PENDING)
+        if not isinstance(ticket, dict):
+            raise StepRefused(_T.E_BAD_INPUT, "ticket must be a map")
+        token, url = ticket.get("token"), ticket.get("url")
+        ca = ticket.get("ca")
+        dev_http = ticket.get("dev_http") is True
+        reg = ticket.get("register") or {}
+        fleet_keys = ticket.get("fleet_keys") or []
+        if not isinstance(token, str) or not token or not isinstance(url, str):
+            raise StepRefused(_T.E_BAD_INPUT, "ticket: token and url are needed")
+        from .enroll_http import parse_url
+
+        try:
+            tls = parse_url(url, dev_http)[0]
+        except ValueError as e:
+            raise StepRefused(_T.E_BAD_INPUT, "ticket: %s" % e) from e
+        if tls and not isinstance(ca, bytes):
+            raise StepRefused(_T.E_BAD_INPUT, "ticket: an https URL needs the fleet's CA (DER)")
+        if not isinstance(reg, dict) or not isinstance(fleet_keys, list):
+            raise StepRefused(_T.E_BAD_INPUT, "ticket: register must be a map, fleet keys a list")
+        for k in fleet_keys:
+            p256.PublicKey.from_sec1(k)  # refuses a point not on the curve
+        stored = {"token": token, "url": url, "dev_http": dev_http,
+                  "serial": self.info["serial"],
+                  "csr_pem": csr.pem("CERTIFICATE REQUEST",
+                                     csr.build_csr(self.key(), self.info["device"])),
+                  "register": reg, "fleet_keys": fleet_keys,
+                  "server_hostname": ticket.get("server_hostname")}
+        if isinstance(ca, bytes):
+            stored["ca"] = ca
+        data = cbor.dumps(stored)
+        if len(data) > TICKET_MAX_BYTES:
+            raise StepRefused(_T.E_BAD_INPUT, "ticket: over %d bytes" % TICKET_MAX_BYTES)
+        _write_atomic(self._path(TICKET_FILE), data)
+        self._set_state(PENDING)
+        return {_T.F_TYPE: _T.T_INSTALL, _T.F_STATE: PENDING,
+                _T.F_KID: cose.kid_for_public_key(self.key().public_key().to_sec1())}
+
+    def ticket(self):
+        """The stored ticket while ``pending-enrollment``, else None."""
+        if self.state != PENDING:
+            return None
+        raw = _read(self._path(TICKET_FILE))
+        try:
+            return cbor.loads(raw) if raw is not None else None
+        except CityedgeError:
+            return None  # torn: the technician's next visit finishes the device
+
+    def finish_enrollment(self, ticket, answer):
+        """Install the fleet's answer to the ticket exactly as ``install`` does, then lock."""
+        from .enroll_http import pem_to_der_list
+
+        broker_url = answer.get("broker_url") or ""
+        hostport = broker_url.split("://", 1)[-1].split("/", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        if not host:
+            host, port = hostport, "8883"
+        msg = {_T.F_CHAIN: pem_to_der_list(answer["chain_pem"]),
+               _T.F_CA: pem_to_der_list(answer["ca_bundle_pem"]),
+               _T.F_BROKER: {"host": host, "port": int(port),
+                             "server_hostname": ticket.get("server_hostname") or host},
+               _T.F_CONFIG: answer.get("config") or {},
+               _T.F_FLEET_KEYS: ticket.get("fleet_keys") or []}
+        self.install(msg)
+        self._set_state(LOCKED)  # the agent's connection is the proof from here on
+
+    def drop_ticket(self):
+        """The fleet refused the ticket for good: back to ``keyed``."""
+        _remove(self._path(TICKET_FILE))
+        self._set_state(KEYED)
 
     def self_test(self, msg):
         self._need(INSTALLED, TESTED)
@@ -463,15 +562,27 @@ def is_locked(root):
         return False
 
 
-def serve(prov, read, write, until_locked=False):
+def serve(prov, read, write, until_locked=False, idle=None):
     """The UART loop: ``read()`` returns bytes (``b""`` when the line is gone), ``write(b)``.
 
     Returns when the line is closed (USB unplugged, pty closed), or with ``until_locked``
     right after the reply to a successful ``lock`` (a board then resets into the agent).
+
+    ``idle`` (optional): an object with ``due_ms()`` and ``run()``; then ``read(timeout_ms)``
+    returns None when nothing came within ``due_ms()``, and ``idle.run()`` is called (the
+    offline enrollment retry). Returns as soon as ``run()`` leaves the device locked.
     """
     dec = frame.FrameDecoder()
     while True:
-        data = read()
+        if idle is not None and prov.state == PENDING:
+            data = read(idle.due_ms())
+            if data is None:
+                idle.run()
+                if prov.state == LOCKED:
+                    return
+                continue
+        else:
+            data = read()
         if not data:
             return
         for item in dec.feed(data):

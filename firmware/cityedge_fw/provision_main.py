@@ -6,6 +6,11 @@ the line closes (stdin at end of file, or the pseudo-terminal hung up); nothing 
 ever written to stdout. Diagnostics go to stderr. On a board, ``main.py`` calls
 ``board_boot(uart, root, info)``: provisioning mode on the UART while the device is not
 locked (unprovisioned, or unlocked by a signed fleet command), then the agent.
+
+While the device holds an offline enrollment ticket (state ``pending-enrollment``), both
+entries retry the enrollment themselves between reads of the line (``EnrollRetry``): on
+success the device installs the fleet's answer and locks itself; the unix port then
+returns (exit), a board resets into the agent.
 """
 
 import sys
@@ -29,11 +34,13 @@ def stdio_line():
     poller = select.poll()
     poller.register(stdin, select.POLLIN)
 
-    def read():
+    def read(timeout_ms=-1):
         buf = bytearray()
         while len(buf) < READ_MAX:
-            ready = poller.poll(-1 if not buf else 0)
+            ready = poller.poll(timeout_ms if not buf else 0)
             if not ready:
+                if not buf and timeout_ms >= 0:
+                    return None  # nothing within timeout_ms: the caller's idle work
                 break
             flags = ready[0][1]
             if not flags & select.POLLIN:  # POLLHUP / POLLERR without data
@@ -62,29 +69,92 @@ def uart_line(uart, idle_ms=20):
     """``(read, write)`` over a ``machine.UART`` (a board): ``read`` waits for bytes."""
     import time
 
-    def read():
+    def read(timeout_ms=-1):
+        waited = 0
         while True:
             data = uart.read(READ_MAX)
             if data:
                 return data
-            time.sleep_ms(idle_ms)  # type: ignore[attr-defined]
+            if 0 <= timeout_ms <= waited:
+                return None  # nothing within timeout_ms: the caller's idle work
+            if hasattr(time, "sleep_ms"):
+                time.sleep_ms(idle_ms)  # type: ignore[attr-defined]
+            else:  # CPython (tests with a fake UART)
+                time.sleep(idle_ms / 1000)
+            waited += idle_ms
 
     return read, uart.write
 
 
-def run(root, info, read, write, until_locked=False):
-    """Serve provisioning requests until the line closes (or, on a board, until locked)."""
+class EnrollRetry:
+    """The ``idle`` work of ``provision.serve`` while a ticket is pending: one enrollment
+    attempt whenever its backoff says so (``enroll_http.Enroller``)."""
+
+    def __init__(self, prov, post=None, reset=None):
+        self.prov = prov
+        self.post = post
+        self.reset = reset  # a board's reset: a fragmented heap is rebuilt by a reboot
+        self.enroller = None
+
+    def _log(self, text):
+        print(text, file=sys.stderr)
+
+    def due_ms(self):
+        return 0 if self.enroller is None else self.enroller.due_ms()
+
+    def run(self):
+        from cityedge_fw import enroll_http
+
+        ticket = self.prov.ticket()
+        if ticket is None:  # torn or gone: wait for the technician
+            self._log("enroll: the stored ticket is unreadable; back to keyed")
+            self.prov.drop_ticket()
+            return
+        if self.enroller is None:
+            self.enroller = enroll_http.Enroller(ticket, self.post or enroll_http.post_json,
+                                                 self._log)
+        try:
+            outcome, value = self.enroller.attempt()
+        except Exception as e:  # never die on the boot path: log, back off, retry
+            outcome, value = self.enroller._retry("%s: %s" % (type(e).__name__, e))
+        if outcome == enroll_http.RETRY and value.startswith("MemoryError") and self.reset:
+            self._log("enroll: heap too fragmented for the reply; resetting (the ticket "
+                      "is on flash)")
+            self.reset()
+            return
+        if outcome == enroll_http.REFUSED:
+            self._log("enroll: the fleet refused the ticket (%s); waiting for the "
+                      "technician" % value)
+            self.prov.drop_ticket()
+            self.enroller = None
+        elif outcome == enroll_http.OK:
+            try:
+                self.prov.finish_enrollment(ticket, value)
+            except Exception as e:  # a bad answer: the same ticket gets it again later
+                self.enroller._retry("cannot install the answer: %s: %s"
+                                     % (type(e).__name__, e))
+                return
+            self._log("enroll: enrolled after %d failed attempt(s); locked (%d bytes of heap "
+                      "free before the POST)" % (self.enroller.attempts,
+                                                 self.enroller.heap_free))
+
+
+def run(root, info, read, write, until_locked=False, post=None, reset=None):
+    """Serve provisioning requests until the line closes (or, on a board, until locked);
+    while a ticket is pending, retry the enrollment between reads (``reset``: a board's
+    reset, used when the heap is too fragmented for the fleet's reply)."""
     from cityedge_fw import provision
 
     prov = provision.Provisioner(root, info)
     print("provisioning mode: %s %s state=%s" % (info["device"], info["serial"], prov.state),
           file=sys.stderr)
-    provision.serve(prov, read, write, until_locked)
+    provision.serve(prov, read, write, until_locked, EnrollRetry(prov, post, reset))
     print("provisioning mode: line closed (state=%s)" % prov.state, file=sys.stderr)
 
 
-def board_boot(uart, root, info):
-    """For a board's ``main.py``: provisioning mode on ``uart`` unless provisioned.
+def board_boot(uart, root, info, post=None, reset=None):
+    """For a board's ``main.py``: provisioning mode on ``uart`` unless provisioned (and,
+    with a pending ticket, the enrollment retry).
 
     Returns True when the device is (now) locked and the agent may start; the caller
     resets after a fresh lock so the agent boots from a clean heap."""
@@ -93,7 +163,7 @@ def board_boot(uart, root, info):
     if provision.is_locked(root):
         return True
     read, write = uart_line(uart)
-    run(root, info, read, write, until_locked=True)
+    run(root, info, read, write, until_locked=True, post=post, reset=reset)
     return provision.is_locked(root)
 
 

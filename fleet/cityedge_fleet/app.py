@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from cityedge_fleet.api import audit_routes, devices, enroll_routes, tokens
+from cityedge_fleet.api import audit_routes, devices, enroll_routes, enroll_ticket, tokens
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import make_engine, migrate
 from cityedge_fleet.models import CONTROL_CHARACTERS
@@ -27,7 +27,7 @@ def health() -> dict[str, str]:
 
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
-           audit_routes.router)
+           enroll_ticket.router, audit_routes.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

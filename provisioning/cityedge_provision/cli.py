@@ -72,6 +72,17 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from e
 
 
+def _der_certificate(path: Path) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(Encoding.DER)
+    except ValueError as e:
+        raise ProvisionError("%s is not a PEM certificate: %s" % (path, e),
+                             "give the CA certificate of the fleet's HTTPS endpoint") from e
+
+
 def choose_port(port: str | None, yes: bool) -> str:
     if port:
         return port
@@ -134,7 +145,11 @@ def run_session(port: str, ws: Workspace, fleet: FleetClient | None, opts: Optio
 
 
 def report(outcome: Outcome, label_path: Path | None) -> None:
-    if outcome.status == "queued":
+    if outcome.status == "ticket":
+        out.print("Queued %s (serial %s) for enrollment in %.1f s: the device enrolls itself "
+                  "when it reaches the fleet; `cityedge provision sync` records it here."
+                  % (outcome.device, outcome.serial, outcome.seconds))
+    elif outcome.status == "queued":
         out.print("Queued %s (serial %s) for enrollment in %.1f s: run `cityedge provision "
                   "sync` when online." % (outcome.device, outcome.serial, outcome.seconds))
     elif outcome.status == "installed":
@@ -168,6 +183,13 @@ def provision(
     server_hostname: Annotated[str | None, typer.Option(
         help="TLS name of the broker (default: the host of the fleet's broker URL).")] = None,
     label: LabelOpt = None,
+    fleet_ca: Annotated[Path | None, typer.Option(
+        help="Offline: CA certificate (PEM) of the fleet's HTTPS endpoint; with it the "
+             "device is handed a ticket and enrolls itself when it reaches the fleet.")
+                        ] = None,
+    dev_http_enroll: Annotated[bool, typer.Option(
+        help="Offline, DEVELOPMENT ONLY: let the device enroll itself over plain http:// "
+             "(a fleet on loopback without TLS). Never for a real fleet.")] = False,
 ) -> None:
     """Provision the device on the USB port (when no sub-command is given)."""
     if ctx.invoked_subcommand is not None:
@@ -177,7 +199,9 @@ def provision(
         opts = Options(site=site, hardware_class=hardware_class, tags=list(tag or []),
                        offline=offline, restart=restart, self_test=self_test,
                        fleet_keys=[p.read_bytes() for p in fleet_key or []],
-                       server_hostname=server_hostname, confirm=_confirm(yes, site))
+                       server_hostname=server_hostname, confirm=_confirm(yes, site),
+                       fleet_ca=_der_certificate(fleet_ca) if fleet_ca else None,
+                       dev_http_enroll=dev_http_enroll)
         fleet = _fleet(offline, ws)
         report(run_session(choose_port(port, yes), ws, fleet, opts), label)
 
@@ -253,7 +277,7 @@ def sync_command() -> None:
             return
         fleet = FleetClient.from_workspace(ws)
         table = Table("serial", "device", "result")
-        failures = 0
+        failures = revisit = 0
         for entry in queued:
             serial = entry["serial"]
             try:
@@ -263,7 +287,15 @@ def sync_command() -> None:
                         "hardware_class": entry.get("hardware_class") or entry["model"],
                         "site": entry.get("site", ""), "firmware_version": entry.get(
                             "firmware", "")})
-                answer = fleet.enroll(serial, entry.get("token"), entry["csr_pem"])
+                by_device = False
+                if entry.get("ticket") and entry.get("token"):
+                    # the device holds the same token: whichever comes first enrolls,
+                    # the other gets the same certificate
+                    answer, by_device = fleet.enroll_ticket(
+                        serial, str(entry["token"]), entry["csr_pem"])
+                else:
+                    answer = fleet.enroll(serial, entry.get("token"), entry["csr_pem"])
+                    revisit += 1
             except FleetRefused as e:
                 failures += 1
                 table.add_row(serial, entry["device"], "refused: %s" % e)
@@ -272,10 +304,13 @@ def sync_command() -> None:
                                      "kid": entry["kid"], "enrollment": answer})
             ws.unqueue(serial)
             ws.drop_token(serial)
-            table.add_row(serial, entry["device"], "certificate issued")
+            table.add_row(serial, entry["device"], "enrolled by the device itself" if by_device
+                          else "certificate issued (the device fetches it with its ticket)"
+                          if entry.get("ticket") else "certificate issued")
         out.print(table)
-        out.print("Connect each enrolled device again (`cityedge provision`) to install its "
-                  "certificate and run the self-test.")
+        if revisit:
+            out.print("Connect each enrolled device again (`cityedge provision`) to install "
+                      "its certificate and run the self-test.")
         if failures:
             raise ProvisionError("%d queued enrollment(s) refused" % failures,
                                  "fetch new tokens (`cityedge provision tokens`) for those "

@@ -239,6 +239,16 @@ class FleetClient:
             body["token"] = token
         return _obj(self._call("POST", "/enroll", json=body))
 
+    def enroll_ticket(self, serial: str, token: str, csr_pem: str,
+                      register: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+        """Redeem an offline ticket's token (``/enroll/ticket``): the answer, and True if
+        the device had already enrolled itself with it (the same certificate again)."""
+        body: dict[str, Any] = {"serial": serial, "token": token, "csr_pem": csr_pem}
+        if register is not None:
+            body["registration"] = register
+        res = self._call("POST", "/enroll/ticket", json=body)
+        return _obj(res), res.headers.get("X-Cityedge-Enrollment") == "existing"
+
 
 def _detail(res: httpx.Response) -> str:
     with contextlib.suppress(ValueError):

@@ -17,7 +17,9 @@ key         ``generate_key`` on the device unless it already has a key (``--rest
 csr         the device builds and signs a PKCS#10 request (the private key stays on it)
 enroll      get an enrollment token (online, or pre-fetched for offline work) and ``POST
             /enroll``; the answer is saved to the session record at once. Offline, the CSR
-            is queued for ``cityedge provision sync`` and the run ends here (``queued``)
+            is queued for ``cityedge provision sync`` and the run ends here (``queued``);
+            with a ticket the device can use (see ``ticket_for``), the device is handed
+            it and retries the enrollment itself until the fleet answers
 install     certificate, CA, broker, config to the device (written atomically there)
 self_test   the device connects to the broker with its new identity and publishes one
             signed batch; failures say whether the broker was unreachable or refused us
@@ -53,6 +55,11 @@ from cityedge_provision.fleet_client import FleetClient, Workspace
 from cityedge_provision.limits import LIMITS, ProvisionLimits
 from cityedge_provision.transport import SerialTransport
 
+# install-request field with the offline enrollment ticket (``cityedge_fw.provision``);
+# proposed for ``cityedge_core.frame`` as ``F_TICKET``
+TICKET_FIELD = 6
+TICKET_PATH = "/enroll/ticket"  # the fleet endpoint a device with a ticket enrolls at
+
 STEPS = ("connect", "fleet", "key", "csr", "enroll", "install", "self_test", "lock")
 
 
@@ -86,6 +93,11 @@ class Options:
     expect_serial: str | None = None  # bulk mode: the manifest's serial for this port
     register: dict[str, Any] = field(default_factory=dict)  # extra fields (replace)
     allow_list: bool = False  # enroll by the vendor manifest's allow-list, no token
+    # offline ticket: the fleet's URL (default: the login URL), the CA of its HTTPS
+    # certificate (DER), and the explicit development-only permission for http://
+    enroll_url: str | None = None
+    fleet_ca: bytes | None = None
+    dev_http_enroll: bool = False
     # asked after ``connect`` with what was found; False stops before anything changes
     confirm: Callable[[DeviceInfo], bool] | None = None
 
@@ -99,7 +111,9 @@ class StepResult:
 
 @dataclass
 class Outcome:
-    status: str  # "provisioned", "installed" (self-test skipped) or "queued" (offline)
+    # "provisioned", "installed" (self-test skipped), "queued" (offline) or "ticket"
+    # (offline, and the device was handed a ticket to enroll itself)
+    status: str
     device: str
     serial: str
     kid: str
@@ -142,7 +156,8 @@ class ProvisionSession:
         self._step("key", self.make_key)
         csr_pem = self._step("csr", self.make_csr)
         if not self._step("enroll", lambda: self.enroll(csr_pem)):
-            return self._outcome("queued")
+            ticket = self._info().state == "pending-enrollment"
+            return self._outcome("ticket" if ticket else "queued")
         self._step("install", self.install)
         self._step("self_test", self.self_test)
         if not self.opts.self_test:
@@ -191,10 +206,40 @@ class ProvisionSession:
         if self.record.get("device") != info.device:
             self.record = {"serial": info.serial, "device": info.device}
         if info.state == "locked" and not self._enrolled_here():
-            raise DeviceAlreadyProvisioned("hello", frame.E_LOCKED,
-                                           "%s, serial %s" % (info.device, info.serial))
+            entry = self._ticket_entry()
+            if entry is None:
+                raise DeviceAlreadyProvisioned("hello", frame.E_LOCKED,
+                                               "%s, serial %s" % (info.device, info.serial))
+            if self.fleet is None:
+                raise ProvisionError(
+                    "%s enrolled itself with the ticket this laptop gave it" % info.device,
+                    "nothing to do on the device; run `cityedge provision sync` when online "
+                    "to record it here")
+            self._redeem_ticket(entry)  # the device was first: the same certificate
         return "%s %s, serial %s, firmware %s, state %s" % (
             info.model, info.device, info.serial, info.firmware, info.state)
+
+    def _ticket_entry(self) -> dict[str, Any] | None:
+        """The queued offline CSR whose ticket the device holds for its current key."""
+        info = self._info()
+        for entry in self.ws.queued():
+            if entry.get("serial") == info.serial and entry.get("ticket") and \
+                    entry.get("token") and info.kid is not None and \
+                    entry.get("kid") == info.kid.hex():
+                return entry
+        return None
+
+    def _redeem_ticket(self, entry: dict[str, Any]) -> bool:
+        """Enroll with the ticket's token, or get what the device already got with it."""
+        assert self.fleet is not None
+        answer, by_device = self.fleet.enroll_ticket(
+            str(entry["serial"]), str(entry["token"]), str(entry["csr_pem"]))
+        self.record["kid"] = entry["kid"]
+        self.record["enrollment"] = answer
+        self._save()
+        self.ws.unqueue(str(entry["serial"]))
+        self.ws.drop_token(str(entry["serial"]))
+        return by_device
 
     def _enrolled_here(self) -> bool:
         """This laptop holds the fleet's answer for the device's current key."""
@@ -283,14 +328,26 @@ class ProvisionSession:
                     "or never fetched)" % info.serial,
                     "while online, fetch one: `cityedge provision tokens %s`; the device "
                     "keeps its key, run again afterwards" % info.serial)
+            ticket = self.ticket_for(token) if token is not None else None
             self.ws.queue(info.serial, {
                 "serial": info.serial, "device": info.device, "kid": self.record["kid"],
                 "csr_pem": csr_pem, "token": token, "site": self.opts.site,
                 "model": info.model, "firmware": info.firmware,
                 "hardware_class": self.opts.hardware_class or info.model,
+                "ticket": ticket is not None,
                 "queued_at": dt.datetime.now(dt.UTC).isoformat()})
-            return ("offline: CSR queued; run `cityedge provision sync` when online, then "
-                    "connect the device again to install its certificate"), False
+            if ticket is None:
+                return ("offline: CSR queued; run `cityedge provision sync` when online, "
+                        "then connect the device again to install its certificate"), False
+            self.t.request(frame.T_INSTALL, {TICKET_FIELD: ticket})
+            info.state = "pending-enrollment"
+            return ("offline: CSR queued; the device enrolls itself at %s when it reaches "
+                    "the fleet (or run `cityedge provision sync`)" % ticket["url"]), False
+        entry = self._ticket_entry()
+        if entry is not None:  # the device holds a ticket with this laptop's token
+            if self._redeem_ticket(entry):
+                return "the device had enrolled itself with its ticket (same certificate)", True
+            return "certificate issued by the fleet CA (the offline ticket's token)", True
         if token is None and not self.opts.allow_list:
             token = str(self.fleet.enrollment_token(
                 info.serial, self.limits.enroll_token_ttl_s)["token"])
@@ -300,6 +357,35 @@ class ProvisionSession:
         self.ws.drop_token(info.serial)
         return "certificate issued by the fleet CA (%s)" % (
             "vendor allow-list" if token is None else "one-time token"), True
+
+    def ticket_for(self, token: str) -> dict[str, Any] | None:
+        """The offline enrollment ticket for the device, or None if it could not use one.
+
+        ``https://`` needs the CA of the fleet's HTTPS certificate (``--fleet-ca``);
+        ``http://`` only with the explicit development-only ``--dev-http-enroll``."""
+        info = self._info()
+        url = self.opts.enroll_url
+        if url is None:
+            try:
+                url = self.ws.login()[0]
+            except ProvisionError:
+                return None
+        url = url.rstrip("/") + TICKET_PATH
+        dev_http = url.startswith("http://")
+        if dev_http and not self.opts.dev_http_enroll:
+            return None
+        if not dev_http and self.opts.fleet_ca is None:
+            return None
+        ticket: dict[str, Any] = {
+            "token": token, "url": url, "dev_http": dev_http,
+            "register": {"id": info.device, "model": info.model,
+                         "hardware_class": self.opts.hardware_class or info.model,
+                         "site": self.opts.site, "firmware_version": info.firmware},
+            "fleet_keys": self.opts.fleet_keys,
+            "server_hostname": self.opts.server_hostname}
+        if self.opts.fleet_ca is not None:
+            ticket["ca"] = self.opts.fleet_ca
+        return ticket
 
     def install(self) -> str:
         info = self._info()

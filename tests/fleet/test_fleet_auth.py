@@ -18,6 +18,7 @@ from .conftest import Api
 PUBLIC = {  # endpoints anyone may call, and why
     ("GET", "/health"),
     ("POST", "/enroll"),  # gated by an enrollment token or allow-list, rate-limited
+    ("POST", "/enroll/ticket"),  # a device redeeming its offline ticket: token, rate-limited
     ("GET", "/ca/crl"),  # the CRL is public by design
     ("GET", "/ca/bundle"),  # so are the CA certificates
 }

@@ -36,7 +36,10 @@ def fleet_ca_from_pki(pki: TestPKI, ca_dir: Path) -> Path:
 
 
 class FleetServer:
-    def __init__(self, base: Path, pki: TestPKI, broker_port: int) -> None:
+    def __init__(self, base: Path, pki: TestPKI, broker_port: int, port: int | None = None,
+                 tls: bool = False) -> None:
+        """``port``: listen there (a fleet restarted on the same URL), else a free one.
+        ``tls``: HTTPS with the test PKI's server certificate (CN/SAN 127.0.0.1)."""
         self.dir = base
         self.db_path = base / "fleet.sqlite3"
         ingest = pki.issue_client("fleet-ingest")
@@ -50,10 +53,13 @@ class FleetServer:
             limits=FleetLimits(enroll_burst=10_000, enroll_per_s=1000.0))
         self.worker: MqttIngestWorker | None = None
         self.app = create_app(self.settings)
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
+        self.port = port or free_port()
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
+        ssl_files = {"ssl_certfile": str(pki.server.cert_pem),
+                     "ssl_keyfile": str(pki.server.key_pem)} if tls else {}
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="off"))
+                                                    log_level="warning", lifespan="off",
+                                                    **ssl_files))
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="fleet")
 
     def start(self) -> FleetServer:

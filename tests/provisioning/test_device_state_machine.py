@@ -7,14 +7,18 @@ one is exercised on the MicroPython unix port in ``test_device_pty``.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from prov_helpers import issue_for_csr
@@ -28,6 +32,7 @@ URN = "urn:dev:mac:0024befffe80aaaa"
 INFO = {"model": "ce-sim-1", "serial": "SN-SM", "device": URN, "firmware": "0.1.0"}
 ORDER = [provision.UNPROVISIONED, provision.KEYED, provision.INSTALLED, provision.TESTED,
          provision.LOCKED]
+PRE_LOCK = (provision.KEYED, provision.PENDING, provision.INSTALLED, provision.TESTED)
 _PKI: TestPKI | None = None
 
 
@@ -93,7 +98,7 @@ class ProvisionerMachine(RuleBasedStateMachine):
     @rule()
     def csr(self) -> None:
         r = self.send({0: frame.T_CSR})
-        if self.expect(r, frame.T_CSR, self.model in ORDER[1:4]):
+        if self.expect(r, frame.T_CSR, self.model in PRE_LOCK):
             cert = issue_for_csr(pki().ca_key, pki().ca_cert, r[frame.F_CSR])
             self.last_cert = cert.public_bytes(Encoding.DER)
 
@@ -102,7 +107,7 @@ class ProvisionerMachine(RuleBasedStateMachine):
         cert = self.last_cert if good_cert and self.last_cert else os.urandom(300)
         r = self.send({0: frame.T_INSTALL, frame.F_CHAIN: [cert], frame.F_CA: [b"ca"],
                        frame.F_BROKER: {"host": "127.0.0.1", "port": 1}})
-        allowed = self.model in ORDER[1:4]
+        allowed = self.model in PRE_LOCK
         if not allowed:
             self.expect(r, frame.T_INSTALL, False)
         elif cert is self.last_cert:
@@ -110,6 +115,60 @@ class ProvisionerMachine(RuleBasedStateMachine):
             self.model = provision.INSTALLED
         else:
             assert r[0] == frame.T_ERROR and r[frame.F_CODE] == frame.E_BAD_INPUT, r
+
+    @rule(valid=st.booleans())
+    def ticket(self, valid: bool) -> None:
+        """Offline: an install carrying an enrollment ticket (https needs the CA)."""
+        t: dict[str, Any] = {"token": "tok", "url": "http://127.0.0.1:9/enroll/ticket",
+                             "dev_http": True}
+        if not valid:
+            t["url"] = "https://127.0.0.1:9/enroll/ticket"  # and no CA
+        r = self.send({0: frame.T_INSTALL, provision.F_TICKET: t})
+        allowed = self.model in (provision.KEYED, provision.PENDING)
+        if not allowed:
+            self.expect(r, frame.T_INSTALL, False)
+        elif valid:
+            assert r[0] == frame.T_INSTALL and r[frame.F_STATE] == provision.PENDING, r
+            self.model = provision.PENDING
+        else:
+            assert r[0] == frame.T_ERROR and r[frame.F_CODE] == frame.E_BAD_INPUT, r
+
+    @rule(answer=st.sampled_from(["ok", "refused", "down", "garbage", "wrong-cert"]))
+    def enroll_attempt(self, answer: str) -> None:
+        """The boot path's retry while a ticket is pending, against a scripted fleet."""
+        from cityedge_fw import enroll_http
+        from cityedge_fw.provision_main import EnrollRetry
+
+        def post(url: str, obj: dict[str, Any], ca: Any, dev_http: bool) -> tuple[int, bytes]:
+            if answer == "down":
+                raise OSError(111, "ECONNREFUSED")
+            if answer == "garbage":
+                raise enroll_http.HttpError("not an HTTP status line")
+            if answer == "refused":
+                return 403, b'{"detail": "the enrollment token has expired"}'
+            csr = x509.load_pem_x509_csr(obj["csr_pem"].encode()).public_bytes(Encoding.DER)
+            if answer == "wrong-cert":  # a certificate for another key: not installed
+                name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, URN)])
+                csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(
+                    ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()
+                ).public_bytes(Encoding.DER)
+            cert = issue_for_csr(pki().ca_key, pki().ca_cert, csr)
+            ca_pem = pki().ca_cert.public_bytes(Encoding.PEM).decode()
+            return 200, json.dumps({
+                "chain_pem": cert.public_bytes(Encoding.PEM).decode() + ca_pem,
+                "ca_bundle_pem": ca_pem, "broker_url": "mqtts://127.0.0.1:8883",
+                "config": {"kid": "k"}}).encode()
+
+        retry = EnrollRetry(self.prov, post)
+        if self.model != provision.PENDING:
+            assert self.prov.ticket() is None
+            return
+        retry.run()
+        event("enroll attempt: %s -> %s" % (answer, self.prov.state))
+        if answer == "ok":
+            self.model = provision.LOCKED
+        elif answer == "refused":
+            self.model = provision.KEYED
 
     @rule(passes=st.booleans())
     def self_test(self, passes: bool) -> None:
@@ -166,6 +225,7 @@ class ProvisionerMachine(RuleBasedStateMachine):
             assert {"config.json", "cert.der", "ca.der"} <= files
         if self.model == provision.KEYED:
             assert "config.json" not in files
+        assert (provision.TICKET_FILE in files) == (self.model == provision.PENDING), files
 
 
 TestProvisioner = ProvisionerMachine.TestCase

@@ -1,0 +1,76 @@
+"""The fleet's ``POST /enroll/ticket`` over HTTP (the real service on loopback): who may
+register, and that redeeming a used token never yields a second credential or someone
+else's certificate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from fleet_server import FleetServer
+from sqlmodel import Session, select
+
+from cityedge_fleet import enrollment
+from cityedge_fleet.models import Credential, Device
+
+URN = "urn:dev:mac:0024befffe800a01"
+
+
+def csr_pem(urn: str = URN) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    req = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, urn)])).sign(key, hashes.SHA256())
+    return req.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def token_for(fleet: FleetServer, serial: str) -> str:
+    with Session(fleet.app.state.engine) as s:
+        _, tok = enrollment.issue_token(s, serial=serial, ttl_s=600, created_by="tech")
+        s.commit()
+    return tok
+
+
+def post(fleet: FleetServer, **body: Any) -> httpx.Response:
+    return httpx.post(fleet.url + "/enroll/ticket", json=body, timeout=10)
+
+
+REG = {"id": URN, "model": "ce-sim-1", "site": "harbour"}
+
+
+def test_register_enroll_then_claim_with_the_same_key_only(fleet: FleetServer) -> None:
+    tok = token_for(fleet, "SN-A01")
+    csr = csr_pem()
+    first = post(fleet, serial="SN-A01", token=tok, csr_pem=csr, registration=REG)
+    assert first.status_code == 200, first.text
+    assert first.headers["X-Cityedge-Enrollment"] == "issued"
+    again = post(fleet, serial="SN-A01", token=tok, csr_pem=csr)
+    assert again.status_code == 200 and again.headers["X-Cityedge-Enrollment"] == "existing"
+    assert again.json()["certificate_pem"] == first.json()["certificate_pem"]
+    # the used token with another key: refused, no second credential
+    other = post(fleet, serial="SN-A01", token=tok, csr_pem=csr_pem())
+    assert other.status_code == 403 and "already used" in other.json()["detail"]
+    with Session(fleet.app.state.engine) as s:
+        device = s.get(Device, URN)
+        assert device is not None and device.site == "harbour" and device.serial == "SN-A01"
+        assert len(s.exec(select(Credential).where(Credential.device_id == URN)).all()) == 1
+
+
+def test_a_bad_token_registers_nothing(fleet: FleetServer) -> None:
+    tok = token_for(fleet, "SN-A02")
+    for serial, token in (("SN-A03", tok), ("SN-A02", "not-a-token")):
+        res = post(fleet, serial=serial, token=token, csr_pem=csr_pem(),
+                   registration=dict(REG, id="urn:dev:mac:0024befffe800a02"))
+        assert res.status_code == 403, res.text
+    # a CSR for another device id than the registration: refused and rolled back
+    res = post(fleet, serial="SN-A02", token=tok, csr_pem=csr_pem("urn:dev:mac:0024befffe800a09"),
+               registration=dict(REG, id="urn:dev:mac:0024befffe800a02"))
+    assert res.status_code == 422, res.text
+    with Session(fleet.app.state.engine) as s:
+        assert s.exec(select(Device)).all() == []
+    res = post(fleet, serial="SN-A02", token=tok, csr_pem=csr_pem("urn:dev:mac:0024befffe800a02"),
+               registration=dict(REG, id="urn:dev:mac:0024befffe800a02"))
+    assert res.status_code == 200, res.text  # the token was not used up by the refusals
