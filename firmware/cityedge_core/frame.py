@@ -36,9 +36,10 @@ hello (1)     -                                      1 model, 2 serial, 3 firmwa
                                                      5 device URN, 6 protocol, 7 kid
 generate_key  -                                      1 public key (SEC1), 7 kid
 csr (3)       -                                      1 PKCS#10 DER
-install (4)   1 chain [DER], 2 CA [DER], 3 broker    7 kid
-              {host, port, server_hostname},
-              4 config {..}, 5 fleet keys [SEC1]
+install (4)   1 chain [DER], 2 CA [DER], 3 broker    7 kid (4 state "pending-enrollment"
+              {host, port, server_hostname},         when it carried a ticket)
+              4 config {..}, 5 fleet keys [SEC1],
+              or 6 ticket (offline provisioning)
 self_test     1 timeout (s)                          1 ok, 2 stage, 3 message, 4 seq
 lock (6)      -                                      4 state
 unlock (7)    1 COSE_Sign1 fleet command "unlock"    4 state
@@ -68,16 +69,13 @@ try:
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
-from . import cbor
+from . import cbor, limits
 from .errors import MalformedError
 
 MAGIC = b"\xce\x7e"  # two bytes that open every frame
 HEADER_BYTES = const(4)  # magic + length
 CRC_BYTES = const(4)
-# bytes of a frame body. Wire-format limit (belongs in ``limits`` once the core owner
-# moves it there): an install message (certificate chain, CA bundle, broker, config, all
-# DER) is about 3 KiB; 8 KiB leaves room and still fits a 64 KiB heap twice.
-FRAME_MAX_BODY_BYTES = const(8192)
+FRAME_MAX_BODY_BYTES = limits.FRAME_MAX_BODY_BYTES
 
 # Message types (key 0 of every body).
 T_HELLO = const(1)
@@ -121,6 +119,7 @@ F_CA = const(2)  # list of DER CA certificates the device trusts for the broker
 F_BROKER = const(3)  # {"host": str, "port": int, "server_hostname": str}
 F_CONFIG = const(4)  # device config map (as the fleet gave it)
 F_FLEET_KEYS = const(5)  # list of SEC1 fleet public keys trusted for commands
+F_TICKET = const(6)  # offline provisioning: the enrollment ticket instead of a chain
 # self_test request: F_TIMEOUT; reply: F_OK, F_STAGE, F_MESSAGE, F_SEQ
 F_TIMEOUT = const(1)  # seconds the device may spend on the self-test
 F_OK = const(1)

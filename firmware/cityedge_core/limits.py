@@ -28,6 +28,10 @@ SENML_NAME_MAX_CHARS = const(64)  # characters of a SenML name or unit
 SENML_STRING_MAX_CHARS = const(256)  # characters of a SenML string value (vs)
 KID_MAX_BYTES = const(64)  # bytes: a COSE key id
 
+# Provisioning frames on the UART
+FRAME_MAX_BODY_BYTES = const(8192)  # bytes: an install message (chain, CA, broker, config,
+# all DER) is about 3 KiB; 8 KiB leaves room and still fits a 64 KiB heap twice
+
 # Chain verification
 CHAIN_RECENT_HASHES = const(64)  # batches whose hashes are kept to recognise duplicates
 CHAIN_MAX_PENDING_GAPS = const(1024)  # missing sequence numbers tracked for late arrival

@@ -87,9 +87,7 @@ TESTED = "tested"
 LOCKED = "locked"
 PENDING = "pending-enrollment"  # holds an offline enrollment ticket (see above)
 
-# install field carrying the offline enrollment ticket. Proposed for ``cityedge_core.frame``
-# as ``F_TICKET = 6`` (the core is not ours to edit); frame maps keep unknown fields.
-F_TICKET = const(6)
+F_TICKET = frame.F_TICKET  # install field carrying the offline enrollment ticket
 TICKET_MAX_BYTES = const(6144)  # bytes of a stored ticket (token, URL, CA, CSR, register)
 
 # file names under the device's root directory

@@ -55,9 +55,7 @@ from cityedge_provision.fleet_client import FleetClient, Workspace
 from cityedge_provision.limits import LIMITS, ProvisionLimits
 from cityedge_provision.transport import SerialTransport
 
-# install-request field with the offline enrollment ticket (``cityedge_fw.provision``);
-# proposed for ``cityedge_core.frame`` as ``F_TICKET``
-TICKET_FIELD = 6
+TICKET_FIELD = frame.F_TICKET  # install-request field with the offline enrollment ticket
 TICKET_PATH = "/enroll/ticket"  # the fleet endpoint a device with a ticket enrolls at
 
 STEPS = ("connect", "fleet", "key", "csr", "enroll", "install", "self_test", "lock")
