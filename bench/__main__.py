@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import core
+from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
 from bench.machine import describe
 
@@ -31,6 +31,12 @@ def main() -> None:
     f = fleet_bench.run()
     results["fleet"] = f
     fleet_bench.report(f)
+    fw = firmware.firmware_bench()
+    results["firmware"] = fw
+    firmware.report(fw)
+    g = gateway.gateway_bench()
+    results["gateway"] = g
+    gateway.report(g)
     out = Path("build") / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
