@@ -156,7 +156,7 @@ class Agent:
         self.writer = batchmod.BatchWriter(device, key, kid, seq, head)
         self.clock = MonotonicMs()
         self.scale = self.cfg["time_scale"]
-        self.records = []
+        self.records = batchmod.RecordBuffer()  # readings encoded as taken (~15 B each)
         self._bt = 0
         self.batch_started_ms = None
         self.batch_timebase = None
@@ -209,7 +209,7 @@ class Agent:
     def sweep(self):
         """Read every sensor once; returns the number of readings taken."""
         timebase, t = self.now()
-        if self.records and timebase != self.batch_timebase:
+        if self.records.count and timebase != self.batch_timebase:
             self.seal()  # the clock got set: do not mix time bases in one batch
         n = 0
         for sensor in self.sensors:
@@ -222,7 +222,7 @@ class Agent:
                 self.last_error = "sensor %s: %s" % (getattr(sensor, "name", "?"), e)
                 continue
             for name, unit, value in values:
-                if not self.records:
+                if not self.records.count:
                     self.batch_started_ms = self.sim_ms()
                     self.batch_timebase = timebase
                     rec = {_BT: t, _N: name, _U: unit, _V: value}
@@ -231,23 +231,23 @@ class Agent:
                     rec = {_N: name, _U: unit, _V: value}
                     if t != self._bt:
                         rec[_T] = t - self._bt
-                self.records.append(rec)
+                self.records.add(rec)
                 n += 1
-                if len(self.records) >= self.cfg["batch_readings"]:
+                if self.records.count >= self.cfg["batch_readings"]:
                     self.seal()
         self.readings_total += n
         self.last_sweep_ms = self.sim_ms()
-        if self.records and self.sim_ms() - self.batch_started_ms >= \
+        if self.records.count and self.sim_ms() - self.batch_started_ms >= \
                 self.cfg["batch_seconds"] * 1000:
             self.seal()
         return n
 
     def seal(self):
         """Sign the collected records as one batch and store it (durable on return)."""
-        if not self.records:
+        if not self.records.count:
             return
-        records, self.records = self.records, []
-        self._store_signed(self.writer.sign(records, self.boot, self.batch_timebase))
+        records, self.records = self.records, batchmod.RecordBuffer()
+        self._store_signed(self.writer.sign_buffer(records, self.boot, self.batch_timebase))
         del records
         self.batches_signed += 1
         self._wake.set()
