@@ -79,19 +79,19 @@ def decode_sign1(
     return sign1_from_array(obj, loads)
 
 
-def sign1_from_array(obj: Any, loads: Any = None) -> Sign1:
-    """Check the four-element COSE_Sign1 array (already decoded) and return a ``Sign1``."""
-    if not isinstance(obj, list) or len(obj) != 4:
-        raise MalformedError("COSE: COSE_Sign1 must be an array of four items")
-    protected_raw, unprotected, payload, sig = obj
-    if not isinstance(protected_raw, bytes):
-        raise MalformedError("COSE: protected header must be a byte string")
-    if not isinstance(unprotected, dict):
-        raise MalformedError("COSE: unprotected header must be a map")
-    if not isinstance(payload, bytes):
-        raise MalformedError("COSE: payload must be a byte string (no detached payloads)")
-    if not isinstance(sig, bytes):
-        raise MalformedError("COSE: signature must be a byte string")
+# CPython's fast path only (``loads`` given): protected bytes -> their checked map. A
+# device signs every batch under the same protected header, so ingest parses it once.
+_PROTECTED_CACHE: dict[bytes, Any] = {}
+_PROTECTED_CACHE_MAX = 4096  # entries; cleared when full
+
+
+def _checked_protected(protected_raw: bytes, loads: Any) -> Any:
+    """The protected header as a map, with the rules that depend on it alone applied
+    (a map; alg ES256; crit understood). The result is shared: treat it as read-only."""
+    if loads is not None:
+        hit = _PROTECTED_CACHE.get(protected_raw)
+        if hit is not None:
+            return hit
     if protected_raw:
         if loads is None:
             protected = cbor.loads(protected_raw, max_items=32, max_depth=2)
@@ -105,10 +105,6 @@ def sign1_from_array(obj: Any, loads: Any = None) -> Sign1:
         if HDR_ALG not in protected:
             raise MalformedError("COSE: alg must be in the protected header")
         raise MalformedError("COSE: unsupported alg %r (only ES256)" % (protected[HDR_ALG],))
-    for bucket in (protected, unprotected):
-        for label in bucket:
-            if label in protected and bucket is unprotected:
-                raise MalformedError("COSE: header label %r in both buckets" % (label,))
     crit = protected.get(HDR_CRIT)
     if crit is not None:
         if not isinstance(crit, list) or not crit:
@@ -116,6 +112,30 @@ def sign1_from_array(obj: Any, loads: Any = None) -> Sign1:
         for label in crit:
             if label not in _UNDERSTOOD:
                 raise MalformedError("COSE: critical header %r not understood" % (label,))
+    if loads is not None:
+        if len(_PROTECTED_CACHE) >= _PROTECTED_CACHE_MAX:
+            _PROTECTED_CACHE.clear()
+        _PROTECTED_CACHE[protected_raw] = protected
+    return protected
+
+
+def sign1_from_array(obj: Any, loads: Any = None) -> Sign1:
+    """Check the four-element COSE_Sign1 array (already decoded) and return a ``Sign1``."""
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise MalformedError("COSE: COSE_Sign1 must be an array of four items")
+    protected_raw, unprotected, payload, sig = obj
+    if not isinstance(protected_raw, bytes):
+        raise MalformedError("COSE: protected header must be a byte string")
+    if not isinstance(unprotected, dict):
+        raise MalformedError("COSE: unprotected header must be a map")
+    if not isinstance(payload, bytes):
+        raise MalformedError("COSE: payload must be a byte string (no detached payloads)")
+    if not isinstance(sig, bytes):
+        raise MalformedError("COSE: signature must be a byte string")
+    protected = _checked_protected(protected_raw, loads)
+    for label in unprotected:
+        if label in protected:
+            raise MalformedError("COSE: header label %r in both buckets" % (label,))
     kid = protected.get(HDR_KID, unprotected.get(HDR_KID))
     if kid is not None and (not isinstance(kid, bytes) or len(kid) > limits.KID_MAX_BYTES):
         raise MalformedError("COSE: kid must be a byte string of at most 64 bytes")
