@@ -59,6 +59,11 @@ def _decode(data: bytes, max_bytes: int) -> Any:
         obj = cbor2.CBORDecoder(fp).decode()
     except (cbor2.CBORDecodeError, RecursionError) as e:
         raise MalformedError("CBOR: %s" % e) from e
+    except Exception as e:
+        # cbor2 decodes semantic tags (decimal fractions, bigfloats, dates, ...) itself and
+        # lets their own errors out (TypeError, ValueError, decimal.InvalidOperation): all
+        # of them are malformed input here
+        raise MalformedError("CBOR: %s: %s" % (type(e).__name__, e)) from e
     if fp.tell() != len(data):
         raise MalformedError("CBOR: %d trailing bytes after the item" % (len(data) - fp.tell()))
     return obj

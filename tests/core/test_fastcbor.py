@@ -140,3 +140,18 @@ def test_envelope_fast_and_core_agree_on_mutations() -> None:
             a = chain.BatchVerifier(ring).check(bytes(data)).status
             b = make_batch_verifier(ring).check(bytes(data)).status
             assert a == b, (i, flip, a, b)
+
+
+def test_semantic_tags_cbor2_interprets_are_malformed_not_crashes() -> None:
+    """cbor2 decodes tags 4/5 (decimal fraction, bigfloat), 0/1 (dates) ... itself; their
+    errors must surface as MalformedError (found by a fresh hypothesis seed in CI)."""
+    for data in (bytes.fromhex("c4824100"), bytes.fromhex("c482616100"),
+                 bytes.fromhex("c06161"), bytes.fromhex("c5820000") + b"",
+                 bytes.fromhex("c48200f97e00")):
+        for loads in (fastcbor.loads, fastcbor.loads_batch_payload):
+            try:
+                loads(data)
+            except MalformedError:
+                continue
+            except Exception as e:
+                raise AssertionError("%s on %s: %r" % (loads.__name__, data.hex(), e)) from e

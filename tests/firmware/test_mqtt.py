@@ -79,7 +79,8 @@ def test_publish_round_trip(topic: str, payload: bytes, qos: int, retain: bool, 
        st.integers(0, 0xFFFF), st.booleans(),
        st.none() | st.text(alphabet=st.characters(blacklist_characters="\x00",
                                                   blacklist_categories=("Cs",)),
-                           min_size=1, max_size=50))
+                           min_size=1, max_size=50).filter(
+                               lambda u: len(u.encode()) <= mqtt.MAX_CLIENT_ID_BYTES))
 def test_connect_encoding(client_id: str, keepalive: int, clean: bool,
                           username: str | None) -> None:
     data = mqtt.encode_connect(client_id, keepalive, clean, username)
@@ -96,6 +97,12 @@ def test_connect_encoding(client_id: str, keepalive: int, clean: bool,
         assert mqtt.decode_str(body, pos) == (username, len(body))
     else:
         assert pos == len(body)
+
+
+def test_connect_refuses_an_oversized_username() -> None:
+    name = "\U0001d4d1" * (mqtt.MAX_CLIENT_ID_BYTES // 4 + 1)  # 4 UTF-8 bytes each
+    with pytest.raises(ValueError, match="limit"):
+        mqtt.encode_connect("dev", 60, True, name)
 
 
 @given(st.lists(st.tuples(topic_names, st.sampled_from([0, 1])), min_size=1, max_size=5),
