@@ -5,7 +5,11 @@ ignores trailing bytes, accepts stray break bytes (``ff``, ``81ff``, ``a1ff00``)
 two-byte simple values below 32 (RFC 8949 §3.3 says not well-formed). ``loads`` rejects
 trailing bytes itself and walks the result once (``_check``), refusing break markers, low
 simple values, nesting deeper than the core allows and map keys the core would refuse.
-Only a batch payload goes through here, and only after its signature verified.
+The batch payload goes through here only after its signature verified; the COSE envelope
+and protected header go through here too. One deliberate difference remains: the fast
+path refuses every simple value below 32, also the valid one-byte form ``e0``..``f3``
+that the core accepts, because cbor2 cannot tell it from the ill-formed ``f800``..``f813``;
+cityedge never sends simple values (``test_the_one_documented_difference...``).
 ``tests/core/test_fastcbor.py`` checks that core and fast path agree on every vector, on
 every batch, and on generated inputs.
 """
