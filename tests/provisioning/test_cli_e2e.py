@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from cli_support import check_expected, run_cli
-from device_pty import MICROPYTHON, DeviceFactory
+from device_pty import DeviceFactory, boot_agent
 from fleet_server import FleetServer
 from sqlmodel import Session, select
 
@@ -74,14 +74,6 @@ def test_answering_no_changes_nothing(make_device: DeviceFactory, fleet: FleetSe
     assert not (dev.root / "key.der").exists()
 
 
-AGENT = """
-import sys
-sys.path.insert(0, %r)
-sys.path.insert(0, %r)
-import mp_device
-"""
-
-
 def test_provisioned_device_streams_verified_readings(
         make_device: DeviceFactory, fleet: FleetServer, fw_mpy: Path, tmp_path: Path) -> None:
     """After `cityedge provision`, the real agent boots from what was installed and the
@@ -94,19 +86,7 @@ def test_provisioned_device_streams_verified_readings(
     res = run_cli(["provision", "--port", dev.port, "--yes", "--site", "park"], home)
     assert res.exit_code == 0, res.output
     dev.stop()
-    cfg = json.loads((dev.root / "config.json").read_text())
-    cfg.update({"stop": {"batches": 2}, "clock": False,
-                "agent": {"sample_interval_s": 1, "batch_readings": 4, "time_scale": 20,
-                          "status_interval_s": 5}})
-    boot = tmp_path / "boot.json"
-    boot.write_text(json.dumps(cfg))
-    tests_fw = Path(__file__).resolve().parents[1] / "firmware"
-    proc = subprocess.run(
-        [str(MICROPYTHON), "-X", "heapsize=256k", "-c", AGENT % (str(fw_mpy), str(tests_fw))],
-        env={"CE_CONFIG": str(boot), "PATH": os.environ.get("PATH", "")},
-        capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    result = boot_agent(json.loads((dev.root / "config.json").read_text()), fw_mpy, tmp_path)
     assert result["seq"] == 3  # the self-test batch was 1: one chain across the handover
 
     def verified() -> list[Reading]:
@@ -120,7 +100,7 @@ def test_provisioned_device_streams_verified_readings(
     with Session(fleet.app.state.engine) as s:
         events = [(e.status, e.seq, e.detail) for e in s.exec(select(IngestEvent)).all()]
         events.append([(c.kid, c.status, c.device_id) for c in s.exec(select(Credential)).all()])
-    assert {r.batch_seq for r in rows} == {1, 2, 3}, (events, proc.stdout[-500:])
+    assert {r.batch_seq for r in rows} == {1, 2, 3}, (events, result)
     assert all(r.status == "ok" for r in rows), {r.status for r in rows}
     assert any(r.name.endswith("selftest") for r in rows)
     with Session(fleet.app.state.engine) as s:

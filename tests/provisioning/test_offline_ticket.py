@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
-import os
 import socket
 import subprocess
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import check_expected, run_cli
-from device_pty import MICROPYTHON, DeviceFactory, PtyDevice
+from device_pty import DeviceFactory, PtyDevice, boot_agent
 from fleet_server import FleetServer
 from sqlalchemy import update
 from sqlmodel import Session, select
@@ -32,14 +31,6 @@ from cityedge_provision.transport import SerialTransport
 from support.mosquitto import Mosquitto, TestPKI, free_port
 
 ENROLL_WAIT_S = 30.0  # seconds a device may take to enroll once the fleet is up
-
-AGENT = """
-import sys
-sys.path.insert(0, %r)
-sys.path.insert(0, %r)
-import mp_device
-"""
-
 
 class Fleets:
     """The fleet on one fixed URL that a test can take down and bring back (same DB)."""
@@ -137,17 +128,7 @@ def test_device_enrolls_itself_after_reboot_when_the_fleet_comes_back(
     assert cfg["fleet"]["kid"] == cs[0].kid and cfg["broker"]["port"] == fleet.settings.mqtt_port
     assert not (dev.root / "ticket.cbor").exists()
     # the agent boots from what the device installed itself and streams verified readings
-    cfg.update({"stop": {"batches": 2}, "clock": False,
-                "agent": {"sample_interval_s": 1, "batch_readings": 4, "time_scale": 20,
-                          "status_interval_s": 5}})
-    boot = tmp_path / "boot.json"
-    boot.write_text(json.dumps(cfg))
-    tests_fw = Path(__file__).resolve().parents[1] / "firmware"
-    proc = subprocess.run(
-        [str(MICROPYTHON), "-X", "heapsize=256k", "-c", AGENT % (str(fw_mpy), str(tests_fw))],
-        env={"CE_CONFIG": str(boot), "PATH": os.environ.get("PATH", "")},
-        capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    boot_agent(cfg, fw_mpy, tmp_path)
 
     def seqs() -> set[int]:
         with Session(fleet.app.state.engine) as s:
