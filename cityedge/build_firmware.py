@@ -8,6 +8,10 @@ Output in ``build/firmware/``:
 - ``manifest.py``: a MicroPython freeze manifest (``package(...)`` / ``module(...)``) for a
   custom ESP32 or RP2 image, built with ``make BOARD=... FROZEN_MANIFEST=.../manifest.py``;
   it leaves out the unix-only modules (simulated sensors, unix board);
+- ``../firmware.romfs``: a ROMFS image of the .mpy tree for boards running MicroPython
+  1.25+ with a ROMFS partition (``mpremote romfs deploy build/firmware.romfs``): bytecode
+  runs in place from flash instead of the heap; ``cityedge.romfs`` maps the same image for
+  the unix port;
 - ``boot.py``: the production boot file, which detaches the REPL from the UART so the serial
   line carries only framed provisioning messages; ``main.py`` starts the agent.
 """
@@ -19,6 +23,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from cityedge import romfs
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
@@ -119,6 +125,7 @@ def build(out: Path) -> list[Path]:
     (out / "manifest.py").write_text(manifest_text())
     (out / "boot.py").write_text(BOOT_PY)
     (out / "main.py").write_text(MAIN_PY)
+    romfs.write_image(out, out.parent / (out.name + ".romfs"))
     return written
 
 
@@ -128,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = build(args.out)
-    except (BuildError, OSError, subprocess.SubprocessError) as e:
+    except (BuildError, OSError, ValueError, subprocess.SubprocessError) as e:
         print("cityedge: %s" % e, file=sys.stderr)
         return 1
     size = sum(p.stat().st_size for p in written)
     print("cityedge: %d modules, %d bytes of .mpy in %s" % (len(written), size, args.out))
+    image = args.out.parent / (args.out.name + ".romfs")
+    print("cityedge: ROMFS image %s (%d bytes)" % (image, image.stat().st_size))
     return 0
 
 

@@ -199,7 +199,7 @@ class RecordBuffer:
         self.count = 0
 
 
-def encode_payload(
+def payload_parts(
     device: str,
     seq: int,
     prev: bytes,
@@ -208,8 +208,9 @@ def encode_payload(
     kind: int,
     records: RecordBuffer,
     dropped: Any = None,
-) -> bytes:
-    """The deterministic batch map, written field by field (keys 1..8 in order)."""
+) -> Any:
+    """The deterministic batch map (keys 1..8 in order) as three consecutive chunks:
+    the fields before the records, the records' own buffer (not copied), the drop range."""
     out = bytearray()
     cbor.encode_head(out, 5, 7 if dropped is None else 8)
     for key, value in (
@@ -220,11 +221,25 @@ def encode_payload(
         cbor.encode_into(out, value)
     out.append(F_RECORDS)
     cbor.encode_head(out, 4, records.count)
-    out.extend(records.data)
+    tail = bytearray()
     if dropped is not None:
-        out.append(F_DROPPED)
-        cbor.encode_into(out, dropped)
-    return bytes(out)
+        tail.append(F_DROPPED)
+        cbor.encode_into(tail, dropped)
+    return (out, records.data, tail)
+
+
+def encode_payload(
+    device: str,
+    seq: int,
+    prev: bytes,
+    boot: int,
+    timebase: int,
+    kind: int,
+    records: RecordBuffer,
+    dropped: Any = None,
+) -> bytes:
+    """The deterministic batch map as one ``bytes`` (see ``payload_parts``)."""
+    return b"".join(payload_parts(device, seq, prev, boot, timebase, kind, records, dropped))
 
 
 class BatchWriter:
@@ -264,13 +279,17 @@ class BatchWriter:
         kind: int = KIND_READINGS,
         dropped: Any = None,
     ) -> bytes:
-        """Sign the records of a ``RecordBuffer`` as the next batch (the device's path)."""
-        payload = encode_payload(
+        """Sign the records of a ``RecordBuffer`` as the next batch (the device's path).
+
+        The payload is never assembled: its chunks go to ``cose.encode_sign1_parts``.
+        """
+        parts = payload_parts(
             self.device, self.seq + 1, self.head, boot, timebase, kind, records, dropped
         )
-        if len(payload) + 128 > limits.BATCH_MAX_BYTES:
-            raise ValueError("batch too large: %d bytes payload" % len(payload))
-        return self._signed(cose.encode_sign1(payload, self.signer, self.kid))
+        size = len(parts[0]) + len(parts[1]) + len(parts[2])
+        if size + 128 > limits.BATCH_MAX_BYTES:
+            raise ValueError("batch too large: %d bytes payload" % size)
+        return self._signed(cose.encode_sign1_parts(parts, self.signer, self.kid))
 
     def _signed(self, signed: bytes) -> bytes:
         self.seq += 1

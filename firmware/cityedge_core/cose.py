@@ -64,19 +64,42 @@ def sig_structure(protected_raw: bytes, payload: bytes, external_aad: bytes = b"
 
 def encode_sign1(payload: bytes, signer: Any, kid: bytes, external_aad: bytes = b"") -> bytes:
     """Sign ``payload`` and return the tagged COSE_Sign1 bytes (alg and kid protected)."""
+    return encode_sign1_parts((payload,), signer, kid, external_aad)
+
+
+def encode_sign1_parts(parts: Any, signer: Any, kid: bytes, external_aad: bytes = b"") -> bytes:
+    """``encode_sign1`` for a payload given as consecutive chunks (bytes or bytearray).
+
+    The device's path: the chunks are never joined into one payload object. A signer with
+    ``sign_digest`` (the pure-Python key) gets SHA-256 fed chunk by chunk, so neither the
+    payload nor the Sig_structure is ever copied; the envelope is the one allocation of its
+    final size. Any other signer gets the Sig_structure bytes.
+    """
     if not isinstance(kid, bytes) or len(kid) > limits.KID_MAX_BYTES:
         raise ValueError("kid must be bytes of at most %d" % limits.KID_MAX_BYTES)
     protected_raw = cbor.dumps({HDR_ALG: ALG_ES256, HDR_KID: kid})
-    sig = signer.sign(sig_structure(protected_raw, payload, external_aad))
+    size = 0
+    for part in parts:
+        size += len(part)
+    prot_head = _bstr_head(len(protected_raw))
+    payload_head = _bstr_head(size)
+    sign_digest = getattr(signer, "sign_digest", None)
+    if sign_digest is not None:
+        import hashlib
+
+        h = hashlib.sha256(b"\x84\x6aSignature1")
+        for piece in (prot_head, protected_raw, _bstr_head(len(external_aad)), external_aad,
+                      payload_head):
+            h.update(piece)
+        for part in parts:
+            h.update(part)
+        sig = sign_digest(h.digest())
+    else:
+        sig = signer.sign(sig_structure(protected_raw, b"".join(parts), external_aad))
     if len(sig) != SIGNATURE_BYTES:
         raise ValueError("signer must return 64-byte r || s")
-    return b"".join((
-        b"\xd2\x84",  # tag 18, array of 4
-        _bstr_head(len(protected_raw)), protected_raw,
-        b"\xa0",  # empty unprotected map
-        _bstr_head(len(payload)), payload,
-        _bstr_head(len(sig)), sig,
-    ))
+    return b"".join((b"\xd2\x84", prot_head, protected_raw, b"\xa0", payload_head)
+                    + tuple(parts) + (b"\x58\x40", sig))  # tag 18, array of 4; bstr(64)
 
 
 def decode_sign1(data: Any, allow_untagged: bool = False, max_bytes: int = limits.BATCH_MAX_BYTES,
