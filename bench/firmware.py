@@ -1,27 +1,20 @@
 """Firmware benchmark: what the real device agent sustains on the MicroPython unix port.
 
 The agent (``firmware/cityedge_fw``, compiled to .mpy) runs under
-``micropython -X heapsize=128k`` -- the heap the firmware tests use on the unix port,
-because there the agent's bytecode (~70 KiB) sits on the heap; a board freezes it into
-flash -- with mTLS to a real Mosquitto and its ring buffer in a host directory. A stand-in
-board has ``SENSORS`` sensors of two readings each, so one sweep is one batch of the
-firmware's default 32 readings;
-the schedule clock runs ``TIME_SCALE`` times fast, so the sampler sweeps again as soon as it
-has signed and stored a batch. After ``WARMUP_S`` the counters are read twice ``WINDOW_S``
-apart: batches signed (sampled, signed, durable) and batches acknowledged by the broker
-(PUBACK, removed from flash). The sustained rate is the smaller of the two; the buffer
-depth at the end shows whether forwarding kept up.
-
-Why 32 and not 50 readings: at 128 KiB the agent with 50-reading batches stalls (measured
-while writing this: 5 batches in 36 s, never completed a TLS handshake, no MemoryError) --
-the records are held as dicts until signing, and with the TLS buffers on the same heap the
-collector runs on nearly every allocation. With 160 KiB it sustains about 50 batches/s of
-50. The core's ``RecordBuffer``/``BatchWriter.sign_buffer`` (about 15 bytes per record
-instead of about 160) is the fix; the agent does not use it yet.
+``micropython -X heapsize=96k`` -- the heap the firmware tests use on the unix port -- from
+a ROMFS image mapped outside the heap (``cityedge.romfs``), as a board runs it from a
+flash partition: bytecode stays out of the heap, module objects and names do not. It has
+mTLS to a real Mosquitto and its ring buffer in a host directory. A stand-in board has
+``SENSORS`` sensors of two readings each, so one sweep is one batch of the firmware's
+default 32 readings; the schedule clock runs ``TIME_SCALE`` times fast, so the sampler
+sweeps again as soon as it has signed and stored a batch. After ``WARMUP_S`` the counters
+are read twice ``WINDOW_S`` apart: batches signed (sampled, signed, durable) and batches
+acknowledged by the broker (PUBACK, removed from flash). The sustained rate is the smaller
+of the two; the buffer depth at the end shows whether forwarding kept up.
 
 Heap: the supervisor collects garbage every 50 ms and records the smallest free heap and
-the largest heap in use after collection (code included). That is live data at those
-moments, not the transient peak inside a signature: the unix port has no allocation
+the largest heap in use after collection (module objects and names included). That is live
+data at those moments, not the transient peak inside a signature: the unix port has no allocation
 high-water mark (``micropython.mem_peak`` counts allocations the GC never reports freed).
 
 Bytes on the wire per reading, from the batches an independent subscriber (paho) received
@@ -46,7 +39,14 @@ for _p in (ROOT / "tests", ROOT / "tests" / "firmware"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from fw_harness import DEVICE, HEAP, MICROPYTHON, Subscriber, check_chain  # noqa: E402
+from fw_harness import (  # noqa: E402
+    DEVICE,
+    HEAP,
+    MICROPYTHON,
+    Subscriber,
+    check_chain,
+    device_argv,
+)
 
 from cityedge.mpy import compile_package, mpy_cross_path  # noqa: E402
 from cityedge_core import cose, senml  # noqa: E402
@@ -174,9 +174,9 @@ def run_device(mpy: Path, work: Path, broker: Mosquitto, pki: TestPKI, creds: Cr
                      "time_scale": TIME_SCALE, "buffer_budget_bytes": 8 * 1024 * 1024}}
     path = work / "device.json"
     path.write_text(json.dumps(cfg))
-    env = {"MICROPYPATH": "%s:.frozen" % mpy, "CE_CONFIG": str(path)}
-    proc = subprocess.run([str(MICROPYTHON), "-X", "heapsize=%s" % HEAP, "-c",
-                           "import bench_device"], env=env, capture_output=True, text=True,
+    env = {"MICROPYPATH": ".frozen", "CE_CONFIG": str(path)}
+    proc = subprocess.run(device_argv(mpy, "import bench_device"), env=env,
+                          capture_output=True, text=True,
                           timeout=WARMUP_S + WINDOW_S + 90)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -267,8 +267,8 @@ def firmware_bench() -> dict[str, Any]:
 
 def report(f: dict[str, Any]) -> None:
     w = f["wire"]
-    print("\nFirmware agent on the MicroPython unix port, heap %s (the firmware tests' heap: "
-          "~70 KiB of .mpy code lives on the heap there),"
+    print("\nFirmware agent on the MicroPython unix port (64-bit), heap %s (the firmware tests' "
+          "heap), code in a mapped ROMFS image as on a board's flash partition,"
           % f["heap"])
     print("%d-reading batches, real mTLS Mosquitto, median of %d runs of %d s:"
           % (f["batch_readings"], f["runs"], f["window_s"]))
@@ -277,7 +277,7 @@ def report(f: dict[str, Any]) -> None:
     print("  signed and stored                       %8.1f batches/s" % f["signed_batches_per_s"])
     print("  acknowledged by the broker              %8.1f batches/s; buffered at end: %s"
           % (f["acked_batches_per_s"], f["buffered_at_end"]))
-    print("  heap in use after boot (code included)  %8d bytes of %d" % (f["boot_used_bytes"],
+    print("  heap in use after boot                  %8d bytes of %d" % (f["boot_used_bytes"],
                                                                         f["heap_bytes"]))
     print("  largest heap in use after GC            %8d bytes; least free %d bytes"
           % (f["peak_used_after_gc_bytes"], f["min_free_bytes"]))

