@@ -14,15 +14,28 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from cityedge_core.cose import kid_for_public_key
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_N_BYTES = _N.to_bytes(32, "big")
+_ZERO32 = bytes(32)
+
+
+def _der_integer(v: bytes) -> bytes:
+    """A DER INTEGER for a positive 32-byte big-endian value (minimal, sign byte if needed)."""
+    v = v.lstrip(b"\x00")
+    if v[0] & 0x80:
+        return b"\x02" + bytes((len(v) + 1,)) + b"\x00" + v
+    return b"\x02" + bytes((len(v),)) + v
+
+
+def _der_signature(r: bytes, s: bytes) -> bytes:
+    """ECDSA-Sig-Value (RFC 3279) from r and s: what ``encode_dss_signature`` returns."""
+    body = _der_integer(r) + _der_integer(s)
+    return b"\x30" + bytes((len(body),)) + body
 
 
 class KeyFileError(ValueError):
@@ -55,12 +68,13 @@ class EcVerifier:
     def verify(self, message: bytes, signature: bytes) -> bool:
         if len(signature) != 64:
             return False
-        r = int.from_bytes(signature[:32], "big")
-        s = int.from_bytes(signature[32:], "big")
-        if not (0 < r < _N and 0 < s < _N):
+        r = signature[:32]
+        s = signature[32:]
+        # 0 < r, s < n, compared as 32-byte big-endian strings (no int round trip)
+        if not (_ZERO32 < r < _N_BYTES and _ZERO32 < s < _N_BYTES):
             return False
         try:
-            self.public_key.verify(encode_dss_signature(r, s), message, _ECDSA_SHA256)
+            self.public_key.verify(_der_signature(r, s), message, _ECDSA_SHA256)
         except InvalidSignature:
             return False
         return True

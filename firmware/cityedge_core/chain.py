@@ -203,24 +203,34 @@ class BatchVerifier:
     ``keyring``: mapping kid (bytes) -> ``KeyEntry``. ``states``: mapping device id ->
     ``ChainState`` (a dict by default; the fleet passes a database-backed mapping).
     ``decode``: the CBOR decoder for the payload, ``envelope_decode(data, max_bytes)`` the
-    one for the COSE envelope (the core's by default; CPython passes C-backed decoders that
+    one for the COSE envelope, or ``sign1_decode(data)`` a whole ``cose.decode_sign1``
+    stand-in (the core's by default; CPython passes C-backed or byte-layout decoders that
     the differential tests hold to the core's: see ``cityedge/verify.py``).
     """
 
     def __init__(
-        self, keyring: Any, states: Any = None, decode: Any = None, envelope_decode: Any = None
+        self,
+        keyring: Any,
+        states: Any = None,
+        decode: Any = None,
+        envelope_decode: Any = None,
+        sign1_decode: Any = None,
     ) -> None:
         self.keyring = keyring
         self.states = states if states is not None else {}
         self.decode = decode if decode is not None else cbor.loads
         self.envelope_decode = envelope_decode
+        self.sign1_decode = sign1_decode
 
     def open(self, data: Any) -> Any:
         """Envelope, key, signature and payload checks; returns (batch, digest, kid).
 
         Raises ``MalformedError``, ``UnknownKeyError`` or ``SignatureError``.
         """
-        msg = cose.decode_sign1(data, loads=self.envelope_decode)
+        if self.sign1_decode is not None:
+            msg = self.sign1_decode(data)
+        else:
+            msg = cose.decode_sign1(data, loads=self.envelope_decode)
         kid = msg.kid
         entry = self.keyring.get(kid) if kid is not None else None
         if entry is None or entry.revoked:

@@ -27,13 +27,22 @@ class Sign1:
     """A decoded, not yet verified, COSE_Sign1 message."""
 
     def __init__(
-        self, protected_raw: bytes, protected: Any, unprotected: Any, payload: bytes, sig: bytes
+        self,
+        protected_raw: bytes,
+        protected: Any,
+        unprotected: Any,
+        payload: bytes,
+        sig: bytes,
+        tbs: Any = None,
     ) -> None:
         self.protected_raw = protected_raw
         self.protected = protected
         self.unprotected = unprotected
         self.payload = payload
         self.signature = sig
+        # the Sig_structure without external_aad when a decoder already has its bytes
+        # (CPython slices it from the message); None: built on demand
+        self._tbs = tbs
 
     @property
     def kid(self) -> Any:
@@ -44,6 +53,8 @@ class Sign1:
         return kid
 
     def to_be_signed(self, external_aad: bytes = b"") -> bytes:
+        if self._tbs is not None and not external_aad:
+            return self._tbs  # type: ignore[no-any-return]
         return sig_structure(self.protected_raw, self.payload, external_aad)
 
     def verify(self, verifier: Any, external_aad: bytes = b"") -> None:
@@ -87,16 +98,17 @@ _PROTECTED_CACHE_MAX = 4096  # entries; cleared when full
 
 def _checked_protected(protected_raw: bytes, loads: Any) -> Any:
     """The protected header as a map, with the rules that depend on it alone applied
-    (a map; alg ES256; crit understood). The result is shared: treat it as read-only."""
+    (a map; alg ES256; crit understood). The result is shared: treat it as read-only.
+
+    Always decoded by the core decoder (its limits: 32 items, depth 2), so both paths judge
+    a protected header alike; ``loads`` given (CPython) only turns the cache on.
+    """
     if loads is not None:
         hit = _PROTECTED_CACHE.get(protected_raw)
         if hit is not None:
             return hit
     if protected_raw:
-        if loads is None:
-            protected = cbor.loads(protected_raw, max_items=32, max_depth=2)
-        else:
-            protected = loads(protected_raw, limits.KID_MAX_BYTES + 64)
+        protected = cbor.loads(protected_raw, max_items=32, max_depth=2)
         if not isinstance(protected, dict):
             raise MalformedError("COSE: protected header is not a map")
     else:
@@ -119,8 +131,12 @@ def _checked_protected(protected_raw: bytes, loads: Any) -> Any:
     return protected
 
 
-def sign1_from_array(obj: Any, loads: Any = None) -> Sign1:
-    """Check the four-element COSE_Sign1 array (already decoded) and return a ``Sign1``."""
+def sign1_from_array(obj: Any, loads: Any = None, tbs: Any = None) -> Sign1:
+    """Check the four-element COSE_Sign1 array (already decoded) and return a ``Sign1``.
+
+    ``tbs``: the Sig_structure bytes (no external_aad) when the caller has them already;
+    they must equal ``sig_structure(protected, payload)``.
+    """
     if not isinstance(obj, list) or len(obj) != 4:
         raise MalformedError("COSE: COSE_Sign1 must be an array of four items")
     protected_raw, unprotected, payload, sig = obj
@@ -141,4 +157,4 @@ def sign1_from_array(obj: Any, loads: Any = None) -> Sign1:
         raise MalformedError("COSE: kid must be a byte string of at most 64 bytes")
     if len(sig) != SIGNATURE_BYTES:
         raise SignatureError("COSE: ES256 signature must be 64 bytes, got %d" % len(sig))
-    return Sign1(protected_raw, protected, unprotected, payload, sig)
+    return Sign1(protected_raw, protected, unprotected, payload, sig, tbs)
