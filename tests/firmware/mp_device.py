@@ -1,8 +1,9 @@
 """A test device for the MicroPython unix port: the real agent on a stand-in board.
 
 ``CE_CONFIG=CONFIG.json python -m cityedge.romfs --image IMAGE -X heapsize=96k -c "import
-mp_device"`` (compiled to .mpy with the firmware, in its ROMFS image: ``fw_harness.device_argv``) builds the agent with
-``cityedge_fw.main.build`` and runs it until ``stop`` in the config is met:
+mp_device"`` (compiled to .mpy with the firmware, in its ROMFS image:
+``fw_harness.device_argv``) builds the agent with ``cityedge_fw.main.build`` and runs it
+until ``stop`` in the config is met:
 ``{"batches": N}`` (N batches signed and every stored batch acknowledged) and/or
 ``{"seconds": S}``. It then prints one line ``RESULT <json>`` with counters and heap use.
 
