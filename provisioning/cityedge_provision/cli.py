@@ -30,7 +30,7 @@ from rich.table import Table
 from cityedge_core.errors import CityedgeError
 from cityedge_provision import label as labels
 from cityedge_provision.errors import FleetRefused, ProvisionError
-from cityedge_provision.fleet_client import FleetClient, Workspace
+from cityedge_provision.fleet_client import FleetClient, Workspace, check_fleet_url
 from cityedge_provision.limits import LIMITS
 from cityedge_provision.session import DeviceInfo, Options, Outcome, ProvisionSession, StepResult
 from cityedge_provision.transport import SerialTransport, list_ports
@@ -221,21 +221,25 @@ def login_command(
     url: Annotated[str, typer.Option(help="Fleet API URL, e.g. https://fleet.city.example")],
     token_stdin: Annotated[bool, typer.Option(help="Read the token from standard input.")
                            ] = False,
+    ca_file: Annotated[Path | None, typer.Option(
+        help="PEM bundle of the CA that signed the fleet's HTTPS certificate (a private "
+             "city CA); default: the system's CAs", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Store your fleet API token (checked first) in a 0600 file under your config dir."""
     with user_errors():
+        check_fleet_url(url)  # before asking for a token that must not go out in clear
         if token_stdin:
             token = sys.stdin.readline().strip()
         else:
             token = os.environ.get("CITYEDGE_FLEET_TOKEN") or typer.prompt(
                 "API token", hide_input=True)
-        client = FleetClient(url, token)
+        client = FleetClient(url, token, ca_file=ca_file)
         try:
             client.check_login()
         finally:
             client.close()
         ws = workspace()
-        ws.save_login(url, token)
+        ws.save_login(url, token, ca_file)
         out.print("Logged in to %s (token stored in %s, mode 0600)."
                   % (url, ws.home / "login.json"))
 

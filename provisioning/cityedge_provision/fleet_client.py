@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +77,23 @@ class Workspace:
         self.home = home or default_home()
 
     # login ----------------------------------------------------------------------------
-    def save_login(self, url: str, token: str) -> None:
-        write_private(self.home / "login.json",
-                      json.dumps({"url": url.rstrip("/"), "token": token}).encode())
+    def save_login(self, url: str, token: str, ca_file: Path | None = None) -> None:
+        record = {"url": url.rstrip("/"), "token": token}
+        if ca_file is not None:
+            record["ca_file"] = str(ca_file.resolve())
+        write_private(self.home / "login.json", json.dumps(record).encode())
 
     def login(self) -> tuple[str, str]:
         data = _read_json(self.home / "login.json")
         if not isinstance(data, dict) or not data.get("url") or not data.get("token"):
             raise NotLoggedIn("not logged in to a fleet")
         return str(data["url"]), str(data["token"])
+
+    def login_ca_file(self) -> Path | None:
+        """The CA bundle saved with the login (a fleet behind a private CA), if any."""
+        data = _read_json(self.home / "login.json")
+        ca = data.get("ca_file") if isinstance(data, dict) else None
+        return Path(ca) if ca else None
 
     def logout(self) -> None:
         (self.home / "login.json").unlink(missing_ok=True)
@@ -159,21 +168,50 @@ class Workspace:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_fleet_url(url: str) -> str:
+    """The fleet URL without a trailing slash; plain ``http`` only to this machine (the
+    token and the enrollment answers must not cross a network in clear)."""
+    parsed = httpx.URL(url.rstrip("/"))
+    if parsed.scheme == "https" and parsed.host:
+        return str(parsed)
+    if parsed.scheme == "http" and parsed.host in _LOOPBACK:
+        return str(parsed)
+    raise FleetRefused("refusing fleet URL %r: use https:// (plain http only to this "
+                       "machine, e.g. http://127.0.0.1:8000)" % url, 0,
+                       "ask your fleet admin for the https address of the fleet API")
+
+
+def tls_verify(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """Certificate checking for the fleet: the system's CAs, or the given bundle only."""
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as e:
+        raise FleetRefused("cannot use %s as the fleet's CA bundle: %s" % (ca_file, e), 0,
+                           "give --ca-file a PEM file with the CA that signed the fleet's "
+                           "HTTPS certificate") from e
+
+
 class FleetClient:
     """The fleet API with the technician's token (see the module docstring)."""
 
     def __init__(self, url: str, token: str, limits: ProvisionLimits = LIMITS,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.url = url.rstrip("/")
+                 transport: httpx.BaseTransport | None = None,
+                 ca_file: Path | None = None) -> None:
+        self.url = check_fleet_url(url)
         self._http = httpx.Client(base_url=self.url, timeout=limits.http_timeout_s,
                                   headers={"Authorization": "Bearer %s" % token},
-                                  transport=transport)
+                                  transport=transport, verify=tls_verify(ca_file))
         self.limits = limits
 
     @classmethod
     def from_workspace(cls, ws: Workspace) -> FleetClient:
         url, token = ws.login()
-        return cls(url, token)
+        return cls(url, token, ca_file=ws.login_ca_file())
 
     def close(self) -> None:
         self._http.close()
@@ -186,6 +224,11 @@ class FleetClient:
             raise FleetUnreachable("the fleet at %s did not answer in %.0f s"
                                    % (self.url, self.limits.http_timeout_s)) from e
         except httpx.TransportError as e:
+            if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                raise FleetUnreachable(
+                    "the fleet's HTTPS certificate at %s is not trusted (%s)" % (self.url, e),
+                    "if the fleet uses the city's private CA, log in again with "
+                    "`cityedge provision login --ca-file CITY-CA.pem`") from e
             raise FleetUnreachable("cannot reach the fleet at %s (%s)" % (self.url, e)) from e
         if res.status_code in ok:
             return res
