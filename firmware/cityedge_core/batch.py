@@ -228,20 +228,6 @@ def payload_parts(
     return (out, records.data, tail)
 
 
-def encode_payload(
-    device: str,
-    seq: int,
-    prev: bytes,
-    boot: int,
-    timebase: int,
-    kind: int,
-    records: RecordBuffer,
-    dropped: Any = None,
-) -> bytes:
-    """The deterministic batch map as one ``bytes`` (see ``payload_parts``)."""
-    return b"".join(payload_parts(device, seq, prev, boot, timebase, kind, records, dropped))
-
-
 class BatchWriter:
     """Device side: numbers, links and signs batches. Persist ``seq``/``head`` after each.
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
-from cityedge_core import chain, senml
+from cityedge_core import cbor, chain, cose, p256, senml
 
 from helpers import DEVICE, records
 
@@ -103,6 +103,40 @@ def test_record_buffer_payload_equals_dict_encoding(recs: list[dict[int, Any]], 
     for r in recs:
         buf.add(r)
     kind = batchmod.KIND_DROP if dropped else batchmod.KIND_READINGS
-    streamed = batchmod.encode_payload(DEVICE, seq, bytes(32), boot, 0, kind, buf, dropped)
+    streamed = b"".join(batchmod.payload_parts(DEVICE, seq, bytes(32), boot, 0, kind, buf,
+                                                   dropped))
     whole = batchmod.Batch(DEVICE, seq, bytes(32), boot, recs, 0, kind, dropped).encode()
     assert streamed == whole
+
+
+_P256_KEY = p256.PrivateKey(0x1D2C3B4A)
+_P256_KID = cose.kid_for_public_key(_P256_KEY.public_key().to_sec1())
+
+
+class _MessageOnlySigner:
+    """A signer without ``sign_digest``: gets the whole Sig_structure (CPython's shape)."""
+
+    def __init__(self, key: p256.PrivateKey) -> None:
+        self.key = key
+        self.seen: list[bytes] = []
+
+    def sign(self, message: bytes) -> bytes:
+        self.seen.append(message)
+        return self.key.sign(message)
+
+
+@settings(max_examples=40)
+@given(parts=st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+       aad=st.binary(max_size=8))
+def test_signing_from_chunks_equals_signing_the_joined_payload(parts: list[bytes],
+                                                               aad: bytes) -> None:
+    chunks = tuple(bytearray(p) if i % 2 else p for i, p in enumerate(parts))
+    joined = b"".join(parts)
+    want = cose.encode_sign1(joined, _P256_KEY, _P256_KID, aad)  # RFC 6979: deterministic
+    assert cose.encode_sign1_parts(chunks, _P256_KEY, _P256_KID, aad) == want
+    other = _MessageOnlySigner(_P256_KEY)
+    assert cose.encode_sign1_parts(chunks, other, _P256_KID, aad) == want
+    assert other.seen == [cose.sig_structure(cbor.dumps({1: -7, 4: _P256_KID}), joined, aad)]
+    msg = cose.decode_sign1(want)
+    assert msg.payload == joined
+    msg.verify(_P256_KEY.public_key(), aad)
