@@ -4,9 +4,10 @@ chain, store its readings with their provenance, and record everything else.
 ``Ingestor.handle_many(messages)`` is the whole decision for a group of MQTT messages and
 does no network I/O (tests feed it bytes; ``handle`` is a group of one). The group is one
 database transaction: chain states are read once per device and written once
-(``ingest_store.ChainStates``), readings go in with one ``COPY``/``executemany``
-(``ingest_store.ReadingRows``). ``ingest_mqtt.MqttIngestWorker`` acknowledges a message
-only after its group committed, so nothing acknowledged is lost.
+(``ingest_store.ChainStates``), readings stream into a ``COPY`` while the group is decided
+(PostgreSQL; one ``executemany`` on SQLite: ``ingest_store.ReadingRows``).
+``ingest_mqtt.MqttIngestWorker`` acknowledges a message only after its group committed, so
+nothing acknowledged is lost.
 
 Two topics (``ce/v1/<publisher>/up/<kind>``; the broker ACL lets a client write only under
 its own certificate CN, so the publisher is authenticated):
@@ -191,7 +192,7 @@ class _Group:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.chains = ChainStates(session)
-        self.readings = ReadingRows()
+        self.readings = ReadingRows(session)
         self.devices: dict[str, Device | None] = {}  # strong references: the session's
         # identity map is weak, and a device read once is used by every message of it
 
@@ -210,8 +211,8 @@ class _Group:
         return self.devices[device_id]
 
     def flush(self) -> None:
+        self.readings.flush()
         self.chains.flush()
-        self.readings.flush(self.session)
 
 
 class Ingestor:
@@ -234,10 +235,14 @@ class Ingestor:
         messages = list(messages)
         with Session(self.engine) as session:
             group = _Group(session)
-            group.prefetch(messages)
-            outcomes = [self._handle(group, topic, payload) for topic, payload in messages]
-            group.flush()
-            session.commit()
+            try:
+                group.prefetch(messages)
+                outcomes = [self._handle(group, topic, payload) for topic, payload in messages]
+                group.flush()
+                session.commit()
+            except BaseException as e:
+                group.readings.abort(e)  # a COPY in progress ends with the error
+                raise
         for outcome in outcomes:
             self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
         return outcomes
@@ -323,7 +328,8 @@ class Ingestor:
         if device.state == DeviceState.provisioned:
             registry.set_state(session, device=device, state=DeviceState.active)
         device.last_seen = utcnow()
-        session.add(device)
+        if device not in session:  # read by this session: its changes are tracked already
+            session.add(device)  # (add walks the relationship cascades on every call)
         return Outcome(verdict.status, device.id, count, via)
 
     def _forgery(self, session: Session, device: Device, reason: str) -> None:

@@ -3,22 +3,29 @@
 The ingest commits many MQTT messages in one transaction (see ``ingest.Ingestor``). Within
 it, ``ChainStates`` reads each device's chain state once (locked: ``SELECT ... FOR
 UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already holds the write lock) and
-writes it once at ``flush``; ``ReadingRows`` collects the readings of every accepted batch
-and writes them with one ``COPY`` (PostgreSQL, psycopg 3) or one ``executemany`` (SQLite).
-Both are flushed by the ingest right before the commit, in the same transaction as the
-events and device updates, so a crash loses all of a group or none of it.
+writes it once at ``flush`` (the state's CBOR coded by ``cbor2``); ``ReadingRows`` streams
+the readings of every accepted batch into a ``COPY`` as the group is decided (PostgreSQL,
+psycopg 3) or writes them with one ``executemany`` (SQLite). Both are flushed by the ingest
+right before the commit, in the same transaction as the events and device updates, so a
+crash loses all of a group or none of it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from contextlib import ExitStack
 from typing import Any
 
+import cbor2
+from sqlalchemy import Connection, event
 from sqlmodel import Session, col, select
 
 from cityedge_core.chain import ChainState
 from cityedge_fleet.models import ChainStateRow
 
+log = logging.getLogger(__name__)
+STREAM_ROWS = 1000  # readings buffered before they are sent into the COPY in progress
 READING_COLUMNS = ("device_id", "t", "name", "unit", "value", "vs", "vb", "vd", "sum",
                    "batch_seq", "status", "timebase", "via")
 ReadingRow = tuple[Any, ...]  # values in READING_COLUMNS order
@@ -27,6 +34,19 @@ COPY_READINGS = "COPY reading (" + _COLUMNS + ") FROM STDIN"
 INSERT_READINGS = (
     "INSERT INTO reading (" + _COLUMNS + ") "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def state_to_bytes(state: ChainState) -> bytes:
+    """``state.to_bytes()`` (the core's deterministic CBOR), encoded by ``cbor2`` in C: the
+    state is lists of integers and byte strings, which both encode in their one shortest
+    definite form (``tests/fleet/test_fleet_ingest_store.py`` holds them equal)."""
+    return bytes(cbor2.dumps(state.to_list()))
+
+
+def state_from_bytes(data: bytes) -> ChainState:
+    """``ChainState.from_bytes`` decoded by ``cbor2``: the bytes are the service's own, read
+    back from its database (written by ``state_to_bytes``), not peer input."""
+    return ChainState.from_list(cbor2.loads(data))
 
 
 class ChainStates:
@@ -47,7 +67,7 @@ class ChainStates:
                  .order_by(col(ChainStateRow.device_id)).with_for_update())
         for row in self.session.exec(query):
             self.rows[row.device_id] = row
-            self.states[row.device_id] = ChainState.from_bytes(row.state)
+            self.states[row.device_id] = state_from_bytes(row.state)
         for device in want:
             self.rows.setdefault(device, None)
 
@@ -67,7 +87,7 @@ class ChainStates:
             if row is None:
                 row = ChainStateRow(device_id=device, state=b"", last_seq=0)
                 self.rows[device] = row
-            row.state = state.to_bytes()
+            row.state = state_to_bytes(state)
             row.last_seq = state.last_seq
             row.missing = state.missing_count()
             row.forgotten = state.forgotten
@@ -76,24 +96,74 @@ class ChainStates:
 
 
 class ReadingRows:
-    """Readings waiting for the end of the transaction, written in one statement."""
+    """The readings of one transaction.
 
-    def __init__(self) -> None:
+    PostgreSQL: rows stream into a ``COPY`` while the group is still being decided (every
+    ``STREAM_ROWS`` rows), so the server stores them while the ingest verifies the next
+    batches instead of after; ``flush`` sends the rest and ends the ``COPY``. A ``COPY``
+    holds the connection, so any other statement on it (an ORM flush, a key looked up)
+    first ends the one in progress (a ``before_cursor_execute`` listener on the session's
+    connection) and later rows open a new one, all in the same transaction. ``abort`` ends
+    a ``COPY`` in progress with an error, so the transaction rolls back whole.
+
+    SQLite: rows wait for ``flush``, one ``executemany``.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
         self.rows: list[ReadingRow] = []
+        self._copy: Any = None  # psycopg.Copy in progress
+        self._copy_exit: ExitStack | None = None
+        self._conn: Connection | None = None
+        self._pg = session.get_bind().dialect.name == "postgresql"
 
     def extend(self, rows: list[ReadingRow]) -> None:
         self.rows.extend(rows)
+        if self._pg and len(self.rows) >= STREAM_ROWS:
+            self._stream()
 
-    def flush(self, session: Session) -> None:
-        if not self.rows:
-            return
-        conn = session.connection()
-        if conn.dialect.name == "postgresql":
+    def _stream(self) -> None:
+        if self._copy is None:
+            conn = self.session.connection()
+            if self._conn is not conn:
+                event.listen(conn, "before_cursor_execute", self._end_copy_first)
+                self._conn = conn
             raw = conn.connection.driver_connection  # psycopg.Connection, same transaction
             assert raw is not None
-            with raw.cursor() as cur, cur.copy(COPY_READINGS) as copy:
-                for row in self.rows:
-                    copy.write_row(row)
-        else:
-            conn.exec_driver_sql(INSERT_READINGS, self.rows)
+            stack = ExitStack()
+            cur = stack.enter_context(raw.cursor())
+            self._copy = stack.enter_context(cur.copy(COPY_READINGS))
+            self._copy_exit = stack
+        write_row = self._copy.write_row
+        for row in self.rows:
+            write_row(row)
         self.rows = []
+
+    def _end_copy_first(self, *_args: Any) -> None:
+        self._end_copy(None)
+
+    def _end_copy(self, error: BaseException | None) -> None:
+        stack, self._copy_exit, self._copy = self._copy_exit, None, None
+        if stack is not None:
+            if error is None:
+                stack.close()
+            else:
+                stack.__exit__(type(error), error, error.__traceback__)
+
+    def flush(self) -> None:
+        """Write every row still waiting; on PostgreSQL end the ``COPY``."""
+        if self._pg:
+            if self.rows:
+                self._stream()
+            self._end_copy(None)
+        elif self.rows:
+            self.session.connection().exec_driver_sql(INSERT_READINGS, self.rows)
+            self.rows = []
+
+    def abort(self, error: BaseException) -> None:
+        """End a ``COPY`` in progress with ``error`` (the transaction is rolled back)."""
+        self.rows = []
+        try:
+            self._end_copy(error)
+        except Exception:  # the server refuses the failed COPY: expected, rolled back
+            log.debug("COPY ended with an error", exc_info=True)
