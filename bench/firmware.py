@@ -1,7 +1,7 @@
 """Firmware benchmark: what the real device agent sustains on the MicroPython unix port.
 
 The agent (``firmware/cityedge_fw``, compiled to .mpy) runs under
-``micropython -X heapsize=96k`` -- the heap the firmware tests use on the unix port -- from
+``micropython -X heapsize=`` the firmware tests' heap (``fw_harness.HEAP``) -- from
 a ROMFS image mapped outside the heap (``cityedge.romfs``), as a board runs it from a
 flash partition: bytecode stays out of the heap, module objects and names do not. It has
 mTLS to a real Mosquitto and its ring buffer in a host directory. A stand-in board has

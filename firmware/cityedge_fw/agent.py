@@ -8,11 +8,13 @@ Tasks (asyncio), all started by ``Agent.run``:
   signed as one batch (``BatchWriter``: COSE_Sign1 ES256, hash chain) and appended to the
   ring buffer; ``seq`` and the chain ``head`` are persisted after each batch. Only then is
   a reading "accepted": from here on it survives power cuts and outages.
-- **forwarder** publishes the oldest stored batches (QoS 1, at most ``mqtt.MAX_INFLIGHT``
-  in flight) on ``ce/v1/<device>/up/readings`` and removes each from flash on its PUBACK.
+- **forwarder** (every 200 ms) publishes the oldest stored batches (QoS 1, at most
+  ``_INFLIGHT`` in flight: the MQTT client keeps each in RAM until its PUBACK) on
+  ``ce/v1/<device>/up/readings`` and removes each from flash on its PUBACK.
   After a reconnect the MQTT client re-sends the unacknowledged ones, in order.
 - **status** publishes a signed status map on ``up/status`` every ``status_interval_s``.
-- **watchdog** feeds the board's watchdog only while the sampler and the store are healthy.
+- **watchdog** (in ``run``'s own task) feeds the board's watchdog only while the sampler
+  and the store are healthy, and ends the agent when another task has ended.
 - the MQTT ``Link`` (``mqtt_async``) keeps the session up and delivers ``down/cmd`` and the
   retained ``down/desired`` messages to ``commands.CommandGate``.
 
@@ -28,9 +30,10 @@ Timestamps: with a trusted clock (``board.unix_time()`` not None) a batch uses U
 a batch never mixes the two. ``time_scale`` > 1 runs the schedule faster (tests, soak):
 times in the records are then simulated seconds since boot.
 
-Memory (unix port, ``-X heapsize=64k``, from ``tests/firmware/test_agent_e2e.py``): see
-``docs/ARCHITECTURE.md``; the largest transient is one signed batch (about 35 bytes per
-reading) plus the records being collected.
+Memory (unix port, ROMFS, from ``tests/firmware``): see ``docs/ARCHITECTURE.md``. The
+largest transient is a signature (pure-Python P-256: about 5 KB of big integers while it
+runs), on top of one signed batch (about 35 bytes per reading) and the records being
+collected; a TLS handshake (about 4 KB) can overlap it.
 """
 
 import gc
@@ -53,7 +56,7 @@ from cityedge_core import cbor, cose
 from cityedge_core.errors import CityedgeError, PeerError, StorageError
 
 from . import mqtt
-from .mqtt_async import Link, MonotonicMs, sleep_ms, wait_event_ms
+from .mqtt_async import Link, MonotonicMs, sleep_ms
 
 FIRMWARE_VERSION = "0.1.0"
 
@@ -87,9 +90,13 @@ LIMITS = {  # accepted range of each setting, also for values from down/desired
     "watchdog_ms": (100, 60000),
 }
 DESIRED_KEYS = ("sample_interval_s", "batch_readings", "batch_seconds", "status_interval_s")
-FORWARD_IDLE_MS = 200  # ms: forwarder poll when it has nothing to do (it is also woken)
-UNHEALTHY_AFTER_SWEEPS = 3  # missed sampler sweeps before the watchdog is starved
-STORE_HEADER_BYTES = 20  # bytes the ring buffer adds per batch (store.HEADER_SIZE)
+_FORWARD_POLL_MS = const(200)  # ms between two forwarder rounds
+# QoS 1 batches in flight at once. Each stays in RAM (the MQTT client re-sends it after a
+# reconnect) until its PUBACK, also while a silent link holds them: two keep a small heap
+# clear of signing's peak, and still forward 10 batches a second on a local broker.
+_INFLIGHT = const(2)
+_UNHEALTHY_AFTER_SWEEPS = const(3)  # missed sampler sweeps before the watchdog is starved
+_STORE_HEADER_BYTES = const(20)  # bytes the ring buffer adds per batch (store.HEADER_SIZE)
 
 
 def check_settings(settings):
@@ -170,10 +177,9 @@ class Agent:
         self.published = 0
         self._pid_seq = {}  # MQTT packet id -> batch seq in flight
         self._sent_upto = 0  # highest seq handed to the MQTT client
-        self._wake = asyncio.Event()
-        client = mqtt.Client(device, self.cfg["keepalive_s"], True, None)
+        client = mqtt.Client(device, self.cfg["keepalive_s"], True, None, _INFLIGHT)
         self.link = Link(client, broker_host, broker_port, ssl_ctx, server_hostname,
-                         self._on_event, self._on_connect)
+                         self._on_event, self._on_connect, self.clock)
         self.fleet_keys = fleet_keys or {}
         self.gate = None  # commands.CommandGate, loaded with the first command
 
@@ -202,8 +208,9 @@ class Agent:
             return batchmod.TIME_UNIX, unix
         return batchmod.TIME_SINCE_BOOT, self.sim_ms() // 1000
 
-    async def sleep_sim(self, ms):
-        await sleep_ms(max(1, ms // self.scale))
+    def sleep_sim(self, ms):
+        """Awaitable: ``ms`` milliseconds of the schedule clock (no coroutine frame)."""
+        return sleep_ms(max(1, ms // self.scale))
 
     # --- sampling and batches -----------------------------------------------------------
     def sweep(self):
@@ -250,7 +257,6 @@ class Agent:
         self._store_signed(self.writer.sign_buffer(records, self.boot, self.batch_timebase))
         del records
         self.batches_signed += 1
-        self._wake.set()
 
     def _store_signed(self, data, reported=False):
         """Append one signed batch, after tallying what the append will push out.
@@ -280,7 +286,7 @@ class Agent:
         before the append."""
         pending = self.state.get("drop")
         doomed = None
-        excess = self.store.used_bytes + STORE_HEADER_BYTES + size - self.store.budget
+        excess = self.store.used_bytes + _STORE_HEADER_BYTES + size - self.store.budget
         i = 0
         while excess > 0 and i < self.store.count:
             got = self.store.oldest(i + 1)
@@ -289,7 +295,7 @@ class Agent:
             seq, data = got[i]
             del got
             doomed = merge_tally(doomed, drop_tally(seq, data))
-            excess -= len(data) + STORE_HEADER_BYTES
+            excess -= len(data) + _STORE_HEADER_BYTES
             i += 1
         if doomed is None:
             return pending, None
@@ -312,12 +318,10 @@ class Agent:
                                 list(tally))
         self.drops_total += tally[2]
         self._store_signed(data, True)
-        self._wake.set()
         return True
 
     # --- MQTT ----------------------------------------------------------------------------
     async def _on_connect(self):
-        self._wake.set()
         await self.link.subscribe([(topic(self.device, "down/cmd"), 1),
                                    (topic(self.device, "down/desired"), 1)])
 
@@ -332,7 +336,6 @@ class Agent:
                 except StorageError as e:
                     self.store_ok = False
                     self.last_error = str(e)
-            self._wake.set()
         elif kind == mqtt.PUBLISH:
             await self.handle_command(event[2])
         elif kind == mqtt.SUBACK and 0x80 in event[2]:
@@ -375,12 +378,7 @@ class Agent:
         if client.can_publish():
             self.report_drops()
         while client.can_publish():
-            want = client.inflight_count + 1
-            batch = None
-            for seq, data in self.store.oldest(want):
-                if seq > self._sent_upto:
-                    batch = (seq, data)
-                    break
+            batch = self.store.next_after(self._sent_upto)  # one batch in RAM, not the window
             if batch is None:
                 return
             # record the packet id before any await: a failed flush must not lose it
@@ -430,14 +428,16 @@ class Agent:
             await self.sleep_sim(max(0, self.cfg["sample_interval_s"] * 1000 - spent))
 
     async def forwarder(self):
+        """Forward whenever the link is up, polling every ``_FORWARD_POLL_MS`` (a sealed
+        batch or a PUBACK waits at most that long). A poll costs no heap; an
+        ``asyncio.Event`` would keep its module (1.2 KB) on the heap."""
         while True:
             if self.link.client.state == mqtt.CONNECTED:
                 try:
                     await self.forward_once()
                 except (OSError, CityedgeError) as e:
                     self.last_error = "forwarder: %s" % e
-            self._wake.clear()
-            await wait_event_ms(self._wake, FORWARD_IDLE_MS)
+            await sleep_ms(_FORWARD_POLL_MS)
 
     async def status(self):
         while True:
@@ -449,22 +449,30 @@ class Agent:
 
     def healthy(self):
         late = self.sim_ms() - self.last_sweep_ms
-        return self.store_ok and late < UNHEALTHY_AFTER_SWEEPS * \
+        return self.store_ok and late < _UNHEALTHY_AFTER_SWEEPS * \
             self.cfg["sample_interval_s"] * 1000
 
-    async def watchdog(self):
+    async def watchdog(self, tasks=()):
+        """Feed the board's watchdog while healthy; end as soon as one of ``tasks`` has
+        ended (re-raising its error, if it still has it)."""
         while True:
+            for t in tasks:
+                if t.done():
+                    await t
+                    return
             if self.healthy():
                 self.board.wdt_feed()
             await sleep_ms(self.cfg["watchdog_ms"])
 
     async def run(self):
-        """Run every task until one of them fails (then the watchdog resets the board)."""
+        """Run every task until one of them ends (then the watchdog resets the board).
+
+        The watchdog loop runs in this task and watches the others: ``asyncio.gather``
+        would keep one more asyncio module on the heap."""
         tasks = [asyncio.create_task(c) for c in (
-            self.link.run(), self.sampler(), self.forwarder(), self.status(),
-            self.watchdog())]
+            self.link.run(), self.sampler(), self.forwarder(), self.status())]
         try:
-            await asyncio.gather(*tasks)
+            await self.watchdog(tasks)
         finally:
             for t in tasks:
                 t.cancel()

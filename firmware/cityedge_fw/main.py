@@ -63,16 +63,20 @@ def load_fleet_keys(paths):
 
 def build(cfg, board):
     """Make the ``Agent`` described by ``cfg`` on ``board`` (keys loaded, store opened)."""
-    from . import agent, store
     from .mqtt_async import tls_context
 
     tls = cfg["tls"]
     key_der = read_file(tls["key"])
-    key = private_key_from_der(key_der)
-    kid = cose.kid_for_public_key(key.public_key().to_sec1())
-    ssl_ctx = tls_context(read_file(tls["cert"]), key_der, read_file(tls["ca"]))
-    del key_der
+    # The TLS context first, before the agent's modules: mbedTLS parses the certificates
+    # in blocks of up to 3 KB, which a 64 KiB heap has in one piece only this early.
     gc.collect()
+    ssl_ctx = tls_context(read_file(tls["cert"]), key_der, read_file(tls["ca"]))
+    key = private_key_from_der(key_der)
+    del key_der
+    kid = cose.kid_for_public_key(key.public_key().to_sec1())
+    gc.collect()
+    from . import agent, store
+
     settings = cfg.get("agent", {})
     st = cfg.get("store", {})
     broker = cfg["broker"]

@@ -33,11 +33,13 @@ except ImportError:  # CPython
 from cityedge_core.errors import LimitError, LocalError, MalformedError, TransportError
 
 # --- limits (all MQTT sizes, counts and times in one place) ---------------------------
-MAX_PACKET_BYTES = const(20480)  # bytes: largest inbound packet (a 16 KiB command + topic)
+# A public ``X = const()`` is a module attribute on the device heap; names no other module
+# uses are private ``_X``, which the compiler folds away.
+_MAX_PACKET_BYTES = const(20480)  # bytes: largest inbound packet (a 16 KiB command + topic)
 MAX_INFLIGHT = const(4)  # QoS 1 publishes awaiting PUBACK
 MAX_TOPIC_BYTES = const(256)  # bytes: UTF-8 topic name or filter
 MAX_CLIENT_ID_BYTES = const(128)  # bytes: client id (a device URN)
-KEEPALIVE_S = const(60)  # seconds: default keep-alive interval (§3.1.2.10)
+_KEEPALIVE_S = const(60)  # seconds: default keep-alive interval (§3.1.2.10)
 REMAINING_LENGTH_MAX = const(268435455)  # §2.2.3: four-byte variable length integer
 
 # --- packet types (§2.2.1) -------------------------------------------------------------
@@ -45,16 +47,16 @@ CONNECT = const(1)
 CONNACK = const(2)
 PUBLISH = const(3)
 PUBACK = const(4)
-PUBREC = const(5)
+_PUBREC = const(5)
 SUBSCRIBE = const(8)
 SUBACK = const(9)
-PINGREQ = const(12)
+_PINGREQ = const(12)
 PINGRESP = const(13)
-DISCONNECT = const(14)
+_DISCONNECT = const(14)
 
 # --- client states ---------------------------------------------------------------------
 DISCONNECTED = const(0)
-CONNECTING = const(1)
+_CONNECTING = const(1)
 CONNECTED = const(2)
 
 CONNACK_TEXT = {
@@ -134,6 +136,12 @@ def encode_connect(client_id, keepalive_s, clean_session, username=None):
 
 def encode_publish(topic, payload, qos=0, retain=False, packet_id=0, dup=False):
     """PUBLISH (§3.3)."""
+    return publish_header(topic, len(payload), qos, retain, packet_id, dup) + bytes(payload)
+
+
+def publish_header(topic, payload_len, qos=0, retain=False, packet_id=0, dup=False):
+    """The bytes of a PUBLISH (§3.3) before its payload of ``payload_len`` bytes: the
+    client queues header and payload one after the other, never a joined copy."""
     if qos not in (0, 1):
         raise ValueError("mqtt: QoS %r not supported" % qos)
     if not topic or "+" in topic or "#" in topic:  # a topic name, not a filter (§4.7)
@@ -142,7 +150,7 @@ def encode_publish(topic, payload, qos=0, retain=False, packet_id=0, dup=False):
     body = encode_str(topic)
     if qos:
         body += packet_id.to_bytes(2, "big")
-    return packet(PUBLISH, flags, body + bytes(payload))
+    return bytes([(PUBLISH << 4) | flags]) + encode_length(len(body) + payload_len) + body
 
 
 def encode_subscribe(packet_id, filters):
@@ -165,7 +173,7 @@ DISCONNECT_BYTES = b"\xe0\x00"
 
 
 # --- decoding ------------------------------------------------------------------------------
-def split_packet(buf, max_packet=MAX_PACKET_BYTES):
+def split_packet(buf, max_packet=_MAX_PACKET_BYTES):
     """Find the first whole packet in ``buf``.
 
     Returns ``(ptype, flags, body_start, end)`` or ``None`` when more bytes are needed.
@@ -251,9 +259,9 @@ class Client:
     ``time.ticks_ms``).
     """
 
-    def __init__(self, client_id, keepalive_s=KEEPALIVE_S, clean_session=True,
+    def __init__(self, client_id, keepalive_s=_KEEPALIVE_S, clean_session=True,
                  username=None, max_inflight=MAX_INFLIGHT,
-                 max_packet=MAX_PACKET_BYTES):
+                 max_packet=_MAX_PACKET_BYTES):
         self.client_id = client_id
         self.keepalive_ms = keepalive_s * 1000
         self.clean_session = clean_session
@@ -279,7 +287,7 @@ class Client:
         self._ping_sent_ms = None
         self._send(encode_connect(self.client_id, self.keepalive_ms // 1000,
                                   self.clean_session, self.username), now_ms)
-        self.state = CONNECTING
+        self.state = _CONNECTING
 
     def publish(self, topic, payload, qos=0, retain=False, now_ms=0):
         """Queue a PUBLISH; returns its packet id (0 for QoS 0)."""
@@ -289,10 +297,9 @@ class Client:
             if len(self._inflight) >= self.max_inflight:
                 raise InflightFull("mqtt: %d messages await PUBACK" % len(self._inflight))
             packet_id = self._new_packet_id()
-        data = encode_publish(topic, payload, qos, retain, packet_id)
+        self._send_publish(topic, payload, qos, retain, packet_id, False, now_ms)
         if qos == 1:
             self._inflight.append([packet_id, topic, payload, retain])
-        self._send(data, now_ms)
         return packet_id
 
     def subscribe(self, filters, now_ms=0):
@@ -313,8 +320,9 @@ class Client:
         self.state = DISCONNECTED
 
     def data_to_send(self):
-        """Take the bytes queued for the broker (may be empty)."""
-        data = bytes(self._out)
+        """Take the bytes queued for the broker (may be empty): the queue itself, handed
+        over (no copy), and a fresh one started."""
+        data = self._out
         self._out = bytearray()
         return data
 
@@ -365,7 +373,7 @@ class Client:
         return events
 
     def _handle(self, ptype, flags, body, events, now_ms):
-        if self.state == CONNECTING:
+        if self.state == _CONNECTING:
             if ptype != CONNACK:
                 raise MalformedError("mqtt: expected CONNACK, got packet type %d" % ptype)
             if len(body) != 2 or flags:
@@ -376,7 +384,7 @@ class Client:
             self.state = CONNECTED
             events.append((CONNACK, bool(body[0] & 1)))
             for item in self._inflight:  # §4.4: re-send unacknowledged, in order, DUP set
-                self._send(encode_publish(item[1], item[2], 1, item[3], item[0], True), now_ms)
+                self._send_publish(item[1], item[2], 1, item[3], item[0], True, now_ms)
             return
         if ptype == PUBLISH:
             topic, payload, qos, retain, _dup, packet_id = decode_publish(flags, body)
@@ -414,6 +422,10 @@ class Client:
     def _send(self, data, now_ms):
         self._out += data
         self._last_sent_ms = now_ms
+
+    def _send_publish(self, topic, payload, qos, retain, packet_id, dup, now_ms):
+        self._send(publish_header(topic, len(payload), qos, retain, packet_id, dup), now_ms)
+        self._out += payload
 
     def _new_packet_id(self):
         busy = [item[0] for item in self._inflight] + self._pending_subs

