@@ -11,6 +11,7 @@ apart by what the core made of the input, and pinned by their own test.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from typing import Any
@@ -68,11 +69,67 @@ def outcome(fn: Any, data: bytes) -> Any:
         return "malformed", str(e)
 
 
-def documented_difference(core: Any) -> bool:
-    """The core's outcome shows one of the differences fastcbor states."""
+def documented_difference(core: Any, data: bytes) -> bool:
+    """The core's outcome shows one of the differences fastcbor states. A duplicate key
+    can also hide the core's first error: cbor2 keeps only the last value, and the value
+    that held the error is gone (``_has_duplicate_key`` looks for one in the bytes)."""
     if core[0] == "malformed":
-        return "duplicate map key" in core[1] or "bignum longer" in core[1]
+        return ("duplicate map key" in core[1] or "bignum longer" in core[1]
+                or _has_duplicate_key(data))
     return _has_unwrapped_tag(core[1])
+
+
+def _has_duplicate_key(data: bytes) -> bool:
+    """A map in ``data`` holds two keys Python's dict takes for one (as cbor2's does)."""
+    found = [False]
+
+    def walk(i: int) -> int:
+        major, ai = data[i] >> 5, data[i] & 31
+        i += 1
+        arg: int | None
+        if ai < 24:
+            arg = ai
+        elif ai < 28:
+            width = 1 << (ai - 24)
+            arg = int.from_bytes(data[i:i + width], "big")
+            i += width
+        elif ai == 31 and major in (2, 3, 4, 5):
+            arg = None
+        else:
+            raise ValueError("not a head this walk follows")
+        if major in (0, 1, 7):
+            return i
+        if major == 6:
+            return walk(i)
+        if major in (2, 3):
+            if arg is not None:
+                return i + arg
+            while data[i] != 0xFF:
+                i = walk(i)
+            return i + 1
+        count = (arg if arg is not None else -1) * (2 if major == 5 else 1)
+        items: list[bytes] = []
+        while count != 0 and not (count < 0 and data[i] == 0xFF):
+            start = i
+            i = walk(i)
+            items.append(data[start:i])
+            count -= 1
+        if arg is None:
+            i += 1
+        if major == 5:
+            keys = []
+            for raw in items[0::2]:
+                try:
+                    keys.append(cbor2.loads(raw))
+                except Exception:
+                    continue
+            if any(a == b for n, a in enumerate(keys) for b in keys[n + 1:]):
+                found[0] = True
+        return i
+
+    with contextlib.suppress(ValueError, IndexError, RecursionError):  # the core's error stands
+        walk(0)
+    return found[0]
 
 
 def _has_unwrapped_tag(x: Any) -> bool:
@@ -88,7 +145,7 @@ def _has_unwrapped_tag(x: Any) -> bool:
 def assert_agree(core_fn: Any, fast_fn: Any, data: bytes) -> None:
     core = outcome(core_fn, data)
     fast = outcome(fast_fn, data)
-    if documented_difference(core):
+    if documented_difference(core, data):
         return
     assert core[0] == fast[0], (data.hex(), core, fast)
     if core[0] == "ok":
@@ -405,4 +462,11 @@ def test_documented_differences_are_exactly_these() -> None:
     assert outcome(cbor.loads, big)[0] == "malformed"
     assert fastcbor.loads(big) == int.from_bytes(b"\x01" * 65, "big")
     for data in (dup, head(6, 28, 0) + b"\x05", big):
-        assert documented_difference(outcome(cbor.loads, data))
+        assert documented_difference(outcome(cbor.loads, data), data)
+    # a duplicate key whose first value held the core's first error: the error is gone
+    hidden = bytes.fromhex("bf40bfbfff00ff4000ff")  # {h'': {{}: 0}, h'': 0}
+    assert "map key is an array or map" in outcome(cbor.loads, hidden)[1]
+    assert fastcbor.loads(hidden) == {b"": 0}
+    assert documented_difference(outcome(cbor.loads, hidden), hidden)
+    assert not _has_duplicate_key(bytes.fromhex("bf40bfbfff00ff4100ff"))  # h'' and h'00'
+
