@@ -21,6 +21,9 @@ key    name        value
 
 Keys we do not know are kept in ``Batch.extra`` and written back unchanged, so firmware N
 and fleet N+1 can talk. Keys 0-63 are reserved for this format.
+
+``Batch`` (the decoded map, for receivers) lives in ``batch_map`` and is re-exported here
+on CPython: a device signs through ``BatchWriter.sign_buffer`` and never carries it.
 """
 
 import hashlib
@@ -48,7 +51,8 @@ F_TIMEBASE = 6
 F_RECORDS = 7
 F_DROPPED = 8
 _KNOWN = (F_KIND, F_DEVICE, F_SEQ, F_PREV, F_BOOT, F_TIMEBASE, F_RECORDS, F_DROPPED)
-_URN_SET = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:")
+# a string, not a set: a 66-entry set costs 640 bytes of a device's heap
+_URN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:"
 
 
 def check_device_id(device: Any) -> None:
@@ -59,119 +63,15 @@ def check_device_id(device: Any) -> None:
         raise LimitError("batch: device id longer than %d" % limits.DEVICE_ID_MAX_CHARS)
     if not device.startswith("urn:dev:") or len(device) < 10:
         raise MalformedError("batch: device id %r is not an RFC 9039 urn:dev: name" % device)
-    if not set(device) <= _URN_SET:
+    if device.strip(_URN_CHARS):  # something is left: a character outside the set
         for ch in device:
-            if ch not in _URN_SET:
+            if ch not in _URN_CHARS:
                 raise MalformedError("batch: device id has character %r" % ch)
-
-
-def _uint(obj: Any, key: int, name: str, top: int) -> int:
-    val = obj.get(key)
-    if not isinstance(val, int) or isinstance(val, bool) or val < 0 or val > top:
-        raise MalformedError("batch: %s must be an integer in 0..%d" % (name, top))
-    return val
-
-
-class Batch:
-    """A decoded reading batch or drop record (the signed payload, not the envelope)."""
-
-    def __init__(
-        self,
-        device: str,
-        seq: int,
-        prev: bytes,
-        boot: int,
-        records: Any,
-        timebase: int = TIME_UNIX,
-        kind: int = KIND_READINGS,
-        dropped: Any = None,
-        extra: Any = None,
-    ) -> None:
-        self.device = device
-        self.seq = seq
-        self.prev = prev
-        self.boot = boot
-        self.records = records
-        self.timebase = timebase
-        self.kind = kind
-        self.dropped = dropped
-        self.extra = extra if extra is not None else {}
-
-    def to_map(self) -> dict[int, Any]:
-        out = {}
-        for key in self.extra:
-            out[key] = self.extra[key]
-        out[F_KIND] = self.kind
-        out[F_DEVICE] = self.device
-        out[F_SEQ] = self.seq
-        out[F_PREV] = self.prev
-        out[F_BOOT] = self.boot
-        out[F_TIMEBASE] = self.timebase
-        out[F_RECORDS] = self.records
-        if self.dropped is not None:
-            out[F_DROPPED] = self.dropped
-        return out
-
-    def encode(self) -> bytes:
-        """Deterministic CBOR of the batch map (the COSE payload)."""
-        return cbor.dumps(self.to_map())
-
-    @classmethod
-    def from_map(cls, obj: Any) -> "Batch":
-        """Validate a decoded payload map and build a ``Batch`` (raises ``MalformedError``)."""
-        if not isinstance(obj, dict):
-            raise MalformedError("batch: payload is not a map")
-        kind = _uint(obj, F_KIND, "kind", 1)
-        device: Any = obj.get(F_DEVICE)
-        check_device_id(device)
-        seq = _uint(obj, F_SEQ, "seq", limits.SEQ_MAX)
-        if seq == 0:
-            raise MalformedError("batch: seq starts at 1")
-        prev = obj.get(F_PREV)
-        if not isinstance(prev, bytes) or len(prev) != 32:
-            raise MalformedError("batch: prev must be a 32-byte SHA-256")
-        boot = _uint(obj, F_BOOT, "boot", 0xFFFFFFFF)
-        timebase = _uint(obj, F_TIMEBASE, "timebase", 1)
-        records = obj.get(F_RECORDS)
-        from . import senml  # loaded only by receivers: signing devices save the heap
-
-        senml.validate_pack(records)
-        dropped = obj.get(F_DROPPED)
-        if kind == KIND_DROP:
-            if not isinstance(dropped, list) or len(dropped) != 4:
-                raise MalformedError("batch: drop record needs [first, last, batches, readings]")
-            for v in dropped:
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise MalformedError("batch: drop record counts must be unsigned integers")
-            if not 0 < dropped[0] <= dropped[1] < seq:
-                raise MalformedError("batch: drop record range must precede its own seq")
-        elif dropped is not None:
-            raise MalformedError("batch: only a drop record carries 'dropped'")
-        extra = {}
-        for key in obj:
-            if key not in _KNOWN:
-                extra[key] = obj[key]
-        return cls(device, seq, prev, boot, records, timebase, kind, dropped, extra)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> "Batch":
-        return cls.from_map(cbor.loads(payload, max_bytes=limits.BATCH_MAX_BYTES))
-
-    def __repr__(self) -> str:
-        return "<Batch %s seq=%d records=%d>" % (self.device, self.seq, len(self.records))
 
 
 def batch_hash(signed: bytes) -> bytes:
     """SHA-256 over a batch's complete COSE bytes: the value the next batch's prev holds."""
     return hashlib.sha256(signed).digest()
-
-
-def sign_batch(batch: Batch, signer: Any, kid: bytes) -> bytes:
-    """COSE_Sign1 (ES256) over the batch; returns the bytes to send and to hash."""
-    payload = batch.encode()
-    if len(payload) + 128 > limits.BATCH_MAX_BYTES:
-        raise ValueError("batch too large: %d bytes payload" % len(payload))
-    return cose.encode_sign1(payload, signer, kid)
 
 
 class RecordBuffer:
@@ -181,21 +81,38 @@ class RecordBuffer:
     about 15 bytes each. ``add`` appends one record's deterministic CBOR; the payload
     ``BatchWriter.sign_buffer`` makes is byte-identical to ``Batch.encode`` of the same
     records (a property test checks this).
+
+    ``capacity`` bytes are allocated at once and kept across ``clear``: a device reuses
+    one buffer for every batch instead of growing a new one record by record (each growth
+    a new, larger block and a hole where the old one was: a small heap fragments). It
+    grows only if the records outsize it.
     """
 
-    def __init__(self) -> None:
-        self.data = bytearray()
+    def __init__(self, capacity: int = 0) -> None:
+        self.data = bytearray(capacity)  # the records are data[:size]
+        self.size = 0
         self.count = 0
 
     def add(self, record: Any) -> None:
         """Append one SenML record (a dict keyed by CBOR labels)."""
         if self.count >= limits.BATCH_MAX_RECORDS:
             raise ValueError("batch full: %d records" % limits.BATCH_MAX_RECORDS)
-        cbor.encode_into(self.data, record)
+        enc = bytearray()
+        cbor.encode_into(enc, record)
+        end = self.size + len(enc)
+        if end > len(self.data):
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[self.size:end] = enc
+        self.size = end
         self.count += 1
 
+    def view(self) -> Any:
+        """The records' bytes (a memoryview into the buffer: valid until the next ``add``)."""
+        return memoryview(self.data)[:self.size]
+
     def clear(self) -> None:
-        self.data = bytearray()
+        """Empty, keeping the allocation for the next batch."""
+        self.size = 0
         self.count = 0
 
 
@@ -225,7 +142,7 @@ def payload_parts(
     if dropped is not None:
         tail.append(F_DROPPED)
         cbor.encode_into(tail, dropped)
-    return (out, records.data, tail)
+    return (out, records.view(), tail)
 
 
 class BatchWriter:
@@ -254,6 +171,8 @@ class BatchWriter:
         dropped: Any = None,
     ) -> bytes:
         """Sign a list of SenML records as the next batch."""
+        from .batch_map import Batch, sign_batch
+
         batch = Batch(self.device, self.seq + 1, self.head, boot, records, timebase, kind, dropped)
         return self._signed(sign_batch(batch, self.signer, self.kid))
 
@@ -265,19 +184,42 @@ class BatchWriter:
         kind: int = KIND_READINGS,
         dropped: Any = None,
     ) -> bytes:
-        """Sign the records of a ``RecordBuffer`` as the next batch (the device's path).
+        """Sign the records of a ``RecordBuffer`` as the next batch; the signed bytes."""
+        return cose.join_chunks(self.sign_chunks(records, boot, timebase, kind, dropped))
 
-        The payload is never assembled: its chunks go to ``cose.encode_sign1_parts``.
-        """
+    def sign_chunks(
+        self,
+        records: RecordBuffer,
+        boot: int,
+        timebase: int = TIME_UNIX,
+        kind: int = KIND_READINGS,
+        dropped: Any = None,
+    ) -> Any:
+        """``sign_buffer`` as consecutive chunks (the device's path): neither the payload
+        nor the signed batch is ever assembled, so the records' buffer is the largest
+        piece a signature needs in one place (``cose.sign1_chunks``)."""
         parts = payload_parts(
             self.device, self.seq + 1, self.head, boot, timebase, kind, records, dropped
         )
         size = len(parts[0]) + len(parts[1]) + len(parts[2])
         if size + 128 > limits.BATCH_MAX_BYTES:
             raise ValueError("batch too large: %d bytes payload" % size)
-        return self._signed(cose.encode_sign1_parts(parts, self.signer, self.kid))
+        chunks = cose.sign1_chunks(parts, self.signer, self.kid)
+        h = hashlib.sha256()
+        for chunk in chunks:
+            h.update(chunk)
+        self.seq += 1
+        self.head = h.digest()
+        return chunks
 
     def _signed(self, signed: bytes) -> bytes:
         self.seq += 1
         self.head = batch_hash(signed)
         return signed
+
+
+try:
+    import micropython  # type: ignore[import-not-found]  # noqa: F401 (tells the two apart)
+except ImportError:  # CPython: the receiver side is part of this module's API
+    from .batch_map import Batch as Batch
+    from .batch_map import sign_batch as sign_batch

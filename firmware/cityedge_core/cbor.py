@@ -33,49 +33,12 @@ from . import limits
 _FLOAT_INF = float("inf")
 
 
-class Tag:
-    """A tagged data item (major type 6) other than a bignum."""
-
-    def __init__(self, tag: int, value: Any) -> None:
-        if not isinstance(tag, int) or tag < 0 or tag > 0xFFFFFFFFFFFFFFFF:
-            raise ValueError("CBOR tag number must be an unsigned 64-bit int")
-        self.tag = tag
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Tag) and self.tag == other.tag and self.value == other.value
-
-    def __hash__(self) -> int:
-        return hash((self.tag, repr(self.value)))
-
-    def __repr__(self) -> str:
-        return "Tag(%d, %r)" % (self.tag, self.value)
-
-
-class Simple:
-    """A simple value (major type 7) other than false/true/null/undefined."""
-
-    def __init__(self, value: int) -> None:
-        if not isinstance(value, int) or not (0 <= value <= 19 or 32 <= value <= 255):
-            raise ValueError("CBOR simple value must be 0..19 or 32..255")
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Simple) and self.value == other.value
-
-    def __hash__(self) -> int:
-        return hash(("simple", self.value))
-
-    def __repr__(self) -> str:
-        return "simple(%d)" % self.value
-
-
-class _Undefined:
-    def __repr__(self) -> str:
-        return "undefined"
-
-
-UNDEFINED = _Undefined()
+try:
+    import micropython  # type: ignore[import-not-found]  # noqa: F401 (tells the two apart)
+except ImportError:  # CPython: the value types are part of this module's API
+    from .cbor_types import UNDEFINED as UNDEFINED
+    from .cbor_types import Simple as Simple
+    from .cbor_types import Tag as Tag
 
 # ---------------------------------------------------------------------------------------------
 # Encoding
@@ -180,8 +143,6 @@ def _encode(out: bytearray, obj: Any, depth: int) -> None:
         out.append(0xF5)
     elif obj is None:
         out.append(0xF6)
-    elif obj is UNDEFINED:
-        out.append(0xF7)
     elif isinstance(obj, int):
         _encode_int(out, obj)
     elif isinstance(obj, float):
@@ -212,6 +173,17 @@ def _encode(out: bytearray, obj: Any, depth: int) -> None:
             prev = kb
             out.extend(kb)
             _encode(out, v, depth + 1)
+    else:
+        _encode_other(out, obj, depth)
+
+
+def _encode_other(out: bytearray, obj: Any, depth: int) -> None:
+    """Tags, simple values, undefined: their classes load on first use (a device never
+    encodes them, and each class costs about 350 bytes of its heap)."""
+    from .cbor_types import UNDEFINED, Simple, Tag
+
+    if obj is UNDEFINED:
+        out.append(0xF7)
     elif isinstance(obj, Tag):
         _head(out, 6, obj.tag)
         _encode(out, obj.value, depth + 1)

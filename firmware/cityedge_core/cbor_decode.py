@@ -13,10 +13,18 @@ except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
 from . import limits
-from .cbor import _FLOAT_INF, UNDEFINED, Simple, Tag
+from .cbor import _FLOAT_INF
 from .errors import LimitError, MalformedError
 
 _BREAK = object()
+
+
+def _types() -> Any:
+    """``cbor_types``, loaded when a tag or simple value first turns up (a device's own
+    state and commands never hold one)."""
+    from . import cbor_types
+
+    return cbor_types
 
 
 def _half_to_float(h: int) -> float:
@@ -156,10 +164,10 @@ class _Decoder:
                     raise LimitError("CBOR: bignum longer than %d bytes" % len(value))
                 mag = int.from_bytes(value, "big") if value else 0
                 return mag if tag == 2 else -1 - mag
-            return Tag(tag, value)
+            return _types().Tag(tag, value)
         # major 7
         if ai < 20:
-            return Simple(ai)
+            return _types().Simple(ai)
         if ai == 20:
             return False
         if ai == 21:
@@ -167,12 +175,12 @@ class _Decoder:
         if ai == 22:
             return None
         if ai == 23:
-            return UNDEFINED
+            return _types().UNDEFINED
         if ai == 24:
             v = self._take(1)[0]
             if v < 32:
                 raise MalformedError("CBOR: two-byte simple value %d below 32" % v)
-            return Simple(v)
+            return _types().Simple(v)
         if ai == 25:
             return _half_to_float(struct.unpack(">H", self._take(2))[0])
         if ai == 26:

@@ -36,6 +36,7 @@ except ImportError:  # MicroPython: annotations are not evaluated
 
 from . import batch as batchmod
 from . import cbor, cose, limits
+from .batch_map import Batch
 from .errors import MalformedError, PeerError, SignatureError, UnknownKeyError
 
 OK = "ok"
@@ -242,7 +243,7 @@ class BatchVerifier:
             raise
         except Exception as e:  # a foreign decoder's own error type
             raise MalformedError("batch payload: %s" % e) from e
-        batch = batchmod.Batch.from_map(obj)
+        batch = Batch.from_map(obj)
         if batch.device != entry.device:
             raise SignatureError(
                 "batch names device %s but is signed by %s's key" % (batch.device, entry.device)

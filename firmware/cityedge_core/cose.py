@@ -31,6 +31,7 @@ except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
 from . import cbor, limits
+from .errors import LimitError, MalformedError
 
 COSE_SIGN1_TAG = 18
 ALG_ES256 = -7
@@ -62,18 +63,94 @@ def sig_structure(protected_raw: bytes, payload: bytes, external_aad: bytes = b"
     ))
 
 
+def split_sign1(data: Any, max_bytes: int = limits.BATCH_MAX_BYTES) -> Any:
+    """``(kid, protected_raw, payload, signature)`` of a COSE_Sign1 in exactly the form
+    ``encode_sign1`` writes: tag 18, four items with shortest heads, the protected header
+    ``{alg: ES256, kid: 1..23 bytes}``, no unprotected parameters, a 64-byte signature.
+
+    A device's way to read fleet commands and its own stored batches: slices, no decoder
+    on its heap, and nothing parsed beyond this fixed shape before the caller checks the
+    signature. Anything else, valid COSE included, is ``MalformedError`` (``decode_sign1``
+    reads every form the rules above allow).
+    """
+    if len(data) > max_bytes:
+        raise LimitError("COSE: message of %d bytes, limit %d" % (len(data), max_bytes))
+    try:
+        if data[0] != 0xD2 or data[1] != 0x84:
+            raise MalformedError("COSE: not a tagged COSE_Sign1 of four items")
+        protected, pos = _bstr_at(data, 2)
+        if data[pos] != 0xA0:
+            raise MalformedError("COSE: unprotected parameters are not accepted here")
+        payload, pos = _bstr_at(data, pos + 1)
+        sig, pos = _bstr_at(data, pos)
+    except IndexError:
+        raise MalformedError("COSE: message is truncated") from None
+    if pos != len(data):
+        raise MalformedError("COSE: bytes after the message")
+    n = len(protected) - 5
+    if not 0 < n < 24 or protected[:4] != _PROTECTED_ES256 or protected[4] != 0x40 | n:
+        raise MalformedError("COSE: protected header is not {alg: ES256, kid}")
+    if len(sig) != SIGNATURE_BYTES:
+        raise MalformedError("COSE: signature is not 64 bytes")
+    return protected[5:], protected, payload, sig
+
+
+_PROTECTED_ES256 = b"\xa2\x01\x26\x04"  # map(2): alg (1) = ES256 (-7), kid (4) = ...
+
+
+def _bstr_at(data: Any, pos: int) -> Any:
+    """The byte string whose head (shortest form, at most 65535 bytes) is at ``pos``, and
+    the position after it; IndexError when the data ends first."""
+    ib = data[pos]
+    n = ib & 31
+    if ib >> 5 != 2 or n > 25:
+        raise MalformedError("COSE: expected a byte string of definite length")
+    pos += 1
+    if n == 24:
+        n = data[pos]
+        pos += 1
+        short = n < 24
+    elif n == 25:
+        n = (data[pos] << 8) | data[pos + 1]
+        pos += 2
+        short = n < 256
+    else:
+        short = False
+    if short:
+        raise MalformedError("COSE: byte string head is not in its shortest form")
+    end = pos + n
+    if end > len(data):
+        raise IndexError
+    return bytes(data[pos:end]), end
+
+
 def encode_sign1(payload: bytes, signer: Any, kid: bytes, external_aad: bytes = b"") -> bytes:
     """Sign ``payload`` and return the tagged COSE_Sign1 bytes (alg and kid protected)."""
     return encode_sign1_parts((payload,), signer, kid, external_aad)
 
 
 def encode_sign1_parts(parts: Any, signer: Any, kid: bytes, external_aad: bytes = b"") -> bytes:
-    """``encode_sign1`` for a payload given as consecutive chunks (bytes or bytearray).
+    """``encode_sign1`` for a payload given as consecutive chunks (bytes-like)."""
+    return join_chunks(sign1_chunks(parts, signer, kid, external_aad))
 
-    The device's path: the chunks are never joined into one payload object. A signer with
-    ``sign_digest`` (the pure-Python key) gets SHA-256 fed chunk by chunk, so neither the
-    payload nor the Sig_structure is ever copied; the envelope is the one allocation of its
-    final size. Any other signer gets the Sig_structure bytes.
+
+def join_chunks(chunks: Any) -> bytes:
+    """Bytes-like chunks as one ``bytes`` (MicroPython's ``bytes.join`` refuses a
+    memoryview)."""
+    out = bytearray()
+    for chunk in chunks:
+        out.extend(chunk)
+    return bytes(out)
+
+
+def sign1_chunks(parts: Any, signer: Any, kid: bytes, external_aad: bytes = b"") -> Any:
+    """The tagged COSE_Sign1 of a payload given as consecutive chunks, as a tuple of
+    chunks: the envelope's own pieces around the payload's, which are not copied.
+
+    The device's path: neither the payload nor the envelope is ever joined into one
+    object (the ring buffer writes the chunks one after the other). A signer with
+    ``sign_digest`` (the pure-Python key) gets SHA-256 fed chunk by chunk, so the
+    Sig_structure is never built either; any other signer gets its bytes.
     """
     if not isinstance(kid, bytes) or len(kid) > limits.KID_MAX_BYTES:
         raise ValueError("kid must be bytes of at most %d" % limits.KID_MAX_BYTES)
@@ -95,11 +172,12 @@ def encode_sign1_parts(parts: Any, signer: Any, kid: bytes, external_aad: bytes 
             h.update(part)
         sig = sign_digest(h.digest())
     else:
-        sig = signer.sign(sig_structure(protected_raw, b"".join(parts), external_aad))
+        sig = signer.sign(sig_structure(protected_raw, join_chunks(parts), external_aad))
     if len(sig) != SIGNATURE_BYTES:
         raise ValueError("signer must return 64-byte r || s")
-    return b"".join((b"\xd2\x84", prot_head, protected_raw, b"\xa0", payload_head)
-                    + tuple(parts) + (b"\x58\x40", sig))  # tag 18, array of 4; bstr(64)
+    # tag 18, array of 4: protected bstr, empty unprotected map, payload bstr, bstr(64)
+    return ((b"\xd2\x84" + prot_head + protected_raw + b"\xa0" + payload_head,)
+            + tuple(parts) + (b"\x58\x40" + sig,))
 
 
 def decode_sign1(data: Any, allow_untagged: bool = False, max_bytes: int = limits.BATCH_MAX_BYTES,

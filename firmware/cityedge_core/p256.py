@@ -10,8 +10,9 @@ public-key API (MicroPython has none).
   SEC1 v2 §3.2.2.1), so an invalid-curve point is refused before any arithmetic.
 - Verification rejects r or s outside [1, n-1] (FIPS 186-5 §6.4.2).
 
-Arithmetic is in Jacobian coordinates with the a = -3 doubling formula; verification uses
-Shamir's trick one bit at a time (three precomputed points: small heap). Not constant
+Arithmetic is in Jacobian coordinates with the a = -3 doubling formula and mixed
+(Jacobian + affine) addition; verification uses Shamir's trick one bit at a time (a table
+of three affine points: small heap). Not constant
 time: acceptable for verification, and for signing on a device whose only observer is the
 holder of the device.
 
@@ -52,35 +53,6 @@ def _double(pt: Any) -> Any:
     return (x3, y3, z3)
 
 
-def _add(p1: Any, p2: Any) -> Any:
-    x1, y1, z1 = p1
-    x2, y2, z2 = p2
-    if z1 == 0:
-        return p2
-    if z2 == 0:
-        return p1
-    p = P
-    z1z1 = z1 * z1 % p
-    z2z2 = z2 * z2 % p
-    u1 = x1 * z2z2 % p
-    u2 = x2 * z1z1 % p
-    s1 = y1 * z2 * z2z2 % p
-    s2 = y2 * z1 * z1z1 % p
-    h = (u2 - u1) % p
-    r = (s2 - s1) % p
-    if h == 0:
-        if r == 0:
-            return _double(p1)
-        return _INF
-    hh = h * h % p
-    hhh = h * hh % p
-    v = u1 * hh % p
-    x3 = (r * r - hhh - 2 * v) % p
-    y3 = (r * (v - x3) - s1 * hhh) % p
-    z3 = z1 * z2 * h % p
-    return (x3, y3, z3)
-
-
 def _affine_x(pt: Any) -> int:
     zinv = pow(pt[2], P - 2, P)
     x: int = pt[0] * zinv * zinv % P
@@ -93,8 +65,30 @@ def _to_affine(pt: Any) -> Any:
     return (pt[0] * zinv2 % P, pt[1] * zinv2 * zinv % P)
 
 
-def _mul(k: int, pt: Any) -> Any:
-    """k * pt by double-and-add, one bit at a time (no precomputed points).
+def _add_affine(p1: Any, x2: int, y2: int) -> Any:
+    """p1 (Jacobian) + (x2, y2) (affine: Z = 1), the only addition both signing and
+    verifying need: fewer products than a Jacobian + Jacobian one and fewer big integers
+    alive at once (the heap peak of both is in here), none over 512 bits."""
+    x1, y1, z1 = p1
+    if z1 == 0:
+        return (x2, y2, 1)
+    p = P
+    zz = z1 * z1 % p
+    h = (x2 * zz - x1) % p  # U2 - X1
+    r = (y2 * (z1 * zz % p) - y1) % p  # S2 - Y1; no product over 512 bits
+    if h == 0:
+        if r == 0:
+            return _double(p1)
+        return _INF
+    zz = h * h % p  # HH
+    v = x1 * zz % p  # V = X1 * HH
+    zz = h * zz % p  # HHH
+    x3 = (r * r - zz - 2 * v) % p
+    return (x3, (r * (v - x3) - y1 * zz) % p, z1 * h % p)
+
+
+def _mul(k: int, x: int, y: int) -> Any:
+    """k * (x, y) (an affine point) by double-and-add, one bit at a time, no table.
 
     Windows buy little here and their tables cost heap at the device's peak (signing):
     a 4-bit window (16 points) needed 28 KB of heap per signature, a 2-bit one (3 points)
@@ -104,22 +98,26 @@ def _mul(k: int, pt: Any) -> Any:
     for shift in range(255, -1, -1):
         acc = _double(acc)
         if (k >> shift) & 1:
-            acc = _add(acc, pt)
+            acc = _add_affine(acc, x, y)
     return acc
 
 
-def _mul_add(u1: int, p1: Any, u2: int, p2: Any) -> Any:
-    """u1 * p1 + u2 * p2 by Shamir's trick, one bit of each scalar per step.
-
-    Only three points are precomputed, so verification fits a 32 KiB heap.
-    """
-    table = (_INF, p2, p1, _add(p1, p2))
+def _mul_add(u1: int, x1: int, y1: int, u2: int, x2: int, y2: int) -> Any:
+    """u1 * (x1, y1) + u2 * (x2, y2) (affine points) by Shamir's trick, one bit of each
+    scalar per step. Its table is the two points and their sum, all affine (the sum is
+    None when it is the point at infinity), so every addition is ``_add_affine``."""
+    both = _add_affine((x1, y1, 1), x2, y2)
+    both = _to_affine(both) if both[2] else None
     acc = _INF
     for shift in range(255, -1, -1):
         acc = _double(acc)
         w = (((u1 >> shift) & 1) << 1) | ((u2 >> shift) & 1)
-        if w:
-            acc = _add(acc, table[w])
+        if w == 1:
+            acc = _add_affine(acc, x2, y2)
+        elif w == 2:
+            acc = _add_affine(acc, x1, y1)
+        elif w == 3 and both is not None:
+            acc = _add_affine(acc, both[0], both[1])
     return acc
 
 
@@ -201,7 +199,7 @@ class PublicKey:
             return False
         e = int.from_bytes(digest, "big")
         w = pow(s, N - 2, N)
-        pt = _mul_add(e * w % N, (GX, GY, 1), r * w % N, (self.x, self.y, 1))
+        pt = _mul_add(e * w % N, GX, GY, r * w % N, self.x, self.y)
         if pt[2] == 0:
             return False
         return _affine_x(pt) % N == r
@@ -245,7 +243,7 @@ class PrivateKey:
 
     def public_key(self) -> PublicKey:
         if self._public is None:
-            x, y = _to_affine(_mul(self._d, (GX, GY, 1)))
+            x, y = _to_affine(_mul(self._d, GX, GY))
             self._public = PublicKey(x, y)  # type: ignore[assignment]
         return self._public  # type: ignore[return-value]
 
@@ -253,7 +251,7 @@ class PrivateKey:
         """Deterministic (RFC 6979) signature r || s over a SHA-256 digest."""
         e = int.from_bytes(digest, "big")
         for k in rfc6979_nonces(self._d, digest):
-            x, _ = _to_affine(_mul(k, (GX, GY, 1)))
+            x, _ = _to_affine(_mul(k, GX, GY))
             r = x % N
             if r == 0:
                 continue

@@ -140,3 +140,23 @@ def test_signing_from_chunks_equals_signing_the_joined_payload(parts: list[bytes
     msg = cose.decode_sign1(want)
     assert msg.payload == joined
     msg.verify(_P256_KEY.public_key(), aad)
+
+
+@settings(max_examples=25)
+@given(st.lists(record, max_size=20), st.sampled_from([None, [1, 2, 2, 9]]))
+def test_batch_signed_in_chunks_equals_the_joined_batch(recs: list[dict[int, Any]],
+                                                        dropped: Any) -> None:
+    """The device's path (``sign_chunks``: never joined) gives the bytes and the chain head
+    ``sign_buffer`` gives, batch after batch."""
+    a = batchmod.BatchWriter(DEVICE, _P256_KEY, _P256_KID)
+    b = batchmod.BatchWriter(DEVICE, _P256_KEY, _P256_KID)
+    kind = batchmod.KIND_DROP if dropped else batchmod.KIND_READINGS
+    for _ in range(2):
+        buf = batchmod.RecordBuffer()
+        for r in recs:
+            buf.add(r)
+        chunks = a.sign_chunks(buf, 3, 1, kind, dropped)
+        assert any(getattr(c, "obj", None) is buf.data for c in chunks)  # not copied
+        joined = b.sign_buffer(buf, 3, 1, kind, dropped)
+        assert b"".join(chunks) == joined
+        assert (a.seq, a.head) == (b.seq, b.head) == (b.seq, batchmod.batch_hash(joined))

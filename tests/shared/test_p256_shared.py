@@ -26,6 +26,16 @@ def test_rfc6979_sample_vector():
     assert not key.public_key().verify(b"sample!", unhex(_SIG))
 
 
+def test_edge_keys_sign_and_verify():
+    # d = n - 1 makes Q = -G: verification's table holds G + Q = infinity
+    for d in (1, 2, p256.N - 2, p256.N - 1):
+        key = p256.PrivateKey(d)
+        for msg in (b"a", b"sample"):
+            sig = key.sign(msg)
+            assert key.public_key().verify(msg, sig)
+            assert not key.public_key().verify(msg + b"!", sig)
+
+
 def test_invalid_public_keys_are_refused():
     good = p256.PrivateKey(_D).public_key().to_sec1()
     bad = bytearray(good)
