@@ -77,9 +77,7 @@ def board_for(cfg):
     from cityedge_fw import config, hal
 
     cfg = config.validate(cfg)
-    board = hal.get_board(cfg)
-    del sys.modules["cityedge_fw.config"]
-    return cfg, board
+    return cfg, hal.get_board(cfg)  # build() unloads config when it is done
 
 
 async def report(agent):
@@ -117,13 +115,15 @@ def main():
         except OSError:
             vfs.VfsLfs2.mkfs(flash)
             vfs.mount(vfs.VfsLfs2(flash), "/flash")
+    import cityedge_fw
     from cityedge_fw import main as fw_main
 
     cfg, board = board_for(cfg)
     agent = fw_main.build(cfg, board)
     print("sim: %s boot %d on %s, chain at seq %d, %d batches buffered" % (
         agent.device, agent.boot, board.name, agent.writer.seq, agent.store.count))
-    del sys.modules["cityedge_fw.main"]
+    del fw_main
+    cityedge_fw.unload("cityedge_fw.main")  # boot-only code off the heap, as on a board
     gc.collect()
     asyncio.run(run(agent, float(os.getenv("CE_SIM_SECONDS") or 0)))
     if image:

@@ -3,3 +3,26 @@
 Runs on ESP32, Raspberry Pi Pico W and the MicroPython unix port; imports the shared sans-IO
 core ``cityedge_core`` for every wire format.
 """
+
+import sys
+
+# Modules a device loads only for a moment: the CBOR decoder (a state file read at boot,
+# a command's payload once its signature holds, a batch about to be dropped) and the
+# command gate. ``unload`` takes them off the heap again after use.
+ON_DEMAND = ("cityedge_fw.commands", "cityedge_core.cbor_decode", "cityedge_core.cbor_types")
+
+
+def unload(*names):
+    """Take modules off the heap: out of ``sys.modules`` and out of their package, their
+    last references (function and class objects, constants). Their interned names stay.
+    For boot-only modules after boot and ``ON_DEMAND`` ones after use; the next import
+    loads a module again (from flash: milliseconds). On CPython (tests, tools) nothing is
+    unloaded: there is no heap to save, and a reloaded module's classes would not be the
+    ones other modules already hold."""
+    if sys.implementation.name != "micropython":
+        return
+    for name in names:
+        sys.modules.pop(name, None)
+        pkg, _, leaf = name.rpartition(".")
+        if pkg in sys.modules:
+            sys.modules[pkg].__dict__.pop(leaf, None)

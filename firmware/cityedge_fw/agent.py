@@ -11,7 +11,10 @@ Tasks (asyncio), all started by ``Agent.run``:
 - **forwarder** (every 200 ms) publishes the oldest stored batches (QoS 1, at most
   ``_INFLIGHT`` in flight: the MQTT client keeps each in RAM until its PUBACK) on
   ``ce/v1/<device>/up/readings`` and removes each from flash on its PUBACK.
-  After a reconnect the MQTT client re-sends the unacknowledged ones, in order.
+  When the connection is lost the client forgets the unacknowledged ones (no payload
+  stays in RAM through an outage); after the next CONNACK the forwarder starts again from
+  the oldest batch on flash, in order. A batch whose PUBACK was lost goes out twice: the
+  chain makes the copy a duplicate the fleet recognises.
 - **status** publishes a signed status map on ``up/status`` every ``status_interval_s``.
 - **watchdog** (in ``run``'s own task) feeds the board's watchdog only while the sampler
   and the store are healthy, and ends the agent when another task has ended.
@@ -19,8 +22,8 @@ Tasks (asyncio), all started by ``Agent.run``:
   retained ``down/desired`` messages to ``commands.CommandGate``.
 
 When the buffer's byte budget forces the oldest batches out, the agent tallies what is lost
-(``[first_seq, last_seq, batches, readings]``, in ``State`` before the append that drops,
-since the store deletes the files) and, once the link is up, signs one drop record
+(``drops``: ``[first_seq, last_seq, batches, readings]``, in ``State`` before the append
+that drops, since the store deletes the files) and, once the link is up, signs one drop record
 (``KIND_DROP``) with the tally and forwards it like a batch: the fleet learns exactly what
 was lost, and a long outage costs one drop record rather than one per batch. A power cut
 between the tally and the append can over-count one append's worth, never under-count.
@@ -55,8 +58,8 @@ from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose
 from cityedge_core.errors import CityedgeError, PeerError, StorageError
 
-from . import mqtt
-from .mqtt_async import Link, MonotonicMs, sleep_ms
+from . import ON_DEMAND, mqtt, unload
+from .mqtt_async import Link, monotonic_ms, sleep_ms
 
 FIRMWARE_VERSION = "0.1.0"
 
@@ -68,81 +71,33 @@ _V = const(2)
 _T = const(6)
 _BT = const(-3)
 
-# --- settings and their limits (units in the names) --------------------------------------
-DEFAULTS = {
-    "sample_interval_s": 10,  # seconds between two sensor sweeps
-    "batch_readings": 32,  # readings (SenML records) per batch at most
-    "batch_seconds": 300,  # seconds: a batch is sealed at least this often
-    "status_interval_s": 60,  # seconds between two status messages
-    "buffer_budget_bytes": 262144,  # bytes of flash for buffered batches (with headers)
-    "time_scale": 1,  # >1: accelerated clock (tests); schedule runs this much faster
-    "keepalive_s": 60,  # MQTT keep-alive
-    "watchdog_ms": 5000,  # ms between two watchdog feeds
-}
-LIMITS = {  # accepted range of each setting, also for values from down/desired
-    "sample_interval_s": (1, 86400),
-    "batch_readings": (1, 200),
-    "batch_seconds": (1, 86400),
-    "status_interval_s": (5, 86400),
-    "buffer_budget_bytes": (4096, 1 << 30),
-    "time_scale": (1, 100000),
-    "keepalive_s": (10, 3600),
-    "watchdog_ms": (100, 60000),
-}
-DESIRED_KEYS = ("sample_interval_s", "batch_readings", "batch_seconds", "status_interval_s")
-_FORWARD_POLL_MS = const(200)  # ms between two forwarder rounds
+# Settings the fleet may change at run time (``down/desired``), with their accepted
+# ranges. All settings, their defaults and other ranges: ``settings`` (checked at boot).
+DESIRED = (
+    ("sample_interval_s", 1, 86400),
+    ("batch_readings", 1, 200),
+    ("batch_seconds", 1, 86400),
+    ("status_interval_s", 5, 86400),
+)
+_FORWARD_POLL_MS = const(200)  # ms between two forwarder rounds with nothing to send
+_FORWARD_BUSY_MS = const(5)  # ms until the next round when the window was full
 # QoS 1 batches in flight at once. Each stays in RAM (the MQTT client re-sends it after a
 # reconnect) until its PUBACK, also while a silent link holds them: two keep a small heap
 # clear of signing's peak, and still forward 10 batches a second on a local broker.
 _INFLIGHT = const(2)
 _UNHEALTHY_AFTER_SWEEPS = const(3)  # missed sampler sweeps before the watchdog is starved
 _STORE_HEADER_BYTES = const(20)  # bytes the ring buffer adds per batch (store.HEADER_SIZE)
-
-
-def check_settings(settings):
-    """Defaults filled in, every value an int within ``LIMITS`` (ValueError otherwise)."""
-    out = dict(DEFAULTS)
-    for key in settings:
-        if key in LIMITS:
-            out[key] = settings[key]
-    for key in LIMITS:
-        lo, hi = LIMITS[key]
-        v = out[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > hi:
-            raise ValueError("setting %s=%r must be an integer in %d..%d" % (key, v, lo, hi))
-    return out
+_RECORD_BYTES = const(20)  # bytes per record the records buffer starts with (it can grow)
 
 
 def topic(device, leaf):
     return "ce/v1/%s/%s" % (device, leaf)
 
 
-def drop_tally(seq, signed):
-    """What losing stored batch ``seq`` costs: ``[first, last, batches, readings]``.
-
-    A reading batch is itself: one batch and its records. A drop record that is itself
-    dropped passes on what it reported, so the next drop record still has exact counts."""
-    try:
-        obj = cbor.loads(cose.decode_sign1(signed).payload)
-        if obj.get(batchmod.F_KIND) == batchmod.KIND_DROP:
-            first, _last, batches, readings = obj[batchmod.F_DROPPED]
-            return [first, seq, batches + 1, readings]
-        return [seq, seq, 1, len(obj.get(batchmod.F_RECORDS, ()))]
-    except (PeerError, AttributeError, TypeError, KeyError, ValueError):
-        return [seq, seq, 1, 0]  # unreadable: the batch is lost, its readings unknown
-
-
-def merge_tally(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2], a[3] + b[3]]
-
-
 class Agent:
     """One device: ``board`` (HAL), its signing ``key`` (``p256.PrivateKey``), the ring
-    buffer ``store``, the ``state`` file, the TLS context and broker address."""
+    buffer ``store``, the ``state`` file, ``settings`` as ``settings.check`` returns
+    them (every key present and in range), the TLS context and broker address."""
 
     def __init__(self, board, device, key, kid, store, state, settings, broker_host,
                  broker_port, ssl_ctx=None, server_hostname=None, fleet_keys=None,
@@ -152,7 +107,7 @@ class Agent:
         self.key = key
         self.store = store
         self.state = state
-        self.cfg = check_settings(settings)
+        self.cfg = settings
         desired = state.get("desired")
         if isinstance(desired, dict):
             self.apply_desired(desired, persist=False)
@@ -161,9 +116,10 @@ class Agent:
         state.set(boot=self.boot)
         seq, head = self._restore_chain()
         self.writer = batchmod.BatchWriter(device, key, kid, seq, head)
-        self.clock = MonotonicMs()
+        self.clock = monotonic_ms
         self.scale = self.cfg["time_scale"]
-        self.records = batchmod.RecordBuffer()  # readings encoded as taken (~15 B each)
+        # readings encoded as taken (~15-20 B each), in one buffer reused batch after batch
+        self.records = batchmod.RecordBuffer(self.cfg["batch_readings"] * _RECORD_BYTES)
         self._bt = 0
         self.batch_started_ms = None
         self.batch_timebase = None
@@ -174,14 +130,16 @@ class Agent:
         self.last_sweep_ms = 0
         self.store_ok = True
         self.batches_signed = 0
+        self.commands_accepted = 0
         self.published = 0
         self._pid_seq = {}  # MQTT packet id -> batch seq in flight
         self._sent_upto = 0  # highest seq handed to the MQTT client
-        client = mqtt.Client(device, self.cfg["keepalive_s"], True, None, _INFLIGHT)
+        self._session = 0  # the client's connection (``sessions``) that seq was sent on
+        client = mqtt.Client(device, self.cfg["keepalive_s"], True, None, _INFLIGHT,
+                             keep_inflight=False)
         self.link = Link(client, broker_host, broker_port, ssl_ctx, server_hostname,
                          self._on_event, self._on_connect, self.clock)
         self.fleet_keys = fleet_keys or {}
-        self.gate = None  # commands.CommandGate, loaded with the first command
 
     # --- chain state ----------------------------------------------------------------
     def _restore_chain(self):
@@ -253,19 +211,25 @@ class Agent:
         """Sign the collected records as one batch and store it (durable on return)."""
         if not self.records.count:
             return
-        records, self.records = self.records, batchmod.RecordBuffer()
-        self._store_signed(self.writer.sign_buffer(records, self.boot, self.batch_timebase))
-        del records
+        try:
+            self._store_signed(self.writer.sign_chunks(self.records, self.boot,
+                                                       self.batch_timebase))
+        finally:
+            self.records.clear()  # signed: whether stored or not, these records are done
         self.batches_signed += 1
 
     def _store_signed(self, data, reported=False):
-        """Append one signed batch, after tallying what the append will push out.
+        """Append one signed batch (its chunks), after tallying what the append will push
+        out.
 
         The tally ``[first_seq, last_seq, batches, readings]`` of dropped batches lives in
         ``State`` key ``drop`` (written before the append) until a drop record reports
         it. ``reported``: this batch is that drop record, so after the append only what
         the append itself pushed out stays in the tally (same write as the chain head)."""
-        pending, doomed = self._tally_doomed(len(data))
+        size = 0
+        for chunk in data:
+            size += len(chunk)
+        pending, doomed = self._tally_doomed(size)
         try:
             self.store.append(self.writer.seq, data)
         except StorageError as e:
@@ -278,28 +242,21 @@ class Agent:
         self.store_ok = True
 
     def _tally_doomed(self, size):
-        """Tally the oldest batches that appending ``size`` bytes will drop.
-
-        Mirrors the ring buffer's rule (oldest first until the excess is freed) and reads
-        one batch at a time, so a long buffer never comes into RAM at once. Returns
-        (pending tally + doomed, doomed), either None when empty; the first is persisted
-        before the append."""
+        """Tally the oldest batches that appending ``size`` bytes will drop (``drops``,
+        loaded for this only). Returns (pending tally + doomed, doomed), either None when
+        empty; the first is persisted before the append."""
         pending = self.state.get("drop")
-        doomed = None
         excess = self.store.used_bytes + _STORE_HEADER_BYTES + size - self.store.budget
-        i = 0
-        while excess > 0 and i < self.store.count:
-            got = self.store.oldest(i + 1)
-            if len(got) <= i:
-                break
-            seq, data = got[i]
-            del got
-            doomed = merge_tally(doomed, drop_tally(seq, data))
-            excess -= len(data) + _STORE_HEADER_BYTES
-            i += 1
+        if excess <= 0 or not self.store.count:
+            return pending, None
+        from . import drops
+
+        doomed = drops.doomed(self.store, excess, _STORE_HEADER_BYTES)
+        pending = drops.merge(pending, doomed)
+        drops = None
+        unload("cityedge_fw.drops", *ON_DEMAND)  # it decoded the doomed batches
         if doomed is None:
             return pending, None
-        pending = merge_tally(pending, doomed)
         self.state.set(drop=pending)
         return pending, doomed
 
@@ -314,8 +271,8 @@ class Agent:
         if tally is None:
             return False
         gc.collect()
-        data = self.writer.sign([], self.boot, batchmod.TIME_SINCE_BOOT, batchmod.KIND_DROP,
-                                list(tally))
+        data = self.writer.sign_chunks(batchmod.RecordBuffer(), self.boot,
+                                       batchmod.TIME_SINCE_BOOT, batchmod.KIND_DROP, list(tally))
         self.drops_total += tally[2]
         self._store_signed(data, True)
         return True
@@ -342,30 +299,33 @@ class Agent:
             self.last_error = "mqtt: subscription refused by the broker"
 
     async def handle_command(self, payload):
-        if self.gate is None:
-            from . import commands
+        """Check a fleet command (``commands.CommandGate``) and carry it out. The gate and
+        the decoders it needs are loaded for the check and unloaded after it."""
+        from . import commands
 
-            self.gate = commands.CommandGate(self.device, self.fleet_keys, self.state,
-                                             self.board.unix_time)
         try:
-            cmd = self.gate.check(payload)
+            name, _seq, args = commands.CommandGate(self.device, self.fleet_keys, self.state,
+                                                    self.board.unix_time).check(payload)
         except (PeerError, StorageError) as e:
             self.last_error = "command refused: %s" % e
             return None
-        if cmd.name == "desired" and isinstance(cmd.args, dict):
-            self.apply_desired(cmd.args)
-        elif cmd.name == "status":
+        finally:
+            commands = None
+            unload(*ON_DEMAND)
+        self.commands_accepted += 1
+        if name == "desired" and isinstance(args, dict):
+            self.apply_desired(args)
+        elif name == "status":
             await self.publish_status()
         else:
-            self.last_error = "command %s: not supported by this firmware" % cmd.name
-        return cmd
+            self.last_error = "command %s: not supported by this firmware" % name
+        return name
 
     def apply_desired(self, args, persist=True):
         """Take the known, in-range keys of a desired-state map; ignore the rest."""
         kept = {}
-        for key in DESIRED_KEYS:
+        for key, lo, hi in DESIRED:
             v = args.get(key)
-            lo, hi = LIMITS[key]
             if isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi:
                 self.cfg[key] = v
                 kept[key] = v
@@ -373,14 +333,23 @@ class Agent:
             self.state.set(desired=kept)
 
     async def forward_once(self):
-        """Hand the next stored batches to MQTT while the window has room."""
+        """Hand the next stored batches to MQTT while the window has room. True if
+        batches still wait (the window is full), False if all are handed over."""
         client = self.link.client
         if client.can_publish():
             self.report_drops()
-        while client.can_publish():
+        while True:
+            if client.sessions != self._session:
+                # a new connection (also during the await below): the client forgot what
+                # the old one left unacknowledged, so forward again from the oldest batch
+                self._session = client.sessions
+                self._pid_seq = {}
+                self._sent_upto = 0
+            if not client.can_publish():
+                return client.state == mqtt.CONNECTED and self.store.count > len(self._pid_seq)
             batch = self.store.next_after(self._sent_upto)  # one batch in RAM, not the window
             if batch is None:
-                return
+                return False
             # record the packet id before any await: a failed flush must not lose it
             pid = client.publish(topic(self.device, "up/readings"), batch[1], 1, False,
                                  self.link.clock())
@@ -428,16 +397,19 @@ class Agent:
             await self.sleep_sim(max(0, self.cfg["sample_interval_s"] * 1000 - spent))
 
     async def forwarder(self):
-        """Forward whenever the link is up, polling every ``_FORWARD_POLL_MS`` (a sealed
-        batch or a PUBACK waits at most that long). A poll costs no heap; an
-        ``asyncio.Event`` would keep its module (1.2 KB) on the heap."""
+        """Forward whenever the link is up, polling: every ``_FORWARD_POLL_MS`` while
+        there is nothing to send (a sealed batch waits at most that long), every
+        ``_FORWARD_BUSY_MS`` while batches wait for room in the in-flight window (for a
+        PUBACK). A poll costs no heap; an ``asyncio.Event`` would keep its module (1.2 KB)
+        on the heap."""
         while True:
+            waiting = False
             if self.link.client.state == mqtt.CONNECTED:
                 try:
-                    await self.forward_once()
+                    waiting = await self.forward_once()
                 except (OSError, CityedgeError) as e:
                     self.last_error = "forwarder: %s" % e
-            await sleep_ms(_FORWARD_POLL_MS)
+            await sleep_ms(_FORWARD_BUSY_MS if waiting else _FORWARD_POLL_MS)
 
     async def status(self):
         while True:

@@ -17,7 +17,10 @@ key    name      value
 
 ``CommandGate.check`` applies, in order (first failure refuses, with the reason):
 
-1. COSE_Sign1 structure (``cose.decode_sign1``), at most ``MAX_COMMAND_BYTES``.
+1. COSE_Sign1 in exactly the form the fleet's encoder writes (``cose.split_sign1``:
+   tag 18, shortest heads, protected ``{alg: ES256, kid}``, nothing unprotected), at most
+   ``MAX_COMMAND_BYTES``. Before the signature is checked the device parses nothing
+   else: no general CBOR decoder sees unauthenticated bytes (and none is on its heap).
 2. ``kid`` names a fleet key the device trusts; the signature verifies with it.
 3. The payload is a map with the fields above; ``target`` equals this device's id.
 4. ``expires`` is in the future by the device clock. A device without a trusted clock
@@ -41,32 +44,20 @@ except ImportError:  # CPython
 
 
 from cityedge_core import cbor, cose
-from cityedge_core.errors import MalformedError, PeerError, UnknownKeyError
+from cityedge_core.errors import MalformedError, PeerError, SignatureError, UnknownKeyError
 
 MAX_COMMAND_BYTES = const(4096)  # bytes: largest signed command we decode
 
-C_NAME = const(1)
-C_TARGET = const(2)
-C_SEQ = const(3)
-C_EXPIRES = const(4)
-C_ARGS = const(5)
+# payload keys (private: the compiler folds them, no module attribute on the heap)
+_C_NAME = const(1)
+_C_TARGET = const(2)
+_C_SEQ = const(3)
+_C_EXPIRES = const(4)
+_C_ARGS = const(5)
 
 
 class CommandRefused(PeerError):
     """A well-formed, authentic command that is not for this device or not for now."""
-
-
-class Command:
-    """An accepted command."""
-
-    def __init__(self, name, seq, expires, args):
-        self.name = name
-        self.seq = seq
-        self.expires = expires
-        self.args = args
-
-    def __repr__(self):
-        return "<Command %s seq=%d>" % (self.name, self.seq)
 
 
 class CommandGate:
@@ -85,20 +76,22 @@ class CommandGate:
         self.require_clock = require_clock
 
     def check(self, data):
-        """Return the accepted ``Command`` or raise a ``PeerError`` saying why not."""
-        msg = cose.decode_sign1(data, max_bytes=MAX_COMMAND_BYTES)
-        kid = msg.kid
-        verifier = self.fleet_keys.get(kid) if kid is not None else None
+        """The accepted command as ``(name, seq, args)`` (a tuple: a class would cost the
+        device heap), or a ``PeerError`` saying why not."""
+        kid, protected, payload, sig = cose.split_sign1(data, MAX_COMMAND_BYTES)
+        verifier = self.fleet_keys.get(kid)
         if verifier is None:
             raise UnknownKeyError("command: signed by unknown key %r" % (kid,))
-        msg.verify(verifier)
-        obj = cbor.loads(msg.payload, max_bytes=MAX_COMMAND_BYTES)
+        if not verifier.verify(cose.sig_structure(protected, payload), sig):
+            raise SignatureError("command: signature does not verify")
+        del protected, sig
+        obj = cbor.loads(payload, max_bytes=MAX_COMMAND_BYTES)  # authentic from here on
         if not isinstance(obj, dict):
             raise MalformedError("command: payload is not a map")
-        name = obj.get(C_NAME)
-        target = obj.get(C_TARGET)
-        seq = obj.get(C_SEQ)
-        expires = obj.get(C_EXPIRES)
+        name = obj.get(_C_NAME)
+        target = obj.get(_C_TARGET)
+        seq = obj.get(_C_SEQ)
+        expires = obj.get(_C_EXPIRES)
         if not isinstance(name, str) or not isinstance(target, str):
             raise MalformedError("command: name and target must be text")
         if not _is_uint(seq) or not _is_uint(expires):
@@ -115,7 +108,7 @@ class CommandGate:
         if seq <= last:
             raise CommandRefused("command: seq %d is not after %d (replay)" % (seq, last))
         self.state.set(cmd_seq=seq)
-        return Command(name, seq, expires, obj.get(C_ARGS))
+        return name, seq, obj.get(_C_ARGS)
 
 
 def _is_uint(v):
@@ -124,7 +117,7 @@ def _is_uint(v):
 
 def encode_command(signer, kid, name, target, seq, expires, args=None):
     """The fleet side (and tests): sign a command. The device never calls this."""
-    body = {C_NAME: name, C_TARGET: target, C_SEQ: seq, C_EXPIRES: expires}
+    body = {_C_NAME: name, _C_TARGET: target, _C_SEQ: seq, _C_EXPIRES: expires}
     if args is not None:
-        body[C_ARGS] = args
+        body[_C_ARGS] = args
     return cose.encode_sign1(cbor.dumps(body), signer, kid)

@@ -10,7 +10,7 @@ Layout (``main.py`` describes the sections it reads)::
      "topic_prefix": "ce/v1",
      "wifi": {"ssid": "...", "password": "..."},    # optional: fallback after Ethernet
      "agent": {"sample_interval_s": 10, "batch_readings": 32, "batch_seconds": 300,
-               "buffer_budget_bytes": 262144, ...},   # ranges: ``agent.LIMITS``
+               "buffer_budget_bytes": 262144, ...},   # ranges: ``settings.LIMITS``
      "sensors": [{"type": "sht3x", "name": "air", "i2c": 0, "sda": 21, "scl": 22},
                  {"type": "scd4x", "name": "room", "i2c": 0, "sda": 21, "scl": 22},
                  {"type": "ds18b20", "name": "water", "pin": 4, "rom": "28ff..."},
@@ -19,7 +19,7 @@ Layout (``main.py`` describes the sections it reads)::
 
 ``load(path)`` returns the parsed map with defaults filled in, or raises ``ConfigError``
 naming the key and what is wrong. The agent's own settings (intervals, batch size and age,
-buffer budget) are range-checked by ``agent.check_settings``: one place for those limits.
+buffer budget) are range-checked by ``settings.check``: one place for those limits.
 """
 
 import json
@@ -149,10 +149,10 @@ def validate(cfg: object) -> dict:
         if not isinstance(wifi.get("password", ""), str):
             _fail("wifi", "password must be a string")
     agent_settings = _map(cfg, "agent", False)
-    from .agent import check_settings  # the one place of the agent's limits
+    from . import settings  # the one place of the agent's limits
 
     try:
-        cfg["agent"] = check_settings(agent_settings)
+        cfg["agent"] = settings.check(agent_settings)
     except ValueError as e:
         _fail("agent", str(e))
     sensors = cfg.setdefault("sensors", [])

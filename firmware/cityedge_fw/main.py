@@ -12,7 +12,7 @@ simulator calls ``build(cfg, board)`` itself. The configuration is a JSON map (c
                device's P-256 key (SEC1 or PKCS#8 DER), used for TLS *and* batch signing
 ``fleet_keys`` paths of fleet public keys (65-byte SEC1 points) trusted for commands
 ``store``      ``{"dir": "/buffer", "state": "/state.cbor"}``
-``agent``      agent settings (``agent.DEFAULTS``); ``device`` overrides the board's URN
+``agent``      agent settings (``settings.DEFAULTS``); ``device`` overrides the board's URN
 
 Errors that stop the boot (no key, no certificate) are printed and re-raised: the board
 then resets through its watchdog and the technician sees the message on the console.
@@ -62,7 +62,10 @@ def load_fleet_keys(paths):
 
 
 def build(cfg, board):
-    """Make the ``Agent`` described by ``cfg`` on ``board`` (keys loaded, store opened)."""
+    """Make the ``Agent`` described by ``cfg`` on ``board`` (keys loaded, store opened).
+
+    The boot-only modules it loads (``settings``, ``config``) and the CBOR decoder
+    (reading the state file) are unloaded before it returns (``cityedge_fw.unload``)."""
     from .mqtt_async import tls_context
 
     tls = cfg["tls"]
@@ -75,19 +78,22 @@ def build(cfg, board):
     del key_der
     kid = cose.kid_for_public_key(key.public_key().to_sec1())
     gc.collect()
-    from . import agent, store
+    from . import ON_DEMAND, agent, settings, store, unload
 
-    settings = cfg.get("agent", {})
+    checked = settings.check(cfg.get("agent", {}))
+    del settings
     st = cfg.get("store", {})
     broker = cfg["broker"]
     device = cfg.get("device") or board.device_id()
-    budget = settings.get("buffer_budget_bytes", agent.DEFAULTS["buffer_budget_bytes"])
-    return agent.Agent(
+    budget = checked["buffer_budget_bytes"]
+    a = agent.Agent(
         board, device, key, kid, store.RingBuffer(st.get("dir", "/buffer"), budget),
         store.State(st.get("state", "/state.cbor")),
-        settings, broker["host"], broker.get("port", 8883), ssl_ctx,
+        checked, broker["host"], broker.get("port", 8883), ssl_ctx,
         broker.get("server_hostname"), load_fleet_keys(cfg.get("fleet_keys", ())),
         board.sensors(cfg))
+    unload("cityedge_fw.settings", "cityedge_fw.config", *ON_DEMAND)
+    return a
 
 
 def start(cfg, board):

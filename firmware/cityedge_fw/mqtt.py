@@ -10,13 +10,17 @@ What it does:
 - CONNECT / CONNACK (§3.1, §3.2), clean or persistent session, username, keep-alive.
 - PUBLISH QoS 0 and 1 (§3.3, §4.3.2): QoS 1 messages stay in the in-flight window (at
   most ``max_inflight``, oldest first) until their PUBACK; after a reconnect they are sent
-  again, in the same order, with the DUP flag (§4.4). An inbound QoS 1 PUBLISH is
-  acknowledged at once. Inbound QoS 2 is refused: we never subscribe above QoS 1.
+  again, in the same order, with the DUP flag (§4.4). A client made with
+  ``keep_inflight=False`` forgets them when the connection is lost instead (their
+  payloads leave RAM; the caller, who keeps them elsewhere, publishes them again). An
+  inbound QoS 1 PUBLISH is acknowledged at once. Inbound QoS 2 is refused: we never
+  subscribe above QoS 1.
 - SUBSCRIBE / SUBACK (§3.8, §3.9), PINGREQ / PINGRESP (§3.12, §3.13), DISCONNECT (§3.14).
 
 Errors: bytes from the broker that break the protocol raise ``MalformedError`` (the peer is
-at fault; drop the connection); a PINGRESP that does not come raises ``TransportError``;
-a full in-flight window raises ``InflightFull`` (a ``LocalError``: wait for PUBACKs).
+at fault; drop the connection); a PINGRESP that does not come and a refused CONNACK raise
+``TransportError``; a full in-flight window raises ``LocalError`` (wait for PUBACKs;
+``can_publish()`` says when there is room).
 
 Sizes are bounded: an inbound packet larger than ``max_packet`` bytes is refused before
 it is buffered (``LimitError``). All MQTT limits are the constants below.
@@ -59,27 +63,16 @@ DISCONNECTED = const(0)
 _CONNECTING = const(1)
 CONNECTED = const(2)
 
-CONNACK_TEXT = {
-    1: "unacceptable protocol version",
-    2: "client identifier rejected",
-    3: "server unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
-}
+# CONNACK return codes 1..5 (§3.2.2.3), by code
+_CONNACK_TEXT = ("", "unacceptable protocol version", "client identifier rejected",
+                 "server unavailable", "bad user name or password", "not authorized")
 
 
-class InflightFull(LocalError):
-    """The QoS 1 in-flight window is full; publish again after a PUBACK."""
-
-
-class ConnectRefused(TransportError):
-    """The broker answered CONNACK with a non-zero return code (§3.2.2.3)."""
-
-    def __init__(self, code):
-        TransportError.__init__(
-            self, "mqtt: broker refused the connection: %s (code %d)"
-            % (CONNACK_TEXT.get(code, "unknown"), code))
-        self.code = code
+def connect_refused(code):
+    """The error for a CONNACK with return code ``code`` (a ``TransportError``: plain
+    exception classes, not one per case, as each class costs ~300 bytes of device heap)."""
+    text = _CONNACK_TEXT[code] if code < len(_CONNACK_TEXT) else "unknown"
+    return TransportError("mqtt: broker refused the connection: %s (code %d)" % (text, code))
 
 
 # Events returned by ``feed`` are tuples (cheaper than classes on a 64 KiB heap):
@@ -261,15 +254,17 @@ class Client:
 
     def __init__(self, client_id, keepalive_s=_KEEPALIVE_S, clean_session=True,
                  username=None, max_inflight=MAX_INFLIGHT,
-                 max_packet=_MAX_PACKET_BYTES):
+                 max_packet=_MAX_PACKET_BYTES, keep_inflight=True):
         self.client_id = client_id
+        self.keep_inflight = keep_inflight
         self.keepalive_ms = keepalive_s * 1000
         self.clean_session = clean_session
         self.username = username
         self.max_inflight = max_inflight
         self.max_packet = max_packet
         self.state = DISCONNECTED
-        self._out = bytearray()
+        self.sessions = 0  # CONNACKs accepted: tells a caller a new connection began
+        self._out = []  # queued chunks, in order; a PUBLISH payload is never copied
         self._in = b""
         self._next_id = 0
         self._inflight = []  # [packet_id, topic, payload, retain], oldest first
@@ -283,7 +278,7 @@ class Client:
         if self.state != DISCONNECTED:
             raise ValueError("mqtt: connect() while not disconnected")
         self._in = b""
-        self._out = bytearray()
+        self._out = []
         self._ping_sent_ms = None
         self._send(encode_connect(self.client_id, self.keepalive_ms // 1000,
                                   self.clean_session, self.username), now_ms)
@@ -295,7 +290,7 @@ class Client:
         packet_id = 0
         if qos == 1:
             if len(self._inflight) >= self.max_inflight:
-                raise InflightFull("mqtt: %d messages await PUBACK" % len(self._inflight))
+                raise LocalError("mqtt: %d messages await PUBACK" % len(self._inflight))
             packet_id = self._new_packet_id()
         self._send_publish(topic, payload, qos, retain, packet_id, False, now_ms)
         if qos == 1:
@@ -316,15 +311,20 @@ class Client:
     def disconnect(self):
         """Queue DISCONNECT (§3.14); the caller closes the socket after sending it."""
         if self.state == CONNECTED:
-            self._out += DISCONNECT_BYTES
+            self._out.append(DISCONNECT_BYTES)
         self.state = DISCONNECTED
 
     def data_to_send(self):
-        """Take the bytes queued for the broker (may be empty): the queue itself, handed
-        over (no copy), and a fresh one started."""
-        data = self._out
-        self._out = bytearray()
-        return data
+        """Take the bytes queued for the broker, joined (may be empty)."""
+        return b"".join(self.chunks_to_send())
+
+    def chunks_to_send(self):
+        """Take the queued chunks, in order (may be empty): the queue itself, handed over,
+        and a fresh one started. A PUBLISH payload is the caller's object, not a copy:
+        joining it to its header would need both in RAM twice, in one piece."""
+        chunks = self._out
+        self._out = []
+        return chunks
 
     def tick(self, now_ms):
         """Keep-alive (§3.1.2.10): send PINGREQ when idle; fail when PINGRESP is late."""
@@ -339,10 +339,13 @@ class Client:
             self._ping_sent_ms = now_ms
 
     def connection_lost(self):
-        """The transport broke: forget the partial input; in-flight messages are kept."""
+        """The transport broke: forget the partial input. In-flight messages are kept for
+        the next connection, or with ``keep_inflight=False`` forgotten too."""
         self.state = DISCONNECTED
+        if not self.keep_inflight:
+            self._inflight = []
         self._in = b""
-        self._out = bytearray()
+        self._out = []
         self._pending_subs = []
         self._ping_sent_ms = None
 
@@ -380,8 +383,9 @@ class Client:
                 raise MalformedError("mqtt: malformed CONNACK")
             if body[1]:
                 self.state = DISCONNECTED
-                raise ConnectRefused(body[1])
+                raise connect_refused(body[1])
             self.state = CONNECTED
+            self.sessions += 1
             events.append((CONNACK, bool(body[0] & 1)))
             for item in self._inflight:  # §4.4: re-send unacknowledged, in order, DUP set
                 self._send_publish(item[1], item[2], 1, item[3], item[0], True, now_ms)
@@ -420,12 +424,12 @@ class Client:
             raise TransportError("mqtt: not connected")
 
     def _send(self, data, now_ms):
-        self._out += data
+        self._out.append(data)
         self._last_sent_ms = now_ms
 
     def _send_publish(self, topic, payload, qos, retain, packet_id, dup, now_ms):
         self._send(publish_header(topic, len(payload), qos, retain, packet_id, dup), now_ms)
-        self._out += payload
+        self._out.append(payload)
 
     def _new_packet_id(self):
         busy = [item[0] for item in self._inflight] + self._pending_subs
@@ -433,4 +437,4 @@ class Client:
             self._next_id = self._next_id % 0xFFFF + 1
             if self._next_id not in busy:
                 return self._next_id
-        raise InflightFull("mqtt: no free packet id")
+        raise LocalError("mqtt: no free packet id")

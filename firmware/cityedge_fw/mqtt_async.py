@@ -1,6 +1,6 @@
 """The asyncio side of the MQTT client: TLS socket, reconnect, keep-alive.
 
-``Link`` owns one ``mqtt.Client`` and keeps it connected: ``run()`` connects (``Conn``:
+``Link`` owns one ``mqtt.Client`` and keeps it connected: ``run()`` connects (``open_socket``:
 TLS with the device's client certificate), reads and feeds the state machine, ticks the
 keep-alive once a second, and after any failure waits a jittered, doubling backoff
 (``_BACKOFF_MIN_MS`` .. ``_BACKOFF_MAX_MS``) and connects again.
@@ -61,18 +61,17 @@ except ImportError:  # CPython
         return a - b
 
 
-class MonotonicMs:
-    """A millisecond clock that does not wrap (``ticks_ms`` wraps after days)."""
+_MONO = [ticks_ms(), 0]  # ticks at the last call, milliseconds counted until then
 
-    def __init__(self):
-        self._last = ticks_ms()
-        self._ms = 0
 
-    def __call__(self):
-        now = ticks_ms()
-        self._ms += ticks_diff(now, self._last)
-        self._last = now
-        return self._ms
+def monotonic_ms():
+    """Milliseconds on a clock that does not wrap (``ticks_ms`` wraps after days); call it
+    at least once per wrap period (the link's keep-alive tick does, every second). A
+    function, not a class: a class costs the device ~300 bytes of heap."""
+    now = ticks_ms()
+    _MONO[1] += ticks_diff(now, _MONO[0])
+    _MONO[0] = now
+    return _MONO[1]
 
 
 def sleep_ms(ms):
@@ -98,63 +97,56 @@ def tls_context(cert_der, key_der, ca_der):
     return ctx
 
 
-class Conn:
-    """One TCP (TLS) connection on MicroPython's asyncio: ``read``, ``send``, ``close``.
+# One TCP (TLS) connection on MicroPython's asyncio: ``open_socket``, ``read``, ``send``.
+# ``asyncio.open_connection`` and its ``Stream`` do the same, but their module keeps
+# 1.9 KB on the heap (a server, line reading, legacy aliases) that the agent never uses.
+# The socket is non-blocking: ``read``/``write`` return None when they would block, and
+# the task then waits in asyncio's I/O queue (``asyncio.core._io_queue``, the hook
+# ``asyncio.stream`` itself uses) until the socket is ready. They are generators, which
+# MicroPython awaits like coroutines; plain functions, not a class (~400 bytes less heap).
 
-    ``asyncio.open_connection`` and its ``Stream`` do the same, but their module keeps
-    1.9 KB on the heap (a server, line reading, legacy aliases) that the agent never uses.
-    The socket is non-blocking: ``read``/``write`` return None when they would block, and
-    the task then waits in asyncio's I/O queue (``asyncio.core._io_queue``, the hook
-    ``asyncio.stream`` itself uses) until the socket is ready. ``open``, ``read`` and
-    ``send`` are generators, which MicroPython awaits like coroutines."""
 
-    def __init__(self, sock):
-        self.sock = sock
+def open_socket(host, port, ssl_ctx=None, server_hostname=None):
+    """Awaitable: a non-blocking socket to ``host:port``, TLS when ``ssl_ctx`` is given
+    (the handshake then runs within the first sends and reads)."""
+    import socket
+    from errno import EINPROGRESS
 
-    @staticmethod
-    def open(host, port, ssl_ctx=None, server_hostname=None):
-        """Awaitable: a ``Conn`` to ``host:port``, TLS when ``ssl_ctx`` is given (the
-        handshake then runs within the first sends and reads)."""
-        import socket
-        from errno import EINPROGRESS
-
-        ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-        sock = socket.socket(ai[0], ai[1], ai[2])
+    ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(ai[0], ai[1], ai[2])
+    sock.setblocking(False)
+    try:
+        sock.connect(ai[-1])
+    except OSError as e:
+        if e.errno != EINPROGRESS:
+            sock.close()
+            raise
+    if ssl_ctx is not None:
+        sock = ssl_ctx.wrap_socket(sock, server_hostname=server_hostname or host,
+                                   do_handshake_on_connect=False)
         sock.setblocking(False)
-        try:
-            sock.connect(ai[-1])
-        except OSError as e:
-            if e.errno != EINPROGRESS:
-                sock.close()
-                raise
-        if ssl_ctx is not None:
-            sock = ssl_ctx.wrap_socket(sock, server_hostname=server_hostname or host,
-                                       do_handshake_on_connect=False)
-            sock.setblocking(False)
-        conn = Conn(sock)
-        yield _aio._io_queue.queue_write(sock)  # connected (or failed: the next I/O says)
-        return conn
+    yield _aio._io_queue.queue_write(sock)  # connected (or failed: the next I/O says)
+    return sock
 
-    def read(self, n):
-        """Awaitable: up to ``n`` bytes; ``b""`` when the peer closed the connection."""
-        while True:
-            yield _aio._io_queue.queue_read(self.sock)
-            data = self.sock.read(n)
-            if data is not None:
-                return data
 
-    def send(self, data):
-        """Awaitable: all of ``data`` written."""
-        mv = memoryview(data)
-        off = 0
-        while off < len(mv):
-            yield _aio._io_queue.queue_write(self.sock)
-            n = self.sock.write(mv[off:])
-            if n is not None:
-                off += n
+def read(sock, n):
+    """Awaitable: up to ``n`` bytes; ``b""`` when the peer closed the connection."""
+    while True:
+        yield _aio._io_queue.queue_read(sock)
+        data = sock.read(n)
+        if data is not None:
+            return data
 
-    def close(self):
-        self.sock.close()
+
+def send(sock, data):
+    """Awaitable: all of ``data`` written."""
+    mv = memoryview(data)
+    off = 0
+    while off < len(mv):
+        yield _aio._io_queue.queue_write(sock)
+        n = sock.write(mv[off:])
+        if n is not None:
+            off += n
 
 
 def backoff_ms(attempt):
@@ -178,11 +170,11 @@ class Link:
         self.server_hostname = server_hostname
         self.on_event = on_event
         self.on_connect = on_connect
-        self.clock = clock or MonotonicMs()
+        self.clock = clock or monotonic_ms
         self.connects = 0  # successful CONNACKs
         self.failures = 0  # failed or lost connections
         self.last_error = None
-        self._conn = None
+        self._sock = None  # the connection's socket while there is one
         self._draining = False
         self._stop = False
         self._read_error = None
@@ -207,7 +199,8 @@ class Link:
         self._stop = True
 
     async def publish(self, topic, payload, qos=0, retain=False):
-        """Publish now (raises ``TransportError`` when down, ``InflightFull`` when full)."""
+        """Publish now (raises ``TransportError`` when down, ``LocalError`` when the
+        in-flight window is full)."""
         pid = self.client.publish(topic, payload, qos, retain, self.clock())
         await self.flush()
         return pid
@@ -225,12 +218,14 @@ class Link:
             return
         self._draining = True
         try:
-            while self._conn is not None:
-                data = self.client.data_to_send()
-                if not data:
+            while self._sock is not None:
+                chunks = self.client.chunks_to_send()
+                if not chunks:
                     break
-                await self._conn.send(data)
-                data = None
+                sock = self._sock
+                for chunk in chunks:  # a PUBLISH's header, then its payload: no joined copy
+                    await send(sock, chunk)
+                chunks = chunk = None
         finally:
             self._draining = False
 
@@ -263,12 +258,12 @@ class Link:
         error, which is handed to ``_session`` (it reconnects)."""
         try:
             gc.collect()  # the TLS handshake needs ~4 KB at once: start from a clean heap
-            conn = self._conn = await Conn.open(self.host, self.port, self.ssl_ctx,
-                                                self.server_hostname)
+            sock = self._sock = await open_socket(self.host, self.port, self.ssl_ctx,
+                                                  self.server_hostname)
             self.client.connect(self.clock())
             await self.flush()
             while True:
-                data = await conn.read(_READ_CHUNK)
+                data = await read(sock, _READ_CHUNK)
                 if not data:
                     raise TransportError("mqtt: the broker closed the connection")
                 events = self.client.feed(data, self.clock())
@@ -288,9 +283,9 @@ class Link:
     def _close(self):
         if self.client.state != mqtt.DISCONNECTED:
             self.client.connection_lost()
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
             try:
-                conn.close()
+                sock.close()
             except OSError:
                 pass

@@ -415,9 +415,9 @@ class Provisioner:
         data = msg.get(_T.F_COMMAND)
         if not isinstance(data, bytes):
             raise StepRefused(_T.E_BAD_INPUT, "unlock: a signed fleet command is needed")
-        cmd = gate.check(data)  # PeerError -> E_BAD_INPUT with the reason
-        if cmd.name != "unlock":
-            raise StepRefused(_T.E_BAD_INPUT, "unlock: command is %r, not unlock" % cmd.name)
+        name = gate.check(data)[0]  # PeerError -> E_BAD_INPUT with the reason
+        if name != "unlock":
+            raise StepRefused(_T.E_BAD_INPUT, "unlock: command is %r, not unlock" % name)
         self._set_state(TESTED)
         return {_T.F_TYPE: _T.T_UNLOCK, _T.F_STATE: TESTED}
 

@@ -251,22 +251,30 @@ class RingBuffer:
 
     # -- writing --------------------------------------------------------------
 
-    def append(self, seq: int, data: bytes) -> None:
-        """Store one signed batch; durable on return. StorageError if the flash fails."""
+    def append(self, seq: int, data: bytes | tuple) -> None:
+        """Store one signed batch; durable on return. StorageError if the flash fails.
+
+        ``data`` is the batch's bytes or a tuple of its consecutive chunks (written one
+        after the other: a device never joins them into one object in RAM)."""
         if seq < 1 or seq > 0xFFFFFFFFFFFF:
             raise ValueError("ring buffer: seq out of range")
         if self._seqs and seq <= self._seqs[-1]:
             raise ValueError("ring buffer: seq %d not after %d" % (seq, self._seqs[-1]))
-        need = HEADER_SIZE + len(data)
+        chunks = data if isinstance(data, tuple) else (data,)
+        size = crc = 0
+        for chunk in chunks:
+            size += len(chunk)
+            crc = crc32(chunk, crc)
+        need = HEADER_SIZE + size
         if need > self.budget:
-            raise ValueError("ring buffer: a %d-byte batch exceeds the budget" % len(data))
+            raise ValueError("ring buffer: a %d-byte batch exceeds the budget" % size)
         excess = self._used + need - self.budget
         if excess > 0:
             self._drop_oldest(excess)
-        header = struct.pack(_HEADER_FMT, _MAGIC, seq, len(data), crc32(data) & 0xFFFFFFFF)
+        header = struct.pack(_HEADER_FMT, _MAGIC, seq, size, crc & 0xFFFFFFFF)
         while True:
             try:
-                _write_atomic(self._path(seq), (header, data))
+                _write_atomic(self._path(seq), (header,) + chunks)
                 break
             except OSError as e:
                 # The file system filled up before the budget did (budget set too large for

