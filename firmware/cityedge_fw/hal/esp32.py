@@ -18,6 +18,7 @@ ETH_POWER = 12  # GPIO that powers the PHY on the ESP32-POE (None if always on)
 ETH_PHY_ADDR = 0
 LINK_TIMEOUT_MS = 10000  # ms to wait for an Ethernet link / Wi-Fi association
 WDT_TIMEOUT_MS = 30000  # ms without a feed before the watchdog resets the board
+NVS_NAMESPACE = "cityedge"  # esp32.NVS namespace of the board's own keys
 
 
 class Board(BaseBoard):
@@ -62,6 +63,19 @@ class Board(BaseBoard):
         if up:
             self.sync_time()
         return up
+
+    def partition(self):
+        """Label of the running app partition (the OTA slot this image booted from)."""
+        import esp32
+
+        return esp32.Partition(esp32.Partition.RUNNING).info()[4]
+
+    def nvs(self):
+        """The board's non-volatile key/value store (``esp32.NVS``): integers and blobs
+        that outlive a re-made file system (the OTA work keeps its slot state there)."""
+        import esp32
+
+        return esp32.NVS(NVS_NAMESPACE)
 
     def wdt_feed(self):
         if self._wdt is None:  # started on the first feed: the boot itself is not watched
