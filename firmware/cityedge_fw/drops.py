@@ -41,14 +41,13 @@ def doomed(store, excess, header_bytes):
     ``header_bytes``), reading one batch at a time: a long buffer never comes into RAM
     at once. None if nothing could be read."""
     out = None
-    i = 0
-    while excess > 0 and i < store.count:
-        got = store.oldest(i + 1)
-        if len(got) <= i:
+    seq = 0
+    while excess > 0:
+        got = store.next_after(seq)
+        if got is None:
             break
-        seq, data = got[i]
-        del got
-        out = merge(out, tally(seq, data))
-        excess -= len(data) + header_bytes
-        i += 1
+        seq = got[0]
+        excess -= len(got[1]) + header_bytes
+        out = merge(out, tally(seq, got[1]))
+        got = None
     return out

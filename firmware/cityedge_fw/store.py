@@ -22,11 +22,12 @@ they are raised ``from None`` because MicroPython warns on every chained excepti
 ``State`` is a small key/value file (a CBOR map, via ``cityedge_core.cbor``) written the same
 way (temp file + rename): after a power cut it holds either the old or the new values.
 
-Measured heap (MicroPython 1.29 unix port, .mpy from ``make firmware``, 1 KiB batches):
-importing this module costs 7.7 KB (bytecode in RAM; frozen into a board image it stays in
-flash); an open buffer holding 100 batches keeps 2.5 KB (about 10 bytes per further batch);
-``append`` allocates 0.8 KB transiently besides the caller's data, ``remove`` 0.3 KB;
-``oldest(4)`` allocates the 4 KiB returned plus 2.3 KB.
+Measured heap (MicroPython 1.29 unix port, 64-bit, .mpy in a ROMFS image, 1 KiB
+batches): importing this module costs 6.0 KB (function objects, string constants,
+interned names; frozen into a board image less); an open buffer keeps 0.5 KB whether it
+holds no batch or 200 (the index is runs of consecutive sequence numbers, see
+``RingBuffer``); ``next_after`` into the caller's buffer allocates 0.16 KB, without one
+the batch's size plus 0.1 KB.
 """
 
 import os
@@ -105,6 +106,18 @@ def _sync_dir(path: str) -> None:
         os.close(fd)  # type: ignore[attr-defined]
 
 
+def _entries(root: str):
+    """``(name, size)`` of each entry in ``root``, one at a time (MicroPython's
+    ``os.ilistdir`` gives the size on LittleFS; -1 where a port does not say)."""
+    walk = getattr(os, "ilistdir", None)
+    if walk is None:  # CPython
+        for entry in os.scandir(root):
+            yield entry.name, entry.stat().st_size
+        return
+    for entry in walk(root):
+        yield entry[0], entry[3] if len(entry) > 3 else -1
+
+
 def _write_atomic(path: str, parts: tuple) -> None:
     """Write ``parts`` (bytes-like) to ``path`` via ``path.tmp`` + rename; OSError on failure."""
     tmp = path + _TMP
@@ -130,6 +143,14 @@ def _merge(a: list | None, b: list | None) -> list | None:
     if b is None:
         return a
     return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2]]
+
+
+def _put(values: dict, key: str, value: object) -> None:
+    """``values[key] = value``; None deletes the key."""
+    if value is None:
+        values.pop(key, None)
+    else:
+        values[key] = value
 
 
 class State:
@@ -161,17 +182,19 @@ class State:
         return self._values.get(key, default)
 
     def set(self, **kv: object) -> None:
-        new = dict(self._values)
+        # Changed in place and put back if the write fails: the agent sets the chain head
+        # after every batch, and a fresh map each time would move about a small heap.
+        values = self._values
+        old = {}
         for key in kv:
-            if kv[key] is None:
-                new.pop(key, None)
-            else:
-                new[key] = kv[key]
+            old[key] = values.get(key)
+            _put(values, key, kv[key])
         try:
-            _write_atomic(self.path, (cbor.dumps(new),))
+            _write_atomic(self.path, (cbor.dumps(values),))
         except OSError as e:
+            for key in old:
+                _put(values, key, old[key])
             raise StorageError("state: cannot write %s: %s" % (self.path, e)) from None
-        self._values = new
 
     def __repr__(self) -> str:
         return "State(%r, keys=%r)" % (self.path, sorted(self._values))
@@ -182,6 +205,12 @@ class RingBuffer:
 
     ``append(seq, data)`` is durable when it returns. ``remove(seq)`` after the broker's PUBACK.
     ``take_drops()`` reports what the budget forced out (see the module docstring).
+
+    The in-RAM index is a list of runs of consecutive sequence numbers (``[first, last,
+    first, last, ...]``, ascending): the agent numbers batches one after the other and the
+    broker acknowledges them in order, so a backlog of any length is one run, a few small
+    ints, and never re-allocates as it grows. File sizes are not kept: the budget's count
+    takes a file's size from the directory when it is opened, appended or removed.
     """
 
     def __init__(self, root_dir: str, budget_bytes: int) -> None:
@@ -189,8 +218,8 @@ class RingBuffer:
             raise ValueError("ring buffer: budget must be more than %d bytes" % HEADER_SIZE)
         self.root = root_dir.rstrip("/") or "/"
         self.budget = budget_bytes
-        self._seqs = []  # type: list  # ascending
-        self._sizes = []  # type: list  # file size of each entry, same order
+        self._runs = []  # type: list  # [first, last, first, last, ...] ascending, disjoint
+        self.count = 0  # batches held
         self._used = 0
         self._hdr = bytearray(HEADER_SIZE)
         self._taken = None  # type: list | None  # handed out by take_drops, not yet confirmed
@@ -209,11 +238,10 @@ class RingBuffer:
 
     def _recover(self) -> None:
         floor = self._floor
-        found = []
-        for name in os.listdir(self.root):
-            path = _join(self.root, name)
+        stray = []  # deleted after the directory walk, not during it
+        for name, size in _entries(self.root):
             if name.endswith(_TMP):  # a write the power cut interrupted: never acknowledged
-                os.remove(path)
+                stray.append(name)
                 continue
             if len(name) != _NAME_DIGITS + len(_SUFFIX) or not name.endswith(_SUFFIX):
                 continue
@@ -222,32 +250,97 @@ class RingBuffer:
             except ValueError:
                 continue
             if seq <= floor:  # dropped and recorded, the delete was cut short
-                os.remove(path)
+                stray.append(name)
                 continue
-            found.append(seq)
-        found.sort()
-        for seq in found:
-            size = os.stat(self._path(seq))[6]
-            self._seqs.append(seq)
-            self._sizes.append(size)
-            self._used += size
+            self._insert(seq)
+            self._used += size if size >= 0 else self._size(seq)
+        for name in stray:
+            os.remove(_join(self.root, name))
+
+    # -- the index of runs ----------------------------------------------------
+
+    def _insert(self, seq: int) -> None:
+        """Add ``seq`` to the runs (any order; ``append`` always adds after the last)."""
+        r = self._runs
+        i = len(r)
+        while i and r[i - 2] > seq:  # i: the first run that starts after seq
+            i -= 2
+        if i and r[i - 1] >= seq:
+            return  # held already
+        if i and r[i - 1] == seq - 1:
+            r[i - 1] = seq
+            if i < len(r) and r[i] == seq + 1:  # it closed the gap to the next run
+                r[i - 1] = r[i + 1]
+                r.pop(i)
+                r.pop(i)
+        elif i < len(r) and r[i] == seq + 1:
+            r[i] = seq
+        else:
+            r.insert(i, seq)
+            r.insert(i, seq)
+        self.count += 1
+
+    def _discard(self, seq: int) -> bool:
+        r = self._runs
+        for i in range(0, len(r), 2):
+            first = r[i]
+            last = r[i + 1]
+            if seq < first:
+                return False
+            if seq > last:
+                continue
+            if first == last:
+                r.pop(i)
+                r.pop(i)
+            elif seq == first:
+                r[i] = seq + 1
+            elif seq == last:
+                r[i + 1] = seq - 1
+            else:  # split the run around seq
+                r.insert(i + 1, seq + 1)
+                r.insert(i + 1, seq - 1)
+            self.count -= 1
+            return True
+        return False
+
+    def _after(self, after: int) -> int:
+        """The oldest seq held above ``after``, or 0."""
+        r = self._runs
+        for i in range(1, len(r), 2):
+            if r[i] > after:
+                return r[i - 1] if r[i - 1] > after else after + 1
+        return 0
 
     # -- queries --------------------------------------------------------------
-
-    @property
-    def count(self) -> int:
-        return len(self._seqs)
 
     @property
     def used_bytes(self) -> int:
         return self._used
 
+    @property
+    def newest(self) -> int:
+        """The highest seq held, or 0."""
+        return self._runs[-1] if self._runs else 0
+
     def seqs(self) -> list:
-        """Sequence numbers held, oldest first (a copy)."""
-        return list(self._seqs)
+        """Sequence numbers held, oldest first (a new list: for tests and tools)."""
+        out = []
+        r = self._runs
+        for i in range(0, len(r), 2):
+            out.extend(range(r[i], r[i + 1] + 1))
+        return out
 
     def _path(self, seq: int) -> str:
         return _join(self.root, "%012x%s" % (seq, _SUFFIX))
+
+    def _size(self, seq: int) -> int:
+        """Bytes batch ``seq`` takes on flash (header included); 0 if its file is gone."""
+        try:
+            return os.stat(self._path(seq))[6]
+        except OSError as e:
+            if e.args and e.args[0] == _ENOENT:
+                return 0
+            raise StorageError("ring buffer: cannot stat batch %d: %s" % (seq, e)) from None
 
     # -- writing --------------------------------------------------------------
 
@@ -258,8 +351,8 @@ class RingBuffer:
         after the other: a device never joins them into one object in RAM)."""
         if seq < 1 or seq > 0xFFFFFFFFFFFF:
             raise ValueError("ring buffer: seq out of range")
-        if self._seqs and seq <= self._seqs[-1]:
-            raise ValueError("ring buffer: seq %d not after %d" % (seq, self._seqs[-1]))
+        if self._runs and seq <= self._runs[-1]:
+            raise ValueError("ring buffer: seq %d not after %d" % (seq, self._runs[-1]))
         chunks = data if isinstance(data, tuple) else (data,)
         size = crc = 0
         for chunk in chunks:
@@ -279,12 +372,11 @@ class RingBuffer:
             except OSError as e:
                 # The file system filled up before the budget did (budget set too large for
                 # the partition): make room the same recorded way, or give up.
-                if e.args and e.args[0] == _ENOSPC and self._seqs:
+                if e.args and e.args[0] == _ENOSPC and self.count:
                     self._drop_oldest(1)
                     continue
                 raise StorageError("ring buffer: cannot store batch %d: %s" % (seq, e)) from None
-        self._seqs.append(seq)
-        self._sizes.append(need)
+        self._insert(seq)
         self._used += need
         if self._taken is not None:  # the caller has stored the drop record: confirm it
             self._taken = None
@@ -292,49 +384,48 @@ class RingBuffer:
 
     def remove(self, seq: int) -> bool:
         """Forget a batch the broker acknowledged. False if it was not held (already gone)."""
-        try:
-            i = self._seqs.index(seq)
-        except ValueError:
+        if not self._discard(seq):
             return False
+        self._unlink(seq, "remove")
+        return True
+
+    def _unlink(self, seq: int, what: str) -> None:
+        """Delete the file of ``seq`` (already out of the index) and count its bytes free."""
+        size = self._size(seq)
         try:
             os.remove(self._path(seq))
         except OSError as e:
             if e.args and e.args[0] != _ENOENT:
-                raise StorageError("ring buffer: cannot remove batch %d: %s" % (seq, e)) from None
-        self._seqs.pop(i)
-        self._used -= self._sizes.pop(i)
-        return True
+                raise StorageError("ring buffer: cannot %s batch %d: %s" % (what, seq, e)) \
+                    from None
+        self._used = max(0, self._used - size)
 
     def _save_drops(self) -> None:
         self._drops.set(p=_merge(self._taken, self._pending), floor=self._floor)
 
     def _drop_oldest(self, nbytes: int) -> None:
         """Drop the oldest batches until ``nbytes`` are freed; record first, delete second."""
-        n = 0
-        freed = 0
-        while n < len(self._seqs) and freed < nbytes:
-            freed += self._sizes[n]
+        n = freed = last = 0
+        while freed < nbytes:
+            seq = self._after(last)
+            if not seq:
+                break
+            freed += self._size(seq)
+            last = seq
             n += 1
         if n == 0:
             return
-        if self._seqs[n - 1] > self._floor:
-            self._floor = self._seqs[n - 1]
-        self._record_drop(self._seqs[0], self._seqs[n - 1], n)
+        if last > self._floor:
+            self._floor = last
+        self._record_drop(self._runs[0], last, n)
         for _ in range(n):
-            self._delete_head()
+            seq = self._runs[0]
+            self._discard(seq)
+            self._unlink(seq, "drop")
 
     def _record_drop(self, first: int, last: int, batches: int) -> None:
         self._pending = _merge(self._pending, [first, last, batches])
         self._save_drops()
-
-    def _delete_head(self) -> None:
-        seq = self._seqs.pop(0)
-        self._used -= self._sizes.pop(0)
-        try:
-            os.remove(self._path(seq))
-        except OSError as e:
-            if e.args and e.args[0] != _ENOENT:
-                raise StorageError("ring buffer: cannot drop batch %d: %s" % (seq, e)) from None
 
     def take_drops(self) -> list | None:
         """``[first_seq, last_seq, batches]`` dropped since the last call, or None.
@@ -354,62 +445,62 @@ class RingBuffer:
     def oldest(self, n: int) -> list:
         """Up to ``n`` ``(seq, data)`` pairs, oldest first. Corrupt files are dropped + recorded."""
         out = []  # type: list
-        i = 0
-        while len(out) < n and i < len(self._seqs):
-            seq = self._seqs[i]
-            data = self._read(seq, self._sizes[i])
-            if data is None:
-                self._drop_corrupt(i)
-                continue
-            out.append((seq, data))
-            i += 1
+        after = 0
+        while len(out) < n:
+            got = self.next_after(after)
+            if got is None:
+                break
+            out.append(got)
+            after = got[0]
         return out
 
-    def next_after(self, after: int) -> tuple | None:
+    def next_after(self, after: int, into: bytearray | None = None) -> tuple | None:
         """The oldest ``(seq, data)`` with ``seq > after``, or None; reads only that file
         (the forwarder's next batch, past those already handed to MQTT). Corrupt files
-        are dropped + recorded, as in ``oldest``."""
-        i = 0
-        while i < len(self._seqs):
-            seq = self._seqs[i]
-            if seq <= after:
-                i += 1
-                continue
-            data = self._read(seq, self._sizes[i])
-            if data is None:
-                self._drop_corrupt(i)
-                continue
-            return seq, data
-        return None
+        are dropped + recorded: counted, never handed out.
 
-    def _drop_corrupt(self, i: int) -> None:
-        """Entry ``i`` failed its framing or CRC: counted as dropped; floor stays (it is
-        not necessarily the oldest)."""
-        seq = self._seqs[i]
-        self._record_drop(seq, seq, 1)
-        self._seqs.pop(i)
-        self._used -= self._sizes.pop(i)
-        try:
-            os.remove(self._path(seq))
-        except OSError:
-            pass
+        With ``into`` (a bytearray the caller keeps) a batch that fits is read into it and
+        ``data`` is a memoryview of it, valid until the next read into the same buffer:
+        a device forwarding batch after batch then needs no fresh block of the batch's
+        size each time, which a fragmented heap may not have. A larger batch is read into
+        new bytes as without ``into``."""
+        while True:
+            seq = self._after(after)
+            if not seq:
+                return None
+            data = self._read(seq, into)
+            if data is not None:
+                return seq, data
+            # failed its framing or CRC: counted as dropped; floor stays (it is not
+            # necessarily the oldest)
+            self._record_drop(seq, seq, 1)
+            self._discard(seq)
+            self._unlink(seq, "drop")
 
-    def _read(self, seq: int, size: int) -> bytes | None:
-        """The data of one batch file, or None if its framing or CRC is wrong."""
+    def _read(self, seq: int, into: bytearray | None = None) -> bytes | None:
+        """The data of one batch file (in ``into`` if it fits), or None if its framing or
+        CRC is wrong."""
         hdr = self._hdr
         try:
             with open(self._path(seq), "rb") as f:
                 if f.readinto(hdr) != HEADER_SIZE:
                     return None
                 magic, fseq, length, crc = struct.unpack(_HEADER_FMT, hdr)
-                if magic != _MAGIC or fseq != seq or length != size - HEADER_SIZE:
+                if magic != _MAGIC or fseq != seq or length > self.budget:
                     return None
-                data = f.read(length)
+                if into is not None and length <= len(into):
+                    data = memoryview(into)[:length]
+                    got = f.readinto(data)
+                else:
+                    data = f.read(length)
+                    got = len(data)
+                if f.read(1):  # longer than its header says
+                    return None
         except OSError as e:
             if e.args and e.args[0] == _ENOENT:
                 return None
             raise StorageError("ring buffer: cannot read batch %d: %s" % (seq, e)) from None
-        if len(data) != length or crc32(data) & 0xFFFFFFFF != crc:
+        if got != length or crc32(data) & 0xFFFFFFFF != crc:
             return None
         return data
 
@@ -418,5 +509,5 @@ class RingBuffer:
             self.root,
             self._used,
             self.budget,
-            len(self._seqs),
+            self.count,
         )

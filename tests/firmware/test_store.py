@@ -4,6 +4,7 @@ Power cuts on LittleFS are in ``test_store_powercut.py``; here: ordering, PUBACK
 budget drops with exact counts, drop records surviving a reboot, corrupt files, State.
 """
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -110,6 +111,27 @@ def test_next_after_reads_the_next_batch_past_a_seq(tmp_path: Path) -> None:
     assert rb.count == 3 and not path.exists()
 
 
+
+def test_next_after_reads_into_the_callers_buffer_when_the_batch_fits(tmp_path: Path) -> None:
+    rb = RingBuffer(str(tmp_path / "rb"), 10_000)
+    rb.append(1, _data(1, 100))
+    rb.append(2, _data(2, 300))
+    rb.append(3, _data(3, 100))
+    buf = bytearray(200)
+    seq, data = rb.next_after(0, buf)  # type: ignore[misc]
+    assert seq == 1 and isinstance(data, memoryview) and data.obj is buf
+    assert bytes(data) == _data(1, 100)
+    seq, data = rb.next_after(1, buf)  # type: ignore[misc]
+    assert seq == 2 and isinstance(data, bytes) and data == _data(2, 300)  # did not fit
+    assert bytes(buf[:100]) == _data(1, 100)  # and the buffer was left alone
+    path = tmp_path / "rb" / ("%012x.b" % 3)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert rb.next_after(2, buf) is None  # the CRC is checked in the buffer too
+    assert rb.take_drops() == [3, 3, 1]
+
+
 def test_stray_temp_file_from_a_cut_is_cleaned(tmp_path: Path) -> None:
     root = tmp_path / "rb"
     rb = RingBuffer(str(root), 10_000)
@@ -155,6 +177,51 @@ def test_accounting_matches_disk(
     assert again.seqs() == rb.seqs()
     assert again.used_bytes == rb.used_bytes
     assert [s for s, _ in again.oldest(1000)] == rb.seqs()
+
+
+
+def _runs_well_formed(runs: list[int]) -> bool:
+    """Ascending, disjoint, and never two runs that touch (they would be one)."""
+    pairs = list(zip(runs[::2], runs[1::2], strict=True))
+    return all(a <= b for a, b in pairs) and all(
+        b + 1 < c for (_, b), (c, _) in itertools.pairwise(pairs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("aarx"), st.integers(0, 10_000)), max_size=80))
+def test_index_of_runs_matches_a_set_through_any_acks_and_reopens(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]]
+) -> None:
+    """PUBACKs in any order (``r``: remove a held batch picked by ``n``) split and join the
+    runs; a reopen (``x``) rebuilds them from the directory in whatever order it lists."""
+    root = str(tmp_path_factory.mktemp("rb"))
+    rb = RingBuffer(root, 1_000_000)
+    held: set[int] = set()
+    seq = 0
+    for op, n in ops:
+        if op == "a":
+            seq += 1 + n % 3  # the agent's drop records and failed seals leave gaps too
+            rb.append(seq, _data(seq, 10 + n % 50))
+            held.add(seq)
+        elif op == "r" and held:
+            gone = sorted(held)[n % len(held)]
+            assert rb.remove(gone)
+            held.discard(gone)
+            assert not rb.remove(gone)
+        elif op == "x":
+            rb = RingBuffer(root, 1_000_000)
+        assert rb.seqs() == sorted(held)
+        assert rb.count == len(held)
+        assert _runs_well_formed(rb._runs)
+        assert rb.newest == (max(held) if held else 0)
+        on_disk = sum(f.stat().st_size for f in Path(root).glob("*.b"))
+        assert rb.used_bytes == on_disk
+    after = 0
+    for want in sorted(held):
+        got = rb.next_after(after)
+        assert got is not None and got[0] == want
+        after = want
+    assert rb.next_after(after) is None
 
 
 def test_state_atomic_set_and_reopen(tmp_path: Path) -> None:
