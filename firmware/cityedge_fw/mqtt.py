@@ -285,7 +285,8 @@ class Client:
         self.state = _CONNECTING
 
     def publish(self, topic, payload, qos=0, retain=False, now_ms=0):
-        """Queue a PUBLISH; returns its packet id (0 for QoS 0)."""
+        """Queue a PUBLISH; returns its packet id (0 for QoS 0). ``payload`` is bytes-like
+        or a tuple of bytes-like chunks (queued one after the other, never joined)."""
         self._require_connected()
         packet_id = 0
         if qos == 1:
@@ -293,8 +294,9 @@ class Client:
                 raise LocalError("mqtt: %d messages await PUBACK" % len(self._inflight))
             packet_id = self._new_packet_id()
         self._send_publish(topic, payload, qos, retain, packet_id, False, now_ms)
-        if qos == 1:
-            self._inflight.append([packet_id, topic, payload, retain])
+        if qos == 1:  # kept for a re-send only where one can happen: no payload pinned else
+            self._inflight.append([packet_id, topic, payload, retain] if self.keep_inflight
+                                  else [packet_id])
         return packet_id
 
     def subscribe(self, filters, now_ms=0):
@@ -317,6 +319,11 @@ class Client:
     def data_to_send(self):
         """Take the bytes queued for the broker, joined (may be empty)."""
         return b"".join(self.chunks_to_send())
+
+    @property
+    def queued(self):
+        """True while chunks wait in the queue (a PUBLISH payload is still referenced)."""
+        return bool(self._out)
 
     def chunks_to_send(self):
         """Take the queued chunks, in order (may be empty): the queue itself, handed over,
@@ -428,8 +435,16 @@ class Client:
         self._last_sent_ms = now_ms
 
     def _send_publish(self, topic, payload, qos, retain, packet_id, dup, now_ms):
-        self._send(publish_header(topic, len(payload), qos, retain, packet_id, dup), now_ms)
-        self._out.append(payload)
+        if isinstance(payload, tuple):
+            n = 0
+            for chunk in payload:
+                n += len(chunk)
+            self._send(publish_header(topic, n, qos, retain, packet_id, dup), now_ms)
+            self._out.extend(payload)
+        else:
+            self._send(publish_header(topic, len(payload), qos, retain, packet_id, dup),
+                       now_ms)
+            self._out.append(payload)
 
     def _new_packet_id(self):
         busy = [item[0] for item in self._inflight] + self._pending_subs

@@ -185,7 +185,9 @@ class Link:
             try:
                 await self._session()
                 attempt = 0
-            except (OSError, TransportError, PeerError) as e:
+            except (OSError, TransportError, PeerError, MemoryError) as e:
+                # MemoryError: a TLS handshake found no room in a fragmented heap; after
+                # the back-off the heap has changed (what it says shows in ``last_error``)
                 self.failures += 1
                 self.last_error = "mqtt: %s" % (e,)
             finally:
@@ -228,6 +230,11 @@ class Link:
                 chunks = chunk = None
         finally:
             self._draining = False
+
+    def sending(self):
+        """True until everything queued so far is written to the socket (or dropped
+        with the connection): a payload the caller means to reuse is free after that."""
+        return self._draining or self.client.queued
 
     async def _session(self):
         """One connection: ``_connection`` opens it and reads; this task ticks the

@@ -4,6 +4,8 @@ and the same module on the MicroPython unix port."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -171,6 +173,43 @@ def test_inflight_window_model(ops: list[str], keep: bool) -> None:
                 got.append((pid, payload))
             assert got == model
         assert c.inflight_count == len(model) <= 3
+
+
+
+class _Payload(bytearray):
+    """A payload a weak reference can watch."""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_payload_is_released_once_sent_unless_kept_for_a_resend(keep: bool) -> None:
+    """With ``keep_inflight=False`` the client drops its reference to a QoS 1 payload
+    once the chunk is taken for sending (the agent then reuses its read buffer); with
+    ``True`` it keeps it until the PUBACK, for the re-send after a reconnect."""
+    c = connected_client(keep_inflight=keep)
+    payload = _Payload(b"batch")
+    watch = weakref.ref(payload)
+    pid = c.publish("t/x", payload, 1)
+    assert c.queued
+    chunks = c.chunks_to_send()
+    assert not c.queued and chunks[-1] is payload
+    del chunks, payload
+    gc.collect()
+    assert (watch() is not None) == keep
+    c.feed(mqtt.encode_puback(pid))
+    gc.collect()
+    assert watch() is None
+
+
+
+@given(st.lists(st.binary(max_size=300), max_size=5), st.sampled_from([0, 1]))
+def test_payload_as_chunks_is_the_same_packet_as_joined(chunks: list[bytes], qos: int) -> None:
+    """A tuple of chunks is queued one after the other, never joined, and the broker
+    receives exactly the PUBLISH of the joined payload."""
+    c = connected_client()
+    pid = c.publish("t/x", tuple(chunks), qos)
+    queued = c.chunks_to_send()
+    assert queued[1:] == chunks
+    assert b"".join(queued) == mqtt.encode_publish("t/x", b"".join(chunks), qos, False, pid)
 
 
 def _server_stream() -> tuple[bytes, list[tuple[object, ...]]]:
