@@ -208,8 +208,9 @@ class BatchWriter:
         h = hashlib.sha256()
         for chunk in chunks:
             h.update(chunk)
+        head = h.digest()  # before seq moves: a failure up to here leaves the chain as it was
         self.seq += 1
-        self.head = h.digest()
+        self.head = head
         return chunks
 
     def _signed(self, signed: bytes) -> bytes:

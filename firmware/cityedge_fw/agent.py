@@ -36,7 +36,9 @@ times in the records are then simulated seconds since boot.
 Memory (unix port, ROMFS, from ``tests/firmware``): see ``docs/ARCHITECTURE.md``. The
 largest transient is a signature (pure-Python P-256: about 5 KB of big integers while it
 runs), on top of one signed batch (about 35 bytes per reading) and the records being
-collected; a TLS handshake (about 4 KB) can overlap it.
+collected; a TLS handshake (about 4 KB) can overlap it. A small heap fragments: the
+MemoryErrors the agent can survive (a signature, a command's decoders, a status, a TLS
+handshake) are counted in ``mem_errors`` and tried again later, losing nothing.
 """
 
 import gc
@@ -88,6 +90,10 @@ _INFLIGHT = const(2)
 _UNHEALTHY_AFTER_SWEEPS = const(3)  # missed sampler sweeps before the watchdog is starved
 _STORE_HEADER_BYTES = const(20)  # bytes the ring buffer adds per batch (store.HEADER_SIZE)
 _RECORD_BYTES = const(20)  # bytes per record the records buffer starts with (it can grow)
+_BATCH_OVERHEAD = const(256)  # bytes a signed batch adds to its records (COSE, chain, id)
+_COMMAND_TRIES = const(5)  # times a command is checked before a full heap drops it
+_RETRY_MS = const(400)  # ms before a command's next try, times the tries so far
+_DEFERRED_MAX = const(2)  # commands waiting for another try at most
 
 
 def topic(device, leaf):
@@ -102,9 +108,11 @@ class Agent:
     def __init__(self, board, device, key, kid, store, state, settings, broker_host,
                  broker_port, ssl_ctx=None, server_hostname=None, fleet_keys=None,
                  sensors=None):
+        # 29 attributes: MicroPython's instance dict then is one 464-byte block, with a
+        # 30th it is re-made as 592 bytes in one piece (a reboot into a fragmented heap
+        # has been refused that); derive a value or keep it in a tuple before adding one
         self.board = board
         self.device = device
-        self.key = key
         self.store = store
         self.state = state
         self.cfg = settings
@@ -116,10 +124,11 @@ class Agent:
         state.set(boot=self.boot)
         seq, head = self._restore_chain()
         self.writer = batchmod.BatchWriter(device, key, kid, seq, head)
-        self.clock = monotonic_ms
-        self.scale = self.cfg["time_scale"]
         # readings encoded as taken (~15-20 B each), in one buffer reused batch after batch
         self.records = batchmod.RecordBuffer(self.cfg["batch_readings"] * _RECORD_BYTES)
+        # every batch forwarded is read from flash into this one buffer (while it fits):
+        # a heap that streaming has cut into small pieces may have no fresh block its size
+        self._fwd = bytearray(self._fwd_bytes())
         self._bt = 0
         self.batch_started_ms = None
         self.batch_timebase = None
@@ -131,6 +140,9 @@ class Agent:
         self.store_ok = True
         self.batches_signed = 0
         self.commands_accepted = 0
+        self.mem_errors = 0  # MemoryErrors the agent caught and survived (status: mem_errors)
+        # [(payload, tries, not before ms)]: commands that met a heap with no room
+        self._deferred = []
         self.published = 0
         self._pid_seq = {}  # MQTT packet id -> batch seq in flight
         self._sent_upto = 0  # highest seq handed to the MQTT client
@@ -138,7 +150,7 @@ class Agent:
         client = mqtt.Client(device, self.cfg["keepalive_s"], True, None, _INFLIGHT,
                              keep_inflight=False)
         self.link = Link(client, broker_host, broker_port, ssl_ctx, server_hostname,
-                         self._on_event, self._on_connect, self.clock)
+                         self._on_event, self._on_connect, monotonic_ms)
         self.fleet_keys = fleet_keys or {}
 
     # --- chain state ----------------------------------------------------------------
@@ -147,28 +159,32 @@ class Agent:
         the newest stored batch is ahead of State and is the true head."""
         seq = self.state.get("seq", 0)
         head = self.state.get("head", batchmod.ZERO_HASH)
-        seqs = self.store.seqs()
-        if seqs and seqs[-1] > seq:
-            last = self.store.oldest(len(seqs))[-1]
-            seq, head = last[0], batchmod.batch_hash(last[1])
-            self.state.set(seq=seq, head=head)
+        if self.store.newest > seq:
+            last = self.store.next_after(self.store.newest - 1)  # that one file, not all
+            if last is not None:
+                seq, head = last[0], batchmod.batch_hash(last[1])
+                self.state.set(seq=seq, head=head)
         return seq, head
+
+    def _fwd_bytes(self):
+        """Size of the forwarder's read buffer: a batch of the configured size fits."""
+        return self.cfg["batch_readings"] * _RECORD_BYTES + _BATCH_OVERHEAD
 
     # --- time -------------------------------------------------------------------------
     def sim_ms(self):
         """Milliseconds since boot on the (possibly accelerated) schedule clock."""
-        return self.clock() * self.scale
+        return self.link.clock() * self.cfg["time_scale"]
 
     def now(self):
         """(timebase, seconds) for a reading taken now."""
-        unix = self.board.unix_time() if self.scale == 1 else None
+        unix = self.board.unix_time() if self.cfg["time_scale"] == 1 else None
         if unix is not None:
             return batchmod.TIME_UNIX, unix
         return batchmod.TIME_SINCE_BOOT, self.sim_ms() // 1000
 
     def sleep_sim(self, ms):
         """Awaitable: ``ms`` milliseconds of the schedule clock (no coroutine frame)."""
-        return sleep_ms(max(1, ms // self.scale))
+        return sleep_ms(max(1, ms // self.cfg["time_scale"]))
 
     # --- sampling and batches -----------------------------------------------------------
     def sweep(self):
@@ -208,12 +224,27 @@ class Agent:
         return n
 
     def seal(self):
-        """Sign the collected records as one batch and store it (durable on return)."""
+        """Sign the collected records as one batch and store it (durable on return).
+
+        A heap with no room for the signature's integers (MemoryError) keeps the records
+        collected: counted in ``mem_errors``, tried again at the next reading (the heap
+        changes as the other tasks go on), nothing lost. Any other failure drops them."""
         if not self.records.count:
             return
+        # A collection first: the signature's few hundred temporary integers then fill the
+        # lowest holes and go, instead of scattering what outlives them (the new chain head,
+        # the state) over the free space; a heap that fragments fails with kilobytes free.
+        gc.collect()
         try:
-            self._store_signed(self.writer.sign_chunks(self.records, self.boot,
-                                                       self.batch_timebase))
+            data = self.writer.sign_chunks(self.records, self.boot, self.batch_timebase)
+        except MemoryError:
+            self.mem_errors += 1
+            return
+        except Exception:
+            self.records.clear()
+            raise
+        try:
+            self._store_signed(data)
         finally:
             self.records.clear()  # signed: whether stored or not, these records are done
         self.batches_signed += 1
@@ -298,9 +329,17 @@ class Agent:
         elif kind == mqtt.SUBACK and 0x80 in event[2]:
             self.last_error = "mqtt: subscription refused by the broker"
 
-    async def handle_command(self, payload):
+    async def handle_command(self, payload, tries=0):
         """Check a fleet command (``commands.CommandGate``) and carry it out. The gate and
-        the decoders it needs are loaded for the check and unloaded after it."""
+        the decoders it needs are loaded for the check and unloaded after it.
+
+        Loading them needs about 4 KB in a heap that streaming has cut into small pieces;
+        if it finds no room (MemoryError) the command is counted in ``mem_errors`` and
+        checked again later by the forwarder (another moment, another heap layout), up to
+        ``_COMMAND_TRIES`` times in all: the broker acknowledged it, it is not sent twice.
+        The forwarder's read buffer is let go first (one free block of ~0.9 KB where the
+        decoders' pieces fit); the forwarder makes a new one when it next reads."""
+        self._fwd = None
         from . import commands
 
         try:
@@ -308,6 +347,14 @@ class Agent:
                                                     self.board.unix_time).check(payload)
         except (PeerError, StorageError) as e:
             self.last_error = "command refused: %s" % e
+            return None
+        except MemoryError:
+            self.mem_errors += 1
+            tries += 1
+            if tries < _COMMAND_TRIES and len(self._deferred) < _DEFERRED_MAX:
+                self._deferred.append((payload, tries, self.link.clock() + _RETRY_MS * tries))
+            else:
+                self.last_error = "command dropped: no heap to check it"
             return None
         finally:
             commands = None
@@ -336,6 +383,11 @@ class Agent:
         """Hand the next stored batches to MQTT while the window has room. True if
         batches still wait (the window is full), False if all are handed over."""
         client = self.link.client
+        if self._deferred and self.link.clock() >= self._deferred[0][2]:
+            payload, tries, _ = self._deferred.pop(0)
+            gc.collect()
+            await self.handle_command(payload, tries)
+            payload = None
         if client.can_publish():
             self.report_drops()
         while True:
@@ -347,7 +399,13 @@ class Agent:
                 self._sent_upto = 0
             if not client.can_publish():
                 return client.state == mqtt.CONNECTED and self.store.count > len(self._pid_seq)
-            batch = self.store.next_after(self._sent_upto)  # one batch in RAM, not the window
+            if self._fwd is None:  # given up for a command: made again (or the batch is read
+                try:  # into fresh bytes, as a batch too large for it is)
+                    self._fwd = bytearray(self._fwd_bytes())
+                except MemoryError:
+                    pass
+            # one batch in RAM (in ``_fwd``), not the window
+            batch = self.store.next_after(self._sent_upto, self._fwd)
             if batch is None:
                 return False
             # record the packet id before any await: a failed flush must not lose it
@@ -357,6 +415,8 @@ class Agent:
             self._sent_upto = batch[0]
             batch = None
             await self.link.flush()
+            while self.link.sending():  # another task drains the queue: ``_fwd`` is in it
+                await sleep_ms(_FORWARD_BUSY_MS)
 
     def status_map(self):
         gc.collect()
@@ -375,13 +435,23 @@ class Agent:
             "readings": self.readings_total,
             "seq": self.writer.seq,
             "mqtt_connects": self.link.connects,
+            "mem_errors": self.mem_errors,
             "last_error": self.last_error or self.link.last_error or "",
         }
 
     async def publish_status(self):
+        """Sign and send the status map (QoS 0), as chunks that are never joined. A heap
+        with no room for it skips this one (counted in ``mem_errors``): the next status
+        reports the count, and the readings never wait for a status."""
         if self.link.client.state != mqtt.CONNECTED:
             return False
-        data = cose.encode_sign1(cbor.dumps(self.status_map()), self.key, self.writer.kid)
+        try:
+            data = cose.sign1_chunks((cbor.dumps(self.status_map()),), self.writer.signer,
+                                     self.writer.kid)
+        except MemoryError:
+            self.mem_errors += 1
+            self.last_error = "status skipped: no heap to sign it"
+            return False
         await self.link.publish(topic(self.device, "up/status"), data, 0)
         return True
 

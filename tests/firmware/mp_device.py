@@ -15,6 +15,7 @@ of two readings each (a temperature that moves in quarter degrees, a humidity), 
 watchdog hardware, a UNIX clock unless ``clock`` is false.
 """
 
+import array
 import asyncio
 import gc
 import json
@@ -63,6 +64,22 @@ class Board:
         return [Sensor("s%d" % (i + 1), self.fail_every) for i in range(self.count)]
 
 
+_SAMPLES = 64  # heap samples kept: a fixed array, so the supervisor's own heap stays flat
+
+
+def _sample(stats, used):
+    """Keep ``used``; when the array is full, keep every other sample and halve the rate."""
+    buf = stats["alloc"]
+    n = stats["n"]
+    if n == _SAMPLES:
+        for i in range(_SAMPLES // 2):
+            buf[i] = buf[2 * i]
+        n = _SAMPLES // 2
+        stats["every"] *= 2
+    buf[n] = used
+    stats["n"] = n + 1
+
+
 def _counters(agent, t):
     return [t, agent.batches_signed, agent.published]
 
@@ -83,8 +100,8 @@ async def supervise(agent, stop, stats):
         if used > stats["max_alloc"]:
             stats["max_alloc"] = used
         tick += 1
-        if tick % 20 == 0:  # about once a second: heap in use after a collection
-            stats["alloc"].append(used)
+        if tick % stats["every"] == 0:  # about once a second: heap in use after collection
+            _sample(stats, used)
         t = time.ticks_diff(time.ticks_ms(), start)
         done = "batches" in stop and agent.batches_signed >= stop["batches"] \
             and agent.store.count == 0
@@ -121,7 +138,8 @@ def run(path):
     del cfg, main
     cityedge_fw.unload("cityedge_fw.main")  # boot-only, as on a board after boot
     gc.collect()
-    stats = {"min_free": gc.mem_free(), "max_alloc": gc.mem_alloc(), "alloc": [],
+    stats = {"min_free": gc.mem_free(), "max_alloc": gc.mem_alloc(),
+             "alloc": array.array("I", bytes(4 * _SAMPLES)), "n": 0, "every": 20,
              "boot_alloc": gc.mem_alloc(), "marks": []}
     asyncio.run(supervise(agent, stop, stats))
     gc.collect()
@@ -132,14 +150,20 @@ def run(path):
         "connects": agent.link.connects, "fed": board.fed, "min_free": stats["min_free"],
         "free_end": gc.mem_free(), "alloc_end": gc.mem_alloc(),
         "last_error": agent.last_error or "",
-        "link_error": agent.link.last_error or "", "alloc": stats["alloc"],
+        "link_error": agent.link.last_error or "",
+        "alloc": list(stats["alloc"][:stats["n"]]),
         "max_alloc": stats["max_alloc"], "marks": stats["marks"],
         "boot_alloc": stats["boot_alloc"], "sim_s": agent.sim_ms() // 1000,
         "boot": agent.boot, "commands": agent.commands_accepted,
+        "mem_errors": agent.mem_errors,
         "batch_readings": agent.cfg["batch_readings"],
         "heap": gc.mem_free() + gc.mem_alloc()}
     result.update(stats.get("at_stop", {}))
-    print("RESULT " + json.dumps(result))
+    # written as it is encoded: one string of the whole result needs a block a fragmented
+    # heap may no longer have
+    sys.stdout.write("RESULT ")
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
     if stats.get("ended"):
         sys.exit(1)  # the agent runs until stopped: ending by itself is a failure
 

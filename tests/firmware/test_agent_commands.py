@@ -79,7 +79,9 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
         try:
             wait_for(lambda: len(sub.status()) >= 1)
         finally:
-            first = finish(proc)
+            # a command that finds no room to load the decoders is checked again later
+            # (counted in mem_errors): what matters here is that each is obeyed once
+            first = finish(proc, mem_errors_ok=True)
         assert first["boot"] == 1 and first["commands"] == 2, first  # desired, status
         assert first["batch_readings"] == 4, first
         assert len(sub.status()) == 1  # the forged command asked for one too: refused
@@ -87,7 +89,9 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
         seen = len(sub.readings())
         assert 4 in record_counts(sub.readings())  # the desired batch size, not 10
 
-        second = finish(start_device(mpy_dir, config({"batches": 3})))
+        second = finish(start_device(mpy_dir, config({"batches": 3})), mem_errors_ok=True)
+        print("commands: MemoryErrors caught and the command retried: %d (boot 1), %d (boot 2)"
+              % (first["mem_errors"], second["mem_errors"]))
         assert second["boot"] == 2, second
         assert second["commands"] == 0, second  # the retained desired again: a replay
         assert "replay" in second["last_error"], second

@@ -63,7 +63,10 @@ def start_device(mpy_dir: Path, config: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 90) -> dict[str, Any]:
+def finish(proc: subprocess.Popen[str], timeout: float = 90, *,
+           mem_errors_ok: bool = False) -> dict[str, Any]:
+    """The device's RESULT once it stopped. Unless ``mem_errors_ok``, the agent must not
+    have caught a single MemoryError (it counts those it survives)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -74,6 +77,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 90) -> dict[str, Any]:
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert lines, out + err
     result: dict[str, Any] = json.loads(lines[-1][7:])
+    assert mem_errors_ok or result["mem_errors"] == 0, result
     return result
 
 
