@@ -1,7 +1,8 @@
 """The overflow path of the agent's ring buffer: what dropping the oldest batches costs.
 
 Loaded only when an append would exceed the buffer's byte budget (``Agent._tally_doomed``)
-and unloaded after, with the CBOR decoder it needs to count a batch's readings. A tally
+and unloaded after. A reading batch's count is in its file header; the CBOR decoder loads
+only for a batch without one (a drop record, which passes on what it reported). A tally
 is ``[first_seq, last_seq, batches, readings]``; the agent persists it before the append
 and reports it in a signed drop record once the link is up (``agent`` module docstring).
 """
@@ -35,19 +36,27 @@ def merge(a, b):
     return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2], a[3] + b[3]]
 
 
-def doomed(store, excess, header_bytes):
+def doomed(store, excess):
     """The tally of the oldest batches in ``store`` that freeing ``excess`` bytes drops,
-    by the ring buffer's own rule (oldest first, each costing its data plus
-    ``header_bytes``), reading one batch at a time: a long buffer never comes into RAM
-    at once. None if nothing could be read."""
+    by the ring buffer's own rule (oldest first, each costing its file's size). A reading
+    batch's count comes from its header (``meta``: readings + 1, see ``Agent``), so only
+    a batch without one (a drop record, a file from older firmware) is read and decoded,
+    one at a time. None if there was nothing to drop."""
     out = None
     seq = 0
     while excess > 0:
-        got = store.next_after(seq)
-        if got is None:
+        seq = store.seq_after(seq)
+        if not seq:
             break
-        seq = got[0]
-        excess -= len(got[1]) + header_bytes
+        excess -= store.size(seq)
+        meta = store.meta(seq)
+        if meta:
+            out = merge(out, [seq, seq, 1, meta - 1])
+            continue
+        got = store.next_after(seq - 1)
+        if got is None or got[0] != seq:  # corrupt: the read dropped and recorded it
+            out = merge(out, [seq, seq, 1, 0])
+            continue
         out = merge(out, tally(seq, got[1]))
         got = None
     return out

@@ -1,13 +1,17 @@
 """Durable storage on flash: the ring buffer of signed batches and a small atomic state file.
 
-``RingBuffer`` keeps every signed batch the agent has accepted until the broker acknowledged
-it (PUBACK), within a byte budget. Each batch is one file ``<seq as 12 hex digits>.b`` in
-``root_dir``, framed as ``magic "CEB1" | seq u64 | length u32 | CRC-32 u32 | data`` (little
-endian, 20-byte header). Files are written power-cut safe: to ``<name>.tmp`` first, then
-renamed into place (LittleFS and POSIX renames are atomic), so a batch file either exists
-complete or not at all; stray ``.tmp`` files are deleted when the buffer is opened. The CRC
-catches what atomicity cannot (a flash bit error, a foreign file system): a file that fails it
-is counted as dropped, never handed out.
+``RingBuffer`` keeps every signed batch the agent has accepted until the broker
+acknowledged it (PUBACK), within a byte budget. Each batch is one file ``<seq as 12 hex
+digits>.b`` in ``root_dir``, framed as ``magic "CEB1" | seq u48 + meta u16 | length u32 |
+CRC-32 u32 | data`` (little endian, 20-byte header; the middle field is the u64 ``seq |
+meta << 48``). ``meta`` is the caller's 16 bits about the batch, readable without reading
+the batch (``RingBuffer.meta``): the agent keeps the reading count plus one there, so
+dropping a batch for space counts its readings without decoding it; 0 means "not recorded".
+Files are written power-cut safe: to ``<name>.tmp`` first, then renamed into place
+(LittleFS and POSIX renames are atomic), so a batch file either exists complete or not at
+all; stray ``.tmp`` files are deleted when the buffer is opened. The CRC catches what
+atomicity cannot (a flash bit error, a foreign file system): a file that fails it is
+counted as dropped, never handed out.
 
 When an append would exceed the budget, the oldest batches are dropped first and the drop is
 recorded (``first_seq``, ``last_seq``, ``batches``) in ``drops.cbor`` *before* any file is
@@ -50,7 +54,8 @@ from cityedge_core import cbor
 from cityedge_core.errors import MalformedError, StorageError
 
 _MAGIC = b"CEB1"
-_HEADER_FMT = "<4sQII"  # magic, seq, data length, CRC-32 of data
+_HEADER_FMT = "<4sQII"  # magic, seq | meta << 48, data length, CRC-32 of data
+_SEQ_MASK = const(0xFFFFFFFFFFFF)  # the low 48 bits of the second field: seq
 HEADER_SIZE = const(20)  # bytes of framing in front of every stored batch
 _NAME_DIGITS = const(12)  # hex digits of seq in a file name (seq is at most 48 bits)
 _SUFFIX = ".b"
@@ -253,7 +258,7 @@ class RingBuffer:
                 stray.append(name)
                 continue
             self._insert(seq)
-            self._used += size if size >= 0 else self._size(seq)
+            self._used += size if size >= 0 else self.size(seq)
         for name in stray:
             os.remove(_join(self.root, name))
 
@@ -303,8 +308,8 @@ class RingBuffer:
             return True
         return False
 
-    def _after(self, after: int) -> int:
-        """The oldest seq held above ``after``, or 0."""
+    def seq_after(self, after: int) -> int:
+        """The oldest seq held above ``after``, or 0 (reads nothing from flash)."""
         r = self._runs
         for i in range(1, len(r), 2):
             if r[i] > after:
@@ -333,8 +338,9 @@ class RingBuffer:
     def _path(self, seq: int) -> str:
         return _join(self.root, "%012x%s" % (seq, _SUFFIX))
 
-    def _size(self, seq: int) -> int:
-        """Bytes batch ``seq`` takes on flash (header included); 0 if its file is gone."""
+    def size(self, seq: int) -> int:
+        """Bytes batch ``seq`` takes on flash (header included, what the budget counts);
+        0 if its file is gone."""
         try:
             return os.stat(self._path(seq))[6]
         except OSError as e:
@@ -344,13 +350,16 @@ class RingBuffer:
 
     # -- writing --------------------------------------------------------------
 
-    def append(self, seq: int, data: bytes | tuple) -> None:
+    def append(self, seq: int, data: bytes | tuple, meta: int = 0) -> None:
         """Store one signed batch; durable on return. StorageError if the flash fails.
 
         ``data`` is the batch's bytes or a tuple of its consecutive chunks (written one
-        after the other: a device never joins them into one object in RAM)."""
-        if seq < 1 or seq > 0xFFFFFFFFFFFF:
+        after the other: a device never joins them into one object in RAM). ``meta``
+        (0-65535) goes into the header, for ``meta``."""
+        if seq < 1 or seq > _SEQ_MASK:
             raise ValueError("ring buffer: seq out of range")
+        if meta < 0 or meta > 0xFFFF:
+            raise ValueError("ring buffer: meta out of range")
         if self._runs and seq <= self._runs[-1]:
             raise ValueError("ring buffer: seq %d not after %d" % (seq, self._runs[-1]))
         chunks = data if isinstance(data, tuple) else (data,)
@@ -364,7 +373,7 @@ class RingBuffer:
         excess = self._used + need - self.budget
         if excess > 0:
             self._drop_oldest(excess)
-        header = struct.pack(_HEADER_FMT, _MAGIC, seq, size, crc & 0xFFFFFFFF)
+        header = struct.pack(_HEADER_FMT, _MAGIC, seq | meta << 48, size, crc & 0xFFFFFFFF)
         while True:
             try:
                 _write_atomic(self._path(seq), (header,) + chunks)
@@ -391,7 +400,7 @@ class RingBuffer:
 
     def _unlink(self, seq: int, what: str) -> None:
         """Delete the file of ``seq`` (already out of the index) and count its bytes free."""
-        size = self._size(seq)
+        size = self.size(seq)
         try:
             os.remove(self._path(seq))
         except OSError as e:
@@ -407,10 +416,10 @@ class RingBuffer:
         """Drop the oldest batches until ``nbytes`` are freed; record first, delete second."""
         n = freed = last = 0
         while freed < nbytes:
-            seq = self._after(last)
+            seq = self.seq_after(last)
             if not seq:
                 break
-            freed += self._size(seq)
+            freed += self.size(seq)
             last = seq
             n += 1
         if n == 0:
@@ -465,7 +474,7 @@ class RingBuffer:
         size each time, which a fragmented heap may not have. A larger batch is read into
         new bytes as without ``into``."""
         while True:
-            seq = self._after(after)
+            seq = self.seq_after(after)
             if not seq:
                 return None
             data = self._read(seq, into)
@@ -477,6 +486,22 @@ class RingBuffer:
             self._discard(seq)
             self._unlink(seq, "drop")
 
+    def meta(self, seq: int) -> int | None:
+        """The ``meta`` that batch ``seq`` was stored with (reads its header only), or None
+        if its file is gone or its header is not ours (its data is not checked here)."""
+        try:
+            with open(self._path(seq), "rb") as f:
+                if f.readinto(self._hdr) != HEADER_SIZE:
+                    return None
+        except OSError as e:
+            if e.args and e.args[0] == _ENOENT:
+                return None
+            raise StorageError("ring buffer: cannot read batch %d: %s" % (seq, e)) from None
+        magic, fseq, _length, _crc = struct.unpack(_HEADER_FMT, self._hdr)
+        if magic != _MAGIC or fseq & _SEQ_MASK != seq:
+            return None
+        return fseq >> 48
+
     def _read(self, seq: int, into: bytearray | None = None) -> bytes | None:
         """The data of one batch file (in ``into`` if it fits), or None if its framing or
         CRC is wrong."""
@@ -486,7 +511,7 @@ class RingBuffer:
                 if f.readinto(hdr) != HEADER_SIZE:
                     return None
                 magic, fseq, length, crc = struct.unpack(_HEADER_FMT, hdr)
-                if magic != _MAGIC or fseq != seq or length > self.budget:
+                if magic != _MAGIC or fseq & _SEQ_MASK != seq or length > self.budget:
                     return None
                 if into is not None and length <= len(into):
                     data = memoryview(into)[:length]

@@ -102,3 +102,24 @@ def test_drop_tally_of_a_drop_record_passes_its_counts_on() -> None:
     assert drops.tally(11, data) == [11, 11, 1, 1]
     assert drops.merge([2, 10, 8, 25], [11, 11, 1, 1]) == [2, 11, 9, 26]
     assert drops.tally(12, b"garbage") == [12, 12, 1, 0]
+
+
+def test_doomed_counts_from_headers_and_decodes_only_what_has_none(tmp_path: Path) -> None:
+    """The overflow tally reads a reading batch's count from its header (meta) and
+    decodes only a batch without one; both give the counts a full decode gives."""
+    w = batchmod.BatchWriter(DEVICE, KEY, KID)
+    with_meta = store.RingBuffer(str(tmp_path / "a"), 1 << 20)
+    without = store.RingBuffer(str(tmp_path / "b"), 1 << 20)
+    for n in (3, 0, 5, 1):
+        records = [{0: "t", 2: float(i)} for i in range(n)]
+        data = w.sign(records, 1, batchmod.TIME_SINCE_BOOT)
+        with_meta.append(w.seq, data, n + 1)
+        without.append(w.seq, data)
+    rec = w.sign([], 1, batchmod.TIME_SINCE_BOOT, batchmod.KIND_DROP, [1, 1, 1, 4])
+    with_meta.append(w.seq, rec)  # a drop record: no meta, decoded
+    without.append(w.seq, rec)
+    for excess in (1, 500, 10_000):
+        got = drops.doomed(with_meta, excess)
+        assert got == drops.doomed(without, excess)
+    assert drops.doomed(with_meta, 10_000) == [1, 5, 6, 4 + 9]  # all, incl. the record's
+    assert drops.doomed(with_meta, 1) == [1, 1, 1, 3]

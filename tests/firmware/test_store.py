@@ -132,6 +132,32 @@ def test_next_after_reads_into_the_callers_buffer_when_the_batch_fits(tmp_path: 
     assert rb.take_drops() == [3, 3, 1]
 
 
+
+@given(st.integers(1, 0xFFFFFFFFFFFF), st.integers(0, 0xFFFF))
+@settings(max_examples=30, deadline=None)
+def test_meta_rides_in_the_header_and_never_changes_the_seq(
+        tmp_path_factory: pytest.TempPathFactory, seq: int, meta: int) -> None:
+    root = str(tmp_path_factory.mktemp("rb"))
+    rb = RingBuffer(root, 10_000)
+    rb.append(seq, _data(seq), meta)
+    again = RingBuffer(root, 10_000)
+    assert again.seqs() == [seq] and again.meta(seq) == meta
+    assert again.next_after(seq - 1) == (seq, _data(seq))
+    assert again.size(seq) == 100 + HEADER_SIZE
+    assert again.meta(seq + 1) is None  # not held
+
+
+def test_meta_defaults_to_zero_and_is_bounded(tmp_path: Path) -> None:
+    rb = RingBuffer(str(tmp_path / "rb"), 10_000)
+    rb.append(1, _data(1))
+    assert rb.meta(1) == 0  # "not recorded", as in files written before meta existed
+    with pytest.raises(ValueError, match="meta"):
+        rb.append(2, _data(2), 0x10000)
+    path = tmp_path / "rb" / ("%012x.b" % 1)
+    path.write_bytes(b"XXXX" + path.read_bytes()[4:])
+    assert rb.meta(1) is None  # not our header
+
+
 def test_stray_temp_file_from_a_cut_is_cleaned(tmp_path: Path) -> None:
     root = tmp_path / "rb"
     rb = RingBuffer(str(root), 10_000)
