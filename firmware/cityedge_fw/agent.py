@@ -27,6 +27,8 @@ that drops, since the store deletes the files) and, once the link is up, signs o
 (``KIND_DROP``) with the tally and forwards it like a batch: the fleet learns exactly what
 was lost, and a long outage costs one drop record rather than one per batch. A power cut
 between the tally and the append can over-count one append's worth, never under-count.
+An append (or drop record) that would push out a batch in flight waits for its PUBACK,
+so no batch reaches the fleet and is also reported lost (``seal``).
 
 Timestamps: with a trusted clock (``board.unix_time()`` not None) a batch uses UNIX seconds
 (``TIME_UNIX``), otherwise seconds since boot (``TIME_SINCE_BOOT``) with the boot counter;
@@ -228,8 +230,17 @@ class Agent:
 
         A heap with no room for the signature's integers (MemoryError) keeps the records
         collected: counted in ``mem_errors``, tried again at the next reading (the heap
-        changes as the other tasks go on), nothing lost. Any other failure drops them."""
+        changes as the other tasks go on), nothing lost. Any other failure drops them.
+
+        So does a full buffer while batches are in flight (sent, PUBACK pending: always
+        the oldest stored): the append would drop one of them, which the fleet then gets
+        *and* reads as lost in the drop record. The PUBACK frees the room within a round
+        trip, or the lost connection takes them out of flight; a link that hangs longer
+        than two batches' worth of readings gets the append anyway."""
         if not self.records.count:
+            return
+        if self._in_flight_doomed(self.records.size) and \
+                self.records.count < 2 * self.cfg["batch_readings"]:
             return
         # A collection first: the signature's few hundred temporary integers then fill the
         # lowest holes and go, instead of scattering what outlives them (the new chain head,
@@ -244,14 +255,21 @@ class Agent:
             self.records.clear()
             raise
         try:
-            self._store_signed(data)
+            self._store_signed(data, self.records.count + 1)
         finally:
             self.records.clear()  # signed: whether stored or not, these records are done
         self.batches_signed += 1
 
-    def _store_signed(self, data, reported=False):
+    def _in_flight_doomed(self, size):
+        """True if appending about ``size`` bytes of records (plus a batch's overhead)
+        could push out a batch that is in flight."""
+        return self.link.client.inflight_count and self.store.used_bytes + size + \
+            _BATCH_OVERHEAD + _STORE_HEADER_BYTES > self.store.budget
+
+    def _store_signed(self, data, meta=0, reported=False):
         """Append one signed batch (its chunks), after tallying what the append will push
-        out.
+        out. ``meta`` goes into its header: a reading batch's readings + 1 (what a drop
+        of it costs, known without decoding it), 0 for a drop record.
 
         The tally ``[first_seq, last_seq, batches, readings]`` of dropped batches lives in
         ``State`` key ``drop`` (written before the append) until a drop record reports
@@ -262,7 +280,7 @@ class Agent:
             size += len(chunk)
         pending, doomed = self._tally_doomed(size)
         try:
-            self.store.append(self.writer.seq, data)
+            self.store.append(self.writer.seq, data, meta)
         except StorageError as e:
             self.store_ok = False
             self.last_error = str(e)
@@ -282,10 +300,10 @@ class Agent:
             return pending, None
         from . import drops
 
-        doomed = drops.doomed(self.store, excess, _STORE_HEADER_BYTES)
+        doomed = drops.doomed(self.store, excess)
         pending = drops.merge(pending, doomed)
         drops = None
-        unload("cityedge_fw.drops", *ON_DEMAND)  # it decoded the doomed batches
+        unload("cityedge_fw.drops", *ON_DEMAND)  # and the decoder, if a drop record needed it
         if doomed is None:
             return pending, None
         self.state.set(drop=pending)
@@ -305,7 +323,7 @@ class Agent:
         data = self.writer.sign_chunks(batchmod.RecordBuffer(), self.boot,
                                        batchmod.TIME_SINCE_BOOT, batchmod.KIND_DROP, list(tally))
         self.drops_total += tally[2]
-        self._store_signed(data, True)
+        self._store_signed(data, 0, True)
         return True
 
     # --- MQTT ----------------------------------------------------------------------------
@@ -350,11 +368,7 @@ class Agent:
             return None
         except MemoryError:
             self.mem_errors += 1
-            tries += 1
-            if tries < _COMMAND_TRIES and len(self._deferred) < _DEFERRED_MAX:
-                self._deferred.append((payload, tries, self.link.clock() + _RETRY_MS * tries))
-            else:
-                self.last_error = "command dropped: no heap to check it"
+            self._defer(payload, tries + 1)
             return None
         finally:
             commands = None
@@ -363,10 +377,22 @@ class Agent:
         if name == "desired" and isinstance(args, dict):
             self.apply_desired(args)
         elif name == "status":
-            await self.publish_status()
+            if not await self.publish_status():
+                self._defer(None, 1)  # asked for: sent once the heap has room
         else:
             self.last_error = "command %s: not supported by this firmware" % name
         return name
+
+    def _defer(self, payload, tries):
+        """Try a command (``payload``) or a status the fleet asked for (None) again from
+        the forwarder, ``_RETRY_MS * tries`` from now, or give up after
+        ``_COMMAND_TRIES``."""
+        if tries < _COMMAND_TRIES and len(self._deferred) < _DEFERRED_MAX:
+            self._deferred.append((payload, tries, self.link.clock() + _RETRY_MS * tries))
+        elif payload is None:
+            self.last_error = "status dropped: no heap to sign it"
+        else:
+            self.last_error = "command dropped: no heap to check it"
 
     def apply_desired(self, args, persist=True):
         """Take the known, in-range keys of a desired-state map; ignore the rest."""
@@ -386,10 +412,14 @@ class Agent:
         if self._deferred and self.link.clock() >= self._deferred[0][2]:
             payload, tries, _ = self._deferred.pop(0)
             gc.collect()
-            await self.handle_command(payload, tries)
+            if payload is None:  # a status a command asked for, which found no heap
+                if not await self.publish_status():
+                    self._defer(None, tries + 1)
+            else:
+                await self.handle_command(payload, tries)
             payload = None
-        if client.can_publish():
-            self.report_drops()
+        if client.can_publish() and not self._in_flight_doomed(0):
+            self.report_drops()  # a drop record is small: no overhead beyond a batch's
         while True:
             if client.sessions != self._session:
                 # a new connection (also during the await below): the client forgot what

@@ -120,7 +120,9 @@ async def supervise(agent, stop, stats):
             # what held at the stop condition: the sampler may seal one more batch while
             # the cancellation below propagates, and that one is not part of the run
             stats["at_stop"] = {"batches": agent.batches_signed, "seq": agent.writer.seq,
-                                "stored": agent.store.count, "published": agent.published}
+                                "stored": agent.store.count, "published": agent.published,
+                                "readings": agent.readings_total,
+                                "pending": agent.records.count}
             break
     task.cancel()
     await asyncio.sleep_ms(10)
@@ -155,7 +157,7 @@ def run(path):
         "max_alloc": stats["max_alloc"], "marks": stats["marks"],
         "boot_alloc": stats["boot_alloc"], "sim_s": agent.sim_ms() // 1000,
         "boot": agent.boot, "commands": agent.commands_accepted,
-        "mem_errors": agent.mem_errors,
+        "mem_errors": agent.mem_errors, "pending": agent.records.count,
         "batch_readings": agent.cfg["batch_readings"],
         "heap": gc.mem_free() + gc.mem_alloc()}
     result.update(stats.get("at_stop", {}))

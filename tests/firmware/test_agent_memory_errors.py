@@ -162,3 +162,67 @@ def test_status_without_heap_is_skipped_and_counted(tmp_path: Path,
     assert asyncio.run(a.publish_status()) is True
     msg = cose.decode_sign1(b"".join(sent[0]))  # sent as chunks, never joined
     assert cbor2.loads(msg.payload)["mem_errors"] == 1
+
+
+def test_status_command_without_heap_is_sent_later(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    a = make_agent(tmp_path)
+    a.link.client.state = mqtt.CONNECTED
+    sent: list[Any] = []
+
+    async def publish(topic: str, data: Any, qos: int) -> None:
+        sent.append(topic)
+
+    real = cose.sign1_chunks
+    fail = [1]
+
+    def sign1_chunks(*args: Any, **kw: Any) -> Any:
+        if fail[0]:
+            fail[0] -= 1
+            raise MemoryError("memory allocation failed, allocating 66 bytes")
+        return real(*args, **kw)
+
+    status = commands.encode_command(FLEET, FLEET_KID, "status", DEVICE, 1,
+                                     int(time.time()) + 600)
+    monkeypatch.setattr(a.link, "publish", publish)
+    monkeypatch.setattr(cose, "sign1_chunks", sign1_chunks)
+    assert asyncio.run(a.handle_command(status)) == "status"
+    assert a.commands_accepted == 1 and a.mem_errors == 1 and not sent
+    later(a, agentmod._RETRY_MS)
+    asyncio.run(a.forward_once())
+    assert sent == ["ce/v1/%s/up/status" % DEVICE] and not a._deferred
+
+
+def test_full_buffer_waits_for_batches_in_flight_before_dropping(tmp_path: Path) -> None:
+    """An append that would push out a batch in flight (sent, PUBACK pending) waits: the
+    fleet would get that batch and also read it as lost. Without one in flight it drops."""
+    a = agentmod.Agent(Board(), DEVICE, KEY, KID, store.RingBuffer(str(tmp_path / "buf"), 4096),
+                       store.State(str(tmp_path / "state.cbor")),
+                       settings.check({"batch_readings": 10, "buffer_budget_bytes": 4096}),
+                       "127.0.0.1", 1)
+    for _ in range(200):  # nearly full (the next batch will not fit), nothing dropped yet
+        if a.store.used_bytes + 500 >= a.store.budget:
+            break
+        a.sweep()
+    assert a.state.get("drop") is None and a.store.used_bytes + 500 >= a.store.budget
+    signed = a.batches_signed
+    a.link.client._inflight = [[1]]  # the oldest stored batch is in flight
+    for _ in range(8):
+        if a.records.count >= 12:
+            break
+        a.sweep()
+    assert a.records.count >= 12  # more than a batch collected: the seal waited
+    assert a.batches_signed == signed and a.state.get("drop") is None
+    a.link.client._inflight = []  # its PUBACK came (or the connection went)
+    a.sweep()
+    assert a.batches_signed == signed + 1 and a.state.get("drop") is not None
+    # a link that hangs longer: the records do not pile up past two batches' worth
+    a.link.client._inflight = [[2]]
+    for _ in range(30):
+        a.sweep()
+        if a.batches_signed == signed + 2:
+            break
+    assert a.batches_signed == signed + 2
+    newest = a.store.next_after(a.store.newest - 1)
+    assert newest is not None
+    assert len(Batch.decode(cose.decode_sign1(newest[1]).payload).records) == 20
