@@ -92,7 +92,8 @@ _INFLIGHT = const(2)
 _UNHEALTHY_AFTER_SWEEPS = const(3)  # missed sampler sweeps before the watchdog is starved
 _STORE_HEADER_BYTES = const(20)  # bytes the ring buffer adds per batch (store.HEADER_SIZE)
 _RECORD_BYTES = const(20)  # bytes per record the records buffer starts with (it can grow)
-_BATCH_OVERHEAD = const(256)  # bytes a signed batch adds to its records (COSE, chain, id)
+_SWEEP_READINGS = const(2)  # readings a sensor gives per sweep, for the records' headroom
+_BATCH_OVERHEAD = const(160)  # bytes a signed batch adds to its records and device id
 _COMMAND_TRIES = const(5)  # times a command is checked before a full heap drops it
 _RETRY_MS = const(400)  # ms before a command's next try, times the tries so far
 _DEFERRED_MAX = const(2)  # commands waiting for another try at most
@@ -127,7 +128,9 @@ class Agent:
         seq, head = self._restore_chain()
         self.writer = batchmod.BatchWriter(device, key, kid, seq, head)
         # readings encoded as taken (~15-20 B each), in one buffer reused batch after batch
-        self.records = batchmod.RecordBuffer(self.cfg["batch_readings"] * _RECORD_BYTES)
+        # (and room for one more sweep: a seal may have to wait, ``seal``)
+        self.records = batchmod.RecordBuffer(self.cfg["batch_readings"] * _RECORD_BYTES +
+                                             self._sweep_bytes())
         # every batch forwarded is read from flash into this one buffer (while it fits):
         # a heap that streaming has cut into small pieces may have no fresh block its size
         self._fwd = bytearray(self._fwd_bytes())
@@ -169,8 +172,13 @@ class Agent:
         return seq, head
 
     def _fwd_bytes(self):
-        """Size of the forwarder's read buffer: a batch of the configured size fits."""
-        return self.cfg["batch_readings"] * _RECORD_BYTES + _BATCH_OVERHEAD
+        """Size of the forwarder's read buffer: the largest batch the records buffer
+        makes fits (COSE envelope, chain fields and device id: 146 bytes + the id)."""
+        return len(self.records.data) + _BATCH_OVERHEAD + len(self.device)
+
+    def _sweep_bytes(self):
+        """Bytes of records one sweep of every sensor takes, about."""
+        return len(self.sensors) * _SWEEP_READINGS * _RECORD_BYTES
 
     # --- time -------------------------------------------------------------------------
     def sim_ms(self):
@@ -190,10 +198,22 @@ class Agent:
 
     # --- sampling and batches -----------------------------------------------------------
     def sweep(self):
-        """Read every sensor once; returns the number of readings taken."""
+        """Read every sensor once; returns the number of readings taken.
+
+        A seal that had to wait (no heap for the signature, a batch in flight) goes first;
+        if it still cannot, and the records buffer has no room left, the sweep is skipped
+        rather than the buffer grown in a heap that just had no room (the seal counted a
+        MemoryError; three skipped sweeps in a row starve the watchdog: the board resets).
+        """
         timebase, t = self.now()
         if self.records.count and timebase != self.batch_timebase:
-            self.seal()  # the clock got set: do not mix time bases in one batch
+            self.seal(True)  # the clock got set: do not mix time bases in one batch
+            if self.records.count:
+                return 0
+        if self._records_full():
+            self.seal(True)
+            if self._records_full():
+                return 0
         n = 0
         for sensor in self.sensors:
             try:
@@ -225,7 +245,11 @@ class Agent:
             self.seal()
         return n
 
-    def seal(self):
+    def _records_full(self):
+        """True when the records buffer has no room left for another sweep."""
+        return self.records.size + self._sweep_bytes() > len(self.records.data)
+
+    def seal(self, now=False):
         """Sign the collected records as one batch and store it (durable on return).
 
         A heap with no room for the signature's integers (MemoryError) keeps the records
@@ -235,12 +259,12 @@ class Agent:
         So does a full buffer while batches are in flight (sent, PUBACK pending: always
         the oldest stored): the append would drop one of them, which the fleet then gets
         *and* reads as lost in the drop record. The PUBACK frees the room within a round
-        trip, or the lost connection takes them out of flight; a link that hangs longer
-        than two batches' worth of readings gets the append anyway."""
+        trip, or the lost connection takes them out of flight; once the records buffer is
+        nearly full (a link that hangs), or with ``now``, the append goes ahead."""
         if not self.records.count:
             return
-        if self._in_flight_doomed(self.records.size) and \
-                self.records.count < 2 * self.cfg["batch_readings"]:
+        if not now and self._in_flight_doomed(self.records.size) and \
+                not self._records_full():
             return
         # A collection first: the signature's few hundred temporary integers then fill the
         # lowest holes and go, instead of scattering what outlives them (the new chain head,
@@ -264,7 +288,7 @@ class Agent:
         """True if appending about ``size`` bytes of records (plus a batch's overhead)
         could push out a batch that is in flight."""
         return self.link.client.inflight_count and self.store.used_bytes + size + \
-            _BATCH_OVERHEAD + _STORE_HEADER_BYTES > self.store.budget
+            _BATCH_OVERHEAD + len(self.device) + _STORE_HEADER_BYTES > self.store.budget
 
     def _store_signed(self, data, meta=0, reported=False):
         """Append one signed batch (its chunks), after tallying what the append will push
@@ -509,6 +533,8 @@ class Agent:
                     waiting = await self.forward_once()
                 except (OSError, CityedgeError) as e:
                     self.last_error = "forwarder: %s" % e
+                except MemoryError:  # a batch read or a send found no room: the batch
+                    self.mem_errors += 1  # is on flash, sent on a later round
             await sleep_ms(_FORWARD_BUSY_MS if waiting else _FORWARD_POLL_MS)
 
     async def status(self):

@@ -8,7 +8,12 @@ the firmware tests' heap, a real Mosquitto, commands published as ``fleet-comman
 - a command signed by a key the device does not trust changes nothing;
 - the reboot reads the state file and goes on with the chain: boot 2, seq continues,
   every batch of both boots verifies in one unbroken chain. The decoders a command or
-  the state file needs are loaded for that moment only: both boots run in this heap.
+  the state file needs are loaded for that moment only.
+
+Heap: ``COMMANDS_HEAP``, 72 KiB, not the other agent tests' 64 KiB. Checking a command
+loads the CBOR decoder and the gate (about 4.1 KiB while it runs) into a heap that
+streaming has fragmented; at 64 KiB that failed often (in one run all 11 tries of the
+three commands, in another the reboot's agent found no 464-byte block for itself).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from cityedge_core import cose
 from cityedge_fw.commands import encode_command
 
 from support.mosquitto import Mosquitto, TestPKI
+
+COMMANDS_HEAP = "72k"  # module doc: the command path does not fit 64 KiB reliably yet
 
 
 def fleet_publisher(broker: Mosquitto, pki: TestPKI) -> paho.Client:
@@ -70,7 +77,7 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
                                  fleet_keys=(str(key_file),), batch_readings=10, time_scale=5,
                                  status_interval_s=86400)
 
-        proc = start_device(mpy_dir, config({"seconds": 6}))
+        proc = start_device(mpy_dir, config({"seconds": 6}), COMMANDS_HEAP)
         wait_for(lambda: len(sub.readings()) >= 2)
         publish(pub, "down/cmd", encode_command(rogue, rogue.kid, "status", DEVICE, 2,
                                                 expires))
@@ -78,10 +85,14 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
                                                 expires))
         try:
             wait_for(lambda: len(sub.status()) >= 1)
-        finally:
-            # a command that finds no room to load the decoders is checked again later
-            # (counted in mem_errors): what matters here is that each is obeyed once
-            first = finish(proc, mem_errors_ok=True)
+            status_seen = True
+        except AssertionError:
+            status_seen = False
+        # a command that finds no room to load the decoders is checked again later
+        # (counted in mem_errors): what matters here is that each is obeyed once
+        first = finish(proc, mem_errors_ok=True)
+        assert status_seen, {k: first[k] for k in ("commands", "mem_errors", "last_error",
+                                                   "sim_s", "connects")}
         assert first["boot"] == 1 and first["commands"] == 2, first  # desired, status
         assert first["batch_readings"] == 4, first
         assert len(sub.status()) == 1  # the forged command asked for one too: refused
@@ -89,7 +100,8 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
         seen = len(sub.readings())
         assert 4 in record_counts(sub.readings())  # the desired batch size, not 10
 
-        second = finish(start_device(mpy_dir, config({"batches": 3})), mem_errors_ok=True)
+        second = finish(start_device(mpy_dir, config({"batches": 3}), COMMANDS_HEAP),
+                        mem_errors_ok=True)
         print("commands: MemoryErrors caught and the command retried: %d (boot 1), %d (boot 2)"
               % (first["mem_errors"], second["mem_errors"]))
         assert second["boot"] == 2, second

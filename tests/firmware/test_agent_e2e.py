@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fw_harness import (
+    HEAP,
     Subscriber,
     check_chain,
     device_argv,
@@ -57,8 +58,8 @@ def device_config(tmp: Path, broker: Mosquitto, pki: TestPKI, creds: Credentials
     return path
 
 
-def start_device(mpy_dir: Path, config: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(device_argv(mpy_dir, "import mp_device"),
+def start_device(mpy_dir: Path, config: Path, heap: str = HEAP) -> subprocess.Popen[str]:
+    return subprocess.Popen(device_argv(mpy_dir, "import mp_device", heap),
                             env=device_env(mpy_dir, config),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
