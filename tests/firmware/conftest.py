@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fw_harness import compile_device
+
+from support.linkproxy import LinkProxy
+from support.mosquitto import Mosquitto, TestPKI
 
 
 @pytest.fixture(scope="module")
 def mpy_dir(tmp_path_factory: pytest.TempPathFactory, micropython: str, mpy_cross: str) -> Path:
     """The firmware compiled to .mpy, with the test device's stand-in board."""
     return compile_device(tmp_path_factory.mktemp("mpy"))
+
+
+@pytest.fixture
+def broker(pki: TestPKI) -> Iterator[Mosquitto]:
+    """A broker of the test's own (a module may override it, e.g. with persistence)."""
+    b = Mosquitto(pki).start()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture
+def link(broker: Mosquitto) -> Iterator[LinkProxy]:
+    """The device's link to ``broker``: a proxy the test can cut (``fw_harness.Via``)."""
+    proxy = LinkProxy(broker.port).start()
+    yield proxy
+    proxy.close()

@@ -95,6 +95,14 @@ def device_env(mpy_dir: Path, config: Path) -> dict[str, str]:
             "PATH": os.environ.get("PATH", "")}
 
 
+class Via:
+    """The broker as the device sees it: through a link proxy (``support.linkproxy``)."""
+
+    def __init__(self, broker: Mosquitto, proxy: Any) -> None:
+        self.port = proxy.port
+        self.pki = broker.pki
+
+
 class Subscriber:
     """The fleet side: a persistent paho session on ce/v1/+/up/# as ``fleet-ingest``."""
 

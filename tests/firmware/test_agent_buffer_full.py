@@ -8,33 +8,16 @@ a drop record, and every reading taken arrived or is counted lost."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from fw_harness import Subscriber, verifier_for, wait_for
+from fw_harness import Subscriber, Via, verifier_for, wait_for
 from test_agent_e2e import DEVICE, device_config, finish, start_device
-from test_agent_linkcut import _Via
 
 from cityedge_core import batch as batchmod
 from cityedge_core import chain
 
 from support.linkproxy import LinkProxy
 from support.mosquitto import Credentials, Mosquitto, TestPKI
-
-
-@pytest.fixture
-def broker(pki: TestPKI) -> Iterator[Mosquitto]:
-    b = Mosquitto(pki).start()
-    yield b
-    b.cleanup()
-
-
-@pytest.fixture
-def link(broker: Mosquitto) -> Iterator[LinkProxy]:
-    proxy = LinkProxy(broker.port).start()
-    yield proxy
-    proxy.close()
 
 
 def account(messages: list[bytes], creds: Credentials) -> dict[str, int]:
@@ -68,7 +51,7 @@ def test_buffer_full_drops_oldest_and_a_signed_drop_record_reaches_the_fleet(
     creds = pki.issue_client(DEVICE)
     sub = Subscriber(broker, pki)  # the fleet side is not behind the cut link
     try:
-        config = device_config(tmp_path, _Via(broker, link), pki, creds,  # type: ignore[arg-type]
+        config = device_config(tmp_path, Via(broker, link), pki, creds,  # type: ignore[arg-type]
                                {"batches": 40}, buffer_budget_bytes=4096)
         proc = start_device(mpy_dir, config)
         wait_for(lambda: len(sub.readings()) >= 2)

@@ -6,37 +6,14 @@ proxy the test cuts)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fw_harness import Subscriber, check_chain, wait_for
+from fw_harness import Subscriber, Via, check_chain, wait_for
 from test_agent_e2e import DEVICE, device_config, finish, start_device
 
 from support.linkproxy import LinkProxy
 from support.mosquitto import Mosquitto, TestPKI
-
-
-@pytest.fixture
-def broker(pki: TestPKI) -> Iterator[Mosquitto]:
-    b = Mosquitto(pki).start()
-    yield b
-    b.cleanup()
-
-
-@pytest.fixture
-def link(broker: Mosquitto) -> Iterator[LinkProxy]:
-    proxy = LinkProxy(broker.port).start()
-    yield proxy
-    proxy.close()
-
-
-class _Via:
-    """The broker as the device sees it: through the proxy."""
-
-    def __init__(self, broker: Mosquitto, proxy: LinkProxy) -> None:
-        self.port = proxy.port
-        self.pki = broker.pki
 
 
 @pytest.mark.parametrize("mode", ["router_down", "silent_blackhole"])
@@ -45,7 +22,7 @@ def test_link_cut_loses_nothing(mode: str, broker: Mosquitto, link: LinkProxy,
     creds = pki.issue_client(DEVICE)
     sub = Subscriber(broker, pki)  # the fleet side is not behind the cut link
     try:
-        config = device_config(tmp_path, _Via(broker, link), pki, creds,  # type: ignore[arg-type]
+        config = device_config(tmp_path, Via(broker, link), pki, creds,  # type: ignore[arg-type]
                                {"batches": 14}, keepalive_s=10)
         proc = start_device(mpy_dir, config)
         wait_for(lambda: len(sub.readings()) >= 3)

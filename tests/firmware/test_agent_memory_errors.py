@@ -48,6 +48,31 @@ def later(a: agentmod.Agent, ms: int) -> None:
     a.link.clock.ms += ms  # type: ignore[attr-defined]
 
 
+def fails_first(real: Any, times: int) -> Any:
+    """``real``, except that its first ``times`` calls run out of memory."""
+    left = [times]
+
+    def call(*args: Any, **kw: Any) -> Any:
+        if left[0]:
+            left[0] -= 1
+            raise MemoryError("memory allocation failed, allocating 66 bytes")
+        return real(*args, **kw)
+
+    return call
+
+
+def connected(a: agentmod.Agent, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """The agent's link up as far as publishing goes; returns what it publishes."""
+    a.link.client.state = mqtt.CONNECTED
+    sent: list[tuple[str, Any]] = []
+
+    async def publish(topic: str, data: Any, qos: int) -> None:
+        sent.append((topic, data))
+
+    monkeypatch.setattr(a.link, "publish", publish)
+    return sent
+
+
 def desired(seq: int, batch_readings: int) -> bytes:
     return commands.encode_command(FLEET, FLEET_KID, "desired", DEVICE, seq,
                                    int(time.time()) + 600, {"batch_readings": batch_readings})
@@ -120,16 +145,7 @@ def test_at_most_two_commands_wait(tmp_path: Path, full_heap: list[int]) -> None
 def test_batch_without_heap_to_sign_keeps_its_records_and_the_chain(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a = make_agent(tmp_path)
-    real = a.writer.sign_chunks
-    fail = [1]
-
-    def sign_chunks(*args: Any, **kw: Any) -> Any:
-        if fail[0]:
-            fail[0] -= 1
-            raise MemoryError("memory allocation failed, allocating 66 bytes")
-        return real(*args, **kw)
-
-    monkeypatch.setattr(a.writer, "sign_chunks", sign_chunks)
+    monkeypatch.setattr(a.writer, "sign_chunks", fails_first(a.writer.sign_chunks, 1))
     while a.records.count < 10:  # one sensor, two readings a sweep: batch_readings 10
         a.sweep()
     assert (a.mem_errors, a.batches_signed, a.records.count, a.writer.seq) == (1, 0, 10, 0)
@@ -144,53 +160,27 @@ def test_batch_without_heap_to_sign_keeps_its_records_and_the_chain(
 def test_status_without_heap_is_skipped_and_counted(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     a = make_agent(tmp_path)
-    a.link.client.state = mqtt.CONNECTED
-    sent: list[Any] = []
-
-    async def publish(topic: str, data: Any, qos: int) -> None:
-        sent.append(data)
-
-    def no_heap(*args: Any, **kw: Any) -> Any:
-        raise MemoryError("memory allocation failed, allocating 232 bytes")
-
-    monkeypatch.setattr(a.link, "publish", publish)
-    monkeypatch.setattr(cose, "sign1_chunks", no_heap)
+    sent = connected(a, monkeypatch)
+    monkeypatch.setattr(cose, "sign1_chunks", fails_first(cose.sign1_chunks, 1))
     assert asyncio.run(a.publish_status()) is False
     assert a.mem_errors == 1 and not sent
-    monkeypatch.undo()
-    monkeypatch.setattr(a.link, "publish", publish)
     assert asyncio.run(a.publish_status()) is True
-    msg = cose.decode_sign1(b"".join(sent[0]))  # sent as chunks, never joined
+    msg = cose.decode_sign1(b"".join(sent[0][1]))  # sent as chunks, never joined
     assert cbor2.loads(msg.payload)["mem_errors"] == 1
 
 
 def test_status_command_without_heap_is_sent_later(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     a = make_agent(tmp_path)
-    a.link.client.state = mqtt.CONNECTED
-    sent: list[Any] = []
-
-    async def publish(topic: str, data: Any, qos: int) -> None:
-        sent.append(topic)
-
-    real = cose.sign1_chunks
-    fail = [1]
-
-    def sign1_chunks(*args: Any, **kw: Any) -> Any:
-        if fail[0]:
-            fail[0] -= 1
-            raise MemoryError("memory allocation failed, allocating 66 bytes")
-        return real(*args, **kw)
-
+    sent = connected(a, monkeypatch)
     status = commands.encode_command(FLEET, FLEET_KID, "status", DEVICE, 1,
                                      int(time.time()) + 600)
-    monkeypatch.setattr(a.link, "publish", publish)
-    monkeypatch.setattr(cose, "sign1_chunks", sign1_chunks)
+    monkeypatch.setattr(cose, "sign1_chunks", fails_first(cose.sign1_chunks, 1))
     assert asyncio.run(a.handle_command(status)) == "status"
     assert a.commands_accepted == 1 and a.mem_errors == 1 and not sent
     later(a, agentmod._RETRY_MS)
     asyncio.run(a.forward_once())
-    assert sent == ["ce/v1/%s/up/status" % DEVICE] and not a._deferred
+    assert [t for t, _ in sent] == ["ce/v1/%s/up/status" % DEVICE] and not a._deferred
 
 
 def test_full_buffer_waits_for_batches_in_flight_before_dropping(tmp_path: Path) -> None:
