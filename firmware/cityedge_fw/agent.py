@@ -379,8 +379,8 @@ class Agent:
         if it finds no room (MemoryError) the command is counted in ``mem_errors`` and
         checked again later by the forwarder (another moment, another heap layout), up to
         ``_COMMAND_TRIES`` times in all: the broker acknowledged it, it is not sent twice.
-        The forwarder's read buffer is let go first (one free block of ~0.9 KB where the
-        decoders' pieces fit); the forwarder makes a new one when it next reads."""
+        The forwarder's read buffer is let go first (one free block a batch in size, where
+        the decoders' pieces fit); the forwarder makes a new one when it next reads."""
         self._fwd = None
         from . import commands
 
