@@ -150,7 +150,7 @@ def firmware_bench() -> dict[str, Any]:
         wire: dict[str, float] = {}
         # alternated, so the machine's load drifts over both alike
         for i, heap in enumerate([BENCH_HEAP, BASELINE_HEAP] * RUNS):
-            broker = Mosquitto(pki, work / ("broker%d" % i),
+            broker = Mosquitto(pki, work / ("broker%d" % i), clients=[DEVICE],
                                extra="max_queued_messages 1000000").start()
             sub = Subscriber(broker, pki)
             try:

@@ -219,12 +219,9 @@ def mqtt_ingest_rate(fleet: Fleet, url: str, ca_dir: Path, broker: Any, pki: Any
     settings = _settings(url, ca_dir, mqtt_port=broker.port, mqtt_ca_file=pki.ca_pem,
                          mqtt_cert_file=ingest_creds.cert_pem,
                          mqtt_key_file=ingest_creds.key_pem,
-                         mqtt_client_id="bench-ingest-%d" % time.monotonic_ns(),
-                         # a group of its own: an earlier run's session would get a share
-                         ingest_share_group="bench-%d" % time.monotonic_ns(),
-                         # and the broker forgets the session when the run disconnects: a
-                         # server has one share group, the bench would pile up one per run,
-                         # each queueing a copy of every later run's messages in Mosquitto
+                         # the broker forgets the session (and its share of the group) when
+                         # the run disconnects: an earlier run's session would otherwise
+                         # keep a share, queueing a copy of every later run's messages
                          limits=FleetLimits(ingest_session_expiry_s=0))
     engine = _engine(settings)
     fleet.register(engine)
@@ -369,7 +366,7 @@ def registry_latency(url: str, ca_dir: Path, n: int = REGISTRY_DEVICES) -> dict[
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from cityedge_fleet.broker import ACL
+    from cityedge_fleet.broker_acl import Acl
     from tests.fleet.pg import pg_cluster
 
     from support.mosquitto import Mosquitto, TestPKI
@@ -384,9 +381,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         init_ca(base / "root", base / "ca")
         dbs = Databases(base, cluster)
         pki = TestPKI(base / "pki")
-        acl = ACL + "user bench-publisher\ntopic write ce/v1/+/up/#\n"
-        broker = Mosquitto(pki, base / "broker", acl=acl,
-                           extra="max_inflight_messages 0\nmax_queued_messages 0").start()
+        # one load generator publishes for every simulated device (a test-only identity)
+        broker = Mosquitto(pki, base / "broker",
+                           extra="max_inflight_messages 0\nmax_queued_messages 0")
+        broker.grant_custom("bench-publisher", [Acl("publishClientSend", "ce/v1/+/up/#")])
+        broker.start()
         try:
             raw: list[float] = []
             direct: dict[str, list[float]] = {"sqlite": [], "postgresql": []}

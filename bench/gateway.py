@@ -58,7 +58,7 @@ from cityedge.verify import make_batch_verifier  # noqa: E402
 from cityedge_core import chain  # noqa: E402
 from cityedge_gateway import limits  # noqa: E402
 
-from support.mosquitto import DEFAULT_ACL, Credentials, Mosquitto, TestPKI  # noqa: E402
+from support.mosquitto import OBSERVER, Credentials, Mosquitto, TestPKI  # noqa: E402
 
 GW = "urn:dev:mac:b827ebfffe123456"
 TOPIC = "ce/v1/%s/up/readings" % GW
@@ -178,6 +178,9 @@ class Subscriber:
         self.broker = broker
         self.client_id = "sub-%s-%d" % (name, time.monotonic_ns() % 10**9)
         self.dump = open(dump, "wb") if dump else None  # noqa: SIM115
+        seen = len(broker.read_log())
+        # the broker names a client by its CN (use_username_as_clientid)
+        subscribed = "%s 1 %s" % (creds.cert.subject.rfc4514_string().split("=", 1)[1], TOPIC)
         self.proc = subprocess.Popen(
             ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-i", self.client_id,
              "--cafile", str(broker.pki.ca_pem), "--cert", str(creds.cert_pem),
@@ -185,7 +188,7 @@ class Subscriber:
              "-W", str(SUB_TIMEOUT_S)] + (["-F", "%x"] if dump else []),
             stdout=self.dump or subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while self.client_id not in broker.read_log():  # the broker logs each SUBSCRIBE
+        while subscribed not in broker.read_log()[seen:]:  # the broker logs each SUBSCRIBE
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("bench: subscriber did not subscribe: %s"
                                    % broker.read_log()[-2000:])
@@ -210,10 +213,10 @@ class Site:
         self.work = work
         self.pki = TestPKI(work / "pki")
         # a broker deep queue is part of store-and-forward; the default 1000 would drop
-        self.city = Mosquitto(self.pki, work / "city",
+        self.city = Mosquitto(self.pki, work / "city", clients=[GW],
                               extra="max_queued_messages 100000000").start()
         self.gw = self.pki.issue_client(GW)
-        self.ingest = self.pki.issue_client("fleet-ingest")
+        self.ingest = self.pki.service(OBSERVER)  # the fleet's side, watching GW's topic
         self.signer = EcSigner.generate()
         self.key = work / "gw-sign.key"
         self.signer.save(self.key)
@@ -313,11 +316,12 @@ def bridge_e2e(site: Site, run: int, payload: bytes, messages: int, name: str
                ) -> dict[str, float]:
     d = site.work / ("bridge%s%d" % (name, run))
     seen = len(site.city.read_log())
-    local = Mosquitto(site.pki, d, acl=DEFAULT_ACL, persistence=True,
+    local = Mosquitto(site.pki, d, persistence=True, clients=[GW],
                       extra=bridge_conf(site)).start()
     try:
         deadline = time.monotonic() + 10
-        while "as bench-bridge " not in site.city.read_log()[seen:]:  # the bridge is up
+        # the bridge is up (the city broker names it by its certificate's CN)
+        while "as %s " % GW not in site.city.read_log()[seen:]:
             if time.monotonic() > deadline:
                 raise RuntimeError("bench: bridge did not connect: %s" % local.read_log())
             time.sleep(0.02)

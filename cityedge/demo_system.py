@@ -34,7 +34,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from cityedge_fleet import broker
+from cityedge_fleet import broker, broker_acl
 from cityedge_fleet.ca import CertificateAuthority, init_ca, issue_service
 
 BIN = Path(sys.executable).parent
@@ -47,6 +47,7 @@ STREAM_SECONDS = 25
 AGENT_SETTINGS = {"sample_interval_s": 1, "batch_readings": 10, "time_scale": 5,
                   "status_interval_s": 10}
 START_TIMEOUT_S = 30
+SHARE_GROUP = "demo-ingest-share"  # the ingest's shared-subscription group
 READINGS_PAGE = 500  # the readings API's page maximum
 
 
@@ -140,13 +141,17 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
         _mosquitto_can_read(bkey)
         _mosquitto_can_read(work / "broker")  # it writes its pid file there
         icrt, ikey = issue_service(ca, "fleet-ingest", work / "ingest")
+        ccrt, ckey = issue_service(ca, "fleet-control", work / "control")
         port = free_port()
         conf = broker.write(work / "broker", broker.BrokerFiles(bundle, bcrt, bkey, ca.crl_path),
-                            port=port, bind="127.0.0.1", pid_file=work / "broker" / "pid")
+                            port=port, bind="127.0.0.1", pid_file=work / "broker" / "pid",
+                            identities=broker_acl.DEFAULT_SERVICES, share_group=SHARE_GROUP)
+        _mosquitto_can_read(work / "broker" / broker.DYNSEC_FILE)  # the plugin rewrites it
         procs.start("mosquitto", [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
                                   str(conf)], dict(os.environ))
         wait_until(lambda: port_open(port), "mosquitto (log: %s)" % (logs / "mosquitto.log"))
-        con.print("   Mosquitto on 127.0.0.1:%d: TLS, client certificates, ACL by CN, CRL" % port)
+        con.print("   Mosquitto on 127.0.0.1:%d: TLS, client certificates, CN as user and client "
+                  "id, CRL, per-identity rules (dynamic security plugin)" % port)
 
         api_port = free_port()
         env = dict(os.environ,
@@ -156,6 +161,9 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
                    CITYEDGE_BROKER_PID_FILE=str(work / "broker" / "pid"),
                    CITYEDGE_MQTT_PORT=str(port), CITYEDGE_MQTT_CA_FILE=str(bundle),
                    CITYEDGE_MQTT_CERT_FILE=str(icrt), CITYEDGE_MQTT_KEY_FILE=str(ikey),
+                   CITYEDGE_BROKER_CONTROL_CERT_FILE=str(ccrt),
+                   CITYEDGE_BROKER_CONTROL_KEY_FILE=str(ckey),
+                   CITYEDGE_INGEST_SHARE_GROUP=SHARE_GROUP,
                    CITYEDGE_AUDIT_ANCHOR_FILE=str(work / "audit-anchor"),
                    CITYEDGE_HOME=str(work / "laptop"))
         con.print("[bold]2. fleet service[/bold]: API on 127.0.0.1:%d (SQLite), ingest worker"

@@ -13,6 +13,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from cityedge_fleet.api import audit_routes, devices, enroll_routes, enroll_ticket, tokens
+from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import make_engine, migrate
 from cityedge_fleet.models import CONTROL_CHARACTERS
@@ -41,6 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
     lim = settings.limits
     app.state.settings = settings
     app.state.engine = engine
+    app.state.broker_access = BrokerAccess.from_settings(settings)
     app.state.auth_limiter = TokenBucketLimiter(lim.auth_fail_burst, lim.auth_fail_per_s,
                                                 lim.rate_limit_clients_max)
     app.state.enroll_limiter = TokenBucketLimiter(lim.enroll_burst, lim.enroll_per_s,

@@ -31,6 +31,7 @@ GENESIS = "0" * 64
 OK = "ok"
 DENIED = "denied"  # the caller lacked the right (wrong role, bad token)
 REFUSED = "refused"  # the request was bad (reused token, malformed CSR, ...)
+ERROR = "error"  # the service could not do it (a broker that could not be told, ...)
 
 
 CONTENT_FIELDS = ("id", "at", "actor", "action", "target", "source", "outcome", "detail")

@@ -1,28 +1,42 @@
 """Mosquitto configuration for the fleet: what ``cityedge broker config`` writes.
 
-A TLS listener that demands a client certificate from our CA, takes the certificate's CN
-as the MQTT username (so the ACL's ``%u`` is the device id), checks the CRL the fleet
-publishes, and an ACL where a device may write only its own ``up/`` topics and read only
-its own ``down/`` topics. The fleet's own services connect with certificates whose CN is
-``fleet-ingest`` (reads every device's readings, shared subscriptions included) or
-``fleet-commands`` (writes commands). Mosquitto re-reads the CRL on SIGHUP.
+``mosquitto.conf``: a TLS listener that demands a client certificate from the city CA,
+takes the certificate's CN as the MQTT username (``use_identity_as_username``) and as the
+client id (``use_username_as_clientid``: nobody takes over another client's session by
+naming its client id), checks the CRL the fleet publishes, and hands every authorization
+decision to Mosquitto's dynamic security plugin (Debian's ``mosquitto`` package ships it).
+
+``dynamic-security.json``: the plugin's first state, every rule from ``broker_acl``:
+everything denied by default, one role per identity (the fleet's services and every device
+that may connect now). The plugin owns the file once the broker runs (it rewrites it on
+every change); the fleet keeps it in step with the registry over the plugin's control
+topic (``broker_sync``). All paths are absolute, so the broker starts from any directory.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-ACL = """\
-# written by `cityedge broker config`: devices are their certificate CN (%u)
-pattern write ce/v1/%u/up/#
-pattern read ce/v1/%u/down/#
-user fleet-ingest
-topic read ce/v1/+/up/#
-topic read $share/+/ce/v1/+/up/#
-user fleet-commands
-topic write ce/v1/+/down/#
-"""
+from cityedge_fleet import broker_acl
+
+DYNSEC_FILE = "dynamic-security.json"
+# where Debian (and Ubuntu) install the plugin; `broker config --plugin` for elsewhere
+DYNSEC_PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/arm-linux-gnueabihf/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+
+
+class BrokerConfigError(ValueError):
+    """The broker's configuration cannot be written as asked (missing plugin, bad name)."""
 
 
 @dataclass(frozen=True)
@@ -33,37 +47,74 @@ class BrokerFiles:
     crlfile: Path  # the fleet's CRL (``<ca_dir>/crl.pem``)
 
 
-def render(files: BrokerFiles, *, port: int, bind: str, acl_file: Path,
-           pid_file: Path | None = None) -> str:
+def find_dynsec_plugin() -> Path:
+    for candidate in DYNSEC_PLUGIN_PATHS:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    raise BrokerConfigError(
+        "Mosquitto's dynamic security plugin (mosquitto_dynamic_security.so) is not in %s; "
+        "install Debian's mosquitto package or name it with --plugin"
+        % ", ".join(DYNSEC_PLUGIN_PATHS))
+
+
+def dynsec_config(identities: Iterable[str], share_group: str) -> dict[str, Any]:
+    """The plugin's state granting ``identities`` (CNs) their rules and nothing else."""
+    cns = sorted(set(identities))
+    for cn in cns:
+        broker_acl.acls_for(cn, share_group)  # ValueError for a CN that names nobody
+    return {
+        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                             "subscribe": False, "unsubscribe": False},
+        "clients": [broker_acl.client_json(cn) for cn in cns],
+        "groups": [],
+        "roles": [broker_acl.role_json(cn, share_group) for cn in cns],
+    }
+
+
+def render(files: BrokerFiles, *, port: int, bind: str, plugin: Path, dynsec_file: Path,
+           pid_file: Path | None = None, extra: Iterable[str] = ()) -> str:
     lines = [
         "# written by `cityedge broker config`",
         "per_listener_settings false",
         "allow_anonymous false",
-        "acl_file %s" % acl_file,
+        "plugin %s" % plugin.resolve(),
+        "plugin_opt_config_file %s" % dynsec_file.resolve(),
     ]
     if pid_file is not None:
-        lines.append("pid_file %s" % pid_file)
+        lines.append("pid_file %s" % pid_file.resolve())
+    lines += list(extra)
     lines += [
         "listener %d %s" % (port, bind),
-        "cafile %s" % files.cafile,
-        "certfile %s" % files.certfile,
-        "keyfile %s" % files.keyfile,
-        "crlfile %s" % files.crlfile,
+        "cafile %s" % files.cafile.resolve(),
+        "certfile %s" % files.certfile.resolve(),
+        "keyfile %s" % files.keyfile.resolve(),
+        "crlfile %s" % files.crlfile.resolve(),
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",
         "tls_version tlsv1.2",
     ]
     return "\n".join(lines) + "\n"
 
 
+def write_dynsec(path: Path, identities: Iterable[str], share_group: str) -> Path:
+    """Write the plugin's state file (the broker rewrites it itself once running)."""
+    data = json.dumps(dynsec_config(identities, share_group), indent=1, sort_keys=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(data + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write(out_dir: Path, files: BrokerFiles, *, port: int, bind: str,
+          identities: Iterable[str], share_group: str, plugin: Path | None = None,
           pid_file: Path | None = None) -> Path:
-    """Write ``mosquitto.conf`` and ``acl`` into ``out_dir``; returns the config path."""
+    """Write ``mosquitto.conf`` and ``dynamic-security.json`` into ``out_dir``; returns the
+    config path. ``identities``: the CNs the broker lets in (services and devices)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    acl = out_dir / "acl"
-    acl.write_text(ACL)
-    acl.chmod(0o644)
+    dynsec = write_dynsec(out_dir / DYNSEC_FILE, identities, share_group)
     conf = out_dir / "mosquitto.conf"
-    conf.write_text(render(files, port=port, bind=bind, acl_file=acl, pid_file=pid_file))
+    conf.write_text(render(files, port=port, bind=bind, plugin=plugin or find_dynsec_plugin(),
+                           dynsec_file=dynsec, pid_file=pid_file))
     conf.chmod(0o644)
     return conf

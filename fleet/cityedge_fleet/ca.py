@@ -139,6 +139,7 @@ def init_ca(root_dir: Path, out_dir: Path, *, name: str = "cityedge",
 class Revoked:
     serial: int
     revoked_at: dt.datetime
+    on_hold: bool = False  # suspended, not revoked for good (reason certificateHold)
 
 
 class CertificateAuthority:
@@ -240,9 +241,12 @@ class CertificateAuthority:
             .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
         )
         for entry in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(entry.serial)
-                .revocation_date(entry.revoked_at).build())
+            item = (x509.RevokedCertificateBuilder().serial_number(entry.serial)
+                    .revocation_date(entry.revoked_at))
+            if entry.on_hold:
+                item = item.add_extension(x509.CRLReason(x509.ReasonFlags.certificate_hold),
+                                          critical=False)
+            builder = builder.add_revoked_certificate(item.build())
         return builder.sign(self._key, hashes.SHA256()).public_bytes(
             serialization.Encoding.PEM)
 
@@ -250,6 +254,14 @@ class CertificateAuthority:
         """Write a fresh CRL (world-readable: the broker reads it as its own user)."""
         _write(self.crl_path, self.make_crl(revoked, validity_s), 0o644)
         return self.crl_path
+
+    def crl_serials(self) -> set[int] | None:
+        """Serial numbers the published CRL lists (None: no readable CRL)."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return {entry.serial_number for entry in crl}
 
     def crl_due(self, now: dt.datetime | None = None) -> bool:
         """True when the CRL is missing, unreadable, or has less than half its life left."""
@@ -265,22 +277,23 @@ class CertificateAuthority:
         return nxt - now < life / 2
 
 
-SERVICE_NAMES = ("fleet-ingest", "fleet-commands")  # the CNs the broker ACL knows
-
-
 def issue_service(ca: CertificateAuthority, cn: str, out_dir: Path,
                   server_names: tuple[str, ...] = (), days: int = 90) -> tuple[Path, Path]:
     """A key and certificate for one of the fleet's own services, written to ``out_dir``.
 
     ``server_names`` makes it a TLS server certificate (the broker: DNS names or IP
-    addresses); otherwise it is a client certificate whose CN the broker ACL names
-    (``SERVICE_NAMES``). The key is made here, on the service's host, mode 0600.
+    addresses); otherwise it is a client certificate whose CN names a fleet service to
+    the broker (``broker_acl``: fleet-ingest, fleet-commands, fleet-control, each with an
+    optional ``-<suffix>``). The key is made here, on the service's host, mode 0600.
     """
     import ipaddress
 
-    if not server_names and cn not in SERVICE_NAMES:
-        raise CaError("service CN must be one of %s (the broker ACL names them)"
-                      % ", ".join(SERVICE_NAMES))
+    from cityedge_fleet import broker_acl
+
+    if not server_names and broker_acl.identity_kind(cn) not in broker_acl.SERVICE_KINDS:
+        raise CaError("%r is not a fleet service identity: fleet-ingest, fleet-commands or "
+                      "fleet-control, with an optional -<suffix> (the broker grants by CN)"
+                      % cn)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     builder = (

@@ -169,26 +169,50 @@ def audit_export_command(
 
 @broker_app.command("config")
 def broker_config_command(
-    out_dir: Annotated[Path, typer.Option(help="Where to write mosquitto.conf and acl.")],
+    out_dir: Annotated[Path, typer.Option(
+        help="Where to write mosquitto.conf and dynamic-security.json (the broker's user "
+             "must be able to write there: the plugin rewrites its file).")],
     certfile: Annotated[Path, typer.Option(help="The broker's server certificate (PEM).")],
     keyfile: Annotated[Path, typer.Option(help="The broker's server key (PEM).")],
     port: Annotated[int, typer.Option(help="TLS listener port.")] = 8883,
     bind: Annotated[str, typer.Option(help="Listener address.")] = "0.0.0.0",  # noqa: S104
     pid_file: Annotated[Path | None, typer.Option(help="Mosquitto pid file (for SIGHUP).")]
     = None,
+    service: Annotated[list[str] | None, typer.Option(
+        help="A fleet service identity (certificate CN) the broker lets in; repeatable. "
+             "Default: fleet-ingest, fleet-commands, fleet-control.")] = None,
+    plugin: Annotated[Path | None, typer.Option(
+        help="mosquitto_dynamic_security.so (found in Debian's places by default).")] = None,
 ) -> None:
-    """Write a Mosquitto config: mTLS listener, CN as username, per-device ACL, CRL."""
-    from cityedge_fleet import broker
+    """Write a Mosquitto config: mTLS listener, CN as username and client id, CRL, and the
+    dynamic security plugin's rules for the fleet's services and every device the
+    registry lets connect now."""
+    from cityedge_fleet import broker, broker_acl
+    from cityedge_fleet.broker_sync import desired_devices
     from cityedge_fleet.ca import CRL_FILE, CertificateAuthority
 
     settings = load_settings()
+    services = service or list(broker_acl.DEFAULT_SERVICES)
+    for cn in services:
+        if broker_acl.identity_kind(cn) not in broker_acl.SERVICE_KINDS:
+            raise FleetCliError("--service %s is not a fleet service identity (fleet-ingest, "
+                                "fleet-commands or fleet-control, with an optional "
+                                "-<suffix>)" % cn)
     ca = CertificateAuthority(settings.ca_dir)
+    with Session(_engine(settings)) as session:
+        devices = desired_devices(session)
     out_dir.mkdir(parents=True, exist_ok=True)
     bundle = out_dir / "ca-bundle.pem"
     bundle.write_text(ca.bundle_pem())
     bundle.chmod(0o644)
-    files = broker.BrokerFiles(cafile=bundle, certfile=certfile.resolve(),
-                               keyfile=keyfile.resolve(),
-                               crlfile=(settings.ca_dir / CRL_FILE).resolve())
-    conf = broker.write(out_dir, files, port=port, bind=bind, pid_file=pid_file)
+    files = broker.BrokerFiles(cafile=bundle, certfile=certfile, keyfile=keyfile,
+                               crlfile=settings.ca_dir / CRL_FILE)
+    try:
+        conf = broker.write(out_dir, files, port=port, bind=bind, pid_file=pid_file,
+                            identities=[*services, *devices],
+                            share_group=settings.ingest_share_group, plugin=plugin)
+    except ValueError as e:
+        raise FleetCliError(str(e)) from e
     print(conf)
+    print("cityedge: %d services and %d devices granted; the fleet keeps the devices in step "
+          "through fleet-control" % (len(services), len(devices)), file=sys.stderr)

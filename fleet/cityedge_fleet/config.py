@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cityedge_fleet.broker_acl import check_share_group
 
 DEV_VAR_DIR = Path("var")
 
@@ -43,6 +45,8 @@ class FleetLimits(BaseModel):
     ingest_group_max_messages: int = 200  # MQTT messages stored in one transaction
     ingest_group_max_s: float = 0.05  # seconds a group waits after its first message
     ingest_receive_max: int = 1000  # unacknowledged messages the broker may send (MQTT 5)
+    broker_control_timeout_s: float = 5.0  # seconds to wait for the broker's control answer
+    broker_sync_every_s: float = 30.0  # seconds between reconciles of the broker's grants
 
     @model_validator(mode="after")
     def _groups_fit_in_flight(self) -> Self:
@@ -74,10 +78,20 @@ class Settings(BaseSettings):
     mqtt_ca_file: Path | None = None
     mqtt_cert_file: Path | None = None
     mqtt_key_file: Path | None = None
-    mqtt_client_id: str = "fleet-ingest"
-    ingest_share_group: str = "ingest"
+    mqtt_client_id: str = "fleet-ingest"  # the broker replaces it by the certificate's CN
+    # the ingest's shared-subscription group (8-64 of A-Z a-z 0-9 _ -); production needs
+    # one of its own: a device may not join it (broker_acl) and need not guess it either
+    ingest_share_group: str = "cityedge-ingest"
+    # the fleet-control certificate: grants and cuts devices at the broker (broker_sync)
+    broker_control_cert_file: Path | None = None
+    broker_control_key_file: Path | None = None
     ingest_with_serve: bool = True  # `fleet serve` also runs an ingest worker
     limits: FleetLimits = Field(default_factory=FleetLimits)
+
+    @field_validator("ingest_share_group")
+    @classmethod
+    def _share_group(cls, value: str) -> str:
+        return check_share_group(value)
 
     @model_validator(mode="after")
     def _no_defaults_in_production(self) -> Self:
@@ -85,7 +99,8 @@ class Settings(BaseSettings):
             return self
         missing = [
             "CITYEDGE_" + name.upper()
-            for name in ("database_url", "ca_dir", "broker_url")
+            for name in ("database_url", "ca_dir", "broker_url", "ingest_share_group",
+                         "broker_control_cert_file", "broker_control_key_file")
             if name not in self.model_fields_set
         ]
         if missing:

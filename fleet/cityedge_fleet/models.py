@@ -199,6 +199,7 @@ class StateChange(InputModel):
 
 class CredentialStatus(StrEnum):
     active = "active"
+    suspended = "suspended"  # its device is quarantined: on the CRL as certificateHold
     revoked = "revoked"
 
 

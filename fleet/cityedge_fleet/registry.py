@@ -9,6 +9,11 @@ Lifecycle (``TRANSITIONS`` is the whole rule; anything else is refused with
 
 Enrollment moves registered -> provisioned, the first accepted batch provisioned ->
 active, repeated forgeries -> quarantined, the security team quarantined -> active.
+
+A state change carries its device's credentials along (``set_state``): quarantine
+suspends the active ones (they go on the CRL as ``certificateHold`` and the ingest stops
+trusting their keys), reactivation lifts the suspension, retirement revokes them for good.
+The broker follows (``broker_sync``).
 Lists use keyset pagination on the device id (``after`` = last id of the previous page),
 so a page costs the same at device 100,000 as at device 1.
 """
@@ -57,14 +62,35 @@ def check_transition(current: DeviceState, new: DeviceState) -> None:
 
 
 def set_state(session: Session, *, device: Device, state: DeviceState) -> DeviceState:
-    """Move ``device`` to ``state`` (in the session; the caller commits); returns the old."""
+    """Move ``device`` to ``state`` (in the session; the caller commits); returns the old.
+
+    Credentials follow: quarantined suspends the active ones, quarantined -> active
+    restores the suspended ones, retired revokes every one not yet revoked.
+    """
     old = DeviceState(device.state)
     check_transition(old, state)
     device.state = state
     if state == S.active:
         device.forgeries = 0
     session.add(device)
+    now = dt.datetime.now(dt.UTC)
+    C = CredentialStatus
+    if state == S.quarantined:
+        _move_credentials(session, device.id, (C.active,), C.suspended, now)
+    elif state == S.retired:
+        _move_credentials(session, device.id, (C.active, C.suspended), C.revoked, now)
+    elif state == S.active and old == S.quarantined:
+        _move_credentials(session, device.id, (C.suspended,), C.active, None)
     return old
+
+
+def _move_credentials(session: Session, device_id: str, froms: tuple[CredentialStatus, ...],
+                      to: CredentialStatus, at: dt.datetime | None) -> None:
+    for cred in session.exec(select(Credential).where(
+            Credential.device_id == device_id, col(Credential.status).in_(froms))):
+        cred.status = to
+        cred.revoked_at = at
+        session.add(cred)
 
 
 def create_device(session: Session, *, data: DeviceCreate) -> Device:
@@ -174,5 +200,6 @@ def credentials_of(session: Session, device_id: str) -> Sequence[Credential]:
 
 
 def revoked_credentials(session: Session) -> Sequence[Credential]:
-    return session.exec(select(Credential).where(
-        Credential.status == CredentialStatus.revoked)).all()
+    """Credentials the CRL lists: revoked, and suspended (on hold)."""
+    return session.exec(select(Credential).where(col(Credential.status).in_(
+        (CredentialStatus.revoked, CredentialStatus.suspended)))).all()

@@ -2,8 +2,10 @@
 the broker reads it, and tell the broker (SIGHUP) to reload.
 
 Mosquitto re-reads its ``crlfile`` on SIGHUP. An expired CRL would lock every client out,
-so ``refresh_if_due`` re-signs it when less than half of its validity remains; ``fleet
-serve`` calls it periodically.
+so ``refresh_if_due`` re-signs it when less than half of its validity remains, or when
+it differs from the registry; ``fleet serve`` calls it periodically (``broker_sync``).
+Suspended credentials (a quarantined device) are listed with reason ``certificateHold``
+and leave the CRL when the device is reactivated.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlmodel import Session
 from cityedge_fleet import registry
 from cityedge_fleet.ca import CertificateAuthority, Revoked
 from cityedge_fleet.config import Settings
+from cityedge_fleet.models import CredentialStatus
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +38,27 @@ def reload_broker(pid_file: Path | None) -> bool:
     return True
 
 
-def publish_crl(session: Session, ca: CertificateAuthority, settings: Settings) -> Path:
-    revoked = [
-        Revoked(serial=int(c.serial, 16), revoked_at=c.revoked_at or c.not_before)
+def _listed(session: Session) -> list[Revoked]:
+    return [
+        Revoked(serial=int(c.serial, 16), revoked_at=c.revoked_at or c.not_before,
+                on_hold=c.status == CredentialStatus.suspended)
         for c in registry.revoked_credentials(session)
     ]
-    path = ca.write_crl(revoked, settings.limits.crl_validity_s)
+
+
+def publish_crl(session: Session, ca: CertificateAuthority, settings: Settings) -> Path:
+    path = ca.write_crl(_listed(session), settings.limits.crl_validity_s)
     reload_broker(settings.broker_pid_file)
     return path
 
 
 def refresh_if_due(session: Session, ca: CertificateAuthority, settings: Settings) -> bool:
-    if not ca.crl_due():
+    """Re-sign and publish the CRL when half its life is gone, or when it does not list
+    exactly what the registry revoked and suspended (a change another process committed:
+    the ingest quarantining a device)."""
+    listed = _listed(session)
+    if not ca.crl_due() and ca.crl_serials() == {r.serial for r in listed}:
         return False
-    publish_crl(session, ca, settings)
+    ca.write_crl(listed, settings.limits.crl_validity_s)
+    reload_broker(settings.broker_pid_file)
     return True

@@ -1,11 +1,12 @@
-"""``cityedge fleet serve``: the API under uvicorn, plus (by default) an ingest worker and a
-CRL refresher in background threads of the same process."""
+"""``cityedge fleet serve``: the API under uvicorn, plus (by default) an ingest worker and
+the broker reconciler (grants and CRL kept in step with the registry: ``broker_sync``) in
+background threads of the same process."""
 
 from __future__ import annotations
 
 import gc
 import logging
-import threading
+from collections.abc import Callable
 
 import uvicorn
 from sqlalchemy import Engine
@@ -13,6 +14,7 @@ from sqlmodel import Session
 
 from cityedge_fleet import revocation
 from cityedge_fleet.app import create_app
+from cityedge_fleet.broker_sync import BrokerAccess, Reconciler
 from cityedge_fleet.ca import CaError, CertificateAuthority
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
@@ -22,16 +24,25 @@ log = logging.getLogger(__name__)
 CRL_CHECK_EVERY_S = 3600.0  # seconds between checks whether the CRL needs re-signing
 
 
-def crl_refresher(settings: Settings, engine: Engine, stop: threading.Event) -> None:
-    while not stop.is_set():
+def refresh_crl(settings: Settings) -> Callable[[Session], None]:
+    """One round's CRL upkeep: re-signed when due or when the registry changed it."""
+
+    def refresh(session: Session) -> None:
         try:
             ca = CertificateAuthority(settings.ca_dir)
-            with Session(engine) as session:
-                if revocation.refresh_if_due(session, ca, settings):
-                    log.info("CRL re-signed")
         except CaError as e:
             log.warning("CRL not refreshed: %s", e)
-        stop.wait(CRL_CHECK_EVERY_S)
+            return
+        if revocation.refresh_if_due(session, ca, settings):
+            log.info("CRL re-signed")
+
+    return refresh
+
+
+def start_reconciler(settings: Settings, engine: Engine, access: BrokerAccess) -> Reconciler:
+    every = min(settings.limits.broker_sync_every_s, CRL_CHECK_EVERY_S)
+    return Reconciler(access, lambda: Session(engine), every,
+                      also=refresh_crl(settings)).start()
 
 
 def freeze_startup_objects() -> None:
@@ -44,9 +55,8 @@ def freeze_startup_objects() -> None:
 
 def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
-    stop = threading.Event()
-    threading.Thread(target=crl_refresher, args=(settings, app.state.engine, stop), daemon=True,
-                     name="crl-refresher").start()
+    reconciler = start_reconciler(settings, app.state.engine, app.state.broker_access)
+    app.state.reconciler = reconciler
     worker = None
     if settings.ingest_with_serve:
         worker = MqttIngestWorker(Ingestor(app.state.engine, settings), settings).start()
@@ -54,6 +64,6 @@ def serve(settings: Settings, host: str, port: int) -> None:
     try:
         uvicorn.run(app, host=host, port=port)
     finally:
-        stop.set()
+        reconciler.stop()
         if worker is not None:
             worker.stop()

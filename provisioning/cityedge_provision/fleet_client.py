@@ -240,6 +240,9 @@ class FleetClient:
         if res.status_code == 403:
             raise FleetRefused("the fleet refused: %s" % detail, 403,
                                "your role may not do this; ask a fleet admin")
+        if res.status_code == 503:  # the fleet is up but a part it needs is not (the broker)
+            raise FleetUnreachable("the fleet cannot do this now: %s" % detail,
+                                   "run the same command again in a minute")
         raise FleetRefused("the fleet refused %s %s: %s" % (method, path, detail),
                            res.status_code)
 

@@ -1,73 +1,212 @@
-"""The real broker enforces what the design relies on: mTLS, identity = CN, ACL by %u, CRL."""
+"""The real broker, configured as `cityedge broker config` writes it, against a device in
+an attacker's hands: mTLS, identity = CN, client id = CN, subscriptions checked, CRL.
+
+Each attack runs against a real Mosquitto with the dynamic security plugin. The first test
+runs the shared-subscription attack against the configuration this project used before
+(Mosquitto's ``acl_file`` with ``%u`` patterns) to show the attack is real there.
+"""
 
 from __future__ import annotations
 
 import ssl
 import subprocess
-import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
-from support.mosquitto import Mosquitto, TestPKI
+from cityedge_core import topics
+from cityedge_fleet import broker_acl
+
+from support.mosquitto import SHARE_GROUP, Mosquitto, TestPKI
+from support.mqtt_probe import Probe
 
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 OTHER = "urn:dev:mac:0024befffe804ff2"
+SHARED = "$share/%s/%s" % (SHARE_GROUP, topics.every_up(topics.READINGS))
+BATCHES = 20
 
 
-def _client(broker: Mosquitto, cert: object, key: object, ca: object) -> mqtt.Client:
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    c.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key),
-              tls_version=ssl.PROTOCOL_TLS_CLIENT)
-    return c
-
-
-def _sub(broker: Mosquitto, pki: TestPKI, topic: str, count: int, timeout: float = 5
-         ) -> subprocess.Popen[bytes]:
-    svc = pki.issue_client("fleet-ingest")
-    p = subprocess.Popen(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "--cafile", str(pki.ca_pem),
-         "--cert", str(svc.cert_pem), "--key", str(svc.key_pem), "-t", topic, "-C", str(count),
-         "-W", str(int(timeout)), "-v", "-q", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.5)
-    return p
-
-
-def _publish(broker: Mosquitto, pki: TestPKI, creds: object, topic: str) -> int:
+def _publish_cli(broker: Mosquitto, pki: TestPKI, creds: object, topic: str) -> int:
     return subprocess.run(
         ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "--cafile", str(pki.ca_pem),
          "--cert", str(creds.cert_pem), "--key", str(creds.key_pem),  # type: ignore[attr-defined]
          "-t", topic, "-m", "x", "-q", "1"],
-        capture_output=True, timeout=10).returncode
+        capture_output=True, timeout=20).returncode
 
 
-def test_device_publishes_own_topic_only(mosquitto: Mosquitto, pki: TestPKI) -> None:
-    dev = pki.issue_client(DEVICE)
-    sub = _sub(mosquitto, pki, "ce/v1/+/up/#", 1, timeout=4)
-    assert _publish(mosquitto, pki, dev, "ce/v1/%s/up/readings" % OTHER) == 0  # silently dropped
-    assert _publish(mosquitto, pki, dev, "ce/v1/%s/up/readings" % DEVICE) == 0
-    out, _ = sub.communicate(timeout=10)
-    lines = out.decode().splitlines()
-    assert lines == ["ce/v1/%s/up/readings x" % DEVICE]
+def _steal_shares(broker: Mosquitto, pki: TestPKI) -> tuple[bool, int]:
+    """A device joins the ingest's shared subscription while another device publishes
+    ``BATCHES`` batches: (was the join granted, batches the ingest received)."""
+    ingest = Probe(broker, pki.service("fleet-ingest"))
+    thief = Probe(broker, pki.issue_client(DEVICE))
+    sender = Probe(broker, pki.issue_client(OTHER))
+    try:
+        assert ingest.subscribe(SHARED)
+        joined = thief.subscribe(SHARED)
+        for i in range(BATCHES):
+            assert sender.publish(topics.up(OTHER, topics.READINGS), b"batch %d" % i) == 0
+        # all acknowledged. Messages reach one subscriber in order: once a later sentinel
+        # reaches the ingest, every batch routed to it has arrived too
+        for _ in range(BATCHES):
+            assert sender.publish(topics.up(OTHER, topics.READINGS), b"sentinel") == 0
+            if any(m == b"sentinel" for _t, m in ingest.messages):
+                break
+        ingest.wait_for(lambda: any(m == b"sentinel" for _t, m in ingest.messages),
+                        "a sentinel")
+        got = [m for _t, m in ingest.messages if m.startswith(b"batch")]
+        return joined, len(got)
+    finally:
+        for p in (ingest, thief, sender):
+            p.close()
+
+
+def test_the_shared_subscription_attack_works_against_a_plain_acl_file(pki: TestPKI,
+                                                                         tmp_path: Path) -> None:
+    """Mosquitto's acl_file grants every SUBSCRIBE: the device joins the ingest's share and
+    the batches routed to it are dropped at delivery (its read rule) though acknowledged."""
+    broker = Mosquitto(pki)
+    acl = broker.dir / "acl"
+    acl.write_text("pattern write ce/v1/%u/up/#\npattern read ce/v1/%u/down/#\n"
+                   "user fleet-ingest\ntopic read ce/v1/+/up/#\n"
+                   "topic read $share/+/ce/v1/+/up/#\n")
+    acl.chmod(0o644)
+    conf = broker.conf.read_text()
+    conf = "\n".join(line for line in conf.splitlines()
+                     if not line.startswith(("plugin", "use_username_as_clientid")))
+    broker.conf.write_text(conf.replace("allow_anonymous false",
+                                        "allow_anonymous false\nacl_file %s" % acl) + "\n")
+    broker.start()
+    try:
+        joined, received = _steal_shares(broker, pki)
+    finally:
+        broker.cleanup()
+    assert joined
+    assert received < BATCHES  # acknowledged batches lost
+
+
+def test_a_device_cannot_join_the_ingests_shared_subscription(pki: TestPKI,
+                                                              tmp_path: Path) -> None:
+    broker = Mosquitto(pki, clients=[DEVICE, OTHER]).start()
+    try:
+        joined, received = _steal_shares(broker, pki)
+    finally:
+        broker.cleanup()
+    assert not joined
+    assert received == BATCHES
+
+
+@pytest.mark.parametrize("v5", [True, False], ids=["mqtt5", "mqtt311"])
+def test_a_device_subscribes_only_to_its_own_down_topics(pki: TestPKI, tmp_path: Path,
+                                                         v5: bool) -> None:
+    broker = Mosquitto(pki, clients=[DEVICE, OTHER]).start()
+    dev = Probe(broker, pki.issue_client(DEVICE), v5=v5)
+    try:
+        for own in (topics.down(DEVICE, topics.CMD), topics.down(DEVICE, topics.DESIRED),
+                    "ce/v1/%s/down/#" % DEVICE):
+            assert dev.subscribe(own), own
+        for foreign in ("$share/any-group-name/ce/v1/+/up/readings", "$share/x/#", "#",
+                        "ce/v1/+/up/#", "ce/v1/+/down/cmd", topics.down(OTHER, topics.CMD),
+                        topics.up(OTHER, topics.READINGS), "$CONTROL/dynamic-security/v1/#",
+                        "$SYS/#", "ce/v1/%s/up/readings" % DEVICE):
+            assert not dev.subscribe(foreign), foreign
+    finally:
+        dev.close()
+        broker.cleanup()
+
+
+def test_a_device_publishes_only_under_its_own_id(pki: TestPKI, tmp_path: Path) -> None:
+    broker = Mosquitto(pki, clients=[DEVICE, OTHER]).start()
+    ingest = Probe(broker, pki.service("fleet-ingest"))
+    dev = Probe(broker, pki.issue_client(DEVICE))
+    try:
+        assert ingest.subscribe(SHARED)
+        denied = 135  # MQTT 5 "not authorized"
+        assert dev.publish(topics.up(OTHER, topics.READINGS), b"forged") == denied
+        assert dev.publish(topics.down(OTHER, topics.CMD), b"forged") == denied
+        assert dev.publish(topics.down(DEVICE, topics.CMD), b"own cmd") == denied
+        assert dev.publish(broker_acl.CONTROL_TOPIC, b'{"commands":[]}') == denied
+        assert dev.publish(topics.up(DEVICE, topics.READINGS), b"own") == 0
+        ingest.wait_for(lambda: len(ingest.messages) >= 1, "the device's own batch")
+        assert ingest.messages == [(topics.up(DEVICE, topics.READINGS), b"own")]
+    finally:
+        for p in (ingest, dev):
+            p.close()
+        broker.cleanup()
+
+
+@pytest.mark.parametrize("victim", ["fleet-ingest", OTHER])
+def test_a_device_cannot_take_over_another_clients_session(pki: TestPKI, tmp_path: Path,
+                                                           victim: str) -> None:
+    """Connecting with the victim's client id once closed the victim's connection."""
+    broker = Mosquitto(pki, clients=[DEVICE, OTHER]).start()
+    creds = pki.service(victim) if victim.startswith("fleet") else pki.issue_client(victim)
+    target = Probe(broker, creds, client_id=victim)
+    thief = Probe(broker, pki.issue_client(DEVICE), client_id=victim)
+    try:
+        assert thief.publish(topics.up(DEVICE, topics.STATUS), b"hi") < 0x80  # 0x10: nobody
+        # the victim is still connected: it completes a round trip on its own session
+        probe_topic = (SHARED if victim.startswith("fleet")
+                       else topics.down(OTHER, topics.CMD))
+        assert target.subscribe(probe_topic)
+        assert target.disconnects == 0 and thief.disconnects == 0
+        assert "closing old connection" not in broker.read_log()
+    finally:
+        for p in (target, thief):
+            p.close()
+        broker.cleanup()
+
+
+def test_the_ingest_identity_can_do_nothing_but_read_its_share(pki: TestPKI,
+                                                               tmp_path: Path) -> None:
+    broker = Mosquitto(pki).start()
+    ingest = Probe(broker, pki.service("fleet-ingest"))
+    try:
+        assert ingest.publish(topics.up(DEVICE, topics.READINGS), b"x") == 135
+        assert ingest.publish(topics.down(DEVICE, topics.CMD), b"x") == 135
+        assert not ingest.subscribe("ce/v1/+/up/readings")  # a non-shared copy
+        assert not ingest.subscribe("$share/other-group/ce/v1/+/up/readings")
+    finally:
+        ingest.close()
+        broker.cleanup()
+
+
+def test_cutting_a_device_closes_its_live_session_and_refuses_it(pki: TestPKI,
+                                                                 tmp_path: Path) -> None:
+    broker = Mosquitto(pki, clients=[DEVICE]).start()
+    dev = Probe(broker, pki.issue_client(DEVICE))
+    try:
+        assert dev.publish(topics.up(DEVICE, topics.READINGS), b"before") < 0x80
+        broker.cut(DEVICE)
+        dev.wait_for(lambda: dev.disconnects >= 1, "the broker closing the session")
+        again = Probe(broker, pki.issue_client(DEVICE))  # its certificate is still valid,
+        try:  # but it may do nothing any more
+            assert again.publish(topics.up(DEVICE, topics.READINGS), b"after") == 135
+            assert not again.subscribe(topics.down(DEVICE, topics.CMD))
+        finally:
+            again.close()
+    finally:
+        dev.close()
+        broker.cleanup()
 
 
 def test_certificate_from_another_ca_is_refused(mosquitto: Mosquitto, pki: TestPKI,
-                                                tmp_path: object) -> None:
-    from pathlib import Path
-    rogue = TestPKI(Path(str(tmp_path)) / "rogue", ca_name="rogue CA")
+                                                tmp_path: Path) -> None:
+    rogue = TestPKI(tmp_path / "rogue", ca_name="rogue CA")
     creds = rogue.issue_client(DEVICE)
-    assert _publish(mosquitto, pki, creds, "ce/v1/%s/up/readings" % DEVICE) != 0
+    mosquitto.grant(DEVICE)  # the name is known: only the CA decides
+    assert _publish_cli(mosquitto, pki, creds, topics.up(DEVICE, topics.READINGS)) != 0
 
 
 def test_revoked_certificate_refused_after_reload(pki: TestPKI) -> None:
     dev = pki.issue_client(OTHER)
-    broker = Mosquitto(pki, crl=True).start()
+    broker = Mosquitto(pki, crl=True, clients=[OTHER]).start()
     try:
-        assert _publish(broker, pki, dev, "ce/v1/%s/up/readings" % OTHER) == 0
+        assert _publish_cli(broker, pki, dev, topics.up(OTHER, topics.READINGS)) == 0
         pki.revoke(dev)
         pki.write_crl(broker.crl_path)
         broker.reload()
-        assert _publish(broker, pki, dev, "ce/v1/%s/up/readings" % OTHER) != 0
+        assert _publish_cli(broker, pki, dev, topics.up(OTHER, topics.READINGS)) != 0
     finally:
         pki.revoked.clear()
         broker.cleanup()
@@ -77,11 +216,8 @@ def test_plain_connection_without_certificate_refused(mosquitto: Mosquitto) -> N
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     try:
         c.connect("127.0.0.1", mosquitto.port, keepalive=5)
-        c.loop_start()
-        time.sleep(1.0)
-        connected = c.is_connected()
-    except OSError:
+        rc = c.loop(timeout=5.0)
+        connected = c.is_connected() and rc == 0
+    except (OSError, ssl.SSLError):
         connected = False
-    finally:
-        c.loop_stop()
     assert not connected

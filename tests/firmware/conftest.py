@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fw_harness import compile_device
+from fw_harness import DEVICE, compile_device
 
 from support.linkproxy import LinkProxy
 from support.mosquitto import Mosquitto, TestPKI
@@ -21,7 +21,7 @@ def mpy_dir(tmp_path_factory: pytest.TempPathFactory, micropython: str, mpy_cros
 @pytest.fixture
 def broker(pki: TestPKI) -> Iterator[Mosquitto]:
     """A broker of the test's own (a module may override it, e.g. with persistence)."""
-    b = Mosquitto(pki).start()
+    b = Mosquitto(pki, clients=[DEVICE]).start()
     yield b
     b.cleanup()
 

@@ -21,7 +21,7 @@ from cityedge import romfs
 from cityedge.crypto import EcVerifier
 from cityedge_core import chain
 
-from support.mosquitto import Credentials, Mosquitto, TestPKI
+from support.mosquitto import OBSERVER, Credentials, Mosquitto, TestPKI
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "firmware"
@@ -104,10 +104,11 @@ class Via:
 
 
 class Subscriber:
-    """The fleet side: a persistent paho session on ce/v1/+/up/# as ``fleet-ingest``."""
+    """The fleet side: a persistent paho session on ce/v1/+/up/# (the broker's test
+    observer: the fleet's own ingest may read only through its shared subscription)."""
 
     def __init__(self, broker: Mosquitto, pki: TestPKI) -> None:
-        creds = pki.issue_client("fleet-ingest")
+        creds = pki.service(OBSERVER)
         self.messages: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
         self.subscribed = threading.Event()

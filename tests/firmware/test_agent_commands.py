@@ -61,6 +61,7 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
         mosquitto: Mosquitto, pki: TestPKI, mpy_dir: Path, tmp_path: Path) -> None:
     broker = mosquitto
     creds = pki.issue_client(DEVICE)
+    broker.grant(DEVICE)
     fleet = EcSigner.generate()
     rogue = EcSigner.generate()
     key_file = tmp_path / "fleet.pub"

@@ -94,7 +94,7 @@ def pycose_verify(data: bytes, creds: Credentials) -> bytes:
 
 @pytest.fixture
 def broker(pki: TestPKI) -> Iterator[Mosquitto]:
-    b = Mosquitto(pki, persistence=True, extra="autosave_interval 1").start()
+    b = Mosquitto(pki, persistence=True, extra="autosave_interval 1", clients=[DEVICE]).start()
     yield b
     b.cleanup()
 

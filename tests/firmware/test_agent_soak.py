@@ -20,6 +20,7 @@ def test_soak_30_simulated_minutes(mosquitto: Mosquitto, pki: TestPKI, mpy_dir: 
 
     tmp = Path(str(tmp_path))
     creds = pki.issue_client(DEVICE)
+    mosquitto.grant(DEVICE)
     sub = Subscriber(mosquitto, pki)
     try:
         cfg = device_config(tmp, mosquitto, pki, creds, {"seconds": SIM_SECONDS / TIME_SCALE},

@@ -25,6 +25,7 @@ def sim(config: Path, seconds: float) -> str:
 def test_sim_device_streams_and_survives_a_reboot(mosquitto: Mosquitto, pki: TestPKI,
                                                   tmp_path: Path, micropython: str) -> None:
     creds = pki.issue_client(DEVICE)
+    mosquitto.grant(DEVICE)
     for src, name in ((creds.cert_der, "dev.crt.der"), (creds.key_der, "dev.key.der"),
                       (pki.ca_der, "ca.der")):
         shutil.copy(src, tmp_path / name)

@@ -10,6 +10,7 @@ import datetime as dt
 import ipaddress
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -72,6 +73,14 @@ def _issue(ca_dir: Path, out: Path, cn: str, server: bool) -> tuple[Path, Path]:
     return crt, pem
 
 
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _device_files(directory: Path, dev: EnrolledDevice) -> Path:
     """What a provisioning tool writes to the device from the enrollment response."""
     directory.mkdir()
@@ -101,11 +110,16 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
     broker_dir.chmod(0o777)  # mosquitto writes its log here as its own user
     server_crt, server_key = _issue(ca_dir, broker_dir, "localhost", server=True)
     ingest_crt, ingest_key = _issue(ca_dir, world, "fleet-ingest", server=False)
+    # a second worker is a second identity: one CN is one client id at the broker
+    ingest2_crt, ingest2_key = _issue(ca_dir, world, "fleet-ingest-2", server=False)
+    control_crt, control_key = _issue(ca_dir, world, "fleet-control", server=False)
     env = dict(os.environ, CITYEDGE_CA_DIR=str(ca_dir),
                CITYEDGE_DATABASE_URL="sqlite:///%s" % (world / "fleet.sqlite3"))
     r = subprocess.run([sys.executable, "-m", "cityedge.cli", "broker", "config", "--out-dir",
                         str(broker_dir), "--certfile", str(server_crt), "--keyfile",
-                        str(server_key), "--port", str(port), "--bind", "127.0.0.1"],
+                        str(server_key), "--port", str(port), "--bind", "127.0.0.1",
+                        "--service", "fleet-ingest", "--service", "fleet-ingest-2",
+                        "--service", "fleet-control"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     conf = Path(r.stdout.strip())
@@ -121,8 +135,10 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
                         broker_url="mqtts://127.0.0.1:%d" % port, broker_pid_file=pid_file,
                         mqtt_port=port, mqtt_ca_file=ca_dir / "root.crt",
                         mqtt_cert_file=ingest_crt, mqtt_key_file=ingest_key,
-                        ingest_with_serve=False)
+                        broker_control_cert_file=control_crt,
+                        broker_control_key_file=control_key, ingest_with_serve=False)
     app = create_app(settings)
+    assert wait_for(lambda: _listening(port), timeout=20), "mosquitto did not start"
     worker = None
     cli_worker: subprocess.Popen[bytes] | None = None
     try:
@@ -135,13 +151,13 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
             # a second worker, the CLI one, shares the subscription
             ingest_env = dict(env, CITYEDGE_MQTT_PORT=str(port),
                               CITYEDGE_MQTT_CA_FILE=str(ca_dir / "root.crt"),
-                              CITYEDGE_MQTT_CERT_FILE=str(ingest_crt),
-                              CITYEDGE_MQTT_KEY_FILE=str(ingest_key),
-                              CITYEDGE_MQTT_CLIENT_ID="fleet-ingest-2")
+                              CITYEDGE_MQTT_CERT_FILE=str(ingest2_crt),
+                              CITYEDGE_MQTT_KEY_FILE=str(ingest2_key))
             cli_worker = subprocess.Popen(
                 [sys.executable, "-m", "cityedge.cli", "fleet", "ingest"], env=ingest_env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            assert wait_for(lambda: "fleet-ingest-2 1 $share/ingest/" in log.read_text(),
+            assert wait_for(lambda: "fleet-ingest-2 1 $share/%s/" % settings.ingest_share_group
+                            in log.read_text(),
                             timeout=20), log.read_text()
             files = _device_files(world / "device", dev)
             other_files = _device_files(world / "other", other)

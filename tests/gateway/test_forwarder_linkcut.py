@@ -24,7 +24,7 @@ ROUNDS = 60  # 4 batches of 50 readings each
 
 @pytest.mark.parametrize("mode", ["router_down", "silent_blackhole"])
 def test_link_cut_delivers_everything(mode: str, tmp_path: Path, pki: TestPKI) -> None:
-    broker = Mosquitto(pki, extra="max_queued_messages 100000").start()
+    broker = Mosquitto(pki, extra="max_queued_messages 100000", clients=[GW]).start()
     link = LinkProxy(broker.port).start()
     creds = pki.issue_client(GW)
     creds.key_pem.chmod(0o600)

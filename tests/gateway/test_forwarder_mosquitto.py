@@ -19,7 +19,7 @@ from cityedge_gateway.forwarder import Forwarder
 from cityedge_gateway.relay import NodeRelay
 from cityedge_gateway.store import Store
 
-from support.mosquitto import Mosquitto, TestPKI
+from support.mosquitto import OBSERVER, Mosquitto, TestPKI
 
 GW = "urn:dev:mac:b827ebfffe123456"
 NODE = "urn:dev:mac:0024befffe804ff1"
@@ -32,7 +32,7 @@ def _recs(n: int, k: int) -> list[dict[int, object]]:
 async def _subscriber(
     pki: TestPKI, port: int, got: list[tuple[str, bytes]], up: asyncio.Event
 ) -> None:
-    creds = pki.issue_client("fleet-ingest")
+    creds = pki.service(OBSERVER)
     ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
     ctx.load_cert_chain(str(creds.cert_pem), str(creds.key_pem))
     while True:
@@ -51,7 +51,8 @@ async def _subscriber(
 
 
 def test_restart_and_outage_deliver_everything(tmp_path: Path, pki: TestPKI) -> None:
-    broker = Mosquitto(pki, persistence=True, extra="max_queued_messages 100000").start()
+    broker = Mosquitto(pki, persistence=True, extra="max_queued_messages 100000",
+                       clients=[GW]).start()
     gw_creds = pki.issue_client(GW)
     gw_creds.key_pem.chmod(0o600)
     cfg = BrokerConfig("127.0.0.1", broker.port, pki.ca_pem, gw_creds.cert_pem, gw_creds.key_pem,

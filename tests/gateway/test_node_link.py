@@ -11,12 +11,13 @@ import aiomqtt
 
 from cityedge.crypto import EcSigner
 from cityedge_core import batch, senml
+from cityedge_fleet.broker_acl import Acl
 from cityedge_gateway.config import BrokerConfig
 from cityedge_gateway.node_link import NodeListener
 from cityedge_gateway.relay import NodeRelay
 from cityedge_gateway.store import Store
 
-from support.mosquitto import DEFAULT_ACL, Mosquitto, TestPKI
+from support.mosquitto import Mosquitto, TestPKI
 
 GW = "urn:dev:mac:b827ebfffe123456"
 NODE = "urn:dev:mac:0024befffe804ff1"
@@ -27,7 +28,10 @@ def _recs(k: int) -> list[dict[int, object]]:
 
 
 def test_node_batches_via_local_broker(tmp_path: Path, pki: TestPKI) -> None:
-    broker = Mosquitto(pki, acl=DEFAULT_ACL + "user %s\ntopic read ce/v1/+/up/readings\n" % GW)
+    # the site's own broker: nodes as devices, the gateway reads every node's batches
+    broker = Mosquitto(pki, clients=[NODE]).grant_custom(GW, [
+        Acl("subscribeLiteral", "ce/v1/+/up/readings"),
+        Acl("publishClientReceive", "ce/v1/+/up/readings")])
     broker.start()
     gw = pki.issue_client(GW)
     node_creds = pki.issue_client(NODE)

@@ -19,7 +19,7 @@ from cityedge.crypto import EcSigner
 from cityedge_core import cbor, chain, cose
 from cityedge_gateway import sds011
 
-from support.mosquitto import Mosquitto, TestPKI, free_port
+from support.mosquitto import OBSERVER, Mosquitto, TestPKI, free_port
 
 GW = "urn:dev:mac:b827ebfffe123456"
 CLI = [sys.executable, "-m", "cityedge.cli", "gateway", "run", "--config"]
@@ -69,6 +69,7 @@ def test_gateway_run_end_to_end(tmp_path: Path, pki: TestPKI, mosquitto: Mosquit
     key = tmp_path / "gw.key"
     signer.save(key)
     creds = pki.issue_client(GW)
+    mosquitto.grant(GW)
     creds.key_pem.chmod(0o600)
     broker = """
 [broker]
@@ -85,7 +86,7 @@ keepalive_s = 5
     link.symlink_to(os.ttyname(slave))
     metrics_port = free_port()
     cfg = _config(tmp_path, key, broker, metrics_port, str(link))
-    sub_creds = pki.issue_client("fleet-ingest")
+    sub_creds = pki.service(OBSERVER)
     ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
     ctx.load_cert_chain(str(sub_creds.cert_pem), str(sub_creds.key_pem))
     got: dict[str, list[bytes]] = {"readings": [], "status": []}

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import uvicorn
-from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session
 
 from cityedge_fleet.app import create_app
@@ -19,20 +18,10 @@ from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import Role
 
+from support.fleet_ca import fleet_ca_from_pki
 from support.mosquitto import TestPKI, free_port
 
 START_TIMEOUT_S = 10.0
-
-
-def fleet_ca_from_pki(pki: TestPKI, ca_dir: Path) -> Path:
-    ca_dir.mkdir(parents=True, exist_ok=True)
-    (ca_dir / "intermediate.key").write_bytes(pki.ca_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    (ca_dir / "intermediate.key").chmod(0o600)
-    (ca_dir / "intermediate.crt").write_bytes(pki.ca_pem.read_bytes())
-    (ca_dir / "root.crt").write_bytes(pki.ca_pem.read_bytes())
-    return ca_dir
 
 
 class FleetServer:
@@ -43,12 +32,14 @@ class FleetServer:
         self.dir = base
         self.db_path = base / "fleet.sqlite3"
         ingest = pki.issue_client("fleet-ingest")
+        control = pki.service("fleet-control")  # enrollment grants devices at the broker
         self.settings = Settings(
             mode="development", database_url="sqlite:///%s" % self.db_path,
             ca_dir=fleet_ca_from_pki(pki, base / "ca"),
             broker_url="mqtts://127.0.0.1:%d" % broker_port, ingest_with_serve=False,
             mqtt_port=broker_port, mqtt_ca_file=pki.ca_pem, mqtt_cert_file=ingest.cert_pem,
-            mqtt_key_file=ingest.key_pem,
+            mqtt_key_file=ingest.key_pem, broker_control_cert_file=control.cert_pem,
+            broker_control_key_file=control.key_pem,
             # many devices from one test client address: no enrollment rate limit here
             limits=FleetLimits(enroll_burst=10_000, enroll_per_s=1000.0))
         self.worker: MqttIngestWorker | None = None
@@ -86,6 +77,7 @@ class FleetServer:
         return self.worker
 
     def stop(self) -> None:
+        self.app.state.broker_access.close()
         if self.worker is not None:
             self.worker.stop()
             self.worker = None

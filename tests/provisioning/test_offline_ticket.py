@@ -138,7 +138,8 @@ def test_device_enrolls_itself_after_reboot_when_the_fleet_comes_back(
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and len(seqs()) < 2:
         time.sleep(0.1)
-    assert seqs() == {1, 2}
+    got = seqs()  # the agent keeps streaming: how many arrived depends on the machine's speed
+    assert len(got) >= 2 and got == set(range(1, max(got) + 1)), got
     # the laptop's sync later finds the token used by the device: same credential
     res = run_cli(["provision", "sync"], home)
     assert res.exit_code == 0, res.output

@@ -1,11 +1,12 @@
 """A real Mosquitto for tests: a throwaway PKI and a TLS broker on a free loopback port.
 
 ``TestPKI`` makes a city CA (P-256), a server certificate for 127.0.0.1/localhost, and
-device or service client certificates whose CN is the MQTT username
-(``use_identity_as_username``). ``Mosquitto`` writes a config with a TLS listener,
-``require_certificate true``, an ACL file with ``%u`` patterns and optionally a CRL,
-starts ``/usr/sbin/mosquitto`` and waits until the port accepts connections. It can be
-stopped, killed and restarted on the same port (for outage tests).
+device or service client certificates whose CN is the MQTT username and client id.
+``Mosquitto`` writes the production configuration (``cityedge_fleet.broker``: TLS
+listener, ``require_certificate``, CN as username and client id, a CRL, the dynamic
+security plugin with ``broker_acl``'s rules), starts ``/usr/sbin/mosquitto`` and waits
+until the port accepts connections. It can be stopped, killed and restarted on the same
+port (for outage tests).
 
 Mosquitto drops root privileges to its own user, so every file it reads lives in a
 directory made world-readable for it; the keys in it are throwaway test keys.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -30,12 +33,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cityedge_fleet.broker import ACL
+from cityedge_fleet import broker, broker_acl
+from cityedge_fleet.broker_control import BrokerControl
+from cityedge_fleet.broker_sync import BrokerAccess
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 START_TIMEOUT_S = 10.0
 
-DEFAULT_ACL = ACL  # the production ACL that `cityedge broker config` writes
+SHARE_GROUP = "cityedge-ingest"  # the fleet's development default (Settings)
+# a test-only identity that may watch every topic (tests check what devices sent); no
+# production identity may (broker_acl)
+OBSERVER = "test-observer"
+FIXTURE_CONTROL = "fleet-control-fixture"  # the fixture's own grants (the fleet's may run too)
 
 
 def free_port() -> int:
@@ -101,6 +110,7 @@ class TestPKI:
         self.ca_pem.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
         self.ca_der.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.DER))
         self.revoked: list[int] = []
+        self._services: dict[str, Credentials] = {}
         self.server = self._issue("server", server=True)
 
     def _issue(self, cn: str, server: bool = False,
@@ -139,7 +149,13 @@ class TestPKI:
     def revoke(self, creds: Credentials) -> None:
         self.revoked.append(creds.cert.serial_number)
 
-    def write_crl(self, path: Path) -> Path:
+    def service(self, cn: str) -> Credentials:
+        """The one certificate of service ``cn`` this PKI issued (issued on first use)."""
+        if cn not in self._services:
+            self._services[cn] = self.issue_client(cn)
+        return self._services[cn]
+
+    def write_crl(self, path: Path, revoked: Iterable[int] | None = None) -> Path:
         now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -147,7 +163,7 @@ class TestPKI:
             .last_update(now - dt.timedelta(minutes=1))
             .next_update(now + dt.timedelta(days=1))
         )
-        for serial in self.revoked:
+        for serial in self.revoked if revoked is None else revoked:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial)
                 .revocation_date(now - dt.timedelta(minutes=1)).build())
@@ -158,10 +174,23 @@ class TestPKI:
 
 
 class Mosquitto:
-    """A Mosquitto process with a TLS listener on a free port, for one test (or module)."""
+    """A Mosquitto process with a TLS listener on a free port, for one test (or module).
 
-    def __init__(self, pki: TestPKI, directory: Path | None = None, acl: str = DEFAULT_ACL,
-                 persistence: bool = False, crl: bool = False, extra: str = "") -> None:
+    Configured as production is (``cityedge_fleet.broker``): CN as username and client id,
+    every authorization by the dynamic security plugin with the rules of
+    ``cityedge_fleet.broker_acl``. The fleet's services (``fleet-ingest``,
+    ``fleet-commands``, ``fleet-control``) are let in from the start; a device only once
+    granted: ``grant(cn)`` before ``start`` writes it into the plugin's first state, after
+    it goes through the plugin's control topic as the fleet does (``broker_sync``).
+    ``grant_custom(cn, acls)`` gives a test-only identity (a site broker's gateway, a load
+    generator) rules of its own; ``OBSERVER`` (``pki.service(OBSERVER)``) may watch every
+    ``ce/v1/`` topic, for tests that check what devices sent.
+    """
+
+    def __init__(self, pki: TestPKI, directory: Path | None = None,
+                 persistence: bool = False, crl: bool = False, extra: str = "",
+                 clients: Iterable[str] = (), share_group: str = SHARE_GROUP,
+                 crl_file: Path | None = None) -> None:
         self.pki = pki
         self.dir = Path(directory or tempfile.mkdtemp(prefix="cityedge-mosq-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -169,12 +198,22 @@ class Mosquitto:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "mosquitto.log"
-        acl_path = self.dir / "acl"
-        acl_path.write_text(acl)
-        acl_path.chmod(0o644)
+        self.share_group = share_group
+        self.identities: set[str] = {*broker_acl.DEFAULT_SERVICES, *clients}
+        self.custom: dict[str, list[broker_acl.Acl]] = {OBSERVER: [
+            broker_acl.Acl("subscribePattern", "ce/v1/#"),
+            broker_acl.Acl("publishClientReceive", "ce/v1/#")]}
+        self.identities.add(FIXTURE_CONTROL)
+        self.control_creds = pki.service(FIXTURE_CONTROL)
+        self._access: BrokerAccess | None = None
+        self.dynsec_file = self.dir / broker.DYNSEC_FILE
+        # crl_file: the fleet's own CRL (a test of revocation through the fleet); else one
+        # of this PKI, listing nothing without crl=True (production always has one)
+        self.crl_path = crl_file or self.dir / "crl.pem"
+        if crl_file is None:
+            pki.write_crl(self.crl_path, revoked=None if crl else ())
+        self.pid_file = self.dir / "mosquitto.pid"  # for the fleet's SIGHUP after a new CRL
         lines = [
-            "per_listener_settings false",
-            "allow_anonymous false",
             "persistence %s" % ("true" if persistence else "false"),
             "persistence_location %s/" % self.dir,
             "log_dest file %s" % self.log,
@@ -182,38 +221,77 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             "log_type subscribe",
-            "acl_file %s" % acl_path,
             "max_inflight_messages 100",
-            "listener %d 127.0.0.1" % self.port,
-            "cafile %s" % pki.ca_pem,
-            "certfile %s" % pki.server.cert_pem,
-            "keyfile %s" % pki.server.key_pem,
-            "require_certificate true",
-            "use_identity_as_username true",
-            "tls_version tlsv1.2",
         ]
-        if crl:
-            self.crl_path = pki.write_crl(self.dir / "crl.pem")
-            lines.append("crlfile %s" % self.crl_path)
         if extra:
             lines.append(extra)
+        files = broker.BrokerFiles(cafile=pki.ca_pem, certfile=pki.server.cert_pem,
+                                   keyfile=pki.server.key_pem, crlfile=self.crl_path)
         self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text("\n".join(lines) + "\n")
+        self.conf.write_text(broker.render(files, port=self.port, bind="127.0.0.1",
+                                           plugin=broker.find_dynsec_plugin(),
+                                           dynsec_file=self.dynsec_file, extra=lines))
         self.conf.chmod(0o644)
         # pki files must be reachable by the mosquitto user
         for d in (pki.dir, pki.dir.parent):
             with contextlib.suppress(PermissionError):
                 d.chmod(d.stat().st_mode | 0o755)
 
+    def _write_dynsec(self) -> None:
+        state = broker.dynsec_config(self.identities, self.share_group)
+        for cn, acls in self.custom.items():
+            state["clients"].append({"username": cn, "roles": [
+                {"rolename": broker_acl.role_name(cn), "priority": 0}]})
+            state["roles"].append({"rolename": broker_acl.role_name(cn),
+                                   "acls": [a.to_json() for a in acls]})
+        self.dynsec_file.write_text(json.dumps(state))
+        self.dynsec_file.chmod(0o666)
+
+    @property
+    def access(self) -> BrokerAccess:
+        """The fleet's own grant/cut client for this broker (as ``fleet-control``)."""
+        if self._access is None:
+            c = self.control_creds
+            self._access = BrokerAccess(BrokerControl(
+                "127.0.0.1", self.port, ca_file=self.pki.ca_pem, cert_file=c.cert_pem,
+                key_file=c.key_pem, timeout_s=10.0), self.share_group)
+        return self._access
+
+    def _running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def grant(self, *cns: str) -> Mosquitto:
+        """Let ``cns`` in with their production rules."""
+        for cn in cns:
+            self.identities.add(cn)
+            if self._running():
+                self.access.grant(cn)
+        return self
+
+    def cut(self, cn: str) -> None:
+        """Take ``cn``'s grant away (its live session is closed)."""
+        self.identities.discard(cn)
+        if self._running():
+            self.access.cut(cn)
+
+    def grant_custom(self, cn: str, acls: list[broker_acl.Acl]) -> Mosquitto:
+        """A test-only identity with ``acls`` (not one production knows); before ``start``."""
+        assert not self._running(), "grant_custom before start"
+        self.custom[cn] = acls
+        return self
+
     def start(self) -> Mosquitto:
         if self.proc is not None and self.proc.poll() is None:
             return self
+        if not self.dynsec_file.exists():  # a restart keeps what the plugin saved
+            self._write_dynsec()
         if self.log.exists():
             self.log.chmod(0o666)
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
+        self.pid_file.write_text("%d\n" % self.proc.pid)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -229,6 +307,9 @@ class Mosquitto:
                            % (self.port, START_TIMEOUT_S, self.read_log()))
 
     def stop(self) -> None:
+        if self._access is not None:
+            self._access.close()
+            self._access = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -240,6 +321,9 @@ class Mosquitto:
 
     def kill(self) -> None:
         """Kill -9: the broker vanishes without a goodbye."""
+        if self._access is not None:
+            self._access.close()
+            self._access = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(5)

@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from sqlmodel import Session
 
+from cityedge_fleet import audit
 from cityedge_fleet.auth import Principal, require_role
+from cityedge_fleet.broker_control import BrokerUnavailable, CommandFailed
+from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.ca import CaError, CertificateAuthority
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import Role
@@ -28,7 +32,13 @@ def get_ca(request: Request) -> CertificateAuthority:
     return ca
 
 
+def get_broker_access(request: Request) -> BrokerAccess:
+    access: BrokerAccess = request.app.state.broker_access
+    return access
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+BrokerDep = Annotated[BrokerAccess, Depends(get_broker_access)]
 CaDep = Annotated[CertificateAuthority, Depends(get_ca)]
 
 R = Role
@@ -37,3 +47,19 @@ TechnicianDep = Annotated[Principal, Depends(require_role(R.technician))]
 SecurityDep = Annotated[Principal, Depends(require_role(R.security))]
 ReaderDep = Annotated[Principal, Depends(require_role(
     R.viewer, R.technician, R.security, R.release_manager))]
+
+
+def grant_before_commit(session: Session, access: BrokerAccess, device_id: str, *,
+                        actor: str, source: str) -> None:
+    """Enrollment's broker grant, inside its transaction (``broker_sync``): a broker that
+    cannot be told rolls the enrollment back (its token or claim stays unused), audits it
+    and answers 503."""
+    try:
+        access.grant(device_id)
+    except (BrokerUnavailable, CommandFailed) as e:
+        session.rollback()
+        audit.record(session, actor=actor, action="enroll", outcome=audit.ERROR,
+                     target=device_id, source=source, detail={"why": "broker: %s" % e})
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "the broker cannot be reached to let the device in; nothing "
+                            "was enrolled") from e

@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 from cityedge_core import batch as batchmod
 from cityedge_fleet import audit, registry, revocation
 from cityedge_fleet.api.deps import (
+    BrokerDep,
     CaDep,
     ReaderDep,
     SecurityDep,
@@ -20,6 +21,7 @@ from cityedge_fleet.api.deps import (
     TechnicianDep,
 )
 from cityedge_fleet.auth import client_address
+from cityedge_fleet.broker_sync import desired_devices
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
     Credential,
@@ -101,7 +103,12 @@ def update_device(device_id: str, body: DeviceUpdate, request: Request, session:
 
 @router.post("/{device_id}/state", response_model=DevicePublic)
 def change_state(device_id: str, body: StateChange, request: Request, session: SessionDep,
+                 settings: SettingsDep, ca: CaDep, broker: BrokerDep,
                  who: SecurityDep) -> DevicePublic:
+    """Move a device through its lifecycle. Quarantine suspends its certificates and
+    retirement revokes them (both published on the CRL at once); either closes the
+    device's live broker session and takes its broker grant away. Reactivating a
+    quarantined device restores them."""
     device = _device(session, device_id)
     try:
         old = registry.set_state(session, device=device, state=body.state)
@@ -115,6 +122,10 @@ def change_state(device_id: str, body: StateChange, request: Request, session: S
                  target=device_id, source=client_address(request),
                  detail={"from": old.value, "to": body.state.value, "reason": body.reason})
     session.commit()
+    if body.state in (DeviceState.quarantined, DeviceState.retired) or (
+            old == DeviceState.quarantined):
+        revocation.publish_crl(session, ca, settings)
+    broker.follow(device_id, accepting=device_id in desired_devices(session))
     return registry.to_public(session, [device])[0]
 
 
@@ -127,7 +138,8 @@ def list_credentials(device_id: str, session: SessionDep, who: ReaderDep
 
 @router.post("/{device_id}/credentials/{serial}/revoke", response_model=CredentialPublic)
 def revoke_credential(device_id: str, serial: str, request: Request, session: SessionDep,
-                      settings: SettingsDep, ca: CaDep, who: SecurityDep) -> Credential:
+                      settings: SettingsDep, ca: CaDep, broker: BrokerDep,
+                      who: SecurityDep) -> Credential:
     cred = session.exec(select(Credential).where(
         Credential.device_id == device_id, Credential.serial == serial.lower())).first()
     if cred is None:
@@ -137,7 +149,11 @@ def revoke_credential(device_id: str, serial: str, request: Request, session: Se
     audit.append(session, actor=who.name, action="credential.revoke", outcome=audit.OK,
                  target=device_id, source=client_address(request), detail={"serial": serial})
     session.commit()
-    revocation.publish_crl(session, ca, settings)
+    revocation.publish_crl(session, ca, settings)  # the broker refuses it from now on,
+    if device_id in desired_devices(session):  # and its live session is closed:
+        broker.kick_or_log(device_id)  # the device reconnects with its other certificate
+    else:
+        broker.follow(device_id, accepting=False)  # or may not connect at all
     session.refresh(cred)
     return cred
 

@@ -6,7 +6,13 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from cityedge_fleet import audit, enrollment
-from cityedge_fleet.api.deps import CaDep, SettingsDep, TechnicianDep
+from cityedge_fleet.api.deps import (
+    BrokerDep,
+    CaDep,
+    SettingsDep,
+    TechnicianDep,
+    grant_before_commit,
+)
 from cityedge_fleet.auth import client_address
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
@@ -59,7 +65,7 @@ def upload_manifest(body: ManifestUpload, request: Request, session: SessionDep,
 @router.post("/enroll", response_model=EnrollResponse,
              responses={403: {}, 409: {}, 422: {}, 429: {}, 503: {}})
 def enroll(body: EnrollRequest, request: Request, session: SessionDep, settings: SettingsDep,
-           ca: CaDep) -> EnrollResponse:
+           ca: CaDep, broker: BrokerDep) -> EnrollResponse:
     """A device sends its serial, its enrollment token (unless allow-listed) and a CSR."""
     source = client_address(request)
     if not request.app.state.enroll_limiter.take(source):
@@ -73,6 +79,8 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep, settings:
                      outcome=audit.REFUSED, target=body.serial, source=source,
                      detail={"why": str(e), "status": e.status})
         raise HTTPException(e.status, str(e)) from e
+    grant_before_commit(session, broker, device.id, actor="device:%s" % body.serial,
+                        source=source)
     audit.append(session, actor="device:%s" % body.serial, action="enroll", outcome=audit.OK,
                  target=device.id, source=source,
                  detail={"gate": gate, "cert_serial": cred.serial, "kid": cred.kid})

@@ -29,7 +29,7 @@ from pydantic import Field
 from sqlmodel import Session, col, select
 
 from cityedge_fleet import audit, enrollment, registry
-from cityedge_fleet.api.deps import CaDep, SettingsDep
+from cityedge_fleet.api.deps import BrokerDep, CaDep, SettingsDep, grant_before_commit
 from cityedge_fleet.auth import client_address, hash_token
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import Settings
@@ -114,9 +114,10 @@ def _existing(session: Session, ca: CertificateAuthority, settings: Settings,
 
 
 @router.post("/enroll/ticket", response_model=EnrollResponse,
-             responses={403: {}, 409: {}, 422: {}, 429: {}})
+             responses={403: {}, 409: {}, 422: {}, 429: {}, 503: {}})
 def enroll_with_ticket(body: TicketEnrollRequest, request: Request, response: Response,
-                       session: SessionDep, settings: SettingsDep, ca: CaDep) -> Any:
+                       session: SessionDep, settings: SettingsDep, ca: CaDep,
+                       broker: BrokerDep) -> Any:
     """Enroll with an offline ticket's token, or return what that token already got."""
     source = client_address(request)
     actor = "device:%s" % body.serial
@@ -141,6 +142,7 @@ def enroll_with_ticket(body: TicketEnrollRequest, request: Request, response: Re
                      target=body.serial, source=source,
                      detail={"why": str(e), "status": e.status})
         raise HTTPException(e.status, str(e)) from e
+    grant_before_commit(session, broker, device.id, actor=actor, source=source)
     audit.append(session, actor=actor, action="enroll.ticket", outcome=audit.OK,
                  target=device.id, source=source,
                  detail={"gate": gate, "cert_serial": cred.serial, "kid": cred.kid,
