@@ -88,3 +88,31 @@ def test_usage_errors_exit_2(files: dict[str, Path]) -> None:
                str(files["pub"]))
     assert both.returncode == 2
     assert run("inspect", str(files["batch"]), "--pubkey", "/nonexistent.pem").returncode == 2
+
+
+def test_any_flipped_payload_bit_is_reported_as_a_bad_signature(
+        files: dict[str, Path], tmp_path: Path) -> None:
+    """Tampering is tampering: with a key, the signature is checked over the bytes before
+    the payload is decoded, so a flip that also breaks the CBOR is not called a CBOR error."""
+    from typer.testing import CliRunner
+
+    from cityedge.cli import app
+
+    good = files["batch"].read_bytes()
+    payload = cose.decode_sign1(good).payload
+    start = good.index(payload)
+    runner = CliRunner()
+    messages = set()
+    for pos in range(start, start + len(payload)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(good)
+            bad[pos] ^= bit
+            path = tmp_path / "flipped.cose"
+            path.write_bytes(bytes(bad))
+            res = runner.invoke(app, ["inspect", str(path), "--pubkey", str(files["pub"])])
+            assert res.exit_code == 1, (pos, bit)
+            last = res.output.strip().splitlines()[-1]
+            assert last.startswith("cityedge: invalid batch: signature does not verify"), \
+                (pos, bit, last)
+            messages.add(last)
+    assert len(messages) == 1
