@@ -167,16 +167,18 @@ class Store:
             raise ValueError("attach_writer() before committing own batches")
         saved = (w.seq, w.head) if w is not None else (0, batch.ZERO_HASH)
         now = time.time()
-        rows: list[tuple[str, int, int, int, int, float, bytes]] = []
-        for records in own:
-            assert w is not None
-            data = w.sign(records, self.boot, timebase)
-            rows.append((w.device, 1, w.seq, len(records), _size(data), now, data))
-        for r in relayed:
-            rows.append((r.device, 0, r.seq, r.readings, _size(r.data), now, r.data))
         db = self._db
         used = self.used_bytes
         try:
+            # signed inside the try: a signature that fails after others moved the chain
+            # puts it back with everything else
+            rows: list[tuple[str, int, int, int, int, float, bytes]] = []
+            for records in own:
+                assert w is not None
+                data = w.sign(records, self.boot, timebase)
+                rows.append((w.device, 1, w.seq, len(records), _size(data), now, data))
+            for r in relayed:
+                rows.append((r.device, 0, r.seq, r.readings, _size(r.data), now, r.data))
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "INSERT INTO batches (device, own, seq, readings, size, created, data)"

@@ -171,3 +171,34 @@ def test_kill_9_loses_no_acknowledged_batch(tmp_path: Path) -> None:
     for seq, head in acked.items():
         assert digests[seq] == head, "acknowledged batch %d lost or changed" % seq
     assert max(digests) >= max(acked)
+
+
+class _FailsOnSecond:
+    """A signer whose second signature fails (a key file gone bad, an HSM that hangs up)."""
+
+    def __init__(self, signer: EcSigner) -> None:
+        self.signer = signer
+        self.calls = 0
+
+    def sign(self, msg: bytes) -> bytes:
+        self.calls += 1
+        if self.calls == 2:
+            raise OSError("the signing key is gone")
+        return self.signer.sign(msg)
+
+
+def test_a_signature_that_fails_moves_no_chain_and_stores_nothing(tmp_path: Path) -> None:
+    signer = EcSigner.generate()
+    s = Store(tmp_path / "b.sqlite", 10**7)
+    w = s.attach_writer(DEVICE, signer, signer.kid)
+    s.commit(own=[_records(3)])
+    before = (w.seq, w.head)
+    w.signer = _FailsOnSecond(signer)
+    with pytest.raises(OSError, match="signing key"):
+        s.commit(own=[_records(3), _records(3)])  # the first is signed, the second fails
+    assert (w.seq, w.head) == before
+    assert len(s.oldest(10)) == 1
+    w.signer = signer
+    s.commit(own=[_records(3)])
+    v = _verifier(signer)
+    assert [v.check(r.data).status for r in s.oldest(10)] == ["ok", "ok"]
