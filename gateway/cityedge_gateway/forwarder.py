@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+
+from cityedge_host.backoff import Backoff
 
 from . import limits
 from .config import BrokerConfig
@@ -89,7 +90,7 @@ class Forwarder:
         return True
 
     async def run(self) -> None:
-        backoff = limits.MQTT_BACKOFF_MIN_S
+        backoff = Backoff(limits.MQTT_BACKOFF_MIN_S, limits.MQTT_BACKOFF_MAX_S)
         while True:
             try:
                 client = aiomqtt.Client(
@@ -106,19 +107,18 @@ class Forwarder:
                 async with client:
                     self.stats.connected = True
                     self.stats.connects += 1
-                    backoff = limits.MQTT_BACKOFF_MIN_S
+                    backoff.reset()
                     log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
                     self.client = client
                     await self._drain(client)
             except aiomqtt.MqttError as e:
                 self.stats.connect_failures += 1
                 self.stats.last_error = str(e)
-                log.warning("broker link down: %s; retrying in about %.1f s", e, backoff)
+                log.warning("broker link down: %s; retrying", e)
             finally:
                 self.stats.connected = False
                 self.client = None
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 (jitter)
-            backoff = min(backoff * 2, limits.MQTT_BACKOFF_MAX_S)
+            await asyncio.sleep(backoff.next())
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         sem = asyncio.Semaphore(self.cfg.inflight)

@@ -42,4 +42,7 @@ NODES_MAX = 1024  # downstream nodes one gateway relays
 
 # Service loop
 COMMIT_INTERVAL_S = 0.02  # seconds: ready batches are signed and committed together this often
+TASK_RESTART_MIN_S = 0.5  # seconds: first wait before a failed task starts again (jittered)
+TASK_RESTART_MAX_S = 60.0  # seconds: longest wait between restarts of a failing task
+TASK_STABLE_S = 60.0  # seconds a task must run before its restart wait starts over
 STATUS_INTERVAL_S = 60.0  # seconds: between signed status messages

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 
 from cityedge_core.errors import StorageError
+from cityedge_host.backoff import Backoff
 
 from . import limits
 from .config import BrokerConfig
@@ -53,7 +53,7 @@ class NodeListener:
         self._ctx = tls_context(cfg)
 
     async def run(self) -> None:
-        backoff = limits.MQTT_BACKOFF_MIN_S
+        backoff = Backoff(limits.MQTT_BACKOFF_MIN_S, limits.MQTT_BACKOFF_MAX_S)
         while True:
             client = aiomqtt.Client(
                 self.cfg.host,
@@ -69,14 +69,13 @@ class NodeListener:
                 async with client:
                     await client.subscribe(TOPIC, qos=1)
                     self.connected = True
-                    backoff = limits.MQTT_BACKOFF_MIN_S
+                    backoff.reset()
                     await self._serve(client)
             except aiomqtt.MqttError as e:
                 log.warning("node link down: %s", e)
             finally:
                 self.connected = False
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311 (jitter)
-            backoff = min(backoff * 2, limits.MQTT_BACKOFF_MAX_S)
+            await asyncio.sleep(backoff.next())
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         paho = paho_client(client)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import serial
 
+from cityedge_host.backoff import Backoff
+
 from . import limits
 from .config import SerialConfig
 from .modbus import ModbusPoller
@@ -82,17 +84,16 @@ class SerialInput:
 
     async def run(self) -> None:
         """Read the port forever, reopening it after a disconnect."""
-        backoff = limits.SERIAL_REOPEN_MIN_S
+        backoff = Backoff(limits.SERIAL_REOPEN_MIN_S, limits.SERIAL_REOPEN_MAX_S)
         while True:
             try:
                 port = serial.Serial(self.cfg.port, self.cfg.baud, timeout=0)
             except (serial.SerialException, OSError) as e:
                 self.stats.open_failures += 1
                 log.warning("%s: cannot open %s: %s", self.cfg.name, self.cfg.port, e)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, limits.SERIAL_REOPEN_MAX_S)
+                await asyncio.sleep(backoff.next())
                 continue
-            backoff = limits.SERIAL_REOPEN_MIN_S
+            backoff.reset()
             self.stats.connected = True
             try:
                 await self._serve(port)
@@ -101,7 +102,7 @@ class SerialInput:
                 port.close()
             self.stats.disconnects += 1
             log.warning("%s: %s disconnected; reopening", self.cfg.name, self.cfg.port)
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(backoff.next())
 
     async def _serve(self, port: serial.Serial) -> None:
         """Until the port fails: read what arrives; for Modbus, poll and time out."""

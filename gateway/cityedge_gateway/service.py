@@ -1,10 +1,12 @@
 """The gateway service: wires config, key, store, inputs, relay, forwarder and metrics.
 
-Readings from the serial inputs are grouped into record lists of ``batch_readings``; every
-``limits.COMMIT_INTERVAL_S`` the full lists (and a partial one older than
-``batch_max_age_s``) are signed and committed in one durable transaction (group commit:
-one fsync for many batches), then the forwarder is woken. Everything runs on one asyncio
-loop in one thread, so the SQLite connection is never shared between threads.
+Every part runs as a supervised task (``supervisor``): one that fails is started again
+and counted, never left dead until shutdown. Readings from the serial inputs are grouped
+into record lists of ``batch_readings``; every ``limits.COMMIT_INTERVAL_S`` the full
+lists (and a partial one older than ``batch_max_age_s``) are signed and committed in one
+durable transaction (group commit: one fsync for many batches), then the forwarder is
+woken. Everything runs on one asyncio loop in one thread, so the SQLite connection is
+never shared between threads.
 
 The signing key must be a file only its owner can read (mode 0600 or stricter); the
 service refuses to start otherwise. The key is never logged or printed.
@@ -33,6 +35,7 @@ from .relay import NodeRelay
 from .serial_input import SerialInput
 from .status import metrics_text, sign_status
 from .store import Store
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class Gateway:
         self._first_at = 0.0  # monotonic time of the oldest reading in ``_records``
         self._ready: list[list[dict[int, Any]]] = []
         self.metrics_port = 0  # the bound port once serving
+        self.supervisor = Supervisor()  # restarts, counts and reports a task that fails
 
     def _notify(self) -> None:
         if self.forwarder is not None:
@@ -122,13 +126,15 @@ class Gateway:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Run until cancelled or SIGTERM/SIGINT; commits what is pending on the way out."""
         loop = asyncio.get_running_loop()
-        tasks = [asyncio.create_task(i.run()) for i in self.inputs]
-        tasks.append(asyncio.create_task(self._committer()))
+        tasks = self.supervisor
+        for i in self.inputs:
+            tasks.keep("input:%s" % i.cfg.name, i.run)
+        tasks.keep("committer", self._committer)
         if self.node_listener is not None:
-            tasks.append(asyncio.create_task(self.node_listener.run()))
+            tasks.keep("node_link", self.node_listener.run)
         if self.forwarder is not None:
-            tasks.append(asyncio.create_task(self.forwarder.run()))
-            tasks.append(asyncio.create_task(self._status()))
+            tasks.keep("forwarder", self.forwarder.run)
+            tasks.keep("status", self._status)
         server = None
         if self.cfg.metrics_port:
             server = await serve_metrics(self.cfg.metrics_port, lambda: metrics_text(self))
@@ -149,9 +155,7 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await tasks.stop()
             if server is not None:
                 server.close()
             while self.flush(force=True):

@@ -1,10 +1,11 @@
 """The gateway's health, two ways: a signed status message and Prometheus metrics.
 
-``status_map`` gathers buffer depth and oldest age, drops, per-input error counts and
-per-node verification failures into one CBOR map; ``sign_status`` wraps it in COSE_Sign1
-with the gateway's key (published on ``ce/v1/<gateway>/up/status``, so the fleet can trust
-what a gateway says about itself). ``metrics_text`` renders the same numbers in the
-Prometheus text exposition format (version 0.0.4) for ``/metrics`` on localhost.
+``status_map`` gathers buffer depth and oldest age, drops, per-input error counts,
+per-node verification failures and the supervised tasks' restarts into one CBOR map;
+``sign_status`` wraps it in COSE_Sign1 with the gateway's key (published on
+``ce/v1/<gateway>/up/status``, so the fleet can trust what a gateway says about itself).
+``metrics_text`` renders the same numbers in the Prometheus text exposition format
+(version 0.0.4) for ``/metrics`` on localhost.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def status_map(gw: Gateway, now: float | None = None) -> dict[str, Any]:
                 "errors": dict(sorted(i.stats.errors.items())),
             }
             for i in gw.inputs
+        },
+        "tasks": {
+            name: {"running": h.running, "restarts": h.restarts, "last_error": h.last_error}
+            for name, h in sorted(gw.supervisor.health.items())
         },
         "nodes": {
             device: {
@@ -133,6 +138,11 @@ def metrics_text(gw: Gateway) -> str:
         ({"node": d, "reason": k}, c) for d, s in nodes.items() for k, c in s["failures"].items()
     ]
     metric("node_batches_rejected_total", "counter", "Node batches rejected, by reason.", rejected)
+    tasks = st["tasks"]
+    metric("task_running", "gauge", "1 while the supervised task runs.",
+           [({"task": n}, int(t["running"])) for n, t in tasks.items()])
+    metric("task_restarts_total", "counter", "Times the task failed or ended and was restarted.",
+           [({"task": n}, t["restarts"]) for n, t in tasks.items()])
     f = gw.forwarder.stats if gw.forwarder is not None else None
     metric(
         "mqtt_connected",
