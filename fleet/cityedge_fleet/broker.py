@@ -71,14 +71,29 @@ def dynsec_config(identities: Iterable[str], share_group: str) -> dict[str, Any]
     }
 
 
+# the largest MQTT packet the broker takes from anyone (a batch is at most
+# cityedge_core.limits.BATCH_MAX_BYTES; a gateway's status and a command are smaller): a
+# client that sends more is disconnected instead of costing the broker its size in memory
+MAX_PACKET_BYTES = 65536
+# QoS 1 messages the broker queues per client beyond those in flight. Mosquitto *drops*
+# messages for a client whose queue is full (its default is 1000) although their
+# publishers were acknowledged: the ingest's session must hold a long outage of the
+# ingest (at ~2 KB a batch, a million is ~2 GB of broker memory; alert on ingest lag long
+# before that)
+MAX_QUEUED_MESSAGES = 1_000_000
+
+
 def render(files: BrokerFiles, *, port: int, bind: str, plugin: Path, dynsec_file: Path,
-           pid_file: Path | None = None, extra: Iterable[str] = ()) -> str:
+           pid_file: Path | None = None, extra: Iterable[str] = (),
+           max_queued_messages: int = MAX_QUEUED_MESSAGES) -> str:
     lines = [
         "# written by `cityedge broker config`",
         "per_listener_settings false",
         "allow_anonymous false",
         "plugin %s" % plugin.resolve(),
         "plugin_opt_config_file %s" % dynsec_file.resolve(),
+        "max_packet_size %d" % MAX_PACKET_BYTES,
+        "max_queued_messages %d" % max_queued_messages,
     ]
     if pid_file is not None:
         lines.append("pid_file %s" % pid_file.resolve())

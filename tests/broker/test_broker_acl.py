@@ -221,3 +221,56 @@ def test_plain_connection_without_certificate_refused(mosquitto: Mosquitto) -> N
     except (OSError, ssl.SSLError):
         connected = False
     assert not connected
+
+
+def test_a_packet_larger_than_any_batch_disconnects_its_sender(pki: TestPKI) -> None:
+    """A device cannot make the broker hold a megabyte per message."""
+    broker = Mosquitto(pki, clients=[DEVICE]).start()
+    ingest = Probe(broker, pki.service("fleet-ingest"))
+    dev = Probe(broker, pki.issue_client(DEVICE))
+    try:
+        assert ingest.subscribe(SHARED)
+        dev.client.publish(topics.up(DEVICE, topics.READINGS), b"x" * 1_000_000, qos=1)
+        dev.wait_for(lambda: dev.disconnects >= 1, "the broker dropping the connection")
+        again = Probe(broker, pki.issue_client(DEVICE))
+        try:
+            assert again.publish(topics.up(DEVICE, topics.READINGS), b"small") < 0x80
+            ingest.wait_for(lambda: len(ingest.messages) >= 1, "the small batch")
+        finally:
+            again.close()
+        assert [m for _t, m in ingest.messages] == [b"small"]
+    finally:
+        ingest.close()
+        dev.close()
+        broker.cleanup()
+
+
+def test_the_ingests_queue_holds_more_than_mosquittos_default_thousand(pki: TestPKI) -> None:
+    """With Mosquitto's default (1000 queued per client) the batches beyond it, sent while
+    the ingest was away, were dropped although every sender had its PUBACK."""
+    broker = Mosquitto(pki, clients=[DEVICE]).start()
+    sent = 1500
+    try:
+        ingest = _session(broker, pki)
+        assert ingest.subscribe(SHARED)
+        ingest.close()  # the ingest restarts; its session stays with the broker
+        dev = Probe(broker, pki.issue_client(DEVICE))
+        try:
+            for i in range(sent):
+                dev.client.publish(topics.up(DEVICE, topics.READINGS), b"%d" % i, qos=1)
+            dev.wait_for(lambda: len(dev.pubacks) == sent, "every PUBACK")
+        finally:
+            dev.close()
+        back = _session(broker, pki)
+        try:
+            back.wait_for(lambda: len(back.messages) >= sent, "every queued batch", timeout=60)
+            assert sorted(int(m) for _t, m in back.messages) == list(range(sent))
+        finally:
+            back.close()
+    finally:
+        broker.cleanup()
+
+
+def _session(broker: Mosquitto, pki: TestPKI) -> Probe:
+    """The ingest with a persistent session (as ``MqttIngestWorker`` connects)."""
+    return Probe(broker, pki.service("fleet-ingest"), session_expiry_s=3600)

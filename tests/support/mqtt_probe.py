@@ -22,9 +22,10 @@ WAIT_S = 20.0  # seconds any single expected broker event may take on a busy mac
 
 class Probe:
     def __init__(self, broker: Mosquitto, creds: Credentials, client_id: str = "",
-                 v5: bool = True, ca: Any = None) -> None:
+                 v5: bool = True, ca: Any = None, session_expiry_s: int = 0) -> None:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+        self.client.max_inflight_messages_set(100)
         self.client.tls_set(ca_certs=str(ca or broker.pki.ca_pem), certfile=str(creds.cert_pem),
                             keyfile=str(creds.key_pem), tls_version=ssl.PROTOCOL_TLS_CLIENT)
         self.client.reconnect_delay_set(60, 120)  # a kicked probe stays out: tests see it
@@ -39,7 +40,18 @@ class Probe:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
-        self.client.connect("127.0.0.1", broker.port, keepalive=30)
+        props = None
+        if session_expiry_s:  # a persistent session (MQTT 5), kept after a disconnect
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry_s
+        if v5:
+            self.client.connect("127.0.0.1", broker.port, keepalive=30,
+                                clean_start=not session_expiry_s, properties=props)
+        else:
+            self.client.connect("127.0.0.1", broker.port, keepalive=30)
         self.client.loop_start()
         # TLS 1.3 checks the client certificate after the client's handshake is done: a
         # refused certificate shows as a connection closed before any CONNACK
