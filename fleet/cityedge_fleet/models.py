@@ -330,7 +330,8 @@ class AuditRecord(SQLModel, table=True):
     outcome: str = Field(max_length=16)  # ok / denied / refused / error
     detail: str = Field(default="{}", sa_type=Text)  # canonical JSON
     prev_hash: str = Field(max_length=64)
-    hash: str = Field(unique=True, max_length=64)
+    hash: str = Field(unique=True, max_length=64)  # HMAC-SHA256 (or legacy SHA-256), hex
+    alg: str = Field(default="sha256", max_length=32)  # "hmac-sha256:<key id>" or "sha256"
 
 
 class AuditPublic(SQLModel):
@@ -344,12 +345,19 @@ class AuditPublic(SQLModel):
     detail: str
     prev_hash: str
     hash: str
+    alg: str
 
 
 class AuditVerifyResult(SQLModel):
     ok: bool
     rows: int
     problems: list[str]
+    key_id: str | None = None  # the key the MACs were checked with (None: linkage only)
+    keyed_rows: int = 0
+    legacy_rows: int = 0  # plain SHA-256 rows from before the key (vouched for or not)
+    unauthenticated_rows: int = 0  # keyed rows checked for linkage only (no key given)
+    anchor: str | None = None  # the anchor file compared with, if any
+    anchored_heads: int = 0
 
 
 # ---------------------------------------------------------------------------- ingest

@@ -32,6 +32,9 @@ def test_production_refuses_default_paths(monkeypatch: pytest.MonkeyPatch) -> No
         Settings(_env_file=None)  # type: ignore[call-arg]
     monkeypatch.setenv("CITYEDGE_CA_DIR", "/srv/ca")
     monkeypatch.setenv("CITYEDGE_BROKER_URL", "mqtts://broker.city:8883")
+    with pytest.raises(ValidationError, match="CITYEDGE_AUDIT_KEY_FILE"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("CITYEDGE_AUDIT_KEY_FILE", "/srv/audit/audit.key")
     s = Settings(_env_file=None)  # type: ignore[call-arg]
     assert s.ca_dir == Path("/srv/ca")
 
