@@ -23,6 +23,7 @@ class FleetLimits(BaseModel):
     enroll_token_ttl_s: int = 3600  # seconds an enrollment token stays valid
     enroll_token_max_ttl_s: int = 7 * 86400  # seconds: longest TTL a technician may ask for
     manifest_max_serials: int = 10_000  # serials in one vendor delivery manifest
+    claim_max_chars: int = 128  # characters of a device's claim secret (enroll request)
     csr_max_bytes: int = 8192  # bytes of a PEM CSR
     cert_validity_days: int = 90  # days a device certificate is valid
     crl_validity_s: int = 7 * 86400  # seconds from thisUpdate to nextUpdate of a CRL

@@ -279,9 +279,28 @@ class EnrollmentTokenCreated(SQLModel):
     expires_at: dt.datetime
 
 
+CLAIM_MAX = 128  # characters of a device's claim secret (FleetLimits.claim_max_chars)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestDevice(InputModel):
+    """One device of a vendor's delivery: its serial and the SHA-256 (hex) of the claim
+    secret the vendor put in its flash (never the secret itself)."""
+
+    serial: str = Field(min_length=1, max_length=TEXT_MAX)
+    claim_sha256: str = Field(min_length=64, max_length=64)
+
+    @field_validator("claim_sha256")
+    @classmethod
+    def _sha256_hex(cls, value: str) -> str:
+        if not SHA256_HEX.fullmatch(value):
+            raise ValueError("claim_sha256 is a SHA-256 in 64 lowercase hex digits")
+        return value
+
+
 class ManifestUpload(InputModel):
     manifest: str = Field(min_length=1, max_length=TEXT_MAX)  # the vendor's delivery note id
-    serials: list[str] = Field(min_length=1)
+    devices: list[ManifestDevice] = Field(min_length=1)
 
 
 class ManifestAccepted(SQLModel):
@@ -297,11 +316,15 @@ class AllowedSerial(SQLModel, table=True):
     added_by: str = Field(max_length=TEXT_MAX)
     added_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     used_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # SHA-256 hex of the device's claim secret; None: listed before claims, enrolls nothing
+    claim_hash: str | None = Field(default=None, max_length=64)
 
 
 class EnrollRequest(InputModel):
     serial: str = Field(min_length=1, max_length=TEXT_MAX)
     token: str | None = Field(default=None, max_length=128)  # absent: allow-listed serial
+    # an allow-listed serial's proof: the claim secret from the device's flash
+    claim: str | None = Field(default=None, min_length=1, max_length=CLAIM_MAX)
     csr_pem: str = Field(min_length=1, max_length=8192)
 
 
