@@ -156,8 +156,6 @@ def check_gate(session: Session, req: EnrollRequest, now: dt.datetime
     stored = allowed.claim_hash if allowed is not None and allowed.claim_hash else _NO_HASH
     claim_matches = hmac.compare_digest(presented, stored) and req.claim is not None \
         and stored != _NO_HASH
-    if device is None:
-        raise _gate_refused("unregistered", "serial %s is not registered" % req.serial)
     if req.token is not None:
         if token is None:
             raise _gate_refused("token-unknown", "unknown enrollment token")
@@ -168,21 +166,22 @@ def check_gate(session: Session, req: EnrollRequest, now: dt.datetime
             raise _gate_refused(USED_UP, "the enrollment token was already used")
         if token.expires_at <= now:
             raise _gate_refused("token-expired", "the enrollment token has expired")
-        return device, token, None
-    if allowed is None:
+    elif allowed is None:
         raise _gate_refused("not-allow-listed",
                             "no enrollment token and the serial is not allow-listed")
-    if allowed.claim_hash is None:
+    elif allowed.claim_hash is None:
         raise _gate_refused("claim-none-on-file", "the allow-list entry (manifest %s) has no "
                             "claim hash: upload the vendor's manifest with claims"
                             % allowed.manifest)
-    if req.claim is None:
+    elif req.claim is None:
         raise _gate_refused("claim-missing", "an allow-listed serial needs its claim secret")
-    if not claim_matches:
+    elif not claim_matches:
         raise _gate_refused("claim-wrong", "wrong claim secret for the allow-listed serial")
-    if allowed.used_at is not None:
+    elif allowed.used_at is not None:
         raise _gate_refused("claim-used", "the allow-listed serial's claim was already used")
-    return device, None, allowed
+    if device is None:  # the proof is good, but for a serial the registry does not know
+        raise _gate_refused("unregistered", "serial %s is not registered" % req.serial)
+    return device, token, None if req.token is not None else allowed
 
 
 def _consume_gate(session: Session, req: EnrollRequest, now: dt.datetime) -> tuple[

@@ -128,6 +128,7 @@ def test_refusals_have_a_reason_and_are_audited(api: Api, case: str, status: int
         token = None
     elif case == "unregistered":
         serial = "SN-NOT-HERE"
+        token = _token(api, serial)
     elif case == "malformed-csr":
         csr = "hello"
     elif case == "rsa-key":
@@ -217,6 +218,7 @@ def _refusal_cases(api: Api) -> dict[str, tuple[str, dict[str, object]]]:
     serials = {name: str(dev["serial"]) for name, dev in devs.items()}
     tokens = {name: _token(api, serials[name]) for name in ("tok", "used", "expired",
                                                             "foreign")}
+    tokens["nobody"] = _token(api, "SN-NOBODY")  # a good token for an unregistered serial
     claims = {name: claim_for(serials[name]) for name in ("listed", "spent")}
     _manifest(api, "DN-R", {serials[n]: c for n, c in claims.items()})
     with Session(api.engine) as s:  # an entry listed before claims existed (migration)
@@ -230,7 +232,7 @@ def _refusal_cases(api: Api) -> dict[str, tuple[str, dict[str, object]]]:
     _expire_token(api, tokens["expired"])
     enroll, ticket = "/enroll", "/enroll/ticket"
     return {
-        "unregistered serial": (enroll, {"serial": "SN-NOBODY", "token": tokens["tok"]}),
+        "unregistered serial": (enroll, {"serial": "SN-NOBODY", "token": tokens["nobody"]}),
         "unregistered, claim": (enroll, {"serial": "SN-NOBODY", "claim": claims["listed"]}),
         "unknown token": (enroll, {"serial": serials["tok"], "token": "y" * 43}),
         "foreign token": (enroll, {"serial": serials["tok"], "token": tokens["foreign"]}),
@@ -241,7 +243,7 @@ def _refusal_cases(api: Api) -> dict[str, tuple[str, dict[str, object]]]:
         "wrong claim": (enroll, {"serial": serials["listed"], "claim": claims["spent"]}),
         "used claim": (enroll, {"serial": serials["spent"], "claim": claims["spent"]}),
         "no claim on file": (enroll, {"serial": serials["legacy"], "claim": "anything"}),
-        "ticket: unregistered": (ticket, {"serial": "SN-NOBODY", "token": tokens["tok"]}),
+        "ticket: unregistered": (ticket, {"serial": "SN-NOBODY", "token": tokens["nobody"]}),
         "ticket: unknown token": (ticket, {"serial": serials["tok"], "token": "y" * 43}),
         "ticket: foreign token": (ticket, {"serial": serials["tok"],
                                            "token": tokens["foreign"]}),
