@@ -33,7 +33,8 @@ device echoes in its reply or error, so a stale reply never answers a newer requ
 type          request fields                         reply fields
 ============  =====================================  ======================================
 hello (1)     -                                      1 model, 2 serial, 3 firmware, 4 state,
-                                                     5 device URN, 6 protocol, 7 kid
+                                                     5 device URN, 6 protocol, 7 kid,
+                                                     8 claim secret (while not locked)
 generate_key  -                                      1 public key (SEC1), 7 kid
 csr (3)       -                                      1 PKCS#10 DER
 install (4)   1 chain [DER], 2 CA [DER], 3 broker    7 kid (4 state "pending-enrollment"
@@ -110,6 +111,7 @@ F_STATE = const(4)
 F_DEVICE = const(5)  # device URN (RFC 9039)
 F_PROTOCOL = const(6)  # protocol version (int)
 F_KID = const(7)  # COSE kid of the device key, once there is one
+F_CLAIM = const(8)  # the vendor's claim secret (text), while the device is not locked
 # generate_key reply: F_PUBLIC_KEY; csr reply: F_CSR
 F_PUBLIC_KEY = const(1)  # SEC1 uncompressed point, 65 bytes
 F_CSR = const(1)  # PKCS#10 DER

@@ -10,7 +10,8 @@ Steps (message types and fields in ``cityedge_core.frame``) and the state each n
 ============  ===========================  ==============================================
 step          allowed in state             effect
 ============  ===========================  ==============================================
-hello         any                          model, hardware serial, firmware, state, URN
+hello         any                          model, hardware serial, firmware, state, URN;
+                                           while not locked, the claim secret (below)
 generate_key  unprovisioned..tested        new P-256 key from ``os.urandom`` (the board's
                                            RNG); any installed identity is removed first;
                                            state ``keyed``. The private key is written to
@@ -41,6 +42,12 @@ the ``install`` step does, then the device locks itself and starts the agent. A 
 that retrying cannot fix (token expired, unknown or for another serial) drops the ticket
 and returns to ``keyed``: the technician's next visit finishes the device. The
 technician may also come back first: a normal ``install`` replaces the ticket.
+
+Claim secret: the vendor writes a one-time secret (at least 128 random bits, text) to
+``claim.txt`` in the device's flash at the factory and gives the fleet only its SHA-256
+(the delivery manifest). ``hello`` reports it while the device is not locked, so the
+technician's tool can prove to the fleet that the device in hand is the allow-listed one
+(a serial alone is public). Nothing here writes or removes it; the fleet accepts it once.
 
 A request out of order gets ``E_ORDER``; bad fields ``E_BAD_INPUT``; a flash failure
 ``E_STORAGE``. Framing faults from the decoder are answered with one error frame each.
@@ -99,6 +106,7 @@ CA_FILE = "ca.der"
 CONFIG_FILE = "config.json"
 AGENT_STATE_FILE = "state.cbor"
 FLEET_KEY_FILE = "fleet_key_%d.sec1"
+CLAIM_FILE = "claim.txt"  # the vendor's claim secret (factory data, never rewritten here)
 INSTALLED_FILES = (CONFIG_FILE, CERT_FILE, CA_FILE)
 
 _T = frame
@@ -237,6 +245,13 @@ class Provisioner:
         }
         if self.state != UNPROVISIONED:
             reply[_T.F_KID] = cose.kid_for_public_key(self.key().public_key().to_sec1())
+        if self.state != LOCKED:
+            claim = _read(self._path(CLAIM_FILE))
+            try:
+                if claim:
+                    reply[_T.F_CLAIM] = claim.decode().strip()
+            except UnicodeError:
+                pass  # a damaged claim: hello still answers, the fleet would refuse it
         return reply
 
     def generate_key(self):

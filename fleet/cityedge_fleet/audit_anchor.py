@@ -6,6 +6,8 @@ line ``<id> <hash>`` to an anchor file named by ``CITYEDGE_AUDIT_ANCHOR_FILE`` â
 the database, ideally on another volume and append-only for the service (``chattr +a``).
 ``audit.verify`` then checks that every anchored row is still in the database with the
 anchored hash: a truncated tail (or a chain rewritten from an anchored row on) is reported.
+A configured anchor that is missing or holds no head while the log has rows is reported
+too (deleting or emptying the file must not turn the check off).
 
 The line is written after the commit (a rolled-back append anchors nothing). A crash
 between the commit and the write leaves the anchor one commit behind: that row is not
@@ -80,9 +82,15 @@ def attach(engine: Engine, path: Path | None) -> None:
         _anchors[engine] = AuditAnchor(path)
 
 
-def for_session(session: Session) -> AuditAnchor | None:
+def engine_of(session: Session) -> Engine | None:
+    """The engine a session is bound to (its anchor and audit key hang on it)."""
     bind: Any = session.get_bind()
     engine = bind if isinstance(bind, Engine) else getattr(bind, "engine", None)
+    return engine if isinstance(engine, Engine) else None
+
+
+def for_session(session: Session) -> AuditAnchor | None:
+    engine = engine_of(session)
     return _anchors.get(engine) if engine is not None else None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -17,6 +17,9 @@ from sqlmodel import Session
 
 from cityedge_core.errors import LocalError
 from cityedge_fleet.config import Settings
+
+if TYPE_CHECKING:
+    from cityedge_fleet.models import AuditVerifyResult
 
 fleet_app = typer.Typer(help="Fleet service: API, ingest, tokens.", no_args_is_help=True)
 ca_app = typer.Typer(help="Certificate authority: offline root, online intermediate.",
@@ -131,22 +134,96 @@ def ca_issue_service_command(
 
 
 @audit_app.command("verify")
-def audit_verify_command() -> None:
-    """Recompute the audit chain; exit 1 naming every edited, deleted or reordered row."""
-    from cityedge_fleet import audit
+def audit_verify_command(
+    jsonl: Annotated[Path | None, typer.Option(
+        help="Verify this export (`cityedge audit export`) instead of the database.")] = None,
+    without_key: Annotated[bool, typer.Option(
+        help="With --jsonl, for an auditor without the key: linkage only.")] = False,
+) -> None:
+    """Check the audit log's MACs and chain; exit 1 naming every edited, forged, deleted
+    or reordered row (and a missing or emptied anchor)."""
+    from cityedge_fleet import audit, audit_key
 
-    settings = load_settings()
-    with Session(_engine(settings)) as session:
-        result = audit.verify(session)
+    if jsonl is not None:
+        key = None if without_key else audit_key.load(load_settings().audit_key_file)
+        result = audit.verify_rows(_read_export(jsonl), key)
+    elif without_key:
+        raise typer.BadParameter("--without-key checks an export: give --jsonl FILE")
+    else:
+        with Session(_engine(load_settings())) as session:
+            result = audit.verify(session)
+    _print_verified_with(result)
     if not result.ok:
         for problem in result.problems:
             print(problem, file=sys.stderr)
         raise FleetCliError("audit log is broken: %d problem(s) in %d rows"
                             % (len(result.problems), result.rows))
     print("audit log intact: %d rows" % result.rows)
-    if settings.audit_anchor_file is None:
+    if jsonl is None and result.anchor is None:
         print("warning: no CITYEDGE_AUDIT_ANCHOR_FILE: deleting the newest rows would not "
               "be detected", file=sys.stderr)
+
+
+def _read_export(path: Path) -> list[dict[str, object]]:
+    import json
+
+    rows: list[dict[str, object]] = []
+    try:
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("line %d is not a JSON object" % n)
+                rows.append(row)
+    except (OSError, ValueError) as e:
+        raise FleetCliError("cannot read the audit export %s: %s" % (path, e)) from e
+    return rows
+
+
+def _print_verified_with(result: AuditVerifyResult) -> None:
+    """Say what the verdict rests on: which key, which anchor, what was not checkable."""
+    if result.key_id is not None:
+        print("key %s: %d keyed rows checked, %d legacy rows (plain SHA-256, vouched for "
+              "by the key's audit.key row)" % (result.key_id, result.keyed_rows,
+                                              result.legacy_rows))
+    else:
+        print("no key: linkage only; %d keyed rows not authenticated, %d legacy rows"
+              % (result.unauthenticated_rows, result.legacy_rows))
+    if result.anchor is not None:
+        print("anchor %s: %d heads compared" % (result.anchor, result.anchored_heads))
+
+
+@audit_app.command("init-key")
+def audit_init_key_command() -> None:
+    """Create the audit log's key (CITYEDGE_AUDIT_KEY_FILE, 32 random bytes, mode 0600)
+    and, on a log written before it, append the keyed row that vouches for those rows."""
+    from cityedge_fleet import audit, audit_key
+
+    settings = load_settings()
+    path = settings.audit_key_file
+    if audit_key.create(path):
+        print("audit key created: %s (mode 0600; back it up off this host: without it "
+              "the log's MACs cannot be checked)" % path)
+    else:
+        print("audit key %s exists: kept (a new key would not verify the rows keyed "
+              "with it)" % path)
+    with Session(_engine(settings)) as session:
+        key = audit_key.for_session(session)
+        assert key is not None  # make_engine attaches it
+        print("key id %s" % key.key_id)
+        try:
+            row = audit.vouch_for_legacy(session, key, actor="cli")
+        except ValueError as e:
+            if str(e).startswith("the audit log already has keyed rows"):
+                print(str(e))
+                return
+            raise FleetCliError("the audit log written before the key does not verify, so "
+                                "the key does not vouch for it: %s" % e) from e
+        if row is None:
+            return
+        rid = row.id or 0
+        session.commit()
+    print("row %d vouches for the %d rows written before the key" % (rid, rid - 1))
 
 
 @audit_app.command("export")

@@ -25,6 +25,7 @@ class FleetLimits(BaseModel):
     enroll_token_ttl_s: int = 3600  # seconds an enrollment token stays valid
     enroll_token_max_ttl_s: int = 7 * 86400  # seconds: longest TTL a technician may ask for
     manifest_max_serials: int = 10_000  # serials in one vendor delivery manifest
+    claim_max_chars: int = 128  # characters of a device's claim secret (enroll request)
     csr_max_bytes: int = 8192  # bytes of a PEM CSR
     cert_validity_days: int = 90  # days a device certificate is valid
     crl_validity_s: int = 7 * 86400  # seconds from thisUpdate to nextUpdate of a CRL
@@ -72,6 +73,9 @@ class Settings(BaseSettings):
     # append-only file outside the database anchoring the audit log's head (detects a
     # truncated tail); unset: `audit verify` cannot see the newest rows deleted
     audit_anchor_file: Path | None = None
+    # the audit log's HMAC key (32 random bytes, mode 0600), never in the database:
+    # `cityedge audit init-key` makes it; development makes its own at first start
+    audit_key_file: Path = DEV_VAR_DIR / "audit.key"
     # ingest worker: MQTT over TLS with a client certificate
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 8883
@@ -107,6 +111,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "production mode needs explicit settings, not defaults: %s" % ", ".join(missing)
             )
+        return self
+
+    @model_validator(mode="after")
+    def _audit_key_named_in_production(self) -> Self:
+        if self.mode != "development" and "audit_key_file" not in self.model_fields_set:
+            raise ValueError("production mode needs CITYEDGE_AUDIT_KEY_FILE (the audit "
+                             "log's key, outside the database: `cityedge audit init-key`)")
         return self
 
     @property

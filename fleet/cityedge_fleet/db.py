@@ -2,7 +2,8 @@
 
 ``make_engine`` opens SQLite (the embedded default; WAL, every transaction ``BEGIN
 IMMEDIATE``) or PostgreSQL (rows locked with ``SELECT ... FOR UPDATE`` where it matters)
-from the settings URL, with the settings' audit anchor file attached (``audit_anchor``);
+from the settings URL, with the settings' audit anchor file and audit key attached
+(``audit_anchor``, ``audit_key``);
 ``migrate`` brings the schema to the newest Alembic revision (run at every start, a no-op
 when up to date). ``SessionDep`` is the FastAPI dependency alias for a request's session.
 """
@@ -19,7 +20,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine, event
 from sqlmodel import Session, create_engine
 
-from cityedge_fleet import audit_anchor
+from cityedge_fleet import audit_anchor, audit_key
 from cityedge_fleet.config import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "alembic"
@@ -58,6 +59,7 @@ def make_engine(settings: Settings) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     audit_anchor.attach(engine, settings.audit_anchor_file)
+    audit_key.attach(engine, audit_key.from_settings(settings))
     return engine
 
 

@@ -280,9 +280,28 @@ class EnrollmentTokenCreated(SQLModel):
     expires_at: dt.datetime
 
 
+CLAIM_MAX = 128  # characters of a device's claim secret (FleetLimits.claim_max_chars)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestDevice(InputModel):
+    """One device of a vendor's delivery: its serial and the SHA-256 (hex) of the claim
+    secret the vendor put in its flash (never the secret itself)."""
+
+    serial: str = Field(min_length=1, max_length=TEXT_MAX)
+    claim_sha256: str = Field(min_length=64, max_length=64)
+
+    @field_validator("claim_sha256")
+    @classmethod
+    def _sha256_hex(cls, value: str) -> str:
+        if not SHA256_HEX.fullmatch(value):
+            raise ValueError("claim_sha256 is a SHA-256 in 64 lowercase hex digits")
+        return value
+
+
 class ManifestUpload(InputModel):
     manifest: str = Field(min_length=1, max_length=TEXT_MAX)  # the vendor's delivery note id
-    serials: list[str] = Field(min_length=1)
+    devices: list[ManifestDevice] = Field(min_length=1)
 
 
 class ManifestAccepted(SQLModel):
@@ -298,11 +317,15 @@ class AllowedSerial(SQLModel, table=True):
     added_by: str = Field(max_length=TEXT_MAX)
     added_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     used_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # SHA-256 hex of the device's claim secret; None: listed before claims, enrolls nothing
+    claim_hash: str | None = Field(default=None, max_length=64)
 
 
 class EnrollRequest(InputModel):
     serial: str = Field(min_length=1, max_length=TEXT_MAX)
     token: str | None = Field(default=None, max_length=128)  # absent: allow-listed serial
+    # an allow-listed serial's proof: the claim secret from the device's flash
+    claim: str | None = Field(default=None, min_length=1, max_length=CLAIM_MAX)
     csr_pem: str = Field(min_length=1, max_length=8192)
 
 
@@ -331,7 +354,8 @@ class AuditRecord(SQLModel, table=True):
     outcome: str = Field(max_length=16)  # ok / denied / refused / error
     detail: str = Field(default="{}", sa_type=Text)  # canonical JSON
     prev_hash: str = Field(max_length=64)
-    hash: str = Field(unique=True, max_length=64)
+    hash: str = Field(unique=True, max_length=64)  # HMAC-SHA256 (or legacy SHA-256), hex
+    alg: str = Field(default="sha256", max_length=32)  # "hmac-sha256:<key id>" or "sha256"
 
 
 class AuditPublic(SQLModel):
@@ -345,12 +369,19 @@ class AuditPublic(SQLModel):
     detail: str
     prev_hash: str
     hash: str
+    alg: str
 
 
 class AuditVerifyResult(SQLModel):
     ok: bool
     rows: int
     problems: list[str]
+    key_id: str | None = None  # the key the MACs were checked with (None: linkage only)
+    keyed_rows: int = 0
+    legacy_rows: int = 0  # plain SHA-256 rows from before the key (vouched for or not)
+    unauthenticated_rows: int = 0  # keyed rows checked for linkage only (no key given)
+    anchor: str | None = None  # the anchor file compared with, if any
+    anchored_heads: int = 0
 
 
 # ---------------------------------------------------------------------------- ingest

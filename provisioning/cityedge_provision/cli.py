@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ from cityedge_provision.fleet_client import FleetClient, Workspace, check_fleet_
 from cityedge_provision.limits import LIMITS
 from cityedge_provision.session import DeviceInfo, Options, Outcome, ProvisionSession, StepResult
 from cityedge_provision.transport import SerialTransport, list_ports
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a manifest's claim_sha256
 
 provision_app = typer.Typer(
     help="Provision devices over USB serial: identity, certificate, config, self-test.",
@@ -298,7 +301,8 @@ def sync_command() -> None:
                     answer, by_device = fleet.enroll_ticket(
                         serial, str(entry["token"]), entry["csr_pem"])
                 else:
-                    answer = fleet.enroll(serial, entry.get("token"), entry["csr_pem"])
+                    answer = fleet.enroll(serial, entry.get("token"), entry["csr_pem"],
+                                          entry.get("claim"))
                     revisit += 1
             except FleetRefused as e:
                 failures += 1
@@ -373,9 +377,11 @@ def bulk_command(
 ) -> None:
     """Provision every device of a vendor manifest, one after another; summary at the end.
 
-    The manifest: ``{"manifest": "<delivery note id>", "devices": [{"serial": ...,
-    "port": ..., "site": ...}, ...]}``. Its serials go to the fleet's allow-list first, so
-    each device enrolls without a token.
+    The manifest (``docs/VENDOR_MANIFEST.md``): ``{"manifest": "<delivery note id>",
+    "devices": [{"serial": ..., "claim_sha256": ..., "port": ..., "site": ...}, ...]}``.
+    Its serials and claim hashes go to the fleet's allow-list first; each device then
+    enrolls without a token, with the claim secret it reports from its flash (checked
+    against the manifest's hash before it is sent).
     """
     with user_errors():
         data = _load_manifest(manifest)
@@ -391,7 +397,7 @@ def bulk_command(
                 port = typer.prompt("Connect %s and give its port" % serial,
                                     default=port or "")
             opts = Options(site=str(entry.get("site", "")), expect_serial=serial,
-                           allow_list=True)
+                           allow_list=True, expect_claim_sha256=str(entry["claim_sha256"]))
             try:
                 o = run_session(str(port), ws, fleet, opts)
             except ProvisionError as e:
@@ -414,8 +420,8 @@ def bulk_command(
 
 
 def fleet_call_upload(fleet: FleetClient, data: dict[str, Any]) -> None:
-    serials = [str(d["serial"]) for d in data["devices"]]
-    res = fleet.upload_manifest(str(data["manifest"]), serials)
+    claims = {str(d["serial"]): str(d["claim_sha256"]) for d in data["devices"]}
+    res = fleet.upload_manifest(str(data["manifest"]), claims)
     out.print("Manifest %s: %d serial(s) allow-listed, %d already listed."
               % (data["manifest"], res.get("added", 0), res.get("already_listed", 0)))
 
@@ -430,7 +436,16 @@ def _load_manifest(path: Path) -> dict[str, Any]:
             not data.get("manifest") or not all(
                 isinstance(d, dict) and d.get("serial") for d in data["devices"]):
         raise ProvisionError("the manifest %s needs a \"manifest\" id and a \"devices\" list "
-                             "of {\"serial\": ...}" % path)
+                             "of {\"serial\": ..., \"claim_sha256\": ...}" % path)
+    bad = [str(d["serial"]) for d in data["devices"]
+           if not isinstance(d.get("claim_sha256"), str)
+           or not SHA256_HEX.fullmatch(d["claim_sha256"])]
+    if bad:
+        raise ProvisionError(
+            "the manifest %s has no valid claim_sha256 (64 lowercase hex digits) for %s"
+            % (path, ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")),
+            "a serial alone does not enroll: ask the vendor for the manifest with the "
+            "devices' claim hashes (docs/VENDOR_MANIFEST.md)")
     return data
 
 
@@ -440,6 +455,8 @@ def simulate_command(
     serial: Annotated[str, typer.Option(help="Hardware serial it reports.")],
     device: Annotated[str, typer.Option(help="Device URN it reports.")],
     model: Annotated[str, typer.Option(help="Model it reports.")] = "ce-sim-1",
+    claim: Annotated[str | None, typer.Option(
+        help="Claim secret the vendor put in its flash (for `provision bulk`).")] = None,
 ) -> None:
     """Run a simulated device (the real firmware on MicroPython) on a pseudo-terminal, to
     provision it with `cityedge provision --port <the port printed>`; Ctrl-C stops it."""
@@ -448,7 +465,8 @@ def simulate_command(
     from cityedge_provision.simdevice import SimulatedDevice, compile_firmware
 
     with user_errors(), tempfile.TemporaryDirectory(prefix="cityedge-sim-") as d:
-        dev = SimulatedDevice(root, compile_firmware(Path(d)), serial, device, model).start()
+        dev = SimulatedDevice(root, compile_firmware(Path(d)), serial, device, model,
+                              claim=claim).start()
         out.print("Simulated %s (serial %s) on %s; its console log: %s"
                   % (device, serial, dev.port, dev.log))
         try:

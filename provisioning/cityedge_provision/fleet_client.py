@@ -12,7 +12,8 @@ expired or revoked), other HTTP errors ``FleetRefused`` with the fleet's own mes
 - ``sessions/<serial>.json``: a provisioning in progress (the device's kid, and once
   enrolled, the certificate chain and config the fleet returned: public data), so an
   interrupted run resumes instead of enrolling twice;
-- ``queue/<serial>.json``: CSRs made offline, waiting for ``cityedge provision sync``;
+- ``queue/<serial>.json``: CSRs made offline, waiting for ``cityedge provision sync``
+  (with the token, or a manifest device's claim secret, that enrolls them);
 - ``provisioned.jsonl``: one line per device provisioned from this laptop.
 
 No private key ever passes through here: the device keeps its key, the tool only sees
@@ -275,14 +276,21 @@ class FleetClient:
         return _obj(self._call("POST", "/enrollment/tokens",
                                json={"serial": serial, "ttl_s": ttl_s}))
 
-    def upload_manifest(self, manifest: str, serials: list[str]) -> dict[str, Any]:
+    def upload_manifest(self, manifest: str, claims: dict[str, str]) -> dict[str, Any]:
+        """Allow-list a vendor delivery: ``{serial: SHA-256 hex of its claim secret}``."""
+        devices = [{"serial": serial, "claim_sha256": digest}
+                   for serial, digest in claims.items()]
         return _obj(self._call("POST", "/enrollment/manifests",
-                               json={"manifest": manifest, "serials": serials}))
+                               json={"manifest": manifest, "devices": devices}))
 
-    def enroll(self, serial: str, token: str | None, csr_pem: str) -> dict[str, Any]:
+    def enroll(self, serial: str, token: str | None, csr_pem: str,
+               claim: str | None = None) -> dict[str, Any]:
+        """``POST /enroll`` with a token, or (allow-listed) the device's claim secret."""
         body: dict[str, Any] = {"serial": serial, "csr_pem": csr_pem}
         if token is not None:
             body["token"] = token
+        if claim is not None:
+            body["claim"] = claim
         return _obj(self._call("POST", "/enroll", json=body))
 
     def enroll_ticket(self, serial: str, token: str, csr_pem: str,

@@ -16,7 +16,9 @@ key         ``generate_key`` on the device unless it already has a key (``--rest
             new one, refused once the fleet has a certificate for the old one)
 csr         the device builds and signs a PKCS#10 request (the private key stays on it)
 enroll      get an enrollment token (online, or pre-fetched for offline work) and ``POST
-            /enroll``; the answer is saved to the session record at once. Offline, the CSR
+            /enroll``; for a device from a vendor manifest (``bulk``), no token: the claim
+            secret the device reported in ``hello`` (checked first against the manifest's
+            SHA-256). The answer is saved to the session record at once. Offline, the CSR
             is queued for ``cityedge provision sync`` and the run ends here (``queued``);
             with a ticket the device can use (see ``ticket_for``), the device is handed
             it and retries the enrollment itself until the fleet answers
@@ -35,6 +37,8 @@ dangling credential. The device's steps are each atomic on the device.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,13 +73,17 @@ class DeviceInfo:
     state: str
     device: str
     kid: bytes | None
+    # the vendor's claim secret from the device's flash (a secret: never shown or saved)
+    claim: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_hello(cls, msg: dict[int, Any]) -> DeviceInfo:
         kid = msg.get(frame.F_KID)
+        claim = msg.get(frame.F_CLAIM)
         return cls(str(msg.get(frame.F_MODEL, "")), str(msg.get(frame.F_SERIAL, "")),
                    str(msg.get(frame.F_FIRMWARE, "")), str(msg.get(frame.F_STATE, "")),
-                   str(msg.get(frame.F_DEVICE, "")), kid if isinstance(kid, bytes) else None)
+                   str(msg.get(frame.F_DEVICE, "")), kid if isinstance(kid, bytes) else None,
+                   claim if isinstance(claim, str) and claim else None)
 
 
 @dataclass
@@ -91,6 +99,7 @@ class Options:
     expect_serial: str | None = None  # bulk mode: the manifest's serial for this port
     register: dict[str, Any] = field(default_factory=dict)  # extra fields (replace)
     allow_list: bool = False  # enroll by the vendor manifest's allow-list, no token
+    expect_claim_sha256: str | None = None  # bulk mode: the manifest's claim hash
     # offline ticket: the fleet's URL (default: the login URL), the CA of its HTTPS
     # certificate (DER), and the explicit development-only permission for http://
     enroll_url: str | None = None
@@ -319,6 +328,7 @@ class ProvisionSession:
         if self._enrolled_here():
             return "certificate issued earlier (resumed)", True
         token = None if self.opts.allow_list else self.ws.take_token(info.serial)
+        claim = self._claim() if self.opts.allow_list else None
         if self.fleet is None:
             if token is None and not self.opts.allow_list:
                 raise ProvisionError(
@@ -332,7 +342,7 @@ class ProvisionSession:
                 "csr_pem": csr_pem, "token": token, "site": self.opts.site,
                 "model": info.model, "firmware": info.firmware,
                 "hardware_class": self.opts.hardware_class or info.model,
-                "ticket": ticket is not None,
+                "ticket": ticket is not None, "claim": claim,
                 "queued_at": dt.datetime.now(dt.UTC).isoformat()})
             if ticket is None:
                 return ("offline: CSR queued; run `cityedge provision sync` when online, "
@@ -349,12 +359,38 @@ class ProvisionSession:
         if token is None and not self.opts.allow_list:
             token = str(self.fleet.enrollment_token(
                 info.serial, self.limits.enroll_token_ttl_s)["token"])
-        answer = self.fleet.enroll(info.serial, token, csr_pem)
+        try:
+            answer = self.fleet.enroll(info.serial, token, csr_pem, claim)
+        except FleetRefused as e:
+            if claim is None or e.status != 403:
+                raise
+            raise FleetRefused(
+                "the fleet did not accept serial %s with its claim secret" % info.serial, 403,
+                "its manifest may not be uploaded, or the claim was used already (the "
+                "device was enrolled before): ask the fleet's security team, or provision "
+                "it with a token (`cityedge provision --port PORT`)") from e
         self.record["enrollment"] = answer
         self._save()  # before anything else: the fleet's step cannot be undone
         self.ws.drop_token(info.serial)
         return "certificate issued by the fleet CA (%s)" % (
             "vendor allow-list" if token is None else "one-time token"), True
+
+    def _claim(self) -> str:
+        """The device's claim secret, checked against the manifest's hash when given."""
+        info = self._info()
+        if info.claim is None:
+            raise ProvisionError(
+                "the device (serial %s) reports no claim secret, so it cannot enroll from "
+                "the vendor manifest" % info.serial,
+                "provision it with a token: `cityedge provision --port PORT`")
+        want = self.opts.expect_claim_sha256
+        got = hashlib.sha256(info.claim.encode()).hexdigest()
+        if want is not None and not hmac.compare_digest(got, want):
+            raise ProvisionError(
+                "the device's claim secret does not match the manifest's claim for serial %s"
+                % info.serial, "the device or the manifest is wrong: ask the vendor; do not "
+                "enroll it by hand")
+        return info.claim
 
     def ticket_for(self, token: str) -> dict[str, Any] | None:
         """The offline enrollment ticket for the device, or None if it could not use one.

@@ -5,7 +5,8 @@ and the tests) provision it exactly as they would a board on ``/dev/ttyUSB0``.
 The device process holds the pty's master side as its stdin/stdout; the technician's tool
 opens the slave side (``SimulatedDevice.port``) with pyserial. The firmware runs from .mpy
 compiled by ``cityedge.mpy``, as on a board. Its files (key, certificate, config) live in
-``root``, the simulated flash; ``kill()`` is the cable pulled.
+``root``, the simulated flash; ``kill()`` is the cable pulled. With ``claim``, the device
+left the factory with that claim secret in its flash (``claim.txt``, as a vendor writes it).
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ class SimulatedDevice:
 
     def __init__(self, root: Path, mpy_dir: Path, serial: str, device: str,
                  model: str = "ce-sim-1", heap: str = HEAP,
-                 micropython: Path = MICROPYTHON) -> None:
+                 micropython: Path = MICROPYTHON, claim: str | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        if claim is not None:  # the vendor's factory step
+            (self.root / "claim.txt").write_text(claim)
         self.mpy_dir = mpy_dir
         self.serial = serial
         self.device = device

@@ -26,12 +26,14 @@ def fw_mpy(tmp_path_factory: pytest.TempPathFactory, mpy_cross: str, micropython
 
 @pytest.fixture
 def make_device(fw_mpy: Path, tmp_path: Path) -> Iterator[DeviceFactory]:
-    """Start devices (``make_device(serial, urn, root=...)``); all are stopped afterwards."""
+    """Start devices (``make_device(serial, urn, root=..., claim=...)``: ``claim`` is the
+    vendor's claim secret in its flash); all are stopped afterwards."""
     started: list[PtyDevice] = []
 
     def make(serial: str = "SN-00001", device: str = "urn:dev:mac:0024befffe800001",
-             root: Path | None = None) -> PtyDevice:
-        dev = PtyDevice(root or tmp_path / ("dev-" + serial), fw_mpy, serial, device).start()
+             root: Path | None = None, claim: str | None = None) -> PtyDevice:
+        dev = PtyDevice(root or tmp_path / ("dev-" + serial), fw_mpy, serial, device,
+                        claim=claim).start()
         started.append(dev)
         return dev
 

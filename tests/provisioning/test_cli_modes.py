@@ -1,15 +1,23 @@
 """Offline provisioning with pre-fetched tokens and ``sync``, ``replace``, ``bulk`` from a
-vendor manifest, and labels: against the real fleet, broker and firmware on ptys."""
+vendor manifest (each device proving itself with the claim secret in its flash), and
+labels: against the real fleet, broker and firmware on ptys."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import json
+import os
 from pathlib import Path
 
+import httpx
 import qrcode
 from cli_support import check_expected, run_cli
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from device_pty import DeviceFactory
 from fleet_server import FleetServer
 from PIL import Image
@@ -112,13 +120,15 @@ def test_bulk_from_a_vendor_manifest_with_a_summary(
         make_device: DeviceFactory, fleet: FleetServer, tmp_path: Path) -> None:
     home = tmp_path / "laptop"
     Workspace(home).save_login(fleet.url, fleet.token())
-    devs = [make_device("SN-006%02d" % i, "urn:dev:mac:0024befffe8006%02x" % i)
-            for i in range(1, 4)]
+    claims = {"SN-006%02d" % i: new_claim() for i in range(1, 5)}
+    devs = [make_device("SN-006%02d" % i, "urn:dev:mac:0024befffe8006%02x" % i,
+                        claim=claims["SN-006%02d" % i]) for i in range(1, 4)]
     wrong = make_device("SN-99999", "urn:dev:mac:0024befffe809999")  # not the manifest's
     manifest = tmp_path / "delivery.json"
-    entries = [{"serial": d.serial, "port": d.port, "site": "school-%d" % i}
-               for i, d in enumerate(devs, 1)]
-    entries.append({"serial": "SN-00604", "port": wrong.port, "site": "school-4"})
+    entries = [{"serial": d.serial, "claim_sha256": sha256_hex(claims[d.serial]),
+                "port": d.port, "site": "school-%d" % i} for i, d in enumerate(devs, 1)]
+    entries.append({"serial": "SN-00604", "claim_sha256": sha256_hex(claims["SN-00604"]),
+                    "port": wrong.port, "site": "school-4"})
     manifest.write_text(json.dumps({"manifest": "DN-2026-117", "devices": entries}))
     res = run_cli(["provision", "bulk", str(manifest), "--yes", "--labels-dir",
                    str(tmp_path / "labels")], home)
@@ -128,6 +138,72 @@ def test_bulk_from_a_vendor_manifest_with_a_summary(
         assert state_of(d.port) == "locked"
         assert (tmp_path / "labels" / ("%s.png" % d.serial)).exists()
     assert state_of(wrong.port) == "unprovisioned"
+
+
+def new_claim() -> str:
+    """A claim secret as a vendor makes one: 32 random bytes, URL-safe base64 (43 chars)."""
+    return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_bulk_enrolls_only_the_devices_holding_their_claim(
+        make_device: DeviceFactory, fleet: FleetServer, tmp_path: Path) -> None:
+    """The attack end to end: SN-00612's serial is in the manifest, but the device on the
+    port is a counterfeit with another claim in its flash, and SN-00613 has none. The tool
+    refuses both before the fleet; an attacker posting the serial (with or without the
+    counterfeit's claim) straight to the real fleet is refused with the one answer; the
+    genuine SN-00612 then enrolls with its claim, which works once."""
+    home = tmp_path / "laptop"
+    Workspace(home).save_login(fleet.url, fleet.token())
+    claims = {"SN-006%02d" % i: new_claim() for i in (11, 12, 13)}
+    good = make_device("SN-00611", "urn:dev:mac:0024befffe800611", claim=claims["SN-00611"])
+    fake = make_device("SN-00612", "urn:dev:mac:0024befffe800612", claim=new_claim(),
+                       root=tmp_path / "counterfeit")
+    bare = make_device("SN-00613", "urn:dev:mac:0024befffe800613")
+    manifest = tmp_path / "delivery.json"
+    manifest.write_text(json.dumps({"manifest": "DN-2026-118", "devices": [
+        {"serial": d.serial, "claim_sha256": sha256_hex(claims[d.serial]), "port": d.port}
+        for d in (good, fake, bare)]}))
+    res = run_cli(["provision", "bulk", str(manifest), "--yes"], home)
+    assert res.exit_code == 1, res.output
+    assert "SN-00612: the device's claim secret does not match the manifest's claim for " \
+        "serial SN-00612" in res.output
+    assert "SN-00613: the device (serial SN-00613) reports no claim secret" in res.output
+    assert "1 of 3 devices provisioned." in res.output
+    assert [state_of(d.port) for d in (good, fake, bare)] == ["locked", "keyed", "keyed"]
+    fake_claim = (tmp_path / "counterfeit" / "claim.txt").read_text()
+    assert claims["SN-00612"] not in res.output and fake_claim not in res.output
+    csr = fleet_csr("urn:dev:mac:0024befffe800612")
+    for proof in ({}, {"claim": fake_claim}, {"claim": claims["SN-00611"]}):
+        r = httpx.post(fleet.url + "/enroll", json={"serial": "SN-00612", "csr_pem": csr,
+                                                    **proof}, timeout=10)
+        assert (r.status_code, r.json()) == (403, {"detail": "enrollment refused"}), proof
+    assert creds(fleet, "urn:dev:mac:0024befffe800612") == []
+    fake.stop()
+    genuine = make_device("SN-00612", "urn:dev:mac:0024befffe800612",
+                          claim=claims["SN-00612"], root=tmp_path / "genuine")
+    manifest.write_text(json.dumps({"manifest": "DN-2026-118", "devices": [
+        {"serial": "SN-00612", "claim_sha256": sha256_hex(claims["SN-00612"]),
+         "port": genuine.port}]}))
+    res = run_cli(["provision", "bulk", str(manifest), "--yes"], home)
+    assert res.exit_code == 0, res.output
+    assert "0 serial(s) allow-listed, 1 already listed" in res.output
+    assert state_of(genuine.port) == "locked"
+    assert len(creds(fleet, "urn:dev:mac:0024befffe800612")) == 1
+    again = httpx.post(fleet.url + "/enroll", json={
+        "serial": "SN-00612", "claim": claims["SN-00612"], "csr_pem": csr}, timeout=10)
+    assert (again.status_code, again.json()) == (403, {"detail": "enrollment refused"})
+
+
+def fleet_csr(urn: str) -> str:
+    """An attacker's CSR for ``urn``: their own key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    req = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, urn)])).sign(key, hashes.SHA256())
+    return req.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def qr_modules(img: Image.Image, size: int) -> list[list[bool]]:

@@ -44,20 +44,28 @@ def test_hello_reports_identity_and_state(make_device: DeviceFactory) -> None:
     assert hello[frame.F_DEVICE] == URN
     assert hello[frame.F_STATE] == "unprovisioned"
     assert frame.F_KID not in hello
+    assert frame.F_CLAIM not in hello  # this device left the factory without one
 
 
 def test_full_device_sequence_with_self_test_then_locked(
         make_device: DeviceFactory, pki: TestPKI, mosquitto: Mosquitto) -> None:
-    dev = make_device("SN-00002", URN)
+    """... and the vendor's claim secret is told while the device is open, never once it
+    is locked (nor is the file touched)."""
+    claim = "k3Xv0-claim-secret-from-the-factory-0123456789"
+    dev = make_device("SN-00002", URN, claim=claim)
     with SerialTransport(dev.port, FAST) as t:
+        assert t.request(frame.T_HELLO)[frame.F_CLAIM] == claim
         provision_to_installed(t, pki, mosquitto.port)
+        assert t.request(frame.T_HELLO)[frame.F_CLAIM] == claim
         res = t.request(frame.T_SELF_TEST, {frame.F_TIMEOUT: 15}, timeout_s=25)
         assert res[frame.F_OK] is True, res
         assert res[frame.F_STAGE] == "done" and res[frame.F_SEQ] == 1
         t.request(frame.T_LOCK)
-        assert t.request(frame.T_HELLO)[frame.F_STATE] == "locked"
+        hello = t.request(frame.T_HELLO)
+        assert hello[frame.F_STATE] == "locked" and frame.F_CLAIM not in hello
         with pytest.raises(DeviceAlreadyProvisioned):
             t.request(frame.T_GENERATE_KEY)
+    assert (dev.root / "claim.txt").read_text() == claim
     # what a board boots from: a config naming the installed files, the key 0600-free DER
     cfg = (dev.root / "config.json").read_text()
     assert URN in cfg and str(dev.root / "cert.der") in cfg

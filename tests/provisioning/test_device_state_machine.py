@@ -30,6 +30,7 @@ from support.mosquitto import TestPKI
 
 URN = "urn:dev:mac:0024befffe80aaaa"
 INFO = {"model": "ce-sim-1", "serial": "SN-SM", "device": URN, "firmware": "0.1.0"}
+CLAIM = "Zm9vYmFyYmF6cXV4LWNsYWltLXNlY3JldC0wMTIzNDU2Nzg5"
 ORDER = [provision.UNPROVISIONED, provision.KEYED, provision.INSTALLED, provision.TESTED,
          provision.LOCKED]
 PRE_LOCK = (provision.KEYED, provision.PENDING, provision.INSTALLED, provision.TESTED)
@@ -47,6 +48,7 @@ class ProvisionerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="ce-sm-")
+        Path(self.dir, provision.CLAIM_FILE).write_text(CLAIM)  # the vendor's, at the factory
         self.prov = provision.Provisioner(self.dir, INFO)
         self.model = provision.UNPROVISIONED
         self.self_test_passes = True
@@ -87,6 +89,8 @@ class ProvisionerMachine(RuleBasedStateMachine):
     def hello(self) -> None:
         r = self.send({0: frame.T_HELLO})
         assert r[frame.F_STATE] == self.model and r[frame.F_DEVICE] == URN
+        # the claim secret only while the device is open
+        assert r.get(frame.F_CLAIM) == (None if self.model == provision.LOCKED else CLAIM)
 
     @rule()
     def generate_key(self) -> None:
@@ -226,6 +230,7 @@ class ProvisionerMachine(RuleBasedStateMachine):
         if self.model == provision.KEYED:
             assert "config.json" not in files
         assert (provision.TICKET_FILE in files) == (self.model == provision.PENDING), files
+        assert Path(self.dir, provision.CLAIM_FILE).read_text() == CLAIM  # never rewritten
 
 
 TestProvisioner = ProvisionerMachine.TestCase

@@ -24,7 +24,7 @@ from sqlmodel import Session, select
 
 from cityedge_core import frame
 from cityedge_fleet import enrollment
-from cityedge_fleet.models import Credential, Device, EnrollmentToken, Reading
+from cityedge_fleet.models import AuditRecord, Credential, Device, EnrollmentToken, Reading
 from cityedge_provision.fleet_client import Workspace
 from cityedge_provision.transport import SerialTransport
 
@@ -206,12 +206,17 @@ def test_expired_token_drops_the_ticket_and_waits_for_the_technician(
     deadline = time.monotonic() + ENROLL_WAIT_S
     while "refused the ticket" not in dev.read_log() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "the enrollment token has expired" in dev.read_log(), dev.read_log()
+    # the device is told only that it was refused; the fleet's audit log says why
+    assert "enrollment refused" in dev.read_log(), dev.read_log()
     assert dev.alive() and hello_state(dev.port) == "keyed"  # serving the UART again
     assert not (dev.root / "ticket.cbor").exists()
     assert creds(fleet.app.state.engine, urn) == []
     with Session(fleet.app.state.engine) as s:
         assert s.get(Device, urn) is None  # an expired token registers nothing
+        refused = s.exec(select(AuditRecord).where(
+            AuditRecord.action == "enroll.ticket")).all()
+        assert refused and all("the enrollment token has expired" in r.detail
+                               for r in refused)
 
 
 class GarbageServer:

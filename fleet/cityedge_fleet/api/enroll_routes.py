@@ -44,17 +44,29 @@ def create_enrollment_token(body: EnrollmentTokenCreate, request: Request,
     return EnrollmentTokenCreated(serial=body.serial, token=token, expires_at=row.expires_at)
 
 
-@router.post("/enrollment/manifests", response_model=ManifestAccepted, status_code=201)
+@router.post("/enrollment/manifests", response_model=ManifestAccepted, status_code=201,
+             responses={409: {}, 422: {}})
 def upload_manifest(body: ManifestUpload, request: Request, session: SessionDep,
                     settings: SettingsDep, who: TechnicianDep) -> ManifestAccepted:
+    """Allow-list a vendor delivery: each serial with the SHA-256 of its claim secret."""
     lim = settings.limits
-    if len(body.serials) > lim.manifest_max_serials:
+    if len(body.devices) > lim.manifest_max_serials:
         raise HTTPException(422, "a manifest may list at most %d serials"
                             % lim.manifest_max_serials)
-    if any(not 0 < len(s) <= lim.text_max_chars for s in body.serials):
-        raise HTTPException(422, "a serial has 1..%d characters" % lim.text_max_chars)
-    added, already = enrollment.allow_serials(session, manifest=body.manifest,
-                                              serials=body.serials, added_by=who.name)
+    claims: dict[str, str] = {}
+    for entry in body.devices:
+        if claims.setdefault(entry.serial, entry.claim_sha256) != entry.claim_sha256:
+            raise HTTPException(422, "serial %s is listed twice with different claims"
+                                % entry.serial)
+    try:
+        added, already = enrollment.allow_serials(session, manifest=body.manifest,
+                                                  claims=claims, added_by=who.name)
+    except enrollment.ClaimConflict as e:
+        session.rollback()
+        audit.record(session, actor=who.name, action="enroll.manifest",
+                     outcome=audit.REFUSED, target=body.manifest,
+                     source=client_address(request), detail={"why": str(e)})
+        raise HTTPException(409, str(e)) from e
     audit.append(session, actor=who.name, action="enroll.manifest", outcome=audit.OK,
                  target=body.manifest, source=client_address(request),
                  detail={"added": added, "already_listed": already})
@@ -66,7 +78,9 @@ def upload_manifest(body: ManifestUpload, request: Request, session: SessionDep,
              responses={403: {}, 409: {}, 422: {}, 429: {}, 503: {}})
 def enroll(body: EnrollRequest, request: Request, session: SessionDep, settings: SettingsDep,
            ca: CaDep, broker: BrokerDep) -> EnrollResponse:
-    """A device sends its serial, its enrollment token (unless allow-listed) and a CSR."""
+    """A device sends its serial, its enrollment token (or, allow-listed, its claim
+    secret) and a CSR. Every refusal before the gate is passed is the same 403
+    (``enrollment.REFUSED``); the audit log keeps the reason."""
     source = client_address(request)
     if not request.app.state.enroll_limiter.take(source):
         raise HTTPException(429, "too many enrollment attempts; retry later")
@@ -77,8 +91,8 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep, settings:
         session.rollback()
         audit.record(session, actor="device:%s" % body.serial, action="enroll",
                      outcome=audit.REFUSED, target=body.serial, source=source,
-                     detail={"why": str(e), "status": e.status})
-        raise HTTPException(e.status, str(e)) from e
+                     detail={"why": e.why, "code": e.code, "status": e.status})
+        raise HTTPException(e.status, e.public) from e
     grant_before_commit(session, broker, device.id, actor="device:%s" % body.serial,
                         source=source)
     audit.append(session, actor="device:%s" % body.serial, action="enroll", outcome=audit.OK,

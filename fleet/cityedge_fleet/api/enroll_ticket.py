@@ -11,15 +11,21 @@ with the *same* single credential:
    technician for exactly this serial, so holding it is the technician's delegation; a
    token for another serial, used or expired registers nothing.
 2. ``enrollment.enroll`` (the one place that decides) signs the CSR and uses the token up.
-3. if it refuses because the token *was already used*, and the device's active credential
-   holds the CSR's public key, the issued certificate is returned again (header
-   ``X-Cityedge-Enrollment: existing``): the key holder gets its public certificate, no
-   second credential exists. Any other refusal is returned as is (403 unknown/expired
-   token, 409 wrong state, 422 bad CSR).
+3. if it refuses because the token *was already used*, the CSR passes the CA's own check
+   (``CertificateAuthority.check_csr``: P-256, a valid self-signature, so the caller holds
+   the private key, CN = the device id) and the device's active credential holds the CSR's
+   public key, the issued certificate is returned again (header ``X-Cityedge-Enrollment:
+   existing``): the key holder gets its certificate, no second credential exists.
+
+Every refusal before the gate is passed (unknown, foreign, used or expired token,
+unregistered serial; a used token whose CSR is not the enrolled key's) is the same 403
+``enrollment.REFUSED``, so a token or serial cannot be probed; the audit row has the
+reason. After the gate, errors are precise (409 wrong state or key enrolled, 422 bad CSR).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from cryptography import x509
@@ -31,7 +37,7 @@ from sqlmodel import Session, col, select
 from cityedge_fleet import audit, enrollment, registry
 from cityedge_fleet.api.deps import BrokerDep, CaDep, SettingsDep, grant_before_commit
 from cityedge_fleet.auth import client_address, hash_token
-from cityedge_fleet.ca import CertificateAuthority
+from cityedge_fleet.ca import CertificateAuthority, CsrError
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
@@ -45,9 +51,6 @@ from cityedge_fleet.models import (
 )
 
 router = APIRouter(tags=["enrollment"])
-
-ALREADY_USED = "the enrollment token was already used"
-
 
 class TicketRegistration(InputModel):
     """What the technician chose for the device, carried in the ticket."""
@@ -75,8 +78,9 @@ def _register_if_absent(session: Session, body: TicketEnrollRequest) -> bool:
     if body.registration is None or registry.get_by_serial(session, body.serial) is not None:
         return False
     row = _token_row(session, body.token)
-    if row is None or row.serial != body.serial or row.used_at is not None:
-        return False  # enroll() refuses it with the precise reason
+    if row is None or row.serial != body.serial or row.used_at is not None or \
+            row.expires_at <= dt.datetime.now(dt.UTC):
+        return False  # enroll() refuses it, and audits the precise reason
     reg = body.registration
     try:
         registry.create_device(session, data=DeviceCreate(
@@ -90,15 +94,16 @@ def _register_if_absent(session: Session, body: TicketEnrollRequest) -> bool:
 
 def _existing(session: Session, ca: CertificateAuthority, settings: Settings,
               body: TicketEnrollRequest) -> EnrollResponse | None:
-    """The credential already issued for this token's serial and the CSR's key, if any."""
+    """The credential already issued for this token's serial and the CSR's key, if any:
+    only for a CSR the CA itself would accept (signed by its key, for this device)."""
     row = _token_row(session, body.token)
     device = registry.get_by_serial(session, body.serial)
     if row is None or row.serial != body.serial or row.used_at is None or device is None:
         return None
     try:
-        csr = x509.load_pem_x509_csr(body.csr_pem.encode())
-    except ValueError:
-        return None
+        csr: x509.CertificateSigningRequest = ca.check_csr(body.csr_pem, device.id)
+    except CsrError:
+        return None  # unsigned, someone else's key, not P-256, another CN
     sec1 = csr.public_key().public_bytes(serialization.Encoding.X962,
                                          serialization.PublicFormat.UncompressedPoint)
     cred = session.exec(select(Credential).where(
@@ -130,7 +135,8 @@ def enroll_with_ticket(body: TicketEnrollRequest, request: Request, response: Re
                                                        req=req)
     except enrollment.EnrollmentRefused as e:
         session.rollback()
-        existing = _existing(session, ca, settings, body) if str(e) == ALREADY_USED else None
+        existing = _existing(session, ca, settings, body) if e.code == enrollment.USED_UP \
+            else None
         if existing is not None:
             audit.append(session, actor=actor, action="enroll.ticket.claim",
                          outcome=audit.OK, target=existing.device_id, source=source,
@@ -140,8 +146,8 @@ def enroll_with_ticket(body: TicketEnrollRequest, request: Request, response: Re
             return existing
         audit.record(session, actor=actor, action="enroll.ticket", outcome=audit.REFUSED,
                      target=body.serial, source=source,
-                     detail={"why": str(e), "status": e.status})
-        raise HTTPException(e.status, str(e)) from e
+                     detail={"why": e.why, "code": e.code, "status": e.status})
+        raise HTTPException(e.status, e.public) from e
     grant_before_commit(session, broker, device.id, actor=actor, source=source)
     audit.append(session, actor=actor, action="enroll.ticket", outcome=audit.OK,
                  target=device.id, source=source,
