@@ -75,9 +75,9 @@ def test_streamed_copy_stores_exactly_the_accepted_readings(
     the middle of the group (a kid not cached is looked up; a relayed node is read; the
     ORM flushes before those queries) end the COPY in progress and later rows open another."""
     monkeypatch.setattr(ingest_store, "STREAM_ROWS", 1)
-    a = enroll_device(api, 1)
-    b = enroll_device(api, 2)
     gw = enroll_device(api, 3)
+    a = enroll_device(api, 1)
+    b = enroll_device(api, 2, gateway=gw.id)
     ing = Ingestor(api.engine, api.settings)
     assert ing.handle(gw.topic, gw.sign(1)).status == chain.OK  # keyring loaded, a cached
     late = enroll_device(api, 4)  # enrolled after the keyring was loaded: looked up
