@@ -329,7 +329,10 @@ class Ingestor:
             return Outcome(status, gateway.id)
         if verdict.accepted and keys.node is not None:
             return self._accept(group, keys.node, verdict, gateway)
-        node = verdict.batch.device if verdict.batch is not None else gateway.id
+        if verdict.batch is not None:
+            node = verdict.batch.device
+        else:  # a node's signature held over a payload that is not a valid batch
+            node = keys.node.id if keys.node is not None else gateway.id
         seq = verdict.batch.seq if verdict.batch is not None else None
         detail = "relayed by %s: %s" % (gateway.id, verdict.reason)
         if status == chain.MALFORMED:
