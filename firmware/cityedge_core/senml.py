@@ -165,7 +165,9 @@ _NUMBER_LABELS = {}
 for _label in _KINDS:
     if _KINDS[_label] == _K_NUMBER:
         _NUMBER_LABELS[_label] = True
-_FLOAT_MAX = 1.7976931348623157e308  # largest finite double: NaN and inf compare outside
+_FLOAT_MAX = 1.7976931348623157e308  # the largest finite double: NaN and inf are outside
+if _FLOAT_MAX - _FLOAT_MAX != 0:  # a build with single-precision floats (inf above)
+    _FLOAT_MAX = 3.4028234663852886e38
 _SHORT_TEXT = limits.SENML_NAME_MAX_CHARS  # the smallest text cap: fits every text label
 # Texts ``validate_pack`` already found printable and short (names and units repeat in
 # every batch; a lookup costs half a check). Bounded: it starts over when full.
@@ -178,10 +180,12 @@ def validate_pack(records: Any) -> None:
 
     One tight loop decides the common case: a finite float or a 64-bit integer under a
     number label, text within its label's cap and printable (``str.isprintable`` on
-    CPython: no control character) under a text label. A record with anything else goes
-    through ``validate_record``, which applies every rule and words the error; a record
-    the loop passes would pass ``validate_record`` too (each field is judged on its own
-    there). This keeps a 50-record pack under 10 us on CPython.
+    CPython: no control character) under a text label; a short text it passed before is
+    only looked up (``_TEXT_OK``). A record with anything else goes through
+    ``validate_record``, which applies every rule and words the error; a record the loop
+    passes would pass ``validate_record`` too (each field is judged on its own there).
+    A 50-record pack takes about 11 us on CPython (9.7 before the storage bounds; the
+    number bounds cost the difference).
     """
     if type(records) is not list:
         raise MalformedError("SenML: pack is not an array")
@@ -192,15 +196,15 @@ def validate_pack(records: Any) -> None:
     known = _TEXT_OK
     lo = _INT_MIN
     hi = _INT_MAX
-    flo = -_FLOAT_MAX
     fhi = _FLOAT_MAX
+    flo = -fhi
     for rec in records:
         if type(rec) is not dict:
             raise MalformedError("SenML: record is not a map")
         for key, val in rec.items():
             t = type(val)
             if t is float:
-                if flo <= val <= fhi and key in numbers:
+                if flo <= val <= fhi and key in numbers:  # finite (a NaN compares false)
                     continue
             elif t is int:
                 if lo <= val <= hi and key in numbers:
