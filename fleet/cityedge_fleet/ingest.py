@@ -189,7 +189,7 @@ class RelayKeyring:
         node = self.group.device(entry.device)
         if node is None or node.gateway_id != self.gateway:
             self.refusal = (NOT_RELAY_GATEWAY, "node %s reports through %s" % (
-                entry.device, node.gateway_id if node is not None else "nothing"))
+                entry.device, (node.gateway_id if node is not None else None) or "no gateway"))
             return None
         if node.state not in ACCEPTING:
             self.refusal = (NOT_ACCEPTING, "relayed node %s is %s" % (entry.device, node.state))

@@ -130,6 +130,8 @@ class MqttIngestWorker:
                 self._acknowledge(pending)
                 return True
             pending = self._one_by_one(pending)
+            if pending and self._stopping.is_set():
+                return False
             if pending:  # the database is down: hold them, try again, acknowledge nothing
                 self.database_down += 1
                 log.error("database down: %d messages wait, next try in %.1f s",
