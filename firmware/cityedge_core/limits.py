@@ -23,9 +23,13 @@ CBOR_MAX_BIGNUM_BYTES = const(64)  # bytes: magnitude of a tag 2/3 bignum
 # Reading batches
 BATCH_MAX_BYTES = const(16384)  # bytes: a whole signed batch (COSE_Sign1) on the wire
 BATCH_MAX_RECORDS = const(256)  # SenML records in one batch
-DEVICE_ID_MAX_CHARS = const(128)  # characters of an RFC 9039 device URN
-SENML_NAME_MAX_CHARS = const(64)  # characters of a SenML name or unit
+DEVICE_ID_MAX_CHARS = const(128)  # characters of an RFC 9039 device URN; also of a
+# SenML base name (bn) or name (n): a base name is often the device URN
+SENML_NAME_MAX_CHARS = const(64)  # characters of a SenML unit (u, bu), and what a resolved
+# name (bn + n) may have beyond DEVICE_ID_MAX_CHARS (the fleet's reading columns use both)
 SENML_STRING_MAX_CHARS = const(256)  # characters of a SenML string value (vs)
+SENML_INT_MAX = const(0x7FFFFFFFFFFFFFFF)  # largest SenML integer (signed 64 bits, as a
+# database stores it); the smallest is -SENML_INT_MAX - 1. Floats must be finite.
 KID_MAX_BYTES = const(64)  # bytes: a COSE key id
 
 # Provisioning frames on the UART

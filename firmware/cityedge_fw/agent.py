@@ -225,6 +225,9 @@ class Agent:
                 self.last_error = "sensor %s: %s" % (getattr(sensor, "name", "?"), e)
                 continue
             for name, unit, value in values:
+                if value - value != 0:  # NaN or infinity: a fault the fleet would refuse
+                    self.sensor_faults += 1
+                    continue
                 if not self.records.count:
                     self.batch_started_ms = self.sim_ms()
                     self.batch_timebase = timebase

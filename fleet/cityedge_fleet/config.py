@@ -34,14 +34,20 @@ class FleetLimits(BaseModel):
     tags_max: int = 32  # tags on one device
     text_max_chars: int = 128  # characters of a serial, model, site, tag, name
     quarantine_after_forgeries: int = 3  # bad-signature batches before a device is quarantined
+    # malformed batches (and relays of nodes that are not its own) a device publishes before
+    # it is quarantined: more than for forgeries, since a firmware bug can send them too
+    quarantine_after_malformed: int = 10
     auth_fail_burst: int = 20  # failed authentications allowed in a burst per client IP
     auth_fail_per_s: float = 1.0  # refill rate of that bucket, per second
     enroll_burst: int = 10  # enrollment attempts allowed in a burst per client IP
     enroll_per_s: float = 0.5  # refill rate of that bucket, per second
     rate_limit_clients_max: int = 10_000  # client IPs tracked by one rate limiter
     keyring_max_age_s: float = 5.0  # seconds a worker trusts its cached keys (revocation delay)
-    ingest_attempts: int = 3  # tries to store one message before leaving it unacknowledged
+    ingest_attempts: int = 3  # tries to store one message alone before it is a dead letter
     ingest_retry_s: float = 0.2  # seconds before the 2nd try (then 2x, 3x ...)
+    ingest_down_retry_max_s: float = 30.0  # seconds at most between tries while the
+    # database is down (the wait doubles from ingest_retry_s; nothing is acknowledged)
+    ingest_dead_letter_max_bytes: int = 65536  # bytes of a dead letter's payload kept
     ingest_session_expiry_s: int = 3600  # seconds the broker keeps the ingest's queue
     ingest_group_max_messages: int = 200  # MQTT messages stored in one transaction
     ingest_group_max_s: float = 0.05  # seconds a group waits after its first message

@@ -17,23 +17,33 @@ its own certificate CN, so the publisher is authenticated):
   (``TopicKeyring``): another device's key is ``topic_mismatch``.
 - ``up/relay``: a gateway forwarding its downstream nodes' batches unchanged. The gateway
   must be provisioned or active; each batch is verified with the *node's* registered key
-  (found by kid) and classified on the node's chain; the node must be registered and
-  provisioned or active (``not_accepting`` otherwise); a batch signed with the gateway's
-  own key is ``topic_mismatch`` (its own batches go on ``up/readings``). Stored readings
-  name the gateway in ``via``. A bad signature counts as a forgery of the *gateway*: it
-  published the bytes, and a relay checks node signatures before forwarding.
+  (found by kid) and classified on the node's chain; the node must name the publisher as
+  its gateway (``Device.gateway_id``; ``not_relay_gateway`` otherwise: no device relays
+  another's captured batches) and be provisioned or active (``not_accepting``); a batch
+  signed with the gateway's own key is ``topic_mismatch`` (its own batches go on
+  ``up/readings``). Stored readings name the gateway in ``via``. A bad signature counts
+  as a forgery of the *gateway*, a malformed batch or a refused relay as its malformed
+  message: it published the bytes, and a relay checks node batches before forwarding.
+
+The topic's publisher level must be a device URN (``batch.check_device_id``), else the
+message is ``bad_topic`` (ignored, no event).
 
 Per message:
 
 1. accepted batches (ok / gap / reordered / fork) store their readings; drop records
-   close their range of the chain; anything not ``ok`` becomes an ``IngestEvent``;
-2. a publisher whose messages carry ``quarantine_after_forgeries`` bad signatures is
-   quarantined.
+   close their range of the chain; anything not ``ok`` becomes an ``IngestEvent``
+   (details bounded, control characters replaced);
+2. a batch whose SenML breaks the core's rules (which bound every field to what the
+   ``reading`` columns store) is ``malformed``: no reading stored, so no content can make
+   the group's transaction fail;
+3. a publisher is quarantined after ``quarantine_after_forgeries`` bad signatures, or
+   after ``quarantine_after_malformed`` malformed messages and refused relays.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -51,6 +61,7 @@ from cityedge_fleet import audit, reading_rows, registry
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest_store import ChainStates, ReadingRow, ReadingRows
 from cityedge_fleet.models import (
+    EVENT_DETAIL_MAX,
     Credential,
     CredentialStatus,
     Device,
@@ -64,19 +75,34 @@ log = logging.getLogger(__name__)
 TOPIC_MISMATCH = "topic_mismatch"  # signed by a key of another device than the topic's
 UNKNOWN_DEVICE = "unknown_device"  # the topic names no registered device
 NOT_ACCEPTING = "not_accepting"  # the device is registered, quarantined or retired
+NOT_RELAY_GATEWAY = "not_relay_gateway"  # a relayed node does not name the publisher
 BAD_TOPIC = "bad_topic"
+DEAD_LETTER = "dead_letter"  # kept aside: the database refused it alone (ingest_dead_letter)
 READINGS = "readings"  # topic kinds
 RELAY = "relay"
 ACCEPTING = (DeviceState.provisioned, DeviceState.active)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_topic(topic: str) -> tuple[str, str] | None:
-    """``(publisher, kind)`` of ``ce/v1/<publisher>/up/<readings|relay>``, else None."""
+    """``(publisher, kind)`` of ``ce/v1/<publisher>/up/<readings|relay>`` where the
+    publisher is a device URN, else None."""
     parts = topic.split("/")
     if (len(parts) != 5 or parts[0] != "ce" or parts[1] != "v1" or parts[3] != "up"
             or parts[4] not in (READINGS, RELAY)):
         return None
+    try:
+        batchmod.check_device_id(parts[2])
+    except PeerError:
+        return None
     return parts[2], parts[4]
+
+
+def bounded_text(text: str, most: int = EVENT_DETAIL_MAX) -> str:
+    """``text`` as any column stores it: at most ``most`` characters, control characters
+    (PostgreSQL cannot store NUL) and lone surrogates replaced by ``?``."""
+    text = _CONTROL.sub("?", text[:most])
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def topic_device(topic: str) -> str | None:
@@ -161,9 +187,12 @@ class RelayKeyring:
             self.refusal = (TOPIC_MISMATCH, "the gateway's own batch on its relay topic")
             return None
         node = self.group.device(entry.device)
-        if node is None or node.state not in ACCEPTING:
-            self.refusal = (NOT_ACCEPTING, "relayed node %s is %s" % (
-                entry.device, node.state if node is not None else "not registered"))
+        if node is None or node.gateway_id != self.gateway:
+            self.refusal = (NOT_RELAY_GATEWAY, "node %s reports through %s" % (
+                entry.device, (node.gateway_id if node is not None else None) or "no gateway"))
+            return None
+        if node.state not in ACCEPTING:
+            self.refusal = (NOT_ACCEPTING, "relayed node %s is %s" % (entry.device, node.state))
             return None
         self.node = node
         return entry
@@ -267,16 +296,18 @@ class Ingestor:
         keys = TopicKeyring(self.keyring, publisher_id, session)
         verdict = make_batch_verifier(keys, group.chains).check(payload)
         status = verdict.status
+        seq = verdict.batch.seq if verdict.batch is not None else None
         if status == chain.UNKNOWN_KEY and keys.refusal is not None:
             status, detail = keys.refusal
             self._event(session, publisher_id, status, None, detail)
         elif status == chain.BAD_SIGNATURE:
             self._forgery(session, publisher, verdict.reason)
         elif verdict.accepted:
-            return self._accept(group, publisher, verdict, None)
+            return self._accept(group, publisher, verdict, publisher)
+        elif status == chain.MALFORMED:
+            self._malformed(session, publisher, publisher_id, status, seq, verdict.reason)
         else:
-            seq = verdict.batch.seq if verdict.batch is not None else None
-            self._event(session, publisher_id, status, seq, verdict.reason[:512])
+            self._event(session, publisher_id, status, seq, verdict.reason)
         return Outcome(status, publisher_id)
 
     def _relayed(self, group: _Group, gateway: Device, payload: bytes) -> Outcome:
@@ -288,24 +319,36 @@ class Ingestor:
         session.add(gateway)
         if status == chain.UNKNOWN_KEY and keys.refusal is not None:
             status, detail = keys.refusal
-            self._event(session, gateway.id, status, None, "relay: " + detail)
+            if status == NOT_RELAY_GATEWAY:
+                self._malformed(session, gateway, gateway.id, status, None, "relay: " + detail)
+            else:
+                self._event(session, gateway.id, status, None, "relay: " + detail)
             return Outcome(status, gateway.id)
         if status == chain.BAD_SIGNATURE:
             self._forgery(session, gateway, "relay: " + verdict.reason)
             return Outcome(status, gateway.id)
         if verdict.accepted and keys.node is not None:
-            return self._accept(group, keys.node, verdict, gateway.id)
-        node = verdict.batch.device if verdict.batch is not None else gateway.id
+            return self._accept(group, keys.node, verdict, gateway)
+        if verdict.batch is not None:
+            node = verdict.batch.device
+        else:  # a node's signature held over a payload that is not a valid batch
+            node = keys.node.id if keys.node is not None else gateway.id
         seq = verdict.batch.seq if verdict.batch is not None else None
-        self._event(session, node, status, seq,
-                    ("relayed by %s: %s" % (gateway.id, verdict.reason))[:512])
+        detail = "relayed by %s: %s" % (gateway.id, verdict.reason)
+        if status == chain.MALFORMED:
+            self._malformed(session, gateway, node, status, seq, detail)
+        else:
+            self._event(session, node, status, seq, detail)
         return Outcome(status, node, via=gateway.id)
 
     def _accept(self, group: _Group, device: Device, verdict: chain.Verdict,
-                via: str | None) -> Outcome:
+                publisher: Device) -> Outcome:
+        """Store an accepted batch of ``device`` that ``publisher`` sent (itself, or the
+        gateway relaying it)."""
         session = group.session
         b = verdict.batch
         count = 0
+        via = None if publisher is device else publisher.id
         suffix = "" if via is None else "relayed by %s" % via
         if b.kind == batchmod.KIND_DROP:
             first, last, batches, readings = b.dropped
@@ -318,7 +361,8 @@ class Ingestor:
             try:
                 rows = _readings(device.id, verdict, time.time(), via)
             except PeerError as e:  # signed, chained, but its records do not resolve
-                self._event(session, device.id, chain.MALFORMED, b.seq, str(e)[:512])
+                self._malformed(session, publisher, device.id, chain.MALFORMED, b.seq,
+                                str(e) + (" (%s)" % suffix if suffix else ""))
                 return Outcome(chain.MALFORMED, device.id, via=via)
             group.readings.extend(rows)
             count = len(rows)
@@ -335,16 +379,31 @@ class Ingestor:
     def _forgery(self, session: Session, device: Device, reason: str) -> None:
         device.forgeries += 1
         session.add(device)
-        self._event(session, device.id, chain.BAD_SIGNATURE, None, reason[:512])
-        limit = self.settings.limits.quarantine_after_forgeries
-        if device.forgeries >= limit and device.state != DeviceState.quarantined:
+        self._event(session, device.id, chain.BAD_SIGNATURE, None, reason)
+        self._quarantine_after(session, device, "forgeries", device.forgeries,
+                               self.settings.limits.quarantine_after_forgeries)
+
+    def _malformed(self, session: Session, publisher: Device, device_id: str, status: str,
+                   seq: int | None, detail: str) -> None:
+        """A malformed message or a refused relay: an event about ``device_id`` (the
+        batch's device when it names one), counted against the ``publisher``."""
+        publisher.malformed += 1
+        session.add(publisher)
+        self._event(session, device_id, status, seq, detail)
+        self._quarantine_after(session, publisher, "malformed", publisher.malformed,
+                               self.settings.limits.quarantine_after_malformed)
+
+    @staticmethod
+    def _quarantine_after(session: Session, device: Device, what: str, count: int,
+                          limit: int) -> None:
+        if count >= limit and device.state != DeviceState.quarantined:
             registry.set_state(session, device=device, state=DeviceState.quarantined)
             audit.append(session, actor="ingest", action="device.quarantine",
-                         outcome=audit.OK, target=device.id,
-                         detail={"forgeries": device.forgeries})
+                         outcome=audit.OK, target=device.id, detail={what: count})
 
     @staticmethod
     def _event(session: Session, device_id: str, status: str, seq: int | None, detail: str,
                missing: int = 0, explained: int = 0) -> None:
-        session.add(IngestEvent(device_id=device_id, status=status, seq=seq, detail=detail,
-                                missing=missing, explained=explained))
+        session.add(IngestEvent(device_id=device_id, status=status, seq=seq,
+                                detail=bounded_text(detail), missing=missing,
+                                explained=explained))

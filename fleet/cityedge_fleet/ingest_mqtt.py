@@ -5,11 +5,18 @@ It holds two shared subscriptions, ``$share/<group>/ce/v1/+/up/readings`` and
 paho's network thread only queues each message; the worker's own thread takes a group
 (up to ``ingest_group_max_messages``, or whatever arrived within ``ingest_group_max_s``
 of the group's first message), stores it in one transaction and only then acknowledges
-every message of it (QoS 1, manual acks, in the order received). A crash or a database
-failure leaves the group unacknowledged: the broker redelivers it rather than losing it,
-and the chain classifies anything stored twice as a duplicate. The CONNECT carries
-``Receive Maximum`` = ``ingest_receive_max`` so the broker keeps more than one group in
-flight.
+every message of it (QoS 1, manual acks, in the order received).
+
+No message holds back another: if the group's transaction fails, its messages are stored
+one transaction each (``ingest_attempts`` tries, growing waits), each acknowledged after
+its own commit. One that still fails alone is kept as a dead letter
+(``ingest_dead_letter.keep``: topic, bytes, error, in its own transaction) and
+acknowledged. If even that write fails, the database is down: the rest of the group stays
+unacknowledged, and the worker tries the same messages again, waiting longer each time (up
+to ``ingest_down_retry_max_s``), never moving on to later messages while it holds them. A
+crash leaves them unacknowledged: the broker redelivers rather than loses them, and the
+chain classifies anything stored twice as a duplicate. The CONNECT carries ``Receive
+Maximum`` = ``ingest_receive_max`` so the broker keeps more than one group in flight.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import threading
 import time
 from typing import Any
 
+from cityedge_fleet import ingest_dead_letter
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 
@@ -48,7 +56,9 @@ class MqttIngestWorker:
         self.limits = s.limits
         self.connected = threading.Event()
         self.subscribed = threading.Event()
-        self.groups = 0  # transactions committed
+        self.groups = 0  # transactions committed (a group, or one message of a failed one)
+        self.dead_letters = 0  # messages kept aside (see ingest_dead_letter)
+        self.database_down = 0  # rounds in which even a dead letter failed (then it waited)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,28 +121,79 @@ class MqttIngestWorker:
         return group
 
     def _store(self, group: list[Any]) -> bool:
-        messages = [(m.topic, bytes(m.payload)) for m in group]
-        attempts = self.limits.ingest_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                self.ingestor.handle_many(messages)
+        """Store and acknowledge every message of ``group``, in order. Returns False only
+        if the worker is stopping with some of them unacknowledged (redelivered later)."""
+        pending = list(group)
+        wait = self.limits.ingest_retry_s
+        while pending:
+            if len(pending) > 1 and self._try([self._message(m) for m in pending]) is None:
+                self._acknowledge(pending)
                 return True
-            except Exception:  # a database failure (lock timeout, lost connection)
-                if attempt == attempts:
-                    # unacknowledged: the broker redelivers them when the session resumes
-                    log.exception("ingest failed %d times on a group of %d messages",
-                                  attempts, len(group))
+            pending = self._one_by_one(pending)
+            if pending and self._stopping.is_set():
+                return False
+            if pending:  # the database is down: hold them, try again, acknowledge nothing
+                self.database_down += 1
+                log.error("database down: %d messages wait, next try in %.1f s",
+                          len(pending), wait)
+                if self._stopping.wait(wait):
                     return False
-                time.sleep(self.limits.ingest_retry_s * attempt)
-        return False
+                wait = min(2 * wait, self.limits.ingest_down_retry_max_s)
+        return True
+
+    def _one_by_one(self, pending: list[Any]) -> list[Any]:
+        """Each message in its own transaction (``ingest_attempts`` tries); one that fails
+        alone becomes a dead letter. Returns the messages left when even that fails."""
+        for i, msg in enumerate(pending):
+            topic, payload = self._message(msg)
+            error = None
+            for attempt in range(1, self.limits.ingest_attempts + 1):
+                if self._stopping.is_set():
+                    return pending[i:]
+                error = self._try([(topic, payload)])
+                if error is None:
+                    break
+                if attempt < self.limits.ingest_attempts:
+                    time.sleep(self.limits.ingest_retry_s * attempt)
+            if error is not None:
+                try:
+                    ingest_dead_letter.keep(self.ingestor.engine, topic, payload, error,
+                                            self.limits.ingest_dead_letter_max_bytes)
+                except Exception:
+                    log.exception("cannot keep a dead letter either")
+                    return pending[i:]
+                self.dead_letters += 1
+            self._acknowledge([msg])
+        return []
+
+    def _try(self, messages: list[tuple[str, bytes]]) -> str | None:
+        """One transaction; None if it committed, else what went wrong."""
+        try:
+            self.ingestor.handle_many(messages)
+        except Exception as e:  # the database refused (a row, a lock, a lost connection)
+            error = ingest_dead_letter.describe(e)
+            log.warning("ingest failed on %d messages: %s", len(messages), error)
+            return error
+        self.groups += 1
+        return None
+
+    @staticmethod
+    def _message(msg: Any) -> tuple[str, bytes]:
+        try:
+            topic = str(msg.topic)
+        except UnicodeDecodeError:  # the broker checks UTF-8; a bad topic is bad_topic
+            topic = ""
+        return topic, bytes(msg.payload)
+
+    def _acknowledge(self, messages: list[Any]) -> None:
+        for msg in messages:
+            self.client.ack(msg.mid, msg.qos)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             group = self._take_group()
-            if group and self._store(group):
-                self.groups += 1
-                for msg in group:
-                    self.client.ack(msg.mid, msg.qos)
+            if group:
+                self._store(group)
 
     def _start_thread(self) -> None:
         self._stopping.clear()

@@ -22,9 +22,11 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import AutoString, Field, SQLModel
 
 from cityedge_core import batch as batchmod
+from cityedge_core import limits, senml
 from cityedge_core.errors import MalformedError
 
 TEXT_MAX = 128  # characters of serial, model, site, tag, names (FleetLimits.text_max_chars)
+EVENT_DETAIL_MAX = 512  # characters of an ingest event's detail or a dead letter's error
 ID_MAX = 2**31 - 1  # largest integer row id (PostgreSQL INTEGER)
 # control characters other than tab and newlines (PEM needs those); PostgreSQL cannot store
 # NUL in text at all, and none of them belongs in a name, serial or tag
@@ -109,6 +111,19 @@ class DeviceBase(InputModel):
     hardware_class: str = Field(min_length=1, max_length=TEXT_MAX, index=True)
     site: str = Field(default="", max_length=TEXT_MAX, index=True)
     firmware_version: str = Field(default="", max_length=TEXT_MAX, index=True)
+    # the gateway this node reports through: the only device whose relay topic may carry
+    # its batches (a registered device other than itself: ``registry`` checks)
+    gateway_id: str | None = Field(default=None, max_length=limits.DEVICE_ID_MAX_CHARS,
+                                   index=True)
+
+
+def _check_urn(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            batchmod.check_device_id(value)
+        except MalformedError as e:
+            raise ValueError(str(e).replace("batch: ", "")) from e
+    return value
 
 
 def _check_tags(tags: list[str] | None) -> list[str] | None:
@@ -129,11 +144,13 @@ class DeviceCreate(DeviceBase):
     @field_validator("id")
     @classmethod
     def _urn(cls, value: str) -> str:
-        try:
-            batchmod.check_device_id(value)
-        except MalformedError as e:
-            raise ValueError(str(e).replace("batch: ", "")) from e
+        _check_urn(value)
         return value
+
+    @field_validator("gateway_id")
+    @classmethod
+    def _gateway_urn(cls, value: str | None) -> str | None:
+        return _check_urn(value)
 
     @field_validator("tags")
     @classmethod
@@ -146,7 +163,14 @@ class DeviceUpdate(InputModel):
     hardware_class: str | None = Field(default=None, min_length=1, max_length=TEXT_MAX)
     site: str | None = Field(default=None, max_length=TEXT_MAX)
     firmware_version: str | None = Field(default=None, max_length=TEXT_MAX)
+    gateway_id: str | None = Field(default=None, max_length=limits.DEVICE_ID_MAX_CHARS,
+                                   description="the node's gateway; null: none")
     tags: list[str] | None = None
+
+    @field_validator("gateway_id")
+    @classmethod
+    def _gateway_urn(cls, value: str | None) -> str | None:
+        return _check_urn(value)
 
     @field_validator("tags")
     @classmethod
@@ -158,6 +182,7 @@ class Device(DeviceBase, table=True):
     id: str = Field(primary_key=True, max_length=128)
     state: DeviceState = Field(default=DeviceState.registered, index=True, sa_type=AutoString(16))
     forgeries: int = 0  # bad-signature batches seen since the last (re)activation
+    malformed: int = 0  # malformed batches and refused relays since the last (re)activation
     created_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     last_seen: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
 
@@ -179,6 +204,7 @@ class DevicePublic(DeviceBase):
     state: DeviceState
     tags: list[str]
     forgeries: int
+    malformed: int
     created_at: dt.datetime
     last_seen: dt.datetime | None
     chain: ChainPublic | None = None
@@ -387,19 +413,23 @@ class AuditVerifyResult(SQLModel):
 # ---------------------------------------------------------------------------- ingest
 
 
+# Widths and types below hold whatever the core's SenML and chain rules accept
+# (``cityedge_core.limits``): a device must not be able to send what a column refuses.
+
+
 class ChainStateRow(SQLModel, table=True):
     __tablename__ = "chain_state"
     device_id: str = Field(primary_key=True, foreign_key="device.id", max_length=128)
     state: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # ChainState bytes
     last_seq: int = Field(sa_type=BigInteger)
-    missing: int = 0
-    forgotten: int = 0
+    missing: int = Field(default=0, sa_type=BigInteger)  # up to SEQ_MAX
+    forgotten: int = Field(default=0, sa_type=BigInteger)
 
 
 class ReadingBase(SQLModel):
     t: float  # UNIX seconds (or seconds since boot when timebase = 1)
-    name: str = Field(max_length=128)
-    unit: str | None = Field(default=None, max_length=64)
+    name: str = Field(max_length=senml.NAME_MAX_CHARS)  # resolved bn + n
+    unit: str | None = Field(default=None, max_length=limits.SENML_NAME_MAX_CHARS)
     value: float | None = None
     vs: str | None = Field(default=None, sa_type=Text)
     vb: bool | None = None
@@ -435,9 +465,25 @@ class IngestEvent(SQLModel, table=True):
     at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     status: str = Field(max_length=32)
     seq: int | None = Field(default=None, sa_type=BigInteger)
-    missing: int = 0
-    explained: int = 0
-    detail: str = Field(default="", max_length=512)
+    missing: int = Field(default=0, sa_type=BigInteger)  # up to SEQ_MAX
+    explained: int = Field(default=0, sa_type=BigInteger)
+    detail: str = Field(default="", max_length=EVENT_DETAIL_MAX)
+
+
+class IngestDeadLetter(SQLModel, table=True):
+    """A message the ingest could not store even on its own while the database stored
+    others: kept as received, so that nothing acknowledged is lost and an operator can run
+    it again (``ingest_dead_letter.replay``) once the cause is fixed."""
+
+    __tablename__ = "ingest_dead_letter"
+    id: int | None = Field(default=None, primary_key=True)
+    topic: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # UTF-8 as received
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    size: int  # bytes received (payload keeps FleetLimits.ingest_dead_letter_max_bytes)
+    publisher: str | None = Field(default=None, max_length=limits.DEVICE_ID_MAX_CHARS,
+                                  index=True)  # the topic's device, when it names one
+    error: str = Field(default="", max_length=EVENT_DETAIL_MAX)
+    first_seen: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
 class IngestEventPublic(SQLModel):

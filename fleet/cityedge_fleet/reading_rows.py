@@ -9,6 +9,10 @@ names the reference already accepted: a batch with a name not seen before is res
 ``senml.resolve`` itself (which raises ``MalformedError`` for a bad name) and its names
 are remembered. ``tests/fleet/test_fleet_reading_rows.py`` holds ``rows`` to the
 reference on generated packs (same rows, same refusals).
+
+Rows hold what the ``reading`` columns store, for anything the core accepts: the time,
+value and sum as floats (a sum of two 64-bit integers does not fit SQLite's INTEGER), and
+a resolved time, value or sum that is not finite is refused as the reference refuses it.
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ RELATIVE_LIMIT = 2**28  # seconds: a resolved time below it is relative to ``now
 _valid_names: set[str] = set()
 
 
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _row(device: str, rec: dict[Any, Any], tail: tuple[Any, ...]) -> tuple[Any, ...]:
     """One row from a record ``senml.resolve`` returned (the reference path)."""
     vd = rec.get(VD)
-    return (device, float(rec[T]), rec[N], rec.get(U), rec.get(V), rec.get(VS), rec.get(VB),
-            vd.hex() if isinstance(vd, bytes) else None, rec.get(S), *tail)
+    return (device, float(rec[T]), rec[N], rec.get(U), _float(rec.get(V)), rec.get(VS),
+            rec.get(VB), vd.hex() if isinstance(vd, bytes) else None, _float(rec.get(S)),
+            *tail)
 
 
 def reference_rows(device: str, records: list[Any], now: float,
@@ -93,6 +102,14 @@ def rows(device: str, records: list[Any], now: float,
             raise MalformedError("SenML: record %r has more than one value" % name)
         if nvals == 0 and total is None:
             raise MalformedError("SenML: record %r has no value and no sum" % name)
-        out.append((device, float(t), name, rec.get(U, bu), value, vs, vb,
+        t = float(t)
+        if value is not None:
+            value = float(value)
+        if total is not None:
+            total = float(total)
+        if t - t or (value is not None and value - value) or (total is not None
+                                                             and total - total):
+            raise MalformedError("SenML: record %r: time, value or sum not finite" % name)
+        out.append((device, t, name, rec.get(U, bu), value, vs, vb,
                     vd.hex() if vd is not None else None, total, *tail))
     return out

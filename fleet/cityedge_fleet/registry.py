@@ -8,7 +8,9 @@ Lifecycle (``TRANSITIONS`` is the whole rule; anything else is refused with
           `-------------`------------`----------`--> retired (final)
 
 Enrollment moves registered -> provisioned, the first accepted batch provisioned ->
-active, repeated forgeries -> quarantined, the security team quarantined -> active.
+active, repeated forgeries or malformed batches -> quarantined, the security team
+quarantined -> active (which clears both counters). A node's ``gateway_id`` names the
+registered device, other than itself, whose relay topic may carry its batches.
 
 A state change carries its device's credentials along (``set_state``): quarantine
 suspends the active ones (they go on the CRL as ``certificateHold`` and the ingest stops
@@ -72,6 +74,7 @@ def set_state(session: Session, *, device: Device, state: DeviceState) -> Device
     device.state = state
     if state == S.active:
         device.forgeries = 0
+        device.malformed = 0
     session.add(device)
     now = dt.datetime.now(dt.UTC)
     C = CredentialStatus
@@ -98,6 +101,7 @@ def create_device(session: Session, *, data: DeviceCreate) -> Device:
         raise ConflictError("device %s is already registered" % data.id)
     if session.exec(select(Device).where(Device.serial == data.serial)).first() is not None:
         raise ConflictError("serial %s is already registered" % data.serial)
+    _check_gateway(session, data.id, data.gateway_id)
     device = Device.model_validate(data, update={"state": S.registered})
     session.add(device)
     session.flush()
@@ -107,9 +111,20 @@ def create_device(session: Session, *, data: DeviceCreate) -> Device:
     return device
 
 
+def _check_gateway(session: Session, device_id: str, gateway_id: str | None) -> None:
+    if gateway_id is None:
+        return
+    if gateway_id == device_id:
+        raise ConflictError("device %s cannot be its own gateway" % device_id)
+    if session.get(Device, gateway_id) is None:
+        raise ConflictError("gateway %s is not registered" % gateway_id)
+
+
 def update_device(session: Session, *, device: Device, data: DeviceUpdate) -> Device:
     changes = data.model_dump(exclude_unset=True)
     tags = changes.pop("tags", None)
+    if "gateway_id" in changes:
+        _check_gateway(session, device.id, changes["gateway_id"])
     device.sqlmodel_update(changes)
     session.add(device)
     if tags is not None:

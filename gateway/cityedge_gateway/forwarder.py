@@ -10,7 +10,10 @@ backlog drains in order while new data keeps arriving.
 
 Topics: the gateway's own batches go to ``ce/v1/<gateway>/up/readings``; a node's batch,
 relayed unchanged, goes to ``ce/v1/<gateway>/up/relay`` (the broker ACL lets a client
-write only under its own id; the batch names and is signed by its node).
+write only under its own id; the batch names and is signed by its node). The fleet
+accepts it only if the node is registered with this gateway as its ``gateway_id``
+(otherwise ``not_relay_gateway``, counted against the gateway): register each node of
+the config's ``[[nodes]]`` with this gateway.
 """
 
 from __future__ import annotations

@@ -15,7 +15,11 @@ from the config:
 A batch must also name the node it arrived from (the topic or link identity): a node's key
 cannot be used to inject batches under another node's link. The nodes' chain states are
 kept in the store and written in the same transaction as the batches (``Store.commit``),
-so a replay is still recognised after the gateway restarts.
+so a replay is still recognised after the gateway restarts. The fleet applies its own
+rule on top: it takes a node's relayed batches only from the gateway the node is
+registered with (``gateway_id``), and refuses batches it could not store (the core's
+SenML bounds, which this relay's ``BatchVerifier`` applies too: such a batch is
+``malformed`` here already).
 """
 
 from __future__ import annotations

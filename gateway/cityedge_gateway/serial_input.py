@@ -3,8 +3,9 @@
 ``SerialInput.run()`` opens the port, feeds what arrives to the protocol's parser
 (``Sds011Parser`` or ``ModbusPoller``), hands readings to a sink, and counts everything
 else in ``InputStats``: checksum failures, garbage bytes, Modbus exceptions and timeouts,
-disconnects. An unplugged cable (the port vanishes or read fails) is counted and the port
-is reopened with a growing, capped backoff; the service never stops because of a sensor.
+values that are not finite (never signed), disconnects. An unplugged cable (the port
+vanishes or read fails) is counted and the port is reopened with a growing, capped
+backoff; the service never stops because of a sensor.
 
 The port is read without blocking via ``loop.add_reader`` on its file descriptor (Linux).
 """
@@ -43,7 +44,8 @@ class InputStats:
     bytes_in: int = 0
     disconnects: int = 0
     open_failures: int = 0
-    errors: Counter[str] = field(default_factory=Counter)  # FrameError.kind -> count
+    errors: Counter[str] = field(default_factory=Counter)  # kind -> count (FrameError.kind,
+    # or not_finite: a NaN or infinite value, not signed)
     discarded_bytes: int = 0
 
 
@@ -65,12 +67,16 @@ class SerialInput:
     def _handle(self, events: list[Event]) -> None:
         readings = []
         for e in events:
-            if isinstance(e, Reading):
-                readings.append(e)
-            else:
+            if isinstance(e, FrameError):
                 self.stats.errors[e.kind] += 1
                 self.stats.discarded_bytes += e.discarded
                 log.debug("%s: %s %s", self.cfg.name, e.kind, e.detail)
+            elif e.value - e.value != 0:  # NaN or infinity (a scale that overflows): a
+                # fault, never signed (the fleet would refuse the whole batch)
+                self.stats.errors["not_finite"] += 1
+                log.debug("%s: %s is %r", self.cfg.name, e.name, e.value)
+            else:
+                readings.append(e)
         if readings:
             self.stats.readings += len(readings)
             self.sink(readings, self.clock())

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
+from sqlalchemy import Engine
 
 from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
@@ -47,10 +48,11 @@ def csr_for(signer: EcSigner, cn: str) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def enroll_device(api: Api, i: int, signer: EcSigner | None = None) -> EnrolledDevice:
-    """Register device ``i`` and enroll it (token + CSR) with ``signer``'s key (a new one
-    by default)."""
-    body = device_body(i)
+def enroll_device(api: Api, i: int, signer: EcSigner | None = None,
+                  gateway: str | None = None) -> EnrolledDevice:
+    """Register device ``i`` (a node of ``gateway`` if given) and enroll it (token + CSR)
+    with ``signer``'s key (a new one by default)."""
+    body = device_body(i) if gateway is None else device_body(i, gateway_id=gateway)
     tech = api.headers(Role.technician)
     assert api.client.post("/devices", json=body, headers=tech).status_code == 201
     token = api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
@@ -62,3 +64,35 @@ def enroll_device(api: Api, i: int, signer: EcSigner | None = None) -> EnrolledD
     dev_id = str(body["id"])
     return EnrolledDevice(dev_id, signer, batchmod.BatchWriter(dev_id, signer, signer.kid),
                           r.json())
+
+
+def set_gateway(api: Api, node: str, gateway: str | None) -> None:
+    """Register ``node`` as reporting through ``gateway`` (None: through none)."""
+    r = api.client.patch("/devices/%s" % node, json={"gateway_id": gateway},
+                         headers=api.headers(Role.technician))
+    assert r.status_code == 200, r.text
+
+
+def refuse_rows(engine: Engine, table: str, when: str, refuse: bool = True) -> None:
+    """A trigger that makes the database refuse a new ``table`` row for which the SQL
+    condition ``when`` holds (``NEW.<column>`` names the row): a real failure of one
+    specific row, on SQLite and PostgreSQL. ``refuse=False`` removes it."""
+    name = "refuse_" + table
+    with engine.begin() as c:
+        if engine.dialect.name == "postgresql":
+            if refuse:
+                c.exec_driver_sql(
+                    "CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "IF %s THEN RAISE EXCEPTION 'refused by the test'; END IF; "
+                    "RETURN NEW; END $$" % (name, when))
+                c.exec_driver_sql("CREATE TRIGGER %s BEFORE INSERT ON %s FOR EACH ROW "
+                                  "EXECUTE FUNCTION %s()" % (name, table, name))
+            else:
+                c.exec_driver_sql("DROP TRIGGER %s ON %s" % (name, table))
+                c.exec_driver_sql("DROP FUNCTION %s()" % name)
+        elif refuse:
+            c.exec_driver_sql("CREATE TRIGGER %s BEFORE INSERT ON %s WHEN %s BEGIN "
+                              "SELECT RAISE(ABORT, 'refused by the test'); END"
+                              % (name, table, when))
+        else:
+            c.exec_driver_sql("DROP TRIGGER %s" % name)

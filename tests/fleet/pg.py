@@ -46,6 +46,7 @@ class PgCluster:
     dir: Path
     port: int
     _names: Iterator[int]
+    fsync: bool = False
 
     def admin_url(self) -> str:
         return "postgresql://postgres@127.0.0.1:%d/postgres" % self.port
@@ -56,9 +57,31 @@ class PgCluster:
             conn.execute("CREATE DATABASE %s" % name)
         return "postgresql://postgres@127.0.0.1:%d/%s" % (self.port, name)
 
+    def stop(self) -> None:
+        """Stop the server, keeping its data (fast shutdown: open connections are cut)."""
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"),
+                                     "-m", "fast", "-w", "stop"]),
+                       check=True, capture_output=True)
+
+    def start(self) -> None:
+        """Start the server again on the same port (after ``stop``)."""
+        _start(self.dir, self.port, self.fsync)
+
 
 class PgError(RuntimeError):
     """The PostgreSQL server binaries are missing or the cluster did not start."""
+
+
+def _start(base: Path, port: int, fsync: bool) -> None:
+    opts = "-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=%s" % (
+        port, base, "on" if fsync else "off")
+    started = subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(base / "data"),
+                                           "-o", opts, "-l", str(base / "log"), "-w", "-t",
+                                           str(PG_START_TIMEOUT_S), "start"]),
+                             capture_output=True)
+    if started.returncode != 0:
+        log = (base / "log").read_text() if (base / "log").exists() else ""
+        raise PgError("PostgreSQL did not start: %s %s" % (started.stderr.decode(), log))
 
 
 @contextlib.contextmanager
@@ -76,18 +99,13 @@ def pg_cluster(fsync: bool = False) -> Iterator[PgCluster]:
     subprocess.run(_as_postgres([str(initdb), "-D", str(data), "-U", "postgres", "-A", "trust",
                                  "--no-sync", "-E", "UTF8"]),
                    check=True, capture_output=True)
-    opts = "-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=%s" % (
-        port, base, "on" if fsync else "off")
-    started = subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts,
-                                           "-l", str(base / "log"), "-w", "-t",
-                                           str(PG_START_TIMEOUT_S), "start"]),
-                             capture_output=True)
-    if started.returncode != 0:
-        log = (base / "log").read_text() if (base / "log").exists() else ""
-        shutil.rmtree(base, ignore_errors=True)
-        raise PgError("PostgreSQL did not start: %s %s" % (started.stderr.decode(), log))
     try:
-        yield PgCluster(base, port, itertools.count(1))
+        _start(base, port, fsync)
+    except PgError:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    try:
+        yield PgCluster(base, port, itertools.count(1), fsync)
     finally:
         subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
                                      "immediate", "stop"]), capture_output=True)

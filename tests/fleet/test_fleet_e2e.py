@@ -1,7 +1,7 @@
 """End to end on a real Mosquitto configured by `cityedge broker config`: a device enrolled
 through the API connects with its new certificate, its signed readings arrive through the
 MQTT 5 shared-subscription ingest and appear verified in the readings API (also when
-another device relays them as a gateway); after the
+the device registered as its gateway relays them); after the
 security team revokes its certificate the broker (SIGHUP, CRL) refuses it."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import Role
 
 from .conftest import Api, wait_for
-from .ingest_support import EnrolledDevice, enroll_device
+from .ingest_support import EnrolledDevice, enroll_device, set_gateway
 from support.mosquitto import MOSQUITTO, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -146,6 +146,7 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
             api = Api(client, settings)
             dev = enroll_device(api, 1)
             other = enroll_device(api, 2)
+            set_gateway(api, dev.id, other.id)  # dev is a node that reports through other
             worker = MqttIngestWorker(Ingestor(app.state.engine, settings), settings).start()
             assert worker.subscribed.wait(10), log.read_text() if log.exists() else ""
             # a second worker, the CLI one, shares the subscription
@@ -187,7 +188,7 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
             mine = sum(worker.ingestor.counts.values())
             assert 0 < mine < 10, worker.ingestor.counts
 
-            # the other device, as a gateway, relays dev's next batch unchanged
+            # the other device, dev's registered gateway, relays dev's next batch unchanged
             g = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="gw",
                             protocol=mqtt.MQTTv5)
             g.tls_set(ca_certs=str(other_files / "ca.pem"),

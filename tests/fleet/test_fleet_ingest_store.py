@@ -1,8 +1,9 @@
 """The ingest's writes, on SQLite and PostgreSQL: readings streamed into a ``COPY`` while a
 group is decided (ended and reopened around any other statement) store exactly the
 accepted readings with their provenance; a group whose transaction the database refuses
-stores nothing, is not acknowledged, and is stored once when it comes again; chain states
-encoded by ``cbor2`` are the core's bytes."""
+stores nothing, and the worker acknowledges each of its messages only once it is stored
+(one by one; nothing after a message the database still refuses); chain states encoded by
+``cbor2`` are the core's bytes."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import ChainStateRow, IngestEvent, Reading
 
-from .conftest import Api
+from .conftest import Api, wait_for
 from .ingest_support import enroll_device, records
 from .test_fleet_ingest_worker import FakeMessage
 from .test_fleet_relay import relay_topic
@@ -75,9 +76,9 @@ def test_streamed_copy_stores_exactly_the_accepted_readings(
     the middle of the group (a kid not cached is looked up; a relayed node is read; the
     ORM flushes before those queries) end the COPY in progress and later rows open another."""
     monkeypatch.setattr(ingest_store, "STREAM_ROWS", 1)
-    a = enroll_device(api, 1)
-    b = enroll_device(api, 2)
     gw = enroll_device(api, 3)
+    a = enroll_device(api, 1)
+    b = enroll_device(api, 2, gateway=gw.id)
     ing = Ingestor(api.engine, api.settings)
     assert ing.handle(gw.topic, gw.sign(1)).status == chain.OK  # keyring loaded, a cached
     late = enroll_device(api, 4)  # enrolled after the keyring was loaded: looked up
@@ -162,8 +163,11 @@ def test_a_fault_in_the_middle_of_a_group_ends_the_copy_and_stores_nothing(
 
 def test_the_worker_acknowledges_a_refused_group_only_once_it_is_stored(
         api: Api, tmp_path: Path) -> None:
-    """The MQTT worker with the real ingest and database: a group whose commit fails is
-    left unacknowledged; once the database takes it again, it is stored and acknowledged."""
+    """The MQTT worker with the real ingest and database, which refuses every event row
+    (a trigger): the group fails, so its messages are tried one by one; the first needs no
+    event and is stored and acknowledged; the second fails alone and so does its dead
+    letter (it carries an event too): the database is down for it, and neither it nor the
+    one after it is acknowledged until the database takes them, in order."""
     a = enroll_device(api, 6)
     pki = TestPKI(tmp_path / "pki")
     creds = pki.issue_client("fleet-ingest")
@@ -171,29 +175,25 @@ def test_the_worker_acknowledges_a_refused_group_only_once_it_is_stored(
         "mqtt_ca_file": pki.ca_pem, "mqtt_cert_file": creds.cert_pem,
         "mqtt_key_file": creds.key_pem,
         "limits": FleetLimits(ingest_group_max_messages=10, ingest_attempts=2,
-                              ingest_retry_s=0.01)})
+                              ingest_retry_s=0.01, ingest_down_retry_max_s=0.2)})
     worker = MqttIngestWorker(Ingestor(api.engine, settings), settings)
     acks: list[int] = []
     worker.client.ack = lambda mid, qos: acks.append(mid)  # type: ignore[method-assign]
     b1, b2, b3 = (a.sign(2) for _ in range(3))
-    group = [FakeMessage(mid, a.topic, data) for mid, data in ((1, b1), (2, b3), (3, b2))]
     _refuse_events(api.engine, True)
-    assert worker._store(group) is False
-    assert acks == [] and _stored(api.engine) == []
-    _refuse_events(api.engine, False)
-    for msg in group:  # the broker redelivers them
-        worker._on_message(None, None, msg)
+    for mid, data in ((1, b1), (2, b3), (3, b2)):
+        worker._on_message(None, None, FakeMessage(mid, a.topic, data))
     worker._start_thread()
     try:
-        deadline = 50
-        while len(acks) < 3 and deadline:
-            worker._stopping.wait(0.1)
-            deadline -= 1
+        assert wait_for(lambda: worker.database_down >= 1, timeout=60)
+        assert acks == [1] and _stored(api.engine) == _rows_of(a.id, 2, 1, chain.OK)
+        _refuse_events(api.engine, False)
+        assert wait_for(lambda: len(acks) == 3, timeout=60), acks
     finally:
         worker._stopping.set()
         assert worker._thread is not None
         worker._thread.join(5)
-    assert acks == [1, 2, 3]
+    assert acks == [1, 2, 3] and worker.dead_letters == 0
     assert _stored(api.engine) == sorted(_rows_of(a.id, 2, 1, chain.OK)
                                          + _rows_of(a.id, 2, 3, chain.GAP)
                                          + _rows_of(a.id, 2, 2, chain.REORDERED))

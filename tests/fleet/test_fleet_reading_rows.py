@@ -1,5 +1,6 @@
 """The ingest's fast SenML-to-rows path agrees with the core's ``senml.resolve`` on every
-validated pack: same rows, and a ``MalformedError`` exactly where the reference raises."""
+validated pack: same rows, and a ``MalformedError`` exactly where the reference raises
+(also for resolved names over the column width and sums that overflow)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from cityedge_core import senml
 from cityedge_core.errors import MalformedError, PeerError
 from cityedge_fleet import reading_rows
 
-NAMES = st.text(alphabet="ab0:-_.é ", max_size=6)
+NAMES = st.one_of(st.text(alphabet="ab0:-_.é ", max_size=6),
+                  st.sampled_from(["a" * 128, "b" * 64, "c" * 65]))  # bn + n over 192
 NUMBERS = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=False,
                                                            allow_infinity=False),
-                    st.sampled_from([0, 2**28 - 1, 2**28, 1_790_000_000]))
+                    st.sampled_from([0, 2**28 - 1, 2**28, 1_790_000_000, 2**63 - 1,
+                                     -(2**63), 1.7e308, -1.7e308]))  # sums overflow
 FIELD = {
     senml.BN: NAMES, senml.BT: NUMBERS, senml.BU: st.sampled_from(["Cel", "%RH"]),
     senml.BV: NUMBERS, senml.BS: NUMBERS, senml.N: NAMES, senml.T: NUMBERS,
@@ -77,3 +80,22 @@ def test_an_unseen_bad_name_is_refused_by_the_reference() -> None:
         reading_rows.rows("dev", [{senml.N: "bad name", senml.V: 1}], 0.0, ())
     with pytest.raises(MalformedError):  # a cached name does not excuse a missing value
         reading_rows.rows("dev", [{senml.N: "ok", senml.V: 1}, {senml.N: "ok"}], 0.0, ())
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_resolved_overflow_is_refused_on_both_paths(warm: bool) -> None:
+    """bv + v, bs + s and bt + t of two finite floats can be infinite; two 64-bit integers
+    add up beyond 64 bits, which is stored as a float."""
+    huge = 1.7976931348623157e308
+    reading_rows._valid_names.clear()
+    if warm:
+        reading_rows._valid_names.add("x")
+    for rec in ({senml.N: "x", senml.BV: huge, senml.V: huge},
+                {senml.N: "x", senml.BS: -huge, senml.S: -huge},
+                {senml.N: "x", senml.BT: huge, senml.T: huge, senml.V: 1}):
+        senml.validate_pack([rec])
+        with pytest.raises(MalformedError):
+            reading_rows.rows("dev", [rec], 0.0, ())
+    big = 2**63 - 1
+    (row,) = reading_rows.rows("dev", [{senml.N: "x", senml.BV: big, senml.V: big}], 0.0, ())
+    assert row[4] == float(2 * big) and type(row[4]) is float

@@ -11,7 +11,8 @@ import gc
 import os
 import sys
 
-MODULES = ("test_cbor_shared", "test_p256_shared", "test_cose_batch_shared", "test_frame_shared")
+MODULES = ("test_cbor_shared", "test_p256_shared", "test_cose_batch_shared", "test_frame_shared",
+           "test_senml_shared")
 
 
 def main(argv):

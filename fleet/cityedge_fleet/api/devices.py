@@ -93,7 +93,10 @@ def get_device(device_id: str, session: SessionDep, who: ReaderDep) -> DevicePub
 @router.patch("/{device_id}", response_model=DevicePublic)
 def update_device(device_id: str, body: DeviceUpdate, request: Request, session: SessionDep,
                   who: TechnicianDep) -> DevicePublic:
-    device = registry.update_device(session, device=_device(session, device_id), data=body)
+    try:
+        device = registry.update_device(session, device=_device(session, device_id), data=body)
+    except registry.ConflictError as e:  # a gateway that is not registered, or itself
+        raise HTTPException(409, str(e)) from e
     audit.append(session, actor=who.name, action="device.update", outcome=audit.OK,
                  target=device_id, source=client_address(request),
                  detail=body.model_dump(exclude_unset=True))

@@ -1,0 +1,105 @@
+"""Messages the ingest could not store even on their own, kept as received (dead letters).
+
+When a group's transaction fails, ``ingest_mqtt.MqttIngestWorker`` stores its messages one
+transaction each; a message that still fails alone (``ingest_attempts`` tries) is passed
+to ``keep``, which writes its topic and payload, its publisher and the error to
+``ingest_dead_letter`` with an ``IngestEvent`` (status ``dead_letter``), in a transaction
+of its own. The worker then acknowledges it: nothing acknowledged is lost, and no message
+holds back the ones after it. If ``keep`` fails too, the database is down, and the worker
+acknowledges nothing until it is back.
+
+``replay`` runs the kept messages through an ``Ingestor`` again, oldest first, once the
+cause is fixed, and deletes each one the ingest has now decided (stored or refused, with
+its event). A message's chain verdict is what it would have had arriving that late (a
+reordered batch, usually). From a shell on the fleet host::
+
+    python -c "from cityedge_fleet import ingest_dead_letter as d; d.replay_from_settings()"
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from cityedge_fleet.config import Settings
+from cityedge_fleet.db import make_engine
+from cityedge_fleet.ingest import DEAD_LETTER, Ingestor, Outcome, bounded_text, parse_topic
+from cityedge_fleet.models import IngestDeadLetter, IngestEvent
+
+log = logging.getLogger(__name__)
+
+
+def describe(error: BaseException) -> str:
+    """The error as a dead letter records it: its type and the database's own message
+    (``orig``), not SQLAlchemy's text, which repeats the statement's parameters."""
+    cause = getattr(error, "orig", None) or error
+    return bounded_text("%s: %s" % (type(cause).__name__, cause))
+
+
+def keep(engine: Engine, topic: str, payload: bytes, error: str, max_bytes: int) -> int:
+    """Store one message as a dead letter with its event; returns the row id. Raises only
+    if the database refuses this too (nothing in it comes from the message unbounded)."""
+    parsed = parse_topic(topic)
+    publisher = parsed[0] if parsed is not None else None
+    error = bounded_text(error)
+    with Session(engine) as session:
+        row = IngestDeadLetter(topic=topic.encode("utf-8", "replace"),
+                               payload=bytes(payload[:max_bytes]), size=len(payload),
+                               publisher=publisher, error=error)
+        session.add(row)
+        session.add(IngestEvent(device_id=publisher or "", status=DEAD_LETTER,
+                                detail=bounded_text("kept aside, %d bytes: %s"
+                                                    % (len(payload), error))))
+        session.commit()
+        assert row.id is not None
+        log.error("dead letter %d from %s (%d bytes): %s", row.id, publisher, len(payload),
+                  error)
+        return row.id
+
+
+def replay(ingestor: Ingestor, limit: int = 100) -> list[tuple[int, Outcome | str]]:
+    """Run up to ``limit`` dead letters through ``ingestor`` again, oldest first; returns
+    ``(id, outcome)`` for each one decided (and deleted) and ``(id, error)`` for each one
+    that fails again (kept, with the new error)."""
+    with Session(ingestor.engine) as session:
+        rows = session.exec(select(IngestDeadLetter).order_by(col(IngestDeadLetter.id))
+                            .limit(limit)).all()
+        letters = [(r.id, r.topic.decode("utf-8", "replace"), r.payload) for r in rows]
+    done: list[tuple[int, Outcome | str]] = []
+    for row_id, topic, payload in letters:
+        assert row_id is not None
+        try:
+            (outcome,) = ingestor.handle_many([(topic, payload)])
+        except Exception as e:  # still refused: keep it, with what happened this time
+            error = describe(e)
+            with Session(ingestor.engine) as session:
+                row = session.get(IngestDeadLetter, row_id)
+                if row is not None:
+                    row.error = error
+                    session.add(row)
+                    session.commit()
+            done.append((row_id, error))
+            continue
+        with Session(ingestor.engine) as session:  # a crash before this: replayed twice,
+            row = session.get(IngestDeadLetter, row_id)  # and the chain calls the second
+            if row is not None:  # a duplicate
+                session.delete(row)
+                session.commit()
+        done.append((row_id, outcome))
+    return done
+
+
+def replay_from_settings(limit: int = 100) -> list[tuple[int, Outcome | str]]:
+    """``replay`` with the fleet's settings (``CITYEDGE_*``), printing one line each."""
+    settings = Settings()
+    engine = make_engine(settings)
+    try:
+        done = replay(Ingestor(engine, settings), limit)
+    finally:
+        engine.dispose()
+    for row_id, result in done:
+        print("dead letter %d: %s" % (row_id, result if isinstance(result, str)
+                                      else "%s (%s)" % (result.status, result.device)))
+    return done
