@@ -1,4 +1,4 @@
-"""End to end through a real Mosquitto (TLS, client certificates, the production ACL) into
+"""End to end through a real Mosquitto (TLS, client certificates, the production rules) into
 SQLite and PostgreSQL: one device publishes poison batches (signed SenML the database
 could not store), another relays a captured batch of a device that is not its node, and
 one batch hits a row the database refuses (a trigger); good devices and a gateway with its
@@ -86,6 +86,7 @@ def test_hostile_publishers_through_the_broker_delay_nobody(
     node = enroll_device(api, 6, gateway=gw.id)
     refuse_rows(api.engine, "reading", "NEW.name = 'boom'")
     worker = _start(api, ingest_settings, workers)
+    mosquitto.grant(*(d.id for d in (a, b, poisoner, thief, gw)))  # what enrollment does
     pubs = {d.id: Publisher(pki, mosquitto, d.id) for d in (a, b, poisoner, thief, gw)}
     kinds = ["bignum", "nul-in-vs", "nan", "value-overflow", "unit-over-column"]
     try:
