@@ -156,6 +156,14 @@ class MqttIngestWorker:
                 if attempt < self.limits.ingest_attempts:
                     time.sleep(self.limits.ingest_retry_s * attempt)
             if error is not None:
+                # a poison message, or a database that is going down or coming back? Only
+                # when the database takes a transaction now and the message still fails
+                # right after is it the message (a database starting up failed the
+                # message's tries and then took its dead letter)
+                if not self._database_up():
+                    return pending[i:]
+                error = self._try([(topic, payload)])
+            if error is not None:
                 try:
                     ingest_dead_letter.keep(self.ingestor.engine, topic, payload, error,
                                             self.limits.ingest_dead_letter_max_bytes)
@@ -165,6 +173,16 @@ class MqttIngestWorker:
                 self.dead_letters += 1
             self._acknowledge([msg])
         return []
+
+    def _database_up(self) -> bool:
+        """True if the database takes a (write) transaction now."""
+        try:
+            with self.ingestor.engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite
+                conn.exec_driver_sql("SELECT 1")
+        except Exception as e:
+            log.warning("database not taking transactions: %s", ingest_dead_letter.describe(e))
+            return False
+        return True
 
     def _try(self, messages: list[tuple[str, bytes]]) -> str | None:
         """One transaction; None if it committed, else what went wrong."""
