@@ -6,6 +6,7 @@ Errors the operator can fix raise ``FleetCliError`` (a ``CityedgeError``), which
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +17,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from cityedge_core.errors import LocalError
-from cityedge_fleet.config import Settings
+from cityedge_fleet.config import ENV_FILE_VARIABLE, Settings, describe_errors, env_file_from
 
 fleet_app = typer.Typer(help="Fleet service: API, ingest, tokens.", no_args_is_help=True)
 ca_app = typer.Typer(help="Certificate authority: offline root, online intermediate.",
@@ -30,11 +31,19 @@ class FleetCliError(LocalError):
 
 
 def load_settings() -> Settings:
+    """The settings from ``CITYEDGE_*`` (and the file ``CITYEDGE_ENV_FILE`` names, said on
+    stderr); every problem is listed at once, naming its variable."""
     try:
-        return Settings()
+        env_file = env_file_from(os.environ)
+    except ValueError as e:
+        raise FleetCliError("fleet settings: %s" % e) from e
+    if env_file is not None:
+        print("cityedge: fleet settings: reading %s (%s)" % (env_file, ENV_FILE_VARIABLE),
+              file=sys.stderr)
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
     except ValidationError as e:
-        msgs = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
-        raise FleetCliError("fleet settings: %s" % msgs) from e
+        raise FleetCliError("fleet settings: %s" % "; ".join(describe_errors(e))) from e
 
 
 def _engine(settings: Settings) -> Engine:

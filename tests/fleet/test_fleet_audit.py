@@ -28,7 +28,8 @@ def _fill(api: Api, n: int = 6) -> None:
 
 
 def _cli_verify(api: Api, anchor: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, CITYEDGE_DATABASE_URL=api.settings.database_url,
+    env = dict(os.environ, CITYEDGE_MODE="development",
+               CITYEDGE_DATABASE_URL=api.settings.database_url,
                CITYEDGE_CA_DIR=str(api.settings.ca_dir))
     if anchor:
         env["CITYEDGE_AUDIT_ANCHOR_FILE"] = str(api.settings.audit_anchor_file)
