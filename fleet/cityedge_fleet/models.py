@@ -131,8 +131,9 @@ class DeviceCreate(DeviceBase):
     def _urn(cls, value: str) -> str:
         try:
             batchmod.check_device_id(value)
-        except MalformedError as e:
-            raise ValueError(str(e).replace("batch: ", "")) from e
+        except MalformedError as e:  # its message quotes the value: a 422 never echoes input
+            raise ValueError("must be an RFC 9039 urn:dev: name of letters, digits and "
+                             "- . _ : only") from e
         return value
 
     @field_validator("tags")

@@ -7,6 +7,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from cityedge_fleet import audit, enrollment
 from cityedge_fleet.api.deps import CaDep, SettingsDep, TechnicianDep
+from cityedge_fleet.api.errors import invalid
 from cityedge_fleet.auth import client_address
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
@@ -28,7 +29,7 @@ def create_enrollment_token(body: EnrollmentTokenCreate, request: Request,
     lim = settings.limits
     ttl = body.ttl_s or lim.enroll_token_ttl_s
     if ttl > lim.enroll_token_max_ttl_s:
-        raise HTTPException(422, "ttl_s may be at most %d" % lim.enroll_token_max_ttl_s)
+        raise invalid(["body", "ttl_s"], "ttl_s may be at most %d" % lim.enroll_token_max_ttl_s)
     row, token = enrollment.issue_token(session, serial=body.serial, ttl_s=ttl,
                                         created_by=who.name)
     audit.append(session, actor=who.name, action="enroll.token", outcome=audit.OK,
