@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -142,12 +143,33 @@ class DeviceCreate(DeviceBase):
         return _check_tags(value) or []
 
 
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    for prop in schema.get("properties", {}).values():
+        if prop.get("default", "") is None:
+            del prop["default"]
+
+
 class DeviceUpdate(InputModel):
-    model: str | None = Field(default=None, min_length=1, max_length=TEXT_MAX)
-    hardware_class: str | None = Field(default=None, min_length=1, max_length=TEXT_MAX)
-    site: str | None = Field(default=None, max_length=TEXT_MAX)
-    firmware_version: str | None = Field(default=None, max_length=TEXT_MAX)
-    tags: list[str] | None = None
+    """The fields to change: a field left out keeps its value; null is refused."""
+
+    # None is only Python's "left out": SkipJsonSchema and _no_null_defaults keep it out of
+    # the schema, _not_null refuses it on the wire (the columns hold text: a null was a 500)
+    model_config = {"json_schema_extra": _no_null_defaults}
+
+    model: str | SkipJsonSchema[None] = Field(default=None, min_length=1, max_length=TEXT_MAX)
+    hardware_class: str | SkipJsonSchema[None] = Field(default=None, min_length=1,
+                                                       max_length=TEXT_MAX)
+    site: str | SkipJsonSchema[None] = Field(default=None, max_length=TEXT_MAX)
+    firmware_version: str | SkipJsonSchema[None] = Field(default=None, max_length=TEXT_MAX)
+    tags: list[str] | SkipJsonSchema[None] = None
+
+    @field_validator("model", "hardware_class", "site", "firmware_version", "tags",
+                     mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null; leave the field out to keep its value")
+        return value
 
     @field_validator("tags")
     @classmethod

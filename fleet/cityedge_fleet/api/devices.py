@@ -1,11 +1,15 @@
 """The registry over HTTP: register, list and filter, update, change lifecycle state,
-see and revoke credentials, read verified readings and ingest events."""
+see and revoke credentials, read verified readings and ingest events.
+
+The OpenAPI links say which answer feeds which request (a registered device's id to its
+other operations).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from sqlmodel import Session, col, select
@@ -42,6 +46,27 @@ router = APIRouter(prefix="/devices", tags=["devices"])
 PAGE_MAX = 500  # rows: FleetLimits.page_max (a Query bound must be a constant)
 
 
+def _device_links(source: str) -> dict[str, Any]:
+    """OpenAPI links from an answer naming a device (``source``: where its id is) to the
+    operations on that device."""
+    ops = {"GetDevice": ("", "get"), "UpdateDevice": ("", "patch"),
+           "ChangeState": ("~1state", "post"), "ListCredentials": ("~1credentials", "get"),
+           "ListReadings": ("~1readings", "get"), "ListEvents": ("~1events", "get")}
+    return {name: {"operationRef": "#/paths/~1devices~1{device_id}%s/%s" % (tail, method),
+                   "parameters": {"device_id": source}}
+            for name, (tail, method) in ops.items()}
+
+
+REGISTERED_LINKS = {
+    **_device_links("$response.body#/id"),
+    "IssueEnrollmentToken": {"operationRef": "#/paths/~1enrollment~1tokens/post",
+                             "requestBody": {"serial": "$response.body#/serial"}},
+}
+CREDENTIAL_LINKS = {"RevokeCredential": {
+    "operationRef": "#/paths/~1devices~1{device_id}~1credentials~1{serial}~1revoke/post",
+    "parameters": {"device_id": "$request.path.device_id", "serial": "$response.body#/0/serial"}}}
+
+
 def _device(session: Session, device_id: str) -> Device:
     device = session.get(Device, device_id)
     if device is None:
@@ -49,7 +74,8 @@ def _device(session: Session, device_id: str) -> Device:
     return device
 
 
-@router.post("", response_model=DevicePublic, status_code=201)
+@router.post("", response_model=DevicePublic, status_code=201,
+             responses={201: {"links": REGISTERED_LINKS}})
 def register_device(body: DeviceCreate, request: Request, session: SessionDep,
                     who: TechnicianDep) -> DevicePublic:
     try:
@@ -57,12 +83,14 @@ def register_device(body: DeviceCreate, request: Request, session: SessionDep,
     except registry.ConflictError as e:
         raise HTTPException(409, str(e)) from e
     audit.append(session, actor=who.name, action="device.register", outcome=audit.OK,
-                 target=body.id, source=client_address(request), detail={"serial": body.serial})
+                 target=body.id, source=client_address(request),
+                 detail={"serial": body.serial})
     session.commit()
     return registry.to_public(session, [device])[0]
 
 
-@router.get("", response_model=DevicesPublic)
+@router.get("", response_model=DevicesPublic,
+            responses={200: {"links": _device_links("$response.body#/data/0/id")}})
 def list_devices(
     session: SessionDep,
     settings: SettingsDep,
@@ -118,7 +146,8 @@ def change_state(device_id: str, body: StateChange, request: Request, session: S
     return registry.to_public(session, [device])[0]
 
 
-@router.get("/{device_id}/credentials", response_model=list[CredentialPublic])
+@router.get("/{device_id}/credentials", response_model=list[CredentialPublic],
+            responses={200: {"links": CREDENTIAL_LINKS}})
 def list_credentials(device_id: str, session: SessionDep, who: ReaderDep
                      ) -> Sequence[Credential]:
     _device(session, device_id)

@@ -22,7 +22,14 @@ from cityedge_fleet.models import (
 router = APIRouter(tags=["enrollment"])
 
 
-@router.post("/enrollment/tokens", response_model=EnrollmentTokenCreated, status_code=201)
+TOKEN_BODY = {"serial": "$response.body#/serial", "token": "$response.body#/token"}
+
+
+@router.post("/enrollment/tokens", response_model=EnrollmentTokenCreated, status_code=201,
+             responses={201: {"links": {
+                 "Enroll": {"operationRef": "#/paths/~1enroll/post", "requestBody": TOKEN_BODY},
+                 "EnrollWithTicket": {"operationRef": "#/paths/~1enroll~1ticket/post",
+                                      "requestBody": TOKEN_BODY}}}})
 def create_enrollment_token(body: EnrollmentTokenCreate, request: Request,
                             session: SessionDep, settings: SettingsDep,
                             who: TechnicianDep) -> EnrollmentTokenCreated:

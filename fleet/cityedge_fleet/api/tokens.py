@@ -23,7 +23,13 @@ from cityedge_fleet.models import (
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 
 
-@router.post("", response_model=ApiTokenCreated, status_code=201)
+REVOKE_LINK = {"RevokeToken": {
+    "operationRef": "#/paths/~1tokens~1{token_id}~1revoke/post",
+    "parameters": {"token_id": "$response.body#/id"}}}
+
+
+@router.post("", response_model=ApiTokenCreated, status_code=201,
+             responses={201: {"links": REVOKE_LINK}})
 def create_token(body: ApiTokenCreate, request: Request, session: SessionDep,
                  who: AdminDep) -> ApiTokenCreated:
     row, token = create_api_token(session, name=body.name, role=body.role, created_by=who.name)
