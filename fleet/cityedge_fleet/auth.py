@@ -13,6 +13,9 @@ stay limited. Guessing a token is not what the limit prevents (256 random bits);
 the audit log and the database from being flooded. The client address is the TCP peer,
 or, when that peer is one of ``CITYEDGE_TRUSTED_PROXIES``, the address those proxies
 forwarded (``forwarded_client``).
+
+A technician token may be scoped to sites (``ApiToken.sites``; empty = unscoped):
+``Principal.may_act_at`` is the whole rule, ``require_sites`` applies it for a route.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
@@ -52,6 +55,18 @@ class Principal:
     name: str
     role: Role
     token_id: int
+    sites: frozenset[str] = field(default_factory=frozenset)  # empty: not scoped
+
+    def may_act_at(self, site: str | None) -> bool:
+        """The scope rule: an unscoped token acts wherever its role allows; a scoped one
+        only at its sites (``None``: no site is known, e.g. an unregistered serial)."""
+        if not self.sites:
+            return True
+        return site is not None and site in self.sites
+
+    def scope_detail(self) -> dict[str, Any]:
+        """What an audit row's detail says of the caller's scope (nothing when unscoped)."""
+        return {"scope": sorted(self.sites)} if self.sites else {}
 
 
 def _in_networks(host: str, networks: Sequence[IpNetwork]) -> bool:
@@ -85,11 +100,12 @@ def client_address(request: Request) -> str:
     return forwarded_client(peer, request.headers.getlist("x-forwarded-for"), trusted)
 
 
-def create_api_token(session: Session, *, name: str, role: Role, created_by: str) -> tuple[
-        ApiToken, str]:
+def create_api_token(session: Session, *, name: str, role: Role, created_by: str,
+                     sites: Iterable[str] = ()) -> tuple[ApiToken, str]:
     """Store a new token's hash; returns the row and the token (to show once)."""
     token = new_token()
-    row = ApiToken(name=name, role=role, token_hash=hash_token(token), created_by=created_by)
+    row = ApiToken(name=name, role=role, token_hash=hash_token(token), created_by=created_by,
+                   sites=sorted(set(sites)))
     session.add(row)
     session.flush()
     return row, token
@@ -124,7 +140,8 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
     row = _lookup(session, token.strip())
     if row is None or row.id is None:
         raise _refuse(request, session, "invalid or revoked token")
-    return Principal(name=row.name, role=Role(row.role), token_id=row.id)
+    return Principal(name=row.name, role=Role(row.role), token_id=row.id,
+                     sites=frozenset(row.sites))
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
@@ -152,3 +169,17 @@ def allowed_roles_of(dependency: Any) -> frozenset[Role] | None:
     roles = getattr(dependency, "allowed_roles", None)
     return roles if isinstance(roles, frozenset) else None
 
+
+def require_sites(request: Request, session: Session, who: Principal,
+                  sites: Iterable[str | None], *, action: str, target: str,
+                  refusal: str) -> None:
+    """Refuse (403, audited with the caller's scope) unless ``who`` may act at every one of
+    ``sites``. Call it before changing anything: the audit row is committed at once."""
+    outside = [site for site in sites if not who.may_act_at(site)]
+    if not outside:
+        return
+    audit.record(session, actor=who.name, action=action, outcome=audit.DENIED, target=target,
+                 source=client_address(request),
+                 detail={**who.scope_detail(), "sites": list(dict.fromkeys(outside))})
+    raise HTTPException(status.HTTP_403_FORBIDDEN, "%s (this token is scoped to sites: %s)"
+                        % (refusal, ", ".join(sorted(who.sites))))

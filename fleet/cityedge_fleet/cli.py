@@ -89,25 +89,37 @@ def ingest_command() -> None:
 def create_token_command(
     name: Annotated[str, typer.Option(help="Who the token is for.")],
     role: Annotated[str, typer.Option(help="Role: admin, security, technician, ...")] = "admin",
+    site: Annotated[list[str] | None, typer.Option(
+        help="Scope a technician token to this site (repeatable); none: every site.")] = None,
 ) -> None:
     """Create an API token (the bootstrap admin token); it is printed once, never stored."""
     from cityedge_fleet import audit
     from cityedge_fleet.auth import create_api_token
-    from cityedge_fleet.models import Role
+    from cityedge_fleet.models import ApiTokenCreate, Role
 
     try:
         role_ = Role(role)
     except ValueError as e:
         raise FleetCliError("unknown role %r; one of: %s"
                             % (role, ", ".join(r.value for r in Role))) from e
+    try:
+        wanted = ApiTokenCreate(name=name, role=role_, sites=list(site or ()))
+    except ValidationError as e:
+        raise FleetCliError("create-token: %s" % "; ".join(
+            str(err["msg"]).removeprefix("Value error, ") for err in e.errors())) from e
     settings = load_settings()
     with Session(_engine(settings)) as session:
-        row, token = create_api_token(session, name=name, role=role_, created_by="cli")
+        row, token = create_api_token(session, name=wanted.name, role=role_, created_by="cli",
+                                      sites=wanted.sites)
+        detail: dict[str, object] = {"role": role_.value, "id": row.id}
+        if wanted.sites:
+            detail["sites"] = wanted.sites
         audit.append(session, actor="cli", action="token.create", outcome=audit.OK,
-                     target=name, source="local", detail={"role": role_.value, "id": row.id})
+                     target=name, source="local", detail=detail)
         session.commit()
     print(token)
-    print("cityedge: token for %s (%s) printed once; store it now" % (name, role_.value),
+    scope = " at sites %s" % ", ".join(wanted.sites) if wanted.sites else ""
+    print("cityedge: token for %s (%s%s) printed once; store it now" % (name, role_.value, scope),
           file=sys.stderr)
 
 

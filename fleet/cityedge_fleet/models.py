@@ -13,11 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import field_validator, model_validator
+from pydantic import StringConstraints, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
-from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, Text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, LargeBinary, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import AutoString, Field, SQLModel
@@ -27,6 +27,8 @@ from cityedge_core.errors import MalformedError
 
 TEXT_MAX = 128  # characters of serial, model, site, tag, names (FleetLimits.text_max_chars)
 ID_MAX = 2**31 - 1  # largest integer row id (PostgreSQL INTEGER)
+SITES_MAX = 64  # sites one technician token may be scoped to (FleetLimits.token_sites_max)
+SiteName = Annotated[str, StringConstraints(min_length=1, max_length=TEXT_MAX)]
 # control characters other than tab and newlines (PEM needs those); PostgreSQL cannot store
 # NUL in text at all, and none of them belongs in a name, serial or tag
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -251,10 +253,25 @@ class CredentialPublic(CredentialBase):
 class ApiTokenBase(InputModel):
     name: str = Field(min_length=1, max_length=TEXT_MAX)
     role: Role = Field(sa_type=AutoString(32))
+    # a technician token scoped to these sites (``auth.Principal.may_act_at``); empty:
+    # unscoped, as every other role
+    sites: list[str] = Field(default_factory=list, sa_type=JSON)
 
 
 class ApiTokenCreate(ApiTokenBase):
-    pass
+    sites: list[SiteName] = Field(default_factory=list, max_length=SITES_MAX, description=(
+        "technician tokens only: the sites it may register, change and enroll devices at"))
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, value: list[str]) -> list[str]:
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _scope_is_for_technicians(self) -> ApiTokenCreate:
+        if self.sites and self.role != Role.technician:
+            raise ValueError("sites scope technician tokens only, not %s" % self.role.value)
+        return self
 
 
 class ApiToken(ApiTokenBase, table=True):

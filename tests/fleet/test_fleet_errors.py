@@ -57,6 +57,9 @@ def test_a_validator_that_quotes_the_value_is_not_echoed(api: Api) -> None:
                         headers=api.headers(Role.technician))
     _assert_no_echo(r, SECRET)
     assert r.json()["detail"][0]["loc"] == ["body", "id"]
+    r = api.client.post("/tokens", json={"name": SECRET, "role": "admin", "sites": [SECRET]},
+                        headers=api.headers(Role.admin))
+    _assert_no_echo(r, SECRET)
 
 
 def test_a_422_a_route_raises_itself_has_the_same_shape(api: Api) -> None:

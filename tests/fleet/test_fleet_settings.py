@@ -174,6 +174,7 @@ def test_migrations_create_every_table_and_are_idempotent(db_url: str, tmp_path:
             "ingest_event", "alembic_version"} <= tables
     indexes = {ix["name"] for ix in inspect(engine).get_indexes("device")}
     assert {"ix_device_state", "ix_device_hardware_class", "ix_device_site"} <= indexes
+    assert "sites" in {c["name"] for c in inspect(engine).get_columns("api_token")}
     engine.dispose()
 
 

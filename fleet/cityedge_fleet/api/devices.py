@@ -1,8 +1,9 @@
 """The registry over HTTP: register, list and filter, update, change lifecycle state,
 see and revoke credentials, read verified readings and ingest events.
 
-The OpenAPI links say which answer feeds which request (a registered device's id to its
-other operations).
+A technician token scoped to sites registers devices only at those sites, and changes only
+devices there without moving them elsewhere (``auth.require_sites``). The OpenAPI links
+say which answer feeds which request (a registered device's id to its other operations).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cityedge_fleet.api.deps import (
     SettingsDep,
     TechnicianDep,
 )
-from cityedge_fleet.auth import client_address
+from cityedge_fleet.auth import client_address, require_sites
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
     Credential,
@@ -65,6 +66,8 @@ REGISTERED_LINKS = {
 CREDENTIAL_LINKS = {"RevokeCredential": {
     "operationRef": "#/paths/~1devices~1{device_id}~1credentials~1{serial}~1revoke/post",
     "parameters": {"device_id": "$request.path.device_id", "serial": "$response.body#/0/serial"}}}
+SCOPE_REFUSAL = ("a technician token scoped to sites registers and changes devices only "
+                 "at those sites, and does not move them elsewhere")
 
 
 def _device(session: Session, device_id: str) -> Device:
@@ -78,13 +81,15 @@ def _device(session: Session, device_id: str) -> Device:
              responses={201: {"links": REGISTERED_LINKS}})
 def register_device(body: DeviceCreate, request: Request, session: SessionDep,
                     who: TechnicianDep) -> DevicePublic:
+    require_sites(request, session, who, [body.site], action="device.register",
+                  target=body.id, refusal=SCOPE_REFUSAL)
     try:
         device = registry.create_device(session, data=body)
     except registry.ConflictError as e:
         raise HTTPException(409, str(e)) from e
     audit.append(session, actor=who.name, action="device.register", outcome=audit.OK,
                  target=body.id, source=client_address(request),
-                 detail={"serial": body.serial})
+                 detail={"serial": body.serial, **who.scope_detail()})
     session.commit()
     return registry.to_public(session, [device])[0]
 
@@ -119,10 +124,14 @@ def get_device(device_id: str, session: SessionDep, who: ReaderDep) -> DevicePub
 @router.patch("/{device_id}", response_model=DevicePublic)
 def update_device(device_id: str, body: DeviceUpdate, request: Request, session: SessionDep,
                   who: TechnicianDep) -> DevicePublic:
-    device = registry.update_device(session, device=_device(session, device_id), data=body)
+    device = _device(session, device_id)
+    require_sites(request, session, who, [device.site, *([body.site] if body.site is not None
+                                                        else [])],
+                  action="device.update", target=device_id, refusal=SCOPE_REFUSAL)
+    device = registry.update_device(session, device=device, data=body)
     audit.append(session, actor=who.name, action="device.update", outcome=audit.OK,
                  target=device_id, source=client_address(request),
-                 detail=body.model_dump(exclude_unset=True))
+                 detail={**body.model_dump(exclude_unset=True), **who.scope_detail()})
     session.commit()
     return registry.to_public(session, [device])[0]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from cityedge_fleet import audit, enrollment
+from cityedge_fleet import audit, enrollment, registry
 from cityedge_fleet.api.deps import CaDep, SettingsDep, TechnicianDep
 from cityedge_fleet.api.errors import invalid
-from cityedge_fleet.auth import client_address
+from cityedge_fleet.auth import client_address, require_sites
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
     EnrollmentTokenCreate,
@@ -33,15 +33,24 @@ TOKEN_BODY = {"serial": "$response.body#/serial", "token": "$response.body#/toke
 def create_enrollment_token(body: EnrollmentTokenCreate, request: Request,
                             session: SessionDep, settings: SettingsDep,
                             who: TechnicianDep) -> EnrollmentTokenCreated:
+    """A one-time token for ``serial``. A technician token scoped to sites gets one only
+    for a serial registered at one of them (the same refusal for an unregistered serial
+    and for one elsewhere); an unscoped one for any serial."""
     lim = settings.limits
     ttl = body.ttl_s or lim.enroll_token_ttl_s
     if ttl > lim.enroll_token_max_ttl_s:
         raise invalid(["body", "ttl_s"], "ttl_s may be at most %d" % lim.enroll_token_max_ttl_s)
+    if who.sites:
+        device = registry.get_by_serial(session, body.serial)
+        require_sites(request, session, who, [device.site if device is not None else None],
+                      action="enroll.token", target=body.serial,
+                      refusal="serial %s is not registered at a site of this token"
+                      % body.serial)
     row, token = enrollment.issue_token(session, serial=body.serial, ttl_s=ttl,
                                         created_by=who.name)
     audit.append(session, actor=who.name, action="enroll.token", outcome=audit.OK,
                  target=body.serial, source=client_address(request),
-                 detail={"ttl_s": ttl, "id": row.id})
+                 detail={"ttl_s": ttl, "id": row.id, **who.scope_detail()})
     session.commit()
     return EnrollmentTokenCreated(serial=body.serial, token=token, expires_at=row.expires_at)
 

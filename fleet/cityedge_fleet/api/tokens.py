@@ -1,4 +1,5 @@
-"""API tokens: an admin creates (shown once), lists and revokes them."""
+"""API tokens: an admin creates (shown once), lists and revokes them. A technician token
+may be scoped to sites (``sites``; see ``auth.Principal.may_act_at``)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,13 @@ REVOKE_LINK = {"RevokeToken": {
              responses={201: {"links": REVOKE_LINK}})
 def create_token(body: ApiTokenCreate, request: Request, session: SessionDep,
                  who: AdminDep) -> ApiTokenCreated:
-    row, token = create_api_token(session, name=body.name, role=body.role, created_by=who.name)
+    row, token = create_api_token(session, name=body.name, role=body.role, created_by=who.name,
+                                  sites=body.sites)
+    detail: dict[str, object] = {"role": body.role.value, "id": row.id}
+    if body.sites:
+        detail["sites"] = body.sites
     audit.append(session, actor=who.name, action="token.create", outcome=audit.OK,
-                 target=body.name, source=client_address(request),
-                 detail={"role": body.role.value, "id": row.id})
+                 target=body.name, source=client_address(request), detail=detail)
     session.commit()
     return ApiTokenCreated.model_validate(row, update={"token": token})
 
