@@ -154,7 +154,7 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
                   "id, CRL, per-identity rules (dynamic security plugin)" % port)
 
         api_port = free_port()
-        env = dict(os.environ,
+        env = dict(os.environ, CITYEDGE_MODE="development",
                    CITYEDGE_DATABASE_URL="sqlite:///%s" % (work / "fleet.sqlite3"),
                    CITYEDGE_CA_DIR=str(work / "ca"),
                    CITYEDGE_BROKER_URL="mqtts://127.0.0.1:%d" % port,

@@ -3,16 +3,24 @@
 The factory opens the database, applies the migrations, creates the rate limiters and
 mounts the routers. It does not start the ingest worker or the CRL refresher: ``fleet
 serve`` does (``cityedge_fleet.serve``), so tests can build an app without MQTT.
+
+Every request passes the body limit of its route first (``body_limits``: 413 before a
+body is parsed), then the URL text rule; validation errors never echo the input
+(``api.errors``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cityedge_fleet.api import audit_routes, devices, enroll_routes, enroll_ticket, tokens
+from cityedge_fleet.api import audit_routes, devices, enroll_routes, enroll_ticket, errors, tokens
+from cityedge_fleet.body_limits import BodyLimits, route_limits
 from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import make_engine, migrate
@@ -38,6 +46,8 @@ def create_app(settings: Settings) -> FastAPI:
         title="cityedge fleet",
         summary="Device registry, CA, gated enrollment, audit log and verified readings.",
         version="0.1.0",
+        exception_handlers={RequestValidationError: errors.validation_error,
+                            StarletteHTTPException: errors.http_error},
     )
     lim = settings.limits
     app.state.settings = settings
@@ -50,6 +60,15 @@ def create_app(settings: Settings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
 
+    make_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = errors.public_openapi(make_openapi)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.middleware("http")
     async def refuse_control_characters(
             request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -59,4 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
             return JSONResponse({"detail": "control characters in the URL"}, status_code=400)
         return await call_next(request)
 
+    # added last, so it is the outermost of our middleware: no byte of a body over its
+    # route's limit reaches anything else
+    app.add_middleware(BodyLimits, default=lim.body_max_bytes, routes=route_limits(lim))
     return app

@@ -3,27 +3,41 @@
 A token is 32 random bytes (URL-safe base64), shown once when created; the database keeps
 only its SHA-256, compared in constant time. A request authenticates with
 ``Authorization: Bearer <token>``. Endpoints declare their roles with
-``Depends(require_role(Role.technician, ...))``; ``admin`` may call everything. Failed
-authentications are rate-limited per client address and audited; a wrong role is 403.
+``Depends(require_role(Role.technician, ...))``; ``admin`` may call everything; a wrong
+role is 403.
+
+Failed authentications, not successful ones, are rate-limited per client address and
+audited: a valid token is always accepted, even from an address that failed many times
+(behind a reverse proxy every client may share one address), while that address's failures
+stay limited. Guessing a token is not what the limit prevents (256 random bits); it keeps
+the audit log and the database from being flooded. The client address is the TCP peer,
+or, when that peer is one of ``CITYEDGE_TRUSTED_PROXIES``, the address those proxies
+forwarded (``forwarded_client``).
+
+A technician token may be scoped to sites (``ApiToken.sites``; empty = unscoped):
+``Principal.may_act_at`` is the whole rule, ``require_sites`` applies it for a route.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from sqlmodel import Session, select
 
 from cityedge_fleet import audit
+from cityedge_fleet.config import IpNetwork
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import ApiToken, Role
 
 TOKEN_BYTES = 32  # bytes of randomness in an API or enrollment token
+ADDRESS_MAX_CHARS = 64  # characters of a client address kept (the audit row's source)
 
 
 def new_token() -> str:
@@ -41,17 +55,57 @@ class Principal:
     name: str
     role: Role
     token_id: int
+    sites: frozenset[str] = field(default_factory=frozenset)  # empty: not scoped
+
+    def may_act_at(self, site: str | None) -> bool:
+        """The scope rule: an unscoped token acts wherever its role allows; a scoped one
+        only at its sites (``None``: no site is known, e.g. an unregistered serial)."""
+        if not self.sites:
+            return True
+        return site is not None and site in self.sites
+
+    def scope_detail(self) -> dict[str, Any]:
+        """What an audit row's detail says of the caller's scope (nothing when unscoped)."""
+        return {"scope": sorted(self.sites)} if self.sites else {}
+
+
+def _in_networks(host: str, networks: Sequence[IpNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # not an address (a name, garbage): never a trusted proxy
+    return any(address in net for net in networks)
+
+
+def forwarded_client(peer: str, forwarded_for: Sequence[str],
+                     trusted: Sequence[IpNetwork]) -> str:
+    """The client's address: ``peer`` unless it is a trusted proxy; then, walking the
+    ``X-Forwarded-For`` hops from the right (each proxy appends the address it saw), the
+    first that is not a trusted proxy. Whatever a client writes itself stays left of that
+    hop, so it cannot choose the answer. The same rule as uvicorn's proxy headers."""
+    if not trusted or not _in_networks(peer, trusted):
+        return peer[:ADDRESS_MAX_CHARS]
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+    hops = [hop for hop in hops if hop]
+    for hop in reversed(hops):
+        if not _in_networks(hop, trusted):
+            return hop[:ADDRESS_MAX_CHARS]
+    return (hops[0] if hops else peer)[:ADDRESS_MAX_CHARS]  # a chain of our own proxies
 
 
 def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    """The address audit rows and rate limits use (see ``forwarded_client``)."""
+    peer = request.client.host if request.client else "unknown"
+    trusted: list[IpNetwork] = request.app.state.settings.trusted_proxies
+    return forwarded_client(peer, request.headers.getlist("x-forwarded-for"), trusted)
 
 
-def create_api_token(session: Session, *, name: str, role: Role, created_by: str) -> tuple[
-        ApiToken, str]:
+def create_api_token(session: Session, *, name: str, role: Role, created_by: str,
+                     sites: Iterable[str] = ()) -> tuple[ApiToken, str]:
     """Store a new token's hash; returns the row and the token (to show once)."""
     token = new_token()
-    row = ApiToken(name=name, role=role, token_hash=hash_token(token), created_by=created_by)
+    row = ApiToken(name=name, role=role, token_hash=hash_token(token), created_by=created_by,
+                   sites=sorted(set(sites)))
     session.add(row)
     session.flush()
     return row, token
@@ -66,6 +120,8 @@ def _lookup(session: Session, token: str) -> ApiToken | None:
 
 
 def _refuse(request: Request, session: Session, why: str) -> HTTPException:
+    """A failed authentication: takes one from the address's bucket (429 once empty, not
+    audited again: the audit log is what a flood would fill), audited, 401."""
     source = client_address(request)
     limiter = request.app.state.auth_limiter
     if not limiter.take(source):
@@ -77,9 +133,6 @@ def _refuse(request: Request, session: Session, why: str) -> HTTPException:
 
 
 def current_principal(request: Request, session: SessionDep) -> Principal:
-    source = client_address(request)
-    if not request.app.state.auth_limiter.allowed(source):
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many failed logins")
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -87,7 +140,8 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
     row = _lookup(session, token.strip())
     if row is None or row.id is None:
         raise _refuse(request, session, "invalid or revoked token")
-    return Principal(name=row.name, role=Role(row.role), token_id=row.id)
+    return Principal(name=row.name, role=Role(row.role), token_id=row.id,
+                     sites=frozenset(row.sites))
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
@@ -114,3 +168,18 @@ def require_role(*roles: Role) -> Callable[..., Principal]:
 def allowed_roles_of(dependency: Any) -> frozenset[Role] | None:
     roles = getattr(dependency, "allowed_roles", None)
     return roles if isinstance(roles, frozenset) else None
+
+
+def require_sites(request: Request, session: Session, who: Principal,
+                  sites: Iterable[str | None], *, action: str, target: str,
+                  refusal: str) -> None:
+    """Refuse (403, audited with the caller's scope) unless ``who`` may act at every one of
+    ``sites``. Call it before changing anything: the audit row is committed at once."""
+    outside = [site for site in sites if not who.may_act_at(site)]
+    if not outside:
+        return
+    audit.record(session, actor=who.name, action=action, outcome=audit.DENIED, target=target,
+                 source=client_address(request),
+                 detail={**who.scope_detail(), "sites": list(dict.fromkeys(outside))})
+    raise HTTPException(status.HTTP_403_FORBIDDEN, "%s (this token is scoped to sites: %s)"
+                        % (refusal, ", ".join(sorted(who.sites))))

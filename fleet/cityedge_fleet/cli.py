@@ -6,6 +6,7 @@ Errors the operator can fix raise ``FleetCliError`` (a ``CityedgeError``), which
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -16,7 +17,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from cityedge_core.errors import LocalError
-from cityedge_fleet.config import Settings
+from cityedge_fleet.config import ENV_FILE_VARIABLE, Settings, describe_errors, env_file_from
 
 if TYPE_CHECKING:
     from cityedge_fleet.models import AuditVerifyResult
@@ -33,11 +34,19 @@ class FleetCliError(LocalError):
 
 
 def load_settings() -> Settings:
+    """The settings from ``CITYEDGE_*`` (and the file ``CITYEDGE_ENV_FILE`` names, said on
+    stderr); every problem is listed at once, naming its variable."""
     try:
-        return Settings()
+        env_file = env_file_from(os.environ)
+    except ValueError as e:
+        raise FleetCliError("fleet settings: %s" % e) from e
+    if env_file is not None:
+        print("cityedge: fleet settings: reading %s (%s)" % (env_file, ENV_FILE_VARIABLE),
+              file=sys.stderr)
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
     except ValidationError as e:
-        msgs = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
-        raise FleetCliError("fleet settings: %s" % msgs) from e
+        raise FleetCliError("fleet settings: %s" % "; ".join(describe_errors(e))) from e
 
 
 def _engine(settings: Settings) -> Engine:
@@ -79,29 +88,53 @@ def ingest_command() -> None:
     worker.run_forever()
 
 
+@fleet_app.command("replay-dead-letters")
+def replay_dead_letters_command(
+    limit: Annotated[int, typer.Option(min=1, max=10_000,
+                                       help="Dead letters to replay, oldest first.")] = 100,
+) -> None:
+    """Run the ingest again on messages kept as dead letters (once their cause is fixed);
+    each one stored is removed, each one still refused is kept with its new error."""
+    from cityedge_fleet.ingest_dead_letter import replay_from_settings
+
+    replay_from_settings(load_settings(), limit)
+
+
 @fleet_app.command("create-token")
 def create_token_command(
     name: Annotated[str, typer.Option(help="Who the token is for.")],
     role: Annotated[str, typer.Option(help="Role: admin, security, technician, ...")] = "admin",
+    site: Annotated[list[str] | None, typer.Option(
+        help="Scope a technician token to this site (repeatable); none: every site.")] = None,
 ) -> None:
     """Create an API token (the bootstrap admin token); it is printed once, never stored."""
     from cityedge_fleet import audit
     from cityedge_fleet.auth import create_api_token
-    from cityedge_fleet.models import Role
+    from cityedge_fleet.models import ApiTokenCreate, Role
 
     try:
         role_ = Role(role)
     except ValueError as e:
         raise FleetCliError("unknown role %r; one of: %s"
                             % (role, ", ".join(r.value for r in Role))) from e
+    try:
+        wanted = ApiTokenCreate(name=name, role=role_, sites=list(site or ()))
+    except ValidationError as e:
+        raise FleetCliError("create-token: %s" % "; ".join(
+            str(err["msg"]).removeprefix("Value error, ") for err in e.errors())) from e
     settings = load_settings()
     with Session(_engine(settings)) as session:
-        row, token = create_api_token(session, name=name, role=role_, created_by="cli")
+        row, token = create_api_token(session, name=wanted.name, role=role_, created_by="cli",
+                                      sites=wanted.sites)
+        detail: dict[str, object] = {"role": role_.value, "id": row.id}
+        if wanted.sites:
+            detail["sites"] = wanted.sites
         audit.append(session, actor="cli", action="token.create", outcome=audit.OK,
-                     target=name, source="local", detail={"role": role_.value, "id": row.id})
+                     target=name, source="local", detail=detail)
         session.commit()
     print(token)
-    print("cityedge: token for %s (%s) printed once; store it now" % (name, role_.value),
+    scope = " at sites %s" % ", ".join(wanted.sites) if wanted.sites else ""
+    print("cityedge: token for %s (%s%s) printed once; store it now" % (name, role_.value, scope),
           file=sys.stderr)
 
 

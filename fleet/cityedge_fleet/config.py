@@ -1,22 +1,32 @@
-"""The fleet service's settings (environment ``CITYEDGE_*`` or a ``.env`` file) and limits.
+"""The fleet service's settings (environment ``CITYEDGE_*``) and limits.
 
 Every size, count and time the fleet enforces lives in ``FleetLimits`` with its unit.
-Outside development mode the settings refuse to start unless the operator named the
-database and the CA directory explicitly: there are no default secrets or key paths in
-production (the development defaults put everything under ``var/``).
+The mode is never guessed: ``CITYEDGE_MODE`` must say ``development`` or ``production``.
+Production refuses to start unless the operator named the database, the CA directory, the
+broker (``mqtts://`` only: devices are told this URL) and the audit anchor file: there
+are no default secrets, key paths or clear-text brokers in production (the development
+defaults put everything under ``var/``). No ``.env`` file is read unless
+``CITYEDGE_ENV_FILE`` names one (``env_file_from``); ``describe_errors`` turns a
+``ValidationError`` into lines that name the variable to fix and the values it takes.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cityedge_fleet.broker_acl import check_share_group
 
 DEV_VAR_DIR = Path("var")
+ENV_PREFIX = "CITYEDGE_"
+ENV_FILE_VARIABLE = "CITYEDGE_ENV_FILE"  # the only way a settings file is read
+Mode = Literal["development", "production"]
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class FleetLimits(BaseModel):
@@ -33,6 +43,11 @@ class FleetLimits(BaseModel):
     page_default: int = 100  # rows in a page when the client does not say
     tags_max: int = 32  # tags on one device
     text_max_chars: int = 128  # characters of a serial, model, site, tag, name
+    token_sites_max: int = 64  # sites one technician token may be scoped to
+    # bytes of a request body, read before anything parses it (413 beyond); a device with
+    # 32 tags of 128 three-byte characters fits. Enrollment and manifests need more:
+    # ``enroll_body_max_bytes`` and ``manifest_body_max_bytes`` below
+    body_max_bytes: int = 16 * 1024
     quarantine_after_forgeries: int = 3  # bad-signature batches before a device is quarantined
     # malformed batches (and relays of nodes that are not its own) a device publishes before
     # it is quarantined: more than for forgeries, since a firmware bug can send them too
@@ -55,6 +70,19 @@ class FleetLimits(BaseModel):
     broker_control_timeout_s: float = 5.0  # seconds to wait for the broker's control answer
     broker_sync_every_s: float = 30.0  # seconds between reconciles of the broker's grants
 
+    @property
+    def enroll_body_max_bytes(self) -> int:
+        """Bytes of an ``/enroll`` or ``/enroll/ticket`` body: a CSR of ``csr_max_bytes``
+        (each byte at most two once JSON-escaped: a newline is ``\\n``) plus the serial,
+        token and registration (``body_max_bytes``)."""
+        return 2 * self.csr_max_bytes + self.body_max_bytes
+
+    @property
+    def manifest_body_max_bytes(self) -> int:
+        """Bytes of a manifest upload: ``manifest_max_serials`` ASCII serials of
+        ``text_max_chars``, each quoted and comma-separated, plus ``body_max_bytes``."""
+        return self.manifest_max_serials * (self.text_max_chars + 4) + self.body_max_bytes
+
     @model_validator(mode="after")
     def _groups_fit_in_flight(self) -> Self:
         if self.ingest_receive_max < 2 * self.ingest_group_max_messages:
@@ -66,22 +94,28 @@ class FleetLimits(BaseModel):
 class Settings(BaseSettings):
     """Where the fleet keeps its data and keys, and how it reaches the broker."""
 
+    # env_file=None: a stray .env in the working directory is never read (env_file_from)
     model_config = SettingsConfigDict(
-        env_prefix="CITYEDGE_", env_file=".env", env_nested_delimiter="__", extra="ignore"
+        env_prefix=ENV_PREFIX, env_file=None, env_nested_delimiter="__", extra="ignore"
     )
 
-    mode: Literal["development", "production"] = "development"
+    mode: Mode  # required: development or production, never guessed
     database_url: str = "sqlite:///%s" % (DEV_VAR_DIR / "fleet.sqlite3")
     ca_dir: Path = DEV_VAR_DIR / "ca"  # online intermediate key + cert, root cert, CRL
     broker_url: str = "mqtts://127.0.0.1:8883"  # what enrolled devices are told to use
     broker_pid_file: Path | None = None  # Mosquitto's pid file: SIGHUP it when the CRL changes
     crl_url: str = "/ca/crl"  # where the CRL is published (URL path of this service)
     # append-only file outside the database anchoring the audit log's head (detects a
-    # truncated tail); unset: `audit verify` cannot see the newest rows deleted
+    # truncated tail); required in production: without it `audit verify` cannot see the
+    # newest rows deleted
     audit_anchor_file: Path | None = None
     # the audit log's HMAC key (32 random bytes, mode 0600), never in the database:
     # `cityedge audit init-key` makes it; development makes its own at first start
     audit_key_file: Path = DEV_VAR_DIR / "audit.key"
+    # addresses or networks of the reverse proxies in front of the API, comma-separated:
+    # only a request from one of them may name its client in X-Forwarded-For (audit
+    # source, rate limits; uvicorn's proxy headers in `fleet serve`). Empty: none
+    trusted_proxies: Annotated[list[IpNetwork], NoDecode] = Field(default_factory=list)
     # ingest worker: MQTT over TLS with a client certificate
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 8883
@@ -103,24 +137,86 @@ class Settings(BaseSettings):
     def _share_group(cls, value: str) -> str:
         return check_share_group(value)
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return [_network(item) for item in value]
+        return value
+
     @model_validator(mode="after")
-    def _no_defaults_in_production(self) -> Self:
+    def _production_rules(self) -> Self:
         if self.mode == "development":
             return self
         # every one missing is named at once; the audit key comes from `audit init-key`
-        missing = [
-            "CITYEDGE_" + name.upper()
+        problems = [
+            "%s must be set explicitly in production, not left at its development default"
+            % variable(name)
             for name in ("database_url", "ca_dir", "broker_url", "ingest_share_group",
                          "broker_control_cert_file", "broker_control_key_file",
                          "audit_key_file")
             if name not in self.model_fields_set
         ]
-        if missing:
-            raise ValueError(
-                "production mode needs explicit settings, not defaults: %s" % ", ".join(missing)
-            )
+        if "broker_url" in self.model_fields_set and not self.broker_url.startswith(
+                "mqtts://"):
+            problems.append("%s must be an mqtts:// URL in production (devices would send "
+                            "their readings in clear text)" % variable("broker_url"))
+        if self.audit_anchor_file is None:
+            problems.append("%s must name an append-only file in production (without it a "
+                            "deleted tail of the audit log goes unnoticed)"
+                            % variable("audit_anchor_file"))
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _network(item: Any) -> Any:
+    if not isinstance(item, str):
+        return item
+    try:
+        return ipaddress.ip_network(item, strict=True)
+    except ValueError as e:
+        raise ValueError("%r is not an IP address or network (e.g. 10.0.0.7 or 10.0.0.0/24)"
+                         % item) from e
+
+
+def variable(*loc: Any) -> str:
+    """The environment variable of a settings field: ``limits.page_max`` ->
+    ``CITYEDGE_LIMITS__PAGE_MAX``."""
+    names = [str(part).upper() for part in loc if not isinstance(part, int)]
+    return ENV_PREFIX + "__".join(names)
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per problem, naming the variable and, for a choice, the allowed values."""
+    lines = []
+    for err in error.errors():
+        loc = err.get("loc", ())
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        if not loc:  # a rule across fields: its message names the variables
+            lines.append(msg)
+            continue
+        if loc[0] == "mode":
+            lines.append("%s %s: one of %s" % (
+                variable("mode"), "is not set" if err.get("type") == "missing" else "is wrong",
+                ", ".join(get_args(Mode))))
+            continue
+        lines.append("%s: %s" % (variable(*loc), msg))
+    return lines
+
+
+def env_file_from(environ: Mapping[str, str]) -> Path | None:
+    """The settings file ``CITYEDGE_ENV_FILE`` names, if any (it must exist)."""
+    name = environ.get(ENV_FILE_VARIABLE, "")
+    if not name:
+        return None
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError("%s=%s: no such file" % (ENV_FILE_VARIABLE, name))
+    return path

@@ -6,10 +6,18 @@ from the settings URL, with the settings' audit anchor file and audit key attach
 (``audit_anchor``, ``audit_key``);
 ``migrate`` brings the schema to the newest Alembic revision (run at every start, a no-op
 when up to date). ``SessionDep`` is the FastAPI dependency alias for a request's session.
+
+A SQLite database file holds token hashes, the audit log and every reading: it is created
+mode 0600 before SQLite opens it, and SQLite gives its ``-wal`` and
+``-shm`` files the database file's mode; an existing file readable by others is tightened
+to 0600, with a warning in the log.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +32,8 @@ from cityedge_fleet import audit_anchor, audit_key
 from cityedge_fleet.config import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "alembic"
+DB_FILE_MODE = 0o600  # owner only: SQLite copies it to the -wal and -shm files
+log = logging.getLogger(__name__)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -45,14 +55,42 @@ def _sqlite_begin_immediate(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for an in-memory database."""
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Path(path)
+
+
+def create_private_file(path: Path) -> None:
+    """Make ``path`` exist with mode 0600 before SQLite opens it (the directory keeps the
+    default mode: the development CA beside it must stay reachable for Mosquitto)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, DB_FILE_MODE)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            log.warning("database %s was mode %04o (readable by others): now %04o",
+                        path, mode, DB_FILE_MODE)
+            os.fchmod(fd, DB_FILE_MODE)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists() and stat.S_IMODE(side.stat().st_mode) & 0o077:
+            side.chmod(DB_FILE_MODE)
+
+
 def make_engine(settings: Settings) -> Engine:
     url = settings.database_url
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if settings.is_sqlite:
-        path = url.split(":///", 1)[1] if ":///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(url)
+        if path is not None:
+            create_private_file(path)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)

@@ -11,9 +11,7 @@ acknowledges nothing until it is back.
 ``replay`` runs the kept messages through an ``Ingestor`` again, oldest first, once the
 cause is fixed, and deletes each one the ingest has now decided (stored or refused, with
 its event). A message's chain verdict is what it would have had arriving that late (a
-reordered batch, usually). From a shell on the fleet host::
-
-    python -c "from cityedge_fleet import ingest_dead_letter as d; d.replay_from_settings()"
+reordered batch, usually). On the fleet host: ``cityedge fleet replay-dead-letters``.
 """
 
 from __future__ import annotations
@@ -91,9 +89,10 @@ def replay(ingestor: Ingestor, limit: int = 100) -> list[tuple[int, Outcome | st
     return done
 
 
-def replay_from_settings(limit: int = 100) -> list[tuple[int, Outcome | str]]:
-    """``replay`` with the fleet's settings (``CITYEDGE_*``), printing one line each."""
-    settings = Settings()
+def replay_from_settings(settings: Settings, limit: int = 100
+                         ) -> list[tuple[int, Outcome | str]]:
+    """``replay`` with the fleet's settings (``cityedge fleet replay-dead-letters``),
+    printing one line each."""
     engine = make_engine(settings)
     try:
         done = replay(Ingestor(engine, settings), limit)

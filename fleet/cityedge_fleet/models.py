@@ -13,10 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import field_validator, model_validator
-from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, Text
+from pydantic import StringConstraints, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, LargeBinary, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import AutoString, Field, SQLModel
@@ -28,6 +29,8 @@ from cityedge_core.errors import MalformedError
 TEXT_MAX = 128  # characters of serial, model, site, tag, names (FleetLimits.text_max_chars)
 EVENT_DETAIL_MAX = 512  # characters of an ingest event's detail or a dead letter's error
 ID_MAX = 2**31 - 1  # largest integer row id (PostgreSQL INTEGER)
+SITES_MAX = 64  # sites one technician token may be scoped to (FleetLimits.token_sites_max)
+SiteName = Annotated[str, StringConstraints(min_length=1, max_length=TEXT_MAX)]
 # control characters other than tab and newlines (PEM needs those); PostgreSQL cannot store
 # NUL in text at all, and none of them belongs in a name, serial or tag
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -121,8 +124,9 @@ def _check_urn(value: str | None) -> str | None:
     if value is not None:
         try:
             batchmod.check_device_id(value)
-        except MalformedError as e:
-            raise ValueError(str(e).replace("batch: ", "")) from e
+        except MalformedError as e:  # its message quotes the value: a 422 never echoes input
+            raise ValueError("must be an RFC 9039 urn:dev: name of letters, digits and "
+                             "- . _ : only") from e
     return value
 
 
@@ -158,14 +162,35 @@ class DeviceCreate(DeviceBase):
         return _check_tags(value) or []
 
 
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    for prop in schema.get("properties", {}).values():
+        if prop.get("default", "") is None:
+            del prop["default"]
+
+
 class DeviceUpdate(InputModel):
-    model: str | None = Field(default=None, min_length=1, max_length=TEXT_MAX)
-    hardware_class: str | None = Field(default=None, min_length=1, max_length=TEXT_MAX)
-    site: str | None = Field(default=None, max_length=TEXT_MAX)
-    firmware_version: str | None = Field(default=None, max_length=TEXT_MAX)
+    """The fields to change: a field left out keeps its value; null is refused."""
+
+    # None is only Python's "left out": SkipJsonSchema and _no_null_defaults keep it out of
+    # the schema, _not_null refuses it on the wire (the columns hold text: a null was a 500)
+    model_config = {"json_schema_extra": _no_null_defaults}
+
+    model: str | SkipJsonSchema[None] = Field(default=None, min_length=1, max_length=TEXT_MAX)
+    hardware_class: str | SkipJsonSchema[None] = Field(default=None, min_length=1,
+                                                       max_length=TEXT_MAX)
+    site: str | SkipJsonSchema[None] = Field(default=None, max_length=TEXT_MAX)
+    firmware_version: str | SkipJsonSchema[None] = Field(default=None, max_length=TEXT_MAX)
+    tags: list[str] | SkipJsonSchema[None] = None
     gateway_id: str | None = Field(default=None, max_length=limits.DEVICE_ID_MAX_CHARS,
                                    description="the node's gateway; null: none")
-    tags: list[str] | None = None
+
+    @field_validator("model", "hardware_class", "site", "firmware_version", "tags",
+                     mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null; leave the field out to keep its value")
+        return value
 
     @field_validator("gateway_id")
     @classmethod
@@ -255,10 +280,25 @@ class CredentialPublic(CredentialBase):
 class ApiTokenBase(InputModel):
     name: str = Field(min_length=1, max_length=TEXT_MAX)
     role: Role = Field(sa_type=AutoString(32))
+    # a technician token scoped to these sites (``auth.Principal.may_act_at``); empty:
+    # unscoped, as every other role
+    sites: list[str] = Field(default_factory=list, sa_type=JSON)
 
 
 class ApiTokenCreate(ApiTokenBase):
-    pass
+    sites: list[SiteName] = Field(default_factory=list, max_length=SITES_MAX, description=(
+        "technician tokens only: the sites it may register, change and enroll devices at"))
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, value: list[str]) -> list[str]:
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _scope_is_for_technicians(self) -> ApiTokenCreate:
+        if self.sites and self.role != Role.technician:
+            raise ValueError("sites scope technician tokens only, not %s" % self.role.value)
+        return self
 
 
 class ApiToken(ApiTokenBase, table=True):

@@ -1,7 +1,9 @@
 """An in-process token-bucket rate limiter per client address.
 
 One limiter per concern (failed authentications, enrollment attempts). A bucket holds up
-to ``burst`` tokens and refills at ``per_s`` tokens per second; each attempt takes one.
+to ``burst`` tokens and refills at ``per_s`` tokens per second; each counted attempt takes
+one (for logins only failures count: ``auth``). Buckets are keyed by the client address
+``auth.client_address`` gives (behind a configured proxy, the forwarded client's).
 At most ``max_clients`` addresses are tracked: the least recently seen is forgotten first.
 In-process only: with several API workers each enforces its own share (a shared store
 such as the database or Redis is the scale path).
@@ -30,11 +32,6 @@ class TokenBucketLimiter:
     def _level(self, client: str, now: float) -> float:
         tokens, at = self._buckets.get(client, (float(self.burst), now))
         return min(float(self.burst), tokens + (now - at) * self.per_s)
-
-    def allowed(self, client: str) -> bool:
-        """True if ``client`` has a token left (without taking one)."""
-        with self._lock:
-            return self._level(client, self._clock()) >= 1.0
 
     def take(self, client: str) -> bool:
         """Take one token; False (and nothing taken) when the bucket is empty."""

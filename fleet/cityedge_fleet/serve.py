@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 from sqlalchemy import Engine
@@ -53,6 +54,14 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's proxy-header options from ``CITYEDGE_TRUSTED_PROXIES``: X-Forwarded-For is
+    believed only from those addresses (uvicorn's own default trusts 127.0.0.1, so any
+    local process, or a proxy we were not told about, could name any client)."""
+    trusted = [str(net) for net in settings.trusted_proxies]
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted}
+
+
 def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
     reconciler = start_reconciler(settings, app.state.engine, app.state.broker_access)
@@ -62,7 +71,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
         worker = MqttIngestWorker(Ingestor(app.state.engine, settings), settings).start()
     freeze_startup_objects()
     try:
-        uvicorn.run(app, host=host, port=port)
+        uvicorn.run(app, host=host, port=port, **proxy_options(settings))
     finally:
         reconciler.stop()
         if worker is not None:

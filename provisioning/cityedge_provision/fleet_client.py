@@ -308,7 +308,13 @@ def _detail(res: httpx.Response) -> str:
     with contextlib.suppress(ValueError):
         body = res.json()
         if isinstance(body, dict) and "detail" in body:
-            return str(body["detail"])
+            detail = body["detail"]
+            if isinstance(detail, list):  # a 422: [{"loc": [...], "msg": ..., "type": ...}]
+                return "; ".join(
+                    "%s: %s" % (".".join(str(p) for p in e.get("loc", [])[1:]) or "request",
+                                e.get("msg")) if isinstance(e, dict) else str(e)
+                    for e in detail)
+            return str(detail)
     return "HTTP %d" % res.status_code
 
 

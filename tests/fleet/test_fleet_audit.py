@@ -38,7 +38,8 @@ def _cli(api: Api, *args: str, anchor: bool = True, key_file: Path | None = None
          **env_extra: str) -> subprocess.CompletedProcess[str]:
     """``cityedge audit ARGS`` in a subprocess, configured by environment as an operator
     would (the test's database, key file and, with ``anchor``, anchor file)."""
-    env = dict(os.environ, CITYEDGE_DATABASE_URL=api.settings.database_url,
+    env = dict(os.environ, CITYEDGE_MODE="development",
+               CITYEDGE_DATABASE_URL=api.settings.database_url,
                CITYEDGE_CA_DIR=str(api.settings.ca_dir),
                CITYEDGE_AUDIT_KEY_FILE=str(key_file or api.settings.audit_key_file),
                **env_extra)

@@ -113,7 +113,7 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
     # a second worker is a second identity: one CN is one client id at the broker
     ingest2_crt, ingest2_key = _issue(ca_dir, world, "fleet-ingest-2", server=False)
     control_crt, control_key = _issue(ca_dir, world, "fleet-control", server=False)
-    env = dict(os.environ, CITYEDGE_CA_DIR=str(ca_dir),
+    env = dict(os.environ, CITYEDGE_MODE="development", CITYEDGE_CA_DIR=str(ca_dir),
                CITYEDGE_DATABASE_URL="sqlite:///%s" % (world / "fleet.sqlite3"))
     r = subprocess.run([sys.executable, "-m", "cityedge.cli", "broker", "config", "--out-dir",
                         str(broker_dir), "--certfile", str(server_crt), "--keyfile",
@@ -131,7 +131,8 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
                               stderr=subprocess.PIPE)
     pid_file = world / "mosquitto.pid"
     pid_file.write_text(str(broker.pid))
-    settings = Settings(database_url=env["CITYEDGE_DATABASE_URL"], ca_dir=ca_dir,
+    settings = Settings(mode="development", database_url=env["CITYEDGE_DATABASE_URL"],
+                        ca_dir=ca_dir,
                         broker_url="mqtts://127.0.0.1:%d" % port, broker_pid_file=pid_file,
                         mqtt_port=port, mqtt_ca_file=ca_dir / "root.crt",
                         mqtt_cert_file=ingest_crt, mqtt_key_file=ingest_key,

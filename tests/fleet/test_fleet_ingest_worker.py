@@ -38,7 +38,8 @@ class FakeIngestor:
 def _worker(tmp_path: Path, ingestor: Any) -> tuple[MqttIngestWorker, list[int]]:
     pki = TestPKI(tmp_path / "pki")
     creds = pki.issue_client("fleet-ingest")
-    settings = Settings(database_url="sqlite://", ca_dir=tmp_path, mqtt_ca_file=pki.ca_pem,
+    settings = Settings(mode="development", database_url="sqlite://", ca_dir=tmp_path,
+                        mqtt_ca_file=pki.ca_pem,
                         mqtt_cert_file=creds.cert_pem, mqtt_key_file=creds.key_pem,
                         limits=FleetLimits(ingest_group_max_messages=4, ingest_attempts=2,
                                            ingest_retry_s=0.01, ingest_group_max_s=0.2))

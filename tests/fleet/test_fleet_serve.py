@@ -18,7 +18,8 @@ from support.mosquitto import free_port
 @pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 def test_serve_applies_migrations_and_accepts_the_bootstrap_token(
         db_url: str, ca_dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    env = dict(os.environ, CITYEDGE_DATABASE_URL=db_url, CITYEDGE_CA_DIR=str(ca_dirs[1]),
+    env = dict(os.environ, CITYEDGE_MODE="development", CITYEDGE_DATABASE_URL=db_url,
+               CITYEDGE_CA_DIR=str(ca_dirs[1]),
                CITYEDGE_INGEST_WITH_SERVE="false")
     made = subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "create-token",
                            "--name", "ops", "--role", "admin"], env=env, cwd=tmp_path,

@@ -1,11 +1,16 @@
 """The registry over HTTP: register, list and filter, update, change lifecycle state,
-see and revoke credentials, read verified readings and ingest events."""
+see and revoke credentials, read verified readings and ingest events.
+
+A technician token scoped to sites registers devices only at those sites, and changes only
+devices there without moving them elsewhere (``auth.require_sites``). The OpenAPI links
+say which answer feeds which request (a registered device's id to its other operations).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from sqlmodel import Session, col, select
@@ -20,7 +25,7 @@ from cityedge_fleet.api.deps import (
     SettingsDep,
     TechnicianDep,
 )
-from cityedge_fleet.auth import client_address
+from cityedge_fleet.auth import client_address, require_sites
 from cityedge_fleet.broker_sync import desired_devices
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
@@ -44,6 +49,29 @@ router = APIRouter(prefix="/devices", tags=["devices"])
 PAGE_MAX = 500  # rows: FleetLimits.page_max (a Query bound must be a constant)
 
 
+def _device_links(source: str) -> dict[str, Any]:
+    """OpenAPI links from an answer naming a device (``source``: where its id is) to the
+    operations on that device."""
+    ops = {"GetDevice": ("", "get"), "UpdateDevice": ("", "patch"),
+           "ChangeState": ("~1state", "post"), "ListCredentials": ("~1credentials", "get"),
+           "ListReadings": ("~1readings", "get"), "ListEvents": ("~1events", "get")}
+    return {name: {"operationRef": "#/paths/~1devices~1{device_id}%s/%s" % (tail, method),
+                   "parameters": {"device_id": source}}
+            for name, (tail, method) in ops.items()}
+
+
+REGISTERED_LINKS = {
+    **_device_links("$response.body#/id"),
+    "IssueEnrollmentToken": {"operationRef": "#/paths/~1enrollment~1tokens/post",
+                             "requestBody": {"serial": "$response.body#/serial"}},
+}
+CREDENTIAL_LINKS = {"RevokeCredential": {
+    "operationRef": "#/paths/~1devices~1{device_id}~1credentials~1{serial}~1revoke/post",
+    "parameters": {"device_id": "$request.path.device_id", "serial": "$response.body#/0/serial"}}}
+SCOPE_REFUSAL = ("a technician token scoped to sites registers and changes devices only "
+                 "at those sites, and does not move them elsewhere")
+
+
 def _device(session: Session, device_id: str) -> Device:
     device = session.get(Device, device_id)
     if device is None:
@@ -51,20 +79,25 @@ def _device(session: Session, device_id: str) -> Device:
     return device
 
 
-@router.post("", response_model=DevicePublic, status_code=201)
+@router.post("", response_model=DevicePublic, status_code=201,
+             responses={201: {"links": REGISTERED_LINKS}})
 def register_device(body: DeviceCreate, request: Request, session: SessionDep,
                     who: TechnicianDep) -> DevicePublic:
+    require_sites(request, session, who, [body.site], action="device.register",
+                  target=body.id, refusal=SCOPE_REFUSAL)
     try:
         device = registry.create_device(session, data=body)
     except registry.ConflictError as e:
         raise HTTPException(409, str(e)) from e
     audit.append(session, actor=who.name, action="device.register", outcome=audit.OK,
-                 target=body.id, source=client_address(request), detail={"serial": body.serial})
+                 target=body.id, source=client_address(request),
+                 detail={"serial": body.serial, **who.scope_detail()})
     session.commit()
     return registry.to_public(session, [device])[0]
 
 
-@router.get("", response_model=DevicesPublic)
+@router.get("", response_model=DevicesPublic,
+            responses={200: {"links": _device_links("$response.body#/data/0/id")}})
 def list_devices(
     session: SessionDep,
     settings: SettingsDep,
@@ -93,13 +126,17 @@ def get_device(device_id: str, session: SessionDep, who: ReaderDep) -> DevicePub
 @router.patch("/{device_id}", response_model=DevicePublic)
 def update_device(device_id: str, body: DeviceUpdate, request: Request, session: SessionDep,
                   who: TechnicianDep) -> DevicePublic:
+    device = _device(session, device_id)
+    require_sites(request, session, who, [device.site, *([body.site] if body.site is not None
+                                                        else [])],
+                  action="device.update", target=device_id, refusal=SCOPE_REFUSAL)
     try:
-        device = registry.update_device(session, device=_device(session, device_id), data=body)
+        device = registry.update_device(session, device=device, data=body)
     except registry.ConflictError as e:  # a gateway that is not registered, or itself
         raise HTTPException(409, str(e)) from e
     audit.append(session, actor=who.name, action="device.update", outcome=audit.OK,
                  target=device_id, source=client_address(request),
-                 detail=body.model_dump(exclude_unset=True))
+                 detail={**body.model_dump(exclude_unset=True), **who.scope_detail()})
     session.commit()
     return registry.to_public(session, [device])[0]
 
@@ -132,7 +169,8 @@ def change_state(device_id: str, body: StateChange, request: Request, session: S
     return registry.to_public(session, [device])[0]
 
 
-@router.get("/{device_id}/credentials", response_model=list[CredentialPublic])
+@router.get("/{device_id}/credentials", response_model=list[CredentialPublic],
+            responses={200: {"links": CREDENTIAL_LINKS}})
 def list_credentials(device_id: str, session: SessionDep, who: ReaderDep
                      ) -> Sequence[Credential]:
     _device(session, device_id)

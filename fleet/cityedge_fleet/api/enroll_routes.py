@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from cityedge_fleet import audit, enrollment
+from cityedge_fleet import audit, enrollment, registry
 from cityedge_fleet.api.deps import (
     BrokerDep,
     CaDep,
@@ -13,7 +13,8 @@ from cityedge_fleet.api.deps import (
     TechnicianDep,
     grant_before_commit,
 )
-from cityedge_fleet.auth import client_address
+from cityedge_fleet.api.errors import invalid
+from cityedge_fleet.auth import client_address, require_sites
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
     EnrollmentTokenCreate,
@@ -27,19 +28,35 @@ from cityedge_fleet.models import (
 router = APIRouter(tags=["enrollment"])
 
 
-@router.post("/enrollment/tokens", response_model=EnrollmentTokenCreated, status_code=201)
+TOKEN_BODY = {"serial": "$response.body#/serial", "token": "$response.body#/token"}
+
+
+@router.post("/enrollment/tokens", response_model=EnrollmentTokenCreated, status_code=201,
+             responses={201: {"links": {
+                 "Enroll": {"operationRef": "#/paths/~1enroll/post", "requestBody": TOKEN_BODY},
+                 "EnrollWithTicket": {"operationRef": "#/paths/~1enroll~1ticket/post",
+                                      "requestBody": TOKEN_BODY}}}})
 def create_enrollment_token(body: EnrollmentTokenCreate, request: Request,
                             session: SessionDep, settings: SettingsDep,
                             who: TechnicianDep) -> EnrollmentTokenCreated:
+    """A one-time token for ``serial``. A technician token scoped to sites gets one only
+    for a serial registered at one of them (the same refusal for an unregistered serial
+    and for one elsewhere); an unscoped one for any serial."""
     lim = settings.limits
     ttl = body.ttl_s or lim.enroll_token_ttl_s
     if ttl > lim.enroll_token_max_ttl_s:
-        raise HTTPException(422, "ttl_s may be at most %d" % lim.enroll_token_max_ttl_s)
+        raise invalid(["body", "ttl_s"], "ttl_s may be at most %d" % lim.enroll_token_max_ttl_s)
+    if who.sites:
+        device = registry.get_by_serial(session, body.serial)
+        require_sites(request, session, who, [device.site if device is not None else None],
+                      action="enroll.token", target=body.serial,
+                      refusal="serial %s is not registered at a site of this token"
+                      % body.serial)
     row, token = enrollment.issue_token(session, serial=body.serial, ttl_s=ttl,
                                         created_by=who.name)
     audit.append(session, actor=who.name, action="enroll.token", outcome=audit.OK,
                  target=body.serial, source=client_address(request),
-                 detail={"ttl_s": ttl, "id": row.id})
+                 detail={"ttl_s": ttl, "id": row.id, **who.scope_detail()})
     session.commit()
     return EnrollmentTokenCreated(serial=body.serial, token=token, expires_at=row.expires_at)
 

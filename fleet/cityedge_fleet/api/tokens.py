@@ -1,4 +1,5 @@
-"""API tokens: an admin creates (shown once), lists and revokes them."""
+"""API tokens: an admin creates (shown once), lists and revokes them. A technician token
+may be scoped to sites (``sites``; see ``auth.Principal.may_act_at``)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,22 @@ from cityedge_fleet.models import (
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 
 
-@router.post("", response_model=ApiTokenCreated, status_code=201)
+REVOKE_LINK = {"RevokeToken": {
+    "operationRef": "#/paths/~1tokens~1{token_id}~1revoke/post",
+    "parameters": {"token_id": "$response.body#/id"}}}
+
+
+@router.post("", response_model=ApiTokenCreated, status_code=201,
+             responses={201: {"links": REVOKE_LINK}})
 def create_token(body: ApiTokenCreate, request: Request, session: SessionDep,
                  who: AdminDep) -> ApiTokenCreated:
-    row, token = create_api_token(session, name=body.name, role=body.role, created_by=who.name)
+    row, token = create_api_token(session, name=body.name, role=body.role, created_by=who.name,
+                                  sites=body.sites)
+    detail: dict[str, object] = {"role": body.role.value, "id": row.id}
+    if body.sites:
+        detail["sites"] = body.sites
     audit.append(session, actor=who.name, action="token.create", outcome=audit.OK,
-                 target=body.name, source=client_address(request),
-                 detail={"role": body.role.value, "id": row.id})
+                 target=body.name, source=client_address(request), detail=detail)
     session.commit()
     return ApiTokenCreated.model_validate(row, update={"token": token})
 

@@ -7,7 +7,7 @@ alone proves nothing) until the vendor's manifest is uploaded again with claims.
 Existing audit rows are marked ``sha256`` and keep verifying as before.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-03 10:00:00
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from sqlmodel import AutoString
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
