@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -247,11 +247,16 @@ class _Group:
 class Ingestor:
     """Verifies, classifies and stores MQTT messages, a group per transaction."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings,
+                 on_quarantine: Callable[[list[str]], None] | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.keyring = Keyring(settings.limits.keyring_max_age_s)
         self.counts: dict[str, int] = {}
+        # called with the devices a committed group quarantined (``fleet serve``: the
+        # broker reconciler cuts them and the CRL suspends their certificates at once)
+        self.on_quarantine = on_quarantine
+        self._quarantined: list[str] = []
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
         return self.handle_many([(topic, payload)])[0]
@@ -262,6 +267,7 @@ class Ingestor:
         Raises only for a local fault (the database); then nothing of the group is stored.
         """
         messages = list(messages)
+        self._quarantined = []
         with Session(self.engine) as session:
             group = _Group(session)
             try:
@@ -274,6 +280,8 @@ class Ingestor:
                 raise
         for outcome in outcomes:
             self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+        if self._quarantined and self.on_quarantine is not None:
+            self.on_quarantine(self._quarantined)
         return outcomes
 
     def _handle(self, group: _Group, topic: str, payload: bytes) -> Outcome:
@@ -393,13 +401,13 @@ class Ingestor:
         self._quarantine_after(session, publisher, "malformed", publisher.malformed,
                                self.settings.limits.quarantine_after_malformed)
 
-    @staticmethod
-    def _quarantine_after(session: Session, device: Device, what: str, count: int,
+    def _quarantine_after(self, session: Session, device: Device, what: str, count: int,
                           limit: int) -> None:
         if count >= limit and device.state != DeviceState.quarantined:
             registry.set_state(session, device=device, state=DeviceState.quarantined)
             audit.append(session, actor="ingest", action="device.quarantine",
                          outcome=audit.OK, target=device.id, detail={what: count})
+            self._quarantined.append(device.id)
 
     @staticmethod
     def _event(session: Session, device_id: str, status: str, seq: int | None, detail: str,

@@ -25,7 +25,7 @@ from cityedge_fleet.app import create_app
 from cityedge_fleet.broker_sync import Reconciler
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import FleetLimits, Settings
-from cityedge_fleet.models import AuditRecord, Device, DeviceState, Role
+from cityedge_fleet.models import AuditRecord, Credential, Device, DeviceState, Role
 from cityedge_fleet.serve import refresh_crl
 
 from .conftest import Api, device_body
@@ -254,3 +254,34 @@ def test_the_reconciler_catches_up_with_what_another_process_committed(fleet: Fl
         back.close()
     again = reconciler.round()
     assert (again.granted, again.cut) == ([], [])
+
+
+def test_a_device_the_ingest_quarantines_is_cut_at_once(fleet: Fleet) -> None:
+    """``fleet serve``'s wiring: forged batches quarantine the device in the ingest's
+    transaction, and the reconciler, woken by it (its period is an hour here), closes the
+    device's session and suspends its certificate."""
+    from cityedge.crypto import EcSigner as Signer
+    from cityedge_core import batch as batchmod
+    from cityedge_fleet.serve import ingestor_for
+
+    device, creds, serial = _enroll(fleet, 10)
+    reconciler = Reconciler(fleet.broker.access, lambda: Session(fleet.api.engine), 3600,
+                            also=refresh_crl(fleet.settings)).start()
+    probe = _connect(fleet, creds)
+    try:
+        reconciler_rounds = reconciler.rounds
+        ingest = ingestor_for(fleet.settings, fleet.api.engine, reconciler)
+        with Session(fleet.api.engine) as s:
+            cred = s.exec(select(Credential).where(Credential.device_id == device)).one()
+        forger = batchmod.BatchWriter(device, Signer.generate(), bytes.fromhex(cred.kid))
+        for _ in range(fleet.settings.limits.quarantine_after_forgeries):
+            out = ingest.handle(topics.up(device, topics.READINGS),
+                                forger.sign([{0: "t", 2: 1.0, 6: 1.7e9}], boot=1))
+            assert out.status == "bad_signature"
+        probe.wait_for(lambda: probe.disconnects >= 1, "the broker closing the session")
+        assert reconciler.rounds > reconciler_rounds
+    finally:
+        probe.close()
+        reconciler.stop()
+    assert _crl(fleet) == {serial: x509.ReasonFlags.certificate_hold}
+    assert _refused_at_tls(fleet, creds)
