@@ -29,6 +29,9 @@ Mode = Literal["development", "production"]
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+MANIFEST_ENTRY_OVERHEAD_BYTES = 40  # bytes of JSON around one manifest entry's two values
+
+
 class FleetLimits(BaseModel):
     """Limits of the fleet service, each with its unit in the name or comment."""
 
@@ -79,9 +82,12 @@ class FleetLimits(BaseModel):
 
     @property
     def manifest_body_max_bytes(self) -> int:
-        """Bytes of a manifest upload: ``manifest_max_serials`` ASCII serials of
-        ``text_max_chars``, each quoted and comma-separated, plus ``body_max_bytes``."""
-        return self.manifest_max_serials * (self.text_max_chars + 4) + self.body_max_bytes
+        """Bytes of a manifest upload: ``manifest_max_serials`` entries
+        ``{"serial": "<ASCII, text_max_chars>", "claim_sha256": "<64 hex>"}``, comma-separated
+        (``MANIFEST_ENTRY_OVERHEAD_BYTES`` of keys, quotes and punctuation each), plus
+        ``body_max_bytes``."""
+        entry = self.text_max_chars + 64 + MANIFEST_ENTRY_OVERHEAD_BYTES
+        return self.manifest_max_serials * entry + self.body_max_bytes
 
     @model_validator(mode="after")
     def _groups_fit_in_flight(self) -> Self:

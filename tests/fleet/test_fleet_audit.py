@@ -41,8 +41,8 @@ def _cli(api: Api, *args: str, anchor: bool = True, key_file: Path | None = None
     env = dict(os.environ, CITYEDGE_MODE="development",
                CITYEDGE_DATABASE_URL=api.settings.database_url,
                CITYEDGE_CA_DIR=str(api.settings.ca_dir),
-               CITYEDGE_AUDIT_KEY_FILE=str(key_file or api.settings.audit_key_file),
-               **env_extra)
+               CITYEDGE_AUDIT_KEY_FILE=str(key_file or api.settings.audit_key_file))
+    env.update(env_extra)
     if anchor:
         env["CITYEDGE_AUDIT_ANCHOR_FILE"] = str(api.settings.audit_anchor_file)
     return subprocess.run([sys.executable, "-m", "cityedge.cli", "audit", *args], env=env,

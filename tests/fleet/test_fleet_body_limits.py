@@ -132,9 +132,10 @@ def test_a_declared_oversized_body_is_refused_before_a_byte_is_read(api: Api) ->
 
 def test_the_largest_legitimate_bodies_fit(api: Api) -> None:
     lim = api.settings.limits
-    serials = ["S%0*d" % (lim.text_max_chars - 1, i) for i in range(lim.manifest_max_serials)]
+    devices = [{"serial": "S%0*d" % (lim.text_max_chars - 1, i), "claim_sha256": "%064x" % i}
+               for i in range(lim.manifest_max_serials)]
     r = api.client.post("/enrollment/manifests", json={"manifest": "m" * lim.text_max_chars,
-                                                       "serials": serials},
+                                                       "devices": devices},
                         headers=api.headers(Role.technician))
     assert r.status_code == 201, r.text[:300]
     assert r.json()["added"] == lim.manifest_max_serials

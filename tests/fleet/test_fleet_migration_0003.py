@@ -24,7 +24,7 @@ def _to(engine: Engine, revision: str, down: bool = False) -> None:
 
 
 def test_0003_upgrades_0002_data_and_downgrades(db_url: str) -> None:
-    engine = make_engine(Settings(database_url=db_url))
+    engine = make_engine(Settings(mode="development", database_url=db_url))
     try:
         _to(engine, "0002")
         with engine.begin() as c:

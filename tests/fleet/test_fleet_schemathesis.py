@@ -14,7 +14,9 @@ links (a registered device's id to its operations, an issued token to ``/enroll`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +65,7 @@ class Enrollment:
     token: str | None  # None: an allow-listed serial
     csr_pem: str
     device_id: str
+    claim: str | None = None  # an allow-listed serial's claim secret
 
 
 @dataclass
@@ -121,9 +124,11 @@ class World:
             csr = make_csr(device_id, self.key_of(device_id))
             token = self._post("/enrollment/tokens", {"serial": serial})["token"]
             self.enrollments.append(Enrollment(serial, token, csr, device_id))
-            self.enrollments.append(Enrollment(serial, None, csr, device_id))
-        self._post("/enrollment/manifests", {"manifest": "delivery-7",
-                                             "serials": self.serials[-2:]}, Role.technician)
+            claim = secrets.token_hex(16)
+            self.enrollments.append(Enrollment(serial, None, csr, device_id, claim))
+        self._post("/enrollment/manifests", {"manifest": "delivery-7", "devices": [
+            {"serial": e.serial, "claim_sha256": hashlib.sha256(e.claim.encode()).hexdigest()}
+            for e in self.enrollments[-3::2] if e.claim is not None]}, Role.technician)
         for role, sites in (("technician", ["harbour"]), ("viewer", [])):
             self.token_ids.append(self._post("/tokens", {"name": "fuzz-" + role, "role": role,
                                                          "sites": sites})["id"])
@@ -171,6 +176,8 @@ class World:
         if case.path in ENROLL_PATHS and rnd.random() < 0.8:
             e = pick(self.enrollments)
             body.update(serial=e.serial, token=e.token, csr_pem=e.csr_pem)
+            if case.path == "/enroll" and rnd.random() < 0.8:
+                body["claim"] = e.claim
             if case.path == "/enroll/ticket":
                 if e.token is None:
                     body["token"] = pick(self.enrollments[::2]).token

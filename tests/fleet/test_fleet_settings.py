@@ -116,7 +116,8 @@ def test_a_dot_env_file_is_not_read_unless_named(tmp_path: Path) -> None:
                                 "development, production")
     db = tmp_path / "from-file.sqlite3"
     named = tmp_path / "fleet.env"
-    named.write_text("CITYEDGE_MODE=development\nCITYEDGE_DATABASE_URL=sqlite:///%s\n" % db)
+    named.write_text("CITYEDGE_MODE=development\nCITYEDGE_DATABASE_URL=sqlite:///%s\n"
+                     "CITYEDGE_AUDIT_KEY_FILE=%s\n" % (db, tmp_path / "audit.key"))
     r = _cli(["audit", "verify"], {"CITYEDGE_ENV_FILE": str(named)}, tmp_path)
     assert r.returncode == 0, r.stderr
     assert "reading %s (CITYEDGE_ENV_FILE)" % named in r.stderr
