@@ -39,7 +39,6 @@ from sqlalchemy import Engine, insert
 from sqlmodel import Session
 
 from bench.core import make_records
-from cityedge.crypto import EcSigner, public_sec1
 from cityedge_core import batch as batchmod
 from cityedge_core import cose
 from cityedge_fleet.ca import CertificateAuthority, init_ca
@@ -54,6 +53,7 @@ from cityedge_fleet.models import (
     Reading,
     Role,
 )
+from cityedge_host.crypto import EcSigner, public_sec1
 
 ROOT = Path(__file__).resolve().parent.parent
 for p in (ROOT, ROOT / "tests"):

@@ -53,10 +53,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
-from cityedge.crypto import EcSigner  # noqa: E402
-from cityedge.verify import make_batch_verifier  # noqa: E402
 from cityedge_core import chain  # noqa: E402
 from cityedge_gateway import limits  # noqa: E402
+from cityedge_host.crypto import EcSigner  # noqa: E402
+from cityedge_host.verify import make_batch_verifier  # noqa: E402
 
 from support.mosquitto import OBSERVER, Credentials, Mosquitto, TestPKI  # noqa: E402
 
@@ -133,8 +133,8 @@ def _gateway_child(args: dict[str, Any]) -> dict[str, Any]:
 def _fill_child(args: dict[str, Any]) -> dict[str, Any]:
     """Write ``args['seconds']`` of a 200-sensor site's readings into a store, as the
     service does during an outage (sign each 50 readings, group commit)."""
-    from cityedge.crypto import load_signer
     from cityedge_gateway.store import Store
+    from cityedge_host.crypto import load_signer
 
     signer = load_signer(Path(args["key"]))
     store = Store(Path(args["store"]), limits.STORE_BUDGET_DEFAULT_BYTES)

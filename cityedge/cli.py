@@ -11,12 +11,12 @@ import sys
 
 import typer
 
-from cityedge.crypto import KeyFileError
 from cityedge.inspect_cmd import inspect_command
 from cityedge.sim import sim_app
 from cityedge_core.errors import CityedgeError
 from cityedge_fleet.cli import audit_app, broker_app, ca_app, fleet_app
 from cityedge_gateway.cli import gateway_app
+from cityedge_host.crypto import KeyFileError
 from cityedge_provision.cli import provision_app
 
 app = typer.Typer(

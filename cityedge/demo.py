@@ -15,10 +15,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cityedge.crypto import EcVerifier
-from cityedge.mpy import compile_core
-from cityedge.verify import make_batch_verifier
 from cityedge_core import chain, senml
+from cityedge_host.crypto import EcVerifier
+from cityedge_host.mpy import compile_core
+from cityedge_host.verify import make_batch_verifier
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "urn:dev:mac:02c17e0de770"

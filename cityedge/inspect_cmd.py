@@ -9,11 +9,11 @@ from typing import Annotated, Any
 
 import typer
 
-from cityedge.crypto import EcVerifier, KeyFileError, load_verifier
 from cityedge_core import batch as batchmod
 from cityedge_core import cose, limits, senml
 from cityedge_core.cose_decode import Sign1
 from cityedge_core.errors import CityedgeError, MalformedError
+from cityedge_host.crypto import EcVerifier, KeyFileError, load_verifier
 
 _TIMEBASE = {batchmod.TIME_UNIX: "unix", batchmod.TIME_SINCE_BOOT: "since-boot"}
 _KIND = {batchmod.KIND_READINGS: "readings", batchmod.KIND_DROP: "drop-record"}

@@ -171,7 +171,7 @@ class BatchWriter:
         dropped: Any = None,
     ) -> bytes:
         """Sign a list of SenML records as the next batch."""
-        from .batch_map import Batch, sign_batch
+        from .batch_map import Batch, sign_batch  # on first use: a device never loads it
 
         batch = Batch(self.device, self.seq + 1, self.head, boot, records, timebase, kind, dropped)
         return self._signed(sign_batch(batch, self.signer, self.kid))

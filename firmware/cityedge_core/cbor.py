@@ -219,13 +219,13 @@ def loads(data: Any, **limits_kw: Any) -> Any:
 
     Keyword limits: ``max_bytes``, ``max_depth``, ``max_items``, ``max_string``.
     """
-    from . import cbor_decode
+    from . import cbor_decode  # on first use: a device that only signs never loads it
 
     return cbor_decode.loads(data, **limits_kw)
 
 
 def decode_prefix(data: Any, **limits_kw: Any) -> Any:
     """Decode the first CBOR item of ``data``; returns ``(item, bytes_used)``."""
-    from . import cbor_decode
+    from . import cbor_decode  # on first use, as in ``loads``
 
     return cbor_decode.decode_prefix(data, **limits_kw)

@@ -206,7 +206,7 @@ class BatchVerifier:
     ``decode``: the CBOR decoder for the payload, ``envelope_decode(data, max_bytes)`` the
     one for the COSE envelope, or ``sign1_decode(data)`` a whole ``cose.decode_sign1``
     stand-in (the core's by default; CPython passes C-backed or byte-layout decoders that
-    the differential tests hold to the core's: see ``cityedge/verify.py``).
+    the differential tests hold to the core's: see ``host/cityedge_host/verify.py``).
     """
 
     def __init__(

@@ -187,14 +187,14 @@ def decode_sign1(data: Any, allow_untagged: bool = False, max_bytes: int = limit
     The decoding half lives in ``cose_decode`` and is loaded on first use, so a device
     that only signs does not carry it. Rules: this module's docstring.
     """
-    from . import cose_decode
+    from . import cose_decode  # on first use (above)
 
     return cose_decode.decode_sign1(data, allow_untagged, max_bytes, loads)
 
 
 def sign1_from_array(obj: Any, loads: Any = None) -> Any:
     """Check an already decoded COSE_Sign1 array; returns a ``cose_decode.Sign1``."""
-    from . import cose_decode
+    from . import cose_decode  # on first use, as in ``decode_sign1``
 
     return cose_decode.sign1_from_array(obj, loads)
 

@@ -182,7 +182,7 @@ class Provisioner:
 
     def key(self):
         if self._key is None:
-            from .main import private_key_from_der
+            from .main import private_key_from_der  # boot-only module, loaded when used
 
             der = _read(self._path(KEY_FILE))
             if der is None:
@@ -420,7 +420,7 @@ class Provisioner:
     def unlock(self, msg):
         if self.state != LOCKED:
             raise StepRefused(_T.E_ORDER, "unlock: device is not locked")
-        from . import commands, main, store
+        from . import commands, main, store  # only for an unlock: not on the boot path
 
         cfg = self._config()
         gate = commands.CommandGate(self.info["device"],

@@ -16,13 +16,13 @@ topic (``broker_sync``). All paths are absolute, so the broker starts from any d
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cityedge_fleet import broker_acl
+from cityedge_host.files import write_atomic
 
 DYNSEC_FILE = "dynamic-security.json"
 # where Debian (and Ubuntu) install the plugin; `broker config --plugin` for elsewhere
@@ -115,9 +115,7 @@ def render(files: BrokerFiles, *, port: int, bind: str, plugin: Path, dynsec_fil
 def write_dynsec(path: Path, identities: Iterable[str], share_group: str) -> Path:
     """Write the plugin's state file (the broker rewrites it itself once running)."""
     data = json.dumps(dynsec_config(identities, share_group), indent=1, sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(data + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (data + "\n").encode(), 0o644)  # no secrets: usernames and rules
     return path
 
 

@@ -21,7 +21,6 @@ keyUsage digitalSignature (critical), extendedKeyUsage clientAuth, validity ``da
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cityedge_core.errors import LocalError, PeerError
+from cityedge_host.files import write_atomic
 
 ROOT_KEY = "root.key"
 ROOT_CERT = "root.crt"
@@ -59,22 +59,6 @@ def _name(cn: str) -> x509.Name:
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cityedge"),
         x509.NameAttribute(NameOID.COMMON_NAME, cn),
     ])
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically (temp file beside the target, then rename) with ``mode``."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -126,11 +110,11 @@ def init_ca(root_dir: Path, out_dir: Path, *, name: str = "cityedge",
     inter_key = ec.generate_private_key(ec.SECP256R1())
     inter = _ca_cert(_name(name + " device CA"), root.subject, inter_key.public_key(),
                      root_key, INTERMEDIATE_VALIDITY_DAYS, 0, root_key.public_key())
-    _write(root_dir / ROOT_KEY, _key_pem(root_key), 0o600)
-    _write(root_dir / ROOT_CERT, _cert_pem(root), 0o644)
-    _write(out_dir / INTERMEDIATE_KEY, _key_pem(inter_key), 0o600)
-    _write(out_dir / INTERMEDIATE_CERT, _cert_pem(inter), 0o644)
-    _write(out_dir / ROOT_CERT, _cert_pem(root), 0o644)
+    write_atomic(root_dir / ROOT_KEY, _key_pem(root_key), 0o600)
+    write_atomic(root_dir / ROOT_CERT, _cert_pem(root), 0o644)
+    write_atomic(out_dir / INTERMEDIATE_KEY, _key_pem(inter_key), 0o600)
+    write_atomic(out_dir / INTERMEDIATE_CERT, _cert_pem(inter), 0o644)
+    write_atomic(out_dir / ROOT_CERT, _cert_pem(root), 0o644)
     ca = CertificateAuthority(out_dir)
     ca.write_crl([], crl_validity_s)
 
@@ -252,7 +236,7 @@ class CertificateAuthority:
 
     def write_crl(self, revoked: list[Revoked], validity_s: int) -> Path:
         """Write a fresh CRL (world-readable: the broker reads it as its own user)."""
-        _write(self.crl_path, self.make_crl(revoked, validity_s), 0o644)
+        write_atomic(self.crl_path, self.make_crl(revoked, validity_s), 0o644)
         return self.crl_path
 
     def crl_serials(self) -> set[int] | None:
@@ -322,6 +306,6 @@ def issue_service(ca: CertificateAuthority, cn: str, out_dir: Path,
     cert = builder.sign(ca._key, hashes.SHA256())
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = out_dir / (cn + ".key"), out_dir / (cn + ".crt")
-    _write(key_path, _key_pem(key), 0o600)
-    _write(cert_path, _cert_pem(cert) + _cert_pem(ca.cert), 0o644)
+    write_atomic(key_path, _key_pem(key), 0o600)
+    write_atomic(cert_path, _cert_pem(cert) + _cert_pem(ca.cert), 0o644)
     return cert_path, key_path

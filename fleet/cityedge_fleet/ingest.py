@@ -51,8 +51,6 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from cityedge.crypto import EcVerifier
-from cityedge.verify import make_batch_verifier
 from cityedge_core import batch as batchmod
 from cityedge_core import chain, limits
 from cityedge_core.chain import KeyEntry
@@ -69,6 +67,8 @@ from cityedge_fleet.models import (
     IngestEvent,
     utcnow,
 )
+from cityedge_host.crypto import EcVerifier
+from cityedge_host.verify import make_batch_verifier
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cityedge.crypto import KeyFileError
+from cityedge_host.crypto import KeyFileError
 
 from .config import ConfigError, load_config
 

@@ -27,11 +27,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from cityedge import fastcbor
-from cityedge.crypto import EcVerifier
 from cityedge_core import batch, chain, cose
 from cityedge_core.chain import BatchVerifier, ChainState, KeyEntry
 from cityedge_core.errors import PeerError
+from cityedge_host import fastcbor
+from cityedge_host.crypto import EcVerifier
 
 from .store import Relayed, Store
 

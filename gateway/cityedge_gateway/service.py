@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cityedge.crypto import KeyFileError, load_signer, load_verifier
+from cityedge_host.crypto import KeyFileError, load_signer, load_verifier
 
 from . import limits
 from .config import GatewayConfig

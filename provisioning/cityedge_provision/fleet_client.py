@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from cityedge_host.files import write_atomic
 from cityedge_provision.errors import FleetRefused, FleetUnreachable, NotLoggedIn
 from cityedge_provision.limits import LIMITS, ProvisionLimits
 
@@ -45,20 +46,9 @@ def default_home() -> Path:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + rename), readable by us only."""
+    """Write ``data`` to ``path`` atomically, readable by us only (its folder too)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, 0o600)
 
 
 def _read_json(path: Path) -> Any:

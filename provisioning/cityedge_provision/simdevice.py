@@ -4,7 +4,7 @@ and the tests) provision it exactly as they would a board on ``/dev/ttyUSB0``.
 
 The device process holds the pty's master side as its stdin/stdout; the technician's tool
 opens the slave side (``SimulatedDevice.port``) with pyserial. The firmware runs from .mpy
-compiled by ``cityedge.mpy``, as on a board. Its files (key, certificate, config) live in
+compiled by ``cityedge_host.mpy``, as on a board. Its files (key, certificate, config) live in
 ``root``, the simulated flash; ``kill()`` is the cable pulled. With ``claim``, the device
 left the factory with that claim secret in its flash (``claim.txt``, as a vendor writes it).
 """
@@ -37,7 +37,7 @@ provision_main.main(%r)
 
 def compile_firmware(dest: Path) -> Path:
     """The core and the device firmware as .mpy under ``dest`` (put it on sys.path)."""
-    from cityedge.mpy import compile_package
+    from cityedge_host.mpy import compile_package
 
     compile_package(ROOT / "firmware" / "cityedge_core", dest)
     compile_package(ROOT / "firmware" / "cityedge_fw", dest)

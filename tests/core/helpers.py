@@ -38,6 +38,6 @@ def run_micropython(script: str, heap: str = "4m", core_dir: Path | None = None,
 
 def compile_core(dest: Path) -> Path:
     """Compile ``firmware/cityedge_core`` to .mpy under ``dest`` (what a device runs)."""
-    from cityedge.mpy import compile_core as _compile
+    from cityedge_host.mpy import compile_core as _compile
 
     return _compile(dest)

@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, chain, cose, p256, senml
+from cityedge_host.crypto import EcSigner
 
 from helpers import DEVICE, records
 

@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from test_fastcbor_differential import documented_difference, norm
 from test_fastcbor_differential import same as same_value
 
-from cityedge import fastcbor
-from cityedge.crypto import EcSigner
-from cityedge.verify import make_batch_verifier
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, chain, cose
 from cityedge_core.errors import MalformedError
+from cityedge_host import fastcbor
+from cityedge_host.crypto import EcSigner
+from cityedge_host.verify import make_batch_verifier
 
 from helpers import DEVICE, ROOT, records
 from test_cbor_properties import same, values

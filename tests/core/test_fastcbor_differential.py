@@ -20,11 +20,11 @@ import cbor2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cityedge import fastcbor
-from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose, cose_decode, limits
 from cityedge_core.errors import MalformedError, PeerError
+from cityedge_host import fastcbor
+from cityedge_host.crypto import EcSigner
 
 from helpers import DEVICE, records
 

@@ -12,9 +12,9 @@ from pycose.keys import EC2Key
 from pycose.keys.curves import P256
 from pycose.messages import Sign1Message
 
-from cityedge.crypto import EcSigner, EcVerifier, public_sec1
 from cityedge_core import batch as batchmod
 from cityedge_core import chain, cose, p256
+from cityedge_host.crypto import EcSigner, EcVerifier, public_sec1
 
 from helpers import DEVICE, ROOT, records, run_micropython
 

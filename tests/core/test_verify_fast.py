@@ -11,12 +11,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cityedge import crypto, fastcbor
-from cityedge.crypto import EcSigner, EcVerifier
-from cityedge.verify import make_batch_verifier
 from cityedge_core import batch as batchmod
 from cityedge_core import chain, limits, p256, senml
 from cityedge_core.errors import MalformedError
+from cityedge_host import crypto, fastcbor
+from cityedge_host.crypto import EcSigner, EcVerifier
+from cityedge_host.verify import make_batch_verifier
 
 from helpers import DEVICE, records
 

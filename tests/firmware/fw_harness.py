@@ -18,8 +18,8 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from cityedge import romfs
-from cityedge.crypto import EcVerifier
 from cityedge_core import chain
+from cityedge_host.crypto import EcVerifier
 
 from support.mosquitto import OBSERVER, Credentials, Mosquitto, TestPKI
 

@@ -28,9 +28,9 @@ from pycose.keys.curves import P256
 from pycose.keys.ec2 import EC2Key
 from pycose.messages import Sign1Message
 
-from cityedge.crypto import EcVerifier
 from cityedge_core.batch import Batch
 from cityedge_core.cose import decode_sign1
+from cityedge_host.crypto import EcVerifier
 
 from support.mosquitto import Credentials, Mosquitto, TestPKI
 

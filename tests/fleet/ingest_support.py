@@ -9,10 +9,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 from sqlalchemy import Engine
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
 from cityedge_core import senml
 from cityedge_fleet.models import Role
+from cityedge_host.crypto import EcSigner
 
 from .conftest import Api, device_body
 

@@ -18,7 +18,6 @@ from cryptography import x509
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from cityedge.crypto import EcSigner
 from cityedge_core import topics
 from cityedge_fleet import registry
 from cityedge_fleet.app import create_app
@@ -27,6 +26,7 @@ from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.models import AuditRecord, Credential, Device, DeviceState, Role
 from cityedge_fleet.serve import refresh_crl
+from cityedge_host.crypto import EcSigner
 
 from .conftest import Api, device_body
 from .ingest_support import csr_for
@@ -260,9 +260,9 @@ def test_a_device_the_ingest_quarantines_is_cut_at_once(fleet: Fleet) -> None:
     """``fleet serve``'s wiring: forged batches quarantine the device in the ingest's
     transaction, and the reconciler, woken by it (its period is an hour here), closes the
     device's session and suspends its certificate."""
-    from cityedge.crypto import EcSigner as Signer
     from cityedge_core import batch as batchmod
     from cityedge_fleet.serve import ingestor_for
+    from cityedge_host.crypto import EcSigner as Signer
 
     device, creds, serial = _enroll(fleet, 10)
     reconciler = Reconciler(fleet.broker.access, lambda: Session(fleet.api.engine), 3600,

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cityedge.crypto import EcSigner, public_sec1
-from cityedge.mpy import compile_core
 from cityedge_core import chain
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.models import Role
+from cityedge_host.crypto import EcSigner, public_sec1
+from cityedge_host.mpy import compile_core
 
 from .conftest import Api, device_body
 from .ingest_support import enroll_device

@@ -13,7 +13,6 @@ from pycose.keys.curves import P256
 from pycose.messages import Sign1Message
 from sqlmodel import Session, select
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
 from cityedge_core import chain
 from cityedge_fleet import ingest
@@ -27,6 +26,7 @@ from cityedge_fleet.models import (
     Role,
 )
 from cityedge_fleet.ratelimit import TokenBucketLimiter
+from cityedge_host.crypto import EcSigner
 
 from .conftest import Api
 from .ingest_support import enroll_device, records

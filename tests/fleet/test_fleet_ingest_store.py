@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
 from cityedge_core import chain
 from cityedge_core.chain import ChainState
@@ -26,6 +25,7 @@ from cityedge_fleet.config import FleetLimits
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import ChainStateRow, IngestEvent, Reading
+from cityedge_host.crypto import EcSigner
 
 from .conftest import Api, wait_for
 from .ingest_support import enroll_device, records

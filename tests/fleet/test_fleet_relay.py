@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from sqlmodel import Session, select
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch as batchmod
 from cityedge_core import chain
 from cityedge_fleet import ingest
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.models import Device, DeviceState, IngestEvent, Reading, Role
+from cityedge_host.crypto import EcSigner
 
 from .conftest import Api, device_body
 from .ingest_support import enroll_device, records, set_gateway

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from cityedge.crypto import EcSigner
 from cityedge_core import chain
 from cityedge_gateway.config import BrokerConfig
 from cityedge_gateway.forwarder import Forwarder
 from cityedge_gateway.store import Store
+from cityedge_host.crypto import EcSigner
 
 from .test_forwarder_mosquitto import GW, _recs, _subscriber
 from support.linkproxy import LinkProxy

@@ -12,12 +12,12 @@ from pycose.keys import EC2Key
 from pycose.keys.curves import P256
 from pycose.messages import Sign1Message
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch, chain, senml
 from cityedge_gateway.config import BrokerConfig
 from cityedge_gateway.forwarder import Forwarder
 from cityedge_gateway.relay import NodeRelay
 from cityedge_gateway.store import Store
+from cityedge_host.crypto import EcSigner
 
 from support.mosquitto import OBSERVER, Mosquitto, TestPKI
 

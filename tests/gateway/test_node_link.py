@@ -9,13 +9,13 @@ from pathlib import Path
 
 import aiomqtt
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch, senml
 from cityedge_fleet.broker_acl import Acl
 from cityedge_gateway.config import BrokerConfig
 from cityedge_gateway.node_link import NodeListener
 from cityedge_gateway.relay import NodeRelay
 from cityedge_gateway.store import Store
+from cityedge_host.crypto import EcSigner
 
 from support.mosquitto import Mosquitto, TestPKI
 

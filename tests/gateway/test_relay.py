@@ -10,11 +10,11 @@ from pycose.keys import EC2Key
 from pycose.keys.curves import P256
 from pycose.messages import Sign1Message
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch, senml
 from cityedge_core.errors import StorageError
 from cityedge_gateway.relay import ACK_ONLY, FORWARD, REJECT, NodeRelay
 from cityedge_gateway.store import Store
+from cityedge_host.crypto import EcSigner
 
 NODE_A = "urn:dev:mac:0024befffe804ff1"
 NODE_B = "urn:dev:mac:0024befffe804ff2"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import aiomqtt
 
-from cityedge.crypto import EcSigner
 from cityedge_core import cbor, chain, cose
 from cityedge_gateway import sds011
+from cityedge_host.crypto import EcSigner
 
 from support.mosquitto import OBSERVER, Mosquitto, TestPKI, free_port
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cityedge.crypto import EcSigner
 from cityedge_core import batch, chain, senml
 from cityedge_core.errors import StorageError
 from cityedge_gateway import limits
 from cityedge_gateway.store import Relayed, Store
+from cityedge_host.crypto import EcSigner
 
 DEVICE = "urn:dev:mac:b827ebfffe123456"
 NODE = "urn:dev:mac:0024befffe804ff1"
@@ -123,7 +123,7 @@ CHILD = (
     r"""
 import sys, random
 from pathlib import Path
-from cityedge.crypto import load_signer
+from cityedge_host.crypto import load_signer
 from cityedge_core import senml
 from cityedge_gateway.store import Store
 signer = load_signer(Path(sys.argv[2]))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cityedge.crypto import EcSigner
 from cityedge_core import chain
 from cityedge_gateway.config import load_config
 from cityedge_gateway.readings import Reading
 from cityedge_gateway.service import Gateway
 from cityedge_gateway.status import metrics_text, status_map
 from cityedge_gateway.supervisor import Supervisor
+from cityedge_host.crypto import EcSigner
 
 GW = "urn:dev:mac:b827ebfffe123456"
 WAIT_S = 30.0  # seconds: a restart waits 0.25-0.75 s; a busy machine may take longer

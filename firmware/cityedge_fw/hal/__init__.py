@@ -166,11 +166,11 @@ class BaseBoard:
 def get_board(config: dict | None = None) -> BaseBoard:
     """The board for this port (``sys.platform``): esp32, rp2, or the unix port (linux)."""
     if sys.platform == "esp32":
-        from .esp32 import Board
+        from .esp32 import Board  # on its own port only: it imports esp32, network
     elif sys.platform == "rp2":
-        from .rp2 import Board
+        from .rp2 import Board  # on its own port only: it imports rp2, network
     elif sys.platform in ("linux", "darwin"):
-        from .unix import Board
+        from .unix import Board  # the simulated board
     else:
         raise ValueError("cityedge: no board support for platform %r" % sys.platform)
     return Board(config)

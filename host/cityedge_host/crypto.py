@@ -7,7 +7,6 @@ ECDSA API to that raw P1363 form.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from cityedge_core.cose import kid_for_public_key
+from cityedge_host.files import write_atomic
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -110,17 +110,7 @@ class EcSigner:
 
     def save(self, path: Path) -> None:
         """Write the key as PKCS#8 PEM, mode 0600, atomically (temp file + rename)."""
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.private_pem())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, self.private_pem(), 0o600)
 
     def __repr__(self) -> str:
         return "<EcSigner kid=%s>" % self.kid.hex()

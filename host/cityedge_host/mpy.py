@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def mpy_cross_path() -> str:
@@ -32,6 +31,13 @@ def compile_package(src: Path, dest: Path) -> Path:
     return dest
 
 
+def source_of(package: str) -> Path:
+    """The directory of a firmware package's sources (``cityedge_core``, ``cityedge_fw``):
+    they are importable on CPython too, so wherever the project is installed."""
+    module = importlib.import_module(package)
+    return Path(str(module.__file__)).resolve().parent
+
+
 def compile_core(dest: Path) -> Path:
     """The shared core compiled to .mpy under ``dest`` (put ``dest`` on sys.path)."""
-    return compile_package(ROOT / "firmware" / "cityedge_core", dest)
+    return compile_package(source_of("cityedge_core"), dest)
