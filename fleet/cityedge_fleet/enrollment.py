@@ -45,6 +45,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from cityedge_core import topics
 from cityedge_core.chain import ChainState
 from cityedge_core.cose import kid_for_public_key
 from cityedge_core.errors import PeerError
@@ -208,17 +209,16 @@ def _consume_gate(session: Session, req: EnrollRequest, now: dt.datetime) -> tup
 
 
 def device_config(device: Device, settings: Settings, kid: bytes) -> dict[str, Any]:
-    base = "ce/v1/%s/" % device.id
     validity_s = settings.limits.cert_validity_days * 86400
     return {
         "device_id": device.id,
         "kid": kid.hex(),
         "broker_url": settings.broker_url,
         "topics": {
-            "readings": base + "up/readings",
-            "status": base + "up/status",
-            "commands": base + "down/cmd",
-            "desired": base + "down/desired",
+            "readings": topics.up(device.id, topics.READINGS),
+            "status": topics.up(device.id, topics.STATUS),
+            "commands": topics.down(device.id, topics.CMD),
+            "desired": topics.down(device.id, topics.DESIRED),
         },
         "renew_after_s": validity_s * 2 // 3,  # renew at 2/3 of the lifetime (plus jitter)
     }

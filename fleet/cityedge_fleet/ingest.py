@@ -52,7 +52,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from cityedge_core import batch as batchmod
-from cityedge_core import chain, limits
+from cityedge_core import chain, limits, topics
 from cityedge_core.chain import KeyEntry
 from cityedge_core.errors import PeerError
 from cityedge_fleet import audit, reading_rows, registry
@@ -78,24 +78,23 @@ NOT_ACCEPTING = "not_accepting"  # the device is registered, quarantined or reti
 NOT_RELAY_GATEWAY = "not_relay_gateway"  # a relayed node does not name the publisher
 BAD_TOPIC = "bad_topic"
 DEAD_LETTER = "dead_letter"  # kept aside: the database refused it alone (ingest_dead_letter)
-READINGS = "readings"  # topic kinds
-RELAY = "relay"
+READINGS = topics.READINGS  # topic kinds the ingest takes
+RELAY = topics.RELAY
 ACCEPTING = (DeviceState.provisioned, DeviceState.active)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_topic(topic: str) -> tuple[str, str] | None:
     """``(publisher, kind)`` of ``ce/v1/<publisher>/up/<readings|relay>`` where the
-    publisher is a device URN, else None."""
-    parts = topic.split("/")
-    if (len(parts) != 5 or parts[0] != "ce" or parts[1] != "v1" or parts[3] != "up"
-            or parts[4] not in (READINGS, RELAY)):
+    publisher is a device URN, else None (``cityedge_core.topics`` is the scheme)."""
+    parsed = topics.parse(topic)
+    if parsed is None or parsed[1] != topics.UP or parsed[2] not in (READINGS, RELAY):
         return None
     try:
-        batchmod.check_device_id(parts[2])
+        batchmod.check_device_id(parsed[0])
     except PeerError:
         return None
-    return parts[2], parts[4]
+    return parsed[0], parsed[2]
 
 
 def bounded_text(text: str, most: int = EVENT_DETAIL_MAX) -> str:

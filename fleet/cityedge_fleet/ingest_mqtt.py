@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from cityedge_fleet import ingest_dead_letter
+from cityedge_fleet import broker_acl, ingest_dead_letter
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 
@@ -50,8 +50,7 @@ class MqttIngestWorker:
                              "and CITYEDGE_MQTT_KEY_FILE (its client certificate); "
                              "or run `cityedge fleet serve --no-ingest`")
         self.ingestor = ingestor
-        self.topics = ["$share/%s/ce/v1/+/up/%s" % (s.ingest_share_group, kind)
-                       for kind in ("readings", "relay")]
+        self.topics = broker_acl.ingest_filters(s.ingest_share_group)
         self.settings = s
         self.limits = s.limits
         self.connected = threading.Event()

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiomqtt
 
+from cityedge_core import topics
 from cityedge_host.backoff import Backoff
 
 from . import limits
@@ -73,8 +74,8 @@ class Forwarder:
         self._ctx = tls_context(cfg)
 
     def topic_for(self, row: Stored) -> str:
-        kind = "readings" if row.device == self.device else "relay"
-        return "ce/v1/%s/up/%s" % (self.device, kind)
+        kind = topics.READINGS if row.device == self.device else topics.RELAY
+        return topics.up(self.device, kind)
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -86,7 +87,7 @@ class Forwarder:
         if client is None:
             return False
         try:
-            await client.publish("ce/v1/%s/up/status" % self.device, data, qos=1)
+            await client.publish(topics.up(self.device, topics.STATUS), data, qos=1)
         except aiomqtt.MqttError as e:
             log.info("status not sent: %s", e)
             return False

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiomqtt
 
+from cityedge_core import topics
 from cityedge_core.errors import StorageError
 from cityedge_host.backoff import Backoff
 
@@ -30,14 +31,15 @@ from .relay import NodeRelay
 
 log = logging.getLogger(__name__)
 
-TOPIC = "ce/v1/+/up/readings"
+TOPIC = topics.every_up(topics.READINGS)  # every node's batches on the site's broker
 
 
 def topic_device(topic: str) -> str | None:
-    parts = topic.split("/")
-    if len(parts) == 5 and parts[:2] == ["ce", "v1"] and parts[3:] == ["up", "readings"]:
-        return parts[2]
-    return None
+    """The node a ``ce/v1/<node>/up/readings`` topic names, else None."""
+    parsed = topics.parse(topic)
+    if parsed is None or parsed[1:] != (topics.UP, topics.READINGS):
+        return None
+    return parsed[0]
 
 
 class NodeListener:
