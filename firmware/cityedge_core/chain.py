@@ -223,19 +223,17 @@ class BatchVerifier:
         self.envelope_decode = envelope_decode
         self.sign1_decode = sign1_decode
 
-    def open(self, data: Any) -> Any:
-        """Envelope, key, signature and payload checks; returns (batch, digest, kid).
-
-        Raises ``MalformedError``, ``UnknownKeyError`` or ``SignatureError``.
-        """
+    def envelope(self, data: Any) -> Any:
+        """The COSE_Sign1 envelope of ``data`` (its ``kid`` names the signing key); raises
+        ``MalformedError``. Nothing of the payload is decoded."""
         if self.sign1_decode is not None:
-            msg = self.sign1_decode(data)
-        else:
-            msg = cose.decode_sign1(data, loads=self.envelope_decode)
-        kid = msg.kid
-        entry = self.keyring.get(kid) if kid is not None else None
-        if entry is None or entry.revoked:
-            raise UnknownKeyError("key %s is not trusted" % (kid.hex() if kid else "(none)"))
+            return self.sign1_decode(data)
+        return cose.decode_sign1(data, loads=self.envelope_decode)
+
+    def verify_with(self, msg: Any, entry: Any, data: Any) -> Any:
+        """Signature by ``entry``'s key, then the payload, then payload device = key's
+        device; returns ``(batch, digest)``. Raises ``SignatureError`` or
+        ``MalformedError``."""
         msg.verify(entry.verifier)
         try:
             obj = self.decode(msg.payload)
@@ -248,7 +246,22 @@ class BatchVerifier:
             raise SignatureError(
                 "batch names device %s but is signed by %s's key" % (batch.device, entry.device)
             )
-        return batch, batchmod.batch_hash(bytes(data)), kid
+        return batch, batchmod.batch_hash(bytes(data))
+
+    def open(self, data: Any) -> Any:
+        """Envelope, key, signature and payload checks; returns (batch, digest, kid).
+
+        Raises ``MalformedError``, ``UnknownKeyError`` or ``SignatureError``. A receiver
+        with rules of its own about who may sign (the fleet's ``acceptance``) calls the
+        steps itself: ``envelope``, its key lookup and rules, ``verify_with``, ``place``.
+        """
+        msg = self.envelope(data)
+        kid = msg.kid
+        entry = self.keyring.get(kid) if kid is not None else None
+        if entry is None or entry.revoked:
+            raise UnknownKeyError("key %s is not trusted" % (kid.hex() if kid else "(none)"))
+        batch, digest = self.verify_with(msg, entry, data)
+        return batch, digest, kid
 
     def check(self, data: Any) -> Verdict:
         """Verify and classify one batch; never raises for bad input."""
@@ -260,6 +273,10 @@ class BatchVerifier:
             return Verdict(BAD_SIGNATURE, str(e))
         except MalformedError as e:
             return Verdict(MALFORMED, str(e))
+        return self.place(batch, digest, kid)
+
+    def place(self, batch: Any, digest: bytes, kid: Any = None) -> Verdict:
+        """Classify an opened batch on its device's chain (the state moves)."""
         state = self.states.get(batch.device)
         if state is None:
             state = ChainState()

@@ -9,35 +9,21 @@ database transaction: chain states are read once per device and written once
 ``ingest_mqtt.MqttIngestWorker`` acknowledges a message only after its group committed, so
 nothing acknowledged is lost.
 
-Two topics (``ce/v1/<publisher>/up/<kind>``; the broker ACL lets a client write only under
-its own certificate CN, so the publisher is authenticated):
+What is taken and who is at fault is decided by the acceptance rules
+(``acceptance.Acceptance``: topic, publisher, signer, relay, chain, quarantine, each
+with its number and its status), I/O-free and tested as tables; this module looks up what
+they need (devices, keys, chain states: ``_Group``, ``Keyring``), runs the core's verifier
+step by step between them (``BatchVerifier.envelope``, ``verify_with``, ``place``) and
+stores their ``Decision``:
 
-- ``up/readings``: the publisher's own batches. It must be a registered device that is
-  provisioned or active, and the batch must be signed by one of *its* keys
-  (``TopicKeyring``): another device's key is ``topic_mismatch``.
-- ``up/relay``: a gateway forwarding its downstream nodes' batches unchanged. The gateway
-  must be provisioned or active; each batch is verified with the *node's* registered key
-  (found by kid) and classified on the node's chain; the node must name the publisher as
-  its gateway (``Device.gateway_id``; ``not_relay_gateway`` otherwise: no device relays
-  another's captured batches) and be provisioned or active (``not_accepting``); a batch
-  signed with the gateway's own key is ``topic_mismatch`` (its own batches go on
-  ``up/readings``). Stored readings name the gateway in ``via``. A bad signature counts
-  as a forgery of the *gateway*, a malformed batch or a refused relay as its malformed
-  message: it published the bytes, and a relay checks node batches before forwarding.
-
-The topic's publisher level must be a device URN (``batch.check_device_id``), else the
-message is ``bad_topic`` (ignored, no event).
-
-Per message:
-
-1. accepted batches (ok / gap / reordered / fork) store their readings; drop records
-   close their range of the chain; anything not ``ok`` becomes an ``IngestEvent``
+1. a taken batch (ok / gap / reordered / fork) stores its readings, or a drop record
+   closes its range of the chain; anything not ``ok`` becomes an ``IngestEvent``
    (details bounded, control characters replaced);
 2. a batch whose SenML breaks the core's rules (which bound every field to what the
    ``reading`` columns store) is ``malformed``: no reading stored, so no content can make
    the group's transaction fail;
-3. a publisher is quarantined after ``quarantine_after_forgeries`` bad signatures, or
-   after ``quarantine_after_malformed`` malformed messages and refused relays.
+3. a refusal's strike is counted against the publisher, which is quarantined (audited;
+   ``on_quarantine`` told after the commit) when its count reaches the limit.
 """
 
 from __future__ import annotations
@@ -52,10 +38,10 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from cityedge_core import batch as batchmod
-from cityedge_core import chain, limits, topics
+from cityedge_core import chain, limits
 from cityedge_core.chain import KeyEntry
-from cityedge_core.errors import PeerError
-from cityedge_fleet import audit, reading_rows, registry
+from cityedge_core.errors import MalformedError, PeerError, SignatureError
+from cityedge_fleet import acceptance, audit, reading_rows, registry
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest_store import ChainStates, ReadingRow, ReadingRows
 from cityedge_fleet.models import (
@@ -72,29 +58,19 @@ from cityedge_host.verify import make_batch_verifier
 
 log = logging.getLogger(__name__)
 
-TOPIC_MISMATCH = "topic_mismatch"  # signed by a key of another device than the topic's
-UNKNOWN_DEVICE = "unknown_device"  # the topic names no registered device
-NOT_ACCEPTING = "not_accepting"  # the device is registered, quarantined or retired
-NOT_RELAY_GATEWAY = "not_relay_gateway"  # a relayed node does not name the publisher
-BAD_TOPIC = "bad_topic"
+# the statuses the acceptance rules give (besides the chain's), named here for the tests
+TOPIC_MISMATCH = acceptance.TOPIC_MISMATCH
+UNKNOWN_DEVICE = acceptance.UNKNOWN_DEVICE
+NOT_ACCEPTING = acceptance.NOT_ACCEPTING
+NOT_RELAY_GATEWAY = acceptance.NOT_RELAY_GATEWAY
+BAD_TOPIC = acceptance.BAD_TOPIC
 DEAD_LETTER = "dead_letter"  # kept aside: the database refused it alone (ingest_dead_letter)
-READINGS = topics.READINGS  # topic kinds the ingest takes
-RELAY = topics.RELAY
-ACCEPTING = (DeviceState.provisioned, DeviceState.active)
+READINGS = acceptance.READINGS  # topic kinds the ingest takes
+RELAY = acceptance.RELAY
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def parse_topic(topic: str) -> tuple[str, str] | None:
-    """``(publisher, kind)`` of ``ce/v1/<publisher>/up/<readings|relay>`` where the
-    publisher is a device URN, else None (``cityedge_core.topics`` is the scheme)."""
-    parsed = topics.parse(topic)
-    if parsed is None or parsed[1] != topics.UP or parsed[2] not in (READINGS, RELAY):
-        return None
-    try:
-        batchmod.check_device_id(parsed[0])
-    except PeerError:
-        return None
-    return parsed[0], parsed[2]
+parse_topic = acceptance.Acceptance.topic  # (publisher, kind) of a topic the ingest takes
 
 
 def bounded_text(text: str, most: int = EVENT_DETAIL_MAX) -> str:
@@ -102,11 +78,6 @@ def bounded_text(text: str, most: int = EVENT_DETAIL_MAX) -> str:
     (PostgreSQL cannot store NUL) and lone surrogates replaced by ``?``."""
     text = _CONTROL.sub("?", text[:most])
     return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def topic_device(topic: str) -> str | None:
-    parsed = parse_topic(topic)
-    return parsed[0] if parsed is not None and parsed[1] == READINGS else None
 
 
 class Keyring:
@@ -148,53 +119,6 @@ class Keyring:
 
 def _entry(cred: Credential) -> KeyEntry:
     return KeyEntry(cred.device_id, EcVerifier.from_sec1(bytes.fromhex(cred.public_key)))
-
-
-class TopicKeyring:
-    """The keyring seen from a ``readings`` topic: only the topic device's keys count."""
-
-    def __init__(self, keyring: Keyring, device: str, session: Session) -> None:
-        self.keyring = keyring
-        self.device = device
-        self.session = session
-        self.refusal: tuple[str, str] | None = None  # (status, detail) when a key is refused
-
-    def get(self, kid: bytes) -> KeyEntry | None:
-        entry = self.keyring.get(bytes(kid), self.session)
-        if entry is not None and entry.device != self.device:
-            self.refusal = (TOPIC_MISMATCH, "signed with a key of %s" % entry.device)
-            return None
-        return entry
-
-
-class RelayKeyring:
-    """The keyring seen from a gateway's ``relay`` topic: keys of accepting nodes only."""
-
-    def __init__(self, keyring: Keyring, gateway: str, group: _Group) -> None:
-        self.keyring = keyring
-        self.gateway = gateway
-        self.group = group
-        self.session = group.session
-        self.refusal: tuple[str, str] | None = None
-        self.node: Device | None = None
-
-    def get(self, kid: bytes) -> KeyEntry | None:
-        entry = self.keyring.get(bytes(kid), self.session)
-        if entry is None:
-            return None
-        if entry.device == self.gateway:
-            self.refusal = (TOPIC_MISMATCH, "the gateway's own batch on its relay topic")
-            return None
-        node = self.group.device(entry.device)
-        if node is None or node.gateway_id != self.gateway:
-            self.refusal = (NOT_RELAY_GATEWAY, "node %s reports through %s" % (
-                entry.device, (node.gateway_id if node is not None else None) or "no gateway"))
-            return None
-        if node.state not in ACCEPTING:
-            self.refusal = (NOT_ACCEPTING, "relayed node %s is %s" % (entry.device, node.state))
-            return None
-        self.node = node
-        return entry
 
 
 @dataclass
@@ -251,6 +175,9 @@ class Ingestor:
         self.engine = engine
         self.settings = settings
         self.keyring = Keyring(settings.limits.keyring_max_age_s)
+        lim = settings.limits
+        self.rules = acceptance.Acceptance(lim.quarantine_after_forgeries,
+                                           lim.quarantine_after_malformed)
         self.counts: dict[str, int] = {}
         # called with the devices a committed group quarantined (``fleet serve``: the
         # broker reconciler cuts them and the CRL suspends their certificates at once)
@@ -284,129 +211,98 @@ class Ingestor:
         return outcomes
 
     def _handle(self, group: _Group, topic: str, payload: bytes) -> Outcome:
-        session = group.session
-        parsed = parse_topic(topic)
+        """One message through the acceptance rules (``acceptance``), then stored."""
+        rules = self.rules
+        parsed = rules.topic(topic)
         if parsed is None:
             log.warning("ignoring message on %r: not a readings or relay topic", topic)
-            return Outcome(BAD_TOPIC, None)
+            return self._keep(group, None, rules.bad_topic())
         publisher_id, kind = parsed
         publisher = group.device(publisher_id)
-        if publisher is None:
-            self._event(session, publisher_id, UNKNOWN_DEVICE, None, "not registered")
-            return Outcome(UNKNOWN_DEVICE, publisher_id)
-        if publisher.state not in ACCEPTING:
-            self._event(session, publisher_id, NOT_ACCEPTING, None,
-                        "device is %s" % publisher.state)
-            return Outcome(NOT_ACCEPTING, publisher_id)
+        refusal = rules.publisher(publisher_id, publisher)
+        if refusal is not None or publisher is None:
+            return self._keep(group, None, refusal or rules.bad_topic())
         if kind == RELAY:
-            return self._relayed(group, publisher, payload)
-        keys = TopicKeyring(self.keyring, publisher_id, session)
-        verdict = make_batch_verifier(keys, group.chains).check(payload)
-        status = verdict.status
-        seq = verdict.batch.seq if verdict.batch is not None else None
-        if status == chain.UNKNOWN_KEY and keys.refusal is not None:
-            status, detail = keys.refusal
-            self._event(session, publisher_id, status, None, detail)
-        elif status == chain.BAD_SIGNATURE:
-            self._forgery(session, publisher, verdict.reason)
-        elif verdict.accepted:
-            return self._accept(group, publisher, verdict, publisher)
-        elif status == chain.MALFORMED:
-            self._malformed(session, publisher, publisher_id, status, seq, verdict.reason)
-        else:
-            self._event(session, publisher_id, status, seq, verdict.reason)
-        return Outcome(status, publisher_id)
+            publisher.last_seen = utcnow()  # a gateway is seen when it relays
+            group.session.add(publisher)
+        verifier = make_batch_verifier(None, group.chains)
+        try:
+            msg = verifier.envelope(payload)
+        except MalformedError as e:
+            return self._keep(group, publisher, rules.malformed_envelope(publisher, str(e)))
+        kid = msg.kid
+        entry = self.keyring.get(bytes(kid), group.session) if kid is not None else None
+        signer = entry.device if entry is not None else None
+        node = (group.device(signer) if kind == RELAY and signer is not None
+                and signer != publisher_id else None)
+        refusal = rules.signer(kind, publisher, kid, signer, node)
+        if refusal is not None or entry is None or signer is None:
+            return self._keep(group, publisher, refusal or rules.bad_topic())
+        try:
+            batch, digest = verifier.verify_with(msg, entry, payload)
+        except SignatureError as e:
+            return self._keep(group, publisher, rules.forged(kind, publisher, str(e)))
+        except MalformedError as e:  # the signature held over a payload that is no batch
+            return self._keep(group, publisher, rules.malformed(kind, publisher, signer,
+                                                                str(e)))
+        verdict = verifier.place(batch, digest, kid)
+        decision = rules.placed(kind, publisher, verdict)
+        if not decision.taken:
+            return self._keep(group, publisher, decision)
+        device = publisher if node is None else node
+        return self._take(group, kind, publisher, device, verdict, decision)
 
-    def _relayed(self, group: _Group, gateway: Device, payload: bytes) -> Outcome:
-        session = group.session
-        keys = RelayKeyring(self.keyring, gateway.id, group)
-        verdict = make_batch_verifier(keys, group.chains).check(payload)
-        status = verdict.status
-        gateway.last_seen = utcnow()
-        session.add(gateway)
-        if status == chain.UNKNOWN_KEY and keys.refusal is not None:
-            status, detail = keys.refusal
-            if status == NOT_RELAY_GATEWAY:
-                self._malformed(session, gateway, gateway.id, status, None, "relay: " + detail)
-            else:
-                self._event(session, gateway.id, status, None, "relay: " + detail)
-            return Outcome(status, gateway.id)
-        if status == chain.BAD_SIGNATURE:
-            self._forgery(session, gateway, "relay: " + verdict.reason)
-            return Outcome(status, gateway.id)
-        if verdict.accepted and keys.node is not None:
-            return self._accept(group, keys.node, verdict, gateway)
-        if verdict.batch is not None:
-            node = verdict.batch.device
-        else:  # a node's signature held over a payload that is not a valid batch
-            node = keys.node.id if keys.node is not None else gateway.id
-        seq = verdict.batch.seq if verdict.batch is not None else None
-        detail = "relayed by %s: %s" % (gateway.id, verdict.reason)
-        if status == chain.MALFORMED:
-            self._malformed(session, gateway, node, status, seq, detail)
-        else:
-            self._event(session, node, status, seq, detail)
-        return Outcome(status, node, via=gateway.id)
-
-    def _accept(self, group: _Group, device: Device, verdict: chain.Verdict,
-                publisher: Device) -> Outcome:
-        """Store an accepted batch of ``device`` that ``publisher`` sent (itself, or the
-        gateway relaying it)."""
+    def _take(self, group: _Group, kind: str, publisher: Device, device: Device,
+              verdict: chain.Verdict, decision: acceptance.Decision) -> Outcome:
+        """Store a batch the rules took: its readings (or a drop record's event)."""
         session = group.session
         b = verdict.batch
         count = 0
-        via = None if publisher is device else publisher.id
-        suffix = "" if via is None else "relayed by %s" % via
+        suffix = " (%s)" % decision.detail if decision.detail else ""
         if b.kind == batchmod.KIND_DROP:
             first, last, batches, readings = b.dropped
-            detail = "device dropped seq %d..%d: %d batches, %d readings" % (
-                first, last, batches, readings)
             self._event(session, device.id, "drop", b.seq,
-                        detail + (" (%s)" % suffix if suffix else ""),
+                        "device dropped seq %d..%d: %d batches, %d readings%s"
+                        % (first, last, batches, readings, suffix),
                         explained=verdict.explained)
         else:
             try:
-                rows = _readings(device.id, verdict, time.time(), via)
+                rows = _readings(device.id, verdict, time.time(), decision.via)
             except PeerError as e:  # signed, chained, but its records do not resolve
-                self._malformed(session, publisher, device.id, chain.MALFORMED, b.seq,
-                                str(e) + (" (%s)" % suffix if suffix else ""))
-                return Outcome(chain.MALFORMED, device.id, via=via)
+                return self._keep(group, publisher, self.rules.malformed(
+                    kind, publisher, device.id, str(e), b.seq))
             group.readings.extend(rows)
             count = len(rows)
-        if verdict.status != chain.OK:
-            self._event(session, device.id, verdict.status, b.seq, suffix,
+        if decision.recorded:
+            self._event(session, device.id, decision.status, b.seq, decision.detail,
                         missing=verdict.missing)
         if device.state == DeviceState.provisioned:
             registry.set_state(session, device=device, state=DeviceState.active)
         device.last_seen = utcnow()
         if device not in session:  # read by this session: its changes are tracked already
             session.add(device)  # (add walks the relationship cascades on every call)
-        return Outcome(verdict.status, device.id, count, via)
+        return Outcome(decision.status, device.id, count, decision.via)
 
-    def _forgery(self, session: Session, device: Device, reason: str) -> None:
-        device.forgeries += 1
-        session.add(device)
-        self._event(session, device.id, chain.BAD_SIGNATURE, None, reason)
-        self._quarantine_after(session, device, "forgeries", device.forgeries,
-                               self.settings.limits.quarantine_after_forgeries)
-
-    def _malformed(self, session: Session, publisher: Device, device_id: str, status: str,
-                   seq: int | None, detail: str) -> None:
-        """A malformed message or a refused relay: an event about ``device_id`` (the
-        batch's device when it names one), counted against the ``publisher``."""
-        publisher.malformed += 1
-        session.add(publisher)
-        self._event(session, device_id, status, seq, detail)
-        self._quarantine_after(session, publisher, "malformed", publisher.malformed,
-                               self.settings.limits.quarantine_after_malformed)
-
-    def _quarantine_after(self, session: Session, device: Device, what: str, count: int,
-                          limit: int) -> None:
-        if count >= limit and device.state != DeviceState.quarantined:
-            registry.set_state(session, device=device, state=DeviceState.quarantined)
-            audit.append(session, actor="ingest", action="device.quarantine",
-                         outcome=audit.OK, target=device.id, detail={what: count})
-            self._quarantined.append(device.id)
+    def _keep(self, group: _Group, publisher: Device | None,
+              decision: acceptance.Decision) -> Outcome:
+        """Record a message the rules did not take: its event, and the publisher's strike
+        (quarantine when it reaches its limit)."""
+        session = group.session
+        if decision.recorded and decision.device is not None:
+            self._event(session, decision.device, decision.status, decision.seq,
+                        decision.detail)
+        if decision.strike is not None and publisher is not None:
+            count = getattr(publisher, decision.strike) + 1
+            setattr(publisher, decision.strike, count)
+            session.add(publisher)
+            if (self.rules.quarantines(decision.strike, count)
+                    and publisher.state != DeviceState.quarantined):
+                registry.set_state(session, device=publisher, state=DeviceState.quarantined)
+                audit.append(session, actor="ingest", action="device.quarantine",
+                             outcome=audit.OK, target=publisher.id,
+                             detail={decision.strike: count})
+                self._quarantined.append(publisher.id)
+        return Outcome(decision.status, decision.device, 0, decision.via)
 
     @staticmethod
     def _event(session: Session, device_id: str, status: str, seq: int | None, detail: str,
