@@ -1,23 +1,47 @@
 """The ``cityedge`` command: one entry point, one sub-command group per part of the system.
 
-Errors a user can cause (a bad file, a bad key, an unreachable service) are reported as
-``cityedge: <what went wrong and what to do>`` with exit code 1, never a traceback. Usage
-errors (a wrong option) exit 2, as Click does.
+Errors a user can cause (a bad file, a bad key, an unreachable service) are raised as
+``cityedge_host.errors.UserError`` by every part and printed here, once, as ``cityedge:
+<what went wrong>`` and ``  what to do: <hint>``, exit code 1 — never a traceback. The
+core's ``CityedgeError`` family and ``OSError`` are reported the same way, without a hint.
+Usage errors (a wrong option) exit 2, as Click does; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from cityedge.inspect_cmd import inspect_command
 from cityedge.sim import sim_app
 from cityedge_core.errors import CityedgeError
 from cityedge_fleet.cli import audit_app, broker_app, ca_app, fleet_app
 from cityedge_gateway.cli import gateway_app
-from cityedge_host.crypto import KeyFileError
+from cityedge_host.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from cityedge_provision.cli import provision_app
+
+
+def report(e: BaseException) -> None:
+    """Print an error the way every ``cityedge`` command does."""
+    typer.echo("cityedge: %s" % e, err=True)
+    hint = getattr(e, "hint", "")
+    if hint:
+        typer.echo("  what to do: %s" % hint, err=True)
+
+
+class _Commands(TyperGroup):
+    """The root group: any sub-command's user error is reported here, once."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own click Context
+        try:
+            return super().invoke(ctx)
+        except (UserError, CityedgeError, OSError) as e:
+            report(e)
+            raise typer.Exit(EXIT_USER_ERROR) from e
+
 
 app = typer.Typer(
     name="cityedge",
@@ -25,6 +49,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Commands,
 )
 
 
@@ -48,16 +73,14 @@ for _name, _group in (
     app.add_typer(_group, name=_name)
 
 
-class UserError(Exception):
-    """Raised by commands for a problem the user can fix; printed without a traceback."""
-
-
 def main() -> None:
     try:
         app()
-    except (UserError, KeyFileError, CityedgeError, OSError) as e:
-        print("cityedge: %s" % e, file=sys.stderr)
-        sys.exit(1)
+    except (UserError, CityedgeError, OSError) as e:  # raised outside a sub-command
+        report(e)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

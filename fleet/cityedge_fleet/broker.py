@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cityedge_fleet import broker_acl
+from cityedge_host.errors import UserError
 from cityedge_host.files import write_atomic
 
 DYNSEC_FILE = "dynamic-security.json"
@@ -35,7 +36,7 @@ DYNSEC_PLUGIN_PATHS = (
 )
 
 
-class BrokerConfigError(ValueError):
+class BrokerConfigError(UserError, ValueError):
     """The broker's configuration cannot be written as asked (missing plugin, bad name)."""
 
 

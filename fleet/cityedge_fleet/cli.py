@@ -1,7 +1,7 @@
 """The fleet's sub-commands of ``cityedge``: ``fleet``, ``ca``, ``audit`` and ``broker``.
 
-Errors the operator can fix raise ``FleetCliError`` (a ``CityedgeError``), which the
-``cityedge`` entry point prints as ``cityedge: <message>`` with exit code 1.
+Errors the operator can fix raise ``cityedge_host.errors.UserError``, which the
+``cityedge`` command prints once as ``cityedge: <message>`` with exit code 1.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from cityedge_core.errors import LocalError
 from cityedge_fleet.config import ENV_FILE_VARIABLE, Settings, describe_errors, env_file_from
+from cityedge_host.errors import UserError
 
 if TYPE_CHECKING:
     from cityedge_fleet.models import AuditVerifyResult
@@ -29,24 +29,20 @@ audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True
 broker_app = typer.Typer(help="Mosquitto configuration for the fleet.", no_args_is_help=True)
 
 
-class FleetCliError(LocalError):
-    """A problem the operator can fix (settings, files); printed without a traceback."""
-
-
 def load_settings() -> Settings:
     """The settings from ``CITYEDGE_*`` (and the file ``CITYEDGE_ENV_FILE`` names, said on
     stderr); every problem is listed at once, naming its variable."""
     try:
         env_file = env_file_from(os.environ)
     except ValueError as e:
-        raise FleetCliError("fleet settings: %s" % e) from e
+        raise UserError("fleet settings: %s" % e) from e
     if env_file is not None:
         print("cityedge: fleet settings: reading %s (%s)" % (env_file, ENV_FILE_VARIABLE),
               file=sys.stderr)
     try:
         return Settings(_env_file=env_file)  # type: ignore[call-arg]
     except ValidationError as e:
-        raise FleetCliError("fleet settings: %s" % "; ".join(describe_errors(e))) from e
+        raise UserError("fleet settings: %s" % "; ".join(describe_errors(e))) from e
 
 
 def _engine(settings: Settings) -> Engine:
@@ -71,7 +67,7 @@ def serve_command(
     try:
         serve(settings, host, port)
     except ValueError as e:
-        raise FleetCliError(str(e)) from e
+        raise UserError(str(e)) from e
 
 
 @fleet_app.command("ingest")
@@ -84,7 +80,7 @@ def ingest_command() -> None:
     try:
         worker = MqttIngestWorker(Ingestor(_engine(settings), settings), settings)
     except ValueError as e:
-        raise FleetCliError(str(e)) from e
+        raise UserError(str(e)) from e
     worker.run_forever()
 
 
@@ -115,12 +111,12 @@ def create_token_command(
     try:
         role_ = Role(role)
     except ValueError as e:
-        raise FleetCliError("unknown role %r; one of: %s"
+        raise UserError("unknown role %r; one of: %s"
                             % (role, ", ".join(r.value for r in Role))) from e
     try:
         wanted = ApiTokenCreate(name=name, role=role_, sites=list(site or ()))
     except ValidationError as e:
-        raise FleetCliError("create-token: %s" % "; ".join(
+        raise UserError("create-token: %s" % "; ".join(
             str(err["msg"]).removeprefix("Value error, ") for err in e.errors())) from e
     settings = load_settings()
     with Session(_engine(settings)) as session:
@@ -189,7 +185,7 @@ def audit_verify_command(
     if not result.ok:
         for problem in result.problems:
             print(problem, file=sys.stderr)
-        raise FleetCliError("audit log is broken: %d problem(s) in %d rows"
+        raise UserError("audit log is broken: %d problem(s) in %d rows"
                             % (len(result.problems), result.rows))
     print("audit log intact: %d rows" % result.rows)
     if jsonl is None and result.anchor is None:
@@ -209,7 +205,7 @@ def _read_export(path: Path) -> list[dict[str, object]]:
                     raise ValueError("line %d is not a JSON object" % n)
                 rows.append(row)
     except (OSError, ValueError) as e:
-        raise FleetCliError("cannot read the audit export %s: %s" % (path, e)) from e
+        raise UserError("cannot read the audit export %s: %s" % (path, e)) from e
     return rows
 
 
@@ -250,7 +246,7 @@ def audit_init_key_command() -> None:
             if str(e).startswith("the audit log already has keyed rows"):
                 print(str(e))
                 return
-            raise FleetCliError("the audit log written before the key does not verify, so "
+            raise UserError("the audit log written before the key does not verify, so "
                                 "the key does not vouch for it: %s" % e) from e
         if row is None:
             return
@@ -305,7 +301,7 @@ def broker_config_command(
     services = service or list(broker_acl.DEFAULT_SERVICES)
     for cn in services:
         if broker_acl.identity_kind(cn) not in broker_acl.SERVICE_KINDS:
-            raise FleetCliError("--service %s is not a fleet service identity (fleet-ingest, "
+            raise UserError("--service %s is not a fleet service identity (fleet-ingest, "
                                 "fleet-commands or fleet-control, with an optional "
                                 "-<suffix>)" % cn)
     ca = CertificateAuthority(settings.ca_dir)
@@ -322,7 +318,7 @@ def broker_config_command(
                             identities=[*services, *devices],
                             share_group=settings.ingest_share_group, plugin=plugin)
     except ValueError as e:
-        raise FleetCliError(str(e)) from e
+        raise UserError(str(e)) from e
     print(conf)
     print("cityedge: %d services and %d devices granted; the fleet keeps the devices in step "
           "through fleet-control" % (len(services), len(devices)), file=sys.stderr)

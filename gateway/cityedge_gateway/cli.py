@@ -9,9 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cityedge_host.crypto import KeyFileError
-
-from .config import ConfigError, load_config
+from .config import load_config
 
 gateway_app = typer.Typer(
     help="The Raspberry Pi gateway agent: serial sensors, node relay, store-and-forward.",
@@ -31,9 +29,4 @@ def run_command(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        # ConfigError is a ValueError: reported here, as the CLI's families do not include it
-        raise KeyFileError(str(e)) from e
-    asyncio.run(Gateway(cfg).run())
+    asyncio.run(Gateway(load_config(config)).run())  # a ConfigError is a UserError

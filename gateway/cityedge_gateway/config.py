@@ -26,6 +26,7 @@ from typing import Any
 
 from cityedge_core.batch import check_device_id
 from cityedge_core.errors import MalformedError
+from cityedge_host.errors import UserError
 
 from . import limits
 from .modbus import Register
@@ -33,7 +34,7 @@ from .modbus import Register
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The configuration file is wrong; the message lists every mistake found."""
 
     def __init__(self, path: Path, problems: list[str]) -> None:

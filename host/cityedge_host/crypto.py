@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from cityedge_core.cose import kid_for_public_key
+from cityedge_host.errors import UserError
 from cityedge_host.files import write_atomic
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
@@ -38,7 +39,7 @@ def _der_signature(r: bytes, s: bytes) -> bytes:
     return b"\x30" + bytes((len(body),)) + body
 
 
-class KeyFileError(ValueError):
+class KeyFileError(UserError, ValueError):
     """A key or certificate file is missing, unreadable or of the wrong kind."""
 
 

@@ -19,8 +19,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +27,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cityedge_core.errors import CityedgeError
 from cityedge_provision import label as labels
 from cityedge_provision.errors import FleetRefused, ProvisionError
 from cityedge_provision.fleet_client import FleetClient, Workspace, check_fleet_url
@@ -58,21 +56,6 @@ LabelOpt = Annotated[Path | None, typer.Option("--label", help="Save a label (.p
 
 def workspace() -> Workspace:
     return Workspace()
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Print our errors as ``cityedge: ...`` plus what to do next; exit 1."""
-    try:
-        yield
-    except ProvisionError as e:
-        err.print("cityedge: %s" % e)
-        if e.hint:
-            err.print("  what to do: %s" % e.hint)
-        raise typer.Exit(1) from e
-    except (CityedgeError, labels.LabelError, OSError) as e:
-        err.print("cityedge: %s" % e)
-        raise typer.Exit(1) from e
 
 
 def _der_certificate(path: Path) -> bytes:
@@ -197,16 +180,15 @@ def provision(
     """Provision the device on the USB port (when no sub-command is given)."""
     if ctx.invoked_subcommand is not None:
         return
-    with user_errors():
-        ws = workspace()
-        opts = Options(site=site, hardware_class=hardware_class, tags=list(tag or []),
-                       offline=offline, restart=restart, self_test=self_test,
-                       fleet_keys=[p.read_bytes() for p in fleet_key or []],
-                       server_hostname=server_hostname, confirm=_confirm(yes, site),
-                       fleet_ca=_der_certificate(fleet_ca) if fleet_ca else None,
-                       dev_http_enroll=dev_http_enroll)
-        fleet = _fleet(offline, ws)
-        report(run_session(choose_port(port, yes), ws, fleet, opts), label)
+    ws = workspace()
+    opts = Options(site=site, hardware_class=hardware_class, tags=list(tag or []),
+                   offline=offline, restart=restart, self_test=self_test,
+                   fleet_keys=[p.read_bytes() for p in fleet_key or []],
+                   server_hostname=server_hostname, confirm=_confirm(yes, site),
+                   fleet_ca=_der_certificate(fleet_ca) if fleet_ca else None,
+                   dev_http_enroll=dev_http_enroll)
+    fleet = _fleet(offline, ws)
+    report(run_session(choose_port(port, yes), ws, fleet, opts), label)
 
 
 @provision_app.command("ports")
@@ -229,22 +211,21 @@ def login_command(
              "city CA); default: the system's CAs", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Store your fleet API token (checked first) in a 0600 file under your config dir."""
-    with user_errors():
-        check_fleet_url(url)  # before asking for a token that must not go out in clear
-        if token_stdin:
-            token = sys.stdin.readline().strip()
-        else:
-            token = os.environ.get("CITYEDGE_FLEET_TOKEN") or typer.prompt(
-                "API token", hide_input=True)
-        client = FleetClient(url, token, ca_file=ca_file)
-        try:
-            client.check_login()
-        finally:
-            client.close()
-        ws = workspace()
-        ws.save_login(url, token, ca_file)
-        out.print("Logged in to %s (token stored in %s, mode 0600)."
-                  % (url, ws.home / "login.json"))
+    check_fleet_url(url)  # before asking for a token that must not go out in clear
+    if token_stdin:
+        token = sys.stdin.readline().strip()
+    else:
+        token = os.environ.get("CITYEDGE_FLEET_TOKEN") or typer.prompt(
+            "API token", hide_input=True)
+    client = FleetClient(url, token, ca_file=ca_file)
+    try:
+        client.check_login()
+    finally:
+        client.close()
+    ws = workspace()
+    ws.save_login(url, token, ca_file)
+    out.print("Logged in to %s (token stored in %s, mode 0600)."
+              % (url, ws.home / "login.json"))
 
 
 @provision_app.command("logout")
@@ -261,68 +242,66 @@ def tokens_command(
                      ] = LIMITS.offline_token_ttl_s,
 ) -> None:
     """Fetch enrollment tokens now, to provision these serials later without a connection."""
-    with user_errors():
-        ws = workspace()
-        fleet = FleetClient.from_workspace(ws)
-        got: dict[str, dict[str, str]] = {}
-        for serial in serials:
-            t = fleet.enrollment_token(serial, ttl_s)
-            got[serial] = {"token": str(t["token"]), "expires_at": str(t["expires_at"])}
-        ws.save_tokens(got)
-        out.print("Fetched %d enrollment token(s), valid until %s."
-                  % (len(got), min(v["expires_at"] for v in got.values())))
+    ws = workspace()
+    fleet = FleetClient.from_workspace(ws)
+    got: dict[str, dict[str, str]] = {}
+    for serial in serials:
+        t = fleet.enrollment_token(serial, ttl_s)
+        got[serial] = {"token": str(t["token"]), "expires_at": str(t["expires_at"])}
+    ws.save_tokens(got)
+    out.print("Fetched %d enrollment token(s), valid until %s."
+              % (len(got), min(v["expires_at"] for v in got.values())))
 
 
 @provision_app.command("sync")
 def sync_command() -> None:
     """Enroll the CSRs queued offline; then connect each device again to finish it."""
-    with user_errors():
-        ws = workspace()
-        queued = ws.queued()
-        if not queued:
-            out.print("Nothing queued.")
-            return
-        fleet = FleetClient.from_workspace(ws)
-        table = Table("serial", "device", "result")
-        failures = revisit = 0
-        for entry in queued:
-            serial = entry["serial"]
-            try:
-                if fleet.get_device(entry["device"]) is None:
-                    fleet.register_device({
-                        "id": entry["device"], "serial": serial, "model": entry["model"],
-                        "hardware_class": entry.get("hardware_class") or entry["model"],
-                        "site": entry.get("site", ""), "firmware_version": entry.get(
-                            "firmware", "")})
-                by_device = False
-                if entry.get("ticket") and entry.get("token"):
-                    # the device holds the same token: whichever comes first enrolls,
-                    # the other gets the same certificate
-                    answer, by_device = fleet.enroll_ticket(
-                        serial, str(entry["token"]), entry["csr_pem"])
-                else:
-                    answer = fleet.enroll(serial, entry.get("token"), entry["csr_pem"],
-                                          entry.get("claim"))
-                    revisit += 1
-            except FleetRefused as e:
-                failures += 1
-                table.add_row(serial, entry["device"], "refused: %s" % e)
-                continue
-            ws.save_session(serial, {"serial": serial, "device": entry["device"],
-                                     "kid": entry["kid"], "enrollment": answer})
-            ws.unqueue(serial)
-            ws.drop_token(serial)
-            table.add_row(serial, entry["device"], "enrolled by the device itself" if by_device
-                          else "certificate issued (the device fetches it with its ticket)"
-                          if entry.get("ticket") else "certificate issued")
-        out.print(table)
-        if revisit:
-            out.print("Connect each enrolled device again (`cityedge provision`) to install "
-                      "its certificate and run the self-test.")
-        if failures:
-            raise ProvisionError("%d queued enrollment(s) refused" % failures,
-                                 "fetch new tokens (`cityedge provision tokens`) for those "
-                                 "serials and provision them again")
+    ws = workspace()
+    queued = ws.queued()
+    if not queued:
+        out.print("Nothing queued.")
+        return
+    fleet = FleetClient.from_workspace(ws)
+    table = Table("serial", "device", "result")
+    failures = revisit = 0
+    for entry in queued:
+        serial = entry["serial"]
+        try:
+            if fleet.get_device(entry["device"]) is None:
+                fleet.register_device({
+                    "id": entry["device"], "serial": serial, "model": entry["model"],
+                    "hardware_class": entry.get("hardware_class") or entry["model"],
+                    "site": entry.get("site", ""), "firmware_version": entry.get(
+                        "firmware", "")})
+            by_device = False
+            if entry.get("ticket") and entry.get("token"):
+                # the device holds the same token: whichever comes first enrolls,
+                # the other gets the same certificate
+                answer, by_device = fleet.enroll_ticket(
+                    serial, str(entry["token"]), entry["csr_pem"])
+            else:
+                answer = fleet.enroll(serial, entry.get("token"), entry["csr_pem"],
+                                      entry.get("claim"))
+                revisit += 1
+        except FleetRefused as e:
+            failures += 1
+            table.add_row(serial, entry["device"], "refused: %s" % e)
+            continue
+        ws.save_session(serial, {"serial": serial, "device": entry["device"],
+                                 "kid": entry["kid"], "enrollment": answer})
+        ws.unqueue(serial)
+        ws.drop_token(serial)
+        table.add_row(serial, entry["device"], "enrolled by the device itself" if by_device
+                      else "certificate issued (the device fetches it with its ticket)"
+                      if entry.get("ticket") else "certificate issued")
+    out.print(table)
+    if revisit:
+        out.print("Connect each enrolled device again (`cityedge provision`) to install "
+                  "its certificate and run the self-test.")
+    if failures:
+        raise ProvisionError("%d queued enrollment(s) refused" % failures,
+                             "fetch new tokens (`cityedge provision tokens`) for those "
+                             "serials and provision them again")
 
 
 @provision_app.command("replace")
@@ -333,39 +312,38 @@ def replace_command(
     label: LabelOpt = None,
 ) -> None:
     """Provision the device on the port as the replacement of OLD_ID, then retire OLD_ID."""
-    with user_errors():
-        ws = workspace()
-        fleet = FleetClient.from_workspace(ws)
-        old = fleet.get_device(old_id)
-        if old is None:
-            raise FleetRefused("the fleet has no device %s" % old_id, 404,
-                               "check the id on the old device's label")
-        if old.get("state") == "retired":
-            raise FleetRefused("%s is already retired" % old_id, 409)
-        site = str(old.get("site") or "")
-        opts = Options(site=site, hardware_class=str(old.get("hardware_class") or ""),
-                       tags=list(old.get("tags") or []), confirm=_confirm(yes, site),
-                       register={"tags": list(old.get("tags") or [])})
-        outcome = run_session(choose_port(port, yes), ws, fleet, opts)
-        if outcome.device == old_id:
-            raise ProvisionError("the device on the port is %s itself" % old_id,
-                                 "connect the new device")
-        report(outcome, label)
-        revoked = []
-        try:
-            for cred in fleet.credentials(old_id):
-                if cred.get("status") == "active":
-                    fleet.revoke_credential(old_id, str(cred["serial"]))
-                    revoked.append(str(cred["serial"]))
-            fleet.set_state(old_id, "retired", "replaced by %s" % outcome.device)
-        except FleetRefused as e:
-            raise ProvisionError(
-                "%s is provisioned, but retiring %s failed: %s" % (outcome.device, old_id, e),
-                "ask the security team to revoke the certificates of %s and retire it "
-                "(the new device is already working)" % old_id) from e
-        out.print("Retired %s (certificate%s %s revoked); %s took over site %s."
-                  % (old_id, "s" if len(revoked) != 1 else "",
-                     ", ".join(revoked) or "none", outcome.device, site or "(none)"))
+    ws = workspace()
+    fleet = FleetClient.from_workspace(ws)
+    old = fleet.get_device(old_id)
+    if old is None:
+        raise FleetRefused("the fleet has no device %s" % old_id, 404,
+                           "check the id on the old device's label")
+    if old.get("state") == "retired":
+        raise FleetRefused("%s is already retired" % old_id, 409)
+    site = str(old.get("site") or "")
+    opts = Options(site=site, hardware_class=str(old.get("hardware_class") or ""),
+                   tags=list(old.get("tags") or []), confirm=_confirm(yes, site),
+                   register={"tags": list(old.get("tags") or [])})
+    outcome = run_session(choose_port(port, yes), ws, fleet, opts)
+    if outcome.device == old_id:
+        raise ProvisionError("the device on the port is %s itself" % old_id,
+                             "connect the new device")
+    report(outcome, label)
+    revoked = []
+    try:
+        for cred in fleet.credentials(old_id):
+            if cred.get("status") == "active":
+                fleet.revoke_credential(old_id, str(cred["serial"]))
+                revoked.append(str(cred["serial"]))
+        fleet.set_state(old_id, "retired", "replaced by %s" % outcome.device)
+    except FleetRefused as e:
+        raise ProvisionError(
+            "%s is provisioned, but retiring %s failed: %s" % (outcome.device, old_id, e),
+            "ask the security team to revoke the certificates of %s and retire it "
+            "(the new device is already working)" % old_id) from e
+    out.print("Retired %s (certificate%s %s revoked); %s took over site %s."
+              % (old_id, "s" if len(revoked) != 1 else "",
+                 ", ".join(revoked) or "none", outcome.device, site or "(none)"))
 
 
 @provision_app.command("bulk")
@@ -383,40 +361,39 @@ def bulk_command(
     enrolls without a token, with the claim secret it reports from its flash (checked
     against the manifest's hash before it is sent).
     """
-    with user_errors():
-        data = _load_manifest(manifest)
-        ws = workspace()
-        fleet = FleetClient.from_workspace(ws)
-        fleet_call_upload(fleet, data)
-        table = Table("serial", "device", "site", "result", "seconds")
-        failed = 0
-        for entry in data["devices"]:
-            serial = str(entry["serial"])
-            port = entry.get("port")
-            if not port or not yes:
-                port = typer.prompt("Connect %s and give its port" % serial,
-                                    default=port or "")
-            opts = Options(site=str(entry.get("site", "")), expect_serial=serial,
-                           allow_list=True, expect_claim_sha256=str(entry["claim_sha256"]))
-            try:
-                o = run_session(str(port), ws, fleet, opts)
-            except ProvisionError as e:
-                failed += 1
-                err.print("cityedge: %s: %s" % (serial, e))
-                table.add_row(serial, "", str(entry.get("site", "")), "FAILED: %s" % e, "")
-                continue
-            if labels_dir is not None:
-                labels_dir.mkdir(parents=True, exist_ok=True)
-                labels.save(labels.LabelData(o.device, o.serial, o.site),
-                            labels_dir / ("%s.png" % serial))
-            table.add_row(serial, o.device, o.site, o.status, "%.1f" % o.seconds)
-        out.print(table)
-        out.print("%d of %d devices provisioned." % (len(data["devices"]) - failed,
-                                                     len(data["devices"])))
-        if failed:
-            raise ProvisionError("%d device(s) failed" % failed,
-                                 "fix each (the message says how) and run `cityedge provision "
-                                 "--port PORT` for it; done devices are not touched again")
+    data = _load_manifest(manifest)
+    ws = workspace()
+    fleet = FleetClient.from_workspace(ws)
+    fleet_call_upload(fleet, data)
+    table = Table("serial", "device", "site", "result", "seconds")
+    failed = 0
+    for entry in data["devices"]:
+        serial = str(entry["serial"])
+        port = entry.get("port")
+        if not port or not yes:
+            port = typer.prompt("Connect %s and give its port" % serial,
+                                default=port or "")
+        opts = Options(site=str(entry.get("site", "")), expect_serial=serial,
+                       allow_list=True, expect_claim_sha256=str(entry["claim_sha256"]))
+        try:
+            o = run_session(str(port), ws, fleet, opts)
+        except ProvisionError as e:
+            failed += 1
+            err.print("cityedge: %s: %s" % (serial, e))
+            table.add_row(serial, "", str(entry.get("site", "")), "FAILED: %s" % e, "")
+            continue
+        if labels_dir is not None:
+            labels_dir.mkdir(parents=True, exist_ok=True)
+            labels.save(labels.LabelData(o.device, o.serial, o.site),
+                        labels_dir / ("%s.png" % serial))
+        table.add_row(serial, o.device, o.site, o.status, "%.1f" % o.seconds)
+    out.print(table)
+    out.print("%d of %d devices provisioned." % (len(data["devices"]) - failed,
+                                                 len(data["devices"])))
+    if failed:
+        raise ProvisionError("%d device(s) failed" % failed,
+                             "fix each (the message says how) and run `cityedge provision "
+                             "--port PORT` for it; done devices are not touched again")
 
 
 def fleet_call_upload(fleet: FleetClient, data: dict[str, Any]) -> None:
@@ -464,7 +441,7 @@ def simulate_command(
 
     from cityedge_provision.simdevice import SimulatedDevice, compile_firmware
 
-    with user_errors(), tempfile.TemporaryDirectory(prefix="cityedge-sim-") as d:
+    with tempfile.TemporaryDirectory(prefix="cityedge-sim-") as d:
         dev = SimulatedDevice(root, compile_firmware(Path(d)), serial, device, model,
                               claim=claim).start()
         out.print("Simulated %s (serial %s) on %s; its console log: %s"
@@ -486,6 +463,5 @@ def label_command(
     site: SiteOpt = "",
 ) -> None:
     """Save a label with the device id, serial, site and a QR code of the URN."""
-    with user_errors():
-        labels.save(labels.LabelData(device, serial, site), output)
-        out.print("Label saved to %s" % output)
+    labels.save(labels.LabelData(device, serial, site), output)
+    out.print("Label saved to %s" % output)

@@ -9,17 +9,12 @@ the network failed: check it and run again; the steps are safe to re-run).
 from __future__ import annotations
 
 from cityedge_core.errors import LocalError, PeerError
+from cityedge_host.errors import UserError
 
 
-class ProvisionError(Exception):
-    """Base of the tool's errors; ``str(e)`` says what went wrong, ``e.hint`` what to do."""
-
-    hint = ""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        if hint is not None:
-            self.hint = hint
+class ProvisionError(UserError):
+    """Base of the tool's errors (the command line's ``UserError``, printed once by the
+    ``cityedge`` command); ``str(e)`` says what went wrong, ``e.hint`` what to do."""
 
 
 class LinkError(ProvisionError, LocalError):

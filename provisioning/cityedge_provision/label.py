@@ -13,6 +13,8 @@ from pathlib import Path
 import qrcode
 from PIL import Image, ImageDraw, ImageFont
 
+from cityedge_host.errors import UserError
+
 LABEL_WIDTH_PX = 732  # pixels: 62 mm at 300 dpi
 LABEL_DPI = 300  # dots per inch written into the PNG/PDF
 QR_BOX_PX = 8  # pixels per QR module
@@ -28,7 +30,7 @@ class LabelData:
     site: str = ""
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """The label cannot be written (unknown format)."""
 
 
