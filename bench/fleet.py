@@ -13,7 +13,7 @@
   made at start are frozen out of the garbage collector as ``fleet serve`` does
   (``serve.freeze_startup_objects``); ``REGISTRY_WARMUP`` queries per filter are untimed.
 
-PostgreSQL is a throwaway cluster (``tests/fleet/pg.py``) with ``fsync`` on, as a server
+PostgreSQL is a throwaway cluster (``tests/support/pg.py``) with ``fsync`` on, as a server
 would run it; SQLite is a WAL file on the local disk with the service's own settings.
 """
 
@@ -367,7 +367,7 @@ def registry_latency(url: str, ca_dir: Path, n: int = REGISTRY_DEVICES) -> dict[
 
 def run(quick: bool = False) -> dict[str, Any]:
     from cityedge_fleet.broker_acl import Acl
-    from tests.fleet.pg import pg_cluster
+    from tests.support.pg import pg_cluster
 
     from support.mosquitto import Mosquitto, TestPKI
 

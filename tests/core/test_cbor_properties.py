@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import cbor2
@@ -13,33 +12,7 @@ from hypothesis import strategies as st
 from cityedge_core import cbor
 from cityedge_core.errors import MalformedError
 
-keys = st.one_of(st.integers(-(2**64), 2**64 - 1), st.text(max_size=8), st.binary(max_size=8))
-scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
-    st.text(max_size=20), st.binary(max_size=20),
-)
-values = st.recursive(
-    scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=5), st.dictionaries(keys, inner, max_size=5),
-        # tags cbor2 gives no meaning to (it interprets many low-numbered ones)
-        st.builds(cbor.Tag, st.integers(2**16, 2**32), inner),
-    ),
-    max_leaves=25,
-)
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) ==
-                                                      math.copysign(1, b))
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, cbor.Tag) and isinstance(b, cbor.Tag):
-        return a.tag == b.tag and same(a.value, b.value)
-    return type(a) is type(b) and a == b
+from support.cbor_compare import same, values
 
 
 @given(values)

@@ -8,8 +8,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fastcbor_differential import documented_difference, norm
-from test_fastcbor_differential import same as same_value
 
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, chain, cose
@@ -19,7 +17,8 @@ from cityedge_host.crypto import EcSigner
 from cityedge_host.verify import make_batch_verifier
 
 from helpers import DEVICE, ROOT, records
-from test_cbor_properties import same, values
+from support.cbor_compare import documented_difference, norm, same, values
+from support.cbor_compare import same_decoded as same_value
 
 VECTORS = ROOT.parent / "shared" / "vectors" / "cbor-test-vectors"
 

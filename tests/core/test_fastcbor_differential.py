@@ -11,8 +11,6 @@ apart by what the core made of the input, and pinned by their own test.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import struct
 from typing import Any
 
@@ -22,135 +20,20 @@ from hypothesis import strategies as st
 
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose, cose_decode, limits
-from cityedge_core.errors import MalformedError, PeerError
+from cityedge_core.errors import PeerError
 from cityedge_host import fastcbor
 from cityedge_host.crypto import EcSigner
 
 from helpers import DEVICE, records
-
-_UNWRAPPED = {25, 28, 29, 256, 55799}  # tags cbor2 replaces by the value they wrap
-
-
-# --- comparing what the two decoders made ------------------------------------------------
-
-def norm(x: Any) -> Any:
-    """cbor2's objects as the core's: tags, simple values, undefined."""
-    if isinstance(x, cbor2.CBORTag):
-        return cbor.Tag(x.tag, norm(x.value))
-    if isinstance(x, cbor2.CBORSimpleValue):
-        return cbor.Simple(x.value)
-    if x is cbor2.undefined:
-        return cbor.UNDEFINED
-    if isinstance(x, list):
-        return [norm(i) for i in x]
-    if isinstance(x, dict):
-        return {norm(k): norm(v) for k, v in x.items()}
-    return x
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or (
-            a == b and math.copysign(1, a) == math.copysign(1, b))
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return len(a) == len(b) and all(same(k, j) and same(a[k], b[j])
-                                        for k, j in zip(a, b, strict=True))
-    if isinstance(a, cbor.Tag) and isinstance(b, cbor.Tag):
-        return a.tag == b.tag and same(a.value, b.value)
-    return type(a) is type(b) and a == b
-
-
-def outcome(fn: Any, data: bytes) -> Any:
-    try:
-        return "ok", fn(data)
-    except MalformedError as e:
-        return "malformed", str(e)
-
-
-def documented_difference(core: Any, data: bytes) -> bool:
-    """The core's outcome shows one of the differences fastcbor states. A duplicate key
-    can also hide the core's first error: cbor2 keeps only the last value, and the value
-    that held the error is gone (``_has_duplicate_key`` looks for one in the bytes)."""
-    if core[0] == "malformed":
-        return ("duplicate map key" in core[1] or "bignum longer" in core[1]
-                or _has_duplicate_key(data))
-    return _has_unwrapped_tag(core[1])
-
-
-def _has_duplicate_key(data: bytes) -> bool:
-    """A map in ``data`` holds two keys Python's dict takes for one (as cbor2's does)."""
-    found = [False]
-
-    def walk(i: int) -> int:
-        major, ai = data[i] >> 5, data[i] & 31
-        i += 1
-        arg: int | None
-        if ai < 24:
-            arg = ai
-        elif ai < 28:
-            width = 1 << (ai - 24)
-            arg = int.from_bytes(data[i:i + width], "big")
-            i += width
-        elif ai == 31 and major in (2, 3, 4, 5):
-            arg = None
-        else:
-            raise ValueError("not a head this walk follows")
-        if major in (0, 1, 7):
-            return i
-        if major == 6:
-            return walk(i)
-        if major in (2, 3):
-            if arg is not None:
-                return i + arg
-            while data[i] != 0xFF:
-                i = walk(i)
-            return i + 1
-        count = (arg if arg is not None else -1) * (2 if major == 5 else 1)
-        items: list[bytes] = []
-        while count != 0 and not (count < 0 and data[i] == 0xFF):
-            start = i
-            i = walk(i)
-            items.append(data[start:i])
-            count -= 1
-        if arg is None:
-            i += 1
-        if major == 5:
-            keys = []
-            for raw in items[0::2]:
-                try:
-                    keys.append(cbor2.loads(raw))
-                except Exception:
-                    continue
-            if any(a == b for n, a in enumerate(keys) for b in keys[n + 1:]):
-                found[0] = True
-        return i
-
-    with contextlib.suppress(ValueError, IndexError, RecursionError):  # the core's error stands
-        walk(0)
-    return found[0]
-
-
-def _has_unwrapped_tag(x: Any) -> bool:
-    if isinstance(x, cbor.Tag):
-        return x.tag in _UNWRAPPED or _has_unwrapped_tag(x.value)
-    if isinstance(x, list):
-        return any(_has_unwrapped_tag(i) for i in x)
-    if isinstance(x, dict):
-        return any(_has_unwrapped_tag(k) or _has_unwrapped_tag(v) for k, v in x.items())
-    return False
-
-
-def assert_agree(core_fn: Any, fast_fn: Any, data: bytes) -> None:
-    core = outcome(core_fn, data)
-    fast = outcome(fast_fn, data)
-    if documented_difference(core, data):
-        return
-    assert core[0] == fast[0], (data.hex(), core, fast)
-    if core[0] == "ok":
-        assert same(core[1], norm(fast[1])), (data.hex(), core[1], fast[1])
-
+from support.cbor_compare import (
+    UNWRAPPED,
+    assert_agree,
+    documented_difference,
+    has_duplicate_key,
+    norm,
+    outcome,
+    same_decoded,
+)
 
 # --- CBOR built from tokens ----------------------------------------------------------------
 
@@ -337,7 +220,7 @@ def test_large_batch_payloads_agree() -> None:
         fast = outcome(to_batch(fastcbor.loads_batch_payload), data)
         assert core[0] == fast[0]
         if core[0] == "ok":
-            assert same(core[1], norm(fast[1]))
+            assert same_decoded(core[1], norm(fast[1]))
         verdicts.append(core[0])
     assert verdicts == ["ok", "ok", "ok", "malformed"]  # the last: 4209 items
     # 256 records alone stay under the bound: no second decode by the core
@@ -454,7 +337,7 @@ def test_documented_differences_are_exactly_these() -> None:
     dup = bytes.fromhex("a2030103 02".replace(" ", ""))
     assert outcome(cbor.loads, dup)[0] == "malformed"
     assert fastcbor.loads(dup) == {3: 2}
-    for tag in sorted(_UNWRAPPED - {25, 29}):  # 25 and 29 refer to earlier items
+    for tag in sorted(UNWRAPPED - {25, 29}):  # 25 and 29 refer to earlier items
         data = head(6, tag, 0) + b"\x05"
         assert cbor.loads(data) == cbor.Tag(tag, 5)
         assert fastcbor.loads(data) == 5
@@ -468,5 +351,5 @@ def test_documented_differences_are_exactly_these() -> None:
     assert "map key is an array or map" in outcome(cbor.loads, hidden)[1]
     assert fastcbor.loads(hidden) == {b"": 0}
     assert documented_difference(outcome(cbor.loads, hidden), hidden)
-    assert not _has_duplicate_key(bytes.fromhex("bf40bfbfff00ff4100ff"))  # h'' and h'00'
+    assert not has_duplicate_key(bytes.fromhex("bf40bfbfff00ff4100ff"))  # h'' and h'00'
 

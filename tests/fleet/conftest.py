@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session
 
 from cityedge_fleet.app import create_app
-from cityedge_fleet.auth import create_api_token
 from cityedge_fleet.ca import init_ca
 from cityedge_fleet.config import FleetLimits, Settings
-from cityedge_fleet.models import Role
 
-from . import pg
-from .pg import PgCluster
+from support import pg
+from support.fleet import Api
+from support.pg import PgCluster
 
 
 @pytest.fixture(scope="session")
@@ -64,28 +61,6 @@ def settings(db_url: str, ca_dirs: tuple[Path, Path], tmp_path: Path) -> Setting
                     limits=FleetLimits(quarantine_after_forgeries=3))
 
 
-class Api:
-    """A TestClient plus tokens for each role."""
-
-    def __init__(self, client: TestClient, settings: Settings) -> None:
-        self.client = client
-        self.settings = settings
-        self.engine = client.app.state.engine  # type: ignore[attr-defined]
-        self._tokens: dict[Role, str] = {}
-
-    def token(self, role: Role) -> str:
-        if role not in self._tokens:
-            with Session(self.engine) as session:
-                _, tok = create_api_token(session, name="test-%s" % role.value, role=role,
-                                          created_by="test")
-                session.commit()
-            self._tokens[role] = tok
-        return self._tokens[role]
-
-    def headers(self, role: Role) -> dict[str, str]:
-        return {"Authorization": "Bearer %s" % self.token(role)}
-
-
 @pytest.fixture
 def api(settings: Settings) -> Iterator[Api]:
     app = create_app(settings)
@@ -105,22 +80,3 @@ def api_settings_engine(settings: Settings) -> Iterator[tuple[Settings, object]]
     engine.dispose()
 
 
-DEVICE = "urn:dev:mac:0024befffe804ff1"
-
-
-def device_body(i: int = 1, **extra: object) -> dict[str, object]:
-    body: dict[str, object] = {
-        "id": "urn:dev:mac:0024befffe80%04x" % i, "serial": "SN-%05d" % i,
-        "model": "ce-air-1", "hardware_class": "esp32", "site": "harbour", "tags": ["air"],
-    }
-    body.update(extra)
-    return body
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()

@@ -24,7 +24,7 @@ from cityedge_fleet import audit, audit_key
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import AuditRecord, Role
 
-from .conftest import Api, device_body
+from support.fleet import Api, device_body
 
 
 def _fill(api: Api, n: int = 6, start: int = 0) -> None:

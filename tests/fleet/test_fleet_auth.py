@@ -13,7 +13,7 @@ from cityedge_fleet.app import ROUTERS
 from cityedge_fleet.auth import allowed_roles_of, hash_token
 from cityedge_fleet.models import ApiToken, AuditRecord, Role
 
-from .conftest import Api
+from support.fleet import Api
 
 PUBLIC = {  # endpoints anyone may call, and why
     ("GET", "/health"),

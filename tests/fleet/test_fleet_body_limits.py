@@ -19,7 +19,7 @@ import uvicorn
 from cityedge_fleet.body_limits import route_limits
 from cityedge_fleet.models import Role
 
-from .conftest import Api
+from support.fleet import Api
 from support.mosquitto import free_port
 
 MIB = 1024 * 1024

@@ -28,8 +28,7 @@ from cityedge_fleet.models import AuditRecord, Credential, Device, DeviceState, 
 from cityedge_fleet.serve import refresh_crl
 from cityedge_host.crypto import EcSigner
 
-from .conftest import Api, device_body
-from .ingest_support import csr_for
+from support.fleet import Api, csr_for, device_body
 from support.fleet_ca import fleet_ca_from_pki
 from support.mosquitto import Mosquitto, TestPKI
 from support.mqtt_probe import Probe

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -27,15 +27,7 @@ from cityedge_fleet.ca import (
     init_ca,
 )
 
-from .conftest import DEVICE
-
-
-def make_csr(cn: str = DEVICE, key: object = None) -> tuple[str, object]:
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-           .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
-    return csr.public_bytes(serialization.Encoding.PEM).decode(), key
+from support.fleet import DEVICE, make_csr
 
 
 def _openssl(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -33,8 +33,7 @@ from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import Role
 
-from .conftest import Api, wait_for
-from .ingest_support import EnrolledDevice, enroll_device, set_gateway
+from support.fleet import Api, EnrolledDevice, enroll_device, set_gateway, wait_for
 from support.mosquitto import MOSQUITTO, free_port
 
 pytestmark = pytest.mark.timeout(120)

@@ -28,8 +28,7 @@ from cityedge_fleet.auth import hash_token
 from cityedge_fleet.models import AllowedSerial, AuditRecord, EnrollmentToken, Role
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
-from .conftest import Api, device_body
-from .test_fleet_ca import make_csr
+from support.fleet import Api, device_body, make_csr
 
 
 def _register(api: Api, i: int = 1) -> dict[str, object]:

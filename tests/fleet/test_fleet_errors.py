@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 from cityedge_fleet.models import Role
 
-from .conftest import Api, device_body
-from .test_fleet_ca import make_csr
+from support.fleet import Api, device_body, make_csr
 
 SECRET = secrets.token_urlsafe(32)  # looks like an enrollment or API token
 CSR_PEM, _ = make_csr("urn:dev:mac:0024befffe800001")

@@ -17,8 +17,7 @@ from cityedge_fleet.models import Role
 from cityedge_host.crypto import EcSigner, public_sec1
 from cityedge_host.mpy import compile_core
 
-from .conftest import Api, device_body
-from .ingest_support import enroll_device
+from support.fleet import Api, device_body, enroll_device
 
 ROOT = Path(__file__).resolve().parents[2]
 MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"

@@ -6,11 +6,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pycose.algorithms import Es256
-from pycose.headers import KID, Algorithm
-from pycose.keys import EC2Key
-from pycose.keys.curves import P256
-from pycose.messages import Sign1Message
 from sqlmodel import Session, select
 
 from cityedge_core import batch as batchmod
@@ -28,16 +23,7 @@ from cityedge_fleet.models import (
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 from cityedge_host.crypto import EcSigner
 
-from .conftest import Api
-from .ingest_support import enroll_device, records
-
-
-def _forgery(kid: bytes, device: str, seq: int) -> bytes:
-    """A well-formed batch for ``device`` with its kid, signed by somebody else's key."""
-    payload = batchmod.Batch(device, seq, bytes(32), 1, records(2)).encode()
-    msg = Sign1Message(phdr={Algorithm: Es256, KID: kid}, payload=payload)
-    msg.key = EC2Key.generate_key(crv=P256)
-    return bytes(msg.encode())
+from support.fleet import Api, enroll_device, forgery, records
 
 
 def test_in_order_batches_are_stored_with_provenance(api: Api) -> None:
@@ -108,7 +94,7 @@ def test_repeated_forgeries_quarantine_the_device(api: Api) -> None:
     kid = dev.signer.kid
     limit = api.settings.limits.quarantine_after_forgeries
     for i in range(limit):
-        assert ing.handle(dev.topic, _forgery(kid, dev.id, 2 + i)).status == (
+        assert ing.handle(dev.topic, forgery(kid, dev.id, 2 + i)).status == (
             chain.BAD_SIGNATURE)
     viewer = api.headers(Role.viewer)
     got = api.client.get("/devices/%s" % dev.id, headers=viewer).json()

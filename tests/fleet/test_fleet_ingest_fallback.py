@@ -28,10 +28,8 @@ from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import IngestDeadLetter, IngestEvent, Reading
 
-from . import pg
-from .conftest import Api, wait_for
-from .ingest_support import enroll_device, refuse_rows
-from .test_fleet_ingest_worker import FakeMessage
+from support import pg
+from support.fleet import Api, FakeMessage, enroll_device, refuse_rows, wait_for
 from support.mosquitto import TestPKI
 
 T0 = 1_790_000_000.0

@@ -21,9 +21,7 @@ from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import IngestDeadLetter, IngestEvent, Reading
 
-from .conftest import Api, wait_for
-from .ingest_support import enroll_device, refuse_rows
-from .test_fleet_ingest_poison import POISON, T0
+from support.fleet import POISON, T0, Api, enroll_device, refuse_rows, wait_for
 from support.mosquitto import Mosquitto, TestPKI
 
 pytestmark = pytest.mark.timeout(240)

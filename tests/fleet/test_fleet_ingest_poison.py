@@ -5,8 +5,6 @@ in later groups stored. On SQLite and PostgreSQL, signed by real enrolled device
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from sqlmodel import Session, col, select
 
@@ -22,39 +20,7 @@ from cityedge_fleet.models import (
     Role,
 )
 
-from .conftest import Api
-from .ingest_support import enroll_device
-
-T0 = 1_790_000_000.0
-HUGE = 1.7976931348623157e308
-NAME = limits.DEVICE_ID_MAX_CHARS  # characters of a bn or n
-UNIT = limits.SENML_NAME_MAX_CHARS  # characters of a unit
-
-POISON: dict[str, list[dict[int, Any]]] = {
-    "bignum": [{senml.BT: T0, senml.N: "x", senml.V: 2**70}],
-    "negative-bignum": [{senml.BT: T0, senml.N: "x", senml.V: -(2**70)}],
-    "uint64-over-int64": [{senml.BT: T0, senml.N: "x", senml.V: 2**63}],
-    "bignum-time": [{senml.BT: 2**64 + 5, senml.N: "x", senml.V: 1}],
-    "name-over-column": [{senml.BN: "b" * NAME, senml.BT: T0, senml.N: "n" * (UNIT + 1),
-                          senml.V: 1}],
-    "n-over-cap": [{senml.BT: T0, senml.N: "n" * (NAME + 1), senml.V: 1}],
-    "unit-over-column": [{senml.BT: T0, senml.N: "x", senml.U: "u" * (UNIT + 1), senml.V: 1}],
-    "base-unit-over-column": [{senml.BT: T0, senml.BU: "u" * (UNIT + 1), senml.N: "x",
-                               senml.V: 1}],
-    "nul-in-vs": [{senml.BT: T0, senml.N: "x", senml.VS: "a\x00b"}],
-    "escape-in-vs": [{senml.BT: T0, senml.N: "x", senml.VS: "\x1b[2J"}],
-    "newline-in-vs": [{senml.BT: T0, senml.N: "x", senml.VS: "a\nb"}],
-    "nul-in-unit": [{senml.BT: T0, senml.N: "x", senml.U: "C\x00", senml.V: 1}],
-    "del-in-unit": [{senml.BT: T0, senml.N: "x", senml.U: "C\x7f", senml.V: 1}],
-    "nan": [{senml.BT: T0, senml.N: "x", senml.V: float("nan")}],
-    "+inf": [{senml.BT: T0, senml.N: "x", senml.V: float("inf")}],
-    "-inf": [{senml.BT: T0, senml.N: "x", senml.V: float("-inf")}],
-    "nan-sum": [{senml.BT: T0, senml.N: "x", senml.S: float("nan")}],
-    "inf-time": [{senml.BT: float("inf"), senml.N: "x", senml.V: 1}],
-    "value-overflow": [{senml.BT: T0, senml.N: "x", senml.BV: HUGE, senml.V: HUGE}],
-    "sum-overflow": [{senml.BT: T0, senml.N: "x", senml.BS: -HUGE, senml.S: -HUGE}],
-    "time-overflow": [{senml.BT: HUGE, senml.N: "x", senml.T: HUGE, senml.V: 1}],
-}
+from support.fleet import NAME, POISON, T0, UNIT, Api, enroll_device
 
 
 def _stored(api: Api, device: str) -> list[tuple[int, str]]:

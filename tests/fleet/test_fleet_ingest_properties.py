@@ -31,10 +31,7 @@ from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import IngestEvent, Reading
 
-from .conftest import Api
-from .ingest_support import EnrolledDevice, enroll_device, refuse_rows
-from .test_fleet_ingest import _forgery
-from .test_fleet_ingest_worker import FakeMessage
+from support.fleet import Api, EnrolledDevice, FakeMessage, enroll_device, forgery, refuse_rows
 from support.mosquitto import TestPKI
 
 HUGE = 1.7976931348623157e308
@@ -202,7 +199,7 @@ def test_hostile_devices_delay_no_good_device(api: Api, tmp_path: Path,
             messages.append((h.topic, -1, x if isinstance(x, bytes) else b"\xd2\x84"))
         elif kind == "forged":
             victim = good[x % 3] if isinstance(x, int) else h
-            messages.append((h.topic, -1, _forgery(victim.signer.kid, victim.id, 1)))
+            messages.append((h.topic, -1, forgery(victim.signer.kid, victim.id, 1)))
         else:  # a captured batch of a good device, on the hostile device's relay topic
             captured = list(batches.values())  # never empty: each good device sends one
             data = captured[x % len(captured) if isinstance(x, int) else 0]

@@ -27,10 +27,7 @@ from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import ChainStateRow, IngestEvent, Reading
 from cityedge_host.crypto import EcSigner
 
-from .conftest import Api, wait_for
-from .ingest_support import enroll_device, records
-from .test_fleet_ingest_worker import FakeMessage
-from .test_fleet_relay import relay_topic
+from support.fleet import Api, FakeMessage, enroll_device, records, relay_topic, wait_for
 from support.mosquitto import TestPKI
 
 _ROW = ("device_id", "t", "name", "unit", "value", "batch_seq", "status", "timebase", "via")

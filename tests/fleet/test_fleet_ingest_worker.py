@@ -4,7 +4,6 @@ when the database refuses a group: ``test_fleet_ingest_fallback.py`` (real failu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,8 @@ from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.ingest import Outcome
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 
-from .conftest import wait_for
+from support.fleet import FakeMessage, wait_for
 from support.mosquitto import TestPKI
-
-
-@dataclass
-class FakeMessage:
-    mid: int
-    topic: str = "ce/v1/urn:dev:mac:01/up/readings"
-    payload: bytes = b"x"
-    qos: int = 1
 
 
 class FakeIngestor:

@@ -23,7 +23,7 @@ from cityedge_fleet.config import Settings
 from cityedge_fleet.db import make_engine
 from cityedge_fleet.models import AuditRecord
 
-from .conftest import wait_for
+from support.fleet import wait_for
 from support.mosquitto import free_port
 
 BAD = {"Authorization": "Bearer not-a-token"}

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from cityedge_fleet.models import DeviceState, Role
 from cityedge_fleet.registry import TRANSITIONS, TransitionError, check_transition
 
-from .conftest import Api, device_body
+from support.fleet import Api, device_body
 
 ORDER = ["registered", "provisioned", "active", "quarantined", "retired"]
 

@@ -15,13 +15,15 @@ from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.models import Device, DeviceState, IngestEvent, Reading, Role
 from cityedge_host.crypto import EcSigner
 
-from .conftest import Api, device_body
-from .ingest_support import enroll_device, records, set_gateway
-from .test_fleet_ingest import _forgery
-
-
-def relay_topic(gateway: str) -> str:
-    return "ce/v1/%s/up/relay" % gateway
+from support.fleet import (
+    Api,
+    device_body,
+    enroll_device,
+    forgery,
+    records,
+    relay_topic,
+    set_gateway,
+)
 
 
 def test_relayed_node_batch_is_stored_under_the_node_with_the_gateway(api: Api) -> None:
@@ -52,7 +54,7 @@ def test_relayed_forgery_and_unregistered_node_are_refused(api: Api) -> None:
     gw = enroll_device(api, 3)
     node = enroll_device(api, 4, gateway=gw.id)
     ing = Ingestor(api.engine, api.settings)
-    forged = _forgery(node.signer.kid, node.id, 1)
+    forged = forgery(node.signer.kid, node.id, 1)
     assert ing.handle(relay_topic(gw.id), forged).status == chain.BAD_SIGNATURE
     stranger = EcSigner.generate()  # a node nobody registered
     w = batchmod.BatchWriter("urn:dev:mac:00000000beef", stranger, stranger.kid)

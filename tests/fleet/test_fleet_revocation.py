@@ -14,7 +14,7 @@ from cityedge_fleet import revocation
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import Settings
 
-from .conftest import wait_for
+from support.fleet import wait_for
 
 HUP_RECORDER = """
 import signal, sys, time

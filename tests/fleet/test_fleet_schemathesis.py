@@ -39,7 +39,7 @@ from sqlmodel import Session, select
 from cityedge_fleet.models import CONTROL_CHARACTERS, ApiToken, Device, Role
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
-from .conftest import Api
+from support.fleet import Api
 
 EXAMPLES_PER_OPERATION = 30  # per generation mode: about 25 s per database here
 STATEFUL_SCENARIOS = 50

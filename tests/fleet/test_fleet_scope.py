@@ -20,7 +20,7 @@ from cityedge_fleet.config import Settings
 from cityedge_fleet.db import MIGRATIONS_DIR, make_engine, migrate
 from cityedge_fleet.models import ApiToken, AuditRecord, Role
 
-from .conftest import Api, device_body
+from support.fleet import Api, device_body
 
 SITES = ["docks", "harbour"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import wait_for
+from support.fleet import wait_for
 from support.mosquitto import free_port
 
 

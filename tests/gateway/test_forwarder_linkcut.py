@@ -15,7 +15,7 @@ from cityedge_gateway.forwarder import Forwarder
 from cityedge_gateway.store import Store
 from cityedge_host.crypto import EcSigner
 
-from .test_forwarder_mosquitto import GW, _recs, _subscriber
+from support.gateway import GW, recs, subscriber
 from support.linkproxy import LinkProxy
 from support.mosquitto import Mosquitto, TestPKI
 
@@ -37,13 +37,13 @@ def test_link_cut_delivers_everything(mode: str, tmp_path: Path, pki: TestPKI) -
     got: list[tuple[str, bytes]] = []
 
     async def produce(k: int) -> None:
-        store.commit(own=[_recs(50, k)] * 4)
+        store.commit(own=[recs(50, k)] * 4)
         fwd.notify()
         await asyncio.sleep(0.01)
 
     async def scenario() -> None:
         up = asyncio.Event()
-        sub = asyncio.create_task(_subscriber(pki, broker.port, got, up))  # not behind the cut
+        sub = asyncio.create_task(subscriber(pki, broker.port, got, up))  # not behind the cut
         await asyncio.wait_for(up.wait(), 10)
         fwd_task = asyncio.create_task(fwd.run())
         for k in range(20):

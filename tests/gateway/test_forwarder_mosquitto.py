@@ -4,50 +4,21 @@ flows; afterwards every batch has arrived, chains unbroken, and the buffer is em
 from __future__ import annotations
 
 import asyncio
-import ssl
 from pathlib import Path
 
-import aiomqtt
 from pycose.keys import EC2Key
 from pycose.keys.curves import P256
 from pycose.messages import Sign1Message
 
-from cityedge_core import batch, chain, senml
+from cityedge_core import batch, chain
 from cityedge_gateway.config import BrokerConfig
 from cityedge_gateway.forwarder import Forwarder
 from cityedge_gateway.relay import NodeRelay
 from cityedge_gateway.store import Store
 from cityedge_host.crypto import EcSigner
 
-from support.mosquitto import OBSERVER, Mosquitto, TestPKI
-
-GW = "urn:dev:mac:b827ebfffe123456"
-NODE = "urn:dev:mac:0024befffe804ff1"
-
-
-def _recs(n: int, k: int) -> list[dict[int, object]]:
-    return [{senml.N: "t", senml.U: "Cel", senml.V: k, senml.T: 1.7e9 + i} for i in range(n)]
-
-
-async def _subscriber(
-    pki: TestPKI, port: int, got: list[tuple[str, bytes]], up: asyncio.Event
-) -> None:
-    creds = pki.service(OBSERVER)
-    ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
-    ctx.load_cert_chain(str(creds.cert_pem), str(creds.key_pem))
-    while True:
-        try:
-            async with aiomqtt.Client(
-                "127.0.0.1", port, identifier="fleet-ingest-test", clean_session=False,
-                tls_context=ctx, keepalive=5,
-            ) as c:  # fmt: skip
-                await c.subscribe("ce/v1/+/up/#", qos=1)
-                up.set()
-                async for msg in c.messages:
-                    got.append((str(msg.topic), bytes(msg.payload)))  # type: ignore[arg-type]
-        except aiomqtt.MqttError:
-            up.clear()
-            await asyncio.sleep(0.1)
+from support.gateway import GW, NODE, recs, subscriber
+from support.mosquitto import Mosquitto, TestPKI
 
 
 def test_restart_and_outage_deliver_everything(tmp_path: Path, pki: TestPKI) -> None:
@@ -66,15 +37,15 @@ def test_restart_and_outage_deliver_everything(tmp_path: Path, pki: TestPKI) -> 
     rounds = 3 * 40
 
     async def produce(k: int) -> None:
-        d = relay.check(NODE, node_writer.sign(_recs(3, k), 1))
+        d = relay.check(NODE, node_writer.sign(recs(3, k), 1))
         relay.commit([d])
-        store.commit(own=[_recs(50, k)] * 4)
+        store.commit(own=[recs(50, k)] * 4)
         fwd.notify()
         await asyncio.sleep(0.005)
 
     async def scenario() -> None:
         up = asyncio.Event()
-        sub = asyncio.create_task(_subscriber(pki, broker.port, got, up))
+        sub = asyncio.create_task(subscriber(pki, broker.port, got, up))
         await asyncio.wait_for(up.wait(), 10)
         fwd_task = asyncio.create_task(fwd.run())
         for k in range(40):
