@@ -87,20 +87,25 @@ def test_provisioned_device_streams_verified_readings(
     assert res.exit_code == 0, res.output
     dev.stop()
     result = boot_agent(json.loads((dev.root / "config.json").read_text()), fw_mpy, tmp_path)
-    assert result["seq"] == 3  # the self-test batch was 1: one chain across the handover
+    # the agent stops once 2 batches are signed and every stored one acknowledged; a busy
+    # machine lets it sign more before that holds: the guarantee is one unbroken chain from
+    # the self-test batch (1) to the last acknowledged, all of it verified by the fleet
+    last = result["seq"]
+    assert last >= 3 and result["stored"] == 0, result
+    want = set(range(1, last + 1))
 
     def verified() -> list[Reading]:
         with Session(fleet.app.state.engine) as s:
             return list(s.exec(select(Reading).where(Reading.device_id == urn)).all())
 
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len({r.batch_seq for r in verified()}) < 3:
+    while time.monotonic() < deadline and {r.batch_seq for r in verified()} != want:
         time.sleep(0.1)
     rows = verified()
     with Session(fleet.app.state.engine) as s:
         events = [(e.status, e.seq, e.detail) for e in s.exec(select(IngestEvent)).all()]
         events.append([(c.kid, c.status, c.device_id) for c in s.exec(select(Credential)).all()])
-    assert {r.batch_seq for r in rows} == {1, 2, 3}, (events, result)
+    assert {r.batch_seq for r in rows} == want, (events, result)
     assert all(r.status == "ok" for r in rows), {r.status for r in rows}
     assert any(r.name.endswith("selftest") for r in rows)
     with Session(fleet.app.state.engine) as s:
