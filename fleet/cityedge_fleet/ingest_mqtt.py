@@ -30,6 +30,7 @@ from typing import Any
 from cityedge_fleet import broker_acl, ingest_dead_letter
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
+from cityedge_host.backoff import Backoff
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2  # seconds the ingest thread waits for a first message before re-checking
@@ -123,7 +124,7 @@ class MqttIngestWorker:
         """Store and acknowledge every message of ``group``, in order. Returns False only
         if the worker is stopping with some of them unacknowledged (redelivered later)."""
         pending = list(group)
-        wait = self.limits.ingest_retry_s
+        down = Backoff(self.limits.ingest_retry_s, self.limits.ingest_down_retry_max_s)
         while pending:
             if len(pending) > 1 and self._try([self._message(m) for m in pending]) is None:
                 self._acknowledge(pending)
@@ -133,11 +134,11 @@ class MqttIngestWorker:
                 return False
             if pending:  # the database is down: hold them, try again, acknowledge nothing
                 self.database_down += 1
+                wait = down.next()
                 log.error("database down: %d messages wait, next try in %.1f s",
                           len(pending), wait)
                 if self._stopping.wait(wait):
                     return False
-                wait = min(2 * wait, self.limits.ingest_down_retry_max_s)
         return True
 
     def _one_by_one(self, pending: list[Any]) -> list[Any]:
