@@ -35,6 +35,7 @@ from cityedge_fleet.models import Role
 
 from support.fleet import Api, EnrolledDevice, enroll_device, set_gateway, wait_for
 from support.mosquitto import MOSQUITTO, free_port
+from support.procs import stop
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -230,10 +231,5 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
         if cli_worker is not None:
             cli_worker.terminate()
             cli_worker.wait(10)
-        broker.terminate()
-        try:
-            broker.wait(5)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait(5)
+        stop(broker, 5)
         app.state.engine.dispose()

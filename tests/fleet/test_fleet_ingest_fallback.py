@@ -29,8 +29,14 @@ from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import IngestDeadLetter, IngestEvent, Reading
 
 from support import pg
-from support.fleet import Api, FakeMessage, enroll_device, refuse_rows, wait_for
-from support.mosquitto import TestPKI
+from support.fleet import (
+    Api,
+    FakeMessage,
+    enroll_device,
+    offline_worker,
+    refuse_rows,
+    wait_for,
+)
 
 T0 = 1_790_000_000.0
 LIMITS = FleetLimits(ingest_group_max_messages=10, ingest_attempts=2, ingest_retry_s=0.01,
@@ -39,15 +45,7 @@ LIMITS = FleetLimits(ingest_group_max_messages=10, ingest_attempts=2, ingest_ret
 
 def _worker(settings: Settings, engine: Engine, tmp_path: Path
             ) -> tuple[MqttIngestWorker, list[int]]:
-    pki = TestPKI(tmp_path / "pki")
-    creds = pki.issue_client("fleet-ingest")
-    settings = settings.model_copy(update={
-        "mqtt_ca_file": pki.ca_pem, "mqtt_cert_file": creds.cert_pem,
-        "mqtt_key_file": creds.key_pem, "limits": LIMITS})
-    worker = MqttIngestWorker(Ingestor(engine, settings), settings)
-    acks: list[int] = []
-    worker.client.ack = lambda mid, qos: acks.append(mid)  # type: ignore[method-assign]
-    return worker, acks
+    return offline_worker(settings, tmp_path, limits=LIMITS, engine=engine)
 
 
 def _commits(engine: Engine) -> list[int]:

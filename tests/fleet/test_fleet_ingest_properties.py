@@ -28,11 +28,17 @@ from cityedge_core import chain, senml
 from cityedge_core.cbor_types import UNDEFINED, Simple, Tag
 from cityedge_fleet.config import FleetLimits
 from cityedge_fleet.ingest import Ingestor
-from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import IngestEvent, Reading
 
-from support.fleet import Api, EnrolledDevice, FakeMessage, enroll_device, forgery, refuse_rows
-from support.mosquitto import TestPKI
+from support.fleet import (
+    Api,
+    EnrolledDevice,
+    FakeMessage,
+    enroll_device,
+    forgery,
+    offline_worker,
+    refuse_rows,
+)
 
 HUGE = 1.7976931348623157e308
 KNOWN = [senml.BN, senml.BT, senml.BU, senml.BV, senml.BS, senml.BVER, senml.N, senml.U,
@@ -170,14 +176,7 @@ def test_hostile_devices_delay_no_good_device(api: Api, tmp_path: Path,
     state = getattr(api, "_harness", None)
     if state is None:
         devs = _Devices().get(api, 6)
-        pki = TestPKI(tmp_path / "pki")
-        creds = pki.issue_client("fleet-ingest")
-        cfg = api.settings.model_copy(update={
-            "mqtt_ca_file": pki.ca_pem, "mqtt_cert_file": creds.cert_pem,
-            "mqtt_key_file": creds.key_pem, "limits": LOOSE})
-        worker = MqttIngestWorker(Ingestor(api.engine, cfg), cfg)
-        acks: list[int] = []
-        worker.client.ack = lambda mid, qos: acks.append(mid)  # type: ignore[method-assign]
+        worker, acks = offline_worker(api.settings, tmp_path, limits=LOOSE, engine=api.engine)
         commits: list[int] = []
         sa_event.listen(api.engine, "commit", lambda _c: commits.append(1))
         state = api._harness = (devs, worker, acks, commits)  # type: ignore[attr-defined]
@@ -234,13 +233,7 @@ def test_the_harness_sees_a_group_that_needs_the_fallback(api: Api, tmp_path: Pa
     """The harness's commit count is not vacuous: a group the database refuses (a real
     trigger on one row) needs more than one transaction."""
     a, b = enroll_device(api, 1), enroll_device(api, 2)
-    pki = TestPKI(tmp_path / "pki")
-    creds = pki.issue_client("fleet-ingest")
-    cfg = api.settings.model_copy(update={
-        "mqtt_ca_file": pki.ca_pem, "mqtt_cert_file": creds.cert_pem,
-        "mqtt_key_file": creds.key_pem, "limits": LOOSE})
-    worker = MqttIngestWorker(Ingestor(api.engine, cfg), cfg)
-    worker.client.ack = lambda mid, qos: None  # type: ignore[method-assign]
+    worker, _acks = offline_worker(api.settings, tmp_path, limits=LOOSE, engine=api.engine)
     refuse_rows(api.engine, "reading", "NEW.name = 'boom'")
     commits: list[int] = []
     sa_event.listen(api.engine, "commit", lambda _c: commits.append(1))

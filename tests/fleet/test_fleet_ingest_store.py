@@ -23,12 +23,18 @@ from cityedge_fleet import ingest as ingest_mod
 from cityedge_fleet import ingest_store
 from cityedge_fleet.config import FleetLimits
 from cityedge_fleet.ingest import Ingestor
-from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import ChainStateRow, IngestEvent, Reading
 from cityedge_host.crypto import EcSigner
 
-from support.fleet import Api, FakeMessage, enroll_device, records, relay_topic, wait_for
-from support.mosquitto import TestPKI
+from support.fleet import (
+    Api,
+    FakeMessage,
+    enroll_device,
+    offline_worker,
+    records,
+    relay_topic,
+    wait_for,
+)
 
 _ROW = ("device_id", "t", "name", "unit", "value", "batch_seq", "status", "timebase", "via")
 
@@ -166,16 +172,9 @@ def test_the_worker_acknowledges_a_refused_group_only_once_it_is_stored(
     letter (it carries an event too): the database is down for it, and neither it nor the
     one after it is acknowledged until the database takes them, in order."""
     a = enroll_device(api, 6)
-    pki = TestPKI(tmp_path / "pki")
-    creds = pki.issue_client("fleet-ingest")
-    settings = api.settings.model_copy(update={
-        "mqtt_ca_file": pki.ca_pem, "mqtt_cert_file": creds.cert_pem,
-        "mqtt_key_file": creds.key_pem,
-        "limits": FleetLimits(ingest_group_max_messages=10, ingest_attempts=2,
-                              ingest_retry_s=0.01, ingest_down_retry_max_s=0.2)})
-    worker = MqttIngestWorker(Ingestor(api.engine, settings), settings)
-    acks: list[int] = []
-    worker.client.ack = lambda mid, qos: acks.append(mid)  # type: ignore[method-assign]
+    worker, acks = offline_worker(api.settings, tmp_path, engine=api.engine, limits=FleetLimits(
+        ingest_group_max_messages=10, ingest_attempts=2, ingest_retry_s=0.01,
+        ingest_down_retry_max_s=0.2))
     b1, b2, b3 = (a.sign(2) for _ in range(3))
     _refuse_events(api.engine, True)
     for mid, data in ((1, b1), (2, b3), (3, b2)):

@@ -11,8 +11,7 @@ from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.ingest import Outcome
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 
-from support.fleet import FakeMessage, wait_for
-from support.mosquitto import TestPKI
+from support.fleet import FakeMessage, offline_worker, wait_for
 
 
 class FakeIngestor:
@@ -27,17 +26,10 @@ class FakeIngestor:
 
 
 def _worker(tmp_path: Path, ingestor: Any) -> tuple[MqttIngestWorker, list[int]]:
-    pki = TestPKI(tmp_path / "pki")
-    creds = pki.issue_client("fleet-ingest")
-    settings = Settings(mode="development", database_url="sqlite://", ca_dir=tmp_path,
-                        mqtt_ca_file=pki.ca_pem,
-                        mqtt_cert_file=creds.cert_pem, mqtt_key_file=creds.key_pem,
-                        limits=FleetLimits(ingest_group_max_messages=4, ingest_attempts=2,
-                                           ingest_retry_s=0.01, ingest_group_max_s=0.2))
-    worker = MqttIngestWorker(ingestor, settings)
-    acks: list[int] = []
-    worker.client.ack = lambda mid, qos: acks.append(mid)  # type: ignore[method-assign]
-    return worker, acks
+    settings = Settings(mode="development", database_url="sqlite://", ca_dir=tmp_path)
+    return offline_worker(settings, tmp_path, ingestor=ingestor, limits=FleetLimits(
+        ingest_group_max_messages=4, ingest_attempts=2, ingest_retry_s=0.01,
+        ingest_group_max_s=0.2))
 
 
 def test_groups_are_acknowledged_after_commit_in_order(tmp_path: Path) -> None:

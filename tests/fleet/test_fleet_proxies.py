@@ -25,6 +25,7 @@ from cityedge_fleet.models import AuditRecord
 
 from support.fleet import wait_for
 from support.mosquitto import free_port
+from support.procs import stop
 
 BAD = {"Authorization": "Bearer not-a-token"}
 PROXY_NETS = [ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("127.0.0.1/32")]
@@ -72,12 +73,7 @@ def fleet_serve(tmp_path: Path, ca_dir: Path, **env: str) -> Iterator[Fleet]:
         assert wait_for(up, timeout=30), proc.stderr.read().decode() if proc.stderr else ""
         yield fleet
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc, 10)
 
 
 def test_without_trusted_proxies_a_client_cannot_choose_its_audit_source(

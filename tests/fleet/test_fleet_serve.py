@@ -13,6 +13,7 @@ import pytest
 
 from support.fleet import wait_for
 from support.mosquitto import free_port
+from support.procs import stop
 
 
 @pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
@@ -48,9 +49,4 @@ def test_serve_applies_migrations_and_accepts_the_bootstrap_token(
         assert httpx.get(base + "/devices", headers={"Authorization": "Bearer x"}
                          ).status_code == 401
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc, 10)

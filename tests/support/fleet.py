@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -216,3 +217,31 @@ def refuse_rows(engine: Engine, table: str, when: str, refuse: bool = True) -> N
                               % (name, table, when))
         else:
             c.exec_driver_sql("DROP TRIGGER %s" % name)
+
+
+def offline_worker(settings: Settings, tmp_path: Path, *, limits: Any = None,
+                   engine: Engine | None = None, ingestor: Any = None
+                   ) -> tuple[Any, list[int]]:
+    """An ``MqttIngestWorker`` that is never connected: messages are handed to it as the
+    broker would (``_on_message``) and its acknowledgements are recorded (mids, in order)
+    instead of sent. ``settings`` gets a throwaway ingest certificate and ``limits``; the
+    worker runs ``ingestor``, or a real ``Ingestor`` on ``engine`` with those settings."""
+    from cityedge_fleet.ingest import Ingestor
+    from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+
+    from support.mosquitto import TestPKI
+
+    pki = TestPKI(tmp_path / "pki")
+    creds = pki.issue_client("fleet-ingest")
+    update: dict[str, Any] = {"mqtt_ca_file": pki.ca_pem, "mqtt_cert_file": creds.cert_pem,
+                              "mqtt_key_file": creds.key_pem}
+    if limits is not None:
+        update["limits"] = limits
+    settings = settings.model_copy(update=update)
+    if ingestor is None:
+        assert engine is not None, "give an ingestor or an engine"
+        ingestor = Ingestor(engine, settings)
+    worker = MqttIngestWorker(ingestor, settings)
+    acks: list[int] = []
+    worker.client.ack = lambda mid, qos: acks.append(mid)
+    return worker, acks
