@@ -16,10 +16,11 @@ from sqlmodel import Session, col, select
 from cityedge_core import cose, limits, p256
 from cityedge_fleet import command_key, command_queue
 from cityedge_fleet.command_publisher import CommandPublisher
-from cityedge_fleet.models import AuditRecord, CommandState, FleetCommand, Role
+from cityedge_fleet.models import AuditRecord, FleetCommand, Role
 from cityedge_fw.commands import CommandGate, CommandRefused
+from cityedge_host.crypto import EcSigner
 
-from support.fleet import Api, device_body, enroll_device
+from support.fleet import Api, csr_for, device_body, enroll_device
 from support.mosquitto import TestPKI
 
 
@@ -239,9 +240,6 @@ def test_the_trust_store_reaches_the_device_on_both_enrollment_paths(
     assert dev.enrollment["fleet_keys"] == expected
     assert api.client.get("/ca/fleet-keys").json() == {"fleet_keys": expected}
     # the offline ticket path: the token registers and enrolls; used again, the same answer
-    from support.fleet import csr_for
-    from cityedge_host.crypto import EcSigner
-
     tech = api.headers(Role.technician)
     token = api.client.post("/enrollment/tokens", json={"serial": "SN-T1"},
                             headers=tech).json()["token"]
