@@ -27,10 +27,10 @@ stores their ``Decision``:
 4. a device's signed result of a fleet command (``up/result``) is verified with the
    device's key and matched to its command by the acceptance rules 4x-12x, and recorded
    on the command (``command_queue.record_result``, audited ``command.result``);
-5. a device whose batch arrives after ``command_silence_s`` without one is back: its
-   unanswered commands are due again at once (``command_queue.resend_now``, in the same
-   transaction; ``on_return`` is told after the commit, so ``fleet serve``'s publisher
-   sends them now rather than at its next look).
+5. a device whose batch arrives after ``command_silence_s`` without one (or its first
+   batch ever) is back: its unanswered commands are due again at once
+   (``command_queue.resend_now``, in the same transaction; ``on_return`` is told after
+   the commit, so ``fleet serve``'s publisher sends them now, not at its next look).
 """
 
 from __future__ import annotations
@@ -312,9 +312,9 @@ class Ingestor:
         if device.state == DeviceState.provisioned:
             registry.set_state(session, device=device, state=DeviceState.active)
         now = utcnow()
-        if device.last_seen is not None and (now - device.last_seen).total_seconds() >= \
+        if device.last_seen is None or (now - device.last_seen).total_seconds() >= \
                 self.settings.limits.command_silence_s:
-            group.returned.add(device.id)
+            group.returned.add(device.id)  # its first batch ever, or the first in a while
         device.last_seen = now
         if device not in session:  # read by this session: its changes are tracked already
             session.add(device)  # (add walks the relationship cascades on every call)

@@ -174,7 +174,9 @@ def test_a_device_back_after_a_silence_gets_its_commands_at_once(api: Api,
     cmd = queue(api, a.id)
     ing_returned: list[list[str]] = []
     ing = Ingestor(api.engine, api.settings, on_return=ing_returned.append)
-    assert ing.handle(a.topic, a.sign()).status == chain.OK  # its first batch
+    assert ing.handle(a.topic, a.sign()).status == chain.OK  # its first batch: it is here
+    assert ing_returned == [[a.id]]
+    ing_returned.clear()
     later = utcnow() + dt.timedelta(hours=1)
     with Session(api.engine) as s:  # delivered once, the next try an hour away
         command_queue.record_try(s, cmd["id"], delivered=True, now=utcnow(),

@@ -13,36 +13,16 @@ from typing import Any
 import pytest
 from sqlmodel import Session, col, select
 
-from cityedge_core import cose, limits, p256
+from cityedge_core import limits
 from cityedge_fleet import command_key, command_queue
 from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.models import AuditRecord, FleetCommand, Role
-from cityedge_fw.commands import CommandGate, CommandRefused
+from cityedge_fw.commands import CommandRefused
 from cityedge_host.crypto import EcSigner
 
+from support.commands import device_gate
 from support.fleet import Api, csr_for, device_body, enroll_device
 from support.mosquitto import TestPKI
-
-
-class MemState:
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.values.get(key, default)
-
-    def set(self, **kv: Any) -> None:
-        self.values.update(kv)
-
-
-def device_gate(device: str, fleet_keys: list[str], now: float | None = None) -> CommandGate:
-    """The device's own gate, trusting the keys enrollment handed it (as p256 keys, the
-    device's primitive)."""
-    keys = {cose.kid_for_public_key(bytes.fromhex(k)): p256.PublicKey.from_sec1(
-        bytes.fromhex(k)) for k in fleet_keys}
-    clock = (lambda: now) if now is not None else (
-        lambda: int(dt.datetime.now(dt.UTC).timestamp()))
-    return CommandGate(device, keys, MemState(), clock)
 
 
 def send(api: Api, device: str, role: Role = Role.security, **body: Any) -> Any:
