@@ -303,3 +303,22 @@ def test_fleet_serve_runs_the_publisher_when_it_has_its_certificate(fleet: Fleet
                                  f.api.engine) is None
     assert serve.start_publisher(f.settings.model_copy(update={"commands_with_serve": False}),
                                  f.api.engine) is None
+
+
+def test_the_publisher_identity_can_only_send_commands(fleet: Fleet, pki: TestPKI) -> None:
+    """A compromised publisher host holds the fleet-commands certificate: it may publish
+    on devices' down/ topics and nothing else (and what it publishes is not signed by the
+    command key, which devices need)."""
+    f = fleet
+    dev, _creds = enroll(f, 6)
+    publisher = Probe(f.broker, pki.service("fleet-commands"))
+    try:
+        assert publisher.publish(topics.down(dev.id, topics.CMD), b"x") < 0x80
+        assert publisher.publish(topics.down(dev.id, topics.DESIRED), b"x") < 0x80
+        for topic in (topics.up(dev.id, topics.READINGS), topics.up(dev.id, topics.RESULT),
+                      "$CONTROL/dynamic-security/v1"):
+            assert publisher.publish(topic, b"x") == NOT_AUTHORIZED, topic
+        for topic in ("ce/v1/#", topics.up(dev.id, topics.RESULT), topics.down(dev.id, "+")):
+            assert not publisher.subscribe(topic), topic
+    finally:
+        publisher.close()
