@@ -196,7 +196,7 @@ def record_result(session: Session, cmd: FleetCommand, result: Result, signed: b
     """Store a device's verified result for ``cmd``; returns the state it had."""
     old = move(cmd, CommandState(result.outcome))
     cmd.result_at = now or utcnow()
-    cmd.result_detail = _bounded(result.detail)
+    cmd.result_detail = bounded_detail(result.detail)
     cmd.result_data = cbor.dumps(result.data) if result.data is not None else None
     cmd.result_signed = signed
     cmd.finished_by = "device:%s" % result.device
@@ -204,7 +204,7 @@ def record_result(session: Session, cmd: FleetCommand, result: Result, signed: b
     return old
 
 
-def _bounded(text: str) -> str:
+def bounded_detail(text: str) -> str:
     """Text as any column stores it (PostgreSQL refuses NUL; control characters as ``?``)."""
     text = "".join("?" if ord(c) < 32 or ord(c) == 127 else c for c in text)
     return text[:EVENT_DETAIL_MAX].encode("utf-8", "replace").decode("utf-8")

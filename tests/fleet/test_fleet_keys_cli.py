@@ -113,3 +113,27 @@ def test_commands_are_queued_listed_and_cancelled_from_the_command_line(
         ("command.create", "ok", "cli"), ("command.create", "ok", "cli"),
         ("command.create", "refused", "cli"), ("command.create", "refused", "cli"),
         ("command.cancel", "ok", "cli")]
+
+
+def test_only_a_private_p256_key_is_a_command_key(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    p384 = tmp_path / "p384.key"
+    p384.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    p384.chmod(0o600)
+    with pytest.raises(command_key.CommandKeyError, match="not a P-256 key"):
+        command_key.load(p384)
+    junk = tmp_path / "junk.key"
+    junk.write_bytes(b"not a key")
+    junk.chmod(0o600)
+    with pytest.raises(command_key.CommandKeyError, match="not an unencrypted PEM"):
+        command_key.load(junk)
+    # two services starting together in development end up with one key
+    made = tmp_path / "dev" / "command.key"
+    a = command_key.load(made, create_missing=True)
+    b = command_key.load(made, create_missing=True)
+    assert a.kid == b.kid and stat.S_IMODE(made.stat().st_mode) == 0o600
+    assert repr(a) == "<EcSigner kid=%s>" % a.kid.hex()  # a log line shows the kid only
