@@ -19,6 +19,7 @@ from cityedge.inspect_cmd import inspect_command
 from cityedge.sim import sim_app
 from cityedge_core.errors import CityedgeError
 from cityedge_fleet.cli import audit_app, broker_app, ca_app, fleet_app
+from cityedge_fleet.keys_cli import keys_app
 from cityedge_gateway.cli import gateway_app
 from cityedge_host.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from cityedge_provision.cli import provision_app
@@ -67,6 +68,7 @@ for _name, _group in (
     ("ca", ca_app),
     ("audit", audit_app),
     ("broker", broker_app),
+    ("keys", keys_app),
     ("sim", sim_app),
     ("provision", provision_app),
 ):

@@ -166,6 +166,7 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
                    CITYEDGE_INGEST_SHARE_GROUP=SHARE_GROUP,
                    CITYEDGE_AUDIT_ANCHOR_FILE=str(work / "audit-anchor"),
                    CITYEDGE_AUDIT_KEY_FILE=str(work / "audit.key"),
+                   CITYEDGE_COMMAND_KEY_FILE=str(work / "command.key"),
                    CITYEDGE_HOME=str(work / "laptop"))
         con.print("[bold]2. fleet service[/bold]: API on 127.0.0.1:%d (SQLite), ingest worker"
                   % api_port)

@@ -36,6 +36,19 @@ KID_MAX_BYTES = const(64)  # bytes: a COSE key id
 FRAME_MAX_BODY_BYTES = const(8192)  # bytes: an install message (chain, CA, broker, config,
 # all DER) is about 3 KiB; 8 KiB leaves room and still fits a 64 KiB heap twice
 
+# Fleet commands and the results devices send back (``command``, ``command_decode``)
+COMMAND_MAX_BYTES = const(4096)  # bytes: a whole signed command (what a device decodes)
+COMMAND_NAME_MAX_CHARS = const(32)  # characters of a command name (a-z 0-9 - _ .)
+COMMAND_ARGS_MAX_BYTES = const(2048)  # bytes: a command's arguments, CBOR-encoded (so the
+# command, with its name, a device URN, seq and expiry, stays under COMMAND_MAX_BYTES)
+COMMAND_ARGS_MAX_DEPTH = const(8)  # nesting levels of a command's arguments
+RESULT_MAX_BYTES = const(4096)  # bytes: a whole signed result
+RESULT_DETAIL_MAX_CHARS = const(256)  # characters of a result's detail (the encoder cuts)
+RESULT_DATA_MAX_BYTES = const(2048)  # bytes: a result's data, CBOR-encoded
+RESULT_MAX_ITEMS = const(256)  # data items in a result's payload (all levels together)
+RESULT_MAX_DEPTH = const(8)  # nesting levels of a result's payload
+# a command's seq is at most SEQ_MAX, as a batch's
+
 # Chain verification
 CHAIN_RECENT_HASHES = const(64)  # batches whose hashes are kept to recognise duplicates
 CHAIN_MAX_PENDING_GAPS = const(1024)  # missing sequence numbers tracked for late arrival

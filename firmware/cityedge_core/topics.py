@@ -6,6 +6,7 @@ topic                              what                                        w
 ``ce/v1/<device>/up/readings``     the device's own signed batches             the device
 ``ce/v1/<device>/up/relay``        node batches a gateway forwards unchanged   a gateway
 ``ce/v1/<device>/up/status``       the device's signed status                  the device
+``ce/v1/<device>/up/result``       the signed result of a fleet command        the device
 ``ce/v1/<device>/down/cmd``        signed fleet commands (QoS 1)               the fleet
 ``ce/v1/<device>/down/desired``    signed desired settings (retained)          the fleet
 =================================  ==========================================  ==========
@@ -23,14 +24,16 @@ DOWN = "down"
 READINGS = "readings"
 RELAY = "relay"
 STATUS = "status"
+RESULT = "result"
 CMD = "cmd"
 DESIRED = "desired"
-UP_KINDS = (READINGS, RELAY, STATUS)
+UP_KINDS = (READINGS, RELAY, STATUS, RESULT)
 DOWN_KINDS = (CMD, DESIRED)
 
 
 def up(device: str, kind: str, prefix: str = PREFIX) -> str:
-    """The topic ``device`` publishes ``kind`` on (``readings``, ``relay``, ``status``)."""
+    """The topic ``device`` publishes ``kind`` on (``readings``, ``relay``, ``status``,
+    ``result``)."""
     return "%s/%s/up/%s" % (prefix, device, kind)
 
 

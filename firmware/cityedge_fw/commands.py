@@ -46,9 +46,12 @@ except ImportError:  # CPython
 from cityedge_core import cbor, cose
 from cityedge_core.errors import MalformedError, PeerError, SignatureError, UnknownKeyError
 
-MAX_COMMAND_BYTES = const(4096)  # bytes: largest signed command we decode
+MAX_COMMAND_BYTES = const(4096)  # bytes: largest signed command we decode (the core's
+# limits.COMMAND_MAX_BYTES, held equal by the same test)
 
-# payload keys (private: the compiler folds them, no module attribute on the heap)
+# payload keys, as ``cityedge_core.command`` defines them (private: the compiler folds
+# them, no module attribute on the heap; tests/shared/test_command_shared.py holds them
+# equal to the core's)
 _C_NAME = const(1)
 _C_TARGET = const(2)
 _C_SEQ = const(3)
@@ -116,8 +119,8 @@ def _is_uint(v):
 
 
 def encode_command(signer, kid, name, target, seq, expires, args=None):
-    """The fleet side (and tests): sign a command. The device never calls this."""
-    body = {_C_NAME: name, _C_TARGET: target, _C_SEQ: seq, _C_EXPIRES: expires}
-    if args is not None:
-        body[_C_ARGS] = args
-    return cose.encode_sign1(cbor.dumps(body), signer, kid)
+    """``cityedge_core.command.encode_command`` (the fleet's encoder), for the tests that
+    sign commands from here. The device never calls it."""
+    from cityedge_core.command import encode_command  # on use: never on a device's heap
+
+    return encode_command(signer, kid, name, target, seq, expires, args)

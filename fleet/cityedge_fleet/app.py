@@ -1,8 +1,9 @@
 """The fleet service's FastAPI application: ``create_app(settings)``.
 
-The factory opens the database, applies the migrations, creates the rate limiters and
-mounts the routers. It does not start the ingest worker or the CRL refresher: ``fleet
-serve`` does (``cityedge_fleet.serve``), so tests can build an app without MQTT.
+The factory opens the database, applies the migrations, loads the command key
+(``command_key``), creates the rate limiters and mounts the routers. It does not start
+the ingest worker, the CRL refresher or the command publisher: ``fleet serve`` does
+(``cityedge_fleet.serve``), so tests can build an app without MQTT.
 
 Every request passes the body limit of its route first (``body_limits``: 413 before a
 body is parsed), then the URL text rule; validation errors never echo the input
@@ -19,7 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cityedge_fleet.api import audit_routes, devices, enroll_routes, enroll_ticket, errors, tokens
+from cityedge_fleet import command_key
+from cityedge_fleet.api import (
+    audit_routes,
+    commands,
+    devices,
+    enroll_routes,
+    enroll_ticket,
+    errors,
+    tokens,
+)
 from cityedge_fleet.body_limits import BodyLimits, route_limits
 from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.config import Settings
@@ -36,7 +46,7 @@ def health() -> dict[str, str]:
 
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
-           enroll_ticket.router, audit_routes.router)
+           enroll_ticket.router, audit_routes.router, commands.router)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -52,6 +62,10 @@ def create_app(settings: Settings) -> FastAPI:
     lim = settings.limits
     app.state.settings = settings
     app.state.engine = engine
+    # the command key signs commands and its public half goes to every enrolled device:
+    # loaded now, so a missing or unsafe key stops the start, not a request
+    app.state.command_key = command_key.from_settings(settings)
+    app.state.command_publisher = None  # ``fleet serve`` sets it (woken by new commands)
     app.state.broker_access = BrokerAccess.from_settings(settings)
     app.state.auth_limiter = TokenBucketLimiter(lim.auth_fail_burst, lim.auth_fail_per_s,
                                                 lim.rate_limit_clients_max)

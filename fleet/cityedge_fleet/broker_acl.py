@@ -11,8 +11,9 @@ CN                  kind                       may
 ``urn:dev:...``     ``device``                 publish ``ce/v1/<cn>/up/+``; subscribe to, and
                                                receive, only ``ce/v1/<cn>/down/...``
 ``fleet-ingest``    ``ingest``                 subscribe to the ingest's shared subscriptions
-                                               (``$share/<group>/ce/v1/+/up/readings|relay``)
-                                               and receive what they carry; nothing else
+                                               (``$share/<group>/ce/v1/+/up/readings|relay|
+                                               result``) and receive what they carry;
+                                               nothing else
 ``fleet-commands``  ``commands``               publish ``ce/v1/+/down/cmd|desired``
 ``fleet-control``   ``control``                publish to the dynamic security plugin's
                                                control topic and read its responses
@@ -99,10 +100,13 @@ def check_share_group(group: str) -> str:
     return group
 
 
+INGEST_KINDS = (topics.READINGS, topics.RELAY, topics.RESULT)  # what the ingest takes
+
+
 def ingest_filters(share_group: str) -> list[str]:
     """The shared subscriptions an ingest worker holds."""
     return ["$share/%s/%s" % (check_share_group(share_group), topics.every_up(kind))
-            for kind in (topics.READINGS, topics.RELAY)]
+            for kind in INGEST_KINDS]
 
 
 def role_name(cn: str) -> str:
@@ -126,8 +130,7 @@ def acls_for(cn: str, share_group: str) -> tuple[Acl, ...]:
         return (
             *(Acl("subscribeLiteral", f) for f in shared),
             *(Acl("unsubscribeLiteral", f) for f in shared),
-            Acl("publishClientReceive", topics.every_up(topics.READINGS)),
-            Acl("publishClientReceive", topics.every_up(topics.RELAY)),
+            *(Acl("publishClientReceive", topics.every_up(k)) for k in INGEST_KINDS),
         )
     if kind == COMMANDS:
         return tuple(Acl("publishClientSend", topics.every_down(k)) for k in topics.DOWN_KINDS)

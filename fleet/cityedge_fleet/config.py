@@ -72,6 +72,22 @@ class FleetLimits(BaseModel):
     ingest_receive_max: int = 1000  # unacknowledged messages the broker may send (MQTT 5)
     broker_control_timeout_s: float = 5.0  # seconds to wait for the broker's control answer
     broker_sync_every_s: float = 30.0  # seconds between reconciles of the broker's grants
+    # fleet commands (``command_queue``, ``command_publisher``); a command's own sizes are
+    # the core's (``cityedge_core.limits``: name, args, whole command)
+    command_expires_default_s: int = 86400  # seconds a command stays valid unless told
+    command_expires_max_s: int = 30 * 86400  # seconds: the longest validity one may ask for
+    command_pending_max: int = 32  # commands queued or sent to one device at once
+    command_poll_s: float = 1.0  # seconds between the publisher's looks for due commands
+    command_absent_retry_s: float = 30.0  # seconds between tries while the device is not
+    # at the broker (PUBACK "no matching subscribers": the broker dropped it, the device
+    # paid nothing)
+    command_resend_s: float = 60.0  # seconds from a delivery without an answer to the
+    # next (doubling, jittered, up to command_resend_max_s: each costs the device a check)
+    command_resend_max_s: float = 1800.0
+    command_silence_s: float = 900.0  # seconds without a batch after which a device's next
+    # batch counts as its return: its unanswered commands are sent again at once
+    command_publish_timeout_s: float = 10.0  # seconds to wait for the broker's PUBACK
+    command_round_max: int = 200  # commands one publisher round sends at most
 
     @property
     def enroll_body_max_bytes(self) -> int:
@@ -94,6 +110,9 @@ class FleetLimits(BaseModel):
         if self.ingest_receive_max < 2 * self.ingest_group_max_messages:
             raise ValueError("ingest_receive_max must be at least twice "
                              "ingest_group_max_messages (one group stored, one arriving)")
+        if not 0 < self.command_resend_s <= self.command_resend_max_s:
+            raise ValueError("command_resend_s must be above 0 and at most "
+                             "command_resend_max_s")
         return self
 
 
@@ -136,6 +155,14 @@ class Settings(BaseSettings):
     broker_control_cert_file: Path | None = None
     broker_control_key_file: Path | None = None
     ingest_with_serve: bool = True  # `fleet serve` also runs an ingest worker
+    # the fleet's command key (P-256, PKCS#8 PEM, mode 0600; `cityedge keys
+    # init-command-key` makes it; development makes its own at first start): every fleet
+    # command is signed with it, and devices trust its public half (enrollment installs it)
+    command_key_file: Path = DEV_VAR_DIR / "command.key"
+    # the fleet-commands certificate: `fleet serve` publishes commands with it (QoS 1)
+    commands_cert_file: Path | None = None
+    commands_key_file: Path | None = None
+    commands_with_serve: bool = True  # `fleet serve` also runs the command publisher
     limits: FleetLimits = Field(default_factory=FleetLimits)
 
     @field_validator("ingest_share_group")
@@ -162,7 +189,8 @@ class Settings(BaseSettings):
             % variable(name)
             for name in ("database_url", "ca_dir", "broker_url", "ingest_share_group",
                          "broker_control_cert_file", "broker_control_key_file",
-                         "audit_key_file")
+                         "audit_key_file", "command_key_file", "commands_cert_file",
+                         "commands_key_file")
             if name not in self.model_fields_set
         ]
         if "broker_url" in self.model_fields_set and not self.broker_url.startswith(

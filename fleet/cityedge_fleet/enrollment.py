@@ -225,8 +225,10 @@ def device_config(device: Device, settings: Settings, kid: bytes) -> dict[str, A
 
 
 def enroll(session: Session, *, ca: CertificateAuthority, settings: Settings,
-           req: EnrollRequest) -> tuple[Device, Credential, EnrollResponse, str]:
+           req: EnrollRequest, fleet_keys: list[str]
+           ) -> tuple[Device, Credential, EnrollResponse, str]:
     """Sign the CSR if the gate allows; returns device, credential, response and the gate.
+    ``fleet_keys``: the trust store the device is handed (``command_key.trust_store``).
 
     Everything happens in the session's transaction; the caller commits on success and
     rolls back on ``EnrollmentRefused``.
@@ -266,7 +268,7 @@ def enroll(session: Session, *, ca: CertificateAuthority, settings: Settings,
     response = EnrollResponse(
         device_id=device.id, certificate_pem=cert_pem, chain_pem=cert_pem + ca.chain_pem(),
         ca_bundle_pem=ca.bundle_pem(), broker_url=settings.broker_url,
-        config=device_config(device, settings, kid))
+        config=device_config(device, settings, kid), fleet_keys=fleet_keys)
     return device, credential, response, gate
 
 

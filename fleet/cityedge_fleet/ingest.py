@@ -23,7 +23,14 @@ stores their ``Decision``:
    ``reading`` columns store) is ``malformed``: no reading stored, so no content can make
    the group's transaction fail;
 3. a refusal's strike is counted against the publisher, which is quarantined (audited;
-   ``on_quarantine`` told after the commit) when its count reaches the limit.
+   ``on_quarantine`` told after the commit) when its count reaches the limit;
+4. a device's signed result of a fleet command (``up/result``) is verified with the
+   device's key and matched to its command by the acceptance rules 4x-12x, and recorded
+   on the command (``command_queue.record_result``, audited ``command.result``);
+5. a device whose batch arrives after ``command_silence_s`` without one (or its first
+   batch ever) is back: its unanswered commands are due again at once
+   (``command_queue.resend_now``, in the same transaction; ``on_return`` is told after
+   the commit, so ``fleet serve``'s publisher sends them now, not at its next look).
 """
 
 from __future__ import annotations
@@ -38,10 +45,10 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from cityedge_core import batch as batchmod
-from cityedge_core import chain, limits
+from cityedge_core import chain, command_decode, limits
 from cityedge_core.chain import KeyEntry
 from cityedge_core.errors import MalformedError, PeerError, SignatureError
-from cityedge_fleet import acceptance, audit, reading_rows, registry
+from cityedge_fleet import acceptance, audit, command_queue, reading_rows, registry
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest_store import ChainStates, ReadingRow, ReadingRows
 from cityedge_fleet.models import (
@@ -67,6 +74,7 @@ BAD_TOPIC = acceptance.BAD_TOPIC
 DEAD_LETTER = "dead_letter"  # kept aside: the database refused it alone (ingest_dead_letter)
 READINGS = acceptance.READINGS  # topic kinds the ingest takes
 RELAY = acceptance.RELAY
+RESULTS = acceptance.RESULTS
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -147,6 +155,11 @@ class _Group:
         self.readings = ReadingRows(session)
         self.devices: dict[str, Device | None] = {}  # strong references: the session's
         # identity map is weak, and a device read once is used by every message of it
+        self.returned: set[str] = set()  # devices seen again after a silence
+        # audit rows, appended last (``write_audits``): the audit log's lock is then taken
+        # after every row lock of the group, in the order the API takes them (a device,
+        # then the log), so the two cannot wait for each other
+        self.audits: list[dict[str, object]] = []
 
     def prefetch(self, messages: Sequence[tuple[str, bytes]]) -> None:
         publishers = {p[0] for p in (parse_topic(t) for t, _ in messages) if p is not None}
@@ -166,12 +179,19 @@ class _Group:
         self.readings.flush()
         self.chains.flush()
 
+    def write_audits(self) -> None:
+        if self.audits:
+            self.session.flush()
+            for row in self.audits:
+                audit.append(self.session, **row)  # type: ignore[arg-type]
+
 
 class Ingestor:
     """Verifies, classifies and stores MQTT messages, a group per transaction."""
 
     def __init__(self, engine: Engine, settings: Settings,
-                 on_quarantine: Callable[[list[str]], None] | None = None) -> None:
+                 on_quarantine: Callable[[list[str]], None] | None = None,
+                 on_return: Callable[[list[str]], None] | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.keyring = Keyring(settings.limits.keyring_max_age_s)
@@ -183,6 +203,10 @@ class Ingestor:
         # broker reconciler cuts them and the CRL suspends their certificates at once)
         self.on_quarantine = on_quarantine
         self._quarantined: list[str] = []
+        # called with the devices a committed group saw again after a silence (``fleet
+        # serve``: the command publisher sends their unanswered commands at once)
+        self.on_return = on_return
+        self._returned: list[str] = []
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
         return self.handle_many([(topic, payload)])[0]
@@ -194,12 +218,17 @@ class Ingestor:
         """
         messages = list(messages)
         self._quarantined = []
+        self._returned = []
         with Session(self.engine) as session:
             group = _Group(session)
             try:
                 group.prefetch(messages)
                 outcomes = [self._handle(group, topic, payload) for topic, payload in messages]
                 group.flush()
+                if group.returned:
+                    command_queue.resend_now(session, group.returned, utcnow())
+                    self._returned = sorted(group.returned)
+                group.write_audits()
                 session.commit()
             except BaseException as e:
                 group.readings.abort(e)  # a COPY in progress ends with the error
@@ -208,6 +237,8 @@ class Ingestor:
             self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
         if self._quarantined and self.on_quarantine is not None:
             self.on_quarantine(self._quarantined)
+        if self._returned and self.on_return is not None:
+            self.on_return(self._returned)
         return outcomes
 
     def _handle(self, group: _Group, topic: str, payload: bytes) -> Outcome:
@@ -222,6 +253,8 @@ class Ingestor:
         refusal = rules.publisher(publisher_id, publisher)
         if refusal is not None or publisher is None:
             return self._keep(group, None, refusal or rules.bad_topic())
+        if kind == RESULTS:
+            return self._result(group, publisher, payload)
         if kind == RELAY:
             publisher.last_seen = utcnow()  # a gateway is seen when it relays
             group.session.add(publisher)
@@ -278,10 +311,52 @@ class Ingestor:
                         missing=verdict.missing)
         if device.state == DeviceState.provisioned:
             registry.set_state(session, device=device, state=DeviceState.active)
-        device.last_seen = utcnow()
+        now = utcnow()
+        if device.last_seen is None or (now - device.last_seen).total_seconds() >= \
+                self.settings.limits.command_silence_s:
+            group.returned.add(device.id)  # its first batch ever, or the first in a while
+        device.last_seen = now
         if device not in session:  # read by this session: its changes are tracked already
             session.add(device)  # (add walks the relationship cascades on every call)
         return Outcome(decision.status, device.id, count, decision.via)
+
+    def _result(self, group: _Group, publisher: Device, payload: bytes) -> Outcome:
+        """A device's result of a fleet command: acceptance rules 4x-12x, then recorded."""
+        rules = self.rules
+        session = group.session
+        try:
+            msg = command_decode.open_result(payload)
+        except MalformedError as e:
+            return self._keep(group, publisher,
+                              rules.malformed_envelope(publisher, str(e), RESULTS))
+        kid = bytes(msg.kid)
+        entry = self.keyring.get(kid, session)
+        signer = entry.device if entry is not None else None
+        refusal = rules.signer(RESULTS, publisher, kid, signer, None)
+        if refusal is not None or entry is None or signer is None:
+            return self._keep(group, publisher, refusal or rules.bad_topic())
+        try:
+            msg.verify(entry.verifier)
+        except SignatureError as e:
+            return self._keep(group, publisher, rules.forged(RESULTS, publisher, str(e)))
+        try:
+            result = command_decode.result_from_payload(msg.payload)
+        except MalformedError as e:
+            return self._keep(group, publisher,
+                              rules.malformed(RESULTS, publisher, signer, str(e)))
+        refusal = rules.result_device(publisher, signer, result)
+        if refusal is not None:
+            return self._keep(group, publisher, refusal)
+        cmd = command_queue.for_result(session, signer, result.seq)
+        decision = rules.answered(publisher, cmd, result)
+        if not decision.taken or cmd is None:
+            return self._keep(group, publisher, decision)
+        old = command_queue.record_result(session, cmd, result, payload)
+        group.audits.append({"actor": "device:%s" % signer, "action": "command.result",
+                             "outcome": audit.OK, "target": signer,
+                             "detail": {"command": cmd.id, "seq": cmd.seq, "name": cmd.name,
+                                        "outcome": result.outcome, "was": old.value}})
+        return Outcome(decision.status, signer)
 
     def _keep(self, group: _Group, publisher: Device | None,
               decision: acceptance.Decision) -> Outcome:
@@ -298,9 +373,9 @@ class Ingestor:
             if (self.rules.quarantines(decision.strike, count)
                     and publisher.state != DeviceState.quarantined):
                 registry.set_state(session, device=publisher, state=DeviceState.quarantined)
-                audit.append(session, actor="ingest", action="device.quarantine",
-                             outcome=audit.OK, target=publisher.id,
-                             detail={decision.strike: count})
+                group.audits.append({"actor": "ingest", "action": "device.quarantine",
+                                     "outcome": audit.OK, "target": publisher.id,
+                                     "detail": {decision.strike: count}})
                 self._quarantined.append(publisher.id)
         return Outcome(decision.status, decision.device, 0, decision.via)
 

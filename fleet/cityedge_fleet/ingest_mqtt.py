@@ -1,7 +1,9 @@
 """The ingest worker on MQTT: paho-mqtt (MQTT 5) in front of an ``ingest.Ingestor``.
 
-It holds two shared subscriptions, ``$share/<group>/ce/v1/+/up/readings`` and
-``.../up/relay``, over TLS with a client certificate, so several workers split the load.
+It holds the ingest's shared subscriptions (``broker_acl.ingest_filters``:
+``$share/<group>/ce/v1/+/up/readings``, ``.../up/relay`` and ``.../up/result``, a device's
+signed answer to a fleet command), over TLS with a client certificate, so several workers
+split the load.
 paho's network thread only queues each message; the worker's own thread takes a group
 (up to ``ingest_group_max_messages``, or whatever arrived within ``ingest_group_max_s``
 of the group's first message), stores it in one transaction and only then acknowledges

@@ -17,13 +17,24 @@ from typing import Annotated, Any
 
 from pydantic import StringConstraints, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, LargeBinary, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import AutoString, Field, SQLModel
 
 from cityedge_core import batch as batchmod
 from cityedge_core import limits, senml
+from cityedge_core.command import check_name
 from cityedge_core.errors import MalformedError
 
 TEXT_MAX = 128  # characters of serial, model, site, tag, names (FleetLimits.text_max_chars)
@@ -402,6 +413,15 @@ class EnrollResponse(SQLModel):
     ca_bundle_pem: str  # the root the device trusts for the broker and the fleet
     broker_url: str
     config: dict[str, Any]
+    # the fleet public keys the device trusts for commands: SEC1 uncompressed points, hex
+    # (today the command key; ``command_key.trust_store``)
+    fleet_keys: list[str]
+
+
+class FleetKeys(SQLModel):
+    """The fleet public keys devices trust for commands: SEC1 uncompressed points, hex."""
+
+    fleet_keys: list[str]
 
 
 # ---------------------------------------------------------------------------- audit
@@ -534,3 +554,95 @@ class IngestEventPublic(SQLModel):
     missing: int
     explained: int
     detail: str
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+class CommandState(StrEnum):
+    """``queued -> sent -> ok | refused | failed | expired | cancelled``: ``sent`` once the
+    broker handed it to the device's subscription; the outcome is the device's signed
+    result; ``expired`` and ``cancelled`` are the fleet giving up (a result that arrives
+    later is still recorded: it is what the device did)."""
+
+    queued = "queued"
+    sent = "sent"
+    ok = "ok"
+    refused = "refused"
+    failed = "failed"
+    expired = "expired"
+    cancelled = "cancelled"
+
+
+PENDING_COMMANDS = (CommandState.queued, CommandState.sent)  # still being delivered
+ANSWERED_COMMANDS = (CommandState.ok, CommandState.refused, CommandState.failed)
+
+
+class CommandCreate(InputModel):
+    name: str = Field(min_length=1, max_length=limits.COMMAND_NAME_MAX_CHARS,
+                      description="a-z 0-9 - _ . starting with a letter, e.g. status")
+    args: Any = Field(default=None, description=(
+        "the command's arguments (JSON: objects, lists, text, integers within 64 bits, "
+        "finite numbers, booleans); at most %d bytes as CBOR" % limits.COMMAND_ARGS_MAX_BYTES))
+    expires_in_s: int | None = Field(default=None, gt=0, description=(
+        "seconds the command stays valid (default and most: the fleet's limits)"))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        try:
+            return check_name(value)
+        except MalformedError as e:
+            raise ValueError("a command name is a-z 0-9 - _ . starting with a letter") from e
+
+
+class FleetCommand(SQLModel, table=True):
+    """A signed command for one device, its delivery and the device's answer."""
+
+    __tablename__ = "fleet_command"
+    # one seq per device, ever: the backstop of the row lock that assigns it
+    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_fleet_command_seq"),
+                      Index("ix_fleet_command_due", "state", "next_try_at"))
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", index=True, max_length=128)
+    seq: int = Field(sa_type=BigInteger)  # the device refuses one not above its last
+    name: str = Field(max_length=limits.COMMAND_NAME_MAX_CHARS)
+    args: Any = Field(default=None, sa_type=JSON)  # as given (JSON), signed as CBOR
+    signed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # the COSE_Sign1
+    kid: str = Field(max_length=16)  # the command key that signed it, hex
+    state: CommandState = Field(default=CommandState.queued, sa_type=AutoString(16))
+    created_by: str = Field(max_length=TEXT_MAX)
+    created_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: dt.datetime = Field(sa_type=UTCDateTime)
+    attempts: int = 0  # publishes the broker acknowledged (delivered or not)
+    sends: int = 0  # of them, delivered to the device's subscription
+    first_sent_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_sent_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_try_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    next_try_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    result_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    result_detail: str = Field(default="", max_length=EVENT_DETAIL_MAX)
+    result_data: bytes | None = Field(default=None, sa_column=Column(LargeBinary))  # CBOR
+    result_signed: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    finished_by: str = Field(default="", max_length=TEXT_MAX)  # who cancelled, or the device
+
+
+class CommandPublic(SQLModel):
+    id: int
+    device_id: str
+    seq: int
+    name: str
+    args: Any
+    kid: str
+    state: CommandState
+    created_by: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    attempts: int
+    sends: int
+    first_sent_at: dt.datetime | None
+    last_sent_at: dt.datetime | None
+    result_at: dt.datetime | None
+    result_detail: str
+    result_data: Any = None  # the device's data as JSON (bytes as hex)
+    finished_by: str

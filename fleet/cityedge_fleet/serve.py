@@ -1,6 +1,6 @@
-"""``cityedge fleet serve``: the API under uvicorn, plus (by default) an ingest worker and
-the broker reconciler (grants and CRL kept in step with the registry: ``broker_sync``) in
-background threads of the same process."""
+"""``cityedge fleet serve``: the API under uvicorn, plus (by default) an ingest worker, the
+broker reconciler (grants and CRL kept in step with the registry: ``broker_sync``) and the
+command publisher (``command_publisher``) in background threads of the same process."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from cityedge_fleet import revocation
 from cityedge_fleet.app import create_app
 from cityedge_fleet.broker_sync import BrokerAccess, Reconciler
 from cityedge_fleet.ca import CaError, CertificateAuthority
+from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
@@ -46,10 +47,26 @@ def start_reconciler(settings: Settings, engine: Engine, access: BrokerAccess) -
                       also=refresh_crl(settings)).start()
 
 
-def ingestor_for(settings: Settings, engine: Engine, reconciler: Reconciler) -> Ingestor:
+def ingestor_for(settings: Settings, engine: Engine, reconciler: Reconciler,
+                 publisher: CommandPublisher | None = None) -> Ingestor:
     """The ingest of ``fleet serve``: a device it quarantines wakes the reconciler, which
-    cuts it at the broker and suspends its certificates at once, not a round later."""
-    return Ingestor(engine, settings, on_quarantine=lambda _devices: reconciler.wake())
+    cuts it at the broker and suspends its certificates at once, not a round later; a
+    device back after a silence wakes the command publisher, which sends it what it has
+    not answered at once."""
+    return Ingestor(engine, settings, on_quarantine=lambda _devices: reconciler.wake(),
+                    on_return=publisher.wake if publisher is not None else None)
+
+
+def start_publisher(settings: Settings, engine: Engine) -> CommandPublisher | None:
+    """The command publisher, unless turned off or without its certificate (then commands
+    are queued and wait: said in the log)."""
+    if not settings.commands_with_serve:
+        return None
+    if settings.commands_cert_file is None or settings.commands_key_file is None:
+        log.warning("commands are queued but not published: no CITYEDGE_COMMANDS_CERT_FILE "
+                    "and CITYEDGE_COMMANDS_KEY_FILE (the fleet-commands certificate)")
+        return None
+    return CommandPublisher(engine, settings).start()
 
 
 def freeze_startup_objects() -> None:
@@ -72,14 +89,18 @@ def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
     reconciler = start_reconciler(settings, app.state.engine, app.state.broker_access)
     app.state.reconciler = reconciler
+    publisher = start_publisher(settings, app.state.engine)
+    app.state.command_publisher = publisher
     worker = None
     if settings.ingest_with_serve:
-        worker = MqttIngestWorker(ingestor_for(settings, app.state.engine, reconciler),
-                                  settings).start()
+        worker = MqttIngestWorker(ingestor_for(settings, app.state.engine, reconciler,
+                                               publisher), settings).start()
     freeze_startup_objects()
     try:
         uvicorn.run(app, host=host, port=port, **proxy_options(settings))
     finally:
         reconciler.stop()
+        if publisher is not None:
+            publisher.stop()
         if worker is not None:
             worker.stop()

@@ -165,7 +165,9 @@ def provision(
                                           "(before enrollment only).")] = False,
     self_test: Annotated[bool, typer.Option(help="Run the self-test, then lock.")] = True,
     fleet_key: Annotated[list[Path] | None, typer.Option(
-        help="Fleet public key (65-byte SEC1 file) the device trusts for commands.")] = None,
+        help="Fleet public key (65-byte SEC1 file) the device trusts for commands, instead "
+             "of the fleet's own (repeatable; default: the keys the fleet hands over at "
+             "enrollment).")] = None,
     server_hostname: Annotated[str | None, typer.Option(
         help="TLS name of the broker (default: the host of the fleet's broker URL).")] = None,
     label: LabelOpt = None,
@@ -249,6 +251,7 @@ def tokens_command(
         t = fleet.enrollment_token(serial, ttl_s)
         got[serial] = {"token": str(t["token"]), "expires_at": str(t["expires_at"])}
     ws.save_tokens(got)
+    ws.save_fleet_keys(fleet.fleet_keys())  # what the offline devices' tickets carry
     out.print("Fetched %d enrollment token(s), valid until %s."
               % (len(got), min(v["expires_at"] for v in got.values())))
 

@@ -9,6 +9,8 @@ expired or revoked), other HTTP errors ``FleetRefused`` with the fleet's own mes
 
 - ``login.json``: the fleet URL and the technician's API token (never printed);
 - ``tokens.json``: enrollment tokens fetched beforehand for offline work, per serial;
+- ``fleet_keys.json``: the fleet's public command keys, fetched with the tokens, for the
+  tickets of devices provisioned offline (public data);
 - ``sessions/<serial>.json``: a provisioning in progress (the device's kid, and once
   enrolled, the certificate chain and config the fleet returned: public data), so an
   interrupted run resumes instead of enrolling twice;
@@ -110,6 +112,17 @@ class Workspace:
         if expires <= dt.datetime.now(dt.UTC):
             return None
         return entry["token"]
+
+    def save_fleet_keys(self, keys: list[str]) -> None:
+        write_private(self.home / "fleet_keys.json", json.dumps(keys).encode())
+
+    def fleet_keys(self) -> list[bytes]:
+        """The fleet's command keys saved by ``provision tokens`` (SEC1 points), or none."""
+        data = _read_json(self.home / "fleet_keys.json")
+        try:
+            return [bytes.fromhex(k) for k in data] if isinstance(data, list) else []
+        except (TypeError, ValueError):
+            return []
 
     def drop_token(self, serial: str) -> None:
         current = self.tokens()
@@ -265,6 +278,13 @@ class FleetClient:
     def enrollment_token(self, serial: str, ttl_s: int) -> dict[str, Any]:
         return _obj(self._call("POST", "/enrollment/tokens",
                                json={"serial": serial, "ttl_s": ttl_s}))
+
+    def fleet_keys(self) -> list[str]:
+        """The fleet's public command keys (``GET /ca/fleet-keys``: SEC1 points, hex)."""
+        keys = _obj(self._call("GET", "/ca/fleet-keys")).get("fleet_keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise FleetRefused("the fleet sent an unexpected list of fleet keys", 200)
+        return keys
 
     def upload_manifest(self, manifest: str, claims: dict[str, str]) -> dict[str, Any]:
         """Allow-list a vendor delivery: ``{serial: SHA-256 hex of its claim secret}``."""

@@ -22,7 +22,9 @@ enroll      get an enrollment token (online, or pre-fetched for offline work) an
             is queued for ``cityedge provision sync`` and the run ends here (``queued``);
             with a ticket the device can use (see ``ticket_for``), the device is handed
             it and retries the enrollment itself until the fleet answers
-install     certificate, CA, broker, config to the device (written atomically there)
+install     certificate, CA, broker, config and the fleet keys it trusts for commands (the
+            fleet's trust store from the enrollment answer; ``--fleet-key`` overrides it)
+            to the device (written atomically there)
 self_test   the device connects to the broker with its new identity and publishes one
             signed batch; failures say whether the broker was unreachable or refused us
 lock        provisioning mode is closed; the session record is replaced by a log line
@@ -415,7 +417,7 @@ class ProvisionSession:
             "register": {"id": info.device, "model": info.model,
                          "hardware_class": self.opts.hardware_class or info.model,
                          "site": self.opts.site, "firmware_version": info.firmware},
-            "fleet_keys": self.opts.fleet_keys,
+            "fleet_keys": self.opts.fleet_keys or self.ws.fleet_keys(),
             "server_hostname": self.opts.server_hostname}
         if self.opts.fleet_ca is not None:
             ticket["ca"] = self.opts.fleet_ca
@@ -437,9 +439,21 @@ class ProvisionSession:
                   "server_hostname": self.opts.server_hostname or host}
         self.t.request(frame.T_INSTALL, {
             frame.F_CHAIN: chain, frame.F_CA: cas, frame.F_BROKER: broker,
-            frame.F_CONFIG: ans.get("config") or {}, frame.F_FLEET_KEYS: self.opts.fleet_keys})
+            frame.F_CONFIG: ans.get("config") or {}, frame.F_FLEET_KEYS: self.fleet_keys(ans)})
         info.state = "installed"
         return "certificate, CA and config installed (broker %s:%d)" % (host, port)
+
+    def fleet_keys(self, answer: dict[str, Any]) -> list[bytes]:
+        """The keys the device will trust for fleet commands: the fleet's own trust store,
+        from its enrollment answer, unless ``--fleet-key`` files override it."""
+        if self.opts.fleet_keys:
+            return self.opts.fleet_keys
+        keys = answer.get("fleet_keys") or []
+        try:
+            return [bytes.fromhex(k) for k in keys]
+        except (TypeError, ValueError) as e:
+            raise FleetRefused("the fleet's enrollment answer has a fleet key that is not "
+                               "a hex SEC1 point", 0) from e
 
     def self_test(self) -> str:
         info = self._info()

@@ -58,6 +58,7 @@ def settings(db_url: str, ca_dirs: tuple[Path, Path], tmp_path: Path) -> Setting
                     broker_url="mqtts://127.0.0.1:8883", ingest_with_serve=False,
                     audit_anchor_file=tmp_path / "audit.anchor",
                     audit_key_file=tmp_path / "audit.key",
+                    command_key_file=tmp_path / "command.key",
                     limits=FleetLimits(quarantine_after_forgeries=3))
 
 

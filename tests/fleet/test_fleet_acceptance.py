@@ -12,6 +12,7 @@ from cityedge_core import batch as batchmod
 from cityedge_core import chain
 from cityedge_fleet import acceptance
 from cityedge_fleet.acceptance import FORGERY, MALFORMED, Acceptance
+from cityedge_fleet.models import CommandState
 from cityedge_fleet.models import DeviceState as S
 
 GW = "urn:dev:mac:0000000000a1"
@@ -33,6 +34,7 @@ RULES = Acceptance(quarantine_after_forgeries=3, quarantine_after_malformed=10)
 @pytest.mark.parametrize(("topic", "parsed"), [
     ("ce/v1/%s/up/readings" % GW, (GW, "readings")),
     ("ce/v1/%s/up/relay" % GW, (GW, "relay")),
+    ("ce/v1/%s/up/result" % GW, (GW, "result")),
     ("ce/v1/%s/up/status" % GW, None),  # the ingest does not take status
     ("ce/v1/%s/down/cmd" % GW, None),
     ("ce/v1/not-a-urn/up/readings", None),
@@ -140,3 +142,58 @@ def test_every_refusal_names_whom_it_is_about() -> None:
     for d in decisions:
         if d is not None:
             assert d.device is not None and d.status and not d.taken
+
+
+@dataclass
+class Cmd:
+    name: str = "status"
+    state: Any = "sent"
+
+
+@dataclass
+class Res:
+    name: str = "status"
+    device: str = GW
+    seq: int = 4
+    outcome: str = "ok"
+
+
+@pytest.mark.parametrize(("signer", "status", "strike"), [
+    (None, chain.UNKNOWN_KEY, None),  # 5x
+    (OTHER, acceptance.TOPIC_MISMATCH, None),  # 6x: another device's key on this topic
+    (GW, None, None),
+])
+def test_rules_5x_6x_a_result_is_signed_by_its_publisher(signer: str | None,
+                                                         status: str | None,
+                                                         strike: str | None) -> None:
+    d = RULES.signer("result", Dev(GW), KID, signer, None)
+    assert (d.status if d else None, d.strike if d else None) == (status, strike)
+    if d is not None:
+        assert d.device == GW and d.detail.startswith("result: ")
+
+
+def test_rule_9x_a_result_names_the_device_whose_key_signed_it() -> None:
+    assert RULES.result_device(Dev(GW), GW, Res()) is None
+    d = RULES.result_device(Dev(GW), GW, Res(device=OTHER))
+    assert d is not None and (d.status, d.strike, d.device) == (chain.BAD_SIGNATURE, FORGERY,
+                                                                GW)
+
+
+@pytest.mark.parametrize(("command", "result", "status", "taken", "recorded"), [
+    (None, Res(), acceptance.UNKNOWN_COMMAND, False, True),  # 10x
+    (Cmd("rotate"), Res(), acceptance.RESULT_MISMATCH, False, True),  # 11x
+    (Cmd(state="queued"), Res(), acceptance.RESULT, True, False),  # 12x
+    (Cmd(state="sent"), Res(outcome="failed"), acceptance.RESULT, True, False),
+    (Cmd(state="expired"), Res(), acceptance.RESULT, True, False),  # late, still the fact
+    (Cmd(state="cancelled"), Res(outcome="refused"), acceptance.RESULT, True, False),
+    (Cmd(state="ok"), Res(), acceptance.RESULT_DUPLICATE, False, False),
+    (Cmd(state=CommandState.sent), Res(), acceptance.RESULT, True, False),  # the enum too
+    (Cmd(state=CommandState.ok), Res(), acceptance.RESULT_DUPLICATE, False, False),
+    (Cmd(state="ok"), Res(outcome="failed"), acceptance.RESULT_CONFLICT, False, True),
+    (Cmd(state="refused"), Res(), acceptance.RESULT_CONFLICT, False, True),
+])
+def test_rules_10x_12x_a_result_answers_one_command_once(
+        command: Cmd | None, result: Res, status: str, taken: bool, recorded: bool) -> None:
+    d = RULES.answered(Dev(GW), command, result)
+    assert (d.status, d.taken, d.recorded, d.device, d.seq, d.strike) == (
+        status, taken, recorded, GW, 4, None)

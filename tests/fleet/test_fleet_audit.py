@@ -300,7 +300,10 @@ def test_the_key_file_is_checked(api: Api, tmp_path: Path) -> None:
     prod = {"CITYEDGE_MODE": "production", "CITYEDGE_BROKER_URL": "mqtts://b:8883",
             "CITYEDGE_INGEST_SHARE_GROUP": "ingest-7f3a9c21",
             "CITYEDGE_BROKER_CONTROL_CERT_FILE": "/srv/fleet-control.crt",
-            "CITYEDGE_BROKER_CONTROL_KEY_FILE": "/srv/fleet-control.key"}
+            "CITYEDGE_BROKER_CONTROL_KEY_FILE": "/srv/fleet-control.key",
+            "CITYEDGE_COMMAND_KEY_FILE": "/srv/keys/command.key",
+            "CITYEDGE_COMMANDS_CERT_FILE": "/srv/fleet-commands.crt",
+            "CITYEDGE_COMMANDS_KEY_FILE": "/srv/fleet-commands.key"}
     missing = tmp_path / "nowhere.key"
     r = _cli(api, "verify", key_file=missing, **prod)
     assert r.returncode == 1 and "Traceback" not in r.stderr

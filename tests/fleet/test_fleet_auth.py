@@ -21,6 +21,7 @@ PUBLIC = {  # endpoints anyone may call, and why
     ("POST", "/enroll/ticket"),  # a device redeeming its offline ticket: token, rate-limited
     ("GET", "/ca/crl"),  # the CRL is public by design
     ("GET", "/ca/bundle"),  # so are the CA certificates
+    ("GET", "/ca/fleet-keys"),  # and the public halves of the fleet's command keys
 }
 
 

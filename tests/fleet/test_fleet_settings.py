@@ -28,6 +28,9 @@ PRODUCTION = {
     "CITYEDGE_INGEST_SHARE_GROUP": "ingest-7f3a9c21",
     "CITYEDGE_BROKER_CONTROL_CERT_FILE": "/srv/fleet-control.crt",
     "CITYEDGE_BROKER_CONTROL_KEY_FILE": "/srv/fleet-control.key",
+    "CITYEDGE_COMMAND_KEY_FILE": "/srv/keys/command.key",
+    "CITYEDGE_COMMANDS_CERT_FILE": "/srv/fleet-commands.crt",
+    "CITYEDGE_COMMANDS_KEY_FILE": "/srv/fleet-commands.key",
 }
 
 
@@ -77,7 +80,8 @@ def test_production_refuses_defaults_clear_text_broker_and_no_anchor(
     assert "CITYEDGE_BROKER_URL must be set explicitly" in line
     assert "CITYEDGE_AUDIT_ANCHOR_FILE must name an append-only file" in line
     for name in ("INGEST_SHARE_GROUP", "BROKER_CONTROL_CERT_FILE", "BROKER_CONTROL_KEY_FILE",
-                 "AUDIT_KEY_FILE"):
+                 "AUDIT_KEY_FILE", "COMMAND_KEY_FILE", "COMMANDS_CERT_FILE",
+                 "COMMANDS_KEY_FILE"):
         assert "CITYEDGE_%s must be set explicitly" % name in line
     assert "CITYEDGE_DATABASE_URL" not in line
     for name, value in PRODUCTION.items():

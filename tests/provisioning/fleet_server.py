@@ -7,12 +7,14 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from sqlmodel import Session
 
 from cityedge_fleet.app import create_app
 from cityedge_fleet.auth import create_api_token
+from cityedge_fleet.command_key import trust_store
 from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
@@ -40,6 +42,7 @@ class FleetServer:
             mqtt_port=broker_port, mqtt_ca_file=pki.ca_pem, mqtt_cert_file=ingest.cert_pem,
             mqtt_key_file=ingest.key_pem, broker_control_cert_file=control.cert_pem,
             broker_control_key_file=control.key_pem,
+            audit_key_file=base / "audit.key", command_key_file=base / "command.key",
             # many devices from one test client address: no enrollment rate limit here
             limits=FleetLimits(enroll_burst=10_000, enroll_per_s=1000.0))
         self.worker: MqttIngestWorker | None = None
@@ -61,6 +64,10 @@ class FleetServer:
                 raise RuntimeError("the fleet service did not start on port %d" % self.port)
             time.sleep(0.02)
         return self
+
+    def trust_store(self) -> list[bytes]:
+        """The fleet's command keys, as a device must trust them (SEC1 points)."""
+        return [bytes.fromhex(k) for k in trust_store(self.app.state.command_key)]
 
     def token(self, role: Role = Role.technician, name: str = "tech") -> str:
         with Session(self.app.state.engine) as session:
@@ -84,3 +91,8 @@ class FleetServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.app.state.engine.dispose()
+
+
+def installed_fleet_keys(root: Path, cfg: dict[str, Any]) -> list[bytes]:
+    """The fleet keys a device installed (its config.json names their files)."""
+    return [(root / Path(p).name).read_bytes() for p in cfg["fleet_keys"]]

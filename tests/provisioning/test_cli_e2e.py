@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cli_support import check_expected, run_cli
 from device_pty import DeviceFactory, boot_agent
-from fleet_server import FleetServer
+from fleet_server import FleetServer, installed_fleet_keys
 from sqlmodel import Session, select
 
 from cityedge_fleet.models import Credential, Device, IngestEvent, Reading
@@ -44,6 +44,7 @@ def test_provision_one_device_under_a_minute(make_device: DeviceFactory, fleet: 
         assert len(creds) == 1
     cfg = json.loads((dev.root / "config.json").read_text())
     assert cfg["fleet"]["device_id"] == URN and cfg["fleet"]["kid"] == creds[0].kid
+    assert installed_fleet_keys(dev.root, cfg) == fleet.trust_store()
     assert (tmp_path / "label.png").stat().st_size > 1000
     assert Workspace(home).session("SN-00101") is None  # finished: no session left
     log = (home / "provisioned.jsonl").read_text()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cli_support import check_expected, run_cli
 from device_pty import DeviceFactory, PtyDevice, boot_agent
-from fleet_server import FleetServer
+from fleet_server import FleetServer, installed_fleet_keys
 from sqlalchemy import update
 from sqlmodel import Session, select
 
@@ -126,6 +126,8 @@ def test_device_enrolls_itself_after_reboot_when_the_fleet_comes_back(
     assert len(cs) == 1
     cfg = json.loads((dev.root / "config.json").read_text())
     assert cfg["fleet"]["kid"] == cs[0].kid and cfg["broker"]["port"] == fleet.settings.mqtt_port
+    # the fleet keys came with the ticket (fetched with the tokens): the device obeys the fleet
+    assert installed_fleet_keys(dev.root, cfg) == fleet.trust_store()
     assert not (dev.root / "ticket.cbor").exists()
     # the agent boots from what the device installed itself and streams verified readings
     boot_agent(cfg, fw_mpy, tmp_path)

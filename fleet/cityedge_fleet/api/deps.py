@@ -12,8 +12,10 @@ from cityedge_fleet.auth import Principal, require_role
 from cityedge_fleet.broker_control import BrokerUnavailable, CommandFailed
 from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.ca import CaError, CertificateAuthority
+from cityedge_fleet.command_key import trust_store
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import Role
+from cityedge_host.crypto import EcSigner
 
 
 def get_settings(request: Request) -> Settings:
@@ -37,7 +39,20 @@ def get_broker_access(request: Request) -> BrokerAccess:
     return access
 
 
+def get_command_key(request: Request) -> EcSigner:
+    """The fleet's command key (``command_key``), loaded when the app was made."""
+    key: EcSigner = request.app.state.command_key
+    return key
+
+
+def get_trust_store(request: Request) -> list[str]:
+    """The fleet public keys a device trusts for commands (``command_key.trust_store``)."""
+    return trust_store(get_command_key(request))
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+CommandKeyDep = Annotated[EcSigner, Depends(get_command_key)]
+TrustStoreDep = Annotated[list[str], Depends(get_trust_store)]
 BrokerDep = Annotated[BrokerAccess, Depends(get_broker_access)]
 CaDep = Annotated[CertificateAuthority, Depends(get_ca)]
 

@@ -11,6 +11,7 @@ from cityedge_fleet.api.deps import (
     CaDep,
     SettingsDep,
     TechnicianDep,
+    TrustStoreDep,
     grant_before_commit,
 )
 from cityedge_fleet.api.errors import invalid
@@ -21,6 +22,7 @@ from cityedge_fleet.models import (
     EnrollmentTokenCreated,
     EnrollRequest,
     EnrollResponse,
+    FleetKeys,
     ManifestAccepted,
     ManifestUpload,
 )
@@ -94,7 +96,7 @@ def upload_manifest(body: ManifestUpload, request: Request, session: SessionDep,
 @router.post("/enroll", response_model=EnrollResponse,
              responses={403: {}, 409: {}, 422: {}, 429: {}, 503: {}})
 def enroll(body: EnrollRequest, request: Request, session: SessionDep, settings: SettingsDep,
-           ca: CaDep, broker: BrokerDep) -> EnrollResponse:
+           ca: CaDep, broker: BrokerDep, fleet_keys: TrustStoreDep) -> EnrollResponse:
     """A device sends its serial, its enrollment token (or, allow-listed, its claim
     secret) and a CSR. Every refusal before the gate is passed is the same 403
     (``enrollment.REFUSED``); the audit log keeps the reason."""
@@ -103,7 +105,7 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep, settings:
         raise HTTPException(429, "too many enrollment attempts; retry later")
     try:
         device, cred, response, gate = enrollment.enroll(session, ca=ca, settings=settings,
-                                                         req=body)
+                                                         req=body, fleet_keys=fleet_keys)
     except enrollment.EnrollmentRefused as e:
         session.rollback()
         audit.record(session, actor="device:%s" % body.serial, action="enroll",
@@ -133,3 +135,10 @@ def get_crl(ca: CaDep) -> Response:
 def get_bundle(ca: CaDep) -> Response:
     """Intermediate + root certificates (PEM)."""
     return Response(ca.bundle_pem(), media_type="application/x-pem-file")
+
+
+@router.get("/ca/fleet-keys", response_model=FleetKeys, tags=["ca"])
+def get_fleet_keys(fleet_keys: TrustStoreDep) -> FleetKeys:
+    """The fleet public keys devices trust for commands (public, as the CA certificates
+    are): what enrollment hands a device, for a technician who provisions offline."""
+    return FleetKeys(fleet_keys=fleet_keys)

@@ -35,7 +35,13 @@ from pydantic import Field
 from sqlmodel import Session, col, select
 
 from cityedge_fleet import audit, enrollment, registry
-from cityedge_fleet.api.deps import BrokerDep, CaDep, SettingsDep, grant_before_commit
+from cityedge_fleet.api.deps import (
+    BrokerDep,
+    CaDep,
+    SettingsDep,
+    TrustStoreDep,
+    grant_before_commit,
+)
 from cityedge_fleet.auth import client_address, hash_token
 from cityedge_fleet.ca import CertificateAuthority, CsrError
 from cityedge_fleet.config import Settings
@@ -93,7 +99,7 @@ def _register_if_absent(session: Session, body: TicketEnrollRequest) -> bool:
 
 
 def _existing(session: Session, ca: CertificateAuthority, settings: Settings,
-              body: TicketEnrollRequest) -> EnrollResponse | None:
+              body: TicketEnrollRequest, fleet_keys: list[str]) -> EnrollResponse | None:
     """The credential already issued for this token's serial and the CSR's key, if any:
     only for a CSR the CA itself would accept (signed by its key, for this device)."""
     row = _token_row(session, body.token)
@@ -115,14 +121,15 @@ def _existing(session: Session, ca: CertificateAuthority, settings: Settings,
         device_id=device.id, certificate_pem=cred.cert_pem,
         chain_pem=cred.cert_pem + ca.chain_pem(), ca_bundle_pem=ca.bundle_pem(),
         broker_url=settings.broker_url,
-        config=enrollment.device_config(device, settings, bytes.fromhex(cred.kid)))
+        config=enrollment.device_config(device, settings, bytes.fromhex(cred.kid)),
+        fleet_keys=fleet_keys)
 
 
 @router.post("/enroll/ticket", response_model=EnrollResponse,
              responses={403: {}, 409: {}, 422: {}, 429: {}, 503: {}})
 def enroll_with_ticket(body: TicketEnrollRequest, request: Request, response: Response,
                        session: SessionDep, settings: SettingsDep, ca: CaDep,
-                       broker: BrokerDep) -> Any:
+                       broker: BrokerDep, fleet_keys: TrustStoreDep) -> Any:
     """Enroll with an offline ticket's token, or return what that token already got."""
     source = client_address(request)
     actor = "device:%s" % body.serial
@@ -132,11 +139,11 @@ def enroll_with_ticket(body: TicketEnrollRequest, request: Request, response: Re
     req = EnrollRequest(serial=body.serial, token=body.token, csr_pem=body.csr_pem)
     try:
         device, cred, answer, gate = enrollment.enroll(session, ca=ca, settings=settings,
-                                                       req=req)
+                                                       req=req, fleet_keys=fleet_keys)
     except enrollment.EnrollmentRefused as e:
         session.rollback()
-        existing = _existing(session, ca, settings, body) if e.code == enrollment.USED_UP \
-            else None
+        existing = _existing(session, ca, settings, body, fleet_keys) \
+            if e.code == enrollment.USED_UP else None
         if existing is not None:
             audit.append(session, actor=actor, action="enroll.ticket.claim",
                          outcome=audit.OK, target=existing.device_id, source=source,

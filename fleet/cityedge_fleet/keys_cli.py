@@ -1,0 +1,145 @@
+"""``cityedge keys``: the security team's keys and signed commands, on the fleet's host.
+
+- ``init-command-key``: create the fleet's command key (``command_key``), once;
+- ``command DEVICE NAME``: queue a signed command for a device (``command_queue``; the
+  publisher of ``fleet serve`` delivers it);
+- ``commands DEVICE``: the device's commands, their delivery and answers;
+- ``cancel ID``: stop delivering one.
+
+Like ``fleet create-token`` they work on the fleet's database and files directly (the
+settings of ``fleet serve``), and every change is audited with actor ``cli``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from cityedge_fleet.cli import _engine, load_settings
+from cityedge_host.errors import UserError
+
+keys_app = typer.Typer(help="Keys and signed fleet commands (security team).",
+                       no_args_is_help=True)
+
+
+@keys_app.command("init-command-key")
+def init_command_key_command() -> None:
+    """Create the fleet's command key (CITYEDGE_COMMAND_KEY_FILE, P-256, mode 0600); refuses
+    to replace one. Devices enrolled from now on trust its public half."""
+    from cityedge_fleet import audit, command_key
+    from cityedge_host.crypto import public_sec1
+
+    settings = load_settings()
+    path = settings.command_key_file
+    signer = command_key.create(path)
+    with Session(_engine(settings)) as session:
+        audit.append(session, actor="cli", action="command_key.create", outcome=audit.OK,
+                     target=signer.kid.hex(), source="local", detail={"file": str(path)})
+        session.commit()
+    print("command key created: %s (mode 0600; back it up off this host)" % path)
+    print("kid %s, public key %s" % (signer.kid.hex(), public_sec1(signer.public_key).hex()))
+
+
+def _args(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UserError("--args is not JSON: %s" % e,
+                        'give a JSON value, e.g. --args \'{"sample_interval_s": 30}\'') from e
+
+
+@keys_app.command("command")
+def command_command(
+    device: Annotated[str, typer.Argument(help="The device's URN.")],
+    name: Annotated[str, typer.Argument(help="The command, e.g. status.")],
+    args: Annotated[str | None, typer.Option(help="Its arguments, as JSON.")] = None,
+    expires_in: Annotated[int | None, typer.Option(
+        "--expires-in", help="Seconds it stays valid (default: the fleet's limit).")] = None,
+) -> None:
+    """Queue a signed command for DEVICE; `fleet serve` delivers it until the device
+    answers or it expires."""
+    from cityedge_fleet import audit, command_key, command_queue
+
+    settings = load_settings()
+    value = _args(args)
+    signer = command_key.from_settings(settings)
+    with Session(_engine(settings)) as session:
+        try:
+            cmd = command_queue.queue(session, signer=signer, device_id=device, name=name,
+                                      args=value, expires_in_s=expires_in, created_by="cli",
+                                      lim=settings.limits)
+            audit.append(session, actor="cli", action="command.create", outcome=audit.OK,
+                         target=device, source="local",
+                         detail={"command": cmd.id, "seq": cmd.seq, "name": cmd.name,
+                                 "expires_at": cmd.expires_at.isoformat(), "kid": cmd.kid})
+            session.commit()
+        except (command_queue.CommandError, IntegrityError) as e:
+            session.rollback()
+            why = str(e) if isinstance(e, command_queue.CommandError) else \
+                "another command was queued at the same moment"
+            audit.record(session, actor="cli", action="command.create",
+                         outcome=audit.REFUSED, target=device, source="local",
+                         detail={"name": name, "why": why})
+            raise UserError("command refused: %s" % why) from e
+        print("command %d queued: %s #%d for %s, expires %s" % (
+            cmd.id or 0, cmd.name, cmd.seq, device, cmd.expires_at.isoformat()))
+
+
+@keys_app.command("commands")
+def commands_command(
+    device: Annotated[str, typer.Argument(help="The device's URN.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, one object per command.")]
+    = False,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest first.")] = 50,
+) -> None:
+    """The device's commands: state, tries, sends, and the device's answer."""
+    from cityedge_fleet import command_queue
+    from cityedge_fleet.models import Device
+
+    settings = load_settings()
+    with Session(_engine(settings)) as session:
+        if session.get(Device, device) is None:
+            raise UserError("no device %s" % device)
+        rows = [command_queue.to_public(c)
+                for c in command_queue.of_device(session, device, limit=limit)]
+    if as_json:
+        json.dump([r.model_dump(mode="json") for r in rows], sys.stdout, indent=1)
+        print()
+        return
+    print("%6s %6s %-16s %-9s %5s %5s  %-25s %s" % ("id", "seq", "name", "state", "tries",
+                                                     "sends", "expires", "answer"))
+    for r in rows:
+        print("%6d %6d %-16s %-9s %5d %5d  %-25s %s" % (
+            r.id, r.seq, r.name, r.state.value, r.attempts, r.sends,
+            r.expires_at.isoformat(timespec="seconds"), r.result_detail))
+
+
+@keys_app.command("cancel")
+def cancel_command(
+    command_id: Annotated[int, typer.Argument(help="The command's id (see `commands`).")],
+) -> None:
+    """Stop delivering a command still queued or sent."""
+    from cityedge_fleet import audit, command_queue
+
+    settings = load_settings()
+    with Session(_engine(settings)) as session:
+        cmd = command_queue.get_locked(session, command_id)
+        if cmd is None:
+            raise UserError("no command %d" % command_id)
+        try:
+            old = command_queue.cancel(session, cmd, by="cli")
+        except command_queue.CommandError as e:
+            raise UserError(str(e)) from e
+        audit.append(session, actor="cli", action="command.cancel", outcome=audit.OK,
+                     target=cmd.device_id, source="local",
+                     detail={"command": command_id, "seq": cmd.seq, "name": cmd.name,
+                             "was": old.value})
+        session.commit()
+    print("command %d cancelled (was %s)" % (command_id, old.value))
