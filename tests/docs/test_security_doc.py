@@ -15,9 +15,15 @@ REF = re.compile(r"(tests/[\w/]+\.py)?::(\w+)")
 
 def _tests_in(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    return {node.name for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-            and node.name.startswith("test_")}
+    tests = {node.name for node in ast.walk(tree)
+             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+             and node.name.startswith("test_")}
+    # a hypothesis state machine's TestCase: ``TestX = Machine.TestCase`` or ``class TestX``
+    tests |= {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name) and t.id.startswith("Test")}
+    tests |= {node.name for node in ast.walk(tree)
+              if isinstance(node, ast.ClassDef) and node.name.startswith("Test")}
+    return tests
 
 
 def test_every_test_the_threat_model_names_exists() -> None:
