@@ -16,7 +16,7 @@ key    name      value
 5      args      arguments (any CBOR, at most ``COMMAND_ARGS_MAX_BYTES``); absent: none
 =====  ========  ==============================================================
 
-The device's gate (``cityedge_fw.commands.CommandGate``) checks it; it keeps its own
+The device's gate (``cityedge_core.command_gate.CommandGate``) checks it; it keeps its own
 private ``const()`` copies of these keys (free on a device's heap), and a shared test
 holds them equal to these on both interpreters.
 

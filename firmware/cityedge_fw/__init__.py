@@ -9,7 +9,7 @@ import sys
 # Modules a device loads only for a moment: the CBOR decoder (a state file read at boot,
 # a command's payload once its signature holds, a batch about to be dropped) and the
 # command gate. ``unload`` takes them off the heap again after use.
-ON_DEMAND = ("cityedge_fw.commands", "cityedge_core.cbor_decode", "cityedge_core.cbor_types")
+ON_DEMAND = ("cityedge_core.command_gate", "cityedge_core.cbor_decode", "cityedge_core.cbor_types")
 
 
 def unload(*names):

@@ -19,7 +19,7 @@ Tasks (asyncio), all started by ``Agent.run``:
 - **watchdog** (in ``run``'s own task) feeds the board's watchdog only while the sampler
   and the store are healthy, and ends the agent when another task has ended.
 - the MQTT ``Link`` (``mqtt_async``) keeps the session up and delivers ``down/cmd`` and the
-  retained ``down/desired`` messages to ``commands.CommandGate``.
+  retained ``down/desired`` messages to ``command_gate.CommandGate``.
 
 When the buffer's byte budget forces the oldest batches out, the agent tallies what is lost
 (``drops``: ``[first_seq, last_seq, batches, readings]``, in ``State`` before the append
@@ -375,7 +375,7 @@ class Agent:
             self.last_error = "mqtt: subscription refused by the broker"
 
     async def handle_command(self, payload, tries=0):
-        """Check a fleet command (``commands.CommandGate``) and carry it out. The gate and
+        """Check a fleet command (``command_gate.CommandGate``) and carry it out. The gate and
         the decoders it needs are loaded for the check and unloaded after it.
 
         Loading them needs about 4 KB in a heap that streaming has cut into small pieces;
@@ -385,7 +385,7 @@ class Agent:
         The forwarder's read buffer is let go first (one free block a batch in size, where
         the decoders' pieces fit); the forwarder makes a new one when it next reads."""
         self._fwd = None
-        from . import commands
+        from cityedge_core import command_gate as commands
 
         try:
             name, _seq, args = commands.CommandGate(self.device, self.fleet_keys, self.state,

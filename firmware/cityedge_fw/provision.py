@@ -2,7 +2,7 @@
 
 The device is reachable here only while it is unprovisioned, or after an authenticated
 unlock (a COSE_Sign1 fleet command named ``unlock`` for this device, checked by
-``commands.CommandGate``); a locked device answers ``hello`` and ``unlock`` and refuses
+``command_gate.CommandGate``); a locked device answers ``hello`` and ``unlock`` and refuses
 everything else with ``E_LOCKED``. There is no REPL behind it.
 
 Steps (message types and fields in ``cityedge_core.frame``) and the state each needs:
@@ -420,13 +420,15 @@ class Provisioner:
     def unlock(self, msg):
         if self.state != LOCKED:
             raise StepRefused(_T.E_ORDER, "unlock: device is not locked")
-        from . import commands, main, store  # only for an unlock: not on the boot path
+        from cityedge_core import command_gate
+
+        from . import main, store  # only for an unlock: not on the boot path
 
         cfg = self._config()
-        gate = commands.CommandGate(self.info["device"],
-                                    main.load_fleet_keys(cfg.get("fleet_keys", ())),
-                                    store.State(self._path(AGENT_STATE_FILE)), self.clock,
-                                    require_clock=False)
+        gate = command_gate.CommandGate(self.info["device"],
+                                        main.load_fleet_keys(cfg.get("fleet_keys", ())),
+                                        store.State(self._path(AGENT_STATE_FILE)), self.clock,
+                                        require_clock=False)
         data = msg.get(_T.F_COMMAND)
         if not isinstance(data, bytes):
             raise StepRefused(_T.E_BAD_INPUT, "unlock: a signed fleet command is needed")

@@ -28,7 +28,7 @@ from fw_harness import DEVICE, Subscriber, check_chain, wait_for
 from test_agent_e2e import device_config, finish, start_device
 
 from cityedge_core import cose
-from cityedge_fw.commands import encode_command
+from cityedge_core.command import encode_command
 from cityedge_host.crypto import EcSigner, public_sec1
 
 from support.mosquitto import Mosquitto, TestPKI

@@ -15,10 +15,11 @@ import cbor2
 import pytest
 from test_agent_drops import DEVICE, KEY, KID, Board
 
-from cityedge_core import cose, p256
+from cityedge_core import command, cose, p256
+from cityedge_core import command_gate as commands
 from cityedge_core.batch import Batch
 from cityedge_fw import agent as agentmod
-from cityedge_fw import commands, mqtt, settings, store
+from cityedge_fw import mqtt, settings, store
 
 FLEET = p256.PrivateKey(0xF1EE7)
 FLEET_KID = cose.kid_for_public_key(FLEET.public_key().to_sec1())
@@ -74,7 +75,7 @@ def connected(a: agentmod.Agent, monkeypatch: pytest.MonkeyPatch) -> list[tuple[
 
 
 def desired(seq: int, batch_readings: int) -> bytes:
-    return commands.encode_command(FLEET, FLEET_KID, "desired", DEVICE, seq,
+    return command.encode_command(FLEET, FLEET_KID, "desired", DEVICE, seq,
                                    int(time.time()) + 600, {"batch_readings": batch_readings})
 
 
@@ -173,7 +174,7 @@ def test_status_command_without_heap_is_sent_later(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     a = make_agent(tmp_path)
     sent = connected(a, monkeypatch)
-    status = commands.encode_command(FLEET, FLEET_KID, "status", DEVICE, 1,
+    status = command.encode_command(FLEET, FLEET_KID, "status", DEVICE, 1,
                                      int(time.time()) + 600)
     monkeypatch.setattr(cose, "sign1_chunks", fails_first(cose.sign1_chunks, 1))
     assert asyncio.run(a.handle_command(status)) == "status"

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cityedge_core import cbor, cose, p256
+from cityedge_core import cbor, command, cose, p256
+from cityedge_core import command_gate as commands
 from cityedge_core.errors import MalformedError, PeerError, SignatureError, UnknownKeyError
-from cityedge_fw import commands
 
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 NOW = 1_800_000_000
@@ -37,7 +37,7 @@ def gate(clock: Any = lambda: NOW, **kw: Any) -> commands.CommandGate:
 
 def cmd(seq: int = 1, name: str = "status", target: str = DEVICE, expires: int = NOW + 60,
         signer: Any = FLEET, kid: bytes = FLEET_KID, args: Any = None) -> bytes:
-    return commands.encode_command(signer, kid, name, target, seq, expires, args)
+    return command.encode_command(signer, kid, name, target, seq, expires, args)
 
 
 def test_valid_command_is_accepted_once() -> None:

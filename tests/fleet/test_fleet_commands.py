@@ -14,10 +14,10 @@ import pytest
 from sqlmodel import Session, col, select
 
 from cityedge_core import limits
+from cityedge_core.command_gate import CommandRefused
 from cityedge_fleet import command_key, command_queue
 from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.models import AuditRecord, FleetCommand, Role
-from cityedge_fw.commands import CommandRefused
 from cityedge_host.crypto import EcSigner
 
 from support.commands import device_gate

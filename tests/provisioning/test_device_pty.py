@@ -212,7 +212,7 @@ def test_self_test_reports_broker_down_and_certificate_refused(
 def test_locked_device_opens_only_for_a_signed_unlock_command(
         make_device: DeviceFactory, pki: TestPKI, mosquitto: Mosquitto) -> None:
     from cityedge_core import cose, p256
-    from cityedge_fw.commands import encode_command
+    from cityedge_core.command import encode_command
 
     fleet_key = p256.PrivateKey(0xC0FFEE1234)
     fleet_pub = fleet_key.public_key().to_sec1()

@@ -1,5 +1,5 @@
 """What the command tests share: the device's own gate as a device holds it (the real
-``cityedge_fw.commands.CommandGate`` on CPython, trusting the keys enrollment handed it),
+``cityedge_core.command_gate.CommandGate`` on CPython, trusting the keys enrollment handed it),
 with its state in memory."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import datetime as dt
 from typing import Any
 
 from cityedge_core import cose, p256
-from cityedge_fw.commands import CommandGate
+from cityedge_core.command_gate import CommandGate
 
 
 class MemState:

@@ -1,4 +1,5 @@
-"""Fleet commands to the device: the one place that accepts or refuses them.
+"""Fleet commands to a device: the one place that accepts or refuses them, on the
+MicroPython device and on the Raspberry Pi gateway alike (``command`` is their format).
 
 Commands arrive on ``ce/v1/<device>/down/cmd`` and the retained desired state on
 ``ce/v1/<device>/down/desired``. The broker is not trusted (a broker compromise must not
@@ -36,15 +37,20 @@ Refusals raise ``SignatureError``/``UnknownKeyError`` (forged or foreign),
 """
 
 try:
+    from typing import Any, Callable
+except ImportError:  # MicroPython: annotations are not evaluated
+    pass
+
+try:
     from micropython import const  # type: ignore[import-not-found]
 except ImportError:  # CPython
 
-    def const(x):
+    def const(x: int) -> int:
         return x
 
 
-from cityedge_core import cbor, cose
-from cityedge_core.errors import MalformedError, PeerError, SignatureError, UnknownKeyError
+from . import cbor, cose
+from .errors import MalformedError, PeerError, SignatureError, UnknownKeyError
 
 MAX_COMMAND_BYTES = const(4096)  # bytes: largest signed command we decode (the core's
 # limits.COMMAND_MAX_BYTES, held equal by the same test)
@@ -71,14 +77,15 @@ class CommandGate:
     ``clock``: callable returning UNIX seconds, or None when the device has no clock.
     """
 
-    def __init__(self, device, fleet_keys, state, clock, require_clock=True):
+    def __init__(self, device: str, fleet_keys: dict[bytes, Any], state: Any,
+                 clock: Callable[[], int | None] | None, require_clock: bool = True) -> None:
         self.device = device
         self.fleet_keys = fleet_keys
         self.state = state
         self.clock = clock
         self.require_clock = require_clock
 
-    def check(self, data):
+    def check(self, data: bytes) -> tuple[str, int, Any]:
         """The accepted command as ``(name, seq, args)`` (a tuple: a class would cost the
         device heap), or a ``PeerError`` saying why not."""
         kid, protected, payload, sig = cose.split_sign1(data, MAX_COMMAND_BYTES)
@@ -93,8 +100,8 @@ class CommandGate:
             raise MalformedError("command: payload is not a map")
         name = obj.get(_C_NAME)
         target = obj.get(_C_TARGET)
-        seq = obj.get(_C_SEQ)
-        expires = obj.get(_C_EXPIRES)
+        seq = obj.get(_C_SEQ, -1)  # -1: absent, refused below like any non-uint
+        expires = obj.get(_C_EXPIRES, -1)
         if not isinstance(name, str) or not isinstance(target, str):
             raise MalformedError("command: name and target must be text")
         if not _is_uint(seq) or not _is_uint(expires):
@@ -114,13 +121,6 @@ class CommandGate:
         return name, seq, obj.get(_C_ARGS)
 
 
-def _is_uint(v):
+def _is_uint(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-
-def encode_command(signer, kid, name, target, seq, expires, args=None):
-    """``cityedge_core.command.encode_command`` (the fleet's encoder), for the tests that
-    sign commands from here. The device never calls it."""
-    from cityedge_core.command import encode_command  # on use: never on a device's heap
-
-    return encode_command(signer, kid, name, target, seq, expires, args)
