@@ -33,7 +33,10 @@ key    name      value
 
 Refusals raise ``SignatureError``/``UnknownKeyError`` (forged or foreign),
 ``MalformedError`` (shape), or ``CommandRefused`` (valid but not for now/us): all
-``PeerError``, never fatal to the agent.
+``PeerError``, never fatal to the agent. A ``CommandRefused`` for this device carries the
+command's ``name`` and ``seq`` (so it can be answered: the fleet re-sends a command until
+it has an answer) and says whether it is a ``replay`` of a seq already taken (answered
+again with the answer kept, not refused anew); one for another device carries neither.
 """
 
 try:
@@ -66,7 +69,17 @@ _C_ARGS = const(5)
 
 
 class CommandRefused(PeerError):
-    """A well-formed, authentic command that is not for this device or not for now."""
+    """A well-formed, authentic command that is not for this device or not for now.
+
+    ``name``/``seq``: the command's, when it is for this device (None otherwise);
+    ``replay``: its seq was taken before (at or below the last accepted one)."""
+
+    def __init__(self, msg: str, name: str | None = None, seq: int | None = None,
+                 replay: bool = False) -> None:
+        super().__init__(msg)
+        self.name = name
+        self.seq = seq
+        self.replay = replay
 
 
 class CommandGate:
@@ -111,12 +124,14 @@ class CommandGate:
         now = self.clock() if self.clock is not None else None
         if now is None:
             if self.require_clock:
-                raise CommandRefused("command: no trusted clock yet to check its expiry")
+                raise CommandRefused("command: no trusted clock yet to check its expiry",
+                                     name, seq)
         elif now >= expires:
-            raise CommandRefused("command: expired %d s ago" % (now - expires))
+            raise CommandRefused("command: expired %d s ago" % (now - expires), name, seq)
         last = self.state.get("cmd_seq", 0)
         if seq <= last:
-            raise CommandRefused("command: seq %d is not after %d (replay)" % (seq, last))
+            raise CommandRefused("command: seq %d is not after %d (replay)" % (seq, last),
+                                 name, seq, True)
         self.state.set(cmd_seq=seq)
         return name, seq, obj.get(_C_ARGS)
 

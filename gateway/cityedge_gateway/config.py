@@ -87,6 +87,8 @@ class GatewayConfig:
     metrics_port: int = 0  # 0: no metrics endpoint
     serial: tuple[SerialConfig, ...] = ()
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
+    # the fleet's command keys this gateway obeys (its trust store); none: not commandable
+    fleet_keys: tuple[Path, ...] = ()
 
 
 class _Checker:
@@ -283,6 +285,18 @@ def _nodes(c: _Checker, items: Any) -> tuple[NodeConfig, ...]:
     return tuple(out)
 
 
+def _fleet_keys(c: _Checker, g: dict[str, Any]) -> tuple[Path, ...]:
+    items = g.get("fleet_keys", [])
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        c.bad("gateway.fleet_keys", "must be a list of key file paths")
+        return ()
+    if len(items) > limits.FLEET_KEYS_MAX:
+        c.bad("gateway.fleet_keys", "%d keys; at most %d" % (len(items), limits.FLEET_KEYS_MAX))
+        return ()
+    return tuple(c.path("gateway", {"fleet_keys[%d]" % n: item}, "fleet_keys[%d]" % n)
+                 for n, item in enumerate(items))
+
+
 def _has_nodes(doc: dict[str, Any]) -> bool:
     return bool(doc.get("nodes"))
 
@@ -312,11 +326,13 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
         {"gateway", "store", "broker", "node_link", "metrics", "serial", "nodes"},
     )
     g = c.table(doc, "gateway")
-    c.unknown("gateway", g, {"device", "key_file", "batch_readings", "batch_max_age_s"})
+    c.unknown("gateway", g, {"device", "key_file", "batch_readings", "batch_max_age_s",
+                             "fleet_keys"})
     st = c.table(doc, "store")
     c.unknown("store", st, {"path", "budget_bytes"})
     device = c.device("gateway", g)
     key_file = c.path("gateway", g, "key_file")
+    fleet_keys = _fleet_keys(c, g)
     batch_readings = c.number(
         "gateway", g, "batch_readings", limits.BATCH_READINGS_DEFAULT,
         1, limits.BATCH_READINGS_MAX, "readings", True,
@@ -351,6 +367,7 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
         metrics_port=metrics_port,
         serial=_serial(c, doc.get("serial")),
         nodes=_nodes(c, doc.get("nodes")),
+        fleet_keys=fleet_keys,
     )
     if c.problems:
         raise ConfigError(source, c.problems)

@@ -14,6 +14,13 @@ write only under its own id; the batch names and is signed by its node). The fle
 accepts it only if the node is registered with this gateway as its ``gateway_id``
 (otherwise ``not_relay_gateway``, counted against the gateway): register each node of
 the config's ``[[nodes]]`` with this gateway.
+
+Fleet commands: with ``on_command`` set (the gateway trusts a fleet key), every connection
+subscribes to ``ce/v1/<gateway>/down/cmd`` (QoS 1, a clean session each time, as the
+fleet's publisher expects: its PUBACK then tells whether the gateway was there) before the
+backlog drains, and each command's answer goes out on ``ce/v1/<gateway>/up/result``. An
+answer lost with the link is not re-sent from here: the fleet sends the command again
+and the responder answers it again.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +68,7 @@ class ForwarderStats:
     connects: int = 0
     connect_failures: int = 0
     published: int = 0  # PUBACKs received
+    commands: int = 0  # messages received on down/cmd
     last_error: str = ""
 
 
@@ -72,6 +81,9 @@ class Forwarder:
         self.wakeup = asyncio.Event()  # set when new batches were committed
         self.client: aiomqtt.Client | None = None  # while connected
         self._ctx = tls_context(cfg)
+        # set by the service when it obeys fleet commands: takes a command's bytes, returns
+        # the signed answer to publish (or None)
+        self.on_command: Callable[[bytes], Awaitable[bytes | None]] | None = None
 
     def topic_for(self, row: Stored) -> str:
         kind = topics.READINGS if row.device == self.device else topics.RELAY
@@ -114,7 +126,15 @@ class Forwarder:
                     backoff.reset()
                     log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
                     self.client = client
-                    await self._drain(client)
+                    listener = None
+                    if self.on_command is not None:
+                        await client.subscribe(topics.down(self.device, topics.CMD), qos=1)
+                        listener = asyncio.create_task(self._commands(client, self.on_command))
+                    try:
+                        await self._drain(client)
+                    finally:
+                        if listener is not None:
+                            listener.cancel()
             except aiomqtt.MqttError as e:
                 self.stats.connect_failures += 1
                 self.stats.last_error = str(e)
@@ -123,6 +143,24 @@ class Forwarder:
                 self.stats.connected = False
                 self.client = None
             await asyncio.sleep(backoff.next())
+
+    async def _commands(self, client: aiomqtt.Client,
+                        on_command: Callable[[bytes], Awaitable[bytes | None]]) -> None:
+        """Answer each command on this connection, in the order they arrive."""
+        wanted = topics.down(self.device, topics.CMD)
+        results = topics.up(self.device, topics.RESULT)
+        async for msg in client.messages:
+            if str(msg.topic) != wanted or not isinstance(msg.payload, bytes | bytearray):
+                continue
+            self.stats.commands += 1
+            answer = await on_command(bytes(msg.payload))
+            if answer is None:
+                continue
+            try:
+                await client.publish(results, answer, qos=1)
+            except aiomqtt.MqttError as e:  # the link broke: the fleet will send it again
+                log.info("command answer not sent: %s", e)
+                return
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         sem = asyncio.Semaphore(self.cfg.inflight)

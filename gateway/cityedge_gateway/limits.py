@@ -37,6 +37,9 @@ MQTT_KEEPALIVE_S = 30  # seconds
 MQTT_BACKOFF_MIN_S = 0.5  # seconds: first reconnect wait (jittered)
 MQTT_BACKOFF_MAX_S = 60.0  # seconds: longest reconnect wait
 
+# Fleet commands
+FLEET_KEYS_MAX = 4  # fleet command keys trusted at once (a key rollover overlaps two)
+
 # Node relay
 NODES_MAX = 1024  # downstream nodes one gateway relays
 

@@ -10,6 +10,11 @@ never shared between threads.
 
 The signing key must be a file only its owner can read (mode 0600 or stricter); the
 service refuses to start otherwise. The key is never logged or printed.
+
+Fleet commands: with ``fleet_keys`` in its config (its trust store) the gateway answers
+signed commands on ``down/cmd`` through ``cityedge_host.command_responder`` (the core's
+gate, answers signed with the gateway's key, kept in the buffer for repeats). It knows
+``status`` (a signed status now); any other command is answered ``refused``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cityedge_host.command_responder import CommandResponder, Done
 from cityedge_host.crypto import KeyFileError, load_signer, load_verifier
 
 from . import limits
@@ -34,7 +40,7 @@ from .readings import Reading
 from .relay import NodeRelay
 from .serial_input import SerialInput
 from .status import metrics_text, sign_status
-from .store import Store
+from .store import CommandState, Store
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,13 @@ class Gateway:
             if cfg.node_link is not None
             else None
         )
+        self.responder: CommandResponder | None = None
+        if cfg.fleet_keys and self.forwarder is not None:
+            trusted = {v.kid: v for v in map(load_verifier, cfg.fleet_keys)}
+            self.responder = CommandResponder(cfg.device, self.signer, self.signer.kid, trusted,
+                                              CommandState(self.store),
+                                              {"status": self._status_now})
+            self.forwarder.on_command = self.responder.answer
         self._records: list[dict[int, Any]] = []
         self._first_at = 0.0  # monotonic time of the oldest reading in ``_records``
         self._ready: list[list[dict[int, Any]]] = []
@@ -116,6 +129,13 @@ class Gateway:
         while True:
             await asyncio.sleep(limits.COMMIT_INTERVAL_S)
             self.flush()
+
+    async def _status_now(self, args: Any) -> Done:
+        """The ``status`` command: a signed status at once."""
+        assert self.forwarder is not None
+        if not await self.forwarder.publish_status(sign_status(self)):
+            raise ConnectionError("the status could not be published")
+        return Done("status sent")
 
     async def _status(self) -> None:
         assert self.forwarder is not None

@@ -1,7 +1,8 @@
 """The gateway's health, two ways: a signed status message and Prometheus metrics.
 
 ``status_map`` gathers buffer depth and oldest age, drops, per-input error counts,
-per-node verification failures and the supervised tasks' restarts into one CBOR map;
+per-node verification failures, the supervised tasks' restarts and the fleet commands
+answered into one CBOR map;
 ``sign_status`` wraps it in COSE_Sign1 with the gateway's key (published on
 ``ce/v1/<gateway>/up/status``, so the fleet can trust what a gateway says about itself).
 ``metrics_text`` renders the same numbers in the Prometheus text exposition format
@@ -57,7 +58,19 @@ def status_map(gw: Gateway, now: float | None = None) -> dict[str, Any]:
             }
             for device, s in gw.relay.stats.items()
         },
+        "commands": _commands(gw),
     }
+
+
+def _commands(gw: Gateway) -> dict[str, Any]:
+    """The fleet commands answered (``enabled`` False: no fleet key trusted)."""
+    r = gw.responder
+    if r is None:
+        return {"enabled": False}
+    s = r.stats
+    return {"enabled": True, "accepted": s.accepted, "answered": s.answered,
+            "repeats": s.repeats, "refused": s.refused, "foreign": s.foreign,
+            "rejected": s.rejected, "last_error": s.last_error}
 
 
 def sign_status(gw: Gateway, now: float | None = None) -> bytes:
@@ -143,6 +156,10 @@ def metrics_text(gw: Gateway) -> str:
            [({"task": n}, int(t["running"])) for n, t in tasks.items()])
     metric("task_restarts_total", "counter", "Times the task failed or ended and was restarted.",
            [({"task": n}, t["restarts"]) for n, t in tasks.items()])
+    cmds = st["commands"]
+    metric("commands_total", "counter", "Fleet commands by what became of them.",
+           [({"outcome": k}, cmds.get(k, 0))
+            for k in ("accepted", "answered", "repeats", "refused", "foreign", "rejected")])
     f = gw.forwarder.stats if gw.forwarder is not None else None
     metric(
         "mqtt_connected",

@@ -24,6 +24,9 @@ transaction. Dropped own batches are covered by one signed drop record (``KIND_D
 chain. A node's dropped batches cannot be signed for (the gateway has not got the node's
 key): they are counted per node in ``node_drops`` and reported in the status; the ingest
 sees them as a gap in that node's chain.
+
+The fleet-command state (the last seq taken, the answers kept: ``CommandState``) lives in
+the same file's ``meta`` table, each change one durable transaction.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cityedge_core import batch
+from cityedge_core import batch, cbor
 from cityedge_core.errors import StorageError
 
 from . import limits
@@ -305,3 +308,30 @@ class Store:
     def node_drops(self) -> dict[str, tuple[int, int]]:
         rows = self._db.execute("SELECT device, batches, readings FROM node_drops").fetchall()
         return {d: (b, n) for d, b, n in rows}
+
+
+class CommandState:
+    """The command gate's and responder's state (``get``/``set``, as on the device) in
+    the buffer's ``meta`` table, under ``cmd:`` keys, as CBOR; each ``set`` is one durable
+    transaction, so a seq taken is never taken again after a crash."""
+
+    PREFIX = "cmd:"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.store._meta(self.PREFIX + key)
+        return default if value is None else cbor.loads(bytes(value))
+
+    def set(self, **values: Any) -> None:
+        db = self.store._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for key, value in values.items():
+                self.store._set_meta(self.PREFIX + key, cbor.dumps(value))
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StorageError("buffer %s: %s" % (self.store.path, e)) from e

@@ -130,11 +130,18 @@ def load_signer(path: Path) -> EcSigner:
 
 
 def load_verifier(path: Path) -> EcVerifier:
-    """A verifier from a PEM certificate or PEM/DER public key file."""
+    """A verifier from a PEM certificate, a PEM/DER public key, or a bare P-256 point: the
+    65 bytes of SEC1 (the device's ``fleet0.pub``) or their 130 hex digits (what the
+    fleet's ``GET /ca/fleet-keys`` lists)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise KeyFileError("cannot read %s: %s" % (path, e.strerror)) from e
+    text = data.strip()
+    if len(text) == 130 and all(c in b"0123456789abcdefABCDEF" for c in text):
+        data = bytes.fromhex(text.decode())
+    if len(data) == 65 and data[0] == 4:
+        return EcVerifier.from_sec1(data)
     key: object
     try:
         if b"CERTIFICATE" in data:

@@ -108,3 +108,24 @@ def test_several_mistakes_all_reported_and_bad_toml(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "[gateway\n"))
     with pytest.raises(ConfigError, match=r"\[gateway\]: missing"):
         load_config(_write(tmp_path, ""))
+
+
+def test_fleet_keys_are_a_short_list_of_existing_files(tmp_path: Path) -> None:
+    (tmp_path / "fleet0.pub").write_text("x")
+    good = GOOD.replace('batch_readings = 50', 'batch_readings = 50\nfleet_keys = ["fleet0.pub"]')
+    assert load_config(_write(tmp_path, good)).fleet_keys == (tmp_path / "fleet0.pub",)
+    missing = GOOD.replace('batch_readings = 50',
+                           'batch_readings = 50\nfleet_keys = ["fleet0.pub", "gone.pub"]')
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, missing))
+    assert "gateway.fleet_keys[1]" in str(e.value) and "gone.pub" in str(e.value)
+    for bad in ("fleet_keys = \"fleet0.pub\"", "fleet_keys = [\"f\"]"):
+        text = GOOD.replace('batch_readings = 50', 'batch_readings = 50\n' + bad)
+        with pytest.raises(ConfigError) as e:
+            load_config(_write(tmp_path, text))
+        assert "gateway.fleet_keys" in str(e.value)
+    many = 'fleet_keys = [%s]' % ", ".join(['"fleet0.pub"'] * 5)
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, GOOD.replace('batch_readings = 50',
+                                                  'batch_readings = 50\n' + many)))
+    assert "at most 4" in str(e.value)

@@ -1,0 +1,147 @@
+"""Answering fleet commands on CPython: the Raspberry Pi gateway, and any CPython device.
+
+A command from ``ce/v1/<device>/down/cmd`` goes through the core's gate
+(``cityedge_core.command_gate.CommandGate``: the same rules the firmware obeys), then the
+handler registered for its name runs, and the outcome goes back as a result signed by the
+device's own key (``cityedge_core.command.encode_result``), for ``up/result``:
+
+==========================================  ===========================================
+what arrives                                 what goes back
+==========================================  ===========================================
+an accepted command with a handler           ``ok`` (the handler's detail and data), or
+                                             ``refused`` (it raised ``Refuse``), or
+                                             ``failed`` (any other exception: its text)
+an accepted command with no handler          ``refused``: not supported here
+a repeat of a seq already taken              the answer kept for it, byte for byte (the
+                                             fleet re-sends until it has one: a lost
+                                             answer is sent again, never a second one)
+a repeat of the last seq taken, unanswered   ``failed``: the process stopped between
+                                             taking and answering it (it may have run)
+a repeat of an older seq no longer kept      ``failed``: answered long ago
+expired, or no trusted clock                 ``refused`` with the reason (not taken: the
+                                             fleet decides whether to send it again)
+another device's, forged, malformed          nothing (counted): only an authentic command
+                                             for this device is worth an answer
+==========================================  ===========================================
+
+The last ``ANSWERS_KEPT`` answers are kept in the caller's state (``get``/``set``, the
+same object that holds the gate's ``cmd_seq``), so a restart still answers a repeat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cityedge_core import command
+from cityedge_core.command_gate import CommandGate, CommandRefused
+from cityedge_core.errors import MalformedError, PeerError
+
+ANSWERS_KEPT = 8  # answers kept for repeats; the fleet sends a device's commands in order
+ANSWERS_KEY = "cmd_answers"  # state key: [[seq, signed result bytes], ...], oldest first
+
+
+class Refuse(Exception):
+    """Raised by a handler: the command is understood and declined (``refused``)."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """A handler's successful outcome."""
+
+    detail: str = ""
+    data: Any = None
+
+
+Handler = Callable[[Any], Awaitable[Done]]
+
+
+@dataclass
+class ResponderStats:
+    accepted: int = 0  # commands the gate took
+    answered: int = 0  # results signed (repeats included)
+    repeats: int = 0  # seqs taken before, answered again
+    refused: int = 0  # authentic commands refused (by the gate or a handler)
+    foreign: int = 0  # authentic, for another device
+    rejected: int = 0  # forged, unknown key or malformed: not answered
+    last_error: str = ""
+
+
+class CommandResponder:
+    def __init__(self, device: str, signer: Any, kid: bytes, fleet_keys: dict[bytes, Any],
+                 state: Any, handlers: dict[str, Handler],
+                 clock: Callable[[], int | None] = lambda: int(time.time())) -> None:
+        self.device = device
+        self.signer = signer
+        self.kid = kid
+        self.state = state
+        self.handlers = handlers
+        self.gate = CommandGate(device, fleet_keys, state, clock)
+        self.stats = ResponderStats()
+
+    async def answer(self, data: bytes) -> bytes | None:
+        """The signed result to publish for command ``data``, or None (not answered)."""
+        try:
+            name, seq, args = self.gate.check(data)
+        except CommandRefused as e:
+            return self._refused(e)
+        except (PeerError, MalformedError) as e:
+            self.stats.rejected += 1
+            self.stats.last_error = str(e)
+            return None
+        self.stats.accepted += 1
+        handler = self.handlers.get(name)
+        if handler is None:
+            self.stats.refused += 1
+            return self._keep(seq, self._sign(name, seq, command.REFUSED,
+                                              "%s: not supported by this device" % name))
+        try:
+            done = await handler(args)
+            outcome, detail, extra = command.OK, done.detail, done.data
+        except Refuse as e:
+            self.stats.refused += 1
+            outcome, detail, extra = command.REFUSED, str(e), None
+        except Exception as e:  # a failing command is reported, never fatal to the device
+            outcome, detail, extra = command.FAILED, "%s: %s" % (type(e).__name__, e), None
+        try:
+            signed = self._sign(name, seq, outcome, detail, extra)
+        except ValueError as e:  # data over the result's limit
+            signed = self._sign(name, seq, command.FAILED, str(e))
+        return self._keep(seq, signed)
+
+    def _refused(self, e: CommandRefused) -> bytes | None:
+        if e.seq is None or e.name is None:  # another device's: not ours to answer
+            self.stats.foreign += 1
+            self.stats.last_error = str(e)
+            return None
+        if e.replay:
+            self.stats.repeats += 1
+            kept = dict(self._answers()).get(e.seq)
+            if kept is not None:
+                self.stats.answered += 1
+                return kept
+            if e.seq == self.state.get("cmd_seq"):
+                return self._sign(e.name, e.seq, command.FAILED,
+                                  "interrupted: this device stopped after taking the command "
+                                  "and before answering it (it may have run)")
+            return self._sign(e.name, e.seq, command.FAILED,
+                              "answered long ago: that answer is no longer kept here")
+        self.stats.refused += 1
+        self.stats.last_error = str(e)
+        return self._sign(e.name, e.seq, command.REFUSED, str(e))
+
+    def _sign(self, name: str, seq: int, outcome: str, detail: str, data: Any = None) -> bytes:
+        self.stats.answered += 1
+        return command.encode_result(self.signer, self.kid, name, self.device, seq, outcome,
+                                     detail, data)
+
+    def _answers(self) -> list[tuple[int, bytes]]:
+        kept = self.state.get(ANSWERS_KEY) or []
+        return [(int(s), bytes(b)) for s, b in kept]
+
+    def _keep(self, seq: int, signed: bytes) -> bytes:
+        kept = [[s, b] for s, b in self._answers() if s != seq][-(ANSWERS_KEPT - 1):]
+        self.state.set(**{ANSWERS_KEY: [*kept, [seq, signed]]})
+        return signed
