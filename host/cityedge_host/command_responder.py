@@ -15,17 +15,21 @@ an accepted command with no handler          ``refused``: not supported here
 a repeat of a seq already taken              the answer kept for it, byte for byte (the
                                              fleet re-sends until it has one: a lost
                                              answer is sent again, never a second one)
-a repeat of the last seq taken, unanswered   ``failed``: the process stopped between
+a repeat of a seq taken, never answered      ``failed``: the process stopped between
                                              taking and answering it (it may have run)
-a repeat of an older seq no longer kept      ``failed``: answered long ago
+a seq never taken, below one taken later     ``refused``: superseded (the gate takes
+                                             seqs in increasing order only)
+a repeat of a seq older than all kept        ``failed``: no record of it is kept
 expired, or no trusted clock                 ``refused`` with the reason (not taken: the
                                              fleet decides whether to send it again)
 another device's, forged, malformed          nothing (counted): only an authentic command
                                              for this device is worth an answer
 ==========================================  ===========================================
 
-The last ``ANSWERS_KEPT`` answers are kept in the caller's state (``get``/``set``, the
-same object that holds the gate's ``cmd_seq``), so a restart still answers a repeat.
+The last ``ANSWERS_KEPT`` seqs taken are kept with their answers in the caller's state
+(``get``/``set``, the same object that holds the gate's ``cmd_seq``): a seq is marked
+taken before its handler runs and gets its answer after, so a restart still answers a
+repeat, and tells a command it was interrupted in from one it never took.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from cityedge_core.command_gate import CommandGate, CommandRefused
 from cityedge_core.errors import MalformedError, PeerError
 
 ANSWERS_KEPT = 8  # answers kept for repeats; the fleet sends a device's commands in order
-ANSWERS_KEY = "cmd_answers"  # state key: [[seq, signed result bytes], ...], oldest first
+ANSWERS_KEY = "cmd_answers"  # state key: [[seq, signed answer or None], ...], oldest first
+_TAKEN = None  # the answer of a seq taken and not answered (yet)
 
 
 class Refuse(Exception):
@@ -92,11 +97,14 @@ class CommandResponder:
             self.stats.last_error = str(e)
             return None
         self.stats.accepted += 1
+        self._keep(seq, _TAKEN)
         handler = self.handlers.get(name)
         if handler is None:
             self.stats.refused += 1
-            return self._keep(seq, self._sign(name, seq, command.REFUSED,
-                                              "%s: not supported by this device" % name))
+            refused = self._sign(name, seq, command.REFUSED,
+                                 "%s: not supported by this device" % name)
+            self._keep(seq, refused)
+            return refused
         try:
             done = await handler(args)
             outcome, detail, extra = command.OK, done.detail, done.data
@@ -109,7 +117,8 @@ class CommandResponder:
             signed = self._sign(name, seq, outcome, detail, extra)
         except ValueError as e:  # data over the result's limit
             signed = self._sign(name, seq, command.FAILED, str(e))
-        return self._keep(seq, signed)
+        self._keep(seq, signed)
+        return signed
 
     def _refused(self, e: CommandRefused) -> bytes | None:
         if e.seq is None or e.name is None:  # another device's: not ours to answer
@@ -118,16 +127,21 @@ class CommandResponder:
             return None
         if e.replay:
             self.stats.repeats += 1
-            kept = dict(self._answers()).get(e.seq)
-            if kept is not None:
-                self.stats.answered += 1
-                return kept
-            if e.seq == self.state.get("cmd_seq"):
+            answers = self._answers()
+            kept = dict(answers)
+            if e.seq in kept:
+                answer = kept[e.seq]
+                if answer is not None:
+                    self.stats.answered += 1
+                    return answer
                 return self._sign(e.name, e.seq, command.FAILED,
                                   "interrupted: this device stopped after taking the command "
                                   "and before answering it (it may have run)")
+            if answers and e.seq > answers[0][0]:  # every seq taken since then is kept
+                return self._sign(e.name, e.seq, command.REFUSED,
+                                  "superseded: a later command was taken first (%s)" % e)
             return self._sign(e.name, e.seq, command.FAILED,
-                              "answered long ago: that answer is no longer kept here")
+                              "no record of it is kept here any more")
         self.stats.refused += 1
         self.stats.last_error = str(e)
         return self._sign(e.name, e.seq, command.REFUSED, str(e))
@@ -137,11 +151,10 @@ class CommandResponder:
         return command.encode_result(self.signer, self.kid, name, self.device, seq, outcome,
                                      detail, data)
 
-    def _answers(self) -> list[tuple[int, bytes]]:
+    def _answers(self) -> list[tuple[int, bytes | None]]:
         kept = self.state.get(ANSWERS_KEY) or []
-        return [(int(s), bytes(b)) for s, b in kept]
+        return [(int(s), None if b is None else bytes(b)) for s, b in kept]
 
-    def _keep(self, seq: int, signed: bytes) -> bytes:
+    def _keep(self, seq: int, signed: bytes | None) -> None:
         kept = [[s, b] for s, b in self._answers() if s != seq][-(ANSWERS_KEPT - 1):]
         self.state.set(**{ANSWERS_KEY: [*kept, [seq, signed]]})
-        return signed

@@ -66,11 +66,14 @@ class Responder(RuleBasedStateMachine):
 
     def _check_repeat(self, seq: int, answer: bytes, ran_before: int) -> None:
         assert len(self.ran) == ran_before  # a repeat never runs again
-        if seq in self.answered_order[-ANSWERS_KEPT:]:
+        kept = self.answered_order[-ANSWERS_KEPT:]
+        outcome = command_decode.decode_result(answer, ME.verifier()).outcome
+        if seq in kept:
             assert answer == self.first[seq]  # the same signed bytes again
-        else:  # never taken (skipped by the fleet's order), or answered long ago
-            assert command_decode.decode_result(answer, ME.verifier()).outcome == \
-                command.FAILED
+        elif seq not in self.first and seq > kept[0]:
+            assert outcome == command.REFUSED  # never taken: a later one was taken first
+        else:  # older than every seq kept
+            assert outcome == command.FAILED
 
     def _record(self, seq: int, answer: bytes) -> None:
         self.taken = seq
@@ -143,6 +146,7 @@ TestResponder.settings = settings(max_examples=60, stateful_step_count=30, deadl
 
 
 def test_a_command_taken_but_not_answered_is_answered_failed_after_a_restart() -> None:
+    """Also once a later command was taken: the seq is known as taken, not as skipped."""
     state = MemState()
     started: list[int] = []
 
@@ -159,5 +163,11 @@ def test_a_command_taken_but_not_answered_is_answered_failed_after_a_restart() -
                              {"work": crash}, clock=lambda: int(time.time()))
     answer = asyncio.run(again.answer(data))
     assert answer is not None and started == [1]
+    result = command_decode.decode_result(answer, ME.verifier())
+    assert result.outcome == command.FAILED and "interrupted" in result.detail
+    later = command.encode_command(FLEET, FLEET.kid, "status", DEVICE, 2, int(time.time()) + 60)
+    assert asyncio.run(again.answer(later)) is not None  # taken: unknown, refused
+    answer = asyncio.run(again.answer(data))
+    assert answer is not None
     result = command_decode.decode_result(answer, ME.verifier())
     assert result.outcome == command.FAILED and "interrupted" in result.detail
