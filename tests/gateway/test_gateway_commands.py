@@ -9,9 +9,6 @@ gateway restarts, so the fleet never sees two answers to one command."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +17,10 @@ from typing import Any
 import pytest
 
 from cityedge_core import cbor, command, command_decode, cose, topics
-from cityedge_gateway.config import load_config
-from cityedge_gateway.service import Gateway
 from cityedge_host.crypto import EcSigner, public_sec1
 
 from support.gateway import GW
+from support.gateway_run import RunningGateway
 from support.mosquitto import OBSERVER, Mosquitto, TestPKI
 from support.mqtt_probe import Probe
 
@@ -32,36 +28,6 @@ DELIVERED = 0  # PUBACK reason: the gateway's subscription was there
 RESULTS = topics.up(GW, topics.RESULT)
 STATUS = topics.up(GW, topics.STATUS)
 CMD = topics.down(GW, topics.CMD)
-
-
-class RunningGateway:
-    """``Gateway.run`` on its own event loop in a thread, stopped by cancelling it."""
-
-    def __init__(self, config: Path) -> None:
-        self.gw = Gateway(load_config(config))
-        self.ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._task: asyncio.Task[None] | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._thread.start()
-        assert self.ready.wait(20), "the gateway did not start"
-
-    def _main(self) -> None:
-        async def run() -> None:
-            up = asyncio.Event()
-            self._task = asyncio.current_task()  # type: ignore[assignment]
-            waiter = asyncio.create_task(up.wait())
-            waiter.add_done_callback(lambda _t: self.ready.set())
-            await self.gw.run(up)
-
-        with contextlib.suppress(asyncio.CancelledError):
-            self._loop.run_until_complete(run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(20)
-        assert not self._thread.is_alive()
 
 
 @pytest.fixture
