@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from cityedge_core import cbor, command, command_decode, cose, topics
-from cityedge_host.crypto import EcSigner, public_sec1
+from cityedge_gateway.config import load_config
+from cityedge_gateway.service import Gateway
+from cityedge_host.crypto import EcSigner, KeyFileError, public_sec1
 
 from support.gateway import GW
 from support.gateway_run import RunningGateway
@@ -166,3 +168,30 @@ def test_without_a_fleet_key_the_gateway_takes_no_commands(world: dict[str, Any]
         assert gw.gw.forwarder.on_command is None
     finally:
         gw.stop()
+
+
+def test_without_key_slots_rotation_commands_are_refused_with_the_reason(
+        world: dict[str, Any]) -> None:
+    w, fleet = world, world["fleet"]
+    gw = RunningGateway(w["config"])
+    try:
+        for seq, name in enumerate(("rotate", "install-cert", "erase-key"), 1):
+            deliver(w, sign(fleet, name, seq, args={1: 5, 2: b"\x01"}))
+            got = next_answer(w, seq - 1)
+            assert (got.name, got.outcome) == (name, command.REFUSED)
+            assert "identity_dir" in got.detail
+        assert [t for t, _p in w["watcher"].messages if t.endswith("/up/csr")] == []
+    finally:
+        gw.stop()
+
+
+def test_key_slots_refuse_two_different_initial_keys(world: dict[str, Any]) -> None:
+    """With identity_dir one key signs and connects: a gateway.key_file that is not the
+    broker's key is a mistake the first start names (nothing is moved)."""
+    config: Path = world["config"]
+    config.write_text(config.read_text().replace(
+        'fleet_keys = ["fleet0.pub"]\n', 'fleet_keys = ["fleet0.pub"]\nidentity_dir = "id"\n'))
+    with pytest.raises(KeyFileError, match="different keys"):
+        Gateway(load_config(config))
+    assert not (config.parent / "id" / "current").exists()
+    assert (config.parent / "gw.key").exists()
