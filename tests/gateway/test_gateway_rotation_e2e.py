@@ -31,6 +31,7 @@ from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.models import IngestEvent, Reading, Role
 from cityedge_gateway.readings import Reading as GwReading
+from cityedge_gateway.status import status_map
 from cityedge_host.crypto import EcSigner, load_signer
 
 from support.fleet import Api, csr_for, device_body, wait_for
@@ -190,6 +191,8 @@ def test_the_fleet_rotates_the_streaming_gateway_without_losing_a_batch(
         assert rotation_state(w.api) == "old-revoked"
         new_kid = gw.gw.signer.kid
         assert new_kid != old.kid
+        assert status_map(gw.gw)["identity"] == {"kid": new_kid.hex(), "slot": 1,
+                                                  "switches": 1}
         # the rotate command replayed (as a broker could): the kept answer, no second CSR
         link = Probe(w.broker, w.pki.service("fleet-commands"))
         try:
@@ -210,7 +213,8 @@ def test_the_fleet_rotates_the_streaming_gateway_without_losing_a_batch(
         gw.stop()  # commits what is pending; the next start sends it
     again = RunningGateway(config)  # restarted: comes back with the new identity
     try:
-        assert again.gw.signer.kid == new_kid and again.gw.identity.slot == 1  # type: ignore[union-attr]
+        assert status_map(again.gw)["identity"] == {"kid": new_kid.hex(), "slot": 1,
+                                                     "switches": 0}
         assert wait_for(lambda: again.gw.store.depth() == 0, WAIT_S)  # all delivered
         last_seq = again.gw.store.writer.seq  # type: ignore[union-attr]
     finally:
