@@ -12,6 +12,7 @@ key. And a forged, another device's, an expired and a replayed ``rotate`` make n
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import shutil
 import tempfile
@@ -40,7 +41,7 @@ from support.gateway import GW
 from support.gateway_run import RunningGateway
 from support.mosquitto import OBSERVER, Mosquitto, TestPKI
 from support.mqtt_probe import WAIT_S, Probe
-from support.rotation import command_row
+from support.rotation import command_row, rotation_row
 
 ROTATION_WAIT_S = 60.0  # seconds the whole rotation may take on a busy machine
 
@@ -69,7 +70,8 @@ def world(pki: TestPKI) -> Iterator[SimpleNamespace]:
         commands_cert_file=commands.cert_pem, commands_key_file=commands.key_pem,
         ingest_with_serve=False, audit_key_file=d / "audit.key",
         command_key_file=d / "command.key",
-        limits=FleetLimits(broker_control_timeout_s=10.0, command_poll_s=0.2))
+        limits=FleetLimits(broker_control_timeout_s=10.0, command_poll_s=0.2,
+                           command_resend_s=1.0, command_absent_retry_s=0.5))
     app = create_app(settings)
     try:
         with TestClient(app) as client:
@@ -314,3 +316,78 @@ def test_forged_foreign_expired_and_replayed_rotate_commands_make_no_csr(
         gw.stop()
         link.close()
         watcher.close()
+
+
+def test_a_gateway_stopped_before_answering_install_cert_comes_back_rotated(
+        world: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process stops after the pointer moved and before the answer went out: it boots
+    with the new key, whose first batch proves the rotation (it runs to old-revoked); the
+    fleet's re-sent install-cert is answered ``failed`` (no answer was kept for it), a late
+    answer that changes nothing."""
+    w = world
+    config, old = enroll_gateway(w)
+    from cityedge_fleet.command_publisher import CommandPublisher
+    from cityedge_fleet.ingest import Ingestor
+    from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+    from cityedge_gateway import rotation_device
+
+    installed = threading.Event()
+    real = rotation_device.GatewayRotation.install_cert
+
+    async def stops_before_answering(self: Any, args: Any) -> Any:
+        await real(self, args)
+        installed.set()
+        await asyncio.Event().wait()  # the power goes before the answer is signed
+
+    publisher = CommandPublisher(w.api.engine, w.settings, rand=lambda: 0.5).start()
+    worker = MqttIngestWorker(Ingestor(w.api.engine, w.settings, on_return=publisher.wake),
+                              w.settings).start()
+    assert worker.subscribed.wait(WAIT_S)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(rotation_device.GatewayRotation, "install_cert", stops_before_answering)
+            gw = RunningGateway(config)
+            stream = Stream(gw)
+            try:
+                def streaming() -> bool:  # the first batch stored makes the gateway active
+                    with Session(w.api.engine) as s:
+                        return s.exec(select(Reading).where(
+                            col(Reading.device_id) == GW)).first() is not None
+                assert wait_for(streaming, WAIT_S)
+                r = w.api.client.post("/devices/%s/rotate" % GW,
+                                      headers=w.api.headers(Role.security))
+                assert r.status_code == 201, r.text
+                assert installed.wait(ROTATION_WAIT_S)
+            finally:
+                stream.stop()
+                gw.stop()
+        assert gw.gw.signer.kid == old.kid  # never switched in that process
+        again = RunningGateway(config)
+        stream = Stream(again)
+        try:
+            new_kid = again.gw.signer.kid
+            assert new_kid != old.kid and again.gw.identity.slot == 1  # type: ignore[union-attr]
+            assert wait_for(lambda: rotation_state(w.api) == "old-revoked", ROTATION_WAIT_S), (
+                rotation_state(w.api))
+            # the re-sent install-cert: taken before the stop, never answered
+            rid = r.json()["id"]
+            assert wait_for(lambda: command_row(w.api.engine, rotation_row(
+                w.api.engine, rid).install_command_id).state != "sent", ROTATION_WAIT_S)
+        finally:
+            stream.stop()
+            again.stop()
+        rot = w.api.client.get("/devices/%s/rotations" % GW,
+                               headers=w.api.headers(Role.viewer)).json()[0]
+        assert rot["new_kid"] == new_kid.hex()
+        install = command_row(w.api.engine, rot["install_command_id"])
+        # no answer was kept for it: "interrupted" while its seq is the last taken, the
+        # responder's "answered long ago" once erase-key's seq came after it
+        assert install.state == "failed" and install.result_detail.startswith(
+            ("interrupted", "answered long ago")), install.result_detail
+        assert rot["state"] == "old-revoked"  # a late answer changes nothing
+        pem = old.private_pem()
+        assert [p for p in (w.dir / "gw").rglob("*") if p.is_file()
+                and pem in p.read_bytes()] == []
+    finally:
+        worker.stop()
+        publisher.stop()
