@@ -290,6 +290,9 @@ class KeySlots:
             leaf = x509.load_der_x509_certificate(cert_der)
         except ValueError as e:
             raise IdentityError("the certificate is not DER X.509") from e
+        cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if [c.value for c in cns] != [self.device]:
+            raise IdentityError("the certificate is not one of %s" % self.device)
         intermediates = _certs(cur.cert_file)[1:]
         chain = b"".join(c.public_bytes(serialization.Encoding.PEM)
                          for c in [leaf, *intermediates])

@@ -84,6 +84,17 @@ def rotate(slots: KeySlots, ca: CertificateAuthority, rid: int) -> tuple[Identit
     return ident, old.kid
 
 
+def _new_key(slots: KeySlots) -> Any:
+    """The pending slot's private key (as the CA's test needs it)."""
+    pending = slots.pending()
+    assert pending is not None
+    return key_slots._load_key(slots.key_file(pending[0]))
+
+
+def csr_der_for_cn(key: Any, cn: str) -> bytes:
+    return key_slots.build_csr(key, cn)
+
+
 def holds_key(directory: Path, signer: EcSigner) -> list[Path]:
     pem = signer.private_pem()
     return [p for p in directory.rglob("*") if p.is_file() and pem in p.read_bytes()]
@@ -174,6 +185,9 @@ def test_steps_that_do_not_fit_are_refused_and_change_nothing(
         slots.install(4, sign(ca, csr_der))
     with pytest.raises(IdentityError, match="does not hold the pending key"):
         slots.install(3, sign(ca, key_slots.build_csr(stranger._key, GW)))
+    with pytest.raises(IdentityError, match="not one of"):  # its key, another's CN
+        slots.install(3, sign(ca, csr_der_for_cn(_new_key(slots), "urn:dev:mac:0024befffe800009"),
+                              "urn:dev:mac:0024befffe800009"))
     with pytest.raises(IdentityError, match="current key"):
         slots.erase(a.kid)
     assert not slots.erase(stranger.kid)  # not here: nothing erased
