@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
+import traceback
 from pathlib import Path
 
 from cityedge_gateway.config import load_config
@@ -38,5 +40,10 @@ class RunningGateway:
     def stop(self) -> None:
         if self._task is not None:
             self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(20)
-        assert not self._thread.is_alive()
+        self._thread.join(30)
+        if self._thread.is_alive():  # say where it hangs: the loop thread's stack
+            frame = sys._current_frames().get(self._thread.ident or 0)
+            where = "".join(traceback.format_stack(frame)) if frame else "?"
+            tasks = [t.get_stack(limit=3) for t in asyncio.all_tasks(self._loop)]
+            raise AssertionError("the gateway did not stop in 30 s:\n%s\ntasks: %s"
+                                 % (where, tasks))
