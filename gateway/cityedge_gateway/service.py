@@ -139,7 +139,10 @@ class Gateway:
 
     def use_identity(self, ident: Identity) -> None:
         """Sign and connect with ``ident`` from now on (a rotation's switch): the chain
-        goes on under the new key (the writer keeps its seq and previous hash)."""
+        goes on under the new key (the writer keeps its seq and previous hash). The TLS
+        context is built first: if the files do not load, nothing has switched."""
+        if self.forwarder is not None:
+            self.forwarder.use_identity(ident.cert_file, ident.key_file)
         self.identity = ident
         self.signer = ident.signer
         writer = self.store.writer
@@ -147,8 +150,6 @@ class Gateway:
         writer.signer, writer.kid = ident.signer, ident.kid
         if self.responder is not None:
             self.responder.signer, self.responder.kid = ident.signer, ident.kid
-        if self.forwarder is not None:
-            self.forwarder.use_identity(ident.cert_file, ident.key_file)
         log.info("now signing and connecting with key %s (slot %d)", ident.kid.hex(),
                  ident.slot)
 
