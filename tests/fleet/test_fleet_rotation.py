@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from sqlalchemy import event
 from sqlmodel import Session, col, select
 
 from cityedge_core import cbor, chain, command, rotation
@@ -301,7 +302,14 @@ def test_a_group_with_many_csrs_is_stored_in_parts_in_order(api: Api) -> None:
         messages.append((csr_topic(dev.id), csr_message(dev.signer, dev.id, rid,
                                                         EcSigner.generate())))
         messages.append((dev.topic, dev.sign()))
-    outcomes = ing.handle_many(messages)
+    commits: list[int] = []
+    listen = (api.engine, "commit", lambda _conn: commits.append(1))
+    event.listen(*listen)
+    try:
+        outcomes = ing.handle_many(messages)
+    finally:
+        event.remove(*listen)
+    assert len(commits) == 3  # CSRs 1-2, 3-4, 5: two rotation steps per transaction
     assert [(o.status, o.device) for o in outcomes] == [
         s for dev in devs for s in ((rotation_ingest.CSR_TAKEN, dev.id), (chain.OK, dev.id))]
     with Session(api.engine) as s:
