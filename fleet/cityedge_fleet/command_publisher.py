@@ -42,7 +42,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from cityedge_core import topics
-from cityedge_fleet import audit, command_queue
+from cityedge_fleet import audit, command_queue, rotation
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import utcnow
 from cityedge_host.backoff import Backoff
@@ -153,7 +153,7 @@ class CommandPublisher:
         now = now or utcnow()
         done = Round()
         with Session(self.engine) as session:
-            for cmd in command_queue.expire_due(session, now):
+            for cmd in rotation.expire_commands(session, now):
                 done.expired.append(cmd.id or 0)
                 audit.append(session, actor="fleet", action="command.expire",
                              outcome=audit.OK, target=cmd.device_id,

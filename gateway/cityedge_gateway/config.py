@@ -5,7 +5,8 @@ mistakes are collected and raised together as one ``ConfigError`` whose message 
 per mistake: the key path, what is wrong, and what to do. The layout (see
 ``gateway/gateway.example.toml``)::
 
-    [gateway]   device, key_file, batch_readings, batch_max_age_s
+    [gateway]   device, key_file, identity_dir, batch_readings, batch_max_age_s,
+                fleet_keys
     [store]     path, budget_bytes
     [broker]    host, port, ca_file, cert_file, key_file, keepalive_s, inflight
     [node_link] the same keys, for the site's local broker the nodes publish to
@@ -15,6 +16,13 @@ per mistake: the key path, what is wrong, and what to do. The layout (see
     [[nodes]]   device, public_key (PEM file of the node's ES256 key)
 
 Relative file paths are resolved against the config file's directory.
+
+With ``identity_dir`` the gateway's identity (one key for TLS and for signing, and its
+certificate) lives in two key slots there (``key_slots``) and can be rotated by the fleet.
+On the first start the slots are seeded from ``[broker] cert_file`` and ``key_file`` (and
+``[gateway] key_file``, if given, must be that same key); from then on those files are
+not needed (the key file is removed once a slot holds it), so they need to exist only
+while ``identity_dir`` has no identity yet.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from cityedge_core.errors import MalformedError
 from cityedge_host.errors import UserError
 
 from . import limits
+from .key_slots import CURRENT
 from .modbus import Register
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -89,6 +98,8 @@ class GatewayConfig:
     nodes: tuple[NodeConfig, ...] = field(default_factory=tuple)
     # the fleet's command keys this gateway obeys (its trust store); none: not commandable
     fleet_keys: tuple[Path, ...] = ()
+    # the key slots (``key_slots``); None: the key files above, no rotation
+    identity_dir: Path | None = None
 
 
 class _Checker:
@@ -301,7 +312,8 @@ def _has_nodes(doc: dict[str, Any]) -> bool:
     return bool(doc.get("nodes"))
 
 
-def _broker(c: _Checker, doc: dict[str, Any], name: str) -> BrokerConfig | None:
+def _broker(c: _Checker, doc: dict[str, Any], name: str,
+            identity_exists: bool = True) -> BrokerConfig | None:
     b = c.table(doc, name, required=False)
     if not b:
         return None
@@ -311,8 +323,8 @@ def _broker(c: _Checker, doc: dict[str, Any], name: str) -> BrokerConfig | None:
         host=c.text(name, b, "host"),
         port=c.number(name, b, "port", 8883, 1, 65535, "TCP port", True),
         ca_file=c.path(name, b, "ca_file"),
-        cert_file=c.path(name, b, "cert_file"),
-        key_file=c.path(name, b, "key_file"),
+        cert_file=c.path(name, b, "cert_file", must_exist=identity_exists),
+        key_file=c.path(name, b, "key_file", must_exist=identity_exists),
         keepalive_s=c.number(name, b, "keepalive_s", limits.MQTT_KEEPALIVE_S, 5, 3600, "s", True),
         inflight=c.number(name, b, "inflight", 64, 1, limits.MQTT_INFLIGHT_MAX, "messages", True),
     )
@@ -327,11 +339,25 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
     )
     g = c.table(doc, "gateway")
     c.unknown("gateway", g, {"device", "key_file", "batch_readings", "batch_max_age_s",
-                             "fleet_keys"})
+                             "fleet_keys", "identity_dir"})
     st = c.table(doc, "store")
     c.unknown("store", st, {"path", "budget_bytes"})
     device = c.device("gateway", g)
-    key_file = c.path("gateway", g, "key_file")
+    identity_dir: Path | None = None
+    if "identity_dir" in g:
+        identity_dir = c.path("gateway", g, "identity_dir", must_exist=False)
+        if identity_dir != Path() and not identity_dir.parent.is_dir():
+            c.bad("gateway.identity_dir", "directory %s does not exist; create it"
+                  % identity_dir.parent)
+        if not isinstance(doc.get("broker"), dict):
+            c.bad("gateway.identity_dir", "needs [broker]: its cert_file and key_file "
+                  "are the initial identity")
+    # with key slots holding an identity, the initial key files may be gone (moved)
+    seeded = identity_dir is not None and (identity_dir / CURRENT).is_file()
+    if identity_dir is not None and "key_file" not in g:
+        key_file = Path()  # the broker's key_file (set below)
+    else:
+        key_file = c.path("gateway", g, "key_file", must_exist=not seeded)
     fleet_keys = _fleet_keys(c, g)
     batch_readings = c.number(
         "gateway", g, "batch_readings", limits.BATCH_READINGS_DEFAULT,
@@ -348,7 +374,9 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
         "store", st, "budget_bytes", limits.STORE_BUDGET_DEFAULT_BYTES,
         limits.STORE_BUDGET_MIN_BYTES, 2**48, "bytes", True,
     )  # fmt: skip
-    broker = _broker(c, doc, "broker")
+    broker = _broker(c, doc, "broker", identity_exists=not seeded)
+    if identity_dir is not None and broker is not None and key_file == Path():
+        key_file = broker.key_file
     node_link = _broker(c, doc, "node_link")
     if node_link is not None and not _has_nodes(doc):
         c.bad("node_link", "no [[nodes]] are configured; add them or remove [node_link]")
@@ -368,6 +396,7 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
         serial=_serial(c, doc.get("serial")),
         nodes=_nodes(c, doc.get("nodes")),
         fleet_keys=fleet_keys,
+        identity_dir=identity_dir,
     )
     if c.problems:
         raise ConfigError(source, c.problems)

@@ -21,6 +21,13 @@ fleet's publisher expects: its PUBACK then tells whether the gateway was there) 
 backlog drains, and each command's answer goes out on ``ce/v1/<gateway>/up/result``. An
 answer lost with the link is not re-sent from here: the fleet sends the command again
 and the responder answers it again.
+
+Key rotation: ``publish_up`` sends the CSR (``up/csr``) on the live connection;
+``use_identity(cert_file, key_file)`` rebuilds the TLS context and ends the live session
+so the next one presents the new certificate (at once, without the backoff). A handler
+that must not switch before its answer is out sets ``after_answer``: it runs once that
+answer's publish has been tried (PUBACK, or the link broke: the switch must not wait for a
+link that may never come back with the old certificate).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -56,6 +64,7 @@ def paho_client(client: aiomqtt.Client) -> Any:
 
 
 def tls_context(cfg: BrokerConfig) -> ssl.SSLContext:
+    """TLS 1.2+ to the broker, verified against ``ca_file``, presenting our certificate."""
     ctx = ssl.create_default_context(cafile=str(cfg.ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
@@ -69,6 +78,7 @@ class ForwarderStats:
     connect_failures: int = 0
     published: int = 0  # PUBACKs received
     commands: int = 0  # messages received on down/cmd
+    identity_switches: int = 0  # reconnects to present a new certificate
     last_error: str = ""
 
 
@@ -81,9 +91,20 @@ class Forwarder:
         self.wakeup = asyncio.Event()  # set when new batches were committed
         self.client: aiomqtt.Client | None = None  # while connected
         self._ctx = tls_context(cfg)
+        self._switch = asyncio.Event()  # set: leave the session, reconnect with _ctx
         # set by the service when it obeys fleet commands: takes a command's bytes, returns
         # the signed answer to publish (or None)
         self.on_command: Callable[[bytes], Awaitable[bytes | None]] | None = None
+        # set by a command handler: runs once, after its answer's publish was tried
+        self.after_answer: Callable[[], None] | None = None
+
+    def use_identity(self, cert_file: Path, key_file: Path) -> None:
+        """Present ``cert_file``/``key_file`` from the next connection on, and end the
+        live one now (files read here: a bad pair raises before anything changes)."""
+        cfg = replace(self.cfg, cert_file=cert_file, key_file=key_file)
+        self._ctx = tls_context(cfg)
+        self.cfg = cfg
+        self._switch.set()
 
     def topic_for(self, row: Stored) -> str:
         kind = topics.READINGS if row.device == self.device else topics.RELAY
@@ -95,19 +116,25 @@ class Forwarder:
     async def publish_status(self, data: bytes) -> bool:
         """Publish a signed status now if connected (status is not buffered: it is current
         state, and the next one supersedes it)."""
+        return await self.publish_up(topics.STATUS, data)
+
+    async def publish_up(self, kind: str, data: bytes) -> bool:
+        """Publish ``data`` on ``ce/v1/<gateway>/up/<kind>`` now (QoS 1) if connected:
+        True once the broker acknowledged it."""
         client = self.client
         if client is None:
             return False
         try:
-            await client.publish(topics.up(self.device, topics.STATUS), data, qos=1)
+            await client.publish(topics.up(self.device, kind), data, qos=1)
         except aiomqtt.MqttError as e:
-            log.info("status not sent: %s", e)
+            log.info("%s not sent: %s", kind, e)
             return False
         return True
 
     async def run(self) -> None:
         backoff = Backoff(limits.MQTT_BACKOFF_MIN_S, limits.MQTT_BACKOFF_MAX_S)
         while True:
+            self._switch.clear()  # the context read below is the newest
             try:
                 client = aiomqtt.Client(
                     self.cfg.host,
@@ -130,11 +157,19 @@ class Forwarder:
                     if self.on_command is not None:
                         await client.subscribe(topics.down(self.device, topics.CMD), qos=1)
                         listener = asyncio.create_task(self._commands(client, self.on_command))
+                    drain = asyncio.create_task(self._drain(client))
+                    switch = asyncio.create_task(self._switch.wait())
                     try:
-                        await self._drain(client)
+                        await asyncio.wait({drain, switch}, return_when=asyncio.FIRST_COMPLETED)
+                        if drain.done():
+                            drain.result()  # the link broke: raises
                     finally:
-                        if listener is not None:
-                            listener.cancel()
+                        for task in (drain, switch, listener):
+                            if task is not None:
+                                task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                            await drain
+                    log.info("new identity: leaving the session to reconnect with it")
             except aiomqtt.MqttError as e:
                 self.stats.connect_failures += 1
                 self.stats.last_error = str(e)
@@ -142,6 +177,9 @@ class Forwarder:
             finally:
                 self.stats.connected = False
                 self.client = None
+            if self._switch.is_set():
+                self.stats.identity_switches += 1
+                continue  # at once: the new certificate is ready
             await asyncio.sleep(backoff.next())
 
     async def _commands(self, client: aiomqtt.Client,
@@ -154,13 +192,16 @@ class Forwarder:
                 continue
             self.stats.commands += 1
             answer = await on_command(bytes(msg.payload))
-            if answer is None:
-                continue
             try:
-                await client.publish(results, answer, qos=1)
+                if answer is not None:
+                    await client.publish(results, answer, qos=1)
             except aiomqtt.MqttError as e:  # the link broke: the fleet will send it again
                 log.info("command answer not sent: %s", e)
                 return
+            finally:
+                hook, self.after_answer = self.after_answer, None
+                if hook is not None:
+                    hook()
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         sem = asyncio.Semaphore(self.cfg.inflight)

@@ -14,7 +14,16 @@ service refuses to start otherwise. The key is never logged or printed.
 Fleet commands: with ``fleet_keys`` in its config (its trust store) the gateway answers
 signed commands on ``down/cmd`` through ``cityedge_host.command_responder`` (the core's
 gate, answers signed with the gateway's key, kept in the buffer for repeats). It knows
-``status`` (a signed status now); any other command is answered ``refused``.
+``status`` (a signed status now) and the key rotation's ``rotate``, ``install-cert`` and
+``erase-key`` (``rotation_device``); any other command is answered ``refused``.
+
+Identity: with ``[gateway] identity_dir`` the key (TLS and signing) and certificate come
+from the key slots there (``key_slots``; seeded on the first start from ``[broker]
+cert_file``/``key_file``), and a rotation switches both while running: the store's
+``BatchWriter`` signs the next batch with the new key (seq and previous hash go on), the
+responder and the status sign with it, and the forwarder reconnects with the new
+certificate. Without it the key files of the config are used as they are, and rotation
+commands are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import logging
 import signal
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +42,14 @@ from cityedge_host.command_responder import CommandResponder, Done
 from cityedge_host.crypto import KeyFileError, load_signer, load_verifier
 
 from . import limits
-from .config import GatewayConfig
+from .config import BrokerConfig, GatewayConfig
 from .forwarder import Forwarder
+from .key_slots import Identity, KeySlots
 from .metrics_http import serve_metrics
 from .node_link import NodeListener
 from .readings import Reading
 from .relay import NodeRelay
+from .rotation_device import GatewayRotation
 from .serial_input import SerialInput
 from .status import metrics_text, sign_status
 from .store import CommandState, Store
@@ -59,21 +71,50 @@ def check_private_file(path: Path) -> None:
         )
 
 
+def open_identity(cfg: GatewayConfig, broker: BrokerConfig) -> tuple[KeySlots, Identity]:
+    """The key slots of ``cfg.identity_dir`` and the identity in use (seeded from the
+    broker's cert_file/key_file on the first start)."""
+    assert cfg.identity_dir is not None
+    slots = KeySlots(cfg.identity_dir, cfg.device)
+    if slots.current_slot() is None:
+        check_private_file(broker.key_file)
+        if cfg.key_file != broker.key_file and cfg.key_file.is_file():
+            check_private_file(cfg.key_file)
+            if load_signer(cfg.key_file).kid != load_signer(broker.key_file).kid:
+                raise KeyFileError(
+                    "gateway.key_file and broker.key_file hold different keys; with "
+                    "identity_dir one key signs and connects: use the key of broker.cert_file")
+    ident = slots.open(broker.key_file, broker.cert_file)
+    slots.forget_source(cfg.key_file)
+    check_private_file(ident.key_file)
+    return slots, ident
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
-        check_private_file(cfg.key_file)
-        for link in (cfg.broker, cfg.node_link):
-            if link is not None:
-                check_private_file(link.key_file)
-        self.signer = load_signer(cfg.key_file)
+        broker = cfg.broker
+        self.slots: KeySlots | None = None
+        self.identity: Identity | None = None
+        if cfg.identity_dir is not None and broker is not None:
+            self.slots, self.identity = open_identity(cfg, broker)
+            self.signer = self.identity.signer
+            broker = replace(broker, cert_file=self.identity.cert_file,
+                             key_file=self.identity.key_file)
+        else:
+            check_private_file(cfg.key_file)
+            if broker is not None:
+                check_private_file(broker.key_file)
+            self.signer = load_signer(cfg.key_file)
+        if cfg.node_link is not None:
+            check_private_file(cfg.node_link.key_file)
         self.store = Store(cfg.store_path, cfg.budget_bytes)
         self.store.attach_writer(cfg.device, self.signer, self.signer.kid)
         nodes = {n.device: load_verifier(n.public_key) for n in cfg.nodes}
         self.relay = NodeRelay(nodes, self.store)
         self.inputs = [SerialInput(s, self.add_readings) for s in cfg.serial]
         self.forwarder = (
-            Forwarder(cfg.broker, cfg.device, self.store) if cfg.broker is not None else None
+            Forwarder(broker, cfg.device, self.store) if broker is not None else None
         )
         self.node_listener = (
             NodeListener(cfg.node_link, cfg.device, self.relay, self._notify)
@@ -83,15 +124,34 @@ class Gateway:
         self.responder: CommandResponder | None = None
         if cfg.fleet_keys and self.forwarder is not None:
             trusted = {v.kid: v for v in map(load_verifier, cfg.fleet_keys)}
+            rotating = GatewayRotation(cfg.device, self.slots, self.forwarder,
+                                       lambda: self.signer, self.use_identity)
             self.responder = CommandResponder(cfg.device, self.signer, self.signer.kid, trusted,
                                               CommandState(self.store),
-                                              {"status": self._status_now})
+                                              {"status": self._status_now,
+                                               **rotating.handlers()})
             self.forwarder.on_command = self.responder.answer
         self._records: list[dict[int, Any]] = []
         self._first_at = 0.0  # monotonic time of the oldest reading in ``_records``
         self._ready: list[list[dict[int, Any]]] = []
         self.metrics_port = 0  # the bound port once serving
         self.supervisor = Supervisor()  # restarts, counts and reports a task that fails
+
+    def use_identity(self, ident: Identity) -> None:
+        """Sign and connect with ``ident`` from now on (a rotation's switch): the chain
+        goes on under the new key (the writer keeps its seq and previous hash). The TLS
+        context is built first: if the files do not load, nothing has switched."""
+        if self.forwarder is not None:
+            self.forwarder.use_identity(ident.cert_file, ident.key_file)
+        self.identity = ident
+        self.signer = ident.signer
+        writer = self.store.writer
+        assert writer is not None
+        writer.signer, writer.kid = ident.signer, ident.kid
+        if self.responder is not None:
+            self.responder.signer, self.responder.kid = ident.signer, ident.kid
+        log.info("now signing and connecting with key %s (slot %d)", ident.kid.hex(),
+                 ident.slot)
 
     def _notify(self) -> None:
         if self.forwarder is not None:

@@ -1,8 +1,8 @@
 """The gateway's health, two ways: a signed status message and Prometheus metrics.
 
 ``status_map`` gathers buffer depth and oldest age, drops, per-input error counts,
-per-node verification failures, the supervised tasks' restarts and the fleet commands
-answered into one CBOR map;
+per-node verification failures, the supervised tasks' restarts, the fleet commands
+answered and the key in use (kid, key slot) into one CBOR map;
 ``sign_status`` wraps it in COSE_Sign1 with the gateway's key (published on
 ``ce/v1/<gateway>/up/status``, so the fleet can trust what a gateway says about itself).
 ``metrics_text`` renders the same numbers in the Prometheus text exposition format
@@ -59,7 +59,18 @@ def status_map(gw: Gateway, now: float | None = None) -> dict[str, Any]:
             for device, s in gw.relay.stats.items()
         },
         "commands": _commands(gw),
+        "identity": _identity(gw),
     }
+
+
+def _identity(gw: Gateway) -> dict[str, Any]:
+    """The key in use (its kid), and its slot when the key slots hold it."""
+    out: dict[str, Any] = {"kid": gw.signer.kid.hex()}
+    if gw.identity is not None:
+        out["slot"] = gw.identity.slot
+        f = gw.forwarder
+        out["switches"] = f.stats.identity_switches if f is not None else 0
+    return out
 
 
 def _commands(gw: Gateway) -> dict[str, Any]:

@@ -129,3 +129,37 @@ def test_fleet_keys_are_a_short_list_of_existing_files(tmp_path: Path) -> None:
         load_config(_write(tmp_path, GOOD.replace('batch_readings = 50',
                                                   'batch_readings = 50\n' + many)))
     assert "at most 4" in str(e.value)
+
+
+BROKER = """
+[broker]
+host = "127.0.0.1"
+ca_file = "ca.pem"
+cert_file = "gw.crt"
+key_file = "gw.key"
+"""
+
+
+def test_identity_dir_takes_the_broker_files_as_the_initial_identity(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "gw.crt").write_text("x")
+    slots = GOOD.replace('key_file = "gw.key"\n', 'identity_dir = "identity"\n') + BROKER
+    cfg = load_config(_write(tmp_path, slots))
+    assert cfg.identity_dir == tmp_path / "identity"
+    assert cfg.key_file == tmp_path / "gw.key"  # the broker's: one key signs and connects
+    # once the slots hold the identity, the initial files may be gone (moved)
+    (tmp_path / "identity").mkdir()
+    (tmp_path / "identity" / "current").write_text("0\n")
+    (tmp_path / "gw.crt").unlink()
+    p = _write(tmp_path, slots)
+    (tmp_path / "gw.key").unlink()
+    assert load_config(p).identity_dir == tmp_path / "identity"
+    # not before: a missing initial identity is named; identity_dir needs [broker]
+    (tmp_path / "identity" / "current").unlink()
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "broker.cert_file" in str(e.value) and "broker.key_file" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, GOOD.replace('key_file = "gw.key"\n',
+                                                  'identity_dir = "identity"\n')))
+    assert "gateway.identity_dir: needs [broker]" in str(e.value)

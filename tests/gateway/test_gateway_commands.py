@@ -9,9 +9,6 @@ gateway restarts, so the fleet never sees two answers to one command."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +19,10 @@ import pytest
 from cityedge_core import cbor, command, command_decode, cose, topics
 from cityedge_gateway.config import load_config
 from cityedge_gateway.service import Gateway
-from cityedge_host.crypto import EcSigner, public_sec1
+from cityedge_host.crypto import EcSigner, KeyFileError, public_sec1
 
 from support.gateway import GW
+from support.gateway_run import RunningGateway
 from support.mosquitto import OBSERVER, Mosquitto, TestPKI
 from support.mqtt_probe import Probe
 
@@ -32,36 +30,6 @@ DELIVERED = 0  # PUBACK reason: the gateway's subscription was there
 RESULTS = topics.up(GW, topics.RESULT)
 STATUS = topics.up(GW, topics.STATUS)
 CMD = topics.down(GW, topics.CMD)
-
-
-class RunningGateway:
-    """``Gateway.run`` on its own event loop in a thread, stopped by cancelling it."""
-
-    def __init__(self, config: Path) -> None:
-        self.gw = Gateway(load_config(config))
-        self.ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._task: asyncio.Task[None] | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._thread.start()
-        assert self.ready.wait(20), "the gateway did not start"
-
-    def _main(self) -> None:
-        async def run() -> None:
-            up = asyncio.Event()
-            self._task = asyncio.current_task()  # type: ignore[assignment]
-            waiter = asyncio.create_task(up.wait())
-            waiter.add_done_callback(lambda _t: self.ready.set())
-            await self.gw.run(up)
-
-        with contextlib.suppress(asyncio.CancelledError):
-            self._loop.run_until_complete(run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(20)
-        assert not self._thread.is_alive()
 
 
 @pytest.fixture
@@ -200,3 +168,30 @@ def test_without_a_fleet_key_the_gateway_takes_no_commands(world: dict[str, Any]
         assert gw.gw.forwarder.on_command is None
     finally:
         gw.stop()
+
+
+def test_without_key_slots_rotation_commands_are_refused_with_the_reason(
+        world: dict[str, Any]) -> None:
+    w, fleet = world, world["fleet"]
+    gw = RunningGateway(w["config"])
+    try:
+        for seq, name in enumerate(("rotate", "install-cert", "erase-key"), 1):
+            deliver(w, sign(fleet, name, seq, args={1: 5, 2: b"\x01"}))
+            got = next_answer(w, seq - 1)
+            assert (got.name, got.outcome) == (name, command.REFUSED)
+            assert "identity_dir" in got.detail
+        assert [t for t, _p in w["watcher"].messages if t.endswith("/up/csr")] == []
+    finally:
+        gw.stop()
+
+
+def test_key_slots_refuse_two_different_initial_keys(world: dict[str, Any]) -> None:
+    """With identity_dir one key signs and connects: a gateway.key_file that is not the
+    broker's key is a mistake the first start names (nothing is moved)."""
+    config: Path = world["config"]
+    config.write_text(config.read_text().replace(
+        'fleet_keys = ["fleet0.pub"]\n', 'fleet_keys = ["fleet0.pub"]\nidentity_dir = "id"\n'))
+    with pytest.raises(KeyFileError, match="different keys"):
+        Gateway(load_config(config))
+    assert not (config.parent / "id" / "current").exists()
+    assert (config.parent / "gw.key").exists()
