@@ -9,6 +9,7 @@
    ``cityedge provision``: key made on the device, CSR, enrollment, install, self-test.
 4. The devices boot their agent and stream signed readings; the fleet verifies every batch
    and serves the readings with their provenance; the audit log is verified.
+5. The security team rotates a streaming Raspberry Pi gateway's key (``demo_rotation``).
 
 Everything runs as child processes that are stopped at the end, whatever happens.
 """
@@ -34,6 +35,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from cityedge import demo_rotation
 from cityedge_fleet import broker, broker_acl
 from cityedge_fleet.ca import CertificateAuthority, init_ca, issue_service
 
@@ -142,6 +144,7 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
         _mosquitto_can_read(work / "broker")  # it writes its pid file there
         icrt, ikey = issue_service(ca, "fleet-ingest", work / "ingest")
         ccrt, ckey = issue_service(ca, "fleet-control", work / "control")
+        mcrt, mkey = issue_service(ca, "fleet-commands", work / "commands")
         port = free_port()
         conf = broker.write(work / "broker", broker.BrokerFiles(bundle, bcrt, bkey, ca.crl_path),
                             port=port, bind="127.0.0.1", pid_file=work / "broker" / "pid",
@@ -163,6 +166,7 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
                    CITYEDGE_MQTT_CERT_FILE=str(icrt), CITYEDGE_MQTT_KEY_FILE=str(ikey),
                    CITYEDGE_BROKER_CONTROL_CERT_FILE=str(ccrt),
                    CITYEDGE_BROKER_CONTROL_KEY_FILE=str(ckey),
+                   CITYEDGE_COMMANDS_CERT_FILE=str(mcrt), CITYEDGE_COMMANDS_KEY_FILE=str(mkey),
                    CITYEDGE_INGEST_SHARE_GROUP=SHARE_GROUP,
                    CITYEDGE_AUDIT_ANCHOR_FILE=str(work / "audit-anchor"),
                    CITYEDGE_AUDIT_KEY_FILE=str(work / "audit.key"),
@@ -180,7 +184,7 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
         tech = cityedge(["fleet", "create-token", "--name", "demo-technician", "--role",
                          "technician"], env).stdout.strip()
         yield {"work": work, "env": env, "url": url, "admin": admin, "tech": tech,
-               "procs": procs, "logs": logs}
+               "procs": procs, "logs": logs, "broker_port": port}
     except BaseException:
         for log in sorted(logs.glob("*.log")):  # what the failing part said, before cleanup
             tail = log.read_text(errors="replace").strip().splitlines()[-8:]
@@ -271,7 +275,8 @@ def main(con: Console) -> None:
         with city(con) as c:
             roots = provision(con, c)
             stream(con, c, roots)
-    except DemoError as e:
+            demo_rotation.main(con, c, cityedge, BIN, c["broker_port"])
+    except (DemoError, RuntimeError) as e:
         con.print("[red]cityedge: demo failed: %s[/red]" % e)
         raise SystemExit(1) from e
     con.rule("[bold green]demo complete: every reading above was signed on its device and "
