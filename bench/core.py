@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from bench.machine import median_of
+from cityedge import romfs
 from cityedge_core import batch as batchmod
 from cityedge_core import chain, cose, senml
-from cityedge_host import fastcbor, romfs
+from cityedge_host import fastcbor
 from cityedge_host.crypto import EcSigner
 from cityedge_host.mpy import compile_core
 from cityedge_host.verify import make_batch_verifier
