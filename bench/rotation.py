@@ -281,9 +281,6 @@ def report(r: dict[str, Any]) -> None:
           % r["all_rotated_s"])
 
 
-if __name__ == "__main__":
-    report(run(quick="--quick" in sys.argv))
-
 
 # ---------------------------------------------------------------------------- many devices
 
@@ -347,3 +344,7 @@ def fast_devices_rotation(db_url: str, n: int) -> dict[str, Any]:
             finally:
                 loop.stop()
     return {"fast_devices": n, "all_answer_status_s": status_s, "all_rotated_s": rotate_s}
+
+
+if __name__ == "__main__":
+    report(run(quick="--quick" in sys.argv))

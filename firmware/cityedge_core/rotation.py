@@ -13,7 +13,7 @@ it has *seen* B in use. The steps, and who checks what:
    ``kid`` of the CURRENT key A) over ``{1: device, 2: rotation_id, 3: sha256(csr_der)}``,
    with external AAD ``PROOF_AAD`` (see "changes" below). It then answers ``rotate`` with
    a signed ``ok`` result (``command.encode_result``).
-3. **Fleet checks** (``cityedge_fleet.rotation``, in order; the first failure refuses and
+3. **Fleet checks** (``cityedge_fleet.rotation_ingest``, in order; the first failure refuses and
    is audited): size and shape (``rotation_decode.decode_csr_message``); the topic's
    device = the proof's device; the proof verifies with an *active* credential of that
    device (not a suspended or revoked one); a rotation of this device is open (``sent``)
@@ -34,9 +34,9 @@ it has *seen* B in use. The steps, and who checks what:
    and any other certificate of the device but B (one an earlier, interrupted rotation
    issued and the device never installed), re-signs the CRL, reloads the broker, and
    queues ``erase-key`` with args ``{1: rotation_id, 2: old_kid}``, ``old_kid`` being the
-   key that signed the proof (the device's current key when it asked). The device erases the key
-   whose kid that is (only if it is not the current one) and answers ``ok``: the rotation
-   is ``old-revoked``. Every step is audited.
+   key that signed the proof (the device's current key when it asked). The device erases
+   the key whose kid that is (only if it is not the current one) and answers ``ok``: the
+   rotation is ``old-revoked``. Every step is audited.
 
 Per-device state on the fleet: ``pending -> sent -> csr-received -> issued -> proven ->
 old-revoked``, or ``failed`` with a reason (the device refused a command, a bad CSR, the
@@ -47,7 +47,11 @@ and the pointer last. A cut before the pointer moves leaves A current (B pending
 made: ignored and made again at the next ``rotate``); a cut after it leaves B current with
 its certificate. ``erase-key`` erases only the slot that is not current, so at any cut the
 device boots with a key whose certificate the fleet issued and has not revoked (A until
-B is proven, then B).
+B is proven, then B). The gate keeps a command's seq before the command runs, so a
+command cut short is refused as a replay when the fleet sends it again: the rotation
+fails with that reason and the next one completes (a device that remembers its answers
+sends the same answer again instead). ``tests/fleet/test_fleet_fastdevice_powercut.py``
+cuts the fast device at each of a rotation's file operations.
 
 **Changes from the first sketch** (found while writing it down):
 
@@ -68,13 +72,13 @@ B is proven, then B).
   installed, would leave the device with a key and certificate that do not match.
 
 Heap (measured on the unix port, 64-bit, ``gc.mem_alloc`` after a collection): importing
-this module from ``.mpy`` costs 2.6 KiB (6.2 KiB from source; bytecode in the heap either
+this module from ``.mpy`` costs 2.9 KiB (6.4 KiB from source; bytecode in the heap either
 way, less from ROMFS); a message for a 28-character URN is 451 bytes (CSR 289), 608
 bytes of heap kept while it waits to be sent.
 
-Sizes: ``limits.CSR_MAX_BYTES``, ``ROTATION_PROOF_MAX_BYTES``, ``CSR_MESSAGE_MAX_BYTES``,
-``CERT_MAX_BYTES``, ``ROTATION_ID_MAX``. The fleet's reader is ``rotation_decode`` (not
-loaded on a device).
+Sizes: the limits below (here, not in ``limits``, which every device loads: five more
+public names there cost each device ~0.4 KiB of heap all the time). The fleet's reader is
+``rotation_decode`` (not loaded on a device).
 """
 
 try:
@@ -84,8 +88,25 @@ except ImportError:  # MicroPython: annotations are not evaluated
 
 import hashlib
 
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: int) -> int:
+        return x
+
+
 from . import cbor, cose, limits
 from .errors import LimitError, MalformedError
+
+# the protocol's limits, with their units
+CSR_MAX_BYTES = const(1024)  # bytes: a PKCS#10 request (P-256, CN and SAN of a
+# 128-character URN: about 560)
+ROTATION_PROOF_MAX_BYTES = const(512)  # bytes: the proof's COSE_Sign1 (about 200)
+CSR_MESSAGE_MAX_BYTES = const(1600)  # bytes: the whole up/csr message {1: csr, 2: proof}
+CERT_MAX_BYTES = const(1536)  # bytes: a device certificate (DER) in install-cert (about
+# 700 for a 128-character URN; fits limits.COMMAND_ARGS_MAX_BYTES with the rest)
+ROTATION_ID_MAX = const(0x7FFFFFFF)  # largest rotation id (the fleet's row id, 31 bits)
 
 # command names
 ROTATE = "rotate"
@@ -114,9 +135,9 @@ def _rotation_id(args: Any) -> int:
         raise MalformedError("rotation: the arguments are not a map")
     rid = args.get(A_ROTATION)
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 < rid <= \
-            limits.ROTATION_ID_MAX:
+            ROTATION_ID_MAX:
         raise MalformedError("rotation: the rotation id (1) must be an integer in 1..%d"
-                             % limits.ROTATION_ID_MAX)
+                             % ROTATION_ID_MAX)
     return rid
 
 
@@ -131,8 +152,8 @@ def install_cert_args(args: Any) -> Any:
     cert = args.get(A_CERT)
     if not isinstance(cert, bytes) or not cert:
         raise MalformedError("install-cert: the certificate (2) must be bytes")
-    if len(cert) > limits.CERT_MAX_BYTES:
-        raise LimitError("install-cert: certificate over %d bytes" % limits.CERT_MAX_BYTES)
+    if len(cert) > CERT_MAX_BYTES:
+        raise LimitError("install-cert: certificate over %d bytes" % CERT_MAX_BYTES)
     return rid, cert
 
 
@@ -164,8 +185,8 @@ def csr_message(signer: Any, kid: bytes, device: str, rotation_id: int, csr_der:
     """The ``up/csr`` message: ``{1: csr_der, 2: proof}``, the proof signed by ``signer``
     (the device's CURRENT key, whose kid is ``kid``). ValueError when the CSR is over
     ``CSR_MAX_BYTES`` (the fleet would refuse it)."""
-    if len(csr_der) > limits.CSR_MAX_BYTES:
-        raise ValueError("rotation: CSR over %d bytes" % limits.CSR_MAX_BYTES)
+    if len(csr_der) > CSR_MAX_BYTES:
+        raise ValueError("rotation: CSR over %d bytes" % CSR_MAX_BYTES)
     proof = cose.encode_sign1(proof_payload(device, rotation_id, csr_der), signer, kid,
                               PROOF_AAD)
     return cbor.dumps({M_CSR: bytes(csr_der), M_PROOF: proof})

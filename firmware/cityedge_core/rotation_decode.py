@@ -23,10 +23,21 @@ except ImportError:  # MicroPython: annotations are not evaluated
 
 import hashlib
 
-from . import cbor, cose, limits
+from . import cbor, cose
 from .batch import check_device_id
 from .errors import LimitError, MalformedError
-from .rotation import M_CSR, M_PROOF, P_CSR_SHA256, P_DEVICE, P_ROTATION, PROOF_AAD
+from .rotation import (
+    CSR_MAX_BYTES,
+    CSR_MESSAGE_MAX_BYTES,
+    M_CSR,
+    M_PROOF,
+    P_CSR_SHA256,
+    P_DEVICE,
+    P_ROTATION,
+    PROOF_AAD,
+    ROTATION_ID_MAX,
+    ROTATION_PROOF_MAX_BYTES,
+)
 
 
 class CsrMessage:
@@ -67,33 +78,33 @@ def _exact_map(obj: Any, keys: Any, what: str) -> None:
 
 def decode_csr_message(data: Any) -> CsrMessage:
     """Rules 1-3 above."""
-    if len(data) > limits.CSR_MESSAGE_MAX_BYTES:
+    if len(data) > CSR_MESSAGE_MAX_BYTES:
         raise LimitError("csr message: %d bytes, limit %d"
-                         % (len(data), limits.CSR_MESSAGE_MAX_BYTES))
-    obj = cbor.loads(data, max_bytes=limits.CSR_MESSAGE_MAX_BYTES, max_items=16,
+                         % (len(data), CSR_MESSAGE_MAX_BYTES))
+    obj = cbor.loads(data, max_bytes=CSR_MESSAGE_MAX_BYTES, max_items=16,
                      max_depth=2)
     _exact_map(obj, (M_CSR, M_PROOF), "csr message")
     csr = obj[M_CSR]
     proof = obj[M_PROOF]
     if not isinstance(csr, bytes) or not csr:
         raise MalformedError("csr message: the CSR (1) must be bytes")
-    if len(csr) > limits.CSR_MAX_BYTES:
-        raise LimitError("csr message: CSR over %d bytes" % limits.CSR_MAX_BYTES)
+    if len(csr) > CSR_MAX_BYTES:
+        raise LimitError("csr message: CSR over %d bytes" % CSR_MAX_BYTES)
     if not isinstance(proof, bytes):
         raise MalformedError("csr message: the proof (2) must be bytes")
-    msg = cose.decode_sign1(proof, max_bytes=limits.ROTATION_PROOF_MAX_BYTES)
+    msg = cose.decode_sign1(proof, max_bytes=ROTATION_PROOF_MAX_BYTES)
     if not isinstance(msg.kid, bytes) or not msg.kid:
         raise MalformedError("csr message: the proof names no key (kid)")
-    claims = cbor.loads(msg.payload, max_bytes=limits.ROTATION_PROOF_MAX_BYTES,
+    claims = cbor.loads(msg.payload, max_bytes=ROTATION_PROOF_MAX_BYTES,
                         max_items=8, max_depth=1)
     _exact_map(claims, (P_DEVICE, P_ROTATION, P_CSR_SHA256), "csr proof")
     device = claims[P_DEVICE]
     check_device_id(device)
     rid = claims[P_ROTATION]
     if not isinstance(rid, int) or isinstance(rid, bool) or \
-            not 0 < rid <= limits.ROTATION_ID_MAX:
+            not 0 < rid <= ROTATION_ID_MAX:
         raise MalformedError("csr proof: the rotation id (2) must be in 1..%d"
-                             % limits.ROTATION_ID_MAX)
+                             % ROTATION_ID_MAX)
     digest = claims[P_CSR_SHA256]
     if not isinstance(digest, bytes) or len(digest) != 32:
         raise MalformedError("csr proof: the CSR hash (3) must be 32 bytes")

@@ -21,7 +21,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cityedge_core import command, topics
-from cityedge_core.command_gate import CommandRefused
 from cityedge_fleet.app import create_app
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.command_publisher import CommandPublisher
@@ -29,6 +28,7 @@ from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import Role, utcnow
+from cityedge_fw.commands import CommandRefused
 from cityedge_host.crypto import EcSigner
 
 from support.commands import device_gate
@@ -245,8 +245,8 @@ def test_a_device_away_gets_its_command_as_soon_as_it_is_back(fleet: Fleet) -> N
         device = connect(f, creds, dev.id)
         assert device.publish(dev.topic, dev.sign(1)) < 0x80  # its first batch
         device.wait_for(lambda: len(device.messages) == 1, "the command, at once")
-        # the publisher records the delivery after the broker's PUBACK, which may come
-        # after the device already has the message
+        # the publisher records the delivery once the broker's PUBACK is in, which may be
+        # a moment after the device has the command
         assert wait_for(lambda: command_state(f, cmd["id"])["state"] == "sent", WAIT_S)
         device.close()
     finally:

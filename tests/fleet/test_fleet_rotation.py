@@ -271,6 +271,15 @@ def test_emergency_revocation_cuts_every_certificate_and_the_ingest_refuses_at_o
     r = api.client.post("/devices/urn:dev:mac:00000000000000ff/revoke", json={},
                         headers=api.headers(Role.security))
     assert r.status_code == 404
+    # a device registered but never enrolled has nothing to revoke (found by the fuzzer:
+    # it was a server error)
+    body = {"id": "urn:dev:mac:00000000000000fe", "serial": "NEVER-1", "model": "m",
+            "hardware_class": "esp32"}
+    assert api.client.post("/devices", json=body,
+                           headers=api.headers(Role.technician)).status_code == 201
+    r = api.client.post("/devices/%s/revoke" % body["id"], json={},
+                        headers=api.headers(Role.security))
+    assert r.status_code == 409 and "not enrolled" in r.json()["detail"]
 
 
 def test_a_rotate_command_that_expires_fails_the_rotation(api: Api) -> None:

@@ -31,7 +31,7 @@ def _refused(data, exc=MalformedError):
 def test_the_fleet_reads_the_message_a_device_writes():
     der = _csr()
     data = rotation.csr_message(OLD, OLD_KID, DEVICE, 7, der)
-    assert len(data) <= limits.CSR_MESSAGE_MAX_BYTES
+    assert len(data) <= rotation.CSR_MESSAGE_MAX_BYTES
     msg = rotation_decode.decode_csr_message(data)
     assert (msg.csr, msg.device, msg.rotation_id, msg.kid) == (der, DEVICE, 7, OLD_KID)
     assert msg.csr_sha256 == hashlib.sha256(der).digest() and msg.digest_matches()
@@ -75,8 +75,8 @@ def test_shapes_that_are_refused():
     assert "must not have" in _refused(cbor.dumps({1: der, 2: proof, 3: 0}))
     assert "CSR (1)" in _refused(cbor.dumps({1: "text", 2: proof}))
     assert "proof (2)" in _refused(cbor.dumps({1: der, 2: 5}))
-    _refused(cbor.dumps({1: bytes(limits.CSR_MAX_BYTES + 1), 2: proof}), LimitError)
-    _refused(bytes(limits.CSR_MESSAGE_MAX_BYTES + 1), LimitError)
+    _refused(cbor.dumps({1: bytes(rotation.CSR_MAX_BYTES + 1), 2: proof}), LimitError)
+    _refused(bytes(rotation.CSR_MESSAGE_MAX_BYTES + 1), LimitError)
     _refused(good + b"\x00")  # trailing bytes
 
     def signed(claims):
@@ -86,7 +86,7 @@ def test_shapes_that_are_refused():
     digest = hashlib.sha256(der).digest()
     assert "rotation id" in _refused(signed({1: DEVICE, 2: 0, 3: digest}))
     assert "rotation id" in _refused(signed({1: DEVICE, 2: True, 3: digest}))
-    assert "rotation id" in _refused(signed({1: DEVICE, 2: limits.ROTATION_ID_MAX + 1,
+    assert "rotation id" in _refused(signed({1: DEVICE, 2: rotation.ROTATION_ID_MAX + 1,
                                              3: digest}))
     assert "hash (3)" in _refused(signed({1: DEVICE, 2: 7, 3: digest[:31]}))
     _refused(signed({1: "not a urn", 2: 7, 3: digest}))
@@ -99,7 +99,7 @@ def test_the_device_reads_its_command_arguments():
     assert rotation.install_cert_args({1: 3, 2: cert}) == (3, cert)
     assert rotation.erase_key_args({1: 3, 2: OLD_KID}) == (3, OLD_KID)
     for bad in (None, [3], {}, {1: 0}, {1: -1}, {1: "3"}, {1: False},
-                {1: limits.ROTATION_ID_MAX + 1}):
+                {1: rotation.ROTATION_ID_MAX + 1}):
         try:
             rotation.rotate_args(bad)
             raise AssertionError("accepted %r" % (bad,))
@@ -112,7 +112,7 @@ def test_the_device_reads_its_command_arguments():
         except MalformedError:
             pass
     try:
-        rotation.install_cert_args({1: 3, 2: bytes(limits.CERT_MAX_BYTES + 1)})
+        rotation.install_cert_args({1: 3, 2: bytes(rotation.CERT_MAX_BYTES + 1)})
         raise AssertionError("accepted an oversized certificate")
     except LimitError:
         pass
@@ -135,7 +135,7 @@ def test_a_certificate_holds_its_key_point_only():
 def test_the_csr_fits_its_limit_for_the_longest_device_id():
     long_id = "urn:dev:ops:" + "a" * (limits.DEVICE_ID_MAX_CHARS - 12)
     der = csr.build_csr(NEW, long_id)
-    assert len(der) <= limits.CSR_MAX_BYTES
-    data = rotation.csr_message(OLD, OLD_KID, long_id, limits.ROTATION_ID_MAX, der)
-    assert len(data) <= limits.CSR_MESSAGE_MAX_BYTES
+    assert len(der) <= rotation.CSR_MAX_BYTES
+    data = rotation.csr_message(OLD, OLD_KID, long_id, rotation.ROTATION_ID_MAX, der)
+    assert len(data) <= rotation.CSR_MESSAGE_MAX_BYTES
     assert rotation_decode.decode_csr_message(data).device == long_id
