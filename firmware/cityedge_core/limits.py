@@ -49,6 +49,15 @@ RESULT_MAX_ITEMS = const(256)  # data items in a result's payload (all levels to
 RESULT_MAX_DEPTH = const(8)  # nesting levels of a result's payload
 # a command's seq is at most SEQ_MAX, as a batch's
 
+# Device key rotation (``rotation``, ``rotation_decode``)
+CSR_MAX_BYTES = const(1024)  # bytes: a PKCS#10 request (P-256, CN and SAN of a 128-character
+# URN: about 560)
+ROTATION_PROOF_MAX_BYTES = const(512)  # bytes: the proof's COSE_Sign1 (about 200)
+CSR_MESSAGE_MAX_BYTES = const(1600)  # bytes: the whole up/csr message {1: csr, 2: proof}
+CERT_MAX_BYTES = const(1536)  # bytes: a device certificate (DER) in install-cert (about
+# 700 for a 128-character URN; fits COMMAND_ARGS_MAX_BYTES with the rest of the args)
+ROTATION_ID_MAX = const(0x7FFFFFFF)  # largest rotation id (the fleet's row id, 31 bits)
+
 # Chain verification
 CHAIN_RECENT_HASHES = const(64)  # batches whose hashes are kept to recognise duplicates
 CHAIN_MAX_PENDING_GAPS = const(1024)  # missing sequence numbers tracked for late arrival

@@ -7,6 +7,7 @@ topic                              what                                        w
 ``ce/v1/<device>/up/relay``        node batches a gateway forwards unchanged   a gateway
 ``ce/v1/<device>/up/status``       the device's signed status                  the device
 ``ce/v1/<device>/up/result``       the signed result of a fleet command        the device
+``ce/v1/<device>/up/csr``          a key rotation's CSR and proof              the device
 ``ce/v1/<device>/down/cmd``        signed fleet commands (QoS 1)               the fleet
 ``ce/v1/<device>/down/desired``    signed desired settings (retained)          the fleet
 =================================  ==========================================  ==========
@@ -25,15 +26,16 @@ READINGS = "readings"
 RELAY = "relay"
 STATUS = "status"
 RESULT = "result"
+CSR = "csr"
 CMD = "cmd"
 DESIRED = "desired"
-UP_KINDS = (READINGS, RELAY, STATUS, RESULT)
+UP_KINDS = (READINGS, RELAY, STATUS, RESULT, CSR)
 DOWN_KINDS = (CMD, DESIRED)
 
 
 def up(device: str, kind: str, prefix: str = PREFIX) -> str:
     """The topic ``device`` publishes ``kind`` on (``readings``, ``relay``, ``status``,
-    ``result``)."""
+    ``result``, ``csr``)."""
     return "%s/%s/up/%s" % (prefix, device, kind)
 
 

@@ -13,7 +13,8 @@ first that refuses decides:
  #    rule                                                refused as                  strike
 ====  ==================================================  ==========================  ======
  1    the topic is ``ce/v1/<urn>/up/readings|relay|``     ``bad_topic`` (not kept)
-      ``result``
+      ``result|csr`` (a ``csr``, a key rotation's request,
+      goes to ``rotation_ingest``'s own rules)
  2    the publisher is registered                         ``unknown_device``
  3    ... and provisioned or active                       ``not_accepting``
  4    the envelope is a COSE_Sign1                        ``malformed``               M
@@ -83,6 +84,7 @@ RESULT = "result"  # a result taken
 READINGS = topics.READINGS
 RELAY = topics.RELAY
 RESULTS = topics.RESULT  # the topic kind
+CSRS = topics.CSR  # a key rotation's request (``rotation_ingest`` decides)
 FORGERY = "forgeries"  # strikes, named as the device's counters
 MALFORMED = "malformed"
 ACCEPTING = (DeviceState.provisioned, DeviceState.active)
@@ -138,7 +140,7 @@ class Acceptance:
         """``(publisher, kind)`` of a topic the ingest takes, else None (rule 1)."""
         parsed = topics.parse(topic)
         if parsed is None or parsed[1] != topics.UP or parsed[2] not in (READINGS, RELAY,
-                                                                          RESULTS):
+                                                                          RESULTS, CSRS):
             return None
         try:
             batchmod.check_device_id(parsed[0])

@@ -28,6 +28,7 @@ from cityedge_fleet.api import (
     enroll_routes,
     enroll_ticket,
     errors,
+    rotations,
     tokens,
 )
 from cityedge_fleet.body_limits import BodyLimits, route_limits
@@ -46,7 +47,7 @@ def health() -> dict[str, str]:
 
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
-           enroll_ticket.router, audit_routes.router, commands.router)
+           enroll_ticket.router, audit_routes.router, commands.router, rotations.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -8,11 +8,13 @@ client id). Each identity is one of:
 ==================  =========================  ==============================================
 CN                  kind                       may
 ==================  =========================  ==============================================
-``urn:dev:...``     ``device``                 publish ``ce/v1/<cn>/up/+``; subscribe to, and
+``urn:dev:...``     ``device``                 publish ``ce/v1/<cn>/up/+`` (its own ``up/csr``
+                                               too, a key rotation's request, and no other
+                                               device's); subscribe to, and
                                                receive, only ``ce/v1/<cn>/down/...``
 ``fleet-ingest``    ``ingest``                 subscribe to the ingest's shared subscriptions
                                                (``$share/<group>/ce/v1/+/up/readings|relay|
-                                               result``) and receive what they carry;
+                                               result|csr``) and receive what they carry;
                                                nothing else
 ``fleet-commands``  ``commands``               publish ``ce/v1/+/down/cmd|desired``
 ``fleet-control``   ``control``                publish to the dynamic security plugin's
@@ -100,7 +102,7 @@ def check_share_group(group: str) -> str:
     return group
 
 
-INGEST_KINDS = (topics.READINGS, topics.RELAY, topics.RESULT)  # what the ingest takes
+INGEST_KINDS = (topics.READINGS, topics.RELAY, topics.RESULT, topics.CSR)  # the ingest's
 
 
 def ingest_filters(share_group: str) -> list[str]:

@@ -42,7 +42,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from cityedge_core import topics
-from cityedge_fleet import audit, command_queue
+from cityedge_fleet import audit, command_queue, rotation
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import utcnow
 from cityedge_host.backoff import Backoff
@@ -159,6 +159,8 @@ class CommandPublisher:
                              outcome=audit.OK, target=cmd.device_id,
                              detail={"command": cmd.id, "seq": cmd.seq, "name": cmd.name,
                                      "sends": cmd.sends})
+                rotation.on_answer(session, cmd, "expired", "the fleet gave up after %d "
+                                   "sends" % cmd.sends, actor="fleet")
             session.commit()
         self.rounds += 1
         if not self.connected.is_set():

@@ -31,6 +31,12 @@ carries the HTTP status):
    the device, ``expires`` = UNIX seconds, and stored as signed: every re-send is the same
    bytes.
 
+The key rotation's commands (``rotate``, ``install-cert``, ``erase-key``:
+``RESERVED_NAMES``) are queued only by ``cityedge_fleet.rotation``, which passes their
+CBOR arguments as ``wire_args`` (integer keys, bytes: what the device reads) and a JSON
+record of them as ``args``; anyone else asking for those names is refused (422), so a
+rotation's state is never moved by a command it did not send.
+
 Everything happens in the caller's transaction; the caller audits and commits.
 """
 
@@ -46,6 +52,7 @@ from sqlmodel import Session, col, select
 
 from cityedge_core import cbor, limits
 from cityedge_core import command as corecmd
+from cityedge_core import rotation as corerot
 from cityedge_core.command_decode import Result
 from cityedge_core.errors import CityedgeError, MalformedError
 from cityedge_fleet.config import FleetLimits
@@ -65,6 +72,7 @@ from cityedge_host.crypto import EcSigner
 AT_BROKER = (DeviceState.provisioned, DeviceState.active)
 INT_MIN = -(2**63)  # the arguments' integers: what a device's CBOR decoder and a JSON
 INT_MAX = 2**64 - 1  # column both hold without a bignum
+RESERVED_NAMES = (corerot.ROTATE, corerot.INSTALL_CERT, corerot.ERASE_KEY)
 S = CommandState
 TRANSITIONS: dict[CommandState, frozenset[CommandState]] = {
     S.queued: frozenset({S.sent, *ANSWERED_COMMANDS, S.expired, S.cancelled}),
@@ -121,8 +129,9 @@ def _check_value(value: Any, depth: int) -> None:
 
 def queue(session: Session, *, signer: EcSigner, device_id: str, name: str, args: Any,
           expires_in_s: int | None, created_by: str, lim: FleetLimits,
-          now: dt.datetime | None = None) -> FleetCommand:
-    """Number, sign and store a command (rules in the module docstring)."""
+          now: dt.datetime | None = None, wire_args: Any = None) -> FleetCommand:
+    """Number, sign and store a command (rules in the module docstring). ``wire_args``:
+    the CBOR value signed instead of ``args`` (the rotation's commands only)."""
     device = session.exec(select(Device).where(col(Device.id) == device_id)
                           .with_for_update()).first()  # rule 5's lock, taken first
     if device is None:
@@ -134,7 +143,14 @@ def queue(session: Session, *, signer: EcSigner, device_id: str, name: str, args
         corecmd.check_name(name)
     except MalformedError as e:
         raise CommandError(422, "name: %s" % e) from e
-    check_args(args)
+    if wire_args is None:
+        if name in RESERVED_NAMES:
+            raise CommandError(422, "name: %s is sent by a key rotation only (POST "
+                               "/devices/{id}/rotate, `cityedge keys rotate-device`)" % name)
+        check_args(args)
+        wire_args = args
+    elif len(cbor.dumps(wire_args)) > limits.COMMAND_ARGS_MAX_BYTES:
+        raise CommandError(422, "args: over %d bytes as CBOR" % limits.COMMAND_ARGS_MAX_BYTES)
     expires_in = expires_in_s if expires_in_s is not None else lim.command_expires_default_s
     if not 0 < expires_in <= lim.command_expires_max_s:
         raise CommandError(422, "expires_in_s: 1..%d seconds" % lim.command_expires_max_s)
@@ -151,7 +167,7 @@ def queue(session: Session, *, signer: EcSigner, device_id: str, name: str, args
     now = (now or utcnow()).replace(microsecond=0)
     expires_at = now + dt.timedelta(seconds=expires_in)
     signed = corecmd.encode_command(signer, signer.kid, name, device_id, seq,
-                                    int(expires_at.timestamp()), args)
+                                    int(expires_at.timestamp()), wire_args)
     row = FleetCommand(device_id=device_id, seq=seq, name=name, args=args, signed=signed,
                        kid=signer.kid.hex(), created_by=created_by, created_at=now,
                        expires_at=expires_at, next_try_at=now)

@@ -27,7 +27,12 @@ stores their ``Decision``:
 4. a device's signed result of a fleet command (``up/result``) is verified with the
    device's key and matched to its command by the acceptance rules 4x-12x, and recorded
    on the command (``command_queue.record_result``, audited ``command.result``);
-5. a device whose batch arrives after ``command_silence_s`` without one (or its first
+5. a device's key rotation (``rotation_ingest``): its ``up/csr`` message is checked by
+   the desk's own rules (every refusal audited) and answered with a certificate; the
+   first batch stored with a rotation's new key proves it (the old certificate is revoked
+   in the same transaction, and the CRL re-signed and the broker reloaded after the
+   commit);
+6. a device whose batch arrives after ``command_silence_s`` without one (or its first
    batch ever) is back: its unanswered commands are due again at once
    (``command_queue.resend_now``, in the same transaction; ``on_return`` is told after
    the commit, so ``fleet serve``'s publisher sends them now, not at its next look).
@@ -48,7 +53,15 @@ from cityedge_core import batch as batchmod
 from cityedge_core import chain, command_decode, limits
 from cityedge_core.chain import KeyEntry
 from cityedge_core.errors import MalformedError, PeerError, SignatureError
-from cityedge_fleet import acceptance, audit, command_queue, reading_rows, registry
+from cityedge_fleet import (
+    acceptance,
+    audit,
+    command_queue,
+    reading_rows,
+    registry,
+    rotation,
+    rotation_ingest,
+)
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest_store import ChainStates, ReadingRow, ReadingRows
 from cityedge_fleet.models import (
@@ -75,6 +88,7 @@ DEAD_LETTER = "dead_letter"  # kept aside: the database refused it alone (ingest
 READINGS = acceptance.READINGS  # topic kinds the ingest takes
 RELAY = acceptance.RELAY
 RESULTS = acceptance.RESULTS
+CSRS = acceptance.CSRS
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -191,8 +205,10 @@ class Ingestor:
 
     def __init__(self, engine: Engine, settings: Settings,
                  on_quarantine: Callable[[list[str]], None] | None = None,
-                 on_return: Callable[[list[str]], None] | None = None) -> None:
+                 on_return: Callable[[list[str]], None] | None = None,
+                 rotations: rotation_ingest.RotationDesk | None = None) -> None:
         self.engine = engine
+        self.rotations = rotations or rotation_ingest.RotationDesk(settings)
         self.settings = settings
         self.keyring = Keyring(settings.limits.keyring_max_age_s)
         lim = settings.limits
@@ -232,7 +248,9 @@ class Ingestor:
                 session.commit()
             except BaseException as e:
                 group.readings.abort(e)  # a COPY in progress ends with the error
+                self.rotations.crl_due = False  # nothing was revoked
                 raise
+            self.rotations.publish_crl(session)
         for outcome in outcomes:
             self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
         if self._quarantined and self.on_quarantine is not None:
@@ -249,6 +267,8 @@ class Ingestor:
             log.warning("ignoring message on %r: not a readings or relay topic", topic)
             return self._keep(group, None, rules.bad_topic())
         publisher_id, kind = parsed
+        if kind == CSRS:
+            return self._csr(group, publisher_id, payload)
         publisher = group.device(publisher_id)
         refusal = rules.publisher(publisher_id, publisher)
         if refusal is not None or publisher is None:
@@ -283,10 +303,10 @@ class Ingestor:
         if not decision.taken:
             return self._keep(group, publisher, decision)
         device = publisher if node is None else node
-        return self._take(group, kind, publisher, device, verdict, decision)
+        return self._take(group, kind, publisher, device, verdict, decision, bytes(kid))
 
     def _take(self, group: _Group, kind: str, publisher: Device, device: Device,
-              verdict: chain.Verdict, decision: acceptance.Decision) -> Outcome:
+              verdict: chain.Verdict, decision: acceptance.Decision, kid: bytes) -> Outcome:
         """Store a batch the rules took: its readings (or a drop record's event)."""
         session = group.session
         b = verdict.batch
@@ -316,6 +336,7 @@ class Ingestor:
                 self.settings.limits.command_silence_s:
             group.returned.add(device.id)  # its first batch ever, or the first in a while
         device.last_seen = now
+        self.rotations.batch_taken(session, device.id, kid, b.seq, group.audits)
         if device not in session:  # read by this session: its changes are tracked already
             session.add(device)  # (add walks the relationship cascades on every call)
         return Outcome(decision.status, device.id, count, decision.via)
@@ -352,11 +373,20 @@ class Ingestor:
         if not decision.taken or cmd is None:
             return self._keep(group, publisher, decision)
         old = command_queue.record_result(session, cmd, result, payload)
+        rotation.on_answer(session, cmd, result.outcome, result.detail,
+                           actor="device:%s" % signer, audits=group.audits)
         group.audits.append({"actor": "device:%s" % signer, "action": "command.result",
                              "outcome": audit.OK, "target": signer,
                              "detail": {"command": cmd.id, "seq": cmd.seq, "name": cmd.name,
                                         "outcome": result.outcome, "was": old.value}})
         return Outcome(decision.status, signer)
+
+    def _csr(self, group: _Group, publisher_id: str, payload: bytes) -> Outcome:
+        """A key rotation's CSR (``rotation_ingest``: its own rules, each refusal audited)."""
+        got = self.rotations.take_csr(group.session, publisher_id, payload, group.audits)
+        if group.device(publisher_id) is not None:
+            self._event(group.session, publisher_id, got.status, got.rotation, got.detail)
+        return Outcome(got.status, publisher_id)
 
     def _keep(self, group: _Group, publisher: Device | None,
               decision: acceptance.Decision) -> Outcome:

@@ -4,7 +4,11 @@
 - ``command DEVICE NAME``: queue a signed command for a device (``command_queue``; the
   publisher of ``fleet serve`` delivers it);
 - ``commands DEVICE``: the device's commands, their delivery and answers;
-- ``cancel ID``: stop delivering one.
+- ``cancel ID``: stop delivering one;
+- ``rotate-device DEVICE``: rotate a device's key (``rotation``; the protocol is in
+  ``cityedge_core.rotation``), ``rotations DEVICE``: its rotations and their state;
+- ``revoke DEVICE --reason key-compromise``: emergency revocation (``revoke``): every
+  certificate revoked, CRL re-signed, broker reloaded, the device cut and quarantined.
 
 Like ``fleet create-token`` they work on the fleet's database and files directly (the
 settings of ``fleet serve``), and every change is audited with actor ``cli``.
@@ -126,7 +130,7 @@ def cancel_command(
     command_id: Annotated[int, typer.Argument(help="The command's id (see `commands`).")],
 ) -> None:
     """Stop delivering a command still queued or sent."""
-    from cityedge_fleet import audit, command_queue
+    from cityedge_fleet import audit, command_queue, rotation
 
     settings = load_settings()
     with Session(_engine(settings)) as session:
@@ -141,5 +145,107 @@ def cancel_command(
                      target=cmd.device_id, source="local",
                      detail={"command": command_id, "seq": cmd.seq, "name": cmd.name,
                              "was": old.value})
+        rotation.on_answer(session, cmd, "cancelled", "cancelled by cli", actor="cli")
         session.commit()
     print("command %d cancelled (was %s)" % (command_id, old.value))
+
+
+@keys_app.command("rotate-device")
+def rotate_device_command(
+    device: Annotated[str, typer.Argument(help="The device's URN.")],
+) -> None:
+    """Rotate DEVICE's key: queue the signed rotate command; `fleet serve` delivers it and
+    the ingest takes the device's CSR, issues the new certificate and revokes the old one
+    once a batch signed with the new key is stored (see `keys rotations DEVICE`)."""
+    from cityedge_fleet import audit, command_key, command_queue, rotation
+
+    settings = load_settings()
+    signer = command_key.from_settings(settings)
+    with Session(_engine(settings)) as session:
+        try:
+            rot = rotation.start_rotation(session, device, by="cli", signer=signer,
+                                          lim=settings.limits)
+            session.commit()
+        except (rotation.RotationError, command_queue.CommandError, IntegrityError) as e:
+            session.rollback()
+            why = str(e) if not isinstance(e, IntegrityError) else \
+                "another change to the device at the same moment; try again"
+            audit.record(session, actor="cli", action="rotation.start",
+                         outcome=audit.REFUSED, target=device, source="local",
+                         detail={"why": why})
+            raise UserError("rotation refused: %s" % why) from e
+        print("rotation %d of %s: %s (old key %s); the rotate command is queued"
+              % (rot.id or 0, device, rot.state, rot.old_kid))
+
+
+@keys_app.command("rotations")
+def rotations_command(
+    device: Annotated[str, typer.Argument(help="The device's URN.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, one object per rotation.")]
+    = False,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest first.")] = 20,
+) -> None:
+    """DEVICE's key rotations: state, keys, and why one failed."""
+    from cityedge_fleet import rotation
+    from cityedge_fleet.models import Device
+
+    settings = load_settings()
+    with Session(_engine(settings)) as session:
+        if session.get(Device, device) is None:
+            raise UserError("no device %s" % device)
+        rows = [rotation.to_public(r) for r in rotation.of_device(session, device,
+                                                                  limit=limit)]
+    if as_json:
+        json.dump([r.model_dump(mode="json") for r in rows], sys.stdout, indent=1)
+        print()
+        return
+    print("%6s %-12s %-16s %-16s %-25s %s" % ("id", "state", "old kid", "new kid",
+                                              "updated", "reason"))
+    for r in rows:
+        print("%6d %-12s %-16s %-16s %-25s %s" % (
+            r.id, r.state.value, r.old_kid, r.new_kid or "-",
+            r.updated_at.isoformat(timespec="seconds"), r.reason))
+
+
+@keys_app.command("revoke")
+def revoke_command(
+    device: Annotated[str, typer.Argument(help="The device's URN.")],
+    reason: Annotated[str, typer.Option(help="key-compromise, ca-compromise, "
+                                        "affiliation-changed, superseded, "
+                                        "cessation-of-operation or unspecified.")]
+    = "key-compromise",
+    note: Annotated[str, typer.Option(help="Free text for the audit log.")] = "",
+) -> None:
+    """Emergency revocation of DEVICE: every certificate revoked, the CRL re-signed and the
+    broker reloaded, the device cut at the broker and quarantined; the ingest refuses its
+    batches from now on."""
+    from cityedge_fleet import revoke
+    from cityedge_fleet.broker_sync import BrokerAccess
+    from cityedge_fleet.ca import CaError, CertificateAuthority
+    from cityedge_fleet.models import RevokeReason
+
+    try:
+        why = RevokeReason(reason)
+    except ValueError as e:
+        raise UserError("--reason %s is not a revocation reason" % reason,
+                        "one of: %s" % ", ".join(r.value for r in RevokeReason)) from e
+    settings = load_settings()
+    try:
+        ca = CertificateAuthority(settings.ca_dir)
+    except CaError as e:
+        raise UserError(str(e), "run it where the fleet's CA directory is") from e
+    broker = BrokerAccess.from_settings(settings)
+    try:
+        with Session(_engine(settings)) as session:
+            try:
+                done = revoke.revoke_device(session, device_id=device, reason=why, note=note,
+                                            by="cli", source="local", ca=ca,
+                                            settings=settings, broker=broker)
+            except revoke.RevokeError as e:
+                raise UserError(str(e)) from e
+    finally:
+        broker.close()
+    print("%s revoked (%s): %d certificates (%s), device %s, broker %s" % (
+        device, why.value, len(done.revoked), ", ".join(done.revoked) or "none left",
+        done.state.value, "cut" if done.broker_cut else "NOT told (the CRL refuses it; "
+        "the reconciler cuts it)"))

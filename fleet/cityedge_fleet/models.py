@@ -646,3 +646,91 @@ class CommandPublic(SQLModel):
     result_detail: str
     result_data: Any = None  # the device's data as JSON (bytes as hex)
     finished_by: str
+
+
+# ---------------------------------------------------------------------------- key rotation
+
+
+class RotationState(StrEnum):
+    """``pending -> sent -> csr-received -> issued -> proven -> old-revoked``, or ``failed``
+    (with the reason): ``cityedge_fleet.rotation`` moves it, ``cityedge_core.rotation``
+    has the protocol."""
+
+    pending = "pending"  # created; its rotate command not queued yet (a campaign's wave)
+    sent = "sent"  # the signed rotate command is queued for the device
+    csr_received = "csr-received"  # a CSR with a valid proof of the current key came
+    issued = "issued"  # the new certificate is issued; install-cert queued
+    proven = "proven"  # a batch signed with the new key was stored; old cert revoked
+    old_revoked = "old-revoked"  # the device erased the old key: done
+    failed = "failed"
+
+
+OPEN_ROTATIONS = (RotationState.pending, RotationState.sent, RotationState.csr_received,
+                  RotationState.issued, RotationState.proven)
+
+
+class KeyRotation(SQLModel, table=True):
+    """One device's move from its current key to a new one (``cityedge_fleet.rotation``)."""
+
+    __tablename__ = "key_rotation"
+    __table_args__ = (Index("ix_key_rotation_device_state", "device_id", "state"),)
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", max_length=128)
+    campaign_id: int | None = Field(default=None, index=True)  # set by a campaign
+    state: RotationState = Field(default=RotationState.pending, index=True,
+                                 sa_type=AutoString(16))
+    reason: str = Field(default="", max_length=EVENT_DETAIL_MAX)  # why it failed
+    old_kid: str = Field(default="", max_length=16)  # the key being replaced, hex
+    new_kid: str | None = Field(default=None, max_length=16)  # the new key's, hex
+    new_serial: str | None = Field(default=None, max_length=64)  # its certificate's, hex
+    csr_sha256: str | None = Field(default=None, max_length=64)
+    rotate_command_id: int | None = None
+    install_command_id: int | None = None
+    erase_command_id: int | None = None
+    proven_seq: int | None = Field(default=None, sa_type=BigInteger)  # first batch by new
+    created_by: str = Field(max_length=TEXT_MAX)
+    created_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class KeyRotationPublic(SQLModel):
+    id: int
+    device_id: str
+    campaign_id: int | None
+    state: RotationState
+    reason: str
+    old_kid: str
+    new_kid: str | None
+    new_serial: str | None
+    rotate_command_id: int | None
+    install_command_id: int | None
+    erase_command_id: int | None
+    proven_seq: int | None
+    created_by: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class RevokeReason(StrEnum):
+    """RFC 5280 §5.3.1 reasons an emergency revocation may give."""
+
+    key_compromise = "key-compromise"
+    ca_compromise = "ca-compromise"
+    affiliation_changed = "affiliation-changed"
+    superseded = "superseded"
+    cessation_of_operation = "cessation-of-operation"
+    unspecified = "unspecified"
+
+
+class RevokeRequest(InputModel):
+    reason: RevokeReason = RevokeReason.key_compromise
+    note: str = Field(default="", max_length=256)
+
+
+class RevokePublic(SQLModel):
+    device_id: str
+    reason: RevokeReason
+    state: DeviceState
+    revoked: list[str]  # certificate serials (hex) revoked now
+    broker_cut: bool  # the broker was told to cut and kick the device
+    crl_serials: int  # certificates the re-signed CRL lists

@@ -69,7 +69,7 @@ def test_the_ingest_may_only_hold_its_shared_subscriptions() -> None:
     acls = broker_acl.acls_for("fleet-ingest-2", "secret-group-7")
     assert _allowed(acls, "subscribeLiteral") == {
         "$share/secret-group-7/ce/v1/+/up/readings", "$share/secret-group-7/ce/v1/+/up/relay",
-        "$share/secret-group-7/ce/v1/+/up/result"}
+        "$share/secret-group-7/ce/v1/+/up/result", "$share/secret-group-7/ce/v1/+/up/csr"}
     assert not _allowed(acls, "publishClientSend")
 
 

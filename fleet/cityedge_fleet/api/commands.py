@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from cityedge_fleet import audit, command_queue
+from cityedge_fleet import audit, command_queue, rotation
 from cityedge_fleet.api.deps import CommandKeyDep, ReaderDep, SecurityDep, SettingsDep
 from cityedge_fleet.auth import client_address
 from cityedge_fleet.command_queue import CommandError
@@ -131,5 +131,7 @@ def cancel_command(command_id: CommandId, request: Request, session: SessionDep,
                  target=cmd.device_id, source=client_address(request),
                  detail={"command": command_id, "seq": cmd.seq, "name": cmd.name,
                          "was": old.value})
+    rotation.on_answer(session, cmd, "cancelled", "cancelled by %s" % who.name,
+                       actor=who.name)
     session.commit()
     return command_queue.to_public(cmd)
