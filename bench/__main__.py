@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
+from bench import rotation as rotation_bench
 from bench.machine import describe
 
 
@@ -34,6 +35,9 @@ def main() -> None:
     f = fleet_bench.run()
     results["fleet"] = f
     fleet_bench.report(f)
+    rot = rotation_bench.run()
+    results["rotation"] = rot
+    rotation_bench.report(rot)
     fw = firmware.firmware_bench()
     results["firmware"] = fw
     firmware.report(fw)

@@ -4,7 +4,8 @@ certificate's revocation. Protocol: ``cityedge_core.rotation``; states:
 ``cityedge_fleet.rotation``.
 
 ``RotationDesk.take_csr`` applies, in order (the first failure refuses; every refusal is
-an ``IngestEvent`` and an audit row ``rotation.csr`` with outcome ``refused``):
+an ``IngestEvent`` and an audit row ``rotation.csr`` with outcome ``refused``; a taken one
+is audited as its rotation's ``rotation.csr-received`` and ``rotation.issued``):
 
 ====  ===============================================================  ==================  ======
  #    rule                                                             refused as          fails
@@ -115,11 +116,11 @@ class RotationDesk:
                  audits: list[dict[str, Any]]) -> CsrOutcome:
         """The rules above; the caller records the outcome's event and commits."""
         outcome = self._check_and_issue(session, publisher_id, payload, audits)
-        audits.append({"actor": "device:%s" % publisher_id, "action": "rotation.csr",
-                       "outcome": audit.OK if outcome.status == CSR_TAKEN else audit.REFUSED,
-                       "target": publisher_id,
-                       "detail": {"status": outcome.status, "rotation": outcome.rotation,
-                                  "why": outcome.detail}})
+        if outcome.status != CSR_TAKEN:  # a taken one is audited by its transitions
+            audits.append({"actor": "device:%s" % publisher_id, "action": "rotation.csr",
+                           "outcome": audit.REFUSED, "target": publisher_id,
+                           "detail": {"status": outcome.status, "rotation": outcome.rotation,
+                                      "why": outcome.detail}})
         return outcome
 
     def _check_and_issue(self, session: Session, device_id: str, payload: bytes,

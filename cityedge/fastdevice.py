@@ -1,0 +1,415 @@
+"""A fast device on CPython: the real protocol (the shared core's batches, commands, results
+and key rotation) over real mTLS MQTT (aiomqtt), cheap enough to run a thousand in one
+process (asyncio), for campaigns and benches that the unix-port firmware is too slow for.
+
+What it does, as a device does:
+
+- **streams** a signed batch (``cityedge_core.batch.BatchWriter``, the host's OpenSSL
+  signer) every ``interval_s`` on ``ce/v1/<id>/up/readings`` at QoS 1; a batch stays in
+  the outbox until the broker acknowledged it, and is sent again after a reconnect (the
+  chain classifies a second copy as a duplicate: nothing is lost);
+- **obeys signed commands** on ``down/cmd`` by the rules of the firmware's gate
+  (``cityedge_fw.commands``, written again here from the core because that module is the
+  device's): the exact envelope form (``cose.split_sign1``), a trusted fleet kid and its
+  signature, a map whose target is this device, not expired, and a seq above the last one
+  taken (persisted before the command runs). Each authentic command is answered with a
+  signed result (``command.encode_result``) on ``up/result``; a seq answered before is
+  answered again with the same bytes (the fleet re-sends when an answer was lost);
+- **rotates its key** (``cityedge_core.rotation``) with two key slots on disk:
+  ``slot0.key``/``slot0.crt`` and ``slot1.key``/``slot1.crt``, the file ``current``
+  naming the slot in use, ``state.json`` the last command seq and the pending rotation.
+  Every file is written atomically (``cityedge_host.files.write_atomic``) and the
+  ``current`` pointer last, so at any cut the device has a key whose certificate the fleet
+  issued: ``rotate`` makes a key in the other slot and sends the CSR proven by the current
+  key; ``install-cert`` checks the certificate holds the pending key, stores it, answers
+  ``ok``, moves the pointer and reconnects with the new key and certificate, signing the
+  next batch with it (its ``prev`` is the last batch under the old key); ``erase-key``
+  deletes the named key only if it is not the current one.
+
+``provision(directory, ...)`` gives a device its identity (a key and chain the fleet
+issued, the CA, the fleet's command keys); ``FastDevice.load(directory, ...)`` opens it;
+``run()`` streams until ``stop()``. Counters in ``stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from cityedge_core import batch as batchmod
+from cityedge_core import cbor, command, cose, csr, limits, rotation, senml, topics
+from cityedge_core.errors import MalformedError, PeerError, SignatureError, UnknownKeyError
+from cityedge_host.backoff import Backoff
+from cityedge_host.crypto import EcSigner, EcVerifier, load_signer, public_sec1
+from cityedge_host.files import write_atomic
+
+log = logging.getLogger(__name__)
+ANSWERS_KEPT = 16  # results kept to answer a re-sent command again with the same bytes
+RECONNECT_MIN_S = 0.2  # seconds: first wait after a failed connect (doubling, jittered)
+RECONNECT_MAX_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+class CommandRefused(PeerError):
+    """An authentic command that is not for this device or not for now."""
+
+
+@dataclass
+class FastStats:
+    connects: int = 0
+    connect_failures: int = 0
+    last_error: str = ""
+    signed: int = 0  # batches signed
+    published: int = 0  # batches the broker acknowledged
+    results: int = 0  # results published
+    refused: int = 0  # commands refused (authentic, not for now)
+    forged: int = 0  # commands whose envelope, key or signature was refused
+    rotations: int = 0  # certificates installed (key switches)
+    erased: int = 0  # old keys erased
+    commands: list[str] = field(default_factory=list)  # names taken, in order
+
+
+class _CoreKey:
+    """A host signer in the shape ``csr.build_csr`` wants (``public_key().to_sec1()``)."""
+
+    def __init__(self, signer: EcSigner) -> None:
+        self.signer = signer
+
+    def public_key(self) -> _CoreKey:
+        return self
+
+    def to_sec1(self) -> bytes:
+        return public_sec1(self.signer.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.signer.sign(message)
+
+
+def _pem(der: bytes) -> str:
+    return csr.pem("CERTIFICATE", der)
+
+
+def provision(directory: Path, *, device_id: str, signer: EcSigner, chain_pem: str,
+              ca_pem: str, fleet_keys: list[str]) -> Path:
+    """Give a device directory its first identity (slot 0): key, chain (leaf first), the
+    CA bundle it trusts for the broker, and the fleet's command keys (SEC1 hex)."""
+    batchmod.check_device_id(device_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    leaf_end = chain_pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
+    write_atomic(directory / "identity.json", json.dumps(
+        {"device_id": device_id, "fleet_keys": fleet_keys,
+         "chain_tail": chain_pem[leaf_end:].strip() + "\n"}).encode(), 0o644)
+    write_atomic(directory / "ca.pem", ca_pem.encode(), 0o644)
+    write_atomic(directory / "slot0.key", signer.private_pem(), 0o600)
+    write_atomic(directory / "slot0.crt", chain_pem.encode(), 0o644)
+    write_atomic(directory / "state.json", json.dumps({"cmd_seq": 0}).encode(), 0o600)
+    write_atomic(directory / "current", b"0", 0o644)
+    return directory
+
+
+class FastDevice:
+    """One device (module docstring). Not thread-safe: one asyncio loop."""
+
+    def __init__(self, directory: Path, host: str, port: int, *, interval_s: float = 1.0,
+                 readings: int = 10, clock: Any = time.time) -> None:
+        self.dir = directory
+        self.host = host
+        self.port = port
+        self.interval_s = interval_s
+        self.readings = readings
+        self.clock = clock
+        ident = json.loads((directory / "identity.json").read_text())
+        self.id: str = ident["device_id"]
+        self.chain_tail: str = ident["chain_tail"]
+        self.fleet_keys = {cose.kid_for_public_key(bytes.fromhex(k)):
+                           EcVerifier.from_sec1(bytes.fromhex(k)) for k in ident["fleet_keys"]}
+        self.state: dict[str, Any] = json.loads((directory / "state.json").read_text())
+        self.slot = int((directory / "current").read_text())
+        self.signer = load_signer(self._path(self.slot, "key"))
+        self.writer = batchmod.BatchWriter(self.id, self.signer, self.signer.kid)
+        self.outbox: list[bytes] = []  # signed, not acknowledged yet (oldest first)
+        self.answers: OrderedDict[int, bytes] = OrderedDict()
+        self.stats = FastStats()
+        self.boot = 1
+        self.sampling = True  # False: sign nothing more (what is signed is still sent)
+        self._client: aiomqtt.Client | None = None
+        self._switch = asyncio.Event()  # set: reconnect with the current slot
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    # -- files --------------------------------------------------------------------------
+
+    def _path(self, slot: int, kind: str) -> Path:
+        return self.dir / ("slot%d.%s" % (slot, kind))
+
+    def _save_state(self) -> None:
+        write_atomic(self.dir / "state.json", json.dumps(self.state).encode(), 0o600)
+
+    def key_slots(self) -> dict[int, str]:
+        """Slot -> kid (hex) of every key on disk."""
+        return {s: load_signer(self._path(s, "key")).kid.hex() for s in (0, 1)
+                if self._path(s, "key").exists()}
+
+    def tls_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(self._path(self.slot, "crt")), str(self._path(self.slot,
+                                                                              "key")))
+        return ctx
+
+    # -- readings -----------------------------------------------------------------------
+
+    def sign_batch(self) -> bytes:
+        t0 = float(int(self.clock()))
+        recs: list[dict[int, Any]] = [{senml.BN: self.id + ":", senml.BT: t0,
+                                       senml.N: "pm25", senml.U: "ug/m3", senml.V: 1.5}]
+        recs += [{senml.N: "pm25", senml.T: float(i), senml.V: 1.5 + i}
+                 for i in range(1, self.readings)]
+        data = self.writer.sign(recs, boot=self.boot)
+        self.stats.signed += 1
+        self.outbox.append(data)
+        self._wake.set()
+        return data
+
+    # -- commands -----------------------------------------------------------------------
+
+    def check(self, data: bytes) -> tuple[str, int, Any]:
+        """The firmware gate's rules (module docstring): ``(name, seq, args)`` or a
+        ``PeerError`` (``CommandRefused`` for an authentic one that is not for now)."""
+        kid, protected, payload, sig = cose.split_sign1(data, limits.COMMAND_MAX_BYTES)
+        verifier = self.fleet_keys.get(bytes(kid))
+        if verifier is None:
+            raise UnknownKeyError("command: signed by unknown key %s" % bytes(kid).hex())
+        if not verifier.verify(cose.sig_structure(protected, payload), sig):
+            raise SignatureError("command: signature does not verify")
+        obj = cbor.loads(payload, max_bytes=limits.COMMAND_MAX_BYTES)
+        if not isinstance(obj, dict):
+            raise MalformedError("command: payload is not a map")
+        name, target = obj.get(command.C_NAME), obj.get(command.C_TARGET)
+        seq, expires = obj.get(command.C_SEQ), obj.get(command.C_EXPIRES)
+        if not isinstance(name, str) or not isinstance(target, str):
+            raise MalformedError("command: name and target must be text")
+        if not isinstance(seq, int) or not isinstance(expires, int) or not _is_uint(seq) \
+                or not _is_uint(expires):
+            raise MalformedError("command: seq and expires must be unsigned integers")
+        if target != self.id:
+            raise CommandRefused("command: for %s, not this device" % target)
+        now = self.clock()
+        if now >= expires:
+            raise CommandRefused("command: expired %d s ago" % (now - expires))
+        last = int(self.state.get("cmd_seq", 0))
+        if seq <= last:
+            raise CommandRefused("command: seq %d is not after %d (replay)" % (seq, last))
+        self.state["cmd_seq"] = seq
+        self._save_state()  # taken for good before it runs: a cut cannot replay it
+        return name, seq, obj.get(command.C_ARGS)
+
+    async def on_command(self, data: bytes) -> None:
+        try:
+            name, seq, args = self.check(data)
+        except CommandRefused as e:  # authentic: its payload may be read (not before)
+            refused_seq = _seq_of(data)
+            old = self.answers.get(refused_seq) if refused_seq is not None else None
+            if old is not None and "replay" in str(e):
+                await self._publish_result(old)  # the same answer again
+                return
+            self.stats.refused += 1
+            refused_name = _name_of(data)
+            if refused_seq is not None and refused_name is not None:
+                await self._answer(refused_name, refused_seq, command.REFUSED, str(e))
+            return
+        except PeerError as e:
+            self.stats.forged += 1
+            log.info("%s: command refused: %s", self.id, e)
+            return
+        self.stats.commands.append(name)
+        try:
+            outcome, detail, after = await self._run(name, args)
+        except PeerError as e:
+            outcome, detail, after = command.REFUSED, str(e), None
+        except OSError as e:
+            outcome, detail, after = command.FAILED, str(e), None
+        await self._answer(name, seq, outcome, detail)
+        if after is not None:
+            after()
+
+    async def _run(self, name: str, args: Any) -> tuple[str, str, Any]:
+        if name == rotation.ROTATE:
+            return await self._rotate(rotation.rotate_args(args))
+        if name == rotation.INSTALL_CERT:
+            rid, der = rotation.install_cert_args(args)
+            return self._install(rid, der)
+        if name == rotation.ERASE_KEY:
+            rid, kid = rotation.erase_key_args(args)
+            return self._erase(rid, kid)
+        if name == "status":
+            return command.OK, "seq %d, slot %d" % (self.writer.seq, self.slot), None
+        return command.REFUSED, "unknown command %s" % name, None
+
+    async def _answer(self, name: str, seq: int, outcome: str, detail: str) -> None:
+        data = command.encode_result(self.signer, self.signer.kid, name, self.id, seq,
+                                     outcome, detail)
+        self.answers[seq] = data
+        while len(self.answers) > ANSWERS_KEPT:
+            self.answers.popitem(last=False)
+        await self._publish_result(data)
+
+    async def _publish_result(self, data: bytes) -> None:
+        client = self._client
+        if client is None:
+            return  # not connected: the fleet sends the command again, we answer again
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(topics.up(self.id, topics.RESULT), data, qos=1)
+            self.stats.results += 1
+
+    # -- rotation -----------------------------------------------------------------------
+
+    async def _rotate(self, rid: int) -> tuple[str, str, Any]:
+        other = 1 - self.slot
+        new = EcSigner.generate()
+        self._path(other, "crt").unlink(missing_ok=True)  # a stale certificate goes first
+        write_atomic(self._path(other, "key"), new.private_pem(), 0o600)
+        self.state["pending"] = {"rotation": rid, "slot": other}
+        self._save_state()
+        der = csr.build_csr(_CoreKey(new), self.id)
+        msg = rotation.csr_message(self.signer, self.signer.kid, self.id, rid, der)
+        client = self._client
+        if client is None:
+            raise OSError("not connected")
+        try:
+            await client.publish(topics.up(self.id, topics.CSR), msg, qos=1)
+        except aiomqtt.MqttError as e:
+            raise OSError("CSR not sent: %s" % e) from e
+        return command.OK, "csr sent for key %s" % new.kid.hex(), None
+
+    def _install(self, rid: int, der: bytes) -> tuple[str, str, Any]:
+        pending = self.state.get("pending") or {}
+        if pending.get("rotation") != rid:
+            raise CommandRefused("install-cert: rotation %d is not pending here" % rid)
+        slot = int(pending["slot"])
+        new = load_signer(self._path(slot, "key"))
+        if not rotation.cert_holds_key(der, public_sec1(new.public_key)):
+            raise CommandRefused("install-cert: the certificate is not for the pending key")
+        write_atomic(self._path(slot, "crt"), (_pem(der) + self.chain_tail).encode(), 0o644)
+
+        def switch() -> None:  # after the ok is sent, under the old key
+            write_atomic(self.dir / "current", str(slot).encode(), 0o644)  # the switch
+            self.state.pop("pending", None)
+            self._save_state()
+            self.slot, self.signer = slot, new
+            self.writer.signer, self.writer.kid = new, new.kid
+            self.stats.rotations += 1
+            self._switch.set()  # reconnect with the new key and certificate
+
+        return command.OK, "installed for key %s" % new.kid.hex(), switch
+
+    def _erase(self, rid: int, kid: bytes) -> tuple[str, str, Any]:
+        if kid == self.signer.kid:
+            raise CommandRefused("erase-key: %s is the current key" % kid.hex())
+        for slot, slot_kid in self.key_slots().items():
+            if slot != self.slot and slot_kid == kid.hex():
+                self._path(slot, "key").unlink()
+                self._path(slot, "crt").unlink(missing_ok=True)
+                self.stats.erased += 1
+                return command.OK, "erased key %s" % kid.hex(), None
+        return command.OK, "no key %s here (erased already)" % kid.hex(), None
+
+    # -- the connection -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, stream and obey until ``stop()``; reconnects with backoff."""
+        backoff = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        sampler = asyncio.create_task(self._sample())
+        try:
+            while not self._stop.is_set():
+                self._switch.clear()
+                try:
+                    async with aiomqtt.Client(self.host, self.port, identifier=self.id,
+                                              tls_context=self.tls_context(), keepalive=30,
+                                              timeout=CONNECT_TIMEOUT_S) as client:
+                        self._client = client
+                        self.stats.connects += 1
+                        backoff.reset()
+                        await client.subscribe(topics.down(self.id, topics.CMD), qos=1)
+                        await self._session(client)
+                except aiomqtt.MqttError as e:
+                    self.stats.connect_failures += 1
+                    self.stats.last_error = str(e)
+                finally:
+                    self._client = None
+                if not self._switch.is_set() and not self._stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), backoff.next())
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        async def commands() -> None:
+            async for message in client.messages:
+                await self.on_command(bytes(message.payload))
+
+        reader = asyncio.create_task(commands())
+        try:
+            while not (self._stop.is_set() or self._switch.is_set()):
+                if reader.done():
+                    reader.result()  # raises the connection's error
+                    return
+                if self.outbox:
+                    await client.publish(topics.up(self.id, topics.READINGS), self.outbox[0],
+                                         qos=1)
+                    self.outbox.pop(0)
+                    self.stats.published += 1
+                    continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.2)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await reader
+
+    async def _sample(self) -> None:
+        while True:
+            if self.sampling:
+                self.sign_batch()
+            await asyncio.sleep(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _payload_of(data: bytes) -> Any:
+    try:
+        return cbor.loads(cose.split_sign1(data, limits.COMMAND_MAX_BYTES)[2])
+    except PeerError:
+        return None
+
+
+def _seq_of(data: bytes) -> int | None:
+    obj = _payload_of(data)
+    seq = obj.get(command.C_SEQ) if isinstance(obj, dict) else None
+    return seq if _is_uint(seq) else None
+
+
+def _name_of(data: bytes) -> str | None:
+    obj = _payload_of(data)
+    name = obj.get(command.C_NAME) if isinstance(obj, dict) else None
+    return name if isinstance(name, str) else None
+

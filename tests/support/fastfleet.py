@@ -1,0 +1,144 @@
+"""A real fleet (API on SQLite or PostgreSQL, ingest worker, command publisher) in front of
+a real Mosquitto (TLS, client certificates, the fleet's CRL, dynamic security), and fast
+CPython devices (``cityedge.fastdevice``) run in an asyncio loop of their own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from cityedge.fastdevice import FastDevice, provision
+from cityedge_fleet.app import create_app
+from cityedge_fleet.ca import CertificateAuthority
+from cityedge_fleet.command_publisher import CommandPublisher
+from cityedge_fleet.config import FleetLimits, Settings
+from cityedge_fleet.ingest import Ingestor
+from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+from cityedge_fleet.models import Role
+from cityedge_host.crypto import EcSigner
+
+from support.fleet import Api, csr_for, device_body
+from support.fleet_ca import fleet_ca_from_pki
+from support.mosquitto import Mosquitto, TestPKI
+from support.mqtt_probe import WAIT_S
+
+
+class Fleet(SimpleNamespace):
+    api: Api
+    broker: Mosquitto
+    settings: Settings
+    world: Path
+    pki: TestPKI
+    worker: MqttIngestWorker
+    publisher: CommandPublisher
+
+
+@contextlib.contextmanager
+def real_fleet(db_url: str, pki: TestPKI, **limits: Any) -> Iterator[Fleet]:
+    world = Path(tempfile.mkdtemp(prefix="cityedge-rot-"))
+    world.chmod(0o755)
+    ca_dir = fleet_ca_from_pki(pki, world / "ca")
+    ca_dir.chmod(0o755)
+    ca = CertificateAuthority(ca_dir)
+    ca.write_crl([], 86400)
+    broker = Mosquitto(pki, crl_file=ca.crl_path).start()
+    control, ingest = pki.service("fleet-control"), pki.service("fleet-ingest")
+    commands = pki.service("fleet-commands")
+    settings = Settings(
+        mode="development", database_url=db_url, ca_dir=ca_dir,
+        broker_url="mqtts://127.0.0.1:%d" % broker.port, broker_pid_file=broker.pid_file,
+        mqtt_port=broker.port, mqtt_ca_file=pki.ca_pem, mqtt_cert_file=ingest.cert_pem,
+        mqtt_key_file=ingest.key_pem, broker_control_cert_file=control.cert_pem,
+        broker_control_key_file=control.key_pem, commands_cert_file=commands.cert_pem,
+        commands_key_file=commands.key_pem, ingest_with_serve=False,
+        audit_key_file=world / "audit.key", command_key_file=world / "command.key",
+        limits=FleetLimits(broker_control_timeout_s=10.0, command_poll_s=0.2,
+                           ingest_group_max_s=0.05, **limits))
+    app = create_app(settings)
+    worker = publisher = None
+    try:
+        with TestClient(app) as client:
+            publisher = CommandPublisher(app.state.engine, settings, rand=lambda: 0.5).start()
+            app.state.command_publisher = publisher
+            worker = MqttIngestWorker(Ingestor(app.state.engine, settings,
+                                               on_return=publisher.wake), settings).start()
+            assert worker.subscribed.wait(WAIT_S)
+            assert publisher.connected.wait(WAIT_S)
+            yield Fleet(api=Api(client, settings), broker=broker, settings=settings,
+                        world=world, pki=pki, worker=worker, publisher=publisher)
+    finally:
+        if worker is not None:
+            worker.stop()
+        if publisher is not None:
+            publisher.stop()
+        app.state.broker_access.close()
+        app.state.engine.dispose()
+        broker.cleanup()
+        shutil.rmtree(world, ignore_errors=True)
+
+
+def enroll_fast(f: Fleet, i: int, interval_s: float = 0.2) -> tuple[FastDevice, Path]:
+    """Register and enroll device ``i`` through the API (granted at the broker by the
+    enrollment) and provision a fast device with it; also returns a copy of its first
+    key and chain (``<dir>/first``), to try them after they are revoked."""
+    body = device_body(i)
+    tech = f.api.headers(Role.technician)
+    assert f.api.client.post("/devices", json=body, headers=tech).status_code == 201
+    token = f.api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
+                              headers=tech).json()["token"]
+    signer = EcSigner.generate()
+    r = f.api.client.post("/enroll", json={"serial": body["serial"], "token": token,
+                                           "csr_pem": csr_for(signer, str(body["id"]))})
+    assert r.status_code == 200, r.text
+    enrolled = r.json()
+    d = f.world / ("dev%d" % i)
+    provision(d, device_id=str(body["id"]), signer=signer, chain_pem=enrolled["chain_pem"],
+              ca_pem=f.pki.ca_pem.read_text(), fleet_keys=enrolled["fleet_keys"])
+    first = d / "first"
+    first.mkdir()
+    (first / "key.pem").write_bytes(signer.private_pem())
+    (first / "chain.pem").write_text(enrolled["chain_pem"])
+    return FastDevice(d, "127.0.0.1", f.broker.port, interval_s=interval_s), first
+
+
+class DeviceLoop:
+    """Fast devices running in an asyncio loop on a thread of their own."""
+
+    def __init__(self, devices: list[FastDevice]) -> None:
+        self.devices = devices
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        async def main() -> None:
+            await asyncio.gather(*(d.run() for d in self.devices))
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as e:  # reported by stop()
+            self.error = e
+
+    def start(self) -> DeviceLoop:
+        self.thread.start()
+        return self
+
+    def call(self, fn: Any) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def stop(self) -> None:
+        for d in self.devices:
+            self.loop.call_soon_threadsafe(d.stop)
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "fast devices did not stop"
+        if self.error is not None:
+            raise self.error
