@@ -43,10 +43,11 @@ nothing). Every error is a ``SelectorError`` naming the term and what is allowed
 ====  =====================================================================================
 
 A member's status comes from its device's ``KeyRotation`` (``member_status``):
-``pending`` or ``sent`` with the rotate command never delivered is ``offline`` (the
-publisher sends it again when the device is back, and an offline member does not hold its
-wave: one device away, or stolen and silent, cannot stall a campaign); ``sent`` delivered,
-``csr-received`` and ``issued`` are ``active``; ``proven`` and ``old-revoked`` are ``done``
+``pending`` or ``sent`` with the rotate command tried but never delivered (the broker had
+no subscription of the device) is ``offline`` (the publisher sends it again when the device
+is back, and an offline member does not hold its wave: one device away, or stolen and
+silent, cannot stall a campaign); ``sent`` not tried yet or delivered, ``csr-received`` and
+``issued`` are ``active``; ``proven`` and ``old-revoked`` are ``done``
 (``proven``: the new key is in use and the old certificate revoked; the device's erase of
 the old key follows); ``failed`` is ``retry`` when the rotate command expired or was
 cancelled without ever reaching the device and tries are left (``max_attempts``; the wait
@@ -280,13 +281,17 @@ def parse_max_failures(text: str, members: int) -> int:
 
 
 def member_status(rotation_state: str | None, reason: str, rotate_delivered: bool,
-                  attempts: int, max_attempts: int) -> MemberStatus:
-    """A started member's status from its latest rotation (module docstring)."""
+                  attempts: int, max_attempts: int, rotate_tried: bool = True
+                  ) -> MemberStatus:
+    """A started member's status from its latest rotation (module docstring):
+    ``rotate_tried``: the publisher has tried its rotate command (the broker answered),
+    ``rotate_delivered``: ... and the device was there."""
     if rotation_state is None:
         return MemberStatus.waiting
     if rotation_state in ("pending", "sent"):
-        return MemberStatus.active if rotation_state == "sent" and rotate_delivered \
-            else MemberStatus.offline
+        if rotate_delivered or not rotate_tried:
+            return MemberStatus.active  # rotating, or its command not tried yet
+        return MemberStatus.offline
     if rotation_state in ("csr-received", "issued"):
         return MemberStatus.active
     if rotation_state in ("proven", "old-revoked"):

@@ -204,20 +204,20 @@ def refresh(session: Session, camp: RotationCampaign, rows: list[CampaignMember]
             lim: CampaignLimits = policy.LIMITS, now: dt.datetime | None = None) -> None:
     """Each started member's status and reason from its latest rotation."""
     ids = [m.rotation_id for m in rows if m.rotation_id is not None]
-    rots: dict[int, tuple[KeyRotation, int]] = {}
+    rots: dict[int, tuple[KeyRotation, int, int]] = {}
     for i in range(0, len(ids), 500):
-        for rot, sends in session.exec(
-                select(KeyRotation, FleetCommand.sends)
+        for rot, sends, tries in session.exec(
+                select(KeyRotation, FleetCommand.sends, FleetCommand.attempts)
                 .join(FleetCommand, col(FleetCommand.id) == KeyRotation.rotate_command_id,
                       isouter=True)
                 .where(col(KeyRotation.id).in_(ids[i:i + 500]))).all():
-            rots[rot.id or 0] = (rot, sends or 0)
+            rots[rot.id or 0] = (rot, sends or 0, tries or 0)
     for m in rows:
         if m.rotation_id is None or m.rotation_id not in rots:
             continue
-        rot, sends = rots[m.rotation_id]
+        rot, sends, tries = rots[m.rotation_id]
         status = policy.member_status(str(rot.state), rot.reason, sends > 0, m.attempts,
-                                      lim.max_attempts)
+                                      lim.max_attempts, tries > 0)
         if status == M.retry and camp.state in policy.FINAL:
             status = M.failed  # nothing more will be tried
         reason = rot.reason if status in (M.failed, M.retry) else ""
@@ -290,7 +290,7 @@ def _start(session: Session, camp: RotationCampaign, m: CampaignMember, *, signe
         return
     m.attempts += 1
     m.rotation_id = rot.id
-    m.status = M.offline  # not delivered yet: the publisher sends it
+    m.status = M.active  # its rotate command is queued: the publisher sends it
     m.next_try_at = None
     m.reason = ""
     session.add(m)
@@ -339,9 +339,12 @@ def _abort_undelivered(session: Session, camp: RotationCampaign, by: str) -> Non
                           reason="campaign %d aborted" % (camp.id or 0))
 
 
-def running_ids(session: Session) -> list[int]:
+def live_ids(session: Session) -> list[int]:
+    """Campaigns the runner advances: running ones, and paused ones (their members'
+    statuses kept current)."""
     return [c for c in session.exec(select(RotationCampaign.id).where(
-        col(RotationCampaign.state) == CampaignState.running)) if c is not None]
+        col(RotationCampaign.state).in_((CampaignState.running, CampaignState.paused)))
+        .order_by(col(RotationCampaign.id))) if c is not None]
 
 
 # ------------------------------------------------------------------------------ reading
@@ -349,11 +352,13 @@ def running_ids(session: Session) -> list[int]:
 
 def status(session: Session, campaign_id: int) -> dict[str, Any]:
     """The campaign's progress: counts by member status, waves, failures with reasons, and
-    each rotation's state (what ``keys status`` prints, ``GET /campaigns/{id}``)."""
+    each rotation's state (what ``keys status`` prints, ``GET /campaigns/{id}``), read
+live from the rotations; the caller does not commit."""
     camp = get(session, campaign_id)
     if camp is None:
         raise CampaignError(404, "no campaign %d" % campaign_id)
     rows = members_of(session, campaign_id)
+    refresh(session, camp, rows)  # live, also between the runner's rounds (not committed)
     states: dict[str, int] = {}
     ids = [m.rotation_id for m in rows if m.rotation_id is not None]
     for i in range(0, len(ids), 500):

@@ -130,6 +130,7 @@ def test_max_failures_refused(text: str) -> None:
 
 @pytest.mark.parametrize(("state", "reason", "delivered", "attempts", "status"), [
     (None, "", False, 0, M.waiting),
+    ("sent", "", False, 1, M.offline),
     ("pending", "", False, 1, M.offline),
     ("sent", "", False, 1, M.offline),  # the device is away: the publisher re-sends
     ("sent", "", True, 1, M.active),
@@ -148,6 +149,12 @@ def test_max_failures_refused(text: str) -> None:
 def test_member_status(state: str | None, reason: str, delivered: bool, attempts: int,
                        status: MemberStatus) -> None:
     assert c.member_status(state, reason, delivered, attempts, 3) == status
+
+
+def test_a_rotate_command_not_tried_yet_is_not_offline() -> None:
+    """A wave just started is not settled: its commands have not been tried yet."""
+    for state in ("pending", "sent"):
+        assert c.member_status(state, "", False, 1, 3, rotate_tried=False) == M.active
 
 
 def test_retry_waits_double_up_to_the_cap() -> None:
