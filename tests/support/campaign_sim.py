@@ -14,6 +14,7 @@ device: its rotation fails alone)."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,8 @@ class SimFleet:
         self.devices: dict[str, SimDevice] = {}
         self.delivered = 0
         self.absent = 0
+        self.device_s = 0.0  # seconds spent playing the devices (their keys, CSRs, signing)
+        self.fleet_s = 0.0  # seconds in the fleet's functions (publisher stand-in, ingest)
 
     def add_devices(self, n: int, *, site: str = "harbour", model: str = "ce-air-1",
                     issued: dt.datetime, days: int = 90, first: int = 0,
@@ -164,12 +167,17 @@ class SimFleet:
     def step(self, now: dt.datetime | None = None) -> int:
         """Deliver what is due and feed the devices' answers to the ingest; the number of
         commands delivered."""
+        t0 = time.perf_counter()
         cmds = self.publish(now)
+        t1 = time.perf_counter()
         msgs: list[tuple[str, bytes]] = []
         for cmd in cmds:
             msgs.extend(self.devices[cmd.device_id].answer(cmd))
+        t2 = time.perf_counter()
         for i in range(0, len(msgs), GROUP):
             self.ingest.handle_many(msgs[i:i + GROUP])
+        self.device_s += t2 - t1
+        self.fleet_s += (t1 - t0) + (time.perf_counter() - t2)
         return len(cmds)
 
     def expire(self, now: dt.datetime) -> int:
