@@ -95,6 +95,12 @@ class _CoreKey:
         return self.signer.sign(message)
 
 
+def remove(path: Path) -> None:
+    """Delete a file if it is there (the one place files are removed: a test cuts the power
+    here as it does in ``write_atomic``)."""
+    path.unlink(missing_ok=True)
+
+
 def _pem(der: bytes) -> str:
     return csr.pem("CERTIFICATE", der)
 
@@ -121,7 +127,8 @@ class FastDevice:
     """One device (module docstring). Not thread-safe: one asyncio loop."""
 
     def __init__(self, directory: Path, host: str, port: int, *, interval_s: float = 1.0,
-                 readings: int = 10, clock: Any = time.time) -> None:
+                 readings: int = 10, clock: Any = time.time,
+                 chain: tuple[int, bytes] | None = None) -> None:
         self.dir = directory
         self.host = host
         self.port = port
@@ -136,7 +143,10 @@ class FastDevice:
         self.state: dict[str, Any] = json.loads((directory / "state.json").read_text())
         self.slot = int((directory / "current").read_text())
         self.signer = load_signer(self._path(self.slot, "key"))
-        self.writer = batchmod.BatchWriter(self.id, self.signer, self.signer.kid)
+        # the chain's position (seq, head) is kept in memory only: a board keeps it in its
+        # ring buffer; a test that cuts the power hands it over (``chain``)
+        seq, head = chain or (0, batchmod.ZERO_HASH)
+        self.writer = batchmod.BatchWriter(self.id, self.signer, self.signer.kid, seq, head)
         self.outbox: list[bytes] = []  # signed, not acknowledged yet (oldest first)
         self.answers: OrderedDict[int, bytes] = OrderedDict()
         self.stats = FastStats()
@@ -277,7 +287,7 @@ class FastDevice:
     async def _rotate(self, rid: int) -> tuple[str, str, Any]:
         other = 1 - self.slot
         new = EcSigner.generate()
-        self._path(other, "crt").unlink(missing_ok=True)  # a stale certificate goes first
+        remove(self._path(other, "crt"))  # a stale certificate goes first
         write_atomic(self._path(other, "key"), new.private_pem(), 0o600)
         self.state["pending"] = {"rotation": rid, "slot": other}
         self._save_state()
@@ -301,11 +311,14 @@ class FastDevice:
         if not rotation.cert_holds_key(der, public_sec1(new.public_key)):
             raise CommandRefused("install-cert: the certificate is not for the pending key")
         write_atomic(self._path(slot, "crt"), (_pem(der) + self.chain_tail).encode(), 0o644)
+        # the switch is on disk before the ok goes out: a device that said ok and was cut
+        # would otherwise come back on the old key, and the fleet would wait for a batch
+        # under the new one for ever
+        write_atomic(self.dir / "current", str(slot).encode(), 0o644)
+        self.state.pop("pending", None)
+        self._save_state()
 
-        def switch() -> None:  # after the ok is sent, under the old key
-            write_atomic(self.dir / "current", str(slot).encode(), 0o644)  # the switch
-            self.state.pop("pending", None)
-            self._save_state()
+        def switch() -> None:  # after the ok is sent, under the old key, on the old session
             self.slot, self.signer = slot, new
             self.writer.signer, self.writer.kid = new, new.kid
             self.stats.rotations += 1
@@ -318,8 +331,8 @@ class FastDevice:
             raise CommandRefused("erase-key: %s is the current key" % kid.hex())
         for slot, slot_kid in self.key_slots().items():
             if slot != self.slot and slot_kid == kid.hex():
-                self._path(slot, "key").unlink()
-                self._path(slot, "crt").unlink(missing_ok=True)
+                remove(self._path(slot, "key"))
+                remove(self._path(slot, "crt"))
                 self.stats.erased += 1
                 return command.OK, "erased key %s" % kid.hex(), None
         return command.OK, "no key %s here (erased already)" % kid.hex(), None

@@ -31,8 +31,10 @@ it has *seen* B in use. The steps, and who checks what:
 5. **Proven.** The ingest takes a batch signed with B because B is a credential the fleet
    issued to that device (``cityedge_fleet.acceptance``: any of a device's active keys).
    The first such batch stored makes the rotation ``proven``; the fleet then revokes A
-   (CRL re-signed, broker reloaded and the session with A closed) and queues
-   ``erase-key`` with args ``{1: rotation_id, 2: old_kid}``. The device erases the key
+   and any other certificate of the device but B (one an earlier, interrupted rotation
+   issued and the device never installed), re-signs the CRL, reloads the broker, and
+   queues ``erase-key`` with args ``{1: rotation_id, 2: old_kid}``, ``old_kid`` being the
+   key that signed the proof (the device's current key when it asked). The device erases the key
    whose kid that is (only if it is not the current one) and answers ``ok``: the rotation
    is ``old-revoked``. Every step is audited.
 
@@ -55,6 +57,12 @@ B is proven, then B).
 - ``erase-key`` names the key by its kid rather than by slot: the fleet does not know the
   device's slot numbering, and a stale or replayed erase can then never name the current
   key.
+- The device moves its slot pointer *before* it answers ``install-cert`` with ``ok`` (a
+  cut between an ``ok`` and the move left the fleet waiting for a batch under a key the
+  device had gone back from), and the fleet revokes every certificate but the new one
+  when the new key is proven (an interrupted earlier rotation leaves an issued, never
+  installed certificate active; it must not outlive the rotation that follows). Both
+  were found by the power-cut test of the fast device.
 - The device checks that ``install-cert``'s certificate holds its pending key (a cheap
   byte search for the 65-byte point, no DER parser): a certificate for another key, once
   installed, would leave the device with a key and certificate that do not match.

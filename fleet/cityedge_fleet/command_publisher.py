@@ -153,14 +153,12 @@ class CommandPublisher:
         now = now or utcnow()
         done = Round()
         with Session(self.engine) as session:
-            for cmd in command_queue.expire_due(session, now):
+            for cmd in rotation.expire_commands(session, now):
                 done.expired.append(cmd.id or 0)
                 audit.append(session, actor="fleet", action="command.expire",
                              outcome=audit.OK, target=cmd.device_id,
                              detail={"command": cmd.id, "seq": cmd.seq, "name": cmd.name,
                                      "sends": cmd.sends})
-                rotation.on_answer(session, cmd, "expired", "the fleet gave up after %d "
-                                   "sends" % cmd.sends, actor="fleet")
             session.commit()
         self.rounds += 1
         if not self.connected.is_set():

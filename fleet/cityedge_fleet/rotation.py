@@ -227,6 +227,16 @@ def on_answer(session: Session, cmd: FleetCommand, outcome: str, detail: str, *,
     return rot
 
 
+def expire_commands(session: Session, now: dt.datetime) -> list[FleetCommand]:
+    """``command_queue.expire_due``, and a rotation whose awaited command expired fails
+    (the publisher's round calls this; it audits each expired command)."""
+    expired = command_queue.expire_due(session, now)
+    for cmd in expired:
+        on_answer(session, cmd, "expired", "the fleet gave up after %d sends" % cmd.sends,
+                  actor="fleet")
+    return expired
+
+
 def of_device(session: Session, device_id: str, *, limit: int) -> Sequence[KeyRotation]:
     return session.exec(select(KeyRotation).where(col(KeyRotation.device_id) == device_id)
                         .order_by(col(KeyRotation.id).desc()).limit(limit)).all()

@@ -32,7 +32,9 @@ granted at the broker (the same CN, the same role), and ``install-cert`` is queu
 ``batch_taken`` is told of every batch the ingest stores with the key that signed it. The
 first time a worker sees a kid it asks the database whether that kid is the new key of an
 ``issued`` rotation (or of a failed one that issued it); if so the rotation is ``proven``,
-the old credential is revoked, ``erase-key`` is queued and the CRL is due (``crl_due``: the
+every other credential of the device is revoked (the old key's, and one an earlier
+rotation issued but the device never installed), ``erase-key`` names the key that signed
+the proof (the device's current key when it asked), and and the CRL is due (``crl_due``: the
 ingest re-signs it and reloads the broker after its commit). A kid seen once is not asked
 about again (one query per key per worker).
 """
@@ -205,6 +207,10 @@ class RotationDesk:
             wire_args={corerot.A_ROTATION: rot.id, corerot.A_CERT: der},
             expires_in_s=None, created_by="ingest", lim=lim)
         rot.new_kid = new_kid
+        # the key being replaced is the one that signed the proof: the key the device
+        # holds as current (a certificate issued by an earlier rotation that never got
+        # installed is active too, but is not on the device)
+        rot.old_kid = msg.kid.hex()
         rot.new_serial = "%x" % cert.serial_number
         rot.csr_sha256 = msg.csr_sha256.hex()
         rot.install_command_id = cmd.id
@@ -234,9 +240,12 @@ class RotationDesk:
         rot.proven_seq = seq
         rotation.move(session, rot, rotation.NEW_KEY_SEEN, actor="ingest", audits=audits,
                       detail={"new_kid": rot.new_kid, "seq": seq})
-        old = session.exec(select(Credential).where(
-            col(Credential.kid) == rot.old_kid)).first()
-        if old is not None and old.status != CredentialStatus.revoked:
+        # every other certificate of the device is superseded: the old key, and one an
+        # earlier rotation issued that the device never used
+        for old in session.exec(select(Credential).where(
+                col(Credential.device_id) == device_id,
+                col(Credential.kid) != rot.new_kid,
+                col(Credential.status) != CredentialStatus.revoked)).all():
             registry.revoke_credential(session, credential=old)
             audits.append({"actor": "ingest", "action": "credential.revoke",
                            "outcome": audit.OK, "target": device_id,

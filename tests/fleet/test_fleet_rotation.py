@@ -9,6 +9,7 @@ device from that moment."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from cryptography import x509
 from sqlmodel import Session, col, select
 
 from cityedge_core import cbor, chain, command, rotation
+from cityedge_fleet import rotation as fleet_rotation
 from cityedge_fleet import rotation_ingest
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.ingest import NOT_ACCEPTING, Ingestor
@@ -268,3 +270,18 @@ def test_emergency_revocation_cuts_every_certificate_and_the_ingest_refuses_at_o
     r = api.client.post("/devices/urn:dev:mac:00000000000000ff/revoke", json={},
                         headers=api.headers(Role.security))
     assert r.status_code == 404
+
+
+def test_a_rotate_command_that_expires_fails_the_rotation(api: Api) -> None:
+    """A device that never answers (a firmware without rotation, a device away for good):
+    the fleet gives up on the command and the rotation fails, revoking nothing."""
+    dev, _ing = active_device(api)
+    rid = sent(api, dev)
+    cmd = command_row(api.engine, rotation_row(api.engine, rid).rotate_command_id)
+    with Session(api.engine) as s:
+        later = cmd.expires_at + dt.timedelta(seconds=1)
+        assert [c.id for c in fleet_rotation.expire_commands(s, later)] == [cmd.id]
+        s.commit()
+    rot = rotation_row(api.engine, rid)
+    assert rot.state == "failed" and "rotate expired" in rot.reason
+    assert credentials(api, dev.id) == {dev.signer.kid.hex(): "active"}

@@ -115,3 +115,30 @@ def test_a_revoked_device_is_refused_by_the_broker_and_the_ingest(fleet: Fleet) 
         loop.stop()
     assert refused_at_the_broker(f, first)
     assert stored(f, dev.id)[1] == last  # nothing stored after the revocation
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_many_fast_devices_in_one_process_rotate_together(fleet: Fleet) -> None:
+    """Twenty fast devices on one asyncio loop, rotated at the same moment: every one ends
+    ``old-revoked`` on its new key, with its chain whole."""
+    f = fleet
+    devs = [enroll_fast(f, 10 + i, interval_s=0.5)[0] for i in range(20)]
+    loop = DeviceLoop(devs).start()
+    try:
+        assert wait_for(lambda: all(stored(f, d.id)[1] >= 1 for d in devs), WAIT_S)
+        for d in devs:
+            r = f.api.client.post("/devices/%s/rotate" % d.id,
+                                  headers=f.api.headers(Role.security))
+            assert r.status_code == 201, r.text
+        assert wait_for(lambda: all(rotation_state(f, d.id) == "old-revoked" for d in devs),
+                        3 * WAIT_S), [rotation_state(f, d.id) for d in devs]
+        for d in devs:
+            loop.call(lambda d=d: setattr(d, "sampling", False))
+        assert wait_for(lambda: all(not d.outbox and stored(f, d.id)[1] == d.writer.seq
+                                    for d in devs), WAIT_S)
+    finally:
+        loop.stop()
+    for d in devs:
+        assert stored(f, d.id) == (d.writer.seq, d.writer.seq, 0)
+        assert (d.stats.rotations, d.stats.erased) == (1, 1)
+        assert len(d.key_slots()) == 1

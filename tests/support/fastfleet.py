@@ -61,8 +61,9 @@ def real_fleet(db_url: str, pki: TestPKI, **limits: Any) -> Iterator[Fleet]:
         broker_control_key_file=control.key_pem, commands_cert_file=commands.cert_pem,
         commands_key_file=commands.key_pem, ingest_with_serve=False,
         audit_key_file=world / "audit.key", command_key_file=world / "command.key",
-        limits=FleetLimits(broker_control_timeout_s=10.0, command_poll_s=0.2,
-                           ingest_group_max_s=0.05, **limits))
+        limits=FleetLimits(**{"broker_control_timeout_s": 10.0, "command_poll_s": 0.2,
+                              "ingest_group_max_s": 0.05, "enroll_burst": 100_000,
+                              **limits}))
     app = create_app(settings)
     worker = publisher = None
     try:
