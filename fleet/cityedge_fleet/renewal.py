@@ -19,7 +19,8 @@ current certificate (the newest active one):
    ``expired`` by ``keys report``, left out of campaigns, and its way back needs a
    technician (docs/SECURITY_TEAM.md "Renewal");
 2. a device with a rotation open (an operator's, a campaign's, an earlier renewal's) is
-   left alone: that rotation renews it;
+   left alone: that rotation renews it; so is one a running or paused campaign has yet
+   to rotate (the campaign will: two rotations would replace the key twice);
 3. a device whose last rotation failed less than ``retry_after_fail_s`` ago is left alone
    (a device away for a day costs one rotate command a day, not one a round);
 4. the due ones, most overdue first, at most ``round_max`` per round, get a rotation
@@ -37,7 +38,8 @@ from typing import Any
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from cityedge_fleet import audit, command_queue, rotation
-from cityedge_fleet.campaign_store import current_credentials
+from cityedge_fleet.campaign import CampaignState, MemberStatus
+from cityedge_fleet.campaign_store import CampaignMember, RotationCampaign, current_credentials
 from cityedge_fleet.config import FleetLimits
 from cityedge_fleet.models import (
     OPEN_ROTATIONS,
@@ -113,6 +115,11 @@ def renewal_round(session: Session, *, signer: EcSigner, lim: FleetLimits,
     failed_lately = set(session.exec(select(KeyRotation.device_id).where(
         col(KeyRotation.state) == RotationState.failed, col(KeyRotation.updated_at) > since)))
     flagged = {(f.device_id, f.serial) for f in session.exec(select(KeyExpiryFlag))}
+    campaigned = set(session.exec(
+        select(CampaignMember.device_id)
+        .join(RotationCampaign, col(RotationCampaign.id) == CampaignMember.campaign_id)
+        .where(col(RotationCampaign.state).in_((CampaignState.running, CampaignState.paused)),
+               col(CampaignMember.status).not_in((MemberStatus.done, MemberStatus.failed)))))
     due: list[tuple[dt.datetime, str]] = []
     for device_id, cred in creds.items():
         if device_id not in active:
@@ -129,7 +136,7 @@ def renewal_round(session: Session, *, signer: EcSigner, lim: FleetLimits,
                                             "technician must bring the device back"})
                 out.flagged.append(device_id)
             continue
-        if device_id in open_ or device_id in failed_lately:  # 2, 3
+        if device_id in open_ or device_id in campaigned or device_id in failed_lately:
             continue
         at = due_at(cred, rl)
         if at <= now:

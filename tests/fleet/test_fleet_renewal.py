@@ -124,3 +124,23 @@ def test_the_report_lists_overdue_devices(sim: SimFleet) -> None:
     row = next(d for d in got["devices"] if d["device_id"] == late[0])
     assert row["status"] == "overdue" and row["key_age_days"] == 85.0
     assert row["expires_in_days"] == 5.0
+
+
+def test_renewal_leaves_a_device_to_the_campaign_that_will_rotate_it(sim: SimFleet) -> None:
+    from cityedge_fleet import campaign_store
+
+    now = dt.datetime.now(dt.UTC)
+    ids = sim.add_devices(4, issued=now - 80 * DAY)  # all due
+    with Session(sim.engine) as s:
+        camp, _ = campaign_store.create(s, selector_text="all", wave_size=2,
+                                        max_failures="0", by="test", confirmed=False)
+        s.commit()
+        got = renewal.renewal_round(s, signer=command_key.from_settings(sim.settings),
+                                    lim=sim.settings.limits, now=now)
+        s.commit()
+        assert (got.due, got.started) == (0, [])  # the campaign's, waiting for their wave
+        campaign_store.act(s, camp.id or 0, "abort", by="test")
+        s.commit()
+        got = renewal.renewal_round(s, signer=command_key.from_settings(sim.settings),
+                                    lim=sim.settings.limits, now=now)
+        assert sorted(got.started) == ids  # an aborted campaign rotates nothing more
