@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pty
+import select as io_select
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +162,55 @@ def test_campaign_from_the_command_line(api: Api, tmp_path: Path) -> None:
     assert "102 active devices; overdue 52, expired 0" in r.stdout
     assert audits(api, "campaign.")[0] == ("campaign.create", "ok", "cli")
     assert ("campaign.resume", "refused", "cli") in audits(api, "campaign.")
+
+
+def _cli_in_a_terminal(api: Api, *args: str, cwd: Path, typed: bytes = b""
+                       ) -> tuple[int, str]:
+    """Run ``cityedge keys ...`` with a pseudo-terminal as stdin, stdout and stderr."""
+    s = api.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYEDGE_")}
+    env.update({"CITYEDGE_MODE": "development", "CITYEDGE_DATABASE_URL": s.database_url,
+                "CITYEDGE_CA_DIR": str(s.ca_dir), "CITYEDGE_AUDIT_KEY_FILE": str(s.audit_key_file),
+                "CITYEDGE_COMMAND_KEY_FILE": str(s.command_key_file), "TERM": "xterm",
+                "COLUMNS": "120"})
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "keys", *args], env=env,
+                            cwd=cwd, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    if typed:
+        os.write(master, typed)
+    out = b""
+    while True:
+        ready, _, _ = io_select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(60), out.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_in_a_terminal_it_asks_and_draws_a_progress_bar(api: Api, tmp_path: Path) -> None:
+    sim = SimFleet(api.engine, api.settings)
+    sim.add_devices(101, issued=OLD)
+    code, out = _cli_in_a_terminal(api, "rotate", "--select", "all", cwd=tmp_path,
+                                   typed=b"n\n")
+    assert code == 1 and "rotate the keys of 101 devices? [y/N]" in out
+    assert "not confirmed: nothing started" in out
+    code, out = _cli_in_a_terminal(api, "rotate", "--select", "all", "--wave", "60",
+                                   cwd=tmp_path, typed=b"y\n")
+    assert code == 0 and "campaign 1: 101 devices in waves of 60" in out, out
+    CampaignRunner(api.engine, api.settings, command_key.from_settings(api.settings),
+                   renew=False).round(renewal_due=False)
+    for _ in range(3):
+        sim.step()
+    code, out = _cli_in_a_terminal(api, "status", "1", cwd=tmp_path)
+    assert code == 0
+    assert "campaign 1" in out and "60/101" in out and "━" in out  # rich's bar
+    assert "done 60, failed 0" in out
