@@ -92,14 +92,14 @@ def rotate_command(
                                          camp.allowed_failures, camp.max_failures))
 
 
-def _status(campaign_id: int) -> dict[str, Any]:
+def _status(campaign_id: int, devices: bool = False) -> dict[str, Any]:
     from cityedge_fleet import campaign_store
     from cityedge_fleet.campaign import CampaignError
 
     settings = load_settings()
     with Session(_engine(settings)) as session:
         try:
-            return campaign_store.status(session, campaign_id)
+            return campaign_store.status(session, campaign_id, devices=devices)
         except CampaignError as e:
             raise UserError(str(e)) from e
 
@@ -128,6 +128,8 @@ def status_command(
     campaign_id: Annotated[int, typer.Argument(metavar="CAMPAIGN", help="The campaign's id.")],
     as_json: Annotated[bool, typer.Option("--json", help="JSON.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until it ends.")] = False,
+    devices: Annotated[bool, typer.Option("--devices", help="Every device: its wave, "
+                                          "status and rotation state.")] = False,
 ) -> None:
     """A campaign's live progress: devices done, failed (with reasons), offline, waiting."""
     from rich.console import Console
@@ -135,13 +137,14 @@ def status_command(
 
     from cityedge_fleet.campaign import FINAL
 
-    st = _status(campaign_id)
+    st = _status(campaign_id, devices)
     if as_json:
         _dump(st)
         return
     console = Console()
     if not console.is_terminal:
         print(render_status(st))
+        _print_devices(st)
         return
     with Progress(TextColumn("campaign %d" % campaign_id), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.description}"), console=console) as bar:
@@ -153,8 +156,20 @@ def status_command(
             if not watch or st["state"] in FINAL:
                 break
             time.sleep(WATCH_EVERY_S)
-            st = _status(campaign_id)
+            st = _status(campaign_id, devices)
     print(render_status(st))
+    _print_devices(st)
+
+
+def _print_devices(st: dict[str, Any]) -> None:
+    if "devices" not in st:
+        return
+    print("%-34s %5s %-8s %5s %-13s %s" % ("device", "wave", "status", "tries", "rotation",
+                                           "reason"))
+    for d in st["devices"]:
+        print(("%-34s %5s %-8s %5d %-13s %s" % (
+            d["device_id"], d["wave"] if d["wave"] is not None else "-", d["status"],
+            d["attempts"], d["rotation_state"] or "-", d["reason"])).rstrip())
 
 
 def _act(action: str, campaign_id: int) -> None:

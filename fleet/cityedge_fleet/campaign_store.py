@@ -350,23 +350,26 @@ def live_ids(session: Session) -> list[int]:
 # ------------------------------------------------------------------------------ reading
 
 
-def status(session: Session, campaign_id: int) -> dict[str, Any]:
+def status(session: Session, campaign_id: int, *, devices: bool = False) -> dict[str, Any]:
     """The campaign's progress: counts by member status, waves, failures with reasons, and
     each rotation's state (what ``keys status`` prints, ``GET /campaigns/{id}``), read
-live from the rotations; the caller does not commit."""
+    live from the rotations; the caller does not commit. ``devices``: also every member
+    with its wave, status, tries, its rotation's id and state, and the reason."""
     camp = get(session, campaign_id)
     if camp is None:
         raise CampaignError(404, "no campaign %d" % campaign_id)
     rows = members_of(session, campaign_id)
     refresh(session, camp, rows)  # live, also between the runner's rounds (not committed)
     states: dict[str, int] = {}
+    of_rotation: dict[int, str] = {}
     ids = [m.rotation_id for m in rows if m.rotation_id is not None]
     for i in range(0, len(ids), 500):
-        for st in session.exec(select(KeyRotation.state).where(
+        for rid, st in session.exec(select(KeyRotation.id, KeyRotation.state).where(
                 col(KeyRotation.id).in_(ids[i:i + 500]))):
             states[str(st)] = states.get(str(st), 0) + 1
+            of_rotation[rid or 0] = str(st)
     tally = policy.counts(_view(m) for m in rows)
-    return {
+    out = {
         "id": camp.id, "selector": camp.selector, "state": str(camp.state),
         "reason": camp.reason, "wave": camp.wave, "wave_size": camp.wave_size,
         "waves": -(-camp.members // camp.wave_size), "members": camp.members,
@@ -378,6 +381,13 @@ live from the rotations; the caller does not commit."""
                     "reason": m.reason} for m in rows if m.status == M.failed],
         "offline": [m.device_id for m in rows if m.status in (M.offline, M.retry)],
     }
+    if devices:
+        out["devices"] = [
+            {"device_id": m.device_id, "wave": m.wave, "status": str(m.status),
+             "attempts": m.attempts, "rotation": m.rotation_id,
+             "rotation_state": of_rotation.get(m.rotation_id or 0), "reason": m.reason}
+            for m in rows]
+    return out
 
 
 def campaigns(session: Session, *, limit: int = 100) -> list[RotationCampaign]:

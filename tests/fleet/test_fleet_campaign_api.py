@@ -57,7 +57,11 @@ def test_campaign_over_http(api: Api) -> None:
     run.round(renewal_due=False)
     sim.step()
     got = api.client.get("/campaigns/%d" % cid, headers=sec).json()
-    assert got["wave"] == 1 and got["counts"]["active"] == 4
+    assert got["wave"] == 1 and got["counts"]["active"] == 4 and got["devices"] is None
+    got = api.client.get("/campaigns/%d?devices=true" % cid, headers=sec).json()
+    assert [(d["device_id"], d["wave"], d["status"], d["rotation_state"])
+            for d in got["devices"]] == [(d, 1, "active", "issued") for d in ids[:4]] + [
+        (d, None, "waiting", None) for d in ids[4:]]
     for action, state in (("pause", "paused"), ("resume", "running"), ("abort", "aborted")):
         r = api.client.post("/campaigns/%d/%s" % (cid, action), headers=sec)
         assert r.status_code == 200 and r.json()["state"] == state, r.text
@@ -142,7 +146,11 @@ def test_campaign_from_the_command_line(api: Api, tmp_path: Path) -> None:
     st = json.loads(r.stdout)
     assert (st["wave"], st["counts"]["active"], st["counts"]["waiting"]) == (1, 50, 52)
     assert st["rotations"] == {"issued": 50}
-    r = _cli(api, "status", "1", cwd=tmp_path)  # not a terminal: plain text
+    r = _cli(api, "status", "1", "--devices", cwd=tmp_path)  # not a terminal: plain text
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
+            if line.startswith("urn:")}
+    assert rows[ids[0]] == ["1", "active", "1", "issued"]
+    assert rows[ids[-1]] == ["-", "waiting", "0", "-"]
     assert "campaign 1 (%s): running" % sel in r.stdout
     assert "wave 1 of 3 (50 devices each); 102 devices" in r.stdout
     assert "done 0, failed 0 (halts over 2), rotating 50" in r.stdout

@@ -53,6 +53,16 @@ class CampaignFailure(BaseModel):
     reason: str
 
 
+class CampaignDevice(BaseModel):
+    device_id: str
+    wave: int | None
+    status: str  # waiting, active, offline, retry, done, failed
+    attempts: int
+    rotation: int | None  # its latest rotation (``GET /devices/{id}/rotations``)
+    rotation_state: str | None  # pending, sent, csr-received, issued, proven, ...
+    reason: str
+
+
 class CampaignPublic(BaseModel):
     id: int
     selector: str
@@ -71,6 +81,7 @@ class CampaignPublic(BaseModel):
     rotations: dict[str, int]
     failed: list[CampaignFailure]
     offline: list[str]
+    devices: list[CampaignDevice] | None = None  # with ``?devices=true``
 
 
 class KeyReport(BaseModel):
@@ -129,12 +140,14 @@ def list_campaigns(session: SessionDep, who: SecurityDep,
 
 
 @router.get("/campaigns/{campaign_id}", response_model=CampaignPublic, responses={404: {}})
-def get_campaign(campaign_id: CampaignId, session: SessionDep,
-                 who: SecurityDep) -> CampaignPublic:
+def get_campaign(campaign_id: CampaignId, session: SessionDep, who: SecurityDep,
+                 devices: bool = False) -> CampaignPublic:
     """A campaign's progress: members by status, rotations by state, each failure's
-    reason, the devices still offline."""
+    reason, the devices still offline; ``devices``: every device with its wave, status
+    and rotation state."""
     try:
-        return CampaignPublic.model_validate(campaign_store.status(session, campaign_id))
+        return CampaignPublic.model_validate(campaign_store.status(session, campaign_id,
+                                                                   devices=devices))
     except CampaignError as e:
         raise HTTPException(e.status, str(e)) from e
 
