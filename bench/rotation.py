@@ -8,6 +8,10 @@
   but the batch that proves it. Baseline in the same run, interleaved: the raw CA,
   ``CertificateAuthority.sign_csr`` on the same number of fresh CSRs (no proof, no
   database, no command). SQLite and PostgreSQL, median of ``RUNS``.
+- **Many fast devices rotated at once**: ``FAST_DEVICES`` fast CPython devices
+  (``cityedge.fastdevice``, one asyncio loop) on a real Mosquitto and the real fleet
+  (SQLite): the wall time until all are ``old-revoked``, against the wall time until all
+  answered one signed ``status`` command (one command round trip each), same run.
 - **Revocation to broker refusal**: a device connected to a real Mosquitto (mTLS, the
   fleet's CRL, dynamic security) through the real fleet; ``revoke.revoke_device`` runs
   (every certificate revoked, CRL re-signed, SIGHUP, the device cut and quarantined) and
@@ -55,6 +59,7 @@ RUNS = 3
 ROTATIONS = 300  # devices rotated per run
 GROUP = 50  # messages per ingest transaction
 REVOKE_RUNS = 5
+FAST_DEVICES = 200  # fast devices rotated at once (one run: its baseline is in the run)
 ATTEMPT_TIMEOUT_S = 5.0
 
 
@@ -248,6 +253,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             results["rotations_%s_per_s" % kind] = statistics.median(rates[kind])
         results.update(revocation_latency("sqlite:///%s" % (base / "revoke.sqlite3"),
                                           2 if quick else REVOKE_RUNS))
+        results.update(fast_devices_rotation("sqlite:///%s" % (base / "many.sqlite3"),
+                                             FAST_DEVICES // 4 if quick else FAST_DEVICES))
     return results
 
 
@@ -266,6 +273,77 @@ def report(r: dict[str, Any]) -> None:
           % r["refused_attempt_s"])
     print("  revoke command -> a fresh connection refused            %6.3f s (max %.3f; "
           "target < 5 s)" % (r["revoke_to_refusal_s"], r["revoke_to_refusal_max_s"]))
+    print("\n%d fast devices (one process, real mTLS, real broker and fleet on SQLite), one "
+          "run:" % r["fast_devices"])
+    print("  every device answers a status command (baseline)       %6.1f s"
+          % r["all_answer_status_s"])
+    print("  every device rotated (rotate .. old-revoked)            %6.1f s"
+          % r["all_rotated_s"])
+
+
+
+# ---------------------------------------------------------------------------- many devices
+
+
+def fast_devices_rotation(db_url: str, n: int) -> dict[str, Any]:
+    """``n`` fast devices (one asyncio loop, real mTLS to a real Mosquitto, the real fleet)
+    streaming a batch every 2 s: the wall time until every one has answered a ``status``
+    command (the baseline: one signed command round trip each), then until every one is
+    rotated (``old-revoked``: rotate, CSR, install-cert, a batch under the new key,
+    erase-key)."""
+    from sqlmodel import col, func, select
+
+    from cityedge_fleet import command_key, command_queue
+    from cityedge_fleet.models import CommandState, FleetCommand, KeyRotation, RotationState
+
+    from support.fastfleet import DeviceLoop, enroll_fast, real_fleet
+    from support.fleet import wait_for
+    from support.mosquitto import TestPKI
+
+    def count(engine: Any, query: Any) -> int:
+        with Session(engine) as s:
+            return int(s.exec(query).one())
+
+    with tempfile.TemporaryDirectory(prefix="cityedge-bench-many-") as d:
+        base = Path(d)
+        base.chmod(0o755)
+        pki = TestPKI(base / "pki")
+        with real_fleet(db_url, pki) as f:
+            devs = [enroll_fast(f, 1000 + i, interval_s=2.0)[0] for i in range(n)]
+            engine = f.api.engine
+            signer = command_key.from_settings(f.settings)
+            loop = DeviceLoop(devs).start()
+            try:
+                if not wait_for(lambda: all(x.stats.published >= 1 for x in devs), 120):
+                    raise RuntimeError("not every fast device is streaming")
+                t = time.perf_counter()
+                with Session(engine) as s:
+                    for x in devs:
+                        command_queue.queue(s, signer=signer, device_id=x.id, name="status",
+                                            args=None, expires_in_s=None, created_by="bench",
+                                            lim=f.settings.limits)
+                    s.commit()
+                f.publisher.wake()
+                answered = select(func.count()).select_from(FleetCommand).where(
+                    col(FleetCommand.state) == CommandState.ok)
+                if not wait_for(lambda: count(engine, answered) == n, 300):
+                    raise RuntimeError("not every device answered its status command")
+                status_s = time.perf_counter() - t
+                t = time.perf_counter()
+                with Session(engine) as s:
+                    for x in devs:
+                        rotation.start_rotation(s, x.id, by="bench", signer=signer,
+                                                lim=f.settings.limits)
+                    s.commit()
+                f.publisher.wake()
+                done = select(func.count()).select_from(KeyRotation).where(
+                    col(KeyRotation.state) == RotationState.old_revoked)
+                if not wait_for(lambda: count(engine, done) == n, 600):
+                    raise RuntimeError("only %d of %d rotated" % (count(engine, done), n))
+                rotate_s = time.perf_counter() - t
+            finally:
+                loop.stop()
+    return {"fast_devices": n, "all_answer_status_s": status_s, "all_rotated_s": rotate_s}
 
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ class FleetLimits(BaseModel):
     ingest_session_expiry_s: int = 3600  # seconds the broker keeps the ingest's queue
     ingest_group_max_messages: int = 200  # MQTT messages stored in one transaction
     ingest_group_max_s: float = 0.05  # seconds a group waits after its first message
+    # key rotation steps (a CSR taken: signed by the CA, stored, answered with a command;
+    # a rotation proven: credentials revoked, a command queued; ~10 ms each) in one ingest
+    # transaction: a group with more is stored in parts, so a fleet rotating at once does
+    # not hold SQLite's write lock for seconds
+    ingest_group_max_rotation_steps: int = 20
     ingest_receive_max: int = 1000  # unacknowledged messages the broker may send (MQTT 5)
     broker_control_timeout_s: float = 5.0  # seconds to wait for the broker's control answer
     broker_sync_every_s: float = 30.0  # seconds between reconciles of the broker's grants

@@ -228,18 +228,35 @@ class Ingestor:
         return self.handle_many([(topic, payload)])[0]
 
     def handle_many(self, messages: Iterable[tuple[str, bytes]]) -> list[Outcome]:
-        """Decide and store ``(topic, payload)`` messages in order, in one transaction.
+        """Decide and store ``(topic, payload)`` messages in order, in one transaction (in
+        consecutive parts when key rotations' work fills one: at most
+        ``ingest_group_max_rotation_steps`` CSRs taken or rotations proven each).
 
-        Raises only for a local fault (the database); then nothing of the group is stored.
+        Raises only for a local fault (the database); then nothing of the failing part or
+        after it is stored (a part stored before it is stored again when the messages
+        come again: its batches are duplicates, its CSRs find no rotation waiting).
         """
         messages = list(messages)
+        outcomes: list[Outcome] = []
+        while True:
+            outcomes += self._handle_part(messages[len(outcomes):])
+            if len(outcomes) >= len(messages):
+                return outcomes
+
+    def _handle_part(self, messages: list[tuple[str, bytes]]) -> list[Outcome]:
+        """The outcomes of a prefix of ``messages``, stored in one transaction."""
         self._quarantined = []
         self._returned = []
         with Session(self.engine) as session:
             group = _Group(session)
             try:
                 group.prefetch(messages)
-                outcomes = [self._handle(group, topic, payload) for topic, payload in messages]
+                self.rotations.steps = 0
+                outcomes = []
+                for topic, payload in messages:
+                    outcomes.append(self._handle(group, topic, payload))
+                    if self.rotations.steps >= self.settings.limits.ingest_group_max_rotation_steps:
+                        break  # the rest in a transaction of its own (``handle_many``)
                 group.flush()
                 if group.returned:
                     command_queue.resend_now(session, group.returned, utcnow())

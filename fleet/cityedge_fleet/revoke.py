@@ -51,12 +51,16 @@ class RevokeError(ValueError):
 def revoke_device(session: Session, *, device_id: str, reason: RevokeReason, note: str,
                   by: str, source: str, ca: CertificateAuthority, settings: Settings,
                   broker: BrokerAccess) -> RevokePublic:
-    """The steps above; RevokeError(404) for an unknown device."""
+    """The steps above; RevokeError 404 for an unknown device, 409 for one never enrolled
+    (nothing to revoke; retiring it is what stops it)."""
     device = session.exec(select(Device).where(col(Device.id) == device_id)
                           .with_for_update()).first()
     if device is None:
         raise RevokeError(404, "no device %s" % device_id)
     was = DeviceState(device.state)
+    if was == DeviceState.registered:
+        raise RevokeError(409, "device %s is registered, not enrolled: it has no certificate "
+                          "to revoke (retire it so it can never enroll)" % device_id)
     if was not in (DeviceState.quarantined, DeviceState.retired):
         registry.set_state(session, device=device, state=DeviceState.quarantined)
     revoked = []

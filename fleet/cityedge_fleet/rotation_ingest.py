@@ -97,6 +97,7 @@ class RotationDesk:
         self._signer = signer
         self.seen_kids: set[bytes] = set()  # kids known not to await a proof (this worker)
         self.crl_due = False
+        self.steps = 0  # CSRs taken and rotations proven (the ingest resets it per part)
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -163,6 +164,7 @@ class RotationDesk:
             return CsrOutcome(failure.status, failure.detail, rot.id)
         assert device is not None  # _check_request refuses a missing device
         self._issue(session, rot, msg, audits)
+        self.steps += 1
         return CsrOutcome(CSR_TAKEN, "issued %s" % rot.new_serial, rot.id)
 
     def _check_request(self, session: Session, device: Device | None,
@@ -261,6 +263,7 @@ class RotationDesk:
         session.add(rot)
         self.seen_kids.add(kid)
         self.crl_due = True
+        self.steps += 1
         return True
 
     def publish_crl(self, session: Session) -> None:

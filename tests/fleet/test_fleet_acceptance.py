@@ -35,6 +35,7 @@ RULES = Acceptance(quarantine_after_forgeries=3, quarantine_after_malformed=10)
     ("ce/v1/%s/up/readings" % GW, (GW, "readings")),
     ("ce/v1/%s/up/relay" % GW, (GW, "relay")),
     ("ce/v1/%s/up/result" % GW, (GW, "result")),
+    ("ce/v1/%s/up/csr" % GW, (GW, "csr")),  # a key rotation's (rotation_ingest decides)
     ("ce/v1/%s/up/status" % GW, None),  # the ingest does not take status
     ("ce/v1/%s/down/cmd" % GW, None),
     ("ce/v1/not-a-urn/up/readings", None),
@@ -85,6 +86,20 @@ def test_rules_5_to_8_who_signed(kind: str, signer: str | None, node: Dev | None
     if decision is not None:
         assert (decision.device, decision.strike, decision.taken) == (GW, strike, False)
         assert decision.recorded
+
+
+@pytest.mark.parametrize(("kind", "publisher", "node"), [
+    ("readings", GW, None), ("result", GW, None), ("relay", GW, Dev(NODE, S.active, GW))])
+def test_two_active_keys_of_one_device_both_sign_for_it(kind: str, publisher: str,
+                                                       node: Dev | None) -> None:
+    """During a key rotation's overlap a device has two active keys: the rules look at the
+    device a key belongs to (the keyring's answer), so either key signs for it, and a key
+    of another device does not."""
+    signer = NODE if kind == "relay" else GW
+    for kid in (b"\x01" * 8, b"\x02" * 8):  # the old key and the new one
+        assert RULES.signer(kind, Dev(publisher), kid, signer, node) is None
+    if kind != "relay":
+        assert RULES.signer(kind, Dev(publisher), b"\x03" * 8, OTHER, None) is not None
 
 
 @pytest.mark.parametrize("kind", ["readings", "relay"])

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from sqlalchemy import event
 from sqlmodel import Session, col, select
 
 from cityedge_core import cbor, chain, command, rotation
@@ -270,6 +271,15 @@ def test_emergency_revocation_cuts_every_certificate_and_the_ingest_refuses_at_o
     r = api.client.post("/devices/urn:dev:mac:00000000000000ff/revoke", json={},
                         headers=api.headers(Role.security))
     assert r.status_code == 404
+    # a device registered but never enrolled has nothing to revoke (found by the fuzzer:
+    # it was a server error)
+    body = {"id": "urn:dev:mac:00000000000000fe", "serial": "NEVER-1", "model": "m",
+            "hardware_class": "esp32"}
+    assert api.client.post("/devices", json=body,
+                           headers=api.headers(Role.technician)).status_code == 201
+    r = api.client.post("/devices/%s/revoke" % body["id"], json={},
+                        headers=api.headers(Role.security))
+    assert r.status_code == 409 and "not enrolled" in r.json()["detail"]
 
 
 def test_a_rotate_command_that_expires_fails_the_rotation(api: Api) -> None:
@@ -285,3 +295,32 @@ def test_a_rotate_command_that_expires_fails_the_rotation(api: Api) -> None:
     rot = rotation_row(api.engine, rid)
     assert rot.state == "failed" and "rotate expired" in rot.reason
     assert credentials(api, dev.id) == {dev.signer.kid.hex(): "active"}
+
+
+def test_a_group_with_many_csrs_is_stored_in_parts_in_order(api: Api) -> None:
+    """A whole fleet rotating at once sends CSRs in bulk: a group is decided in parts of at
+    most ``ingest_group_max_rotation_steps`` CSRs taken or rotations proven (each a CA
+    signature or revocations, and a command), so no transaction holds the database for
+    long; every outcome comes back in order."""
+    devs = [active_device(api, i)[0] for i in range(1, 6)]
+    lim = api.settings.limits.model_copy(update={"ingest_group_max_rotation_steps": 2})
+    ing = Ingestor(api.engine, api.settings.model_copy(update={"limits": lim}))
+    messages: list[tuple[str, bytes]] = []
+    for dev in devs:
+        rid = sent(api, dev)
+        messages.append((csr_topic(dev.id), csr_message(dev.signer, dev.id, rid,
+                                                        EcSigner.generate())))
+        messages.append((dev.topic, dev.sign()))
+    commits: list[int] = []
+    listen = (api.engine, "commit", lambda _conn: commits.append(1))
+    event.listen(*listen)
+    try:
+        outcomes = ing.handle_many(messages)
+    finally:
+        event.remove(*listen)
+    assert len(commits) == 3  # CSRs 1-2, 3-4, 5: two rotation steps per transaction
+    assert [(o.status, o.device) for o in outcomes] == [
+        s for dev in devs for s in ((rotation_ingest.CSR_TAKEN, dev.id), (chain.OK, dev.id))]
+    with Session(api.engine) as s:
+        assert len(s.exec(select(Credential).where(
+            col(Credential.status) == "active")).all()) == 10  # old and new, each device

@@ -68,7 +68,7 @@ def list_rotations(device_id: str, session: SessionDep, settings: SettingsDep,
 
 
 @router.post("/devices/{device_id}/revoke", response_model=RevokePublic,
-             responses={404: {}})
+             responses={404: {}, 409: {}})
 def revoke_device(device_id: str, body: RevokeRequest, request: Request,
                   session: SessionDep, settings: SettingsDep, ca: CaDep, broker: BrokerDep,
                   who: SecurityDep) -> RevokePublic:
