@@ -82,6 +82,10 @@ def test_a_campaign_over_fast_devices_with_two_away(fleet: Fleet) -> None:
         assert wait_for(lambda: campaign(f, cid)["state"] == "done", 6 * WAIT_S), \
             counts(f, cid)
         assert counts(f, cid)["done"] == N
+        # done = proven (the new key in use, the old certificate revoked); the erase of
+        # the old key follows on the device
+        assert wait_for(lambda: all(d.stats.erased == 1 for d in devs), WAIT_S)
+        assert wait_for(lambda: campaign(f, cid)["rotations"] == {"old-revoked": N}, WAIT_S)
     finally:
         if runner is not None:
             runner.stop()
