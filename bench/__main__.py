@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench import campaign as campaign_bench
 from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
 from bench import rotation as rotation_bench
@@ -38,6 +39,9 @@ def main() -> None:
     rot = rotation_bench.run()
     results["rotation"] = rot
     rotation_bench.report(rot)
+    camp = campaign_bench.run()
+    results["campaign"] = camp
+    campaign_bench.report(camp)
     fw = firmware.firmware_bench()
     results["firmware"] = fw
     firmware.report(fw)

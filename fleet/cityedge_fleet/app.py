@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cityedge_fleet import command_key
 from cityedge_fleet.api import (
     audit_routes,
+    campaigns,
     commands,
     devices,
     enroll_routes,
@@ -47,7 +48,8 @@ def health() -> dict[str, str]:
 
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
-           enroll_ticket.router, audit_routes.router, commands.router, rotations.router)
+           enroll_ticket.router, audit_routes.router, commands.router, rotations.router,
+           campaigns.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

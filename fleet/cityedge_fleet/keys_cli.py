@@ -24,6 +24,7 @@ import typer
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from cityedge_fleet import campaign_cli
 from cityedge_fleet.cli import _engine, load_settings
 from cityedge_host.errors import UserError
 
@@ -249,3 +250,6 @@ def revoke_command(
         device, why.value, len(done.revoked), ", ".join(done.revoked) or "none left",
         done.state.value, "cut" if done.broker_cut else "NOT told (the CRL refuses it; "
         "the reconciler cuts it)"))
+
+
+campaign_cli.register(keys_app)  # rotate, status, pause, resume, abort, campaigns, report

@@ -1,6 +1,7 @@
 """``cityedge fleet serve``: the API under uvicorn, plus (by default) an ingest worker, the
 broker reconciler (grants and CRL kept in step with the registry: ``broker_sync``) and the
-command publisher (``command_publisher``) in background threads of the same process."""
+command publisher (``command_publisher``) and the key campaigns' and renewal's runner
+(``campaign_runner``) in background threads of the same process."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import uvicorn
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from cityedge_fleet import revocation
+from cityedge_fleet import campaign_runner, revocation
 from cityedge_fleet.app import create_app
 from cityedge_fleet.broker_sync import BrokerAccess, Reconciler
 from cityedge_fleet.ca import CaError, CertificateAuthority
+from cityedge_fleet.campaign_runner import CampaignRunner
 from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
@@ -69,6 +71,15 @@ def start_publisher(settings: Settings, engine: Engine) -> CommandPublisher | No
     return CommandPublisher(engine, settings).start()
 
 
+def start_campaign_runner(settings: Settings, engine: Engine,
+                          publisher: CommandPublisher | None) -> CampaignRunner | None:
+    """Key campaigns and renewal (``campaign_runner``), unless turned off."""
+    if not settings.commands_with_serve:
+        return None
+    return campaign_runner.start_for_serve(settings, engine,
+                                           publisher.wake if publisher else None)
+
+
 def freeze_startup_objects() -> None:
     """Keep the objects made at start (modules, app, models: >100,000) out of the garbage
     collector's full passes: each would walk them all, a pause of ~70 ms on a small machine
@@ -91,6 +102,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
     app.state.reconciler = reconciler
     publisher = start_publisher(settings, app.state.engine)
     app.state.command_publisher = publisher
+    runner = start_campaign_runner(settings, app.state.engine, publisher)
+    app.state.campaign_runner = runner
     worker = None
     if settings.ingest_with_serve:
         worker = MqttIngestWorker(ingestor_for(settings, app.state.engine, reconciler,
@@ -100,6 +113,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
         uvicorn.run(app, host=host, port=port, **proxy_options(settings))
     finally:
         reconciler.stop()
+        if runner is not None:
+            runner.stop()
         if publisher is not None:
             publisher.stop()
         if worker is not None:
