@@ -116,8 +116,22 @@ def check_sensor(s: object, i: int) -> dict:
     return s
 
 
-def validate(cfg: object) -> dict:
-    """Check a parsed configuration map; returns it with defaults filled in."""
+def check_agent(cfg: dict) -> dict:
+    """The ``agent`` section checked and completed by ``settings.check`` (the one place of
+    the agent's limits; it imports the agent's module, so a board calls this after its TLS
+    context exists: ``main.build``)."""
+    from . import settings  # loaded here, not at import: see above
+
+    try:
+        cfg["agent"] = settings.check(cfg.get("agent") or {})
+    except ValueError as e:
+        _fail("agent", str(e))
+    return cfg
+
+
+def validate(cfg: object, agent: bool = True) -> dict:
+    """Check a parsed configuration map; returns it with defaults filled in. With
+    ``agent=False`` the ``agent`` section is left for ``check_agent``."""
     if not isinstance(cfg, dict):
         _fail("top level", "must be a JSON object")
     if "device" in cfg:
@@ -148,13 +162,9 @@ def validate(cfg: object) -> dict:
         _str(wifi, "ssid", "wifi")
         if not isinstance(wifi.get("password", ""), str):
             _fail("wifi", "password must be a string")
-    agent_settings = _map(cfg, "agent", False)
-    from . import settings  # the one place of the agent's limits
-
-    try:
-        cfg["agent"] = settings.check(agent_settings)
-    except ValueError as e:
-        _fail("agent", str(e))
+    _map(cfg, "agent", False)
+    if agent:
+        check_agent(cfg)
     sensors = cfg.setdefault("sensors", [])
     if not isinstance(sensors, list) or len(sensors) > SENSORS_MAX:
         _fail("sensors", "must be a list of at most %d sensors" % SENSORS_MAX)
@@ -167,17 +177,21 @@ def validate(cfg: object) -> dict:
     return cfg
 
 
-def load(path: str) -> dict:
-    """Read and check the configuration file at ``path``."""
+def load(path: str, agent: bool = True) -> dict:
+    """Read and check the configuration file at ``path`` (``agent``: see ``validate``).
+
+    The size is checked first (``os.stat``) and the JSON parsed from the open file
+    (``json.load``: MicroPython reads it as it parses), so no buffer of the file's size --
+    let alone of the largest size allowed -- is taken from a board's heap."""
+    import os
+
     try:
+        if os.stat(path)[6] > CONFIG_MAX_BYTES:
+            raise ConfigError("config: %s is larger than %d bytes" % (path, CONFIG_MAX_BYTES))
         with open(path, "rb") as f:
-            raw = f.read(CONFIG_MAX_BYTES + 1)
+            cfg = json.load(f)
     except OSError as e:
         raise ConfigError("config: cannot read %s: %s" % (path, e)) from None
-    if len(raw) > CONFIG_MAX_BYTES:
-        raise ConfigError("config: %s is larger than %d bytes" % (path, CONFIG_MAX_BYTES))
-    try:
-        cfg = json.loads(raw)
     except ValueError as e:
         raise ConfigError("config: %s is not valid JSON: %s" % (path, e)) from None
-    return validate(cfg)
+    return validate(cfg, agent)

@@ -1,9 +1,12 @@
-"""A test device for the MicroPython unix port: the real agent on a stand-in board.
+"""A test device for the MicroPython unix port: the real boot and agent on a stand-in board.
 
-``CE_CONFIG=CONFIG.json python -m cityedge.romfs --image IMAGE -X heapsize=64k -c "import
-mp_device"`` (compiled to .mpy with the firmware, in its ROMFS image:
-``fw_harness.device_argv``) builds the agent with ``cityedge_fw.main.build`` and runs it
-until ``stop`` in the config is met:
+``CITYEDGE_FLASH=DIR CE_CONFIG=TEST.json python -m cityedge.romfs --image IMAGE -X
+heapsize=64k -c "import mp_device"`` (compiled to .mpy with the firmware, in its ROMFS
+image: ``fw_harness.device_argv``/``device_env``) boots as a board boots
+(``cityedge_fw.main.main``: ``config.json`` on the flash root ``DIR``, ``config.load``, the
+TLS context, keys, settings, the board, the agent; the same order and code as
+``main.boot()``), with this stand-in board class instead of the port's HAL board, and runs
+the agent under a supervisor until ``stop`` in ``TEST.json`` (the test's own keys) is met:
 ``{"batches": N}`` (N batches signed and every stored batch acknowledged) and/or
 ``{"seconds": S}`` and/or ``{"window": {"warmup_ms": W, "length_ms": L}}`` (the bench:
 once connected and W ms in, the counters are marked, and again L ms later). It then
@@ -128,17 +131,36 @@ async def supervise(agent, stop, stats):
     await asyncio.sleep_ms(10)
 
 
+_TEST_KEYS = ("stop", "clock", "fail_every", "sensors", "device")
+_BOARD = []  # the board the boot made (the result reports its watchdog feeds)
+
+
 def run(path):
-    import cityedge_fw
     from cityedge_fw import main
 
     with open(path) as f:
-        cfg = json.load(f)
-    board = Board(cfg)
-    agent = main.build(cfg, board)
-    stop = cfg["stop"]
-    del cfg, main
+        test = json.load(f)
+    for key in list(test):  # only the test's own keys stay on the heap
+        if key not in _TEST_KEYS:
+            del test[key]
+    stop = test.pop("stop")
+    root = os.getenv("CITYEDGE_FLASH")
+
+    class StandIn(Board):
+        def __init__(self, cfg):
+            Board.__init__(self, test)
+            _BOARD.append(self)
+
+    # without CITYEDGE_FLASH (an older setup): the one file is the device's configuration
+    main.main(root=root or "/", config_file=None if root else path, board_class=StandIn,
+              run_agent=lambda agent: supervised(agent, stop))
+
+
+def supervised(agent, stop):
+    import cityedge_fw
+
     cityedge_fw.unload("cityedge_fw.main")  # boot-only, as on a board after boot
+    board = _BOARD[0]
     gc.collect()
     stats = {"min_free": gc.mem_free(), "max_alloc": gc.mem_alloc(),
              "alloc": array.array("I", bytes(4 * _SAMPLES)), "n": 0, "every": 20,
