@@ -7,11 +7,11 @@ CRC-32 u32 | data`` (little endian, 20-byte header; the middle field is the u64 
 meta << 48``). ``meta`` is the caller's 16 bits about the batch, readable without reading
 the batch (``RingBuffer.meta``): the agent keeps the reading count plus one there, so
 dropping a batch for space counts its readings without decoding it; 0 means "not recorded".
-Files are written power-cut safe: to ``<name>.tmp`` first, then renamed into place
-(LittleFS and POSIX renames are atomic), so a batch file either exists complete or not at
-all; stray ``.tmp`` files are deleted when the buffer is opened. The CRC catches what
-atomicity cannot (a flash bit error, a foreign file system): a file that fails it is
-counted as dropped, never handed out.
+Files are written power-cut safe (``files.write_atomic``: ``<name>.tmp``, flushed and
+synced, renamed into place), so a batch file either exists complete or not at all; stray
+``.tmp`` files are deleted when the buffer is opened. The CRC catches what atomicity
+cannot (a flash bit error, a foreign file system): a file that fails it is counted as
+dropped, never handed out.
 
 When an append would exceed the budget, the oldest batches are dropped first and the drop is
 recorded (``first_seq``, ``last_seq``, ``batches``) in ``drops.cbor`` *before* any file is
@@ -24,7 +24,7 @@ Errors: flash failures are ``StorageError`` (a ``LocalError``) carrying the OSEr
 they are raised ``from None`` because MicroPython warns on every chained exception.
 
 ``State`` is a small key/value file (a CBOR map, via ``cityedge_core.cbor``) written the same
-way (temp file + rename): after a power cut it holds either the old or the new values.
+way (``files.write_atomic``): after a power cut it holds either the old or the new values.
 
 Measured heap (MicroPython 1.29 unix port, 64-bit, .mpy in a ROMFS image, 1 KiB
 batches): importing this module costs 6.0 KB (function objects, string constants,
@@ -52,6 +52,8 @@ except ImportError:  # CPython
 
 from cityedge_core import cbor
 from cityedge_core.errors import MalformedError, StorageError
+
+from .files import write_atomic
 
 _MAGIC = b"CEB1"
 _HEADER_FMT = "<4sQII"  # magic, seq | meta << 48, data length, CRC-32 of data
@@ -91,26 +93,6 @@ def _makedirs(path: str) -> None:
             raise
 
 
-def _fsync(f: object) -> None:
-    """Push a file to stable storage (CPython); LittleFS commits on close by itself."""
-    fileno = getattr(f, "fileno", None)
-    sync = getattr(os, "fsync", None)
-    if fileno is not None and sync is not None:
-        f.flush()  # type: ignore[attr-defined]
-        sync(fileno())
-
-
-def _sync_dir(path: str) -> None:
-    sync = getattr(os, "fsync", None)
-    if sync is None or not hasattr(os, "O_RDONLY"):
-        return
-    fd = os.open(path or ".", os.O_RDONLY)  # type: ignore[attr-defined]
-    try:
-        sync(fd)
-    finally:
-        os.close(fd)  # type: ignore[attr-defined]
-
-
 def _entries(root: str):
     """``(name, size)`` of each entry in ``root``, one at a time (MicroPython's
     ``os.ilistdir`` gives the size on LittleFS; -1 where a port does not say)."""
@@ -121,24 +103,6 @@ def _entries(root: str):
         return
     for entry in walk(root):
         yield entry[0], entry[3] if len(entry) > 3 else -1
-
-
-def _write_atomic(path: str, parts: tuple) -> None:
-    """Write ``parts`` (bytes-like) to ``path`` via ``path.tmp`` + rename; OSError on failure."""
-    tmp = path + _TMP
-    try:
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part)
-            _fsync(f)
-        os.rename(tmp, path)
-    except OSError:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _sync_dir(path.rsplit("/", 1)[0] if "/" in path else "")
 
 
 def _merge(a: list | None, b: list | None) -> list | None:
@@ -195,7 +159,7 @@ class State:
             old[key] = values.get(key)
             _put(values, key, kv[key])
         try:
-            _write_atomic(self.path, (cbor.dumps(values),))
+            write_atomic(self.path, cbor.dumps(values))
         except OSError as e:
             for key in old:
                 _put(values, key, old[key])
@@ -376,7 +340,7 @@ class RingBuffer:
         header = struct.pack(_HEADER_FMT, _MAGIC, seq | meta << 48, size, crc & 0xFFFFFFFF)
         while True:
             try:
-                _write_atomic(self._path(seq), (header,) + chunks)
+                write_atomic(self._path(seq), (header,) + chunks)
                 break
             except OSError as e:
                 # The file system filled up before the budget did (budget set too large for
