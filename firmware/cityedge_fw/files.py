@@ -8,58 +8,30 @@ then renames it over ``path``: LittleFS and POSIX renames are atomic, so after a
 the file holds the old or the new bytes, never a mix. On failure the temporary file is
 removed and the ``OSError`` raised; callers say what the file was (``StorageError``).
 
-Measured heap (MicroPython 1.29 unix port, .mpy): importing this module costs about
-0.4 KB; a write allocates the temporary file's name and the file object (about 0.1 KB).
+Measured heap (MicroPython 1.29 unix port, 64-bit, .mpy, ``gc.mem_alloc`` around the
+import): importing this module costs 0.6 KB.
 """
 
 import os
 
-_TMP = ".tmp"
-
-
-def _sync_file(f):
-    """Flush ``f`` and, on CPython, ``fsync`` it (before it is closed)."""
-    f.flush()
-    sync = getattr(os, "fsync", None)
-    if sync is not None:
-        sync(f.fileno())
-
-
-def _sync_device():
-    """MicroPython on a board (no ``fsync``): ``os.sync`` flushes the block device's
-    cache once LittleFS has committed the closed file. CPython's ``os.sync`` would flush
-    every file system: never called there (``fsync`` did the job)."""
-    if not hasattr(os, "fsync"):
-        sync = getattr(os, "sync", None)
-        if sync is not None:
-            sync()
-
-
-def _sync_dir(path):
-    """Make a rename durable (POSIX: fsync the directory); a no-op on MicroPython,
-    where LittleFS commits the rename with the directory block itself."""
-    sync = getattr(os, "fsync", None)
-    if sync is None or not hasattr(os, "O_RDONLY"):
-        return
-    d = path.rsplit("/", 1)[0] if "/" in path else ""
-    fd = os.open(d or ".", os.O_RDONLY)  # type: ignore[attr-defined]
-    try:
-        sync(fd)
-    finally:
-        os.close(fd)  # type: ignore[attr-defined]
-
 
 def write_atomic(path, data):
     """Replace ``path`` with ``data`` (bytes-like or a tuple of parts); OSError on failure,
-    with nothing left behind but the old file."""
-    tmp = path + _TMP
-    parts = data if isinstance(data, tuple) else (data,)
+    with nothing left behind but the old file. One function, no helpers: each costs a
+    device heap."""
+    tmp = path + ".tmp"
+    fsync = getattr(os, "fsync", None)  # CPython; MicroPython has none
     try:
         with open(tmp, "wb") as f:
-            for part in parts:
+            for part in data if isinstance(data, tuple) else (data,):
                 f.write(part)
-            _sync_file(f)
-        _sync_device()
+            f.flush()
+            if fsync is not None:
+                fsync(f.fileno())
+        # MicroPython on a board: LittleFS committed the file on close; ``os.sync`` (ESP32,
+        # RP2) flushes the block device's cache. CPython's would flush every file system.
+        if fsync is None and hasattr(os, "sync"):
+            os.sync()
         os.rename(tmp, path)
     except OSError:
         try:
@@ -67,4 +39,9 @@ def write_atomic(path, data):
         except OSError:
             pass
         raise
-    _sync_dir(path)
+    if fsync is not None and hasattr(os, "O_RDONLY"):  # POSIX: the rename durable too
+        fd = os.open((path.rsplit("/", 1)[0] or "/") if "/" in path else ".", os.O_RDONLY)
+        try:
+            fsync(fd)
+        finally:
+            os.close(fd)

@@ -36,8 +36,7 @@ except ImportError:  # CPython
 
 from cityedge_core.errors import PeerError, TransportError
 
-from . import mqtt
-from .backoff import delay_ms
+from . import mqtt, unload
 
 # Private (``_X = const()``) so the compiler folds them: no heap on the device.
 _BACKOFF_MIN_MS = const(500)  # ms: first retry delay after a failed connection
@@ -185,7 +184,12 @@ class Link:
                 self._close()
             if self._stop:
                 break
-            await sleep_ms(delay_ms(attempt, _BACKOFF_MIN_MS, _BACKOFF_MAX_MS))
+            from .backoff import delay_ms  # loaded for the moment: 0.5 KB of heap
+
+            wait = delay_ms(attempt, _BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
+            delay_ms = None
+            unload("cityedge_fw.backoff")
+            await sleep_ms(wait)
             attempt += 1
 
     def stop(self):
