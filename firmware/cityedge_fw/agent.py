@@ -9,12 +9,13 @@ Tasks (asyncio), all started by ``Agent.run``:
   ring buffer; ``seq`` and the chain ``head`` are persisted after each batch. Only then is
   a reading "accepted": from here on it survives power cuts and outages.
 - **forwarder** (every 200 ms) publishes the oldest stored batches (QoS 1, at most
-  ``_INFLIGHT`` in flight: the MQTT client keeps each in RAM until its PUBACK) on
-  ``ce/v1/<device>/up/readings`` and removes each from flash on its PUBACK.
-  When the connection is lost the client forgets the unacknowledged ones (no payload
-  stays in RAM through an outage); after the next CONNACK the forwarder starts again from
-  the oldest batch on flash, in order. A batch whose PUBACK was lost goes out twice: the
-  chain makes the copy a duplicate the fleet recognises.
+  ``_INFLIGHT`` awaiting PUBACK) on ``ce/v1/<device>/up/readings`` and removes each from
+  flash on its PUBACK. Each is read from flash into one reused buffer, which the MQTT
+  client (``keep_inflight=False``) lets go of once the bytes are written to the socket:
+  no payload stays in RAM until its PUBACK, nor through an outage. When the connection
+  is lost the client forgets the unacknowledged ones; after the next CONNACK the
+  forwarder starts again from the oldest batch on flash, in order. A batch whose PUBACK
+  was lost goes out twice: the chain makes the copy a duplicate the fleet recognises.
 - **status** publishes a signed status map on ``up/status`` every ``status_interval_s``.
 - **watchdog** (in ``run``'s own task) feeds the board's watchdog only while the sampler
   and the store are healthy, and ends the agent when another task has ended.
@@ -85,9 +86,8 @@ DESIRED = (
 )
 _FORWARD_POLL_MS = const(200)  # ms between two forwarder rounds with nothing to send
 _FORWARD_BUSY_MS = const(5)  # ms until the next round when the window was full
-# QoS 1 batches in flight at once. Each stays in RAM (the MQTT client re-sends it after a
-# reconnect) until its PUBACK, also while a silent link holds them: two keep a small heap
-# clear of signing's peak, and still forward 10 batches a second on a local broker.
+# QoS 1 batches awaiting PUBACK at once (their bytes are on flash, not in RAM: the client
+# is made with ``keep_inflight=False``): two forward 10 batches a second on a local broker.
 _INFLIGHT = const(2)
 _UNHEALTHY_AFTER_SWEEPS = const(3)  # missed sampler sweeps before the watchdog is starved
 _STORE_HEADER_BYTES = const(20)  # bytes the ring buffer adds per batch (store.HEADER_SIZE)

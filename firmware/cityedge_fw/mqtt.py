@@ -12,7 +12,9 @@ What it does:
   most ``max_inflight``, oldest first) until their PUBACK; after a reconnect they are sent
   again, in the same order, with the DUP flag (§4.4). A client made with
   ``keep_inflight=False`` forgets them when the connection is lost instead (their
-  payloads leave RAM; the caller, who keeps them elsewhere, publishes them again). An
+  payloads leave RAM as soon as they are sent; the caller, who keeps them elsewhere,
+  publishes them again). A kept payload is copied if the caller could change it
+  (``bytearray``, ``memoryview``): a re-send must carry the bytes first published. An
   inbound QoS 1 PUBLISH is acknowledged at once. Inbound QoS 2 is refused: we never
   subscribe above QoS 1.
 - SUBSCRIBE / SUBACK (§3.8, §3.9), PINGREQ / PINGRESP (§3.12, §3.13), DISCONNECT (§3.14).
@@ -239,6 +241,14 @@ def _packet_id(body, name):
     return (body[0] << 8) | body[1]
 
 
+def _frozen(payload):
+    """``payload`` (bytes-like or a tuple of chunks) as bytes the caller cannot change:
+    a ``bytearray`` or ``memoryview`` (the agent's reused read buffer) is copied."""
+    if isinstance(payload, tuple):
+        return tuple(_frozen(chunk) for chunk in payload)
+    return payload if isinstance(payload, bytes) else bytes(payload)
+
+
 # --- the state machine -------------------------------------------------------------------
 class Client:
     """One MQTT session seen from the client. Not thread-safe; one connection at a time.
@@ -293,6 +303,8 @@ class Client:
             if len(self._inflight) >= self.max_inflight:
                 raise LocalError("mqtt: %d messages await PUBACK" % len(self._inflight))
             packet_id = self._new_packet_id()
+            if self.keep_inflight:  # kept for a re-send: a buffer the caller reuses is copied
+                payload = _frozen(payload)
         self._send_publish(topic, payload, qos, retain, packet_id, False, now_ms)
         if qos == 1:  # kept for a re-send only where one can happen: no payload pinned else
             self._inflight.append([packet_id, topic, payload, retain] if self.keep_inflight
