@@ -65,10 +65,8 @@ from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose
 from cityedge_core.errors import CityedgeError, PeerError, StorageError
 
-from . import ON_DEMAND, mqtt, unload
+from . import ON_DEMAND, VERSION, mqtt, unload
 from .mqtt_async import Link, monotonic_ms, sleep_ms
-
-FIRMWARE_VERSION = "0.1.0"
 
 # SenML CBOR labels (RFC 8428 Table 6), as in ``cityedge_core.senml``; that module is
 # not imported here to keep the receiver-side code off the device's heap.
@@ -486,7 +484,7 @@ class Agent:
         gc.collect()
         return {
             "device": self.device,
-            "fw": FIRMWARE_VERSION,
+            "fw": VERSION,
             "board": getattr(self.board, "name", "?"),
             "boot": self.boot,
             "uptime_s": self.sim_ms() // 1000,

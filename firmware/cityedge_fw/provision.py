@@ -417,11 +417,11 @@ class Provisioner:
             raise StepRefused(_T.E_ORDER, "unlock: device is not locked")
         from cityedge_core import command_gate
 
-        from . import main, store  # only for an unlock: not on the boot path
+        from . import keys, store  # only for an unlock: not on the boot path
 
         cfg = self._config()
         gate = command_gate.CommandGate(self.info["device"],
-                                        main.load_fleet_keys(cfg.get("fleet_keys", ())),
+                                        keys.load_fleet_keys(cfg.get("fleet_keys", ())),
                                         store.State(self._path(AGENT_STATE_FILE)), self.clock,
                                         require_clock=False)
         data = msg.get(_T.F_COMMAND)
