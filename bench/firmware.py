@@ -57,6 +57,7 @@ from fw_harness import (  # noqa: E402
     device_argv,
     device_env,
 )
+from fw_harness import result as device_result  # noqa: E402
 
 from cityedge_core import cose, senml  # noqa: E402
 from cityedge_core.batch import Batch  # noqa: E402
@@ -91,11 +92,10 @@ def run_device(mpy: Path, work: Path, broker: Mosquitto, pki: TestPKI, creds: Cr
     proc = subprocess.run(device_argv(mpy, "import mp_device", heap),
                           env=device_env(mpy, path), capture_output=True, text=True,
                           timeout=WARMUP_S + WINDOW_S + 90)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:  # the agent ended: an error, not a measurement
+    r = device_result(proc.stdout)
+    if proc.returncode != 0 or r is None:  # the agent ended: an error, not a measurement
         raise RuntimeError("bench: the device failed (heap %s):\n%s\n%s"
                            % (heap, proc.stdout[-2000:], proc.stderr[-3000:]))
-    r: dict[str, Any] = json.loads(lines[-1][7:])
     if len(r["marks"]) != 2:
         raise RuntimeError("bench: the device never connected: %s" % r)
     (t0, s0, p0), (t1, s1, p1) = r["marks"]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from cityedge import romfs
 from cityedge_host.errors import UserError
-from cityedge_host.mpy import compile_files, package_sources
+from cityedge_host.mpy import compile_file, package_sources
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
@@ -159,9 +159,23 @@ def sources(packages: tuple[str, ...] = PACKAGES) -> list[Path]:
     return sorted(out)
 
 
+def module_name(rel: Path) -> str:
+    """The dotted name of the module at ``rel`` (``cityedge_fw/hal/unix.py`` ->
+    ``cityedge_fw.hal.unix``, a package's ``__init__.py`` -> the package)."""
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
 def compile_tree(out: Path, packages: tuple[str, ...] = PACKAGES) -> list[Path]:
-    """Compile every module into ``out/<package>/...mpy``; returns the .mpy paths written."""
-    return compile_files(FIRMWARE, sources(packages), out)
+    """Compile every module into ``out/<package>/...mpy``; returns the .mpy paths written.
+
+    The file name a module's tracebacks show is its dotted name (``module_name``), which
+    the import interns anyway: a path would be one more interned name per module, for
+    good on a device's heap (``docs/ARCHITECTURE.md``, "Memory on the device")."""
+    return [compile_file(FIRMWARE / rel, out / rel.with_suffix(".mpy"), module_name(rel))
+            for rel in sources(packages)]
 
 
 def manifest_text(packages: tuple[str, ...] = PACKAGES) -> str:

@@ -68,6 +68,10 @@ from cityedge_core.errors import CityedgeError, PeerError, StorageError
 from . import ON_DEMAND, VERSION, mqtt, unload
 from .mqtt_async import Link, monotonic_ms, sleep_ms
 
+# the settings the fleet may change at run time (``down/desired``) and their ranges: a
+# tuple of ``settings``, a boot-only module (``main.build`` unloads it; the tuple stays)
+from .settings import DESIRED
+
 # SenML CBOR labels (RFC 8428 Table 6), as in ``cityedge_core.senml``; that module is
 # not imported here to keep the receiver-side code off the device's heap.
 _N = const(0)
@@ -76,14 +80,6 @@ _V = const(2)
 _T = const(6)
 _BT = const(-3)
 
-# Settings the fleet may change at run time (``down/desired``), with their accepted
-# ranges. All settings, their defaults and other ranges: ``settings`` (checked at boot).
-DESIRED = (
-    ("sample_interval_s", 1, 86400),
-    ("batch_readings", 1, 200),
-    ("batch_seconds", 1, 86400),
-    ("status_interval_s", 5, 86400),
-)
 _FORWARD_POLL_MS = const(200)  # ms between two forwarder rounds with nothing to send
 _FORWARD_BUSY_MS = const(5)  # ms until the next round when the window was full
 # QoS 1 batches awaiting PUBACK at once (their bytes are on flash, not in RAM: the client

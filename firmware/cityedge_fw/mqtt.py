@@ -42,7 +42,7 @@ from cityedge_core.errors import LimitError, LocalError, MalformedError, Transpo
 # A public ``X = const()`` is a module attribute on the device heap; names no other module
 # uses are private ``_X``, which the compiler folds away.
 _MAX_PACKET_BYTES = const(20480)  # bytes: largest inbound packet (a 16 KiB command + topic)
-MAX_INFLIGHT = const(4)  # QoS 1 publishes awaiting PUBACK
+_MAX_INFLIGHT = const(4)  # QoS 1 publishes awaiting PUBACK
 MAX_TOPIC_BYTES = const(256)  # bytes: UTF-8 topic name or filter
 MAX_CLIENT_ID_BYTES = const(128)  # bytes: client id (a device URN)
 _KEEPALIVE_S = const(60)  # seconds: default keep-alive interval (§3.1.2.10)
@@ -164,7 +164,6 @@ def encode_puback(packet_id):
 
 PINGREQ_BYTES = b"\xc0\x00"
 PINGRESP_BYTES = b"\xd0\x00"
-DISCONNECT_BYTES = b"\xe0\x00"
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -263,7 +262,7 @@ class Client:
     """
 
     def __init__(self, client_id, keepalive_s=_KEEPALIVE_S, clean_session=True,
-                 username=None, max_inflight=MAX_INFLIGHT,
+                 username=None, max_inflight=_MAX_INFLIGHT,
                  max_packet=_MAX_PACKET_BYTES, keep_inflight=True):
         self.client_id = client_id
         self.keep_inflight = keep_inflight
@@ -325,7 +324,7 @@ class Client:
     def disconnect(self):
         """Queue DISCONNECT (§3.14); the caller closes the socket after sending it."""
         if self.state == CONNECTED:
-            self._out.append(DISCONNECT_BYTES)
+            self._out.append(b"\xe0\x00")  # DISCONNECT
         self.state = DISCONNECTED
 
     def data_to_send(self):

@@ -19,11 +19,15 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from cityedge import romfs
+from cityedge.build_firmware import compile_tree
 from cityedge_core import chain
 from cityedge_host import mpy
 from cityedge_host.crypto import EcVerifier
 
+from support.device_result import AT_STOP_KEYS, RESULT_KEYS, qstr_pools, result
 from support.mosquitto import OBSERVER, Credentials, Mosquitto, TestPKI
+
+__all__ = ["AT_STOP_KEYS", "RESULT_KEYS", "qstr_pools", "result"]  # for the tests, the bench
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "firmware"
@@ -50,9 +54,9 @@ if str(FIRMWARE) not in sys.path:
 
 def compile_firmware(out: Path, packages: tuple[str, ...] = ("cityedge_core", "cityedge_fw")
                      ) -> Path:
-    """Compile every module of ``packages`` to ``out/<package>/...mpy``; returns ``out``."""
-    for package in packages:
-        mpy.compile_package(FIRMWARE / package, out)
+    """Compile every module of ``packages`` to ``out/<package>/...mpy`` as ``make
+    firmware`` does (``build_firmware.compile_tree``); returns ``out``."""
+    compile_tree(out, packages)
     return out
 
 

@@ -22,8 +22,10 @@ from fw_harness import (
     check_chain,
     device_argv,
     device_env,
+    qstr_pools,
     wait_for,
 )
+from fw_harness import result as device_result
 from pycose.keys.curves import P256
 from pycose.keys.ec2 import EC2Key
 from pycose.messages import Sign1Message
@@ -75,10 +77,13 @@ def finish(proc: subprocess.Popen[str], timeout: float = 90, *,
         out, err = proc.communicate()
         raise AssertionError("device did not finish:\n%s\n%s" % (out, err)) from None
     assert proc.returncode == 0, out + err
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert lines, out + err
-    result: dict[str, Any] = json.loads(lines[-1][7:])
+    result = device_result(out)
+    assert result is not None, out + err
+    result["qstr"] = qstr_pools(out)
     assert mem_errors_ok or result["mem_errors"] == 0, result
+    # every name the agent uses is interned at boot (``main.intern_on_demand``): no pool of
+    # interned names is added while it runs (one block of kilobytes it may not find)
+    assert result["qstr"][0][0] == result["qstr"][-1][0], result["qstr"]
     return result
 
 

@@ -49,6 +49,8 @@ for s in board.sensors(cfg):
         faults.append([s.name, e.reason])
 out["readings"] = readings
 out["faults"] = faults
+out["loaded"] = sorted(m for m in sys.modules if m.startswith("cityedge_fw.") and
+                       m.split(".")[1] in ("agent", "mqtt", "mqtt_async", "store"))
 print(json.dumps(out))
 """
 
@@ -89,6 +91,8 @@ def test_unix_board_runs_real_drivers_on_simulated_parts(mpy_tree: Path) -> None
     assert out["readings"][0][1:] == ["Cel", 21.5]
     assert out["readings"][2][1:] == ["Cel", 12.5]
     assert out["faults"] == [["noise", "adc noise: 50.001 dB out of range"]]
+    # checking a configuration and making a board needs nothing of the agent (issue 13)
+    assert out["loaded"] == [], out["loaded"]
 
 
 def test_unix_board_without_a_device_id_says_so(mpy_tree: Path) -> None:
