@@ -32,7 +32,9 @@ from cityedge_provision.transport import SerialTransport
 from support.mosquitto import Mosquitto, TestPKI
 
 # The heap the board's path boots and streams in: measured, docs/ARCHITECTURE.md ("Memory
-# on the device"); ``CE_BOOT_HEAP`` overrides it, to measure.
+# on the device": 72.8 KiB in use after boot, 716 interned names in six pools; 60 s at a
+# real rate: all batches at 88k, 8 of 12 at 84k, none at 80k); ``CE_BOOT_HEAP`` overrides
+# it, to measure.
 BOOT_HEAP = os.environ.get("CE_BOOT_HEAP", "88k")
 # provisioning mode from ROMFS (72k enters it; the key and TLS steps need more)
 PROVISIONING_HEAP = "96k"
