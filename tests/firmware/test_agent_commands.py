@@ -25,8 +25,16 @@ from pathlib import Path
 
 import cbor2
 import paho.mqtt.client as paho
-from fw_harness import DEVICE, HEAP, Subscriber, check_chain, wait_for
-from test_agent_e2e import device_config, finish, start_device
+from fw_harness import (
+    DEVICE,
+    HEAP,
+    Subscriber,
+    check_chain,
+    device_config,
+    finish,
+    start_device,
+    wait_for,
+)
 
 from cityedge_core import cose
 from cityedge_core.command import encode_command
