@@ -1,15 +1,19 @@
 """``cityedge sim device``: run the real device firmware on the MicroPython unix port.
 
-The firmware (``firmware/cityedge_core`` + ``firmware/cityedge_fw``) is compiled with
-``mpy-cross`` into a cache directory and started on ``.venv/bin/micropython`` with a capped
-heap. Its flash is a LittleFS (``vfs.VfsLfs2``) image in a file on the host, mounted at
-``/flash``: the ring buffer and the state file live there, so stopping and starting the
-simulator is a power cycle (the chain continues, buffered batches are sent).
+The firmware is built as ``make firmware`` builds it (``cityedge.build_firmware``, into a
+temporary directory) and booted as a board boots it: the board's ``main.py`` program
+(``cityedge_fw.main.boot()``) on the unix port with a capped heap, code in the ROMFS image
+mapped outside the heap (``cityedge.romfs``), the configuration in ``config.json`` on the
+flash root. The unix board (``cityedge_fw/hal/unix.py``) takes from the environment what a
+board has in hardware: the flash root (``CITYEDGE_FLASH``; with ``--config``, a directory
+holding the configuration, and a LittleFS (``vfs.VfsLfs2``) image in a file on the host
+mounted at ``/flash`` with the ring buffer and the state file, so stopping and starting
+the simulator is a power cycle: the chain continues, buffered batches are sent).
 
 The configuration file is the device's JSON configuration (see ``cityedge_fw.main``) plus:
 
 ``image``   ``{"path": "device.img", "blocks": 256, "block_size": 4096}`` the flash image
-``sim``     ``{"heap": "192k"}``: the heap cap
+``sim``     ``{"heap": "96k"}``: the heap cap
 ``sensors`` as on a board; the unix HAL puts simulated parts on simulated buses
 ``clock``   ``"host"`` (default: NTP-like host time) or ``"none"`` (no trusted clock)
 
@@ -28,133 +32,30 @@ from typing import Annotated, Any
 
 import typer
 
+from cityedge import build_firmware
 from cityedge_core.errors import LocalError
 
 ROOT = Path(__file__).resolve().parent.parent
-FIRMWARE = ROOT / "firmware"
-BIN = Path(sys.executable).parent
-DEFAULT_HEAP = "192k"  # the agent (~70 KiB of .mpy on the heap), HAL, drivers, simulated parts
+# The agent, HAL, drivers and simulated parts, code in ROMFS: 72.7 KiB in use after boot
+# with one SHT3x; 88 KiB streams, 80 KiB boots but finds no room for the TLS handshake
+# (docs/ARCHITECTURE.md, "Memory on the device")
+DEFAULT_HEAP = "96k"
 DEFAULT_BLOCKS = 256  # 4 KiB blocks: a 1 MiB flash partition
 DEFAULT_BLOCK_SIZE = 4096
 
 sim_app = typer.Typer(help="Run simulated devices on the MicroPython unix port.",
                       no_args_is_help=True)
 
-# The MicroPython side: a file-backed block device for LittleFS, then the firmware's boot.
-RUNNER = r'''
-import gc, json, os, sys, time
-import asyncio, vfs
+# The device's program: the board's own main.py (``cityedge.build_firmware.MAIN_PY``).
+PROGRAM = "from cityedge_fw import main\nmain.boot()\n"
 
 
-class FileFlash:
-    """A LittleFS block device over a host file (the simulated flash chip)."""
-
-    def __init__(self, path, blocks, block_size):
-        self.bs = block_size
-        self.blocks = blocks
-        self.f = open(path, "r+b")  # created erased (0xff) by the host side
-
-    def readblocks(self, block, buf, offset=0):
-        self.f.seek(block * self.bs + offset)
-        self.f.readinto(buf)
-
-    def writeblocks(self, block, buf, offset=0):
-        self.f.seek(block * self.bs + offset)
-        self.f.write(buf)
-        self.f.flush()
-
-    def ioctl(self, op, arg):
-        if op == 4:
-            return self.blocks
-        if op == 5:
-            return self.bs
-        if op == 6:
-            return 0
-        return None
-
-
-def board_for(cfg):
-    from cityedge_fw import config, hal
-
-    cfg = config.validate(cfg)
-    return cfg, hal.get_board(cfg)  # build() unloads config when it is done
-
-
-async def report(agent):
-    last = None
-    while True:
-        gc.collect()
-        now = (agent.writer.seq, agent.store.count, agent.published, agent.link.connects)
-        if now != last:
-            print("sim: seq=%d buffered=%d published=%d connects=%d heap_free=%d %s" % (
-                now + (gc.mem_free(), agent.last_error or agent.link.last_error or "")))
-            last = now
-        await asyncio.sleep_ms(1000)
-
-
-async def run(agent, seconds):
-    task = asyncio.create_task(agent.run())
-    rep = asyncio.create_task(report(agent))
-    if seconds:
-        await asyncio.sleep_ms(int(seconds * 1000))
-    else:
-        await task
-    task.cancel()
-    rep.cancel()
-    await asyncio.sleep_ms(10)
-
-
-def main():
-    with open(os.getenv("CE_SIM_CONFIG")) as f:
-        cfg = json.load(f)
-    image = cfg.get("image")
-    if image:  # flash in a LittleFS image; otherwise a provisioned device's directory
-        flash = FileFlash(image["path"], image["blocks"], image["block_size"])
-        try:
-            vfs.mount(vfs.VfsLfs2(flash), "/flash")
-        except OSError:
-            vfs.VfsLfs2.mkfs(flash)
-            vfs.mount(vfs.VfsLfs2(flash), "/flash")
-    import cityedge_fw
-    from cityedge_fw import main as fw_main
-
-    cfg, board = board_for(cfg)
-    agent = fw_main.build(cfg, board)
-    print("sim: %s boot %d on %s, chain at seq %d, %d batches buffered" % (
-        agent.device, agent.boot, board.name, agent.writer.seq, agent.store.count))
-    del fw_main
-    cityedge_fw.unload("cityedge_fw.main")  # boot-only code off the heap, as on a board
-    gc.collect()
-    asyncio.run(run(agent, float(os.getenv("CE_SIM_SECONDS") or 0)))
-    if image:
-        vfs.umount("/flash")
-
-
-main()
-'''
-
-
-def compile_firmware(out: Path) -> Path:
-    """Compile the core and the agent to .mpy under ``out`` (the board's file layout)."""
-    mpy_cross = BIN / "mpy-cross"
-    if not mpy_cross.exists():
-        raise LocalError("sim: %s not found; run `make setup`" % mpy_cross)
-    for package in ("cityedge_core", "cityedge_fw"):
-        for src in sorted((FIRMWARE / package).rglob("*.py")):
-            rel = src.relative_to(FIRMWARE).with_suffix(".mpy")
-            dest = out / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            done = subprocess.run([str(mpy_cross), "-o", str(dest), "-s",
-                                   str(rel.with_suffix(".py")), str(src)],
-                                  capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise LocalError("sim: mpy-cross failed on %s: %s" % (src, done.stderr))
-    runner = out / "sim_runner.py"
-    runner.write_text(RUNNER)
-    subprocess.run([str(mpy_cross), "-o", str(out / "sim_runner.mpy"), str(runner)],
-                   capture_output=True, check=True)
-    runner.unlink()
-    return out
+def build(out: Path) -> Path:
+    """``make firmware`` into ``out``; returns its ROMFS image (code runs from it, as from a
+    board's flash partition)."""
+    firmware = out / "firmware"
+    build_firmware.build(firmware)
+    return out / "firmware.romfs"
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -242,17 +143,23 @@ def device(
         ensure_image(cfg["image"])
     else:
         raise LocalError("sim: give --config FILE, or --root DIR of a provisioned device")
-    micropython = BIN / "micropython"
-    if not micropython.exists():
-        raise LocalError("sim: %s not found; run `make setup`" % micropython)
-    heap = str(cfg.get("sim", {}).get("heap", DEFAULT_HEAP))
+    heap = str(cfg.pop("sim", {}).get("heap", DEFAULT_HEAP))
+    image = cfg.pop("image", None)
     with tempfile.TemporaryDirectory(prefix="cityedge-sim-") as tmp:
-        mpy = compile_firmware(Path(tmp) / "mpy")
-        cfg_path = Path(tmp) / "config.json"
-        cfg_path.write_text(json.dumps(cfg))
-        env = dict(os.environ, MICROPYPATH="%s:.frozen" % mpy, CE_SIM_CONFIG=str(cfg_path),
-                   CE_SIM_SECONDS=str(seconds or ""))
-        cmd = [str(micropython), "-X", "heapsize=%s" % heap, "-c", "import sim_runner"]
+        romfs_image = build(Path(tmp))
+        env = dict(os.environ, MICROPYPATH=".frozen", CITYEDGE_REPORT="1",
+                   CITYEDGE_SECONDS=str(seconds or ""))
+        # the flash root holds the configuration (with --root: the provisioned one and
+        # the overrides; its paths name the device's files in its own directory)
+        flash = Path(tmp) / "flash"
+        flash.mkdir()
+        (flash / "config.json").write_text(json.dumps(cfg))
+        if image is not None:
+            env["CITYEDGE_FLASH_IMAGE"] = "%s:%d:%d" % (image["path"], image["blocks"],
+                                                        image["block_size"])
+        env["CITYEDGE_FLASH"] = str(flash)
+        cmd = [sys.executable, "-m", "cityedge.romfs", "--image", str(romfs_image),
+               "-X", "heapsize=%s" % heap, "-c", PROGRAM]
         try:
             code = subprocess.run(cmd, env=env, check=False).returncode
         except KeyboardInterrupt:

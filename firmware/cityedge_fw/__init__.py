@@ -6,6 +6,10 @@ core ``cityedge_core`` for every wire format.
 
 import sys
 
+# The firmware version: the status reports it, provisioning tells the laptop, the build
+# checks the package manifest against it (``manifest.py``). Spelled here only.
+VERSION = "0.1.0"
+
 # Modules a device loads only for a moment: the CBOR decoder (a state file read at boot,
 # a command's payload once its signature holds, a batch about to be dropped) and the
 # command gate. ``unload`` takes them off the heap again after use.

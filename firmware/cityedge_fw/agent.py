@@ -9,26 +9,29 @@ Tasks (asyncio), all started by ``Agent.run``:
   ring buffer; ``seq`` and the chain ``head`` are persisted after each batch. Only then is
   a reading "accepted": from here on it survives power cuts and outages.
 - **forwarder** (every 200 ms) publishes the oldest stored batches (QoS 1, at most
-  ``_INFLIGHT`` in flight: the MQTT client keeps each in RAM until its PUBACK) on
-  ``ce/v1/<device>/up/readings`` and removes each from flash on its PUBACK.
-  When the connection is lost the client forgets the unacknowledged ones (no payload
-  stays in RAM through an outage); after the next CONNACK the forwarder starts again from
-  the oldest batch on flash, in order. A batch whose PUBACK was lost goes out twice: the
-  chain makes the copy a duplicate the fleet recognises.
+  ``_INFLIGHT`` awaiting PUBACK) on ``ce/v1/<device>/up/readings`` and removes each from
+  flash on its PUBACK. Each is read from flash into one reused buffer, which the MQTT
+  client (``keep_inflight=False``) lets go of once the bytes are written to the socket:
+  no payload stays in RAM until its PUBACK, nor through an outage. When the connection
+  is lost the client forgets the unacknowledged ones; after the next CONNACK the
+  forwarder starts again from the oldest batch on flash, in order. A batch whose PUBACK
+  was lost goes out twice: the chain makes the copy a duplicate the fleet recognises.
 - **status** publishes a signed status map on ``up/status`` every ``status_interval_s``.
 - **watchdog** (in ``run``'s own task) feeds the board's watchdog only while the sampler
   and the store are healthy, and ends the agent when another task has ended.
 - the MQTT ``Link`` (``mqtt_async``) keeps the session up and delivers ``down/cmd`` and the
   retained ``down/desired`` messages to ``command_gate.CommandGate``.
 
-When the buffer's byte budget forces the oldest batches out, the agent tallies what is lost
-(``drops``: ``[first_seq, last_seq, batches, readings]``, in ``State`` before the append
-that drops, since the store deletes the files) and, once the link is up, signs one drop record
-(``KIND_DROP``) with the tally and forwards it like a batch: the fleet learns exactly what
-was lost, and a long outage costs one drop record rather than one per batch. A power cut
-between the tally and the append can over-count one append's worth, never under-count.
-An append (or drop record) that would push out a batch in flight waits for its PUBACK,
-so no batch reaches the fleet and is also reported lost (``seal``).
+One drop ledger, the agent's: every batch the ring buffer drops (the byte budget forces
+the oldest out, or a file fails its CRC) comes through ``_on_drop`` before its file is
+deleted; the agent tallies what is lost (``drops``: ``[first_seq, last_seq, batches,
+readings]``, in ``State``) and, once the link is up, signs one drop record (``KIND_DROP``)
+with the tally and forwards it like a batch: the fleet learns exactly what was lost, and
+a long outage costs one drop record rather than one per batch. A power cut between the
+tally and the deletion can over-count one append's worth, never under-count.
+A batch sent and not yet acknowledged (``store.keep``: across reconnects, until a PUBACK
+for it) may have reached the fleet: the ring buffer keeps it and drops the next oldest
+instead, so no batch reaches the fleet and is also reported lost.
 
 Timestamps: with a trusted clock (``board.unix_time()`` not None) a batch uses UNIX seconds
 (``TIME_UNIX``), otherwise seconds since boot (``TIME_SINCE_BOOT``) with the boot counter;
@@ -62,10 +65,12 @@ from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose
 from cityedge_core.errors import CityedgeError, PeerError, StorageError
 
-from . import ON_DEMAND, mqtt, unload
+from . import ON_DEMAND, VERSION, mqtt, unload
 from .mqtt_async import Link, monotonic_ms, sleep_ms
 
-FIRMWARE_VERSION = "0.1.0"
+# the settings the fleet may change at run time (``down/desired``) and their ranges: a
+# tuple of ``settings``, a boot-only module (``main.build`` unloads it; the tuple stays)
+from .settings import DESIRED
 
 # SenML CBOR labels (RFC 8428 Table 6), as in ``cityedge_core.senml``; that module is
 # not imported here to keep the receiver-side code off the device's heap.
@@ -75,22 +80,12 @@ _V = const(2)
 _T = const(6)
 _BT = const(-3)
 
-# Settings the fleet may change at run time (``down/desired``), with their accepted
-# ranges. All settings, their defaults and other ranges: ``settings`` (checked at boot).
-DESIRED = (
-    ("sample_interval_s", 1, 86400),
-    ("batch_readings", 1, 200),
-    ("batch_seconds", 1, 86400),
-    ("status_interval_s", 5, 86400),
-)
 _FORWARD_POLL_MS = const(200)  # ms between two forwarder rounds with nothing to send
 _FORWARD_BUSY_MS = const(5)  # ms until the next round when the window was full
-# QoS 1 batches in flight at once. Each stays in RAM (the MQTT client re-sends it after a
-# reconnect) until its PUBACK, also while a silent link holds them: two keep a small heap
-# clear of signing's peak, and still forward 10 batches a second on a local broker.
+# QoS 1 batches awaiting PUBACK at once (their bytes are on flash, not in RAM: the client
+# is made with ``keep_inflight=False``): two forward 10 batches a second on a local broker.
 _INFLIGHT = const(2)
 _UNHEALTHY_AFTER_SWEEPS = const(3)  # missed sampler sweeps before the watchdog is starved
-_STORE_HEADER_BYTES = const(20)  # bytes the ring buffer adds per batch (store.HEADER_SIZE)
 _RECORD_BYTES = const(20)  # bytes per record the records buffer starts with (it can grow)
 _SWEEP_READINGS = const(2)  # readings a sensor gives per sweep, for the records' headroom
 _BATCH_OVERHEAD = const(160)  # bytes a signed batch adds to its records and device id
@@ -118,6 +113,11 @@ class Agent:
         self.device = device
         self.store = store
         self.state = state
+        # the one drop ledger (``_on_drop``); ``store.keep`` holds the batches handed to
+        # MQTT and not yet acknowledged, on any connection: the fleet may have them, so the
+        # ring buffer drops them last
+        store.on_drop = self._on_drop
+        self._fold_reporting()
         self.cfg = settings
         desired = state.get("desired")
         if isinstance(desired, dict):
@@ -200,18 +200,18 @@ class Agent:
     def sweep(self):
         """Read every sensor once; returns the number of readings taken.
 
-        A seal that had to wait (no heap for the signature, a batch in flight) goes first;
+        A seal that had to wait (no heap for the signature) goes first;
         if it still cannot, and the records buffer has no room left, the sweep is skipped
         rather than the buffer grown in a heap that just had no room (the seal counted a
         MemoryError; three skipped sweeps in a row starve the watchdog: the board resets).
         """
         timebase, t = self.now()
         if self.records.count and timebase != self.batch_timebase:
-            self.seal(True)  # the clock got set: do not mix time bases in one batch
+            self.seal()  # the clock got set: do not mix time bases in one batch
             if self.records.count:
                 return 0
         if self._records_full():
-            self.seal(True)
+            self.seal()
             if self._records_full():
                 return 0
         n = 0
@@ -252,22 +252,13 @@ class Agent:
         """True when the records buffer has no room left for another sweep."""
         return self.records.size + self._sweep_bytes() > len(self.records.data)
 
-    def seal(self, now=False):
+    def seal(self):
         """Sign the collected records as one batch and store it (durable on return).
 
         A heap with no room for the signature's integers (MemoryError) keeps the records
         collected: counted in ``mem_errors``, tried again at the next reading (the heap
-        changes as the other tasks go on), nothing lost. Any other failure drops them.
-
-        So does a full buffer while batches are in flight (sent, PUBACK pending: always
-        the oldest stored): the append would drop one of them, which the fleet then gets
-        *and* reads as lost in the drop record. The PUBACK frees the room within a round
-        trip, or the lost connection takes them out of flight; once the records buffer is
-        nearly full (a link that hangs), or with ``now``, the append goes ahead."""
+        changes as the other tasks go on), nothing lost. Any other failure drops them."""
         if not self.records.count:
-            return
-        if not now and self._in_flight_doomed(self.records.size) and \
-                not self._records_full():
             return
         # A collection first: the signature's few hundred temporary integers then fill the
         # lowest holes and go, instead of scattering what outlives them (the new chain head,
@@ -287,54 +278,51 @@ class Agent:
             self.records.clear()  # signed: whether stored or not, these records are done
         self.batches_signed += 1
 
-    def _in_flight_doomed(self, size):
-        """True if appending about ``size`` bytes of records (plus a batch's overhead)
-        could push out a batch that is in flight."""
-        return self.link.client.inflight_count and self.store.used_bytes + size + \
-            _BATCH_OVERHEAD + len(self.device) + _STORE_HEADER_BYTES > self.store.budget
-
     def _store_signed(self, data, meta=0, reported=False):
-        """Append one signed batch (its chunks), after tallying what the append will push
-        out. ``meta`` goes into its header: a reading batch's readings + 1 (what a drop
-        of it costs, known without decoding it), 0 for a drop record.
-
-        The tally ``[first_seq, last_seq, batches, readings]`` of dropped batches lives in
-        ``State`` key ``drop`` (written before the append) until a drop record reports
-        it. ``reported``: this batch is that drop record, so after the append only what
-        the append itself pushed out stays in the tally (same write as the chain head)."""
-        size = 0
-        for chunk in data:
-            size += len(chunk)
-        pending, doomed = self._tally_doomed(size)
+        """Append one signed batch (its chunks), then persist the chain head. ``meta``
+        goes into its header: a reading batch's readings + 1 (what a drop of it costs,
+        known without decoding it), 0 for a drop record. ``reported``: this batch is the
+        drop record for the tally in ``State`` key ``reporting`` (``report_drops``),
+        cleared in the same write as the chain head."""
         try:
             self.store.append(self.writer.seq, data, meta)
         except StorageError as e:
             self.store_ok = False
             self.last_error = str(e)
             raise
-        self.store.take_drops()  # the agent's own tally is the record; keep the store's small
-        self.state.set(seq=self.writer.seq, head=self.writer.head,
-                       drop=doomed if reported else pending)
+        if reported:
+            self.state.set(seq=self.writer.seq, head=self.writer.head, reporting=None)
+        else:
+            self.state.set(seq=self.writer.seq, head=self.writer.head)
         self.store_ok = True
 
-    def _tally_doomed(self, size):
-        """Tally the oldest batches that appending ``size`` bytes will drop (``drops``,
-        loaded for this only). Returns (pending tally + doomed, doomed), either None when
-        empty; the first is persisted before the append."""
-        pending = self.state.get("drop")
-        excess = self.store.used_bytes + _STORE_HEADER_BYTES + size - self.store.budget
-        if excess <= 0 or not self.store.count:
-            return pending, None
+    def _on_drop(self, seqs):
+        """The ring buffer is about to delete ``seqs`` (budget or CRC): add what they cost
+        to the tally on flash (``State`` key ``drop``) first. ``drops`` is loaded for
+        this only."""
         from . import drops
 
-        doomed = drops.doomed(self.store, excess)
-        pending = drops.merge(pending, doomed)
+        pending = drops.merge(self.state.get("drop"), drops.cost(self.store, seqs))
         drops = None
         unload("cityedge_fw.drops", *ON_DEMAND)  # and the decoder, if a drop record needed it
-        if doomed is None:
-            return pending, None
         self.state.set(drop=pending)
-        return pending, doomed
+        keep = self.store.keep
+        for seq in seqs:
+            if seq in keep:  # dropped after all (nothing else was left)
+                keep.remove(seq)
+
+    def _fold_reporting(self):
+        """A drop record whose append did not finish (a power cut, a flash error): its
+        tally (``reporting``) goes back into the pending one, to be reported again."""
+        reporting = self.state.get("reporting")
+        if reporting is None:
+            return
+        from . import drops
+
+        pending = drops.merge(reporting, self.state.get("drop"))
+        drops = None
+        unload("cityedge_fw.drops")
+        self.state.set(drop=pending, reporting=None)
 
     def report_drops(self):
         """Sign and store one drop record for everything dropped so far (if anything).
@@ -342,15 +330,24 @@ class Agent:
         Called when the link is up, right before forwarding: while the link is down the
         tally just grows, so a week-long outage costs one drop record, not one per batch.
         ``dropped = [first_seq, last_seq, batches, readings]`` counts every lost batch
-        (earlier drop records included) and every lost reading."""
+        (earlier drop records included) and every lost reading.
+
+        The tally moves from ``drop`` to ``reporting`` (one write) before the append, so
+        what the append itself pushes out starts a new tally, and a power cut before the
+        record is stored reports the old one again (``_fold_reporting`` at boot)."""
         tally = self.state.get("drop")
         if tally is None:
             return False
         gc.collect()
         data = self.writer.sign_chunks(batchmod.RecordBuffer(), self.boot,
                                        batchmod.TIME_SINCE_BOOT, batchmod.KIND_DROP, list(tally))
+        self.state.set(reporting=tally, drop=None)
+        try:
+            self._store_signed(data, 0, True)
+        except StorageError:
+            self._fold_reporting()
+            raise
         self.drops_total += tally[2]
-        self._store_signed(data, 0, True)
         return True
 
     # --- MQTT ----------------------------------------------------------------------------
@@ -363,6 +360,8 @@ class Agent:
         if kind == mqtt.PUBACK:
             seq = self._pid_seq.pop(event[1], None)
             if seq is not None:
+                if seq in self.store.keep:
+                    self.store.keep.remove(seq)
                 try:
                     self.store.remove(seq)
                     self.published += 1
@@ -445,8 +444,8 @@ class Agent:
             else:
                 await self.handle_command(payload, tries)
             payload = None
-        if client.can_publish() and not self._in_flight_doomed(0):
-            self.report_drops()  # a drop record is small: no overhead beyond a batch's
+        if client.can_publish():
+            self.report_drops()
         while True:
             if client.sessions != self._session:
                 # a new connection (also during the await below): the client forgot what
@@ -470,6 +469,8 @@ class Agent:
                                  self.link.clock())
             self._pid_seq[pid] = batch[0]
             self._sent_upto = batch[0]
+            if batch[0] not in self.store.keep:  # the fleet may have it from now on
+                self.store.keep.append(batch[0])
             batch = None
             await self.link.flush()
             while self.link.sending():  # another task drains the queue: ``_fwd`` is in it
@@ -479,7 +480,7 @@ class Agent:
         gc.collect()
         return {
             "device": self.device,
-            "fw": FIRMWARE_VERSION,
+            "fw": VERSION,
             "board": getattr(self.board, "name", "?"),
             "boot": self.boot,
             "uptime_s": self.sim_ms() // 1000,

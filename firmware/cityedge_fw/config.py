@@ -24,18 +24,24 @@ buffer budget) are range-checked by ``settings.check``: one place for those limi
 
 import json
 
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: int) -> int:
+        return x
+
+
 from cityedge_core.batch import check_device_id
 from cityedge_core.errors import LocalError, MalformedError
 
-SENSOR_TYPES = ("sht3x", "scd4x", "ds18b20", "adc")
-I2C_TYPES = ("sht3x", "scd4x")
-SENSORS_MAX = 16  # sensors on one device
-NAME_MAX_CHARS = 24  # characters of a sensor name (it prefixes SenML names of 64 at most)
-CONFIG_MAX_BYTES = 8192  # bytes: a larger config file is a mistake, not a config
-PIN_MAX = 48  # highest GPIO number on the boards we support (ESP32-S3: 48)
-I2C_FREQ_MAX = 1000000  # Hz: I2C fast mode plus
-_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-_"
-DEFAULT_TOPIC_PREFIX = "ce/v1"
+# Limits as private constants, sensor types spelled where they are checked: every public
+# name of a module stays interned on a device's heap after the module is unloaded.
+_SENSORS_MAX = const(16)  # sensors on one device
+_NAME_MAX_CHARS = const(24)  # characters of a sensor name (it prefixes SenML names of 64)
+CONFIG_MAX_BYTES = const(8192)  # bytes: a larger config file is a mistake, not a config
+_PIN_MAX = const(48)  # highest GPIO number on the boards we support (ESP32-S3: 48)
+_I2C_FREQ_MAX = const(1000000)  # Hz: I2C fast mode plus
 
 
 class ConfigError(LocalError):
@@ -87,20 +93,21 @@ def check_sensor(s: object, i: int) -> dict:
     if not isinstance(s, dict):
         _fail(where, "must be a map")
     kind = s.get("type")
-    if kind not in SENSOR_TYPES:
-        _fail(where, "type=%r is not one of %s" % (kind, ", ".join(SENSOR_TYPES)))
+    types = ("sht3x", "scd4x", "ds18b20", "adc")  # the first two on I2C
+    if kind not in types:
+        _fail(where, "type=%r is not one of %s" % (kind, ", ".join(types)))
     _str(s, "name", where)
     name = s["name"]
-    if len(name) > NAME_MAX_CHARS or any(c not in _NAME_CHARS for c in name):
-        _fail(where, "name %r: at most %d of a-z 0-9 - _" % (name, NAME_MAX_CHARS))
-    if kind in I2C_TYPES:
+    if len(name) > _NAME_MAX_CHARS or name.strip("abcdefghijklmnopqrstuvwxyz0123456789-_"):
+        _fail(where, "name %r: at most %d of a-z 0-9 - _" % (name, _NAME_MAX_CHARS))
+    if kind in types[:2]:
         _int(s, "i2c", where, 0, 1, 0)
-        _int(s, "sda", where, 0, PIN_MAX)
-        _int(s, "scl", where, 0, PIN_MAX)
-        _int(s, "freq", where, 10000, I2C_FREQ_MAX, 100000)
+        _int(s, "sda", where, 0, _PIN_MAX)
+        _int(s, "scl", where, 0, _PIN_MAX)
+        _int(s, "freq", where, 10000, _I2C_FREQ_MAX, 100000)
         _int(s, "address", where, 0x08, 0x77, 0x44 if kind == "sht3x" else 0x62)
     else:
-        _int(s, "pin", where, 0, PIN_MAX)
+        _int(s, "pin", where, 0, _PIN_MAX)
     if kind == "ds18b20" and "rom" in s:
         rom = s["rom"]
         if (
@@ -116,8 +123,22 @@ def check_sensor(s: object, i: int) -> dict:
     return s
 
 
-def validate(cfg: object) -> dict:
-    """Check a parsed configuration map; returns it with defaults filled in."""
+def check_agent(cfg: dict) -> dict:
+    """The ``agent`` section checked and completed by ``settings.check`` (the one place of
+    the agent's limits; ``main.build`` calls it after the TLS context exists, ``validate``
+    by default)."""
+    from . import settings  # loaded here, not at import: see above
+
+    try:
+        cfg["agent"] = settings.check(cfg.get("agent") or {})
+    except ValueError as e:
+        _fail("agent", str(e))
+    return cfg
+
+
+def validate(cfg: object, agent: bool = True) -> dict:
+    """Check a parsed configuration map; returns it with defaults filled in. With
+    ``agent=False`` the ``agent`` section is left for ``check_agent``."""
     if not isinstance(cfg, dict):
         _fail("top level", "must be a JSON object")
     if "device" in cfg:
@@ -140,7 +161,7 @@ def validate(cfg: object) -> dict:
     keys = cfg.setdefault("fleet_keys", [])
     if not isinstance(keys, list) or any(not isinstance(k, str) for k in keys):
         _fail("fleet_keys", "must be a list of file paths")
-    prefix = cfg.setdefault("topic_prefix", DEFAULT_TOPIC_PREFIX)
+    prefix = cfg.setdefault("topic_prefix", "ce/v1")
     if not isinstance(prefix, str) or not prefix or "+" in prefix or "#" in prefix:
         _fail("topic_prefix", "must be a topic without wildcards")
     if "wifi" in cfg:
@@ -148,16 +169,12 @@ def validate(cfg: object) -> dict:
         _str(wifi, "ssid", "wifi")
         if not isinstance(wifi.get("password", ""), str):
             _fail("wifi", "password must be a string")
-    agent_settings = _map(cfg, "agent", False)
-    from . import settings  # the one place of the agent's limits
-
-    try:
-        cfg["agent"] = settings.check(agent_settings)
-    except ValueError as e:
-        _fail("agent", str(e))
+    _map(cfg, "agent", False)
+    if agent:
+        check_agent(cfg)
     sensors = cfg.setdefault("sensors", [])
-    if not isinstance(sensors, list) or len(sensors) > SENSORS_MAX:
-        _fail("sensors", "must be a list of at most %d sensors" % SENSORS_MAX)
+    if not isinstance(sensors, list) or len(sensors) > _SENSORS_MAX:
+        _fail("sensors", "must be a list of at most %d sensors" % _SENSORS_MAX)
     names = []
     for i in range(len(sensors)):
         check_sensor(sensors[i], i)
@@ -167,17 +184,21 @@ def validate(cfg: object) -> dict:
     return cfg
 
 
-def load(path: str) -> dict:
-    """Read and check the configuration file at ``path``."""
+def load(path: str, agent: bool = True) -> dict:
+    """Read and check the configuration file at ``path`` (``agent``: see ``validate``).
+
+    The size is checked first (``os.stat``) and the JSON parsed from the open file
+    (``json.load``: MicroPython reads it as it parses), so no buffer of the file's size --
+    let alone of the largest size allowed -- is taken from a board's heap."""
+    import os
+
     try:
+        if os.stat(path)[6] > CONFIG_MAX_BYTES:
+            raise ConfigError("config: %s is larger than %d bytes" % (path, CONFIG_MAX_BYTES))
         with open(path, "rb") as f:
-            raw = f.read(CONFIG_MAX_BYTES + 1)
+            cfg = json.load(f)
     except OSError as e:
         raise ConfigError("config: cannot read %s: %s" % (path, e)) from None
-    if len(raw) > CONFIG_MAX_BYTES:
-        raise ConfigError("config: %s is larger than %d bytes" % (path, CONFIG_MAX_BYTES))
-    try:
-        cfg = json.loads(raw)
     except ValueError as e:
         raise ConfigError("config: %s is not valid JSON: %s" % (path, e)) from None
-    return validate(cfg)
+    return validate(cfg, agent)

@@ -1,10 +1,11 @@
-"""The overflow path of the agent's ring buffer: what dropping the oldest batches costs.
+"""The agent's drop ledger: what the batches the ring buffer drops cost.
 
-Loaded only when an append would exceed the buffer's byte budget (``Agent._tally_doomed``)
-and unloaded after. A reading batch's count is in its file header; the CBOR decoder loads
-only for a batch without one (a drop record, which passes on what it reported). A tally
-is ``[first_seq, last_seq, batches, readings]``; the agent persists it before the append
-and reports it in a signed drop record once the link is up (``agent`` module docstring).
+Loaded only when the ring buffer drops batches (its byte budget is full, or a file failed
+its CRC: ``Agent._on_drop``) and unloaded after. A reading batch's count is in its file
+header; the CBOR decoder loads only for a batch without one (a drop record, which passes
+on what it reported). A tally is ``[first_seq, last_seq, batches, readings]``; the agent
+persists it before the files go and reports it in a signed drop record once the link is
+up (``agent`` module docstring).
 """
 
 from cityedge_core import batch as batchmod
@@ -36,27 +37,19 @@ def merge(a, b):
     return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2], a[3] + b[3]]
 
 
-def doomed(store, excess):
-    """The tally of the oldest batches in ``store`` that freeing ``excess`` bytes drops,
-    by the ring buffer's own rule (oldest first, each costing its file's size). A reading
-    batch's count comes from its header (``meta``: readings + 1, see ``Agent``), so only
-    a batch without one (a drop record, a file from older firmware) is read and decoded,
-    one at a time. None if there was nothing to drop."""
+def cost(store, seqs):
+    """The tally of losing the stored batches ``seqs`` (still on flash: the ring buffer
+    asks before it deletes them). A reading batch's count comes from its header
+    (``meta``: readings + 1, see ``Agent``); only a batch without one (a drop record, a
+    file from older firmware) is read and decoded, one at a time; a file that fails its
+    CRC costs its header's count, or 0 readings if that is gone too."""
     out = None
-    seq = 0
-    while excess > 0:
-        seq = store.seq_after(seq)
-        if not seq:
-            break
-        excess -= store.size(seq)
+    for seq in seqs:
         meta = store.meta(seq)
         if meta:
             out = merge(out, [seq, seq, 1, meta - 1])
             continue
-        got = store.next_after(seq - 1)
-        if got is None or got[0] != seq:  # corrupt: the read dropped and recorded it
-            out = merge(out, [seq, seq, 1, 0])
-            continue
-        out = merge(out, tally(seq, got[1]))
-        got = None
+        data = store.read(seq)
+        out = merge(out, [seq, seq, 1, 0] if data is None else tally(seq, data))
+        data = None
     return out

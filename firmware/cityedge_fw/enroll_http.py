@@ -18,7 +18,7 @@ Outcomes of one attempt: ``OK`` (the answer, a dict), ``RETRY`` (network down, t
 5xx, 429, a reply that is not HTTP or not JSON: a proxy glitch or a captive portal), or
 ``REFUSED`` (4xx: expired or unknown token, wrong state; retrying cannot help). Retries
 wait a doubling delay from ``BACKOFF_FIRST_S`` to ``BACKOFF_MAX_S`` with 50-100 % random
-jitter, so a fleet that comes back is not hit by every device at once.
+jitter (``backoff.delay_ms``), so a fleet that comes back is not hit by every device at once.
 
 Memory: one request and one reply buffer (``RESPONSE_MAX_BYTES``, allocated once, before
 the heap fragments) are held at a time; the fleet's answer is 3.8 KB. Measured on the unix
@@ -29,7 +29,6 @@ boot path resets instead (``provision_main.EnrollRetry``), the ticket being on f
 
 import gc
 import json
-import os
 import time
 
 try:
@@ -39,6 +38,8 @@ except ImportError:  # CPython
     def const(x):
         return x
 
+
+from .backoff import delay_ms
 
 CONNECT_TIMEOUT_S = const(10)  # seconds: TCP connect, TLS handshake, each read
 RESPONSE_MAX_BYTES = const(8192)  # bytes of a reply (headers + body); measured 3.8 KB
@@ -195,14 +196,6 @@ def parse_response(raw):
     return status, bytes(body)
 
 
-def backoff_s(attempt):
-    """Seconds before retry ``attempt`` (0-based): doubling, capped, 50-100 % jitter."""
-    top = BACKOFF_FIRST_S << min(attempt, 16)
-    if top > BACKOFF_MAX_S:
-        top = BACKOFF_MAX_S
-    return top / 2 + (top / 2) * os.urandom(1)[0] / 255
-
-
 def _ms():
     try:
         return time.ticks_ms()  # type: ignore[attr-defined]
@@ -265,12 +258,12 @@ class Enroller:
         return REFUSED, reason
 
     def _retry(self, reason):
-        wait = backoff_s(self.attempts)
+        wait = delay_ms(self.attempts, BACKOFF_FIRST_S * 1000, BACKOFF_MAX_S * 1000)
         self.attempts += 1
         self.last_error = reason
-        self._next = _ms() + int(wait * 1000)
+        self._next = _ms() + wait
         self.log("enroll: attempt %d failed (%s); next in %.1f s"
-                 % (self.attempts, reason, wait))
+                 % (self.attempts, reason, wait / 1000))
         return RETRY, reason
 
 

@@ -1,11 +1,37 @@
-"""Boot entry of the device agent: read the configuration, load keys, start the agent.
+"""Boot entry of the device: provisioning mode while not locked, then the agent.
 
-On a board, the frozen ``main.py`` calls ``cityedge_fw.main.main(uart, info)``: while the
-device is not locked, provisioning mode runs on ``uart`` (``provision_main.board_boot``,
-which also retries a pending offline enrollment); after a fresh lock the board resets so
-the agent starts from a clean heap; a locked device starts the agent at once. The
-simulator calls ``build(cfg, board)`` itself. The configuration is a JSON map (checked by
-``config.load``):
+A board's ``main.py`` (written by ``make firmware``) calls ``boot()``: the HAL gives the
+board's flash root, its provisioning UART and its ``info`` (``hal.board_class()``); while
+the device is not locked, provisioning mode runs on that UART
+(``provision_main.board_boot``, which also retries a pending offline enrollment); after a
+fresh lock the board resets so the agent starts from a clean heap; a locked device starts
+the agent at once. The unix port boots the same way (its board takes the flash root and
+the UART from the environment: ``hal/unix.py``); the simulator, the firmware tests and
+the benchmark run this same ``boot()``.
+
+The agent's boot order, the smallest heap first in mind (``docs/ARCHITECTURE.md``,
+"Memory on the device"):
+
+1. ``config.load``: the JSON file on the flash root, checked, the ``agent`` section not yet
+   (its limits live with the agent's module);
+2. the TLS context: mbedTLS parses the certificates in blocks of up to 3 KiB, which a
+   64 KiB heap has in one piece only this early;
+3. the device key (``keys``), then the ``agent`` section (``config.check_agent``:
+   ``settings``, which imports nothing of the agent);
+4. the HAL board and its sensors;
+5. the store, the state file and the ``Agent``; every module the running agent loads
+   only for a moment is loaded and unloaded once, so that its names are interned now
+   (``build``); the boot-only modules are unloaded (``cityedge_fw.unload``) before the
+   agent runs.
+
+Measured heap (issue 13; unix port, 64-bit, code in the built ROMFS image, in use after a
+collection, ``micropython.qstr_info()`` for the interned names), the unix HAL board with
+one simulated SHT3x: 21.9 KiB once this module and ``hal`` are loaded (291 names), 28.8
+with the board's class, 35.8 after ``config.load``, 72.8 once ``build`` returned (716
+names: six pools, the sixth 7.5 KiB); it streams at 88 KiB. The tests' stand-in board:
+54.1 KiB after boot (606 names, five pools); it streams at 72 KiB.
+
+The configuration is a JSON map (checked by ``config.load``):
 
 ``broker``     ``{"host": ..., "port": 8883, "server_hostname": ...}``
 ``tls``        paths of DER files: ``{"cert": ..., "key": ..., "ca": ...}``; the key is the
@@ -20,87 +46,69 @@ then resets through its watchdog and the technician sees the message on the cons
 
 import gc
 
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
+# provision.py reads the key and the trust store through this module (kept for it)
+from .keys import load_fleet_keys, private_key_from_der, read_file
 
-from cityedge_core import cose, p256
-from cityedge_core.errors import LocalError
-
-CONFIG_PATH = "/config.json"
-_SEC1_PREFIX = b"\x02\x01\x01\x04\x20"  # ECPrivateKey: version 1, privateKey OCTET STRING(32)
+CONFIG_FILE = "config.json"
 
 
-def read_file(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise LocalError("cannot read %s: %s" % (path, e)) from e
+def config_path(root):
+    return root.rstrip("/") + "/" + CONFIG_FILE
 
 
-def private_key_from_der(der):
-    """The P-256 private scalar of a SEC1 (RFC 5915) or PKCS#8 (RFC 5958) DER key.
+def build(cfg, board=None, board_class=None):
+    """Make the ``Agent`` described by ``cfg`` (``config.load(..., agent=False)`` or a full
+    ``config.validate``) on ``board``, or on a ``board_class(cfg)`` made after the TLS
+    context (the boot order above). The CBOR decoder (the state file) and the boot-only
+    modules are unloaded before it returns."""
+    from cityedge_core import cose
 
-    Both wrap the same ``ECPrivateKey`` structure; its version and 32-byte key octets
-    have a fixed encoding, so finding that prefix is enough (the curve is checked by
-    deriving the public key, which must match the certificate's for TLS to work)."""
-    i = der.find(_SEC1_PREFIX)
-    if i < 0 or i + len(_SEC1_PREFIX) + 32 > len(der):
-        raise LocalError("device key: not a P-256 SEC1 or PKCS#8 DER key")
-    start = i + len(_SEC1_PREFIX)
-    return p256.PrivateKey(int.from_bytes(der[start:start + 32], "big"))
-
-
-def load_fleet_keys(paths):
-    keys = {}
-    for path in paths:
-        pub = p256.PublicKey.from_sec1(read_file(path))
-        keys[cose.kid_for_public_key(pub.to_sec1())] = pub
-    return keys
-
-
-def build(cfg, board):
-    """Make the ``Agent`` described by ``cfg`` on ``board`` (keys loaded, store opened).
-
-    The boot-only modules it loads (``settings``, ``config``) and the CBOR decoder
-    (reading the state file) are unloaded before it returns (``cityedge_fw.unload``)."""
     from .mqtt_async import tls_context
 
     tls = cfg["tls"]
     key_der = read_file(tls["key"])
-    # The TLS context first, before the agent's modules: mbedTLS parses the certificates
-    # in blocks of up to 3 KB, which a 64 KiB heap has in one piece only this early.
     gc.collect()
     ssl_ctx = tls_context(read_file(tls["cert"]), key_der, read_file(tls["ca"]))
     key = private_key_from_der(key_der)
     del key_der
     kid = cose.kid_for_public_key(key.public_key().to_sec1())
+    fleet_keys = load_fleet_keys(cfg.get("fleet_keys", ()))
     gc.collect()
-    from . import ON_DEMAND, agent, settings, store, unload
+    from . import config
 
-    checked = settings.check(cfg.get("agent", {}))
-    del settings
+    config.check_agent(cfg)  # settings (the agent's module loads below)
+    del config
+    from . import ON_DEMAND, agent, store, unload
+
+    unload("cityedge_fw.config", "cityedge_fw.settings", "cityedge_fw.keys")
+    gc.collect()
+    if board is None:
+        board = board_class(cfg)
+    checked = cfg["agent"]
     st = cfg.get("store", {})
     broker = cfg["broker"]
     device = cfg.get("device") or board.device_id()
-    budget = checked["buffer_budget_bytes"]
     a = agent.Agent(
-        board, device, key, kid, store.RingBuffer(st.get("dir", "/buffer"), budget),
+        board, device, key, kid,
+        store.RingBuffer(st.get("dir", "/buffer"), checked["buffer_budget_bytes"]),
         store.State(st.get("state", "/state.cbor")),
         checked, broker["host"], broker.get("port", 8883), ssl_ctx,
-        broker.get("server_hostname"), load_fleet_keys(cfg.get("fleet_keys", ())),
-        board.sensors(cfg))
-    unload("cityedge_fw.settings", "cityedge_fw.config", *ON_DEMAND)
+        broker.get("server_hostname"), fleet_keys, board.sensors(cfg))
+    # Every module the running agent loads for a moment only (the drop ledger, the link's
+    # backoff, the command gate and the decoders) is loaded once now, then unloaded, so
+    # that its names are interned at boot. Interned names stay (``unload``) in pools that
+    # never shrink; when the last pool is full the next new name takes a pool twice its
+    # size in one block (the sixth: 640 names, 7.5 KiB), which a heap cut up by streaming
+    # does not have: a drop, a command or a reconnect whose module brought a new name has
+    # failed with 10 KiB free and 4 KiB the largest free block. After this the running
+    # agent interns no name (the firmware tests check that no pool is added).
+    for name in ("cityedge_fw.drops", "cityedge_fw.backoff", "cityedge_core.command_gate",
+                 "cityedge_core.cbor_decode"):
+        __import__(name)
+        unload(name)
+    unload(*ON_DEMAND)
+    gc.collect()
     return a
-
-
-def start(cfg, board):
-    """Build the agent and run it forever (returns only if a task fails)."""
-    a = build(cfg, board)
-    board.connect_network()
-    asyncio.run(a.run())
 
 
 def _machine_reset():
@@ -109,13 +117,17 @@ def _machine_reset():
     machine.reset()
 
 
-def main(uart=None, info=None, root="/", reset=_machine_reset, agent=start):
+def main(uart=None, info=None, root="/", reset=_machine_reset, agent=None,
+         board_class=None, run_agent=None, config_file=None):
     """Boot: provisioning mode while not locked (given the board's ``uart`` and ``info``
-    ``{"model", "serial", "device", "firmware"}``), then the agent.
+    ``{"model", "serial", "device", "firmware"}``), then the agent: built in the boot
+    order above and run by ``run_agent(agent)`` (default: the board's ``run_agent``,
+    forever), or (a test's hook) ``agent(cfg, board)``. The configuration is
+    ``config.json`` on ``root`` (``config_file``: another file, for older test setups).
 
     Returns False if the provisioning line closed without a lock (only a test's UART
     does that), True after ``reset()`` returned (a real reset never does)."""
-    from . import config, hal
+    from . import config, unload
 
     if uart is not None:
         from . import provision, provision_main
@@ -127,6 +139,33 @@ def main(uart=None, info=None, root="/", reset=_machine_reset, agent=start):
             gc.collect()
             reset()  # the agent starts on the next boot, from a clean heap
             return True
-    path = CONFIG_PATH if root == "/" else root.rstrip("/") + CONFIG_PATH
-    cfg = config.load(path)
-    agent(cfg, hal.get_board(cfg))
+        del provision, provision_main
+        unload("cityedge_fw.provision_main", "cityedge_fw.provision")
+    cfg = config.load(config_file or config_path(root), agent=False)
+    del config
+    if board_class is None:
+        from . import hal
+
+        board_class = hal.board_class()
+    if agent is not None:
+        return agent(cfg, board_class(cfg))
+    a = build(cfg, board_class=board_class)
+    del cfg  # the parsed file: the agent keeps what it uses, this frame lives as long
+    gc.collect()
+    return (run_agent or board_class.run_agent)(a)
+
+
+def boot(run_agent=None):
+    """The board's entry (``main.py``): its flash root, provisioning UART, ``info`` and
+    reset from the HAL (``hal.board_class()``), then ``main``. ``run_agent(agent)``
+    replaces the board's way of running the agent (the tests' supervisor)."""
+    from . import hal
+
+    board_class = hal.board_class()
+    root = board_class.flash_root()
+    uart = board_class.provisioning_uart()
+    info = board_class.info(root) if uart is not None else None
+    del hal
+    gc.collect()
+    return main(uart, info, root, board_class.reset, board_class=board_class,
+                run_agent=run_agent)

@@ -12,7 +12,9 @@ What it does:
   most ``max_inflight``, oldest first) until their PUBACK; after a reconnect they are sent
   again, in the same order, with the DUP flag (§4.4). A client made with
   ``keep_inflight=False`` forgets them when the connection is lost instead (their
-  payloads leave RAM; the caller, who keeps them elsewhere, publishes them again). An
+  payloads leave RAM as soon as they are sent; the caller, who keeps them elsewhere,
+  publishes them again). A kept payload is copied if the caller could change it
+  (``bytearray``, ``memoryview``): a re-send must carry the bytes first published. An
   inbound QoS 1 PUBLISH is acknowledged at once. Inbound QoS 2 is refused: we never
   subscribe above QoS 1.
 - SUBSCRIBE / SUBACK (§3.8, §3.9), PINGREQ / PINGRESP (§3.12, §3.13), DISCONNECT (§3.14).
@@ -40,7 +42,7 @@ from cityedge_core.errors import LimitError, LocalError, MalformedError, Transpo
 # A public ``X = const()`` is a module attribute on the device heap; names no other module
 # uses are private ``_X``, which the compiler folds away.
 _MAX_PACKET_BYTES = const(20480)  # bytes: largest inbound packet (a 16 KiB command + topic)
-MAX_INFLIGHT = const(4)  # QoS 1 publishes awaiting PUBACK
+_MAX_INFLIGHT = const(4)  # QoS 1 publishes awaiting PUBACK
 MAX_TOPIC_BYTES = const(256)  # bytes: UTF-8 topic name or filter
 MAX_CLIENT_ID_BYTES = const(128)  # bytes: client id (a device URN)
 _KEEPALIVE_S = const(60)  # seconds: default keep-alive interval (§3.1.2.10)
@@ -162,7 +164,6 @@ def encode_puback(packet_id):
 
 PINGREQ_BYTES = b"\xc0\x00"
 PINGRESP_BYTES = b"\xd0\x00"
-DISCONNECT_BYTES = b"\xe0\x00"
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -239,6 +240,14 @@ def _packet_id(body, name):
     return (body[0] << 8) | body[1]
 
 
+def _frozen(payload):
+    """``payload`` (bytes-like or a tuple of chunks) as bytes the caller cannot change:
+    a ``bytearray`` or ``memoryview`` (the agent's reused read buffer) is copied."""
+    if isinstance(payload, tuple):
+        return tuple(_frozen(chunk) for chunk in payload)
+    return payload if isinstance(payload, bytes) else bytes(payload)
+
+
 # --- the state machine -------------------------------------------------------------------
 class Client:
     """One MQTT session seen from the client. Not thread-safe; one connection at a time.
@@ -253,7 +262,7 @@ class Client:
     """
 
     def __init__(self, client_id, keepalive_s=_KEEPALIVE_S, clean_session=True,
-                 username=None, max_inflight=MAX_INFLIGHT,
+                 username=None, max_inflight=_MAX_INFLIGHT,
                  max_packet=_MAX_PACKET_BYTES, keep_inflight=True):
         self.client_id = client_id
         self.keep_inflight = keep_inflight
@@ -293,6 +302,8 @@ class Client:
             if len(self._inflight) >= self.max_inflight:
                 raise LocalError("mqtt: %d messages await PUBACK" % len(self._inflight))
             packet_id = self._new_packet_id()
+            if self.keep_inflight:  # kept for a re-send: a buffer the caller reuses is copied
+                payload = _frozen(payload)
         self._send_publish(topic, payload, qos, retain, packet_id, False, now_ms)
         if qos == 1:  # kept for a re-send only where one can happen: no payload pinned else
             self._inflight.append([packet_id, topic, payload, retain] if self.keep_inflight
@@ -313,7 +324,7 @@ class Client:
     def disconnect(self):
         """Queue DISCONNECT (§3.14); the caller closes the socket after sending it."""
         if self.state == CONNECTED:
-            self._out.append(DISCONNECT_BYTES)
+            self._out.append(b"\xe0\x00")  # DISCONNECT
         self.state = DISCONNECTED
 
     def data_to_send(self):

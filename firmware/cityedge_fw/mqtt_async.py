@@ -3,7 +3,7 @@
 ``Link`` owns one ``mqtt.Client`` and keeps it connected: ``run()`` connects (``open_socket``:
 TLS with the device's client certificate), reads and feeds the state machine, ticks the
 keep-alive once a second, and after any failure waits a jittered, doubling backoff
-(``_BACKOFF_MIN_MS`` .. ``_BACKOFF_MAX_MS``) and connects again.
+(``backoff.delay_ms``, ``_BACKOFF_MIN_MS`` .. ``_BACKOFF_MAX_MS``) and connects again.
 A broker that is down at boot is normal: ``run()`` just keeps trying. QoS 1 messages not
 yet acknowledged are re-sent by the state machine after the next CONNACK.
 
@@ -15,7 +15,6 @@ I/O queue); the rest of the module also imports on CPython (tests).
 """
 
 import gc
-import os
 
 try:
     import asyncio
@@ -37,7 +36,7 @@ except ImportError:  # CPython
 
 from cityedge_core.errors import PeerError, TransportError
 
-from . import mqtt
+from . import mqtt, unload
 
 # Private (``_X = const()``) so the compiler folds them: no heap on the device.
 _BACKOFF_MIN_MS = const(500)  # ms: first retry delay after a failed connection
@@ -149,15 +148,6 @@ def send(sock, data):
             off += n
 
 
-def backoff_ms(attempt):
-    """Delay before retry ``attempt`` (0-based): doubling, capped, 50-100 % random jitter."""
-    top = _BACKOFF_MIN_MS << min(attempt, 7)
-    if top > _BACKOFF_MAX_MS:
-        top = _BACKOFF_MAX_MS
-    r = os.urandom(1)[0]
-    return top // 2 + (top // 2) * r // 255
-
-
 class Link:
     """Keeps one MQTT session up over TLS. ``run()`` is the task; see the module doc."""
 
@@ -194,7 +184,12 @@ class Link:
                 self._close()
             if self._stop:
                 break
-            await sleep_ms(backoff_ms(attempt))
+            from .backoff import delay_ms  # loaded for the moment: 0.5 KB of heap
+
+            wait = delay_ms(attempt, _BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
+            delay_ms = None
+            unload("cityedge_fw.backoff")
+            await sleep_ms(wait)
             attempt += 1
 
     def stop(self):

@@ -82,6 +82,8 @@ from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose, csr, frame, p256
 from cityedge_core.errors import CityedgeError, PeerError, StorageError
 
+from .files import write_atomic
+
 PROTOCOL_VERSION = const(1)
 SELF_TEST_MAX_S = const(60)  # seconds: longest self-test a host may ask for
 SELF_TEST_DEFAULT_S = const(20)  # seconds: when the host does not say
@@ -121,17 +123,10 @@ class StepRefused(PeerError):
 
 
 def _write_atomic(path, data):
-    tmp = path + ".tmp"
+    """``files.write_atomic``, its failure said as the device's storage error."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-        os.rename(tmp, path)
+        write_atomic(path, data)
     except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
         raise StorageError("cannot write %s: %s" % (path, e)) from e
 
 
@@ -422,11 +417,11 @@ class Provisioner:
             raise StepRefused(_T.E_ORDER, "unlock: device is not locked")
         from cityedge_core import command_gate
 
-        from . import main, store  # only for an unlock: not on the boot path
+        from . import keys, store  # only for an unlock: not on the boot path
 
         cfg = self._config()
         gate = command_gate.CommandGate(self.info["device"],
-                                        main.load_fleet_keys(cfg.get("fleet_keys", ())),
+                                        keys.load_fleet_keys(cfg.get("fleet_keys", ())),
                                         store.State(self._path(AGENT_STATE_FILE)), self.clock,
                                         require_clock=False)
         data = msg.get(_T.F_COMMAND)

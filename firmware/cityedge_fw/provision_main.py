@@ -183,11 +183,11 @@ def _args(argv):
 
 
 def main(argv):
-    from cityedge_fw.agent import FIRMWARE_VERSION
+    from cityedge_fw import VERSION
 
     o = _args(argv)
     info = {"model": o["--model"], "serial": o["--serial"], "device": o["--device"],
-            "firmware": o["--firmware"] or FIRMWARE_VERSION}
+            "firmware": o["--firmware"] or VERSION}
     read, write = stdio_line()
     run(o["--root"], info, read, write)
 

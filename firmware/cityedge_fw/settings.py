@@ -1,12 +1,20 @@
 """The agent's settings: defaults and accepted ranges, checked once at boot.
 
-A boot-only module: ``main.build`` checks the configuration's ``agent`` map here and then
-takes this module off the heap (``cityedge_fw.unload``); the running agent keeps only the
-checked values and, for settings the fleet may change later (``down/desired``), the
-ranges in ``agent.DESIRED``.
+A boot-only module: ``config.check_agent`` checks the configuration's ``agent`` map here
+and ``main.build`` then takes this module off the heap (``cityedge_fw.unload``); the
+running agent keeps only the checked values and ``DESIRED`` (imported from here: the
+tuple outlives the module). It imports nothing of the agent, so checking a configuration
+(a HAL test, provisioning) never loads the agent's modules.
 """
 
-from .agent import DESIRED
+# Settings the fleet may change at run time (``down/desired``), with their accepted ranges
+# (the agent applies them: ``Agent.apply_desired``).
+DESIRED = (
+    ("sample_interval_s", 1, 86400),
+    ("batch_readings", 1, 200),
+    ("batch_seconds", 1, 86400),
+    ("status_interval_s", 5, 86400),
+)
 
 DEFAULTS = {
     "sample_interval_s": 10,  # seconds between two sensor sweeps
@@ -18,7 +26,7 @@ DEFAULTS = {
     "keepalive_s": 60,  # MQTT keep-alive
     "watchdog_ms": 5000,  # ms between two watchdog feeds
 }
-LIMITS = {  # accepted range of each setting (those in agent.DESIRED: from there)
+LIMITS = {  # accepted range of each setting (those in DESIRED: from there)
     "buffer_budget_bytes": (4096, 1 << 30),
     "time_scale": (1, 100000),
     "keepalive_s": (10, 3600),

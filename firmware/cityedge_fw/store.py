@@ -7,24 +7,28 @@ CRC-32 u32 | data`` (little endian, 20-byte header; the middle field is the u64 
 meta << 48``). ``meta`` is the caller's 16 bits about the batch, readable without reading
 the batch (``RingBuffer.meta``): the agent keeps the reading count plus one there, so
 dropping a batch for space counts its readings without decoding it; 0 means "not recorded".
-Files are written power-cut safe: to ``<name>.tmp`` first, then renamed into place
-(LittleFS and POSIX renames are atomic), so a batch file either exists complete or not at
-all; stray ``.tmp`` files are deleted when the buffer is opened. The CRC catches what
-atomicity cannot (a flash bit error, a foreign file system): a file that fails it is
-counted as dropped, never handed out.
+Files are written power-cut safe (``files.write_atomic``: ``<name>.tmp``, flushed and
+synced, renamed into place), so a batch file either exists complete or not at all; stray
+``.tmp`` files are deleted when the buffer is opened. The CRC catches what atomicity
+cannot (a flash bit error, a foreign file system): a file that fails it is counted as
+dropped, never handed out.
 
-When an append would exceed the budget, the oldest batches are dropped first and the drop is
-recorded (``first_seq``, ``last_seq``, ``batches``) in ``drops.cbor`` *before* any file is
-deleted, so a power cut cannot lose a drop report; ``take_drops()`` hands the record out and
-the next successful ``append`` (which should store the signed drop record) clears it. A cut
-between those two steps reports the same drop twice, never zero times. ``floor`` (the highest
-seq ever dropped) lets the reopen finish a drop that a power cut interrupted.
+When an append would exceed the budget, the oldest batches are dropped first, except those
+in ``keep`` (the owner's batches sent and not yet acknowledged: the fleet may have them,
+so they are not the ones to report lost); only when nothing else is left do those go too.
+A file that fails its CRC is dropped as well. Every drop is handed to the owner's
+``on_drop(seqs)`` *before* any file is deleted (the files can still be read there): the
+owner keeps the one drop ledger (the agent's signed drop records) and must have it on
+flash when ``on_drop`` returns. Then ``floor`` (the highest seq dropped for space, with
+the ``keep`` batches below it) goes to ``drops.cbor``, so the reopen finishes a drop that
+a power cut interrupted instead of handing out a batch the owner already counted lost.
+Without an owner the store only counts (``dropped``: batches, for tests and tools).
 
 Errors: flash failures are ``StorageError`` (a ``LocalError``) carrying the OSError text;
 they are raised ``from None`` because MicroPython warns on every chained exception.
 
 ``State`` is a small key/value file (a CBOR map, via ``cityedge_core.cbor``) written the same
-way (temp file + rename): after a power cut it holds either the old or the new values.
+way (``files.write_atomic``): after a power cut it holds either the old or the new values.
 
 Measured heap (MicroPython 1.29 unix port, 64-bit, .mpy in a ROMFS image, 1 KiB
 batches): importing this module costs 6.0 KB (function objects, string constants,
@@ -52,6 +56,8 @@ except ImportError:  # CPython
 
 from cityedge_core import cbor
 from cityedge_core.errors import MalformedError, StorageError
+
+from .files import write_atomic
 
 _MAGIC = b"CEB1"
 _HEADER_FMT = "<4sQII"  # magic, seq | meta << 48, data length, CRC-32 of data
@@ -91,26 +97,6 @@ def _makedirs(path: str) -> None:
             raise
 
 
-def _fsync(f: object) -> None:
-    """Push a file to stable storage (CPython); LittleFS commits on close by itself."""
-    fileno = getattr(f, "fileno", None)
-    sync = getattr(os, "fsync", None)
-    if fileno is not None and sync is not None:
-        f.flush()  # type: ignore[attr-defined]
-        sync(fileno())
-
-
-def _sync_dir(path: str) -> None:
-    sync = getattr(os, "fsync", None)
-    if sync is None or not hasattr(os, "O_RDONLY"):
-        return
-    fd = os.open(path or ".", os.O_RDONLY)  # type: ignore[attr-defined]
-    try:
-        sync(fd)
-    finally:
-        os.close(fd)  # type: ignore[attr-defined]
-
-
 def _entries(root: str):
     """``(name, size)`` of each entry in ``root``, one at a time (MicroPython's
     ``os.ilistdir`` gives the size on LittleFS; -1 where a port does not say)."""
@@ -121,33 +107,6 @@ def _entries(root: str):
         return
     for entry in walk(root):
         yield entry[0], entry[3] if len(entry) > 3 else -1
-
-
-def _write_atomic(path: str, parts: tuple) -> None:
-    """Write ``parts`` (bytes-like) to ``path`` via ``path.tmp`` + rename; OSError on failure."""
-    tmp = path + _TMP
-    try:
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part)
-            _fsync(f)
-        os.rename(tmp, path)
-    except OSError:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _sync_dir(path.rsplit("/", 1)[0] if "/" in path else "")
-
-
-def _merge(a: list | None, b: list | None) -> list | None:
-    """Union of two drop records ``[first_seq, last_seq, batches]``."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2]]
 
 
 def _put(values: dict, key: str, value: object) -> None:
@@ -195,7 +154,7 @@ class State:
             old[key] = values.get(key)
             _put(values, key, kv[key])
         try:
-            _write_atomic(self.path, (cbor.dumps(values),))
+            write_atomic(self.path, cbor.dumps(values))
         except OSError as e:
             for key in old:
                 _put(values, key, old[key])
@@ -209,7 +168,7 @@ class RingBuffer:
     """Signed batches on flash, oldest first, within ``budget_bytes`` (data + 20-byte headers).
 
     ``append(seq, data)`` is durable when it returns. ``remove(seq)`` after the broker's PUBACK.
-    ``take_drops()`` reports what the budget forced out (see the module docstring).
+    What the budget or a CRC forces out goes to ``on_drop`` (see the module docstring).
 
     The in-RAM index is a list of runs of consecutive sequence numbers (``[first, last,
     first, last, ...]``, ascending): the agent numbers batches one after the other and the
@@ -227,14 +186,16 @@ class RingBuffer:
         self.count = 0  # batches held
         self._used = 0
         self._hdr = bytearray(HEADER_SIZE)
-        self._taken = None  # type: list | None  # handed out by take_drops, not yet confirmed
+        self.on_drop = None  # the owner's ledger: on_drop(seqs), before deletion
+        self.keep = []  # type: list  # seqs the owner sent, not yet acknowledged: dropped last
+        self.dropped = 0  # batches dropped (budget or CRC), this run
         self._floor = 0  # highest seq ever dropped for space: files at or below it are gone
-        self._pending = None  # type: list | None  # dropped, not yet handed out
+        self._kept = []  # type: list  # seqs below the floor that were kept, not dropped
         try:
             _makedirs(self.root)
             self._drops = State(_join(self.root, _DROPS_FILE))
-            self._pending = self._drops.get("p")  # type: ignore[assignment]
             self._floor = self._drops.get("floor", 0)  # type: ignore[assignment]
+            self._kept = self._drops.get("kept", [])  # type: ignore[assignment]
             self._recover()
         except OSError as e:
             raise StorageError("ring buffer: cannot open %s: %s" % (self.root, e)) from None
@@ -254,7 +215,8 @@ class RingBuffer:
                 seq = int(name[:_NAME_DIGITS], 16)
             except ValueError:
                 continue
-            if seq <= floor:  # dropped and recorded, the delete was cut short
+            if seq <= floor and seq not in self._kept:  # dropped and recorded, the delete
+                # was cut short
                 stray.append(name)
                 continue
             self._insert(seq)
@@ -307,6 +269,9 @@ class RingBuffer:
             self.count -= 1
             return True
         return False
+
+    def _holds(self, seq: int) -> bool:
+        return self.seq_after(seq - 1) == seq
 
     def seq_after(self, after: int) -> int:
         """The oldest seq held above ``after``, or 0 (reads nothing from flash)."""
@@ -376,7 +341,7 @@ class RingBuffer:
         header = struct.pack(_HEADER_FMT, _MAGIC, seq | meta << 48, size, crc & 0xFFFFFFFF)
         while True:
             try:
-                _write_atomic(self._path(seq), (header,) + chunks)
+                write_atomic(self._path(seq), (header,) + chunks)
                 break
             except OSError as e:
                 # The file system filled up before the budget did (budget set too large for
@@ -387,9 +352,6 @@ class RingBuffer:
                 raise StorageError("ring buffer: cannot store batch %d: %s" % (seq, e)) from None
         self._insert(seq)
         self._used += need
-        if self._taken is not None:  # the caller has stored the drop record: confirm it
-            self._taken = None
-            self._save_drops()
 
     def remove(self, seq: int) -> bool:
         """Forget a batch the broker acknowledged. False if it was not held (already gone)."""
@@ -409,50 +371,52 @@ class RingBuffer:
                     from None
         self._used = max(0, self._used - size)
 
-    def _save_drops(self) -> None:
-        self._drops.set(p=_merge(self._taken, self._pending), floor=self._floor)
-
     def _drop_oldest(self, nbytes: int) -> None:
-        """Drop the oldest batches until ``nbytes`` are freed; record first, delete second."""
-        n = freed = last = 0
-        while freed < nbytes:
-            seq = self.seq_after(last)
-            if not seq:
+        """Drop the oldest batches until ``nbytes`` are freed, those in ``keep`` last;
+        the owner records them first, the floor is saved second, files deleted third."""
+        doomed = []
+        freed = 0
+        for skip in (self.keep, ()):
+            seq = 0
+            while freed < nbytes:
+                seq = self.seq_after(seq)
+                if not seq:
+                    break
+                if seq in skip or seq in doomed:
+                    continue
+                freed += self.size(seq)
+                doomed.append(seq)
+            if freed >= nbytes:
                 break
-            freed += self.size(seq)
-            last = seq
-            n += 1
-        if n == 0:
+        if not doomed:
             return
+        last = max(doomed)
         if last > self._floor:
             self._floor = last
-        self._record_drop(self._runs[0], last, n)
-        for _ in range(n):
-            seq = self._runs[0]
+        self._drop(doomed, True)
+
+    def _drop(self, seqs: list, space: bool) -> None:
+        """Hand ``seqs`` to the owner's ledger, then (for space) save the floor, then
+        delete their files."""
+        if self.on_drop is not None:
+            self.on_drop(seqs)
+        self.dropped += len(seqs)
+        if space:  # held below the new floor, not dropped: the reopen must not delete them
+            kept = []
+            for s in self._kept + self.keep:
+                if s < self._floor and s not in seqs and s not in kept and self._holds(s):
+                    kept.append(s)
+            self._kept = kept
+            self._drops.set(floor=self._floor, kept=self._kept or None)
+        for seq in seqs:
             self._discard(seq)
             self._unlink(seq, "drop")
-
-    def _record_drop(self, first: int, last: int, batches: int) -> None:
-        self._pending = _merge(self._pending, [first, last, batches])
-        self._save_drops()
-
-    def take_drops(self) -> list | None:
-        """``[first_seq, last_seq, batches]`` dropped since the last call, or None.
-
-        The record stays on flash until the next successful ``append`` (the signed drop
-        record), so a power cut before that reports it again rather than losing it.
-        """
-        got = self._pending
-        if got is None:
-            return None
-        self._taken = _merge(self._taken, got)
-        self._pending = None
-        return list(got)
 
     # -- reading --------------------------------------------------------------
 
     def oldest(self, n: int) -> list:
-        """Up to ``n`` ``(seq, data)`` pairs, oldest first. Corrupt files are dropped + recorded."""
+        """Up to ``n`` ``(seq, data)`` pairs, oldest first. Corrupt files are dropped
+        through ``on_drop``."""
         out = []  # type: list
         after = 0
         while len(out) < n:
@@ -466,7 +430,7 @@ class RingBuffer:
     def next_after(self, after: int, into: bytearray | None = None) -> tuple | None:
         """The oldest ``(seq, data)`` with ``seq > after``, or None; reads only that file
         (the forwarder's next batch, past those already handed to MQTT). Corrupt files
-        are dropped + recorded: counted, never handed out.
+        are dropped through ``on_drop``: counted, never handed out.
 
         With ``into`` (a bytearray the caller keeps) a batch that fits is read into it and
         ``data`` is a memoryview of it, valid until the next read into the same buffer:
@@ -480,11 +444,14 @@ class RingBuffer:
             data = self._read(seq, into)
             if data is not None:
                 return seq, data
-            # failed its framing or CRC: counted as dropped; floor stays (it is not
-            # necessarily the oldest)
-            self._record_drop(seq, seq, 1)
-            self._discard(seq)
-            self._unlink(seq, "drop")
+            # failed its framing or CRC: dropped through the owner's ledger; floor stays
+            # (it is not necessarily the oldest)
+            self._drop([seq], False)
+
+    def read(self, seq: int) -> bytes | None:
+        """The data of batch ``seq``, or None if its file is gone or fails its framing or
+        CRC (nothing is dropped here: for the owner's ``on_drop``)."""
+        return self._read(seq)
 
     def meta(self, seq: int) -> int | None:
         """The ``meta`` that batch ``seq`` was stored with (reads its header only), or None

@@ -4,7 +4,7 @@
 the last, never above ``max_s``, each scaled by a random factor in ``[1 - jitter, 1 +
 jitter]`` so that many clients that failed together (a broker restart) do not come back
 together. ``reset()`` after a success. (The firmware has its own, in integer milliseconds:
-``cityedge_fw.mqtt_async.backoff_ms``.)
+``cityedge_fw.backoff.delay_ms``.)
 """
 
 from __future__ import annotations

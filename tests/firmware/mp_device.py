@@ -1,13 +1,17 @@
-"""A test device for the MicroPython unix port: the real agent on a stand-in board.
+"""A test device for the MicroPython unix port: the real boot and agent on a stand-in board.
 
-``CE_CONFIG=CONFIG.json python -m cityedge.romfs --image IMAGE -X heapsize=64k -c "import
-mp_device"`` (compiled to .mpy with the firmware, in its ROMFS image:
-``fw_harness.device_argv``) builds the agent with ``cityedge_fw.main.build`` and runs it
-until ``stop`` in the config is met:
+``CITYEDGE_FLASH=DIR CE_CONFIG=TEST.json python -m cityedge.romfs --image IMAGE -X
+heapsize=64k -c "import mp_device"`` (compiled to .mpy with the firmware, in its ROMFS
+image: ``fw_harness.device_argv``/``device_env``) boots as a board boots
+(``cityedge_fw.main.main``: ``config.json`` on the flash root ``DIR``, ``config.load``, the
+TLS context, keys, settings, the board, the agent; the same order and code as
+``main.boot()``), with this stand-in board class instead of the port's HAL board, and runs
+the agent under a supervisor until ``stop`` in ``TEST.json`` (the test's own keys) is met:
 ``{"batches": N}`` (N batches signed and every stored batch acknowledged) and/or
 ``{"seconds": S}`` and/or ``{"window": {"warmup_ms": W, "length_ms": L}}`` (the bench:
 once connected and W ms in, the counters are marked, and again L ms later). It then
-prints one line ``RESULT <json>`` with counters and heap use, and exits with status 1 if
+prints one line ``RESULT <json list>`` with counters and heap use (``fw_harness.result``
+names them), and exits with status 1 if
 the agent ended by itself (a task failed) before that.
 
 The stand-in board is test code: ``sensors`` (default 1) sensors named ``s1``, ``s2`` ...
@@ -22,6 +26,8 @@ import json
 import os
 import sys
 import time
+
+from micropython import const  # type: ignore[import-not-found]
 
 
 class Sensor:
@@ -41,12 +47,15 @@ class Board:
     name = "mp-test"
 
     def __init__(self, cfg):
-        # only what the board needs: the parsed configuration is not kept on the heap
-        self.device = cfg["device"]
-        self.clock = cfg.get("clock", True)
-        self.fail_every = cfg.get("fail_every", 0)
-        self.count = cfg.get("sensors", 1)
+        # made by the boot from the device's configuration: the test's own keys (``run``)
+        # are what it needs; the parsed configuration is not kept on the heap
+        test = _BOARD.pop()
+        self.device = test["device"]
+        self.clock = test.get("clock", True)
+        self.fail_every = test.get("fail_every", 0)
+        self.count = test.get("sensors", 1)
         self.fed = 0
+        _BOARD.append(self)
 
     def device_id(self):
         return self.device
@@ -64,44 +73,50 @@ class Board:
         return [Sensor("s%d" % (i + 1), self.fail_every) for i in range(self.count)]
 
 
-_SAMPLES = 64  # heap samples kept: a fixed array, so the supervisor's own heap stays flat
+_SAMPLES = const(64)  # heap samples kept: a fixed array, the supervisor's heap stays flat
+# the supervisor's figures: a list, not a map (a map's keys would be interned names, on
+# the heap the agent is measured in, ``main.build``)
+_MIN_FREE = const(0)
+_MAX_ALLOC = const(1)
+_N = const(2)
+_EVERY = const(3)
+_ENDED = const(4)
+_AT_STOP = const(5)
 
 
-def _sample(stats, used):
+def _sample(stats, alloc, used):
     """Keep ``used``; when the array is full, keep every other sample and halve the rate."""
-    buf = stats["alloc"]
-    n = stats["n"]
+    n = stats[_N]
     if n == _SAMPLES:
         for i in range(_SAMPLES // 2):
-            buf[i] = buf[2 * i]
+            alloc[i] = alloc[2 * i]
         n = _SAMPLES // 2
-        stats["every"] *= 2
-    buf[n] = used
-    stats["n"] = n + 1
+        stats[_EVERY] *= 2
+    alloc[n] = used
+    stats[_N] = n + 1
 
 
 def _counters(agent, t):
     return [t, agent.batches_signed, agent.published]
 
 
-async def supervise(agent, stop, stats):
+async def supervise(agent, stop, stats, alloc, marks):
     task = asyncio.create_task(agent.run())
     start = time.ticks_ms()
     window = stop.get("window")
-    marks = stats["marks"]
     tick = 0
     while True:
         await asyncio.sleep_ms(50)
         gc.collect()
         free = gc.mem_free()
         used = gc.mem_alloc()
-        if free < stats["min_free"]:
-            stats["min_free"] = free
-        if used > stats["max_alloc"]:
-            stats["max_alloc"] = used
+        if free < stats[_MIN_FREE]:
+            stats[_MIN_FREE] = free
+        if used > stats[_MAX_ALLOC]:
+            stats[_MAX_ALLOC] = used
         tick += 1
-        if tick % stats["every"] == 0:  # about once a second: heap in use after collection
-            _sample(stats, used)
+        if tick % stats[_EVERY] == 0:  # about once a second: heap in use after collection
+            _sample(stats, alloc, used)
         t = time.ticks_diff(time.ticks_ms(), start)
         done = "batches" in stop and agent.batches_signed >= stop["batches"] \
             and agent.store.count == 0
@@ -114,59 +129,78 @@ async def supervise(agent, stop, stats):
                 marks.append(_counters(agent, t))
                 done = True
         if task.done():  # the agent ended (its error is printed): report, fail at once
-            stats["ended"] = True
+            stats[_ENDED] = True
             done = True
         if done:
             # what held at the stop condition: the sampler may seal one more batch while
             # the cancellation below propagates, and that one is not part of the run
-            stats["at_stop"] = {"batches": agent.batches_signed, "seq": agent.writer.seq,
-                                "stored": agent.store.count, "published": agent.published,
-                                "readings": agent.readings_total,
-                                "pending": agent.records.count}
+            # (``fw_harness.AT_STOP_KEYS``)
+            stats[_AT_STOP] = [agent.batches_signed, agent.writer.seq, agent.store.count,
+                               agent.published, agent.readings_total, agent.records.count]
             break
     task.cancel()
     await asyncio.sleep_ms(10)
 
 
+_BOARD = []  # the test's keys, then the board the boot made with them (``Board``)
+
+
 def run(path):
-    import cityedge_fw
     from cityedge_fw import main
 
     with open(path) as f:
-        cfg = json.load(f)
-    board = Board(cfg)
-    agent = main.build(cfg, board)
-    stop = cfg["stop"]
-    del cfg, main
+        test = json.load(f)
+    for key in list(test):  # only the test's own keys stay on the heap
+        if key not in ("stop", "clock", "fail_every", "sensors", "device"):
+            del test[key]
+    stop = test.pop("stop")
+    root = os.getenv("CITYEDGE_FLASH")
+
+    _BOARD.append(test)
+    # without CITYEDGE_FLASH (an older setup): the one file is the device's configuration
+    main.main(root=root or "/", config_file=None if root else path, board_class=Board,
+              run_agent=lambda agent: supervised(agent, stop))
+
+
+def _qstr_info():
+    """One line ``qstr pool: n_pool=P, n_qstr=N, ...`` (``fw_harness.qstr_pools`` reads it):
+    the interned names' pools. A pool that grows while the agent runs needs one block
+    twice the last pool's size (7.5 KiB for the sixth) in a heap streaming has cut up."""
+    import micropython
+
+    micropython.qstr_info()
+    sys.stdout.write("\n")
+
+
+def supervised(agent, stop):
+    import cityedge_fw
+
     cityedge_fw.unload("cityedge_fw.main")  # boot-only, as on a board after boot
+    board = _BOARD[0]
     gc.collect()
-    stats = {"min_free": gc.mem_free(), "max_alloc": gc.mem_alloc(),
-             "alloc": array.array("I", bytes(4 * _SAMPLES)), "n": 0, "every": 20,
-             "boot_alloc": gc.mem_alloc(), "marks": []}
-    asyncio.run(supervise(agent, stop, stats))
+    _qstr_info()  # the names interned at boot: the run must intern none (no pool grows)
+    boot_alloc = gc.mem_alloc()
+    stats = [gc.mem_free(), boot_alloc, 0, 20, False, None]
+    alloc = array.array("I", bytes(4 * _SAMPLES))
+    marks = []
+    asyncio.run(supervise(agent, stop, stats, alloc, marks))
     gc.collect()
-    result = {
-        "batches": agent.batches_signed, "published": agent.published,
-        "seq": agent.writer.seq, "stored": agent.store.count, "readings": agent.readings_total,
-        "drops": agent.drops_total, "faults": agent.sensor_faults,
-        "connects": agent.link.connects, "fed": board.fed, "min_free": stats["min_free"],
-        "free_end": gc.mem_free(), "alloc_end": gc.mem_alloc(),
-        "last_error": agent.last_error or "",
-        "link_error": agent.link.last_error or "",
-        "alloc": list(stats["alloc"][:stats["n"]]),
-        "max_alloc": stats["max_alloc"], "marks": stats["marks"],
-        "boot_alloc": stats["boot_alloc"], "sim_s": agent.sim_ms() // 1000,
-        "boot": agent.boot, "commands": agent.commands_accepted,
-        "mem_errors": agent.mem_errors, "pending": agent.records.count,
-        "batch_readings": agent.cfg["batch_readings"],
-        "heap": gc.mem_free() + gc.mem_alloc()}
-    result.update(stats.get("at_stop", {}))
+    # in the order of ``fw_harness.RESULT_KEYS``
+    result = [
+        agent.batches_signed, agent.published, agent.writer.seq, agent.store.count,
+        agent.readings_total, agent.drops_total, agent.sensor_faults, agent.link.connects,
+        board.fed, stats[_MIN_FREE], gc.mem_free(), gc.mem_alloc(), agent.last_error or "",
+        agent.link.last_error or "", list(alloc[:stats[_N]]), stats[_MAX_ALLOC], marks,
+        boot_alloc, agent.sim_ms() // 1000, agent.boot, agent.commands_accepted,
+        agent.mem_errors, agent.records.count, agent.cfg["batch_readings"],
+        gc.mem_free() + gc.mem_alloc(), stats[_AT_STOP]]
+    _qstr_info()
     # written as it is encoded: one string of the whole result needs a block a fragmented
     # heap may no longer have
     sys.stdout.write("RESULT ")
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
-    if stats.get("ended"):
+    if stats[_ENDED]:
         sys.exit(1)  # the agent runs until stopped: ending by itself is a failure
 
 

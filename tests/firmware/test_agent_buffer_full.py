@@ -10,8 +10,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fw_harness import Subscriber, Via, verifier_for, wait_for
-from test_agent_e2e import DEVICE, device_config, finish, start_device
+from fw_harness import (
+    DEVICE,
+    Subscriber,
+    Via,
+    device_config,
+    finish,
+    start_device,
+    verifier_for,
+    wait_for,
+)
 
 from cityedge_core import batch as batchmod
 from cityedge_core import chain

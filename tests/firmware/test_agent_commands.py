@@ -10,10 +10,11 @@ the firmware tests' heap, a real Mosquitto, commands published as ``fleet-comman
   every batch of both boots verifies in one unbroken chain. The decoders a command or
   the state file needs are loaded for that moment only.
 
-Heap: ``COMMANDS_HEAP``, 72 KiB, not the other agent tests' 64 KiB. Checking a command
-loads the CBOR decoder and the gate (about 4.1 KiB while it runs) into a heap that
-streaming has fragmented; at 64 KiB that failed often (in one run all 11 tries of the
-three commands, in another the reboot's agent found no 464-byte block for itself).
+Heap: the other agent tests' (``fw_harness.HEAP``). Checking a command loads the CBOR
+decoder and the gate (about 4.1 KiB while it runs, in small blocks: their names were
+interned at boot, ``main.build``) into a heap that streaming has fragmented; a command
+that finds no room is checked again later, so the test allows retries (``mem_errors``)
+and requires each command obeyed once.
 """
 
 from __future__ import annotations
@@ -24,16 +25,22 @@ from pathlib import Path
 
 import cbor2
 import paho.mqtt.client as paho
-from fw_harness import DEVICE, Subscriber, check_chain, wait_for
-from test_agent_e2e import device_config, finish, start_device
+from fw_harness import (
+    DEVICE,
+    HEAP,
+    Subscriber,
+    check_chain,
+    device_config,
+    finish,
+    start_device,
+    wait_for,
+)
 
 from cityedge_core import cose
 from cityedge_core.command import encode_command
 from cityedge_host.crypto import EcSigner, public_sec1
 
 from support.mosquitto import Mosquitto, TestPKI
-
-COMMANDS_HEAP = "72k"  # module doc: the command path does not fit 64 KiB reliably yet
 
 
 def fleet_publisher(broker: Mosquitto, pki: TestPKI) -> paho.Client:
@@ -78,7 +85,7 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
                                  fleet_keys=(str(key_file),), batch_readings=10, time_scale=5,
                                  status_interval_s=86400)
 
-        proc = start_device(mpy_dir, config({"seconds": 6}), COMMANDS_HEAP)
+        proc = start_device(mpy_dir, config({"seconds": 6}), HEAP)
         wait_for(lambda: len(sub.readings()) >= 2)
         publish(pub, "down/cmd", encode_command(rogue, rogue.kid, "status", DEVICE, 2,
                                                 expires))
@@ -101,7 +108,7 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
         seen = len(sub.readings())
         assert 4 in record_counts(sub.readings())  # the desired batch size, not 10
 
-        second = finish(start_device(mpy_dir, config({"batches": 3}), COMMANDS_HEAP),
+        second = finish(start_device(mpy_dir, config({"batches": 3}), HEAP),
                         mem_errors_ok=True)
         print("commands: MemoryErrors caught and the command retried: %d (boot 1), %d (boot 2)"
               % (first["mem_errors"], second["mem_errors"]))

@@ -8,20 +8,18 @@ foreign certificate or another device's id gets nothing through.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fw_harness import (
-    HEAP,
+    DEVICE,
     Subscriber,
     check_chain,
-    device_argv,
-    device_env,
+    device_config,
+    finish,
+    start_device,
     wait_for,
 )
 from pycose.keys.curves import P256
@@ -34,52 +32,7 @@ from cityedge_host.crypto import EcVerifier
 
 from support.mosquitto import Credentials, Mosquitto, TestPKI
 
-DEVICE = "urn:dev:mac:0024befffe804ff1"
 OTHER = "urn:dev:mac:0024befffe804ff2"
-
-
-def device_config(tmp: Path, broker: Mosquitto, pki: TestPKI, creds: Credentials,
-                  stop: dict[str, Any], device: str = DEVICE, *, clock: bool = False,
-                  fleet_keys: tuple[str, ...] = (), **agent: Any) -> Path:
-    fail_every = agent.pop("fail_every", 0)
-    settings = {"sample_interval_s": 1, "batch_readings": 10, "time_scale": 20,
-                "status_interval_s": 5}
-    settings.update(agent)
-    cfg = {"device": device, "stop": stop, "clock": clock, "fail_every": fail_every,
-           "fleet_keys": list(fleet_keys),
-           "broker": {"host": "127.0.0.1", "port": broker.port,
-                      "server_hostname": "localhost"},
-           "tls": {"cert": str(creds.cert_der), "key": str(creds.key_der),
-                   "ca": str(pki.ca_der)},
-           "store": {"dir": str(tmp / "buffer"), "state": str(tmp / "state.cbor")},
-           "agent": settings}
-    path = tmp / "device.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def start_device(mpy_dir: Path, config: Path, heap: str = HEAP) -> subprocess.Popen[str]:
-    return subprocess.Popen(device_argv(mpy_dir, "import mp_device", heap),
-                            env=device_env(mpy_dir, config),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 90, *,
-           mem_errors_ok: bool = False) -> dict[str, Any]:
-    """The device's RESULT once it stopped. Unless ``mem_errors_ok``, the agent must not
-    have caught a single MemoryError (it counts those it survives)."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError("device did not finish:\n%s\n%s" % (out, err)) from None
-    assert proc.returncode == 0, out + err
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert lines, out + err
-    result: dict[str, Any] = json.loads(lines[-1][7:])
-    assert mem_errors_ok or result["mem_errors"] == 0, result
-    return result
 
 
 def pycose_verify(data: bytes, creds: Credentials) -> bytes:

@@ -9,8 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from fw_harness import Subscriber, Via, check_chain, wait_for
-from test_agent_e2e import DEVICE, device_config, finish, start_device
+from fw_harness import (
+    DEVICE,
+    Subscriber,
+    Via,
+    check_chain,
+    device_config,
+    finish,
+    start_device,
+    wait_for,
+)
 
 from support.linkproxy import LinkProxy
 from support.mosquitto import Mosquitto, TestPKI

@@ -13,13 +13,14 @@ from typing import Any
 
 import cbor2
 import pytest
-from test_agent_drops import DEVICE, KEY, KID, Board
 
 from cityedge_core import command, cose, p256
 from cityedge_core import command_gate as commands
 from cityedge_core.batch import Batch
 from cityedge_fw import agent as agentmod
 from cityedge_fw import mqtt, settings, store
+
+from support.firmware_agent import DEVICE, KEY, KID, Board
 
 FLEET = p256.PrivateKey(0xF1EE7)
 FLEET_KID = cose.kid_for_public_key(FLEET.public_key().to_sec1())
@@ -182,43 +183,6 @@ def test_status_command_without_heap_is_sent_later(tmp_path: Path,
     later(a, agentmod._RETRY_MS)
     asyncio.run(a.forward_once())
     assert [t for t, _ in sent] == ["ce/v1/%s/up/status" % DEVICE] and not a._deferred
-
-
-def test_full_buffer_waits_for_batches_in_flight_before_dropping(tmp_path: Path) -> None:
-    """An append that would push out a batch in flight (sent, PUBACK pending) waits: the
-    fleet would get that batch and also read it as lost. Without one in flight it drops."""
-    a = agentmod.Agent(Board(), DEVICE, KEY, KID, store.RingBuffer(str(tmp_path / "buf"), 4096),
-                       store.State(str(tmp_path / "state.cbor")),
-                       settings.check({"batch_readings": 10, "buffer_budget_bytes": 4096}),
-                       "127.0.0.1", 1)
-    for _ in range(200):  # nearly full (the next batch will not fit), nothing dropped yet
-        if a.store.used_bytes + 500 >= a.store.budget:
-            break
-        a.sweep()
-    assert a.state.get("drop") is None and a.store.used_bytes + 500 >= a.store.budget
-    signed = a.batches_signed
-    a.link.client._inflight = [[1]]  # the oldest stored batch is in flight
-    for _ in range(8):
-        if a.records.count > 10:
-            break
-        a.sweep()
-    assert a.records.count > 10  # more than a batch collected: the seal waited
-    assert a.batches_signed == signed and a.state.get("drop") is None
-    a.link.client._inflight = []  # its PUBACK came (or the connection went)
-    a.sweep()
-    assert a.batches_signed == signed + 1 and a.state.get("drop") is not None
-    # a link that hangs longer: the records do not outgrow their buffer, the batch goes
-    a.link.client._inflight = [[2]]
-    for _ in range(30):
-        a.sweep()
-        if a.batches_signed == signed + 2:
-            break
-    assert a.batches_signed == signed + 2
-    newest = a.store.next_after(a.store.newest - 1)
-    assert newest is not None
-    held = len(Batch.decode(cose.decode_sign1(newest[1]).payload).records)
-    assert held > 10  # it waited, within the records buffer's room for a sweep
-    assert len(a.records.data) == (10 + 2) * agentmod._RECORD_BYTES  # never grown
 
 
 def test_no_heap_to_sign_for_long_skips_sweeps_instead_of_growing_the_records(

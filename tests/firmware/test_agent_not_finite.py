@@ -7,13 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cityedge_core import chain, cose, p256, senml
-from cityedge_fw import agent as agentmod
-from cityedge_fw import settings, store
+from cityedge_core import chain, senml
 
-DEVICE = "urn:dev:mac:0024befffe804ff1"
-KEY = p256.PrivateKey(0xC0FFEE)
-KID = cose.kid_for_public_key(KEY.public_key().to_sec1())
+from support.firmware_agent import Board, fleet_verifier, make_agent
+
 NAN, INF = float("nan"), float("inf")
 
 
@@ -27,32 +24,14 @@ class Sensor:
         return [("t", "Cel", next(self.values)), ("n", "1", 3)]
 
 
-class Board:
-    name = "test"
-
-    def unix_time(self) -> float:
-        return 1_790_000_000.0
-
-    def free_heap(self) -> int:
-        return 0
-
-    def wdt_feed(self) -> None:
-        pass
-
-    def sensors(self, cfg: Any) -> list[Sensor]:
-        return [Sensor()]
-
-
 def test_values_that_are_not_finite_are_sensor_faults(tmp_path: Path) -> None:
-    a = agentmod.Agent(Board(), DEVICE, KEY, KID, store.RingBuffer(str(tmp_path / "buf"), 8192),
-                       store.State(str(tmp_path / "state.cbor")),
-                       settings.check({"batch_readings": 50}), "127.0.0.1", 1)
+    a = make_agent(tmp_path, 8192, Board(lambda: [Sensor()], unix_time=1_790_000_000.0),
+                   batch_readings=50)
     taken = sum(a.sweep() for _ in range(6))
     a.seal()
     assert taken == 9 and a.sensor_faults == 3
-    verifier = chain.BatchVerifier({KID: chain.KeyEntry(DEVICE, KEY.public_key())})
     (_seq, data), = a.store.oldest(1)
-    verdict = verifier.check(data)
+    verdict = fleet_verifier().check(data)
     assert verdict.status == chain.OK  # the fleet's rules hold: every value finite
     values = [r[senml.V] for r in senml.resolve(verdict.batch.records)]
     assert values == [20.5, 3, 3, 21.0, 3, 3, 3, 7, 3]

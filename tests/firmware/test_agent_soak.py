@@ -4,8 +4,16 @@ real broker, with a flaky sensor: no MemoryError and a flat heap after collectio
 from __future__ import annotations
 
 import pytest
-from fw_harness import DEVICE, HEAP, Subscriber, check_chain, wait_for
-from test_agent_e2e import device_config, finish, start_device
+from fw_harness import (
+    DEVICE,
+    HEAP,
+    Subscriber,
+    check_chain,
+    device_config,
+    finish,
+    start_device,
+    wait_for,
+)
 
 from support.mosquitto import Mosquitto, TestPKI
 

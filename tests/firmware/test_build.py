@@ -79,7 +79,7 @@ def test_production_boot_detaches_the_repl(built: Path) -> None:
     boot = (built / "boot.py").read_text()
     assert "os.dupterm(None, 1)" in boot
     assert "MICROPY_HW_ENABLE_UART_REPL=0" in boot  # the rp2 note
-    assert "main.main()" in (built / "main.py").read_text()
+    assert "main.boot()" in (built / "main.py").read_text()
 
 
 def test_built_tree_signs_a_batch_in_64k_heap(built: Path) -> None:
@@ -99,3 +99,31 @@ def test_built_tree_signs_a_batch_in_64k_heap(built: Path) -> None:
     msg.key = EC2Key(crv="P_256", x=pub.x.to_bytes(32, "big"), y=pub.y.to_bytes(32, "big"))
     assert msg.verify_signature()
     assert json.dumps(msg.payload.hex())  # a payload is there
+
+
+def test_manifest_version_is_the_package_version(tmp_path: Path) -> None:
+    from cityedge import build_firmware
+    from cityedge_fw import VERSION
+
+    [core, fw] = build_firmware.manifests()
+    assert fw.metadata["version"] == VERSION
+    assert (build_firmware.FIRMWARE / "cityedge_core").resolve() in fw.includes
+    assert core.packages[0][0] == "cityedge_core"
+    bad = tmp_path / "manifest.py"
+    bad.write_text('metadata(version="9.9")\nimport os\n')
+    with pytest.raises(build_firmware.BuildError, match="only metadata"):
+        build_firmware.read_manifest(bad)
+
+
+def test_device_key_parsing_reads_sec1_and_pkcs8() -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from cityedge_fw import keys
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    d = key.private_numbers().private_value
+    for fmt in (serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.PrivateFormat.PKCS8):
+        der = key.private_bytes(serialization.Encoding.DER, fmt,
+                                serialization.NoEncryption())
+        assert keys.private_key_from_der(der)._d == d

@@ -51,35 +51,68 @@ def test_append_of_chunks_stores_what_their_join_would(tmp_path: Path) -> None:
     assert RingBuffer(str(tmp_path / "a"), 10_000).oldest(1) == [(7, data)]  # CRC holds
 
 
+def ledger(rb: RingBuffer) -> list[list[int]]:
+    """The owner's drop ledger: every ``on_drop`` call, with the files still readable."""
+    calls: list[list[int]] = []
+
+    def on_drop(seqs: list[int]) -> None:
+        assert all(rb.read(s) is not None or rb.meta(s) is not None for s in seqs)
+        calls.append(list(seqs))
+
+    rb.on_drop = on_drop
+    return calls
+
+
 def test_budget_full_drops_oldest_and_counts_exactly(tmp_path: Path) -> None:
     per = 100 + HEADER_SIZE
     rb = RingBuffer(str(tmp_path / "rb"), 4 * per)
+    got = ledger(rb)
     for seq in range(1, 5):
         rb.append(seq, _data(seq))
-    assert rb.take_drops() is None
+    assert got == []
     rb.append(5, _data(5))  # one over: batch 1 goes
     rb.append(6, _data(6))  # and batch 2
     assert rb.seqs() == [3, 4, 5, 6]
     assert rb.used_bytes == 4 * per
-    assert rb.take_drops() == [1, 2, 2]
-    assert rb.take_drops() is None
+    assert got == [[1], [2]] and rb.dropped == 2
     rb.append(7, _data(7, 2 * 100 + HEADER_SIZE))  # needs two slots: 3 and 4 go
-    assert rb.take_drops() == [3, 4, 2]
+    assert got[2:] == [[3, 4]]
 
 
-def test_drop_record_survives_reboot_until_the_next_append(tmp_path: Path) -> None:
+def test_batches_the_owner_keeps_are_dropped_last(tmp_path: Path) -> None:
+    """Batches sent and not acknowledged (``keep``) stay; the next oldest go instead, and
+    only when nothing else is left do the kept ones go too."""
+    per = 100 + HEADER_SIZE
+    rb = RingBuffer(str(tmp_path / "rb"), 4 * per)
+    got = ledger(rb)
+    for seq in range(1, 5):
+        rb.append(seq, _data(seq))
+    rb.keep.extend([1, 2])
+    rb.append(5, _data(5))
+    assert got == [[3]] and rb.seqs() == [1, 2, 4, 5]
+    rb.append(6, _data(6, 4 * 100 + 3 * HEADER_SIZE))  # room for it alone: all go
+    assert got[1:] == [[4, 5, 1, 2]] and rb.seqs() == [6]
+
+
+def test_reopen_finishes_a_cut_drop_but_spares_kept_batches(tmp_path: Path) -> None:
+    """A power cut after the owner recorded a drop, before the files went: the reopen
+    deletes them (the owner counted them lost) but not a kept batch below them."""
     per = 50 + HEADER_SIZE
-    root = str(tmp_path / "rb")
-    rb = RingBuffer(root, 3 * per)
-    for seq in range(1, 6):
+    root = tmp_path / "rb"
+    rb = RingBuffer(str(root), 3 * per)
+    ledger(rb)
+    for seq in range(1, 4):
         rb.append(seq, _data(seq, 50))
-    assert rb.take_drops() == [1, 2, 2]
-    # reboot before the signed drop record was stored: the drop is reported again
-    rb = RingBuffer(root, 3 * per)
-    assert rb.take_drops() == [1, 2, 2]
-    rb.append(6, b"signed drop record")  # stored: the report is confirmed ...
-    rb = RingBuffer(root, 3 * per)
-    assert rb.take_drops() == [3, 3, 1]  # ... and only the drop that append caused is left
+    saved = {s: (root / ("%012x.b" % s)).read_bytes() for s in (2, 3)}
+    rb.keep.append(1)
+    rb.append(4, _data(4, 50))
+    rb.append(5, _data(5, 50))
+    assert rb.seqs() == [1, 4, 5]
+    for s, raw in saved.items():  # as if the deletes were cut short
+        (root / ("%012x.b" % s)).write_bytes(raw)
+    again = RingBuffer(str(root), 3 * per)
+    assert again.seqs() == [1, 4, 5]
+    assert [s for s, _ in again.oldest(5)] == [1, 4, 5]
 
 
 def test_corrupt_file_is_dropped_and_reported_not_handed_out(tmp_path: Path) -> None:
@@ -90,8 +123,9 @@ def test_corrupt_file_is_dropped_and_reported_not_handed_out(tmp_path: Path) -> 
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0x01  # one flipped bit: the CRC catches it
     path.write_bytes(bytes(raw))
+    got = ledger(rb)
     assert [s for s, _ in rb.oldest(5)] == [1, 3]
-    assert rb.take_drops() == [2, 2, 1]
+    assert got == [[2]]
     assert not path.exists()
 
 
@@ -106,8 +140,9 @@ def test_next_after_reads_the_next_batch_past_a_seq(tmp_path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0x01
     path.write_bytes(bytes(raw))
+    got = ledger(rb)
     assert rb.next_after(2) == (5, _data(5))  # the corrupt one: dropped, reported, skipped
-    assert rb.take_drops() == [4, 4, 1]
+    assert got == [[4]]
     assert rb.count == 3 and not path.exists()
 
 
@@ -128,8 +163,9 @@ def test_next_after_reads_into_the_callers_buffer_when_the_batch_fits(tmp_path: 
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0x01
     path.write_bytes(bytes(raw))
+    got = ledger(rb)
     assert rb.next_after(2, buf) is None  # the CRC is checked in the buffer too
-    assert rb.take_drops() == [3, 3, 1]
+    assert got == [[3]]
 
 
 
@@ -191,9 +227,7 @@ def test_accounting_matches_disk(
         if add or rb.count == 0:
             seq += 1
             rb.append(seq, _data(seq, size))
-            d = rb.take_drops()
-            if d:
-                dropped += d[2]
+            dropped = rb.dropped
         else:
             assert rb.remove(rb.seqs()[0])
             removed += 1

@@ -63,10 +63,29 @@ class Model:
         self.state_inflight = None
 
 
+FRESH = []  # drop ranges the ledger took since the last drop record's append began
+
+
+def _merge(a, b):
+    if a is None:
+        return b
+    return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2]]
+
+
 def _open(root):
+    """The ring buffer and its owner's state file, with the owner's drop ledger in it (as
+    the agent keeps it: ``drop`` in the state, written before the files go)."""
     from cityedge_fw.store import RingBuffer, State
 
-    return RingBuffer(root + "/rb", BUDGET), State(root + "/state.cbor")
+    rb, state = RingBuffer(root + "/rb", BUDGET), State(root + "/state.cbor")
+
+    def on_drop(seqs):
+        new = [min(seqs), max(seqs), len(seqs)]
+        state.set(drop=_merge(state.get("drop"), new))
+        FRESH.append(new)
+
+    rb.on_drop = on_drop
+    return rb, state
 
 
 def _reopen(root):
@@ -96,16 +115,21 @@ def workload(root, seed, m, flash):
                 m.inflight = seq
                 rb.append(seq, payload(seq))
                 m.acked.add(seq)
-                drops = rb.take_drops()
+                drops = state.get("drop")
                 while drops:  # the agent signs and stores a drop record right away
                     seq += 1
                     m.inflight = seq
                     m.drop_inflight = (seq, tuple(drops))
+                    del FRESH[:]
                     rb.append(seq, payload(seq))
                     m.acked.add(seq)
                     m.reported.append(drops)
                     m.drop_inflight = None
-                    drops = rb.take_drops()
+                    fresh = None
+                    for d in FRESH:  # what this append pushed out: the next record's
+                        fresh = _merge(fresh, d)
+                    state.set(drop=fresh)
+                    drops = fresh
                 m.state_inflight = seq
                 state.set(seq=seq, head=hashlib.sha256(payload(seq)).digest())
                 m.state_done = seq
@@ -142,7 +166,7 @@ def check(root, m):
     assert [s for s, _ in got] == present, "corrupt batches on flash: %r vs %r" % (got, present)
     for s, data in got:
         assert data == payload(s), "batch %d corrupt after remount" % s
-    after = rb.take_drops()
+    after = state.get("drop")
     reported = m.reported + ([after] if after else [])
     uncertain = set(m.uncertain)
     if m.inflight is not None:

@@ -13,6 +13,8 @@ from typing import Any
 from cityedge_provision.simdevice import HEAP, MICROPYTHON, ROOT
 from cityedge_provision.simdevice import SimulatedDevice as PtyDevice
 
+from support.device_result import result
+
 __all__ = ["HEAP", "MICROPYTHON", "ROOT", "DeviceFactory", "PtyDevice", "boot_agent"]
 
 DeviceFactory = Callable[..., PtyDevice]
@@ -42,7 +44,6 @@ def boot_agent(cfg: dict[str, Any], fw_mpy: Path, tmp: Path, batches: int = 2
         env={"CE_CONFIG": str(boot), "PATH": os.environ.get("PATH", "")},
         capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, proc.stdout + proc.stderr
-    result: dict[str, Any] = json.loads(lines[-1][7:])
-    return result
+    found = result(proc.stdout)
+    assert found is not None, proc.stdout + proc.stderr
+    return found

@@ -1,8 +1,11 @@
-"""Small helpers for the provisioning tests: certificates for a device's CSR, install fields."""
+"""Small helpers for the provisioning tests: certificates for a device's CSR, install fields,
+a device's ``info``, a scripted UART, a test PKI made once per session."""
 
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -15,6 +18,34 @@ from cityedge_core import frame
 from support.mosquitto import Mosquitto, TestPKI
 
 DER = serialization.Encoding.DER
+URN = "urn:dev:mac:0024befffe80aaaa"
+INFO = {"model": "ce-sim-1", "serial": "SN-SM", "device": URN, "firmware": "0.1.0"}
+_PKI: TestPKI | None = None
+
+
+def pki() -> TestPKI:
+    global _PKI
+    if _PKI is None:
+        _PKI = TestPKI(Path(tempfile.mkdtemp(prefix="ce-sm-pki-")))
+    return _PKI
+
+
+class FakeUart:
+    """A board's UART for ``provision_main.board_boot``: scripted input, captured output."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.out = bytearray()
+
+    def read(self, n: int) -> bytes | None:
+        chunk, self.data = self.data[:n], self.data[n:]
+        if not chunk:
+            raise AssertionError("board_boot read past the script: it should have returned")
+        return chunk
+
+    def write(self, b: bytes) -> int:
+        self.out.extend(b)
+        return len(b)
 
 
 def issue_for_csr(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,

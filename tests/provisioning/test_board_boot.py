@@ -11,9 +11,8 @@ from typing import Any
 
 from device_pty import HEAP, MICROPYTHON
 from fleet_server import FleetServer
-from prov_helpers import install_fields, issue_for_csr
+from prov_helpers import INFO, FakeUart, install_fields, issue_for_csr, pki
 from sqlmodel import Session, select
-from test_device_state_machine import INFO, FakeUart, pki
 
 from cityedge_core import frame
 from cityedge_fleet import enrollment

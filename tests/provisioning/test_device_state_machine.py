@@ -21,27 +21,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from prov_helpers import issue_for_csr
+from prov_helpers import INFO, URN, FakeUart, issue_for_csr, pki
 
 from cityedge_core import cbor, frame
 from cityedge_fw import provision
 
-from support.mosquitto import TestPKI
-
-URN = "urn:dev:mac:0024befffe80aaaa"
-INFO = {"model": "ce-sim-1", "serial": "SN-SM", "device": URN, "firmware": "0.1.0"}
 CLAIM = "Zm9vYmFyYmF6cXV4LWNsYWltLXNlY3JldC0wMTIzNDU2Nzg5"
 ORDER = [provision.UNPROVISIONED, provision.KEYED, provision.INSTALLED, provision.TESTED,
          provision.LOCKED]
 PRE_LOCK = (provision.KEYED, provision.PENDING, provision.INSTALLED, provision.TESTED)
-_PKI: TestPKI | None = None
-
-
-def pki() -> TestPKI:
-    global _PKI
-    if _PKI is None:
-        _PKI = TestPKI(Path(tempfile.mkdtemp(prefix="ce-sm-pki-")))
-    return _PKI
 
 
 class ProvisionerMachine(RuleBasedStateMachine):
@@ -247,24 +235,6 @@ def test_torn_state_file_starts_over() -> None:
         assert provision.Provisioner(d, INFO).state == provision.UNPROVISIONED
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-class FakeUart:
-    """A board's UART for ``provision_main.board_boot``: scripted input, captured output."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.out = bytearray()
-
-    def read(self, n: int) -> bytes | None:
-        chunk, self.data = self.data[:n], self.data[n:]
-        if not chunk:
-            raise AssertionError("board_boot read past the script: it should have returned")
-        return chunk
-
-    def write(self, b: bytes) -> int:
-        self.out.extend(b)
-        return len(b)
 
 
 def test_board_boot_serves_until_locked_then_boots_the_agent(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cityedge_fw import enroll_http as eh
+from cityedge_fw.backoff import delay_ms
 
 TICKET = {"serial": "SN-1", "token": "t", "csr_pem": "-----BEGIN...", "url": "https://f/x",
           "ca": b"der", "register": {"id": "urn:dev:mac:0024befffe800001"}}
@@ -95,9 +96,10 @@ def test_attempt_outcomes(status: int, body: bytes | Exception, outcome: str) ->
 
 def test_backoff_doubles_with_jitter_and_is_bounded() -> None:
     for attempt in range(40):
-        top = min(eh.BACKOFF_FIRST_S << min(attempt, 16), eh.BACKOFF_MAX_S)
+        top = min(eh.BACKOFF_FIRST_S * 1000 << attempt, eh.BACKOFF_MAX_S * 1000)
         for _ in range(20):
-            assert top / 2 <= eh.backoff_s(attempt) <= top
+            assert top // 2 <= delay_ms(attempt, eh.BACKOFF_FIRST_S * 1000,
+                                        eh.BACKOFF_MAX_S * 1000) <= top
     e = eh.Enroller(TICKET, fake_post(0, OSError(101, "ENETUNREACH")))
     waits = []
     for _ in range(12):

@@ -2,7 +2,11 @@
 
 Every board has the same members: ``name``, ``device_id()`` (RFC 9039
 ``urn:dev:mac:<12 hex>``), ``connect_network() -> bool``, ``wdt_feed()``, ``free_heap()``,
-``ticks_ms()``, ``unix_time()`` (None until NTP set the clock), ``sensors(config)``.
+``ticks_ms()``, ``unix_time()`` (None until NTP set the clock), ``sensors(config)``; and,
+before any configuration exists (``main.boot``: an unprovisioned device has none), class
+methods for the boot: ``flash_root()``, ``provisioning_uart()`` (the line the technician's
+laptop talks to; None: no provisioning mode) and ``info(root)`` (``{"model", "serial",
+"device", "firmware"}``, what provisioning reports). ``board_class()`` picks the class.
 The shared behaviour is in ``BaseBoard`` here; ``esp32.py``, ``rp2.py`` and ``unix.py`` hold
 only their constants (pins, PHY, timeouts) and wiring (which bus class, which network).
 """
@@ -42,6 +46,51 @@ class FaultySensor:
 
 class BaseBoard:
     name = "base"
+    model = "ce-gw-1"  # the hardware model provisioning reports
+    PROVISIONING_UART = 0  # machine.UART id of the provisioning line
+    PROVISIONING_BAUD = 115200
+
+    # -- boot (class methods: no configuration yet) -----------------------------
+
+    @classmethod
+    def flash_root(cls) -> str:
+        return "/"
+
+    @classmethod
+    def provisioning_uart(cls) -> object:
+        from machine import UART
+
+        return UART(cls.PROVISIONING_UART, cls.PROVISIONING_BAUD)
+
+    @classmethod
+    def reset(cls) -> None:
+        import machine
+
+        machine.reset()
+
+    @classmethod
+    def run_agent(cls, agent: object) -> None:
+        """Run the agent forever (returns only if a task fails)."""
+        import asyncio
+
+        agent.board.connect_network()  # type: ignore[attr-defined]
+        asyncio.run(agent.run())  # type: ignore[attr-defined]
+
+    @classmethod
+    def unique_id(cls) -> bytes:
+        import machine
+
+        return machine.unique_id()
+
+    @classmethod
+    def info(cls, root: str) -> dict:
+        """What provisioning reports: model, serial (the chip's unique id), the device URN
+        (from the MAC), the firmware version (``cityedge_fw.VERSION``)."""
+        from .. import VERSION
+
+        uid = cls.unique_id()
+        return {"model": cls.model, "serial": "".join("%02x" % b for b in uid),
+                "device": mac_urn(uid[:6]), "firmware": VERSION}
 
     def __init__(self, config: dict | None = None) -> None:
         self.config = config or {}
@@ -163,8 +212,8 @@ class BaseBoard:
         return out
 
 
-def get_board(config: dict | None = None) -> BaseBoard:
-    """The board for this port (``sys.platform``): esp32, rp2, or the unix port (linux)."""
+def board_class() -> type:
+    """The board class for this port (``sys.platform``): esp32, rp2, or the unix port."""
     if sys.platform == "esp32":
         from .esp32 import Board  # on its own port only: it imports esp32, network
     elif sys.platform == "rp2":
@@ -173,4 +222,10 @@ def get_board(config: dict | None = None) -> BaseBoard:
         from .unix import Board  # the simulated board
     else:
         raise ValueError("cityedge: no board support for platform %r" % sys.platform)
-    return Board(config)
+    return Board
+
+
+def get_board(config: dict | None = None) -> BaseBoard:
+    """The board for this port, made for ``config``."""
+    board: BaseBoard = board_class()(config)
+    return board

@@ -23,6 +23,7 @@ NVS_NAMESPACE = "cityedge"  # esp32.NVS namespace of the board's own keys
 
 class Board(BaseBoard):
     name = "esp32"
+    model = "ce-gw-esp32"  # Olimex ESP32-POE class: Ethernet, Wi-Fi fallback
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -15,6 +15,7 @@ WDT_TIMEOUT_MS = 8388  # ms: the RP2040 watchdog's maximum
 
 class Board(BaseBoard):
     name = "rp2"
+    model = "ce-gw-picow"  # Raspberry Pi Pico W: provisioning on UART0 (GP0/GP1)
 
     def __init__(self, config=None):
         super().__init__(config)

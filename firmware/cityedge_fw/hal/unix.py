@@ -4,23 +4,191 @@ The real drivers run against ``sensors.sim`` parts (same datasheet protocols as 
 the device id comes from the configuration (``"device"``), since a laptop's MAC is not the
 device's. No watchdog. The host clock is NTP-disciplined, so ``unix_time`` is trusted unless
 the configuration says ``"clock": "none"`` (to try the no-NTP path).
+
+The boot (``main.boot``) takes from the environment what a board has in hardware:
+
+``CITYEDGE_FLASH``   the flash root, a host directory (default: the current directory)
+``CITYEDGE_FLASH_IMAGE`` ``PATH:BLOCKS:BLOCK_SIZE``: a LittleFS image in a host file
+                     (``FileFlash``) mounted at ``/flash``, the flash root unless
+                     ``CITYEDGE_FLASH`` names another (the simulator keeps its ring
+                     buffer there: stopping and starting it is a power cycle)
+``CITYEDGE_SECONDS`` stop the agent after this many seconds (the simulator's ``--seconds``)
+``CITYEDGE_REPORT``  ``1``: print a line on stdout whenever the agent's counters move
+``CITYEDGE_UART``    ``stdio``: the provisioning line is the process's stdin/stdout (a
+                     pseudo-terminal, as ``cityedge_provision.simdevice`` runs it); unset:
+                     no provisioning mode, the agent starts (the simulator, the tests)
+``CITYEDGE_SERIAL``, ``CITYEDGE_DEVICE``, ``CITYEDGE_MODEL``: what provisioning reports
+(a board reads them from its chip; the device URN defaults to the configuration's)
 """
 
+import os
+import sys
 import time
 
-from ..sensors import sim
 from . import BaseBoard
 
-SIM_I2C_PARTS = {"sht3x": sim.SHT3xDevice, "scd4x": sim.SCD4xDevice}
+_READ_POLL_MS = 0  # a UART read never blocks: ``provision_main.uart_line`` idles between
+
+
+class StdioUart:
+    """``machine.UART``'s ``read``/``write`` over fd 0/1 (the pty the laptop opens)."""
+
+    def __init__(self):
+        import select
+
+        self._in = sys.stdin.buffer
+        self._out = sys.stdout.buffer
+        self._poll = select.poll()
+        self._poll.register(self._in, select.POLLIN)
+        self._pollin = select.POLLIN
+
+    def read(self, n):
+        buf = b""
+        while len(buf) < n:
+            ready = self._poll.poll(_READ_POLL_MS)
+            if not ready or not ready[0][1] & self._pollin:
+                break
+            try:
+                b = self._in.read(1)
+            except OSError:  # EIO: the other end of the pty is gone
+                break
+            if not b:
+                break
+            buf += b
+        return buf or None
+
+    def write(self, data):
+        try:
+            n = self._out.write(data)
+            if hasattr(self._out, "flush"):
+                self._out.flush()
+            return n
+        except OSError:  # the line is gone, as a board's UART with no cable
+            return 0
+
+
+class FileFlash:
+    """A LittleFS block device over a host file (the simulated flash chip, created erased
+    by the host side)."""
+
+    def __init__(self, path, blocks, block_size):
+        self.bs = block_size
+        self.blocks = blocks
+        self.f = open(path, "r+b")
+
+    def readblocks(self, block, buf, offset=0):
+        self.f.seek(block * self.bs + offset)
+        self.f.readinto(buf)
+
+    def writeblocks(self, block, buf, offset=0):
+        self.f.seek(block * self.bs + offset)
+        self.f.write(buf)
+        self.f.flush()
+
+    def ioctl(self, op, arg):
+        if op == 4:  # block count
+            return self.blocks
+        if op == 5:  # block size
+            return self.bs
+        if op == 6:  # erase: LittleFS needs none on a file
+            return 0
+        return None
+
+
+def _mount_image(spec):
+    import vfs
+
+    path, blocks, size = spec.rsplit(":", 2)
+    flash = FileFlash(path, int(blocks), int(size))
+    try:
+        vfs.mount(vfs.VfsLfs2(flash), "/flash")
+    except OSError:  # a fresh (erased) image: format it, as a board's first boot does
+        vfs.VfsLfs2.mkfs(flash)
+        vfs.mount(vfs.VfsLfs2(flash), "/flash")
+    return "/flash"
+
+
+async def _report(agent):
+    import asyncio
+    import gc
+
+    last = None
+    while True:
+        now = (agent.writer.seq, agent.store.count, agent.published, agent.link.connects)
+        if now != last:
+            gc.collect()
+            print("sim: seq=%d buffered=%d published=%d connects=%d heap_free=%d %s" % (
+                now + (gc.mem_free(), agent.last_error or agent.link.last_error or "")))
+            last = now
+        await asyncio.sleep_ms(1000)
+
+
+async def _supervise(agent, ms):
+    import asyncio
+
+    tasks = [asyncio.create_task(agent.run())]
+    if os.getenv("CITYEDGE_REPORT") == "1":
+        tasks.append(asyncio.create_task(_report(agent)))
+    if ms:
+        await asyncio.sleep_ms(ms)
+    else:
+        await tasks[0]
+    for t in tasks:
+        t.cancel()
+    await asyncio.sleep_ms(10)
 
 
 class Board(BaseBoard):
     name = "unix"
+    model = "ce-sim-1"
+
+    @classmethod
+    def flash_root(cls):
+        image = os.getenv("CITYEDGE_FLASH_IMAGE")
+        mounted = _mount_image(image) if image else None
+        return os.getenv("CITYEDGE_FLASH") or mounted or "."
+
+    @classmethod
+    def reset(cls):
+        sys.exit(0)  # the unix port has no machine.reset: the process ends, as a board resets
+
+    @classmethod
+    def run_agent(cls, agent):
+        """Run the agent (``main.boot``): until ``CITYEDGE_SECONDS`` passed, if set."""
+        import asyncio
+
+        if os.getenv("CITYEDGE_REPORT") == "1":
+            print("sim: %s boot %d on %s, chain at seq %d, %d batches buffered" % (
+                agent.device, agent.boot, agent.board.name, agent.writer.seq,
+                agent.store.count))
+        agent.board.connect_network()
+        asyncio.run(_supervise(agent, int(float(os.getenv("CITYEDGE_SECONDS") or 0) * 1000)))
+
+    @classmethod
+    def provisioning_uart(cls):
+        line = os.getenv("CITYEDGE_UART")
+        if not line:
+            return None
+        if line != "stdio":
+            raise ValueError("unix board: CITYEDGE_UART=%r: only 'stdio' is supported" % line)
+        return StdioUart()
+
+    @classmethod
+    def info(cls, root):
+        from .. import VERSION
+
+        device = os.getenv("CITYEDGE_DEVICE")
+        serial = os.getenv("CITYEDGE_SERIAL")
+        if not device or not serial:
+            raise ValueError("unix board: set CITYEDGE_SERIAL and CITYEDGE_DEVICE (what a "
+                             "board reads from its chip)")
+        return {"model": os.getenv("CITYEDGE_MODEL") or cls.model, "serial": serial,
+                "device": device, "firmware": VERSION}
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.clock = sim.TicksClock()
         self._clock_set = self.config.get("clock", "host") == "host"
+        self.clock = None  # the simulated parts' clock, made with the first part
 
     def device_id(self):
         device = self.config.get("device")
@@ -28,31 +196,37 @@ class Board(BaseBoard):
             raise ValueError('unix board: the configuration must name the "device" URN')
         return device
 
-    def free_heap(self):
-        import gc
-
-        return gc.mem_free()
-
     def ticks_ms(self):
         return time.ticks_ms()
 
     def unix_time(self):
         return int(time.time()) if self._clock_set else None
 
+    # the simulated parts load with the first sensor: a board without sensors never has them
+    def _sim(self):
+        from ..sensors import sim
+
+        if self.clock is None:
+            self.clock = sim.TicksClock()
+        return sim
+
     def i2c(self, bus_id, sda, scl, freq):
-        return sim.I2CBus(self.clock)
+        return self._sim().I2CBus(self.clock)
 
     def onewire(self, pin):
-        return sim.OneWireBus(self.clock)
+        return self._sim().OneWireBus(self.clock)
 
     def adc(self, pin):
-        return sim.SimADC()
+        return self._sim().SimADC()
 
     def sensor(self, spec):
         driver = BaseBoard.sensor(self, spec)
         kind = spec["type"]
-        if kind in SIM_I2C_PARTS:  # put the part on the simulated bus at its address
-            driver.i2c.attach(driver.address, SIM_I2C_PARTS[kind](self.clock))
+        sim = self._sim()
+        if kind == "sht3x":  # put the part on the simulated bus at its address
+            driver.i2c.attach(driver.address, sim.SHT3xDevice(self.clock))
+        elif kind == "scd4x":
+            driver.i2c.attach(driver.address, sim.SCD4xDevice(self.clock))
         elif kind == "ds18b20":
             rom = spec.get("rom")
             part = sim.DS18B20Device(self.clock, rom=bytes.fromhex(rom) if rom else None)
