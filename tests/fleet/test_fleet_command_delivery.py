@@ -21,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cityedge_core import command, topics
+from cityedge_core.command_gate import CommandRefused
 from cityedge_fleet.app import create_app
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.command_publisher import CommandPublisher
@@ -28,7 +29,6 @@ from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import Role, utcnow
-from cityedge_fw.commands import CommandRefused
 from cityedge_host.crypto import EcSigner
 
 from support.commands import device_gate
