@@ -8,11 +8,10 @@ What it does, as a device does:
   signer) every ``interval_s`` on ``ce/v1/<id>/up/readings`` at QoS 1; a batch stays in
   the outbox until the broker acknowledged it, and is sent again after a reconnect (the
   chain classifies a second copy as a duplicate: nothing is lost);
-- **obeys signed commands** on ``down/cmd`` by the rules of the firmware's gate
-  (``cityedge_fw.commands``, written again here from the core because that module is the
-  device's): the exact envelope form (``cose.split_sign1``), a trusted fleet kid and its
-  signature, a map whose target is this device, not expired, and a seq above the last one
-  taken (persisted before the command runs). Each authentic command is answered with a
+- **obeys signed commands** on ``down/cmd`` through the core's gate, the one every device
+  uses (``cityedge_core.command_gate``): the exact envelope form, a trusted fleet kid and
+  its signature, a map whose target is this device, not expired, and a seq above the last
+  one taken (persisted before the command runs). Each authentic command is answered with a
   signed result (``command.encode_result``) on ``up/result``; a seq answered before is
   answered again with the same bytes (the fleet re-sends when an answer was lost);
 - **rotates its key** (``cityedge_core.rotation``) with two key slots on disk:
@@ -47,8 +46,9 @@ from typing import Any
 import aiomqtt
 
 from cityedge_core import batch as batchmod
-from cityedge_core import cbor, command, cose, csr, limits, rotation, senml, topics
-from cityedge_core.errors import MalformedError, PeerError, SignatureError, UnknownKeyError
+from cityedge_core import command, cose, csr, rotation, senml, topics
+from cityedge_core.command_gate import CommandGate, CommandRefused
+from cityedge_core.errors import PeerError
 from cityedge_host.backoff import Backoff
 from cityedge_host.crypto import EcSigner, EcVerifier, load_signer, public_sec1
 from cityedge_host.files import write_atomic
@@ -60,8 +60,19 @@ RECONNECT_MAX_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 
 
-class CommandRefused(PeerError):
-    """An authentic command that is not for this device or not for now."""
+class _GateState:
+    """The gate's ``cmd_seq`` in the device's ``state.json`` (written before a command
+    runs: a power cut cannot make it run twice)."""
+
+    def __init__(self, device: FastDevice) -> None:
+        self.device = device
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.device.state.get(key, default)
+
+    def set(self, **values: Any) -> None:
+        self.device.state.update(values)
+        self.device._save_state()
 
 
 @dataclass
@@ -194,49 +205,22 @@ class FastDevice:
     # -- commands -----------------------------------------------------------------------
 
     def check(self, data: bytes) -> tuple[str, int, Any]:
-        """The firmware gate's rules (module docstring): ``(name, seq, args)`` or a
-        ``PeerError`` (``CommandRefused`` for an authentic one that is not for now)."""
-        kid, protected, payload, sig = cose.split_sign1(data, limits.COMMAND_MAX_BYTES)
-        verifier = self.fleet_keys.get(bytes(kid))
-        if verifier is None:
-            raise UnknownKeyError("command: signed by unknown key %s" % bytes(kid).hex())
-        if not verifier.verify(cose.sig_structure(protected, payload), sig):
-            raise SignatureError("command: signature does not verify")
-        obj = cbor.loads(payload, max_bytes=limits.COMMAND_MAX_BYTES)
-        if not isinstance(obj, dict):
-            raise MalformedError("command: payload is not a map")
-        name, target = obj.get(command.C_NAME), obj.get(command.C_TARGET)
-        seq, expires = obj.get(command.C_SEQ), obj.get(command.C_EXPIRES)
-        if not isinstance(name, str) or not isinstance(target, str):
-            raise MalformedError("command: name and target must be text")
-        if not isinstance(seq, int) or not isinstance(expires, int) or not _is_uint(seq) \
-                or not _is_uint(expires):
-            raise MalformedError("command: seq and expires must be unsigned integers")
-        if target != self.id:
-            raise CommandRefused("command: for %s, not this device" % target)
-        now = self.clock()
-        if now >= expires:
-            raise CommandRefused("command: expired %d s ago" % (now - expires))
-        last = int(self.state.get("cmd_seq", 0))
-        if seq <= last:
-            raise CommandRefused("command: seq %d is not after %d (replay)" % (seq, last))
-        self.state["cmd_seq"] = seq
-        self._save_state()  # taken for good before it runs: a cut cannot replay it
-        return name, seq, obj.get(command.C_ARGS)
+        """The core gate's verdict: ``(name, seq, args)`` or a ``PeerError``
+        (``CommandRefused`` for an authentic one that is not for now)."""
+        return CommandGate(self.id, self.fleet_keys, _GateState(self),
+                           lambda: int(self.clock())).check(data)
 
     async def on_command(self, data: bytes) -> None:
         try:
             name, seq, args = self.check(data)
-        except CommandRefused as e:  # authentic: its payload may be read (not before)
-            refused_seq = _seq_of(data)
-            old = self.answers.get(refused_seq) if refused_seq is not None else None
-            if old is not None and "replay" in str(e):
+        except CommandRefused as e:  # authentic; name and seq when it is for this device
+            old = self.answers.get(e.seq) if e.replay and e.seq is not None else None
+            if old is not None:
                 await self._publish_result(old)  # the same answer again
                 return
             self.stats.refused += 1
-            refused_name = _name_of(data)
-            if refused_seq is not None and refused_name is not None:
-                await self._answer(refused_name, refused_seq, command.REFUSED, str(e))
+            if e.seq is not None and e.name is not None:
+                await self._answer(e.name, e.seq, command.REFUSED, str(e))
             return
         except PeerError as e:
             self.stats.forged += 1
@@ -402,27 +386,4 @@ class FastDevice:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-
-
-def _is_uint(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _payload_of(data: bytes) -> Any:
-    try:
-        return cbor.loads(cose.split_sign1(data, limits.COMMAND_MAX_BYTES)[2])
-    except PeerError:
-        return None
-
-
-def _seq_of(data: bytes) -> int | None:
-    obj = _payload_of(data)
-    seq = obj.get(command.C_SEQ) if isinstance(obj, dict) else None
-    return seq if _is_uint(seq) else None
-
-
-def _name_of(data: bytes) -> str | None:
-    obj = _payload_of(data)
-    name = obj.get(command.C_NAME) if isinstance(obj, dict) else None
-    return name if isinstance(name, str) else None
 
