@@ -19,23 +19,14 @@ from cityedge_core import command, command_decode
 from cityedge_host.command_responder import ANSWERS_KEPT, CommandResponder, Done, Refuse
 from cityedge_host.crypto import EcSigner
 
+from support.commands import MemState
+
 DEVICE = "urn:dev:mac:b827ebfffe000001"
 OTHER = "urn:dev:mac:b827ebfffe000002"
 FLEET = EcSigner.generate()
 ROGUE = EcSigner.generate()
 ME = EcSigner.generate()
 NOW = 1_800_000_000
-
-
-class MemState:
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.values.get(key, default)
-
-    def set(self, **kv: Any) -> None:
-        self.values.update(kv)
 
 
 class Responder(RuleBasedStateMachine):

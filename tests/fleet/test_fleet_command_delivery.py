@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,9 +22,8 @@ from fastapi.testclient import TestClient
 from cityedge_core import command, topics
 from cityedge_core.command_gate import CommandRefused
 from cityedge_fleet.app import create_app
-from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.command_publisher import CommandPublisher
-from cityedge_fleet.config import FleetLimits, Settings
+from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import Role, utcnow
@@ -33,7 +31,7 @@ from cityedge_host.crypto import EcSigner
 
 from support.commands import device_gate
 from support.fleet import Api, EnrolledDevice, csr_for, device_body, wait_for
-from support.fleet_ca import fleet_ca_from_pki
+from support.fleet_world import fleet_world
 from support.mosquitto import Mosquitto, TestPKI
 from support.mqtt_probe import WAIT_S, Probe
 
@@ -49,24 +47,8 @@ class Fleet(SimpleNamespace):
 
 @pytest.fixture
 def fleet(db_url: str, pki: TestPKI) -> Iterator[Fleet]:
-    world = Path(tempfile.mkdtemp(prefix="cityedge-cmd-"))
-    world.chmod(0o755)
-    ca_dir = fleet_ca_from_pki(pki, world / "ca")
-    ca_dir.chmod(0o755)
-    ca = CertificateAuthority(ca_dir)
-    ca.write_crl([], 86400)
-    broker = Mosquitto(pki, crl_file=ca.crl_path).start()
-    control, ingest = pki.service("fleet-control"), pki.service("fleet-ingest")
-    commands = pki.service("fleet-commands")
-    settings = Settings(
-        mode="development", database_url=db_url, ca_dir=ca_dir,
-        broker_url="mqtts://127.0.0.1:%d" % broker.port, broker_pid_file=broker.pid_file,
-        mqtt_port=broker.port, mqtt_ca_file=pki.ca_pem, mqtt_cert_file=ingest.cert_pem,
-        mqtt_key_file=ingest.key_pem, broker_control_cert_file=control.cert_pem,
-        broker_control_key_file=control.key_pem, commands_cert_file=commands.cert_pem,
-        commands_key_file=commands.key_pem, ingest_with_serve=False,
-        audit_key_file=world / "audit.key", command_key_file=world / "command.key",
-        limits=FleetLimits(broker_control_timeout_s=10.0))
+    w = fleet_world(pki, db_url, "cityedge-cmd-")
+    world, broker, settings = w.dir, w.broker, w.settings
     app = create_app(settings)
     try:
         with TestClient(app) as client:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,18 +27,16 @@ from sqlmodel import Session, col, select
 
 from cityedge_core import batch, cbor, chain, command, command_decode, cose, topics
 from cityedge_fleet import rotation_ingest
-from cityedge_fleet.ca import CertificateAuthority
-from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.models import IngestEvent, Reading, Role
 from cityedge_gateway.readings import Reading as GwReading
 from cityedge_gateway.status import status_map
 from cityedge_host.crypto import EcSigner, load_signer
 
 from support.fleet import Api, csr_for, device_body, wait_for
-from support.fleet_ca import fleet_ca_from_pki
+from support.fleet_world import fleet_world
 from support.gateway import GW
 from support.gateway_run import RunningGateway
-from support.mosquitto import OBSERVER, Mosquitto, TestPKI
+from support.mosquitto import OBSERVER, TestPKI
 from support.mqtt_probe import WAIT_S, Probe
 from support.rotation import command_row, rotation_row
 
@@ -52,26 +49,9 @@ def world(pki: TestPKI) -> Iterator[SimpleNamespace]:
 
     from cityedge_fleet.app import create_app
 
-    d = Path(tempfile.mkdtemp(prefix="cityedge-gwrot-"))
-    d.chmod(0o755)
-    ca_dir = fleet_ca_from_pki(pki, d / "ca")
-    ca_dir.chmod(0o755)
-    ca = CertificateAuthority(ca_dir)
-    ca.write_crl([], 86400)
-    broker = Mosquitto(pki, crl_file=ca.crl_path).start()
-    control, ingest = pki.service("fleet-control"), pki.service("fleet-ingest")
-    commands = pki.service("fleet-commands")
-    settings = Settings(
-        mode="development", database_url="sqlite:///%s" % (d / "fleet.sqlite3"),
-        ca_dir=ca_dir, broker_url="mqtts://127.0.0.1:%d" % broker.port,
-        broker_pid_file=broker.pid_file, mqtt_port=broker.port, mqtt_ca_file=pki.ca_pem,
-        mqtt_cert_file=ingest.cert_pem, mqtt_key_file=ingest.key_pem,
-        broker_control_cert_file=control.cert_pem, broker_control_key_file=control.key_pem,
-        commands_cert_file=commands.cert_pem, commands_key_file=commands.key_pem,
-        ingest_with_serve=False, audit_key_file=d / "audit.key",
-        command_key_file=d / "command.key",
-        limits=FleetLimits(broker_control_timeout_s=10.0, command_poll_s=0.2,
-                           command_resend_s=1.0, command_absent_retry_s=0.5))
+    w = fleet_world(pki, None, "cityedge-gwrot-", command_poll_s=0.2, command_resend_s=1.0,
+                    command_absent_retry_s=0.5)
+    d, broker, settings = w.dir, w.broker, w.settings
     app = create_app(settings)
     try:
         with TestClient(app) as client:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +17,15 @@ from fastapi.testclient import TestClient
 
 from cityedge.fastdevice import FastDevice, provision
 from cityedge_fleet.app import create_app
-from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.command_publisher import CommandPublisher
-from cityedge_fleet.config import FleetLimits, Settings
+from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_fleet.models import Role
 from cityedge_host.crypto import EcSigner
 
 from support.fleet import Api, csr_for, device_body
-from support.fleet_ca import fleet_ca_from_pki
+from support.fleet_world import fleet_world
 from support.mosquitto import Mosquitto, TestPKI
 from support.mqtt_probe import WAIT_S
 
@@ -44,26 +42,9 @@ class Fleet(SimpleNamespace):
 
 @contextlib.contextmanager
 def real_fleet(db_url: str, pki: TestPKI, **limits: Any) -> Iterator[Fleet]:
-    world = Path(tempfile.mkdtemp(prefix="cityedge-rot-"))
-    world.chmod(0o755)
-    ca_dir = fleet_ca_from_pki(pki, world / "ca")
-    ca_dir.chmod(0o755)
-    ca = CertificateAuthority(ca_dir)
-    ca.write_crl([], 86400)
-    broker = Mosquitto(pki, crl_file=ca.crl_path).start()
-    control, ingest = pki.service("fleet-control"), pki.service("fleet-ingest")
-    commands = pki.service("fleet-commands")
-    settings = Settings(
-        mode="development", database_url=db_url, ca_dir=ca_dir,
-        broker_url="mqtts://127.0.0.1:%d" % broker.port, broker_pid_file=broker.pid_file,
-        mqtt_port=broker.port, mqtt_ca_file=pki.ca_pem, mqtt_cert_file=ingest.cert_pem,
-        mqtt_key_file=ingest.key_pem, broker_control_cert_file=control.cert_pem,
-        broker_control_key_file=control.key_pem, commands_cert_file=commands.cert_pem,
-        commands_key_file=commands.key_pem, ingest_with_serve=False,
-        audit_key_file=world / "audit.key", command_key_file=world / "command.key",
-        limits=FleetLimits(**{"broker_control_timeout_s": 10.0, "command_poll_s": 0.2,
-                              "ingest_group_max_s": 0.05, "enroll_burst": 100_000,
-                              **limits}))
+    w = fleet_world(pki, db_url, "cityedge-rot-", **{
+        "command_poll_s": 0.2, "ingest_group_max_s": 0.05, "enroll_burst": 100_000, **limits})
+    world, broker, settings = w.dir, w.broker, w.settings
     app = create_app(settings)
     worker = publisher = None
     try:
