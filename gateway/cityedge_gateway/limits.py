@@ -48,4 +48,6 @@ COMMIT_INTERVAL_S = 0.02  # seconds: ready batches are signed and committed toge
 TASK_RESTART_MIN_S = 0.5  # seconds: first wait before a failed task starts again (jittered)
 TASK_RESTART_MAX_S = 60.0  # seconds: longest wait between restarts of a failing task
 TASK_STABLE_S = 60.0  # seconds a task must run before its restart wait starts over
+TASK_STOP_GRACE_S = 5.0  # seconds a cancelled task gets to finish (a broker that never
+# answers DISCONNECT keeps aiomqtt waiting); then it is cancelled once more, then left
 STATUS_INTERVAL_S = 60.0  # seconds: between signed status messages

@@ -64,7 +64,27 @@ class Supervisor:
                 backoff.reset()
             await asyncio.sleep(backoff.next())
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = limits.TASK_STOP_GRACE_S) -> list[str]:
+        """Cancel every task and wait for them; a task still running ``grace_s`` after
+        its cancel (one that waits, in its clean-up, for a peer that does not answer:
+        aiomqtt waits for the broker to close after DISCONNECT) is cancelled once more,
+        then, after another ``grace_s``, left behind and logged, so that the gateway's
+        shutdown never hangs (systemd would kill it mid-commit). Returns the names of
+        the tasks left behind."""
+        pending = {t for t in self.tasks if not t.done()}
+        for attempt in range(2):
+            for task in pending:
+                task.cancel()
+            if not pending:
+                break
+            _done, pending = await asyncio.wait(pending, timeout=grace_s)
+            for task in pending:
+                log.warning("task %s still running %.1f s after cancel%s", task.get_name(),
+                            grace_s, "; cancelling it again" if attempt == 0 else "; left")
         for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failure at shutdown is not "never retrieved"
+        left = sorted(t.get_name() for t in pending)
+        for name in left:
+            self.health[name].last_error = "did not stop"
+        return left

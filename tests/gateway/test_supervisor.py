@@ -84,3 +84,59 @@ def test_a_committer_that_fails_keeps_its_readings_and_comes_back(tmp_path: Path
     verdicts = [v.check(r.data) for r in s.oldest(10)]
     assert [x.status for x in verdicts] == ["ok"]
     assert [r[2] for r in verdicts[0].batch.records] == [12.0, 20.0]
+
+
+def test_stop_cancels_twice_a_task_whose_clean_up_waits_for_a_silent_peer() -> None:
+    """aiomqtt's exit waits for the broker to close the socket after DISCONNECT; a broker
+    that never does must not hold the gateway's shutdown (and its last commit) forever."""
+    cleaned: list[str] = []
+
+    async def waits_in_clean_up() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            try:
+                await asyncio.Event().wait()  # the DISCONNECT nobody answers
+            finally:
+                cleaned.append("second cancel")
+
+    async def scenario() -> list[str]:
+        sup = Supervisor()
+        sup.keep("forwarder", waits_in_clean_up)
+        sup.keep("committer", lambda: asyncio.Event().wait())
+        await asyncio.sleep(0)
+        return await sup.stop(grace_s=0.05)
+
+    left = asyncio.run(scenario())
+    assert left == []
+    assert cleaned == ["second cancel"]
+
+
+def test_stop_leaves_a_task_that_ignores_every_cancel_and_says_so() -> None:
+    obey = asyncio.Event()
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if obey.is_set():
+                    raise
+                # swallows the cancel: a bug, the shutdown must still end
+
+    async def scenario() -> tuple[list[str], str]:
+        sup = Supervisor()
+        sup.keep("stubborn", stubborn)
+        sup.keep("quiet", lambda: asyncio.Event().wait())
+        await asyncio.sleep(0)
+        left = await sup.stop(grace_s=0.05)
+        error = sup.health["stubborn"].last_error
+        obey.set()  # let the test end cleanly
+        for task in sup.tasks:
+            task.cancel()
+        await asyncio.gather(*sup.tasks, return_exceptions=True)
+        return left, error
+
+    left, error = asyncio.run(scenario())
+    assert left == ["stubborn"]
+    assert error == "did not stop"
