@@ -12,10 +12,8 @@ import sys
 from pathlib import Path
 
 from cityedge import romfs
-
 from cityedge_host import release
 from cityedge_host.crypto import EcSigner, public_sec1
-
 
 NOW = 1_800_000_000
 

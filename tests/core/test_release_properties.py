@@ -238,7 +238,7 @@ def test_the_hasher_takes_nothing_past_the_size(chunks: list[int], extra: int) -
     h = update_manifest.ArtifactHasher(len(ARTIFACT), hashlib.sha256(ARTIFACT).digest())
     pos = 0
     refused = False
-    for n in chunks + [len(artifact)]:
+    for n in [*chunks, len(artifact)]:
         chunk = artifact[pos:pos + n]
         try:
             h.feed(chunk)
