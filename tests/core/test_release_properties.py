@@ -160,7 +160,7 @@ def test_a_taken_list_is_reported_for_persisting() -> None:
 
 # -- properties ----------------------------------------------------------------------------
 
-versions = st.lists(st.integers(0, 999_999_999), min_size=1, max_size=4).map(
+versions = st.lists(st.integers(0, 999_999), min_size=1, max_size=4).map(
     lambda p: ".".join(map(str, p)))
 classes = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=32)
 windows = st.lists(st.tuples(st.integers(0, 1439), st.integers(0, 1439)).filter(
