@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,3 +326,48 @@ def test_a_fleet_with_a_stolen_command_key_cannot_release(world: World,
     self_signed.write_bytes(release_keys.encode_list(payload, [
         (prot, fleet.sign(release_keys.signature_structure(b"", prot, payload)))]))
     refused(world.verify(keys=self_signed, manifest=stolen), "keys_threshold")
+
+
+def test_the_gateway_artifact_is_the_wheel_set_in_reproducible_bytes(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "cityedge-0.1.0-py3-none-any.whl").write_bytes(b"PK ours")
+    (wheels / "cbor2-5.9.0-cp311-cp311-linux_aarch64.whl").write_bytes(b"PK theirs")
+    (wheels / "notes.txt").write_text("not a wheel")
+    r = cli("pack-gateway", "--wheels", wheels, "--out", tmp_path / "a.tar")
+    assert r.returncode == 0 and "2 wheels" in r.stdout, r.stdout + r.stderr
+    os.utime(wheels / "cbor2-5.9.0-cp311-cp311-linux_aarch64.whl", (1, 1))
+    release.pack_wheels(wheels, tmp_path / "b.tar")
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        assert tar.getnames() == ["cbor2-5.9.0-cp311-cp311-linux_aarch64.whl",
+                                  "cityedge-0.1.0-py3-none-any.whl"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("pack-gateway", "--wheels", empty, "--out", tmp_path / "c.tar")
+    assert r.returncode == 1 and "pip wheel" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2027-01-31", 1801353600), ("2027-01-31T12:00:00Z", 1801396800),
+    ("+2d", NOW + 2 * 86400), ("+90m", NOW + 5400), ("1801267200", 1801267200)])
+def test_times_the_tools_read(text: str, expected: int) -> None:
+    from cityedge.release_cmd import parse_time
+
+    assert parse_time(text, NOW) == expected
+
+
+def test_bad_times_and_windows_are_user_errors(world: World, tmp_path: Path) -> None:
+    r = cli("sign", "--key", world.release_key, "--artifact", world.artifact, "--component",
+            "device-firmware", "--version", "1.0", "--sequence", "7", "--hw-class", "x",
+            "--expires", "next tuesday", "--out", tmp_path / "m.cose")
+    assert r.returncode == 1 and "what to do:" in r.stderr, r.stderr
+    r = cli("sign", "--key", world.release_key, "--artifact", world.artifact, "--component",
+            "device-firmware", "--version", "1.0", "--sequence", "7", "--hw-class", "x",
+            "--expires", "+1d", "--window", "25:00-01:00", "--out", tmp_path / "m.cose")
+    assert r.returncode == 1 and "HH:MM-HH:MM" in r.stderr, r.stderr
+    r = cli("sign", "--key", world.release_key, "--artifact", world.artifact, "--component",
+            "device-firmware", "--version", "v1", "--sequence", "7", "--hw-class", "x",
+            "--expires", "+1d", "--out", tmp_path / "m.cose")
+    assert r.returncode == 1 and "would be refused" in r.stderr, r.stderr
+    assert not (tmp_path / "m.cose").exists()
