@@ -171,10 +171,11 @@ def add_signature(data: bytes, signer: Any, kid: bytes) -> bytes:
     return encode_list(payload, kept + [(prot, sig)], body_prot)
 
 
-def read_payload(data: bytes) -> Any:
-    """The list's payload bytes, shape checked, signatures not (for tools that show a
-    list before signing it)."""
-    return _split(data)[1]
+def read_unverified(data: bytes) -> Any:
+    """``(payload, signer kids)`` of a list, its shape checked and nothing verified (for
+    tools that show a list before a holder signs it)."""
+    _body, payload, sigs = _split(data)
+    return payload, [kid for _p, kid, _s in sigs]
 
 
 def _malformed(msg: str) -> RefusedList:

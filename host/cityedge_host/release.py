@@ -194,9 +194,8 @@ def cosign(data: bytes, signer: EcSigner, roots: RootSet) -> bytes:
 def describe_list(data: bytes) -> list[str]:
     """What a list says, for a root holder to read before signing it."""
     try:
-        payload = release_keys.read_payload(data)
+        payload, sig_kids = release_keys.read_unverified(data)
         version, k, roots, keys = release_keys.decode_payload(payload, sec1_verifier)
-        sig_kids = [kid for _p, kid, _s in release_keys._split(data)[2]]
     except release_keys.RefusedList as e:
         raise ReleaseError("not a release-key list: %s" % e.detail) from e
     lines = ["release-key list version %d, threshold %d of roots %s" % (

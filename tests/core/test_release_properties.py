@@ -254,3 +254,14 @@ def test_the_hasher_takes_nothing_past_the_size(chunks: list[int], extra: int) -
     else:
         assert not refused
         h.finish()
+
+
+@given(st.data())
+def test_any_byte_replaced_anywhere_is_refused(data: st.DataObject) -> None:
+    target = data.draw(st.sampled_from(["manifest", "keys"]))
+    good = GOOD_MANIFEST if target == "manifest" else GOOD_LIST
+    i = data.draw(st.integers(0, len(good) - 1))
+    value = data.draw(st.integers(0, 255).filter(lambda v: v != good[i]))
+    bad = good[:i] + bytes((value,)) + good[i + 1:]
+    verdict = (Case(manifest=bad) if target == "manifest" else Case(keys=bad)).check()
+    assert not verdict.ok and not verdict.wait, verdict
