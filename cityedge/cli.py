@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from cityedge.inspect_cmd import inspect_command
+from cityedge.release_cmd import release_app
 from cityedge.sim import sim_app
 from cityedge_core.errors import CityedgeError
 from cityedge_fleet.cli import audit_app, broker_app, ca_app, fleet_app
@@ -71,6 +72,7 @@ for _name, _group in (
     ("keys", keys_app),
     ("sim", sim_app),
     ("provision", provision_app),
+    ("release", release_app),
 ):
     app.add_typer(_group, name=_name)
 
