@@ -47,6 +47,7 @@ def catalogue_command(
 ) -> None:
     """List the guideline requirements, or those a profile selects."""
     cat = load_catalogue()
+    rows: list[tuple[Requirement, str]]
     if profile is None:
         rows = [(r, r.severity) for r in cat.requirements]
         title = "cityedge device guidelines: %d requirements" % len(rows)

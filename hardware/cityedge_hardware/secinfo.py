@@ -109,7 +109,7 @@ def check_security_info(info: SecurityInfo) -> list[Verdict]:
     fix_summary = ("capture `espefuse summary --format json` before Secure Download Mode is "
                    "enabled and pass it with --efuse-json")
     out: list[Verdict] = []
-    ev = (_flag(info, "SECURE_BOOT_EN", FLAG_SECURE_BOOT_EN),)
+    ev: tuple[Evidence, ...] = (_flag(info, "SECURE_BOOT_EN", FLAG_SECURE_BOOT_EN),)
     out.append(Verdict(REQ_SECURE_BOOT, "secure-boot",
                        Outcome.PASS if flags & FLAG_SECURE_BOOT_EN else Outcome.FAIL,
                        "secure boot is %s" % ("on" if flags & FLAG_SECURE_BOOT_EN else "off"),

@@ -22,7 +22,7 @@ def secinfo_text(flags: int, purposes: Sequence[int], crypt: int, chip_id: int =
     """esptool 5.6's get-security-info output for an ESP32-S3-like chip."""
     names = {0: "USER", 4: "XTS_AES_128_KEY", 9: "SECURE_BOOT_DIGEST0"}
     lines = ["Security Information:", "=====================",
-             "Flags: {:#010x} ({})".format(flags, bin(flags)),
+             f"Flags: {flags:#010x} ({bin(flags)})",
              "Key Purposes: %s" % (list(purposes),),
              "  " + "\n  ".join("BLOCK_KEY%d - %s" % (n, names.get(p, "UNKNOWN"))
                                 for n, p in enumerate(purposes)),
