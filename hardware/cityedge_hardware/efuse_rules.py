@@ -8,7 +8,8 @@ fixes a failure. A field the rule needs that is absent or hidden is "could not d
 a pass. The rules, in the order they are reported:
 
 1. ``secure-boot`` (CE-BOOT-01): secure boot v2 is on (``ABS_DONE_1`` on the ESP32 — v1,
-   ``ABS_DONE_0``, alone fails —, ``SECURE_BOOT_EN`` elsewhere).
+   ``ABS_DONE_0``, alone fails, and so does v2 on an ESP32 older than revision 3, whose ROM
+   ignores it —, ``SECURE_BOOT_EN`` elsewhere).
 2. ``secure-boot-keys`` (CE-BOOT-02): at least one key digest is burned, non-empty and not
    revoked, and every digest slot without a digest is revoked (else whoever holds the board
    can burn a digest of their own key there). The ESP32 has one digest (``BLOCK2``) and no
@@ -21,7 +22,8 @@ a pass. The rules, in the order they are reported:
 5. ``jtag-off`` (CE-DBG-01): every JTAG path is permanently off (pads and USB; a soft disable
    that an HMAC key can undo does not count).
 6. ``download-mode`` (CE-DBG-02): ROM download mode is off, or restricted to Secure Download
-   Mode (no eFuse or memory reads). The ESP32 has no such mode: it must be off.
+   Mode (no eFuse or memory reads). The ESP32 has no such mode: it must be off, which works
+   from revision 3 on.
 
 The fixes name ``espefuse`` commands; burning eFuses cannot be undone, so each fix is what to
 run after the firmware is ready for it (the vendor guide, ``docs/VENDOR_GUIDE.md``, says in
@@ -119,6 +121,26 @@ def _switches(summary: EfuseSummary, req: str, check: str, switches: tuple[Switc
     return None, found, off
 
 
+ESP32_REVISION_FIELD = "WAFER_VERSION_MAJOR"  # espefuse computes it from eFuses and a register
+ESP32_V3 = 3  # secure boot v2 and UART_DOWNLOAD_DIS work from ESP32 revision 3 on
+
+
+def _old_esp32(summary: EfuseSummary, req: str, check: str, switch: Fuse
+               ) -> Verdict | None:
+    """On the ESP32 a v3-only switch that is burned on an older chip does nothing: fail."""
+    rev = summary.get(ESP32_REVISION_FIELD)
+    if rev is None or rev.raw is None:
+        return Verdict(req, check, Outcome.UNDECIDED,
+                       "%s is burned but the chip revision (%s) is not in the capture"
+                       % (switch.name, ESP32_REVISION_FIELD), (_ev(switch),))
+    if rev.raw < ESP32_V3:
+        return Verdict(req, check, Outcome.FAIL,
+                       "%s is burned, but this ESP32 is revision %d: the ROM ignores it "
+                       "before revision 3" % (switch.name, rev.raw), (_ev(switch), _ev(rev)),
+                       "use ESP32 revision 3 (ECO3) or later for city devices")
+    return None
+
+
 # 1 ---------------------------------------------------------------------------------------
 def rule_secure_boot(summary: EfuseSummary, chip: ChipFuses) -> Verdict:
     check = "secure-boot"
@@ -126,6 +148,10 @@ def rule_secure_boot(summary: EfuseSummary, chip: ChipFuses) -> Verdict:
     if bad is not None:
         return bad
     ev = tuple(_ev(f) for f in fuses)
+    if not off and chip.layout == "classic":
+        too_old = _old_esp32(summary, REQ_SECURE_BOOT, check, fuses[0])
+        if too_old is not None:
+            return too_old
     if not off:
         return Verdict(REQ_SECURE_BOOT, check, Outcome.PASS, chip.secure_boot.meaning, ev)
     if chip.layout == "classic":
@@ -343,6 +369,10 @@ def rule_download_mode(summary: EfuseSummary, chip: ChipFuses) -> Verdict:
         return bad
     ev = tuple(_ev(f) for f in fuses)
     on = [s for s in switches if s not in off]
+    if on and chip.layout == "classic":
+        too_old = _old_esp32(summary, REQ_DOWNLOAD_MODE, check, fuses[0])
+        if too_old is not None:
+            return too_old
     if on:
         return Verdict(REQ_DOWNLOAD_MODE, check, Outcome.PASS, on[0].meaning, ev)
     if chip.secure_download is None:

@@ -189,7 +189,8 @@ def test_a_capture_of_no_known_chip_is_undecided_everywhere(s3: Doc) -> None:
 EXPECTED = {
     # file: secure-boot, keys, flash-encryption, key-hidden, jtag, download (P/F/U)
     "esp32.json": "FFFFFF",
-    "esp32_hardened.json": "PFFFPP",  # SB enable bit and switches burned, no digest, no key
+    # switches burned on a revision 0 virtual chip: v2 and UART_DOWNLOAD_DIS do nothing there
+    "esp32_hardened.json": "FFFFPF",
     "esp32c3.json": "FFFFFF",
     "esp32s3.json": "FFFFFF",
     "esp32s3_hardened.json": "PFFFPP",  # same: crypt count 1 but writeable, no keys
@@ -235,3 +236,16 @@ def test_any_json_is_parsed_or_refused_as_a_data_error(doc: Any) -> None:
         return
     for fuse in summary.fuses.values():
         assert fuse.raw is None or 0 <= fuse.raw < 2 ** fuse.bit_len
+
+
+# ESP32 revisions -----------------------------------------------------------------------------
+@pytest.mark.parametrize("check", ["secure-boot", "download-mode"])
+def test_esp32_v3_only_switches_fail_on_an_older_revision(esp32: Doc, check: str) -> None:
+    """Secure boot v2 and UART_DOWNLOAD_DIS burned on a revision 1 chip do nothing."""
+    assert _run(esp32)[check].outcome is Outcome.PASS  # the virtual chip was made revision 3
+    old = _set(esp32, "WAFER_VERSION_MAJOR", 1)
+    v = _run(old)[check]
+    assert v.outcome is Outcome.FAIL
+    assert "revision 1" in v.reason
+    unknown = {k: x for k, x in esp32.items() if k != "WAFER_VERSION_MAJOR"}
+    assert _run(unknown)[check].outcome is Outcome.UNDECIDED
