@@ -22,6 +22,7 @@ from cityedge_core.errors import CityedgeError
 from cityedge_fleet.cli import audit_app, broker_app, ca_app, fleet_app
 from cityedge_fleet.keys_cli import keys_app
 from cityedge_gateway.cli import gateway_app
+from cityedge_hardware.cli import hw_app
 from cityedge_host.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from cityedge_provision.cli import provision_app
 
@@ -73,6 +74,7 @@ for _name, _group in (
     ("sim", sim_app),
     ("provision", provision_app),
     ("release", release_app),
+    ("hw", hw_app),
 ):
     app.add_typer(_group, name=_name)
 

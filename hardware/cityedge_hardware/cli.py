@@ -1,0 +1,130 @@
+"""``cityedge hw``: the vendor's hardware checks against the city's device guidelines.
+
+``cityedge hw catalogue [--profile P] [--json]`` lists the requirements (all of them, or those
+a profile selects, with the profile's severities). ``cityedge hw efuse (--port P |
+--efuse-json F) [--chip C] [--json]`` reads a chip's eFuses (or a capture of them) and gives
+one verdict per eFuse requirement with its evidence and fix. A check with a failed or
+undecided requirement ends with exit code 1 and one line saying how many; errors print
+``cityedge: ...`` with what to do (``cityedge_host.errors``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cityedge_hardware.catalogue import Requirement, load_catalogue, load_profile
+from cityedge_hardware.efuse_chips import CHIPS
+from cityedge_hardware.efuse_collect import EfuseResult, collect
+from cityedge_hardware.efuse_rules import check_summary
+from cityedge_hardware.efuse_summary import parse_summary
+from cityedge_hardware.errors import EfuseDataError
+from cityedge_hardware.limits import LIMITS
+from cityedge_hardware.verdict import Outcome
+from cityedge_host.errors import UserError
+
+hw_app = typer.Typer(help="Check hardware against the city's device guidelines.",
+                     no_args_is_help=True, add_completion=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _req_json(r: Requirement, severity: str) -> dict[str, Any]:
+    d = r.model_dump(exclude_none=True)
+    d["severity"] = severity
+    return d
+
+
+@hw_app.command("catalogue")
+def catalogue_command(
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="A bundled profile (city-baseline, city-critical, "
+        "vendor-draft-example) or a path to a vendor's profile file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the guideline requirements, or those a profile selects."""
+    cat = load_catalogue()
+    rows: list[tuple[Requirement, str]]
+    if profile is None:
+        rows = [(r, r.severity) for r in cat.requirements]
+        title = "cityedge device guidelines: %d requirements" % len(rows)
+        name = None
+    else:
+        prof = load_profile(profile, cat)
+        rows = [(s.requirement, s.severity) for s in prof.selected]
+        title = "%s (%s): %d requirements" % (prof.title, " <- ".join(prof.chain), len(rows))
+        name = prof.name
+    if as_json:
+        typer.echo(json.dumps({"profile": name, "catalogue_version": cat.version,
+                               "requirements": [_req_json(r, s) for r, s in rows]}, indent=2))
+        return
+    typer.echo(title)
+    for r, sev in rows:
+        raised = " (raised)" if sev != r.severity else ""
+        typer.echo("%-12s %-8s%s %-8s %s" % (r.id, sev, raised, r.decided_by, r.text))
+
+
+def _read_capture(path: Path) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(LIMITS.efuse_json_max_bytes + 1)
+    except OSError as e:
+        raise UserError("cannot read %s: %s" % (path, e.strerror or e),
+                        hint="pass the file `espefuse summary --format json --file F` "
+                        "wrote") from e
+    if len(data) > LIMITS.efuse_json_max_bytes:
+        raise EfuseDataError("%s is larger than an eFuse summary can be (%d bytes)"
+                             % (path, LIMITS.efuse_json_max_bytes))
+    return data
+
+
+def _print(result: EfuseResult, as_json: bool) -> int:
+    counts = {o: sum(1 for v in result.verdicts if v.outcome is o) for o in Outcome}
+    if as_json:
+        typer.echo(json.dumps({"source": result.source, "chip": result.chip,
+                               "verdicts": [v.to_json() for v in result.verdicts]}, indent=2))
+    else:
+        typer.echo("chip: %s (read from the %s)" % (result.chip or "unknown", result.source))
+        for v in result.verdicts:
+            typer.echo("%-16s %-10s %-16s %s" % (v.outcome.value.upper(), v.requirement,
+                                                 v.check, v.reason))
+            for e in v.evidence:
+                typer.echo("    %s = %s%s" % (e.field, e.raw, "  (%s)" % e.note if e.note
+                                              else ""))
+            if v.fix and v.outcome is not Outcome.PASS:
+                typer.echo("    fix: %s" % v.fix)
+    return counts[Outcome.FAIL] + counts[Outcome.UNDECIDED]
+
+
+@hw_app.command("efuse")
+def efuse_command(
+    port: Annotated[str | None, typer.Option("--port", "-p", help="Serial port of the chip "
+                                             "(in its ROM bootloader).")] = None,
+    efuse_json: Annotated[Path | None, typer.Option(
+        "--efuse-json", help="A capture of `espefuse summary --format json`.")] = None,
+    chip: Annotated[str | None, typer.Option(
+        "--chip", help="Chip name (default: detected). Known: " + ", ".join(CHIPS))] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a chip's eFuses: secure boot, flash encryption, JTAG, download mode."""
+    if (port is None) == (efuse_json is None):
+        raise UserError("give exactly one of --port and --efuse-json",
+                        hint="--port reads the chip now; --efuse-json reads a capture")
+    if chip is not None and chip not in CHIPS:
+        raise UserError("unknown chip %r" % chip, hint="known: %s" % ", ".join(CHIPS))
+    if efuse_json is not None:
+        summary = parse_summary(_read_capture(efuse_json), source=str(efuse_json))
+        found, verdicts = check_summary(summary, chip)
+        result = EfuseResult("capture", found, verdicts)
+    else:
+        assert port is not None
+        result = collect(port, chip=chip or "auto")
+    open_items = _print(result, as_json)
+    if open_items:
+        raise UserError("%d of %d eFuse requirements are not met or could not be decided"
+                        % (open_items, len(result.verdicts)),
+                        hint="run the fixes shown above (docs/VENDOR_GUIDE.md says in which "
+                        "order: burned eFuses cannot be undone)")

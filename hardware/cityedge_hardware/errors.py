@@ -1,0 +1,25 @@
+"""The hardware checker's errors: a bad file or an unreachable tool, each with what to do.
+
+``CatalogueError`` is a catalogue or profile that does not hold (it names the entry and the
+field); ``EfuseDataError`` is an eFuse capture that is not what ``espefuse summary --format
+json`` writes; ``CollectError`` is ``espefuse`` / ``esptool`` failing to read a chip. All are
+``cityedge_host.errors.UserError``: the ``cityedge`` command prints them in one line.
+"""
+
+from __future__ import annotations
+
+from cityedge_host.errors import UserError
+
+
+class CatalogueError(UserError):
+    hint = "fix the named entry of the catalogue or profile file and run the command again"
+
+
+class EfuseDataError(UserError):
+    hint = ("pass the file `espefuse summary --format json --file F` wrote (esptool 5.x), "
+            "unchanged")
+
+
+class CollectError(UserError):
+    hint = ("check the USB cable and the port (`cityedge provision ports` lists them), hold "
+            "the board's BOOT button while it resets if it does not answer")

@@ -1,0 +1,20 @@
+"""Every size, count and time the hardware checker uses, with its unit, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HardwareLimits:
+    catalogue_max_bytes: int = 1024 * 1024  # bytes of a catalogue or profile file
+    efuse_json_max_bytes: int = 1024 * 1024  # bytes of one `espefuse summary` JSON capture
+    efuse_max_fields: int = 1000  # eFuse fields in one capture (esptool 5.6: at most 93)
+    efuse_name_max_chars: int = 64  # characters of one eFuse field name
+    efuse_max_bits: int = 4096  # bits of one field's raw value (a key block has 256)
+    secinfo_max_bytes: int = 64 * 1024  # bytes of `esptool get-security-info` output
+    collect_timeout_s: float = 60.0  # seconds one espefuse / esptool run may take
+    tool_output_max_chars: int = 400  # characters of a tool's error output quoted to the user
+
+
+LIMITS = HardwareLimits()
