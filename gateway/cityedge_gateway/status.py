@@ -60,7 +60,20 @@ def status_map(gw: Gateway, now: float | None = None) -> dict[str, Any]:
         },
         "commands": _commands(gw),
         "identity": _identity(gw),
+        "update": _update(gw),
     }
+
+
+def _update(gw: Gateway) -> dict[str, Any]:
+    """The update's stage (``enabled`` False: no ``[update]`` configured)."""
+    if gw.updates is None:
+        return {"enabled": False}
+    out: dict[str, Any] = {"enabled": True}
+    if gw.update_record is not None:
+        out.update(gw.update_record.public())
+    if gw.update_error:
+        out["error"] = gw.update_error
+    return out
 
 
 def _identity(gw: Gateway) -> dict[str, Any]:
