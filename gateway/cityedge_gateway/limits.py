@@ -58,7 +58,6 @@ OTA_READ_TIMEOUT_S = 30.0  # seconds: longest wait for the next bytes of a respo
 OTA_DOWNLOAD_DEADLINE_S = 3600.0  # seconds: one download call, all its requests
 OTA_MIN_RATE_BYTES_S = 1024  # bytes per second, averaged over each rate window
 OTA_RATE_WINDOW_S = 60.0  # seconds: the window the minimum rate is judged over
-OTA_CHUNK_BYTES = 64 * 1024  # bytes: one read from the response
 OTA_SYNC_EVERY_BYTES = 1024**2  # bytes: fsync + progress record this often
 OTA_REQUESTS_MAX = 32  # requests in one download call (responses that end early)
 OTA_UNPACK_MAX_FILES = 20_000  # members of an artifact's tar

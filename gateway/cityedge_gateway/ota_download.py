@@ -72,7 +72,6 @@ class DownloadLimits:
     deadline_s: float = limits.OTA_DOWNLOAD_DEADLINE_S
     min_rate_bytes_s: int = limits.OTA_MIN_RATE_BYTES_S
     rate_window_s: float = limits.OTA_RATE_WINDOW_S
-    chunk_bytes: int = limits.OTA_CHUNK_BYTES
     sync_every_bytes: int = limits.OTA_SYNC_EVERY_BYTES
     requests_max: int = limits.OTA_REQUESTS_MAX
 
@@ -195,12 +194,12 @@ def _start_of_body(resp: httpx.Response, sink: _Sink, size: int) -> None:
             raise DownloadRefused("bad-content-range", "206 without a byte Content-Range: %r"
                                   % resp.headers.get("content-range", "")[:80])
         first, last, total = int(m[1]), int(m[2]), m[3]
-        if first != asked or last < first or last >= size:
-            raise DownloadRefused("bad-content-range", "asked bytes %d-, got %d-%d"
-                                  % (asked, first, last))
         if total != "*" and int(total) != size:
             raise DownloadRefused("bad-content-range", "the server's artifact is %s bytes, "
                                   "the release says %d" % (total, size))
+        if first != asked or last < first or last >= size:
+            raise DownloadRefused("bad-content-range", "asked bytes %d-, got %d-%d"
+                                  % (asked, first, last))
     else:
         raise DownloadRefused("http-status", "the server answered %d" % code)
     length = resp.headers.get("content-length")
@@ -276,7 +275,9 @@ def _fetch(release: VerifiedRelease, sink: _Sink, ca_file: Path, b: DownloadLimi
 def _body(resp: httpx.Response, sink: _Sink, size: int, b: DownloadLimits,
           clock: Callable[[], float], started: float) -> None:
     window_start, window_bytes = clock(), 0
-    for chunk in resp.iter_raw(b.chunk_bytes):
+    # unchunked: each piece as the network gave it, so a piece that arrived before the link
+    # broke is written too (a re-chunking buffer would lose it with the exception)
+    for chunk in resp.iter_raw():
         if len(chunk) > size - sink.offset:
             raise DownloadRefused("endless-data", "the server sent more than the release's "
                                   "%d bytes" % size)
