@@ -23,8 +23,8 @@ import pytest
 from cityedge_gateway import ota_state as s
 from cityedge_gateway.ota_download import DownloadRefused
 from cityedge_gateway.ota_install import (
-    InstallFailed,
     Installer,
+    InstallFailed,
     ReleaseRefused,
     build_venv,
     unpack,
@@ -159,7 +159,8 @@ def test_a_build_that_fails_records_failed_and_keeps_the_running_release(
     assert current(root) == "1.0.0" and not (root / "releases/2.0.0").exists()
 
 
-def _run_to_the_end(root: Path, rel: VerifiedRelease, ca: Path, fault: Callable[[str], None] | None = None,
+def _run_to_the_end(root: Path, rel: VerifiedRelease, ca: Path,
+                    fault: Callable[[str], None] | None = None,
                     healthy: bool = True) -> None:
     """The whole update as the gateway and its boot guard do it, from any point: recover,
     install if not yet, count a start, then commit or roll back."""
@@ -288,3 +289,27 @@ def test_an_artifact_with_links_or_paths_outside_is_not_unpacked(
         unpack(art, into)
     assert not (tmp_path / "etc").exists()
     assert sys.executable  # the interpreter the tests run; nothing else was touched
+
+
+def test_the_update_section_is_checked(tmp_path: Path) -> None:
+    from cityedge_gateway.config import ConfigError, parse_config
+
+    key = tmp_path / "gw.key"
+    key.write_text("x")
+    base = {"gateway": {"device": "urn:dev:mac:b827ebfffe123456", "key_file": str(key)},
+            "store": {"path": str(tmp_path / "b.sqlite")}}
+    cfg = parse_config({**base, "update": {"root": str(tmp_path), "trial_deadline_s": 60}},
+                       tmp_path, tmp_path / "g.toml")
+    assert cfg.update is not None
+    assert (cfg.update.root, cfg.update.trial_deadline_s, cfg.update.trial_max_starts) == (
+        tmp_path, 60.0, 3)
+    assert parse_config(base, tmp_path, tmp_path / "g.toml").update is None
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "update": {"root": str(tmp_path / "nope"), "trial_deadline_s": 1,
+                                         "trial_max_starts": 0, "roots": "x"}},
+                     tmp_path, tmp_path / "g.toml")
+    text = "\n".join(e.value.problems)
+    assert "update.root: directory" in text and "create it" in text
+    assert "update.trial_deadline_s: 1 is out of range" in text
+    assert "update.trial_max_starts: 0 is out of range" in text
+    assert "update.roots: unknown key" in text
