@@ -135,18 +135,17 @@ class _Sink:
 
     def resume(self) -> None:
         """Cut the file back to what the record vouches for and hash that again."""
-        start = durable_bytes(self.release, self.part)
+        # a file shorter than its record (lost by the file system) counts for what it has;
+        # never extend it: truncate() would pad it with zeros
+        start = min(durable_bytes(self.release, self.part), os.fstat(self.f.fileno()).st_size)
         self.f.truncate(start)
         self.f.seek(0)
         left = start
         while left:
             block = self.f.read(min(left, 1024**2))
-            if not block:  # the file is shorter than its record: trust what is there
-                break
             self.hash.update(block)
             left -= len(block)
-        self.offset = self.durable = start - left
-        self.f.seek(self.offset)
+        self.offset = self.durable = start
 
     def restart(self) -> None:
         """Back to byte 0 (a server that ignored Range sends the whole artifact)."""

@@ -69,8 +69,10 @@ def _update(gw: Gateway) -> dict[str, Any]:
     if gw.updates is None:
         return {"enabled": False}
     out: dict[str, Any] = {"enabled": True}
-    if gw.update_record is not None:
-        out.update(gw.update_record.public())
+    try:  # read at each status: every stage shows, whoever moved it (a small file)
+        out.update(gw.updates.record().public())
+    except Exception as e:
+        out["error"] = ("%s: %s" % (type(e).__name__, e))[:200]
     if gw.update_error:
         out["error"] = gw.update_error
     return out

@@ -212,3 +212,17 @@ def test_a_release_must_name_an_https_url_and_a_plain_version() -> None:
     for bad in ("../etc", "a/b", "", ".hidden", "x" * 65):
         with pytest.raises(ValueError, match="version"):
             VerifiedRelease("gateway", bad, 7, 10, digest, "https://127.0.0.1/a")
+
+
+def test_a_partial_file_shorter_than_its_record_resumes_from_what_it_holds(
+        server: ArtifactServer, pki: TestPKI, tmp_path: Path) -> None:
+    """The record says 80,000 bytes, the file system kept 30,000 (never padded)."""
+    part = tmp_path / "7.part"
+    rel = release(server.url)
+    part.write_bytes(BODY[:30_000])
+    progress_path(part).write_text(json.dumps({
+        "sequence": 7, "size": len(BODY), "sha256": rel.sha256.hex(), "url": rel.url,
+        "durable_bytes": 80_000}))
+    download(rel, part, ca_file=pki.ca_pem, bounds=SMALL)
+    assert part.read_bytes() == BODY
+    assert server.log == ["bytes=30000-"]
