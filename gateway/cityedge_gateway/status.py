@@ -186,6 +186,13 @@ def metrics_text(gw: Gateway) -> str:
     metric("commands_total", "counter", "Fleet commands by what became of them.",
            [({"outcome": k}, cmds.get(k, 0))
             for k in ("accepted", "answered", "repeats", "refused", "foreign", "rejected")])
+    upd = st["update"]
+    if upd["enabled"] and "state" in upd:
+        metric("update_installed_sequence", "gauge",
+               "Sequence of the committed release (the anti-rollback floor).",
+               [({"version": upd["installed_version"]}, upd["installed_sequence"])])
+        metric("update_state", "gauge", "1 for the update's current stage.",
+               [({"state": upd["state"], "version": upd["version"]}, 1)])
     f = gw.forwarder.stats if gw.forwarder is not None else None
     metric(
         "mqtt_connected",

@@ -15,6 +15,7 @@ release fetched from a real HTTPS server.
 from __future__ import annotations
 
 import os
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from support.artifact_server import ArtifactServer
 from support.fleet import wait_for
 from support.gateway import GW
 from support.linkproxy import LinkProxy
-from support.mosquitto import OBSERVER, Mosquitto, TestPKI
+from support.mosquitto import OBSERVER, Mosquitto, TestPKI, free_port
 from support.mqtt_probe import Probe
 from support.releases import artifact, copy_build, factory_image, release_of
 from support.systemd_sim import ServiceSim
@@ -46,6 +47,7 @@ class Site:
     starts: Path
     log: Path
     link: LinkProxy  # the gateway's way to the broker
+    metrics_port: int
 
     def record(self) -> s.UpdateRecord:
         return Installer(self.root).record()
@@ -72,6 +74,7 @@ def site(tmp_path: Path, pki: TestPKI, mosquitto: Mosquitto) -> Iterator[Site]:
     factory_image(root, "1.0.0", 1, starts)
     config = tmp_path / "gateway.toml"
     link = LinkProxy(mosquitto.port).start()
+    metrics_port = free_port()
     config.write_text("""
 [gateway]
 device = "%s"
@@ -91,12 +94,16 @@ cert_file = "%s"
 key_file = "%s"
 keepalive_s = 5
 
+[metrics]
+port = %d
+
 [update]
 root = "%s"
 trial_deadline_s = 5
 trial_max_starts = 2
-""" % (GW, creds.key_pem, link.port, pki.ca_pem, creds.cert_pem, creds.key_pem, root))
-    yield Site(root, config, starts, tmp_path / "service.log", link)
+""" % (GW, creds.key_pem, link.port, pki.ca_pem, creds.cert_pem, creds.key_pem, metrics_port,
+       root))
+    yield Site(root, config, starts, tmp_path / "service.log", link, metrics_port)
     link.close()
 
 
@@ -159,6 +166,10 @@ def test_a_healthy_release_commits_and_says_so(
                                   for st in statuses(observer)), "a status saying committed")
     beacon = [r for b in batches(observer) for r in b.records if r.get(0) == BEACON_NAME]
     assert [r[2] for r in beacon] == [2]  # the beacon batch, value = the sequence
+    url = "http://127.0.0.1:%d/metrics" % site.metrics_port
+    metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert 'cityedge_gateway_update_state{state="committed",version="2.0.0"} 1.0' in metrics
+    assert 'cityedge_gateway_update_installed_sequence{version="2.0.0"} 2.0' in metrics
     assert sim.exits == []  # still running: no restart
 
 
