@@ -246,6 +246,10 @@ class Installer:
                     shutil.rmtree(d, ignore_errors=True)
         if rec.state == INSTALLING:
             rec = self._save(rec.after(FAIL, reason="interrupted while installing"), "recover")
+        if rec.state == TRIAL and not self.is_bootable(rec.version) and self.is_bootable(
+                rec.previous_version):  # its files went missing: it cannot be judged
+            rec = self._save(rec.after(UNHEALTHY, reason="the release in trial is missing "
+                                       "or incomplete on disk"), "recover")
         if rec.state == TRIAL and self.is_bootable(rec.version):
             if self.is_bootable(rec.previous_version):
                 self._point(PREVIOUS, rec.previous_version)
@@ -325,7 +329,7 @@ class Installer:
         rec = self._save(rec.after(INSTALL), "installing")
         final = self.release_dir(release.version)
         try:
-            if not self.is_bootable(release.version):
+            if not self._holds(release):  # a rolled-back build of the same artifact is kept
                 self._build(release, artifact, final)
         except BaseException as e:
             if isinstance(e, Exception):
@@ -338,6 +342,14 @@ class Installer:
                                    trial_max_starts=self.trial_max_starts, reason=""), "trial")
         self._point(CURRENT, release.version)
         return rec
+
+    def _holds(self, release: VerifiedRelease) -> bool:
+        """Whether ``releases/<version>`` is complete and built from this very artifact."""
+        try:
+            marker = json.loads((self.release_dir(release.version) / MARKER).read_bytes())
+        except (OSError, ValueError):
+            return False
+        return isinstance(marker, dict) and marker.get("sha256") == release.sha256.hex()
 
     def _build(self, release: VerifiedRelease, artifact: Path, final: Path) -> None:
         self.releases.mkdir(parents=True, exist_ok=True)

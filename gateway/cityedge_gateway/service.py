@@ -49,7 +49,7 @@ from .key_slots import Identity, KeySlots
 from .metrics_http import serve_metrics
 from .node_link import NodeListener
 from .ota_health import BEACON_NAME, TrialGate
-from .ota_install import EXIT_ROLLED_BACK, Installer
+from .ota_install import CURRENT, EXIT_ROLLED_BACK, Installer
 from .ota_state import ROLLED_BACK, TRIAL, UpdateRecord
 from .readings import Reading
 from .relay import NodeRelay
@@ -224,8 +224,8 @@ class Gateway:
             self.update_error = ("%s: %s" % (type(e).__name__, e))[:200]
             log.error("update state unreadable, updates are off: %s", self.update_error)
             return None
-        if rec.state != TRIAL:
-            return None
+        if rec.state != TRIAL or self.updates.link(CURRENT) != rec.version:
+            return None  # (recover() points current at a release in trial, or rolls back)
         assert self.cfg.update is not None
         gate = TrialGate(self.updates, self.cfg.device, self.cfg.update.trial_deadline_s)
         if self.forwarder is not None:

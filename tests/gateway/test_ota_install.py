@@ -159,6 +159,34 @@ def test_a_build_that_fails_records_failed_and_keeps_the_running_release(
     assert current(root) == "1.0.0" and not (root / "releases/2.0.0").exists()
 
 
+def test_a_new_release_reusing_a_rolled_back_version_name_is_built_afresh(
+        root: Path, pki: TestPKI, tmp_path: Path) -> None:
+    """2.0.0 (seq 2) rolled back; a fixed 2.0.0 comes as seq 3: its own artifact is built,
+    not the old directory reused."""
+    inst = Installer(root, build=copy_build)
+    bad = artifact("2.0.0", tmp_path / "starts.log", crash=True)
+    with ArtifactServer(pki, bad) as server:
+        inst.update(release_of(bad, "2.0.0", 2, server.url), ca_file=pki.ca_pem)
+    inst.roll_back("no health")
+    assert "exit 3" in (root / "releases/2.0.0/bin/cityedge").read_text()
+    good = artifact("2.0.0", tmp_path / "starts.log")
+    with ArtifactServer(pki, good) as server:
+        rec = inst.update(release_of(good, "2.0.0", 3, server.url), ca_file=pki.ca_pem)
+    assert (rec.state, rec.sequence, current(root)) == (s.TRIAL, 3, "2.0.0")
+    assert "exit 3" not in (root / "releases/2.0.0/bin/cityedge").read_text()
+
+
+def test_a_release_in_trial_whose_files_are_gone_is_rolled_back_at_the_next_start(
+        root: Path, v2: tuple[ArtifactServer, VerifiedRelease], pki: TestPKI) -> None:
+    _, rel = v2
+    inst = Installer(root, build=copy_build)
+    inst.update(rel, ca_file=pki.ca_pem)
+    (root / "releases/2.0.0/RELEASE").unlink()  # a damaged SD card, a careless hand
+    rec = Installer(root).boot_check()
+    assert rec.state == s.ROLLED_BACK and "missing or incomplete" in rec.reason
+    assert current(root) == "1.0.0"
+
+
 def _run_to_the_end(root: Path, rel: VerifiedRelease, ca: Path,
                     fault: Callable[[str], None] | None = None,
                     healthy: bool = True) -> None:
