@@ -24,6 +24,8 @@ Order of writes, so that a power cut at any of them leaves a ``current`` that bo
 
 A cut while ``installing`` (before the trial record) fails that attempt (``failed``,
 "interrupted") and leaves the old ``current``; the same release may be installed again.
+A release in trial whose directory is gone or incomplete is rolled back by ``recover()``.
+A version directory is reused only when its RELEASE names the same artifact digest.
 
 Anti-rollback: ``installed_sequence`` is the sequence of the release last committed,
 persisted in the record; a release whose sequence is not above it is refused
