@@ -29,4 +29,7 @@ def run_command(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(Gateway(load_config(config)).run())  # a ConfigError is a UserError
+    gateway = Gateway(load_config(config))  # a ConfigError is a UserError
+    asyncio.run(gateway.run())
+    if gateway.exit_code:  # a release in trial rolled back: systemd starts the previous one
+        raise typer.Exit(gateway.exit_code)

@@ -11,6 +11,7 @@ per mistake: the key path, what is wrong, and what to do. The layout (see
     [broker]    host, port, ca_file, cert_file, key_file, keepalive_s, inflight
     [node_link] the same keys, for the site's local broker the nodes publish to
     [metrics]   port (127.0.0.1 only)
+    [update]    root, trial_deadline_s, trial_max_starts (the update installer: ``ota_*``)
     [[serial]]  name, port, protocol = "sds011" | "modbus", baud,
                 modbus only: unit, poll_interval_s, [[serial.registers]]
     [[nodes]]   device, public_key (PEM file of the node's ES256 key)
@@ -84,6 +85,15 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    """Where releases are installed and how a release in trial proves its health."""
+
+    root: Path  # releases/, current, previous, state.json (``ota_install``)
+    trial_deadline_s: float = limits.OTA_TRIAL_DEADLINE_DEFAULT_S
+    trial_max_starts: int = limits.OTA_TRIAL_MAX_STARTS_DEFAULT
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     device: str
     key_file: Path
@@ -100,6 +110,8 @@ class GatewayConfig:
     fleet_keys: tuple[Path, ...] = ()
     # the key slots (``key_slots``); None: the key files above, no rotation
     identity_dir: Path | None = None
+    # the update installer's root and the trial's bounds; None: no updates
+    update: UpdateConfig | None = None
 
 
 class _Checker:
@@ -330,12 +342,30 @@ def _broker(c: _Checker, doc: dict[str, Any], name: str,
     )
 
 
+def _update(c: _Checker, doc: dict[str, Any]) -> UpdateConfig | None:
+    u = c.table(doc, "update", required=False)
+    if not u:
+        return None
+    c.unknown("update", u, {"root", "trial_deadline_s", "trial_max_starts"})
+    root = c.path("update", u, "root", must_exist=False)
+    if root != Path() and not root.is_dir():
+        c.bad("update.root", "directory %s does not exist; create it (it holds releases/, "
+              "current and previous)" % root)
+    lo, hi = limits.OTA_TRIAL_DEADLINE_RANGE_S
+    deadline = c.number("update", u, "trial_deadline_s", limits.OTA_TRIAL_DEADLINE_DEFAULT_S,
+                        lo, hi, "s")
+    lo_n, hi_n = limits.OTA_TRIAL_MAX_STARTS_RANGE
+    starts = c.number("update", u, "trial_max_starts", limits.OTA_TRIAL_MAX_STARTS_DEFAULT,
+                      lo_n, hi_n, "starts", True)
+    return UpdateConfig(root=root, trial_deadline_s=float(deadline), trial_max_starts=starts)
+
+
 def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig:
     c = _Checker(base)
     c.unknown(
         "(top level)",
         doc,
-        {"gateway", "store", "broker", "node_link", "metrics", "serial", "nodes"},
+        {"gateway", "store", "broker", "node_link", "metrics", "serial", "nodes", "update"},
     )
     g = c.table(doc, "gateway")
     c.unknown("gateway", g, {"device", "key_file", "batch_readings", "batch_max_age_s",
@@ -397,6 +427,7 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
         nodes=_nodes(c, doc.get("nodes")),
         fleet_keys=fleet_keys,
         identity_dir=identity_dir,
+        update=_update(c, doc),
     )
     if c.problems:
         raise ConfigError(source, c.problems)

@@ -97,6 +97,8 @@ class Forwarder:
         self.on_command: Callable[[bytes], Awaitable[bytes | None]] | None = None
         # set by a command handler: runs once, after its answer's publish was tried
         self.after_answer: Callable[[], None] | None = None
+        # set by the update's trial (``ota_health``): told of every batch the broker acked
+        self.on_acked: Callable[[Stored], None] | None = None
 
     def use_identity(self, cert_file: Path, key_file: Path) -> None:
         """Present ``cert_file``/``key_file`` from the next connection on, and end the
@@ -216,6 +218,8 @@ class Forwarder:
                 await client.publish(self.topic_for(row), row.data, qos=1)
                 acked.append(row.id)
                 self.stats.published += 1
+                if self.on_acked is not None:
+                    self.on_acked(row)
             except aiomqtt.MqttError as e:
                 failed.append(e)
             finally:

@@ -51,3 +51,21 @@ TASK_STABLE_S = 60.0  # seconds a task must run before its restart wait starts o
 TASK_STOP_GRACE_S = 5.0  # seconds a cancelled task gets to finish (a broker that never
 # answers DISCONNECT keeps aiomqtt waiting); then it is cancelled once more, then left
 STATUS_INTERVAL_S = 60.0  # seconds: between signed status messages
+
+# Updates (``ota_*``): the release artifact, its download, its unpacking and the trial
+OTA_ARTIFACT_MAX_BYTES = 512 * 1024**2  # bytes: largest artifact a release may name
+OTA_VERSION_MAX_CHARS = 64  # characters of a version (it names a directory)
+OTA_CONNECT_TIMEOUT_S = 10.0  # seconds: TCP + TLS handshake of one request
+OTA_READ_TIMEOUT_S = 30.0  # seconds: longest wait for the next bytes of a response
+OTA_DOWNLOAD_DEADLINE_S = 3600.0  # seconds: one download call, all its requests
+OTA_MIN_RATE_BYTES_S = 1024  # bytes per second, averaged over each rate window
+OTA_RATE_WINDOW_S = 60.0  # seconds: the window the minimum rate is judged over
+OTA_SYNC_EVERY_BYTES = 1024**2  # bytes: fsync + progress record this often
+OTA_REQUESTS_MAX = 32  # requests in one download call (responses that end early)
+OTA_UNPACK_MAX_FILES = 20_000  # members of an artifact's tar
+OTA_UNPACK_MAX_BYTES = 1024**3  # bytes: the artifact unpacked
+OTA_STATE_MAX_BYTES = 64 * 1024  # bytes: the update state file
+OTA_TRIAL_DEADLINE_DEFAULT_S = 300.0  # seconds a start in trial has to prove health
+OTA_TRIAL_DEADLINE_RANGE_S = (5.0, 3600.0)  # seconds: what the config may set
+OTA_TRIAL_MAX_STARTS_DEFAULT = 3  # starts in trial without a commit, then roll back
+OTA_TRIAL_MAX_STARTS_RANGE = (1, 20)

@@ -38,6 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cityedge_core import senml
 from cityedge_host.command_responder import CommandResponder, Done
 from cityedge_host.crypto import KeyFileError, load_signer, load_verifier
 
@@ -47,6 +48,9 @@ from .forwarder import Forwarder
 from .key_slots import Identity, KeySlots
 from .metrics_http import serve_metrics
 from .node_link import NodeListener
+from .ota_health import BEACON_NAME, TrialGate
+from .ota_install import CURRENT, EXIT_ROLLED_BACK, Installer
+from .ota_state import ROLLED_BACK, TRIAL, UpdateRecord
 from .readings import Reading
 from .relay import NodeRelay
 from .rotation_device import GatewayRotation
@@ -136,6 +140,13 @@ class Gateway:
         self._ready: list[list[dict[int, Any]]] = []
         self.metrics_port = 0  # the bound port once serving
         self.supervisor = Supervisor()  # restarts, counts and reports a task that fails
+        # updates (``ota_*``): the installer, its record as of the last look, and an error
+        # reading it (reported in the status; the gateway runs on without updates)
+        self.updates = (Installer(cfg.update.root, trial_max_starts=cfg.update.trial_max_starts)
+                        if cfg.update is not None else None)
+        self.update_record: UpdateRecord | None = None
+        self.update_error = ""
+        self.exit_code = 0  # what ``cityedge gateway run`` exits with (``EXIT_ROLLED_BACK``)
 
     def use_identity(self, ident: Identity) -> None:
         """Sign and connect with ``ident`` from now on (a rotation's switch): the chain
@@ -203,10 +214,54 @@ class Gateway:
             sent = await self.forwarder.publish_status(sign_status(self))
             await asyncio.sleep(limits.STATUS_INTERVAL_S if sent else 1.0)
 
+    def _start_updates(self, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """Finish what a stop interrupted; in trial, start the health gate."""
+        if self.updates is None:
+            return None
+        try:
+            self.update_record = rec = self.updates.recover()
+        except Exception as e:  # a damaged state file must not stop the readings
+            self.update_error = ("%s: %s" % (type(e).__name__, e))[:200]
+            log.error("update state unreadable, updates are off: %s", self.update_error)
+            return None
+        if rec.state != TRIAL or self.updates.link(CURRENT) != rec.version:
+            return None  # (recover() points current at a release in trial, or rolls back)
+        assert self.cfg.update is not None
+        gate = TrialGate(self.updates, self.cfg.device, self.cfg.update.trial_deadline_s)
+        if self.forwarder is not None:
+            self.forwarder.on_acked = gate.on_acked
+        log.info("release %s (seq %d) is in trial, start %d of %d: proving health",
+                 rec.version, rec.sequence, rec.trial_starts, rec.trial_max_starts)
+        # the beacon: an own batch to be acknowledged, signed by this release at once
+        self._records.append({senml.N: BEACON_NAME, senml.V: rec.sequence,
+                              senml.T: time.time()})
+        self.flush(force=True)
+        return asyncio.create_task(self._trial(gate, stop))
+
+    async def _trial(self, gate: TrialGate, stop: asyncio.Event) -> None:
+        stats = self.forwarder.stats if self.forwarder is not None else None
+        try:
+            self.update_record = rec = await gate.decide(stats)
+        except Exception as e:
+            self.update_error = ("%s: %s" % (type(e).__name__, e))[:200]
+            log.exception("the trial's outcome could not be recorded")
+            return
+        finally:
+            if self.forwarder is not None:
+                self.forwarder.on_acked = None
+        if rec.state == ROLLED_BACK:
+            self.exit_code = EXIT_ROLLED_BACK
+            stop.set()  # systemd starts ``current``: the previous release
+        elif self.forwarder is not None:
+            await self.forwarder.publish_status(sign_status(self))
+
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Run until cancelled or SIGTERM/SIGINT; commits what is pending on the way out."""
+        """Run until cancelled or SIGTERM/SIGINT; commits what is pending on the way out.
+        A release in trial that is not healthy in time stops it too (``exit_code``)."""
         loop = asyncio.get_running_loop()
         tasks = self.supervisor
+        stop = asyncio.Event()
+        trial = self._start_updates(stop)
         for i in self.inputs:
             tasks.keep("input:%s" % i.cfg.name, i.run)
         tasks.keep("committer", self._committer)
@@ -219,7 +274,6 @@ class Gateway:
         if self.cfg.metrics_port:
             server = await serve_metrics(self.cfg.metrics_port, lambda: metrics_text(self))
             self.metrics_port = server.sockets[0].getsockname()[1]
-        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
@@ -235,6 +289,10 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
+            if trial is not None and not trial.done():
+                trial.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await trial
             await tasks.stop()
             if server is not None:
                 server.close()

@@ -60,7 +60,22 @@ def status_map(gw: Gateway, now: float | None = None) -> dict[str, Any]:
         },
         "commands": _commands(gw),
         "identity": _identity(gw),
+        "update": _update(gw),
     }
+
+
+def _update(gw: Gateway) -> dict[str, Any]:
+    """The update's stage (``enabled`` False: no ``[update]`` configured)."""
+    if gw.updates is None:
+        return {"enabled": False}
+    out: dict[str, Any] = {"enabled": True}
+    try:  # read at each status: every stage shows, whoever moved it (a small file)
+        out.update(gw.updates.record().public())
+    except Exception as e:
+        out["error"] = ("%s: %s" % (type(e).__name__, e))[:200]
+    if gw.update_error:
+        out["error"] = gw.update_error
+    return out
 
 
 def _identity(gw: Gateway) -> dict[str, Any]:
@@ -171,6 +186,13 @@ def metrics_text(gw: Gateway) -> str:
     metric("commands_total", "counter", "Fleet commands by what became of them.",
            [({"outcome": k}, cmds.get(k, 0))
             for k in ("accepted", "answered", "repeats", "refused", "foreign", "rejected")])
+    upd = st["update"]
+    if upd["enabled"] and "state" in upd:
+        metric("update_installed_sequence", "gauge",
+               "Sequence of the committed release (the anti-rollback floor).",
+               [({"version": upd["installed_version"]}, upd["installed_sequence"])])
+        metric("update_state", "gauge", "1 for the update's current stage.",
+               [({"state": upd["state"], "version": upd["version"]}, 1)])
     f = gw.forwarder.stats if gw.forwarder is not None else None
     metric(
         "mqtt_connected",
