@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from . import limits
 
@@ -47,3 +48,17 @@ class VerifiedRelease:
             raise ValueError("sha256 must be 32 bytes")
         if not self.url.startswith("https://"):
             raise ValueError("the artifact URL must be https://, got %r" % self.url[:64])
+
+
+def from_verdict(verdict: Any, url: str) -> VerifiedRelease:
+    """The release a manifest verdict accepted (``cityedge_core.update_manifest``:
+    ``UpdatePolicy(..., component="gateway", hw_class=...).check(...)``), to be fetched
+    from ``url``. A verdict that is not ``ok`` (refused, or "wait": no trusted clock,
+    outside its install window) gives no release: ``ValueError`` naming its reason."""
+    if not verdict.ok:
+        raise ValueError("the manifest was not accepted: %s (%s)"
+                         % (verdict.reason, verdict.detail))
+    m = verdict.manifest
+    if m.component != COMPONENT:
+        raise ValueError("the manifest is for %r, not the gateway" % (m.component,))
+    return VerifiedRelease(m.component, m.version, m.sequence, m.size, bytes(m.sha256), url)
