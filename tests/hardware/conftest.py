@@ -1,79 +1,15 @@
-"""eFuse captures made by esptool's own virtual chips, once per session.
-
-``espefuse --virt`` emulates each chip's eFuse controller, including the checks it makes
-before a burn (the chip revision secure boot v2 needs, key purposes, read protection), so a
-capture made this way is what the real chip would report. For each chip the tests cover
-there is a blank capture (factory state) and a hardened one (every fuse the rules read,
-burned the way a release would burn them); the other chips esptool knows get a blank one,
-for chip recognition. Generated into a session temporary directory, two at a time.
-"""
+"""Session fixtures: eFuse captures from esptool's virtual chips (``support.efuse_virt``)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-# the chips the rules are tested both ways on, and the rest esptool 5.6 knows
-HARDENED_CHIPS = ("esp32", "esp32s2", "esp32s3", "esp32c3", "esp32c6", "esp32h2")
-OTHER_CHIPS = ("esp32c2", "esp32c5", "esp32c61", "esp32h21", "esp32h4", "esp32p4",
-               "esp32s31", "esp32e22")
-
-
-def espefuse(chip: str, efuse_file: Path, *args: str) -> str:
-    """Run espefuse on the virtual chip whose eFuses live in ``efuse_file``."""
-    argv = [sys.executable, "-m", "espefuse", "--virt", "--path-efuse-file", str(efuse_file),
-            "--chip", chip, "--do-not-confirm", *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, "espefuse %s failed:\n%s%s" % (" ".join(args), done.stdout,
-                                                                done.stderr)
-    return done.stdout
-
-
-def summary(chip: str, efuse_file: Path, out: Path) -> Path:
-    espefuse(chip, efuse_file, "summary", "--format", "json", "--file", str(out))
-    return out
-
-
-def harden(chip: str, efuse_file: Path, keys: Path) -> None:
-    """Burn what a release burns: secure boot v2 with one digest and the other slots revoked,
-    flash encryption in release mode with a hidden key, JTAG off, download mode restricted."""
-    flash_key, signing = keys / "flash_key.bin", keys / "signing.pem"
-    if chip == "esp32":
-        # secure boot v2 needs chip revision 3: the revision bits are eFuses too
-        espefuse(chip, efuse_file, "burn-efuse", "CHIP_VER_REV1", "1", "CHIP_VER_REV2", "1")
-        espefuse(chip, efuse_file, "burn-key", "flash_encryption", str(flash_key),
-                 "burn-key-digest", str(signing),
-                 "burn-efuse", "ABS_DONE_1", "1", "FLASH_CRYPT_CNT", "1", "JTAG_DISABLE", "1",
-                 "UART_DOWNLOAD_DIS", "1", "write-protect-efuse", "FLASH_CRYPT_CNT")
-        return
-    jtag = ["HARD_DIS_JTAG", "1"] if chip == "esp32s2" else ["DIS_PAD_JTAG", "1",
-                                                            "DIS_USB_JTAG", "1"]
-    espefuse(chip, efuse_file, "burn-key", "BLOCK_KEY0", str(flash_key), "XTS_AES_128_KEY",
-             "burn-key-digest", "BLOCK_KEY1", str(signing), "SECURE_BOOT_DIGEST0",
-             "burn-efuse", "SECURE_BOOT_EN", "1", "SPI_BOOT_CRYPT_CNT", "1", *jtag,
-             "ENABLE_SECURITY_DOWNLOAD", "1", "SECURE_BOOT_KEY_REVOKE1", "1",
-             "SECURE_BOOT_KEY_REVOKE2", "1", "write-protect-efuse", "SPI_BOOT_CRYPT_CNT")
-
-
-@dataclass(frozen=True)
-class Captures:
-    blank: dict[str, Path]
-    hardened: dict[str, Path]
-    efuse_files: dict[str, Path]  # the hardened virtual chips' eFuse memory
-
-    def load(self, kind: str, chip: str) -> dict[str, Any]:
-        path = (self.blank if kind == "blank" else self.hardened)[chip]
-        doc: dict[str, Any] = json.loads(path.read_text())
-        return doc
+from support.efuse_virt import HARDENED_CHIPS, OTHER_CHIPS, Captures, harden, summary
 
 
 @pytest.fixture(scope="session")

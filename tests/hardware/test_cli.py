@@ -8,7 +8,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from conftest import Captures
+from support.efuse_virt import Captures
 
 HERE = Path(__file__).parent
 CAPTURES = resources.files("cityedge_hardware").joinpath("captures")

@@ -13,7 +13,6 @@ from importlib import resources
 from typing import Any
 
 import pytest
-from conftest import Captures
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +20,8 @@ from cityedge_hardware.efuse_rules import check_summary
 from cityedge_hardware.efuse_summary import parse_summary
 from cityedge_hardware.errors import EfuseDataError
 from cityedge_hardware.verdict import Outcome, Verdict
+
+from support.efuse_virt import Captures
 
 Doc = dict[str, Any]
 

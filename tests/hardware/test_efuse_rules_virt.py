@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import HARDENED_CHIPS, OTHER_CHIPS, Captures
 
 from cityedge_hardware.efuse_collect import collect
 from cityedge_hardware.efuse_rules import EFUSE_REQUIREMENTS, RULES, check_summary
 from cityedge_hardware.efuse_summary import parse_summary
 from cityedge_hardware.verdict import Outcome
+
+from support.efuse_virt import HARDENED_CHIPS, OTHER_CHIPS, Captures
 
 RULE_NAMES = ("secure-boot", "secure-boot-keys", "flash-encryption", "flash-key-hidden",
               "jtag-off", "download-mode")
