@@ -30,6 +30,30 @@ from typing import Any
 from support.mosquitto import TestPKI
 
 _RANGE = re.compile(r"bytes=(\d+)-\Z")
+_ACCEPT_POLL_S = 0.5  # the listening socket's timeout: shutdown() is seen at least this often
+_HANDSHAKE_S = 10.0  # a connection that does not finish its TLS handshake is dropped
+
+
+class _TlsServer(ThreadingHTTPServer):
+    """HTTPS with the TLS handshake in each connection's own thread. (A listening socket
+    wrapped by ``ssl`` shakes hands inside ``accept``, on the one serving thread: a client
+    that never finishes its handshake, or an aborted connection, held that thread, and
+    ``shutdown()`` waited for it forever.)"""
+
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], handler: Any, ctx: ssl.SSLContext) -> None:
+        super().__init__(addr, handler)
+        self.ctx = ctx
+        self.socket.settimeout(_ACCEPT_POLL_S)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(_HANDSHAKE_S)
+        try:
+            tls = self.ctx.wrap_socket(request, server_side=True)
+        except OSError:  # ssl.SSLError included: a client that is not ours
+            return
+        self.RequestHandlerClass(tls, client_address, self)
 
 
 class ArtifactServer:
@@ -55,11 +79,9 @@ class ArtifactServer:
                     outer._answer(self)
                 self.close_connection = True
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(pki.server.cert_pem), str(pki.server.key_pem))
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd = _TlsServer(("127.0.0.1", 0), Handler, ctx)
         self.port = self.httpd.server_address[1]
         self.url = "https://127.0.0.1:%d/releases/gateway.tar.gz" % self.port
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
