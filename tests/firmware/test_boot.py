@@ -40,7 +40,8 @@ from support.mosquitto import Mosquitto, TestPKI
 # it, to measure.
 BOOT_HEAP = os.environ.get("CE_BOOT_HEAP", "88k")
 # provisioning mode from ROMFS (72k enters it; the key and TLS steps need more: the whole
-# provisioning with its self-test passed 25 of 25 runs at each of 92k-104k, 4 of 5 at 90k)
+# provisioning with its self-test passed 35 of 35 runs at 90k-104k, 5 at each size, and
+# none at 88k; docs/ARCHITECTURE.md, "Provisioning")
 PROVISIONING_HEAP = "96k"
 SERIAL = "SN-BOOT-1"
 
