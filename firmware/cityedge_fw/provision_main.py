@@ -94,10 +94,11 @@ class EnrollRetry:
     """The ``idle`` work of ``provision_serial.serve`` while a ticket is pending: one
     enrollment attempt whenever its backoff says so (``enroll_http.Enroller``)."""
 
-    def __init__(self, prov, post=None, reset=None):
+    def __init__(self, prov, post=None, reset=None, self_test=None):
         self.prov = prov
         self.post = post
         self.reset = reset  # a board's reset: a fragmented heap is rebuilt by a reboot
+        self.self_test = self_test  # the SelfTestHook, whose kept block this work frees
         self.enroller = None
 
     def _log(self, text):
@@ -107,6 +108,8 @@ class EnrollRetry:
         return 0 if self.enroller is None else self.enroller.due_ms()
 
     def run(self):
+        if self.self_test is not None:  # a pending device has no self-test: its TLS
+            self.self_test.release()  # context's block is room for the enrollment's
         from cityedge_fw import enroll_http
 
         ticket = self.prov.ticket()
@@ -154,7 +157,8 @@ class SelfTestHook:
     (the self-test then failed at ``tls`` with a ``MemoryError``). So the block is taken
     here, while the heap is still in one piece, and given back right before the context is
     made (``release``, called by the self-test); after a run it is taken again for the
-    next (a retry after a refused test)."""
+    next (a retry after a refused test). A device waiting for its offline enrollment cannot
+    self-test: ``EnrollRetry`` releases the block for the enrollment's own TLS."""
 
     def __init__(self):
         self.block = None
@@ -188,10 +192,12 @@ def run(root, info, read, write, until_locked=False, post=None, reset=None):
     reset, used when the heap is too fragmented for the fleet's reply)."""
     from cityedge_fw import provision, provision_serial
 
-    prov = provision.Provisioner(root, info, self_test=SelfTestHook())
+    self_test = SelfTestHook()
+    prov = provision.Provisioner(root, info, self_test=self_test)
     print("provisioning mode: %s %s state=%s" % (info["device"], info["serial"], prov.state),
           file=sys.stderr)
-    provision_serial.serve(prov, read, write, until_locked, EnrollRetry(prov, post, reset))
+    provision_serial.serve(prov, read, write, until_locked,
+                           EnrollRetry(prov, post, reset, self_test))
     print("provisioning mode: line closed (state=%s)" % prov.state, file=sys.stderr)
 
 
