@@ -46,7 +46,8 @@ then resets through its watchdog and the technician sees the message on the cons
 
 import gc
 
-# provision.py reads the key and the trust store through this module (kept for it)
+# the device key and the fleet's trust store, read at boot (provisioning reads them from
+# ``keys`` itself)
 from .keys import load_fleet_keys, private_key_from_der, read_file
 
 CONFIG_FILE = "config.json"

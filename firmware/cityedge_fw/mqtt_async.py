@@ -10,6 +10,11 @@ yet acknowledged are re-sent by the state machine after the next CONNACK.
 Events go to ``on_event(event)``; ``on_connect()`` is awaited after every CONNACK (the
 agent subscribes there, since a clean session forgets subscriptions).
 
+``once(timeout_ms)`` is the same connection without the reconnect loop, for a caller with
+one job (provisioning's self-test, ``provision_selftest``): it returns when ``on_connect``
+or ``on_event`` calls ``stop()``, and raises what ended the connection otherwise (or a
+``TransportError`` when the time is up).
+
 Connections run on MicroPython (its ``tls`` module with DER certificates, its asyncio
 I/O queue); the rest of the module also imports on CPython (tests).
 """
@@ -43,6 +48,7 @@ _BACKOFF_MIN_MS = const(500)  # ms: first retry delay after a failed connection
 _BACKOFF_MAX_MS = const(60000)  # ms: longest retry delay
 _CONNECT_TIMEOUT_MS = const(15000)  # ms: TCP + TLS + CONNACK must finish within this
 _TICK_MS = const(1000)  # ms: keep-alive check interval
+_ONCE_TICK_MS = const(100)  # ms: the same check in ``once``: its caller waits on ``stop()``
 # bytes: one socket read. Broker packets to a device are small (PUBACK, PINGRESP, a
 # command); a 1 KiB read buffer cost a 1 KiB allocation per read on a 64 KiB heap.
 _READ_CHUNK = const(256)
@@ -193,7 +199,18 @@ class Link:
             attempt += 1
 
     def stop(self):
+        """End ``run()`` or ``once()``: the session closes at its next tick."""
         self._stop = True
+
+    async def once(self, timeout_ms):
+        """One connection and no reconnect (see the module doc): returns after ``stop()``,
+        raises what ended the connection first, or ``TransportError`` once ``timeout_ms``
+        passed; the socket is closed either way."""
+        self._stop = False
+        try:
+            await self._session(self.clock() + timeout_ms, _ONCE_TICK_MS)
+        finally:
+            self._close()
 
     async def publish(self, topic, payload, qos=0, retain=False):
         """Publish now (raises ``TransportError`` when down, ``LocalError`` when the
@@ -231,25 +248,28 @@ class Link:
         with the connection): a payload the caller means to reuse is free after that."""
         return self._draining or self.client.queued
 
-    async def _session(self):
+    async def _session(self, until=None, tick_ms=_TICK_MS):
         """One connection: ``_connection`` opens it and reads; this task ticks the
-        keep-alive and enforces the connect deadline (TCP + TLS + CONNACK), without a
-        ``wait_for`` (its module and task would stay on the heap)."""
+        keep-alive every ``tick_ms`` and enforces the connect deadline (TCP + TLS +
+        CONNACK) and ``until`` (``once``), without a ``wait_for`` (its module and task
+        would stay on the heap). Returns after ``stop()``."""
         deadline = self.clock() + _CONNECT_TIMEOUT_MS
         self._read_error = None
         task = asyncio.create_task(self._connection())
         try:
             while not task.done():
-                await sleep_ms(_TICK_MS)
-                if self._read_error is not None or task.done():
+                await sleep_ms(tick_ms)
+                if self._stop or self._read_error is not None or task.done():
                     break
                 now = self.clock()
                 if self.client.state != mqtt.CONNECTED and now > deadline:
                     raise TransportError("mqtt: not connected within %d ms"
                                          % _CONNECT_TIMEOUT_MS)
+                if until is not None and now > until:
+                    raise TransportError("mqtt: not done in time")
                 self.client.tick(now)
                 await self.flush()
-            if self._read_error is not None:
+            if self._read_error is not None and not self._stop:
                 raise self._read_error
         finally:
             if not task.done():

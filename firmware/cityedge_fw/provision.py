@@ -1,4 +1,12 @@
-"""Provisioning mode on the device: framed requests over the UART, one step at a time.
+"""Provisioning on the device, the step state machine: one request in, its reply out.
+
+Provisioning mode is three modules with one job each: this one (``Provisioner``: the steps,
+their order, the files they write; no I/O but the device's flash), ``provision_serial``
+(the frame loop on the UART) and ``provision_selftest`` (the ``self_test`` step's network
+check, over the agent's own MQTT link); ``provision_main`` wires them (the line, and the
+self-test this machine is given) and is the entry on a board and on the unix port. This
+module imports neither MQTT, nor asyncio, nor the serial side
+(``tests/docs/test_layers_provision.py``).
 
 The device is reachable here only while it is unprovisioned, or after an authenticated
 unlock (a COSE_Sign1 fleet command named ``unlock`` for this device, checked by
@@ -24,8 +32,10 @@ install       keyed..tested, pending       certificate chain (its leaf must hold
 install with  keyed, pending               offline provisioning: an *enrollment ticket*
   a ticket                                 (``F_TICKET``, below) instead of a chain; stored
                                            atomically, state ``pending-enrollment``
-self_test     installed, tested            TCP to the broker, then TLS with the new
-                                           certificate, MQTT CONNECT, one signed batch
+self_test     installed, tested            the network check it is given
+                                           (``provision_selftest``): TCP to the broker,
+                                           TLS with the new certificate, MQTT CONNECT,
+                                           its command topic subscribed, one signed batch
                                            published QoS 1 and acknowledged: ``tested``
 lock          tested                       ``locked``: the agent boots from now on
 unlock        locked                       back to ``tested`` (files are kept)
@@ -50,25 +60,23 @@ technician's tool can prove to the fleet that the device in hand is the allow-li
 (a serial alone is public). Nothing here writes or removes it; the fleet accepts it once.
 
 A request out of order gets ``E_ORDER``; bad fields ``E_BAD_INPUT``; a flash failure
-``E_STORAGE``. Framing faults from the decoder are answered with one error frame each.
-Every reply echoes the request's ``F_ID``. Nothing here blocks except the self-test,
-which is bounded by its timeout.
+``E_STORAGE``. Every reply echoes the request's ``F_ID``. Nothing here blocks except the
+self-test, which is bounded by its timeout.
 
-Memory (unix port, firmware as .mpy): this module with the core it imports is about 56 KB
-of bytecode on the heap (a board freezes it into flash); the self-test adds the MQTT client
-and asyncio (about 25 KB more) and drops the CSR code before the TLS handshake, its peak.
-A whole provisioning with the self-test runs in ``-X heapsize=160k`` with 52 KB free just
-before TLS (``tests/provisioning``). Key generation and the CSR signature take a few
-milliseconds each on the unix port (pure-Python P-256).
+Memory (unix port, MicroPython 1.27, ``gc.mem_alloc()`` after a collection; the self-test
+prints its figures on stderr). From ROMFS (bytecode in flash, as on a board), provisioning
+mode holds 50 KB on entry (with the 3 KB block ``provision_main.SelfTestHook`` keeps for
+the TLS context) and 65 KB after the key, CSR and install steps; the self-test loads the
+MQTT client, the link and asyncio (81 KB in use before TLS) and peaks at 83.7 KB with its
+TLS link up. A whole provisioning passes at ``-X heapsize=90k`` and above
+(``tests/firmware/test_boot.py`` runs it at 96k). As .mpy loaded into the heap
+(``tests/provisioning``, 192k) the peak is 107 KB. The CSR code is loaded only by the
+steps that use it, so the self-test can drop it before TLS. Key generation and the CSR
+signature take a few milliseconds each on the unix port (pure-Python P-256).
 """
 
 import os
 import time
-
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
 
 try:
     from micropython import const  # type: ignore[import-not-found]
@@ -78,8 +86,7 @@ except ImportError:  # CPython
         return x
 
 
-from cityedge_core import batch as batchmod
-from cityedge_core import cbor, cose, csr, frame, p256
+from cityedge_core import cbor, cose, frame, p256
 from cityedge_core.errors import CityedgeError, PeerError, StorageError
 
 from .files import write_atomic
@@ -87,7 +94,6 @@ from .files import write_atomic
 PROTOCOL_VERSION = const(1)
 SELF_TEST_MAX_S = const(60)  # seconds: longest self-test a host may ask for
 SELF_TEST_DEFAULT_S = const(20)  # seconds: when the host does not say
-PROBE_TIMEOUT_S = const(5)  # seconds: TCP connect to the broker in the self-test
 
 UNPROVISIONED = "unprovisioned"
 KEYED = "keyed"
@@ -150,13 +156,18 @@ class Provisioner:
 
     ``info``: ``{"model", "serial", "device", "firmware"}`` from the board.
     ``root``: directory of the device's files (``/`` on a board).
+    ``self_test``: ``self_test(prov, timeout_s)`` -> ``(ok, stage, message, seq)``, the
+    network check behind the ``self_test`` step (``provision_selftest.run``, given by
+    the entry that wires the device, ``provision_main``): this module stays free of
+    MQTT, TLS and asyncio. Without one the step answers ``E_INTERNAL``.
     """
 
-    def __init__(self, root, info, randbytes=os.urandom, clock=None):
+    def __init__(self, root, info, randbytes=os.urandom, clock=None, self_test=None):
         self.root = root.rstrip("/")
         self.info = info
         self.randbytes = randbytes
         self.clock = clock or _unix_clock
+        self.run_self_test = self_test
         self._key = None
         raw = _read(self._path(STATE_FILE))
         self.state = UNPROVISIONED
@@ -176,8 +187,9 @@ class Provisioner:
         self.state = state
 
     def key(self):
+        """The device's private key (loaded from flash on first use)."""
         if self._key is None:
-            from .main import private_key_from_der  # boot-only module, loaded when used
+            from .keys import private_key_from_der  # boot-only module, loaded when used
 
             der = _read(self._path(KEY_FILE))
             if der is None:
@@ -252,6 +264,8 @@ class Provisioner:
     def generate_key(self):
         for name in INSTALLED_FILES + (TICKET_FILE,):  # nothing outlives its key
             _remove(self._path(name))
+        from cityedge_core import csr  # loaded when used: the self-test unloads it
+
         key = p256.PrivateKey.generate(self.randbytes)
         _write_atomic(self._path(KEY_FILE), csr.ec_private_key_der(key))
         _remove(self._path(AGENT_STATE_FILE))  # a new key starts a new batch chain
@@ -263,6 +277,8 @@ class Provisioner:
 
     def make_csr(self):
         self._need(KEYED, PENDING, INSTALLED, TESTED)
+        from cityedge_core import csr
+
         return {_T.F_TYPE: _T.T_CSR, _T.F_CSR: csr.build_csr(self.key(), self.info["device"])}
 
     def install(self, msg):
@@ -336,6 +352,8 @@ class Provisioner:
             raise StepRefused(_T.E_BAD_INPUT, "ticket: register must be a map, fleet keys a list")
         for k in fleet_keys:
             p256.PublicKey.from_sec1(k)  # refuses a point not on the curve
+        from cityedge_core import csr
+
         stored = {"token": token, "url": url, "dev_http": dev_http,
                   "serial": self.info["serial"],
                   "csr_pem": csr.pem("CERTIFICATE REQUEST",
@@ -386,26 +404,19 @@ class Provisioner:
         self._set_state(KEYED)
 
     def self_test(self, msg):
+        """Prove the installed identity with the broker (``run_self_test``): ``tested``
+        when it passed; the reply names the stage that failed otherwise."""
         self._need(INSTALLED, TESTED)
         timeout_s = msg.get(_T.F_TIMEOUT, SELF_TEST_DEFAULT_S)
         if not isinstance(timeout_s, int) or not 0 < timeout_s <= SELF_TEST_MAX_S:
             raise StepRefused(_T.E_BAD_INPUT, "self_test: timeout 1..%d s" % SELF_TEST_MAX_S)
-        test = SelfTest(self)
-        try:
-            asyncio.run(asyncio.wait_for(test.run(), timeout_s))
-            ok = True
-            text = "published batch %d, acknowledged" % test.seq
-        except asyncio.TimeoutError:
-            ok = False
-            text = "no answer within %d s" % timeout_s
-        except Exception as e:  # the stage says where it failed
-            ok = False
-            text = "%s: %s" % (type(e).__name__, e)
+        if self.run_self_test is None:
+            raise StepRefused(_T.E_INTERNAL, "self_test: this build has no self-test")
+        ok, stage, text, seq = self.run_self_test(self, timeout_s)
         if ok:
             self._set_state(TESTED)
-            test.stage = "done"
-        return {_T.F_TYPE: _T.T_SELF_TEST, _T.F_OK: ok, _T.F_STAGE: test.stage,
-                _T.F_MESSAGE: text, _T.F_SEQ: test.seq}
+        return {_T.F_TYPE: _T.T_SELF_TEST, _T.F_OK: ok, _T.F_STAGE: stage,
+                _T.F_MESSAGE: text, _T.F_SEQ: seq}
 
     def lock(self):
         self._need(TESTED)
@@ -419,7 +430,7 @@ class Provisioner:
 
         from . import keys, store  # only for an unlock: not on the boot path
 
-        cfg = self._config()
+        cfg = self.config()
         gate = command_gate.CommandGate(self.info["device"],
                                         keys.load_fleet_keys(cfg.get("fleet_keys", ())),
                                         store.State(self._path(AGENT_STATE_FILE)), self.clock,
@@ -433,7 +444,8 @@ class Provisioner:
         self._set_state(TESTED)
         return {_T.F_TYPE: _T.T_UNLOCK, _T.F_STATE: TESTED}
 
-    def _config(self):
+    def config(self):
+        """The installed ``config.json`` as a map (``E_ORDER`` before ``install``)."""
         import json
 
         raw = _read(self._path(CONFIG_FILE))
@@ -447,122 +459,6 @@ def _unix_clock():
     return now if now > 1600000000 else None  # no trusted clock before NTP
 
 
-class SelfTest:
-    """Connect to the broker with the installed identity and publish one signed batch."""
-
-    def __init__(self, prov):
-        self.prov = prov
-        self.stage = "connect"
-        self.seq = 0
-
-    async def run(self):
-        from . import mqtt, store
-        from .mqtt_async import tls_context
-
-        prov = self.prov
-        cfg = prov._config()
-        broker = cfg["broker"]
-        device = cfg["device"]
-        # 1. plain TCP: is the broker there at all?
-        self.stage = "connect"
-        _tcp_probe(broker["host"], broker["port"])
-        # 2. TLS with the new certificate, MQTT CONNECT
-        self.stage = "tls"
-        _free_boot_code()
-        ctx = tls_context(_read(cfg["tls"]["cert"]), _read(cfg["tls"]["key"]),
-                          _read(cfg["tls"]["ca"]))
-        reader, writer = await asyncio.open_connection(
-            broker["host"], broker["port"], ssl=ctx,
-            server_hostname=broker.get("server_hostname") or broker["host"])
-        try:
-            client = mqtt.Client(device, 30, True, None)
-            client.connect(_ms())
-            writer.write(client.data_to_send())
-            await writer.drain()
-            await self._until(reader, writer, client, mqtt.CONNACK)
-            # 3. one signed batch on the readings topic, QoS 1
-            self.stage = "publish"
-            state = store.State(cfg["store"]["state"])
-            key = prov.key()
-            kid = cose.kid_for_public_key(key.public_key().to_sec1())
-            w_ = batchmod.BatchWriter(device, key, kid, state.get("seq", 0),
-                                      state.get("head", batchmod.ZERO_HASH))
-            recs = batchmod.RecordBuffer()
-            now = prov.clock()
-            rec = {-2: device + ":", 0: "selftest", 2: 1}
-            if now is not None:
-                rec[-3] = now
-            recs.add(rec)
-            signed = w_.sign_buffer(recs, state.get("boot", 0),
-                                    batchmod.TIME_UNIX if now is not None
-                                    else batchmod.TIME_SINCE_BOOT)
-            state.set(seq=w_.seq, head=w_.head)  # as the agent does: persisted before sending
-            self.seq = w_.seq
-            client.publish("ce/v1/%s/up/readings" % device, signed, 1, False, _ms())
-            writer.write(client.data_to_send())
-            await writer.drain()
-            await self._until(reader, writer, client, mqtt.PUBACK)
-            client.disconnect()
-            writer.write(client.data_to_send())
-            await writer.drain()
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
-
-    async def _until(self, reader, writer, client, event_type):
-        from cityedge_core.errors import TransportError
-
-        while True:
-            data = await reader.read(1024)
-            if not data:
-                raise TransportError("the broker closed the connection")
-            for ev in client.feed(data, _ms()):
-                if ev[0] == event_type:
-                    return ev
-            out = client.data_to_send()
-            if out:
-                writer.write(out)
-                await writer.drain()
-
-
-def _free_boot_code():
-    """Drop modules the self-test no longer needs: the TLS handshake is the heap peak."""
-    import gc
-    import sys
-
-    for name in ("cityedge_core.csr", "cityedge_fw.main", "cityedge_fw.provision_main", "json"):
-        sys.modules.pop(name, None)
-    gc.collect()
-    if hasattr(gc, "mem_free"):
-        print("self-test: %d bytes of heap free before TLS" % gc.mem_free(), file=sys.stderr)
-
-
-def _tcp_probe(host, port):
-    """Connect and close (blocking, bounded): tells "unreachable" from "refused us".
-
-    MicroPython's ``asyncio.open_connection`` returns before the connect completes, so a
-    refused connection would only show up later, inside the TLS handshake."""
-    import socket
-
-    ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-    s = socket.socket(ai[0], ai[1])
-    try:
-        s.settimeout(PROBE_TIMEOUT_S)
-        s.connect(ai[-1])
-    finally:
-        s.close()
-
-
-def _ms():
-    try:
-        return time.ticks_ms()  # type: ignore[attr-defined]
-    except AttributeError:  # CPython
-        return int(time.monotonic() * 1000)
-
-
 def is_locked(root):
     """True once provisioning finished (the board boots the agent); False: serve the UART."""
     raw = _read(root.rstrip("/") + "/" + STATE_FILE)
@@ -570,36 +466,3 @@ def is_locked(root):
         return raw is not None and cbor.loads(raw)["state"] == LOCKED
     except (CityedgeError, KeyError, TypeError):
         return False
-
-
-def serve(prov, read, write, until_locked=False, idle=None):
-    """The UART loop: ``read()`` returns bytes (``b""`` when the line is gone), ``write(b)``.
-
-    Returns when the line is closed (USB unplugged, pty closed), or with ``until_locked``
-    right after the reply to a successful ``lock`` (a board then resets into the agent).
-
-    ``idle`` (optional): an object with ``due_ms()`` and ``run()``; then ``read(timeout_ms)``
-    returns None when nothing came within ``due_ms()``, and ``idle.run()`` is called (the
-    offline enrollment retry). Returns as soon as ``run()`` leaves the device locked.
-    """
-    dec = frame.FrameDecoder()
-    while True:
-        if idle is not None and prov.state == PENDING:
-            data = read(idle.due_ms())
-            if data is None:
-                idle.run()
-                if prov.state == LOCKED:
-                    return
-                continue
-        else:
-            data = read()
-        if not data:
-            return
-        for item in dec.feed(data):
-            if isinstance(item, frame.FrameError):
-                reply = frame.error_message(item.code, item.message)
-            else:
-                reply = prov.handle(item)
-            write(frame.encode_frame(reply))
-            if until_locked and prov.state == LOCKED:
-                return

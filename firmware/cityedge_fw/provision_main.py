@@ -13,6 +13,7 @@ success the device installs the fleet's answer and locks itself; the unix port t
 returns (exit), a board resets into the agent.
 """
 
+import gc
 import sys
 
 try:
@@ -25,6 +26,9 @@ if __name__ == "__main__":
     sys.path.insert(0, _here + "/..")  # the firmware/ directory: cityedge_core, cityedge_fw
 
 READ_MAX = 512  # bytes taken from the line in one read
+# bytes: MicroPython's TLS context (``tls.SSLContext``: mbedTLS's configuration, entropy and
+# random generator in one object), as its MemoryError on the unix port reports it
+TLS_CONTEXT_BYTES = 3048
 
 
 def stdio_line():
@@ -87,13 +91,14 @@ def uart_line(uart, idle_ms=20):
 
 
 class EnrollRetry:
-    """The ``idle`` work of ``provision.serve`` while a ticket is pending: one enrollment
-    attempt whenever its backoff says so (``enroll_http.Enroller``)."""
+    """The ``idle`` work of ``provision_serial.serve`` while a ticket is pending: one
+    enrollment attempt whenever its backoff says so (``enroll_http.Enroller``)."""
 
-    def __init__(self, prov, post=None, reset=None):
+    def __init__(self, prov, post=None, reset=None, self_test=None):
         self.prov = prov
         self.post = post
         self.reset = reset  # a board's reset: a fragmented heap is rebuilt by a reboot
+        self.self_test = self_test  # the SelfTestHook, whose kept block this work frees
         self.enroller = None
 
     def _log(self, text):
@@ -103,6 +108,8 @@ class EnrollRetry:
         return 0 if self.enroller is None else self.enroller.due_ms()
 
     def run(self):
+        if self.self_test is not None:  # a pending device has no self-test: its TLS
+            self.self_test.release()  # context's block is room for the enrollment's
         from cityedge_fw import enroll_http
 
         ticket = self.prov.ticket()
@@ -139,16 +146,58 @@ class EnrollRetry:
                                                  self.enroller.heap_free))
 
 
+class SelfTestHook:
+    """``Provisioner``'s ``self_test``: ``provision_selftest.run``, loaded only when the
+    step is asked for (the MQTT client, the link and asyncio stay off the heap for the rest
+    of provisioning), with the heap block its TLS context needs kept from the start.
+
+    The TLS context is one block of ``TLS_CONTEXT_BYTES``. The key and CSR steps (pure-
+    Python P-256) leave the heap cut into smaller pieces: at 96 KiB from ROMFS about 19 KiB
+    are free before the self-test, and in 6 of 10 runs measured no piece of them held 3 KiB
+    (the self-test then failed at ``tls`` with a ``MemoryError``). So the block is taken
+    here, while the heap is still in one piece, and given back right before the context is
+    made (``release``, called by the self-test); after a run it is taken again for the
+    next (a retry after a refused test). A device waiting for its offline enrollment cannot
+    self-test: ``EnrollRetry`` releases the block for the enrollment's own TLS."""
+
+    def __init__(self):
+        self.block = None
+        self.keep()
+
+    def keep(self):
+        try:
+            self.block = bytearray(TLS_CONTEXT_BYTES)
+        except MemoryError:  # none left in one piece: the self-test takes its chance
+            self.block = None
+
+    def release(self):
+        self.block = None
+
+    def __call__(self, prov, timeout_s):
+        try:
+            from cityedge_fw import provision_selftest
+
+            return provision_selftest.run(prov, timeout_s, self.release)
+        except MemoryError as e:  # no room to load it: a failed test at its first stage
+            return False, "connect", "MemoryError: %s" % (e,), 0
+        finally:
+            provision_selftest = None
+            gc.collect()  # the context's block is free again: kept for a next run
+            self.keep()
+
+
 def run(root, info, read, write, until_locked=False, post=None, reset=None):
     """Serve provisioning requests until the line closes (or, on a board, until locked);
     while a ticket is pending, retry the enrollment between reads (``reset``: a board's
     reset, used when the heap is too fragmented for the fleet's reply)."""
-    from cityedge_fw import provision
+    from cityedge_fw import provision, provision_serial
 
-    prov = provision.Provisioner(root, info)
+    self_test = SelfTestHook()
+    prov = provision.Provisioner(root, info, self_test=self_test)
     print("provisioning mode: %s %s state=%s" % (info["device"], info["serial"], prov.state),
           file=sys.stderr)
-    provision.serve(prov, read, write, until_locked, EnrollRetry(prov, post, reset))
+    provision_serial.serve(prov, read, write, until_locked,
+                           EnrollRetry(prov, post, reset, self_test))
     print("provisioning mode: line closed (state=%s)" % prov.state, file=sys.stderr)
 
 

@@ -69,8 +69,9 @@ class SelfTestFailed(ProvisionError, PeerError):
             "tls": "the broker refused the device's certificate (or TLS failed): check "
                    "that the broker trusts the fleet CA and the certificate is not revoked",
             "mqtt": "the broker refused the MQTT session: check the broker's ACL",
-            "publish": "the broker did not acknowledge the signed batch: check the ACL for "
-                       "ce/v1/<device>/up/readings",
+            "publish": "the broker's rules do not take the device, or the signed batch was "
+                       "not acknowledged: check that the fleet granted the device at the "
+                       "broker (its ce/v1/<device>/ topics), then run again",
         }
         super().__init__("self-test failed at %s: %s" % (stage, message),
                          hints.get(stage, "run again; if it persists, report it"))

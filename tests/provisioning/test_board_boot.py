@@ -11,13 +11,15 @@ from typing import Any
 
 from device_pty import HEAP, MICROPYTHON
 from fleet_server import FleetServer
-from prov_helpers import INFO, FakeUart, install_fields, issue_for_csr, pki
+from prov_helpers import INFO, FakeUart, pki
 from sqlmodel import Session, select
 
 from cityedge_core import frame
 from cityedge_fleet import enrollment
 from cityedge_fleet.models import Credential
 from cityedge_fw import main, provision
+
+from support.device_cert import install_fields, issue_for_csr
 
 
 def test_board_boot_provisions_resets_then_starts_the_agent(tmp_path: Path) -> None:

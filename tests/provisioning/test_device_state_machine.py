@@ -2,8 +2,9 @@
 run on CPython against a temp directory as its flash: it never raises, answers every
 request with its reply or an error frame, and keeps the files consistent with its state.
 
-(The self-test's network part is replaced by a stub that passes or fails as drawn; the real
-one is exercised on the MicroPython unix port in ``test_device_pty``.)"""
+(The self-test's network part, which the state machine is given, is a stub that passes or
+fails as drawn; the real one, ``provision_selftest``, runs on the MicroPython unix port in
+``test_device_pty`` and ``test_selftest_stages``.)"""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from prov_helpers import INFO, URN, FakeUart, issue_for_csr, pki
+from prov_helpers import INFO, URN, FakeUart, pki
 
 from cityedge_core import cbor, frame
 from cityedge_fw import provision
+
+from support.device_cert import issue_for_csr
 
 CLAIM = "Zm9vYmFyYmF6cXV4LWNsYWltLXNlY3JldC0wMTIzNDU2Nzg5"
 ORDER = [provision.UNPROVISIONED, provision.KEYED, provision.INSTALLED, provision.TESTED,
@@ -37,22 +40,20 @@ class ProvisionerMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="ce-sm-")
         Path(self.dir, provision.CLAIM_FILE).write_text(CLAIM)  # the vendor's, at the factory
-        self.prov = provision.Provisioner(self.dir, INFO)
+        self.prov = provision.Provisioner(self.dir, INFO, self_test=self.fake_self_test)
         self.model = provision.UNPROVISIONED
         self.self_test_passes = True
         self.last_cert: bytes | None = None
 
-        async def fake_run(test: Any) -> None:
-            test.stage = "tls"
-            if not self.self_test_passes:
-                raise OSError("handshake refused")
-            test.seq = 1
-
-        self._orig = provision.SelfTest.run
-        provision.SelfTest.run = fake_run  # type: ignore[method-assign]
+    def fake_self_test(self, prov: provision.Provisioner, timeout_s: int
+                       ) -> tuple[bool, str, str, int]:
+        """The network check the step is given (``provision_selftest.run`` on a device)."""
+        assert prov is self.prov and 0 < timeout_s <= provision.SELF_TEST_MAX_S
+        if not self.self_test_passes:
+            return False, "tls", "OSError: handshake refused", 0
+        return True, "done", "published batch 1, acknowledged", 1
 
     def teardown(self) -> None:
-        provision.SelfTest.run = self._orig  # type: ignore[method-assign]
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def send(self, msg: dict[int, Any]) -> dict[int, Any]:
@@ -169,6 +170,7 @@ class ProvisionerMachine(RuleBasedStateMachine):
         if self.expect(r, frame.T_SELF_TEST, self.model in (provision.INSTALLED,
                                                              provision.TESTED)):
             assert r[frame.F_OK] is passes
+            assert r[frame.F_STAGE] == ("done" if passes else "tls")
             if passes:
                 self.model = provision.TESTED
 
@@ -200,7 +202,7 @@ class ProvisionerMachine(RuleBasedStateMachine):
     @rule()
     def reboot(self) -> None:
         """Power cycle: a new Provisioner reads the same flash."""
-        self.prov = provision.Provisioner(self.dir, INFO)
+        self.prov = provision.Provisioner(self.dir, INFO, self_test=self.fake_self_test)
 
     @invariant()
     def files_match_state(self) -> None:
