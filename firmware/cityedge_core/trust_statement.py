@@ -193,7 +193,10 @@ def open_statement(data: Any) -> Any:
         raise MalformedError("statement: not bytes")
     if len(data) > STATEMENT_MAX_BYTES:
         raise LimitError("statement: %d bytes, at most %d" % (len(data), STATEMENT_MAX_BYTES))
-    msg = cose.decode_sign1(bytes(data), max_bytes=STATEMENT_MAX_BYTES)
+    try:
+        msg = cose.decode_sign1(bytes(data), max_bytes=STATEMENT_MAX_BYTES)
+    except MalformedError as e:  # say what was being read: "CBOR: ..." alone is unclear
+        raise type(e)("statement: not a COSE_Sign1 (%s)" % e) from None
     if not isinstance(msg.kid, bytes) or not msg.kid:
         raise MalformedError("statement: the envelope names no key (kid)")
     return msg
