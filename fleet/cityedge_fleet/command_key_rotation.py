@@ -161,7 +161,7 @@ def start(session: Session, *, data: bytes, root: EcVerifier, current: EcSigner,
           nxt: EcSigner, threshold_pct: int, by: str, lim: FleetLimits,
           now: dt.datetime | None = None) -> Started:
     """Every rule: the rotation row, and a trust-update queued for each device."""
-    now = now or utcnow()
+    now = (now or utcnow()).replace(microsecond=0)  # as its commands' created_at
     if not 1 <= threshold_pct <= 100:
         raise CommandKeyRotationError(422, "threshold_pct: 1..100")
     st = check(session, data, root, current, nxt, now)
