@@ -771,8 +771,10 @@ class CommandKeyRotation(SQLModel, table=True):
 
 
 class CommandKeyRotationStart(InputModel):
-    statement: str = Field(min_length=1, max_length=4096, description=(
-        "the root-signed trust statement (`cityedge keys announce-command-key`), base64"))
+    statement: str = Field(
+        min_length=1, max_length=4096, regex=r"^[A-Za-z0-9+/]+=*$",
+        description="the root-signed trust statement (`cityedge keys announce-command-key`), "
+        "base64")
     threshold_pct: int = Field(default=100, ge=1, le=100, description=(
         "share of devices that must install it before the fleet switches keys"))
 

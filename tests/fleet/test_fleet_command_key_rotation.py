@@ -142,6 +142,9 @@ def test_the_fleet_refuses_what_it_must_not_roll_out(api: Api, root_dir: Path,
     assert _start(api, b"\xd2\x84garbage").status_code == 422
     bad = api.client.post("/command-key/rotations", headers=api.headers(Role.security),
                           json={"statement": "!!!"})
+    assert bad.status_code == 422 and "statement" in str(bad.json()["detail"])
+    bad = api.client.post("/command-key/rotations", headers=api.headers(Role.security),
+                          json={"statement": "QUJ"})  # the pattern's, not base64
     assert bad.status_code == 422 and "base64" in str(bad.json()["detail"])
     # the current key dropped at once: the fleet could not command a device that installed it
     r = _start(api, _announce(root_dir, cur, nxt, keep_s=None))
@@ -166,7 +169,8 @@ def test_the_fleet_refuses_what_it_must_not_roll_out(api: Api, root_dir: Path,
         oks = s.exec(select(AuditRecord).where(
             col(AuditRecord.action) == "command_key.rotate",
             col(AuditRecord.outcome) == "ok")).all()
-    assert (len(refusals), len(oks)) == (7, 1)
+    whys = [json.loads(r.detail)["why"] for r in refusals]
+    assert len(oks) == 1 and len(whys) == 8, whys
     # the generic command route may not send a trust-update
     r = api.client.post("/devices/%s/commands" % "urn:dev:mac:0024befffe800001",
                         headers=api.headers(Role.security),

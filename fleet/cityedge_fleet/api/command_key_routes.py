@@ -37,7 +37,7 @@ def start_command_key_rotation(body: CommandKeyRotationStart, request: Request,
     try:
         try:
             data = base64.b64decode(body.statement, validate=True)
-        except binascii.Error as e:
+        except (binascii.Error, ValueError) as e:  # ValueError: not ASCII
             raise ckr.CommandKeyRotationError(422, "statement: not base64") from e
         nxt_path = ckr.next_key_path(settings.command_key_file)
         if not nxt_path.exists():
