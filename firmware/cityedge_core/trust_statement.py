@@ -46,9 +46,13 @@ trusted (each until its ``until``) until a later statement replaces them: an ins
 trust store never expires by itself, or a device that misses a rotation would lose its
 fleet. No unknown keys are kept: a new format is a new purpose and a new AAD.
 
-Heap: nothing here is loaded by the firmware agent today (the Pi gateway and the fast
-device use it); the module imports only the core and is held to MicroPython by
-``tests/shared/test_trust_statement_shared.py``.
+Heap: the firmware agent does not load this module today (the Pi gateway does); it imports
+only the core and is held to MicroPython by ``tests/shared/test_trust_statement_shared.py``.
+Measured on the unix port (64-bit, ``-X heapsize=64k``, from ``.mpy``, ``gc.mem_alloc``
+after a collection): importing it costs 7.3 KiB beside ``cbor``/``cose``/``p256``; checking
+a two-key statement (276 bytes; four keys: 409) keeps 13 KiB (``cose_decode`` loaded, the
+statement, the root key) and takes about 50 ms of pure-Python ES256 on this host.
+CPython (``cryptography``): 0.39 ms per ``check_statement``.
 """
 
 try:
