@@ -264,14 +264,15 @@ def switch(session: Session, rot: CommandKeyRotation, key_file: Path, *, force: 
         if command_key.load(nxt).kid.hex() != rot.new_kid:
             raise CommandKeyRotationError(409, "%s is not the key the statement announced"
                                           % nxt)
-        if command_key.load(key_file).kid.hex() != rot.old_kid:
-            raise CommandKeyRotationError(409, "%s is not the key the rotation started "
-                                          "with" % key_file)
-        os.replace(key_file, retired)  # a crash here: the next `switch` finishes below
-        os.replace(nxt, key_file)
-    elif not key_file.exists() and retired.exists():
-        raise CommandKeyRotationError(409, "%s is missing: restore it from %s's backup"
-                                      % (key_file, nxt))
+        if key_file.exists():
+            if command_key.load(key_file).kid.hex() != rot.old_kid:
+                raise CommandKeyRotationError(409, "%s is not the key the rotation started "
+                                              "with" % key_file)
+            os.replace(key_file, retired)
+        elif not retired.exists():
+            raise CommandKeyRotationError(409, "%s is missing and nothing was retired: "
+                                          "restore it" % key_file)
+        os.replace(nxt, key_file)  # a crash before this: the next `switch` does it
     if command_key.load(key_file).kid.hex() != rot.new_kid:
         raise CommandKeyRotationError(409, "%s does not hold the new key %s"
                                       % (key_file, rot.new_kid))

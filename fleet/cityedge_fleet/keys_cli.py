@@ -371,6 +371,11 @@ def rotate_command_key_command(
     from cityedge_fleet import audit, command_key
     from cityedge_fleet import command_key_rotation as ckr
 
+    if statement is not None and (resend or switch):
+        raise UserError("--statement starts a rotation; --resend and --switch act on the one "
+                        "rolling out: one at a time")
+    if force and not switch:
+        raise UserError("--force goes with --switch")
     settings = load_settings()
     key_file = settings.command_key_file
     action = ("command_key.rotate" if statement is not None else

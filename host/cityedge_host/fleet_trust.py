@@ -12,7 +12,10 @@ command, so the command gate has already checked the command with a key trusted 
 2. the arguments carry a statement (``trust_update_args``);
 3. ``check_statement``: the root signed it (kid and signature, with the statement AAD),
    its shape and purpose hold, it is valid now, its version is above the one held;
-4. it is persisted: the statement's bytes in the device's state (``get``/``set``, one
+4. (the statement installed already, sent again: answered ``ok``, nothing changes; a
+   lost answer or a power cut between installing and answering must not turn into a
+   refusal of the fleet's resend)
+5. it is persisted: the statement's bytes in the device's state (``get``/``set``, one
    durable transaction on the gateway's SQLite buffer), so a power cut leaves the old
    set or the new one, never a mix; only then does the device use it and answer ``ok``.
 
@@ -124,6 +127,10 @@ class FleetTrust:
         """The gate's lookup: the verifier of ``kid`` if it is trusted now."""
         return self.trusted().get(kid, default)
 
+    def _kids(self) -> list[str]:
+        st = self.statement
+        return [] if st is None else [cose.kid_for_public_key(p).hex() for p, _ in st.keys]
+
     def handlers(self) -> dict[str, Handler]:
         return {trust_statement.TRUST_UPDATE: self.trust_update}
 
@@ -138,6 +145,11 @@ class FleetTrust:
             raise self._refuse("no_root", NO_ROOT)
         try:
             data = trust_statement.trust_update_args(args)
+            if self.statement is not None and data == self.state.get(STATE_KEY):
+                # the one installed, sent again (our answer was lost, or a power cut came
+                # between installing and answering): the goal holds
+                return Done("trust statement v%d already installed" % self.version,
+                            {"version": self.version, "kids": self._kids()})
             st = trust_statement.check_statement(data, self.root, self.root.kid,
                                                  self.version, self.clock())
         except StatementRefused as e:
@@ -151,7 +163,7 @@ class FleetTrust:
         self.state.set(**{STATE_KEY: data})  # durable before it is used or answered
         self.statement = st
         self.stats.installed += 1
-        kids = [cose.kid_for_public_key(p).hex() for p, _ in st.keys]
+        kids = self._kids()
         log.info("trust statement v%d installed: fleet keys %s", st.version, ", ".join(kids))
         return Done("trust statement v%d installed: %d fleet keys" % (st.version, len(kids)),
                     {"version": st.version, "kids": kids})

@@ -256,3 +256,26 @@ def test_the_cli_announces_rolls_out_and_switches(api: Api, root_dir: Path,
         ("command_key.next", "ok"), ("command_key.rotate", "ok"),
         ("command_key.switch", "refused"), ("command_key.switch", "ok")]
     assert json.loads(rows[-1].detail)["forced"] is True
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_switch_cut_between_its_renames_is_finished_by_the_next(api: Api,
+                                                                  root_dir: Path) -> None:
+    enroll_device(api, 1)
+    cur, nxt = _keys(api)
+    assert _start(api, _announce(root_dir, cur, nxt)).status_code == 201
+    key_file = api.settings.command_key_file
+    os.replace(key_file, ckr.retired_key_path(key_file))  # the first rename, then the cut
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None and rot.state == ckr.ROLLING_OUT
+        ckr.switch(s, rot, key_file, force=True)
+        s.commit()
+    assert command_key.load(key_file).kid == nxt.kid
+    assert command_key.load(ckr.retired_key_path(key_file)).kid == cur.kid
+    # a second switch is refused: nothing moves again
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None
+        with pytest.raises(ckr.CommandKeyRotationError, match="is switched"):
+            ckr.switch(s, rot, key_file, force=True)
