@@ -15,9 +15,10 @@ command, so the command gate has already checked the command with a key trusted 
 4. (the statement installed already, sent again: answered ``ok``, nothing changes; a
    lost answer or a power cut between installing and answering must not turn into a
    refusal of the fleet's resend)
-5. it is persisted: the statement's bytes in the device's state (``get``/``set``, one
-   durable transaction on the gateway's SQLite buffer), so a power cut leaves the old
-   set or the new one, never a mix; only then does the device use it and answer ``ok``.
+5. it is persisted: the statement in the device's state (``get``/``set``: one durable
+   transaction on the gateway's SQLite buffer, an atomic file on the fast device), so a
+   power cut leaves the old set or the new one, never a mix; only then does the device
+   use it and answer ``ok``.
 
 ``FleetTrust`` is also the gate's key map (``get(kid)``): the keys of the installed
 statement trusted at the clock's time (an old key until its ``until``: the overlap), or
@@ -46,7 +47,8 @@ from cityedge_host.crypto import EcVerifier
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "trust_statement"  # the installed statement's bytes in the device's state
+STATE_KEY = "trust_statement"  # the installed statement in the device's state (hex text:
+# any state takes it, the gateway's CBOR and the fast device's JSON alike)
 NO_ROOT = ("trust-update needs the offline root's certificate to check the statement: "
            "set [gateway] root_cert")
 
@@ -91,17 +93,26 @@ class FleetTrust:
         self.stats = TrustStats()
         self.statement: TrustStatement | None = None
         self._verifiers: dict[bytes, EcVerifier] = {}
-        stored = state.get(STATE_KEY)
+        stored = self._stored()
         if stored is not None:
             if root is None:
                 raise TrustStoreError("a trust statement is installed but no root "
                                       "certificate is configured to check it: set "
                                       "[gateway] root_cert")
             try:
-                self.statement = trust_statement.read_installed(bytes(stored), root, root.kid)
+                self.statement = trust_statement.read_installed(stored, root, root.kid)
             except PeerError as e:
                 raise TrustStoreError("the installed trust statement does not hold (%s): "
                                       "is [gateway] root_cert the fleet's root?" % e) from e
+
+    def _stored(self) -> bytes | None:
+        text = self.state.get(STATE_KEY)
+        if text is None:
+            return None
+        try:
+            return bytes.fromhex(text)
+        except (TypeError, ValueError) as e:
+            raise TrustStoreError("the installed trust statement is not hex text") from e
 
     @property
     def version(self) -> int:
@@ -145,7 +156,7 @@ class FleetTrust:
             raise self._refuse("no_root", NO_ROOT)
         try:
             data = trust_statement.trust_update_args(args)
-            if self.statement is not None and data == self.state.get(STATE_KEY):
+            if self.statement is not None and data == self._stored():
                 # the one installed, sent again (our answer was lost, or a power cut came
                 # between installing and answering): the goal holds
                 return Done("trust statement v%d already installed" % self.version,
@@ -160,7 +171,7 @@ class FleetTrust:
             raise self._refuse("bad_signature", "statement: %s" % e) from e
         except MalformedError as e:
             raise self._refuse("malformed", str(e)) from e
-        self.state.set(**{STATE_KEY: data})  # durable before it is used or answered
+        self.state.set(**{STATE_KEY: data.hex()})  # durable before it is used or answered
         self.statement = st
         self.stats.installed += 1
         kids = self._kids()

@@ -137,8 +137,8 @@ def test_a_proper_rotation_moves_the_gateway_to_the_new_key(site: dict[str, Any]
     # the fleet resends it (its answer was lost): ok again, nothing changes
     again = gw.update(old, statement(root, 1, [(point(new), None), (point(old), overlap_end)]))
     assert again is not None and again.outcome == command.REFUSED  # another signature...
-    first = gw.responder.state.get(STATE_KEY)
-    same = gw.update(old, bytes(first))  # ...but the very bytes installed are taken
+    first = bytes.fromhex(gw.responder.state.get(STATE_KEY))
+    same = gw.update(old, first)  # ...but the very bytes installed are taken
     assert same is not None and same.outcome == command.OK
     assert "already installed" in same.detail and gw.trust.stats.installed == 1
     gw.close()
