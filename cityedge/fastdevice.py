@@ -24,10 +24,14 @@ What it does, as a device does:
   ``ok``, moves the pointer and reconnects with the new key and certificate, signing the
   next batch with it (its ``prev`` is the last batch under the old key); ``erase-key``
   deletes the named key only if it is not the current one.
+- **takes the fleet's new command keys** (``trust-update``) when provisioned with the
+  fleet's root certificate: ``cityedge_host.fleet_trust``, as the Pi gateway does (the
+  installed statement is kept in ``state.json``).
 
 ``provision(directory, ...)`` gives a device its identity (a key and chain the fleet
-issued, the CA, the fleet's command keys); ``FastDevice.load(directory, ...)`` opens it;
-``run()`` streams until ``stop()``. Counters in ``stats``.
+issued, the CA, the fleet's command keys, optionally the root certificate);
+``FastDevice.load(directory, ...)`` opens it; ``run()`` streams until ``stop()``.
+Counters in ``stats``.
 """
 
 from __future__ import annotations
