@@ -24,10 +24,14 @@ What it does, as a device does:
   ``ok``, moves the pointer and reconnects with the new key and certificate, signing the
   next batch with it (its ``prev`` is the last batch under the old key); ``erase-key``
   deletes the named key only if it is not the current one.
+- **takes the fleet's new command keys** (``trust-update``) when provisioned with the
+  fleet's root certificate: ``cityedge_host.fleet_trust``, as the Pi gateway does (the
+  installed statement is kept in ``state.json``).
 
 ``provision(directory, ...)`` gives a device its identity (a key and chain the fleet
-issued, the CA, the fleet's command keys); ``FastDevice.load(directory, ...)`` opens it;
-``run()`` streams until ``stop()``. Counters in ``stats``.
+issued, the CA, the fleet's command keys, optionally the root certificate);
+``FastDevice.load(directory, ...)`` opens it; ``run()`` streams until ``stop()``.
+Counters in ``stats``.
 """
 
 from __future__ import annotations
@@ -44,14 +48,18 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from cityedge_core import batch as batchmod
-from cityedge_core import command, cose, csr, rotation, senml, topics
+from cityedge_core import command, csr, rotation, senml, topics, trust_statement
 from cityedge_core.command_gate import CommandGate, CommandRefused
 from cityedge_core.errors import PeerError
 from cityedge_host.backoff import Backoff
+from cityedge_host.command_responder import Refuse
 from cityedge_host.crypto import EcSigner, EcVerifier, load_signer, public_sec1
 from cityedge_host.files import write_atomic
+from cityedge_host.fleet_trust import FleetTrust
 
 log = logging.getLogger(__name__)
 ANSWERS_KEPT = 16  # results kept to answer a re-sent command again with the same bytes
@@ -112,19 +120,30 @@ def remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def _root_verifier(pem: str | None) -> EcVerifier | None:
+    """The offline root's key from its certificate (None: not given)."""
+    if not pem:
+        return None
+    key = x509.load_pem_x509_certificate(pem.encode()).public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("the root certificate's key is not an EC key")
+    return EcVerifier(key)
+
+
 def _pem(der: bytes) -> str:
     return csr.pem("CERTIFICATE", der)
 
 
 def provision(directory: Path, *, device_id: str, signer: EcSigner, chain_pem: str,
-              ca_pem: str, fleet_keys: list[str]) -> Path:
+              ca_pem: str, fleet_keys: list[str], root_pem: str | None = None) -> Path:
     """Give a device directory its first identity (slot 0): key, chain (leaf first), the
-    CA bundle it trusts for the broker, and the fleet's command keys (SEC1 hex)."""
+    CA bundle it trusts for the broker, the fleet's command keys (SEC1 hex) and, to take
+    ``trust-update``, the fleet's offline root certificate (PEM)."""
     batchmod.check_device_id(device_id)
     directory.mkdir(parents=True, exist_ok=True)
     leaf_end = chain_pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
     write_atomic(directory / "identity.json", json.dumps(
-        {"device_id": device_id, "fleet_keys": fleet_keys,
+        {"device_id": device_id, "fleet_keys": fleet_keys, "root_pem": root_pem,
          "chain_tail": chain_pem[leaf_end:].strip() + "\n"}).encode(), 0o644)
     write_atomic(directory / "ca.pem", ca_pem.encode(), 0o644)
     write_atomic(directory / "slot0.key", signer.private_pem(), 0o600)
@@ -149,9 +168,12 @@ class FastDevice:
         ident = json.loads((directory / "identity.json").read_text())
         self.id: str = ident["device_id"]
         self.chain_tail: str = ident["chain_tail"]
-        self.fleet_keys = {cose.kid_for_public_key(bytes.fromhex(k)):
-                           EcVerifier.from_sec1(bytes.fromhex(k)) for k in ident["fleet_keys"]}
         self.state: dict[str, Any] = json.loads((directory / "state.json").read_text())
+        root = _root_verifier(ident.get("root_pem"))
+        # the fleet keys it obeys: the seed, until a statement of the root replaces them
+        self.fleet_keys = FleetTrust(
+            [EcVerifier.from_sec1(bytes.fromhex(k)) for k in ident["fleet_keys"]], root,
+            _GateState(self), lambda: int(self.clock()))
         self.slot = int((directory / "current").read_text())
         self.signer = load_signer(self._path(self.slot, "key"))
         # the chain's position (seq, head) is kept in memory only: a board keeps it in its
@@ -248,6 +270,12 @@ class FastDevice:
             return self._erase(rid, kid)
         if name == "status":
             return command.OK, "seq %d, slot %d" % (self.writer.seq, self.slot), None
+        if name == trust_statement.TRUST_UPDATE:
+            try:
+                done = await self.fleet_keys.trust_update(args)
+            except Refuse as e:
+                return command.REFUSED, str(e), None
+            return command.OK, done.detail, None
         return command.REFUSED, "unknown command %s" % name, None
 
     async def _answer(self, name: str, seq: int, outcome: str, detail: str) -> None:

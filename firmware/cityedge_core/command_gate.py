@@ -85,12 +85,13 @@ class CommandRefused(PeerError):
 class CommandGate:
     """Checks signed fleet commands for one device (rules in the module docstring).
 
-    ``fleet_keys``: dict kid (bytes) -> verifier (``p256.PublicKey`` on the device).
+    ``fleet_keys``: dict kid (bytes) -> verifier (``p256.PublicKey`` on the device), or
+    anything with ``get(kid)`` (the CPython device's ``cityedge_host.fleet_trust``).
     ``state``: a ``store.State`` (or anything with ``get``/``set``) for ``cmd_seq``.
     ``clock``: callable returning UNIX seconds, or None when the device has no clock.
     """
 
-    def __init__(self, device: str, fleet_keys: dict[bytes, Any], state: Any,
+    def __init__(self, device: str, fleet_keys: Any, state: Any,
                  clock: Callable[[], int | None] | None, require_clock: bool = True) -> None:
         self.device = device
         self.fleet_keys = fleet_keys

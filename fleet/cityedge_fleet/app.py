@@ -24,6 +24,7 @@ from cityedge_fleet import command_key
 from cityedge_fleet.api import (
     audit_routes,
     campaigns,
+    command_key_routes,
     commands,
     devices,
     enroll_routes,
@@ -49,7 +50,7 @@ def health() -> dict[str, str]:
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
            enroll_ticket.router, audit_routes.router, commands.router, rotations.router,
-           campaigns.router)
+           campaigns.router, command_key_routes.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -31,8 +31,9 @@ carries the HTTP status):
    the device, ``expires`` = UNIX seconds, and stored as signed: every re-send is the same
    bytes.
 
-The key rotation's commands (``rotate``, ``install-cert``, ``erase-key``:
-``RESERVED_NAMES``) are queued only by ``cityedge_fleet.rotation``, which passes their
+The key rotations' commands (``rotate``, ``install-cert``, ``erase-key``,
+``trust-update``: ``RESERVED_NAMES``) are queued only by ``cityedge_fleet.rotation`` and
+``cityedge_fleet.command_key_rotation``, which pass their
 CBOR arguments as ``wire_args`` (integer keys, bytes: what the device reads) and a JSON
 record of them as ``args``; anyone else asking for those names is refused (422), so a
 rotation's state is never moved by a command it did not send.
@@ -50,7 +51,7 @@ from typing import Any
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from cityedge_core import cbor, limits
+from cityedge_core import cbor, limits, trust_statement
 from cityedge_core import command as corecmd
 from cityedge_core import rotation as corerot
 from cityedge_core.command_decode import Result
@@ -72,7 +73,8 @@ from cityedge_host.crypto import EcSigner
 AT_BROKER = (DeviceState.provisioned, DeviceState.active)
 INT_MIN = -(2**63)  # the arguments' integers: what a device's CBOR decoder and a JSON
 INT_MAX = 2**64 - 1  # column both hold without a bignum
-RESERVED_NAMES = (corerot.ROTATE, corerot.INSTALL_CERT, corerot.ERASE_KEY)
+RESERVED_NAMES = (corerot.ROTATE, corerot.INSTALL_CERT, corerot.ERASE_KEY,
+                  trust_statement.TRUST_UPDATE)
 S = CommandState
 TRANSITIONS: dict[CommandState, frozenset[CommandState]] = {
     S.queued: frozenset({S.sent, *ANSWERED_COMMANDS, S.expired, S.cancelled}),
@@ -145,8 +147,9 @@ def queue(session: Session, *, signer: EcSigner, device_id: str, name: str, args
         raise CommandError(422, "name: %s" % e) from e
     if wire_args is None:
         if name in RESERVED_NAMES:
-            raise CommandError(422, "name: %s is sent by a key rotation only (POST "
-                               "/devices/{id}/rotate, `cityedge keys rotate-device`)" % name)
+            raise CommandError(422, "name: %s is sent by a key rotation only (`cityedge "
+                               "keys rotate-device`, `cityedge keys rotate-command-key`)"
+                               % name)
         check_args(args)
         wire_args = args
     elif len(cbor.dumps(wire_args)) > limits.COMMAND_ARGS_MAX_BYTES:

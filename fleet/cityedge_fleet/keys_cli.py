@@ -8,7 +8,11 @@
 - ``rotate-device DEVICE``: rotate a device's key (``rotation``; the protocol is in
   ``cityedge_core.rotation``), ``rotations DEVICE``: its rotations and their state;
 - ``revoke DEVICE --reason key-compromise``: emergency revocation (``revoke``): every
-  certificate revoked, CRL re-signed, broker reloaded, the device cut and quarantined.
+  certificate revoked, CRL re-signed, broker reloaded, the device cut and quarantined;
+- rotating the command key itself (``command_key_rotation``): ``command-keygen`` (the
+  next key, on the fleet's host), ``announce-command-key`` (the root's statement, where
+  the offline root is; no fleet database needed), ``rotate-command-key`` (roll the
+  statement out, follow it, ``--resend``, ``--switch``).
 
 Like ``fleet create-token`` they work on the fleet's database and files directly (the
 settings of ``fleet serve``), and every change is audited with actor ``cli``.
@@ -16,8 +20,10 @@ settings of ``fleet serve``), and every change is audited with actor ``cli``.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -250,6 +256,189 @@ def revoke_command(
         device, why.value, len(done.revoked), ", ".join(done.revoked) or "none left",
         done.state.value, "cut" if done.broker_cut else "NOT told (the CRL refuses it; "
         "the reconciler cuts it)"))
+
+
+@keys_app.command("command-keygen")
+def command_keygen_command() -> None:
+    """Make the NEXT command key beside the current one (<key file>.next, 0600); prints its
+    public half only, for `keys announce-command-key --new-key-pub` at the offline root."""
+    from cityedge_fleet import audit, command_key, command_key_rotation
+    from cityedge_host.crypto import public_sec1
+
+    settings = load_settings()
+    try:
+        signer = command_key_rotation.keygen(settings.command_key_file)
+    except command_key.CommandKeyError as e:
+        raise UserError(str(e).replace("init-command-key", "command-keygen"),
+                        "a rotation in progress uses it; finish or abandon that one") from e
+    with Session(_engine(settings)) as session:
+        audit.append(session, actor="cli", action="command_key.next", outcome=audit.OK,
+                     target=signer.kid.hex(), source="local",
+                     detail={"file": str(command_key_rotation.next_key_path(
+                         settings.command_key_file))})
+        session.commit()
+    print("next command key made (mode 0600, on this host only): kid %s" % signer.kid.hex())
+    print(public_sec1(signer.public_key).hex())
+
+
+def _point(path: Path) -> bytes:
+    from cityedge_host.crypto import KeyFileError, load_verifier, public_sec1
+
+    try:
+        return public_sec1(load_verifier(path).public_key)
+    except KeyFileError as e:
+        raise UserError(str(e), "give the public key `keys command-keygen` printed (hex "
+                        "in a file), or a PEM public key") from e
+
+
+def _when(text: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as e:
+        raise UserError("%r is not a date" % text, "e.g. 2026-12-24 or "
+                        "2026-12-24T12:00:00+00:00") from e
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+@keys_app.command("announce-command-key")
+def announce_command_key_command(
+    root_dir: Annotated[Path, typer.Option(help="The offline root's directory (`ca init "
+                                           "--root-dir`).")],
+    new_key_pub: Annotated[Path, typer.Option(help="The next command key's public half "
+                                              "(what `keys command-keygen` printed).")],
+    out: Annotated[Path, typer.Option(help="Where the signed statement goes.")],
+    old_key_pub: Annotated[Path | None, typer.Option(
+        help="The current command key's public half, kept until --keep-old-until.")] = None,
+    keep_old_until: Annotated[str | None, typer.Option(
+        help="Until when devices still obey the old key (UTC date or ISO time).")] = None,
+    valid_days: Annotated[int, typer.Option(min=1, max=366, help="Days the fleet has to "
+                                            "roll the statement out.")] = 14,
+) -> None:
+    """At the offline root: sign the trust statement that makes devices obey the new
+    command key (and the old one until --keep-old-until). Needs no fleet database; the
+    root key never leaves --root-dir."""
+    import hashlib
+
+    from cityedge_core import cose
+    from cityedge_fleet import command_key_rotation as ckr
+    from cityedge_host.files import write_atomic
+
+    try:
+        done = ckr.announce(root_dir, _point(new_key_pub),
+                            old_point=_point(old_key_pub) if old_key_pub else None,
+                            keep_old_until=_when(keep_old_until) if keep_old_until else None,
+                            valid_s=valid_days * 86400)
+    except ckr.CommandKeyRotationError as e:
+        raise UserError(str(e)) from e
+    write_atomic(out, done.statement, 0o644)
+    print("statement v%d written to %s (sha256 %s), to roll out until %s" % (
+        done.version, out, hashlib.sha256(done.statement).hexdigest(),
+        dt.datetime.fromtimestamp(done.expires, dt.UTC).isoformat()))
+    for point, until in done.keys:
+        print("  key %s %s" % (cose.kid_for_public_key(point).hex(), "kept" if until is None
+                               else "until %s" % dt.datetime.fromtimestamp(
+                                   until, dt.UTC).isoformat()))
+
+
+def _print_rotation(p: Any) -> None:
+    print("command key rotation %d: statement v%d, %s; key %s -> %s%s" % (
+        p.id, p.version, p.state.value, p.old_kid, p.new_kid,
+        "" if p.keep_old_until is None else
+        " (old key obeyed until %s)" % p.keep_old_until.isoformat()))
+    print("  devices %d: installed %d, pending %d, refused %d, lapsed %d; switch at %d%%" % (
+        p.devices, p.installed, p.pending, p.refused, p.lapsed, p.threshold_pct))
+
+
+@keys_app.command("rotate-command-key")
+def rotate_command_key_command(
+    statement: Annotated[Path | None, typer.Option(
+        help="Start: roll out this root-signed statement (`announce-command-key --out`).")]
+    = None,
+    threshold: Annotated[int, typer.Option(min=1, max=100, help="Percent of devices that "
+                                           "must install it before --switch.")] = 100,
+    resend: Annotated[bool, typer.Option(help="Queue it again for devices without an "
+                                         "ok.")] = False,
+    switch: Annotated[bool, typer.Option(help="Sign with the new key from now on (when "
+                                         "the threshold is reached).")] = False,
+    force: Annotated[bool, typer.Option(help="With --switch: below the threshold too.")]
+    = False,
+) -> None:
+    """Rotate the fleet's command key: with --statement, queue a trust-update (signed by
+    the current key) for every device; then watch it (no option), --resend, and --switch
+    (restart `fleet serve` after it)."""
+    import hashlib
+
+    from cityedge_fleet import audit, command_key
+    from cityedge_fleet import command_key_rotation as ckr
+
+    if statement is not None and (resend or switch):
+        raise UserError("--statement starts a rotation; --resend and --switch act on the one "
+                        "rolling out: one at a time")
+    if force and not switch:
+        raise UserError("--force goes with --switch")
+    settings = load_settings()
+    key_file = settings.command_key_file
+    action = ("command_key.rotate" if statement is not None else
+              "command_key.switch" if switch else "command_key.resend")
+    changes = statement is not None or resend or switch
+    with Session(_engine(settings)) as session:
+        try:
+            if statement is not None:
+                try:
+                    data = statement.read_bytes()
+                except OSError as e:
+                    raise UserError("cannot read %s: %s" % (statement, e.strerror)) from e
+                nxt_path = ckr.next_key_path(key_file)
+                if not nxt_path.exists():
+                    raise UserError("no next command key at %s" % nxt_path,
+                                    "make it with `cityedge keys command-keygen`")
+                target = hashlib.sha256(data).hexdigest()[:16]
+                done = ckr.start(session, data=data,
+                                 root=ckr.root_verifier(settings.ca_dir),
+                                 current=command_key.from_settings(settings),
+                                 nxt=command_key.load(nxt_path), threshold_pct=threshold,
+                                 by="cli", lim=settings.limits)
+                rot = done.rotation
+                detail: dict[str, Any] = {"rotation": rot.id, "version": rot.version,
+                                          "old_kid": rot.old_kid, "new_kid": rot.new_kid,
+                                          "queued": len(done.queued),
+                                          "left_out": dict(list(done.left_out.items())[:20])}
+            else:
+                found = ckr.current(session)
+                if found is None:
+                    raise UserError("no command key rotation yet",
+                                    "start one with --statement")
+                rot = found
+                target = "v%d" % rot.version
+                detail = {"rotation": rot.id, "version": rot.version}
+                if resend:
+                    retired = ckr.retired_key_path(key_file)
+                    signer = command_key.load(retired) if rot.state == ckr.SWITCHED \
+                        else command_key.from_settings(settings)
+                    done = ckr.resend(session, rot, signer, by="cli", lim=settings.limits)
+                    detail.update(queued=len(done.queued), left_out=len(done.left_out))
+                if switch:
+                    ckr.switch(session, rot, key_file, force=force)
+                    detail.update(forced=force, new_kid=rot.new_kid)
+            if changes:
+                audit.append(session, actor="cli", action=action, outcome=audit.OK,
+                             target=target, source="local", detail=detail)
+            session.commit()
+        except (ckr.CommandKeyRotationError, command_key.CommandKeyError) as e:
+            session.rollback()
+            if changes:
+                audit.record(session, actor="cli", action=action, outcome=audit.REFUSED,
+                             target=str(statement or "-"), source="local",
+                             detail={"why": str(e)})
+            raise UserError("command key rotation refused: %s" % e) from e
+        _print_rotation(ckr.to_public(session, rot))
+    if statement is not None:
+        print("  trust-update queued for %d devices; left out %d%s" % (
+            len(done.queued), len(done.left_out), "".join(
+                "\n    %s: %s" % kv for kv in list(done.left_out.items())[:20])))
+    if switch:
+        print("  switched: %s signs from now on; the old key is kept as %s for --resend. "
+              "Restart `fleet serve` now." % (key_file, ckr.retired_key_path(key_file)))
 
 
 campaign_cli.register(keys_app)  # rotate, status, pause, resume, abort, campaigns, report

@@ -734,3 +734,67 @@ class RevokePublic(SQLModel):
     revoked: list[str]  # certificate serials (hex) revoked now
     broker_cut: bool  # the broker was told to cut and kick the device
     crl_serials: int  # certificates the re-signed CRL lists
+
+
+# ------------------------------------------------------------- command key rotation
+
+
+class CommandKeyRotationState(StrEnum):
+    """``rolling-out -> switched``, or ``abandoned``: ``cityedge_fleet.command_key_rotation``
+    moves it; the statement's format is ``cityedge_core.trust_statement``."""
+
+    rolling_out = "rolling-out"  # trust-update commands queued, the old key still signs
+    switched = "switched"  # the new key signs from now on
+    abandoned = "abandoned"  # given up (a later statement replaces it)
+
+
+class CommandKeyRotation(SQLModel, table=True):
+    """The fleet's move from one command key to another under a root-signed statement."""
+
+    __tablename__ = "command_key_rotation"
+    id: int | None = Field(default=None, primary_key=True)
+    version: int = Field(sa_type=BigInteger, unique=True)  # the statement's
+    statement: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # as signed
+    statement_sha256: str = Field(max_length=64)
+    old_kid: str = Field(max_length=16)  # the key that signs the trust-update commands
+    new_kid: str = Field(max_length=16)
+    keep_old_until: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    expires_at: dt.datetime = Field(sa_type=UTCDateTime)  # the statement's install window
+    threshold_pct: int  # share of devices that must answer ok before a plain switch
+    state: CommandKeyRotationState = Field(default=CommandKeyRotationState.rolling_out,
+                                           index=True, sa_type=AutoString(16))
+    reason: str = Field(default="", max_length=EVENT_DETAIL_MAX)
+    created_by: str = Field(max_length=TEXT_MAX)
+    created_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    switched_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class CommandKeyRotationStart(InputModel):
+    statement: str = Field(
+        min_length=1, max_length=4096, regex=r"^[A-Za-z0-9+/]+=*$",
+        description="the root-signed trust statement (`cityedge keys announce-command-key`), "
+        "base64")
+    threshold_pct: int = Field(default=100, ge=1, le=100, description=(
+        "share of devices that must install it before the fleet switches keys"))
+
+
+class CommandKeyRotationPublic(SQLModel):
+    id: int
+    version: int
+    statement_sha256: str
+    old_kid: str
+    new_kid: str
+    keep_old_until: dt.datetime | None
+    expires_at: dt.datetime
+    threshold_pct: int
+    state: CommandKeyRotationState
+    reason: str
+    created_by: str
+    created_at: dt.datetime
+    switched_at: dt.datetime | None
+    devices: int = 0  # trust-update commands queued
+    installed: int = 0  # answered ok
+    refused: int = 0  # answered refused or failed
+    pending: int = 0  # queued or sent
+    lapsed: int = 0  # expired or cancelled without an answer

@@ -6,7 +6,7 @@ per mistake: the key path, what is wrong, and what to do. The layout (see
 ``gateway/gateway.example.toml``)::
 
     [gateway]   device, key_file, identity_dir, batch_readings, batch_max_age_s,
-                fleet_keys
+                fleet_keys, root_cert
     [store]     path, budget_bytes
     [broker]    host, port, ca_file, cert_file, key_file, keepalive_s, inflight
     [node_link] the same keys, for the site's local broker the nodes publish to
@@ -112,6 +112,9 @@ class GatewayConfig:
     identity_dir: Path | None = None
     # the update installer's root and the trial's bounds; None: no updates
     update: UpdateConfig | None = None
+    # the fleet's offline root certificate (PEM): checks trust statements, which replace
+    # ``fleet_keys`` (``cityedge_host.fleet_trust``); None: the fleet keys never change
+    root_cert: Path | None = None
 
 
 class _Checker:
@@ -369,7 +372,7 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
     )
     g = c.table(doc, "gateway")
     c.unknown("gateway", g, {"device", "key_file", "batch_readings", "batch_max_age_s",
-                             "fleet_keys", "identity_dir"})
+                             "fleet_keys", "identity_dir", "root_cert"})
     st = c.table(doc, "store")
     c.unknown("store", st, {"path", "budget_bytes"})
     device = c.device("gateway", g)
@@ -389,6 +392,10 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
     else:
         key_file = c.path("gateway", g, "key_file", must_exist=not seeded)
     fleet_keys = _fleet_keys(c, g)
+    root_cert = c.path("gateway", g, "root_cert") if "root_cert" in g else None
+    if root_cert is not None and not fleet_keys:
+        c.bad("gateway.root_cert", "checks updates of fleet_keys, and none are set; add "
+              "fleet_keys or remove root_cert")
     batch_readings = c.number(
         "gateway", g, "batch_readings", limits.BATCH_READINGS_DEFAULT,
         1, limits.BATCH_READINGS_MAX, "readings", True,
@@ -428,6 +435,7 @@ def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig
         fleet_keys=fleet_keys,
         identity_dir=identity_dir,
         update=_update(c, doc),
+        root_cert=root_cert,
     )
     if c.problems:
         raise ConfigError(source, c.problems)

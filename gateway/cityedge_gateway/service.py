@@ -15,7 +15,10 @@ Fleet commands: with ``fleet_keys`` in its config (its trust store) the gateway 
 signed commands on ``down/cmd`` through ``cityedge_host.command_responder`` (the core's
 gate, answers signed with the gateway's key, kept in the buffer for repeats). It knows
 ``status`` (a signed status now) and the key rotation's ``rotate``, ``install-cert`` and
-``erase-key`` (``rotation_device``); any other command is answered ``refused``.
+``erase-key`` (``rotation_device``), and ``trust-update`` (``cityedge_host.fleet_trust``:
+a statement of the fleet's offline root, checked against ``root_cert``, replaces the
+fleet keys it obeys; the installed statement is kept in the buffer's state and wins over
+``fleet_keys`` from then on); any other command is answered ``refused``.
 
 Identity: with ``[gateway] identity_dir`` the key (TLS and signing) and certificate come
 from the key slots there (``key_slots``; seeded on the first start from ``[broker]
@@ -41,6 +44,7 @@ from typing import Any
 from cityedge_core import senml
 from cityedge_host.command_responder import CommandResponder, Done
 from cityedge_host.crypto import KeyFileError, load_signer, load_verifier
+from cityedge_host.fleet_trust import FleetTrust
 
 from . import limits
 from .config import BrokerConfig, GatewayConfig
@@ -126,14 +130,19 @@ class Gateway:
             else None
         )
         self.responder: CommandResponder | None = None
+        self.fleet_trust: FleetTrust | None = None
         if cfg.fleet_keys and self.forwarder is not None:
-            trusted = {v.kid: v for v in map(load_verifier, cfg.fleet_keys)}
+            state = CommandState(self.store)
+            root = load_verifier(cfg.root_cert) if cfg.root_cert is not None else None
+            self.fleet_trust = FleetTrust(map(load_verifier, cfg.fleet_keys), root, state,
+                                          lambda: int(time.time()))
             rotating = GatewayRotation(cfg.device, self.slots, self.forwarder,
                                        lambda: self.signer, self.use_identity)
-            self.responder = CommandResponder(cfg.device, self.signer, self.signer.kid, trusted,
-                                              CommandState(self.store),
+            self.responder = CommandResponder(cfg.device, self.signer, self.signer.kid,
+                                              self.fleet_trust, state,
                                               {"status": self._status_now,
-                                               **rotating.handlers()})
+                                               **rotating.handlers(),
+                                               **self.fleet_trust.handlers()})
             self.forwarder.on_command = self.responder.answer
         self._records: list[dict[int, Any]] = []
         self._first_at = 0.0  # monotonic time of the oldest reading in ``_records``

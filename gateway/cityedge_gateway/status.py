@@ -94,9 +94,14 @@ def _commands(gw: Gateway) -> dict[str, Any]:
     if r is None:
         return {"enabled": False}
     s = r.stats
-    return {"enabled": True, "accepted": s.accepted, "answered": s.answered,
-            "repeats": s.repeats, "refused": s.refused, "foreign": s.foreign,
-            "rejected": s.rejected, "last_error": s.last_error}
+    out: dict[str, Any] = {"enabled": True, "accepted": s.accepted, "answered": s.answered,
+                           "repeats": s.repeats, "refused": s.refused, "foreign": s.foreign,
+                           "rejected": s.rejected, "last_error": s.last_error}
+    t = gw.fleet_trust
+    if t is not None:  # the trust store: its version, and trust-updates by outcome
+        out["trust"] = {"version": t.version, "kids": sorted(k.hex() for k in t.trusted()),
+                        **t.stats.as_dict()}
+    return out
 
 
 def sign_status(gw: Gateway, now: float | None = None) -> bytes:
@@ -193,6 +198,14 @@ def metrics_text(gw: Gateway) -> str:
                [({"version": upd["installed_version"]}, upd["installed_sequence"])])
         metric("update_state", "gauge", "1 for the update's current stage.",
                [({"state": upd["state"], "version": upd["version"]}, 1)])
+    trust = cmds.get("trust")
+    if trust is not None:
+        metric("fleet_trust_version", "gauge", "Version of the root's trust statement held "
+               "(0: the configured fleet keys).", [({}, trust["version"])])
+        metric("trust_updates_total", "counter", "trust-update commands by outcome.",
+               [({"outcome": k}, trust[k])
+                for k in ("installed", "no_root", "malformed", "not_root", "bad_signature",
+                          "outside_window", "rollback")])
     f = gw.forwarder.stats if gw.forwarder is not None else None
     metric(
         "mqtt_connected",

@@ -75,7 +75,7 @@ class ResponderStats:
 
 
 class CommandResponder:
-    def __init__(self, device: str, signer: Any, kid: bytes, fleet_keys: dict[bytes, Any],
+    def __init__(self, device: str, signer: Any, kid: bytes, fleet_keys: Any,
                  state: Any, handlers: dict[str, Handler],
                  clock: Callable[[], int | None] = lambda: int(time.time())) -> None:
         self.device = device

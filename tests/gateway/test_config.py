@@ -131,6 +131,25 @@ def test_fleet_keys_are_a_short_list_of_existing_files(tmp_path: Path) -> None:
     assert "at most 4" in str(e.value)
 
 
+def test_root_cert_is_an_existing_file_beside_fleet_keys(tmp_path: Path) -> None:
+    (tmp_path / "fleet0.pub").write_text("x")
+    (tmp_path / "root.crt").write_text("x")
+    keys = 'batch_readings = 50\nfleet_keys = ["fleet0.pub"]\n'
+    cfg = load_config(_write(tmp_path, GOOD.replace(
+        'batch_readings = 50', keys + 'root_cert = "root.crt"')))
+    assert cfg.root_cert == tmp_path / "root.crt"
+    assert load_config(_write(tmp_path, GOOD.replace('batch_readings = 50', keys))
+                       ).root_cert is None
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, GOOD.replace(
+            'batch_readings = 50', keys + 'root_cert = "gone.crt"')))
+    assert "gateway.root_cert" in str(e.value) and "gone.crt" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # nothing for it to check
+        load_config(_write(tmp_path, GOOD.replace(
+            'batch_readings = 50', 'batch_readings = 50\nroot_cert = "root.crt"')))
+    assert "gateway.root_cert" in str(e.value) and "fleet_keys" in str(e.value)
+
+
 BROKER = """
 [broker]
 host = "127.0.0.1"

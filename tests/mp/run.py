@@ -13,7 +13,7 @@ import sys
 
 MODULES = ("test_cbor_shared", "test_p256_shared", "test_cose_batch_shared", "test_frame_shared",
            "test_senml_shared", "test_topics_shared", "test_command_shared",
-           "test_rotation_shared", "test_release_shared")
+           "test_rotation_shared", "test_release_shared", "test_trust_statement_shared")
 
 
 def main(argv):

@@ -1,0 +1,281 @@
+"""Rotating the fleet's command key on the fleet's side (``command_key_rotation``, the API
+and the CLI), on SQLite and PostgreSQL: what the fleet refuses to roll out (a statement
+the root did not sign, an older version, one that leaves out the next key or drops the
+current one at once, an expired one, a second rotation), the threshold of the switch,
+resend, the root's version counter, and the audit of each step. The devices' answers are
+recorded as the ingest records them (``command_queue.record_result``); the answers of a
+real gateway are ``tests/gateway/test_gateway_command_key_e2e.py``'s."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import Session, col, select
+
+from cityedge_core import command, trust_statement
+from cityedge_core.command_decode import Result
+from cityedge_fleet import command_key, command_queue
+from cityedge_fleet import command_key_rotation as ckr
+from cityedge_fleet.ca import ROOT_KEY
+from cityedge_fleet.models import AuditRecord, FleetCommand, Role
+from cityedge_host.crypto import EcSigner, load_signer, public_sec1
+
+from support.fleet import Api, enroll_device
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@pytest.fixture
+def root_dir(ca_dirs: tuple[Path, Path], tmp_path: Path) -> Path:
+    d = tmp_path / "offline"
+    shutil.copytree(ca_dirs[0], d)  # the root's version counter is this test's own
+    return d
+
+
+def _keys(api: Api) -> tuple[EcSigner, EcSigner]:
+    cur = command_key.load(api.settings.command_key_file)
+    return cur, ckr.keygen(api.settings.command_key_file)
+
+
+def _announce(root_dir: Path, cur: EcSigner, nxt: EcSigner, keep_s: int | None = 3600
+              ) -> bytes:
+    return ckr.announce(root_dir, public_sec1(nxt.public_key),
+                        old_point=None if keep_s is None else public_sec1(cur.public_key),
+                        keep_old_until=None if keep_s is None else
+                        NOW + dt.timedelta(seconds=keep_s)).statement
+
+
+def _start(api: Api, data: bytes, role: Role = Role.security, threshold: int = 100
+           ) -> Any:
+    return api.client.post("/command-key/rotations", headers=api.headers(role), json={
+        "statement": base64.b64encode(data).decode(), "threshold_pct": threshold})
+
+
+def _answer(api: Api, device: str, outcome: str = command.OK) -> None:
+    """The device's verified answer to its trust-update, recorded as the ingest does."""
+    with Session(api.engine) as s:
+        cmd = s.exec(select(FleetCommand).where(
+            col(FleetCommand.device_id) == device,
+            col(FleetCommand.name) == trust_statement.TRUST_UPDATE)
+            .order_by(col(FleetCommand.id).desc())).first()
+        assert cmd is not None
+        command_queue.record_result(s, cmd, Result(cmd.name, device, cmd.seq, outcome,
+                                                   "installed"), b"signed")
+        s.commit()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_a_rotation_rolls_out_to_every_device_and_switches_at_the_threshold(
+        api: Api, root_dir: Path) -> None:
+    devices = [enroll_device(api, i).id for i in (1, 2, 3, 4)]
+    cur, nxt = _keys(api)
+    data = _announce(root_dir, cur, nxt)
+    r = _start(api, data, threshold=75)
+    assert r.status_code == 201, r.text
+    p = r.json()
+    assert (p["devices"], p["pending"], p["installed"]) == (4, 4, 0)
+    assert (p["old_kid"], p["new_kid"], p["state"]) == (cur.kid.hex(), nxt.kid.hex(),
+                                                        "rolling-out")
+    with Session(api.engine) as s:
+        cmds = s.exec(select(FleetCommand).where(
+            col(FleetCommand.name) == trust_statement.TRUST_UPDATE)).all()
+        # each signed by the current key, carrying the root's statement as it was signed
+        assert sorted(c.device_id for c in cmds) == sorted(devices)
+        for c in cmds:
+            assert c.kid == cur.kid.hex()
+            assert command.cbor.loads(
+                command.cose.split_sign1(c.signed, 4096)[2])[command.C_ARGS] == {1: data}
+    for d in devices[:2]:
+        _answer(api, d)
+    _answer(api, devices[2], command.REFUSED)
+    key_file = api.settings.command_key_file
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None
+        pub = ckr.to_public(s, rot)
+        assert (pub.installed, pub.refused, pub.pending) == (2, 1, 1)
+        with pytest.raises(ckr.CommandKeyRotationError, match="75%"):
+            ckr.switch(s, rot, key_file, force=False)  # 2 of 4 < 75 %
+        assert command_key.load(key_file).kid == cur.kid  # nothing moved
+    _answer(api, devices[3])
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None
+        ckr.switch(s, rot, key_file, force=False)  # 3 of 4
+        s.commit()
+    assert command_key.load(key_file).kid == nxt.kid
+    assert command_key.load(ckr.retired_key_path(key_file)).kid == cur.kid
+    assert not ckr.next_key_path(key_file).exists()
+    # the device that refused gets it again, signed by the old key (what it trusts)
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None and rot.state == ckr.SWITCHED
+        with pytest.raises(ckr.CommandKeyRotationError, match="old key"):
+            ckr.resend(s, rot, nxt, by="test", lim=api.settings.limits)
+        again = ckr.resend(s, rot, load_signer(ckr.retired_key_path(key_file)), by="test",
+                           lim=api.settings.limits)
+        s.commit()
+    assert again.queued == [devices[2]]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_fleet_refuses_what_it_must_not_roll_out(api: Api, root_dir: Path,
+                                                     tmp_path: Path) -> None:
+    enroll_device(api, 1)
+    cur, nxt = _keys(api)
+    # a statement the fleet's own (stolen) command key signed: not the root's
+    forged = trust_statement.encode_statement(
+        cur, cur.kid, 99, [(public_sec1(nxt.public_key), None)],
+        int(NOW.timestamp()) - 60, int(NOW.timestamp()) + 3600)
+    r = _start(api, forged)
+    assert r.status_code == 422 and "not by the root" in str(r.json()["detail"])
+    # garbage, and not base64
+    assert _start(api, b"\xd2\x84garbage").status_code == 422
+    bad = api.client.post("/command-key/rotations", headers=api.headers(Role.security),
+                          json={"statement": "!!!"})
+    assert bad.status_code == 422 and "statement" in str(bad.json()["detail"])
+    bad = api.client.post("/command-key/rotations", headers=api.headers(Role.security),
+                          json={"statement": "QUJ"})  # the pattern's, not base64
+    assert bad.status_code == 422 and "base64" in str(bad.json()["detail"])
+    # the current key dropped at once: the fleet could not command a device that installed it
+    r = _start(api, _announce(root_dir, cur, nxt, keep_s=None))
+    assert r.status_code == 422 and "--keep-old-until" in str(r.json()["detail"])
+    # it does not list this fleet's next key
+    other = EcSigner.generate()
+    r = _start(api, _announce(root_dir, cur, other))
+    assert r.status_code == 422 and nxt.kid.hex() in str(r.json()["detail"])
+    # the roles: a technician or a viewer may not
+    good = _announce(root_dir, cur, nxt)
+    assert _start(api, good, role=Role.technician).status_code == 403
+    assert _start(api, good, role=Role.viewer).status_code == 403
+    assert _start(api, good).status_code == 201
+    # a second one while it rolls out; then an older version (a replay)
+    r = _start(api, _announce(root_dir, cur, nxt))
+    assert r.status_code == 409 and "rolling out" in str(r.json()["detail"])
+    assert _start(api, good).status_code == 409
+    with Session(api.engine) as s:
+        refusals = s.exec(select(AuditRecord).where(
+            col(AuditRecord.action) == "command_key.rotate",
+            col(AuditRecord.outcome) == "refused")).all()
+        oks = s.exec(select(AuditRecord).where(
+            col(AuditRecord.action) == "command_key.rotate",
+            col(AuditRecord.outcome) == "ok")).all()
+    whys = [json.loads(r.detail)["why"] for r in refusals]
+    assert len(oks) == 1 and len(whys) == 8, whys
+    # the generic command route may not send a trust-update
+    r = api.client.post("/devices/%s/commands" % "urn:dev:mac:0024befffe800001",
+                        headers=api.headers(Role.security),
+                        json={"name": "trust-update", "args": {"1": "x"}})
+    assert r.status_code in (404, 422)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_expired_or_stale_statement_is_refused(api: Api, root_dir: Path) -> None:
+    cur, nxt = _keys(api)
+    root = load_signer(root_dir / ROOT_KEY)
+    t = int(NOW.timestamp())
+    keys = [(public_sec1(nxt.public_key), None), (public_sec1(cur.public_key), t + 60)]
+    expired = trust_statement.encode_statement(root, root.kid, 50, keys, t - 7200, t - 1)
+    r = _start(api, expired)
+    assert r.status_code == 422 and "expired" in str(r.json()["detail"])
+    v2 = trust_statement.encode_statement(root, root.kid, 2, keys, t - 60, t + 3600)
+    v1 = trust_statement.encode_statement(root, root.kid, 1, keys, t - 60, t + 3600)
+    assert _start(api, v2).status_code == 201
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None
+        rot.state = ckr.CommandKeyRotationState.abandoned
+        s.add(rot)
+        s.commit()
+    r = _start(api, v1)
+    assert r.status_code == 409 and "rollback" in str(r.json()["detail"])
+
+
+def _cli(api: Api, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    s = api.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYEDGE_")}
+    env.update(CITYEDGE_MODE="development", CITYEDGE_DATABASE_URL=s.database_url,
+               CITYEDGE_CA_DIR=str(s.ca_dir), CITYEDGE_AUDIT_KEY_FILE=str(s.audit_key_file),
+               CITYEDGE_COMMAND_KEY_FILE=str(s.command_key_file))
+    return subprocess.run([sys.executable, "-m", "cityedge.cli", *args], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_cli_announces_rolls_out_and_switches(api: Api, root_dir: Path,
+                                                  tmp_path: Path) -> None:
+    enroll_device(api, 1)
+    cur = command_key.load(api.settings.command_key_file)
+    gen = _cli(api, tmp_path, "keys", "command-keygen")
+    assert gen.returncode == 0, gen.stderr
+    (tmp_path / "next.pub").write_text(gen.stdout.split()[-1] + "\n")
+    (tmp_path / "cur.pub").write_text(public_sec1(cur.public_key).hex() + "\n")
+    again = _cli(api, tmp_path, "keys", "command-keygen")
+    assert again.returncode == 1 and "exists" in again.stderr and "Traceback" not in \
+        again.stderr
+    with pytest.raises(ckr.CommandKeyRotationError, match="go together"):
+        ckr.announce(root_dir, public_sec1(cur.public_key),
+                     keep_old_until=NOW + dt.timedelta(days=1))
+    first = ckr.announce(root_dir, bytes.fromhex((tmp_path / "next.pub").read_text()))
+    ann = _cli(api, tmp_path, "keys", "announce-command-key", "--root-dir", str(root_dir),
+               "--new-key-pub", "next.pub", "--old-key-pub", "cur.pub",
+               "--keep-old-until", (NOW + dt.timedelta(days=2)).isoformat(),
+               "--out", "s.cose")
+    assert ann.returncode == 0, ann.stderr
+    versions = [first.version, int(ann.stdout.split()[1][1:])]
+    root_pem = (root_dir / ROOT_KEY).read_text()
+    assert "PRIVATE" not in ann.stdout + ann.stderr and root_pem not in ann.stdout
+    assert versions[1] == versions[0] + 1  # the root never signs one version twice
+    start = _cli(api, tmp_path, "keys", "rotate-command-key", "--statement", "s.cose")
+    assert start.returncode == 0, start.stderr
+    assert "queued for 1 devices" in start.stdout and "installed 0" in start.stdout
+    sw = _cli(api, tmp_path, "keys", "rotate-command-key", "--switch")
+    assert sw.returncode == 1 and "--force" in sw.stderr
+    assert command_key.load(api.settings.command_key_file).kid == cur.kid
+    sw = _cli(api, tmp_path, "keys", "rotate-command-key", "--switch", "--force")
+    assert sw.returncode == 0, sw.stderr
+    assert "Restart `fleet serve`" in sw.stdout
+    assert command_key.load(api.settings.command_key_file).kid != cur.kid
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None and rot.state == ckr.SWITCHED
+    with Session(api.engine) as s:
+        rows = s.exec(select(AuditRecord).where(
+            col(AuditRecord.action).startswith("command_key."))
+            .order_by(col(AuditRecord.id))).all()
+    assert [(r.action, r.outcome) for r in rows] == [
+        ("command_key.next", "ok"), ("command_key.rotate", "ok"),
+        ("command_key.switch", "refused"), ("command_key.switch", "ok")]
+    assert json.loads(rows[-1].detail)["forced"] is True
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_switch_cut_between_its_renames_is_finished_by_the_next(api: Api,
+                                                                  root_dir: Path) -> None:
+    enroll_device(api, 1)
+    cur, nxt = _keys(api)
+    assert _start(api, _announce(root_dir, cur, nxt)).status_code == 201
+    key_file = api.settings.command_key_file
+    os.replace(key_file, ckr.retired_key_path(key_file))  # the first rename, then the cut
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None and rot.state == ckr.ROLLING_OUT
+        ckr.switch(s, rot, key_file, force=True)
+        s.commit()
+    assert command_key.load(key_file).kid == nxt.kid
+    assert command_key.load(ckr.retired_key_path(key_file)).kid == cur.kid
+    # a second switch is refused: nothing moves again
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None
+        with pytest.raises(ckr.CommandKeyRotationError, match="is switched"):
+            ckr.switch(s, rot, key_file, force=True)

@@ -1,0 +1,83 @@
+"""The fast CPython device takes ``trust-update`` as the Pi gateway does (the same
+``cityedge_host.fleet_trust``, its state in the device's ``state.json``): enrolled through
+the fleet, provisioned with the fleet's root certificate, commands fed to it as its MQTT
+loop feeds them (``on_command``; the answers it keeps for repeats are read back)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cityedge.fastdevice import FastDevice, provision
+from cityedge_core import command, command_decode, trust_statement
+from cityedge_fleet import command_key
+from cityedge_fleet.ca import ROOT_CERT, ROOT_KEY
+from cityedge_host.crypto import EcSigner, load_signer, public_sec1
+
+from support.fleet import Api, enroll_device
+
+NOW = int(dt.datetime.now(dt.UTC).timestamp())
+
+
+def _device(api: Api, tmp_path: Path, root_pem: str | None) -> Path:
+    enrolled = enroll_device(api, 1)
+    chain_pem = str(enrolled.enrollment["chain_pem"])
+    keys: Any = enrolled.enrollment["fleet_keys"]
+    return provision(tmp_path / "dev", device_id=enrolled.id, signer=enrolled.signer,
+                     chain_pem=chain_pem, ca_pem=chain_pem, fleet_keys=list(keys),
+                     root_pem=root_pem)
+
+
+def _send(dev: FastDevice, key: EcSigner, seq: int, name: str, args: Any = None
+          ) -> command_decode.Result | None:
+    data = command.encode_command(key, key.kid, name, dev.id, seq, NOW + 600, args)
+    asyncio.run(dev.on_command(data))
+    answer = dev.answers.get(seq)
+    return None if answer is None else command_decode.decode_result(
+        answer, dev.signer.verifier())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_fast_device_installs_the_roots_statement_and_refuses_a_thiefs(
+        api: Api, ca_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    root = load_signer(ca_dirs[0] / ROOT_KEY)
+    d = _device(api, tmp_path, (ca_dirs[1] / ROOT_CERT).read_text())
+    old = command_key.load(api.settings.command_key_file)
+    new = EcSigner.generate()
+    dev = FastDevice(d, "127.0.0.1", 1)
+    own = trust_statement.encode_statement(old, old.kid, 5, [(public_sec1(new.public_key),
+                                                              None)], NOW - 60, NOW + 600)
+    r = _send(dev, old, 1, trust_statement.TRUST_UPDATE, {1: own})
+    assert r is not None and r.outcome == command.REFUSED and "not by the root" in r.detail
+    good = trust_statement.encode_statement(
+        root, root.kid, 5, [(public_sec1(new.public_key), None),
+                            (public_sec1(old.public_key), NOW + 3600)], NOW - 60, NOW + 600)
+    r = _send(dev, old, 2, trust_statement.TRUST_UPDATE, {1: good})
+    assert r is not None and r.outcome == command.OK, r
+    r = _send(dev, new, 3, "status")
+    assert r is not None and r.outcome == command.OK
+    again = FastDevice(d, "127.0.0.1", 1)  # a reboot: the statement is kept
+    assert again.fleet_keys.version == 5
+    r = _send(again, new, 4, "status")
+    assert r is not None and r.outcome == command.OK
+    assert _send(again, EcSigner.generate(), 5, "status") is None  # an unknown key
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_fast_device_without_the_root_keeps_its_keys(api: Api, ca_dirs: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    root = load_signer(ca_dirs[0] / ROOT_KEY)
+    d = _device(api, tmp_path, None)
+    old = command_key.load(api.settings.command_key_file)
+    dev = FastDevice(d, "127.0.0.1", 1)
+    st = trust_statement.encode_statement(root, root.kid, 1, [(public_sec1(
+        EcSigner.generate().public_key), None)], NOW - 60, NOW + 600)
+    r = _send(dev, old, 1, trust_statement.TRUST_UPDATE, {1: st})
+    assert r is not None and r.outcome == command.REFUSED and "root_cert" in r.detail
+    assert dev.fleet_keys.version == 0
+    shutil.rmtree(d)
