@@ -18,7 +18,8 @@ from typer.core import TyperGroup
 from cityedge.inspect_cmd import inspect_command
 from cityedge.sim import sim_app
 from cityedge_core.errors import CityedgeError
-from cityedge_fleet.cli import audit_app, broker_app, ca_app, fleet_app
+from cityedge_fleet.ca_cli import ca_app  # ca init/issue-service + rollover/retire/status
+from cityedge_fleet.cli import audit_app, broker_app, fleet_app
 from cityedge_fleet.keys_cli import keys_app
 from cityedge_gateway.cli import gateway_app
 from cityedge_host.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
