@@ -65,6 +65,10 @@ ID_HEX = 16  # hex characters of an intermediate's id (8 bytes of its key identi
 ROOT_VALIDITY_DAYS = 20 * 365  # days: the offline root
 INTERMEDIATE_VALIDITY_DAYS = 3 * 365  # days: the online intermediate
 BACKDATE_S = 300  # seconds certificates are backdated for clock skew
+# CA certificates the root allows below it: its intermediate, and a successor root it
+# cross-certifies (docs/SECURITY_TEAM.md "Roll the root over": with 1, devices that trust
+# this root could not follow the cross-certificate to the next root's intermediates)
+ROOT_PATH_LENGTH = 2
 
 
 class CsrError(PeerError):
@@ -156,7 +160,7 @@ def init_ca(root_dir: Path, out_dir: Path, *, name: str = "cityedge",
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = _ca_cert(_name(name + " root CA"), _name(name + " root CA"), root_key.public_key(),
-                    root_key, ROOT_VALIDITY_DAYS, 1, root_key.public_key())
+                    root_key, ROOT_VALIDITY_DAYS, ROOT_PATH_LENGTH, root_key.public_key())
     inter_key = ec.generate_private_key(ec.SECP256R1())
     inter = _ca_cert(_name(name + " device CA"), root.subject, inter_key.public_key(),
                      root_key, INTERMEDIATE_VALIDITY_DAYS, 0, root_key.public_key())

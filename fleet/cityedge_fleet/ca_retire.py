@@ -13,11 +13,11 @@ publisher's, from the settings) was issued by it: after retirement the broker re
 every certificate of that intermediate, since no CRL of it is published any more
 (Mosquitto refuses a client whose issuer has no CRL; taking it out of ``cafile`` alone
 would not do: a client sends its intermediate, which chains to the root). Then, in
-order: the certificate goes to ``retired/<id>.crt`` and leaves ``intermediates/``, the key
-is overwritten and removed, ``broker-ca.pem`` and the CRL file are written without it, the broker is reloaded, and
-the retirement is audited (``ca.retire``; a refusal ``ca.retire`` refused, with the
-devices). Cut short, it leaves the intermediate in service or out of it, never a CA that
-cannot sign, and running it again finishes it.
+order: the certificate goes to ``retired/<id>.crt`` and leaves ``intermediates/``, the
+key is overwritten and removed, ``broker-ca.pem`` and the CRL file are written without
+it, the broker is reloaded, and the retirement is audited (``ca.retire``; a refusal
+``ca.retire`` refused, with the devices). Cut short, it leaves the intermediate in
+service or out of it, never a CA that cannot sign, and running it again finishes it.
 """
 
 from __future__ import annotations

@@ -23,13 +23,14 @@ crash at any point (``tests/fleet/test_fleet_ca_rollover.py`` cuts every write):
    (enrollment, rotation, renewal, services); ``fleet serve`` sees the change at its next
    use of the CA (``ca.load_current``). Then the staged files are removed.
 
-The broker is told by SIGHUP between steps 4 and 5 (``before_switch``; Mosquitto re-reads
-``cafile`` and ``crlfile`` on SIGHUP): ``ca rollover`` sends it with ``--broker-pid-file``
-or the fleet's ``CITYEDGE_BROKER_PID_FILE``, and says so loudly when it cannot (until the
-broker re-reads them it refuses the new intermediate's certificates). Devices need nothing: they trust the root for the broker's certificate (the
-broker sends its intermediate), see ``CertificateAuthority.device_trust_pem``. The
-devices then move by a rotation campaign (``--select 'intermediate=<old id>'``) and the old
-intermediate is retired once none depends on it (``ca_retire``).
+The broker is told by SIGHUP between steps 4 and 5 (``before_switch``; Mosquitto
+re-reads ``cafile`` and ``crlfile`` on SIGHUP): ``ca rollover`` sends it with
+``--broker-pid-file`` or the fleet's ``CITYEDGE_BROKER_PID_FILE``, and says so loudly
+when it cannot (until the broker re-reads them it refuses the new intermediate's
+certificates). Devices need nothing: they trust the root for the broker's certificate
+(the broker sends its intermediate), see ``CertificateAuthority.device_trust_pem``. The
+devices then move by a rotation campaign (``--select 'intermediate=<old id>'``) and the
+old intermediate is retired once none depends on it (``ca_retire``).
 """
 
 from __future__ import annotations

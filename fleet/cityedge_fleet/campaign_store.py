@@ -30,6 +30,7 @@ from sqlmodel import AutoString, Field, Session, SQLModel, col, select
 
 from cityedge_fleet import audit, command_queue, rotation
 from cityedge_fleet import campaign as policy
+from cityedge_fleet.ca import issuer_id_of_pem
 from cityedge_fleet.campaign import (
     CampaignError,
     CampaignLimits,
@@ -39,7 +40,6 @@ from cityedge_fleet.campaign import (
     MemberStatus,
     Plan,
 )
-from cityedge_fleet.ca import issuer_id_of_pem
 from cityedge_fleet.config import FleetLimits
 from cityedge_fleet.models import (
     EVENT_DETAIL_MAX,
