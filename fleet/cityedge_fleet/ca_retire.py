@@ -23,10 +23,12 @@ service or out of it, never a CA that cannot sign, and running it again finishes
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from sqlmodel import Session, col, select
 
 from cityedge_fleet import audit, revocation
@@ -87,15 +89,29 @@ class RetireRefused(UserError):
         self.services = services
 
 
-def dependents(session: Session, inter_id: str, now: dt.datetime | None = None
-               ) -> list[Dependent]:
+def dependents(session: Session, inter_id: str, now: dt.datetime | None = None,
+               intermediates: Sequence[Intermediate] = ()) -> list[Dependent]:
     """Devices that depend on intermediate ``inter_id`` (definition above), by id."""
-    return by_issuer(session, now).get(inter_id, [])
+    return by_issuer(session, now, intermediates).get(inter_id, [])
 
 
-def by_issuer(session: Session, now: dt.datetime | None = None) -> dict[str, list[Dependent]]:
+def _issuer_of(cred: Credential, intermediates: Sequence[Intermediate]) -> str:
+    """The row's issuer, else the certificate's AuthorityKeyIdentifier, else the one of
+    ``intermediates`` whose signature it carries; "" when none says."""
+    named = cred.issuer or issuer_id_of_pem(cred.cert_pem)
+    if named:
+        return named
+    try:
+        cert = x509.load_pem_x509_certificate(cred.cert_pem.encode())
+    except ValueError:
+        return ""
+    return next((i.id for i in intermediates if issued_by(cert, i)), "")
+
+
+def by_issuer(session: Session, now: dt.datetime | None = None,
+              intermediates: Sequence[Intermediate] = ()) -> dict[str, list[Dependent]]:
     """Every dependent device, keyed by the id of the intermediate it depends on ("" for
-    a certificate whose issuer cannot be read)."""
+    a certificate whose issuer cannot be told)."""
     now = now or dt.datetime.now(dt.UTC)
     out: dict[str, list[Dependent]] = {}
     rows = session.exec(
@@ -106,7 +122,7 @@ def by_issuer(session: Session, now: dt.datetime | None = None) -> dict[str, lis
                col(Credential.not_after) > now)
         .order_by(col(Credential.device_id), col(Credential.id))).all()
     for cred, device in rows:
-        issuer = cred.issuer or issuer_id_of_pem(cred.cert_pem) or ""
+        issuer = _issuer_of(cred, intermediates)
         deps = out.setdefault(issuer, [])
         if not deps or deps[-1].device_id != device.id:  # a device once per intermediate
             deps.append(Dependent(device.id, str(device.state), cred.serial, cred.not_after))
@@ -115,7 +131,7 @@ def by_issuer(session: Session, now: dt.datetime | None = None) -> dict[str, lis
 
 def status(session: Session, ca: CertificateAuthority) -> list[IntermediateStatus]:
     """The intermediates in service, the signing one first, with their dependents."""
-    deps = by_issuer(session)
+    deps = by_issuer(session, intermediates=ca.intermediates)
     out = []
     for inter in ca.intermediates:
         out.append(IntermediateStatus(
@@ -139,14 +155,27 @@ def _service_certs(settings: Settings) -> dict[str, Path]:
     return {k: v for k, v in named.items() if v is not None}
 
 
-def _services_on(settings: Settings, ids: set[str]) -> list[str]:
+def issued_by(cert: x509.Certificate, inter: Intermediate) -> bool:
+    """True when ``inter`` issued ``cert``: by its AuthorityKeyIdentifier, or, for a
+    certificate without one, by its name and signature."""
+    named = issuer_id(cert)
+    if named is not None:
+        return named == inter.id
+    try:
+        cert.verify_directly_issued_by(inter.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _services_on(settings: Settings, leaving: list[Intermediate]) -> list[str]:
     out = []
     for variable, path in _service_certs(settings).items():
         try:
             cert = x509.load_pem_x509_certificate(path.read_bytes())
         except (OSError, ValueError):
             continue  # not readable here: the broker will say so, not this check
-        if issuer_id(cert) in ids:
+        if any(issued_by(cert, inter) for inter in leaving):
             out.append("%s (%s)" % (path, variable))
     return out
 
@@ -167,8 +196,9 @@ def retire(session: Session, ca_dir: Path, settings: Settings, *, by: str,
         raise UserError("nothing to retire: %s is the only intermediate in service" % ca.id,
                         "`cityedge ca rollover` makes a new one first")
     ids = {i.id for i in leaving}
-    devices = [d for i in leaving for d in dependents(session, i.id)]
-    services = _services_on(settings, ids)
+    deps = by_issuer(session, intermediates=ca.intermediates)
+    devices = [d for i in leaving for d in deps.get(i.id, [])]
+    services = _services_on(settings, leaving)
     if devices or services:
         why = RetireRefused(
             "intermediate %s still has %d device(s) and %d service certificate(s) "

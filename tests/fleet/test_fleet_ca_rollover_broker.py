@@ -3,7 +3,8 @@ directory: ``broker-ca.pem`` as cafile, ``crl.pem`` as crlfile; devices trusting
 alone): during the overlap a device of each intermediate connects, a revoked certificate
 of each is refused, an issuer without a CRL is refused, and after ``ca retire`` the old
 intermediate's certificates are refused although the client sends that intermediate
-itself (it chains to the root: only the missing CRL stops it)."""
+itself (it chains to the root: only the missing CRL stops it), while a device rotated onto
+the new intermediate, still sending the old one after its certificate, connects."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def test_overlap_revocation_and_retirement_at_the_real_broker() -> None:
     files.mkdir(mode=0o755)
     root = ca_dir / ROOT_CERT  # what every device trusts for the broker
     old_a, old_x = device(ca_dir, files, 1), device(ca_dir, files, 2)
-    cns = ["urn:dev:mac:0024befffe80%04x" % n for n in range(1, 5)]
+    old_chain = CertificateAuthority(ca_dir).cert
+    cns = ["urn:dev:mac:0024befffe80%04x" % n for n in range(1, 6)]
     broker = Mosquitto(FleetPKI(ca_dir, files), crl_file=ca_dir / "crl.pem",  # type: ignore[arg-type]
                        clients=cns).start()
     settings = Settings(mode="development", database_url="sqlite:///%s" % (world / "f.db"),
@@ -111,10 +113,16 @@ def test_overlap_revocation_and_retirement_at_the_real_broker() -> None:
         assert connects(old_a) and connects(old_x)
         done = rollover(root_dir, ca_dir, before_switch=reload)
         new_b, new_y = device(ca_dir, files, 3), device(ca_dir, files, 4)
+        # a device rotated during the overlap: its new certificate, then the intermediate
+        # of its old chain (install-cert carries the certificate alone)
+        rotated = device(ca_dir, files, 5)
+        leaf = rotated.cert_pem.read_bytes().split(b"-----END CERTIFICATE-----")[0]
+        rotated.cert_pem.write_bytes(leaf + b"-----END CERTIFICATE-----\n"
+                                     + _cert_pem(old_chain))
         assert new_b.issuer == new_y.issuer == done.new_id != old_a.issuer
         # the overlap: both intermediates are trusted
         wait_until(lambda: connects(new_b), "a new intermediate's device connects")
-        assert connects(old_a) and connects(new_y)
+        assert connects(old_a) and connects(new_y) and connects(rotated)
 
         # an issuer without a CRL is refused (Mosquitto's CRL check): the reason the CRL
         # file holds one CRL per intermediate
@@ -142,7 +150,7 @@ def test_overlap_revocation_and_retirement_at_the_real_broker() -> None:
             result = ca_retire.retire(session, ca_dir, settings, by="test")
         assert result.retired == [old_a.issuer] and result.broker_reloaded
         wait_until(lambda: not connects(old_a), "the retired intermediate's device")
-        assert connects(new_b)
+        assert connects(new_b) and connects(rotated)
     finally:
         engine.dispose()
         broker.cleanup()
