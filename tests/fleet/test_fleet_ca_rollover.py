@@ -237,3 +237,74 @@ def test_a_rollover_cut_at_every_file_operation_leaves_a_ca_that_signs(
         signs_and_chains(ca_dir, root_dir, tmp_path)
         crls = load_crls(ca.crl_path.read_bytes())
         assert {c.issuer for c in crls} == {i.cert.subject for i in ca.intermediates}
+
+
+def test_a_retirement_cut_at_every_file_operation_signs_and_finishes_when_run_again(
+        pristine: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlmodel import Session
+
+    from cityedge_fleet import ca as ca_module
+    from cityedge_fleet import ca_retire
+    from cityedge_fleet.ca import RETIRED_DIR
+    from cityedge_fleet.config import Settings
+    from cityedge_fleet.db import make_engine, migrate
+
+    root_dir, source = pristine
+    rollover(root_dir, source)
+    old_id = CertificateAuthority(source).overlap[0].id
+
+    def cutting(m: pytest.MonkeyPatch, at: int | None) -> list[str]:
+        ops: list[str] = []
+
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def op(path: Path, *a: Any, **k: Any) -> Any:
+                if at is not None and len(ops) == at:
+                    raise Cut(path.name)
+                ops.append(path.name)
+                return fn(path, *a, **k)
+            return op
+
+        for module in (ca_module, ca_retire):
+            m.setattr(module, "write_atomic", wrap(module.write_atomic))
+        m.setattr(ca_retire, "remove", wrap(ca_retire.remove))
+        m.setattr(ca_rollover, "remove", wrap(ca_rollover.remove))
+        return ops
+
+    def settings(ca_dir: Path) -> Settings:
+        return Settings(mode="development", ca_dir=ca_dir,
+                        database_url="sqlite:///%s" % (ca_dir.parent / (ca_dir.name + ".db")),
+                        audit_key_file=tmp_path / "audit.key",
+                        command_key_file=tmp_path / "command.key")
+
+    def run(ca_dir: Path) -> None:
+        engine = make_engine(settings(ca_dir))
+        migrate(engine)
+        try:
+            with Session(engine) as session:
+                ca_retire.retire(session, ca_dir, settings(ca_dir), by="test")
+        finally:
+            engine.dispose()
+
+    with monkeypatch.context() as m:
+        probe = tmp_path / "r-probe"
+        shutil.copytree(source, probe)
+        ops = cutting(m, None)
+        run(probe)
+    assert ops == [old_id + ".crt", old_id + ".crt", old_id + ".key", BROKER_BUNDLE,
+                   "crl.pem"], ops
+    for at in range(len(ops)):
+        ca_dir = tmp_path / ("r-cut%d" % at)
+        shutil.copytree(source, ca_dir)
+        with monkeypatch.context() as m:
+            cutting(m, at)
+            with pytest.raises(Cut):
+                run(ca_dir)
+        signs_and_chains(ca_dir, root_dir, tmp_path)  # the CA still signs
+        run(ca_dir)  # run again: it finishes
+        ca = CertificateAuthority(ca_dir)
+        assert ca.overlap == [] and (ca_dir / RETIRED_DIR / (old_id + ".crt")).is_file()
+        assert sorted(p.name for p in (ca_dir / INTERMEDIATES_DIR).iterdir()) == [
+            ca.id + ".crt", ca.id + ".key"], at
+        assert [c.issuer for c in load_crls(ca.crl_path.read_bytes())] == [ca.cert.subject]
+        assert x509.load_pem_x509_certificates((ca_dir / BROKER_BUNDLE).read_bytes()) == [
+            ca.cert, ca.root]
