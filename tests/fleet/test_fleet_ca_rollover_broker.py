@@ -4,18 +4,22 @@ alone): during the overlap a device of each intermediate connects, a revoked cer
 of each is refused, an issuer without a CRL is refused, and after ``ca retire`` the old
 intermediate's certificates are refused although the client sends that intermediate
 itself (it chains to the root: only the missing CRL stops it), while a device rotated onto
-the new intermediate, still sending the old one after its certificate, connects."""
+the new intermediate, still sending the old one after its certificate, connects. And the
+firmware's own TLS code (mbedTLS on the MicroPython unix port) trusting the root alone and
+presenting its certificate alone connects with a certificate of either intermediate."""
 
 from __future__ import annotations
 
 import shutil
 import ssl
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session
@@ -153,5 +157,94 @@ def test_overlap_revocation_and_retirement_at_the_real_broker() -> None:
         assert connects(new_b) and connects(rotated)
     finally:
         engine.dispose()
+        broker.cleanup()
+        shutil.rmtree(world, ignore_errors=True)
+
+
+FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
+# the firmware's TLS context (``cityedge_fw.mqtt_async.tls_context``), one MQTT CONNECT,
+# the CONNACK's first two bytes printed; any failure prints its exception
+MP_CONNECT = """
+import socket, sys
+from cityedge_fw.mqtt_async import tls_context
+def rd(p):
+    with open(p, "rb") as f:
+        return f.read()
+try:
+    ctx = tls_context(rd(sys.argv[1]), rd(sys.argv[2]), rd(sys.argv[3]))
+    s = socket.socket()
+    s.connect(socket.getaddrinfo("127.0.0.1", int(sys.argv[4]))[0][-1])
+    t = ctx.wrap_socket(s, server_hostname="localhost")
+    t.write(b"\\x10\\x0c\\x00\\x04MQTT\\x04\\x02\\x00\\x3c\\x00\\x00")
+    print("CONNACK", t.read(4)[:2] == b"\\x20\\x02")
+except Exception as e:
+    print("REFUSED", repr(e))
+"""
+
+
+def test_the_firmwares_tls_trusting_the_root_connects_with_either_intermediate(
+        micropython: str) -> None:
+    world = Path(tempfile.mkdtemp(prefix="cityedge-rollover-mp-"))
+    world.chmod(0o755)
+    root_dir, ca_dir, files = world / "root", world / "ca", world / "files"
+    init_ca(root_dir, ca_dir)
+    ca_dir.chmod(0o755)
+    files.mkdir(mode=0o755)
+    root_der = files / "root.der"
+    root_der.write_bytes(CertificateAuthority(ca_dir).root.public_bytes(
+        serialization.Encoding.DER))
+    script = files / "connect.py"
+    script.write_text(MP_CONNECT)
+    cns = ["urn:dev:mac:0024befffe80%04x" % n for n in (1, 2)]
+    broker = Mosquitto(FleetPKI(ca_dir, files), crl_file=ca_dir / "crl.pem",  # type: ignore[arg-type]
+                       clients=cns).start()
+
+    def der_device(n: int) -> tuple[Path, Path]:
+        """The firmware's files: the certificate alone (``cert.der``), the SEC1 key."""
+        dev = device(ca_dir, files, n)
+        cert = x509.load_pem_x509_certificate(dev.cert_pem.read_bytes())
+        key = serialization.load_pem_private_key(dev.key_pem.read_bytes(), None)
+        cert_der, key_der = files / ("dev%d.der" % n), files / ("dev%d.key.der" % n)
+        cert_der.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+        key_der.write_bytes(key.private_bytes(  # type: ignore[union-attr]
+            serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()))
+        return cert_der, key_der
+
+    def mp_connects(cert_der: Path, key_der: Path) -> str:
+        r = subprocess.run([micropython, "-X", "heapsize=256k", str(script), str(cert_der),
+                            str(key_der), str(root_der), str(broker.port)],
+                           env={"MICROPYPATH": ".frozen:%s" % FIRMWARE, "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=60)
+        return (r.stdout + r.stderr).strip()
+
+    try:
+        old = der_device(1)
+        assert mp_connects(*old) == "CONNACK True"
+        rollover(root_dir, ca_dir, before_switch=lambda: None if revocation.reload_broker(
+            broker.pid_file) else None)
+        new = der_device(2)
+        deadline = time.monotonic() + WAIT_S
+        while (got := mp_connects(*new)) != "CONNACK True":
+            assert time.monotonic() < deadline, got
+        assert mp_connects(*old) == "CONNACK True"
+        with_settings = Settings(mode="development", ca_dir=ca_dir,
+                                 database_url="sqlite:///%s" % (world / "f.db"),
+                                 broker_pid_file=broker.pid_file,
+                                 audit_key_file=world / "audit.key",
+                                 command_key_file=world / "command.key")
+        engine = make_engine(with_settings)
+        migrate(engine)
+        try:
+            with Session(engine) as session:
+                ca_retire.retire(session, ca_dir, with_settings, by="test")
+        finally:
+            engine.dispose()
+        deadline = time.monotonic() + WAIT_S
+        while (got := mp_connects(*old)).startswith("CONNACK"):
+            assert time.monotonic() < deadline, got
+        assert got.startswith("REFUSED"), got
+        assert mp_connects(*new) == "CONNACK True"
+    finally:
         broker.cleanup()
         shutil.rmtree(world, ignore_errors=True)
