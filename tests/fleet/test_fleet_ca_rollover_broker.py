@@ -182,6 +182,10 @@ except Exception as e:
 """
 
 
+def assert_reloaded(sent: bool) -> None:
+    assert sent, "the broker was not reloaded"
+
+
 def test_the_firmwares_tls_trusting_the_root_connects_with_either_intermediate(
         micropython: str) -> None:
     world = Path(tempfile.mkdtemp(prefix="cityedge-rollover-mp-"))
@@ -221,8 +225,8 @@ def test_the_firmwares_tls_trusting_the_root_connects_with_either_intermediate(
     try:
         old = der_device(1)
         assert mp_connects(*old) == "CONNACK True"
-        rollover(root_dir, ca_dir, before_switch=lambda: None if revocation.reload_broker(
-            broker.pid_file) else None)
+        rollover(root_dir, ca_dir,
+                 before_switch=lambda: assert_reloaded(revocation.reload_broker(broker.pid_file)))
         new = der_device(2)
         deadline = time.monotonic() + WAIT_S
         while (got := mp_connects(*new)) != "CONNACK True":
