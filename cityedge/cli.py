@@ -19,7 +19,8 @@ from cityedge.inspect_cmd import inspect_command
 from cityedge.release_cmd import release_app
 from cityedge.sim import sim_app
 from cityedge_core.errors import CityedgeError
-from cityedge_fleet.cli import audit_app, broker_app, ca_app, fleet_app
+from cityedge_fleet.ca_cli import ca_app  # ca init/issue-service + rollover/retire/status
+from cityedge_fleet.cli import audit_app, broker_app, fleet_app
 from cityedge_fleet.keys_cli import keys_app
 from cityedge_gateway.cli import gateway_app
 from cityedge_hardware.cli import hw_app

@@ -42,7 +42,7 @@ class BrokerConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class BrokerFiles:
-    cafile: Path  # CA bundle that issued device certificates (intermediate + root)
+    cafile: Path  # every intermediate in service + the root (``<ca_dir>/broker-ca.pem``)
     certfile: Path  # the broker's server certificate
     keyfile: Path  # the broker's server key
     crlfile: Path  # the fleet's CRL (``<ca_dir>/crl.pem``)

@@ -16,12 +16,32 @@ The certificate it issues ignores every extension the CSR asks for and sets its 
 CN = device id, SAN URI = the device URN (RFC 9039), basicConstraints CA:false (critical),
 keyUsage digitalSignature (critical), extendedKeyUsage clientAuth, validity ``days``
 (90 by default), a random 159-bit serial (RFC 5280 §4.1.2.2 allows up to 20 octets).
+
+**The CA directory** (what ``fleet serve`` reads; ``ca_rollover`` changes it)::
+
+    root.crt                  the offline root's certificate (never its key)
+    current                   the id of the intermediate that signs (absent: the layout
+                              ``ca init`` wrote before issue 14, below)
+    intermediates/<id>.key    every intermediate in service: the signing one and, during
+    intermediates/<id>.crt    a rollover's overlap, the previous one (which only signs its
+                              CRL). A certificate without its key is not in service (a
+                              retirement cut short)
+    crl.pem                   one CRL per intermediate in service (the broker's crlfile)
+    broker-ca.pem             every intermediate in service + the root (the broker's cafile)
+    retired/<id>.crt          intermediates taken out of service (their keys destroyed)
+    intermediate.key/.crt     the first layout: the signer when ``current`` is absent
+
+An intermediate's id is the first 8 bytes (hex) of its key identifier (RFC 5280
+§4.2.1.2 method 1, SHA-1 of the public key): the ``AuthorityKeyIdentifier`` of every
+certificate it issues starts with the same bytes, so a certificate names its issuer
+(``issuer_id``). Each intermediate has a CN of its own (``... device CA g2``): OpenSSL
+finds issuers and CRLs by name first.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -37,9 +57,18 @@ ROOT_CERT = "root.crt"
 INTERMEDIATE_KEY = "intermediate.key"
 INTERMEDIATE_CERT = "intermediate.crt"
 CRL_FILE = "crl.pem"
+CURRENT_FILE = "current"
+INTERMEDIATES_DIR = "intermediates"
+RETIRED_DIR = "retired"
+BROKER_BUNDLE = "broker-ca.pem"
+ID_HEX = 16  # hex characters of an intermediate's id (8 bytes of its key identifier)
 ROOT_VALIDITY_DAYS = 20 * 365  # days: the offline root
 INTERMEDIATE_VALIDITY_DAYS = 3 * 365  # days: the online intermediate
 BACKDATE_S = 300  # seconds certificates are backdated for clock skew
+# CA certificates the root allows below it: its intermediate, and a successor root it
+# cross-certifies (docs/SECURITY_TEAM.md "Roll the root over": with 1, devices that trust
+# this root could not follow the cross-certificate to the next root's intermediates)
+ROOT_PATH_LENGTH = 2
 
 
 class CsrError(PeerError):
@@ -68,6 +97,31 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """An intermediate's id: 8 bytes of its key identifier (RFC 5280 §4.2.1.2 method 1)."""
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest[:ID_HEX // 2].hex()
+
+
+def issuer_id(cert: x509.Certificate) -> str | None:
+    """The id of the intermediate that issued ``cert`` (from its AuthorityKeyIdentifier;
+    None when it has none)."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    if aki.key_identifier is None:
+        return None
+    return aki.key_identifier[:ID_HEX // 2].hex()
+
+
+def issuer_id_of_pem(cert_pem: str | bytes) -> str | None:
+    data = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
+    try:
+        return issuer_id(x509.load_pem_x509_certificate(data))
+    except ValueError:
+        return None
 
 
 def _ca_cert(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
@@ -106,7 +160,7 @@ def init_ca(root_dir: Path, out_dir: Path, *, name: str = "cityedge",
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = _ca_cert(_name(name + " root CA"), _name(name + " root CA"), root_key.public_key(),
-                    root_key, ROOT_VALIDITY_DAYS, 1, root_key.public_key())
+                    root_key, ROOT_VALIDITY_DAYS, ROOT_PATH_LENGTH, root_key.public_key())
     inter_key = ec.generate_private_key(ec.SECP256R1())
     inter = _ca_cert(_name(name + " device CA"), root.subject, inter_key.public_key(),
                      root_key, INTERMEDIATE_VALIDITY_DAYS, 0, root_key.public_key())
@@ -117,6 +171,7 @@ def init_ca(root_dir: Path, out_dir: Path, *, name: str = "cityedge",
     write_atomic(out_dir / ROOT_CERT, _cert_pem(root), 0o644)
     ca = CertificateAuthority(out_dir)
     ca.write_crl([], crl_validity_s)
+    ca.write_broker_bundle()
 
 
 @dataclass(frozen=True)
@@ -126,37 +181,126 @@ class Revoked:
     on_hold: bool = False  # suspended, not revoked for good (reason certificateHold)
 
 
+@dataclass(frozen=True)
+class Intermediate:
+    """One intermediate in service: its certificate and key, and its id."""
+
+    id: str
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+
+def _load_pair(key_path: Path, cert_path: Path) -> Intermediate:
+    """The intermediate in ``key_path``/``cert_path``, checked to be a pair."""
+    ca_dir = key_path.parent
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except OSError as e:
+        raise CaError("CA directory %s is incomplete (%s: %s); run `cityedge ca init`"
+                      % (ca_dir, e.filename, e.strerror)) from e
+    except ValueError as e:
+        raise CaError("CA directory %s holds a file that does not parse (%s or %s)"
+                      % (ca_dir, key_path.name, cert_path.name)) from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CaError("the intermediate key %s is not an EC key" % key_path)
+    if cert.public_key() != key.public_key():
+        raise CaError("intermediate key and certificate in %s do not match (%s)"
+                      % (ca_dir, key_path.name))
+    return Intermediate(key_id(key.public_key()), cert, key)
+
+
+def read_current(ca_dir: Path) -> str | None:
+    """The id the ``current`` pointer names (None: the first layout)."""
+    try:
+        text = (ca_dir / CURRENT_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CaError("cannot read %s: %s" % (ca_dir / CURRENT_FILE, e.strerror)) from e
+    if len(text) != ID_HEX or any(c not in "0123456789abcdef" for c in text):
+        raise CaError("%s does not name an intermediate id" % (ca_dir / CURRENT_FILE))
+    return text
+
+
+def in_service(ca_dir: Path) -> list[Intermediate]:
+    """Every complete pair in ``intermediates/`` (id order)."""
+    out = []
+    folder = ca_dir / INTERMEDIATES_DIR
+    if folder.is_dir():
+        for key_path in sorted(folder.glob("*.key")):
+            cert_path = key_path.with_suffix(".crt")
+            if cert_path.is_file():
+                out.append(_load_pair(key_path, cert_path))
+    return out
+
+
 class CertificateAuthority:
-    """The online intermediate, loaded from the service's CA directory."""
+    """The online intermediate that signs (``cert``), loaded from the service's CA
+    directory, with the other intermediates still in service (``overlap``): during a
+    rollover the broker trusts them all and the CRL file holds one CRL for each."""
 
     def __init__(self, ca_dir: Path) -> None:
         self.dir = ca_dir
         try:
-            key = serialization.load_pem_private_key(
-                (ca_dir / INTERMEDIATE_KEY).read_bytes(), password=None)
-            self.cert = x509.load_pem_x509_certificate((ca_dir / INTERMEDIATE_CERT).read_bytes())
             self.root = x509.load_pem_x509_certificate((ca_dir / ROOT_CERT).read_bytes())
         except OSError as e:
             raise CaError("CA directory %s is incomplete (%s); run `cityedge ca init`"
                           % (ca_dir, e.strerror)) from e
         except ValueError as e:
             raise CaError("CA directory %s holds a file that does not parse" % ca_dir) from e
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise CaError("the intermediate key in %s is not an EC key" % ca_dir)
-        self._key = key
-        if self.cert.public_key() != key.public_key():
-            raise CaError("intermediate key and certificate in %s do not match" % ca_dir)
+        current = read_current(ca_dir)
+        pairs = in_service(ca_dir)
+        if current is None:  # the first layout
+            signer = _load_pair(ca_dir / INTERMEDIATE_KEY, ca_dir / INTERMEDIATE_CERT)
+        else:
+            found = [p for p in pairs if p.id == current]
+            if not found:
+                raise CaError("%s names intermediate %s, which is not in %s"
+                              % (ca_dir / CURRENT_FILE, current, ca_dir / INTERMEDIATES_DIR))
+            signer = found[0]
+        self.signer = signer
+        self.id = signer.id
+        self.cert = signer.cert
+        self._key = signer.key
+        self.overlap = [p for p in pairs if p.id != signer.id]
+
+    @property
+    def intermediates(self) -> list[Intermediate]:
+        """Every intermediate in service, the signing one first."""
+        return [self.signer, *self.overlap]
 
     @property
     def crl_path(self) -> Path:
         return self.dir / CRL_FILE
 
-    def chain_pem(self) -> str:
+    def chain_pem(self, issuer: str | None = None) -> str:
+        """The intermediate a device presents after its certificate: the one with id
+        ``issuer`` if it is in service, else the signing one."""
+        for inter in self.intermediates:
+            if inter.id == issuer:
+                return _cert_pem(inter.cert).decode()
         return _cert_pem(self.cert).decode()
 
     def bundle_pem(self) -> str:
-        """What a verifier trusts: intermediate + root (the broker's ``cafile``)."""
-        return (_cert_pem(self.cert) + _cert_pem(self.root)).decode()
+        """What the broker trusts: every intermediate in service + the root (``cafile``)."""
+        return b"".join([*(_cert_pem(i.cert) for i in self.intermediates),
+                         _cert_pem(self.root)]).decode()
+
+    def device_trust_pem(self) -> str:
+        """What a device trusts for the broker's server certificate: the root alone (the
+        broker sends its intermediate), so an intermediate can be rolled over and retired
+        without touching a device's trust store."""
+        return self.root_pem()
+
+    @property
+    def broker_bundle_path(self) -> Path:
+        return self.dir / BROKER_BUNDLE
+
+    def write_broker_bundle(self) -> Path:
+        """Write ``bundle_pem`` where the broker's ``cafile`` points (world-readable)."""
+        write_atomic(self.broker_bundle_path, self.bundle_pem().encode(), 0o644)
+        return self.broker_bundle_path
 
     def root_pem(self) -> str:
         return _cert_pem(self.root).decode()
@@ -213,15 +357,18 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
 
-    def make_crl(self, revoked: list[Revoked], validity_s: int) -> bytes:
+    def make_crl(self, revoked: list[Revoked], validity_s: int,
+                 issuer: Intermediate | None = None) -> bytes:
+        """A CRL signed by ``issuer`` (the signing intermediate by default)."""
+        issuer = issuer or self.signer
         now = _now()
         builder = (
             x509.CertificateRevocationListBuilder()
-            .issuer_name(self.cert.subject)
+            .issuer_name(issuer.cert.subject)
             .last_update(now - dt.timedelta(seconds=BACKDATE_S))
             .next_update(now + dt.timedelta(seconds=validity_s))
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                self._key.public_key()), critical=False)
+                issuer.key.public_key()), critical=False)
             .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
         )
         for entry in revoked:
@@ -231,34 +378,102 @@ class CertificateAuthority:
                 item = item.add_extension(x509.CRLReason(x509.ReasonFlags.certificate_hold),
                                           critical=False)
             builder = builder.add_revoked_certificate(item.build())
-        return builder.sign(self._key, hashes.SHA256()).public_bytes(
+        return builder.sign(issuer.key, hashes.SHA256()).public_bytes(
             serialization.Encoding.PEM)
 
     def write_crl(self, revoked: list[Revoked], validity_s: int) -> Path:
-        """Write a fresh CRL (world-readable: the broker reads it as its own user)."""
-        write_atomic(self.crl_path, self.make_crl(revoked, validity_s), 0o644)
+        """Write a fresh CRL for every intermediate in service into one file (the broker
+        refuses a client whose issuer has no CRL); world-readable: the broker reads it as
+        its own user. Each CRL lists every revoked serial: serials are random 159-bit
+        numbers and a CRL entry matches issuer *and* serial, so an entry in the other
+        intermediate's list revokes nothing else, and no entry can land in the wrong list
+        (a credential of the first layout has no issuer recorded)."""
+        data = b"".join(self.make_crl(revoked, validity_s, i) for i in self.intermediates)
+        write_atomic(self.crl_path, data, 0o644)
         return self.crl_path
 
-    def crl_serials(self) -> set[int] | None:
-        """Serial numbers the published CRL lists (None: no readable CRL)."""
+    def published_crls(self) -> list[x509.CertificateRevocationList] | None:
+        """The CRLs in the published file (None: missing or unreadable)."""
         try:
-            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+            return load_crls(self.crl_path.read_bytes())
         except (OSError, ValueError):
             return None
-        return {entry.serial_number for entry in crl}
+
+    def _crl_per_intermediate(self) -> list[x509.CertificateRevocationList] | None:
+        """The published CRL of each intermediate in service, in order (None: one has none,
+        or one is not signed by its intermediate)."""
+        crls = self.published_crls()
+        if crls is None:
+            return None
+        out = []
+        for inter in self.intermediates:
+            mine = [c for c in crls if c.issuer == inter.cert.subject
+                    and c.is_signature_valid(inter.key.public_key())]
+            if len(mine) != 1:
+                return None
+            out.append(mine[0])
+        return out
+
+    def crl_serials(self) -> set[int] | None:
+        """Serial numbers the published CRLs list (None: no readable CRL for some
+        intermediate in service, or CRLs that list different serials)."""
+        crls = self._crl_per_intermediate()
+        if crls is None:
+            return None
+        sets = [{entry.serial_number for entry in crl} for crl in crls]
+        return sets[0] if all(x == sets[0] for x in sets) else None
 
     def crl_due(self, now: dt.datetime | None = None) -> bool:
-        """True when the CRL is missing, unreadable, or has less than half its life left."""
-        try:
-            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
-        except (OSError, ValueError):
+        """True when some intermediate in service has no readable CRL, or one with less
+        than half its life left."""
+        crls = self._crl_per_intermediate()
+        if crls is None:
             return True
         now = now or _now()
-        nxt = crl.next_update_utc
-        if nxt is None:
-            return True
-        life = nxt - crl.last_update_utc
-        return nxt - now < life / 2
+        for crl in crls:
+            nxt = crl.next_update_utc
+            if nxt is None or nxt - now < (nxt - crl.last_update_utc) / 2:
+                return True
+        return False
+
+
+_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+
+def load_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file (ValueError when there is none or one does not parse)."""
+    parts = data.split(_CRL_BEGIN)[1:]
+    if not parts:
+        raise ValueError("no CRL in the file")
+    return [x509.load_pem_x509_crl(_CRL_BEGIN + part) for part in parts]
+
+
+_cache: dict[Path, tuple[tuple[object, ...], CertificateAuthority]] = {}
+
+
+def _stamp(ca_dir: Path) -> tuple[object, ...]:
+    """What changes when a rollover or retirement changes the CA directory."""
+    out: list[object] = []
+    for name in (CURRENT_FILE, INTERMEDIATES_DIR, INTERMEDIATE_CERT):
+        try:
+            st = (ca_dir / name).stat()
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def load_current(ca_dir: Path) -> CertificateAuthority:
+    """The CA as the directory holds it now, loaded again only after a rollover or a
+    retirement changed it (a few ``stat`` calls per use): a running ``fleet serve`` signs
+    with the new intermediate from the moment ``current`` points at it."""
+    stamp = _stamp(ca_dir)
+    hit = _cache.get(ca_dir)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    ca = CertificateAuthority(ca_dir)
+    _cache[ca_dir] = (stamp, ca)
+    return ca
 
 
 def issue_service(ca: CertificateAuthority, cn: str, out_dir: Path,
@@ -303,6 +518,8 @@ def issue_service(ca: CertificateAuthority, cn: str, out_dir: Path,
     else:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+        ca._key.public_key()), critical=False)
     cert = builder.sign(ca._key, hashes.SHA256())
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = out_dir / (cn + ".key"), out_dir / (cn + ".crt")

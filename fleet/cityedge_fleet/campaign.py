@@ -15,6 +15,10 @@ hypothesis state machine in ``tests/fleet/test_fleet_campaign_policy.py``.
  ``firmware``,                       ``a|b`` is either value
  ``state``
  ``tag``               ``=`` ``!=``  ``=``: the device has the tag; ``!=``: it has not
+ ``intermediate``      ``=`` ``!=``  the id (16 hex characters, ``cityedge ca status``) of the
+                                     intermediate CA that issued the device's current
+                                     certificate: ``intermediate=<old id>`` moves every
+                                     device onto the new intermediate after a CA rollover
  ``key-age``           ``>`` ``<``   time since the device's current certificate was issued
                        ``>=`` ``<=``
  ``cert-expiry``       (same)        time until it expires (``cert-expiry<30d``: within 30 days)
@@ -98,12 +102,14 @@ class SelectorError(ValueError):
 
 
 TEXT_KEYS = {"site": "site", "model": "model", "hardware-class": "hardware_class",
-             "hardware_class": "hardware_class", "firmware": "firmware", "state": "state"}
+             "hardware_class": "hardware_class", "firmware": "firmware", "state": "state",
+             "intermediate": "issuer"}
 TIME_KEYS = ("key-age", "cert-expiry")
 KEYS = tuple(sorted({*TEXT_KEYS, "tag", *TIME_KEYS} - {"hardware_class"}))
 UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _TERM = re.compile(r"^\s*([a-z_-]+)\s*(!=|>=|<=|=|>|<)\s*(.*?)\s*$")
 _DURATION = re.compile(r"^([0-9]{1,9})([smhdw])$")
+_INTERMEDIATE_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class DeviceFacts:
     tags: frozenset[str] = frozenset()
     key_issued_at: float | None = None  # UNIX seconds: the current certificate's notBefore
     cert_expires_at: float | None = None  # UNIX seconds: its notAfter
+    issuer: str = ""  # the id of the intermediate that issued it ("": none or not known)
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,9 @@ def parse_selector(text: str, lim: CampaignLimits = LIMITS) -> Selector:
         values = tuple(v.strip() for v in value.split("|"))
         if not all(values) or (key != "state" and "" in values):
             raise SelectorError("%r: empty value (write %s=VALUE)" % (part.strip(), key))
+        if key == "intermediate" and not all(_INTERMEDIATE_ID.match(v) for v in values):
+            raise SelectorError("%r: an intermediate is named by its id, 16 lower-case hex "
+                                "characters (`cityedge ca status` lists them)" % part.strip())
         canonical = TEXT_KEYS.get(key, key)
         if op == "=" and canonical != "tag":
             if canonical in equals:

@@ -30,6 +30,7 @@ from sqlmodel import AutoString, Field, Session, SQLModel, col, select
 
 from cityedge_fleet import audit, command_queue, rotation
 from cityedge_fleet import campaign as policy
+from cityedge_fleet.ca import issuer_id_of_pem
 from cityedge_fleet.campaign import (
     CampaignError,
     CampaignLimits,
@@ -101,6 +102,12 @@ def current_credentials(session: Session) -> dict[str, Credential]:
     return out
 
 
+def credential_issuer(cred: Credential) -> str:
+    """The id of the intermediate that issued ``cred`` (read from its certificate when
+    the row has none recorded); "" when not known."""
+    return cred.issuer or issuer_id_of_pem(cred.cert_pem) or ""
+
+
 def device_facts(session: Session) -> list[tuple[DeviceFacts, Credential | None]]:
     """Every device (id order) with what a selector reads, and its current credential."""
     creds = current_credentials(session)
@@ -115,7 +122,8 @@ def device_facts(session: Session) -> list[tuple[DeviceFacts, Credential | None]
             firmware=d.firmware_version, state=str(d.state),
             tags=frozenset(tags.get(d.id, ())),
             key_issued_at=cred.not_before.timestamp() if cred else None,
-            cert_expires_at=cred.not_after.timestamp() if cred else None), cred))
+            cert_expires_at=cred.not_after.timestamp() if cred else None,
+            issuer=credential_issuer(cred) if cred else ""), cred))
     return out
 
 

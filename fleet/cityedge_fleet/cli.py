@@ -308,9 +308,8 @@ def broker_config_command(
     with Session(_engine(settings)) as session:
         devices = desired_devices(session)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bundle = out_dir / "ca-bundle.pem"
-    bundle.write_text(ca.bundle_pem())
-    bundle.chmod(0o644)
+    # the CA keeps its bundle beside its CRL: a rollover and a retirement change both
+    bundle = ca.write_broker_bundle()
     files = broker.BrokerFiles(cafile=bundle, certfile=certfile, keyfile=keyfile,
                                crlfile=settings.ca_dir / CRL_FILE)
     try:

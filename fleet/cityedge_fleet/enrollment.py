@@ -257,7 +257,7 @@ def enroll(session: Session, *, ca: CertificateAuthority, settings: Settings,
         credential = registry.add_credential(session, credential=Credential(
             device_id=device.id, serial="%x" % cert.serial_number, kid=kid.hex(),
             public_key=sec1.hex(), not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc, cert_pem=cert_pem))
+            not_after=cert.not_valid_after_utc, cert_pem=cert_pem, issuer=ca.id))
     except IntegrityError as e:  # the same key enrolled by a concurrent request
         raise _key_taken(kid, "(a concurrent enrollment)") from e
     registry.set_state(session, device=device, state=DeviceState.provisioned)
@@ -267,7 +267,7 @@ def enroll(session: Session, *, ca: CertificateAuthority, settings: Settings,
                                   last_seq=0))
     response = EnrollResponse(
         device_id=device.id, certificate_pem=cert_pem, chain_pem=cert_pem + ca.chain_pem(),
-        ca_bundle_pem=ca.bundle_pem(), broker_url=settings.broker_url,
+        ca_bundle_pem=ca.device_trust_pem(), broker_url=settings.broker_url,
         config=device_config(device, settings, kid), fleet_keys=fleet_keys)
     return device, credential, response, gate
 

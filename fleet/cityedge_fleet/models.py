@@ -274,6 +274,8 @@ class CredentialBase(SQLModel):
     not_after: dt.datetime = Field(sa_type=UTCDateTime)
     status: CredentialStatus = Field(default=CredentialStatus.active, sa_type=AutoString(16))
     revoked_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # the id of the intermediate that issued it (``ca.issuer_id``); None: not known
+    issuer: str | None = Field(default=None, max_length=16, index=True)
 
 
 class Credential(CredentialBase, table=True):
@@ -410,7 +412,7 @@ class EnrollResponse(SQLModel):
     device_id: str
     certificate_pem: str
     chain_pem: str  # device certificate + intermediate
-    ca_bundle_pem: str  # the root the device trusts for the broker and the fleet
+    ca_bundle_pem: str  # the root the device trusts for the broker (the root alone)
     broker_url: str
     config: dict[str, Any]
     # the fleet public keys the device trusts for commands: SEC1 uncompressed points, hex

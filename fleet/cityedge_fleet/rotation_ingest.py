@@ -53,7 +53,7 @@ from cityedge_core import cose, csr, rotation_decode
 from cityedge_core import rotation as corerot
 from cityedge_core.errors import LocalError, PeerError, SignatureError
 from cityedge_fleet import audit, command_queue, registry, revocation, rotation
-from cityedge_fleet.ca import CertificateAuthority, CsrError
+from cityedge_fleet.ca import CertificateAuthority, CsrError, load_current
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import (
     Credential,
@@ -101,8 +101,8 @@ class RotationDesk:
 
     @property
     def ca(self) -> CertificateAuthority:
-        if self._ca is None:
-            self._ca = CertificateAuthority(self.settings.ca_dir)
+        if self._ca is None:  # the directory's CA now (a rollover switches it)
+            return load_current(self.settings.ca_dir)
         return self._ca
 
     @property
@@ -192,15 +192,16 @@ class RotationDesk:
                       detail={"kid": msg.kid.hex()})
         device_id = rot.device_id
         lim = self.settings.limits
-        cert = self.ca.sign_csr(csr.pem("CERTIFICATE REQUEST", msg.csr), device_id,
-                                days=lim.cert_validity_days)
+        ca = self.ca  # one CA for the certificate and the issuer it records
+        cert = ca.sign_csr(csr.pem("CERTIFICATE REQUEST", msg.csr), device_id,
+                           days=lim.cert_validity_days)
         sec1 = cert.public_key().public_bytes(serialization.Encoding.X962,
                                               serialization.PublicFormat.UncompressedPoint)
         new_kid = cose.kid_for_public_key(sec1).hex()
         registry.add_credential(session, credential=Credential(
             device_id=device_id, serial="%x" % cert.serial_number, kid=new_kid,
             public_key=sec1.hex(), not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
+            not_after=cert.not_valid_after_utc, issuer=ca.id,
             cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode()))
         der = cert.public_bytes(serialization.Encoding.DER)
         cmd = command_queue.queue(

@@ -6,7 +6,7 @@ abort."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -33,7 +33,7 @@ NOW = 1_800_000_000.0
 DEV = DeviceFacts(id="urn:dev:mac:01", site="harbour", model="ce-air-1",
                   hardware_class="esp32", firmware="1.4.0", state="active",
                   tags=frozenset({"air", "pilot"}), key_issued_at=NOW - 70 * DAY,
-                  cert_expires_at=NOW + 20 * DAY)
+                  cert_expires_at=NOW + 20 * DAY, issuer="4f2a0c1b9e8d7a65")
 
 
 # ------------------------------------------------------------------------- selectors
@@ -62,6 +62,11 @@ DEV = DeviceFacts(id="urn:dev:mac:01", site="harbour", model="ce-air-1",
     ("state=active", True),
     ("state=quarantined", False),
     (" site = harbour , key-age > 1h ", True),
+    ("intermediate=4f2a0c1b9e8d7a65", True),
+    ("intermediate=9c1e000000000000", False),
+    ("intermediate=9c1e000000000000|4f2a0c1b9e8d7a65", True),
+    ("intermediate!=4f2a0c1b9e8d7a65", False),
+    ("intermediate!=9c1e000000000000,site=harbour", True),
 ])
 def test_selector_matches(text: str, matches: bool) -> None:
     assert c.parse_selector(text).matches(DEV, NOW) is matches
@@ -72,6 +77,7 @@ def test_selector_without_a_certificate_has_no_age() -> None:
     assert not c.parse_selector("key-age>0s").matches(bare, NOW)
     assert not c.parse_selector("key-age<100w").matches(bare, NOW)
     assert c.parse_selector("site!=harbour").matches(bare, NOW)
+    assert not c.parse_selector("intermediate=4f2a0c1b9e8d7a65").matches(bare, NOW)
 
 
 @pytest.mark.parametrize(("text", "says"), [
@@ -87,6 +93,10 @@ def test_selector_without_a_certificate_has_no_age() -> None:
     ("site=", "empty value"),
     ("site=a|", "empty value"),
     ("site=a,site=b", "given twice"),
+    ("intermediate=old", "16 lower-case hex"),
+    ("intermediate=4F2A0C1B9E8D7A65", "16 lower-case hex"),
+    ("intermediate>4f2a0c1b9e8d7a65", "takes = or !="),
+    ("intermediate=4f2a0c1b9e8d7a65,intermediate=9c1e000000000000", "given twice"),
     ("site=a,,model=b", "not a term"),
     ("all,site=a", "not a term"),
     ("x" * 2000, "over 1024 characters"),
@@ -330,3 +340,17 @@ class CampaignMachine(RuleBasedStateMachine):
 
 CampaignMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=80)
 TestCampaignMachine = CampaignMachine.TestCase
+
+
+IDS = st.text(alphabet="0123456789abcdef", min_size=16, max_size=16)
+
+
+@given(ids=st.lists(IDS, min_size=1, max_size=4, unique=True), issuer=IDS,
+       negate=st.booleans())
+def test_the_intermediate_selector_round_trips_and_matches_its_ids(
+        ids: list[str], issuer: str, negate: bool) -> None:
+    text = "intermediate%s%s" % ("!=" if negate else "=", "|".join(ids))
+    sel = c.parse_selector(text)
+    assert sel.text() == text and c.parse_selector(sel.text()) == sel
+    dev = DeviceFacts(id="urn:dev:mac:03", issuer=issuer)
+    assert sel.matches(dev, NOW) is ((issuer in ids) != negate)

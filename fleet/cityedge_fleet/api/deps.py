@@ -11,7 +11,7 @@ from cityedge_fleet import audit
 from cityedge_fleet.auth import Principal, require_role
 from cityedge_fleet.broker_control import BrokerUnavailable, CommandFailed
 from cityedge_fleet.broker_sync import BrokerAccess
-from cityedge_fleet.ca import CaError, CertificateAuthority
+from cityedge_fleet.ca import CaError, CertificateAuthority, load_current
 from cityedge_fleet.command_key import trust_store
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import Role
@@ -24,14 +24,12 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_ca(request: Request) -> CertificateAuthority:
-    ca: CertificateAuthority | None = getattr(request.app.state, "ca", None)
-    if ca is None:
-        try:
-            ca = CertificateAuthority(request.app.state.settings.ca_dir)
-        except CaError as e:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
-        request.app.state.ca = ca
-    return ca
+    """The CA directory's CA as it is now: after a rollover, the new intermediate signs
+    (``ca.load_current`` loads it again only when the directory changed)."""
+    try:
+        return load_current(request.app.state.settings.ca_dir)
+    except CaError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
 
 
 def get_broker_access(request: Request) -> BrokerAccess:

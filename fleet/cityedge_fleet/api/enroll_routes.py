@@ -133,7 +133,7 @@ def get_crl(ca: CaDep) -> Response:
 
 @router.get("/ca/bundle", response_class=PlainTextResponse, tags=["ca"])
 def get_bundle(ca: CaDep) -> Response:
-    """Intermediate + root certificates (PEM)."""
+    """Every intermediate in service + the root (PEM): what the broker trusts."""
     return Response(ca.bundle_pem(), media_type="application/x-pem-file")
 
 

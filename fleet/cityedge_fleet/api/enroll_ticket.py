@@ -119,7 +119,8 @@ def _existing(session: Session, ca: CertificateAuthority, settings: Settings,
         return None
     return EnrollResponse(
         device_id=device.id, certificate_pem=cred.cert_pem,
-        chain_pem=cred.cert_pem + ca.chain_pem(), ca_bundle_pem=ca.bundle_pem(),
+        chain_pem=cred.cert_pem + ca.chain_pem(cred.issuer),
+        ca_bundle_pem=ca.device_trust_pem(),
         broker_url=settings.broker_url,
         config=enrollment.device_config(device, settings, bytes.fromhex(cred.kid)),
         fleet_keys=fleet_keys)

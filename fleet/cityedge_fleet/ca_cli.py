@@ -1,0 +1,131 @@
+"""``cityedge ca rollover | retire | status``: the intermediate CA's lifecycle after
+``ca init`` (``ca_rollover``, ``ca_retire``; the procedure: docs/SECURITY_TEAM.md,
+"Roll the intermediate CA over")."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from sqlmodel import Session
+
+from cityedge_fleet.cli import _engine, ca_app, load_settings
+
+__all__ = ["ca_app"]
+from cityedge_host.errors import UserError
+
+
+def _settings_if_here() -> object | None:
+    """The fleet's settings when this host has them (``CITYEDGE_MODE`` set), else None:
+    the root may live on a machine without the fleet's database."""
+    if "CITYEDGE_MODE" not in os.environ and "CITYEDGE_ENV_FILE" not in os.environ:
+        return None
+    return load_settings()
+
+
+@ca_app.command("rollover")
+def rollover_command(
+    root_dir: Annotated[Path, typer.Option(help="The offline root's directory (its key).")],
+    ca_dir: Annotated[Path, typer.Option(help="The fleet's CA directory (CITYEDGE_CA_DIR).")],
+    broker_pid_file: Annotated[Path | None, typer.Option(
+        help="Mosquitto's pid file: SIGHUP it once it must trust the new intermediate "
+             "(default: CITYEDGE_BROKER_PID_FILE when the fleet's settings are here).")]
+    = None,
+) -> None:
+    """Make a new online intermediate signed by the root; it signs from now on, the old
+    one stays trusted until `ca retire` (run where the root lives)."""
+    from cityedge_fleet import audit, revocation
+    from cityedge_fleet.ca_rollover import rollover
+    from cityedge_fleet.config import Settings
+
+    settings = _settings_if_here()
+    assert settings is None or isinstance(settings, Settings)
+    pid_file = broker_pid_file or (settings.broker_pid_file if settings else None)
+    reloads: list[bool] = []
+
+    def reload() -> None:
+        reloads.append(revocation.reload_broker(pid_file))
+
+    done = rollover(root_dir, ca_dir, before_switch=reload)
+    print("intermediate %s (%s, until %s) signs from now on; %s stays trusted for the "
+          "overlap%s" % (done.new_id, done.new_subject, done.new_not_after.date(),
+                         done.old_id, " (CA directory moved to the rollover layout)"
+                         if done.migrated else ""))
+    if reloads and all(reloads):
+        print("broker reloaded: it trusts both intermediates")
+    else:
+        print("cityedge: the broker was NOT reloaded: send it SIGHUP now (it refuses the "
+              "new intermediate's certificates until it re-reads %s and %s)"
+              % (ca_dir / "broker-ca.pem", ca_dir / "crl.pem"), file=sys.stderr)
+    print("next: cityedge keys rotate --select 'intermediate=%s', then cityedge ca retire"
+          % done.old_id)
+    if settings is None:
+        print("cityedge: not audited here (no fleet settings on this host): the fleet "
+              "audits the retirement", file=sys.stderr)
+        return
+    with Session(_engine(settings)) as session:
+        audit.append(session, actor="cli", action="ca.rollover", outcome=audit.OK,
+                     target=done.new_id, source="local",
+                     detail={"old": done.old_id, "subject": done.new_subject,
+                             "not_after": done.new_not_after.isoformat(),
+                             "broker_reloaded": bool(reloads and all(reloads))})
+        session.commit()
+
+
+@ca_app.command("retire")
+def retire_command(
+    ca_dir: Annotated[Path | None, typer.Option(
+        help="The fleet's CA directory (default: CITYEDGE_CA_DIR).")] = None,
+) -> None:
+    """Take the previous intermediate out of service once no device depends on it: the
+    broker then refuses every certificate it issued."""
+    from cityedge_fleet.ca_retire import retire
+
+    settings = load_settings()
+    with Session(_engine(settings)) as session:
+        done = retire(session, ca_dir or settings.ca_dir, settings, by="cli")
+    print("retired %s (key destroyed, no longer trusted by the broker); %s signs; broker %s"
+          % (", ".join(done.retired), done.signing,
+             "reloaded" if done.broker_reloaded else "NOT reloaded (no "
+             "CITYEDGE_BROKER_PID_FILE): send it SIGHUP"))
+
+
+@ca_app.command("status")
+def status_command(
+    ca_dir: Annotated[Path | None, typer.Option(
+        help="The fleet's CA directory (default: CITYEDGE_CA_DIR).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, one object per "
+                                          "intermediate.")] = False,
+) -> None:
+    """The intermediates in service, their expiry and how many devices depend on each."""
+    from cityedge_fleet.ca import CaError, CertificateAuthority
+    from cityedge_fleet.ca_retire import status
+
+    settings = load_settings()
+    try:
+        ca = CertificateAuthority(ca_dir or settings.ca_dir)
+    except CaError as e:
+        raise UserError(str(e)) from e
+    with Session(_engine(settings)) as session:
+        rows = status(session, ca)
+    if as_json:
+        json.dump([{"id": r.id, "subject": r.subject, "role": r.role,
+                    "not_before": r.not_before.isoformat(),
+                    "not_after": r.not_after.isoformat(), "devices": r.devices}
+                   for r in rows], sys.stdout, indent=1)
+        print()
+        return
+    print("%-16s %-8s %-26s %-25s %s" % ("id", "role", "subject", "expires", "devices"))
+    for r in rows:
+        print("%-16s %-8s %-26s %-25s %d" % (r.id, r.role, r.subject,
+                                             r.not_after.isoformat(timespec="seconds"),
+                                             r.devices))
+    for r in rows:
+        if r.role == "overlap":
+            print("%s: %s; then cityedge ca retire" % (r.id, (
+                "%d devices to move: cityedge keys rotate --select 'intermediate=%s'"
+                % (r.devices, r.id)) if r.devices else "no device depends on it"))
