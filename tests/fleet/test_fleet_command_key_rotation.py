@@ -31,7 +31,11 @@ from cityedge_host.crypto import EcSigner, load_signer, public_sec1
 
 from support.fleet import Api, enroll_device
 
-NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+def _now() -> dt.datetime:
+    """Now, read when a test runs (a module constant would be collection time: a long
+    suite's later tests would sign statements already expired)."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 @pytest.fixture
@@ -51,7 +55,7 @@ def _announce(root_dir: Path, cur: EcSigner, nxt: EcSigner, keep_s: int | None =
     return ckr.announce(root_dir, public_sec1(nxt.public_key),
                         old_point=None if keep_s is None else public_sec1(cur.public_key),
                         keep_old_until=None if keep_s is None else
-                        NOW + dt.timedelta(seconds=keep_s)).statement
+                        _now() + dt.timedelta(seconds=keep_s)).statement
 
 
 def _start(api: Api, data: bytes, role: Role = Role.security, threshold: int = 100
@@ -135,7 +139,7 @@ def test_the_fleet_refuses_what_it_must_not_roll_out(api: Api, root_dir: Path,
     # a statement the fleet's own (stolen) command key signed: not the root's
     forged = trust_statement.encode_statement(
         cur, cur.kid, 99, [(public_sec1(nxt.public_key), None)],
-        int(NOW.timestamp()) - 60, int(NOW.timestamp()) + 3600)
+        int(_now().timestamp()) - 60, int(_now().timestamp()) + 3600)
     r = _start(api, forged)
     assert r.status_code == 422 and "not by the root" in str(r.json()["detail"])
     # garbage, and not base64
@@ -182,7 +186,7 @@ def test_the_fleet_refuses_what_it_must_not_roll_out(api: Api, root_dir: Path,
 def test_an_expired_or_stale_statement_is_refused(api: Api, root_dir: Path) -> None:
     cur, nxt = _keys(api)
     root = load_signer(root_dir / ROOT_KEY)
-    t = int(NOW.timestamp())
+    t = int(_now().timestamp())
     keys = [(public_sec1(nxt.public_key), None), (public_sec1(cur.public_key), t + 60)]
     expired = trust_statement.encode_statement(root, root.kid, 50, keys, t - 7200, t - 1)
     r = _start(api, expired)
@@ -224,11 +228,11 @@ def test_the_cli_announces_rolls_out_and_switches(api: Api, root_dir: Path,
         again.stderr
     with pytest.raises(ckr.CommandKeyRotationError, match="go together"):
         ckr.announce(root_dir, public_sec1(cur.public_key),
-                     keep_old_until=NOW + dt.timedelta(days=1))
+                     keep_old_until=_now() + dt.timedelta(days=1))
     first = ckr.announce(root_dir, bytes.fromhex((tmp_path / "next.pub").read_text()))
     ann = _cli(api, tmp_path, "keys", "announce-command-key", "--root-dir", str(root_dir),
                "--new-key-pub", "next.pub", "--old-key-pub", "cur.pub",
-               "--keep-old-until", (NOW + dt.timedelta(days=2)).isoformat(),
+               "--keep-old-until", (_now() + dt.timedelta(days=2)).isoformat(),
                "--out", "s.cose")
     assert ann.returncode == 0, ann.stderr
     versions = [first.version, int(ann.stdout.split()[1][1:])]

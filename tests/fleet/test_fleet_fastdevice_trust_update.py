@@ -21,7 +21,11 @@ from cityedge_host.crypto import EcSigner, load_signer, public_sec1
 
 from support.fleet import Api, enroll_device
 
-NOW = int(dt.datetime.now(dt.UTC).timestamp())
+
+def _now() -> int:
+    """Now, read when a test runs (a module constant would be collection time: a long
+    suite's later tests would send commands already expired)."""
+    return int(dt.datetime.now(dt.UTC).timestamp())
 
 
 def _device(api: Api, tmp_path: Path, root_pem: str | None) -> Path:
@@ -35,7 +39,7 @@ def _device(api: Api, tmp_path: Path, root_pem: str | None) -> Path:
 
 def _send(dev: FastDevice, key: EcSigner, seq: int, name: str, args: Any = None
           ) -> command_decode.Result | None:
-    data = command.encode_command(key, key.kid, name, dev.id, seq, NOW + 600, args)
+    data = command.encode_command(key, key.kid, name, dev.id, seq, _now() + 600, args)
     asyncio.run(dev.on_command(data))
     answer = dev.answers.get(seq)
     return None if answer is None else command_decode.decode_result(
@@ -51,12 +55,13 @@ def test_the_fast_device_installs_the_roots_statement_and_refuses_a_thiefs(
     new = EcSigner.generate()
     dev = FastDevice(d, "127.0.0.1", 1)
     own = trust_statement.encode_statement(old, old.kid, 5, [(public_sec1(new.public_key),
-                                                              None)], NOW - 60, NOW + 600)
+                                                              None)], _now() - 60, _now() + 600)
     r = _send(dev, old, 1, trust_statement.TRUST_UPDATE, {1: own})
     assert r is not None and r.outcome == command.REFUSED and "not by the root" in r.detail
+    now = _now()
     good = trust_statement.encode_statement(
         root, root.kid, 5, [(public_sec1(new.public_key), None),
-                            (public_sec1(old.public_key), NOW + 3600)], NOW - 60, NOW + 600)
+                            (public_sec1(old.public_key), now + 3600)], now - 60, now + 600)
     r = _send(dev, old, 2, trust_statement.TRUST_UPDATE, {1: good})
     assert r is not None and r.outcome == command.OK, r
     r = _send(dev, new, 3, "status")
@@ -76,7 +81,7 @@ def test_a_fast_device_without_the_root_keeps_its_keys(api: Api, ca_dirs: tuple[
     old = command_key.load(api.settings.command_key_file)
     dev = FastDevice(d, "127.0.0.1", 1)
     st = trust_statement.encode_statement(root, root.kid, 1, [(public_sec1(
-        EcSigner.generate().public_key), None)], NOW - 60, NOW + 600)
+        EcSigner.generate().public_key), None)], _now() - 60, _now() + 600)
     r = _send(dev, old, 1, trust_statement.TRUST_UPDATE, {1: st})
     assert r is not None and r.outcome == command.REFUSED and "root_cert" in r.detail
     assert dev.fleet_keys.version == 0
