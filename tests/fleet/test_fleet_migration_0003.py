@@ -5,34 +5,26 @@ and upgrade again work."""
 
 from __future__ import annotations
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import inspect, text
 
 from cityedge_fleet.config import Settings
-from cityedge_fleet.db import MIGRATIONS_DIR, make_engine
+from cityedge_fleet.db import make_engine
+
+from support.migrations import migrate_to
 
 DEVICE = "urn:dev:mac:0024befffe800001"
-
-
-def _to(engine: Engine, revision: str, down: bool = False) -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(cfg, revision)
 
 
 def test_0003_upgrades_0002_data_and_downgrades(db_url: str) -> None:
     engine = make_engine(Settings(mode="development", database_url=db_url))
     try:
-        _to(engine, "0002")
+        migrate_to(engine, "0002")
         with engine.begin() as c:
             c.execute(text(
                 "INSERT INTO device (serial, model, hardware_class, site, firmware_version, id,"
                 " state, forgeries, created_at) VALUES ('SN-1', 'm', 'esp32', '', '', :id,"
                 " 'active', 1, CURRENT_TIMESTAMP)"), {"id": DEVICE})
-        _to(engine, "0003")
+        migrate_to(engine, "0003")
         with engine.begin() as c:
             row = c.execute(text("SELECT malformed, gateway_id, forgeries FROM device")).one()
             assert tuple(row) == (0, None, 1)
@@ -56,10 +48,10 @@ def test_0003_upgrades_0002_data_and_downgrades(db_url: str) -> None:
         with engine.begin() as c:  # 0002's columns cannot hold them: make room to go back
             c.execute(text("DELETE FROM reading"))
             c.execute(text("DELETE FROM ingest_event"))
-        _to(engine, "0002", down=True)
+        migrate_to(engine, "0002", down=True)
         assert "ingest_dead_letter" not in inspect(engine).get_table_names()
         assert "gateway_id" not in {c["name"] for c in inspect(engine).get_columns("device")}
-        _to(engine, "head")
+        migrate_to(engine, "head")
         assert "gateway_id" in {c["name"] for c in inspect(engine).get_columns("device")}
     finally:
         engine.dispose()

@@ -6,27 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import inspect, text
 
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import Settings
-from cityedge_fleet.db import MIGRATIONS_DIR, make_engine
+from cityedge_fleet.db import make_engine
 
 from support.fleet import make_csr
+from support.migrations import migrate_to
 from support.mosquitto import TestPKI
 
 DEVICE = "urn:dev:mac:0024befffe800001"
-
-
-def _to(engine: Engine, revision: str, down: bool = False) -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(cfg, revision)
 
 
 def test_0010_fills_in_the_issuer_of_existing_credentials(
@@ -36,7 +27,7 @@ def test_0010_fills_in_the_issuer_of_existing_credentials(
     without_aki = TestPKI(tmp_path / "pki").issue_client(DEVICE).cert  # no AKI extension
     engine = make_engine(Settings(mode="development", database_url=db_url))
     try:
-        _to(engine, "0009")
+        migrate_to(engine, "0009")
         with engine.begin() as c:
             c.execute(text(
                 "INSERT INTO device (serial, model, hardware_class, site, firmware_version, id,"
@@ -50,14 +41,14 @@ def test_0010_fills_in_the_issuer_of_existing_credentials(
                     {"d": DEVICE, "s": "%x" % cert.serial_number, "k": "%016x" % n,
                      "nb": cert.not_valid_before_utc, "na": cert.not_valid_after_utc,
                      "pem": cert.public_bytes(serialization.Encoding.PEM).decode()})
-        _to(engine, "0010")
+        migrate_to(engine, "0010")
         with engine.begin() as c:
             got = dict(c.execute(text("SELECT serial, issuer FROM credential")).all())
         assert got == {"%x" % with_aki.serial_number: ca.id,
                        "%x" % without_aki.serial_number: None}
-        _to(engine, "0009", down=True)
+        migrate_to(engine, "0009", down=True)
         assert "issuer" not in {c["name"] for c in inspect(engine).get_columns("credential")}
-        _to(engine, "head")
+        migrate_to(engine, "head")
         assert "issuer" in {c["name"] for c in inspect(engine).get_columns("credential")}
     finally:
         engine.dispose()

@@ -33,11 +33,12 @@ from cityedge_fleet import command_key, command_queue
 from cityedge_fleet import command_key_rotation as ckr
 from cityedge_fleet.ca import ROOT_KEY
 from cityedge_fleet.models import CommandState, Role
-from cityedge_host.crypto import EcSigner, public_sec1
+from cityedge_host.crypto import public_sec1
 
-from support.fleet import Api, csr_for, device_body, wait_for
+from support.fleet import Api, wait_for
 from support.fleet_world import fleet_world
 from support.gateway import GW
+from support.gateway_enroll import enroll_gateway as support_enroll
 from support.gateway_run import RunningGateway
 from support.mosquitto import TestPKI
 from support.mqtt_probe import WAIT_S, Probe
@@ -67,41 +68,10 @@ def world(pki: TestPKI) -> Iterator[SimpleNamespace]:
 
 
 def enroll_gateway(w: SimpleNamespace) -> Path:
-    api = w.api
-    body = device_body(901, id=GW, hardware_class="rpi4", model="ce-gw-1")
-    tech = api.headers(Role.technician)
-    assert api.client.post("/devices", json=body, headers=tech).status_code == 201
-    token = api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
-                            headers=tech).json()["token"]
-    key = EcSigner.generate()
-    r = api.client.post("/enroll", json={"serial": body["serial"], "token": token,
-                                         "csr_pem": csr_for(key, GW)})
-    assert r.status_code == 200, r.text
-    gw = w.dir / "gw"
-    gw.mkdir()
-    (gw / "gateway.crt").write_text(r.json()["chain_pem"])
-    key.save(gw / "gateway.key")
-    (gw / "fleet0.pub").write_text(r.json()["fleet_keys"][0] + "\n")
-    (gw / "root.crt").write_bytes((w.settings.ca_dir / "root.crt").read_bytes())
-    (gw / "gateway.toml").write_text("""
-[gateway]
-device = "%s"
-key_file = "gateway.key"
-fleet_keys = ["fleet0.pub"]
-root_cert = "root.crt"
-
-[store]
-path = "buffer.sqlite"
-
-[broker]
-host = "127.0.0.1"
-port = %d
-ca_file = "%s"
-cert_file = "gateway.crt"
-key_file = "gateway.key"
-keepalive_s = 5
-""" % (GW, w.broker.port, w.pki.ca_pem))
-    return gw / "gateway.toml"
+    config, _, _ = support_enroll(w.api, w.dir / "gw", 901, w.broker.port, w.pki.ca_pem,
+                                  'key_file = "gateway.key"\nroot_cert = "root.crt"')
+    (config.parent / "root.crt").write_bytes((w.settings.ca_dir / "root.crt").read_bytes())
+    return config
 
 
 def cli(w: SimpleNamespace, *args: str) -> subprocess.CompletedProcess[str]:

@@ -32,9 +32,10 @@ from cityedge_gateway.readings import Reading as GwReading
 from cityedge_gateway.status import status_map
 from cityedge_host.crypto import EcSigner, load_signer
 
-from support.fleet import Api, csr_for, device_body, wait_for
+from support.fleet import Api, wait_for
 from support.fleet_world import fleet_world
 from support.gateway import GW
+from support.gateway_enroll import enroll_gateway as support_enroll
 from support.gateway_run import RunningGateway
 from support.mosquitto import OBSERVER, TestPKI
 from support.mqtt_probe import WAIT_S, Probe
@@ -67,41 +68,10 @@ def world(pki: TestPKI) -> Iterator[SimpleNamespace]:
 def enroll_gateway(w: SimpleNamespace) -> tuple[Path, EcSigner]:
     """Register and enroll the gateway as a technician does; write its config. Returns
     the config path and the enrolled (old) key."""
-    api = w.api
-    body = device_body(900, id=GW, hardware_class="rpi4", model="ce-gw-1")
-    tech = api.headers(Role.technician)
-    assert api.client.post("/devices", json=body, headers=tech).status_code == 201
-    token = api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
-                            headers=tech).json()["token"]
-    old = EcSigner.generate()
-    r = api.client.post("/enroll", json={"serial": body["serial"], "token": token,
-                                         "csr_pem": csr_for(old, GW)})
-    assert r.status_code == 200, r.text
-    gw = w.dir / "gw"
-    gw.mkdir()
-    (gw / "gateway.crt").write_text(r.json()["chain_pem"])
-    old.save(gw / "gateway.key")
-    (gw / "fleet0.pub").write_text(r.json()["fleet_keys"][0] + "\n")
-    (gw / "gateway.toml").write_text("""
-[gateway]
-device = "%s"
-identity_dir = "identity"
-fleet_keys = ["fleet0.pub"]
-batch_readings = 5
-batch_max_age_s = 0.2
-
-[store]
-path = "buffer.sqlite"
-
-[broker]
-host = "127.0.0.1"
-port = %d
-ca_file = "%s"
-cert_file = "gateway.crt"
-key_file = "gateway.key"
-keepalive_s = 5
-""" % (GW, w.broker.port, w.pki.ca_pem))
-    return gw / "gateway.toml", old
+    config, old, _ = support_enroll(w.api, w.dir / "gw", 900, w.broker.port, w.pki.ca_pem,
+                                    'identity_dir = "identity"\nbatch_readings = 5\n'
+                                    "batch_max_age_s = 0.2")
+    return config, old
 
 
 class Stream:
