@@ -110,9 +110,10 @@ def main() -> None:
               "   stored twice)"
               " and the lost and late batches by the hash chain.")
     con.print("   Inspect any batch yourself: cityedge inspect FILE --pubkey KEY.pem")
-    from cityedge import demo_system
+    from cityedge import demo_hardware, demo_system
 
     demo_system.main(con)
+    demo_hardware.main(con)
 
 
 if __name__ == "__main__":
