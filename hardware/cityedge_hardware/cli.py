@@ -3,7 +3,8 @@
 ``cityedge hw catalogue [--profile P] [--json]`` lists the requirements (all of them, or those
 a profile selects, with the profile's severities). ``cityedge hw efuse (--port P |
 --efuse-json F) [--chip C] [--json]`` reads a chip's eFuses (or a capture of them) and gives
-one verdict per eFuse requirement with its evidence and fix. A check with a failed or
+one verdict per eFuse requirement with its evidence and fix. ``cityedge hw serial --port P
+[--json]`` probes a board's serial console (``serial_probe``): a MicroPython REPL fails. A check with a failed or
 undecided requirement ends with exit code 1 and one line saying how many; errors print
 ``cityedge: ...`` with what to do (``cityedge_host.errors``).
 """
@@ -23,7 +24,8 @@ from cityedge_hardware.efuse_rules import check_summary
 from cityedge_hardware.efuse_summary import parse_summary
 from cityedge_hardware.errors import EfuseDataError
 from cityedge_hardware.limits import LIMITS
-from cityedge_hardware.verdict import Outcome
+from cityedge_hardware.serial_probe import probe
+from cityedge_hardware.verdict import Outcome, Verdict
 from cityedge_host.errors import UserError
 
 hw_app = typer.Typer(help="Check hardware against the city's device guidelines.",
@@ -81,14 +83,16 @@ def _read_capture(path: Path) -> bytes:
     return data
 
 
-def _print(result: EfuseResult, as_json: bool) -> int:
-    counts = {o: sum(1 for v in result.verdicts if v.outcome is o) for o in Outcome}
+def _print_verdicts(header: str, head_json: dict[str, Any], verdicts: list[Verdict],
+                    as_json: bool) -> int:
+    """Print the verdicts (text or JSON); the number that failed or could not be decided."""
+    counts = {o: sum(1 for v in verdicts if v.outcome is o) for o in Outcome}
     if as_json:
-        typer.echo(json.dumps({"source": result.source, "chip": result.chip,
-                               "verdicts": [v.to_json() for v in result.verdicts]}, indent=2))
+        typer.echo(json.dumps(dict(head_json, verdicts=[v.to_json() for v in verdicts]),
+                              indent=2))
     else:
-        typer.echo("chip: %s (read from the %s)" % (result.chip or "unknown", result.source))
-        for v in result.verdicts:
+        typer.echo(header)
+        for v in verdicts:
             typer.echo("%-16s %-10s %-16s %s" % (v.outcome.value.upper(), v.requirement,
                                                  v.check, v.reason))
             for e in v.evidence:
@@ -97,6 +101,13 @@ def _print(result: EfuseResult, as_json: bool) -> int:
             if v.fix and v.outcome is not Outcome.PASS:
                 typer.echo("    fix: %s" % v.fix)
     return counts[Outcome.FAIL] + counts[Outcome.UNDECIDED]
+
+
+def _print(result: EfuseResult, as_json: bool) -> int:
+    return _print_verdicts("chip: %s (read from the %s)" % (result.chip or "unknown",
+                                                           result.source),
+                           {"source": result.source, "chip": result.chip},
+                           result.verdicts, as_json)
 
 
 @hw_app.command("efuse")
@@ -128,3 +139,19 @@ def efuse_command(
                         % (open_items, len(result.verdicts)),
                         hint="run the fixes shown above (docs/VENDOR_GUIDE.md says in which "
                         "order: burned eFuses cannot be undone)")
+
+
+@hw_app.command("serial")
+def serial_command(
+    port: Annotated[str, typer.Option("--port", "-p", help="Serial port of the board "
+                                      "(running its production firmware).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that a board's serial port offers no console: only cityedge frames answer."""
+    result = probe(port)
+    open_items = _print_verdicts("serial port: %s (%d probe steps)" % (port, len(result.steps)),
+                                 {"port": port}, [result.verdict], as_json)
+    if open_items:
+        raise UserError("the serial console requirement is not met or could not be decided",
+                        hint="see the verdict above; docs/VENDOR_GUIDE.md (serial console) "
+                        "says how a production image closes the REPL")

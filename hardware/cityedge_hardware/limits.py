@@ -15,6 +15,12 @@ class HardwareLimits:
     secinfo_max_bytes: int = 64 * 1024  # bytes of `esptool get-security-info` output
     collect_timeout_s: float = 60.0  # seconds one espefuse / esptool run may take
     tool_output_max_chars: int = 400  # characters of a tool's error output quoted to the user
+    serial_baudrate: int = 115200  # bits/s of the serial console probe (a pty ignores it)
+    serial_step_timeout_s: float = 1.0  # seconds to wait for an answer to one probe step
+    serial_hello_timeout_s: float = 5.0  # seconds to wait for the answer to the hello frame
+    serial_idle_s: float = 0.3  # seconds of quiet after an answer that end a probe step
+    serial_step_max_bytes: int = 4096  # bytes kept of the answer to one probe step
+    serial_evidence_max_bytes: int = 64  # bytes of an answer quoted as evidence
 
 
 LIMITS = HardwareLimits()
