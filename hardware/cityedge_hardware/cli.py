@@ -4,8 +4,9 @@
 a profile selects, with the profile's severities). ``cityedge hw efuse (--port P |
 --efuse-json F) [--chip C] [--json]`` reads a chip's eFuses (or a capture of them) and gives
 one verdict per eFuse requirement with its evidence and fix. ``cityedge hw serial --port P
-[--json]`` probes a board's serial console (``serial_probe``): a MicroPython REPL fails. A check with a failed or
-undecided requirement ends with exit code 1 and one line saying how many; errors print
+[--json]`` probes a board's serial console (``serial_probe``): a MicroPython REPL fails. A
+check with a failed or undecided requirement ends with exit code 1 and one line saying how
+many; errors print
 ``cityedge: ...`` with what to do (``cityedge_host.errors``).
 """
 
