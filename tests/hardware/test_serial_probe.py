@@ -1,12 +1,13 @@
 """The serial console check (CE-DBG-03): the rule on transcripts, and the probe on
-pseudo-terminals: a simulated stock MicroPython REPL fails, garbage and silence cannot be
-decided, and the real cityedge firmware, locked, on the MicroPython unix port passes."""
+pseudo-terminals: a simulated stock MicroPython board and the real unix port's REPL fail,
+garbage and silence cannot be decided, and the real cityedge firmware, locked, on the MicroPython unix port passes."""
 
 from __future__ import annotations
 
 import json
 import os
 import select
+import subprocess
 import threading
 import tty
 from collections.abc import Callable, Iterator
@@ -191,6 +192,55 @@ def test_silence_cannot_be_decided(pty_board: Callable[[Responder], PtyBoard]) -
     assert result.verdict.outcome is Outcome.UNDECIDED
     assert "silent" in result.verdict.reason
     assert bytes(board.received) == _sent_bytes()
+
+
+class ReplOnPty:
+    """The real MicroPython unix port's REPL (a stock image's console) behind a pty: the
+    interpreter's stdio is one pty, a thread copies bytes to and from the pty the probe
+    opens."""
+
+    def __init__(self, micropython: str) -> None:
+        self.repl_master, repl_slave = os.openpty()
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.port = os.ttyname(self.slave)
+        self.proc = subprocess.Popen([micropython], stdin=repl_slave, stdout=repl_slave,
+                                     stderr=repl_slave, start_new_session=True)
+        os.close(repl_slave)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        peer = {self.master: self.repl_master, self.repl_master: self.master}
+        while not self._stop.is_set():
+            ready, _, _ = select.select(list(peer), [], [], 0.05)
+            for fd in ready:
+                try:
+                    data = os.read(fd, 1024)
+                except OSError:
+                    return
+                os.write(peer[fd], data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.proc.kill()
+        self.proc.wait(5)
+        os.close(self.master)
+        os.close(self.slave)
+        os.close(self.repl_master)
+
+
+def test_real_micropython_repl_fails(micropython: str) -> None:
+    repl = ReplOnPty(micropython)
+    try:
+        result = probe(repl.port)
+    finally:
+        repl.close()
+    assert result.verdict.outcome is Outcome.FAIL, result.steps
+    answers = b"".join(s.received for s in result.steps)
+    assert b"raw REPL; CTRL-B to exit" in answers  # Ctrl-A really reached the raw REPL
 
 
 # --- the real firmware, locked, on the MicroPython unix port -------------------------------
