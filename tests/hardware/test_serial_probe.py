@@ -1,6 +1,7 @@
 """The serial console check (CE-DBG-03): the rule on transcripts, and the probe on
 pseudo-terminals: a simulated stock MicroPython board and the real unix port's REPL fail,
-garbage and silence cannot be decided, and the real cityedge firmware, locked, on the MicroPython unix port passes."""
+garbage and silence cannot be decided, and the real cityedge firmware, locked, on the
+MicroPython unix port passes."""
 
 from __future__ import annotations
 
