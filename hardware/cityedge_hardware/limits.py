@@ -15,6 +15,13 @@ class HardwareLimits:
     secinfo_max_bytes: int = 64 * 1024  # bytes of `esptool get-security-info` output
     collect_timeout_s: float = 60.0  # seconds one espefuse / esptool run may take
     tool_output_max_chars: int = 400  # characters of a tool's error output quoted to the user
+    secret_file_max_bytes: int = 32 * 1024 * 1024  # bytes of one file the secret scan reads
+    secret_total_max_bytes: int = 256 * 1024 * 1024  # bytes one secret scan reads in all
+    secret_max_files: int = 20000  # files (or archive members) one secret scan reads
+    secret_der_candidates: int = 4096  # DER key parses per file
+    secret_der_max_bytes: int = 16 * 1024  # bytes of one DER key candidate (RSA-8192 < 5 KiB)
+    secret_name_window: int = 48  # bytes before a hex string searched for a key-like name
+    secret_findings_per_file: int = 100  # findings listed per file
 
 
 LIMITS = HardwareLimits()
