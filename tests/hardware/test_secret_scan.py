@@ -148,6 +148,8 @@ def test_a_planted_secret_is_caught_with_its_kind_and_never_shown(
     for part in _secret_parts(secret):
         assert part.decode("latin-1") not in shown
     assert secrets_verdict(result).outcome is Outcome.FAIL
+    if kind == HEX_KEY:
+        assert finding.excerpt == "HMAC_KEY = <64 hex digits redacted>"
 
 
 def _certificate() -> x509.Certificate:
@@ -269,3 +271,21 @@ def test_any_bytes_scan_without_error_and_bounded_work(parts: list[bytes]) -> No
     assert result.der_parses <= min(LIMITS.secret_der_candidates, data.count(b"\x30"))
     assert len(result.findings) <= min(LIMITS.secret_findings_per_file, len(data))
     assert all(0 <= f.offset < len(data) for f in result.findings)
+
+
+@pytest.mark.parametrize(("line", "name"), [
+    (b'wifiPassword: "hunter22"\n', "wifiPassword"),
+    (b'{"pass": "hunter22"}', "pass"),
+    (b"AWS_SECRET_ACCESS_KEY=abcdefghijkl\n", "AWS_SECRET_ACCESS_KEY"),
+    (b'client_secret = "abcdefgh"\n', "client_secret"),
+    (b'mqtt.token = "abcdefgh"\n', "mqtt.token"),
+    (b'bypass = "hunter22"\n', None),
+    (b"compass: northeast\n", None),
+    (b'password_hash = "abcdefgh"\n', None),
+    (b'token_url = "https://x/y"\n', None),
+    (b'password = ""\n', None),
+    (b'psk = "${WIFI_PSK}"\n', None),
+])
+def test_a_password_is_a_literal_under_a_secrets_name(line: bytes, name: str | None) -> None:
+    found = scan_items([("config.yaml", line)]).findings
+    assert [f.excerpt.split(" = ")[0] for f in found] == ([name] if name else [])
