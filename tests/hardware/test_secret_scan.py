@@ -289,3 +289,15 @@ def test_any_bytes_scan_without_error_and_bounded_work(parts: list[bytes]) -> No
 def test_a_password_is_a_literal_under_a_secrets_name(line: bytes, name: str | None) -> None:
     found = scan_items([("config.yaml", line)]).findings
     assert [f.excerpt.split(" = ")[0] for f in found] == ([name] if name else [])
+
+
+def test_a_key_in_an_archive_inside_the_bundle_is_caught(tmp_path: Path) -> None:
+    name, data, _, kind = PLANTED["der-pkcs8-ec"]
+    inner = _to_targz(tmp_path, name, data).read_bytes()
+    result = _scan(_to_zip(tmp_path, "release/extra.tar.gz", inner))
+    assert [(f.name, f.kind) for f in result.findings] == [
+        ("release/extra.tar.gz!" + name, kind)]
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "extra.zip").write_bytes(_to_zip(tmp_path, name, data).read_bytes())
+    assert [f.name for f in _scan(root).findings] == ["extra.zip!" + name]
