@@ -4,9 +4,10 @@
 a profile selects, with the profile's severities). ``cityedge hw efuse (--port P |
 --efuse-json F) [--chip C] [--json]`` reads a chip's eFuses (or a capture of them) and gives
 one verdict per eFuse requirement with its evidence and fix. ``cityedge hw serial --port P
-[--json]`` probes a board's serial console (``serial_probe``): a MicroPython REPL fails. A
-check with a failed or undecided requirement ends with exit code 1 and one line saying how
-many; errors print
+[--json]`` probes a board's serial console (``serial_probe``): a MicroPython REPL fails.
+``cityedge hw secrets PATH [--json]`` scans a firmware bundle (directory, tar, zip, ROMFS
+image) for private keys, passwords and tokens (``secret_scan``). A check with a failed or
+undecided requirement ends with exit code 1 and one line saying how many; errors print
 ``cityedge: ...`` with what to do (``cityedge_host.errors``).
 """
 
@@ -25,6 +26,8 @@ from cityedge_hardware.efuse_rules import check_summary
 from cityedge_hardware.efuse_summary import parse_summary
 from cityedge_hardware.errors import EfuseDataError
 from cityedge_hardware.limits import LIMITS
+from cityedge_hardware.secret_bundle import Bundle
+from cityedge_hardware.secret_scan import scan_items, secrets_verdict
 from cityedge_hardware.serial_probe import probe
 from cityedge_hardware.verdict import Outcome, Verdict
 from cityedge_host.errors import UserError
@@ -156,3 +159,33 @@ def serial_command(
         raise UserError("the serial console requirement is not met or could not be decided",
                         hint="see the verdict above; docs/VENDOR_GUIDE.md (serial console) "
                         "says how a production image closes the REPL")
+
+
+@hw_app.command("secrets")
+def secrets_command(
+    path: Annotated[Path, typer.Argument(help="A firmware bundle: directory, .tar(.gz), .zip, "
+                                         "ROMFS image or one file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Scan a firmware bundle for private keys, passwords and tokens (CE-AUTH-06)."""
+    bundle = Bundle(path)
+    result = scan_items(bundle.items())
+    result.incomplete.extend(bundle.skipped)
+    verdict = secrets_verdict(result)
+    if as_json:
+        typer.echo(json.dumps({"source": str(path), "scan": result.to_json(),
+                               "verdicts": [verdict.to_json()]}, indent=2))
+    else:
+        typer.echo("%s: %d files, %d bytes scanned" % (path, result.files, result.bytes))
+        typer.echo("%-16s %-10s %-16s %s" % (verdict.outcome.value.upper(),
+                                             verdict.requirement, verdict.check,
+                                             verdict.reason))
+        for e in verdict.evidence:
+            typer.echo("    %s: %s%s" % (e.field, e.raw, "  (%s)" % e.note if e.note else ""))
+        if verdict.fix and verdict.outcome is not Outcome.PASS:
+            typer.echo("    fix: %s" % verdict.fix)
+    if verdict.outcome is not Outcome.PASS:
+        raise UserError("%d secret(s) found, %d file(s) not fully scanned in %s"
+                        % (len(result.findings), len(result.incomplete), path),
+                        hint="remove them from the image (docs/VENDOR_GUIDE.md, "
+                        "'Secrets in the firmware')")

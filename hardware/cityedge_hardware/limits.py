@@ -21,6 +21,13 @@ class HardwareLimits:
     serial_idle_s: float = 0.3  # seconds of quiet after an answer that end a probe step
     serial_step_max_bytes: int = 4096  # bytes kept of the answer to one probe step
     serial_evidence_max_bytes: int = 64  # bytes of an answer quoted as evidence
+    secret_file_max_bytes: int = 32 * 1024 * 1024  # bytes of one file the secret scan reads
+    secret_total_max_bytes: int = 256 * 1024 * 1024  # bytes one secret scan reads in all
+    secret_max_files: int = 20000  # files (or archive members) one secret scan reads
+    secret_der_candidates: int = 4096  # DER key parses per file
+    secret_der_max_bytes: int = 16 * 1024  # bytes of one DER key candidate (RSA-8192 < 5 KiB)
+    secret_name_window: int = 48  # bytes before a hex string searched for a key-like name
+    secret_findings_per_file: int = 100  # findings listed per file
 
 
 LIMITS = HardwareLimits()
