@@ -53,3 +53,4 @@ def main(con: Console) -> None:
               "each failing row names its fix\n   (cityedge hw efuse prints it; "
               "docs/VENDOR_GUIDE.md says in which order to burn)."
               % (passed[0], len(results[0][2]), passed[1]))
+    con.rule("[bold green]demo complete")

@@ -279,5 +279,5 @@ def main(con: Console) -> None:
     except (DemoError, RuntimeError) as e:
         con.print("[red]cityedge: demo failed: %s[/red]" % e)
         raise SystemExit(1) from e
-    con.rule("[bold green]demo complete: every reading above was signed on its device and "
+    con.rule("[bold green]part 2 complete: every reading above was signed on its device and "
              "verified by the fleet")
