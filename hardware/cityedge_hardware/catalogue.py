@@ -122,6 +122,7 @@ class Catalogue:
     probes: dict[str, Probe]
     not_covered: tuple[NotCovered, ...]
     version: int
+    name: str = "cityedge device guidelines"
 
     def get(self, req_id: str) -> Requirement | None:
         for r in self.requirements:
@@ -219,7 +220,8 @@ def parse_catalogue(data: bytes, source: str = "catalogue.yaml") -> Catalogue:
     if problems:
         raise CatalogueError("%s does not hold:\n  %s" % (source, "\n  ".join(problems)))
     return Catalogue(requirements=tuple(parsed.requirements), probes=dict(parsed.probes),
-                     not_covered=tuple(parsed.not_covered), version=parsed.catalogue.version)
+                     not_covered=tuple(parsed.not_covered), version=parsed.catalogue.version,
+                     name=parsed.catalogue.name)
 
 
 def _package_file(*parts: str) -> bytes:
@@ -256,18 +258,28 @@ def _bundled(name: str) -> tuple[bytes, str]:
     return _package_file("profiles", name + ".yaml"), "profile %s" % name
 
 
-def load_profile(name_or_path: str, catalogue: Catalogue | None = None) -> Profile:
-    """A bundled profile by name, or a vendor's profile file by path, resolved and checked."""
-    cat = catalogue or load_catalogue()
+def profile_source(name_or_path: str) -> tuple[bytes, str]:
+    """A profile file's bytes and how to name it: a bundled profile, or a path to one."""
     if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
         path = Path(name_or_path)
         try:
-            data, source = path.read_bytes(), str(path)
+            with path.open("rb") as f:
+                return f.read(LIMITS.catalogue_max_bytes + 1), str(path)
         except OSError as e:
             raise CatalogueError("cannot read profile %s: %s" % (path, e.strerror or e),
                                  hint="check the path") from e
-    else:
-        data, source = _bundled(name_or_path)
+    return _bundled(name_or_path)
+
+
+def catalogue_bytes() -> bytes:
+    """The bundled catalogue file as it is (a report records its sha256)."""
+    return _package_file("catalogue.yaml")
+
+
+def load_profile(name_or_path: str, catalogue: Catalogue | None = None) -> Profile:
+    """A bundled profile by name, or a vendor's profile file by path, resolved and checked."""
+    cat = catalogue or load_catalogue()
+    data, source = profile_source(name_or_path)
     files: list[tuple[_ProfileFile, str]] = []
     while True:
         pf = _profile_file(data, source)

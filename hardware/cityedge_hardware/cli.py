@@ -189,3 +189,76 @@ def secrets_command(
                         % (len(result.findings), len(result.incomplete), path),
                         hint="remove them from the image (docs/VENDOR_GUIDE.md, "
                         "'Secrets in the firmware')")
+
+
+def _path_opt(flag: str, text: str, *, dir_okay: bool = False) -> Any:
+    return typer.Option(flag, help=text, exists=True, dir_okay=dir_okay, readable=True)
+
+
+@hw_app.command("check")
+def check_command(
+    out: Annotated[Path, typer.Option("--out", help="Directory for report.json and "
+                                      "report.html (created).")],
+    profile: Annotated[str, typer.Option("--profile", help="A bundled profile or a path to a "
+                                         "vendor's profile file.")] = "city-baseline",
+    platform: Annotated[str | None, typer.Option(
+        "--platform", help="esp32, rp2040 or rpi-gateway (default: the declaration's; esp32 "
+        "with eFuse inputs).")] = None,
+    port: Annotated[str | None, typer.Option(
+        "--port", "-p", help="The board's serial port: eFuses (ESP32, in its bootloader) and "
+        "the serial console.")] = None,
+    efuse_json: Annotated[Path | None, _path_opt(
+        "--efuse-json", "A capture of `espefuse summary --format json`.")] = None,
+    security_info: Annotated[Path | None, _path_opt(
+        "--security-info", "A capture of `esptool get-security-info` (Secure Download "
+        "Mode).")] = None,
+    chip: Annotated[str | None, typer.Option("--chip", help="Chip name (default: detected)."
+                                             )] = None,
+    firmware: Annotated[Path | None, _path_opt(
+        "--firmware", "A firmware bundle to scan for secrets (directory, tar, zip, ROMFS).",
+        dir_okay=True)] = None,
+    evidence: Annotated[Path | None, _path_opt(
+        "--evidence", "The vendor declaration (YAML).")] = None,
+    vendor: Annotated[str | None, typer.Option("--vendor", help="Vendor name (default: the "
+                                               "declaration's).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name (default: the "
+                                              "declaration's).")] = None,
+) -> None:
+    """Check a board against a profile; write report.json and report.html.
+
+    Runs the probes the inputs allow (progress on stderr), decides every requirement of the
+    profile, and exits 0 when the profile is met, 1 when it is not, 2 on a usage or input
+    error. Runs without hardware on captured inputs.
+    """
+    from cityedge_hardware.check import CheckInputs, check_report, resolve_platform
+    from cityedge_hardware.evidence import load_declaration
+    from cityedge_hardware.report_html import write_reports
+
+    try:
+        if chip is not None and chip not in CHIPS:
+            raise UserError("unknown chip %r" % chip, hint="known: %s" % ", ".join(CHIPS))
+        for name, value in (("--vendor", vendor), ("--model", model)):
+            if value is not None and not 1 <= len(value.strip()) <= 200:
+                raise UserError("%s must have 1 to 200 characters" % name)
+        decl = load_declaration(evidence) if evidence is not None else None
+        esp = efuse_json is not None or security_info is not None
+        inputs = CheckInputs(platform=resolve_platform(platform, esp, decl), port=port,
+                             efuse_json=efuse_json, security_info=security_info,
+                             firmware=firmware, declaration=decl, chip=chip)
+        load_profile(profile)  # a bad profile is an input error before any probe runs
+        doc = check_report(inputs, profile, vendor=vendor, model=model,
+                           progress=lambda line: typer.echo(line, err=True))
+        json_path, html_path = write_reports(doc, out)
+    except UserError as e:
+        typer.echo("cityedge: %s" % e, err=True)
+        if e.hint:
+            typer.echo("  what to do: %s" % e.hint, err=True)
+        raise typer.Exit(2) from e
+    summary = doc["summary"]
+    counts = ", ".join("%d %s" % (n, name) for name, n in summary["counts"].items())
+    typer.echo("%s %s: %s (%s)" % (doc["device"]["model"], doc["profile"]["name"],
+                                   "MET" if summary["met"] else "NOT MET", counts))
+    typer.echo("report: %s" % html_path)
+    typer.echo("json:   %s" % json_path)
+    if not summary["met"]:
+        raise typer.Exit(1)

@@ -2,7 +2,9 @@
 
 ``CatalogueError`` is a catalogue or profile that does not hold (it names the entry and the
 field); ``EfuseDataError`` is an eFuse capture that is not what ``espefuse summary --format
-json`` writes; ``CollectError`` is ``espefuse`` / ``esptool`` failing to read a chip. All are
+json`` writes; ``CollectError`` is ``espefuse`` / ``esptool`` failing to read a chip;
+``EvidenceError`` is a vendor declaration or its SBOM that cannot be read as one;
+``CheckInputError`` is a ``cityedge hw check`` run given inputs that do not fit together. All are
 ``cityedge_host.errors.UserError``: the ``cityedge`` command prints them in one line.
 """
 
@@ -23,3 +25,12 @@ class EfuseDataError(UserError):
 class CollectError(UserError):
     hint = ("check the USB cable and the port (`cityedge provision ports` lists them), hold "
             "the board's BOOT button while it resets if it does not answer")
+
+
+class EvidenceError(UserError):
+    hint = ("fix the named field of the declaration (docs/VENDOR_GUIDE.md, 'The evidence "
+            "file', shows the format; hardware/cityedge_hardware/examples/ has a complete one)")
+
+
+class CheckInputError(UserError):
+    hint = "see `cityedge hw check --help`; docs/VENDOR_GUIDE.md says which inputs each probe needs"

@@ -28,6 +28,14 @@ class HardwareLimits:
     secret_der_max_bytes: int = 16 * 1024  # bytes of one DER key candidate (RSA-8192 < 5 KiB)
     secret_name_window: int = 48  # bytes before a hex string searched for a key-like name
     secret_findings_per_file: int = 100  # findings listed per file
+    declaration_max_bytes: int = 64 * 1024  # bytes of a vendor declaration (YAML)
+    declaration_text_max_chars: int = 200  # characters of one text field of a declaration
+    declaration_max_documents: int = 100  # documents a declaration names
+    document_max_bytes: int = 32 * 1024 * 1024  # bytes of one declared document (hashed)
+    sbom_max_bytes: int = 8 * 1024 * 1024  # bytes of an SBOM file (CycloneDX or SPDX)
+    sbom_max_components: int = 10000  # components (packages) of one SBOM
+    check_input_max_bytes: int = 64 * 1024 * 1024  # bytes of an input file hashed for a report
+    report_text_max_chars: int = 2000  # characters of one text in a report (longer: cut)
 
 
 LIMITS = HardwareLimits()
