@@ -21,6 +21,7 @@ from cityedge_hardware.report import OUTCOMES, decide, evaluate
 from cityedge_hardware.report_json import schema
 from cityedge_hardware.verdict import Outcome, Verdict
 from cityedge_host.errors import UserError
+
 from support.efuse_virt import Captures
 
 PKG = resources.files("cityedge_hardware")

@@ -104,14 +104,27 @@ def test_a_declaration_larger_than_its_limit_is_refused_before_parsing() -> None
         parse_declaration(b"vendor: " + b"x" * 70000)
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=12), inner, max_size=5), max_leaves=20))
-def test_any_yaml_document_is_a_declaration_or_one_evidence_error(doc: object) -> None:
+VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                      lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=12), inner, max_size=3), max_leaves=8)
+
+
+@given(st.data())
+def test_any_change_to_a_declaration_is_read_or_one_evidence_error(data: st.DataObject
+                                                                    ) -> None:
+    doc = example()
+    section = data.draw(st.sampled_from(sorted(doc)))
+    if isinstance(doc[section], dict) and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(sorted(doc[section])))
+        doc[section][key] = data.draw(VALUES)
+    else:
+        doc[section] = data.draw(VALUES)
     try:
-        parse_declaration(yaml.safe_dump(doc).encode())
-    except EvidenceError:
-        pass
+        decl = parse_declaration(yaml.safe_dump(doc).encode())
+    except EvidenceError as e:
+        assert str(e).startswith("declaration")  # names the file, then the fields
+        return
+    assert decl.vendor and decl.model  # what it read is a declaration
 
 
 CDX = json.loads((EXAMPLES / "sbom.cdx.json").read_text())
