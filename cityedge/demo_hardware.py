@@ -2,55 +2,79 @@
 
 Two eFuse captures bundled with the hardware checker (real ``espefuse summary --format
 json`` output of esptool's virtual ESP32-S3: factory state, and after the hardening the
-research notes burned) are checked by the same rules ``cityedge hw efuse`` runs, and shown
-side by side with the requirement each rule decides. The "hardened" capture still fails
-three rows: its flash encryption is in development mode and its key blocks hold no
-digest or key, which is what a lab finds weeks later and the checker finds at once.
+research notes burned), each with the example vendor declaration, go through what
+``cityedge hw check --profile city-baseline`` runs; the two reports (HTML and JSON) are
+written and shown side by side: the summary of each, then the requirements the eFuses
+decide. Neither meets the baseline: the "hardened" capture still fails three eFuse rows
+(flash encryption in development mode, key blocks without a digest or key), which is what a
+lab finds weeks later and the checker finds at once; and no probe here saw the network or
+the firmware, so those requirements stay "could not decide".
 """
 
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from cityedge_hardware.catalogue import load_catalogue
-from cityedge_hardware.efuse_rules import check_summary
-from cityedge_hardware.efuse_summary import parse_summary
-from cityedge_hardware.verdict import Outcome
+from cityedge_hardware.check import CheckInputs, check_report
+from cityedge_hardware.efuse_rules import EFUSE_REQUIREMENTS
+from cityedge_hardware.evidence import load_declaration
+from cityedge_hardware.report import OUTCOMES
+from cityedge_hardware.report_html import write_reports
 
-CAPTURES = (("factory ESP32-S3", "esp32s3.json"),
-            ("'hardened' ESP32-S3", "esp32s3_hardened.json"))
-_COLOUR = {Outcome.PASS: "green", Outcome.FAIL: "red", Outcome.UNDECIDED: "yellow"}
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "var" / "demo" / "hw-check"
+CAPTURES = (("factory ESP32-S3", "factory", "esp32s3.json"),
+            ("'hardened' ESP32-S3", "hardened", "esp32s3_hardened.json"))
+_COLOUR = {"pass": "green", "fail": "red", "could not decide": "yellow",
+           "needs evidence": "dark_orange", "not applicable": "dim"}
 
 
-def main(con: Console) -> None:
+def _run(name: str, out: Path) -> tuple[dict[str, Any], Path, Path]:
+    pkg = resources.files("cityedge_hardware")
+    capture = Path(str(pkg.joinpath("captures", name)))
+    decl = load_declaration(Path(str(pkg.joinpath("examples", "vendor.yaml"))))
+    doc = check_report(CheckInputs(platform="esp32", efuse_json=capture, declaration=decl),
+                       "city-baseline")
+    json_path, html_path = write_reports(doc, out)
+    return doc, json_path, html_path
+
+
+def main(con: Console, out_dir: Path = OUT) -> None:
     con.rule("[bold]cityedge demo, part 3: a vendor's chip against the city's guidelines")
-    cat = load_catalogue()
-    texts = {r.id: r.text for r in cat.requirements}
-    results = []
-    for label, name in CAPTURES:
-        data = resources.files("cityedge_hardware").joinpath("captures", name).read_bytes()
-        chip, verdicts = check_summary(parse_summary(data, source=name))
-        results.append((label, chip, verdicts))
-    table = Table(title="cityedge hw efuse --efuse-json CAPTURE, two captures side by side")
-    table.add_column("requirement")
-    for label, chip, _ in results:
-        table.add_column("%s (%s)" % (label, chip))
-    for row in zip(*(v for _, _, v in results), strict=True):
-        req = row[0].requirement
-        cells = ["[%s]%s[/%s]: %s" % (_COLOUR[v.outcome], v.outcome.value, _COLOUR[v.outcome],
-                                      v.reason) for v in row]
-        table.add_row("%s\n%s" % (req, texts.get(req, "")), *cells)
+    results = [(label, *_run(name, out_dir / sub)) for label, sub, name in CAPTURES]
+    table = Table(title="cityedge hw check --profile city-baseline --efuse-json CAPTURE "
+                  "--evidence examples/vendor.yaml --out DIR, two captures side by side")
+    table.add_column("")
+    for label, doc, _, _ in results:
+        table.add_column("%s (%s)" % (label, doc["device"]["chip"]))
+    table.add_row("profile city-baseline", *("[bold %s]%s[/]" % (
+        "green" if doc["summary"]["met"] else "red",
+        "MET" if doc["summary"]["met"] else "NOT MET") for _, doc, _, _ in results))
+    for outcome in OUTCOMES:
+        table.add_row(outcome, *(str(doc["summary"]["counts"][outcome])
+                                 for _, doc, _, _ in results))
+    table.add_section()
+    rows = [{r["id"]: r for r in doc["requirements"]} for _, doc, _, _ in results]
+    for req in EFUSE_REQUIREMENTS:
+        cells = ["[%s]%s[/]: %s" % (_COLOUR[r[req]["outcome"]], r[req]["outcome"],
+                                    r[req]["reason"]) for r in rows]
+        table.add_row("%s\n%s" % (req, rows[0][req]["text"]), *cells)
     con.print(table)
-    passed = [sum(v.outcome is Outcome.PASS for v in verdicts) for _, _, verdicts in results]
+    for label, _, json_path, html_path in results:
+        con.print("   %s: %s  (and %s)" % (label, html_path, json_path.name))
+    passed = [sum(rows_i[req]["outcome"] == "pass" for req in EFUSE_REQUIREMENTS)
+              for rows_i in rows]
     if not passed[0] < passed[1]:
         con.print("[red]cityedge: the hardened capture should pass more rows (%s)[/red]"
                   % passed)
         raise SystemExit(1)
     con.print("   %d of %d eFuse rows pass on the factory chip, %d on the 'hardened' one; "
-              "each failing row names its fix\n   (cityedge hw efuse prints it; "
-              "docs/VENDOR_GUIDE.md says in which order to burn)."
-              % (passed[0], len(results[0][2]), passed[1]))
+              "each failing row names its fix\n   (open the HTML report; docs/VENDOR_GUIDE.md "
+              "says in which order to burn)." % (passed[0], len(EFUSE_REQUIREMENTS),
+                                                 passed[1]))
     con.rule("[bold green]demo complete")

@@ -129,8 +129,8 @@ def parse_sbom(data: bytes, source: str = "sbom") -> Sbom:
     if text.lstrip().startswith("{"):
         try:
             doc = json.loads(text)
-        except ValueError as e:
-            raise EvidenceError("%s: not JSON: %s" % (source, e)) from e
+        except (ValueError, RecursionError) as e:  # RecursionError: nested past Python's stack
+            raise EvidenceError("%s: not JSON: %s" % (source, str(e)[:200])) from e
         if isinstance(doc, dict) and doc.get("bomFormat") == "CycloneDX":
             return _cyclonedx(doc, source)
         if isinstance(doc, dict) and "spdxVersion" in doc:

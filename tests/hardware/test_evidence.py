@@ -104,6 +104,24 @@ def test_a_declaration_larger_than_its_limit_is_refused_before_parsing() -> None
         parse_declaration(b"vendor: " + b"x" * 70000)
 
 
+def test_an_alias_bomb_in_a_declaration_is_refused_field_by_field() -> None:
+    lines = ["  a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += ["  a%d: &a%d [%s]" % (i, i, ", ".join(["*a%d" % (i - 1)] * 10)) for i in range(1, 9)]
+    text = "\n".join(["schema: cityedge-vendor-declaration/1", "model: m", "platform: esp32",
+                      "firmware: 0.1.0", "x:", *lines, "vendor: *a8"])  # 10^9 leaves
+    with pytest.raises(EvidenceError) as e:
+        parse_declaration(text.encode())
+    assert str(e.value).splitlines()[1:] == ["  vendor: Input should be a valid string",
+                                              "  x: Extra inputs are not permitted"]
+
+
+def test_an_sbom_past_its_limits_is_refused_with_why() -> None:
+    with pytest.raises(EvidenceError, match="more than 8388608"):
+        parse_sbom(b"{" + b" " * (8 * 1024 * 1024))
+    with pytest.raises(EvidenceError, match="not JSON"):
+        parse_sbom(b"{\"bomFormat\": " + b"[" * 100000 + b"]" * 100000 + b"}")
+
+
 VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
                       lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(st.text(max_size=12), inner, max_size=3), max_leaves=8)
