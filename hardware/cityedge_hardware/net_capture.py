@@ -198,7 +198,7 @@ def from_json(data: bytes, source: str = "scan",
                            % (source, limits.net_scan_json_max_bytes))
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise NetDataError("%s is not JSON: %s" % (source, e)) from e
     r = _Reader(limits)
     top = r.obj(doc, source, {"schema", "host", "scanned_at", "tcp_ports", "udp_ports",

@@ -259,6 +259,8 @@ def _tells_version(data: bytes) -> bool:
     if data.startswith(b"SSH-"):
         line = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
         return b" " in line.strip()  # comments after the software version
+    if data.startswith(b"HTTP/"):
+        data = data.partition(b" ")[2]  # the protocol's version, not the software's
     return _VERSION.search(data) is not None
 
 

@@ -54,19 +54,26 @@ class _Managed:
         raise NotImplementedError
 
 
+POLL_S = 0.1  # seconds a service thread waits before it looks whether it should stop
+
+
 class TelnetLike(_Managed):
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
+        self.sock.settimeout(POLL_S)
         self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return  # closed
             with conn:
@@ -78,8 +85,9 @@ class TelnetLike(_Managed):
                     pass
 
     def close(self) -> None:
-        self.sock.close()
+        self._stop.set()
         self._thread.join(5)
+        self.sock.close()
 
 
 class OpenSSLServer(_Managed):
@@ -119,18 +127,23 @@ class UdpEcho(_Managed):
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(POLL_S)
         self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 data, peer = self.sock.recvfrom(512)
                 self.sock.sendto(b"echo:" + data, peer)
+            except TimeoutError:
+                continue
             except OSError:
                 return
 
     def close(self) -> None:
-        self.sock.close()
+        self._stop.set()
         self._thread.join(5)
+        self.sock.close()
