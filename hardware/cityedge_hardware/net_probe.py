@@ -16,7 +16,8 @@ nothing is offered a TLS ClientHello; if it answers TLS, each version TLS 1.0..1
 then (when it takes TLS 1.2) the weak TLS 1.2 suites this OpenSSL knows, one round per
 suite the server picks, so every weak suite it accepts is named. Then an MQTT CONNECT
 without credentials (over TLS without a client certificate on a TLS port), and on a plain
-port that is not MQTT an HTTP ``HEAD /``.
+port that is not MQTT an HTTP ``HEAD /``. Ports are probed one after the other: a slow scan
+of a small device is kinder than a fast one (an ESP32 has a handful of sockets).
 
 TLS: Python's ``ssl`` with explicit minimum and maximum versions and ``@SECLEVEL=0``, so
 that TLS 1.0 and 1.1 and weak suites can be *offered* and a server that accepts them is
@@ -52,7 +53,13 @@ from cityedge_hardware.net_capture import (
     PortState,
     TlsEndpoint,
 )
-from cityedge_hardware.net_rules import MQTT_PORTS, PortSpec, check_capture, weak_reason
+from cityedge_hardware.net_rules import (
+    MQTT_PORTS,
+    PortSpec,
+    check_capture,
+    parse_connack,
+    weak_reason,
+)
 from cityedge_hardware.tls_flight import read_flight
 from cityedge_hardware.verdict import Verdict
 from cityedge_host.errors import UserError
@@ -87,9 +94,9 @@ def resolve_target(host: str, allow_public: bool = False) -> str:
     except (socket.gaierror, UnicodeError) as e:
         raise UserError("cannot resolve %r: %s" % (host, e),
                         hint="give the device's IP address with --host") from e
-    addrs = sorted({str(info[4][0]).split("%")[0] for info in infos})
+    addrs = sorted({str(info[4][0]) for info in infos})  # fe80::1%eth0 keeps its scope
     for a in addrs:
-        ip = ipaddress.ip_address(a)
+        ip = ipaddress.ip_address(a.split("%")[0])
         if not allow_public and not any(ip in n for n in ALLOWED_NETWORKS):
             raise ScanRefused("%s (%s) is not a loopback, private or link-local address: "
                               "the probe does not scan it without --allow-public" % (host, a))
@@ -99,14 +106,19 @@ def resolve_target(host: str, allow_public: bool = False) -> str:
 class Pacer:
     """At most ``rate`` attempts a second: ``wait()`` before each one."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not rate > 0:
+            raise ValueError("the rate must be positive")
         self.interval = 1.0 / rate
-        self.next = time.monotonic()
+        self.clock = clock
+        self.sleep = sleep
+        self.next = clock()
 
     def wait(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now < self.next:
-            time.sleep(self.next - now)
+            self.sleep(self.next - now)
         self.next = max(now, self.next) + self.interval
 
 
@@ -422,7 +434,7 @@ def scan(host: str, *, tcp_ports: Iterable[int] | None = None,
         attempt = _mqtt(c, port, endpoint is not None, port in named_mqtt)
         attempts.append(attempt)
         reply = b""
-        if endpoint is None and attempt.result != "answered":
+        if endpoint is None and parse_connack(attempt.answer) is None:
             reply = _http(c, port)
         ports.append(PortState("tcp", port, "open", reply=reply))
     for port in udp:

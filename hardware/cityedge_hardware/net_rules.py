@@ -161,16 +161,14 @@ def parse_connack(answer: bytes) -> int | None:
 
 def classify(port: PortState) -> str:
     """The service a port's banner or reply shows: telnet, ftp, ssh, http or ""."""
-    b = port.banner
-    if b.startswith(b"\xff") or b"login:" in b.lower() or b"password:" in b.lower():
-        return "telnet"
-    if b.startswith(b"SSH-"):
-        return "ssh"
-    if b.startswith(b"220") and b"FTP" in b.upper():
-        return "ftp"
-    if port.reply.startswith(b"HTTP/"):
-        return "http"
-    return ""
+    for b in (port.banner, port.reply):  # a slow greeting may come as the reply
+        if b.startswith(b"\xff") or b"login:" in b.lower() or b"password:" in b.lower():
+            return "telnet"
+        if b.startswith(b"SSH-"):
+            return "ssh"
+        if b.startswith(b"220") and b"FTP" in b.upper():
+            return "ftp"
+    return "http" if port.reply.startswith(b"HTTP/") else ""
 
 
 def _verdict(req: str, check: str, outcome: Outcome, reason: str, evidence: Iterable[Evidence],
@@ -233,7 +231,8 @@ def _check_clear_text(cap: NetCapture) -> Verdict:
             found.append(Evidence(_spec(p), "open", "%s port" % listed))
         service = classify(p)
         if service in ("telnet", "ftp"):
-            found.append(Evidence(_spec(p), escape(p.banner), "a %s greeting" % service))
+            found.append(Evidence(_spec(p), escape(p.banner or p.reply),
+                                  "a %s greeting" % service))
         elif service == "http":
             found.append(Evidence(_spec(p), escape(p.reply), "HTTP without TLS"))
     for m in cap.mqtt:

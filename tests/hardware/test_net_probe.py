@@ -16,9 +16,10 @@ import pytest
 from cityedge_hardware.errors import ScanRefused
 from cityedge_hardware.limits import LIMITS
 from cityedge_hardware.net_capture import from_json
-from cityedge_hardware.net_probe import check_network, resolve_target, scan
+from cityedge_hardware.net_probe import Pacer, check_network, resolve_target, scan
 from cityedge_hardware.net_rules import check_capture
 from cityedge_hardware.verdict import Outcome, Verdict
+from cityedge_host.errors import UserError
 
 from support.mosquitto import Mosquitto, TestPKI, free_port
 from support.net_services import AnonymousMosquitto, OpenSSLServer, TelnetLike, UdpEcho
@@ -178,3 +179,24 @@ def test_a_public_address_is_refused_without_the_flag(address: str) -> None:
                                      "192.168.1.50", "fd00::5", "169.254.10.20", "localhost"])
 def test_vendor_controlled_addresses_are_allowed(address: str) -> None:
     assert resolve_target(address)
+
+
+def test_the_rate_is_capped_without_looking_at_a_real_clock() -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    pacer = Pacer(5.0, clock=lambda: now[0], sleep=sleep)
+    for _ in range(11):
+        pacer.wait()
+    assert now[0] - 100.0 == pytest.approx(2.0)  # 11 attempts at 5 a second: 2 s
+    assert len(slept) == 10
+
+
+def test_the_port_count_is_capped() -> None:
+    with pytest.raises(UserError) as e:
+        scan(HOST, tcp_ports=range(1, LIMITS.net_max_ports + 1), udp_ports=[53])
+    assert "a scan probes at most %d" % LIMITS.net_max_ports in str(e.value)

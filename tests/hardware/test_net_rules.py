@@ -135,6 +135,7 @@ def test_every_clear_text_port_fails_even_when_declared(port: int, what: str) ->
     (b"", b"HTTP/1.1 400 Bad Request\r\n\r\n", True, False),
     (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", b"", False, True),
     (b"SSH-2.0-OpenSSH_9.2p1\r\n", b"", False, False),
+    (b"", b"220 FTP server ready\r\n", True, False),  # a greeting too slow for the banner
     (b"", b"", False, False),
 ])
 def test_services_are_judged_by_what_they_say(banner: bytes, reply: bytes, clear: bool,
