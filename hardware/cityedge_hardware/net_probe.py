@@ -350,6 +350,13 @@ def _mqtt(c: _Ctx, port: int, tls: bool, named: bool) -> MqttAttempt:
         sock.close()
     if answer:
         return MqttAttempt(port, transport, "answered", answer, end, named)
+    if tls and end == "closed":
+        # a broker that lets a client in answers CONNACK (a refusal too, with its code); a
+        # TLS server that closes instead refused the session: with TLS 1.3 the client's
+        # handshake ends before the server has checked for a certificate, so its alert
+        # (or only its close) comes here
+        return MqttAttempt(port, transport, "tls-refused", named=named,
+                           detail="CONNECT: the TLS server closed the session unanswered")
     return MqttAttempt(port, transport, end or "closed", detail="no byte after CONNECT",
                        named=named)
 
