@@ -84,7 +84,7 @@ _FIX_CLEAR = ("remove the clear-text service (Telnet, FTP, WebREPL, plain HTTP o
 _FIX_BANNER = ("configure the service not to announce its software and version (nginx "
                "server_tokens off; OpenSSH DebianBanner no; a custom FTP/Telnet greeting)")
 _FIX_TLS = ("allow TLS 1.2 and 1.3 only (Mosquitto: tls_version tlsv1.2; OpenSSL: "
-            "MinProtocol = TLSv1.2; mbedTLS: MBEDTLS_SSL_PROTO_TLS1_2 minimum)")
+            "MinProtocol = TLSv1.2; mbedTLS 3 has no older version to turn off)")
 _FIX_CIPHERS = ("offer only AEAD suites with forward secrecy (ECDHE with AES-GCM or "
                 "ChaCha20-Poly1305); Mosquitto: ciphers ECDHE-ECDSA-AES128-GCM-SHA256:...")
 _FIX_CERT = ("issue the server a certificate from the city's CA (cityedge fleet), for the "
