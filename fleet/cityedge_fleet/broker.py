@@ -72,6 +72,14 @@ def dynsec_config(identities: Iterable[str], share_group: str) -> dict[str, Any]
     }
 
 
+# the TLS 1.2 suites the broker offers: ECDHE (forward secrecy) with an AEAD cipher only.
+# OpenSSL's default list also has CBC suites with a SHA-1 MAC, which the city's guideline
+# CE-NET-01 refuses (`cityedge hw net` finds them); TLS 1.3 suites are all AEAD already.
+TLS12_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305"))
+
 # the largest MQTT packet the broker takes from anyone (a batch is at most
 # cityedge_core.limits.BATCH_MAX_BYTES; a gateway's status and a command are smaller): a
 # client that sends more is disconnected instead of costing the broker its size in memory
@@ -109,6 +117,7 @@ def render(files: BrokerFiles, *, port: int, bind: str, plugin: Path, dynsec_fil
         "use_identity_as_username true",
         "use_username_as_clientid true",
         "tls_version tlsv1.2",
+        "ciphers %s" % TLS12_CIPHERS,
     ]
     return "\n".join(lines) + "\n"
 

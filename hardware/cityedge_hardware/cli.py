@@ -6,7 +6,9 @@ a profile selects, with the profile's severities). ``cityedge hw efuse (--port P
 one verdict per eFuse requirement with its evidence and fix. ``cityedge hw serial --port P
 [--json]`` probes a board's serial console (``serial_probe``): a MicroPython REPL fails.
 ``cityedge hw secrets PATH [--json]`` scans a firmware bundle (directory, tar, zip, ROMFS
-image) for private keys, passwords and tokens (``secret_scan``). A check with a failed or
+image) for private keys, passwords and tokens (``secret_scan``). ``cityedge hw net --host ADDR
+[--ports LIST] [--scan-json F] [--save-scan F] [--json]`` scans a device on the vendor's
+network (``net_probe``): open ports, TLS, MQTT without credentials. A check with a failed or
 undecided requirement ends with exit code 1 and one line saying how many; errors print
 ``cityedge: ...`` with what to do (``cityedge_host.errors``).
 """
@@ -26,11 +28,15 @@ from cityedge_hardware.efuse_rules import check_summary
 from cityedge_hardware.efuse_summary import parse_summary
 from cityedge_hardware.errors import EfuseDataError
 from cityedge_hardware.limits import LIMITS
+from cityedge_hardware.net_capture import NetCapture, from_json
+from cityedge_hardware.net_probe import DEFAULT_TCP_PORTS, DEFAULT_UDP_PORTS, scan
+from cityedge_hardware.net_rules import check_capture, parse_declared, parse_ports
 from cityedge_hardware.secret_bundle import Bundle
 from cityedge_hardware.secret_scan import scan_items, secrets_verdict
 from cityedge_hardware.serial_probe import probe
 from cityedge_hardware.verdict import Outcome, Verdict
 from cityedge_host.errors import UserError
+from cityedge_host.files import write_atomic
 
 hw_app = typer.Typer(help="Check hardware against the city's device guidelines.",
                      no_args_is_help=True, add_completion=False)
@@ -262,3 +268,76 @@ def check_command(
     typer.echo("json:   %s" % json_path)
     if not summary["met"]:
         raise typer.Exit(1)
+def _port_option(text: str | None, default: tuple[int, ...], option: str) -> tuple[int, ...]:
+    if text is None:
+        return default
+    try:
+        return parse_ports(text)
+    except ValueError as e:
+        raise UserError("%s: %s" % (option, e), hint="give ports as 22,80,8000-8100") from e
+
+
+def _read_scan(path: Path) -> NetCapture:
+    try:
+        with path.open("rb") as f:
+            data = f.read(LIMITS.net_scan_json_max_bytes + 1)
+    except OSError as e:
+        raise UserError("cannot read %s: %s" % (path, e.strerror or e),
+                        hint="pass a file `cityedge hw net --save-scan F` wrote") from e
+    return from_json(data, source=str(path))
+
+
+@hw_app.command("net")
+def net_command(
+    host: Annotated[str | None, typer.Option(
+        "--host", help="The device's address: loopback, private or link-local unless "
+        "--allow-public.")] = None,
+    ports: Annotated[str | None, typer.Option(
+        "--ports", help="TCP ports to scan, e.g. 22,80,8000-8100 (default: %d well-known "
+        "IoT ports)" % len(DEFAULT_TCP_PORTS))] = None,
+    udp_ports: Annotated[str | None, typer.Option(
+        "--udp-ports", help="UDP ports to probe (default: %d well-known; '' for none)"
+        % len(DEFAULT_UDP_PORTS))] = None,
+    mqtt_ports: Annotated[str, typer.Option(
+        "--mqtt-ports", help="Ports the device serves MQTT on, besides 1883 and 8883.")] = "",
+    declared: Annotated[str, typer.Option(
+        "--declared", help="Ports the model declares it needs, e.g. 8883,5684/udp; every "
+        "other open port fails.")] = "",
+    allow_public: Annotated[bool, typer.Option(
+        "--allow-public", help="Scan an address outside loopback, private and link-local "
+        "space (only with the network owner's permission).")] = False,
+    scan_json: Annotated[Path | None, typer.Option(
+        "--scan-json", help="Decide on a saved scan instead of scanning.")] = None,
+    save_scan: Annotated[Path | None, typer.Option(
+        "--save-scan", help="Write the scan to this file (JSON) for --scan-json.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Scan a device on the network: open ports, clear-text services, TLS, MQTT access."""
+    try:
+        declared_ports = parse_declared(declared)
+    except ValueError as e:
+        raise UserError("--declared: %s" % e, hint="give ports as 8883,22/tcp,5684/udp") from e
+    if scan_json is not None:
+        capture = _read_scan(scan_json)
+    elif host is None:
+        raise UserError("give --host (the device's address) or --scan-json (a saved scan)",
+                        hint="cityedge hw net --host 192.168.1.50")
+    else:
+        capture = scan(host, tcp_ports=_port_option(ports, DEFAULT_TCP_PORTS, "--ports"),
+                       udp_ports=_port_option(udp_ports, DEFAULT_UDP_PORTS, "--udp-ports"),
+                       mqtt_ports=_port_option(mqtt_ports, (), "--mqtt-ports"),
+                       allow_public=allow_public,
+                       progress=lambda m: typer.echo(m, err=True))
+    if save_scan is not None:
+        write_atomic(save_scan, capture.dumps().encode(), 0o644)
+    verdicts = check_capture(capture, declared_ports)
+    open_items = _print_verdicts(
+        "host: %s (scanned %s; %d TCP, %d UDP ports; %d open)"
+        % (capture.host, capture.scanned_at, len(capture.tcp_ports), len(capture.udp_ports),
+           len(capture.open_ports())),
+        {"host": capture.host, "scanned_at": capture.scanned_at,
+         "notes": list(capture.notes)}, verdicts, as_json)
+    if open_items:
+        raise UserError("%d of %d network checks are not met or could not be decided"
+                        % (open_items, len(verdicts)),
+                        hint="see the fixes above (docs/VENDOR_GUIDE.md, 'Network')")
