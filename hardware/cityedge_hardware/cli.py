@@ -6,9 +6,11 @@ a profile selects, with the profile's severities). ``cityedge hw efuse (--port P
 one verdict per eFuse requirement with its evidence and fix. ``cityedge hw serial --port P
 [--json]`` probes a board's serial console (``serial_probe``): a MicroPython REPL fails.
 ``cityedge hw secrets PATH [--json]`` scans a firmware bundle (directory, tar, zip, ROMFS
-image) for private keys, passwords and tokens (``secret_scan``). A check with a failed or
-undecided requirement ends with exit code 1 and one line saying how many; errors print
-``cityedge: ...`` with what to do (``cityedge_host.errors``).
+image) for private keys, passwords and tokens (``secret_scan``). ``cityedge hw image BUNDLE
+[--release MANIFEST --release-keys LIST --release-root ROOTS] [--min-sequence N] [--json]``
+checks a firmware bundle (``image_rules``): signed release, sequence, secrets, boot.py.
+A check with a failed or undecided requirement ends with exit code 1 and one line saying
+how many; errors print ``cityedge: ...`` with what to do (``cityedge_host.errors``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from cityedge_hardware.efuse_collect import EfuseResult, collect
 from cityedge_hardware.efuse_rules import check_summary
 from cityedge_hardware.efuse_summary import parse_summary
 from cityedge_hardware.errors import EfuseDataError
+from cityedge_hardware.image_probe import probe_image
+from cityedge_hardware.image_rules import SYS_PLATFORM
 from cityedge_hardware.limits import LIMITS
 from cityedge_hardware.secret_bundle import Bundle
 from cityedge_hardware.secret_scan import scan_items, secrets_verdict
@@ -189,3 +193,44 @@ def secrets_command(
                         % (len(result.findings), len(result.incomplete), path),
                         hint="remove them from the image (docs/VENDOR_GUIDE.md, "
                         "'Secrets in the firmware')")
+
+
+@hw_app.command("image")
+def image_command(
+    bundle: Annotated[Path, typer.Argument(help="The firmware bundle: the directory `make "
+                                           "firmware` wrote (build/), a tar or zip of it, "
+                                           "or the ROMFS image.")],
+    release: Annotated[Path | None, typer.Option(
+        "--release", help="The signed manifest (manifest.cose of `cityedge release sign`)."
+    )] = None,
+    release_keys: Annotated[Path | None, typer.Option(
+        "--release-keys", help="The root-signed release-key list (release-keys.cose).")]
+    = None,
+    release_root: Annotated[list[Path] | None, typer.Option(
+        "--release-root", help="A root set the city names (root-set.json); repeatable: "
+        "the release must verify under one of them.")] = None,
+    min_sequence: Annotated[int, typer.Option(
+        "--min-sequence", help="The sequence devices run now: the release's must be "
+        "above it.")] = 0,
+    platform: Annotated[str, typer.Option(
+        "--platform", help="The board family: " + ", ".join(SYS_PLATFORM))] = "esp32",
+    hw_class: Annotated[str | None, typer.Option(
+        "--hw-class", help="Check that the release names this hardware class.")] = None,
+    at: Annotated[int | None, typer.Option(
+        "--at", help="Judge expiries at this UNIX time (default: now).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a firmware bundle: signed update and sequence, no secrets, REPL detached."""
+    if platform not in SYS_PLATFORM:
+        raise UserError("unknown platform %r" % platform,
+                        hint="give one of %s" % ", ".join(SYS_PLATFORM))
+    verdicts = probe_image(bundle, manifest=release, release_keys=release_keys,
+                           release_roots=release_root or (), min_sequence=min_sequence,
+                           platform=platform, hw_class=hw_class, now=at)
+    open_items = _print_verdicts("firmware bundle: %s (%s)" % (bundle, platform),
+                                 {"source": str(bundle), "platform": platform},
+                                 verdicts, as_json)
+    if open_items:
+        raise UserError("%d of %d image requirements are not met or could not be decided"
+                        % (open_items, len(verdicts)),
+                        hint="see the fixes above (docs/VENDOR_GUIDE.md, 'Firmware image')")

@@ -28,6 +28,14 @@ class HardwareLimits:
     secret_der_max_bytes: int = 16 * 1024  # bytes of one DER key candidate (RSA-8192 < 5 KiB)
     secret_name_window: int = 48  # bytes before a hex string searched for a key-like name
     secret_findings_per_file: int = 100  # findings listed per file
+    release_file_max_bytes: int = 64 * 1024  # bytes of a manifest, key list or root set file
+    romfs_max_entries: int = 20000  # files and directories read from one ROMFS image
+    romfs_max_depth: int = 16  # directory levels of a ROMFS image
+    boot_py_max_bytes: int = 64 * 1024  # bytes of one boot.py the REPL rule parses
+    host_file_max_bytes: int = 1024 * 1024  # bytes of one host file (sshd_config, a unit)
+    host_max_conf_files: int = 200  # apt.conf.d files, sshd includes or unit drop-ins read
+    host_tool_timeout_s: float = 20.0  # seconds `sshd -T` or `systemctl show` may take
+    host_capture_max_bytes: int = 16 * 1024 * 1024  # bytes of a saved host capture (JSON)
 
 
 LIMITS = HardwareLimits()
