@@ -9,6 +9,8 @@ one verdict per eFuse requirement with its evidence and fix. ``cityedge hw seria
 image) for private keys, passwords and tokens (``secret_scan``). ``cityedge hw image BUNDLE
 [--release MANIFEST --release-keys LIST --release-root ROOTS] [--min-sequence N] [--json]``
 checks a firmware bundle (``image_rules``): signed release, sequence, secrets, boot.py.
+``cityedge hw host [--root DIR] [--unit NAME] [--run-tools] [--capture-json F]
+[--save-capture F] [--json]`` checks a Raspberry Pi gateway host (``host_rules``).
 A check with a failed or undecided requirement ends with exit code 1 and one line saying
 how many; errors print ``cityedge: ...`` with what to do (``cityedge_host.errors``).
 """
@@ -27,6 +29,8 @@ from cityedge_hardware.efuse_collect import EfuseResult, collect
 from cityedge_hardware.efuse_rules import check_summary
 from cityedge_hardware.efuse_summary import parse_summary
 from cityedge_hardware.errors import EfuseDataError
+from cityedge_hardware.host_collect import probe_host
+from cityedge_hardware.host_rules import DEFAULT_UNIT
 from cityedge_hardware.image_probe import probe_image
 from cityedge_hardware.image_rules import SYS_PLATFORM
 from cityedge_hardware.limits import LIMITS
@@ -234,3 +238,36 @@ def image_command(
         raise UserError("%d of %d image requirements are not met or could not be decided"
                         % (open_items, len(verdicts)),
                         hint="see the fixes above (docs/VENDOR_GUIDE.md, 'Firmware image')")
+
+
+@hw_app.command("host")
+def host_command(
+    root: Annotated[Path, typer.Option(
+        "--root", help="The gateway's root file system (a mounted SD card works too).")]
+    = Path("/"),
+    unit: Annotated[str, typer.Option("--unit", help="The gateway's systemd unit.")]
+    = DEFAULT_UNIT,
+    run_tools: Annotated[bool, typer.Option(
+        "--run-tools", help="Also ask the running system: `sshd -T` and `systemctl show` "
+        "(with --root /; run as root).")] = False,
+    capture_json: Annotated[Path | None, typer.Option(
+        "--capture-json", help="Decide on a capture saved with --save-capture.")] = None,
+    save_capture: Annotated[Path | None, typer.Option(
+        "--save-capture", help="Save what was read (JSON, mode 0600; no password hashes)."
+    )] = None,
+    reference_unit: Annotated[Path | None, typer.Option(
+        "--reference-unit", help="The project's unit file (default: "
+        "gateway/cityedge-gateway.service of this installation).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a Raspberry Pi gateway: SSH, accounts, updates, the service and its keys."""
+    verdicts = probe_host(root, unit=unit, run_tools=run_tools, capture_json=capture_json,
+                          reference_unit=reference_unit, save_to=save_capture)
+    source = str(capture_json) if capture_json is not None else str(root)
+    open_items = _print_verdicts("gateway host: %s (unit %s)" % (source, unit),
+                                 {"source": source, "unit": unit}, verdicts, as_json)
+    if open_items:
+        raise UserError("%d of %d host checks are not met or could not be decided"
+                        % (open_items, len(verdicts)),
+                        hint="see the fixes above (docs/VENDOR_GUIDE.md, 'Raspberry Pi "
+                        "gateway')")
