@@ -62,13 +62,20 @@ def _sshd_line(line: str) -> tuple[str, str] | None:
     return m.group(1).lower(), value
 
 
+def _words(value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError as e:
+        raise HostParseError("%s: %r" % (e, value[:80])) from e
+
+
 def sshd_includes(text: str) -> list[str]:
     """The absolute include patterns of one file (for the collector to read them)."""
     out: list[str] = []
     for raw in text.splitlines():
         parsed = _sshd_line(raw)
         if parsed and parsed[0] == "include":
-            out.extend(posixpath.join(SSH_DIR, p) for p in shlex.split(parsed[1]))
+            out.extend(posixpath.join(SSH_DIR, p) for p in _words(parsed[1]))
     return out
 
 
@@ -96,7 +103,7 @@ def parse_sshd_config(files: dict[str, str], main: str = SSH_DIR + "/sshd_config
                 current = {}
                 cfg.matches.append((value, current))
             elif key == "include":
-                for pattern in shlex.split(value):
+                for pattern in _words(value):
                     full = posixpath.join(SSH_DIR, pattern)
                     hits = sorted(p for p in files if fnmatch.fnmatchcase(p, full))
                     if not hits:

@@ -274,9 +274,12 @@ def service_settings(capture: HostCapture) -> tuple[dict[str, str] | None, str]:
         if shown.get("LoadState") == "loaded":
             return shown, "systemctl show %s" % capture.unit_name
     if capture.unit_files:
-        return (unit_settings([t for _p, t in capture.unit_files]),
-                ", ".join(p for p, _t in capture.unit_files))
-    return None, ""
+        try:
+            return (unit_settings([t for _p, t in capture.unit_files]),
+                    ", ".join(p for p, _t in capture.unit_files))
+        except HostParseError as e:
+            return None, "%s does not parse: %s" % (capture.unit_name, e)
+    return None, "the unit %s is not installed here" % capture.unit_name
 
 
 def reference_hardening(reference_unit: str) -> dict[str, str]:
@@ -485,16 +488,15 @@ _UNIT_FIX = ("install the project's unit (gateway/cityedge-gateway.service) unch
              "--unit")
 
 
-def _no_unit(req: str, check: str, capture: HostCapture) -> Verdict:
-    return Verdict(req, check, Outcome.UNDECIDED, "the unit %s is not installed here"
-                   % capture.unit_name, fix=_UNIT_FIX)
+def _no_unit(req: str, check: str, why: str) -> Verdict:
+    return Verdict(req, check, Outcome.UNDECIDED, why, fix=_UNIT_FIX)
 
 
 def check_service_user(capture: HostCapture) -> Verdict:
     req, check = REQ_PRIV, "service-user"
     service, source = service_settings(capture)
     if service is None:
-        return _no_unit(req, check, capture)
+        return _no_unit(req, check, source)
     fix = ("run the gateway as its own user: `User=cityedge` and `Group=cityedge` as in "
            "the project's unit (`sudo useradd --system --home /var/lib/cityedge cityedge`)")
     if _flag(service.get("DynamicUser"), False):
@@ -552,7 +554,7 @@ def check_hardening(capture: HostCapture) -> Verdict:
     req, check = REQ_CONFINE, "service-hardening"
     service, source = service_settings(capture)
     if service is None:
-        return _no_unit(req, check, capture)
+        return _no_unit(req, check, source)
     try:
         ref = reference_hardening(capture.reference_unit)
     except HostParseError as e:
