@@ -299,3 +299,12 @@ def test_cli_exit_codes_on_a_hardened_and_a_weakened_root(root: Path) -> None:
     assert "cityedge: 1 of 7 host checks" in bad.stderr
     tools = CliRunner().invoke(app, ["hw", "host", "--root", str(root), "--run-tools"])
     assert tools.exit_code == 1 and "--run-tools asks the running system" in tools.stderr
+
+
+def test_every_host_verdict_names_a_requirement_the_host_audit_decides(root: Path) -> None:
+    from cityedge_hardware.catalogue import load_catalogue
+
+    by_id = {r.id: r for r in load_catalogue().requirements}
+    for v in outcomes(root).values():
+        assert "rpi-host-audit" in by_id[v.requirement].probes, v.requirement
+        assert "rpi-gateway" in by_id[v.requirement].platforms

@@ -361,3 +361,12 @@ def test_a_release_file_over_the_limit_is_refused_before_reading_it(
                 "--release-root", signed.trust)
     assert done.returncode == 1
     assert "larger than 65536 bytes" in done.stderr
+
+
+def test_every_image_verdict_names_a_requirement_an_image_probe_decides(
+        signed: Signed) -> None:
+    from cityedge_hardware.catalogue import load_catalogue
+
+    by_id = {r.id: r for r in load_catalogue().requirements}
+    for v in _probe(signed, signed.build).values():
+        assert {"fw-image", "fw-secrets"} & set(by_id[v.requirement].probes), v.requirement
