@@ -61,10 +61,10 @@ class HostCollectError(UserError):
 
 
 def reference_unit_path() -> Path:
-    """The project's own unit file (``gateway/cityedge-gateway.service`` in the tree)."""
-    import cityedge_gateway
-
-    return Path(cityedge_gateway.__file__).resolve().parent.parent / DEFAULT_UNIT
+    """The project's own unit file, ``gateway/cityedge-gateway.service`` of the source
+    tree this package runs from (``make setup`` installs it in place). It is read as a
+    file, not imported: the gateway is another part (``docs/ARCHITECTURE.md``, layers)."""
+    return Path(__file__).resolve().parents[2] / "gateway" / DEFAULT_UNIT
 
 
 class _Root:

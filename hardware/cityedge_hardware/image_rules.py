@@ -35,7 +35,7 @@ CE-AUTH-06 (``fw-secrets``): ``secret_scan.secrets_verdict`` on the scan of ever
 
 CE-DBG-03 (``fw-repl``): every ``boot.py`` of the bundle, parsed with ``ast`` (never
 matched as text: a commented-out line does nothing), must detach each REPL slot the
-production ``boot.py`` of ``make firmware`` (``cityedge.build_firmware.BOOT_PY``) detaches
+production ``boot.py`` of ``make firmware`` (``cityedge_host.production_boot``) detaches
 for the platform (``os.dupterm(None, 1)`` on an ESP32), at module level, under no
 condition the rule cannot evaluate (``sys.platform`` tests are evaluated for the
 platform), and must not attach a stream again (``os.dupterm(x, ...)``) or start
@@ -54,6 +54,7 @@ from cityedge_core import update_manifest
 from cityedge_hardware.limits import LIMITS, HardwareLimits
 from cityedge_hardware.secret_scan import ScanResult, secrets_verdict
 from cityedge_hardware.verdict import Evidence, Outcome, Verdict
+from cityedge_host.production_boot import BOOT_PY
 from cityedge_host.release import RootSet, verify_release
 
 REQ_SIGNED = "CE-UPD-03"
@@ -463,8 +464,6 @@ def boot_calls(source: bytes, platform: str) -> BootCalls:
 
 def production_boot() -> bytes:
     """The production boot.py ``make firmware`` writes (the rule's reference)."""
-    from cityedge.build_firmware import BOOT_PY
-
     return BOOT_PY.encode()
 
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from mpremote.romfs import VfsRomWriter
 from typer.testing import CliRunner
 
-from cityedge.build_firmware import BOOT_PY, build
+from cityedge.build_firmware import build
 from cityedge.cli import app
 from cityedge_core import cose, update_manifest
 from cityedge_hardware.image_probe import capture, probe_image
@@ -32,6 +32,7 @@ from cityedge_hardware.image_rules import (
 from cityedge_hardware.verdict import Outcome, Verdict
 from cityedge_host import release
 from cityedge_host.crypto import EcSigner, public_sec1
+from cityedge_host.production_boot import BOOT_PY
 
 NOW = 1_800_000_000  # every check is judged at this time: no test depends on the clock
 EXPIRES = NOW + 14 * 86400
