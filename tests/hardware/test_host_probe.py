@@ -5,6 +5,7 @@ that one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -308,3 +309,38 @@ def test_every_host_verdict_names_a_requirement_the_host_audit_decides(root: Pat
     for v in outcomes(root).values():
         assert "rpi-host-audit" in by_id[v.requirement].probes, v.requirement
         assert "rpi-gateway" in by_id[v.requirement].platforms
+
+
+def test_sshd_t_and_systemctl_show_take_precedence_over_the_files(root: Path) -> None:
+    cap = collect(root, reference_unit=UNIT)
+    # what the running tools print (OpenSSH 9.2's `sshd -T` spelling, systemd 252's show)
+    cap.sshd_t = ("port 22\nusepam yes\npermitrootlogin without-password\n"
+                  "passwordauthentication yes\nkbdinteractiveauthentication no\n")
+    cap.systemctl_show = "\n".join([
+        "Id=cityedge-gateway.service", "LoadState=loaded", "User=cityedge",
+        "NoNewPrivileges=no", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+        "ReadWritePaths=/var/lib/cityedge /opt/cityedge", "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes", "ProtectControlGroups=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictNamespaces=yes",
+        "LockPersonality=yes", "MemoryDenyWriteExecute=yes",
+        "SystemCallArchitectures=native", "UMask=0077"])
+    got = {v.check: v for v in check_host(cap)}
+    assert got["ssh-password"].outcome is Outcome.FAIL
+    assert got["ssh-password"].reason == "SSH accepts passwords (sshd -T)"
+    assert got["ssh-root-login"].outcome is Outcome.FAIL
+    assert got["service-hardening"].outcome is Outcome.FAIL
+    assert [(e.field, e.raw) for e in got["service-hardening"].evidence] == [
+        ("NoNewPrivileges", "no")]
+    assert got["service-user"].outcome is Outcome.PASS
+    cap.systemctl_show = "Id=cityedge-gateway.service\nLoadState=not-found\n"
+    got = {v.check: v for v in check_host(cap)}  # not loaded: the files decide
+    assert got["service-hardening"].outcome is Outcome.PASS
+
+
+def test_a_key_owned_by_another_user_fails(root: Path) -> None:
+    cap = collect(root, reference_unit=UNIT)
+    cap.key_files = [dataclasses.replace(k, uid=1000) if k.path.endswith("gateway.key")
+                     else k for k in cap.key_files]  # as `chown pi` would leave it
+    v = {v.check: v for v in check_host(cap)}["key-files"]
+    assert v.outcome is Outcome.FAIL
+    assert ("/etc/cityedge/gateway.key", "owner pi") in [(e.field, e.raw) for e in v.evidence]
