@@ -36,25 +36,13 @@ from pathlib import Path
 from cityedge import romfs
 from cityedge_host.errors import UserError
 from cityedge_host.mpy import compile_file, package_sources
+from cityedge_host.production_boot import BOOT_PY
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 PACKAGES = ("cityedge_core", "cityedge_fw")  # each with its manifest.py
 # modules that exist only for the unix port: not frozen into board images
 UNIX_ONLY = ("cityedge_fw/hal/unix.py", "cityedge_fw/sensors/sim.py")
-
-BOOT_PY = '''"""Production boot: no interactive REPL on the UART (the serial line is for framed
-provisioning messages only). Written by ``make firmware``."""
-
-import os
-import sys
-
-if sys.platform == "esp32":
-    os.dupterm(None, 1)  # detach the REPL from the UART
-# rp2 (Pico W): dupterm cannot detach the built-in REPL at run time; a production image is
-# built with MICROPY_HW_ENABLE_UART_REPL=0 (and without the USB CDC REPL). The same build
-# flag is the stronger choice on ESP32 too: then no REPL exists before boot.py runs.
-'''
 
 MAIN_PY = '''"""Boot the cityedge device (written by ``make firmware``): provisioning mode on the
 board's UART while the device is not locked, then the agent."""

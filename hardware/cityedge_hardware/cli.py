@@ -8,9 +8,13 @@ one verdict per eFuse requirement with its evidence and fix. ``cityedge hw seria
 ``cityedge hw secrets PATH [--json]`` scans a firmware bundle (directory, tar, zip, ROMFS
 image) for private keys, passwords and tokens (``secret_scan``). ``cityedge hw net --host ADDR
 [--ports LIST] [--scan-json F] [--save-scan F] [--json]`` scans a device on the vendor's
-network (``net_probe``): open ports, TLS, MQTT without credentials. A check with a failed or
-undecided requirement ends with exit code 1 and one line saying how many; errors print
-``cityedge: ...`` with what to do (``cityedge_host.errors``).
+network (``net_probe``): open ports, TLS, MQTT without credentials. ``cityedge hw image BUNDLE
+[--release MANIFEST --release-keys LIST --release-root ROOTS] [--min-sequence N] [--json]``
+checks a firmware bundle (``image_rules``): signed release, sequence, secrets, boot.py.
+``cityedge hw host [--root DIR] [--unit NAME] [--run-tools] [--capture-json F]
+[--save-capture F] [--json]`` checks a Raspberry Pi gateway host (``host_rules``).
+A check with a failed or undecided requirement ends with exit code 1 and one line saying
+how many; errors print ``cityedge: ...`` with what to do (``cityedge_host.errors``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from cityedge_hardware.efuse_collect import EfuseResult, collect
 from cityedge_hardware.efuse_rules import check_summary
 from cityedge_hardware.efuse_summary import parse_summary
 from cityedge_hardware.errors import EfuseDataError
+from cityedge_hardware.host_collect import probe_host
+from cityedge_hardware.host_rules import DEFAULT_UNIT
+from cityedge_hardware.image_probe import probe_image
+from cityedge_hardware.image_rules import SYS_PLATFORM
 from cityedge_hardware.limits import LIMITS
 from cityedge_hardware.net_capture import NetCapture, from_json
 from cityedge_hardware.net_probe import DEFAULT_TCP_PORTS, DEFAULT_UDP_PORTS, scan
@@ -341,3 +349,75 @@ def net_command(
         raise UserError("%d of %d network checks are not met or could not be decided"
                         % (open_items, len(verdicts)),
                         hint="see the fixes above (docs/VENDOR_GUIDE.md, 'Network')")
+@hw_app.command("image")
+def image_command(
+    bundle: Annotated[Path, typer.Argument(help="The firmware bundle: the directory `make "
+                                           "firmware` wrote (build/), a tar or zip of it, "
+                                           "or the ROMFS image.")],
+    release: Annotated[Path | None, typer.Option(
+        "--release", help="The signed manifest (manifest.cose of `cityedge release sign`)."
+    )] = None,
+    release_keys: Annotated[Path | None, typer.Option(
+        "--release-keys", help="The root-signed release-key list (release-keys.cose).")]
+    = None,
+    release_root: Annotated[list[Path] | None, typer.Option(
+        "--release-root", help="A root set the city names (root-set.json); repeatable: "
+        "the release must verify under one of them.")] = None,
+    min_sequence: Annotated[int, typer.Option(
+        "--min-sequence", help="The sequence devices run now: the release's must be "
+        "above it.")] = 0,
+    platform: Annotated[str, typer.Option(
+        "--platform", help="The board family: " + ", ".join(SYS_PLATFORM))] = "esp32",
+    hw_class: Annotated[str | None, typer.Option(
+        "--hw-class", help="Check that the release names this hardware class.")] = None,
+    at: Annotated[int | None, typer.Option(
+        "--at", help="Judge expiries at this UNIX time (default: now).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a firmware bundle: signed update and sequence, no secrets, REPL detached."""
+    if platform not in SYS_PLATFORM:
+        raise UserError("unknown platform %r" % platform,
+                        hint="give one of %s" % ", ".join(SYS_PLATFORM))
+    verdicts = probe_image(bundle, manifest=release, release_keys=release_keys,
+                           release_roots=release_root or (), min_sequence=min_sequence,
+                           platform=platform, hw_class=hw_class, now=at)
+    open_items = _print_verdicts("firmware bundle: %s (%s)" % (bundle, platform),
+                                 {"source": str(bundle), "platform": platform},
+                                 verdicts, as_json)
+    if open_items:
+        raise UserError("%d of %d image requirements are not met or could not be decided"
+                        % (open_items, len(verdicts)),
+                        hint="see the fixes above (docs/VENDOR_GUIDE.md, 'Firmware image')")
+
+
+@hw_app.command("host")
+def host_command(
+    root: Annotated[Path, typer.Option(
+        "--root", help="The gateway's root file system (a mounted SD card works too).")]
+    = Path("/"),
+    unit: Annotated[str, typer.Option("--unit", help="The gateway's systemd unit.")]
+    = DEFAULT_UNIT,
+    run_tools: Annotated[bool, typer.Option(
+        "--run-tools", help="Also ask the running system: `sshd -T` and `systemctl show` "
+        "(with --root /; run as root).")] = False,
+    capture_json: Annotated[Path | None, typer.Option(
+        "--capture-json", help="Decide on a capture saved with --save-capture.")] = None,
+    save_capture: Annotated[Path | None, typer.Option(
+        "--save-capture", help="Save what was read (JSON, mode 0600; no password hashes)."
+    )] = None,
+    reference_unit: Annotated[Path | None, typer.Option(
+        "--reference-unit", help="The project's unit file (default: "
+        "gateway/cityedge-gateway.service of this installation).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a Raspberry Pi gateway: SSH, accounts, updates, the service and its keys."""
+    verdicts = probe_host(root, unit=unit, run_tools=run_tools, capture_json=capture_json,
+                          reference_unit=reference_unit, save_to=save_capture)
+    source = str(capture_json) if capture_json is not None else str(root)
+    open_items = _print_verdicts("gateway host: %s (unit %s)" % (source, unit),
+                                 {"source": source, "unit": unit}, verdicts, as_json)
+    if open_items:
+        raise UserError("%d of %d host checks are not met or could not be decided"
+                        % (open_items, len(verdicts)),
+                        hint="see the fixes above (docs/VENDOR_GUIDE.md, 'Raspberry Pi "
+                        "gateway')")

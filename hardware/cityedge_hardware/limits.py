@@ -48,6 +48,14 @@ class HardwareLimits:
     sbom_max_components: int = 10000  # components (packages) of one SBOM
     check_input_max_bytes: int = 64 * 1024 * 1024  # bytes of an input file hashed for a report
     report_text_max_chars: int = 2000  # characters of one text in a report (longer: cut)
+    release_file_max_bytes: int = 64 * 1024  # bytes of a manifest, key list or root set file
+    romfs_max_entries: int = 20000  # files and directories read from one ROMFS image
+    romfs_max_depth: int = 16  # directory levels of a ROMFS image
+    boot_py_max_bytes: int = 64 * 1024  # bytes of one boot.py the REPL rule parses
+    host_file_max_bytes: int = 1024 * 1024  # bytes of one host file (sshd_config, a unit)
+    host_max_conf_files: int = 200  # apt.conf.d files, sshd includes or unit drop-ins read
+    host_tool_timeout_s: float = 20.0  # seconds `sshd -T` or `systemctl show` may take
+    host_capture_max_bytes: int = 16 * 1024 * 1024  # bytes of a saved host capture (JSON)
 
 
 LIMITS = HardwareLimits()
