@@ -135,3 +135,31 @@ def test_no_token_and_plain_http_elsewhere_are_refused(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.splitlines()[0].startswith(
         "cityedge: refusing fleet URL 'http://fleet.example.org': use https://")
+
+
+def test_create_token_makes_a_vendor_token_that_names_its_vendor(
+        fleet: Fleet, tmp_path: Path) -> None:
+    env = dict(os.environ, CITYEDGE_MODE="development",
+               CITYEDGE_DATABASE_URL=str(fleet.app.state.settings.database_url),
+               CITYEDGE_CA_DIR=str(fleet.app.state.settings.ca_dir),
+               CITYEDGE_AUDIT_KEY_FILE=str(fleet.app.state.settings.audit_key_file),
+               CITYEDGE_COMMAND_KEY_FILE=str(fleet.app.state.settings.command_key_file))
+
+    def create_token(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "create-token",
+                               "--name", "acme-reports", "--role", "vendor", *args],
+                              env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    missing = create_token()
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("cityedge: create-token: a vendor token names its vendor")
+    made = create_token("--vendor", "acme")
+    assert made.returncode == 0, made.stderr
+    assert "(vendor for vendor acme) printed once" in made.stderr
+    fleet.vendor_token("acme")  # registers the models
+    path = tmp_path / "report.json"
+    path.write_bytes(encode(make_report("ce-air-1")))
+    done = hw_upload(str(path), "--fleet", fleet.url, "--json", token=made.stdout.strip())
+    assert done.returncode == 0, done.stderr
+    assert '"uploaded_by": "acme-reports"' in done.stdout
