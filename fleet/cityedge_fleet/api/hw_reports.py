@@ -43,6 +43,16 @@ REPORT_BODY = {"requestBody": {"required": True, "content": {"application/json":
     "(\"schema\": \"cityedge-hw-report/1\"), unchanged"}}}}}
 
 
+async def _body(request: Request) -> bytes:
+    """The request's bytes (``BodyLimits`` bounds them), read in the event loop so that the
+    route itself, which uses the database, runs in the thread pool as every other does;
+    declared after the caller's role, so a request without one is refused unread."""
+    return await request.body()
+
+
+BodyDep = Annotated[bytes, Depends(_body)]
+
+
 def _deny(request: Request, session: Session, who: Principal, *, action: str, target: str,
           why: str) -> HTTPException:
     """A 403 for a model or report that is not the caller's, audited at once."""
@@ -90,11 +100,10 @@ def list_models(session: SessionDep, who: HwDep) -> Any:
 
 @router.post("/reports", response_model=HwReportPublic, status_code=201,
              openapi_extra=REPORT_BODY, responses={403: {}, 413: {}, 422: {}})
-async def upload_report(request: Request, session: SessionDep, settings: SettingsDep,
-                        who: HwDep) -> HwReportPublic:
+def upload_report(who: HwDep, data: BodyDep, request: Request, session: SessionDep,
+                  settings: SettingsDep) -> HwReportPublic:
     """Upload a hardware report for a registered model (a vendor: its own models only).
     The fleet recomputes ``met`` and refuses a report whose summary disagrees."""
-    data = await request.body()
     source = client_address(request)
     try:
         report = hw_report_check.read_report(data, settings.limits)
