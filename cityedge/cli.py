@@ -24,6 +24,7 @@ from cityedge_fleet.cli import audit_app, broker_app, fleet_app
 from cityedge_fleet.keys_cli import keys_app
 from cityedge_gateway.cli import gateway_app
 from cityedge_hardware.cli import hw_app
+from cityedge_hardware.upload import upload_command
 from cityedge_host.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from cityedge_provision.cli import provision_app
 
@@ -63,6 +64,7 @@ def _root() -> None:
 
 
 app.command("inspect")(inspect_command)
+hw_app.command("upload")(upload_command)  # the fleet side of `hw`: a report to the city
 
 # Sub-command groups of the other parts, one entry each.
 for _name, _group in (

@@ -30,6 +30,7 @@ from cityedge_fleet.api import (
     enroll_routes,
     enroll_ticket,
     errors,
+    hw_reports,
     rotations,
     tokens,
 )
@@ -50,7 +51,7 @@ def health() -> dict[str, str]:
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
            enroll_ticket.router, audit_routes.router, commands.router, rotations.router,
-           campaigns.router, command_key_routes.router)
+           campaigns.router, command_key_routes.router, hw_reports.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

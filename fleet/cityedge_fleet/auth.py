@@ -16,6 +16,7 @@ forwarded (``forwarded_client``).
 
 A technician token may be scoped to sites (``ApiToken.sites``; empty = unscoped):
 ``Principal.may_act_at`` is the whole rule, ``require_sites`` applies it for a route.
+A vendor token names its vendor (``ApiToken.vendor``): ``hw_access`` decides what it sees.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Principal:
     role: Role
     token_id: int
     sites: frozenset[str] = field(default_factory=frozenset)  # empty: not scoped
+    vendor: str | None = None  # a vendor token's vendor (``hw_access``)
 
     def may_act_at(self, site: str | None) -> bool:
         """The scope rule: an unscoped token acts wherever its role allows; a scoped one
@@ -101,11 +103,12 @@ def client_address(request: Request) -> str:
 
 
 def create_api_token(session: Session, *, name: str, role: Role, created_by: str,
-                     sites: Iterable[str] = ()) -> tuple[ApiToken, str]:
+                     sites: Iterable[str] = (), vendor: str | None = None
+                     ) -> tuple[ApiToken, str]:
     """Store a new token's hash; returns the row and the token (to show once)."""
     token = new_token()
     row = ApiToken(name=name, role=role, token_hash=hash_token(token), created_by=created_by,
-                   sites=sorted(set(sites)))
+                   sites=sorted(set(sites)), vendor=vendor)
     session.add(row)
     session.flush()
     return row, token
@@ -141,7 +144,7 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
     if row is None or row.id is None:
         raise _refuse(request, session, "invalid or revoked token")
     return Principal(name=row.name, role=Role(row.role), token_id=row.id,
-                     sites=frozenset(row.sites))
+                     sites=frozenset(row.sites), vendor=row.vendor)
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]

@@ -29,6 +29,7 @@ def route_limits(limits: FleetLimits) -> dict[tuple[str, str], int]:
         ("POST", "/enroll"): limits.enroll_body_max_bytes,
         ("POST", "/enroll/ticket"): limits.enroll_body_max_bytes,
         ("POST", "/enrollment/manifests"): limits.manifest_body_max_bytes,
+        ("POST", "/hw/reports"): limits.hw_report_max_bytes,
     }
 
 

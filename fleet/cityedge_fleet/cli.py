@@ -102,6 +102,9 @@ def create_token_command(
     role: Annotated[str, typer.Option(help="Role: admin, security, technician, ...")] = "admin",
     site: Annotated[list[str] | None, typer.Option(
         help="Scope a technician token to this site (repeatable); none: every site.")] = None,
+    vendor: Annotated[str | None, typer.Option(
+        help="A vendor token's vendor (required for --role vendor): it uploads hardware "
+        "reports for that vendor's device models only.")] = None,
 ) -> None:
     """Create an API token (the bootstrap admin token); it is printed once, never stored."""
     from cityedge_fleet import audit
@@ -114,22 +117,25 @@ def create_token_command(
         raise UserError("unknown role %r; one of: %s"
                             % (role, ", ".join(r.value for r in Role))) from e
     try:
-        wanted = ApiTokenCreate(name=name, role=role_, sites=list(site or ()))
+        wanted = ApiTokenCreate(name=name, role=role_, sites=list(site or ()), vendor=vendor)
     except ValidationError as e:
         raise UserError("create-token: %s" % "; ".join(
             str(err["msg"]).removeprefix("Value error, ") for err in e.errors())) from e
     settings = load_settings()
     with Session(_engine(settings)) as session:
         row, token = create_api_token(session, name=wanted.name, role=role_, created_by="cli",
-                                      sites=wanted.sites)
+                                      sites=wanted.sites, vendor=wanted.vendor)
         detail: dict[str, object] = {"role": role_.value, "id": row.id}
         if wanted.sites:
             detail["sites"] = wanted.sites
+        if wanted.vendor is not None:
+            detail["vendor"] = wanted.vendor
         audit.append(session, actor="cli", action="token.create", outcome=audit.OK,
                      target=name, source="local", detail=detail)
         session.commit()
     print(token)
     scope = " at sites %s" % ", ".join(wanted.sites) if wanted.sites else ""
+    scope += " for vendor %s" % wanted.vendor if wanted.vendor else ""
     print("cityedge: token for %s (%s%s) printed once; store it now" % (name, role_.value, scope),
           file=sys.stderr)
 

@@ -93,6 +93,12 @@ class FleetLimits(BaseModel):
     # batch counts as its return: its unanswered commands are sent again at once
     command_publish_timeout_s: float = 10.0  # seconds to wait for the broker's PUBACK
     command_round_max: int = 200  # commands one publisher round sends at most
+    # hardware reports (``hw_report_check``): a report of the whole catalogue (84
+    # requirements, each with its checks' evidence) is ~100 KiB; the catalogue draft has
+    # 243 requirements, so 1 MiB leaves room without letting one upload fill the database
+    hw_report_max_bytes: int = 1024 * 1024  # bytes of one uploaded report (413 beyond)
+    hw_report_max_requirements: int = 1000  # requirements listed in one report
+    hw_report_max_checks: int = 10_000  # checks (verdicts) in one report, all together
 
     @property
     def enroll_body_max_bytes(self) -> int:
@@ -168,12 +174,34 @@ class Settings(BaseSettings):
     commands_cert_file: Path | None = None
     commands_key_file: Path | None = None
     commands_with_serve: bool = True  # `fleet serve` also runs the command publisher
+    # the hardware gate (``hw_report_store.check_enrollment``): a device enrolls only when
+    # the newest report uploaded for its model and this profile (a bundled profile of
+    # ``cityedge hw catalogue``, e.g. city-baseline) meets it. None: off
+    hw_report_profile: str | None = None
+    # sites whose devices need another profile than ``hw_report_profile`` (e.g.
+    # {"waterworks": "city-critical"}; as an environment variable, JSON); the gate is on
+    # for a site named here even when ``hw_report_profile`` is None
+    hw_report_site_profiles: dict[str, str] = Field(default_factory=dict)
     limits: FleetLimits = Field(default_factory=FleetLimits)
 
     @field_validator("ingest_share_group")
     @classmethod
     def _share_group(cls, value: str) -> str:
         return check_share_group(value)
+
+    @field_validator("hw_report_profile")
+    @classmethod
+    def _hw_profile(cls, value: str | None) -> str | None:
+        return None if value is None else check_gate_profile(value)
+
+    @field_validator("hw_report_site_profiles")
+    @classmethod
+    def _hw_site_profiles(cls, value: dict[str, str]) -> dict[str, str]:
+        return {site: check_gate_profile(name) for site, name in value.items()}
+
+    def hw_profile_for(self, site: str) -> str | None:
+        """The profile a device at ``site`` must meet to enroll; None: the gate is off."""
+        return self.hw_report_site_profiles.get(site, self.hw_report_profile)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -213,6 +241,17 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def check_gate_profile(name: str) -> str:
+    """A gate profile is one of the bundled profiles (a vendor's own draft profile cannot
+    decide what the city enrolls)."""
+    from cityedge_hardware.catalogue import bundled_profiles
+
+    if name not in bundled_profiles():
+        raise ValueError("%r is not a bundled hardware profile; one of %s"
+                         % (name, ", ".join(bundled_profiles())))
+    return name
 
 
 def _network(item: Any) -> Any:

@@ -17,8 +17,11 @@ allow-listed serial *with its claim secret*.
    tell the reasons apart either.
 2. the gate is used up with a conditional UPDATE (``used_at IS NULL``), so two concurrent
    requests with the same token or claim cannot both pass.
-3. from here the caller has proved possession, and errors are precise: the device must
-   be allowed to become ``provisioned`` (409), the CSR must pass
+3. from here the caller has proved possession, and errors are precise: when the fleet
+   requires hardware reports (``Settings.hw_report_profile``), the newest report of the
+   device's model for its site's profile must meet it (403,
+   ``hw_report_store.hardware_gate``; the audit row's gate then names the report); the
+   device must be allowed to become ``provisioned`` (409), the CSR must pass
    ``CertificateAuthority.check_csr`` (422), and its key must not be enrolled already
    (409: the credential's ``kid`` is unique, a key serves one device once).
 
@@ -49,7 +52,7 @@ from cityedge_core import topics
 from cityedge_core.chain import ChainState
 from cityedge_core.cose import kid_for_public_key
 from cityedge_core.errors import PeerError
-from cityedge_fleet import registry
+from cityedge_fleet import hw_report_store, registry
 from cityedge_fleet.auth import hash_token, new_token
 from cityedge_fleet.ca import CertificateAuthority, CsrError
 from cityedge_fleet.config import Settings
@@ -235,6 +238,11 @@ def enroll(session: Session, *, ca: CertificateAuthority, settings: Settings,
     """
     now = dt.datetime.now(dt.UTC)
     device, gate = _consume_gate(session, req, now)
+    hw_report, hw_refusal = hw_report_store.hardware_gate(session, settings, device)
+    if hw_refusal is not None:
+        raise EnrollmentRefused(403, hw_refusal.why, code=hw_refusal.code)
+    if hw_report is not None:
+        gate += "+hw-report:%s" % hw_report.id
     try:
         registry.check_transition(DeviceState(device.state), DeviceState.provisioned)
     except TransitionError as e:

@@ -290,12 +290,25 @@ class CredentialPublic(CredentialBase):
 # ---------------------------------------------------------------------------- API tokens
 
 
+VENDOR_MAX = 64  # characters of a vendor's name (a lowercase slug: ``VENDOR_NAME``)
+VENDOR_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def check_vendor(value: str | None) -> str | None:
+    if value is not None and not VENDOR_NAME.fullmatch(value):
+        raise ValueError("a vendor is 1..64 of a-z 0-9 . _ - starting with a letter or digit")
+    return value
+
+
 class ApiTokenBase(InputModel):
     name: str = Field(min_length=1, max_length=TEXT_MAX)
     role: Role = Field(sa_type=AutoString(32))
     # a technician token scoped to these sites (``auth.Principal.may_act_at``); empty:
     # unscoped, as every other role
     sites: list[str] = Field(default_factory=list, sa_type=JSON)
+    # the vendor a vendor token speaks for (its device models only: ``hw_access``); None
+    # for every other role
+    vendor: str | None = Field(default=None, max_length=VENDOR_MAX)
 
 
 class ApiTokenCreate(ApiTokenBase):
@@ -307,10 +320,24 @@ class ApiTokenCreate(ApiTokenBase):
     def _sites(cls, value: list[str]) -> list[str]:
         return sorted(set(value))
 
+    vendor: str | None = Field(default=None, max_length=VENDOR_MAX, description=(
+        "vendor tokens only, and required for them: the vendor whose device models it "
+        "uploads hardware reports for"))
+
+    @field_validator("vendor")
+    @classmethod
+    def _vendor(cls, value: str | None) -> str | None:
+        return check_vendor(value)
+
     @model_validator(mode="after")
     def _scope_is_for_technicians(self) -> ApiTokenCreate:
         if self.sites and self.role != Role.technician:
             raise ValueError("sites scope technician tokens only, not %s" % self.role.value)
+        if self.role == Role.vendor and self.vendor is None:
+            raise ValueError("a vendor token names its vendor (the one whose device models "
+                             "it uploads hardware reports for)")
+        if self.role != Role.vendor and self.vendor is not None:
+            raise ValueError("only vendor tokens name a vendor, not %s" % self.role.value)
         return self
 
 
@@ -424,6 +451,81 @@ class FleetKeys(SQLModel):
     """The fleet public keys devices trust for commands: SEC1 uncompressed points, hex."""
 
     fleet_keys: list[str]
+
+
+# ---------------------------------------------------------------------------- hardware reports
+
+
+class ModelRegistrationCreate(InputModel):
+    """A device model (as ``Device.model`` spells it) and the vendor it belongs to."""
+
+    name: str = Field(min_length=1, max_length=TEXT_MAX, primary_key=True)
+    vendor: str = Field(min_length=1, max_length=VENDOR_MAX, index=True)
+
+    @field_validator("vendor")
+    @classmethod
+    def _vendor(cls, value: str) -> str:
+        check_vendor(value)
+        return value
+
+
+class ModelRegistration(ModelRegistrationCreate, table=True):
+    """Which vendor may upload hardware reports for a device model (``hw_access``): set by
+    the security team, once (a model does not change hands)."""
+
+    __tablename__ = "model_registration"
+    registered_by: str = Field(max_length=TEXT_MAX)
+    registered_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ModelRegistrationPublic(ModelRegistrationCreate):
+    registered_by: str
+    registered_at: dt.datetime
+
+
+HW_PROFILE_MAX = 48  # characters of a profile name (``cityedge_hardware.catalogue``)
+HW_VERSION_MAX = 64  # characters of the checker's version as the report gives it
+
+
+class HwReportBase(SQLModel):
+    model: str = Field(max_length=TEXT_MAX)
+    vendor: str = Field(max_length=VENDOR_MAX)  # the model's vendor when it was uploaded
+    profile: str = Field(max_length=HW_PROFILE_MAX)
+    met: bool  # recomputed by the fleet (``hw_report_check.profile_met``)
+    counts: dict[str, int] = Field(sa_type=JSON)  # requirements per outcome
+    catalogue_version: int
+    tool_version: str = Field(max_length=HW_VERSION_MAX)
+    generated_at: dt.datetime = Field(sa_type=UTCDateTime)  # as the report says
+    sha256: str = Field(max_length=64)  # of the report's bytes as uploaded
+    size: int  # bytes
+    uploaded_by: str = Field(max_length=TEXT_MAX)
+    uploaded_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class HwReport(HwReportBase, table=True):
+    """A hardware report as a vendor (or the security team) uploaded it: the whole JSON,
+    unchanged, with what the fleet reads from it. The newest row of a model and profile
+    (highest ``id``) is the one the enrollment gate reads."""
+
+    __tablename__ = "hw_report"
+    __table_args__ = (Index("ix_hw_report_model_profile", "model", "profile", "id"),
+                      Index("ix_hw_report_vendor", "vendor", "id"))
+    id: int | None = Field(default=None, primary_key=True)
+    model: str = Field(foreign_key="model_registration.name", max_length=TEXT_MAX)
+    report: str = Field(sa_type=Text)  # the uploaded bytes (UTF-8 JSON), unchanged
+
+
+class HwReportPublic(HwReportBase):
+    id: int
+
+
+class HwReportsPublic(SQLModel):
+    data: list[HwReportPublic]
+    next_after: int | None  # pass as ``after`` to get the next page; None on the last
+
+
+class HwReportDetail(HwReportPublic):
+    report: dict[str, Any]  # the uploaded JSON (``GET /hw/reports/{id}/raw``: its bytes)
 
 
 # ---------------------------------------------------------------------------- audit

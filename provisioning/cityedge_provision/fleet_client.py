@@ -293,6 +293,11 @@ class FleetClient:
         return _obj(self._call("POST", "/enrollment/manifests",
                                json={"manifest": manifest, "devices": devices}))
 
+    def upload_hw_report(self, data: bytes) -> dict[str, Any]:
+        """``POST /hw/reports``: a hardware report's JSON bytes, unchanged (a vendor token)."""
+        return _obj(self._call("POST", "/hw/reports", content=data,
+                               headers={"Content-Type": "application/json"}))
+
     def enroll(self, serial: str, token: str | None, csr_pem: str,
                claim: str | None = None) -> dict[str, Any]:
         """``POST /enroll`` with a token, or (allow-listed) the device's claim secret."""

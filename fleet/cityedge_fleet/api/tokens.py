@@ -34,10 +34,12 @@ REVOKE_LINK = {"RevokeToken": {
 def create_token(body: ApiTokenCreate, request: Request, session: SessionDep,
                  who: AdminDep) -> ApiTokenCreated:
     row, token = create_api_token(session, name=body.name, role=body.role, created_by=who.name,
-                                  sites=body.sites)
+                                  sites=body.sites, vendor=body.vendor)
     detail: dict[str, object] = {"role": body.role.value, "id": row.id}
     if body.sites:
         detail["sites"] = body.sites
+    if body.vendor is not None:
+        detail["vendor"] = body.vendor
     audit.append(session, actor=who.name, action="token.create", outcome=audit.OK,
                  target=body.name, source=client_address(request), detail=detail)
     session.commit()
