@@ -15,6 +15,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from cityedge.hw_upload import upload_command
 from cityedge.inspect_cmd import inspect_command
 from cityedge.release_cmd import release_app
 from cityedge.sim import sim_app
@@ -24,7 +25,6 @@ from cityedge_fleet.cli import audit_app, broker_app, fleet_app
 from cityedge_fleet.keys_cli import keys_app
 from cityedge_gateway.cli import gateway_app
 from cityedge_hardware.cli import hw_app
-from cityedge_hardware.upload import upload_command
 from cityedge_host.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from cityedge_provision.cli import provision_app
 

@@ -15,8 +15,9 @@ problem of a rule is listed, and the first rule with one refuses:
 3. each requirement is listed once, and every one the profile selects is listed (a report
    that leaves out a failing requirement is not a shorter passing report);
 4. ``summary.counts`` are the counts of the outcomes, and ``summary.met`` is
-   ``profile_met`` of them: the fleet decides ``met`` itself and refuses a report whose
-   summary says otherwise (a forged or hand-edited summary).
+   ``cityedge_hardware.report.profile_met`` of them (the checker's own rule): the fleet
+   decides ``met`` itself and refuses a report whose summary says otherwise (a forged or
+   hand-edited summary).
 
 What this does not prove: the report is the vendor's own statement. The fleet checks it is
 whole and consistent, and keeps its SHA-256, the uploader and the time (the audit log has
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -47,6 +46,7 @@ from pydantic import (
 from cityedge_core.errors import PeerError
 from cityedge_fleet.config import FleetLimits
 from cityedge_fleet.models import CONTROL_CHARACTERS, HW_PROFILE_MAX, HW_VERSION_MAX, TEXT_MAX
+from cityedge_hardware.report import outcome_counts, profile_met
 
 SCHEMA_ID = "cityedge-hw-report/1"
 
@@ -59,21 +59,6 @@ class Outcome(StrEnum):
     needs_evidence = "needs evidence"
     not_applicable = "not applicable"
     undecided = "could not decide"
-
-
-MET_OUTCOMES = frozenset({Outcome.passed, Outcome.not_applicable})
-
-
-def profile_met(outcomes: Iterable[str]) -> bool:
-    """The shared rule (the checker's report uses it too): a profile is met iff every
-    requirement it selects has outcome ``pass`` or ``not applicable``."""
-    return all(outcome in MET_OUTCOMES for outcome in outcomes)
-
-
-def outcome_counts(outcomes: Iterable[str]) -> dict[str, int]:
-    """Requirements per outcome, every outcome named (0 when none has it)."""
-    counted = Counter(outcomes)
-    return {o.value: counted.get(o.value, 0) for o in Outcome}
 
 
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

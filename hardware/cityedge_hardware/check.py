@@ -8,8 +8,11 @@ project error (``UserError``: a board that does not answer, a capture that is no
 not stop the check: its requirements become "could not decide", with the error as the
 reason and its hint as the fix. Any other exception is a bug and propagates.
 
-Adding a probe is one entry in ``STEPS`` (the network, firmware-image and Pi host probes take
-``progress`` and return verdicts, so each is a ``Step(...)`` line wired to its input).
+Adding a probe is one entry in ``STEPS``. The steps: eFuses (a capture or the board on
+``--port``), security info, the serial console (``--port``), the firmware image
+(``--firmware``, with its signed release: ``image_probe``; on a gateway only its secret scan),
+the network (``--host``: ``net_probe``), the Raspberry Pi host (``--gateway-root`` or
+``--host-capture``: ``host_collect``) and the vendor declaration (``--evidence``).
 Every input file is hashed (sha256) for the report, so a report names exactly what it saw.
 """
 
@@ -39,7 +42,28 @@ from cityedge_hardware.evidence import (
     read_bounded,
     sha256,
 )
+from cityedge_hardware.host_collect import probe_host
+from cityedge_hardware.host_rules import (
+    REQ_ACCOUNTS,
+    REQ_CONFINE,
+    REQ_KEYS,
+    REQ_PRIV,
+    REQ_SSH,
+    REQ_UPDATES,
+)
+from cityedge_hardware.image_probe import probe_image
+from cityedge_hardware.image_rules import REQ_ROLLBACK, REQ_SIGNED
 from cityedge_hardware.limits import LIMITS
+from cityedge_hardware.net_probe import check_network
+from cityedge_hardware.net_rules import (
+    REQ_AUTH,
+    REQ_BANNER,
+    REQ_CERT_AUTH,
+    REQ_CLEAR_TEXT,
+    REQ_PORTS,
+    REQ_TLS,
+    PortSpec,
+)
 from cityedge_hardware.report import evaluate
 from cityedge_hardware.report_json import Device, report_document
 from cityedge_hardware.secinfo import check_security_info, parse_security_info
@@ -65,6 +89,18 @@ class CheckInputs:
     firmware: Path | None = None
     declaration: LoadedDeclaration | None = None
     chip: str | None = None
+    host: str | None = None  # the network probe's target
+    declared_ports: tuple[PortSpec, ...] = ()  # ports the model declares it serves
+    tcp_ports: tuple[int, ...] | None = None  # None: the probe's default list
+    udp_ports: tuple[int, ...] | None = None
+    mqtt_ports: tuple[int, ...] = ()
+    allow_public: bool = False
+    release: Path | None = None  # the signed manifest of the --firmware bundle
+    release_keys: Path | None = None
+    release_roots: tuple[Path, ...] = ()
+    min_sequence: int = 0
+    gateway_root: Path | None = None  # the Pi gateway's file system (host probe)
+    host_capture: Path | None = None  # or a saved host capture
 
 
 @dataclass
@@ -161,6 +197,34 @@ def _secrets(inp: CheckInputs, run: CheckRun, progress: Progress | None) -> list
     return [secrets_verdict(result)]
 
 
+def _image(inp: CheckInputs, run: CheckRun, progress: Progress | None) -> list[Verdict]:
+    assert inp.firmware is not None
+    run.inputs.append(InputFile("firmware", str(inp.firmware), hash_path(inp.firmware)))
+    for name, path in (("release", inp.release), ("release-keys", inp.release_keys),
+                       *(("release-root", p) for p in inp.release_roots)):
+        if path is not None:
+            run.inputs.append(InputFile(name, str(path), hash_path(path)))
+    return probe_image(inp.firmware, manifest=inp.release, release_keys=inp.release_keys,
+                       release_roots=inp.release_roots, min_sequence=inp.min_sequence,
+                       platform=inp.platform, progress=progress)
+
+
+def _network(inp: CheckInputs, run: CheckRun, progress: Progress | None) -> list[Verdict]:
+    assert inp.host is not None
+    return check_network(inp.host, tcp_ports=inp.tcp_ports, udp_ports=inp.udp_ports,
+                         mqtt_ports=inp.mqtt_ports, declared=inp.declared_ports,
+                         allow_public=inp.allow_public, progress=progress)
+
+
+def _pi_host(inp: CheckInputs, run: CheckRun, progress: Progress | None) -> list[Verdict]:
+    if inp.host_capture is not None:
+        run.inputs.append(InputFile("host-capture", str(inp.host_capture),
+                                    hash_path(inp.host_capture)))
+        return probe_host(capture_json=inp.host_capture, progress=progress)
+    assert inp.gateway_root is not None
+    return probe_host(inp.gateway_root, progress=progress)
+
+
 def _evidence(inp: CheckInputs, run: CheckRun, progress: Progress | None) -> list[Verdict]:
     assert inp.declaration is not None
     verdicts = check_declaration(inp.declaration)
@@ -180,9 +244,18 @@ STEPS: tuple[Step, ...] = (
          lambda i: i.security_info is not None, EFUSE_REQUIREMENTS, _security_info),
     Step("serial console", "--port is given on an esp32 or rp2040",
          lambda i: i.platform in _MCU and i.port is not None, (REQ_NO_CONSOLE,), _serial),
-    Step("secrets in the firmware", "--firmware is given", lambda i: i.firmware is not None,
+    Step("firmware image", "--firmware is given on an esp32 or rp2040",
+         lambda i: i.platform in _MCU and i.firmware is not None,
+         (REQ_SIGNED, REQ_ROLLBACK, REQ_NO_SHIPPED_SECRETS, REQ_NO_CONSOLE), _image),
+    Step("secrets in the firmware", "--firmware is given on a rpi-gateway",
+         lambda i: i.platform not in _MCU and i.firmware is not None,
          (REQ_NO_SHIPPED_SECRETS,), _secrets),
-    # the network (--host), firmware-image and Raspberry Pi host probes go here
+    Step("network", "--host is given", lambda i: i.host is not None,
+         (REQ_PORTS, REQ_CLEAR_TEXT, REQ_BANNER, REQ_TLS, REQ_AUTH, REQ_CERT_AUTH), _network),
+    Step("Raspberry Pi host", "--gateway-root or --host-capture is given on a rpi-gateway",
+         lambda i: i.platform == "rpi-gateway" and (i.gateway_root is not None
+                                                    or i.host_capture is not None),
+         (REQ_SSH, REQ_PRIV, REQ_ACCOUNTS, REQ_UPDATES, REQ_CONFINE, REQ_KEYS), _pi_host),
     Step("vendor declaration", "--evidence is given", lambda i: i.declaration is not None,
          EVIDENCE_REQUIREMENTS, _evidence, kind="evidence"),
 )

@@ -237,6 +237,39 @@ def check_command(
                                                "declaration's).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name (default: the "
                                               "declaration's).")] = None,
+    host: Annotated[str | None, typer.Option(
+        "--host", help="The device's network address: the network probe (loopback, private "
+        "or link-local unless --allow-public).")] = None,
+    declared: Annotated[str, typer.Option(
+        "--declared", help="With --host: ports the model declares, e.g. 8883,5684/udp; every "
+        "other open port fails.")] = "",
+    mqtt_ports: Annotated[str, typer.Option(
+        "--mqtt-ports", help="With --host: ports it serves MQTT on, besides 1883 and 8883."
+    )] = "",
+    ports: Annotated[str | None, typer.Option(
+        "--ports", help="With --host: TCP ports to scan (default: %d well-known IoT ports)"
+        % len(DEFAULT_TCP_PORTS))] = None,
+    udp_ports: Annotated[str | None, typer.Option(
+        "--udp-ports", help="With --host: UDP ports to probe (default: %d well-known; '' for "
+        "none)" % len(DEFAULT_UDP_PORTS))] = None,
+    allow_public: Annotated[bool, typer.Option(
+        "--allow-public", help="With --host: scan an address outside loopback, private and "
+        "link-local space (only with the network owner's permission).")] = False,
+    release: Annotated[Path | None, _path_opt(
+        "--release", "With --firmware: the signed release manifest.")] = None,
+    release_keys: Annotated[Path | None, _path_opt(
+        "--release-keys", "With --release: the certified release-key list.")] = None,
+    release_root: Annotated[list[Path] | None, typer.Option(
+        "--release-root", help="With --release: a release root set the city trusts "
+        "(repeatable).", exists=True, readable=True)] = None,
+    min_sequence: Annotated[int, typer.Option(
+        "--min-sequence", min=0, help="With --release: the sequence the release must "
+        "exceed (the last one shipped).")] = 0,
+    gateway_root: Annotated[Path | None, _path_opt(
+        "--gateway-root", "A Raspberry Pi gateway's file system root (/ on the Pi): the "
+        "host probe.", dir_okay=True)] = None,
+    host_capture: Annotated[Path | None, _path_opt(
+        "--host-capture", "A capture `cityedge hw host --save-capture` wrote.")] = None,
 ) -> None:
     """Check a board against a profile; write report.json and report.html.
 
@@ -258,7 +291,16 @@ def check_command(
         esp = efuse_json is not None or security_info is not None
         inputs = CheckInputs(platform=resolve_platform(platform, esp, decl), port=port,
                              efuse_json=efuse_json, security_info=security_info,
-                             firmware=firmware, declaration=decl, chip=chip)
+                             firmware=firmware, declaration=decl, chip=chip,
+                             host=host, declared_ports=tuple(sorted(_declared(declared))),
+                             mqtt_ports=_port_option(mqtt_ports, (), "--mqtt-ports"),
+                             tcp_ports=_port_option(ports, DEFAULT_TCP_PORTS, "--ports"),
+                             udp_ports=_port_option(udp_ports, DEFAULT_UDP_PORTS,
+                                                    "--udp-ports"),
+                             allow_public=allow_public, release=release,
+                             release_keys=release_keys, release_roots=tuple(release_root or ()),
+                             min_sequence=min_sequence, gateway_root=gateway_root,
+                             host_capture=host_capture)
         load_profile(profile)  # a bad profile is an input error before any probe runs
         doc = check_report(inputs, profile, vendor=vendor, model=model,
                            progress=lambda line: typer.echo(line, err=True))
@@ -276,6 +318,13 @@ def check_command(
     typer.echo("json:   %s" % json_path)
     if not summary["met"]:
         raise typer.Exit(1)
+def _declared(text: str) -> frozenset[tuple[str, int]]:
+    try:
+        return parse_declared(text)
+    except ValueError as e:
+        raise UserError("--declared: %s" % e, hint="give ports as 8883,22/tcp,5684/udp") from e
+
+
 def _port_option(text: str | None, default: tuple[int, ...], option: str) -> tuple[int, ...]:
     if text is None:
         return default
@@ -321,10 +370,7 @@ def net_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Scan a device on the network: open ports, clear-text services, TLS, MQTT access."""
-    try:
-        declared_ports = parse_declared(declared)
-    except ValueError as e:
-        raise UserError("--declared: %s" % e, hint="give ports as 8883,22/tcp,5684/udp") from e
+    declared_ports = _declared(declared)
     if scan_json is not None:
         capture = _read_scan(scan_json)
     elif host is None:

@@ -80,6 +80,8 @@ def parse_summary(data: bytes | str, *, source: str = "capture") -> EfuseSummary
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise EfuseDataError("%s: not JSON (%s)" % (source, e)) from e
+    except RecursionError as e:  # nested deeper than the parser's stack: no summary is
+        raise EfuseDataError("%s: JSON nested too deep to be an eFuse summary" % source) from e
     if not isinstance(doc, dict) or not doc:
         raise EfuseDataError("%s: not an eFuse summary (expected a JSON object of fields)"
                              % source)

@@ -38,6 +38,18 @@ OUTCOMES = (PASS, FAIL, NEEDS_EVIDENCE, NOT_APPLICABLE, UNDECIDED)
 MET_OUTCOMES = frozenset({PASS, NOT_APPLICABLE})
 
 
+def profile_met(outcomes: Iterable[str]) -> bool:
+    """The one rule (this report and the fleet's upload check): a profile is met iff every
+    requirement it selects has outcome ``pass`` or ``not applicable``."""
+    return all(outcome in MET_OUTCOMES for outcome in outcomes)
+
+
+def outcome_counts(outcomes: Iterable[str]) -> dict[str, int]:
+    """Requirements per outcome, every outcome named (0 when none has it)."""
+    listed = list(outcomes)
+    return {o: listed.count(o) for o in OUTCOMES}
+
+
 @dataclass(frozen=True)
 class Check:
     """A verdict as the report keeps it: with where it came from."""
@@ -67,11 +79,11 @@ class ProfileResult:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {o: sum(1 for r in self.results if r.outcome == o) for o in OUTCOMES}
+        return outcome_counts(r.outcome for r in self.results)
 
     @property
     def met(self) -> bool:
-        return all(r.outcome in MET_OUTCOMES for r in self.results)
+        return profile_met(r.outcome for r in self.results)
 
 
 def _fixes(checks: Iterable[Check]) -> str:

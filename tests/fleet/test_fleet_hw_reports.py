@@ -199,3 +199,29 @@ def test_a_vendor_token_names_its_vendor_and_no_other_token_does(api: Api) -> No
     register_model(api, "ce-air-1", "acme")
     token = {"Authorization": "Bearer %s" % r.json()["token"]}
     assert upload(api, token, make_report("ce-air-1")).status_code == 201
+
+
+def test_a_report_written_by_hw_check_is_accepted_as_it_is(api: Api) -> None:
+    """The checker's own output (not a test builder's): the bundled hardened ESP32-S3 capture
+    with the example declaration, checked against city-baseline as ``cityedge hw check`` does,
+    uploads unchanged; the fleet's recomputed ``met`` and counts equal the checker's."""
+    from pathlib import Path
+
+    import cityedge_hardware
+    from cityedge_hardware.check import CheckInputs, check_report
+    from cityedge_hardware.evidence import load_declaration
+
+    pkg = Path(cityedge_hardware.__file__).parent
+    decl = load_declaration(pkg / "examples" / "vendor.yaml")
+    doc = check_report(CheckInputs(platform="esp32",
+                                   efuse_json=pkg / "captures" / "esp32s3_hardened.json",
+                                   declaration=decl), "city-baseline")
+    model = doc["device"]["model"]
+    register_model(api, model, "acme")
+    r = upload(api, vendor_headers(api, "acme"), encode(doc))
+    assert r.status_code == 201, r.text
+    got = r.json()
+    assert (got["model"], got["met"]) == (model, doc["summary"]["met"])
+    stored = api.client.get("/hw/reports/%d" % got["id"],
+                            headers=vendor_headers(api, "acme")).json()["report"]
+    assert stored["summary"] == doc["summary"] and stored["requirements"] == doc["requirements"]

@@ -250,3 +250,12 @@ def test_esp32_v3_only_switches_fail_on_an_older_revision(esp32: Doc, check: str
     assert "revision 1" in v.reason
     unknown = {k: x for k, x in esp32.items() if k != "WAFER_VERSION_MAJOR"}
     assert _run(unknown)[check].outcome is Outcome.UNDECIDED
+
+
+def test_a_capture_nested_past_the_parsers_stack_is_a_clear_error() -> None:
+    """200 KB of brackets, under the size limit: Python's JSON parser runs out of stack,
+    which must be the capture's error (``hw check``: could not decide), not a traceback."""
+    from cityedge_hardware.errors import EfuseDataError
+
+    with pytest.raises(EfuseDataError, match="nested too deep"):
+        parse_summary(b"[" * 100_000 + b"]" * 100_000, source="deep.json")
