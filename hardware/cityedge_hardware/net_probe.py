@@ -173,6 +173,11 @@ def _tcp_port(c: _Ctx, port: int) -> tuple[PortState, socket.socket | None]:
     except TimeoutError:
         return PortState("tcp", port, "filtered", "no answer in %.1f s"
                          % c.limits.net_connect_timeout_s), None
+    except (ConnectionResetError, ConnectionAbortedError) as e:
+        # a reset, not a refusal: the handshake completed (a SYN answered with RST is
+        # ECONNREFUSED), so a service accepted and dropped us before connect() returned
+        return PortState("tcp", port, "open", "reset right after the handshake (%s)"
+                         % _why(e)), None
     except OSError as e:
         return PortState("tcp", port, "error", _why(e)), None
     return PortState("tcp", port, "open"), sock
@@ -425,11 +430,14 @@ def scan(host: str, *, tcp_ports: Iterable[int] | None = None,
     say("network: %d TCP and %d UDP ports on %s" % (len(tcp), len(udp), addr))
     for port in tcp:
         state, sock = _tcp_port(c, port)
-        if sock is None:
+        if state.state != "open":
             ports.append(state)
             continue
         say("network: %d/tcp is open" % port)
-        banner, err = _banner(sock, c)
+        if sock is None:  # reset right after the handshake: no banner to read
+            banner, err = b"", state.detail
+        else:
+            banner, err = _banner(sock, c)
         if err:
             notes.append("%d/tcp: reading its banner failed: %s" % (port, err))
         if banner:
