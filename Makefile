@@ -31,8 +31,10 @@ setup: system-deps $(STAMP)
 demo: setup
 	$(BIN)/python -m cityedge.demo
 
+# The suite runs on every core (pytest-xdist), one test file per worker at a time, so a
+# file's module fixtures (a broker, a built firmware) are made once.
 test: setup lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -26,6 +26,12 @@ settings.register_profile("cityedge-ci", parent=settings.get_profile("cityedge")
                           derandomize=True)
 settings.load_profile("cityedge-ci" if os.environ.get("CI") == "true" else "cityedge")
 
+# pytest-xdist starts its workers with COLUMNS=80 and LINES=24 set; a rich console made at
+# import would keep that size for good, whatever a test's CliRunner sets. Without them the
+# CLI's consoles size themselves per call, as in a plain pytest run and a terminal.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
