@@ -42,7 +42,7 @@ def _sht() -> tuple[simbus.SimClock, simbus.SHT3xDevice, SHT3x]:
 def test_sht3x_reads_temperature_and_humidity() -> None:
     clock, dev, sensor = _sht()
     assert sensor.read() == [("air/temp", "Cel", 23.4), ("air/humidity", "%RH", 51.2)]
-    assert dev.commands == [b"\x24\x00"]
+    assert dev.last_command == b"\x24\x00"
     assert clock.ms >= 15  # waited for the conversion
 
 

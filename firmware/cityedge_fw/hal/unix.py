@@ -1,6 +1,6 @@
 """The MicroPython unix port as a board: simulated sensor parts, the host's network and clock.
 
-The real drivers run against ``sensors.sim`` parts (same datasheet protocols as the tests);
+The real drivers run against ``sensors.sim`` parts (and its sibling modules) (same datasheet protocols as the tests);
 the device id comes from the configuration (``"device"``), since a laptop's MAC is not the
 device's. No watchdog. The host clock is NTP-disciplined, so ``unix_time`` is trusted unless
 the configuration says ``"clock": "none"`` (to try the no-NTP path).
@@ -202,7 +202,8 @@ class Board(BaseBoard):
     def unix_time(self):
         return int(time.time()) if self._clock_set else None
 
-    # the simulated parts load with the first sensor: a board without sensors never has them
+    # the simulated parts load with the first sensor, each bus and part with the first
+    # sensor that needs it: a board without sensors never has them
     def _sim(self):
         from ..sensors import sim
 
@@ -214,21 +215,28 @@ class Board(BaseBoard):
         return self._sim().I2CBus(self.clock)
 
     def onewire(self, pin):
-        return self._sim().OneWireBus(self.clock)
+        self._sim()
+        from ..sensors.sim_onewire import OneWireBus
+
+        return OneWireBus(self.clock)
 
     def adc(self, pin):
-        return self._sim().SimADC()
+        from ..sensors.sim_adc import SimADC
+
+        return SimADC()
 
     def sensor(self, spec):
         driver = BaseBoard.sensor(self, spec)
         kind = spec["type"]
-        sim = self._sim()
         if kind == "sht3x":  # put the part on the simulated bus at its address
-            driver.i2c.attach(driver.address, sim.SHT3xDevice(self.clock))
+            driver.i2c.attach(driver.address, self._sim().SHT3xDevice(self.clock))
         elif kind == "scd4x":
-            driver.i2c.attach(driver.address, sim.SCD4xDevice(self.clock))
+            from ..sensors.sim_scd4x import SCD4xDevice
+
+            driver.i2c.attach(driver.address, SCD4xDevice(self.clock))
         elif kind == "ds18b20":
+            from ..sensors.sim_onewire import DS18B20Device
+
             rom = spec.get("rom")
-            part = sim.DS18B20Device(self.clock, rom=bytes.fromhex(rom) if rom else None)
-            driver.ow.attach(part)
+            driver.ow.attach(DS18B20Device(self.clock, rom=bytes.fromhex(rom) if rom else None))
         return driver
