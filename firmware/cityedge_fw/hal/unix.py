@@ -1,9 +1,10 @@
 """The MicroPython unix port as a board: simulated sensor parts, the host's network and clock.
 
-The real drivers run against ``sensors.sim`` parts (and its sibling modules) (same datasheet protocols as the tests);
-the device id comes from the configuration (``"device"``), since a laptop's MAC is not the
-device's. No watchdog. The host clock is NTP-disciplined, so ``unix_time`` is trusted unless
-the configuration says ``"clock": "none"`` (to try the no-NTP path).
+The real drivers run against simulated parts (``sensors.sim`` and its sibling modules; the
+same datasheet protocols as the tests); the device id comes from the configuration
+(``"device"``), since a laptop's MAC is not the device's. No watchdog. The host clock is
+NTP-disciplined, so ``unix_time`` is trusted unless the configuration says ``"clock":
+"none"`` (to try the no-NTP path).
 
 The boot (``main.boot``) takes from the environment what a board has in hardware:
 
