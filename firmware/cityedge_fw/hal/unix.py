@@ -20,6 +20,9 @@ The boot (``main.boot``) takes from the environment what a board has in hardware
                      no provisioning mode, the agent starts (the simulator, the tests)
 ``CITYEDGE_SERIAL``, ``CITYEDGE_DEVICE``, ``CITYEDGE_MODEL``: what provisioning reports
 (a board reads them from its chip; the device URN defaults to the configuration's)
+
+The provisioning line and the flash image are in ``unix_io``, loaded only when the
+environment asks for them.
 """
 
 import os
@@ -27,86 +30,6 @@ import sys
 import time
 
 from . import BaseBoard
-
-_READ_POLL_MS = 0  # a UART read never blocks: ``provision_main.uart_line`` idles between
-
-
-class StdioUart:
-    """``machine.UART``'s ``read``/``write`` over fd 0/1 (the pty the laptop opens)."""
-
-    def __init__(self):
-        import select
-
-        self._in = sys.stdin.buffer
-        self._out = sys.stdout.buffer
-        self._poll = select.poll()
-        self._poll.register(self._in, select.POLLIN)
-        self._pollin = select.POLLIN
-
-    def read(self, n):
-        buf = b""
-        while len(buf) < n:
-            ready = self._poll.poll(_READ_POLL_MS)
-            if not ready or not ready[0][1] & self._pollin:
-                break
-            try:
-                b = self._in.read(1)
-            except OSError:  # EIO: the other end of the pty is gone
-                break
-            if not b:
-                break
-            buf += b
-        return buf or None
-
-    def write(self, data):
-        try:
-            n = self._out.write(data)
-            if hasattr(self._out, "flush"):
-                self._out.flush()
-            return n
-        except OSError:  # the line is gone, as a board's UART with no cable
-            return 0
-
-
-class FileFlash:
-    """A LittleFS block device over a host file (the simulated flash chip, created erased
-    by the host side)."""
-
-    def __init__(self, path, blocks, block_size):
-        self.bs = block_size
-        self.blocks = blocks
-        self.f = open(path, "r+b")
-
-    def readblocks(self, block, buf, offset=0):
-        self.f.seek(block * self.bs + offset)
-        self.f.readinto(buf)
-
-    def writeblocks(self, block, buf, offset=0):
-        self.f.seek(block * self.bs + offset)
-        self.f.write(buf)
-        self.f.flush()
-
-    def ioctl(self, op, arg):
-        if op == 4:  # block count
-            return self.blocks
-        if op == 5:  # block size
-            return self.bs
-        if op == 6:  # erase: LittleFS needs none on a file
-            return 0
-        return None
-
-
-def _mount_image(spec):
-    import vfs
-
-    path, blocks, size = spec.rsplit(":", 2)
-    flash = FileFlash(path, int(blocks), int(size))
-    try:
-        vfs.mount(vfs.VfsLfs2(flash), "/flash")
-    except OSError:  # a fresh (erased) image: format it, as a board's first boot does
-        vfs.VfsLfs2.mkfs(flash)
-        vfs.mount(vfs.VfsLfs2(flash), "/flash")
-    return "/flash"
 
 
 async def _report(agent):
@@ -146,7 +69,11 @@ class Board(BaseBoard):
     @classmethod
     def flash_root(cls):
         image = os.getenv("CITYEDGE_FLASH_IMAGE")
-        mounted = _mount_image(image) if image else None
+        mounted = None
+        if image:
+            from .unix_io import mount_image
+
+            mounted = mount_image(image)
         return os.getenv("CITYEDGE_FLASH") or mounted or "."
 
     @classmethod
@@ -172,6 +99,8 @@ class Board(BaseBoard):
             return None
         if line != "stdio":
             raise ValueError("unix board: CITYEDGE_UART=%r: only 'stdio' is supported" % line)
+        from .unix_io import StdioUart
+
         return StdioUart()
 
     @classmethod
@@ -196,9 +125,6 @@ class Board(BaseBoard):
         if not device:
             raise ValueError('unix board: the configuration must name the "device" URN')
         return device
-
-    def ticks_ms(self):
-        return time.ticks_ms()
 
     def unix_time(self):
         return int(time.time()) if self._clock_set else None
