@@ -24,10 +24,15 @@ _ENODEV = 19
 
 
 class SimClock:
-    """Milliseconds that pass only when a driver sleeps (the drivers' ``sleep`` argument)."""
+    """Milliseconds that pass only when a driver sleeps (the drivers' ``sleep`` argument);
+    a simulated part reads it by calling it, as the unix board's parts call
+    ``time.ticks_ms``."""
 
     def __init__(self):
         self.ms = 0
+
+    def __call__(self):
+        return self.ms
 
     def sleep_ms(self, ms):
         self.ms += ms

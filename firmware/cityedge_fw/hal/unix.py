@@ -118,7 +118,7 @@ class Board(BaseBoard):
     def __init__(self, config=None):
         super().__init__(config)
         self._clock_set = self.config.get("clock", "host") == "host"
-        self.clock = None  # the simulated parts' clock, made with the first part
+        self.clock = time.ticks_ms  # the simulated parts' clock (milliseconds)
 
     def device_id(self):
         device = self.config.get("device")
@@ -131,18 +131,12 @@ class Board(BaseBoard):
 
     # the simulated parts load with the first sensor, each bus and part with the first
     # sensor that needs it: a board without sensors never has them
-    def _sim(self):
-        from ..sensors import sim
-
-        if self.clock is None:
-            self.clock = sim.TicksClock()
-        return sim
-
     def i2c(self, bus_id, sda, scl, freq):
-        return self._sim().I2CBus(self.clock)
+        from ..sensors.sim import I2CBus
+
+        return I2CBus(self.clock)
 
     def onewire(self, pin):
-        self._sim()
         from ..sensors.sim_onewire import OneWireBus
 
         return OneWireBus(self.clock)
@@ -156,7 +150,9 @@ class Board(BaseBoard):
         driver = BaseBoard.sensor(self, spec)
         kind = spec["type"]
         if kind == "sht3x":  # put the part on the simulated bus at its address
-            driver.i2c.attach(driver.address, self._sim().SHT3xDevice(self.clock))
+            from ..sensors.sim import SHT3xDevice
+
+            driver.i2c.attach(driver.address, SHT3xDevice(self.clock))
         elif kind == "scd4x":
             from ..sensors.sim_scd4x import SCD4xDevice
 

@@ -10,8 +10,8 @@ This module holds the I2C bus and the SHT3x, what the unix board needs for its u
 sensor; the other parts are modules of their own (``sim_scd4x``, ``sim_onewire`` with the
 DS18B20, ``sim_adc``), loaded only for a sensor that uses them: every class and name of a
 module the unix board loads stays on the heap (``docs/ARCHITECTURE.md``, "Memory on the
-device"). ``TicksClock`` follows the real monotonic clock (the unix board); the tests'
-clock that moves only when a driver sleeps is ``tests/firmware/simbus.SimClock``.
+device"). A part's ``clock`` is a function that returns milliseconds: the unix board's is
+``time.ticks_ms``; the tests' ``simbus.SimClock`` moves only when a driver sleeps.
 """
 
 _EIO = 5
@@ -34,22 +34,6 @@ def _words(*values):
         w = bytes(((v >> 8) & 0xFF, v & 0xFF))
         out += w + bytes((_crc8_sensirion(w),))
     return bytes(out)
-
-
-class TicksClock:
-    """The real monotonic clock (``time.ticks_ms``; ``time.monotonic`` on CPython)."""
-
-    @property
-    def ms(self):
-        import time
-
-        ticks = getattr(time, "ticks_ms", None)
-        return ticks() if ticks else int(time.monotonic() * 1000)
-
-    def sleep_ms(self, ms):
-        from . import sleep_ms
-
-        sleep_ms(ms)
 
 
 class SimDevice:
@@ -113,14 +97,14 @@ class SHT3xDevice(SimDevice):
     def write(self, data):
         self.last_command = data
         if data == b"\x24\x00":
-            self.ready_at = self.clock.ms + 15
+            self.ready_at = self.clock() + 15
         elif data == b"\x30\xa2":  # soft reset
             self.ready_at = None
         else:
             raise OSError(_EIO)  # unknown command: NACK
 
     def read(self, n):
-        if self.ready_at is None or self.clock.ms < self.ready_at:
+        if self.ready_at is None or self.clock() < self.ready_at:
             raise OSError(_ENODEV)  # no measurement ready: NACK
         self.ready_at = None
         t = round((self.temp + 45) * 65535 / 175)

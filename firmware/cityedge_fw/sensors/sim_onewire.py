@@ -89,10 +89,10 @@ class DS18B20Device(SimDevice):
 
     def function(self, value):
         if value == 0x44:
-            self.done_at = self.clock.ms + 750
+            self.done_at = self.clock() + 750
         elif value == 0xBE:
             raw = self.raw
-            if self.done_at is not None and self.clock.ms >= self.done_at:
+            if self.done_at is not None and self.clock() >= self.done_at:
                 raw = int(self.temp * 16) & 0xFFFF
                 self.raw = raw
             pad = bytes((raw & 0xFF, raw >> 8, 0x4B, 0x46, 0x7F, 0xFF, 0x0C, 0x10))

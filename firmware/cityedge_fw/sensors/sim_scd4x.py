@@ -17,12 +17,12 @@ class SCD4xDevice(SimDevice):
         self.command_at = 0
 
     def _period(self):
-        return (self.clock.ms - self.started_at) // 5000
+        return (self.clock() - self.started_at) // 5000
 
     def write(self, data):
-        self.command_at = self.clock.ms
+        self.command_at = self.clock()
         if data == b"\x21\xb1":
-            self.started_at = self.clock.ms
+            self.started_at = self.clock()
             self.last_read_period = 0
             self.pending = None
         elif data == b"\x3f\x86":  # stop periodic measurement
@@ -41,7 +41,7 @@ class SCD4xDevice(SimDevice):
             raise OSError(_EIO)
 
     def read(self, n):
-        if self.pending is None or self.clock.ms < self.command_at + 1:
+        if self.pending is None or self.clock() < self.command_at + 1:
             raise OSError(_ENODEV)  # read too early, or nothing asked
         data, self.pending = self.pending, None
         return self._answer(data)[:n]
