@@ -171,7 +171,7 @@ def sign1_chunks(parts: Any, signer: Any, kid: bytes, external_aad: bytes = b"")
         for part in parts:
             h.update(part)
         digest = h.digest()
-        h = None  # not alive through the signature, the heap peak on a device
+        del h  # not alive through the signature, the heap peak on a device
         sig = sign_digest(digest)
     else:
         sig = signer.sign(sig_structure(protected_raw, join_chunks(parts), external_aad))
