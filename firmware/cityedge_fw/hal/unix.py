@@ -117,7 +117,7 @@ class Board(BaseBoard):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self._clock_set = self.config.get("clock", "host") == "host"
+        self._clock_set = (config or {}).get("clock", "host") == "host"
         self.clock = time.ticks_ms  # the simulated parts' clock (milliseconds)
 
     def device_id(self):
