@@ -70,9 +70,11 @@ def build(cfg, board=None, board_class=None):
     key_der = read_file(tls["key"])
     gc.collect()
     ssl_ctx = tls_context(read_file(tls["cert"]), key_der, read_file(tls["ca"]))
+    # the kid from a throwaway copy of the key: a key keeps its public point once asked
+    # for it, and the signing key would keep it on the heap for good (0.7 KiB)
+    kid = cose.kid_for_public_key(private_key_from_der(key_der).public_key().to_sec1())
     key = private_key_from_der(key_der)
     del key_der
-    kid = cose.kid_for_public_key(key.public_key().to_sec1())
     fleet_keys = load_fleet_keys(cfg.get("fleet_keys", ()))
     gc.collect()
     from . import config
