@@ -53,7 +53,8 @@ class SimDevice:
 
 
 class I2CBus:
-    """``machine.I2C``-like: ``writeto``, ``readfrom``, ``readfrom_into``, ``scan``."""
+    """``machine.I2C``-like, the two calls the drivers make: ``writeto``,
+    ``readfrom_into``."""
 
     def __init__(self, clock):
         self.clock = clock
@@ -69,15 +70,9 @@ class I2CBus:
             raise OSError(_ENODEV)  # what machine.I2C raises on a NACKed address
         return dev
 
-    def scan(self):
-        return [a for a in sorted(self.devices) if self.devices[a].mode != "missing"]
-
     def writeto(self, address, buf, stop=True):
         self._device(address).write(bytes(buf))
         return len(buf)
-
-    def readfrom(self, address, n, stop=True):
-        return self._device(address).read(n)
 
     def readfrom_into(self, address, buf, stop=True):
         data = self._device(address).read(len(buf))
