@@ -21,15 +21,15 @@ The agent's boot order, the smallest heap first in mind (``docs/ARCHITECTURE.md`
 4. the HAL board and its sensors;
 5. the store, the state file and the ``Agent``; every module the running agent loads
    only for a moment is loaded and unloaded once, so that its names are interned now
-   (``build``); the boot-only modules are unloaded (``cityedge_fw.unload``) before the
-   agent runs.
+   (``build``); the boot-only modules are unloaded (``cityedge_fw.unload``) and this
+   module is emptied (``_drop_boot_code``) before the agent runs.
 
 Measured heap (issue 13; unix port, 64-bit, code in the built ROMFS image, in use after a
 collection, ``micropython.qstr_info()`` for the interned names), the unix HAL board with
-one simulated SHT3x: 21.9 KiB once this module and ``hal`` are loaded (291 names), 28.8
-with the board's class, 35.8 after ``config.load``, 72.8 once ``build`` returned (716
-names: six pools, the sixth 7.5 KiB); it streams at 88 KiB. The tests' stand-in board:
-54.1 KiB after boot (606 names, five pools); it streams at 72 KiB.
+one simulated SHT3x: 21.2 KiB once this module and ``hal`` are loaded (274 names), 27.1
+with the board's class, 33.6 after ``config.load`` (368 names), 65.7 once ``build``
+returned (684 names: six pools, the sixth 7.5 KiB), at most 71.4 while streaming; it
+streams at 78 KiB. The tests' stand-in board: see ``fw_harness.HEAP``.
 
 The configuration is a JSON map (checked by ``config.load``):
 
