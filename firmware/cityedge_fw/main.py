@@ -27,8 +27,8 @@ The agent's boot order, the smallest heap first in mind (``docs/ARCHITECTURE.md`
 Measured heap (issue 13; unix port, 64-bit, code in the built ROMFS image, in use after a
 collection, ``micropython.qstr_info()`` for the interned names), the unix HAL board with
 one simulated SHT3x: 21.2 KiB once this module and ``hal`` are loaded (274 names), 27.1
-with the board's class, 33.6 after ``config.load`` (368 names), 65.7 once ``build``
-returned (684 names: six pools, the sixth 7.5 KiB), at most 71.4 while streaming; it
+with the board's class, 33.6 after ``config.load`` (368 names), 65.5 once ``build``
+returned (683 names: six pools, the sixth 7.5 KiB), at most 71.2 while streaming; it
 streams at 78 KiB. The tests' stand-in board: see ``fw_harness.HEAP``.
 
 The configuration is a JSON map (checked by ``config.load``):
