@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 PACKAGES = ("cityedge_core", "cityedge_fw")  # each with its manifest.py
 # modules that exist only for the unix port: not frozen into board images
-UNIX_ONLY = ("cityedge_fw/hal/unix.py", "cityedge_fw/sensors/sim.py")
+UNIX_ONLY = ("cityedge_fw/hal/unix.py", "cityedge_fw/hal/unix_io.py", "cityedge_fw/sensors/sim.py",
+             "cityedge_fw/sensors/sim_adc.py", "cityedge_fw/sensors/sim_onewire.py",
+             "cityedge_fw/sensors/sim_scd4x.py")
 
 MAIN_PY = '''"""Boot the cityedge device (written by ``make firmware``): provisioning mode on the
 board's UART while the device is not locked, then the agent."""

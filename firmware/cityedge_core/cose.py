@@ -170,7 +170,9 @@ def sign1_chunks(parts: Any, signer: Any, kid: bytes, external_aad: bytes = b"")
             h.update(piece)
         for part in parts:
             h.update(part)
-        sig = sign_digest(h.digest())
+        digest = h.digest()
+        del h  # not alive through the signature, the heap peak on a device
+        sig = sign_digest(digest)
     else:
         sig = signer.sign(sig_structure(protected_raw, join_chunks(parts), external_aad))
     if len(sig) != SIGNATURE_BYTES:

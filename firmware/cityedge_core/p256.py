@@ -148,6 +148,16 @@ def rfc6979_nonce(d: int, digest: bytes) -> int:
     raise AssertionError("unreachable")
 
 
+def _nth_nonce(d: int, digest: bytes, i: int) -> int:
+    """Candidate ``i`` (from 0) of ``rfc6979_nonces``; the generator is let go."""
+    for k in rfc6979_nonces(d, digest):
+        if i == 0:
+            nonce: int = k
+            return nonce
+        i -= 1
+    raise AssertionError("unreachable")
+
+
 def rfc6979_nonces(d: int, digest: bytes) -> Any:
     """Generate RFC 6979 §3.2 nonce candidates in order (qlen = hlen = 256 bits)."""
     h = int.from_bytes(digest, "big") % N  # bits2octets: bits2int, then reduce mod q
@@ -248,18 +258,24 @@ class PrivateKey:
         return self._public  # type: ignore[return-value]
 
     def sign_digest(self, digest: bytes) -> bytes:
-        """Deterministic (RFC 6979) signature r || s over a SHA-256 digest."""
-        e = int.from_bytes(digest, "big")
-        for k in rfc6979_nonces(self._d, digest):
+        """Deterministic (RFC 6979) signature r || s over a SHA-256 digest.
+
+        Nothing but the nonce and the point is alive during the multiplication, the
+        signature's heap peak: the nonce generator's state (about 0.4 KiB on a device)
+        is not kept across it. Candidate ``i`` is made afresh; one past the first is needed
+        only when r or s came out zero (odds about 2^-256)."""
+        i = 0
+        while True:
+            k = _nth_nonce(self._d, digest, i)
+            i += 1
             x, _ = _to_affine(_mul(k, GX, GY))
             r = x % N
             if r == 0:
                 continue
-            s = pow(k, N - 2, N) * (e + r * self._d) % N
+            s = pow(k, N - 2, N) * (int.from_bytes(digest, "big") + r * self._d) % N
             if s == 0:
                 continue
             return _int32(r) + _int32(s)
-        raise AssertionError("unreachable")
 
     def sign(self, message: bytes) -> bytes:
         return self.sign_digest(hashlib.sha256(message).digest())

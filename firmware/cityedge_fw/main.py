@@ -21,15 +21,15 @@ The agent's boot order, the smallest heap first in mind (``docs/ARCHITECTURE.md`
 4. the HAL board and its sensors;
 5. the store, the state file and the ``Agent``; every module the running agent loads
    only for a moment is loaded and unloaded once, so that its names are interned now
-   (``build``); the boot-only modules are unloaded (``cityedge_fw.unload``) before the
-   agent runs.
+   (``build``); the boot-only modules are unloaded (``cityedge_fw.unload``) and this
+   module is emptied (``_drop_boot_code``) before the agent runs.
 
 Measured heap (issue 13; unix port, 64-bit, code in the built ROMFS image, in use after a
 collection, ``micropython.qstr_info()`` for the interned names), the unix HAL board with
-one simulated SHT3x: 21.9 KiB once this module and ``hal`` are loaded (291 names), 28.8
-with the board's class, 35.8 after ``config.load``, 72.8 once ``build`` returned (716
-names: six pools, the sixth 7.5 KiB); it streams at 88 KiB. The tests' stand-in board:
-54.1 KiB after boot (606 names, five pools); it streams at 72 KiB.
+one simulated SHT3x: 21.2 KiB once this module and ``hal`` are loaded (274 names), 27.1
+with the board's class, 33.6 after ``config.load`` (368 names), 65.5 once ``build``
+returned (683 names: six pools, the sixth 7.5 KiB), at most 71.2 while streaming; it
+streams at 78 KiB. The tests' stand-in board: see ``fw_harness.HEAP``.
 
 The configuration is a JSON map (checked by ``config.load``):
 
@@ -70,9 +70,11 @@ def build(cfg, board=None, board_class=None):
     key_der = read_file(tls["key"])
     gc.collect()
     ssl_ctx = tls_context(read_file(tls["cert"]), key_der, read_file(tls["ca"]))
+    # the kid from a throwaway copy of the key: a key keeps its public point once asked
+    # for it, and the signing key would keep it on the heap for good (0.7 KiB)
+    kid = cose.kid_for_public_key(private_key_from_der(key_der).public_key().to_sec1())
     key = private_key_from_der(key_der)
     del key_der
-    kid = cose.kid_for_public_key(key.public_key().to_sec1())
     fleet_keys = load_fleet_keys(cfg.get("fleet_keys", ()))
     gc.collect()
     from . import config
@@ -151,9 +153,29 @@ def main(uart=None, info=None, root="/", reset=_machine_reset, agent=None,
     if agent is not None:
         return agent(cfg, board_class(cfg))
     a = build(cfg, board_class=board_class)
-    del cfg  # the parsed file: the agent keeps what it uses, this frame lives as long
-    gc.collect()
-    return (run_agent or board_class.run_agent)(a)
+    run = run_agent or board_class.run_agent
+    del cfg, board_class  # the parsed file: the agent keeps what it uses
+    _drop_boot_code()
+    return run(a)
+
+
+def _drop_boot_code():
+    """Empty this module before the agent runs (on MicroPython). The frames of ``boot``
+    and ``main`` stay on the stack as long as the agent runs, and a running function keeps
+    its module's globals alive: this module's functions and, through the three imported
+    from ``keys``, that module's too (1.7 KiB on the unix port). ``main`` and ``boot``
+    read no global after this; the next import loads the module again. On CPython nothing
+    is dropped (tests call ``main`` again; ``cityedge_fw.unload``)."""
+    import sys
+
+    if sys.implementation.name != "micropython":
+        return
+    from . import unload
+
+    collect = gc.collect  # the module's ``gc`` is gone below
+    unload("cityedge_fw.main")
+    globals().clear()
+    collect()
 
 
 def boot(run_agent=None):

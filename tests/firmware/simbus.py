@@ -7,23 +7,35 @@ simulated devices serve bus-level tests under pytest and power-cut runs on the u
   ``writeblocks`` / ``ioctl`` protocol) that can be told to fail or tear the N-th program or
   erase operation, like a power cut in the middle of a flash write.
 - The sensor parts and buses (``I2CBus``, ``SHT3xDevice``, ``SCD4xDevice``, ``OneWireBus``,
-  ``DS18B20Device``, ``SimADC``, ``SimClock``): they live in ``cityedge_fw.sensors.sim``
-  because the unix board wires them too; re-exported here for the tests.
+  ``DS18B20Device``, ``SimADC``): they live in ``cityedge_fw.sensors.sim`` and its sibling
+  modules because the unix board wires them too; re-exported here for the tests.
   (Needs ``firmware/`` on ``sys.path`` before the import.)
+- ``SimClock``: milliseconds that pass only when a driver sleeps (the drivers' ``sleep``
+  argument), so a test decides what a conversion delay sees.
 """
 
-from cityedge_fw.sensors.sim import (  # noqa: F401
-    DS18B20Device,
-    I2CBus,
-    OneWireBus,
-    SCD4xDevice,
-    SHT3xDevice,
-    SimADC,
-    SimClock,
-)
+from cityedge_fw.sensors.sim import I2CBus, SHT3xDevice  # noqa: F401
+from cityedge_fw.sensors.sim_adc import SimADC  # noqa: F401
+from cityedge_fw.sensors.sim_onewire import DS18B20Device, OneWireBus  # noqa: F401
+from cityedge_fw.sensors.sim_scd4x import SCD4xDevice  # noqa: F401
 
 _EIO = 5
 _ENODEV = 19
+
+
+class SimClock:
+    """Milliseconds that pass only when a driver sleeps (the drivers' ``sleep`` argument);
+    a simulated part reads it by calling it, as the unix board's parts call
+    ``time.ticks_ms``."""
+
+    def __init__(self):
+        self.ms = 0
+
+    def __call__(self):
+        return self.ms
+
+    def sleep_ms(self, ms):
+        self.ms += ms
 
 
 class PowerCut(Exception):

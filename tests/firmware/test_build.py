@@ -71,7 +71,8 @@ def test_manifest_freezes_packages_without_unix_only_modules(built: Path) -> Non
     assert 'include("$(PORT_DIR)/boards/manifest.py")' in text
     assert "package('cityedge_core'" in text and "package('cityedge_fw'" in text
     assert "'store.py'" in text and "'hal/esp32.py'" in text and "'hal/rp2.py'" in text
-    assert "hal/unix.py" not in text and "sensors/sim.py" not in text
+    assert "'hal/mcu.py'" in text
+    assert "hal/unix" not in text and "sensors/sim" not in text
     assert 'module("boot.py"' in text
     compile(text, "manifest.py", "exec")  # the manifest is Python the freezer runs
 

@@ -51,6 +51,8 @@ out["readings"] = readings
 out["faults"] = faults
 out["loaded"] = sorted(m for m in sys.modules if m.startswith("cityedge_fw.") and
                        m.split(".")[1] in ("agent", "mqtt", "mqtt_async", "store"))
+out["board_modules"] = sorted(m for m in sys.modules if m.startswith("cityedge_fw.hal."))
+out["kept"] = sorted(board.config)
 print(json.dumps(out))
 """
 
@@ -93,6 +95,10 @@ def test_unix_board_runs_real_drivers_on_simulated_parts(mpy_tree: Path) -> None
     assert out["faults"] == [["noise", "adc noise: 50.001 dB out of range"]]
     # checking a configuration and making a board needs nothing of the agent (issue 13)
     assert out["loaded"] == [], out["loaded"]
+    # nor the machine-only base or the unix board's UART and flash image; and the board
+    # keeps the keys it reads after boot, not the whole file (issue 13, the board's heap)
+    assert out["board_modules"] == ["cityedge_fw.hal.unix"], out["board_modules"]
+    assert out["kept"] == ["device"], out["kept"]
 
 
 def test_unix_board_without_a_device_id_says_so(mpy_tree: Path) -> None:

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "firmware"))
 
-from cityedge_fw.sensors import SensorFault, crc8_maxim, crc8_sensirion
+from cityedge_fw.sensors import SensorFault, crc8_sensirion
 from cityedge_fw.sensors.adc import ADCChannel
-from cityedge_fw.sensors.ds18b20 import DS18B20
+from cityedge_fw.sensors.ds18b20 import DS18B20, crc8_maxim
 from cityedge_fw.sensors.scd4x import SCD4x
 from cityedge_fw.sensors.sht3x import SHT3x
 
@@ -42,7 +42,7 @@ def _sht() -> tuple[simbus.SimClock, simbus.SHT3xDevice, SHT3x]:
 def test_sht3x_reads_temperature_and_humidity() -> None:
     clock, dev, sensor = _sht()
     assert sensor.read() == [("air/temp", "Cel", 23.4), ("air/humidity", "%RH", 51.2)]
-    assert dev.commands == [b"\x24\x00"]
+    assert dev.last_command == b"\x24\x00"
     assert clock.ms >= 15  # waited for the conversion
 
 

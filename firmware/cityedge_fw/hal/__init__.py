@@ -5,10 +5,15 @@ Every board has the same members: ``name``, ``device_id()`` (RFC 9039
 ``ticks_ms()``, ``unix_time()`` (None until NTP set the clock), ``sensors(config)``; and,
 before any configuration exists (``main.boot``: an unprovisioned device has none), class
 methods for the boot: ``flash_root()``, ``provisioning_uart()`` (the line the technician's
-laptop talks to; None: no provisioning mode) and ``info(root)`` (``{"model", "serial",
-"device", "firmware"}``, what provisioning reports). ``board_class()`` picks the class.
-The shared behaviour is in ``BaseBoard`` here; ``esp32.py``, ``rp2.py`` and ``unix.py`` hold
-only their constants (pins, PHY, timeouts) and wiring (which bus class, which network).
+laptop talks to; None: no provisioning mode), ``info(root)`` (``{"model", "serial",
+"device", "firmware"}``, what provisioning reports) and ``reset()``. ``board_class()``
+picks the class.
+
+What every board shares is ``BaseBoard`` here (the sensor wiring among it); what boards
+with MicroPython's ``machine`` module share (UART, I2C, 1-Wire, ADC, the chip's id, NTP) is
+``mcu.McuBoard``, which the unix board does not load: every function and name of a module
+the board loads stays on its heap. ``esp32.py`` and ``rp2.py`` hold only their constants
+(pins, PHY, timeouts) and wiring (which network); ``unix.py`` the simulated parts.
 """
 
 import gc
@@ -17,20 +22,12 @@ import time
 
 from ..sensors import SensorFault
 
-UNIX_EPOCH_OFFSET_2000 = 946684800  # seconds from 1970-01-01 to 2000-01-01 (MicroPython epoch)
-NTP_MIN_YEAR = 2024  # a clock before this was never set: report no time
-
 
 def mac_urn(mac: bytes) -> str:
     """RFC 9039 device URN of a 6-byte MAC address: ``urn:dev:mac:`` + 12 lowercase hex."""
     if len(mac) != 6:
         raise ValueError("MAC address must be 6 bytes")
     return "urn:dev:mac:" + "".join("%02x" % b for b in mac)
-
-
-def epoch_seconds(t: int) -> int:
-    """``time.time()`` as UNIX seconds on ports whose epoch is 2000-01-01."""
-    return t + UNIX_EPOCH_OFFSET_2000 if time.gmtime(0)[0] == 2000 else t
 
 
 class FaultySensor:
@@ -47,26 +44,12 @@ class FaultySensor:
 class BaseBoard:
     name = "base"
     model = "ce-gw-1"  # the hardware model provisioning reports
-    PROVISIONING_UART = 0  # machine.UART id of the provisioning line
-    PROVISIONING_BAUD = 115200
 
     # -- boot (class methods: no configuration yet) -----------------------------
 
     @classmethod
     def flash_root(cls) -> str:
         return "/"
-
-    @classmethod
-    def provisioning_uart(cls) -> object:
-        from machine import UART
-
-        return UART(cls.PROVISIONING_UART, cls.PROVISIONING_BAUD)
-
-    @classmethod
-    def reset(cls) -> None:
-        import machine
-
-        machine.reset()
 
     @classmethod
     def run_agent(cls, agent: object) -> None:
@@ -76,36 +59,18 @@ class BaseBoard:
         agent.board.connect_network()  # type: ignore[attr-defined]
         asyncio.run(agent.run())  # type: ignore[attr-defined]
 
-    @classmethod
-    def unique_id(cls) -> bytes:
-        import machine
-
-        return machine.unique_id()
-
-    @classmethod
-    def info(cls, root: str) -> dict:
-        """What provisioning reports: model, serial (the chip's unique id), the device URN
-        (from the MAC), the firmware version (``cityedge_fw.VERSION``)."""
-        from .. import VERSION
-
-        uid = cls.unique_id()
-        return {"model": cls.model, "serial": "".join("%02x" % b for b in uid),
-                "device": mac_urn(uid[:6]), "firmware": VERSION}
-
     def __init__(self, config: dict | None = None) -> None:
-        self.config = config or {}
+        # the board keeps only the keys it reads after boot, not the whole parsed file
+        # (0.9 KiB on the unix port): the device URN and the Wi-Fi fallback
+        config = config or {}
+        self.config = {k: config[k] for k in ("device", "wifi") if k in config}
         self._buses = {}  # type: dict
         self._clock_set = False
 
     # -- identity, health, time ---------------------------------------------
 
-    def mac(self) -> bytes:
-        import machine
-
-        return machine.unique_id()[:6]
-
     def device_id(self) -> str:
-        return self.config.get("device") or mac_urn(self.mac())
+        return self.config.get("device") or mac_urn(self.mac())  # type: ignore[attr-defined]
 
     def connect_network(self) -> bool:
         return True
@@ -119,39 +84,8 @@ class BaseBoard:
     def ticks_ms(self) -> int:
         return time.ticks_ms()
 
-    def sync_time(self) -> bool:
-        """Set the clock by NTP (once the network is up); False if no server answered."""
-        try:
-            import ntptime
-
-            ntptime.settime()
-        except (OSError, ImportError, OverflowError):
-            return False
-        self._clock_set = time.gmtime()[0] >= NTP_MIN_YEAR
-        return self._clock_set
-
-    def unix_time(self) -> int | None:
-        if not self._clock_set:
-            return None
-        return epoch_seconds(int(time.time()))
-
-    # -- sensors ------------------------------------------------------------
-
-    def i2c(self, bus_id: int, sda: int, scl: int, freq: int) -> object:
-        from machine import I2C, Pin
-
-        return I2C(bus_id, sda=Pin(sda), scl=Pin(scl), freq=freq)
-
-    def onewire(self, pin: int) -> object:
-        from machine import Pin
-        from onewire import OneWire
-
-        return OneWire(Pin(pin))
-
-    def adc(self, pin: int) -> object:
-        from machine import ADC, Pin
-
-        return ADC(Pin(pin))
+    # -- sensors: ``i2c(bus_id, sda, scl, freq)``, ``onewire(pin)`` and ``adc(pin)`` are the
+    # board's (``mcu.McuBoard``: ``machine``'s buses; the unix board: simulated ones) -----
 
     def _bus(self, key: tuple, make: object) -> object:
         bus = self._buses.get(key)
@@ -167,7 +101,7 @@ class BaseBoard:
         if kind in ("sht3x", "scd4x"):
             i2c = self._bus(
                 ("i2c", spec.get("i2c", 0)),
-                lambda: self.i2c(
+                lambda: self.i2c(  # type: ignore[attr-defined]
                     spec.get("i2c", 0), spec["sda"], spec["scl"], spec.get("freq", 100000)
                 ),
             )
@@ -181,7 +115,7 @@ class BaseBoard:
         if kind == "ds18b20":
             from ..sensors.ds18b20 import DS18B20
 
-            ow = self._bus(("ow", spec["pin"]), lambda: self.onewire(spec["pin"]))
+            ow = self._bus(("ow", spec["pin"]), lambda: self.onewire(spec["pin"]))  # type: ignore[attr-defined]
             rom = spec.get("rom")
             return DS18B20(name, ow, bytes.fromhex(rom) if rom else None)
         if kind == "adc":
@@ -189,7 +123,7 @@ class BaseBoard:
 
             return ADCChannel(
                 name,
-                self.adc(spec["pin"]),
+                self.adc(spec["pin"]),  # type: ignore[attr-defined]
                 spec["unit"],
                 spec.get("scale", 1.0),
                 spec.get("offset", 0.0),
@@ -200,11 +134,8 @@ class BaseBoard:
 
     def sensors(self, config: dict) -> list:
         """Drivers for ``config["sensors"]``; a bus that cannot be set up is a reported fault."""
-        specs = config.get("sensors")
-        if specs is None:
-            specs = self.config.get("sensors", [])
         out = []
-        for spec in specs:
+        for spec in config.get("sensors", ()):
             try:
                 out.append(self.sensor(spec))
             except (OSError, ValueError, ImportError) as e:

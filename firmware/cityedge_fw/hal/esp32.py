@@ -1,5 +1,5 @@
 """ESP32 gateway board: Ethernet (LAN8720 PHY, e.g. Olimex ESP32-POE) for the fibre drop,
-Wi-Fi as fallback, hardware watchdog, NTP. Constants and wiring only (see ``BaseBoard``).
+Wi-Fi as fallback, hardware watchdog, NTP. Constants and wiring only (see ``mcu.McuBoard``).
 
 Checked by compiling only (no hardware here): pins, PHY type and the RMII clock must be
 confirmed on the city's board revision.
@@ -10,7 +10,7 @@ import time
 import machine
 import network
 
-from . import BaseBoard
+from .mcu import McuBoard
 
 ETH_MDC = 23  # GPIO of the PHY's MDC line
 ETH_MDIO = 18  # GPIO of the PHY's MDIO line
@@ -21,7 +21,7 @@ WDT_TIMEOUT_MS = 30000  # ms without a feed before the watchdog resets the board
 NVS_NAMESPACE = "cityedge"  # esp32.NVS namespace of the board's own keys
 
 
-class Board(BaseBoard):
+class Board(McuBoard):
     name = "esp32"
     model = "ce-gw-esp32"  # Olimex ESP32-POE class: Ethernet, Wi-Fi fallback
 

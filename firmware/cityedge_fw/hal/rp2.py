@@ -1,5 +1,5 @@
 """Raspberry Pi Pico W board: Wi-Fi (CYW43), hardware watchdog, NTP. Constants and wiring
-only (see ``BaseBoard``). Checked by compiling only: confirm on a real Pico W.
+only (see ``mcu.McuBoard``). Checked by compiling only: confirm on a real Pico W.
 """
 
 import time
@@ -7,13 +7,13 @@ import time
 import machine
 import network
 
-from . import BaseBoard
+from .mcu import McuBoard
 
 LINK_TIMEOUT_MS = 15000  # ms to wait for Wi-Fi association
 WDT_TIMEOUT_MS = 8388  # ms: the RP2040 watchdog's maximum
 
 
-class Board(BaseBoard):
+class Board(McuBoard):
     name = "rp2"
     model = "ce-gw-picow"  # Raspberry Pi Pico W: provisioning on UART0 (GP0/GP1)
 

@@ -1,9 +1,10 @@
 """The MicroPython unix port as a board: simulated sensor parts, the host's network and clock.
 
-The real drivers run against ``sensors.sim`` parts (same datasheet protocols as the tests);
-the device id comes from the configuration (``"device"``), since a laptop's MAC is not the
-device's. No watchdog. The host clock is NTP-disciplined, so ``unix_time`` is trusted unless
-the configuration says ``"clock": "none"`` (to try the no-NTP path).
+The real drivers run against simulated parts (``sensors.sim`` and its sibling modules; the
+same datasheet protocols as the tests); the device id comes from the configuration
+(``"device"``), since a laptop's MAC is not the device's. No watchdog. The host clock is
+NTP-disciplined, so ``unix_time`` is trusted unless the configuration says ``"clock":
+"none"`` (to try the no-NTP path).
 
 The boot (``main.boot``) takes from the environment what a board has in hardware:
 
@@ -19,6 +20,9 @@ The boot (``main.boot``) takes from the environment what a board has in hardware
                      no provisioning mode, the agent starts (the simulator, the tests)
 ``CITYEDGE_SERIAL``, ``CITYEDGE_DEVICE``, ``CITYEDGE_MODEL``: what provisioning reports
 (a board reads them from its chip; the device URN defaults to the configuration's)
+
+The provisioning line and the flash image are in ``unix_io``, loaded only when the
+environment asks for them.
 """
 
 import os
@@ -27,85 +31,12 @@ import time
 
 from . import BaseBoard
 
-_READ_POLL_MS = 0  # a UART read never blocks: ``provision_main.uart_line`` idles between
+try:
+    _ticks_ms = time.ticks_ms  # the simulated parts' clock
+except AttributeError:  # CPython (the boot tests make this board there)
 
-
-class StdioUart:
-    """``machine.UART``'s ``read``/``write`` over fd 0/1 (the pty the laptop opens)."""
-
-    def __init__(self):
-        import select
-
-        self._in = sys.stdin.buffer
-        self._out = sys.stdout.buffer
-        self._poll = select.poll()
-        self._poll.register(self._in, select.POLLIN)
-        self._pollin = select.POLLIN
-
-    def read(self, n):
-        buf = b""
-        while len(buf) < n:
-            ready = self._poll.poll(_READ_POLL_MS)
-            if not ready or not ready[0][1] & self._pollin:
-                break
-            try:
-                b = self._in.read(1)
-            except OSError:  # EIO: the other end of the pty is gone
-                break
-            if not b:
-                break
-            buf += b
-        return buf or None
-
-    def write(self, data):
-        try:
-            n = self._out.write(data)
-            if hasattr(self._out, "flush"):
-                self._out.flush()
-            return n
-        except OSError:  # the line is gone, as a board's UART with no cable
-            return 0
-
-
-class FileFlash:
-    """A LittleFS block device over a host file (the simulated flash chip, created erased
-    by the host side)."""
-
-    def __init__(self, path, blocks, block_size):
-        self.bs = block_size
-        self.blocks = blocks
-        self.f = open(path, "r+b")
-
-    def readblocks(self, block, buf, offset=0):
-        self.f.seek(block * self.bs + offset)
-        self.f.readinto(buf)
-
-    def writeblocks(self, block, buf, offset=0):
-        self.f.seek(block * self.bs + offset)
-        self.f.write(buf)
-        self.f.flush()
-
-    def ioctl(self, op, arg):
-        if op == 4:  # block count
-            return self.blocks
-        if op == 5:  # block size
-            return self.bs
-        if op == 6:  # erase: LittleFS needs none on a file
-            return 0
-        return None
-
-
-def _mount_image(spec):
-    import vfs
-
-    path, blocks, size = spec.rsplit(":", 2)
-    flash = FileFlash(path, int(blocks), int(size))
-    try:
-        vfs.mount(vfs.VfsLfs2(flash), "/flash")
-    except OSError:  # a fresh (erased) image: format it, as a board's first boot does
-        vfs.VfsLfs2.mkfs(flash)
-        vfs.mount(vfs.VfsLfs2(flash), "/flash")
-    return "/flash"
+    def _ticks_ms():
+        return int(time.monotonic() * 1000)
 
 
 async def _report(agent):
@@ -145,7 +76,11 @@ class Board(BaseBoard):
     @classmethod
     def flash_root(cls):
         image = os.getenv("CITYEDGE_FLASH_IMAGE")
-        mounted = _mount_image(image) if image else None
+        mounted = None
+        if image:
+            from .unix_io import mount_image
+
+            mounted = mount_image(image)
         return os.getenv("CITYEDGE_FLASH") or mounted or "."
 
     @classmethod
@@ -171,6 +106,8 @@ class Board(BaseBoard):
             return None
         if line != "stdio":
             raise ValueError("unix board: CITYEDGE_UART=%r: only 'stdio' is supported" % line)
+        from .unix_io import StdioUart
+
         return StdioUart()
 
     @classmethod
@@ -187,8 +124,8 @@ class Board(BaseBoard):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self._clock_set = self.config.get("clock", "host") == "host"
-        self.clock = None  # the simulated parts' clock, made with the first part
+        self._clock_set = (config or {}).get("clock", "host") == "host"
+        self.clock = _ticks_ms  # the simulated parts' clock (milliseconds)
 
     def device_id(self):
         device = self.config.get("device")
@@ -196,39 +133,40 @@ class Board(BaseBoard):
             raise ValueError('unix board: the configuration must name the "device" URN')
         return device
 
-    def ticks_ms(self):
-        return time.ticks_ms()
-
     def unix_time(self):
         return int(time.time()) if self._clock_set else None
 
-    # the simulated parts load with the first sensor: a board without sensors never has them
-    def _sim(self):
-        from ..sensors import sim
-
-        if self.clock is None:
-            self.clock = sim.TicksClock()
-        return sim
-
+    # the simulated parts load with the first sensor, each bus and part with the first
+    # sensor that needs it: a board without sensors never has them
     def i2c(self, bus_id, sda, scl, freq):
-        return self._sim().I2CBus(self.clock)
+        from ..sensors.sim import I2CBus
+
+        return I2CBus(self.clock)
 
     def onewire(self, pin):
-        return self._sim().OneWireBus(self.clock)
+        from ..sensors.sim_onewire import OneWireBus
+
+        return OneWireBus(self.clock)
 
     def adc(self, pin):
-        return self._sim().SimADC()
+        from ..sensors.sim_adc import SimADC
+
+        return SimADC()
 
     def sensor(self, spec):
         driver = BaseBoard.sensor(self, spec)
         kind = spec["type"]
-        sim = self._sim()
         if kind == "sht3x":  # put the part on the simulated bus at its address
-            driver.i2c.attach(driver.address, sim.SHT3xDevice(self.clock))
+            from ..sensors.sim import SHT3xDevice
+
+            driver.i2c.attach(driver.address, SHT3xDevice(self.clock))
         elif kind == "scd4x":
-            driver.i2c.attach(driver.address, sim.SCD4xDevice(self.clock))
+            from ..sensors.sim_scd4x import SCD4xDevice
+
+            driver.i2c.attach(driver.address, SCD4xDevice(self.clock))
         elif kind == "ds18b20":
+            from ..sensors.sim_onewire import DS18B20Device
+
             rom = spec.get("rom")
-            part = sim.DS18B20Device(self.clock, rom=bytes.fromhex(rom) if rom else None)
-            driver.ow.attach(part)
+            driver.ow.attach(DS18B20Device(self.clock, rom=bytes.fromhex(rom) if rom else None))
         return driver

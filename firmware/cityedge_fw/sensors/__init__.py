@@ -39,22 +39,6 @@ def crc8_sensirion(data: bytes, start: int = 0, end: int = -1) -> int:
     return crc
 
 
-def crc8_maxim(data: bytes, end: int = -1) -> int:
-    """CRC-8 of Dallas/Maxim 1-Wire parts: polynomial x^8+x^5+x^4+1 (0x8C reflected), init 0."""
-    if end < 0:
-        end = len(data)
-    crc = 0
-    for i in range(end):
-        byte = data[i]
-        for _ in range(8):
-            mix = (crc ^ byte) & 0x01
-            crc >>= 1
-            if mix:
-                crc ^= 0x8C
-            byte >>= 1
-    return crc
-
-
 def check_words(buf: bytes, words: int, part: str) -> None:
     """Sensirion framing: each 16-bit word is followed by its CRC-8; SensorFault if one is off."""
     for i in range(words):

@@ -7,14 +7,37 @@ reset + ROM command + 0xBE read scratchpad: 9 bytes, byte 8 is the Dallas CRC-8 
 85.0 °C is the power-on value: read back when a conversion never ran, so it is a fault.
 """
 
-from . import SensorFault, crc8_maxim, sleep_ms
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
 
-_SKIP_ROM = 0xCC
-_MATCH_ROM = 0x55
-_CONVERT_T = 0x44
-_READ_SCRATCHPAD = 0xBE
-_CONVERT_MS = 750  # ms: 12-bit conversion time
-_POWER_ON_RAW = 0x0550  # 85.0 °C
+    def const(x: int) -> int:
+        return x
+
+from . import SensorFault, sleep_ms
+
+_SKIP_ROM = const(0xCC)
+_MATCH_ROM = const(0x55)
+_CONVERT_T = const(0x44)
+_READ_SCRATCHPAD = const(0xBE)
+_CONVERT_MS = const(750)  # ms: 12-bit conversion time
+_POWER_ON_RAW = const(0x0550)  # 85.0 °C
+
+
+def crc8_maxim(data: bytes, end: int = -1) -> int:
+    """CRC-8 of Dallas/Maxim 1-Wire parts: polynomial x^8+x^5+x^4+1 (0x8C reflected), init 0."""
+    if end < 0:
+        end = len(data)
+    crc = 0
+    for i in range(end):
+        byte = data[i]
+        for _ in range(8):
+            mix = (crc ^ byte) & 0x01
+            crc >>= 1
+            if mix:
+                crc ^= 0x8C
+            byte >>= 1
+    return crc
 
 
 class DS18B20:

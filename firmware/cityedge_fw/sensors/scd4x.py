@@ -7,13 +7,20 @@ get_data_ready_status returns one word, data is ready when its low 11 bits are n
 T = -45 + 175 * raw / 65535 °C, RH = 100 * raw / 65535 %. CO2 outside 0-40000 ppm is garbage.
 """
 
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: int) -> int:
+        return x
+
 from . import SensorFault, check_words, sleep_ms
 
 ADDRESS = 0x62
 _START_PERIODIC = b"\x21\xb1"
 _DATA_READY = b"\xe4\xb8"
 _READ_MEASUREMENT = b"\xec\x05"
-_COMMAND_MS = 1  # ms between a command and reading its answer
+_COMMAND_MS = const(1)  # ms between a command and reading its answer
 _CO2_MAX = 40000  # ppm: top of the measurement range
 
 

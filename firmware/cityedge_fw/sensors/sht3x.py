@@ -6,11 +6,18 @@ T msb, T lsb, CRC, RH msb, RH lsb, CRC (CRC-8 0x31/0xFF). T = -45 + 175 * raw / 
 RH = 100 * raw / 65535 %.
 """
 
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: int) -> int:
+        return x
+
 from . import SensorFault, check_words, sleep_ms
 
 ADDRESS = 0x44  # ADDR pin low; 0x45 when high
 _MEASURE_HIGH = b"\x24\x00"
-_MEASURE_MS = 16  # ms: maximum duration at high repeatability (15.5) rounded up
+_MEASURE_MS = const(16)  # ms: maximum duration at high repeatability (15.5) rounded up
 
 
 class SHT3x:
