@@ -87,14 +87,18 @@ def catalogue_command(
         typer.echo("%-12s %-8s%s %-8s %s" % (r.id, sev, raised, r.decided_by, r.text))
 
 
-def _read_capture(path: Path) -> bytes:
+def _read_upto(path: Path, limit: int, hint: str) -> bytes:
+    """At most ``limit + 1`` bytes of a capture file (the parser names an oversize one)."""
     try:
         with path.open("rb") as f:
-            data = f.read(LIMITS.efuse_json_max_bytes + 1)
+            return f.read(limit + 1)
     except OSError as e:
-        raise UserError("cannot read %s: %s" % (path, e.strerror or e),
-                        hint="pass the file `espefuse summary --format json --file F` "
-                        "wrote") from e
+        raise UserError("cannot read %s: %s" % (path, e.strerror or e), hint=hint) from e
+
+
+def _read_capture(path: Path) -> bytes:
+    data = _read_upto(path, LIMITS.efuse_json_max_bytes,
+                      "pass the file `espefuse summary --format json --file F` wrote")
     if len(data) > LIMITS.efuse_json_max_bytes:
         raise EfuseDataError("%s is larger than an eFuse summary can be (%d bytes)"
                              % (path, LIMITS.efuse_json_max_bytes))
@@ -335,12 +339,8 @@ def _port_option(text: str | None, default: tuple[int, ...], option: str) -> tup
 
 
 def _read_scan(path: Path) -> NetCapture:
-    try:
-        with path.open("rb") as f:
-            data = f.read(LIMITS.net_scan_json_max_bytes + 1)
-    except OSError as e:
-        raise UserError("cannot read %s: %s" % (path, e.strerror or e),
-                        hint="pass a file `cityedge hw net --save-scan F` wrote") from e
+    data = _read_upto(path, LIMITS.net_scan_json_max_bytes,
+                      "pass a file `cityedge hw net --save-scan F` wrote")
     return from_json(data, source=str(path))
 
 

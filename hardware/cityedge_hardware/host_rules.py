@@ -333,11 +333,10 @@ def _no_sshd(req: str, check: str) -> Verdict:
                    (Evidence("sshd", "absent"),))
 
 
-def check_ssh_password(capture: HostCapture) -> Verdict:
-    req, check = REQ_SSH, "ssh-password"
-    fix = ("set `PasswordAuthentication no` and `KbdInteractiveAuthentication no` in "
-           "/etc/ssh/sshd_config (before any Match block and in none of them), keep "
-           "`PermitEmptyPasswords no`, log in with keys, then `systemctl reload ssh`")
+def _sshd_settings(capture: HostCapture, req: str, check: str
+                   ) -> tuple[dict[str, str], list[tuple[str, dict[str, str]]], str] | Verdict:
+    """sshd's effective settings ``(global, matches, source)``, or the verdict when there is
+    no SSH server or its settings could not be read (both SSH checks start here)."""
     if not capture.sshd_installed and not capture.sshd_files:
         return _no_sshd(req, check)
     got = _sshd(capture)
@@ -345,6 +344,17 @@ def check_ssh_password(capture: HostCapture) -> Verdict:
         return Verdict(req, check, Outcome.UNDECIDED, "the SSH settings could not be read",
                        (Evidence("sshd_config", got),),
                        fix="run the probe as root (sudo) so /etc/ssh can be read")
+    return got
+
+
+def check_ssh_password(capture: HostCapture) -> Verdict:
+    req, check = REQ_SSH, "ssh-password"
+    fix = ("set `PasswordAuthentication no` and `KbdInteractiveAuthentication no` in "
+           "/etc/ssh/sshd_config (before any Match block and in none of them), keep "
+           "`PermitEmptyPasswords no`, log in with keys, then `systemctl reload ssh`")
+    got = _sshd_settings(capture, req, check)
+    if isinstance(got, Verdict):
+        return got
     settings, matches, source = got
     bad: list[Evidence] = []
     for where, s in [("global", settings), *(("Match " + c, m) for c, m in matches)]:
@@ -373,13 +383,9 @@ def check_ssh_root(capture: HostCapture) -> Verdict:
     req, check = REQ_PRIV, "ssh-root-login"
     fix = ("set `PermitRootLogin no` in /etc/ssh/sshd_config (and in no Match block "
            "otherwise); administrators log in as themselves and use sudo")
-    if not capture.sshd_installed and not capture.sshd_files:
-        return _no_sshd(req, check)
-    got = _sshd(capture)
-    if isinstance(got, str):
-        return Verdict(req, check, Outcome.UNDECIDED, "the SSH settings could not be read",
-                       (Evidence("sshd_config", got),),
-                       fix="run the probe as root (sudo) so /etc/ssh can be read")
+    got = _sshd_settings(capture, req, check)
+    if isinstance(got, Verdict):
+        return got
     settings, matches, source = got
     bad = []
     value = settings.get("permitrootlogin", "prohibit-password (default)")

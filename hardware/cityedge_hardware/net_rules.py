@@ -464,20 +464,30 @@ def _check_anonymous(cap: NetCapture) -> Verdict:
                         "a broker let in a client without credentials on port(s) %s"
                         % ", ".join("%d/%s" % (m.port, m.transport) for m in accepted), ev,
                         _FIX_ANON)
-    unsure = _mqtt_unsure(cap)
-    if unsure:
-        return _verdict(REQ_AUTH, "mqtt-anonymous", Outcome.UNDECIDED,
-                        "the MQTT port %d did not answer a CONNECT (%s)"
-                        % (unsure[0].port, unsure[0].detail or unsure[0].result), ev,
-                        _FIX_UNDECIDED)
-    if cap.tcp_ports and not _reachable(cap):
-        return _verdict(REQ_AUTH, "mqtt-anonymous", Outcome.UNDECIDED,
-                        "the host answered on no TCP port", (), _FIX_UNDECIDED)
+    undecided = _mqtt_undecided(cap, REQ_AUTH, "mqtt-anonymous", ev)
+    if undecided is not None:
+        return undecided
     if not ev:
         return _verdict(REQ_AUTH, "mqtt-anonymous", Outcome.PASS,
                         "no MQTT broker listens on the scanned ports", (), "")
     return _verdict(REQ_AUTH, "mqtt-anonymous", Outcome.PASS,
                     "every MQTT broker refused a client without credentials", ev, "")
+
+
+def _mqtt_undecided(cap: NetCapture, req: str, check: str, ev: list[Evidence]
+                    ) -> Verdict | None:
+    """Both MQTT checks cannot decide when a named MQTT port did not answer a CONNECT, or
+    when the host answered on no TCP port at all."""
+    unsure = _mqtt_unsure(cap)
+    if unsure:
+        return _verdict(req, check, Outcome.UNDECIDED,
+                        "the MQTT port %d did not answer a CONNECT (%s)"
+                        % (unsure[0].port, unsure[0].detail or unsure[0].result), ev,
+                        _FIX_UNDECIDED)
+    if cap.tcp_ports and not _reachable(cap):
+        return _verdict(req, check, Outcome.UNDECIDED, "the host answered on no TCP port",
+                        (), _FIX_UNDECIDED)
+    return None
 
 
 def _check_client_cert(cap: NetCapture) -> Verdict:
@@ -491,15 +501,9 @@ def _check_client_cert(cap: NetCapture) -> Verdict:
                         "the broker on port %d speaks MQTT to a client over %s: it cannot "
                         "be authenticating devices by certificate" % (m.port, how), ev,
                         _FIX_CERT_AUTH)
-    unsure = _mqtt_unsure(cap)
-    if unsure:
-        return _verdict(REQ_CERT_AUTH, "mqtt-client-cert", Outcome.UNDECIDED,
-                        "the MQTT port %d did not answer a CONNECT (%s)"
-                        % (unsure[0].port, unsure[0].detail or unsure[0].result), ev,
-                        _FIX_UNDECIDED)
-    if cap.tcp_ports and not _reachable(cap):
-        return _verdict(REQ_CERT_AUTH, "mqtt-client-cert", Outcome.UNDECIDED,
-                        "the host answered on no TCP port", (), _FIX_UNDECIDED)
+    undecided = _mqtt_undecided(cap, REQ_CERT_AUTH, "mqtt-client-cert", ev)
+    if undecided is not None:
+        return undecided
     refused = [m for m in cap.mqtt if m.result == "tls-refused"]
     if not refused:
         return _verdict(REQ_CERT_AUTH, "mqtt-client-cert", Outcome.PASS,
