@@ -5,8 +5,9 @@ json`` output of esptool's virtual ESP32-S3: factory state, and after the harden
 research notes burned), each with the example vendor declaration, go through what
 ``cityedge hw check --profile city-baseline`` runs; the two reports (HTML and JSON) are
 written and shown side by side: the summary of each, then the requirements the eFuses
-decide. Neither meets the baseline: the "hardened" capture still fails three eFuse rows
-(flash encryption in development mode, key blocks without a digest or key), which is what a
+decide. Neither meets the baseline: the "hardened" capture still fails four eFuse rows
+(flash encryption in development mode, key blocks without a digest or key, and a crypt
+counter that is not write-protected, so the configuration is not locked), which is what a
 lab finds weeks later and the checker finds at once; and no probe here saw the network or
 the firmware, so those requirements stay "could not decide".
 """

@@ -3,7 +3,7 @@
 Each probe is a ``Step``: a name, the rule saying when it runs (in words, for the help and the
 report, and as a function of the inputs), the requirements it decides, and a function that
 returns ``list[Verdict]``. ``run_check`` runs the steps that apply, one after another, and
-reports each on ``progress`` (``[2/4] eFuse capture ... 6 verdicts``). A step that raises a
+reports each on ``progress`` (``[2/4] eFuse capture ... 7 verdicts``). A step that raises a
 project error (``UserError``: a board that does not answer, a capture that is not one) does
 not stop the check: its requirements become "could not decide", with the error as the
 reason and its hint as the fix. Any other exception is a bug and propagates.

@@ -142,7 +142,7 @@ def efuse_command(
         "--chip", help="Chip name (default: detected). Known: " + ", ".join(CHIPS))] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check a chip's eFuses: secure boot, flash encryption, JTAG, download mode."""
+    """Check a chip's eFuses: secure boot, flash encryption, JTAG, download mode, and the lock."""
     if (port is None) == (efuse_json is None):
         raise UserError("give exactly one of --port and --efuse-json",
                         hint="--port reads the chip now; --efuse-json reads a capture")

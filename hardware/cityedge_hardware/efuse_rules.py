@@ -24,6 +24,16 @@ a pass. The rules, in the order they are reported:
 6. ``download-mode`` (CE-DBG-02): ROM download mode is off, or restricted to Secure Download
    Mode (no eFuse or memory reads). The ESP32 has no such mode: it must be off, which works
    from revision 3 on.
+7. ``config-locked`` (CE-BOOT-03): the security configuration cannot be changed in the field.
+   eFuse bits only go from 0 to 1, so a burned field can still change while it has a 0 bit
+   left and its write-protect bit (``WR_DIS``, the capture's ``writeable``) is clear: every
+   field of rules 1-6 in its secure state (the switches, revoked digest slots, an odd crypt
+   counter: one more bit turns encryption off) and the purpose and contents of every key
+   block in use (a writeable purpose can turn a flash key into an HMAC key that re-enables
+   JTAG; a writeable digest or key block can be burned further) must be write-protected or
+   have every bit burned. A chip with nothing burned fails (there is nothing locked); a
+   capture without the ``writeable`` flags cannot decide. A digest slot that is still live
+   keeps its revoke bit writeable on purpose: revoking is how a key is retired in the field.
 
 The fixes name ``espefuse`` commands; burning eFuses cannot be undone, so each fix is what to
 run after the firmware is ready for it (the vendor guide, ``docs/VENDOR_GUIDE.md``, says in
@@ -54,9 +64,10 @@ REQ_FLASH_ENCRYPTION = "CE-DATA-01"
 REQ_FLASH_KEY_HIDDEN = "CE-DATA-02"
 REQ_JTAG_OFF = "CE-DBG-01"
 REQ_DOWNLOAD_MODE = "CE-DBG-02"
+REQ_CONFIG_LOCKED = "CE-BOOT-03"
 
 EFUSE_REQUIREMENTS = (REQ_SECURE_BOOT, REQ_SECURE_BOOT_KEYS, REQ_FLASH_ENCRYPTION,
-                      REQ_FLASH_KEY_HIDDEN, REQ_JTAG_OFF, REQ_DOWNLOAD_MODE)
+                      REQ_FLASH_KEY_HIDDEN, REQ_JTAG_OFF, REQ_DOWNLOAD_MODE, REQ_CONFIG_LOCKED)
 
 _ESPEFUSE = "espefuse --port PORT"
 
@@ -78,6 +89,23 @@ def _hidden(req: str, check: str, f: Fuse) -> Verdict:
 
 def _odd(n: int) -> bool:
     return bin(n).count("1") % 2 == 1
+
+
+def _every_bit_burned(f: Fuse) -> bool:
+    """No bit is left to burn: the field can never change again, write-protected or not."""
+    return f.raw is not None and f.raw == (1 << f.bit_len) - 1
+
+
+def _lock_state(f: Fuse) -> str:
+    if _every_bit_burned(f):
+        return "every bit burned"
+    if f.writeable is None:
+        return "write protection not in the capture"
+    return "still writeable" if f.writeable else "write-protected"
+
+
+_NO_FLAGS_FIX = ("capture the summary again with `espefuse summary --format json` (its "
+                 "`writeable` flags say what is write-protected)")
 
 
 class _Reader:
@@ -263,15 +291,17 @@ def rule_flash_encryption(summary: EfuseSummary, chip: ChipFuses) -> Verdict:
     bad = rd.undecided(req, check)
     if bad is not None or cnt is None or cnt.raw is None:
         return bad or _missing(req, check, [chip.crypt_counter])
-    ev = (_ev(cnt, "%d bit(s) set, %s" % (bin(cnt.raw).count("1"),
-                                          "write-protected" if not cnt.writeable
-                                          else "still writeable")),)
+    ev = (_ev(cnt, "%d bit(s) set, %s" % (bin(cnt.raw).count("1"), _lock_state(cnt))),)
     if not _odd(cnt.raw):
         return Verdict(req, check, Outcome.FAIL, "flash encryption is off (an even count)", ev,
                        "build with flash encryption in release mode and flash it; the "
                        "bootloader encrypts the flash and burns %s on first boot"
                        % chip.crypt_counter)
-    if cnt.writeable:
+    if cnt.writeable is None and not _every_bit_burned(cnt):
+        return Verdict(req, check, Outcome.UNDECIDED,
+                       "flash encryption is on, but the capture does not say whether %s is "
+                       "write-protected (release mode)" % cnt.name, ev, _NO_FLAGS_FIX)
+    if cnt.writeable and not _every_bit_burned(cnt):
         return Verdict(req, check, Outcome.FAIL,
                        "flash encryption is on in development mode: the counter is not "
                        "write-protected, so encryption can be switched off again", ev,
@@ -389,9 +419,90 @@ def rule_download_mode(summary: EfuseSummary, chip: ChipFuses) -> Verdict:
                                              chip.download_off.field))
 
 
+# 7 ---------------------------------------------------------------------------------------
+def _burned_settings(summary: EfuseSummary, chip: ChipFuses, rd: _Reader
+                     ) -> list[tuple[Fuse, str]]:
+    """The security fields in their secure state, each with what it holds: switches at
+    their secure value, revoked digest slots, an odd crypt counter, the purpose and the
+    contents of every key block in use (a purpose other than USER; on the ESP32 ``BLOCK1``
+    and ``BLOCK2`` when burned or hidden).
+
+    Reads through ``rd``, so a missing or hidden switch, counter or key purpose is noted
+    there; a key block is read directly (a hidden flash key is what it should be)."""
+    switches = (chip.secure_boot, *chip.jtag_off, chip.download_off,
+                *((chip.secure_download,) if chip.secure_download else ()))
+    read = [(rd.fuse(s.field), s.secure, s.meaning) for s in switches]
+    read += [(rd.fuse(name), 1, "digest slot %d is revoked" % n)
+             for n, name in enumerate(chip.revoke_fields)]
+    burned = [(f, what) for f, secure, what in read if f is not None and f.raw == secure]
+    if chip.crypt_counter is not None:
+        cnt = rd.fuse(chip.crypt_counter)
+        if cnt is not None and cnt.raw is not None and _odd(cnt.raw):
+            burned.append((cnt, "flash encryption is on"))
+    blocks: list[tuple[str, str]] = []  # (key block, what it holds) in use
+    if chip.layout == "key-purpose":
+        for n in range(chip.key_blocks):
+            purpose = rd.fuse("KEY_PURPOSE_%d" % n)
+            if purpose is not None and purpose.raw:
+                name = PURPOSE_NAMES.get(purpose.raw, "purpose %d" % purpose.raw)
+                burned.append((purpose, "the purpose of BLOCK_KEY%d (%s)" % (n, name)))
+                blocks.append(("BLOCK_KEY%d" % n, name))
+    elif chip.layout == "classic":
+        blocks = [("BLOCK1", "the flash encryption key"), ("BLOCK2", "the secure boot digest")]
+    for name, what in blocks:
+        block = summary.get(name)
+        if block is None:
+            rd.missing.append(name)
+        elif chip.layout == "key-purpose" or block.raw != 0:  # None (hidden) is in use
+            burned.append((block, what))
+    return burned
+
+
+def rule_config_locked(summary: EfuseSummary, chip: ChipFuses) -> Verdict:
+    check = "config-locked"
+    req = REQ_CONFIG_LOCKED
+    rd = _Reader(summary)
+    burned = _burned_settings(summary, chip, rd)
+    bad = rd.undecided(req, check)
+    if bad is not None:
+        return bad
+    ev = tuple(_ev(f, "%s; %s" % (what, _lock_state(f))) for f, what in burned)
+    if not burned:
+        return Verdict(req, check, Outcome.FAIL,
+                       "no security setting is burned yet, so nothing is locked: whoever "
+                       "holds the board can burn them, with keys of their own", ev,
+                       "burn what the other eFuse rows ask for, then write-protect it "
+                       "(docs/VENDOR_GUIDE.md gives the order)")
+    movable = [f for f, _ in burned if not _every_bit_burned(f)]
+    open_ = [f for f in movable if f.writeable]
+    if open_:
+        names = " ".join(f.name for f in open_)
+        return Verdict(req, check, Outcome.FAIL,
+                       "burned security fields can still be changed (not write-protected): "
+                       "%s" % ", ".join(f.name for f in open_), ev,
+                       "`%s write-protect-efuse %s` while espefuse can still reach the chip "
+                       "(before download mode is restricted); one write-protect bit covers a "
+                       "group of fields, which espefuse lists: burn what the group still "
+                       "needs first" % (_ESPEFUSE, names))
+    unknown = [f for f in movable if f.writeable is None]
+    if unknown:
+        return Verdict(req, check, Outcome.UNDECIDED,
+                       "the capture does not say whether %s are write-protected"
+                       % ", ".join(f.name for f in unknown), ev, _NO_FLAGS_FIX)
+    if chip.layout == "single-key":
+        return Verdict(req, check, Outcome.UNDECIDED,
+                       "the burned switches cannot change, but %s keeps the flash key and "
+                       "the secure boot digest in one block, which this checker does not "
+                       "read yet" % chip.chip, ev, "declare the key layout as evidence")
+    return Verdict(req, check, Outcome.PASS,
+                   "the %d burned security fields cannot change: %d write-protected, %d "
+                   "with every bit burned" % (len(burned), len(movable),
+                                              len(burned) - len(movable)), ev)
+
+
 RULES: tuple[Callable[[EfuseSummary, ChipFuses], Verdict], ...] = (
     rule_secure_boot, rule_secure_boot_keys, rule_flash_encryption, rule_flash_key_hidden,
-    rule_jtag_off, rule_download_mode)
+    rule_jtag_off, rule_download_mode, rule_config_locked)
 
 
 def check_summary(summary: EfuseSummary, chip: str | None = None

@@ -9,8 +9,11 @@ field name, each value with ``raw_value`` (hex string, esptool >= 5.3), ``readab
 
 A read-protected field reads back as zeros (``raw_value`` all ``0``, ``value`` ``"?? ??"``,
 ``readable: false``): ``Fuse.raw`` is ``None`` for it, never ``0``, so no rule can mistake a
-hidden key for an empty block. Keys the rules don't use are kept as they came
-(``Fuse.shown``) for the report. Every size is bounded (``limits.LIMITS``).
+hidden key for an empty block. ``writeable`` is whether the field's write-protect bit
+(``WR_DIS``) is still clear; a capture without it (edited by hand, or from another tool)
+gets ``Fuse.writeable = None``, and the rules that need it cannot decide. Keys the rules
+don't use are kept as they came (``Fuse.shown``) for the report. Every size is bounded
+(``limits.LIMITS``).
 """
 
 from __future__ import annotations
@@ -36,19 +39,20 @@ class _FieldRecord(BaseModel):
 
     raw_value: str = Field(max_length=2 + LIMITS.efuse_max_bits // 4)
     readable: bool
-    writeable: bool
+    writeable: bool | None = None  # absent: the rules that need it cannot decide
     bit_len: int = Field(ge=1, le=LIMITS.efuse_max_bits)
     value: Any = None
 
 
 @dataclass(frozen=True)
 class Fuse:
-    """One eFuse field: ``raw`` is its bits as an int, ``None`` when read-protected."""
+    """One eFuse field: ``raw`` is its bits as an int, ``None`` when read-protected;
+    ``writeable`` is ``None`` when the capture does not say."""
 
     name: str
     raw: int | None
     readable: bool
-    writeable: bool
+    writeable: bool | None
     bit_len: int
     raw_text: str  # raw_value as captured, for the report
 

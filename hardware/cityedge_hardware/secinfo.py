@@ -17,6 +17,7 @@ eFuse requirements it can:
 5. ``flash-key-hidden``: not reported (read protection): could not decide.
 6. ``jtag-off``: the hard-disable flag (bit 7) covers the JTAG pins; on chips with USB-JTAG
    the USB path is not reported: could not decide unless the pins are open (then fail).
+7. ``config-locked``: write protection is not reported: could not decide.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from cityedge_hardware.efuse_chips import (
     PURPOSE_SECURE_BOOT_DIGEST,
 )
 from cityedge_hardware.efuse_rules import (
+    REQ_CONFIG_LOCKED,
     REQ_DOWNLOAD_MODE,
     REQ_FLASH_ENCRYPTION,
     REQ_FLASH_KEY_HIDDEN,
@@ -185,4 +187,7 @@ def check_security_info(info: SecurityInfo) -> list[Verdict]:
                        else "ROM download mode is open", ev,
                        "" if sdm else "`espefuse --port PORT burn-efuse "
                        "ENABLE_SECURITY_DOWNLOAD 1`"))
+    out.append(Verdict(REQ_CONFIG_LOCKED, "config-locked", Outcome.UNDECIDED,
+                       "security info does not report which eFuses are write-protected", (),
+                       fix_summary))
     return out

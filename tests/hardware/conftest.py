@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from support.efuse_virt import HARDENED_CHIPS, OTHER_CHIPS, Captures, harden, summary
+from support.efuse_virt import HARDENED_CHIPS, OTHER_CHIPS, Captures, burn, lock, summary
 
 
 @pytest.fixture(scope="session")
@@ -30,16 +30,19 @@ def captures(tmp_path_factory: pytest.TempPathFactory, virt_keys: Path) -> Captu
     def blank(chip: str) -> tuple[str, Path]:
         return chip, summary(chip, d / ("%s-blank.bin" % chip), d / ("%s-blank.json" % chip))
 
-    def hardened(chip: str) -> tuple[str, Path]:
+    def hardened(chip: str) -> tuple[str, tuple[Path, Path]]:
         efuses = d / ("%s-hardened.bin" % chip)
-        harden(chip, efuses, virt_keys)
-        return chip, summary(chip, efuses, d / ("%s-hardened.json" % chip))
+        burn(chip, efuses, virt_keys)
+        burned = summary(chip, efuses, d / ("%s-burned.json" % chip))
+        lock(chip, efuses)
+        return chip, (burned, summary(chip, efuses, d / ("%s-hardened.json" % chip)))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         blanks = pool.map(blank, HARDENED_CHIPS)
         hards = pool.map(hardened, HARDENED_CHIPS)
         blank_map, hard_map = dict(blanks), dict(hards)
-    return Captures(blank=blank_map, hardened=hard_map,
+    return Captures(blank=blank_map, burned={c: p[0] for c, p in hard_map.items()},
+                    hardened={c: p[1] for c, p in hard_map.items()},
                     efuse_files={c: d / ("%s-hardened.bin" % c) for c in HARDENED_CHIPS})
 
 

@@ -27,7 +27,8 @@ from support.efuse_virt import Captures
 PKG = resources.files("cityedge_hardware")
 CAPTURES = Path(str(PKG.joinpath("captures")))
 EXAMPLES = Path(str(PKG.joinpath("examples")))
-EFUSE_IDS = ["CE-BOOT-01", "CE-BOOT-02", "CE-DATA-01", "CE-DATA-02", "CE-DBG-01", "CE-DBG-02"]
+EFUSE_IDS = ["CE-BOOT-01", "CE-BOOT-02", "CE-DATA-01", "CE-DATA-02", "CE-DBG-01", "CE-DBG-02",
+             "CE-BOOT-03"]
 
 
 def hw_check(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,10 +57,10 @@ def test_a_hardened_chip_meets_an_efuse_profile_exit_0(tmp_path: Path,
                     "--vendor", "Example", "--model", "S3 node", "--out", str(tmp_path / "r"))
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["[1/1] eFuse capture ...",
-                                        "[1/1] eFuse capture ... 6 verdicts"]
+                                        "[1/1] eFuse capture ... 7 verdicts"]
     doc = validated(tmp_path / "r")
     assert doc["summary"] == {"met": True, "counts": {
-        "pass": 6, "fail": 0, "needs evidence": 0, "not applicable": 0, "could not decide": 0}}
+        "pass": 7, "fail": 0, "needs evidence": 0, "not applicable": 0, "could not decide": 0}}
     assert doc["inputs"] == [{"name": "efuse-json", "source": str(capture),
                               "sha256": hashlib.sha256(capture.read_bytes()).hexdigest()}]
     assert doc["device"] == {"vendor": "Example", "model": "S3 node", "platform": "esp32",
@@ -69,7 +70,7 @@ def test_a_hardened_chip_meets_an_efuse_profile_exit_0(tmp_path: Path,
     assert doc["catalogue"]["sha256"] == hashlib.sha256(
         PKG.joinpath("catalogue.yaml").read_bytes()).hexdigest()
     assert done.stdout.splitlines()[0] == (
-        "S3 node efuse-only: MET (6 pass, 0 fail, 0 needs evidence, 0 not applicable, "
+        "S3 node efuse-only: MET (7 pass, 0 fail, 0 needs evidence, 0 not applicable, "
         "0 could not decide)")
 
 

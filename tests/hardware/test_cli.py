@@ -43,7 +43,7 @@ def test_efuse_on_a_capture_prints_verdicts_evidence_and_fixes() -> None:
     done = run("efuse", "--efuse-json", str(CAPTURES.joinpath("esp32s3_hardened.json")))
     assert done.stdout == (HERE / "expected" / "efuse_esp32s3_hardened.txt").read_text()
     assert done.returncode == 1
-    assert done.stderr.startswith("cityedge: 3 of 6 eFuse requirements are not met")
+    assert done.stderr.startswith("cityedge: 4 of 7 eFuse requirements are not met")
 
 
 def test_efuse_passes_with_exit_zero_on_a_hardened_virtual_chip(captures: Captures) -> None:
@@ -51,7 +51,7 @@ def test_efuse_passes_with_exit_zero_on_a_hardened_virtual_chip(captures: Captur
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["chip"] == "esp32c3"
-    assert [v["outcome"] for v in doc["verdicts"]] == ["pass"] * 6
+    assert [v["outcome"] for v in doc["verdicts"]] == ["pass"] * 7
 
 
 def test_efuse_needs_exactly_one_source(tmp_path: Path) -> None:

@@ -108,7 +108,8 @@ def test_the_crypt_counter_is_on_exactly_when_an_odd_number_of_bits_is_set(
                writeable=not locked, value="Disable")
     v = _run(doc)["flash-encryption"]
     odd = bin(raw).count("1") % 2 == 1
-    assert (v.outcome is Outcome.PASS) == (odd and locked)
+    # 0b111: no bit left to burn, so encryption can never be switched off, locked or not
+    assert (v.outcome is Outcome.PASS) == (odd and (locked or raw == 0b111))
 
 
 def test_development_mode_encryption_fails_with_the_lock_as_fix(s3: Doc) -> None:
@@ -186,15 +187,85 @@ def test_a_capture_of_no_known_chip_is_undecided_everywhere(s3: Doc) -> None:
     assert {v.outcome for v in verdicts} == {Outcome.UNDECIDED}
 
 
+# the lock (CE-BOOT-03) -----------------------------------------------------------------------
+def test_a_writeable_key_purpose_fails_the_lock_with_the_write_protect_as_fix(s3: Doc) -> None:
+    """A purpose that can still change would let the flash key become an HMAC key."""
+    doc = _set(s3, "KEY_PURPOSE_0", 4, writeable=True)
+    v = _run(doc)["config-locked"]
+    assert v.outcome is Outcome.FAIL
+    assert v.reason.endswith(": KEY_PURPOSE_0")
+    assert v.fix.startswith("`espefuse --port PORT write-protect-efuse KEY_PURPOSE_0`")
+    assert _run(s3)["config-locked"].outcome is Outcome.PASS
+
+
+def test_a_capture_without_the_writeable_flags_cannot_decide_the_lock(s3: Doc) -> None:
+    """Hand-edited: no ``writeable`` anywhere. Neither the lock nor release mode may pass."""
+    doc = copy.deepcopy(s3)
+    for entry in doc.values():
+        del entry["writeable"]
+    v = _run(doc)
+    assert v["config-locked"].outcome is Outcome.UNDECIDED
+    assert "SPI_BOOT_CRYPT_CNT" in v["config-locked"].reason
+    assert "writeable" in v["config-locked"].fix
+    assert v["flash-encryption"].outcome is Outcome.UNDECIDED
+    # a field that is writeable fails even when others lack the flag
+    assert _run(_set(doc, "BLOCK_KEY1", 0xBEEF, writeable=True))[
+        "config-locked"].outcome is Outcome.FAIL
+
+
+def test_a_field_with_every_bit_burned_needs_no_write_protection(s3: Doc) -> None:
+    doc = _set(s3, "SPI_BOOT_CRYPT_CNT", 0b111, writeable=True)  # odd and full: on for good
+    v = _run(doc)
+    assert v["config-locked"].outcome is Outcome.PASS
+    assert v["flash-encryption"].outcome is Outcome.PASS
+    assert _run(_set(s3, "SPI_BOOT_CRYPT_CNT", 0b001, writeable=True))[
+        "config-locked"].outcome is Outcome.FAIL
+
+
+def test_an_esp32_digest_block_left_writeable_fails_the_lock(esp32: Doc) -> None:
+    v = _run(_set(esp32, "BLOCK2", 0xABC, writeable=True))["config-locked"]
+    assert v.outcome is Outcome.FAIL
+    assert v.reason.endswith(": BLOCK2")
+
+
+def test_a_read_protected_key_purpose_cannot_decide_the_lock(s3: Doc) -> None:
+    v = _run(_set(s3, "KEY_PURPOSE_1", 0, readable=False))["config-locked"]
+    assert v.outcome is Outcome.UNDECIDED
+    assert "KEY_PURPOSE_1" in v.reason
+
+
+# in the hardened C3: burned fields with a 0 bit left (the rest are 1-bit switches at 1, or
+# unused key blocks, whose write protection does not matter)
+_MOVABLE = ("SPI_BOOT_CRYPT_CNT", "KEY_PURPOSE_0", "KEY_PURPOSE_1", "BLOCK_KEY0", "BLOCK_KEY1")
+_INDIFFERENT = ("SECURE_BOOT_EN", "DIS_PAD_JTAG", "SECURE_BOOT_KEY_REVOKE0", "KEY_PURPOSE_2",
+                "BLOCK_KEY3", "RD_DIS")
+
+
+@given(opened=st.sets(st.sampled_from(_MOVABLE + _INDIFFERENT)))
+def test_the_lock_fails_exactly_when_a_burned_field_that_can_change_is_writeable(
+        captures: Captures, opened: set[str]) -> None:
+    doc = copy.deepcopy(captures.load("hardened", "esp32c3"))
+    for name in _MOVABLE:
+        assert doc[name]["writeable"] is False  # as esptool wrote it after ``lock``
+    for name in opened:
+        doc[name]["writeable"] = True
+    v = _run(doc)["config-locked"]
+    should_fail = sorted(set(opened) & set(_MOVABLE))
+    assert (v.outcome is Outcome.FAIL) == bool(should_fail)
+    assert v.outcome in (Outcome.PASS, Outcome.FAIL)
+    for name in should_fail:
+        assert name in v.fix
+
+
 # the research captures bundled with the package -------------------------------------------
 EXPECTED = {
-    # file: secure-boot, keys, flash-encryption, key-hidden, jtag, download (P/F/U)
-    "esp32.json": "FFFFFF",
+    # file: secure-boot, keys, flash-encryption, key-hidden, jtag, download, locked (P/F/U)
+    "esp32.json": "FFFFFFF",
     # switches burned on a revision 0 virtual chip: v2 and UART_DOWNLOAD_DIS do nothing there
-    "esp32_hardened.json": "FFFFPF",
-    "esp32c3.json": "FFFFFF",
-    "esp32s3.json": "FFFFFF",
-    "esp32s3_hardened.json": "PFFFPP",  # same: crypt count 1 but writeable, no keys
+    "esp32_hardened.json": "FFFFPFF",
+    "esp32c3.json": "FFFFFFF",
+    "esp32s3.json": "FFFFFFF",
+    "esp32s3_hardened.json": "PFFFPPF",  # same: crypt count 1 but writeable, no keys
 }
 
 
