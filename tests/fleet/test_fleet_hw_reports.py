@@ -225,3 +225,20 @@ def test_a_report_written_by_hw_check_is_accepted_as_it_is(api: Api) -> None:
     stored = api.client.get("/hw/reports/%d" % got["id"],
                             headers=vendor_headers(api, "acme")).json()["report"]
     assert stored["summary"] == doc["summary"] and stored["requirements"] == doc["requirements"]
+
+
+def test_a_stolen_device_has_no_way_into_the_hardware_reports(api: Api) -> None:
+    """A device holds a certificate and a claim secret, never an API token: every report and
+    model route refuses a request without a token (401) or with a made-up one, and nothing is
+    stored or withdrawn for its model."""
+    register_model(api, "ce-air-1", "acme")
+    assert upload(api, vendor_headers(api, "acme"), make_report("ce-air-1")).status_code == 201
+    failing = encode(make_report("ce-air-1", default="fail"))
+    for headers in ({}, {"Authorization": "Bearer " + "x" * 43}):
+        assert upload(api, headers, failing).status_code == 401
+        for path in ("/hw/reports", "/hw/reports/1", "/hw/reports/1/raw", "/hw/models"):
+            assert api.client.get(path, headers=headers).status_code == 401, path
+        r = api.client.post("/hw/models", json={"name": "ce-air-1", "vendor": "evil"},
+                            headers=headers)
+        assert r.status_code == 401
+    assert _stored(api) == 1
