@@ -67,7 +67,7 @@ except ImportError:  # CPython
 import hashlib
 
 from . import cbor, cose, release_keys
-from .errors import PeerError
+from .errors import LimitError, MalformedError, PeerError
 
 MANIFEST_AAD = b"cityedge update manifest v1"
 
@@ -114,6 +114,51 @@ WAIT = (NO_CLOCK, OUTSIDE_WINDOW)  # "not now": the same manifest may pass later
 ARTIFACT_TOO_LONG = "artifact_too_long"
 ARTIFACT_SHORT = "artifact_short"
 ARTIFACT_DIGEST = "artifact_digest"
+
+# The fleet's signed ``update`` command (``command_gate`` checks its signature, target, seq
+# and expiry first). Its arguments only point at a release; the release proves itself:
+#   1  url     text, ``https://`` and at most URL_MAX_CHARS: the release's folder on the
+#              fleet; the device GETs ``<url>manifest`` (the COSE_Sign1, at most
+#              MANIFEST_MAX_BYTES), ``<url>keys`` (the root-signed release-key list, at most
+#              release_keys.LIST_MAX_BYTES) and ``<url>artifact`` (in Range requests)
+#   2  sha256  32 bytes: the SHA-256 of the manifest the fleet means. A manifest with
+#              another digest is refused (``manifest_digest``), so a server cannot swap one
+#              validly signed release for another under the same command
+UPDATE = "update"
+A_URL = const(1)
+A_MANIFEST_SHA256 = const(2)
+URL_MAX_CHARS = const(256)  # characters of an update command's URL
+MANIFEST_DIGEST = "manifest_digest"
+
+
+def update_args(args: Any) -> Any:
+    """``(url, manifest_sha256)`` of an ``update`` command's arguments; MalformedError or
+    LimitError (a PeerError) names what is wrong."""
+    if not isinstance(args, dict):
+        raise MalformedError("update: the arguments are not a map")
+    url = args.get(A_URL)
+    if not isinstance(url, str) or not url.startswith("https://") or len(url) <= 8:
+        raise MalformedError("update: the url (1) must be an https:// text")
+    if len(url) > URL_MAX_CHARS:
+        raise LimitError("update: url over %d characters" % URL_MAX_CHARS)
+    for ch in url:
+        if ch <= " " or ch > "~":
+            raise MalformedError("update: the url (1) holds a space or a control character")
+    digest = args.get(A_MANIFEST_SHA256)
+    if not isinstance(digest, bytes) or len(digest) != 32:
+        raise MalformedError("update: the manifest digest (2) must be 32 bytes")
+    return url, digest
+
+
+def check_manifest_digest(manifest: bytes, expected: bytes) -> None:
+    """Refuse (``manifest_digest``) a fetched manifest that is not the one the command
+    named, compared without an early exit."""
+    digest = hashlib.sha256(manifest).digest()
+    diff = 0
+    for i in range(32):
+        diff |= digest[i] ^ expected[i]
+    if diff:
+        raise Refused(MANIFEST_DIGEST, "the manifest is not the one the command names")
 
 
 class Manifest:
