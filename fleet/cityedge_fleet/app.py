@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cityedge_fleet import command_key
+from cityedge_fleet import command_key, metrics
 from cityedge_fleet.api import (
     audit_routes,
     campaigns,
@@ -31,6 +31,7 @@ from cityedge_fleet.api import (
     enroll_ticket,
     errors,
     hw_reports,
+    metrics_routes,
     rotations,
     tokens,
 )
@@ -51,7 +52,8 @@ def health() -> dict[str, str]:
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
            enroll_ticket.router, audit_routes.router, commands.router, rotations.router,
-           campaigns.router, command_key_routes.router, hw_reports.router)
+           campaigns.router, command_key_routes.router, hw_reports.router,
+           metrics_routes.router)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -79,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
                                                   lim.rate_limit_clients_max)
     for router in ROUTERS:
         app.include_router(router)
+    metrics.instrument(app)
 
     make_openapi = app.openapi
 

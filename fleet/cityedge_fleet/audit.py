@@ -44,6 +44,7 @@ from sqlmodel import Session, col, select
 
 from cityedge_fleet import audit_anchor, audit_key
 from cityedge_fleet.audit_key import AuditKey
+from cityedge_fleet.metrics import count_audit
 from cityedge_fleet.models import AuditRecord, AuditVerifyResult
 
 GENESIS = "0" * 64
@@ -139,6 +140,7 @@ def append(
                source=source[:64], outcome=outcome,
                detail=json.dumps(detail or {}, sort_keys=True, separators=(",", ":")))
     audit_anchor.remember(session, row.id or 0, row.hash)
+    count_audit(action, outcome)
     return row
 
 

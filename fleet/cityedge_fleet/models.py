@@ -104,6 +104,7 @@ class Role(StrEnum):
     security = "security"
     release_manager = "release-manager"
     vendor = "vendor"
+    monitor = "monitor"  # a metrics scraper: GET /metrics and nothing else
     viewer = "viewer"
     admin = "admin"
 

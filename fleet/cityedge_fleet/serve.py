@@ -135,6 +135,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
     if settings.ingest_with_serve:
         worker = MqttIngestWorker(ingestor_for(settings, app.state.engine, reconciler,
                                                publisher), settings).start()
+        app.state.ingest_worker = worker  # its verdict counts go to /metrics
     freeze_startup_objects()
     try:
         config = uvicorn.Config(app, host=host, port=port, **proxy_options(settings))

@@ -51,6 +51,7 @@ from . import limits
 from .config import BrokerConfig, GatewayConfig
 from .forwarder import Forwarder
 from .key_slots import Identity, KeySlots
+from .metrics import metrics_text, registry_for
 from .metrics_http import serve_metrics
 from .node_link import NodeListener
 from .ota_health import BEACON_NAME, TrialGate
@@ -60,7 +61,7 @@ from .readings import Reading
 from .relay import NodeRelay
 from .rotation_device import GatewayRotation
 from .serial_input import SerialInput
-from .status import metrics_text, sign_status
+from .status import sign_status
 from .store import CommandState, Store
 from .supervisor import Supervisor
 
@@ -282,7 +283,9 @@ class Gateway:
             tasks.keep("status", self._status)
         server = None
         if self.cfg.metrics_port:
-            server = await serve_metrics(self.cfg.metrics_port, lambda: metrics_text(self))
+            registry = registry_for(self)
+            server = await serve_metrics(self.cfg.metrics_port,
+                                         lambda: metrics_text(registry))
             self.metrics_port = server.sockets[0].getsockname()[1]
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):

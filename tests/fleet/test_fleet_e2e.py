@@ -193,6 +193,13 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
                                       headers=viewer).json())
 
             assert wait_for(lambda: readings() == 50), readings()
+            # /metrics counts the verdicts of the process's worker (as `fleet serve`
+            # wires it: app.state.ingest_worker)
+            app.state.ingest_worker = worker
+            scraped = client.get("/metrics", headers=api.headers(Role.monitor)).text
+            ok = [line for line in scraped.splitlines()
+                  if line.startswith('cityedge_fleet_ingest_batches_total{verdict="ok"}')]
+            assert ok and float(ok[0].split()[-1]) == worker.ingestor.counts["ok"]
             got = client.get("/devices/%s" % dev.id, headers=viewer).json()
             assert got["state"] == "active" and got["chain"]["last_seq"] == 10
 

@@ -19,6 +19,7 @@ from cityedge_core import cbor, chain, cose
 from cityedge_gateway import sds011
 from cityedge_host.crypto import EcSigner
 
+from support.monitoring import names_offered, names_used
 from support.mosquitto import OBSERVER, Mosquitto, TestPKI, free_port
 
 GW = "urn:dev:mac:b827ebfffe123456"
@@ -141,4 +142,10 @@ keepalive_s = 5
     assert 'cityedge_gateway_serial_readings_total{input="pm"} 60.0' in metrics
     assert 'cityedge_gateway_serial_errors_total{input="pm",kind="garbage"} 1.0' in metrics
     assert "cityedge_gateway_mqtt_connected 1.0" in metrics
+    # the client library's own collectors and the build info come with it
+    assert "\nprocess_cpu_seconds_total " in metrics and "python_info{" in metrics
+    assert 'cityedge_gateway_build_info{device="%s",version="' % GW in metrics
+    # every gateway name the deployed alert rules and dashboards use is served
+    used = names_used("cityedge_gateway_")
+    assert len(used) >= 8 and not used - names_offered(metrics), used - names_offered(metrics)
     assert b"PRIVATE KEY" not in err

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from cityedge_core import chain
 from cityedge_gateway.config import load_config
+from cityedge_gateway.metrics import metrics_text, registry_for
 from cityedge_gateway.readings import Reading
 from cityedge_gateway.service import Gateway
-from cityedge_gateway.status import metrics_text, status_map
+from cityedge_gateway.status import status_map
 from cityedge_gateway.supervisor import Supervisor
 from cityedge_host.crypto import EcSigner
 
@@ -69,7 +70,8 @@ def test_a_committer_that_fails_keeps_its_readings_and_comes_back(tmp_path: Path
         assert "disk full" in health.last_error
         st = status_map(gw)
         assert st["tasks"]["committer"]["restarts"] >= 2
-        assert 'cityedge_gateway_task_restarts_total{task="committer"}' in metrics_text(gw)
+        text = metrics_text(registry_for(gw))
+        assert 'cityedge_gateway_task_restarts_total{task="committer"}' in text
         assert gw.store.depth() == 0
         gw.store._db.execute("DROP TRIGGER full")
         await _until(lambda: gw.store.depth() == 1)
