@@ -44,7 +44,7 @@ from sqlmodel import Session, col, select
 
 from cityedge_fleet import audit_anchor, audit_key
 from cityedge_fleet.audit_key import AuditKey
-from cityedge_fleet.metrics import count_audit
+from cityedge_fleet.instruments import count_audit
 from cityedge_fleet.models import AuditRecord, AuditVerifyResult
 
 GENESIS = "0" * 64

@@ -3,7 +3,7 @@ scraper's role: this endpoint and nothing else).
 
 Two kinds, rendered by ``prometheus_client``'s own exposition code:
 
-- **Counted as it happens, in this process** (``INSTRUMENTS``): API latency by route
+- **Counted as it happens, in this process** (``instruments.INSTRUMENTS``): API latency by route
   template and status (a histogram), audit events by action and outcome (enrollments,
   revocations, rotations, campaign steps: counted as each row is written, so a row whose
   transaction rolls back afterwards is counted too), the ingest's verdicts when this
@@ -27,42 +27,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
+from cityedge_fleet.instruments import HTTP_SECONDS, INSTRUMENTS, PREFIX
+
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request, Response
     from prometheus_client.metrics_core import Metric
 
-PREFIX = "cityedge_fleet_"
 EXPIRY_WINDOWS_DAYS = (7, 30)
-
-# what this process counts as it happens (one registry for the process: the audit log and
-# the API are the process's, whatever app object serves them)
-INSTRUMENTS = CollectorRegistry(auto_describe=True)
-AUDIT_EVENTS = Counter(PREFIX + "audit_events", "Audit rows written, by action and outcome.",
-                       ["action", "outcome"], registry=INSTRUMENTS)
-HTTP_SECONDS = Histogram(PREFIX + "http_request_duration_seconds",
-                         "API request time, by method, route template and status.",
-                         ["method", "route", "status"], registry=INSTRUMENTS,
-                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-ProcessCollector(registry=INSTRUMENTS)
-PlatformCollector(registry=INSTRUMENTS)
-
-
-def count_audit(action: str, outcome: str) -> None:
-    AUDIT_EVENTS.labels(action=action, outcome=outcome).inc()
-
 
 def _version() -> str:
     try:

@@ -1,0 +1,30 @@
+"""What the fleet process counts as it happens, for ``/metrics`` (``metrics``): one
+registry for the process (the audit log and the API are the process's, whatever app object
+serves them). No fleet imports here: ``audit`` counts into it, and ``metrics`` reads the
+database through modules that write the audit log."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+PREFIX = "cityedge_fleet_"
+
+INSTRUMENTS = CollectorRegistry(auto_describe=True)
+AUDIT_EVENTS = Counter(PREFIX + "audit_events", "Audit rows written, by action and outcome.",
+                       ["action", "outcome"], registry=INSTRUMENTS)
+HTTP_SECONDS = Histogram(PREFIX + "http_request_duration_seconds",
+                         "API request time, by method, route template and status.",
+                         ["method", "route", "status"], registry=INSTRUMENTS,
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+ProcessCollector(registry=INSTRUMENTS)
+PlatformCollector(registry=INSTRUMENTS)
+
+
+def count_audit(action: str, outcome: str) -> None:
+    AUDIT_EVENTS.labels(action=action, outcome=outcome).inc()
