@@ -31,6 +31,7 @@ from cityedge_fleet.api import (
     enroll_ticket,
     errors,
     hw_reports,
+    ota_routes,
     rotations,
     tokens,
 )
@@ -51,7 +52,8 @@ def health() -> dict[str, str]:
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
            enroll_ticket.router, audit_routes.router, commands.router, rotations.router,
-           campaigns.router, command_key_routes.router, hw_reports.router)
+           campaigns.router, command_key_routes.router, hw_reports.router,
+           ota_routes.router)
 
 
 def create_app(settings: Settings) -> FastAPI:
