@@ -1,8 +1,9 @@
 """The loop in ``fleet serve`` that moves key campaigns, OTA campaigns and renewal along:
 every ``CampaignLimits.runner_every_s`` each running campaign gets a round
 (``campaign_store.advance``, ``ota_store.advance``; one transaction per campaign, its row
-locked so replicas take turns), and every ``RenewalLimits.every_s`` a renewal round (``renewal.renewal_round``).
-Rotations it starts wake the command publisher, so their rotate commands go out at once.
+locked so replicas take turns), and every ``RenewalLimits.every_s`` a renewal round
+(``renewal.renewal_round``). Rotations and updates it starts wake the command publisher,
+so their commands go out at once.
 A round's fault is logged and the next round tries again; nothing here talks to the
 broker."""
 

@@ -16,8 +16,8 @@ from sqlmodel import Session, col, select
 
 from cityedge_core import update_manifest
 from cityedge_fleet import command_key, command_queue, ota_store
-from cityedge_fleet.campaign_runner import CampaignRunner
 from cityedge_fleet.campaign import CampaignLimits
+from cityedge_fleet.campaign_runner import CampaignRunner
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import AuditRecord, FleetCommand, Role
 from cityedge_host.crypto import EcSigner
@@ -215,9 +215,9 @@ def test_an_update_command_is_queued_only_by_an_ota_campaign(
         oapi: Api, kit: ReleaseKit, ota_settings: Settings) -> None:
     sim = OtaSimFleet(oapi.engine, oapi.settings, kit, client_fetch(oapi.client))
     dev = sim.add_devices(1, issued=NOW - dt.timedelta(days=1))[0]
-    with Session(oapi.engine) as s:
-        with pytest.raises(command_queue.CommandError, match="OTA campaign only"):
-            command_queue.queue(s, signer=command_key.from_settings(ota_settings),
+    with Session(oapi.engine) as s, pytest.raises(command_queue.CommandError,
+                                                  match="OTA campaign only"):
+        command_queue.queue(s, signer=command_key.from_settings(ota_settings),
                                 device_id=dev, name="update", args={"1": "https://x/"},
                                 expires_in_s=60, created_by="t", lim=ota_settings.limits)
 
