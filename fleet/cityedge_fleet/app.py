@@ -70,8 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     # the command key signs commands and its public half goes to every enrolled device:
-    # loaded now, so a missing or unsafe key stops the start, not a request
-    app.state.command_key = command_key.from_settings(settings)
+    # loaded now, so a missing or unsafe key stops the start, not a request; loaded again
+    # when `keys rotate-command-key --switch` replaces the file
+    app.state.command_key = command_key.key_file(settings)
     app.state.command_publisher = None  # ``fleet serve`` sets it (woken by new commands)
     app.state.broker_access = BrokerAccess.from_settings(settings)
     app.state.auth_limiter = TokenBucketLimiter(lim.auth_fail_burst, lim.auth_fail_per_s,

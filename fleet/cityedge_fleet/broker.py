@@ -94,7 +94,7 @@ MAX_QUEUED_MESSAGES = 1_000_000
 
 def render(files: BrokerFiles, *, port: int, bind: str, plugin: Path, dynsec_file: Path,
            pid_file: Path | None = None, extra: Iterable[str] = (),
-           max_queued_messages: int = MAX_QUEUED_MESSAGES) -> str:
+           max_queued_messages: int = MAX_QUEUED_MESSAGES, user: str | None = None) -> str:
     lines = [
         "# written by `cityedge broker config`",
         "per_listener_settings false",
@@ -104,6 +104,8 @@ def render(files: BrokerFiles, *, port: int, bind: str, plugin: Path, dynsec_fil
         "max_packet_size %d" % MAX_PACKET_BYTES,
         "max_queued_messages %d" % max_queued_messages,
     ]
+    if user is not None:  # started as root, the broker runs as this user
+        lines.append("user %s" % user)
     if pid_file is not None:
         lines.append("pid_file %s" % pid_file.resolve())
     lines += list(extra)
@@ -131,13 +133,13 @@ def write_dynsec(path: Path, identities: Iterable[str], share_group: str) -> Pat
 
 def write(out_dir: Path, files: BrokerFiles, *, port: int, bind: str,
           identities: Iterable[str], share_group: str, plugin: Path | None = None,
-          pid_file: Path | None = None) -> Path:
+          pid_file: Path | None = None, user: str | None = None) -> Path:
     """Write ``mosquitto.conf`` and ``dynamic-security.json`` into ``out_dir``; returns the
     config path. ``identities``: the CNs the broker lets in (services and devices)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dynsec = write_dynsec(out_dir / DYNSEC_FILE, identities, share_group)
     conf = out_dir / "mosquitto.conf"
     conf.write_text(render(files, port=port, bind=bind, plugin=plugin or find_dynsec_plugin(),
-                           dynsec_file=dynsec, pid_file=pid_file))
+                           dynsec_file=dynsec, pid_file=pid_file, user=user))
     conf.chmod(0o644)
     return conf

@@ -206,6 +206,10 @@ class Reconciler:
             self._wake.wait(self.every_s)
             self._wake.clear()
 
+    def alive(self) -> bool:
+        """The reconciler's thread runs (``fleet serve``'s watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> Reconciler:
         self._thread = threading.Thread(target=self._loop, name="broker-sync", daemon=True)
         self._thread.start()

@@ -21,6 +21,7 @@ from sqlmodel import Session
 
 from cityedge_fleet import campaign_store, ota_store, renewal
 from cityedge_fleet.campaign import LIMITS, CampaignLimits
+from cityedge_fleet.command_key import KeyFile
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import utcnow
 from cityedge_host.crypto import EcSigner
@@ -37,13 +38,13 @@ class RoundResult:
 
 
 class CampaignRunner:
-    def __init__(self, engine: Engine, settings: Settings, signer: EcSigner, *,
+    def __init__(self, engine: Engine, settings: Settings, signer: EcSigner | KeyFile, *,
                  wake_publisher: Callable[[], None] | None = None,
                  clim: CampaignLimits = LIMITS, rlim: renewal.RenewalLimits = renewal.LIMITS,
                  renew: bool = True) -> None:
         self.engine = engine
         self.settings = settings
-        self.signer = signer
+        self._key = signer  # a KeyFile follows a command-key switch without a restart
         self.wake_publisher = wake_publisher
         self.clim = clim
         self.rlim = rlim
@@ -52,6 +53,11 @@ class CampaignRunner:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def signer(self) -> EcSigner:
+        key = self._key
+        return key.current() if isinstance(key, KeyFile) else key
 
     def round(self, now: dt.datetime | None = None, *, renewal_due: bool | None = None
               ) -> RoundResult:
@@ -124,7 +130,7 @@ def start_for_serve(settings: Settings, engine: Engine,
     from cityedge_fleet import command_key
 
     try:
-        signer = command_key.from_settings(settings)
+        signer = command_key.key_file(settings)
     except LocalError as e:
         log.warning("key campaigns and renewal do not run: %s", e)
         return None

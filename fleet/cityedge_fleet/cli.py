@@ -295,15 +295,27 @@ def broker_config_command(
              "Default: fleet-ingest, fleet-commands, fleet-control.")] = None,
     plugin: Annotated[Path | None, typer.Option(
         help="mosquitto_dynamic_security.so (found in Debian's places by default).")] = None,
+    broker_user: Annotated[str, typer.Option(
+        help="The user the broker runs as (Debian's service drops to `mosquitto`): it "
+             "must be able to read every file the config names.")] = "mosquitto",
+    set_owner: Annotated[bool, typer.Option(
+        help="Give the broker's user what it lacks: group read on the files, group enter "
+             "on their folders, ownership of --out-dir (run as root).")] = False,
 ) -> None:
     """Write a Mosquitto config: mTLS listener, CN as username and client id, CRL, and the
     dynamic security plugin's rules for the fleet's services and every device the
-    registry lets connect now."""
-    from cityedge_fleet import broker, broker_acl
+    registry lets connect now. Then check that the broker's user can read every file it
+    names (exit 1 listing what to change, or --set-owner to change it)."""
+    from cityedge_fleet import broker, broker_acl, broker_files
     from cityedge_fleet.broker_sync import desired_devices
     from cityedge_fleet.ca import CRL_FILE, CertificateAuthority
 
     settings = load_settings()
+    user = broker_files.lookup(broker_user)
+    if user is None:
+        raise UserError("there is no user %s on this machine" % broker_user,
+                        hint="pass --broker-user the user the broker runs as (Debian's "
+                             "mosquitto package creates `mosquitto`)")
     services = service or list(broker_acl.DEFAULT_SERVICES)
     for cn in services:
         if broker_acl.identity_kind(cn) not in broker_acl.SERVICE_KINDS:
@@ -321,9 +333,28 @@ def broker_config_command(
     try:
         conf = broker.write(out_dir, files, port=port, bind=bind, pid_file=pid_file,
                             identities=[*services, *devices],
-                            share_group=settings.ingest_share_group, plugin=plugin)
+                            share_group=settings.ingest_share_group, plugin=plugin,
+                            user=broker_user)
     except ValueError as e:
         raise UserError(str(e)) from e
+    read = [conf, files.cafile, files.certfile, files.keyfile, files.crlfile,
+            plugin or broker.find_dynsec_plugin()]
+    write = [out_dir]  # the plugin saves its file as <file>.new, renamed over it
+    if set_owner:
+        try:
+            for change in broker_files.set_owner(user, read, write):
+                print("cityedge: %s" % change, file=sys.stderr)
+        except PermissionError as e:
+            raise UserError("--set-owner could not change %s: %s" % (e.filename, e.strerror),
+                            hint="run it as root, or make the changes listed without "
+                                 "--set-owner by hand") from e
     print(conf)
     print("cityedge: %d services and %d devices granted; the fleet keeps the devices in step "
           "through fleet-control" % (len(services), len(devices)), file=sys.stderr)
+    missing = broker_files.problems(user, read, write)
+    if missing:
+        raise UserError(
+            "the broker's user %s cannot %s" % (user.name, "; cannot ".join(
+                "%s %s (%s)" % (p.need, p.path, p.why) for p in missing)),
+            hint="change: %s; or run `broker config` again with --set-owner as root"
+                 % "; ".join(p.fix for p in missing if p.fix))

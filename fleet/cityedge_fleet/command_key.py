@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import threading
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -97,6 +98,48 @@ def load(path: Path, *, create_missing: bool = False) -> EcSigner:
 def from_settings(settings: Settings) -> EcSigner:
     """The configured key; a development fleet makes its own at first start."""
     return load(settings.command_key_file, create_missing=settings.mode == "development")
+
+
+class KeyFile:
+    """The command key as a long-running process holds it: loaded at start (a missing or
+    unsafe key stops the start) and loaded again whenever the file changes, so ``keys
+    rotate-command-key --switch`` (which replaces the file) takes effect in a running
+    ``fleet serve``, its campaign runner and ``fleet ingest`` at their next command, with
+    no restart. The check is one ``stat`` per use (inode, size, mode, modification and
+    change times); a file that became missing or unsafe is an error at that use
+    (``CommandKeyError``), never a silent fall-back to the key that was replaced."""
+
+    def __init__(self, path: Path, *, create_missing: bool = False) -> None:
+        self.path = path
+        self._create_missing = create_missing
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, ...] | None = None
+        self._signer: EcSigner | None = None
+        self.loads = 0  # times the file was read (the tests count reloads)
+        self.current()
+
+    def _stat(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode
+
+    def current(self) -> EcSigner:
+        """The key in the file now."""
+        stamp = self._stat()
+        with self._lock:
+            if self._signer is None or stamp is None or stamp != self._stamp:
+                signer = load(self.path, create_missing=self._create_missing)
+                self._signer, self._stamp = signer, self._stat()
+                self.loads += 1
+            return self._signer
+
+
+def key_file(settings: Settings) -> KeyFile:
+    """``from_settings`` for a long-running process: follows a ``--switch``."""
+    return KeyFile(settings.command_key_file,
+                   create_missing=settings.mode == "development")
 
 
 def trust_store(signer: EcSigner) -> list[str]:

@@ -27,8 +27,9 @@ The devices' answers move their commands (``ok``: installed). ``progress`` count
 answered ``ok`` (``force`` below it): the current file is kept as ``<file>.retired`` (it
 signs ``resend``'s trust-updates for devices still on the old set, while their overlap
 runs) and ``<file>.next`` takes its place (each a rename: a crash leaves one of the two
-states, and ``switch`` again finishes it). ``fleet serve`` loads the key at start: restart
-it after a switch. ``resend`` queues the statement again for devices without an ``ok``.
+states, and ``switch`` again finishes it). ``fleet serve`` and ``fleet ingest`` hold the
+key as a ``command_key.KeyFile``, which loads the file again when it changes: no
+restart. ``resend`` queues the statement again for devices without an ``ok``.
 Every step is audited by the caller.
 """
 

@@ -32,6 +32,7 @@ from typing import Any
 from cityedge_fleet import broker_acl, ingest_dead_letter
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
+from cityedge_host import sd_notify
 from cityedge_host.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class MqttIngestWorker:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._service = False  # run_forever: this worker is the process (tells systemd)
+        self._watchdog = sd_notify.Pinger()
+        self._told_ready = False
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.mqtt_client_id,
                                   protocol=mqtt.MQTTv5, manual_ack=True)
         self.client.tls_set(ca_certs=str(s.mqtt_ca_file), certfile=str(s.mqtt_cert_file),
@@ -88,6 +92,10 @@ class MqttIngestWorker:
                       _props: Any) -> None:
         if all(not r.is_failure for r in reasons):
             self.subscribed.set()
+            if self._service and not self._told_ready:  # Type=notify: started once it
+                self._told_ready = True  # takes messages; the pings follow from then on
+                sd_notify.notify("READY=1\nSTATUS=ingest %s subscribed to %d filters"
+                                 % (self.settings.mqtt_client_id, len(self.topics)))
         else:
             log.error("broker refused the subscriptions %s: %s", self.topics, reasons)
 
@@ -139,6 +147,8 @@ class MqttIngestWorker:
                 wait = down.next()
                 log.error("database down: %d messages wait, next try in %.1f s",
                           len(pending), wait)
+                if self._told_ready:  # alive and waiting: a restart would not help
+                    self._watchdog.pet()
                 if self._stopping.wait(wait):
                     return False
         return True
@@ -211,6 +221,8 @@ class MqttIngestWorker:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            if self._told_ready:
+                self._watchdog.pet()  # this loop turns every IDLE_POLL_S at most
             group = self._take_group()
             if group:
                 self._store(group)
@@ -219,6 +231,10 @@ class MqttIngestWorker:
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._thread.start()
+
+    def alive(self) -> bool:
+        """The storing thread runs (``fleet serve``'s watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> MqttIngestWorker:
         self._start_thread()
@@ -235,10 +251,12 @@ class MqttIngestWorker:
         self.client.loop_stop()
 
     def run_forever(self) -> None:
+        self._service = True
         self._start_thread()
         try:
             self.client.connect(self.settings.mqtt_host, self.settings.mqtt_port,
                                 keepalive=30, clean_start=False, properties=self._props)
             self.client.loop_forever(retry_first_connection=True)
         finally:
+            sd_notify.notify("STOPPING=1")
             self._stopping.set()

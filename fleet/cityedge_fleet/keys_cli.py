@@ -438,7 +438,8 @@ def rotate_command_key_command(
                 "\n    %s: %s" % kv for kv in list(done.left_out.items())[:20])))
     if switch:
         print("  switched: %s signs from now on; the old key is kept as %s for --resend. "
-              "Restart `fleet serve` now." % (key_file, ckr.retired_key_path(key_file)))
+              "A running `fleet serve` and `fleet ingest` sign with it from their next "
+              "command (no restart)." % (key_file, ckr.retired_key_path(key_file)))
 
 
 campaign_cli.register(keys_app)  # rotate, status, pause, resume, abort, campaigns, report

@@ -95,6 +95,7 @@ class RotationDesk:
         self.settings = settings
         self._ca = ca
         self._signer = signer
+        self._key_file: Any = None  # command_key.KeyFile once loaded from the settings
         self.seen_kids: set[bytes] = set()  # kids known not to await a proof (this worker)
         self.crl_due = False
         self.steps = 0  # CSRs taken and rotations proven (the ingest resets it per part)
@@ -110,7 +111,10 @@ class RotationDesk:
         if self._signer is None:
             from cityedge_fleet import command_key
 
-            self._signer = command_key.from_settings(self.settings)
+            self._key_file = command_key.key_file(self.settings)
+            self._signer = self._key_file.current()
+        elif self._key_file is not None:  # follows `keys rotate-command-key --switch`
+            self._signer = self._key_file.current()
         return self._signer
 
     # -- the CSR ------------------------------------------------------------------------

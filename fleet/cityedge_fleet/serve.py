@@ -5,6 +5,7 @@ command publisher (``command_publisher``) and the key campaigns' and renewal's r
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+from cityedge_host import sd_notify
 
 log = logging.getLogger(__name__)
 CRL_CHECK_EVERY_S = 3600.0  # seconds between checks whether the CRL needs re-signing
@@ -96,6 +98,31 @@ def proxy_options(settings: Settings) -> dict[str, Any]:
     return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted}
 
 
+class NotifyingServer(uvicorn.Server):
+    """uvicorn's server that speaks systemd's ``Type=notify``: READY once it listens,
+    watchdog pings from its own event loop while the background threads live (a hung
+    loop or a dead reconciler stops them: systemd restarts the service), STOPPING when
+    it shuts down. Outside systemd it is uvicorn's server."""
+
+    def __init__(self, config: uvicorn.Config, healthy: Callable[[], bool]) -> None:
+        super().__init__(config)
+        self.healthy = healthy
+        self._pinger: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            sd_notify.notify("READY=1\nSTATUS=fleet API on %s:%d"
+                             % (self.config.host, self.config.port))
+            self._pinger = asyncio.create_task(sd_notify.watchdog(self.healthy))
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        sd_notify.notify("STOPPING=1")
+        if self._pinger is not None:
+            self._pinger.cancel()
+        await super().shutdown(sockets)
+
+
 def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
     reconciler = start_reconciler(settings, app.state.engine, app.state.broker_access)
@@ -110,7 +137,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
                                                publisher), settings).start()
     freeze_startup_objects()
     try:
-        uvicorn.run(app, host=host, port=port, **proxy_options(settings))
+        config = uvicorn.Config(app, host=host, port=port, **proxy_options(settings))
+        NotifyingServer(config, lambda: reconciler.alive() and (
+            worker is None or worker.alive())).run()
     finally:
         reconciler.stop()
         if runner is not None:

@@ -21,8 +21,28 @@ gateway_app = typer.Typer(
 def run_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="gateway TOML configuration")],
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log debug messages")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Check the configuration, its keys, certificates and folders, "
+        "and exit (0: ready; 1: what to fix) without starting or changing anything.")]
+    = False,
 ) -> None:
     """Run the gateway agent until stopped (SIGTERM or Ctrl-C)."""
+    if check:
+        from cityedge_host.errors import UserError
+
+        from .preflight import check as preflight
+
+        findings = preflight(load_config(config))
+        for f in findings:
+            print("%-4s  %s" % (f.level, f.what))
+        failed = [f for f in findings if f.level == "fail"]
+        if failed:
+            raise UserError("%s: %d problem%s; the gateway would not run as configured"
+                            % (config, len(failed), "s"[:len(failed) > 1]),
+                            hint="fix the lines marked fail")
+        print("%s: ready (%d checks, %d warnings)" % (
+            config, len(findings), sum(f.level == "warn" for f in findings)))
+        return
     from .service import Gateway  # imported late: `--help` stays fast
 
     logging.basicConfig(

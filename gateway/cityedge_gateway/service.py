@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cityedge_core import senml
+from cityedge_host import sd_notify
 from cityedge_host.command_responder import CommandResponder, Done
 from cityedge_host.crypto import KeyFileError, load_signer, load_verifier
 from cityedge_host.fleet_trust import FleetTrust
@@ -292,9 +293,17 @@ class Gateway:
         )  # fmt: skip
         if ready is not None:
             ready.set()
+        # Type=notify: systemd counts the gateway started now, and restarts it when the
+        # pings stop (a hung event loop, or a committer that no longer runs)
+        sd_notify.notify("READY=1\nSTATUS=gateway %s: %d serial inputs, %d nodes"
+                         % (self.cfg.device, len(self.inputs), len(self.cfg.nodes)))
+        pinger = asyncio.create_task(sd_notify.watchdog(
+            lambda: tasks.health["committer"].running), name="sd-watchdog")
         try:
             await stop.wait()
         finally:
+            sd_notify.notify("STOPPING=1")
+            pinger.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)

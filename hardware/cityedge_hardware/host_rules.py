@@ -91,6 +91,12 @@ _ALLOW_SETS = frozenset({"RestrictAddressFamilies", "ReadWritePaths", "SystemCal
                          "SupplementaryGroups", "DeviceAllow", "SystemCallArchitectures"})
 
 
+# Allow-sets whose empty value allows nothing (``CapabilityBoundingSet=``: no capability);
+# for the others an empty value resets the setting to "everything" (systemd.exec(5)).
+_EMPTY_IS_NONE = frozenset({"ReadWritePaths", "CapabilityBoundingSet", "AmbientCapabilities",
+                            "SupplementaryGroups"})
+
+
 class HostDataError(ValueError):
     """A host capture that is not what ``host_collect`` writes."""
 
@@ -552,7 +558,7 @@ def at_least(key: str, host: str | None, ref: str) -> bool:
         if h.startswith("~") or r.startswith("~"):
             return h == r  # a deny list is compared as written
         hs, rs = set(h.split()), set(r.split())
-        return hs <= rs and (bool(hs) or key == "ReadWritePaths")
+        return hs <= rs and (bool(hs) or key in _EMPTY_IS_NONE)
     return h == r
 
 

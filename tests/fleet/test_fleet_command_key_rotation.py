@@ -245,10 +245,16 @@ def test_the_cli_announces_rolls_out_and_switches(api: Api, root_dir: Path,
     sw = _cli(api, tmp_path, "keys", "rotate-command-key", "--switch")
     assert sw.returncode == 1 and "--force" in sw.stderr
     assert command_key.load(api.settings.command_key_file).kid == cur.kid
+    served = api.client.get("/ca/fleet-keys").json()["fleet_keys"]
+    assert served == command_key.trust_store(cur)
     sw = _cli(api, tmp_path, "keys", "rotate-command-key", "--switch", "--force")
     assert sw.returncode == 0, sw.stderr
-    assert "Restart `fleet serve`" in sw.stdout
-    assert command_key.load(api.settings.command_key_file).kid != cur.kid
+    assert "no restart" in sw.stdout
+    new = command_key.load(api.settings.command_key_file)
+    assert new.kid != cur.kid
+    # the running app (made before the switch) hands out and signs with the new key now
+    assert api.client.get("/ca/fleet-keys").json()["fleet_keys"] == \
+        command_key.trust_store(new)
     with Session(api.engine) as s:
         rot = ckr.current(s)
         assert rot is not None and rot.state == ckr.SWITCHED
@@ -283,3 +289,23 @@ def test_a_switch_cut_between_its_renames_is_finished_by_the_next(api: Api,
         assert rot is not None
         with pytest.raises(ckr.CommandKeyRotationError, match="is switched"):
             ckr.switch(s, rot, key_file, force=True)
+
+
+def test_a_key_file_follows_a_replaced_file_and_never_falls_back(tmp_path: Path) -> None:
+    """``KeyFile``: the key in the file now; a replaced file is read again, a missing one is
+    an error (not the key it had), an unchanged one is not read again."""
+    path = tmp_path / "command.key"
+    first = command_key.create(path)
+    held = command_key.KeyFile(path)
+    assert held.current().kid == first.kid and held.current().kid == first.kid
+    assert held.loads == 1
+    nxt = tmp_path / "command.key.next"
+    second = command_key.create(nxt)
+    os.replace(path, tmp_path / "command.key.retired")
+    with pytest.raises(command_key.CommandKeyError, match="does not exist"):
+        held.current()
+    os.replace(nxt, path)
+    assert held.current().kid == second.kid and held.loads == 2
+    path.chmod(0o644)
+    with pytest.raises(command_key.CommandKeyError, match="open to other users"):
+        held.current()

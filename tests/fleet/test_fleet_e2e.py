@@ -151,16 +151,27 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
             worker = MqttIngestWorker(Ingestor(app.state.engine, settings), settings).start()
             assert worker.subscribed.wait(10), log.read_text() if log.exists() else ""
             # a second worker, the CLI one, shares the subscription
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd's place
+            notify.bind(str(world / "notify.sock"))
+            notify.settimeout(30)
             ingest_env = dict(env, CITYEDGE_MQTT_PORT=str(port),
                               CITYEDGE_MQTT_CA_FILE=str(ca_dir / "root.crt"),
                               CITYEDGE_MQTT_CERT_FILE=str(ingest2_crt),
-                              CITYEDGE_MQTT_KEY_FILE=str(ingest2_key))
+                              CITYEDGE_MQTT_KEY_FILE=str(ingest2_key),
+                              NOTIFY_SOCKET=str(world / "notify.sock"),
+                              WATCHDOG_USEC="400000")
             cli_worker = subprocess.Popen(
                 [sys.executable, "-m", "cityedge.cli", "fleet", "ingest"], env=ingest_env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             assert wait_for(lambda: "fleet-ingest-2 1 $share/%s/" % settings.ingest_share_group
                             in log.read_text(),
                             timeout=20), log.read_text()
+            # Type=notify: READY once its subscriptions are granted, then the pings of
+            # its storing thread
+            assert notify.recv(4096).decode().startswith(
+                "READY=1\nSTATUS=ingest ")
+            assert notify.recv(4096) == b"WATCHDOG=1"
+            notify.close()
             files = _device_files(world / "device", dev)
             other_files = _device_files(world / "other", other)
             assert str(dev.enrollment["broker_url"]).endswith(":%d" % port)

@@ -4,6 +4,8 @@ OpenAPI at /docs, and the bootstrap admin token from `cityedge fleet create-toke
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +52,38 @@ def test_serve_applies_migrations_and_accepts_the_bootstrap_token(
                          ).status_code == 401
     finally:
         stop(proc, 10)
+
+
+def test_serve_tells_systemd_ready_once_listening_pings_and_says_stopping(
+        ca_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """``Type=notify``: READY only once the port answers, WATCHDOG=1 from the event loop
+    while it runs, STOPPING=1 on SIGTERM (a real AF_UNIX socket in systemd's place)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(60)
+    port = free_port()
+    env = dict(os.environ, CITYEDGE_MODE="development",
+               CITYEDGE_DATABASE_URL="sqlite:///%s" % (tmp_path / "fleet.sqlite3"),
+               CITYEDGE_CA_DIR=str(ca_dirs[1]), CITYEDGE_INGEST_WITH_SERVE="false",
+               CITYEDGE_COMMAND_KEY_FILE=str(tmp_path / "command.key"),
+               CITYEDGE_AUDIT_KEY_FILE=str(tmp_path / "audit.key"),
+               NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
+    proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "fleet", "serve", "--port",
+                             str(port), "--no-ingest"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        first = sock.recv(4096).decode()
+        assert first.startswith("READY=1\nSTATUS=fleet API on 127.0.0.1:%d" % port), first
+        # READY came after the socket was bound: the port answers now, without waiting
+        assert httpx.get("http://127.0.0.1:%d/health" % port, timeout=10).status_code == 200
+        got = [sock.recv(4096).decode() for _ in range(2)]
+        assert got == ["WATCHDOG=1", "WATCHDOG=1"]
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in got:
+            got.append(sock.recv(4096).decode())
+        # uvicorn shuts down gracefully, then re-raises the signal it caught: systemd counts
+        # an exit by SIGTERM as clean (its default SuccessExitStatus)
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        stop(proc, 10)
+        sock.close()

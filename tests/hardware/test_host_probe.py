@@ -225,6 +225,10 @@ def test_the_reference_is_the_projects_unit_hardening_block() -> None:
     ("RestrictAddressFamilies", "", "AF_INET AF_UNIX", False),
     ("ReadWritePaths", "/var/lib/cityedge /", "/var/lib/cityedge /opt/cityedge", False),
     ("ProtectHome", "read-only", "yes", False),
+    ("CapabilityBoundingSet", "", "", True),  # empty: no capability at all
+    ("CapabilityBoundingSet", "CAP_NET_RAW", "", False),
+    ("AmbientCapabilities", "", "CAP_NET_BIND_SERVICE", True),
+    ("SystemCallFilter", "", "@system-service", False),  # empty: the filter is reset
 ])
 def test_at_least_compares_strictness(key: str, host: str, ref: str, ok: bool) -> None:
     assert at_least(key, host, ref) is ok
@@ -267,7 +271,11 @@ def test_sshd_t_and_systemctl_show_take_precedence_over_the_files(root: Path) ->
         "ProtectKernelModules=yes", "ProtectControlGroups=yes",
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictNamespaces=yes",
         "LockPersonality=yes", "MemoryDenyWriteExecute=yes",
-        "SystemCallArchitectures=native", "UMask=0077"])
+        "SystemCallArchitectures=native", "UMask=0077", "CapabilityBoundingSet=",
+        "AmbientCapabilities=", "ProtectClock=yes", "ProtectHostname=yes",
+        "ProtectKernelLogs=yes", "ProtectProc=invisible", "ProcSubset=pid",
+        "RestrictRealtime=yes", "RestrictSUIDSGID=yes", "RemoveIPC=yes",
+        "KeyringMode=private", "PrivateMounts=yes"])
     got = {v.check: v for v in check_host(cap)}
     assert got["ssh-password"].outcome is Outcome.FAIL
     assert got["ssh-password"].reason == "SSH accepts passwords (sshd -T)"

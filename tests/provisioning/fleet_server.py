@@ -67,7 +67,7 @@ class FleetServer:
 
     def trust_store(self) -> list[bytes]:
         """The fleet's command keys, as a device must trust them (SEC1 points)."""
-        return [bytes.fromhex(k) for k in trust_store(self.app.state.command_key)]
+        return [bytes.fromhex(k) for k in trust_store(self.app.state.command_key.current())]
 
     def token(self, role: Role = Role.technician, name: str = "tech") -> str:
         with Session(self.app.state.engine) as session:

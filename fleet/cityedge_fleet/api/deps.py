@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from sqlmodel import Session
 
+from cityedge_core.errors import LocalError
 from cityedge_fleet import audit
 from cityedge_fleet.auth import Principal, require_role
 from cityedge_fleet.broker_control import BrokerUnavailable, CommandFailed
@@ -38,8 +39,12 @@ def get_broker_access(request: Request) -> BrokerAccess:
 
 
 def get_command_key(request: Request) -> EcSigner:
-    """The fleet's command key (``command_key``), loaded when the app was made."""
-    key: EcSigner = request.app.state.command_key
+    """The fleet's command key (``command_key.KeyFile``): the file's key now, 503 if the
+    file became missing or unsafe since the start."""
+    try:
+        key: EcSigner = request.app.state.command_key.current()
+    except LocalError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
     return key
 
 
