@@ -8,6 +8,7 @@ from pathlib import Path
 from bench import campaign as campaign_bench
 from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
+from bench import ota as ota_bench
 from bench import rotation as rotation_bench
 from bench.machine import describe
 
@@ -42,6 +43,9 @@ def main() -> None:
     camp = campaign_bench.run()
     results["campaign"] = camp
     campaign_bench.report(camp)
+    o = ota_bench.run()
+    results["ota"] = o
+    ota_bench.report(o)
     fw = firmware.firmware_bench()
     results["firmware"] = fw
     firmware.report(fw)

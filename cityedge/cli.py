@@ -23,6 +23,7 @@ from cityedge_core.errors import CityedgeError
 from cityedge_fleet.ca_cli import ca_app  # ca init/issue-service + rollover/retire/status
 from cityedge_fleet.cli import audit_app, broker_app, fleet_app
 from cityedge_fleet.keys_cli import keys_app
+from cityedge_fleet.ota_cli import ota_app
 from cityedge_gateway.cli import gateway_app
 from cityedge_hardware.cli import hw_app
 from cityedge_host.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
@@ -77,6 +78,7 @@ for _name, _group in (
     ("sim", sim_app),
     ("provision", provision_app),
     ("release", release_app),
+    ("ota", ota_app),
     ("hw", hw_app),
 ):
     app.add_typer(_group, name=_name)

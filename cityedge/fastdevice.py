@@ -26,7 +26,10 @@ What it does, as a device does:
   deletes the named key only if it is not the current one.
 - **takes the fleet's new command keys** (``trust-update``) when provisioned with the
   fleet's root certificate: ``cityedge_host.fleet_trust``, as the Pi gateway does (the
-  installed statement is kept in ``state.json``).
+  installed statement is kept in ``state.json``);
+- **answers ``update``** (``cityedge.fastdevice_ota``): fetches and checks the release the
+  command names, downloads the artifact in Range requests through ``ArtifactHasher`` and
+  reports a signed result with its state (no install).
 
 ``provision(directory, ...)`` gives a device its identity (a key and chain the fleet
 issued, the CA, the fleet's command keys, optionally the root certificate);
@@ -52,7 +55,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cityedge_core import batch as batchmod
-from cityedge_core import command, csr, rotation, senml, topics, trust_statement
+from cityedge_core import (
+    command,
+    csr,
+    rotation,
+    senml,
+    topics,
+    trust_statement,
+    update_manifest,
+)
 from cityedge_core.command_gate import CommandGate, CommandRefused
 from cityedge_core.errors import PeerError
 from cityedge_host.backoff import Backoff
@@ -189,6 +200,9 @@ class FastDevice:
         self._switch = asyncio.Event()  # set: reconnect with the current slot
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        from cityedge.fastdevice_ota import FastUpdater
+
+        self.updater = FastUpdater(self)
 
     # -- files --------------------------------------------------------------------------
 
@@ -249,13 +263,18 @@ class FastDevice:
             log.info("%s: command refused: %s", self.id, e)
             return
         self.stats.commands.append(name)
+        result_data: Any = None
         try:
-            outcome, detail, after = await self._run(name, args)
+            if name == update_manifest.UPDATE:
+                after = None
+                outcome, detail, result_data = await self.updater.update(args)
+            else:
+                outcome, detail, after = await self._run(name, args)
         except PeerError as e:
             outcome, detail, after = command.REFUSED, str(e), None
         except OSError as e:
             outcome, detail, after = command.FAILED, str(e), None
-        await self._answer(name, seq, outcome, detail)
+        await self._answer(name, seq, outcome, detail, result_data)
         if after is not None:
             after()
 
@@ -278,9 +297,10 @@ class FastDevice:
             return command.OK, done.detail, None
         return command.REFUSED, "unknown command %s" % name, None
 
-    async def _answer(self, name: str, seq: int, outcome: str, detail: str) -> None:
+    async def _answer(self, name: str, seq: int, outcome: str, detail: str,
+                      result_data: Any = None) -> None:
         data = command.encode_result(self.signer, self.signer.kid, name, self.id, seq,
-                                     outcome, detail)
+                                     outcome, detail, result_data)
         self.answers[seq] = data
         while len(self.answers) > ANSWERS_KEPT:
             self.answers.popitem(last=False)

@@ -32,6 +32,7 @@ from cityedge_fleet.api import (
     errors,
     hw_reports,
     metrics_routes,
+    ota_routes,
     rotations,
     tokens,
 )
@@ -53,7 +54,7 @@ def health() -> dict[str, str]:
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
            enroll_ticket.router, audit_routes.router, commands.router, rotations.router,
            campaigns.router, command_key_routes.router, hw_reports.router,
-           metrics_routes.router)
+           metrics_routes.router, ota_routes.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

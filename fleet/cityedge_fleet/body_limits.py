@@ -30,6 +30,8 @@ def route_limits(limits: FleetLimits) -> dict[tuple[str, str], int]:
         ("POST", "/enroll/ticket"): limits.enroll_body_max_bytes,
         ("POST", "/enrollment/manifests"): limits.manifest_body_max_bytes,
         ("POST", "/hw/reports"): limits.hw_report_max_bytes,
+        ("PUT", "/ota/artifacts"): limits.ota_artifact_max_bytes,
+        ("POST", "/ota/releases"): limits.ota_release_body_max_bytes,
     }
 
 

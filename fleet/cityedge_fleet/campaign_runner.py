@@ -1,8 +1,9 @@
-"""The loop in ``fleet serve`` that moves key campaigns and renewal along: every
-``CampaignLimits.runner_every_s`` each running campaign gets a round
-(``campaign_store.advance``, one transaction per campaign, its row locked so replicas take
-turns), and every ``RenewalLimits.every_s`` a renewal round (``renewal.renewal_round``).
-Rotations it starts wake the command publisher, so their rotate commands go out at once.
+"""The loop in ``fleet serve`` that moves key campaigns, OTA campaigns and renewal along:
+every ``CampaignLimits.runner_every_s`` each running campaign gets a round
+(``campaign_store.advance``, ``ota_store.advance``; one transaction per campaign, its row
+locked so replicas take turns), and every ``RenewalLimits.every_s`` a renewal round
+(``renewal.renewal_round``). Rotations and updates it starts wake the command publisher,
+so their commands go out at once.
 A round's fault is logged and the next round tries again; nothing here talks to the
 broker."""
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from cityedge_fleet import campaign_store, renewal
+from cityedge_fleet import campaign_store, ota_store, renewal
 from cityedge_fleet.campaign import LIMITS, CampaignLimits
 from cityedge_fleet.command_key import KeyFile
 from cityedge_fleet.config import Settings
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RoundResult:
     campaigns: dict[int, str] = field(default_factory=dict)  # id -> state after the round
-    started: int = 0  # rotations started by campaigns
+    ota_campaigns: dict[int, str] = field(default_factory=dict)  # id -> state (OTA)
+    started: int = 0  # rotations and updates started by campaigns
     renewal: renewal.RoundResult | None = None
 
 
@@ -72,6 +74,15 @@ class CampaignRunner:
                 session.commit()
             out.campaigns[cid] = str(plan.state)
             out.started += len(plan.start)
+        with Session(self.engine) as session:
+            ota_ids = ota_store.live_ids(session)
+        for oid in ota_ids:
+            with Session(self.engine) as session:
+                oplan = ota_store.advance(session, oid, signer=self.signer,
+                                          settings=self.settings, now=now)
+                session.commit()
+            out.ota_campaigns[oid] = str(oplan.state)
+            out.started += len(oplan.start)
         if renewal_due is None:
             renewal_due = self.renew and time.monotonic() >= self._next_renewal
         if renewal_due:

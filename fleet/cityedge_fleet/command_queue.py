@@ -33,7 +33,8 @@ carries the HTTP status):
 
 The key rotations' commands (``rotate``, ``install-cert``, ``erase-key``,
 ``trust-update``: ``RESERVED_NAMES``) are queued only by ``cityedge_fleet.rotation`` and
-``cityedge_fleet.command_key_rotation``, which pass their
+``cityedge_fleet.command_key_rotation``, and ``update`` (``OTA_NAMES``) only by an OTA
+campaign (``cityedge_fleet.ota_store``); they pass their
 CBOR arguments as ``wire_args`` (integer keys, bytes: what the device reads) and a JSON
 record of them as ``args``; anyone else asking for those names is refused (422), so a
 rotation's state is never moved by a command it did not send.
@@ -51,7 +52,7 @@ from typing import Any
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from cityedge_core import cbor, limits, trust_statement
+from cityedge_core import cbor, limits, trust_statement, update_manifest
 from cityedge_core import command as corecmd
 from cityedge_core import rotation as corerot
 from cityedge_core.command_decode import Result
@@ -75,6 +76,8 @@ INT_MIN = -(2**63)  # the arguments' integers: what a device's CBOR decoder and 
 INT_MAX = 2**64 - 1  # column both hold without a bignum
 RESERVED_NAMES = (corerot.ROTATE, corerot.INSTALL_CERT, corerot.ERASE_KEY,
                   trust_statement.TRUST_UPDATE)
+# ``update`` is queued only by an OTA campaign (``ota_store``: the release manager's)
+OTA_NAMES = (update_manifest.UPDATE,)
 S = CommandState
 TRANSITIONS: dict[CommandState, frozenset[CommandState]] = {
     S.queued: frozenset({S.sent, *ANSWERED_COMMANDS, S.expired, S.cancelled}),
@@ -150,6 +153,9 @@ def queue(session: Session, *, signer: EcSigner, device_id: str, name: str, args
             raise CommandError(422, "name: %s is sent by a key rotation only (`cityedge "
                                "keys rotate-device`, `cityedge keys rotate-command-key`)"
                                % name)
+        if name in OTA_NAMES:
+            raise CommandError(422, "name: %s is sent by an OTA campaign only (`cityedge ota "
+                               "campaign create`, the release manager's)" % name)
         check_args(args)
         wire_args = args
     elif len(cbor.dumps(wire_args)) > limits.COMMAND_ARGS_MAX_BYTES:

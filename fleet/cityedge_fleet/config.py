@@ -99,6 +99,15 @@ class FleetLimits(BaseModel):
     hw_report_max_bytes: int = 1024 * 1024  # bytes of one uploaded report (413 beyond)
     hw_report_max_requirements: int = 1000  # requirements listed in one report
     hw_report_max_checks: int = 10_000  # checks (verdicts) in one report, all together
+    # OTA (``ota``, ``ota_store``): an artifact is uploaded streamed, never held in memory
+    ota_artifact_max_bytes: int = 512 * 1024 * 1024  # bytes of one artifact (413 beyond)
+    ota_release_body_max_bytes: int = 32 * 1024  # bytes of a release upload (manifest +
+    # key list, base64 in JSON: 2 KiB + 8 KiB at most before base64)
+    # how far one release may raise its component's sequence above the highest one the
+    # fleet holds (from 0 for the first): a release key cannot burn the sequence space
+    # (a device never takes a lower sequence again) with one manifest
+    ota_max_sequence_jump: int = 1000
+    ota_command_expires_s: int = 14 * 86400  # seconds an ``update`` command stays valid
 
     @property
     def enroll_body_max_bytes(self) -> int:
@@ -182,7 +191,23 @@ class Settings(BaseSettings):
     # {"waterworks": "city-critical"}; as an environment variable, JSON); the gate is on
     # for a site named here even when ``hw_report_profile`` is None
     hw_report_site_profiles: dict[str, str] = Field(default_factory=dict)
+    # OTA: the artifact store (content-addressed files), the root set release-key lists
+    # must be signed by (``cityedge release root-set``'s root-set.json: public keys only;
+    # None: no release can be uploaded), and the https:// URL devices reach this service
+    # at (the ``update`` command names ``<url>/ota/d/<token>/``; None: no OTA campaign)
+    ota_dir: Path = DEV_VAR_DIR / "ota"
+    ota_root_set_file: Path | None = None
+    ota_public_url: str | None = None
     limits: FleetLimits = Field(default_factory=FleetLimits)
+
+    @field_validator("ota_public_url")
+    @classmethod
+    def _ota_url(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("https://") or len(value) > 160
+                                  or any(c <= " " or c > "~" for c in value)):
+            raise ValueError("must be an https:// URL of at most 160 characters (devices "
+                             "fetch releases over TLS only)")
+        return None if value is None else value.rstrip("/")
 
     @field_validator("ingest_share_group")
     @classmethod

@@ -24,6 +24,11 @@ PUBLIC = {  # endpoints anyone may call, and why
     ("GET", "/ca/crl"),  # the CRL is public by design
     ("GET", "/ca/bundle"),  # so are the CA certificates
     ("GET", "/ca/fleet-keys"),  # and the public halves of the fleet's command keys
+    # a device's OTA download: the capability its signed update command names (128 random
+    # bits, ``ota_store.delivery``), the release's signed files only
+    ("GET", "/ota/d/{token}/manifest"),
+    ("GET", "/ota/d/{token}/keys"),
+    ("GET", "/ota/d/{token}/artifact"),
 }
 
 

@@ -1,0 +1,95 @@
+"""The fleet's signed ``update`` command, taken by the gateway up to the switch.
+
+``take_update(args, installer, ...)``: the command's arguments
+(``cityedge_core.update_manifest.update_args``: an https folder URL and the manifest's
+SHA-256) -> GET ``<url>manifest`` and ``<url>keys`` over TLS verified against the
+configured CA only, each bounded to the core's limits -> the manifest must be the one the
+command names (``check_manifest_digest``) -> ``check_update`` (component ``gateway``,
+this gateway's hardware class, the release root set of ``roots_file``, the installed
+sequence and version from the installer's record, now) -> ``ota_release.from_verdict``
+with ``<url>artifact`` -> ``Installer.update`` (resumable Range download, side-by-side
+build, the switch into ``trial``). The caller then exits with ``EXIT_RESTART``.
+
+Refusals are ``UpdateRefused`` with the core's reason code (the signed result's detail:
+``refused``); a fetch or install failure is ``UpdateFailed`` (``failed``). A *wait*
+verdict (no clock, outside the install window) is a refusal for now: the fleet's
+campaign counts it, and a later campaign sends the release again.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cityedge_core import release_keys, update_manifest
+from cityedge_host.release import RootSet, sec1_verifier
+
+from .ota_download import DownloadError, DownloadLimits
+from .ota_install import Installer, InstallFailed, ReleaseRefused
+from .ota_release import COMPONENT, from_verdict
+from .ota_state import UpdateRecord
+
+TIMEOUT_S = 10.0  # seconds: connect and read timeout of the manifest and key list
+
+
+class UpdateRefused(Exception):
+    """The release may not be installed here; ``reason``: the core's code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__("%s: %s" % (reason, detail))
+        self.reason = reason
+
+
+class UpdateFailed(Exception):
+    """The release could not be fetched or installed; the running release is unchanged."""
+
+
+def _get(client: httpx.Client, url: str, most: int) -> bytes:
+    with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as r:
+        if r.status_code != 200:
+            raise UpdateFailed("%s: HTTP %d" % (url.rsplit("/", 1)[-1], r.status_code))
+        body = b""
+        for chunk in r.iter_raw():
+            body += chunk
+            if len(body) > most:
+                raise UpdateFailed("%s: more than %d bytes" % (url.rsplit("/", 1)[-1], most))
+        return body
+
+
+def take_update(args: Any, installer: Installer, *, roots_file: Path, hw_class: str,
+                ca_file: Path, keys_version: int = 0, now: int | None = None,
+                bounds: DownloadLimits | None = None) -> UpdateRecord:
+    """Check and install the release an ``update`` command names (module docstring)."""
+    url, digest = update_manifest.update_args(args)  # PeerError: the command is malformed
+    roots = RootSet.load(roots_file)
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with httpx.Client(verify=ctx, timeout=TIMEOUT_S, trust_env=False,
+                          follow_redirects=False) as client:
+            manifest = _get(client, url + "manifest", update_manifest.MANIFEST_MAX_BYTES)
+            keys = _get(client, url + "keys", release_keys.LIST_MAX_BYTES)
+    except httpx.HTTPError as e:
+        raise UpdateFailed("fetching the release: %s" % e) from e
+    try:
+        update_manifest.check_manifest_digest(manifest, digest)
+    except update_manifest.Refused as e:
+        raise UpdateRefused(e.reason, e.detail) from e
+    rec = installer.record()
+    verdict = update_manifest.check_update(
+        manifest, keys, roots.verifiers, roots.threshold, keys_version, COMPONENT, hw_class,
+        rec.installed_sequence, rec.installed_version or None,
+        int(time.time()) if now is None else now, make_verifier=sec1_verifier)
+    if not verdict.ok:
+        raise UpdateRefused(verdict.reason, verdict.detail)
+    release = from_verdict(verdict, url + "artifact")
+    try:
+        return installer.update(release, ca_file=ca_file, bounds=bounds)
+    except ReleaseRefused as e:
+        raise UpdateRefused("installer", str(e)) from e
+    except (DownloadError, InstallFailed) as e:
+        raise UpdateFailed(str(e)) from e
