@@ -1,6 +1,7 @@
 """The gateway's health, two ways: a signed status message and Prometheus metrics.
 
-``status_map`` gathers buffer depth and oldest age, drops, per-input error counts,
+``status_map`` gathers buffer depth and oldest age, drops, per-input error counts (and
+per Modbus slave where a port has several),
 per-node verification failures, the supervised tasks' restarts, the fleet commands
 answered and the key in use (kid, key slot) into one CBOR map;
 ``sign_status`` wraps it in COSE_Sign1 with the gateway's key (published on
@@ -42,6 +43,10 @@ def status_map(gw: Gateway, now: float | None = None) -> dict[str, Any]:
                 "readings": i.stats.readings,
                 "disconnects": i.stats.disconnects,
                 "errors": dict(sorted(i.stats.errors.items())),
+                **({"slaves": {
+                    name: {"readings": sl.readings, "errors": dict(sorted(sl.errors.items()))}
+                    for name, sl in i.stats.slaves.items()
+                }} if i.stats.slaves else {}),
             }
             for i in gw.inputs
         },
@@ -171,6 +176,14 @@ def metrics_text(gw: Gateway) -> str:
     )
     errors = [({"input": n, "kind": k}, c) for n, s in ins.items() for k, c in s["errors"].items()]
     metric("serial_errors_total", "counter", "Frame errors by kind.", errors)
+    slaves = [(n, sn, sl) for n, s in ins.items() for sn, sl in s.get("slaves", {}).items()]
+    metric("modbus_slave_readings_total", "counter",
+           "Readings from one Modbus slave of a port with several.",
+           [({"input": n, "slave": sn}, sl["readings"]) for n, sn, sl in slaves])
+    metric("modbus_slave_errors_total", "counter",
+           "Errors of one Modbus slave of a port with several, by kind.",
+           [({"input": n, "slave": sn, "kind": k}, c)
+            for n, sn, sl in slaves for k, c in sl["errors"].items()])
     nodes = st["nodes"]
     metric(
         "node_batches_accepted_total",

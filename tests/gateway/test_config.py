@@ -59,7 +59,7 @@ def test_good_config_loads(tmp_path: Path) -> None:
     assert cfg.store_path == tmp_path / "buffer.sqlite"
     assert cfg.budget_bytes == 1_000_000
     assert [s.protocol for s in cfg.serial] == ["sds011", "modbus"]
-    assert cfg.serial[1].registers[0].signed and cfg.serial[1].unit == 3
+    assert cfg.serial[1].registers[0].type == "s16" and cfg.serial[1].unit == 3  # signed = true
     assert cfg.nodes[0].public_key == tmp_path / "node.pem"
     assert cfg.broker is None and cfg.metrics_port == 9108
 

@@ -10,9 +10,9 @@ from cityedge_gateway.modbus import ModbusPoller, Register
 from cityedge_gateway.readings import FrameError, Reading
 
 REGS = [
-    Register("temp", 0, "Cel", signed=True, scale=0.1),
+    Register("temp", 0, "Cel", type="s16", scale=0.1),
     Register("rh", 1, "%RH", scale=0.1),
-    Register("count", 3, "1", words=2),
+    Register("count", 3, "1", type="u32"),
 ]
 
 
@@ -24,7 +24,7 @@ def test_crc_check_value_and_known_request() -> None:
 
 def test_response_decodes_registers() -> None:
     p = ModbusPoller("env", 7, REGS)
-    assert p.count == 5
+    assert [(b.function, b.start, b.count) for b in p.blocks] == [(3, 0, 5)]
     assert p.request(0.0) == modbus.read_holding_request(7, 0, 5)
     resp = modbus.read_holding_response(7, [(-52) & 0xFFFF, 613, 0, 1, 2])
     events = p.feed(resp, 0.1)

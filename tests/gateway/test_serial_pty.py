@@ -83,7 +83,7 @@ def test_sds011_over_pty_with_corruption_and_unplugged_cable(tmp_path: Path) -> 
 
 
 def test_modbus_over_pty_polls_a_simulated_slave(tmp_path: Path) -> None:
-    regs = [Register("temp", 10, "Cel", signed=True, scale=0.1), Register("rh", 11, "%RH")]
+    regs = [Register("temp", 10, "Cel", type="s16", scale=0.1), Register("rh", 11, "%RH")]
     answers = [
         modbus.read_holding_response(5, [(-15) & 0xFFFF, 40]),
         modbus.exception_response(5, 6),  # busy
@@ -110,7 +110,7 @@ def test_modbus_over_pty_polls_a_simulated_slave(tmp_path: Path) -> None:
 
     async def scenario() -> SerialInput:
         inp = SerialInput(cfg, lambda rs, t: got.extend((r.name, round(r.value, 3)) for r in rs))
-        inp.modbus.timeout_s = 0.2  # type: ignore[union-attr]
+        inp.pollers[0].timeout_s = 0.2
         task = asyncio.create_task(inp.run())
         await _until(lambda: len(got) == 4, timeout=10)
         task.cancel()
