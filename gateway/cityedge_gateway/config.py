@@ -13,7 +13,7 @@ per mistake: the key path, what is wrong, and what to do. The layout (see
     [metrics]   port (127.0.0.1 only)
     [update]    root, trial_deadline_s, trial_max_starts (the update installer: ``ota_*``)
     [[serial]]  name, port, protocol = "sds011" | "modbus", baud, parity,
-                modbus only: poll_interval_s, max_registers, and either one slave
+                modbus only: poll_interval_s, timeout_s, max_registers, and either one slave
                 (unit, [[serial.registers]]) or several ([[serial.slaves]]: name, unit,
                 max_registers, registers); a register: name, address, unit, table,
                 type, order, scale, offset (words/signed: the older spelling of type)
@@ -83,6 +83,7 @@ class SerialConfig:
     slaves: tuple[SlaveConfig, ...] = ()  # several slaves on the bus
     parity: str = "none"
     max_registers: int = limits.MODBUS_MAX_REGISTERS
+    timeout_s: float = limits.MODBUS_RESPONSE_TIMEOUT_S  # an answer's wait, besides the wire
 
     def modbus_slaves(self) -> tuple[SlaveConfig, ...]:
         """The slaves polled on this port, in turn (one for the single-slave form)."""
@@ -353,7 +354,8 @@ def _slaves(c: _Checker, where: str, items: Any, max_registers: int
 
 
 _PARITIES = ("none", "even", "odd")
-_MODBUS_ONLY = ("unit", "registers", "slaves", "max_registers", "poll_interval_s")
+_MODBUS_ONLY = ("unit", "registers", "slaves", "max_registers", "poll_interval_s",
+                "timeout_s")
 
 
 def _serial(c: _Checker, items: Any) -> tuple[SerialConfig, ...]:
@@ -395,19 +397,22 @@ def _serial(c: _Checker, items: Any) -> tuple[SerialConfig, ...]:
             max_registers = _max_registers(c, w, s, limits.MODBUS_MAX_REGISTERS)
             poll = float(
                 c.number(w, s, "poll_interval_s", 10.0, limits.MODBUS_POLL_MIN_S, 86400, "s"))
+            lo, hi = limits.MODBUS_TIMEOUT_RANGE_S
+            timeout = float(c.number(w, s, "timeout_s", limits.MODBUS_RESPONSE_TIMEOUT_S,
+                                     lo, hi, "s"))
             if "slaves" in s:
                 if "unit" in s or "registers" in s:
                     c.bad(w, "give either unit + registers (one slave) or [[serial.slaves]] "
                           "(several), not both")
                 cfg = SerialConfig(
                     name=name, port=cfg.port, protocol=protocol, baud=baud, parity=parity,
-                    poll_interval_s=poll, max_registers=max_registers,
+                    poll_interval_s=poll, max_registers=max_registers, timeout_s=timeout,
                     slaves=_slaves(c, w + ".slaves", s["slaves"], max_registers),
                 )
             else:
                 cfg = SerialConfig(
                     name=name, port=cfg.port, protocol=protocol, baud=baud, parity=parity,
-                    poll_interval_s=poll, max_registers=max_registers,
+                    poll_interval_s=poll, max_registers=max_registers, timeout_s=timeout,
                     unit=c.number(w, s, "unit", None, 1, 247, "slave address", True),
                     registers=_registers(c, w + ".registers", s.get("registers")),
                 )

@@ -4,10 +4,12 @@
 Sans-IO: ``ModbusPoller.request(now, block)`` returns the bytes to write;
 ``feed(data, now)`` returns events for the bytes read back; ``check_timeout(now)``
 reports a slave that did not answer within ``timeout_s`` (default
-``limits.MODBUS_RESPONSE_TIMEOUT_S``). Frames (Modbus over Serial Line V1.02, §2.5.1):
-address, function, data, CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF, sent low byte
-first). Several slaves share a port by taking turns: ``serial_input`` holds one poller per
-slave and keeps one request outstanding on the bus at a time (RTU is half-duplex).
+``limits.MODBUS_RESPONSE_TIMEOUT_S``) plus the time the request and the longest answer
+take on the wire (``char_s`` per character: 255 bytes take 1.2 s at 2400 baud). Frames
+(Modbus over Serial Line V1.02, §2.5.1): address, function, data, CRC-16/MODBUS (poly
+0xA001 reflected, init 0xFFFF, sent low byte first). Several slaves share a port by
+taking turns: ``serial_input`` holds one poller per slave and keeps one request
+outstanding on the bus at a time (RTU is half-duplex).
 
 A poller reads its registers in blocks (``plan_blocks``): one request per table in use
 (holding, input), split further only where a block would pass ``max_registers``. A
@@ -224,6 +226,7 @@ class ModbusPoller:
         registers: list[Register],
         timeout_s: float = limits.MODBUS_RESPONSE_TIMEOUT_S,
         max_registers: int = limits.MODBUS_MAX_REGISTERS,
+        char_s: float = 0.0,
     ) -> None:
         if not registers:
             raise ValueError("a Modbus poller needs at least one register")
@@ -233,6 +236,8 @@ class ModbusPoller:
         self.blocks = plan_blocks(registers, max_registers)
         self.requests = [read_request(unit, b.function, b.start, b.count) for b in self.blocks]
         self.timeout_s = timeout_s
+        self.char_s = char_s  # seconds per character on the wire (11 bits / baud)
+        self._deadline = 0.0
         self._buf = bytearray()
         self._block = self.blocks[0]
         self._sent_at: float | None = None
@@ -245,17 +250,19 @@ class ModbusPoller:
     @property
     def deadline(self) -> float:
         """When the pending request times out (monotonic seconds)."""
-        return (self._sent_at or 0.0) + self.timeout_s
+        return self._deadline
 
     def request(self, now: float, block: int = 0) -> bytes:
         """Bytes to write to ask for ``blocks[block]``; forgets an unanswered request."""
         self._block = self.blocks[block]
         self._sent_at = now
+        wire = 8 + 5 + 2 * self._block.count  # request + longest answer, in characters
+        self._deadline = now + self.timeout_s + wire * self.char_s
         self._buf.clear()
         return self.requests[block]
 
     def check_timeout(self, now: float) -> list[Event]:
-        if self._sent_at is None or now - self._sent_at < self.timeout_s:
+        if self._sent_at is None or now < self._deadline:
             return []
         self._sent_at = None
         n = len(self._buf)

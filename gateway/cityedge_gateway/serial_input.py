@@ -84,8 +84,8 @@ class SerialInput:
         if cfg.protocol == "modbus":
             for sl in cfg.modbus_slaves():
                 prefix = cfg.name + "/" + sl.name if sl.name else cfg.name
-                p = ModbusPoller(prefix, sl.unit, list(sl.registers),
-                                 max_registers=sl.max_registers)
+                p = ModbusPoller(prefix, sl.unit, list(sl.registers), cfg.timeout_s,
+                                 sl.max_registers, char_s=11 / cfg.baud)
                 self.pollers.append(p)
                 if sl.name:
                     self._slave_names[id(p)] = sl.name
