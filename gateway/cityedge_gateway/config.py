@@ -12,8 +12,11 @@ per mistake: the key path, what is wrong, and what to do. The layout (see
     [node_link] the same keys, for the site's local broker the nodes publish to
     [metrics]   port (127.0.0.1 only)
     [update]    root, trial_deadline_s, trial_max_starts (the update installer: ``ota_*``)
-    [[serial]]  name, port, protocol = "sds011" | "modbus", baud,
-                modbus only: unit, poll_interval_s, [[serial.registers]]
+    [[serial]]  name, port, protocol = "sds011" | "modbus", baud, parity,
+                modbus only: poll_interval_s, timeout_s, max_registers, and either one slave
+                (unit, [[serial.registers]]) or several ([[serial.slaves]]: name, unit,
+                max_registers, registers); a register: name, address, unit, table,
+                type, order, scale, offset (words/signed: the older spelling of type)
     [[nodes]]   device, public_key (PEM file of the node's ES256 key)
 
 Relative file paths are resolved against the config file's directory.
@@ -39,7 +42,7 @@ from cityedge_host.errors import UserError
 
 from . import limits
 from .key_slots import CURRENT
-from .modbus import Register
+from .modbus import ORDERS, TABLES, TYPES, Register
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -57,14 +60,38 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
+class SlaveConfig:
+    """One Modbus slave on a port. Its readings are ``<port name>/<name>/<register>``;
+    the single-slave form (``unit`` and ``registers`` on the port) has no name and its
+    readings are ``<port name>/<register>``."""
+
+    name: str
+    unit: int
+    registers: tuple[Register, ...]
+    max_registers: int = limits.MODBUS_MAX_REGISTERS  # per request; split longer reads
+
+
+@dataclass(frozen=True)
 class SerialConfig:
     name: str
     port: str
     protocol: str
     baud: int
-    unit: int = 0
+    unit: int = 0  # the single-slave form
     poll_interval_s: float = 10.0
-    registers: tuple[Register, ...] = ()
+    registers: tuple[Register, ...] = ()  # the single-slave form
+    slaves: tuple[SlaveConfig, ...] = ()  # several slaves on the bus
+    parity: str = "none"
+    max_registers: int = limits.MODBUS_MAX_REGISTERS
+    timeout_s: float = limits.MODBUS_RESPONSE_TIMEOUT_S  # an answer's wait, besides the wire
+
+    def modbus_slaves(self) -> tuple[SlaveConfig, ...]:
+        """The slaves polled on this port, in turn (one for the single-slave form)."""
+        if self.slaves:
+            return self.slaves
+        if self.registers:
+            return (SlaveConfig("", self.unit, self.registers, self.max_registers),)
+        return ()
 
 
 @dataclass(frozen=True)
@@ -202,42 +229,133 @@ class _Checker:
         return dev
 
 
+_TYPE_NAMES = '"u16", "s16", "u32", "s32" or "f32"'
+
+
+def _register_type(c: _Checker, w: str, r: dict[str, Any]) -> tuple[str, str]:
+    """``type`` and ``order``; ``words``/``signed`` (the older keys) map to a type."""
+    if "type" in r:
+        type_ = r["type"]
+        if "words" in r or "signed" in r:
+            c.bad(w, 'type and words/signed both given; use type alone '
+                  '(words = 2, signed = true is type = "s32")')
+        if type_ not in TYPES:
+            c.bad(w + ".type", "%r is not a value type; use %s" % (type_, _TYPE_NAMES))
+            type_ = "u16"
+    else:
+        signed = r.get("signed", False)
+        if not isinstance(signed, bool):
+            c.bad(w + ".signed", "must be true or false")
+            signed = False
+        words = c.number(w, r, "words", 1, 1, 2, "registers", True)
+        type_ = ("s" if signed else "u") + ("16" if words == 1 else "32")
+    order = r.get("order", "ABCD")
+    if order not in ORDERS:
+        c.bad(w + ".order", '%r is not a byte order; use "ABCD" (big-endian), "CDAB" '
+              '(words swapped), "BADC" (bytes swapped) or "DCBA" (little-endian)' % (order,))
+        order = "ABCD"
+    elif "order" in r and TYPES[type_] == 1:
+        c.bad(w + ".order", "applies to the two-register types (u32, s32, f32) only; "
+              "remove it")
+        order = "ABCD"
+    return type_, order
+
+
 def _registers(c: _Checker, where: str, items: Any) -> tuple[Register, ...]:
     if not isinstance(items, list) or not items:
-        c.bad(where, "a modbus input needs at least one [[serial.registers]] entry")
+        c.bad(where, "a modbus slave needs at least one register (registers = [...])")
+        return ()
+    if len(items) > limits.MODBUS_VALUES_MAX:
+        c.bad(where, "%d registers; at most %d per slave" % (len(items), limits.MODBUS_VALUES_MAX))
         return ()
     out = []
+    names: set[str] = set()
     for i, r in enumerate(items):
         w = "%s[%d]" % (where, i)
         if not isinstance(r, dict):
             c.bad(w, "must be a table")
             continue
-        known = {"name", "address", "unit", "words", "signed", "scale", "offset"}
+        known = {"name", "address", "unit", "table", "type", "order", "words", "signed",
+                 "scale", "offset"}
         c.unknown(w, r, known)
         name = c.text(w, r, "name")
         if name and not set(name) <= _NAME_CHARS:
             c.bad(w + ".name", "use lowercase letters, digits, - and _ only")
-        signed = r.get("signed", False)
-        if not isinstance(signed, bool):
-            c.bad(w + ".signed", "must be true or false")
-            signed = False
+        if name in names:
+            c.bad(w + ".name", "%r is used twice; names must be unique per slave" % name)
+        names.add(name)
+        table = r.get("table", "holding")
+        if table not in TABLES:
+            c.bad(w + ".table", '%r is not a register table; use "holding" (function 3) or '
+                  '"input" (function 4)' % (table,))
+            table = "holding"
+        type_, order = _register_type(c, w, r)
+        address = c.number(w, r, "address", None, 0, 0xFFFF, "register number", True)
+        if address + TYPES[type_] - 1 > 0xFFFF:
+            c.bad(w + ".address", "a %s at %d runs past register 65535" % (type_, address))
+            address = 0
         out.append(
             Register(
                 name=name,
-                address=c.number(w, r, "address", None, 0, 0xFFFF, "register number", True),
+                address=address,
                 unit=c.text(w, r, "unit"),
-                words=c.number(w, r, "words", 1, 1, 2, "registers", True),
-                signed=signed,
+                type=type_,
+                order=order,
+                table=table,
                 scale=float(c.number(w, r, "scale", 1.0, -1e9, 1e9, "")),
                 offset=float(c.number(w, r, "offset", 0.0, -1e9, 1e9, "")),
             )
         )
-    if out:
-        span = max(r.address + r.words for r in out) - min(r.address for r in out)
-        if span > limits.MODBUS_MAX_REGISTERS:
-            c.bad(where, "registers span %d; one request reads at most %d" % (
-                span, limits.MODBUS_MAX_REGISTERS))  # fmt: skip
     return tuple(out)
+
+
+def _max_registers(c: _Checker, w: str, tbl: dict[str, Any], default: int) -> int:
+    n: int = c.number(w, tbl, "max_registers", default, 2, limits.MODBUS_MAX_REGISTERS,
+                      "registers per request", True)
+    return n
+
+
+def _slaves(c: _Checker, where: str, items: Any, max_registers: int
+            ) -> tuple[SlaveConfig, ...]:
+    if not isinstance(items, list) or not items:
+        c.bad(where, "must be a non-empty array of tables [[serial.slaves]]")
+        return ()
+    if len(items) > limits.MODBUS_SLAVES_MAX:
+        c.bad(where, "%d slaves; at most %d on one port" % (len(items), limits.MODBUS_SLAVES_MAX))
+        return ()
+    out = []
+    names: dict[str, int] = {}
+    units: dict[int, int] = {}
+    for i, sl in enumerate(items):
+        w = "%s[%d]" % (where, i)
+        if not isinstance(sl, dict):
+            c.bad(w, "must be a table")
+            continue
+        c.unknown(w, sl, {"name", "unit", "max_registers", "registers"})
+        name = c.text(w, sl, "name")
+        if name and not set(name) <= _NAME_CHARS:
+            c.bad(w + ".name", "%r: use lowercase letters, digits, - and _ only" % name)
+        elif name in names:
+            c.bad(w + ".name", "%r is used by %s[%d]; names must be unique on a port"
+                  % (name, where, names[name]))
+        names.setdefault(name, i)
+        unit = c.number(w, sl, "unit", None, 1, 247, "slave address", True)
+        if "unit" in sl and unit in units:
+            c.bad(w + ".unit", "%d is the address of %s[%d]; each slave on a bus needs its own"
+                  % (unit, where, units[unit]))
+        units.setdefault(unit, i)
+        out.append(SlaveConfig(
+            name=name,
+            unit=unit,
+            registers=_registers(c, w + ".registers", sl.get("registers")),
+            max_registers=_max_registers(c, w, sl, max_registers),
+        ))
+    return tuple(out)
+
+
+_PARITIES = ("none", "even", "odd")
+_MODBUS_ONLY = ("unit", "registers", "slaves", "max_registers", "poll_interval_s",
+                "timeout_s")
 
 
 def _serial(c: _Checker, items: Any) -> tuple[SerialConfig, ...]:
@@ -253,7 +371,7 @@ def _serial(c: _Checker, items: Any) -> tuple[SerialConfig, ...]:
         if not isinstance(s, dict):
             c.bad(w, "must be a table")
             continue
-        known = {"name", "port", "protocol", "baud", "unit", "poll_interval_s", "registers"}
+        known = {"name", "port", "protocol", "baud", "parity", *_MODBUS_ONLY}
         c.unknown(w, s, known)
         name = c.text(w, s, "name")
         if name and not set(name) <= _NAME_CHARS:
@@ -268,21 +386,39 @@ def _serial(c: _Checker, items: Any) -> tuple[SerialConfig, ...]:
         if baud not in limits.BAUD_RATES:
             rates = ", ".join(str(b) for b in limits.BAUD_RATES)
             c.bad(w + ".baud", "%r is not a standard rate; use one of %s" % (baud, rates))
-        cfg = SerialConfig(name=name, port=c.text(w, s, "port"), protocol=protocol, baud=baud)
+        parity = s.get("parity", "none")
+        if parity not in _PARITIES:
+            c.bad(w + ".parity", '%r is not a parity; use "none", "even" (the Modbus '
+                  'default) or "odd"' % (parity,))
+            parity = "none"
+        cfg = SerialConfig(name=name, port=c.text(w, s, "port"), protocol=protocol, baud=baud,
+                           parity=parity)
         if protocol == "modbus":
-            cfg = SerialConfig(
-                name=cfg.name,
-                port=cfg.port,
-                protocol=protocol,
-                baud=baud,
-                unit=c.number(w, s, "unit", None, 1, 247, "slave address", True),
-                poll_interval_s=float(
-                    c.number(w, s, "poll_interval_s", 10.0, limits.MODBUS_POLL_MIN_S, 86400, "s")
-                ),
-                registers=_registers(c, w + ".registers", s.get("registers")),
-            )
-        elif "registers" in s or "unit" in s:
-            c.bad(w, 'unit and registers apply to protocol = "modbus" only; remove them')
+            max_registers = _max_registers(c, w, s, limits.MODBUS_MAX_REGISTERS)
+            poll = float(
+                c.number(w, s, "poll_interval_s", 10.0, limits.MODBUS_POLL_MIN_S, 86400, "s"))
+            lo, hi = limits.MODBUS_TIMEOUT_RANGE_S
+            timeout = float(c.number(w, s, "timeout_s", limits.MODBUS_RESPONSE_TIMEOUT_S,
+                                     lo, hi, "s"))
+            if "slaves" in s:
+                if "unit" in s or "registers" in s:
+                    c.bad(w, "give either unit + registers (one slave) or [[serial.slaves]] "
+                          "(several), not both")
+                cfg = SerialConfig(
+                    name=name, port=cfg.port, protocol=protocol, baud=baud, parity=parity,
+                    poll_interval_s=poll, max_registers=max_registers, timeout_s=timeout,
+                    slaves=_slaves(c, w + ".slaves", s["slaves"], max_registers),
+                )
+            else:
+                cfg = SerialConfig(
+                    name=name, port=cfg.port, protocol=protocol, baud=baud, parity=parity,
+                    poll_interval_s=poll, max_registers=max_registers, timeout_s=timeout,
+                    unit=c.number(w, s, "unit", None, 1, 247, "slave address", True),
+                    registers=_registers(c, w + ".registers", s.get("registers")),
+                )
+        elif any(k in s for k in _MODBUS_ONLY):
+            c.bad(w, '%s apply to protocol = "modbus" only; remove them'
+                  % ", ".join(k for k in _MODBUS_ONLY if k in s))
         out.append(cfg)
     return tuple(out)
 

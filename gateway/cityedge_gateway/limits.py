@@ -15,9 +15,13 @@ SERIAL_REOPEN_MAX_S = 30.0  # seconds: longest wait between reopen attempts
 BAUD_RATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)  # accepted bauds
 
 # Modbus RTU (master side)
-MODBUS_RESPONSE_TIMEOUT_S = 1.0  # seconds: a slave's answer must arrive within this
-MODBUS_MAX_REGISTERS = 125  # registers per read-holding-registers request (spec limit)
+MODBUS_RESPONSE_TIMEOUT_S = 1.0  # seconds: a slave's answer must start within this
+# (the request's and the answer's time on the wire at the port's baud come on top)
+MODBUS_TIMEOUT_RANGE_S = (0.05, 10.0)  # seconds: timeout_s accepted in config
+MODBUS_MAX_REGISTERS = 125  # registers per read request, function 3 or 4 (spec limit)
 MODBUS_POLL_MIN_S = 0.1  # seconds: shortest poll interval allowed in config
+MODBUS_SLAVES_MAX = 32  # slaves on one port (RS-485: 32 unit loads without a repeater)
+MODBUS_VALUES_MAX = 64  # register entries (values) per slave
 
 # Batching own readings
 BATCH_READINGS_DEFAULT = 50  # readings per signed batch

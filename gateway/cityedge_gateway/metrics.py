@@ -91,6 +91,14 @@ def metric_rows(gw: Gateway) -> list[Row]:
     )
     errors = [({"input": n, "kind": k}, c) for n, s in ins.items() for k, c in s["errors"].items()]
     metric("serial_errors_total", "counter", "Frame errors by kind.", errors)
+    slaves = [(n, sn, sl) for n, s in ins.items() for sn, sl in s.get("slaves", {}).items()]
+    metric("modbus_slave_readings_total", "counter",
+           "Readings from one Modbus slave of a port with several.",
+           [({"input": n, "slave": sn}, sl["readings"]) for n, sn, sl in slaves])
+    metric("modbus_slave_errors_total", "counter",
+           "Errors of one Modbus slave of a port with several, by kind.",
+           [({"input": n, "slave": sn, "kind": k}, c)
+            for n, sn, sl in slaves for k, c in sl["errors"].items()])
     nodes = st["nodes"]
     metric(
         "node_batches_accepted_total",

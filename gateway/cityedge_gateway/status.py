@@ -1,6 +1,7 @@
 """The gateway's health, two ways: a signed status message and Prometheus metrics.
 
-``status_map`` gathers buffer depth and oldest age, drops, per-input error counts,
+``status_map`` gathers buffer depth and oldest age, drops, per-input error counts (and
+per Modbus slave where a port has several),
 per-node verification failures, the supervised tasks' restarts, the fleet commands
 answered and the key in use (kid, key slot) into one CBOR map;
 ``sign_status`` wraps it in COSE_Sign1 with the gateway's key (published on
@@ -42,6 +43,10 @@ def status_map(gw: Gateway, now: float | None = None) -> dict[str, Any]:
                 "readings": i.stats.readings,
                 "disconnects": i.stats.disconnects,
                 "errors": dict(sorted(i.stats.errors.items())),
+                **({"slaves": {
+                    name: {"readings": sl.readings, "errors": dict(sorted(sl.errors.items()))}
+                    for name, sl in i.stats.slaves.items()
+                }} if i.stats.slaves else {}),
             }
             for i in gw.inputs
         },

@@ -59,7 +59,7 @@ def test_good_config_loads(tmp_path: Path) -> None:
     assert cfg.store_path == tmp_path / "buffer.sqlite"
     assert cfg.budget_bytes == 1_000_000
     assert [s.protocol for s in cfg.serial] == ["sds011", "modbus"]
-    assert cfg.serial[1].registers[0].signed and cfg.serial[1].unit == 3
+    assert cfg.serial[1].registers[0].type == "s16" and cfg.serial[1].unit == 3  # signed = true
     assert cfg.nodes[0].public_key == tmp_path / "node.pem"
     assert cfg.broker is None and cfg.metrics_port == 9108
 
@@ -182,3 +182,122 @@ def test_identity_dir_takes_the_broker_files_as_the_initial_identity(tmp_path: P
         load_config(_write(tmp_path, GOOD.replace('key_file = "gw.key"\n',
                                                   'identity_dir = "identity"\n')))
     assert "gateway.identity_dir: needs [broker]" in str(e.value)
+
+
+BUS = """
+[[serial]]
+name = "bus"
+port = "/dev/ttyUSB2"
+protocol = "modbus"
+baud = 2400
+parity = "even"
+timeout_s = 0.5
+poll_interval_s = 30
+
+[[serial.slaves]]
+name = "meter"
+unit = 1
+max_registers = 40
+registers = [
+  { name = "voltage", address = 0, unit = "V", table = "input", type = "f32" },
+  { name = "energy", address = 0x48, unit = "kWh", table = "input", type = "f32", order = "ABCD" },
+]
+
+[[serial.slaves]]
+name = "env"
+unit = 2
+registers = [
+  { name = "temp", address = 0, unit = "Cel", type = "s16", scale = 0.1 },
+  { name = "count", address = 4, unit = "1", type = "u32", order = "CDAB" },
+  { name = "legacy", address = 6, unit = "1", words = 2, signed = true },
+]
+"""
+
+
+def test_several_slaves_on_one_port_load(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, GOOD + BUS))
+    bus = cfg.serial[2]
+    assert (bus.baud, bus.parity, bus.timeout_s, bus.poll_interval_s) == (2400, "even", 0.5, 30)
+    meter, env = bus.modbus_slaves()
+    assert (meter.name, meter.unit, meter.max_registers) == ("meter", 1, 40)
+    assert [(r.name, r.table, r.type, r.order) for r in meter.registers] == [
+        ("voltage", "input", "f32", "ABCD"), ("energy", "input", "f32", "ABCD")]
+    assert (env.unit, env.max_registers) == (2, 125)
+    assert [(r.name, r.table, r.type, r.order) for r in env.registers] == [
+        ("temp", "holding", "s16", "ABCD"), ("count", "holding", "u32", "CDAB"),
+        ("legacy", "holding", "s32", "ABCD")]  # words = 2, signed = true: an s32
+    single = cfg.serial[1]  # the single-slave form: one slave without a name
+    [only] = single.modbus_slaves()
+    assert (only.name, only.unit, single.parity, single.timeout_s) == ("", 3, "none", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where", "what"),
+    [
+        ('parity = "even"', 'parity = "mark"', "serial[2].parity", '"none", "even"'),
+        ("timeout_s = 0.5", "timeout_s = 60", "serial[2].timeout_s", "out of range"),
+        ("max_registers = 40", "max_registers = 126", "serial[2].slaves[0].max_registers",
+         "out of range"),
+        ('table = "input", type = "f32" }', 'table = "coil", type = "f32" }',
+         "serial[2].slaves[0].registers[0].table", '"holding" (function 3) or "input"'),
+        ('type = "s16"', 'type = "i16"', "serial[2].slaves[1].registers[0].type",
+         '"u16", "s16", "u32", "s32" or "f32"'),
+        ('order = "CDAB"', 'order = "ACBD"', "serial[2].slaves[1].registers[1].order",
+         '"CDAB" (words swapped)'),
+        ('type = "s16",', 'type = "s16", order = "BADC",',
+         "serial[2].slaves[1].registers[0].order", "two-register types"),
+        ("words = 2, signed = true", 'words = 2, signed = true, type = "s32"',
+         "serial[2].slaves[1].registers[2]", "use type alone"),
+        ("words = 2, signed = true", "words = 3", "serial[2].slaves[1].registers[2].words",
+         "out of range"),
+        ('name = "count"', 'name = "temp"', "serial[2].slaves[1].registers[1].name",
+         "used twice"),
+        ("address = 4,", "address = 65535,", "serial[2].slaves[1].registers[1].address",
+         "past register 65535"),
+        ('name = "env"\nunit = 2', 'name = "meter"\nunit = 2', "serial[2].slaves[1].name",
+         "used by serial[2].slaves[0]"),
+        ('name = "env"\nunit = 2', 'name = "env"\nunit = 1', "serial[2].slaves[1].unit",
+         "address of serial[2].slaves[0]"),
+        ('name = "env"\nunit = 2', 'name = "Env"\nunit = 2', "serial[2].slaves[1].name",
+         "lowercase"),
+        ('name = "env"\nunit = 2', 'name = "env"\nunit = 2\naddr = 3',
+         "serial[2].slaves[1].addr", "unknown key"),
+        ("poll_interval_s = 30\n", "poll_interval_s = 30\nunit = 4\n", "serial[2]",
+         "not both"),
+    ],
+)
+def test_each_modbus_mistake_is_named(tmp_path: Path, old: str, new: str, where: str,
+                                      what: str) -> None:
+    text = GOOD + BUS
+    assert old in BUS
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text.replace(old, new, 1)))
+    assert len(e.value.problems) == 1, e.value.problems
+    assert e.value.problems[0].startswith(where + ":"), e.value.problems
+    assert what in e.value.problems[0]
+
+
+def test_slave_lists_are_bounded_and_modbus_keys_belong_to_modbus(tmp_path: Path) -> None:
+    head = BUS[: BUS.index("[[serial.slaves]]")]
+    slave = '[[serial.slaves]]\nname = "s%d"\nunit = %d\nregisters = [{ name = "x", ' \
+            'address = 0, unit = "1" }]\n'
+    many = head + "".join(slave % (i, i) for i in range(1, 34))
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, GOOD + many))
+    assert e.value.problems == ["serial[2].slaves: 33 slaves; at most 32 on one port"]
+    empty = head + "slaves = []\n"
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, GOOD + empty))
+    assert e.value.problems == ["serial[2].slaves: must be a non-empty array of tables "
+                                "[[serial.slaves]]"]
+    regs = ", ".join('{ name = "r%d", address = %d, unit = "1" }' % (i, i) for i in range(65))
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, GOOD + head + (slave % (1, 1)).replace(
+            'registers = [{ name = "x", address = 0, unit = "1" }]', "registers = [%s]" % regs)))
+    assert e.value.problems == ["serial[2].slaves[0].registers: 65 registers; at most 64 per "
+                                "slave"]
+    sds = GOOD.replace('protocol = "sds011"', 'protocol = "sds011"\nslaves = []\ntimeout_s = 1')
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, sds))
+    assert e.value.problems == ['serial[0]: slaves, timeout_s apply to protocol = "modbus" '
+                                "only; remove them"]

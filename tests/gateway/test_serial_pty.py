@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import tty
 from pathlib import Path
 
 from cityedge_gateway import modbus, sds011
@@ -15,24 +14,7 @@ from cityedge_gateway.modbus import Register
 from cityedge_gateway.readings import Reading
 from cityedge_gateway.serial_input import SerialInput
 
-
-class Pty:
-    """A pty pair; the gateway opens ``link`` (a symlink, like /dev/serial/by-id/...)."""
-
-    def __init__(self, link: Path) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        self.link = link
-        link.unlink(missing_ok=True)
-        link.symlink_to(os.ttyname(self.slave))
-
-    def write(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def unplug(self) -> None:
-        self.link.unlink(missing_ok=True)
-        os.close(self.master)
-        os.close(self.slave)
+from support.pty import Pty
 
 
 async def _until(cond: object, timeout: float = 5.0) -> None:
@@ -83,7 +65,7 @@ def test_sds011_over_pty_with_corruption_and_unplugged_cable(tmp_path: Path) -> 
 
 
 def test_modbus_over_pty_polls_a_simulated_slave(tmp_path: Path) -> None:
-    regs = [Register("temp", 10, "Cel", signed=True, scale=0.1), Register("rh", 11, "%RH")]
+    regs = [Register("temp", 10, "Cel", type="s16", scale=0.1), Register("rh", 11, "%RH")]
     answers = [
         modbus.read_holding_response(5, [(-15) & 0xFFFF, 40]),
         modbus.exception_response(5, 6),  # busy
@@ -110,7 +92,7 @@ def test_modbus_over_pty_polls_a_simulated_slave(tmp_path: Path) -> None:
 
     async def scenario() -> SerialInput:
         inp = SerialInput(cfg, lambda rs, t: got.extend((r.name, round(r.value, 3)) for r in rs))
-        inp.modbus.timeout_s = 0.2  # type: ignore[union-attr]
+        inp.pollers[0].timeout_s = 0.2
         task = asyncio.create_task(inp.run())
         await _until(lambda: len(got) == 4, timeout=10)
         task.cancel()
