@@ -10,9 +10,10 @@ STAMP := $(VENV)/.installed
 # Debian packages the real-component tests and the demo use. Installed only when missing.
 # PostgreSQL: the server binaries only; tests start their own throwaway cluster.
 # Chromium: headless, renders the hardware checker's HTML report in its tests.
-DEBS := mosquitto mosquitto-clients openssl postgresql chromium
+# SoftHSM2: the PKCS#11 token the CA's intermediate key custody is tested with.
+DEBS := mosquitto mosquitto-clients openssl postgresql chromium softhsm2
 system-deps:
-	@missing=""; for c in mosquitto mosquitto_sub openssl chromium; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=""; for c in mosquitto mosquitto_sub openssl chromium softhsm2-util; do command -v $$c >/dev/null || missing=1; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  echo "cityedge: installing Debian packages: $(DEBS)"; \

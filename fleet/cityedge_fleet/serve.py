@@ -18,6 +18,7 @@ from cityedge_fleet import campaign_runner, revocation
 from cityedge_fleet.app import create_app
 from cityedge_fleet.broker_sync import BrokerAccess, Reconciler
 from cityedge_fleet.ca import CaError, CertificateAuthority
+from cityedge_fleet.ca_custody import custody_of
 from cityedge_fleet.campaign_runner import CampaignRunner
 from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
@@ -33,7 +34,7 @@ def refresh_crl(settings: Settings) -> Callable[[Session], None]:
 
     def refresh(session: Session) -> None:
         try:
-            ca = CertificateAuthority(settings.ca_dir)
+            ca = CertificateAuthority(settings.ca_dir, custody_of(settings))
         except CaError as e:
             log.warning("CRL not refreshed: %s", e)
             return
