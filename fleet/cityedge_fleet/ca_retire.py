@@ -236,8 +236,9 @@ def _take_out(ca_dir: Path, inter: Intermediate) -> None:
     write_atomic(retired / (inter.id + ".crt"), _cert_pem(inter.cert), 0o644)
     remove(ca_dir / INTERMEDIATES_DIR / (inter.id + ".crt"))
     destroy_key(ca_dir / INTERMEDIATES_DIR / (inter.id + ".key"))
-    remove(ca_dir / INTERMEDIATES_DIR / (inter.id + TOKEN_SUFFIX))  # the token keeps
-    # its object: `softhsm2-util`/the token's own tool deletes it (docs/SECURITY_TEAM.md)
+    marker = ca_dir / INTERMEDIATES_DIR / (inter.id + TOKEN_SUFFIX)
+    if marker.exists():  # held in a token: the token keeps the object until its own tool
+        remove(marker)  # deletes it (docs/SECURITY_TEAM.md)
 
 
 def _orphan_keys(ca_dir: Path) -> list[Path]:

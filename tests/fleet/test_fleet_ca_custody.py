@@ -455,3 +455,48 @@ def test_ca_init_makes_the_intermediate_inside_the_token(tmp_path: Path,
     other = hsm.take()
     with pytest.raises(CaError, match="holds 0 private keys"):
         CertificateAuthority(ca_dir, Custody(token=other.config))
+
+
+def test_encrypt_keys_encrypts_a_ca_made_in_clear_and_production_then_accepts_it(
+        tmp_path: Path) -> None:
+    """`ca encrypt-keys` on a CA `ca init` wrote in clear (the intermediates after a
+    rollover, then the root with its own passphrase): the files become encrypted, the
+    scalars are gone from the directories, the same keys sign, and a second run leaves
+    them alone."""
+    root, ca_dir = tmp_path / "root", tmp_path / "ca"
+    init_ca(root, ca_dir)
+    from cityedge_fleet.ca_rollover import rollover
+
+    rollover(root, ca_dir)
+    before = CertificateAuthority(ca_dir)
+    root_key = serialization.load_pem_private_key((root / "root.key").read_bytes(), None)
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    scalars = [i.key.private_numbers().private_value for i in before.intermediates]
+    scalars.append(root_key.private_numbers().private_value)
+    ca_pw = secret_file(tmp_path / "ca.pass", "intermediates\n")
+    root_pw = secret_file(tmp_path / "root.pass", "root\n")
+    r = cli(["ca", "encrypt-keys", "--ca-dir", str(ca_dir), "--password-file", str(ca_pw)],
+            {}, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("encrypted 2 key file(s)")
+    r = cli(["ca", "encrypt-keys", "--root-dir", str(root), "--password-file", str(root_pw)],
+            {}, tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("encrypted 1 key file(s)"), r.stderr
+    assert_no_key_in_clear([root, ca_dir], scalars)
+    again = cli(["ca", "encrypt-keys", "--ca-dir", str(ca_dir), "--password-file",
+                 str(ca_pw)], {}, tmp_path)
+    assert again.stdout.startswith("encrypted 0 key file(s)"), again.stderr
+    production = custody_of(_production(tmp_path, ca_dir, ca_password_file=ca_pw))
+    after = CertificateAuthority(ca_dir, production)
+    assert [i.id for i in after.intermediates] == [i.id for i in before.intermediates]
+    assert [i.key.private_numbers().private_value for i in after.intermediates] == \
+        scalars[:2]
+    # the encrypted root still signs (a command-key statement), opened with its own file
+    from cityedge_fleet import command_key_rotation as ckr
+    from cityedge_host.crypto import EcSigner, public_sec1
+
+    point = public_sec1(EcSigner.generate().public_key)
+    with pytest.raises(ckr.CommandKeyRotationError, match="is encrypted: give its "
+                       "passphrase file"):
+        ckr.announce(root, point)
+    assert ckr.announce(root, point, root_password_file=root_pw).version == 1
