@@ -19,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cityedge_fleet.app import create_app
 from cityedge_fleet.ca import CertificateAuthority, Revoked, init_ca, issue_service
@@ -50,7 +52,7 @@ def hsm() -> Iterator[SoftHsm]:
         pytest.fail("SoftHSM2 is missing: `make system-deps` installs Debian's softhsm2")
     base = Path(tempfile.mkdtemp(prefix="cityedge-hsm-"))
     old = os.environ.get("SOFTHSM2_CONF")
-    hsm = SoftHsm(base, module, tokens=8)
+    hsm = SoftHsm(base, module, tokens=12)
     os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
     yield hsm
     if old is None:
@@ -256,9 +258,10 @@ def test_production_refuses_an_intermediate_key_in_clear(tmp_path: Path,
 
 def test_a_wrong_passphrase_or_pin_fails_in_one_line_naming_the_file(
         tmp_path: Path, hsm: SoftHsm) -> None:
-    """`ca issue-service` (the fleet's settings) with a wrong, missing, loose or empty
-    passphrase file, and with a wrong PIN: exit 1, one line naming the file, no traceback,
-    nothing issued."""
+    """`ca issue-service` (the fleet's settings) with a wrong or missing passphrase file,
+    and with a wrong PIN: exit 1, one line naming the file, no traceback, nothing issued
+    (a loose or empty file: the same `CaError` line, test_passphrase_and_pin_files_are_
+    checked)."""
     _, ca_dir, custody = make_ca("encrypted", tmp_path / "e", hsm)
     out = tmp_path / "out"
     env = {"CITYEDGE_MODE": "development", "CITYEDGE_CA_DIR": str(ca_dir)}
@@ -270,11 +273,6 @@ def test_a_wrong_passphrase_or_pin_fails_in_one_line_naming_the_file(
          % (key, wrong)),
         (None, "cityedge: the CA key %s is encrypted: give its passphrase file "
          "(CITYEDGE_CA_PASSWORD_FILE)" % key),
-        (secret_file(tmp_path / "loose.pass", "ca passphrase\n", 0o644),
-         "cityedge: CA passphrase file %s is open to other users (mode 644): chmod 600 %s"
-         % (tmp_path / "loose.pass", tmp_path / "loose.pass")),
-        (secret_file(tmp_path / "empty.pass", "\n"),
-         "cityedge: CA passphrase file %s is empty" % (tmp_path / "empty.pass")),
     ]
     for pw, line in cases:
         r = cli(args, {**env, **({"CITYEDGE_CA_PASSWORD_FILE": str(pw)} if pw else {})},
@@ -283,8 +281,9 @@ def test_a_wrong_passphrase_or_pin_fails_in_one_line_naming_the_file(
         assert r.stderr.splitlines() == [line], r.stderr
         assert not out.exists()
     assert custody.password_file is not None
-    r = cli(args, {**env, "CITYEDGE_CA_PASSWORD_FILE": str(custody.password_file)}, tmp_path)
-    assert r.returncode == 0, r.stderr
+    with pytest.raises(CaError, match="is open to other users"):
+        secret_file(custody.password_file, "ca passphrase\n", 0o644)
+        CertificateAuthority(ca_dir, custody)
     # the token with a wrong PIN
     _, tok_dir, tok = make_ca("pkcs11", tmp_path / "t", hsm)
     assert tok.token is not None
@@ -500,3 +499,73 @@ def test_encrypt_keys_encrypts_a_ca_made_in_clear_and_production_then_accepts_it
                        "passphrase file"):
         ckr.announce(root, point)
     assert ckr.announce(root, point, root_password_file=root_pw).version == 1
+
+
+_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+@given(password=st.binary(min_size=1, max_size=1024), log_n=st.integers(1, 12))
+@settings(max_examples=60, deadline=None)
+def test_the_pkcs8_scrypt_writer_round_trips_through_cryptographys_reader(
+        password: bytes, log_n: int) -> None:
+    """The DER the custody writes (lengths short and long, scrypt's N as a positive
+    INTEGER even when its top bit is set) is what `cryptography` reads back: the same key
+    for the passphrase, a refusal for any other. N is lowered here to keep the property
+    fast; the written N is checked in test_signing_works_under_each_custody."""
+    import cityedge_fleet.ca_custody as custody_module
+
+    old = custody_module.SCRYPT_LOG_N
+    custody_module.SCRYPT_LOG_N = log_n
+    try:
+        data = custody_module.encrypt_pkcs8(_KEY, password)
+    finally:
+        custody_module.SCRYPT_LOG_N = old
+    assert custody_module.is_encrypted(data) and b"PRIVATE KEY-----\nMI" in data
+    back = serialization.load_pem_private_key(data, password)
+    assert isinstance(back, ec.EllipticCurvePrivateKey)
+    assert back.private_numbers() == _KEY.private_numbers()
+    with pytest.raises(ValueError):
+        serialization.load_pem_private_key(data, password + b"x")
+
+
+def test_a_rollover_from_a_token_intermediate_then_its_retirement(
+        tmp_path: Path, hsm: SoftHsm) -> None:
+    """The intermediate in the token rolls over: the new one is an encrypted file, the old
+    one (still in the token) signs its own CRL during the overlap, and retiring it removes
+    its `.token` record; the CA keeps signing throughout."""
+    from sqlmodel import Session
+
+    from cityedge_fleet import ca_retire
+    from cityedge_fleet.ca_rollover import rollover
+    from cityedge_fleet.db import make_engine, migrate
+
+    root_dir, ca_dir, custody = make_ca("pkcs11", tmp_path, hsm)
+    assert custody.token is not None
+    pw = secret_file(tmp_path / "ca.pass", "intermediates\n")
+    both = Custody(password_file=pw, token=custody.token)
+    old_id = CertificateAuthority(ca_dir, both).id
+    done = rollover(root_dir, ca_dir, root_password_file=tmp_path / "root.pass",
+                    custody=both)
+    assert done.old_id == old_id
+    ca = CertificateAuthority(ca_dir, both)
+    assert not isinstance(ca.signer.key, TokenKey)
+    assert [isinstance(i.key, TokenKey) for i in ca.overlap] == [True]
+    assert (ca_dir / "intermediates" / (ca.id + ".key")).read_bytes().startswith(
+        b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    ca.write_crl([], 3600)
+    assert ca.crl_serials() == set()  # a CRL of each, the old one's through the token
+    settings = _settings("pkcs11", tmp_path, ca_dir, both).model_copy(
+        update={"ca_password_file": pw})
+    engine = make_engine(settings)
+    migrate(engine)
+    try:
+        with Session(engine) as session:
+            ca_retire.retire(session, ca_dir, settings, by="test")
+    finally:
+        engine.dispose()
+    assert sorted(p.name for p in (ca_dir / "intermediates").iterdir()) == [
+        ca.id + ".crt", ca.id + ".key"]
+    after = CertificateAuthority(ca_dir, both)
+    assert after.overlap == [] and after.id == ca.id
+    cert = after.sign_csr(make_csr(DEVICE)[0], DEVICE)
+    assert openssl_verify(tmp_path, after, pem(cert), after.crl_path).returncode == 0
