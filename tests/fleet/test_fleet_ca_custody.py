@@ -239,6 +239,10 @@ def test_production_refuses_an_intermediate_key_in_clear(tmp_path: Path,
     assert "is not encrypted: production refuses" in str(e.value)
     assert "CITYEDGE_CA_PASSWORD_FILE" in str(e.value)
     assert "CITYEDGE_CA_PKCS11_MODULE" in str(e.value)
+    from cityedge_fleet.serve import serve
+
+    with pytest.raises(ValueError, match="is not encrypted: production refuses"):
+        serve(_production(tmp_path, plain_dir), "127.0.0.1", 0)  # before it listens
     # a passphrase file does not make a clear key acceptable
     pw = secret_file(tmp_path / "pw", "a passphrase\n")
     with pytest.raises(CaError, match="is not encrypted"):
