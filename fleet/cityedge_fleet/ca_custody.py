@@ -251,7 +251,11 @@ class _TokenSession:
             raise CaError("PKCS#11 module %s cannot be loaded: %s"
                           % (config.module, type(e).__name__)) from e
         try:
-            self.session = token.open(user_pin=pin.decode(), rw=True)
+            user_pin = pin.decode()
+        except UnicodeDecodeError as e:
+            raise CaError("PKCS#11 PIN file %s is not UTF-8 text" % config.pin_file) from e
+        try:
+            self.session = token.open(user_pin=user_pin, rw=True)
         except pkcs11.exceptions.PinIncorrect as e:
             raise CaError("wrong PIN for PKCS#11 token %r (PIN from %s)"
                           % (config.token_label, config.pin_file)) from e
