@@ -12,9 +12,10 @@ STAMP := $(VENV)/.installed
 # Chromium: headless, renders the hardware checker's HTML report in its tests.
 # Prometheus: its promtool checks and unit-tests the alert rules in deploy/prometheus.
 # systemd (systemd-analyze) rates the units in deploy/systemd; Debian has it already.
-DEBS := mosquitto mosquitto-clients openssl postgresql chromium prometheus
+# SoftHSM2: the PKCS#11 token the CA's intermediate key custody is tested with.
+DEBS := mosquitto mosquitto-clients openssl postgresql chromium prometheus softhsm2
 system-deps:
-	@missing=""; for c in mosquitto mosquitto_sub openssl chromium promtool; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=""; for c in mosquitto mosquitto_sub openssl chromium promtool softhsm2-util; do command -v $$c >/dev/null || missing=1; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  echo "cityedge: installing Debian packages: $(DEBS)"; \

@@ -38,6 +38,7 @@ from rich.table import Table
 from cityedge import demo_rotation
 from cityedge_fleet import broker, broker_acl
 from cityedge_fleet.ca import CertificateAuthority, init_ca, issue_service
+from cityedge_fleet.ca_custody import Custody
 
 BIN = Path(sys.executable).parent
 DEVICES = (
@@ -131,9 +132,15 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
     procs = Processes(logs)
     try:
         con.print("[bold]1. security team[/bold]: CA, broker certificate, ingest certificate")
-        init_ca(work / "root-offline", work / "ca", name="cityedge demo")
+        # the intermediate's key encrypted at rest, its passphrase in a file of its own
+        # (CITYEDGE_CA_PASSWORD_FILE below), as production requires (ca_custody)
+        passphrase = work / "ca.pass"
+        passphrase.write_text(os.urandom(16).hex() + "\n")
+        passphrase.chmod(0o600)
+        custody = Custody(password_file=passphrase)
+        init_ca(work / "root-offline", work / "ca", name="cityedge demo", custody=custody)
         (work / "ca").chmod(0o711)  # the broker reads the CRL; the CA key stays 0600
-        ca = CertificateAuthority(work / "ca")
+        ca = CertificateAuthority(work / "ca", custody)
         ca.write_crl([], validity_s=7 * 86400)
         bundle = work / "ca-bundle.pem"
         bundle.write_text(ca.bundle_pem())
@@ -159,7 +166,7 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
         api_port = free_port()
         env = dict(os.environ, CITYEDGE_MODE="development",
                    CITYEDGE_DATABASE_URL="sqlite:///%s" % (work / "fleet.sqlite3"),
-                   CITYEDGE_CA_DIR=str(work / "ca"),
+                   CITYEDGE_CA_DIR=str(work / "ca"), CITYEDGE_CA_PASSWORD_FILE=str(passphrase),
                    CITYEDGE_BROKER_URL="mqtts://127.0.0.1:%d" % port,
                    CITYEDGE_BROKER_PID_FILE=str(work / "broker" / "pid"),
                    CITYEDGE_MQTT_PORT=str(port), CITYEDGE_MQTT_CA_FILE=str(bundle),

@@ -25,11 +25,16 @@ keyUsage digitalSignature (critical), extendedKeyUsage clientAuth, validity ``da
     intermediates/<id>.key    every intermediate in service: the signing one and, during
     intermediates/<id>.crt    a rollover's overlap, the previous one (which only signs its
                               CRL). A certificate without its key is not in service (a
-                              retirement cut short)
+                              retirement cut short). ``<id>.token`` in place of
+                              ``<id>.key``: the key is in the PKCS#11 token (``ca_custody``)
     crl.pem                   one CRL per intermediate in service (the broker's crlfile)
     broker-ca.pem             every intermediate in service + the root (the broker's cafile)
     retired/<id>.crt          intermediates taken out of service (their keys destroyed)
     intermediate.key/.crt     the first layout: the signer when ``current`` is absent
+
+**Key custody** (``ca_custody``): the key files may be encrypted with a passphrase (PKCS#8,
+PBES2-scrypt) and the intermediate may be held in a PKCS#11 token; the CA is given a
+``Custody`` (``ca_custody.custody_of(settings)`` for the fleet) that opens them.
 
 An intermediate's id is the first 8 bytes (hex) of its key identifier (RFC 5280
 §4.2.1.2 method 1, SHA-1 of the public key): the ``AuthorityKeyIdentifier`` of every
@@ -49,8 +54,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cityedge_core.errors import LocalError, PeerError
+from cityedge_core.errors import PeerError
+from cityedge_fleet.ca_custody import (
+    DEVELOPMENT,
+    TOKEN_SUFFIX,
+    CaError,
+    Custody,
+    TokenConfig,
+    generate_in_token,
+    key_pem,
+)
 from cityedge_host.files import write_atomic
+
+__all__ = ["CaError", "CertificateAuthority", "CsrError", "Custody", "init_ca"]
 
 ROOT_KEY = "root.key"
 ROOT_CERT = "root.crt"
@@ -75,10 +91,6 @@ class CsrError(PeerError):
     """The CSR a device sent is malformed or does not match what it is enrolled as."""
 
 
-class CaError(LocalError):
-    """The CA's own files are missing, unreadable or inconsistent."""
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -90,9 +102,9 @@ def _name(cn: str) -> x509.Name:
     ])
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+def _key_pem(key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> bytes:
+    """A key file's contents: encrypted when ``password`` is given (``ca_custody``)."""
+    return key_pem(key, password)
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -149,29 +161,65 @@ def _ca_cert(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurve
 
 
 def init_ca(root_dir: Path, out_dir: Path, *, name: str = "cityedge",
-            crl_validity_s: int = 7 * 86400) -> None:
-    """Create the offline root in ``root_dir`` and the online intermediate in ``out_dir``."""
-    for path in (root_dir / ROOT_KEY, out_dir / INTERMEDIATE_KEY):
+            crl_validity_s: int = 7 * 86400, root_password: bytes | None = None,
+            custody: Custody = DEVELOPMENT) -> None:
+    """Create the offline root in ``root_dir`` and the online intermediate in ``out_dir``.
+
+    ``root_password`` encrypts the root key; ``custody`` says where the intermediate's key
+    goes: a file encrypted with its passphrase file (or in clear: development), or, with a
+    token, generated inside the token (the CA directory then gets the rollover layout:
+    ``intermediates/<id>.crt``, ``<id>.token`` and ``current``)."""
+    for path in (root_dir / ROOT_KEY, out_dir / INTERMEDIATE_KEY, out_dir / CURRENT_FILE):
         if path.exists():
             raise CaError("%s exists: refusing to overwrite a CA key" % path)
     if root_dir.resolve() == out_dir.resolve():
         raise CaError("the root directory must not be the online CA directory")
+    password = custody.password() if custody.token is None else None
+    if custody.require_encrypted and custody.token is None and password is None:
+        raise CaError("production keeps the intermediate key encrypted or in a token: give "
+                      "--password-file or --pkcs11-module")
     root_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = _ca_cert(_name(name + " root CA"), _name(name + " root CA"), root_key.public_key(),
                     root_key, ROOT_VALIDITY_DAYS, ROOT_PATH_LENGTH, root_key.public_key())
-    inter_key = ec.generate_private_key(ec.SECP256R1())
-    inter = _ca_cert(_name(name + " device CA"), root.subject, inter_key.public_key(),
-                     root_key, INTERMEDIATE_VALIDITY_DAYS, 0, root_key.public_key())
-    write_atomic(root_dir / ROOT_KEY, _key_pem(root_key), 0o600)
+    write_atomic(root_dir / ROOT_KEY, _key_pem(root_key, root_password), 0o600)
     write_atomic(root_dir / ROOT_CERT, _cert_pem(root), 0o644)
-    write_atomic(out_dir / INTERMEDIATE_KEY, _key_pem(inter_key), 0o600)
-    write_atomic(out_dir / INTERMEDIATE_CERT, _cert_pem(inter), 0o644)
+    if custody.token is not None:
+        _init_in_token(out_dir, name, root_key, root, custody.token)
+    else:
+        inter_key = ec.generate_private_key(ec.SECP256R1())
+        inter = _ca_cert(_name(name + " device CA"), root.subject, inter_key.public_key(),
+                         root_key, INTERMEDIATE_VALIDITY_DAYS, 0, root_key.public_key())
+        write_atomic(out_dir / INTERMEDIATE_KEY, _key_pem(inter_key, password), 0o600)
+        write_atomic(out_dir / INTERMEDIATE_CERT, _cert_pem(inter), 0o644)
     write_atomic(out_dir / ROOT_CERT, _cert_pem(root), 0o644)
-    ca = CertificateAuthority(out_dir)
+    ca = CertificateAuthority(out_dir, custody)
     ca.write_crl([], crl_validity_s)
     ca.write_broker_bundle()
+
+
+def _init_in_token(out_dir: Path, name: str, root_key: ec.EllipticCurvePrivateKey,
+                   root: x509.Certificate, token: TokenConfig) -> None:
+    """The intermediate's key made inside the token, its certificate signed by the root."""
+    key_bytes, public = generate_in_token(
+        token, lambda pub: bytes.fromhex(key_id(pub)))
+    inter = _ca_cert(_name(name + " device CA"), root.subject, public, root_key,
+                     INTERMEDIATE_VALIDITY_DAYS, 0, root_key.public_key())
+    write_token_marker(out_dir, key_bytes.hex(), inter, token)
+
+
+def write_token_marker(ca_dir: Path, inter_id: str, cert: x509.Certificate,
+                       token: TokenConfig) -> None:
+    """Record an intermediate held in ``token``: its certificate and ``<id>.token`` in
+    ``intermediates/``, then ``current`` naming it."""
+    folder = ca_dir / INTERMEDIATES_DIR
+    folder.mkdir(mode=0o755, exist_ok=True)
+    write_atomic(folder / (inter_id + TOKEN_SUFFIX),
+                 ("pkcs11 token=%s key=%s\n" % (token.token_label, token.key_label)).encode(),
+                 0o644)
+    write_atomic(folder / (inter_id + ".crt"), _cert_pem(cert), 0o644)
+    write_atomic(ca_dir / CURRENT_FILE, (inter_id + "\n").encode(), 0o644)
 
 
 @dataclass(frozen=True)
@@ -190,21 +238,33 @@ class Intermediate:
     key: ec.EllipticCurvePrivateKey = field(repr=False)
 
 
-def _load_pair(key_path: Path, cert_path: Path) -> Intermediate:
-    """The intermediate in ``key_path``/``cert_path``, checked to be a pair."""
+def _load_pair(key_path: Path, cert_path: Path, custody: Custody = DEVELOPMENT
+               ) -> Intermediate:
+    """The intermediate in ``key_path``/``cert_path``, checked to be a pair; its key from
+    the file (``custody`` decrypts it) or, when ``<id>.token`` stands in for the file, from
+    the token."""
     ca_dir = key_path.parent
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except OSError as e:
         raise CaError("CA directory %s is incomplete (%s: %s); run `cityedge ca init`"
                       % (ca_dir, e.filename, e.strerror)) from e
     except ValueError as e:
-        raise CaError("CA directory %s holds a file that does not parse (%s or %s)"
-                      % (ca_dir, key_path.name, cert_path.name)) from e
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CaError("the intermediate key %s is not an EC key" % key_path)
-    if cert.public_key() != key.public_key():
+        raise CaError("CA directory %s holds a file that does not parse (%s)"
+                      % (ca_dir, cert_path.name)) from e
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise CaError("the intermediate certificate %s is not for an EC key" % cert_path)
+    marker = key_path.with_suffix(TOKEN_SUFFIX)
+    key: ec.EllipticCurvePrivateKey
+    if not key_path.exists() and marker.exists():
+        key = custody.load_token_key(key_id(public), public, marker)
+    elif not key_path.exists():
+        raise CaError("CA directory %s is incomplete (%s: no such file); run `cityedge ca "
+                      "init`" % (ca_dir, key_path))
+    else:
+        key = custody.load_file_key(key_path)
+    if public != key.public_key():
         raise CaError("intermediate key and certificate in %s do not match (%s)"
                       % (ca_dir, key_path.name))
     return Intermediate(key_id(key.public_key()), cert, key)
@@ -223,25 +283,28 @@ def read_current(ca_dir: Path) -> str | None:
     return text
 
 
-def in_service(ca_dir: Path) -> list[Intermediate]:
+def in_service(ca_dir: Path, custody: Custody = DEVELOPMENT) -> list[Intermediate]:
     """Every complete pair in ``intermediates/`` (id order)."""
     out = []
     folder = ca_dir / INTERMEDIATES_DIR
     if folder.is_dir():
-        for key_path in sorted(folder.glob("*.key")):
+        held = {p.with_suffix(".key") for p in folder.glob("*" + TOKEN_SUFFIX)}
+        for key_path in sorted(held | set(folder.glob("*.key"))):
             cert_path = key_path.with_suffix(".crt")
             if cert_path.is_file():
-                out.append(_load_pair(key_path, cert_path))
+                out.append(_load_pair(key_path, cert_path, custody))
     return out
 
 
 class CertificateAuthority:
     """The online intermediate that signs (``cert``), loaded from the service's CA
     directory, with the other intermediates still in service (``overlap``): during a
-    rollover the broker trusts them all and the CRL file holds one CRL for each."""
+    rollover the broker trusts them all and the CRL file holds one CRL for each.
+    ``custody`` opens the keys (``ca_custody``; development: unencrypted files)."""
 
-    def __init__(self, ca_dir: Path) -> None:
+    def __init__(self, ca_dir: Path, custody: Custody = DEVELOPMENT) -> None:
         self.dir = ca_dir
+        self.custody = custody
         try:
             self.root = x509.load_pem_x509_certificate((ca_dir / ROOT_CERT).read_bytes())
         except OSError as e:
@@ -250,9 +313,10 @@ class CertificateAuthority:
         except ValueError as e:
             raise CaError("CA directory %s holds a file that does not parse" % ca_dir) from e
         current = read_current(ca_dir)
-        pairs = in_service(ca_dir)
+        pairs = in_service(ca_dir, custody)
         if current is None:  # the first layout
-            signer = _load_pair(ca_dir / INTERMEDIATE_KEY, ca_dir / INTERMEDIATE_CERT)
+            signer = _load_pair(ca_dir / INTERMEDIATE_KEY, ca_dir / INTERMEDIATE_CERT,
+                                custody)
         else:
             found = [p for p in pairs if p.id == current]
             if not found:
@@ -448,7 +512,7 @@ def load_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     return [x509.load_pem_x509_crl(_CRL_BEGIN + part) for part in parts]
 
 
-_cache: dict[Path, tuple[tuple[object, ...], CertificateAuthority]] = {}
+_cache: dict[tuple[Path, Custody], tuple[tuple[object, ...], CertificateAuthority]] = {}
 
 
 def _stamp(ca_dir: Path) -> tuple[object, ...]:
@@ -463,16 +527,16 @@ def _stamp(ca_dir: Path) -> tuple[object, ...]:
     return tuple(out)
 
 
-def load_current(ca_dir: Path) -> CertificateAuthority:
+def load_current(ca_dir: Path, custody: Custody = DEVELOPMENT) -> CertificateAuthority:
     """The CA as the directory holds it now, loaded again only after a rollover or a
     retirement changed it (a few ``stat`` calls per use): a running ``fleet serve`` signs
     with the new intermediate from the moment ``current`` points at it."""
     stamp = _stamp(ca_dir)
-    hit = _cache.get(ca_dir)
+    hit = _cache.get((ca_dir, custody))
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    ca = CertificateAuthority(ca_dir)
-    _cache[ca_dir] = (stamp, ca)
+    ca = CertificateAuthority(ca_dir, custody)
+    _cache[(ca_dir, custody)] = (stamp, ca)
     return ca
 
 

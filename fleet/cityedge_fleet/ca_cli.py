@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -35,22 +36,34 @@ def rollover_command(
         help="Mosquitto's pid file: SIGHUP it once it must trust the new intermediate "
              "(default: CITYEDGE_BROKER_PID_FILE when the fleet's settings are here).")]
     = None,
+    root_password_file: Annotated[Path | None, typer.Option(
+        envvar="CITYEDGE_ROOT_PASSWORD_FILE",
+        help="The root key's passphrase file, when `ca init` encrypted it.")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        envvar="CITYEDGE_CA_PASSWORD_FILE",
+        help="The intermediates' passphrase file: opens the current one, encrypts the new "
+             "one.")] = None,
 ) -> None:
     """Make a new online intermediate signed by the root; it signs from now on, the old
     one stays trusted until `ca retire` (run where the root lives)."""
     from cityedge_fleet import audit, revocation
+    from cityedge_fleet.ca_custody import Custody, custody_of
     from cityedge_fleet.ca_rollover import rollover
     from cityedge_fleet.config import Settings
 
     settings = _settings_if_here()
     assert settings is None or isinstance(settings, Settings)
+    custody = custody_of(settings) if settings else Custody()
+    if password_file is not None:
+        custody = dataclasses.replace(custody, password_file=password_file)
     pid_file = broker_pid_file or (settings.broker_pid_file if settings else None)
     reloads: list[bool] = []
 
     def reload() -> None:
         reloads.append(revocation.reload_broker(pid_file))
 
-    done = rollover(root_dir, ca_dir, before_switch=reload)
+    done = rollover(root_dir, ca_dir, before_switch=reload,
+                    root_password_file=root_password_file, custody=custody)
     print("intermediate %s (%s, until %s) signs from now on; %s stays trusted for the "
           "overlap%s" % (done.new_id, done.new_subject, done.new_not_after.date(),
                          done.old_id, " (CA directory moved to the rollover layout)"
@@ -103,11 +116,12 @@ def status_command(
 ) -> None:
     """The intermediates in service, their expiry and how many devices depend on each."""
     from cityedge_fleet.ca import CaError, CertificateAuthority
+    from cityedge_fleet.ca_custody import custody_of
     from cityedge_fleet.ca_retire import status
 
     settings = load_settings()
     try:
-        ca = CertificateAuthority(ca_dir or settings.ca_dir)
+        ca = CertificateAuthority(ca_dir or settings.ca_dir, custody_of(settings))
     except CaError as e:
         raise UserError(str(e)) from e
     with Session(_engine(settings)) as session:
@@ -129,3 +143,61 @@ def status_command(
             print("%s: %s; then cityedge ca retire" % (r.id, (
                 "%d devices to move: cityedge keys rotate --select 'intermediate=%s'"
                 % (r.devices, r.id)) if r.devices else "no device depends on it"))
+
+
+@ca_app.command("encrypt-keys")
+def encrypt_keys_command(
+    password_file: Annotated[Path, typer.Option(
+        envvar="CITYEDGE_CA_PASSWORD_FILE",
+        help="The passphrase file (mode 0600) to encrypt the keys with.")],
+    ca_dir: Annotated[Path | None, typer.Option(
+        help="Encrypt the intermediates' keys in this CA directory.")] = None,
+    root_dir: Annotated[Path | None, typer.Option(
+        help="Encrypt the root key in this directory (its own passphrase file: run it "
+             "again with --root-dir alone).")] = None,
+) -> None:
+    """Encrypt CA key files that a `ca init` without --password-file wrote in clear; each
+    clear file is overwritten before it is removed. Keys already encrypted are left."""
+    from cityedge_fleet.ca_custody import encrypt_key_files, read_secret_file
+
+    if (ca_dir is None) == (root_dir is None):
+        raise UserError("give --ca-dir or --root-dir (each with its own passphrase file)")
+    folder = ca_dir if ca_dir is not None else root_dir
+    assert folder is not None
+    paths = (sorted([*folder.glob("*.key"), *(folder / "intermediates").glob("*.key")])
+             if ca_dir is not None else [folder / "root.key"])
+    if not paths or not all(p.is_file() for p in paths):
+        raise UserError("no CA key in %s" % folder)
+    done = encrypt_key_files(paths, read_secret_file(password_file, "CA passphrase"))
+    print("encrypted %d key file(s) in %s%s" % (len(done), folder, "".join(
+        "\n  %s" % p for p in done)))
+
+
+@ca_app.command("import-to-token")
+def import_to_token_command(
+    pkcs11_module: Annotated[Path, typer.Option(
+        envvar="CITYEDGE_CA_PKCS11_MODULE", help="The PKCS#11 module (.so).")],
+    pkcs11_token: Annotated[str, typer.Option(
+        envvar="CITYEDGE_CA_PKCS11_TOKEN", help="The token's label.")],
+    pkcs11_pin_file: Annotated[Path, typer.Option(
+        envvar="CITYEDGE_CA_PKCS11_PIN_FILE",
+        help="The file holding the token's user PIN (mode 0600).")],
+    ca_dir: Annotated[Path, typer.Option(help="The fleet's CA directory (CITYEDGE_CA_DIR).")],
+    pkcs11_key_label: Annotated[str, typer.Option(
+        envvar="CITYEDGE_CA_PKCS11_KEY_LABEL", help="The key's label in the token.")]
+    = "cityedge-intermediate",
+    password_file: Annotated[Path | None, typer.Option(
+        envvar="CITYEDGE_CA_PASSWORD_FILE",
+        help="The intermediate key's passphrase file, when it is encrypted.")] = None,
+) -> None:
+    """Move the signing intermediate's key into a PKCS#11 token (sensitive, not
+    extractable); its key file is overwritten and removed: the fleet then signs through
+    the token (set CITYEDGE_CA_PKCS11_*)."""
+    from cityedge_fleet.ca_custody import cli_custody
+    from cityedge_fleet.ca_token import move_to_token
+
+    custody = cli_custody(password_file, pkcs11_module, pkcs11_token, pkcs11_key_label,
+                          pkcs11_pin_file)
+    inter_id = move_to_token(ca_dir, custody)
+    print("intermediate %s now signs from PKCS#11 token %r (key %r); its key file is gone"
+          % (inter_id, pkcs11_token, pkcs11_key_label))

@@ -41,6 +41,7 @@ from cityedge_fleet.ca import (
     issuer_id,
     issuer_id_of_pem,
 )
+from cityedge_fleet.ca_custody import TOKEN_SUFFIX, custody_of
 from cityedge_fleet.ca_rollover import destroy_key, remove
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import Credential, CredentialStatus, Device, DeviceState
@@ -190,7 +191,7 @@ class RetireResult:
 def retire(session: Session, ca_dir: Path, settings: Settings, *, by: str,
            source: str = "local") -> RetireResult:
     """Take every intermediate but the signing one out of service (module docstring)."""
-    ca = CertificateAuthority(ca_dir)
+    ca = CertificateAuthority(ca_dir, custody_of(settings))
     leaving = list(ca.overlap)
     if not leaving and not _unfinished(ca):
         raise UserError("nothing to retire: %s is the only intermediate in service" % ca.id,
@@ -214,7 +215,7 @@ def retire(session: Session, ca_dir: Path, settings: Settings, *, by: str,
         _take_out(ca_dir, inter)
     for key in _orphan_keys(ca_dir):  # a retirement cut short after the certificate went
         destroy_key(key)
-    ca = CertificateAuthority(ca_dir)
+    ca = CertificateAuthority(ca_dir, custody_of(settings))
     ca.write_broker_bundle()
     revocation.publish_crl(session, ca, settings)  # re-signed for what is left; SIGHUP
     reloaded = settings.broker_pid_file is not None
@@ -235,11 +236,15 @@ def _take_out(ca_dir: Path, inter: Intermediate) -> None:
     write_atomic(retired / (inter.id + ".crt"), _cert_pem(inter.cert), 0o644)
     remove(ca_dir / INTERMEDIATES_DIR / (inter.id + ".crt"))
     destroy_key(ca_dir / INTERMEDIATES_DIR / (inter.id + ".key"))
+    marker = ca_dir / INTERMEDIATES_DIR / (inter.id + TOKEN_SUFFIX)
+    if marker.exists():  # held in a token: the token keeps the object until its own tool
+        remove(marker)  # deletes it (docs/SECURITY_TEAM.md)
 
 
 def _orphan_keys(ca_dir: Path) -> list[Path]:
     folder = ca_dir / INTERMEDIATES_DIR
-    return [k for k in sorted(folder.glob("*.key")) if not k.with_suffix(".crt").exists()]
+    return [k for k in sorted([*folder.glob("*.key"), *folder.glob("*" + TOKEN_SUFFIX)])
+            if not k.with_suffix(".crt").exists()]
 
 
 def _unfinished(ca: CertificateAuthority) -> bool:

@@ -44,7 +44,6 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -67,6 +66,7 @@ from cityedge_fleet.ca import (
     key_id,
     load_crls,
 )
+from cityedge_fleet.ca_custody import DEVELOPMENT, Custody, load_key
 from cityedge_host.errors import UserError
 from cityedge_host.files import write_atomic
 
@@ -106,17 +106,23 @@ def destroy_key(path: Path) -> None:
     remove(path)
 
 
-def load_root(root_dir: Path, ca_dir: Path) -> tuple[ec.EllipticCurvePrivateKey,
-                                                      x509.Certificate]:
-    """The root key and certificate, checked against each other and the CA directory."""
+def load_root(root_dir: Path, ca_dir: Path, root_password_file: Path | None = None
+              ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The root key and certificate, checked against each other and the CA directory;
+    an encrypted root key is opened with the passphrase in ``root_password_file``."""
     key_path, cert_path = root_dir / ROOT_KEY, root_dir / ROOT_CERT
     if not key_path.is_file():
         raise RolloverRefused(
             "no root key at %s" % key_path,
             "run `ca rollover` where the offline root lives (its medium mounted), "
             "--root-dir naming the directory `ca init --root-dir` wrote")
+    root_custody = Custody(password_file=root_password_file)
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key = load_key(key_path, root_custody.password, asked_from=str(
+            root_password_file or "--root-password-file"))
+    except CaError as e:
+        raise RolloverRefused(str(e)) from e
+    try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except OSError as e:
         raise RolloverRefused("cannot read the root in %s: %s" % (root_dir, e.strerror)) from e
@@ -149,12 +155,14 @@ def _next_subject(current: x509.Certificate) -> x509.Name:
                                                  "%s g%d" % (base, gen + 1))])
 
 
-def _staged(ca_dir: Path, root: x509.Certificate) -> Intermediate | None:
-    """The pair a rollover cut short staged, if it is whole and the root's."""
+def _staged(ca_dir: Path, root: x509.Certificate, custody: Custody = DEVELOPMENT
+            ) -> Intermediate | None:
+    """The pair a rollover cut short staged, if it is whole and the root's (a staged key
+    that does not open is made again: it never signed anything)."""
     try:
-        key = serialization.load_pem_private_key((ca_dir / NEXT_KEY).read_bytes(), None)
+        key = custody.load_file_key(ca_dir / NEXT_KEY)
         cert = x509.load_pem_x509_certificate((ca_dir / NEXT_CERT).read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, CaError):
         return None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or cert.public_key() != key.public_key():
         return None
@@ -165,7 +173,7 @@ def _staged(ca_dir: Path, root: x509.Certificate) -> Intermediate | None:
     return Intermediate(key_id(key.public_key()), cert, key)
 
 
-def _migrate_first_layout(ca_dir: Path) -> bool:
+def _migrate_first_layout(ca_dir: Path, custody: Custody = DEVELOPMENT) -> bool:
     """Step 2; True when the directory was in the first layout."""
     if (ca_dir / CURRENT_FILE).exists():
         for name in (INTERMEDIATE_KEY, INTERMEDIATE_CERT):  # a migration cut short
@@ -174,10 +182,11 @@ def _migrate_first_layout(ca_dir: Path) -> bool:
             else:
                 remove(ca_dir / name)
         return False
-    ca = CertificateAuthority(ca_dir)  # the first layout's signer
+    ca = CertificateAuthority(ca_dir, custody)  # the first layout's signer
     folder = ca_dir / INTERMEDIATES_DIR
     folder.mkdir(mode=0o755, exist_ok=True)
-    write_atomic(folder / (ca.id + ".key"), _key_pem(ca.signer.key), 0o600)
+    write_atomic(folder / (ca.id + ".key"), _key_pem(ca.signer.key, custody.password()),
+                 0o600)
     write_atomic(folder / (ca.id + ".crt"), _cert_pem(ca.cert), 0o644)
     write_atomic(ca_dir / CURRENT_FILE, (ca.id + "\n").encode(), 0o644)
     destroy_key(ca_dir / INTERMEDIATE_KEY)
@@ -208,17 +217,25 @@ def _kept_entries(ca: CertificateAuthority) -> list[Revoked]:
 
 def rollover(root_dir: Path, ca_dir: Path, *, crl_validity_s: int = 7 * 86400,
              days: int = INTERMEDIATE_VALIDITY_DAYS,
-             before_switch: Callable[[], None] | None = None) -> RolloverResult:
+             before_switch: Callable[[], None] | None = None,
+             root_password_file: Path | None = None,
+             custody: Custody = DEVELOPMENT) -> RolloverResult:
     """The steps in the module docstring; returns the old and the new intermediate.
     ``before_switch`` runs between steps 4 and 5: the place to reload the broker, so it
-    trusts the new intermediate before a certificate of it exists."""
-    root_key, root = load_root(root_dir, ca_dir)  # 1
+    trusts the new intermediate before a certificate of it exists. ``root_password_file``
+    opens an encrypted root key; ``custody`` opens the intermediates' keys, and the new
+    intermediate's key file is encrypted with its passphrase (``ca_custody``)."""
+    root_key, root = load_root(root_dir, ca_dir, root_password_file)  # 1
     try:
-        migrated = _migrate_first_layout(ca_dir)  # 2
-        ca = CertificateAuthority(ca_dir)
+        migrated = _migrate_first_layout(ca_dir, custody)  # 2
+        ca = CertificateAuthority(ca_dir, custody)
+        password = custody.password()
     except CaError as e:
         raise RolloverRefused(str(e)) from e
-    staged = _staged(ca_dir, root)
+    if custody.require_encrypted and password is None:
+        raise RolloverRefused("production keeps the new intermediate's key encrypted: give "
+                              "its passphrase file (--password-file)")
+    staged = _staged(ca_dir, root, custody)
     if staged is not None and staged.id == ca.id:  # cut after the switch: only tidy up
         destroy_key(ca_dir / NEXT_KEY)
         remove(ca_dir / NEXT_CERT)
@@ -238,7 +255,7 @@ def rollover(root_dir: Path, ca_dir: Path, *, crl_validity_s: int = 7 * 86400,
         new_cert = _ca_cert(_next_subject(ca.cert), root.subject, new_key.public_key(),
                             root_key, days, 0, root_key.public_key())
         staged = Intermediate(key_id(new_key.public_key()), new_cert, new_key)
-        write_atomic(ca_dir / NEXT_KEY, _key_pem(new_key), 0o600)
+        write_atomic(ca_dir / NEXT_KEY, _key_pem(new_key, password), 0o600)
         write_atomic(ca_dir / NEXT_CERT, _cert_pem(new_cert), 0o644)
     old = ca.signer
     kept = _kept_entries(ca)  # 4
@@ -250,7 +267,7 @@ def rollover(root_dir: Path, ca_dir: Path, *, crl_validity_s: int = 7 * 86400,
     if before_switch is not None:
         before_switch()
     folder = ca_dir / INTERMEDIATES_DIR  # 5
-    write_atomic(folder / (staged.id + ".key"), _key_pem(staged.key), 0o600)
+    write_atomic(folder / (staged.id + ".key"), _key_pem(staged.key, password), 0o600)
     write_atomic(folder / (staged.id + ".crt"), _cert_pem(staged.cert), 0o644)
     write_atomic(ca_dir / CURRENT_FILE, (staged.id + "\n").encode(), 0o644)
     destroy_key(ca_dir / NEXT_KEY)

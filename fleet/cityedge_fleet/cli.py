@@ -145,12 +145,39 @@ def ca_init_command(
     root_dir: Annotated[Path, typer.Option(help="Offline root: key + cert (keep it offline).")],
     out_dir: Annotated[Path, typer.Option(help="Online CA dir (CITYEDGE_CA_DIR).")],
     name: Annotated[str, typer.Option(help="Name in the CA certificates.")] = "cityedge",
+    root_password_file: Annotated[Path | None, typer.Option(
+        envvar="CITYEDGE_ROOT_PASSWORD_FILE",
+        help="Encrypt the root key with the passphrase in this file (mode 0600).")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        envvar="CITYEDGE_CA_PASSWORD_FILE",
+        help="Encrypt the intermediate key with the passphrase in this file (mode 0600).")]
+    = None,
+    pkcs11_module: Annotated[Path | None, typer.Option(
+        envvar="CITYEDGE_CA_PKCS11_MODULE",
+        help="Make the intermediate key inside this PKCS#11 module's token instead.")] = None,
+    pkcs11_token: Annotated[str | None, typer.Option(
+        envvar="CITYEDGE_CA_PKCS11_TOKEN", help="The token's label.")] = None,
+    pkcs11_key_label: Annotated[str, typer.Option(
+        envvar="CITYEDGE_CA_PKCS11_KEY_LABEL", help="The key's label in the token.")]
+    = "cityedge-intermediate",
+    pkcs11_pin_file: Annotated[Path | None, typer.Option(
+        envvar="CITYEDGE_CA_PKCS11_PIN_FILE",
+        help="The file holding the token's user PIN (mode 0600).")] = None,
 ) -> None:
-    """Create the offline root CA and the online intermediate that signs devices."""
+    """Create the offline root CA and the online intermediate that signs devices; the keys
+    encrypted with passphrases from files, or the intermediate made in a PKCS#11 token."""
     from cityedge_fleet.ca import init_ca
+    from cityedge_fleet.ca_custody import cli_custody, read_secret_file
 
-    init_ca(root_dir, out_dir, name=name)
-    print("root CA: %s (move the key offline); intermediate: %s" % (root_dir, out_dir))
+    custody = cli_custody(password_file, pkcs11_module, pkcs11_token, pkcs11_key_label,
+                          pkcs11_pin_file)
+    root_password = (read_secret_file(root_password_file, "root passphrase")
+                     if root_password_file else None)
+    init_ca(root_dir, out_dir, name=name, root_password=root_password, custody=custody)
+    where = ("in PKCS#11 token %r" % pkcs11_token if custody.token else
+             "encrypted" if password_file else "in clear (development only)")
+    print("root CA: %s (%s; move the key offline); intermediate: %s (key %s)"
+          % (root_dir, "encrypted" if root_password else "key in clear", out_dir, where))
 
 
 @ca_app.command("issue-service")
@@ -159,11 +186,21 @@ def ca_issue_service_command(
     out_dir: Annotated[Path, typer.Option(help="Where to write <cn>.key and <cn>.crt.")],
     server: Annotated[list[str] | None, typer.Option(
         help="Make a TLS server certificate for this DNS name or IP (repeatable).")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        help="The intermediate key's passphrase file (default: CITYEDGE_CA_PASSWORD_FILE).")]
+    = None,
 ) -> None:
     """Issue a certificate for a fleet service (ingest, commands) or for the broker."""
-    from cityedge_fleet.ca import CertificateAuthority, issue_service
+    import dataclasses
 
-    ca = CertificateAuthority(load_settings().ca_dir)
+    from cityedge_fleet.ca import CertificateAuthority, issue_service
+    from cityedge_fleet.ca_custody import custody_of
+
+    settings = load_settings()
+    custody = custody_of(settings)
+    if password_file is not None:
+        custody = dataclasses.replace(custody, password_file=password_file)
+    ca = CertificateAuthority(settings.ca_dir, custody)
     cert, key = issue_service(ca, cn, out_dir, tuple(server or ()))
     print("certificate %s, key %s (mode 0600)" % (cert, key))
 
@@ -309,6 +346,7 @@ def broker_config_command(
     from cityedge_fleet import broker, broker_acl, broker_files
     from cityedge_fleet.broker_sync import desired_devices
     from cityedge_fleet.ca import CRL_FILE, CertificateAuthority
+    from cityedge_fleet.ca_custody import custody_of
 
     settings = load_settings()
     user = broker_files.lookup(broker_user)
@@ -322,7 +360,7 @@ def broker_config_command(
             raise UserError("--service %s is not a fleet service identity (fleet-ingest, "
                                 "fleet-commands or fleet-control, with an optional "
                                 "-<suffix>)" % cn)
-    ca = CertificateAuthority(settings.ca_dir)
+    ca = CertificateAuthority(settings.ca_dir, custody_of(settings))
     with Session(_engine(settings)) as session:
         devices = desired_devices(session)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ from cityedge_core.errors import PeerError
 from cityedge_core.trust_statement import TrustStatement
 from cityedge_fleet import command_key, command_queue
 from cityedge_fleet.ca import ROOT_CERT, ROOT_KEY
+from cityedge_fleet.ca_custody import CaError, Custody, is_encrypted, load_key
 from cityedge_fleet.config import FleetLimits
 from cityedge_fleet.models import (
     ANSWERED_COMMANDS,
@@ -307,6 +308,21 @@ def of_fleet(session: Session, limit: int = 20) -> list[CommandKeyRotation]:
                              .order_by(col(CommandKeyRotation.id).desc()).limit(limit)))
 
 
+def _root_signer(root_dir: Path, password_file: Path | None) -> EcSigner:
+    """The root key as a signer; an encrypted one (``ca_custody``) opened with the
+    passphrase in ``password_file``."""
+    path = root_dir / ROOT_KEY
+    if password_file is None:
+        try:
+            if not is_encrypted(path.read_bytes()):
+                return load_signer(path)
+        except OSError:
+            return load_signer(path)  # its own message names the file
+    custody = Custody(password_file=password_file)
+    return EcSigner(load_key(path, custody.password, asked_from=str(
+        password_file or "--root-password-file")))
+
+
 @dataclass(frozen=True)
 class Announced:
     statement: bytes
@@ -317,8 +333,8 @@ class Announced:
 
 def announce(root_dir: Path, new_point: bytes, *, old_point: bytes | None = None,
              keep_old_until: dt.datetime | None = None,
-             valid_s: int = ANNOUNCE_VALID_DEFAULT_S, now: dt.datetime | None = None
-             ) -> Announced:
+             valid_s: int = ANNOUNCE_VALID_DEFAULT_S, now: dt.datetime | None = None,
+             root_password_file: Path | None = None) -> Announced:
     """The root's side, on the operator's machine: sign a statement listing ``new_point``
     (no end) and ``old_point`` until ``keep_old_until``, with the version after the last
     one this root signed (``VERSION_FILE`` beside the root key, written once the
@@ -333,8 +349,8 @@ def announce(root_dir: Path, new_point: bytes, *, old_point: bytes | None = None
         raise CommandKeyRotationError(422, "the statement's window is 60..%d s"
                                       % trust_statement.VALIDITY_MAX_S)
     try:
-        root = load_signer(root_dir / ROOT_KEY)
-    except KeyFileError as e:
+        root = _root_signer(root_dir, root_password_file)
+    except (KeyFileError, CaError) as e:
         raise CommandKeyRotationError(422, "%s (run this where the offline root is)" % e
                                       ) from e
     counter = root_dir / VERSION_FILE

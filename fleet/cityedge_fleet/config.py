@@ -147,6 +147,16 @@ class Settings(BaseSettings):
     mode: Mode  # required: development or production, never guessed
     database_url: str = "sqlite:///%s" % (DEV_VAR_DIR / "fleet.sqlite3")
     ca_dir: Path = DEV_VAR_DIR / "ca"  # online intermediate key + cert, root cert, CRL
+    # CA key custody (``ca_custody``): the file holding the passphrase of the encrypted
+    # intermediate key (mode 0600/0400; never the passphrase itself in a setting). In
+    # production a key file in clear is refused: this, or the key in a PKCS#11 token
+    ca_password_file: Path | None = None
+    # the intermediate in a PKCS#11 token: the module (.so), the token's label, the key's
+    # label and the file holding the user PIN (mode 0600/0400)
+    ca_pkcs11_module: Path | None = None
+    ca_pkcs11_token: str | None = None
+    ca_pkcs11_key_label: str = "cityedge-intermediate"
+    ca_pkcs11_pin_file: Path | None = None
     broker_url: str = "mqtts://127.0.0.1:8883"  # what enrolled devices are told to use
     broker_pid_file: Path | None = None  # Mosquitto's pid file: SIGHUP it when the CRL changes
     crl_url: str = "/ca/crl"  # where the CRL is published (URL path of this service)
@@ -236,6 +246,17 @@ class Settings(BaseSettings):
         if isinstance(value, list | tuple):
             return [_network(item) for item in value]
         return value
+
+    @model_validator(mode="after")
+    def _pkcs11_complete(self) -> Self:
+        if self.ca_pkcs11_module is not None:
+            missing = [variable(n) for n in ("ca_pkcs11_token", "ca_pkcs11_pin_file")
+                       if getattr(self, n) is None]
+            if missing:
+                raise ValueError("%s must be set with %s (the token's label and the file "
+                                 "holding its user PIN)" % (" and ".join(missing),
+                                                            variable("ca_pkcs11_module")))
+        return self
 
     @model_validator(mode="after")
     def _production_rules(self) -> Self:

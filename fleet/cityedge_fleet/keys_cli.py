@@ -229,6 +229,7 @@ def revoke_command(
     from cityedge_fleet import revoke
     from cityedge_fleet.broker_sync import BrokerAccess
     from cityedge_fleet.ca import CaError, CertificateAuthority
+    from cityedge_fleet.ca_custody import custody_of
     from cityedge_fleet.models import RevokeReason
 
     try:
@@ -238,7 +239,7 @@ def revoke_command(
                         "one of: %s" % ", ".join(r.value for r in RevokeReason)) from e
     settings = load_settings()
     try:
-        ca = CertificateAuthority(settings.ca_dir)
+        ca = CertificateAuthority(settings.ca_dir, custody_of(settings))
     except CaError as e:
         raise UserError(str(e), "run it where the fleet's CA directory is") from e
     broker = BrokerAccess.from_settings(settings)
@@ -313,6 +314,9 @@ def announce_command_key_command(
         help="Until when devices still obey the old key (UTC date or ISO time).")] = None,
     valid_days: Annotated[int, typer.Option(min=1, max=366, help="Days the fleet has to "
                                             "roll the statement out.")] = 14,
+    root_password_file: Annotated[Path | None, typer.Option(
+        help="The file holding the root key's passphrase (mode 0600), when `ca init "
+             "--root-password-file` encrypted it.")] = None,
 ) -> None:
     """At the offline root: sign the trust statement that makes devices obey the new
     command key (and the old one until --keep-old-until). Needs no fleet database; the
@@ -327,7 +331,8 @@ def announce_command_key_command(
         done = ckr.announce(root_dir, _point(new_key_pub),
                             old_point=_point(old_key_pub) if old_key_pub else None,
                             keep_old_until=_when(keep_old_until) if keep_old_until else None,
-                            valid_s=valid_days * 86400)
+                            valid_s=valid_days * 86400,
+                            root_password_file=root_password_file)
     except ckr.CommandKeyRotationError as e:
         raise UserError(str(e)) from e
     write_atomic(out, done.statement, 0o644)

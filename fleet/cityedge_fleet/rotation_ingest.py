@@ -103,7 +103,9 @@ class RotationDesk:
     @property
     def ca(self) -> CertificateAuthority:
         if self._ca is None:  # the directory's CA now (a rollover switches it)
-            return load_current(self.settings.ca_dir)
+            from cityedge_fleet.ca_custody import custody_of
+
+            return load_current(self.settings.ca_dir, custody_of(self.settings))
         return self._ca
 
     @property

@@ -18,7 +18,8 @@ from sqlmodel import Session
 from cityedge_fleet import campaign_runner, revocation
 from cityedge_fleet.app import create_app
 from cityedge_fleet.broker_sync import BrokerAccess, Reconciler
-from cityedge_fleet.ca import CaError, CertificateAuthority
+from cityedge_fleet.ca import CaError, CertificateAuthority, load_current
+from cityedge_fleet.ca_custody import custody_of
 from cityedge_fleet.campaign_runner import CampaignRunner
 from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
@@ -35,7 +36,7 @@ def refresh_crl(settings: Settings) -> Callable[[Session], None]:
 
     def refresh(session: Session) -> None:
         try:
-            ca = CertificateAuthority(settings.ca_dir)
+            ca = CertificateAuthority(settings.ca_dir, custody_of(settings))
         except CaError as e:
             log.warning("CRL not refreshed: %s", e)
             return
@@ -124,6 +125,11 @@ class NotifyingServer(uvicorn.Server):
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
+    if settings.mode == "production":  # the CA key opened once before anything starts: a
+        try:  # key in clear, a wrong passphrase or PIN stops the start (ca_custody)
+            load_current(settings.ca_dir, custody_of(settings))
+        except CaError as e:
+            raise ValueError(str(e)) from e
     app = create_app(settings)
     reconciler = start_reconciler(settings, app.state.engine, app.state.broker_access)
     app.state.reconciler = reconciler

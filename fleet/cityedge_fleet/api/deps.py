@@ -13,6 +13,7 @@ from cityedge_fleet.auth import Principal, require_role
 from cityedge_fleet.broker_control import BrokerUnavailable, CommandFailed
 from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.ca import CaError, CertificateAuthority, load_current
+from cityedge_fleet.ca_custody import custody_of
 from cityedge_fleet.command_key import trust_store
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import Role
@@ -28,7 +29,8 @@ def get_ca(request: Request) -> CertificateAuthority:
     """The CA directory's CA as it is now: after a rollover, the new intermediate signs
     (``ca.load_current`` loads it again only when the directory changed)."""
     try:
-        return load_current(request.app.state.settings.ca_dir)
+        settings = request.app.state.settings
+        return load_current(settings.ca_dir, custody_of(settings))
     except CaError as e:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
 
