@@ -28,7 +28,18 @@ try:
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
-from . import limits
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: int) -> int:
+        return x
+
+
+# limits (``limits``) as private consts: the compiler folds them, and the device
+# never loads ``limits`` (its names would be interned: "Memory on the device");
+# tests/core/test_limit_copies.py holds them equal to ``limits``
+_CBOR_MAX_DEPTH = const(16)
 
 _FLOAT_INF = float("inf")
 
@@ -135,8 +146,8 @@ def _encode_int(out: bytearray, value: int) -> None:
 
 
 def _encode(out: bytearray, obj: Any, depth: int) -> None:
-    if depth > limits.CBOR_MAX_DEPTH:
-        raise ValueError("CBOR: structure nested deeper than %d" % limits.CBOR_MAX_DEPTH)
+    if depth > _CBOR_MAX_DEPTH:
+        raise ValueError("CBOR: structure nested deeper than %d" % _CBOR_MAX_DEPTH)
     if obj is False:
         out.append(0xF4)
     elif obj is True:

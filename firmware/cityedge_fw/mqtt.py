@@ -43,18 +43,18 @@ from cityedge_core.errors import LimitError, LocalError, MalformedError, Transpo
 # uses are private ``_X``, which the compiler folds away.
 _MAX_PACKET_BYTES = const(20480)  # bytes: largest inbound packet (a 16 KiB command + topic)
 _MAX_INFLIGHT = const(4)  # QoS 1 publishes awaiting PUBACK
-MAX_TOPIC_BYTES = const(256)  # bytes: UTF-8 topic name or filter
-MAX_CLIENT_ID_BYTES = const(128)  # bytes: client id (a device URN)
+_MAX_TOPIC_BYTES = const(256)  # bytes: UTF-8 topic name or filter
+_MAX_CLIENT_ID_BYTES = const(128)  # bytes: client id (a device URN)
 _KEEPALIVE_S = const(60)  # seconds: default keep-alive interval (§3.1.2.10)
-REMAINING_LENGTH_MAX = const(268435455)  # §2.2.3: four-byte variable length integer
+_REMAINING_LENGTH_MAX = const(268435455)  # §2.2.3: four-byte variable length integer
 
 # --- packet types (§2.2.1) -------------------------------------------------------------
-CONNECT = const(1)
+_CONNECT = const(1)
 CONNACK = const(2)
 PUBLISH = const(3)
 PUBACK = const(4)
 _PUBREC = const(5)
-SUBSCRIBE = const(8)
+_SUBSCRIBE = const(8)
 SUBACK = const(9)
 _PINGREQ = const(12)
 PINGRESP = const(13)
@@ -66,8 +66,8 @@ _CONNECTING = const(1)
 CONNECTED = const(2)
 
 # CONNACK return codes 1..5 (§3.2.2.3), by code
-_CONNACK_TEXT = ("", "unacceptable protocol version", "client identifier rejected",
-                 "server unavailable", "bad user name or password", "not authorized")
+_CONNACK_TEXT = const(("", "unacceptable protocol version", "client identifier rejected",
+                 "server unavailable", "bad user name or password", "not authorized"))
 
 
 def connect_refused(code):
@@ -88,7 +88,7 @@ def connect_refused(code):
 # --- encoding ----------------------------------------------------------------------------
 def encode_length(n):
     """Remaining Length (§2.2.3): 7 bits per byte, continuation bit 0x80, at most 4 bytes."""
-    if n < 0 or n > REMAINING_LENGTH_MAX:
+    if n < 0 or n > _REMAINING_LENGTH_MAX:
         raise ValueError("mqtt: remaining length %d out of range" % n)
     out = bytearray()
     while True:
@@ -101,7 +101,7 @@ def encode_length(n):
             return bytes(out)
 
 
-def encode_str(s, limit=MAX_TOPIC_BYTES):
+def encode_str(s, limit=_MAX_TOPIC_BYTES):
     """UTF-8 string with a two-byte length prefix (§1.5.3)."""
     b = s.encode() if isinstance(s, str) else bytes(s)
     if b"\x00" in b:
@@ -119,14 +119,14 @@ def packet(ptype, flags, body):
 def encode_connect(client_id, keepalive_s, clean_session, username=None):
     """CONNECT (§3.1), no will message."""
     flags = 0x02 if clean_session else 0
-    payload = encode_str(client_id, MAX_CLIENT_ID_BYTES)
+    payload = encode_str(client_id, _MAX_CLIENT_ID_BYTES)
     if username is not None:
         flags |= 0x80
-        payload += encode_str(username, MAX_CLIENT_ID_BYTES)
+        payload += encode_str(username, _MAX_CLIENT_ID_BYTES)
     if keepalive_s < 0 or keepalive_s > 0xFFFF:
         raise ValueError("mqtt: keep-alive %d s out of range" % keepalive_s)
     head = b"\x00\x04MQTT\x04" + bytes([flags]) + keepalive_s.to_bytes(2, "big")
-    return packet(CONNECT, 0, head + payload)
+    return packet(_CONNECT, 0, head + payload)
 
 
 def encode_publish(topic, payload, qos=0, retain=False, packet_id=0, dup=False):
@@ -155,15 +155,14 @@ def encode_subscribe(packet_id, filters):
     body = packet_id.to_bytes(2, "big")
     for topic, qos in filters:
         body += encode_str(topic) + bytes([qos])
-    return packet(SUBSCRIBE, 2, body)
+    return packet(_SUBSCRIBE, 2, body)
 
 
 def encode_puback(packet_id):
     return packet(PUBACK, 0, packet_id.to_bytes(2, "big"))
 
 
-PINGREQ_BYTES = b"\xc0\x00"
-PINGRESP_BYTES = b"\xd0\x00"
+_PINGREQ_BYTES = const(b"\xc0\x00")
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -353,7 +352,7 @@ class Client:
                 raise TransportError("mqtt: no PINGRESP within %d s" % (self.keepalive_ms // 1000))
         elif now_ms - self._last_sent_ms >= self.keepalive_ms // 2:
             # Half the interval: the broker allows 1.5x, so a slow link still keeps us alive.
-            self._send(PINGREQ_BYTES, now_ms)
+            self._send(_PINGREQ_BYTES, now_ms)
             self._ping_sent_ms = now_ms
 
     def connection_lost(self):

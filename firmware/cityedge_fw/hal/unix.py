@@ -137,21 +137,22 @@ class Board(BaseBoard):
         return int(time.time()) if self._clock_set else None
 
     # the simulated parts load with the first sensor, each bus and part with the first
-    # sensor that needs it: a board without sensors never has them
+    # sensor that needs it: a board without sensors never has them; the parts other than
+    # the SHT3x come through ``unix_parts``, loaded only for a sensor of theirs
     def i2c(self, bus_id, sda, scl, freq):
         from ..sensors.sim import I2CBus
 
         return I2CBus(self.clock)
 
     def onewire(self, pin):
-        from ..sensors.sim_onewire import OneWireBus
+        from .unix_parts import onewire
 
-        return OneWireBus(self.clock)
+        return onewire(self.clock)
 
     def adc(self, pin):
-        from ..sensors.sim_adc import SimADC
+        from .unix_parts import adc
 
-        return SimADC()
+        return adc()
 
     def sensor(self, spec):
         driver = BaseBoard.sensor(self, spec)
@@ -160,13 +161,8 @@ class Board(BaseBoard):
             from ..sensors.sim import SHT3xDevice
 
             driver.i2c.attach(driver.address, SHT3xDevice(self.clock))
-        elif kind == "scd4x":
-            from ..sensors.sim_scd4x import SCD4xDevice
+        elif kind != "adc":
+            from .unix_parts import attach
 
-            driver.i2c.attach(driver.address, SCD4xDevice(self.clock))
-        elif kind == "ds18b20":
-            from ..sensors.sim_onewire import DS18B20Device
-
-            rom = spec.get("rom")
-            driver.ow.attach(DS18B20Device(self.clock, rom=bytes.fromhex(rom) if rom else None))
+            attach(driver, spec, self.clock)
         return driver

@@ -41,3 +41,9 @@ class SHT3x:
         t = -45 + 175 * ((buf[0] << 8) | buf[1]) / 65535
         rh = 100 * ((buf[3] << 8) | buf[4]) / 65535
         return [(self._names[0], "Cel", round(t, 2)), (self._names[1], "%RH", round(rh, 2))]
+
+
+def wire(board: object, spec: dict) -> SHT3x:
+    """The driver for a (validated) configuration entry on ``board`` (``hal.BaseBoard``)."""
+    return SHT3x(spec["name"], board.i2c_bus(spec),  # type: ignore[attr-defined]
+                 spec.get("address", ADDRESS))
