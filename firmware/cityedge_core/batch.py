@@ -37,7 +37,7 @@ try:
     from micropython import const  # type: ignore[import-not-found]
 except ImportError:  # CPython
 
-    def const(x: int) -> int:
+    def const(x: Any) -> Any:
         return x
 
 
@@ -67,7 +67,7 @@ F_RECORDS = 7
 F_DROPPED = 8
 _KNOWN = (F_KIND, F_DEVICE, F_SEQ, F_PREV, F_BOOT, F_TIMEBASE, F_RECORDS, F_DROPPED)
 # a string, not a set: a 66-entry set costs 640 bytes of a device's heap
-_URN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:"
+_URN_CHARS = const("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:")
 
 
 def check_device_id(device: Any) -> None:
@@ -235,7 +235,7 @@ class BatchWriter:
 
 
 try:
-    import micropython  # type: ignore[import-not-found]  # noqa: F401 (tells the two apart)
+    import micropython  # type: ignore[import-not-found, unused-ignore]  # noqa: F401 (tells the two apart)
 except ImportError:  # CPython: the receiver side is part of this module's API
     from .batch_map import Batch as Batch
     from .batch_map import sign_batch as sign_batch

@@ -45,7 +45,7 @@ _FLOAT_INF = float("inf")
 
 
 try:
-    import micropython  # type: ignore[import-not-found]  # noqa: F401 (tells the two apart)
+    import micropython  # type: ignore[import-not-found, unused-ignore]  # noqa: F401 (tells the two apart)
 except ImportError:  # CPython: the value types are part of this module's API
     from .cbor_types import UNDEFINED as UNDEFINED
     from .cbor_types import Simple as Simple

@@ -34,7 +34,7 @@ try:
     from micropython import const  # type: ignore[import-not-found]
 except ImportError:  # CPython
 
-    def const(x: int) -> int:
+    def const(x: Any) -> Any:
         return x
 
 
@@ -109,7 +109,7 @@ def split_sign1(data: Any, max_bytes: int = _BATCH_MAX_BYTES) -> Any:
     return protected[5:], protected, payload, sig
 
 
-_PROTECTED_ES256 = b"\xa2\x01\x26\x04"  # map(2): alg (1) = ES256 (-7), kid (4) = ...
+_PROTECTED_ES256 = const(b"\xa2\x01\x26\x04")  # map(2): alg (1) = ES256 (-7), kid (4) = ...
 
 
 def _bstr_at(data: Any, pos: int) -> Any:

@@ -56,10 +56,7 @@ except ImportError:  # CPython
         return x
 
 
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose

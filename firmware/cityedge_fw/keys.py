@@ -6,10 +6,19 @@ the trust store for an unlock command); a boot-only module, unloaded with ``main
 Measured (unix port, ROMFS): 0.5 KiB of heap for the module while it is loaded.
 """
 
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
 from cityedge_core import cose, p256
 from cityedge_core.errors import LocalError
 
-_SEC1_PREFIX = b"\x02\x01\x01\x04\x20"  # ECPrivateKey: version 1, privateKey OCTET STRING(32)
+# ECPrivateKey: version 1, privateKey OCTET STRING(32)
+_SEC1_PREFIX = const(b"\x02\x01\x01\x04\x20")
 
 
 def read_file(path):

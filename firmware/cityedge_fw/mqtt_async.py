@@ -19,12 +19,8 @@ Connections run on MicroPython (its ``tls`` module with DER certificates, its as
 I/O queue); the rest of the module also imports on CPython (tests).
 """
 
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 import gc
-
-try:
-    import asyncio
-except ImportError:  # pragma: no cover - old MicroPython
-    import uasyncio as asyncio  # type: ignore[no-redef]
 
 try:
     from asyncio import core as _aio  # MicroPython's scheduler, with its I/O wait queue
@@ -57,10 +53,10 @@ _READ_CHUNK = const(256)
 try:
     from time import ticks_diff, ticks_ms  # type: ignore[attr-defined]
 except ImportError:  # CPython
-    import time as _time
+    from time import monotonic
 
     def ticks_ms():
-        return int(_time.monotonic() * 1000)
+        return int(monotonic() * 1000)
 
     def ticks_diff(a, b):
         return a - b

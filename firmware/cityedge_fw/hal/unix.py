@@ -21,7 +21,7 @@ The boot (``main.boot``) takes from the environment what a board has in hardware
 ``CITYEDGE_SERIAL``, ``CITYEDGE_DEVICE``, ``CITYEDGE_MODEL``: what provisioning reports
 (a board reads them from its chip; the device URN defaults to the configuration's)
 
-The provisioning line and the flash image are in ``unix_io``, loaded only when the
+The provisioning line, ``info`` and the flash image are in ``unix_io``, loaded only when the
 environment asks for them.
 """
 
@@ -101,26 +101,17 @@ class Board(BaseBoard):
 
     @classmethod
     def provisioning_uart(cls):
-        line = os.getenv("CITYEDGE_UART")
-        if not line:
+        if not os.getenv("CITYEDGE_UART"):
             return None
-        if line != "stdio":
-            raise ValueError("unix board: CITYEDGE_UART=%r: only 'stdio' is supported" % line)
-        from .unix_io import StdioUart
+        from .unix_io import stdio_uart
 
-        return StdioUart()
+        return stdio_uart()
 
     @classmethod
     def info(cls, root):
-        from .. import VERSION
+        from .unix_io import info
 
-        device = os.getenv("CITYEDGE_DEVICE")
-        serial = os.getenv("CITYEDGE_SERIAL")
-        if not device or not serial:
-            raise ValueError("unix board: set CITYEDGE_SERIAL and CITYEDGE_DEVICE (what a "
-                             "board reads from its chip)")
-        return {"model": os.getenv("CITYEDGE_MODEL") or cls.model, "serial": serial,
-                "device": device, "firmware": VERSION}
+        return info(cls.model)
 
     def __init__(self, config=None):
         super().__init__(config)

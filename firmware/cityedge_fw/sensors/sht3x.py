@@ -16,7 +16,7 @@ except ImportError:  # CPython
 from . import SensorFault, check_words, sleep_ms
 
 ADDRESS = 0x44  # ADDR pin low; 0x45 when high
-_MEASURE_HIGH = b"\x24\x00"
+_MEASURE_HIGH = const(b"\x24\x00")
 _MEASURE_MS = const(16)  # ms: maximum duration at high repeatability (15.5) rounded up
 
 
