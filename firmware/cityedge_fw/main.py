@@ -91,12 +91,19 @@ def build(cfg, board=None, board_class=None):
     st = cfg.get("store", {})
     broker = cfg["broker"]
     device = cfg.get("device") or board.device_id()
+    # the agent's topics under the configured prefix, from the core's topic scheme (loaded
+    # for this only: the running agent keeps the four strings)
+    from cityedge_core import topics
+
+    names = topics.device_topics(device, cfg.get("topic_prefix", topics.PREFIX))
+    topics = None
+    unload("cityedge_core.topics")
     a = agent.Agent(
         board, device, key, kid,
         store.RingBuffer(st.get("dir", "/buffer"), checked["buffer_budget_bytes"]),
         store.State(st.get("state", "/state.cbor")),
         checked, broker["host"], broker.get("port", 8883), ssl_ctx,
-        broker.get("server_hostname"), fleet_keys, board.sensors(cfg))
+        broker.get("server_hostname"), fleet_keys, board.sensors(cfg), names)
     # Every module the running agent loads for a moment only (the drop ledger, the link's
     # backoff, the command gate and the decoders) is loaded once now, then unloaded, so
     # that its names are interned at boot. Interned names stay (``unload``) in pools that
@@ -114,13 +121,7 @@ def build(cfg, board=None, board_class=None):
     return a
 
 
-def _machine_reset():
-    import machine  # type: ignore[import-not-found]
-
-    machine.reset()
-
-
-def main(uart=None, info=None, root="/", reset=_machine_reset, agent=None,
+def main(uart=None, info=None, root="/", reset=None, agent=None,
          board_class=None, run_agent=None, config_file=None):
     """Boot: provisioning mode while not locked (given the board's ``uart`` and ``info``
     ``{"model", "serial", "device", "firmware"}``), then the agent: built in the boot
@@ -136,6 +137,10 @@ def main(uart=None, info=None, root="/", reset=_machine_reset, agent=None,
         from . import provision, provision_main
 
         fresh = not provision.is_locked(root)
+        if reset is None:
+            import machine  # type: ignore[import-not-found]
+
+            reset = machine.reset
         if not provision_main.board_boot(uart, root, info, reset=reset):
             return False
         if fresh:

@@ -70,13 +70,6 @@ _CONNACK_TEXT = const(("", "unacceptable protocol version", "client identifier r
                  "server unavailable", "bad user name or password", "not authorized"))
 
 
-def connect_refused(code):
-    """The error for a CONNACK with return code ``code`` (a ``TransportError``: plain
-    exception classes, not one per case, as each class costs ~300 bytes of device heap)."""
-    text = _CONNACK_TEXT[code] if code < len(_CONNACK_TEXT) else "unknown"
-    return TransportError("mqtt: broker refused the connection: %s (code %d)" % (text, code))
-
-
 # Events returned by ``feed`` are tuples (cheaper than classes on a 64 KiB heap):
 #   (CONNACK, session_present)        CONNACK accepted
 #   (PUBACK, packet_id)               our QoS 1 publish was acknowledged
@@ -111,9 +104,9 @@ def encode_str(s, limit=_MAX_TOPIC_BYTES):
     return len(b).to_bytes(2, "big") + b
 
 
-def packet(ptype, flags, body):
-    """Fixed header + body."""
-    return bytes([(ptype << 4) | flags]) + encode_length(len(body)) + body
+def packet(ptype, flags, data):
+    """Fixed header + body (``data``)."""
+    return bytes([(ptype << 4) | flags]) + encode_length(len(data)) + data
 
 
 def encode_connect(client_id, keepalive_s, clean_session, username=None):
@@ -197,16 +190,16 @@ def split_packet(buf, max_packet=_MAX_PACKET_BYTES):
     return buf[0] >> 4, buf[0] & 0x0F, i, i + length
 
 
-def decode_str(body, pos):
+def decode_str(data, pos):
     """Read a length-prefixed UTF-8 string; returns (text, next position)."""
-    if pos + 2 > len(body):
+    if pos + 2 > len(data):
         raise MalformedError("mqtt: string length runs past the packet")
-    n = (body[pos] << 8) | body[pos + 1]
+    n = (data[pos] << 8) | data[pos + 1]
     end = pos + 2 + n
-    if end > len(body):
+    if end > len(data):
         raise MalformedError("mqtt: string runs past the packet")
     try:
-        text = bytes(body[pos + 2:end]).decode()
+        text = bytes(data[pos + 2:end]).decode()
     except UnicodeError as e:
         raise MalformedError("mqtt: string is not UTF-8") from e
     if "\x00" in text:
@@ -214,29 +207,29 @@ def decode_str(body, pos):
     return text, end
 
 
-def decode_publish(flags, body):
-    """PUBLISH body -> (topic, payload, qos, retain, dup, packet_id)."""
+def decode_publish(flags, data):
+    """A PUBLISH body (``data``) -> (topic, payload, qos, retain, dup, packet_id)."""
     qos = (flags >> 1) & 3
     if qos == 3:
         raise MalformedError("mqtt: PUBLISH with QoS 3")
-    topic, pos = decode_str(body, 0)
+    topic, pos = decode_str(data, 0)
     if not topic or "+" in topic or "#" in topic:
         raise MalformedError("mqtt: PUBLISH with bad topic name %r" % topic)
     packet_id = 0
     if qos:
-        if pos + 2 > len(body):
+        if pos + 2 > len(data):
             raise MalformedError("mqtt: PUBLISH without packet id")
-        packet_id = (body[pos] << 8) | body[pos + 1]
+        packet_id = (data[pos] << 8) | data[pos + 1]
         pos += 2
         if packet_id == 0:
             raise MalformedError("mqtt: PUBLISH with packet id 0")
-    return topic, bytes(body[pos:]), qos, bool(flags & 1), bool(flags & 8), packet_id
+    return topic, bytes(data[pos:]), qos, bool(flags & 1), bool(flags & 8), packet_id
 
 
-def _packet_id(body, name):
-    if len(body) != 2:
-        raise MalformedError("mqtt: %s of %d bytes, expected 2" % (name, len(body)))
-    return (body[0] << 8) | body[1]
+def _packet_id(data, name):
+    if len(data) != 2:
+        raise MalformedError("mqtt: %s of %d bytes, expected 2" % (name, len(data)))
+    return (data[0] << 8) | data[1]
 
 
 def _frozen(payload):
@@ -392,30 +385,32 @@ class Client:
         self._in = buf[start:] if start < len(buf) else b""
         return events
 
-    def _handle(self, ptype, flags, body, events, now_ms):
+    def _handle(self, ptype, flags, data, events, now_ms):
         if self.state == _CONNECTING:
             if ptype != CONNACK:
                 raise MalformedError("mqtt: expected CONNACK, got packet type %d" % ptype)
-            if len(body) != 2 or flags:
+            if len(data) != 2 or flags:
                 raise MalformedError("mqtt: malformed CONNACK")
-            if body[1]:
+            code = data[1]
+            if code:  # a ``TransportError``, not a class per case (~300 bytes each)
                 self.state = DISCONNECTED
-                raise connect_refused(body[1])
+                raise TransportError("mqtt: broker refused the connection: %s (code %d)" % (
+                    _CONNACK_TEXT[code] if code < len(_CONNACK_TEXT) else "unknown", code))
             self.state = CONNECTED
             self.sessions += 1
-            events.append((CONNACK, bool(body[0] & 1)))
+            events.append((CONNACK, bool(data[0] & 1)))
             for item in self._inflight:  # §4.4: re-send unacknowledged, in order, DUP set
                 self._send_publish(item[1], item[2], 1, item[3], item[0], True, now_ms)
             return
         if ptype == PUBLISH:
-            topic, payload, qos, retain, _dup, packet_id = decode_publish(flags, body)
+            topic, payload, qos, retain, _dup, packet_id = decode_publish(flags, data)
             if qos == 2:
                 raise MalformedError("mqtt: QoS 2 PUBLISH on a QoS 1 subscription")
             if qos == 1:
                 self._send(encode_puback(packet_id), now_ms)
             events.append((PUBLISH, topic, payload, retain))
         elif ptype == PUBACK:
-            packet_id = _packet_id(body, "PUBACK")
+            packet_id = _packet_id(data, "PUBACK")
             for i, item in enumerate(self._inflight):
                 if item[0] == packet_id:
                     del self._inflight[i]
@@ -423,12 +418,12 @@ class Client:
                     break
             # A PUBACK for an id we no longer hold (answer to a DUP): nothing to do.
         elif ptype == SUBACK:
-            if len(body) < 3:
+            if len(data) < 3:
                 raise MalformedError("mqtt: SUBACK without return codes")
-            packet_id = (body[0] << 8) | body[1]
+            packet_id = (data[0] << 8) | data[1]
             if packet_id in self._pending_subs:
                 self._pending_subs.remove(packet_id)
-            events.append((SUBACK, packet_id, bytes(body[2:])))
+            events.append((SUBACK, packet_id, bytes(data[2:])))
         elif ptype == PINGRESP:
             self._ping_sent_ms = None
             events.append((PINGRESP,))

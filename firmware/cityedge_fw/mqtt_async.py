@@ -84,7 +84,7 @@ def sleep_ms(ms):
     return asyncio.sleep(ms / 1000)  # CPython
 
 
-def tls_context(cert_der, key_der, ca_der):
+def tls_context(cert, key, ca):
     """A TLS client context with our certificate and the city CA.
 
     MicroPython's native ``tls`` module (1.23+): its context does all ``asyncio`` needs,
@@ -92,8 +92,8 @@ def tls_context(cert_der, key_der, ca_der):
     import tls  # type: ignore[import-not-found]
 
     ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
-    ctx.load_cert_chain(cert_der, key_der)
-    ctx.load_verify_locations(ca_der)  # the native method takes cadata positionally
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)  # the native method takes cadata positionally
     ctx.verify_mode = tls.CERT_REQUIRED
     return ctx
 

@@ -36,7 +36,7 @@ sys.path.insert(0, %(firmware)r)
 from cityedge_fw import hal, config
 from cityedge_fw.sensors import SensorFault
 cfg = config.validate(json.loads(%(config)r))
-board = hal.get_board(cfg)
+board = hal.board_class()(cfg)
 out = {"name": board.name, "device": board.device_id(), "time": board.unix_time(),
        "heap": board.free_heap(), "ticks": board.ticks_ms(), "net": board.connect_network()}
 board.wdt_feed()
@@ -107,7 +107,7 @@ def test_unix_board_runs_real_drivers_on_simulated_parts(mpy_tree: Path) -> None
 def test_unix_board_without_a_device_id_says_so(mpy_tree: Path) -> None:
     script = (
         "import sys\nsys.path.insert(0, %r)\nfrom cityedge_fw import hal\n"
-        "import json\ntry:\n    hal.get_board({}).device_id()\nexcept ValueError as e:\n"
+        "import json\ntry:\n    hal.board_class()({}).device_id()\nexcept ValueError as e:\n"
         "    print(json.dumps({'error': str(e)}))\n" % str(mpy_tree)
     )
     assert "must name the" in _mp(script)["error"]

@@ -1,4 +1,4 @@
-"""Board support: ``get_board()`` returns the board object the agent runs on.
+"""Board support: ``board_class()`` is the class of the board the agent runs on.
 
 Every board has the same members: ``name``, ``device_id()`` (RFC 9039
 ``urn:dev:mac:<12 hex>``), ``connect_network() -> bool``, ``wdt_feed()``, ``free_heap()``,
@@ -87,22 +87,22 @@ class BaseBoard:
     # -- sensors: ``i2c(bus_id, sda, scl, freq)``, ``onewire(pin)`` and ``adc(pin)`` are the
     # board's (``mcu.McuBoard``: ``machine``'s buses; the unix board: simulated ones) -----
 
-    def _bus(self, key: int, make: object, *args: object) -> object:
-        bus = self._buses.get(key)
-        if bus is None:
-            bus = self._buses[key] = make(*args)  # type: ignore[operator]
-        return bus
-
     def i2c_bus(self, spec: dict) -> object:
         """The I2C bus a sensor entry names (``i2c``, ``sda``, ``scl``, ``freq``), made
         once per bus id and shared by the sensors on it."""
         n = spec.get("i2c", 0)
-        return self._bus(n, self.i2c, n, spec["sda"], spec["scl"],  # type: ignore[attr-defined]
-                         spec.get("freq", 100000))
+        bus = self._buses.get(n)
+        if bus is None:
+            bus = self._buses[n] = self.i2c(  # type: ignore[attr-defined]
+                n, spec["sda"], spec["scl"], spec.get("freq", 100000))
+        return bus
 
     def onewire_bus(self, pin: int) -> object:
         """The 1-Wire bus on ``pin``, made once per pin (keyed ``~pin``: never an I2C id)."""
-        return self._bus(~pin, self.onewire, pin)  # type: ignore[attr-defined]
+        bus = self._buses.get(~pin)
+        if bus is None:
+            bus = self._buses[~pin] = self.onewire(pin)  # type: ignore[attr-defined]
+        return bus
 
     def sensor(self, spec: dict) -> object:
         """The driver for one (validated) ``config.sensors`` entry, wired to this board by
@@ -136,9 +136,3 @@ def board_class() -> type:
     else:
         raise ValueError("cityedge: no board support for platform %r" % sys.platform)
     return Board
-
-
-def get_board(config: dict | None = None) -> BaseBoard:
-    """The board for this port, made for ``config``."""
-    board: BaseBoard = board_class()(config)
-    return board
