@@ -77,6 +77,10 @@ def sig_structure(protected_raw: bytes, payload: bytes, external_aad: bytes = b"
     ))
 
 
+# (a private const must come before its first use: the compiler folds it from there)
+_PROTECTED_ES256 = const(b"\xa2\x01\x26\x04")  # map(2): alg (1) = ES256 (-7), kid (4) = ...
+
+
 def split_sign1(data: Any, max_bytes: int = _BATCH_MAX_BYTES) -> Any:
     """``(kid, protected_raw, payload, signature)`` of a COSE_Sign1 in exactly the form
     ``encode_sign1`` writes: tag 18, four items with shortest heads, the protected header
@@ -109,7 +113,6 @@ def split_sign1(data: Any, max_bytes: int = _BATCH_MAX_BYTES) -> Any:
     return protected[5:], protected, payload, sig
 
 
-_PROTECTED_ES256 = const(b"\xa2\x01\x26\x04")  # map(2): alg (1) = ES256 (-7), kid (4) = ...
 
 
 def _bstr_at(data: Any, pos: int) -> Any:
