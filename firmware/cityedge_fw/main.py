@@ -24,12 +24,26 @@ The agent's boot order, the smallest heap first in mind (``docs/ARCHITECTURE.md`
    (``build``); the boot-only modules are unloaded (``cityedge_fw.unload``) and this
    module is emptied (``_drop_boot_code``) before the agent runs.
 
-Measured heap (issue 13; unix port, 64-bit, code in the built ROMFS image, in use after a
-collection, ``micropython.qstr_info()`` for the interned names), the unix HAL board with
-one simulated SHT3x: 21.2 KiB once this module and ``hal`` are loaded (274 names), 27.1
-with the board's class, 33.6 after ``config.load`` (368 names), 65.5 once ``build``
-returned (683 names: six pools, the sixth 7.5 KiB), at most 71.2 while streaming; it
-streams at 78 KiB. The tests' stand-in board: see ``fw_harness.HEAP``.
+Measured heap (issue 13; unix port, 64-bit, code in the built ROMFS image, the unix HAL
+board with one simulated SHT3x; KiB in use after a collection at 256 KiB, after boot /
+the most while streaming 20 s / interned names, ``micropython.qstr_info()``):
+
+================================================================  ====  ======  =============
+step                                                              boot  stream  names
+================================================================  ====  ======  =============
+before                                                            66.2  71.8    682 (6 pools)
+``limits`` copies, MQTT test-only constants private, per-type     65.2  70.8    630 (6)
+sensor wiring
+byte/str constants folded, no ``uasyncio``, unix ``info`` in      58.1  63.8    612 (5)
+``unix_io``
+topics under ``topic_prefix`` (+24 names), paid for by name cuts  58.1  63.6    610 (5)
+final                                                             58.1  63.6    609 (5)
+================================================================  ====  ======  =============
+
+It streams at 72 KiB (``tests/firmware/test_boot.py``'s ``BOOT_HEAP``; 78 before), not at
+64: docs/ARCHITECTURE.md, "Memory on the device". Five pools hold 620 names: 11 are left
+before the sixth (7.5 KiB in one block). The tests' stand-in board: see
+``fw_harness.HEAP``.
 
 The configuration is a JSON map (checked by ``config.load``):
 
@@ -38,6 +52,8 @@ The configuration is a JSON map (checked by ``config.load``):
                device's P-256 key (SEC1 or PKCS#8 DER), used for TLS *and* batch signing
 ``fleet_keys`` paths of fleet public keys (65-byte SEC1 points) trusted for commands
 ``store``      ``{"dir": "/buffer", "state": "/state.cbor"}``
+``topic_prefix`` optional, ``"ce/v1"`` (``topics.PREFIX``) only: the agent's topics are
+               ``topics.device_topics(device, prefix)``, worked out in ``build``
 ``agent``      agent settings (``settings.DEFAULTS``); ``device`` overrides the board's URN
 
 Errors that stop the boot (no key, no certificate) are printed and re-raised: the board

@@ -15,6 +15,7 @@ The boot (``main.boot``) takes from the environment what a board has in hardware
                      buffer there: stopping and starting it is a power cycle)
 ``CITYEDGE_SECONDS`` stop the agent after this many seconds (the simulator's ``--seconds``)
 ``CITYEDGE_REPORT``  ``1``: print a line on stdout whenever the agent's counters move
+                     (after ``micropython.qstr_info()``'s, the interned names' pools)
 ``CITYEDGE_UART``    ``stdio``: the provisioning line is the process's stdin/stdout (a
                      pseudo-terminal, as ``cityedge_provision.simdevice`` runs it); unset:
                      no provisioning mode, the agent starts (the simulator, the tests)
@@ -43,11 +44,14 @@ async def _report(agent):
     import asyncio
     import gc
 
+    import micropython
+
     last = None
     while True:
         now = (agent.writer.seq, agent.store.count, agent.published, agent.link.connects)
         if now != last:
             gc.collect()
+            micropython.qstr_info()  # the interned names' pools: none may be added
             print("sim: seq=%d buffered=%d published=%d connects=%d heap_free=%d %s" % (
                 now + (gc.mem_free(), agent.last_error or agent.link.last_error or "")))
             last = now
