@@ -12,7 +12,16 @@ it has signed and stored a batch. After ``WARMUP_S`` the counters are read twice
 the broker (PUBACK, removed from flash). The sustained rate is the smaller of the two; the
 buffer depth at the end shows whether forwarding kept up.
 
-Heap: ``BENCH_HEAP`` is the firmware tests' (``fw_harness.HEAP``, 72 KiB: what the
+Heap on the board's path (``board_path_heap``): the heap figure of the report is measured
+as a board boots, not on the stand-in board: the built ``main.py`` (``make firmware``:
+``main.boot()``, the unix HAL board with one simulated SHT3x, the same ``config.json`` as
+``tests/firmware/test_boot.py``, the same order) at ``BOARD_HEAP`` (test_boot's
+``BOOT_HEAP``), streaming ``BOARD_SECONDS`` at a real rate (a sweep a second, 10-reading
+batches, the schedule clock 10 times fast) to an mTLS Mosquitto: heap in use after boot,
+the most in use after a collection while streaming, the least free, the interned names and
+their pools, MemoryErrors survived; every batch received is verified.
+
+Throughput: ``BENCH_HEAP`` is the firmware tests' (``fw_harness.HEAP``: what the
 stand-in board's boot path needs); the baseline is the same agent at ``BASELINE_HEAP``
 (256 KiB), runs alternated, so the ratio says what the small heap costs. Flat out, signing
 outruns forwarding, so a backlog builds on flash while the run lasts; the ring buffer's
@@ -35,6 +44,9 @@ batch; the JSON publishers one per packet. TCP/IP headers are left out.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,9 +68,11 @@ from fw_harness import (  # noqa: E402
     compile_device,
     device_argv,
     device_env,
+    qstr_pools,
 )
 from fw_harness import result as device_result  # noqa: E402
 
+from cityedge import build_firmware  # noqa: E402
 from cityedge_core import cose, senml  # noqa: E402
 from cityedge_core.batch import Batch  # noqa: E402
 
@@ -70,7 +84,9 @@ TIME_SCALE = 100_000  # the agent's largest accelerated clock: a 1 s interval be
 WARMUP_S = 4  # seconds before the window: connect, first batches
 WINDOW_S = 10  # seconds measured
 RUNS = 3
-BENCH_HEAP = HEAP  # the firmware tests' heap: 72 KiB unless CE_TEST_HEAP says otherwise
+BENCH_HEAP = HEAP  # the firmware tests' heap (``fw_harness.HEAP``; CE_TEST_HEAP overrides)
+BOARD_HEAP = os.environ.get("CE_BOOT_HEAP", "72k")  # test_boot's BOOT_HEAP
+BOARD_SECONDS = 30
 BASELINE_HEAP = "256k"  # the same agent with room to spare: what the small heap costs
 TLS_RECORD_OVERHEAD = 29  # bytes: TLS 1.2 AES-GCM record header 5 + nonce 8 + tag 16
 PUBACK_BYTES = 4  # MQTT 3.1.1 PUBACK packet
@@ -103,6 +119,85 @@ def run_device(mpy: Path, work: Path, broker: Mosquitto, pki: TestPKI, creds: Cr
     r["signed_per_s"] = (s1 - s0) / dt
     r["acked_per_s"] = (p1 - p0) / dt
     return r
+
+
+# The built main.py's boot (``main.boot``) with the agent run by this supervisor instead
+# of the board's own loop: heap after boot, then every 50 ms a collection and the figures.
+# Its names are ones the firmware interns anyway (``boot``, ``seq``, ``tick``, ...), so the
+# name count is the board's.
+BOARD_PROGRAM = """
+import gc, micropython, time, asyncio
+from cityedge_fw import main
+def boot(agent):
+    gc.collect()
+    print("BOOT %%d" %% gc.mem_alloc())
+    micropython.qstr_info()
+    seq = [0, 1 << 30]
+    async def tick():
+        tasks = asyncio.create_task(agent.run())
+        size = time.ticks_ms()
+        while time.ticks_diff(time.ticks_ms(), size) < %d:
+            await asyncio.sleep_ms(50)
+            gc.collect()
+            if gc.mem_alloc() > seq[0]: seq[0] = gc.mem_alloc()
+            if gc.mem_free() < seq[1]: seq[1] = gc.mem_free()
+            if tasks.done():
+                break
+        tasks.cancel()
+    agent.board.connect_network()
+    asyncio.run(tick())
+    print("PEAK %%d %%d %%d %%d" %% (seq[0], seq[1], agent.published, agent.mem_errors))
+    micropython.qstr_info()
+main.boot(boot)
+"""
+
+
+def board_path_heap(work: Path, pki: TestPKI, creds: Credentials,
+                    heap: str = BOARD_HEAP) -> dict[str, Any]:
+    """The board's boot path (module doc): heap after boot and while streaming."""
+    out = work / "build" / "firmware"
+    out.mkdir(parents=True)
+    build_firmware.build(out)
+    broker = Mosquitto(pki, work / "board-broker", clients=[DEVICE]).start()
+    sub = Subscriber(broker, pki)
+    flash = work / "board-flash"
+    flash.mkdir()
+    for src, name in ((creds.cert_der, "cert.der"), (creds.key_der, "key.der"),
+                      (pki.ca_der, "ca.der")):
+        shutil.copy(src, flash / name)
+    (flash / "config.json").write_text(json.dumps({
+        "device": DEVICE,
+        "broker": {"host": "127.0.0.1", "port": broker.port, "server_hostname": "localhost"},
+        "tls": {"cert": str(flash / "cert.der"), "key": str(flash / "key.der"),
+                "ca": str(flash / "ca.der")},
+        "store": {"dir": str(flash / "buffer"), "state": str(flash / "state.cbor")},
+        "sensors": [{"type": "sht3x", "name": "air", "i2c": 0, "sda": 21, "scl": 22}],
+        "agent": {"sample_interval_s": 1, "batch_readings": 10, "time_scale": 10,
+                  "status_interval_s": 5}}))
+    argv = [sys.executable, "-m", "cityedge.romfs", "--image", str(out.with_name("firmware.romfs")),
+            "-X", "heapsize=" + heap, "-c", BOARD_PROGRAM % (BOARD_SECONDS * 1000)]
+    env = {"MICROPYPATH": ".frozen", "PATH": os.environ.get("PATH", ""),
+           "CITYEDGE_FLASH": str(flash)}
+    try:
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True,
+                              timeout=BOARD_SECONDS + 120)
+        boot = re.search(r"^BOOT (\d+)$", proc.stdout, re.M)
+        peak = re.search(r"^PEAK (\d+) (\d+) (\d+) (\d+)$", proc.stdout, re.M)
+        if proc.returncode != 0 or boot is None or peak is None:
+            raise RuntimeError("bench: the board's path failed at heap %s:\n%s\n%s"
+                               % (heap, proc.stdout[-2000:], proc.stderr[-3000:]))
+        batches = len(check_chain(sub.readings(), creds))
+    finally:
+        sub.close()
+        broker.cleanup()
+    pools = qstr_pools(proc.stdout)
+    return {"heap": heap, "seconds": BOARD_SECONDS, "boot_used_bytes": int(boot.group(1)),
+            "peak_used_after_gc_bytes": int(peak.group(1)),
+            "min_free_bytes": int(peak.group(2)), "published": int(peak.group(3)),
+            "mem_errors": int(peak.group(4)), "verified_batches": batches,
+            "qstr_pools": pools[0][0], "names": pools[0][1],
+            "names_at_end": pools[-1][1], "memory_error_printed": "MemoryError" in
+            proc.stdout + proc.stderr}
 
 
 def publish_bytes(topic: str, payload_len: int, writes: int) -> int:
@@ -145,6 +240,7 @@ def firmware_bench() -> dict[str, Any]:
         mpy = compile_device(work / "mpy")
         pki = TestPKI(work / "pki")
         creds = pki.issue_client(DEVICE)
+        board = board_path_heap(work, pki, creds)
         runs: list[dict[str, Any]] = []
         baseline: list[dict[str, Any]] = []
         wire: dict[str, float] = {}
@@ -184,6 +280,7 @@ def firmware_bench() -> dict[str, Any]:
         "peak_used_after_gc_bytes": max(r["max_alloc"] for r in runs),
         "min_free_bytes": min(r["min_free"] for r in runs),
         "wire": wire,
+        "board_path": board,
     }
 
 
@@ -209,6 +306,15 @@ def report(f: dict[str, Any]) -> None:
                                                    f["baseline_mem_errors"]))
     print("  largest heap in use after GC            %8d bytes; least free %d bytes"
           % (f["peak_used_after_gc_bytes"], f["min_free_bytes"]))
+    b = f["board_path"]
+    print("The board's boot path (built main.py, unix HAL board, one SHT3x), heap %s, %d s "
+          "streaming:" % (b["heap"], b["seconds"]))
+    print("  heap in use after boot                  %8d bytes; %d interned names in %d pools"
+          % (b["boot_used_bytes"], b["names"], b["qstr_pools"]))
+    print("  largest heap in use after GC            %8d bytes; least free %d bytes"
+          % (b["peak_used_after_gc_bytes"], b["min_free_bytes"]))
+    print("  batches verified / acknowledged         %8d / %d; MemoryErrors survived %d"
+          % (b["verified_batches"], b["published"], b["mem_errors"]))
     print("Bytes on the wire per reading (%d readings; MQTT QoS 1 + PUBACK + TLS records):"
           % w["readings"])
     print("  signed CBOR batch (ours)                %8.1f  (payload alone %.1f)"

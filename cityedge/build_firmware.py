@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 PACKAGES = ("cityedge_core", "cityedge_fw")  # each with its manifest.py
 # modules that exist only for the unix port: not frozen into board images
-UNIX_ONLY = ("cityedge_fw/hal/unix.py", "cityedge_fw/hal/unix_io.py", "cityedge_fw/sensors/sim.py",
+UNIX_ONLY = ("cityedge_fw/hal/unix.py", "cityedge_fw/hal/unix_io.py",
+             "cityedge_fw/hal/unix_parts.py", "cityedge_fw/sensors/sim.py",
              "cityedge_fw/sensors/sim_adc.py", "cityedge_fw/sensors/sim_onewire.py",
              "cityedge_fw/sensors/sim_scd4x.py")
 

@@ -33,8 +33,23 @@ try:
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
-from . import cbor, cose, limits
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: Any) -> Any:
+        return x
+
+
+from . import cbor, cose
 from .errors import LimitError, MalformedError
+
+# limits (``limits``) as private consts: the compiler folds them, and the device
+# never loads ``limits`` (its names would be interned: "Memory on the device");
+# tests/core/test_limit_copies.py holds them equal to ``limits``
+_BATCH_MAX_BYTES = const(16384)
+_BATCH_MAX_RECORDS = const(256)
+_DEVICE_ID_MAX_CHARS = const(128)
 
 KIND_READINGS = 0
 KIND_DROP = 1
@@ -52,15 +67,15 @@ F_RECORDS = 7
 F_DROPPED = 8
 _KNOWN = (F_KIND, F_DEVICE, F_SEQ, F_PREV, F_BOOT, F_TIMEBASE, F_RECORDS, F_DROPPED)
 # a string, not a set: a 66-entry set costs 640 bytes of a device's heap
-_URN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:"
+_URN_CHARS = const("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:")
 
 
 def check_device_id(device: Any) -> None:
     """An RFC 9039 ``urn:dev:`` name that is also safe as an MQTT topic level and a CN."""
     if not isinstance(device, str):
         raise MalformedError("batch: device id must be text")
-    if len(device) > limits.DEVICE_ID_MAX_CHARS:
-        raise LimitError("batch: device id longer than %d" % limits.DEVICE_ID_MAX_CHARS)
+    if len(device) > _DEVICE_ID_MAX_CHARS:
+        raise LimitError("batch: device id longer than %d" % _DEVICE_ID_MAX_CHARS)
     if not device.startswith("urn:dev:") or len(device) < 10:
         raise MalformedError("batch: device id %r is not an RFC 9039 urn:dev: name" % device)
     if device.strip(_URN_CHARS):  # something is left: a character outside the set
@@ -95,8 +110,8 @@ class RecordBuffer:
 
     def add(self, record: Any) -> None:
         """Append one SenML record (a dict keyed by CBOR labels)."""
-        if self.count >= limits.BATCH_MAX_RECORDS:
-            raise ValueError("batch full: %d records" % limits.BATCH_MAX_RECORDS)
+        if self.count >= _BATCH_MAX_RECORDS:
+            raise ValueError("batch full: %d records" % _BATCH_MAX_RECORDS)
         enc = bytearray()
         cbor.encode_into(enc, record)
         end = self.size + len(enc)
@@ -202,7 +217,7 @@ class BatchWriter:
             self.device, self.seq + 1, self.head, boot, timebase, kind, records, dropped
         )
         size = len(parts[0]) + len(parts[1]) + len(parts[2])
-        if size + 128 > limits.BATCH_MAX_BYTES:
+        if size + 128 > _BATCH_MAX_BYTES:
             raise ValueError("batch too large: %d bytes payload" % size)
         chunks = cose.sign1_chunks(parts, self.signer, self.kid)
         h = hashlib.sha256()
@@ -220,7 +235,7 @@ class BatchWriter:
 
 
 try:
-    import micropython  # type: ignore[import-not-found]  # noqa: F401 (tells the two apart)
+    import micropython  # type: ignore[import-not-found, unused-ignore]  # noqa: F401 (tells the two apart)
 except ImportError:  # CPython: the receiver side is part of this module's API
     from .batch_map import Batch as Batch
     from .batch_map import sign_batch as sign_batch

@@ -28,13 +28,24 @@ try:
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
-from . import limits
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: int) -> int:
+        return x
+
+
+# limits (``limits``) as private consts: the compiler folds them, and the device
+# never loads ``limits`` (its names would be interned: "Memory on the device");
+# tests/core/test_limit_copies.py holds them equal to ``limits``
+_CBOR_MAX_DEPTH = const(16)
 
 _FLOAT_INF = float("inf")
 
 
 try:
-    import micropython  # type: ignore[import-not-found]  # noqa: F401 (tells the two apart)
+    import micropython  # type: ignore[import-not-found, unused-ignore]  # noqa: F401 (tells the two apart)
 except ImportError:  # CPython: the value types are part of this module's API
     from .cbor_types import UNDEFINED as UNDEFINED
     from .cbor_types import Simple as Simple
@@ -135,8 +146,8 @@ def _encode_int(out: bytearray, value: int) -> None:
 
 
 def _encode(out: bytearray, obj: Any, depth: int) -> None:
-    if depth > limits.CBOR_MAX_DEPTH:
-        raise ValueError("CBOR: structure nested deeper than %d" % limits.CBOR_MAX_DEPTH)
+    if depth > _CBOR_MAX_DEPTH:
+        raise ValueError("CBOR: structure nested deeper than %d" % _CBOR_MAX_DEPTH)
     if obj is False:
         out.append(0xF4)
     elif obj is True:

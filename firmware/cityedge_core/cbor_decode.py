@@ -12,9 +12,25 @@ try:
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
-from . import limits
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: int) -> int:
+        return x
+
+
 from .cbor import _FLOAT_INF
 from .errors import LimitError, MalformedError
+
+# limits (``limits``) as private consts: the compiler folds them, and the device
+# never loads ``limits`` (its names would be interned: "Memory on the device");
+# tests/core/test_limit_copies.py holds them equal to ``limits``
+_CBOR_MAX_BYTES = const(65536)
+_CBOR_MAX_DEPTH = const(16)
+_CBOR_MAX_ITEMS = const(4096)
+_CBOR_MAX_STRING = const(16384)
+_CBOR_MAX_BIGNUM_BYTES = const(64)
 
 _BREAK = object()
 
@@ -160,7 +176,7 @@ class _Decoder:
             if tag == 2 or tag == 3:
                 if not isinstance(value, bytes):
                     raise MalformedError("CBOR: bignum tag %d must wrap a byte string" % tag)
-                if len(value) > limits.CBOR_MAX_BIGNUM_BYTES:
+                if len(value) > _CBOR_MAX_BIGNUM_BYTES:
                     raise LimitError("CBOR: bignum longer than %d bytes" % len(value))
                 mag = int.from_bytes(value, "big") if value else 0
                 return mag if tag == 2 else -1 - mag
@@ -207,10 +223,10 @@ class _Decoder:
 
 def loads(
     data: Any,
-    max_bytes: int = limits.CBOR_MAX_BYTES,
-    max_depth: int = limits.CBOR_MAX_DEPTH,
-    max_items: int = limits.CBOR_MAX_ITEMS,
-    max_string: int = limits.CBOR_MAX_STRING,
+    max_bytes: int = _CBOR_MAX_BYTES,
+    max_depth: int = _CBOR_MAX_DEPTH,
+    max_items: int = _CBOR_MAX_ITEMS,
+    max_string: int = _CBOR_MAX_STRING,
 ) -> Any:
     """Decode exactly one CBOR item from ``data``; trailing bytes are an error."""
     obj, end = decode_prefix(data, max_bytes, max_depth, max_items, max_string)
@@ -221,10 +237,10 @@ def loads(
 
 def decode_prefix(
     data: Any,
-    max_bytes: int = limits.CBOR_MAX_BYTES,
-    max_depth: int = limits.CBOR_MAX_DEPTH,
-    max_items: int = limits.CBOR_MAX_ITEMS,
-    max_string: int = limits.CBOR_MAX_STRING,
+    max_bytes: int = _CBOR_MAX_BYTES,
+    max_depth: int = _CBOR_MAX_DEPTH,
+    max_items: int = _CBOR_MAX_ITEMS,
+    max_string: int = _CBOR_MAX_STRING,
 ) -> Any:
     """Decode the first CBOR item of ``data``; returns ``(item, bytes_used)``."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

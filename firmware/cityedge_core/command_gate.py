@@ -40,7 +40,7 @@ again with the answer kept, not refused anew); one for another device carries ne
 """
 
 try:
-    from typing import Any, Callable
+    from typing import Any
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
@@ -92,7 +92,7 @@ class CommandGate:
     """
 
     def __init__(self, device: str, fleet_keys: Any, state: Any,
-                 clock: Callable[[], int | None] | None, require_clock: bool = True) -> None:
+                 clock: Any, require_clock: bool = True) -> None:
         self.device = device
         self.fleet_keys = fleet_keys
         self.state = state

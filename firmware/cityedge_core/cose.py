@@ -30,8 +30,22 @@ try:
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
-from . import cbor, limits
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: Any) -> Any:
+        return x
+
+
+from . import cbor
 from .errors import LimitError, MalformedError
+
+# limits (``limits``) as private consts: the compiler folds them, and the device
+# never loads ``limits`` (its names would be interned: "Memory on the device");
+# tests/core/test_limit_copies.py holds them equal to ``limits``
+_BATCH_MAX_BYTES = const(16384)
+_KID_MAX_BYTES = const(64)
 
 COSE_SIGN1_TAG = 18
 ALG_ES256 = -7
@@ -63,7 +77,11 @@ def sig_structure(protected_raw: bytes, payload: bytes, external_aad: bytes = b"
     ))
 
 
-def split_sign1(data: Any, max_bytes: int = limits.BATCH_MAX_BYTES) -> Any:
+# (a private const must come before its first use: the compiler folds it from there)
+_PROTECTED_ES256 = const(b"\xa2\x01\x26\x04")  # map(2): alg (1) = ES256 (-7), kid (4) = ...
+
+
+def split_sign1(data: Any, max_bytes: int = _BATCH_MAX_BYTES) -> Any:
     """``(kid, protected_raw, payload, signature)`` of a COSE_Sign1 in exactly the form
     ``encode_sign1`` writes: tag 18, four items with shortest heads, the protected header
     ``{alg: ES256, kid: 1..23 bytes}``, no unprotected parameters, a 64-byte signature.
@@ -95,7 +113,6 @@ def split_sign1(data: Any, max_bytes: int = limits.BATCH_MAX_BYTES) -> Any:
     return protected[5:], protected, payload, sig
 
 
-_PROTECTED_ES256 = b"\xa2\x01\x26\x04"  # map(2): alg (1) = ES256 (-7), kid (4) = ...
 
 
 def _bstr_at(data: Any, pos: int) -> Any:
@@ -152,8 +169,8 @@ def sign1_chunks(parts: Any, signer: Any, kid: bytes, external_aad: bytes = b"")
     ``sign_digest`` (the pure-Python key) gets SHA-256 fed chunk by chunk, so the
     Sig_structure is never built either; any other signer gets its bytes.
     """
-    if not isinstance(kid, bytes) or len(kid) > limits.KID_MAX_BYTES:
-        raise ValueError("kid must be bytes of at most %d" % limits.KID_MAX_BYTES)
+    if not isinstance(kid, bytes) or len(kid) > _KID_MAX_BYTES:
+        raise ValueError("kid must be bytes of at most %d" % _KID_MAX_BYTES)
     protected_raw = cbor.dumps({HDR_ALG: ALG_ES256, HDR_KID: kid})
     size = 0
     for part in parts:
@@ -182,7 +199,7 @@ def sign1_chunks(parts: Any, signer: Any, kid: bytes, external_aad: bytes = b"")
             + tuple(parts) + (b"\x58\x40" + sig,))
 
 
-def decode_sign1(data: Any, allow_untagged: bool = False, max_bytes: int = limits.BATCH_MAX_BYTES,
+def decode_sign1(data: Any, allow_untagged: bool = False, max_bytes: int = _BATCH_MAX_BYTES,
                  loads: Any = None) -> Any:
     """Decode and check a COSE_Sign1 message; returns a ``cose_decode.Sign1``.
 

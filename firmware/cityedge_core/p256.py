@@ -121,13 +121,13 @@ def _mul_add(u1: int, x1: int, y1: int, u2: int, x2: int, y2: int) -> Any:
     return acc
 
 
-def _hmac_sha256(key: bytes, msg: bytes) -> bytes:
+def _hmac_sha256(key: bytes, message: bytes) -> bytes:
     # RFC 2104; written out because MicroPython ships no hmac module.
     if len(key) > 64:
         key = hashlib.sha256(key).digest()
     key = key + bytes(64 - len(key))
     inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    inner.update(msg)
+    inner.update(message)
     outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
     outer.update(inner.digest())
     return outer.digest()

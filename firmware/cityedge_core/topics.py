@@ -44,6 +44,14 @@ def down(device: str, kind: str, prefix: str = PREFIX) -> str:
     return "%s/%s/down/%s" % (prefix, device, kind)
 
 
+def device_topics(device: str, prefix: str = PREFIX) -> "tuple[str, str, str, str]":
+    """The topics a device's agent uses: ``(up/readings, up/status, down/cmd,
+    down/desired)``. Worked out once at boot (``cityedge_fw.main.build``), so the running
+    device never loads this module."""
+    return (up(device, READINGS, prefix), up(device, STATUS, prefix), down(device, CMD, prefix),
+            down(device, DESIRED, prefix))
+
+
 def every_up(kind: str, prefix: str = PREFIX) -> str:
     """The filter that matches ``kind`` from every device (``ce/v1/+/up/<kind>``)."""
     return "%s/+/up/%s" % (prefix, kind)

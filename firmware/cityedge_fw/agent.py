@@ -9,7 +9,7 @@ Tasks (asyncio), all started by ``Agent.run``:
   ring buffer; ``seq`` and the chain ``head`` are persisted after each batch. Only then is
   a reading "accepted": from here on it survives power cuts and outages.
 - **forwarder** (every 200 ms) publishes the oldest stored batches (QoS 1, at most
-  ``_INFLIGHT`` awaiting PUBACK) on ``ce/v1/<device>/up/readings`` and removes each from
+  ``_INFLIGHT`` awaiting PUBACK) on ``<prefix>/<device>/up/readings`` and removes each from
   flash on its PUBACK. Each is read from flash into one reused buffer, which the MQTT
   client (``keep_inflight=False``) lets go of once the bytes are written to the socket:
   no payload stays in RAM until its PUBACK, nor through an outage. When the connection
@@ -56,10 +56,7 @@ except ImportError:  # CPython
         return x
 
 
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose
@@ -94,23 +91,34 @@ _RETRY_MS = const(400)  # ms before a command's next try, times the tries so far
 _DEFERRED_MAX = const(2)  # commands waiting for another try at most
 
 
-def topic(device, leaf):
-    return "ce/v1/%s/%s" % (device, leaf)
+# ``Agent.topics``, by index
+_T_READINGS = const(0)
+_T_STATUS = const(1)
+_T_CMD = const(2)
+_T_DESIRED = const(3)
 
 
 class Agent:
     """One device: ``board`` (HAL), its signing ``key`` (``p256.PrivateKey``), the ring
     buffer ``store``, the ``state`` file, ``settings`` as ``settings.check`` returns
-    them (every key present and in range), the TLS context and broker address."""
+    them (every key present and in range), the TLS context and broker address. ``topics``:
+    its ``(up/readings, up/status, down/cmd, down/desired)`` (``topics.device_topics``
+    under the configuration's ``topic_prefix``: ``main.build``; default: the core's
+    prefix)."""
 
-    def __init__(self, board, device, key, kid, store, state, settings, broker_host,
-                 broker_port, ssl_ctx=None, server_hostname=None, fleet_keys=None,
-                 sensors=None):
+    def __init__(self, board, device, key, kid, store, state, settings, host,
+                 port, ssl_ctx=None, server_hostname=None, fleet_keys=None,
+                 sensors=None, topics=None):
         # 29 attributes: MicroPython's instance dict then is one 464-byte block, with a
         # 30th it is re-made as 592 bytes in one piece (a reboot into a fragmented heap
         # has been refused that); derive a value or keep it in a tuple before adding one
         self.board = board
         self.device = device
+        if topics is None:  # a test's agent: the core's prefix
+            from cityedge_core.topics import device_topics
+
+            topics = device_topics(device)
+        self.topics = topics
         self.store = store
         self.state = state
         # the one drop ledger (``_on_drop``); ``store.keep`` holds the batches handed to
@@ -125,12 +133,21 @@ class Agent:
         self.sensors = sensors if sensors is not None else board.sensors(self.cfg)
         self.boot = state.get("boot", 0) + 1
         state.set(boot=self.boot)
-        seq, head = self._restore_chain()
+        # the chain: seq/head from State; if a power cut hit between the append and the
+        # state write, the newest stored batch is ahead of State and is the true head
+        seq = state.get("seq", 0)
+        head = state.get("head", batchmod.ZERO_HASH)
+        if store.newest > seq:
+            last = store.next_after(store.newest - 1)  # that one file, not all
+            if last is not None:
+                seq, head = last[0], batchmod.batch_hash(last[1])
+                state.set(seq=seq, head=head)
+            last = None
         self.writer = batchmod.BatchWriter(device, key, kid, seq, head)
         # readings encoded as taken (~15-20 B each), in one buffer reused batch after batch
         # (and room for one more sweep: a seal may have to wait, ``seal``)
-        self.records = batchmod.RecordBuffer(self.cfg["batch_readings"] * _RECORD_BYTES +
-                                             self._sweep_bytes())
+        self.records = batchmod.RecordBuffer((self.cfg["batch_readings"] + len(self.sensors) *
+                                              _SWEEP_READINGS) * _RECORD_BYTES)
         # every batch forwarded is read from flash into this one buffer (while it fits):
         # a heap that streaming has cut into small pieces may have no fresh block its size
         self._fwd = bytearray(self._fwd_bytes())
@@ -150,47 +167,24 @@ class Agent:
         self._deferred = []
         self.published = 0
         self._pid_seq = {}  # MQTT packet id -> batch seq in flight
-        self._sent_upto = 0  # highest seq handed to the MQTT client
-        self._session = 0  # the client's connection (``sessions``) that seq was sent on
+        # [the client's connection (``sessions``), the highest seq handed to it on that one]
+        self._sent = [0, 0]
         client = mqtt.Client(device, self.cfg["keepalive_s"], True, None, _INFLIGHT,
                              keep_inflight=False)
-        self.link = Link(client, broker_host, broker_port, ssl_ctx, server_hostname,
+        self.link = Link(client, host, port, ssl_ctx, server_hostname,
                          self._on_event, self._on_connect, monotonic_ms)
         self.fleet_keys = fleet_keys or {}
 
-    # --- chain state ----------------------------------------------------------------
-    def _restore_chain(self):
-        """seq/head from State; if a power cut hit between the append and the state write,
-        the newest stored batch is ahead of State and is the true head."""
-        seq = self.state.get("seq", 0)
-        head = self.state.get("head", batchmod.ZERO_HASH)
-        if self.store.newest > seq:
-            last = self.store.next_after(self.store.newest - 1)  # that one file, not all
-            if last is not None:
-                seq, head = last[0], batchmod.batch_hash(last[1])
-                self.state.set(seq=seq, head=head)
-        return seq, head
-
+    # --- buffers ---------------------------------------------------------------------
     def _fwd_bytes(self):
         """Size of the forwarder's read buffer: the largest batch the records buffer
         makes fits (COSE envelope, chain fields and device id: 146 bytes + the id)."""
         return len(self.records.data) + _BATCH_OVERHEAD + len(self.device)
 
-    def _sweep_bytes(self):
-        """Bytes of records one sweep of every sensor takes, about."""
-        return len(self.sensors) * _SWEEP_READINGS * _RECORD_BYTES
-
     # --- time -------------------------------------------------------------------------
     def sim_ms(self):
         """Milliseconds since boot on the (possibly accelerated) schedule clock."""
         return self.link.clock() * self.cfg["time_scale"]
-
-    def now(self):
-        """(timebase, seconds) for a reading taken now."""
-        unix = self.board.unix_time() if self.cfg["time_scale"] == 1 else None
-        if unix is not None:
-            return batchmod.TIME_UNIX, unix
-        return batchmod.TIME_SINCE_BOOT, self.sim_ms() // 1000
 
     def sleep_sim(self, ms):
         """Awaitable: ``ms`` milliseconds of the schedule clock (no coroutine frame)."""
@@ -205,7 +199,12 @@ class Agent:
         rather than the buffer grown in a heap that just had no room (the seal counted a
         MemoryError; three skipped sweeps in a row starve the watchdog: the board resets).
         """
-        timebase, t = self.now()
+        # (timebase, seconds) for the readings taken now
+        t = self.board.unix_time() if self.cfg["time_scale"] == 1 else None
+        if t is None:
+            timebase, t = batchmod.TIME_SINCE_BOOT, self.sim_ms() // 1000
+        else:
+            timebase = batchmod.TIME_UNIX
         if self.records.count and timebase != self.batch_timebase:
             self.seal()  # the clock got set: do not mix time bases in one batch
             if self.records.count:
@@ -249,8 +248,10 @@ class Agent:
         return n
 
     def _records_full(self):
-        """True when the records buffer has no room left for another sweep."""
-        return self.records.size + self._sweep_bytes() > len(self.records.data)
+        """True when the records buffer has no room left for another sweep (the bytes of
+        records one sweep of every sensor takes, about)."""
+        return self.records.size + len(self.sensors) * _SWEEP_READINGS * _RECORD_BYTES > \
+            len(self.records.data)
 
     def seal(self):
         """Sign the collected records as one batch and store it (durable on return).
@@ -352,8 +353,7 @@ class Agent:
 
     # --- MQTT ----------------------------------------------------------------------------
     async def _on_connect(self):
-        await self.link.subscribe([(topic(self.device, "down/cmd"), 1),
-                                   (topic(self.device, "down/desired"), 1)])
+        await self.link.subscribe([(self.topics[_T_CMD], 1), (self.topics[_T_DESIRED], 1)])
 
     async def _on_event(self, event):
         kind = event[0]
@@ -446,13 +446,14 @@ class Agent:
             payload = None
         if client.can_publish():
             self.report_drops()
+        sent = self._sent
         while True:
-            if client.sessions != self._session:
+            if client.sessions != sent[0]:
                 # a new connection (also during the await below): the client forgot what
                 # the old one left unacknowledged, so forward again from the oldest batch
-                self._session = client.sessions
+                sent[0] = client.sessions
                 self._pid_seq = {}
-                self._sent_upto = 0
+                sent[1] = 0
             if not client.can_publish():
                 return client.state == mqtt.CONNECTED and self.store.count > len(self._pid_seq)
             if self._fwd is None:  # given up for a command: made again (or the batch is read
@@ -461,14 +462,14 @@ class Agent:
                 except MemoryError:
                     pass
             # one batch in RAM (in ``_fwd``), not the window
-            batch = self.store.next_after(self._sent_upto, self._fwd)
+            batch = self.store.next_after(sent[1], self._fwd)
             if batch is None:
                 return False
             # record the packet id before any await: a failed flush must not lose it
-            pid = client.publish(topic(self.device, "up/readings"), batch[1], 1, False,
+            pid = client.publish(self.topics[_T_READINGS], batch[1], 1, False,
                                  self.link.clock())
             self._pid_seq[pid] = batch[0]
-            self._sent_upto = batch[0]
+            sent[1] = batch[0]
             if batch[0] not in self.store.keep:  # the fleet may have it from now on
                 self.store.keep.append(batch[0])
             batch = None
@@ -510,7 +511,7 @@ class Agent:
             self.mem_errors += 1
             self.last_error = "status skipped: no heap to sign it"
             return False
-        await self.link.publish(topic(self.device, "up/status"), data, 0)
+        await self.link.publish(self.topics[_T_STATUS], data, 0)
         return True
 
     # --- tasks -------------------------------------------------------------------------

@@ -10,7 +10,15 @@ have theirs in ``cityedge_host.backoff``.
 
 import os
 
-_DOUBLINGS = 24  # the shift never grows past this: max_ms caps long before
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+_DOUBLINGS = const(24)  # the shift never grows past this: max_ms caps long before
 
 
 def delay_ms(attempt, first_ms, max_ms):

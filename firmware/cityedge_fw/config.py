@@ -7,7 +7,7 @@ Layout (``main.py`` describes the sections it reads)::
      "tls": {"cert": "/cert.der", "key": "/key.der", "ca": "/ca.der"},
      "fleet_keys": ["/fleet0.pub"],
      "store": {"dir": "/buffer", "state": "/state.cbor"},
-     "topic_prefix": "ce/v1",
+     "topic_prefix": "ce/v1",                  # optional; the only prefix the fleet serves
      "wifi": {"ssid": "...", "password": "..."},    # optional: fallback after Ethernet
      "agent": {"sample_interval_s": 10, "batch_readings": 32, "batch_seconds": 300,
                "buffer_budget_bytes": 262144, ...},   # ranges: ``settings.LIMITS``
@@ -34,12 +34,13 @@ except ImportError:  # CPython
 
 from cityedge_core.batch import check_device_id
 from cityedge_core.errors import LocalError, MalformedError
+from cityedge_core.topics import PREFIX
 
 # Limits as private constants, sensor types spelled where they are checked: every public
 # name of a module stays interned on a device's heap after the module is unloaded.
 _SENSORS_MAX = const(16)  # sensors on one device
 _NAME_MAX_CHARS = const(24)  # characters of a sensor name (it prefixes SenML names of 64)
-CONFIG_MAX_BYTES = const(8192)  # bytes: a larger config file is a mistake, not a config
+_CONFIG_MAX_BYTES = const(8192)  # bytes: a larger config file is a mistake, not a config
 _PIN_MAX = const(48)  # highest GPIO number on the boards we support (ESP32-S3: 48)
 _I2C_FREQ_MAX = const(1000000)  # Hz: I2C fast mode plus
 
@@ -48,32 +49,32 @@ class ConfigError(LocalError):
     """The device configuration is missing, unreadable or invalid (our side, not a peer's)."""
 
 
-def _fail(where: str, msg: str) -> None:
-    raise ConfigError("config: %s: %s" % (where, msg))
+def _fail(name: str, msg: str) -> None:
+    raise ConfigError("config: %s: %s" % (name, msg))
 
 
-def _int(obj: dict, key: str, where: str, lo: int, hi: int, default: object = None) -> None:
+def _int(obj: dict, key: str, name: str, start: int, end: int, default: object = None) -> None:
     v = obj.get(key, default)
     if v is None and default is None and key not in obj:
-        _fail(where, "%s is required" % key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > hi:
-        _fail(where, "%s=%r must be an integer in %d..%d" % (key, v, lo, hi))
+        _fail(name, "%s is required" % key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < start or v > end:
+        _fail(name, "%s=%r must be an integer in %d..%d" % (key, v, start, end))
     obj[key] = v
 
 
-def _str(obj: dict, key: str, where: str, required: bool = True) -> None:
+def _str(obj: dict, key: str, name: str, required: bool = True) -> None:
     if key not in obj:
         if required:
-            _fail(where, "%s is required" % key)
+            _fail(name, "%s is required" % key)
         return
     if not isinstance(obj[key], str) or not obj[key]:
-        _fail(where, "%s must be a non-empty string" % key)
+        _fail(name, "%s must be a non-empty string" % key)
 
 
-def _number(obj: dict, key: str, where: str) -> None:
+def _number(obj: dict, key: str, name: str) -> None:
     v = obj.get(key)
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-        _fail(where, "%s=%r must be a number" % (key, v))
+        _fail(name, "%s=%r must be a number" % (key, v))
 
 
 def _map(cfg: dict, key: str, required: bool) -> dict:
@@ -161,9 +162,12 @@ def validate(cfg: object, agent: bool = True) -> dict:
     keys = cfg.setdefault("fleet_keys", [])
     if not isinstance(keys, list) or any(not isinstance(k, str) for k in keys):
         _fail("fleet_keys", "must be a list of file paths")
-    prefix = cfg.setdefault("topic_prefix", "ce/v1")
-    if not isinstance(prefix, str) or not prefix or "+" in prefix or "#" in prefix:
-        _fail("topic_prefix", "must be a topic without wildcards")
+    # The device publishes and subscribes under ``topic_prefix`` (``main.build``), but the
+    # fleet's broker rules, ingest and commands serve the core's prefix only: a device
+    # under another would have its batches acknowledged by the broker and dropped.
+    if cfg.setdefault("topic_prefix", PREFIX) != PREFIX:
+        _fail("topic_prefix", "must be %r (cityedge_core.topics.PREFIX): the fleet serves "
+              "no other prefix, a device under another would publish into nothing" % PREFIX)
     if "wifi" in cfg:
         wifi = _map(cfg, "wifi", False)
         _str(wifi, "ssid", "wifi")
@@ -193,8 +197,8 @@ def load(path: str, agent: bool = True) -> dict:
     import os
 
     try:
-        if os.stat(path)[6] > CONFIG_MAX_BYTES:
-            raise ConfigError("config: %s is larger than %d bytes" % (path, CONFIG_MAX_BYTES))
+        if os.stat(path)[6] > _CONFIG_MAX_BYTES:
+            raise ConfigError("config: %s is larger than %d bytes" % (path, _CONFIG_MAX_BYTES))
         with open(path, "rb") as f:
             cfg = json.load(f)
     except OSError as e:

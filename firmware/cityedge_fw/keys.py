@@ -6,10 +6,19 @@ the trust store for an unlock command); a boot-only module, unloaded with ``main
 Measured (unix port, ROMFS): 0.5 KiB of heap for the module while it is loaded.
 """
 
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
 from cityedge_core import cose, p256
 from cityedge_core.errors import LocalError
 
-_SEC1_PREFIX = b"\x02\x01\x01\x04\x20"  # ECPrivateKey: version 1, privateKey OCTET STRING(32)
+# ECPrivateKey: version 1, privateKey OCTET STRING(32)
+_SEC1_PREFIX = const(b"\x02\x01\x01\x04\x20")
 
 
 def read_file(path):
@@ -21,17 +30,17 @@ def read_file(path):
         raise LocalError("cannot read %s: %s" % (path, e)) from e
 
 
-def private_key_from_der(der):
+def private_key_from_der(data):
     """The P-256 private scalar of a SEC1 (RFC 5915) or PKCS#8 (RFC 5958) DER key.
 
     Both wrap the same ``ECPrivateKey`` structure; its version and 32-byte key octets
     have a fixed encoding, so finding that prefix is enough (the curve is checked by
     deriving the public key, which must match the certificate's for TLS to work)."""
-    i = der.find(_SEC1_PREFIX)
-    if i < 0 or i + len(_SEC1_PREFIX) + 32 > len(der):
+    i = data.find(_SEC1_PREFIX)
+    if i < 0 or i + len(_SEC1_PREFIX) + 32 > len(data):
         raise LocalError("device key: not a P-256 SEC1 or PKCS#8 DER key")
     start = i + len(_SEC1_PREFIX)
-    return p256.PrivateKey(int.from_bytes(der[start:start + 32], "big"))
+    return p256.PrivateKey(int.from_bytes(data[start:start + 32], "big"))
 
 
 def load_fleet_keys(paths):

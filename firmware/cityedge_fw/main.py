@@ -24,12 +24,26 @@ The agent's boot order, the smallest heap first in mind (``docs/ARCHITECTURE.md`
    (``build``); the boot-only modules are unloaded (``cityedge_fw.unload``) and this
    module is emptied (``_drop_boot_code``) before the agent runs.
 
-Measured heap (issue 13; unix port, 64-bit, code in the built ROMFS image, in use after a
-collection, ``micropython.qstr_info()`` for the interned names), the unix HAL board with
-one simulated SHT3x: 21.2 KiB once this module and ``hal`` are loaded (274 names), 27.1
-with the board's class, 33.6 after ``config.load`` (368 names), 65.5 once ``build``
-returned (683 names: six pools, the sixth 7.5 KiB), at most 71.2 while streaming; it
-streams at 78 KiB. The tests' stand-in board: see ``fw_harness.HEAP``.
+Measured heap (issue 13; unix port, 64-bit, code in the built ROMFS image, the unix HAL
+board with one simulated SHT3x; KiB in use after a collection at 256 KiB, after boot /
+the most while streaming 20 s / interned names, ``micropython.qstr_info()``):
+
+================================================================  ====  ======  =============
+step                                                              boot  stream  names
+================================================================  ====  ======  =============
+before                                                            66.2  71.8    682 (6 pools)
+``limits`` copies, MQTT test-only constants private, per-type     65.2  70.8    630 (6)
+sensor wiring
+byte/str constants folded, no ``uasyncio``, unix ``info`` in      58.1  63.8    612 (5)
+``unix_io``
+topics under ``topic_prefix`` (+24 names), paid for by name cuts  58.1  63.6    610 (5)
+final                                                             58.1  63.6    609 (5)
+================================================================  ====  ======  =============
+
+It streams at 72 KiB (``tests/firmware/test_boot.py``'s ``BOOT_HEAP``; 78 before), not at
+64: docs/ARCHITECTURE.md, "Memory on the device". Five pools hold 620 names: 11 are left
+before the sixth (7.5 KiB in one block). The tests' stand-in board: see
+``fw_harness.HEAP``.
 
 The configuration is a JSON map (checked by ``config.load``):
 
@@ -38,6 +52,8 @@ The configuration is a JSON map (checked by ``config.load``):
                device's P-256 key (SEC1 or PKCS#8 DER), used for TLS *and* batch signing
 ``fleet_keys`` paths of fleet public keys (65-byte SEC1 points) trusted for commands
 ``store``      ``{"dir": "/buffer", "state": "/state.cbor"}``
+``topic_prefix`` optional, ``"ce/v1"`` (``topics.PREFIX``) only: the agent's topics are
+               ``topics.device_topics(device, prefix)``, worked out in ``build``
 ``agent``      agent settings (``settings.DEFAULTS``); ``device`` overrides the board's URN
 
 Errors that stop the boot (no key, no certificate) are printed and re-raised: the board
@@ -91,12 +107,19 @@ def build(cfg, board=None, board_class=None):
     st = cfg.get("store", {})
     broker = cfg["broker"]
     device = cfg.get("device") or board.device_id()
+    # the agent's topics under the configured prefix, from the core's topic scheme (loaded
+    # for this only: the running agent keeps the four strings)
+    from cityedge_core import topics
+
+    names = topics.device_topics(device, cfg.get("topic_prefix", topics.PREFIX))
+    topics = None
+    unload("cityedge_core.topics")
     a = agent.Agent(
         board, device, key, kid,
         store.RingBuffer(st.get("dir", "/buffer"), checked["buffer_budget_bytes"]),
         store.State(st.get("state", "/state.cbor")),
         checked, broker["host"], broker.get("port", 8883), ssl_ctx,
-        broker.get("server_hostname"), fleet_keys, board.sensors(cfg))
+        broker.get("server_hostname"), fleet_keys, board.sensors(cfg), names)
     # Every module the running agent loads for a moment only (the drop ledger, the link's
     # backoff, the command gate and the decoders) is loaded once now, then unloaded, so
     # that its names are interned at boot. Interned names stay (``unload``) in pools that
@@ -114,13 +137,7 @@ def build(cfg, board=None, board_class=None):
     return a
 
 
-def _machine_reset():
-    import machine  # type: ignore[import-not-found]
-
-    machine.reset()
-
-
-def main(uart=None, info=None, root="/", reset=_machine_reset, agent=None,
+def main(uart=None, info=None, root="/", reset=None, agent=None,
          board_class=None, run_agent=None, config_file=None):
     """Boot: provisioning mode while not locked (given the board's ``uart`` and ``info``
     ``{"model", "serial", "device", "firmware"}``), then the agent: built in the boot
@@ -136,6 +153,10 @@ def main(uart=None, info=None, root="/", reset=_machine_reset, agent=None,
         from . import provision, provision_main
 
         fresh = not provision.is_locked(root)
+        if reset is None:
+            import machine  # type: ignore[import-not-found]
+
+            reset = machine.reset
         if not provision_main.board_boot(uart, root, info, reset=reset):
             return False
         if fresh:

@@ -43,18 +43,18 @@ from cityedge_core.errors import LimitError, LocalError, MalformedError, Transpo
 # uses are private ``_X``, which the compiler folds away.
 _MAX_PACKET_BYTES = const(20480)  # bytes: largest inbound packet (a 16 KiB command + topic)
 _MAX_INFLIGHT = const(4)  # QoS 1 publishes awaiting PUBACK
-MAX_TOPIC_BYTES = const(256)  # bytes: UTF-8 topic name or filter
-MAX_CLIENT_ID_BYTES = const(128)  # bytes: client id (a device URN)
+_MAX_TOPIC_BYTES = const(256)  # bytes: UTF-8 topic name or filter
+_MAX_CLIENT_ID_BYTES = const(128)  # bytes: client id (a device URN)
 _KEEPALIVE_S = const(60)  # seconds: default keep-alive interval (§3.1.2.10)
-REMAINING_LENGTH_MAX = const(268435455)  # §2.2.3: four-byte variable length integer
+_REMAINING_LENGTH_MAX = const(268435455)  # §2.2.3: four-byte variable length integer
 
 # --- packet types (§2.2.1) -------------------------------------------------------------
-CONNECT = const(1)
+_CONNECT = const(1)
 CONNACK = const(2)
 PUBLISH = const(3)
 PUBACK = const(4)
 _PUBREC = const(5)
-SUBSCRIBE = const(8)
+_SUBSCRIBE = const(8)
 SUBACK = const(9)
 _PINGREQ = const(12)
 PINGRESP = const(13)
@@ -66,15 +66,8 @@ _CONNECTING = const(1)
 CONNECTED = const(2)
 
 # CONNACK return codes 1..5 (§3.2.2.3), by code
-_CONNACK_TEXT = ("", "unacceptable protocol version", "client identifier rejected",
-                 "server unavailable", "bad user name or password", "not authorized")
-
-
-def connect_refused(code):
-    """The error for a CONNACK with return code ``code`` (a ``TransportError``: plain
-    exception classes, not one per case, as each class costs ~300 bytes of device heap)."""
-    text = _CONNACK_TEXT[code] if code < len(_CONNACK_TEXT) else "unknown"
-    return TransportError("mqtt: broker refused the connection: %s (code %d)" % (text, code))
+_CONNACK_TEXT = const(("", "unacceptable protocol version", "client identifier rejected",
+                 "server unavailable", "bad user name or password", "not authorized"))
 
 
 # Events returned by ``feed`` are tuples (cheaper than classes on a 64 KiB heap):
@@ -88,7 +81,7 @@ def connect_refused(code):
 # --- encoding ----------------------------------------------------------------------------
 def encode_length(n):
     """Remaining Length (§2.2.3): 7 bits per byte, continuation bit 0x80, at most 4 bytes."""
-    if n < 0 or n > REMAINING_LENGTH_MAX:
+    if n < 0 or n > _REMAINING_LENGTH_MAX:
         raise ValueError("mqtt: remaining length %d out of range" % n)
     out = bytearray()
     while True:
@@ -101,7 +94,7 @@ def encode_length(n):
             return bytes(out)
 
 
-def encode_str(s, limit=MAX_TOPIC_BYTES):
+def encode_str(s, limit=_MAX_TOPIC_BYTES):
     """UTF-8 string with a two-byte length prefix (§1.5.3)."""
     b = s.encode() if isinstance(s, str) else bytes(s)
     if b"\x00" in b:
@@ -111,22 +104,22 @@ def encode_str(s, limit=MAX_TOPIC_BYTES):
     return len(b).to_bytes(2, "big") + b
 
 
-def packet(ptype, flags, body):
-    """Fixed header + body."""
-    return bytes([(ptype << 4) | flags]) + encode_length(len(body)) + body
+def packet(ptype, flags, data):
+    """Fixed header + body (``data``)."""
+    return bytes([(ptype << 4) | flags]) + encode_length(len(data)) + data
 
 
 def encode_connect(client_id, keepalive_s, clean_session, username=None):
     """CONNECT (§3.1), no will message."""
     flags = 0x02 if clean_session else 0
-    payload = encode_str(client_id, MAX_CLIENT_ID_BYTES)
+    payload = encode_str(client_id, _MAX_CLIENT_ID_BYTES)
     if username is not None:
         flags |= 0x80
-        payload += encode_str(username, MAX_CLIENT_ID_BYTES)
+        payload += encode_str(username, _MAX_CLIENT_ID_BYTES)
     if keepalive_s < 0 or keepalive_s > 0xFFFF:
         raise ValueError("mqtt: keep-alive %d s out of range" % keepalive_s)
     head = b"\x00\x04MQTT\x04" + bytes([flags]) + keepalive_s.to_bytes(2, "big")
-    return packet(CONNECT, 0, head + payload)
+    return packet(_CONNECT, 0, head + payload)
 
 
 def encode_publish(topic, payload, qos=0, retain=False, packet_id=0, dup=False):
@@ -155,15 +148,14 @@ def encode_subscribe(packet_id, filters):
     body = packet_id.to_bytes(2, "big")
     for topic, qos in filters:
         body += encode_str(topic) + bytes([qos])
-    return packet(SUBSCRIBE, 2, body)
+    return packet(_SUBSCRIBE, 2, body)
 
 
 def encode_puback(packet_id):
     return packet(PUBACK, 0, packet_id.to_bytes(2, "big"))
 
 
-PINGREQ_BYTES = b"\xc0\x00"
-PINGRESP_BYTES = b"\xd0\x00"
+_PINGREQ_BYTES = const(b"\xc0\x00")
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -198,16 +190,16 @@ def split_packet(buf, max_packet=_MAX_PACKET_BYTES):
     return buf[0] >> 4, buf[0] & 0x0F, i, i + length
 
 
-def decode_str(body, pos):
+def decode_str(data, pos):
     """Read a length-prefixed UTF-8 string; returns (text, next position)."""
-    if pos + 2 > len(body):
+    if pos + 2 > len(data):
         raise MalformedError("mqtt: string length runs past the packet")
-    n = (body[pos] << 8) | body[pos + 1]
+    n = (data[pos] << 8) | data[pos + 1]
     end = pos + 2 + n
-    if end > len(body):
+    if end > len(data):
         raise MalformedError("mqtt: string runs past the packet")
     try:
-        text = bytes(body[pos + 2:end]).decode()
+        text = bytes(data[pos + 2:end]).decode()
     except UnicodeError as e:
         raise MalformedError("mqtt: string is not UTF-8") from e
     if "\x00" in text:
@@ -215,29 +207,29 @@ def decode_str(body, pos):
     return text, end
 
 
-def decode_publish(flags, body):
-    """PUBLISH body -> (topic, payload, qos, retain, dup, packet_id)."""
+def decode_publish(flags, data):
+    """A PUBLISH body (``data``) -> (topic, payload, qos, retain, dup, packet_id)."""
     qos = (flags >> 1) & 3
     if qos == 3:
         raise MalformedError("mqtt: PUBLISH with QoS 3")
-    topic, pos = decode_str(body, 0)
+    topic, pos = decode_str(data, 0)
     if not topic or "+" in topic or "#" in topic:
         raise MalformedError("mqtt: PUBLISH with bad topic name %r" % topic)
     packet_id = 0
     if qos:
-        if pos + 2 > len(body):
+        if pos + 2 > len(data):
             raise MalformedError("mqtt: PUBLISH without packet id")
-        packet_id = (body[pos] << 8) | body[pos + 1]
+        packet_id = (data[pos] << 8) | data[pos + 1]
         pos += 2
         if packet_id == 0:
             raise MalformedError("mqtt: PUBLISH with packet id 0")
-    return topic, bytes(body[pos:]), qos, bool(flags & 1), bool(flags & 8), packet_id
+    return topic, bytes(data[pos:]), qos, bool(flags & 1), bool(flags & 8), packet_id
 
 
-def _packet_id(body, name):
-    if len(body) != 2:
-        raise MalformedError("mqtt: %s of %d bytes, expected 2" % (name, len(body)))
-    return (body[0] << 8) | body[1]
+def _packet_id(data, name):
+    if len(data) != 2:
+        raise MalformedError("mqtt: %s of %d bytes, expected 2" % (name, len(data)))
+    return (data[0] << 8) | data[1]
 
 
 def _frozen(payload):
@@ -353,7 +345,7 @@ class Client:
                 raise TransportError("mqtt: no PINGRESP within %d s" % (self.keepalive_ms // 1000))
         elif now_ms - self._last_sent_ms >= self.keepalive_ms // 2:
             # Half the interval: the broker allows 1.5x, so a slow link still keeps us alive.
-            self._send(PINGREQ_BYTES, now_ms)
+            self._send(_PINGREQ_BYTES, now_ms)
             self._ping_sent_ms = now_ms
 
     def connection_lost(self):
@@ -393,30 +385,32 @@ class Client:
         self._in = buf[start:] if start < len(buf) else b""
         return events
 
-    def _handle(self, ptype, flags, body, events, now_ms):
+    def _handle(self, ptype, flags, data, events, now_ms):
         if self.state == _CONNECTING:
             if ptype != CONNACK:
                 raise MalformedError("mqtt: expected CONNACK, got packet type %d" % ptype)
-            if len(body) != 2 or flags:
+            if len(data) != 2 or flags:
                 raise MalformedError("mqtt: malformed CONNACK")
-            if body[1]:
+            code = data[1]
+            if code:  # a ``TransportError``, not a class per case (~300 bytes each)
                 self.state = DISCONNECTED
-                raise connect_refused(body[1])
+                raise TransportError("mqtt: broker refused the connection: %s (code %d)" % (
+                    _CONNACK_TEXT[code] if code < len(_CONNACK_TEXT) else "unknown", code))
             self.state = CONNECTED
             self.sessions += 1
-            events.append((CONNACK, bool(body[0] & 1)))
+            events.append((CONNACK, bool(data[0] & 1)))
             for item in self._inflight:  # §4.4: re-send unacknowledged, in order, DUP set
                 self._send_publish(item[1], item[2], 1, item[3], item[0], True, now_ms)
             return
         if ptype == PUBLISH:
-            topic, payload, qos, retain, _dup, packet_id = decode_publish(flags, body)
+            topic, payload, qos, retain, _dup, packet_id = decode_publish(flags, data)
             if qos == 2:
                 raise MalformedError("mqtt: QoS 2 PUBLISH on a QoS 1 subscription")
             if qos == 1:
                 self._send(encode_puback(packet_id), now_ms)
             events.append((PUBLISH, topic, payload, retain))
         elif ptype == PUBACK:
-            packet_id = _packet_id(body, "PUBACK")
+            packet_id = _packet_id(data, "PUBACK")
             for i, item in enumerate(self._inflight):
                 if item[0] == packet_id:
                     del self._inflight[i]
@@ -424,12 +418,12 @@ class Client:
                     break
             # A PUBACK for an id we no longer hold (answer to a DUP): nothing to do.
         elif ptype == SUBACK:
-            if len(body) < 3:
+            if len(data) < 3:
                 raise MalformedError("mqtt: SUBACK without return codes")
-            packet_id = (body[0] << 8) | body[1]
+            packet_id = (data[0] << 8) | data[1]
             if packet_id in self._pending_subs:
                 self._pending_subs.remove(packet_id)
-            events.append((SUBACK, packet_id, bytes(body[2:])))
+            events.append((SUBACK, packet_id, bytes(data[2:])))
         elif ptype == PINGRESP:
             self._ping_sent_ms = None
             events.append((PINGRESP,))

@@ -19,12 +19,8 @@ Connections run on MicroPython (its ``tls`` module with DER certificates, its as
 I/O queue); the rest of the module also imports on CPython (tests).
 """
 
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 import gc
-
-try:
-    import asyncio
-except ImportError:  # pragma: no cover - old MicroPython
-    import uasyncio as asyncio  # type: ignore[no-redef]
 
 try:
     from asyncio import core as _aio  # MicroPython's scheduler, with its I/O wait queue
@@ -57,10 +53,10 @@ _READ_CHUNK = const(256)
 try:
     from time import ticks_diff, ticks_ms  # type: ignore[attr-defined]
 except ImportError:  # CPython
-    import time as _time
+    from time import monotonic
 
     def ticks_ms():
-        return int(_time.monotonic() * 1000)
+        return int(monotonic() * 1000)
 
     def ticks_diff(a, b):
         return a - b
@@ -88,7 +84,7 @@ def sleep_ms(ms):
     return asyncio.sleep(ms / 1000)  # CPython
 
 
-def tls_context(cert_der, key_der, ca_der):
+def tls_context(cert, key, ca):
     """A TLS client context with our certificate and the city CA.
 
     MicroPython's native ``tls`` module (1.23+): its context does all ``asyncio`` needs,
@@ -96,8 +92,8 @@ def tls_context(cert_der, key_der, ca_der):
     import tls  # type: ignore[import-not-found]
 
     ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
-    ctx.load_cert_chain(cert_der, key_der)
-    ctx.load_verify_locations(ca_der)  # the native method takes cadata positionally
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)  # the native method takes cadata positionally
     ctx.verify_mode = tls.CERT_REQUIRED
     return ctx
 

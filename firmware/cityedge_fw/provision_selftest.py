@@ -44,13 +44,9 @@ so the fleet's ingest sees an unbroken chain from batch 1. A test that fails bef
 Memory: see ``provision``'s module doc (measured at the TLS peak with the link up).
 """
 
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 import gc
 import sys
-
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
 
 try:
     from micropython import const  # type: ignore[import-not-found]

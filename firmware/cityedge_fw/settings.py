@@ -32,8 +32,7 @@ LIMITS = {  # accepted range of each setting (those in DESIRED: from there)
     "keepalive_s": (10, 3600),
     "watchdog_ms": (100, 60000),
 }
-for _key, _lo, _hi in DESIRED:
-    LIMITS[_key] = (_lo, _hi)
+LIMITS.update({k: (lo, hi) for k, lo, hi in DESIRED})  # no loop names at module level
 
 
 def check(settings):

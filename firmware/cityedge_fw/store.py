@@ -59,14 +59,14 @@ from cityedge_core.errors import MalformedError, StorageError
 
 from .files import write_atomic
 
-_MAGIC = b"CEB1"
-_HEADER_FMT = "<4sQII"  # magic, seq | meta << 48, data length, CRC-32 of data
+_MAGIC = const(b"CEB1")
+_HEADER_FMT = const("<4sQII")  # magic, seq | meta << 48, data length, CRC-32 of data
 _SEQ_MASK = const(0xFFFFFFFFFFFF)  # the low 48 bits of the second field: seq
 HEADER_SIZE = const(20)  # bytes of framing in front of every stored batch
 _NAME_DIGITS = const(12)  # hex digits of seq in a file name (seq is at most 48 bits)
-_SUFFIX = ".b"
-_TMP = ".tmp"
-_DROPS_FILE = "drops.cbor"
+_SUFFIX = const(".b")
+_TMP = const(".tmp")
+_DROPS_FILE = const("drops.cbor")
 _ENOENT = const(2)
 _ENOSPC = const(28)
 

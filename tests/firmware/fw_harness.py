@@ -172,9 +172,11 @@ class Via:
 
 class Subscriber:
     """The fleet side: a persistent paho session on ce/v1/+/up/# (the broker's test
-    observer: the fleet's own ingest may read only through its shared subscription)."""
+    observer: the fleet's own ingest may read only through its shared subscription), or
+    on ``topic_filter``."""
 
-    def __init__(self, broker: Mosquitto, pki: TestPKI) -> None:
+    def __init__(self, broker: Mosquitto, pki: TestPKI, topic_filter: str = "ce/v1/+/up/#"
+                 ) -> None:
         creds = pki.service(OBSERVER)
         self.messages: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
@@ -185,7 +187,7 @@ class Subscriber:
                   keyfile=str(creds.key_pem), tls_version=ssl.PROTOCOL_TLS_CLIENT)
         c.reconnect_delay_set(min_delay=1, max_delay=1)
         c.on_message = self._on_message
-        c.on_connect = lambda cl, *_a: cl.subscribe("ce/v1/+/up/#", qos=1)
+        c.on_connect = lambda cl, *_a: cl.subscribe(topic_filter, qos=1)
         c.on_subscribe = lambda *_a: self.subscribed.set()
         c.connect("127.0.0.1", broker.port)
         c.loop_start()

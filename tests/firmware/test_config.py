@@ -57,7 +57,10 @@ def test_good_config_gets_defaults(tmp_path: Path) -> None:
         (_cfg(sensors=[{"type": "ds18b20", "name": "w", "pin": 4, "rom": "xyz"}]), "rom must"),
         (_cfg(sensors=[{"type": "adc", "name": "n", "pin": 4}]), "unit is required"),
         (_cfg(sensors=[GOOD["sensors"][0], GOOD["sensors"][0]]), "used twice"),
-        (_cfg(topic_prefix="ce/#"), "wildcards"),
+        (_cfg(topic_prefix="ce/#"), "'ce/v1' .*the fleet serves no other prefix"),
+        # a prefix the fleet's broker rules and ingest do not serve would lose every batch
+        # (the broker acknowledges a refused publish and drops it): refused at boot
+        (_cfg(topic_prefix="lab/v1"), "'ce/v1' .*the fleet serves no other prefix"),
         ([], "must be a JSON object"),
     ],
 )
@@ -74,6 +77,6 @@ def test_unreadable_and_oversized_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid JSON"):
         config.load(str(bad))
     big = tmp_path / "big.json"
-    big.write_text(" " * (config.CONFIG_MAX_BYTES + 1))
+    big.write_text(" " * (config._CONFIG_MAX_BYTES + 1))
     with pytest.raises(ConfigError, match="larger than"):
         config.load(str(big))

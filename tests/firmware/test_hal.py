@@ -36,7 +36,7 @@ sys.path.insert(0, %(firmware)r)
 from cityedge_fw import hal, config
 from cityedge_fw.sensors import SensorFault
 cfg = config.validate(json.loads(%(config)r))
-board = hal.get_board(cfg)
+board = hal.board_class()(cfg)
 out = {"name": board.name, "device": board.device_id(), "time": board.unix_time(),
        "heap": board.free_heap(), "ticks": board.ticks_ms(), "net": board.connect_network()}
 board.wdt_feed()
@@ -52,6 +52,7 @@ out["faults"] = faults
 out["loaded"] = sorted(m for m in sys.modules if m.startswith("cityedge_fw.") and
                        m.split(".")[1] in ("agent", "mqtt", "mqtt_async", "store"))
 out["board_modules"] = sorted(m for m in sys.modules if m.startswith("cityedge_fw.hal."))
+out["sensor_modules"] = sorted(m for m in sys.modules if m.startswith("cityedge_fw.sensors"))
 out["kept"] = sorted(board.config)
 print(json.dumps(out))
 """
@@ -97,14 +98,16 @@ def test_unix_board_runs_real_drivers_on_simulated_parts(mpy_tree: Path) -> None
     assert out["loaded"] == [], out["loaded"]
     # nor the machine-only base or the unix board's UART and flash image; and the board
     # keeps the keys it reads after boot, not the whole file (issue 13, the board's heap)
-    assert out["board_modules"] == ["cityedge_fw.hal.unix"], out["board_modules"]
+    # the parts other than the SHT3x come through ``unix_parts``, loaded for them only
+    assert out["board_modules"] == ["cityedge_fw.hal.unix", "cityedge_fw.hal.unix_parts"], \
+        out["board_modules"]
     assert out["kept"] == ["device"], out["kept"]
 
 
 def test_unix_board_without_a_device_id_says_so(mpy_tree: Path) -> None:
     script = (
         "import sys\nsys.path.insert(0, %r)\nfrom cityedge_fw import hal\n"
-        "import json\ntry:\n    hal.get_board({}).device_id()\nexcept ValueError as e:\n"
+        "import json\ntry:\n    hal.board_class()({}).device_id()\nexcept ValueError as e:\n"
         "    print(json.dumps({'error': str(e)}))\n" % str(mpy_tree)
     )
     assert "must name the" in _mp(script)["error"]
@@ -126,3 +129,17 @@ def test_board_files_compile_with_mpy_cross(board: str, tmp_path: Path, mpy_cros
     src = FIRMWARE / "cityedge_fw" / "hal" / (board + ".py")
     out = mpy.compile_file(src, tmp_path / (board + ".mpy"))
     assert out.read_bytes()[:1] == b"M"  # .mpy header
+
+
+def test_a_board_loads_the_driver_modules_of_its_configured_sensor_types_only(
+        mpy_tree: Path) -> None:
+    """One SHT3x: its driver and simulated part, nothing of the other types (each module
+    loaded interns its names for good: docs/ARCHITECTURE.md, "Memory on the device")."""
+    cfg = {"device": "urn:dev:mac:02000000beef", "broker": {"host": "127.0.0.1"},
+           "tls": {"cert": "c", "key": "k", "ca": "a"},
+           "sensors": [{"type": "sht3x", "name": "air", "sda": 21, "scl": 22}]}
+    out = _mp(BOARD_SCRIPT % {"firmware": str(mpy_tree), "config": json.dumps(cfg)})
+    assert [r[0] for r in out["readings"]] == ["air/temp", "air/humidity"]
+    assert out["board_modules"] == ["cityedge_fw.hal.unix"], out["board_modules"]
+    assert out["sensor_modules"] == ["cityedge_fw.sensors", "cityedge_fw.sensors.sht3x",
+                                     "cityedge_fw.sensors.sim"], out["sensor_modules"]

@@ -19,7 +19,7 @@ from cityedge_fw import mqtt
 topic_names = st.text(
     alphabet=st.characters(blacklist_characters="+#\x00", blacklist_categories=("Cs",)),
     min_size=1, max_size=40,
-).filter(lambda t: len(t.encode()) <= mqtt.MAX_TOPIC_BYTES)
+).filter(lambda t: len(t.encode()) <= mqtt._MAX_TOPIC_BYTES)
 payloads = st.binary(max_size=300)
 
 
@@ -53,13 +53,13 @@ def split_all(data: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
-@given(st.integers(0, mqtt.REMAINING_LENGTH_MAX))
+@given(st.integers(0, mqtt._REMAINING_LENGTH_MAX))
 def test_remaining_length_round_trip(n: int) -> None:
     enc = mqtt.encode_length(n)
     assert 1 <= len(enc) <= 4
     hdr = b"\x30" + enc
     # the header alone parses to the announced length (no body yet -> None unless n == 0)
-    found = mqtt.split_packet(hdr, mqtt.REMAINING_LENGTH_MAX + 5)
+    found = mqtt.split_packet(hdr, mqtt._REMAINING_LENGTH_MAX + 5)
     if n == 0:
         assert found == (3, 0, len(hdr), len(hdr))
     else:
@@ -82,12 +82,12 @@ def test_publish_round_trip(topic: str, payload: bytes, qos: int, retain: bool, 
        st.none() | st.text(alphabet=st.characters(blacklist_characters="\x00",
                                                   blacklist_categories=("Cs",)),
                            min_size=1, max_size=50).filter(
-                               lambda u: len(u.encode()) <= mqtt.MAX_CLIENT_ID_BYTES))
+                               lambda u: len(u.encode()) <= mqtt._MAX_CLIENT_ID_BYTES))
 def test_connect_encoding(client_id: str, keepalive: int, clean: bool,
                           username: str | None) -> None:
     data = mqtt.encode_connect(client_id, keepalive, clean, username)
     [(ptype, flags, body)] = split_all(data)
-    assert (ptype, flags) == (mqtt.CONNECT, 0)
+    assert (ptype, flags) == (mqtt._CONNECT, 0)
     assert body[:7] == b"\x00\x04MQTT\x04"
     cflags = body[7]
     assert bool(cflags & 0x02) == clean
@@ -102,7 +102,7 @@ def test_connect_encoding(client_id: str, keepalive: int, clean: bool,
 
 
 def test_connect_refuses_an_oversized_username() -> None:
-    name = "\U0001d4d1" * (mqtt.MAX_CLIENT_ID_BYTES // 4 + 1)  # 4 UTF-8 bytes each
+    name = "\U0001d4d1" * (mqtt._MAX_CLIENT_ID_BYTES // 4 + 1)  # 4 UTF-8 bytes each
     with pytest.raises(ValueError, match="limit"):
         mqtt.encode_connect("dev", 60, True, name)
 
@@ -111,7 +111,7 @@ def test_connect_refuses_an_oversized_username() -> None:
        st.integers(1, 0xFFFF))
 def test_subscribe_encoding(filters: list[tuple[str, int]], pid: int) -> None:
     [(ptype, flags, body)] = split_all(mqtt.encode_subscribe(pid, filters))
-    assert (ptype, flags) == (mqtt.SUBSCRIBE, 2)
+    assert (ptype, flags) == (mqtt._SUBSCRIBE, 2)
     assert int.from_bytes(body[:2], "big") == pid
     pos, got = 2, []
     while pos < len(body):
@@ -162,7 +162,7 @@ def test_inflight_window_model(ops: list[str], keep: bool) -> None:
                 c.publish("t/x", b"y", 1)
             c.connect()
             [(ptype, _, _)] = split_all(c.data_to_send())
-            assert ptype == mqtt.CONNECT
+            assert ptype == mqtt._CONNECT
             c.feed(connack(True, 0))
             assert c.sessions == sessions + 1
             resent = split_all(c.data_to_send())
@@ -239,7 +239,7 @@ def _server_stream() -> tuple[bytes, list[tuple[object, ...]]]:
          (mqtt.PUBLISH, "ce/v1/d/down/cmd", b"\x01" * 700, False)),
         (mqtt.encode_publish("ce/v1/d/down/desired", b"", 0, True),
          (mqtt.PUBLISH, "ce/v1/d/down/desired", b"", True)),
-        (mqtt.PINGRESP_BYTES, (mqtt.PINGRESP,)),
+        (b"\xd0\x00", (mqtt.PINGRESP,)),
     ]
     return b"".join(p for p, _ in parts), [e for _, e in parts]
 
@@ -303,12 +303,12 @@ def test_keepalive_ping_and_timeout() -> None:
     c.tick(4000)
     assert c.data_to_send() == b""
     c.tick(5000)
-    assert c.data_to_send() == mqtt.PINGREQ_BYTES
+    assert c.data_to_send() == mqtt._PINGREQ_BYTES
     c.tick(14000)  # waiting for PINGRESP, not yet late
     assert c.data_to_send() == b""
-    assert c.feed(mqtt.PINGRESP_BYTES) == [(mqtt.PINGRESP,)]
+    assert c.feed(b"\xd0\x00") == [(mqtt.PINGRESP,)]
     c.tick(10000)
-    assert c.data_to_send() == mqtt.PINGREQ_BYTES
+    assert c.data_to_send() == mqtt._PINGREQ_BYTES
     with pytest.raises(TransportError):
         c.tick(20000)
 
@@ -321,7 +321,7 @@ def test_bad_arguments_are_value_errors() -> None:
     with pytest.raises(ValueError):
         c.publish("a", b"x", qos=2)
     with pytest.raises(ValueError):
-        mqtt.encode_length(mqtt.REMAINING_LENGTH_MAX + 1)
+        mqtt.encode_length(mqtt._REMAINING_LENGTH_MAX + 1)
 
 
 _MP_SCRIPT = """

@@ -28,3 +28,14 @@ def test_what_is_not_of_the_scheme_is_none():
               "ce/v1/" + DEV + "/up/readings/x", "ce/v2/" + DEV + "/up/readings",
               "ce/v1/a/b/up/readings", "xce/v1/" + DEV + "/up/readings"):
         assert topics.parse(t) is None, t
+
+
+def test_a_devices_topics_are_the_schemes_under_its_prefix():
+    """What the device agent uses (``Agent.topics``, worked out at boot)."""
+    assert topics.device_topics(DEV) == (
+        topics.up(DEV, topics.READINGS), topics.up(DEV, topics.STATUS),
+        topics.down(DEV, topics.CMD), topics.down(DEV, topics.DESIRED))
+    lab = topics.device_topics(DEV, "lab/v1")
+    assert [topics.parse(t, prefix="lab/v1") for t in lab] == [
+        (DEV, topics.UP, topics.READINGS), (DEV, topics.UP, topics.STATUS),
+        (DEV, topics.DOWN, topics.CMD), (DEV, topics.DOWN, topics.DESIRED)]

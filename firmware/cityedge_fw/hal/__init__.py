@@ -1,4 +1,4 @@
-"""Board support: ``get_board()`` returns the board object the agent runs on.
+"""Board support: ``board_class()`` is the class of the board the agent runs on.
 
 Every board has the same members: ``name``, ``device_id()`` (RFC 9039
 ``urn:dev:mac:<12 hex>``), ``connect_network() -> bool``, ``wdt_feed()``, ``free_heap()``,
@@ -87,50 +87,32 @@ class BaseBoard:
     # -- sensors: ``i2c(bus_id, sda, scl, freq)``, ``onewire(pin)`` and ``adc(pin)`` are the
     # board's (``mcu.McuBoard``: ``machine``'s buses; the unix board: simulated ones) -----
 
-    def _bus(self, key: tuple, make: object) -> object:
-        bus = self._buses.get(key)
+    def i2c_bus(self, spec: dict) -> object:
+        """The I2C bus a sensor entry names (``i2c``, ``sda``, ``scl``, ``freq``), made
+        once per bus id and shared by the sensors on it."""
+        n = spec.get("i2c", 0)
+        bus = self._buses.get(n)
         if bus is None:
-            bus = make()
-            self._buses[key] = bus
+            bus = self._buses[n] = self.i2c(  # type: ignore[attr-defined]
+                n, spec["sda"], spec["scl"], spec.get("freq", 100000))
+        return bus
+
+    def onewire_bus(self, pin: int) -> object:
+        """The 1-Wire bus on ``pin``, made once per pin (keyed ``~pin``: never an I2C id)."""
+        bus = self._buses.get(~pin)
+        if bus is None:
+            bus = self._buses[~pin] = self.onewire(pin)  # type: ignore[attr-defined]
         return bus
 
     def sensor(self, spec: dict) -> object:
-        """The driver for one (validated) ``config.sensors`` entry, wired to this board."""
+        """The driver for one (validated) ``config.sensors`` entry, wired to this board by
+        its module's ``wire(board, spec)``. Only the modules of the types the configuration
+        names are loaded: every name of a loaded module stays interned ("Memory on the
+        device" in docs/ARCHITECTURE.md)."""
         kind = spec["type"]
-        name = spec["name"]
-        if kind in ("sht3x", "scd4x"):
-            i2c = self._bus(
-                ("i2c", spec.get("i2c", 0)),
-                lambda: self.i2c(  # type: ignore[attr-defined]
-                    spec.get("i2c", 0), spec["sda"], spec["scl"], spec.get("freq", 100000)
-                ),
-            )
-            if kind == "sht3x":
-                from ..sensors.sht3x import SHT3x
-
-                return SHT3x(name, i2c, spec.get("address", 0x44))
-            from ..sensors.scd4x import SCD4x
-
-            return SCD4x(name, i2c, spec.get("address", 0x62))
-        if kind == "ds18b20":
-            from ..sensors.ds18b20 import DS18B20
-
-            ow = self._bus(("ow", spec["pin"]), lambda: self.onewire(spec["pin"]))  # type: ignore[attr-defined]
-            rom = spec.get("rom")
-            return DS18B20(name, ow, bytes.fromhex(rom) if rom else None)
-        if kind == "adc":
-            from ..sensors.adc import ADCChannel
-
-            return ADCChannel(
-                name,
-                self.adc(spec["pin"]),  # type: ignore[attr-defined]
-                spec["unit"],
-                spec.get("scale", 1.0),
-                spec.get("offset", 0.0),
-                spec.get("low"),
-                spec.get("high"),
-            )
-        raise ValueError("unknown sensor type %r" % kind)
+        if kind not in ("sht3x", "scd4x", "ds18b20", "adc"):
+            raise ValueError("unknown sensor type %r" % kind)
+        return __import__("cityedge_fw.sensors." + kind, None, None, ("wire",)).wire(self, spec)
 
     def sensors(self, config: dict) -> list:
         """Drivers for ``config["sensors"]``; a bus that cannot be set up is a reported fault."""
@@ -154,9 +136,3 @@ def board_class() -> type:
     else:
         raise ValueError("cityedge: no board support for platform %r" % sys.platform)
     return Board
-
-
-def get_board(config: dict | None = None) -> BaseBoard:
-    """The board for this port, made for ``config``."""
-    board: BaseBoard = board_class()(config)
-    return board

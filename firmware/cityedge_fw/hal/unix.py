@@ -15,13 +15,14 @@ The boot (``main.boot``) takes from the environment what a board has in hardware
                      buffer there: stopping and starting it is a power cycle)
 ``CITYEDGE_SECONDS`` stop the agent after this many seconds (the simulator's ``--seconds``)
 ``CITYEDGE_REPORT``  ``1``: print a line on stdout whenever the agent's counters move
+                     (after ``micropython.qstr_info()``'s, the interned names' pools)
 ``CITYEDGE_UART``    ``stdio``: the provisioning line is the process's stdin/stdout (a
                      pseudo-terminal, as ``cityedge_provision.simdevice`` runs it); unset:
                      no provisioning mode, the agent starts (the simulator, the tests)
 ``CITYEDGE_SERIAL``, ``CITYEDGE_DEVICE``, ``CITYEDGE_MODEL``: what provisioning reports
 (a board reads them from its chip; the device URN defaults to the configuration's)
 
-The provisioning line and the flash image are in ``unix_io``, loaded only when the
+The provisioning line, ``info`` and the flash image are in ``unix_io``, loaded only when the
 environment asks for them.
 """
 
@@ -43,11 +44,14 @@ async def _report(agent):
     import asyncio
     import gc
 
+    import micropython
+
     last = None
     while True:
         now = (agent.writer.seq, agent.store.count, agent.published, agent.link.connects)
         if now != last:
             gc.collect()
+            micropython.qstr_info()  # the interned names' pools: none may be added
             print("sim: seq=%d buffered=%d published=%d connects=%d heap_free=%d %s" % (
                 now + (gc.mem_free(), agent.last_error or agent.link.last_error or "")))
             last = now
@@ -101,26 +105,17 @@ class Board(BaseBoard):
 
     @classmethod
     def provisioning_uart(cls):
-        line = os.getenv("CITYEDGE_UART")
-        if not line:
+        if not os.getenv("CITYEDGE_UART"):
             return None
-        if line != "stdio":
-            raise ValueError("unix board: CITYEDGE_UART=%r: only 'stdio' is supported" % line)
-        from .unix_io import StdioUart
+        from .unix_io import stdio_uart
 
-        return StdioUart()
+        return stdio_uart()
 
     @classmethod
     def info(cls, root):
-        from .. import VERSION
+        from .unix_io import info
 
-        device = os.getenv("CITYEDGE_DEVICE")
-        serial = os.getenv("CITYEDGE_SERIAL")
-        if not device or not serial:
-            raise ValueError("unix board: set CITYEDGE_SERIAL and CITYEDGE_DEVICE (what a "
-                             "board reads from its chip)")
-        return {"model": os.getenv("CITYEDGE_MODEL") or cls.model, "serial": serial,
-                "device": device, "firmware": VERSION}
+        return info(cls.model)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -137,21 +132,22 @@ class Board(BaseBoard):
         return int(time.time()) if self._clock_set else None
 
     # the simulated parts load with the first sensor, each bus and part with the first
-    # sensor that needs it: a board without sensors never has them
+    # sensor that needs it: a board without sensors never has them; the parts other than
+    # the SHT3x come through ``unix_parts``, loaded only for a sensor of theirs
     def i2c(self, bus_id, sda, scl, freq):
         from ..sensors.sim import I2CBus
 
         return I2CBus(self.clock)
 
     def onewire(self, pin):
-        from ..sensors.sim_onewire import OneWireBus
+        from .unix_parts import onewire
 
-        return OneWireBus(self.clock)
+        return onewire(self.clock)
 
     def adc(self, pin):
-        from ..sensors.sim_adc import SimADC
+        from .unix_parts import adc
 
-        return SimADC()
+        return adc()
 
     def sensor(self, spec):
         driver = BaseBoard.sensor(self, spec)
@@ -160,13 +156,8 @@ class Board(BaseBoard):
             from ..sensors.sim import SHT3xDevice
 
             driver.i2c.attach(driver.address, SHT3xDevice(self.clock))
-        elif kind == "scd4x":
-            from ..sensors.sim_scd4x import SCD4xDevice
+        elif kind != "adc":
+            from .unix_parts import attach
 
-            driver.i2c.attach(driver.address, SCD4xDevice(self.clock))
-        elif kind == "ds18b20":
-            from ..sensors.sim_onewire import DS18B20Device
-
-            rom = spec.get("rom")
-            driver.ow.attach(DS18B20Device(self.clock, rom=bytes.fromhex(rom) if rom else None))
+            attach(driver, spec, self.clock)
         return driver

@@ -1,7 +1,8 @@
-"""The unix board's provisioning line and flash chip (``hal/unix.py``): loaded only when the
-environment names them (``CITYEDGE_UART=stdio``, ``CITYEDGE_FLASH_IMAGE``), so the agent's
-usual boot does not keep their classes and names on the heap."""
+"""The unix board's provisioning line, its ``info`` and its flash chip (``hal/unix.py``):
+loaded only when the environment names them (``CITYEDGE_UART``, ``CITYEDGE_FLASH_IMAGE``),
+so the agent's usual boot does not keep their classes and names on the heap."""
 
+import os
 import sys
 
 _READ_POLL_MS = 0  # a UART read never blocks: ``provision_main.uart_line`` idles between
@@ -84,3 +85,24 @@ def mount_image(spec):
         vfs.VfsLfs2.mkfs(flash)
         vfs.mount(vfs.VfsLfs2(flash), "/flash")
     return "/flash"
+
+
+def stdio_uart():
+    """The provisioning line ``CITYEDGE_UART`` names (``unix.Board.provisioning_uart``)."""
+    line = os.getenv("CITYEDGE_UART")
+    if line != "stdio":
+        raise ValueError("unix board: CITYEDGE_UART=%r: only 'stdio' is supported" % line)
+    return StdioUart()
+
+
+def info(model):
+    """What provisioning reports (``unix.Board.info``), from the environment."""
+    from .. import VERSION
+
+    device = os.getenv("CITYEDGE_DEVICE")
+    serial = os.getenv("CITYEDGE_SERIAL")
+    if not device or not serial:
+        raise ValueError("unix board: set CITYEDGE_SERIAL and CITYEDGE_DEVICE (what a "
+                         "board reads from its chip)")
+    return {"model": os.getenv("CITYEDGE_MODEL") or model, "serial": serial,
+            "device": device, "firmware": VERSION}

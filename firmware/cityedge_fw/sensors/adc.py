@@ -38,3 +38,10 @@ class ADCChannel:
         ):
             raise SensorFault("adc %s: %.3f %s out of range" % (self.name, value, self.unit))
         return [(self.name, self.unit, round(value, 3))]
+
+
+def wire(board: object, spec: dict) -> ADCChannel:
+    """The driver for a (validated) configuration entry on ``board`` (``hal.BaseBoard``)."""
+    return ADCChannel(spec["name"], board.adc(spec["pin"]),  # type: ignore[attr-defined]
+                      spec["unit"], spec.get("scale", 1.0), spec.get("offset", 0.0),
+                      spec.get("low"), spec.get("high"))

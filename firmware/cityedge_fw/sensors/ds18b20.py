@@ -80,3 +80,10 @@ class DS18B20:
         if t < -55 or t > 125:
             raise SensorFault("ds18b20: %.2f °C out of range" % t)
         return [(self._key, "Cel", t)]
+
+
+def wire(board: object, spec: dict) -> DS18B20:
+    """The driver for a (validated) configuration entry on ``board`` (``hal.BaseBoard``)."""
+    rom = spec.get("rom")
+    return DS18B20(spec["name"], board.onewire_bus(spec["pin"]),  # type: ignore[attr-defined]
+                   bytes.fromhex(rom) if rom else None)

@@ -67,3 +67,9 @@ class SCD4x:
             (self._names[1], "Cel", round(t, 2)),
             (self._names[2], "%RH", round(rh, 2)),
         ]
+
+
+def wire(board: object, spec: dict) -> SCD4x:
+    """The driver for a (validated) configuration entry on ``board`` (``hal.BaseBoard``)."""
+    return SCD4x(spec["name"], board.i2c_bus(spec),  # type: ignore[attr-defined]
+                 spec.get("address", ADDRESS))

@@ -16,7 +16,7 @@ except ImportError:  # CPython
 from . import SensorFault, check_words, sleep_ms
 
 ADDRESS = 0x44  # ADDR pin low; 0x45 when high
-_MEASURE_HIGH = b"\x24\x00"
+_MEASURE_HIGH = const(b"\x24\x00")
 _MEASURE_MS = const(16)  # ms: maximum duration at high repeatability (15.5) rounded up
 
 
@@ -41,3 +41,9 @@ class SHT3x:
         t = -45 + 175 * ((buf[0] << 8) | buf[1]) / 65535
         rh = 100 * ((buf[3] << 8) | buf[4]) / 65535
         return [(self._names[0], "Cel", round(t, 2)), (self._names[1], "%RH", round(rh, 2))]
+
+
+def wire(board: object, spec: dict) -> SHT3x:
+    """The driver for a (validated) configuration entry on ``board`` (``hal.BaseBoard``)."""
+    return SHT3x(spec["name"], board.i2c_bus(spec),  # type: ignore[attr-defined]
+                 spec.get("address", ADDRESS))

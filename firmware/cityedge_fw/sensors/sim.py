@@ -14,8 +14,16 @@ device"). A part's ``clock`` is a function that returns milliseconds: the unix b
 ``time.ticks_ms``; the tests' ``simbus.SimClock`` moves only when a driver sleeps.
 """
 
-_EIO = 5
-_ENODEV = 19
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+_EIO = const(5)
+_ENODEV = const(19)
 
 
 def _crc8_sensirion(data):

@@ -1,6 +1,16 @@
 """Simulated 1-Wire bus and DS18B20 (the unix board and the tests; see ``sim``)."""
 
-from .sim import _ENODEV, SimDevice
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from .sim import SimDevice
+
+_ENODEV = const(19)  # errno, as ``sim``'s
 
 
 def _crc8_maxim(data):

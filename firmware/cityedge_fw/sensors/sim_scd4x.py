@@ -1,6 +1,17 @@
 """Simulated Sensirion SCD4x on the simulated I2C bus (``sim``): the unix board and the tests."""
 
-from .sim import _EIO, _ENODEV, SimDevice, _words
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from .sim import SimDevice, _words
+
+_EIO = const(5)  # errno values, as ``sim``'s
+_ENODEV = const(19)
 
 
 class SCD4xDevice(SimDevice):
