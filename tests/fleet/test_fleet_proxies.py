@@ -81,7 +81,8 @@ def test_without_trusted_proxies_a_client_cannot_choose_its_audit_source(
     """uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise: any process on
     the fleet's host (or an unconfigured proxy's clients) could write any source into the
     audit log and spread its failures over fresh rate-limit buckets."""
-    with fleet_serve(tmp_path, ca_dirs[1], CITYEDGE_LIMITS__AUTH_FAIL_BURST="3") as fleet:
+    with fleet_serve(tmp_path, ca_dirs[1], CITYEDGE_LIMITS__AUTH_FAIL_BURST="3",
+                     CITYEDGE_LIMITS__AUTH_FAIL_PER_S="0.0001") as fleet:  # no refill
         codes = [fleet.get("/devices", {**BAD, "X-Forwarded-For": "203.0.113.%d" % i})
                  for i in range(5)]
         assert codes == [401, 401, 401, 429, 429]  # one bucket: the real address
@@ -90,7 +91,10 @@ def test_without_trusted_proxies_a_client_cannot_choose_its_audit_source(
 
 def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_bucket(
         tmp_path: Path, ca_dirs: tuple[Path, Path]) -> None:
+    # a refill of one token in ~3 hours: however slow the requests on a busy machine, the
+    # counts below are the limiter's rule, not what a timer allowed
     with fleet_serve(tmp_path, ca_dirs[1], CITYEDGE_LIMITS__AUTH_FAIL_BURST="3",
+                     CITYEDGE_LIMITS__AUTH_FAIL_PER_S="0.0001",
                      CITYEDGE_TRUSTED_PROXIES="127.0.0.1") as fleet:
         a = {**BAD, "X-Forwarded-For": "198.51.100.7"}
         # a client of the proxy forges a hop; the proxy appends the address it saw
