@@ -386,12 +386,15 @@ class Agent:
         self._fwd = None
         from cityedge_core import command_gate as commands
 
+        refused = None
         try:
-            name, _seq, args = commands.CommandGate(self.device, self.fleet_keys, self.state,
-                                                    self.board.unix_time).check(payload)
+            name, seq, args = commands.CommandGate(self.device, self.fleet_keys, self.state,
+                                                   self.board.unix_time).check(payload)
         except (PeerError, StorageError) as e:
             self.last_error = "command refused: %s" % e
-            return None
+            if getattr(e, "seq", None) is None or e.name == "desired":
+                return None  # forged, another device's, the retained state: not answered
+            refused = e
         except MemoryError:
             self.mem_errors += 1
             self._defer(payload, tries + 1)
@@ -399,15 +402,46 @@ class Agent:
         finally:
             commands = None
             unload(*ON_DEMAND)
+        if refused is not None:  # authentic and for this device: answered (``answers``)
+            await self._answer(refused)
+            return None
         self.commands_accepted += 1
         if name == "desired" and isinstance(args, dict):
             self.apply_desired(args)
-        elif name == "status":
+            return name
+        if name == "status":
             if not await self.publish_status():
                 self._defer(None, 1)  # asked for: sent once the heap has room
+            await self._answer(name, seq, "ok", "")
+        elif name in ("rotate", "install-cert", "erase-key"):
+            from . import rotation_device as mod
+
+            try:
+                await mod.run(self, name, seq, args)
+            finally:
+                unload(*mod.MODULES)
+                mod = None
         else:
             self.last_error = "command %s: not supported by this firmware" % name
+            await self._answer(name, seq, "refused", "%s: not supported by this firmware"
+                               % name)
         return name
+
+    async def _answer(self, name, seq=0, outcome=None, detail=""):
+        """Sign and send the result of a command (``answers``), or of a refused one (a
+        ``CommandRefused`` as ``name``); loaded for it, unloaded after it."""
+        from . import answers
+
+        try:
+            if outcome is None:
+                await answers.refused(self, name)
+            else:
+                await answers.answer(self, name, seq, outcome, detail)
+        except MemoryError:  # the fleet sends the command again
+            self.mem_errors += 1
+        finally:
+            answers = None
+            unload("cityedge_fw.answers")
 
     def _defer(self, payload, tries):
         """Try a command (``payload``) or a status the fleet asked for (None) again from
