@@ -386,7 +386,7 @@ class Agent:
         self._fwd = None
         from cityedge_core import command_gate as commands
 
-        refused = None
+        name = seq = args = None
         try:
             name, seq, args = commands.CommandGate(self.device, self.fleet_keys, self.state,
                                                    self.board.unix_time).check(payload)
@@ -394,7 +394,7 @@ class Agent:
             self.last_error = "command refused: %s" % e
             if getattr(e, "seq", None) is None or e.name == "desired":
                 return None  # forged, another device's, the retained state: not answered
-            refused = e
+            name = e  # authentic, for this device: answered (refused, or the kept answer)
         except MemoryError:
             self.mem_errors += 1
             self._defer(payload, tries + 1)
@@ -402,46 +402,25 @@ class Agent:
         finally:
             commands = None
             unload(*ON_DEMAND)
-        if refused is not None:  # authentic and for this device: answered (``answers``)
-            await self._answer(refused)
-            return None
-        self.commands_accepted += 1
-        if name == "desired" and isinstance(args, dict):
-            self.apply_desired(args)
-            return name
-        if name == "status":
-            if not await self.publish_status():
+        if isinstance(name, str):
+            self.commands_accepted += 1
+            if name == "desired":
+                if isinstance(args, dict):
+                    self.apply_desired(args)
+                return name
+            if name == "status" and not await self.publish_status():
                 self._defer(None, 1)  # asked for: sent once the heap has room
-            await self._answer(name, seq, "ok", "")
-        elif name in ("rotate", "install-cert", "erase-key"):
-            from . import rotation_device as mod
-
-            try:
-                await mod.run(self, name, seq, args)
-            finally:
-                unload(*mod.MODULES)
-                mod = None
-        else:
-            self.last_error = "command %s: not supported by this firmware" % name
-            await self._answer(name, seq, "refused", "%s: not supported by this firmware"
-                               % name)
-        return name
-
-    async def _answer(self, name, seq=0, outcome=None, detail=""):
-        """Sign and send the result of a command (``answers``), or of a refused one (a
-        ``CommandRefused`` as ``name``); loaded for it, unloaded after it."""
+        # the signed result (``answers``, loaded for it; the rotation's commands run there)
         from . import answers
 
         try:
-            if outcome is None:
-                await answers.refused(self, name)
-            else:
-                await answers.answer(self, name, seq, outcome, detail)
-        except MemoryError:  # the fleet sends the command again
+            await answers.send(self, name, seq, args)
+        except MemoryError:  # not answered: the fleet sends the command again
             self.mem_errors += 1
         finally:
             answers = None
             unload("cityedge_fw.answers")
+        return name if isinstance(name, str) else None
 
     def _defer(self, payload, tries):
         """Try a command (``payload``) or a status the fleet asked for (None) again from

@@ -17,8 +17,12 @@ is the forwarder's, and a lost result is answered again when the fleet re-sends.
 
 The result is encoded here as ``command.encode_result`` encodes it (the same bytes:
 ``tests/firmware/test_answers.py``), with the map keys as constants the compiler folds:
-the core's module would bring two dozen names onto the device's heap for good (interned
-at boot, ``main.build``). Loaded for the answer only (``Agent._answer``), then unloaded.
+the core's module would bring two dozen names onto the device's heap for good. Loaded
+for the answer only (``Agent.handle_command``), then unloaded; its names are interned at
+boot (``main.build``), where the tests' device had 8 free entries in its last pool of
+names (``docs/ARCHITECTURE.md``, "Memory on the device"): the functions and arguments
+reuse names the agent interns anyway, and the rotation's commands live in
+``rotation_device``, loaded (and its names interned) for a rotation only.
 """
 
 try:
@@ -38,10 +42,31 @@ _KEPT = const(4)  # answers kept on flash for repeats
 _DETAIL_MAX = const(256)  # limits.RESULT_DETAIL_MAX_CHARS (held equal by the test)
 
 
-def encode(agent, name, seq, outcome, detail):
-    """``command.encode_result`` with the device's current key, and no data."""
-    return cose.encode_sign1(cbor.dumps({1: name, 2: agent.device, 3: seq, 4: outcome,
-                                         5: detail[:_DETAIL_MAX]}),
+async def send(agent, name, seq, args):
+    """Answer command ``name`` (seq ``seq``, arguments ``args``), which the gate took; or
+    ``name`` is the gate's ``CommandRefused`` for this device: the kept answer of a seq
+    answered before, or ``refused`` with the gate's reason."""
+    if not isinstance(name, str):
+        if name.replay:
+            for s, data in _kept(agent):
+                if s == name.seq:
+                    await _send(agent, data)
+                    return
+        await _signed(agent, name.name, name.seq, "refused", str(name))
+    elif name == "status":  # the status itself went out already (``publish_status``)
+        await _signed(agent, name, seq, "ok", "")
+    else:  # the rotation's module (it unloads itself), imported by a name not interned
+        import sys  # at boot: its module's names come with a rotation
+
+        __import__("cityedge_fw.rotation_device")
+        await sys.modules["cityedge_fw.rotation_device"].run(agent, name, seq, args)
+
+
+def _encode(agent, name, seq, kind, msg):
+    """``command.encode_result`` (outcome ``kind``, detail ``msg``) with the device's
+    current key, and no data."""
+    return cose.encode_sign1(cbor.dumps({1: name, 2: agent.device, 3: seq, 4: kind,
+                                         5: msg[:_DETAIL_MAX]}),
                              agent.writer.signer, agent.writer.kid)
 
 
@@ -49,7 +74,7 @@ def _path(agent):
     return agent.state.path + ".ans"
 
 
-def kept(agent):
+def _kept(agent):
     """``[(seq, signed result)]`` kept on flash, oldest first (a torn tail is ignored)."""
     try:
         with open(_path(agent), "rb") as f:
@@ -67,17 +92,17 @@ def kept(agent):
     return out
 
 
-async def send(agent, data):
+async def _send(agent, data):
     """Publish a signed result if the link is up (else the fleet sends the command again)."""
     if agent.link.client.state == mqtt.CONNECTED:
         await agent.link.publish("ce/v1/%s/up/result" % agent.device, data, 0)
 
 
-async def answer(agent, name, seq, outcome, detail):
+async def _signed(agent, name, seq, kind, msg):
     """Sign the result of command ``seq``, keep it on flash, publish it."""
-    data = encode(agent, name, seq, outcome, detail)
+    data = _encode(agent, name, seq, kind, msg)
     parts = []
-    for s, d in kept(agent)[-(_KEPT - 1):]:
+    for s, d in _kept(agent)[-(_KEPT - 1):]:
         if s != seq:
             parts.append(s.to_bytes(8, "big") + len(d).to_bytes(2, "big"))
             parts.append(d)
@@ -88,15 +113,4 @@ async def answer(agent, name, seq, outcome, detail):
     except OSError:  # not kept: a repeat is refused as a replay; the answer still goes out
         pass
     parts = None
-    await send(agent, data)
-
-
-async def refused(agent, e):
-    """Answer a ``CommandRefused`` for this device: the kept answer of a repeated seq, or
-    ``refused`` with the gate's reason."""
-    if e.replay:
-        for s, d in kept(agent):
-            if s == e.seq:
-                await send(agent, d)
-                return
-    await answer(agent, e.name, e.seq, "refused", str(e))
+    await _send(agent, data)

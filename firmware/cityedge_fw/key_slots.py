@@ -1,11 +1,13 @@
 """The device's identity in two key slots and a pointer: rotation that survives a power cut.
 
 The configuration's ``tls`` paths name slot 0; slot 1 is the same paths with ``.1``
-appended; the pointer is the key's path with ``.slot`` appended (absent: slot 0)::
+appended; the pointer is the key's path with ``.slot`` appended (absent: slot 0) and
+holds the current slot's suffix, which the boot (``main.build``) appends to the ``tls``
+paths without loading this module::
 
     /key.der    /cert.der      slot 0: the provisioned key (SEC1 DER) and certificate (DER)
     /key.der.1  /cert.der.1    slot 1
-    /key.der.slot              b"1": slot 1 is current (b"0" or absent: slot 0)
+    /key.der.slot              ".1": slot 1 is current ("" or absent: slot 0)
 
 The pending rotation ``[rotation_id, slot]`` is in the agent's state file (key ``rot``).
 Every write is ``files.write_atomic`` (LittleFS: the old bytes or the new, never a mix)
@@ -26,8 +28,7 @@ pair: before it moves, the old slot (``rotate`` and ``install-cert`` do not touc
 after, the new one, whose certificate was on flash before the pointer was written. A
 half-made pending slot is ignored and made again at the next ``rotate``.
 
-Loaded at boot (``main.build``: the current slot's files) and by ``rotation_device``;
-unloaded after either. Measured heap: see ``rotation_device``.
+Loaded by ``rotation_device`` only, and unloaded with it.
 """
 
 import os
@@ -43,17 +44,17 @@ def paths(tls, slot):
 
 
 def current(tls):
-    """The slot in use: what the pointer file says (absent or unreadable: 0)."""
+    """The slot in use: what the pointer file says (absent: 0), as the boot reads it."""
     try:
-        with open(tls["key"] + ".slot", "rb") as f:
-            return 1 if f.read(1) == b"1" else 0
+        with open(tls["key"] + ".slot") as f:
+            return 1 if f.read() == ".1" else 0
     except OSError:
         return 0
 
 
 def point_to(tls, slot):
     """Make ``slot`` current: one atomic write (the switch)."""
-    write_atomic(tls["key"] + ".slot", b"1" if slot else b"0")
+    write_atomic(tls["key"] + ".slot", b".1" if slot else b"")
 
 
 def remove(path):

@@ -67,13 +67,14 @@ def build(cfg, board=None, board_class=None):
     from .mqtt_async import tls_context
 
     tls = cfg["tls"]
-    from . import key_slots  # the current key slot's files (rotation: ``rotation_device``)
-
-    key_path, cert_path = key_slots.paths(tls, key_slots.current(tls))
-    del key_slots
-    key_der = read_file(key_path)
+    try:  # the current key slot: the pointer holds its files' suffix (``key_slots``)
+        with open(tls["key"] + ".slot") as f:
+            sfx = f.read()
+    except OSError:
+        sfx = ""  # none yet: slot 0, the provisioned files
+    key_der = read_file(tls["key"] + sfx)
     gc.collect()
-    ssl_ctx = tls_context(read_file(cert_path), key_der, read_file(tls["ca"]))
+    ssl_ctx = tls_context(read_file(tls["cert"] + sfx), key_der, read_file(tls["ca"]))
     # the kid from a throwaway copy of the key: a key keeps its public point once asked
     # for it, and the signing key would keep it on the heap for good (0.7 KiB)
     kid = cose.kid_for_public_key(private_key_from_der(key_der).public_key().to_sec1())
@@ -87,8 +88,7 @@ def build(cfg, board=None, board_class=None):
     del config
     from . import ON_DEMAND, agent, store, unload
 
-    unload("cityedge_fw.config", "cityedge_fw.settings", "cityedge_fw.keys",
-           "cityedge_fw.key_slots")
+    unload("cityedge_fw.config", "cityedge_fw.settings", "cityedge_fw.keys")
     gc.collect()
     if board is None:
         board = board_class(cfg)

@@ -25,8 +25,8 @@ command            does, or refuses
 LittleFS removes a file by freeing its blocks: the old key's bytes stay on the flash
 until the blocks are reused (the fleet revoked its certificate before asking).
 
-Loaded for the command only, with ``key_slots``, ``keys``, ``csr``, ``rotation`` and
-``answers`` (``Agent.handle_command``), and unloaded after it. The key generation, the
+Loaded for the command only (by ``answers``, for any command but ``status``), with
+``key_slots``, ``keys``, ``csr`` and ``rotation``, and unloaded after it. The key generation, the
 CSR and the proof are transient (measured: ``docs/ARCHITECTURE.md``, "Memory on the
 device").
 """
@@ -37,13 +37,12 @@ import os
 from cityedge_core import cose, p256, rotation
 from cityedge_core.errors import LocalError, PeerError, TransportError
 
-from . import key_slots, mqtt
+from . import key_slots, mqtt, unload
 from .files import write_atomic
 from .keys import private_key_from_der, read_file
 
 MODULES = ("cityedge_fw.rotation_device", "cityedge_fw.key_slots", "cityedge_fw.keys",
-           "cityedge_fw.answers", "cityedge_core.rotation", "cityedge_core.csr",
-           "cityedge_core.command")
+           "cityedge_core.rotation", "cityedge_core.csr")
 
 
 def _hex(b):
@@ -53,7 +52,15 @@ def _hex(b):
 
 
 async def run(agent, name, seq, args):
-    """Carry out rotation command ``name`` (seq ``seq``) and answer it."""
+    """Carry out command ``name`` (seq ``seq``) and answer it (``refused``: not supported,
+    for a name that is not the rotation's); unloads this module and those it loaded."""
+    try:
+        await _run(agent, name, seq, args)
+    finally:
+        unload(*MODULES)
+
+
+async def _run(agent, name, seq, args):
     from . import answers
 
     after = None
@@ -64,9 +71,11 @@ async def run(agent, name, seq, args):
         elif name == rotation.INSTALL_CERT:
             rid, cert = rotation.install_cert_args(args)
             detail, after = _install(agent, rid, cert)
-        else:
+        elif name == rotation.ERASE_KEY:
             rid, kid = rotation.erase_key_args(args)
             detail = _erase(agent, kid)
+        else:
+            raise PeerError("%s: not supported by this firmware" % name)
     except PeerError as e:
         outcome, detail = "refused", str(e)
     except MemoryError:
@@ -77,7 +86,7 @@ async def run(agent, name, seq, args):
     args = None
     gc.collect()
     try:
-        await answers.answer(agent, name, seq, outcome, detail)
+        await answers._signed(agent, name, seq, outcome, detail)
     finally:
         if after is not None:  # the pointer moved: the new key from now on
             after(agent)

@@ -168,9 +168,9 @@ def run_once(base, cut_at, mode, tear):
     on the image left behind. Returns (flash ops, whether the cut came, where it came)."""
     import vfs
 
-    from simbus import CutFlash, PowerCut
-
     from cityedge_core.errors import CityedgeError
+
+    from simbus import CutFlash, PowerCut
 
     flash = CutFlash(BLOCK_SIZE, BLOCKS, base, cut_at, mode, tear)
     vfs.mount(vfs.VfsLfs2(flash), ROOT)
