@@ -14,6 +14,7 @@ PostgreSQL (``support.fastfleet.real_fleet``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from fw_harness import HEAP, Subscriber, device_config, finish, start_device
+from fw_harness import Subscriber, device_config, finish, start_device
 from sqlmodel import Session, col, select
 from test_agent_commands import fleet_publisher
 
@@ -37,6 +38,14 @@ from support.fastfleet import Fleet, real_fleet
 from support.fleet import csr_for, device_body, wait_for
 from support.mosquitto import TestPKI
 from support.mqtt_probe import WAIT_S, Probe
+
+# The rotation's heap: its modules (``rotation_device``, ``key_slots``, ``csr``,
+# ``rotation``) intern about 55 names when they load, and the tests' device boots with its
+# five pools of names full (619 of 620), so a rotation adds the sixth pool: one 7.5 KiB
+# block, which ``fw_harness.HEAP`` (72k) does not have once streaming has cut the heap
+# up (the import fails with a MemoryError and the command is lost). Measured: see
+# docs/ARCHITECTURE.md, "Memory on the device". ``CE_ROTATION_HEAP`` overrides it.
+ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "80k")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +168,8 @@ def test_a_streaming_micropython_device_is_rotated_without_losing_a_batch(
     f = fleet
     dev = enroll_mp(f, 1, tmp_path)
     stop_file = tmp_path / "stop"
-    proc = start_device(mpy_dir, mp_config(f, dev, tmp_path, {"file": str(stop_file)}))
+    proc = start_device(mpy_dir, mp_config(f, dev, tmp_path, {"file": str(stop_file)}),
+                        ROTATION_HEAP)
     try:
         assert wait_for(lambda: stored(f, dev.id)[1] >= 3, 3 * WAIT_S), stored(f, dev.id)
         r = f.api.client.post("/devices/%s/rotate" % dev.id,
@@ -175,7 +185,7 @@ def test_a_streaming_micropython_device_is_rotated_without_losing_a_batch(
         # (five pools full at boot) that is one more pool, once
         out = finish(proc, 120, names_grow=1)
     print("rotation at %s: boot %d B, most in use %d B, least free %d B, names %r"
-          % (HEAP, out["boot_alloc"], out["max_alloc"], out["min_free"], out["qstr"]))
+          % (ROTATION_HEAP, out["boot_alloc"], out["max_alloc"], out["min_free"], out["qstr"]))
     assert out["stored"] == 0, out  # every batch it signed was acknowledged
     assert wait_for(lambda: stored(f, dev.id)[1] == out["seq"], WAIT_S)
     # none lost, none refused: every batch stored once, no gap, one chain across the keys
@@ -233,7 +243,9 @@ def test_forged_replayed_expired_and_foreign_rotate_commands_are_refused(
         assert wait_for(lambda: len(results(sub, dev)) >= 3, 3 * WAIT_S), results(sub, dev)
     finally:
         stop_file.touch()
-        out = finish(proc, 120)
+        # a command that finds no room for the gate's decoders is checked again later
+        # (``mem_errors``), as in the commands test: each is still answered once
+        out = finish(proc, 120, mem_errors_ok=True)
         pub.loop_stop()
         pub.disconnect()
         sub.close()
