@@ -382,7 +382,11 @@ class Agent:
         checked again later by the forwarder (another moment, another heap layout), up to
         ``_COMMAND_TRIES`` times in all: the broker acknowledged it, it is not sent twice.
         The forwarder's read buffer is let go first (one free block a batch in size, where
-        the decoders' pieces fit); the forwarder makes a new one when it next reads."""
+        the decoders' pieces fit); the forwarder makes a new one when it next reads.
+
+        Every authentic command for this device but ``desired`` is answered with a signed
+        result (``answers``, loaded for it), which also runs the key rotation's commands
+        (``rotation_device``)."""
         self._fwd = None
         from cityedge_core import command_gate as commands
 
