@@ -35,7 +35,7 @@ except ImportError:  # CPython
 
 from cityedge_core import cbor, cose
 
-from . import mqtt
+from . import mqtt, unload
 from .files import write_atomic
 
 _KEPT = const(4)  # answers kept on flash for repeats
@@ -59,7 +59,16 @@ async def send(agent, name, seq, args):
         import sys  # at boot: its module's names come with a rotation
 
         __import__("cityedge_fw.rotation_device")
-        await sys.modules["cityedge_fw.rotation_device"].run(agent, name, seq, args)
+        todo = await sys.modules["cityedge_fw.rotation_device"].run(agent, name, seq, args)
+        if todo is not None:  # a certificate installed: the switch, the rotation unloaded
+            import gc
+
+            gc.collect()
+            __import__("cityedge_fw.key_slots")
+            try:
+                sys.modules["cityedge_fw.key_slots"].after(agent, *todo)
+            finally:
+                unload("cityedge_fw.key_slots", "cityedge_fw.keys")
 
 
 def _encode(agent, name, seq, kind, msg):

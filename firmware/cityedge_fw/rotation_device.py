@@ -53,9 +53,12 @@ def _hex(b):
 
 async def run(agent, name, seq, args):
     """Carry out command ``name`` (seq ``seq``) and answer it (``refused``: not supported,
-    for a name that is not the rotation's); unloads this module and those it loaded."""
+    for a name that is not the rotation's); unloads this module and those it loaded.
+    Returns None, or after an installed certificate ``(key_path, cert_path, kid)`` for
+    ``key_slots.after`` (the switch), which the caller makes once these modules are off
+    the heap (the new TLS context needs the room)."""
     try:
-        await _run(agent, name, seq, args)
+        return await _run(agent, name, seq, args)
     finally:
         unload(*MODULES)
 
@@ -63,14 +66,14 @@ async def run(agent, name, seq, args):
 async def _run(agent, name, seq, args):
     from . import answers
 
-    after = None
+    switch = None
     outcome = "ok"
     try:
         if name == rotation.ROTATE:
             detail = await _rotate(agent, rotation.rotate_args(args))
         elif name == rotation.INSTALL_CERT:
             rid, cert = rotation.install_cert_args(args)
-            detail, after = _install(agent, rid, cert)
+            detail, switch = _install(agent, rid, cert)
         elif name == rotation.ERASE_KEY:
             rid, kid = rotation.erase_key_args(args)
             detail = _erase(agent, kid)
@@ -84,14 +87,14 @@ async def _run(agent, name, seq, args):
     except (OSError, LocalError, ValueError) as e:
         outcome, detail = "failed", "%s: %s" % (type(e).__name__, e)
     args = None
+    if outcome != "ok":
+        agent.last_error = "%s: %s" % (name, detail)
     gc.collect()
     try:
         await answers._signed(agent, name, seq, outcome, detail)
-    finally:
-        if after is not None:  # the pointer moved: the new key from now on
-            after(agent)
-    if outcome != "ok":
-        agent.last_error = "%s: %s" % (name, detail)
+    except MemoryError:  # not answered: the fleet sends it again (then: a replay)
+        agent.mem_errors += 1
+    return switch  # the pointer moved: the new key from now on (``key_slots.after``)
 
 
 async def _rotate(agent, rid):
@@ -133,38 +136,7 @@ def _install(agent, rid, cert):
     key_slots.point_to(tls, slot)
     agent.state.set(rot=None)
     kid = cose.kid_for_public_key(point)
-
-    def after(agent):
-        switch(agent, key_path, cert_path, kid)
-
-    return "installed for key %s" % _hex(kid), after
-
-
-def switch(agent, key_path, cert_path, kid):
-    """Sign with the key in ``key_path`` from now on (the chain goes on) and reconnect with
-    a TLS context made from it and ``cert_path``. A heap with no room for the context
-    resets the board (``machine.reset``), which boots on the new slot; on the unix port
-    (no reset) the MemoryError goes up and the link keeps the old context."""
-    key_der = read_file(key_path)
-    agent.writer.signer = private_key_from_der(key_der)  # no public point kept on it
-    agent.writer.kid = kid
-    link = agent.link
-    from .mqtt_async import tls_context
-
-    try:
-        gc.collect()
-        link.ssl_ctx = tls_context(read_file(cert_path), key_der, read_file(
-            agent.cfg["tls"]["ca"]))
-    except MemoryError:
-        agent.mem_errors += 1
-        import machine  # type: ignore[import-not-found]
-
-        reset = getattr(machine, "reset", None)
-        if reset is None:
-            raise
-        reset()
-    # the session ends at its next tick (``Link._session``) and reconnects
-    link._read_error = TransportError("key rotated: reconnecting with the new certificate")
+    return "installed for key %s" % _hex(kid), (key_path, cert_path, kid)
 
 
 def _erase(agent, kid):

@@ -4,8 +4,9 @@ This file is both the pytest module (CPython side, bottom) and the MicroPython s
 tests run (top), as ``test_store_powercut.py`` is: ``micropython test_rotation_powercut.py
 sweep SEED``. The script formats ``vfs.VfsLfs2`` on ``simbus.CutFlash``, lays out a
 provisioned identity (slot 0: ``key.der``, ``cert.der``), and runs a whole rotation with
-the firmware's own code (``cityedge_fw.rotation_device.run``: ``rotate``, ``install-cert``,
-``erase-key``, each answered through ``cityedge_fw.answers``, the state file
+the firmware's own code (``cityedge_fw.answers.send``, as the agent calls it for a
+command the gate took: ``rotation_device`` for ``rotate``, ``install-cert`` and
+``erase-key``, each answered, then ``key_slots.after`` for the switch; the state file
 ``store.State``) against a stand-in fleet that issues a certificate for the CSR's key. The
 power is cut at one flash operation (program or erase), failing it, tearing it or
 (``flaky``) failing one write and going on; then a fresh file system is mounted on the
@@ -130,9 +131,11 @@ def rotate_once(agent, rid, seq):
     import asyncio
 
     from cityedge_core import cbor, cose, rotation
-    from cityedge_fw import rotation_device
+    from cityedge_fw import answers
 
-    run = rotation_device.run
+    def run(agent, name, seq, args):  # as the agent runs a command the gate took
+        return answers.send(agent, name, seq, args)
+
     asyncio.run(run(agent, "rotate", seq, {1: rid}))
     assert results(agent)[-1][:2] == (seq, "ok"), results(agent)
     csr_msg = [d for t, d in agent.link.sent if t.endswith("/up/csr")][-1]
