@@ -44,7 +44,7 @@ from support.mqtt_probe import WAIT_S, Probe
 # block, which ``fw_harness.HEAP`` (72k) does not have once streaming has cut the heap
 # up (the import fails with a MemoryError and the command is lost). Measured: see
 # docs/ARCHITECTURE.md, "Memory on the device". ``CE_ROTATION_HEAP`` overrides it.
-ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "80k")
+ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "96k")
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_a_streaming_micropython_device_is_rotated_without_losing_a_batch(
         r = f.api.client.post("/devices/%s/rotate" % dev.id,
                               headers=f.api.headers(Role.security))
         assert r.status_code == 201, r.text
-        assert wait_for(lambda: rotation_state(f, dev.id) == "old-revoked", 6 * WAIT_S), \
+        assert wait_for(lambda: rotation_state(f, dev.id) == "old-revoked", 4 * WAIT_S), \
             (rotation_state(f, dev.id), commands(f, dev.id))
         at_revoked = stored(f, dev.id)[1]
         assert wait_for(lambda: stored(f, dev.id)[1] >= at_revoked + 3, 3 * WAIT_S)
