@@ -1,5 +1,6 @@
-"""Key rotation of the MicroPython agent end to end: the real agent on the unix port (at
-``fw_harness.HEAP``, code in ROMFS), a real Mosquitto (mTLS, the fleet's CRL, dynamic
+"""Key rotation of the MicroPython agent end to end: the real agent on the unix port (code
+in ROMFS; the rotation at ``ROTATION_HEAP``, the attacks at ``fw_harness.HEAP``), a real
+Mosquitto (mTLS, the fleet's CRL, dynamic
 security) and the real fleet (API, ingest worker, command publisher) on SQLite and
 PostgreSQL (``support.fastfleet.real_fleet``).
 
