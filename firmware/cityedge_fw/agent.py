@@ -382,16 +382,23 @@ class Agent:
         checked again later by the forwarder (another moment, another heap layout), up to
         ``_COMMAND_TRIES`` times in all: the broker acknowledged it, it is not sent twice.
         The forwarder's read buffer is let go first (one free block a batch in size, where
-        the decoders' pieces fit); the forwarder makes a new one when it next reads."""
+        the decoders' pieces fit); the forwarder makes a new one when it next reads.
+
+        Every authentic command for this device but ``desired`` is answered with a signed
+        result (``answers``, loaded for it), which also runs the key rotation's commands
+        (``rotation_device``)."""
         self._fwd = None
         from cityedge_core import command_gate as commands
 
+        name = seq = args = None
         try:
-            name, _seq, args = commands.CommandGate(self.device, self.fleet_keys, self.state,
-                                                    self.board.unix_time).check(payload)
+            name, seq, args = commands.CommandGate(self.device, self.fleet_keys, self.state,
+                                                   self.board.unix_time).check(payload)
         except (PeerError, StorageError) as e:
             self.last_error = "command refused: %s" % e
-            return None
+            if getattr(e, "seq", None) is None or e.name == "desired":
+                return None  # forged, another device's, the retained state: not answered
+            name = e  # authentic, for this device: answered (refused, or the kept answer)
         except MemoryError:
             self.mem_errors += 1
             self._defer(payload, tries + 1)
@@ -399,15 +406,25 @@ class Agent:
         finally:
             commands = None
             unload(*ON_DEMAND)
-        self.commands_accepted += 1
-        if name == "desired" and isinstance(args, dict):
-            self.apply_desired(args)
-        elif name == "status":
-            if not await self.publish_status():
+        if isinstance(name, str):
+            self.commands_accepted += 1
+            if name == "desired":
+                if isinstance(args, dict):
+                    self.apply_desired(args)
+                return name
+            if name == "status" and not await self.publish_status():
                 self._defer(None, 1)  # asked for: sent once the heap has room
-        else:
-            self.last_error = "command %s: not supported by this firmware" % name
-        return name
+        # the signed result (``answers``, loaded for it; the rotation's commands run there)
+        from . import answers
+
+        try:
+            await answers.send(self, name, seq, args)
+        except MemoryError:  # not answered: the fleet sends the command again
+            self.mem_errors += 1
+        finally:
+            answers = None
+            unload("cityedge_fw.answers")
+        return name if isinstance(name, str) else None
 
     def _defer(self, payload, tries):
         """Try a command (``payload``) or a status the fleet asked for (None) again from

@@ -83,9 +83,14 @@ def build(cfg, board=None, board_class=None):
     from .mqtt_async import tls_context
 
     tls = cfg["tls"]
-    key_der = read_file(tls["key"])
+    try:  # the current key slot: the pointer holds its files' suffix (``key_slots``)
+        with open(tls["key"] + ".slot") as f:
+            sfx = f.read()
+    except OSError:
+        sfx = ""  # none yet: slot 0, the provisioned files
+    key_der = read_file(tls["key"] + sfx)
     gc.collect()
-    ssl_ctx = tls_context(read_file(tls["cert"]), key_der, read_file(tls["ca"]))
+    ssl_ctx = tls_context(read_file(tls["cert"] + sfx), key_der, read_file(tls["ca"]))
     # the kid from a throwaway copy of the key: a key keeps its public point once asked
     # for it, and the signing key would keep it on the heap for good (0.7 KiB)
     kid = cose.kid_for_public_key(private_key_from_der(key_der).public_key().to_sec1())
@@ -104,6 +109,7 @@ def build(cfg, board=None, board_class=None):
     if board is None:
         board = board_class(cfg)
     checked = cfg["agent"]
+    checked["tls"] = tls  # the key slots' paths, for a rotation (``rotation_device``)
     st = cfg.get("store", {})
     broker = cfg["broker"]
     device = cfg.get("device") or board.device_id()
@@ -129,7 +135,7 @@ def build(cfg, board=None, board_class=None):
     # failed with 10 KiB free and 4 KiB the largest free block. After this the running
     # agent interns no name (the firmware tests check that no pool is added).
     for name in ("cityedge_fw.drops", "cityedge_fw.backoff", "cityedge_core.command_gate",
-                 "cityedge_core.cbor_decode"):
+                 "cityedge_core.cbor_decode", "cityedge_fw.answers"):
         __import__(name)
         unload(name)
     unload(*ON_DEMAND)

@@ -38,6 +38,7 @@ back on ``EnrollmentRefused`` (so a refusal after rule 2 uses nothing up), then 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import hmac
@@ -59,6 +60,8 @@ from cityedge_fleet.config import Settings
 from cityedge_fleet.models import (
     AllowedSerial,
     ChainStateRow,
+    CommandKeyRotation,
+    CommandKeyRotationState,
     Credential,
     Device,
     DeviceState,
@@ -227,6 +230,15 @@ def device_config(device: Device, settings: Settings, kid: bytes) -> dict[str, A
     }
 
 
+def newest_statement(session: Session) -> str | None:
+    """The newest trust statement the fleet rolled out (a command-key rotation not
+    abandoned), base64 as the root signed it; None if there is none."""
+    row = session.exec(select(CommandKeyRotation).where(
+        col(CommandKeyRotation.state) != CommandKeyRotationState.abandoned)
+        .order_by(col(CommandKeyRotation.version).desc())).first()
+    return None if row is None else base64.b64encode(bytes(row.statement)).decode()
+
+
 def enroll(session: Session, *, ca: CertificateAuthority, settings: Settings,
            req: EnrollRequest, fleet_keys: list[str]
            ) -> tuple[Device, Credential, EnrollResponse, str]:
@@ -276,7 +288,8 @@ def enroll(session: Session, *, ca: CertificateAuthority, settings: Settings,
     response = EnrollResponse(
         device_id=device.id, certificate_pem=cert_pem, chain_pem=cert_pem + ca.chain_pem(),
         ca_bundle_pem=ca.device_trust_pem(), broker_url=settings.broker_url,
-        config=device_config(device, settings, kid), fleet_keys=fleet_keys)
+        config=device_config(device, settings, kid), fleet_keys=fleet_keys,
+        trust_statement=newest_statement(session))
     return device, credential, response, gate
 
 

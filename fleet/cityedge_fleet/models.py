@@ -446,6 +446,11 @@ class EnrollResponse(SQLModel):
     # the fleet public keys the device trusts for commands: SEC1 uncompressed points, hex
     # (today the command key; ``command_key.trust_store``)
     fleet_keys: list[str]
+    # the newest root-signed trust statement the fleet rolled out (base64, as signed;
+    # ``cityedge_core.trust_statement``), None before the first command-key rotation: a
+    # device that installs it holds that version, so an older statement replayed to it
+    # is refused as a rollback
+    trust_statement: str | None = None
 
 
 class FleetKeys(SQLModel):

@@ -8,7 +8,9 @@ TLS context, keys, settings, the board, the agent; the same order and code as
 ``main.boot()``), with this stand-in board class instead of the port's HAL board, and runs
 the agent under a supervisor until ``stop`` in ``TEST.json`` (the test's own keys) is met:
 ``{"batches": N}`` (N batches signed and every stored batch acknowledged) and/or
-``{"seconds": S}`` and/or ``{"window": {"warmup_ms": W, "length_ms": L}}`` (the bench:
+``{"seconds": S}`` and/or ``{"file": PATH}`` (once the test made that file and every
+stored batch is acknowledged) and/or
+``{"window": {"warmup_ms": W, "length_ms": L}}`` (the bench:
 once connected and W ms in, the counters are marked, and again L ms later). It then
 prints one line ``RESULT <json list>`` with counters and heap use (``fw_harness.result``
 names them), and exits with status 1 if
@@ -122,6 +124,12 @@ async def supervise(agent, stop, stats, alloc, marks):
             and agent.store.count == 0
         if "seconds" in stop and t > stop["seconds"] * 1000:
             done = True
+        if "file" in stop and tick % 20 == 0 and agent.store.count == 0:
+            try:  # the test's signal (it created the file), once every batch is acknowledged
+                os.stat(stop["file"])
+                done = True
+            except OSError:
+                pass
         if window:
             if not marks and agent.link.connects and t >= window["warmup_ms"]:
                 marks.append(_counters(agent, t))

@@ -309,3 +309,33 @@ def test_a_key_file_follows_a_replaced_file_and_never_falls_back(tmp_path: Path)
     path.chmod(0o644)
     with pytest.raises(command_key.CommandKeyError, match="open to other users"):
         held.current()
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_enrollment_hands_out_the_newest_statement(api: Api, root_dir: Path) -> None:
+    """A device enrolled after a command-key rotation is handed the newest statement the
+    root signed (not the abandoned one after it): installing it, the device holds that
+    version, and the older statement replayed to it is refused as a rollback."""
+    first = enroll_device(api, 1)
+    assert first.enrollment["trust_statement"] is None  # no rotation yet
+    cur, nxt = _keys(api)
+    v1 = _announce(root_dir, cur, nxt)
+    assert _start(api, v1).status_code == 201
+    second = enroll_device(api, 2)
+    handed = second.enrollment["trust_statement"]
+    assert isinstance(handed, str) and base64.b64decode(handed) == v1
+    root = ckr.root_verifier(api.settings.ca_dir)
+    now = int(_now().timestamp())
+    st = trust_statement.check_statement(base64.b64decode(handed), root, root.kid, 0, now)
+    assert public_sec1(nxt.public_key) in st.points_at(now)
+    with pytest.raises(trust_statement.StatementRefused, match="rollback"):
+        trust_statement.check_statement(v1, root, root.kid, st.version, now)
+    # a later statement given up (abandoned) is not handed out
+    v2 = _announce(root_dir, cur, EcSigner.generate())
+    with Session(api.engine) as s:
+        s.add(ckr.CommandKeyRotation(
+            version=st.version + 1, statement=v2, statement_sha256="0" * 64,
+            old_kid=cur.kid.hex(), new_kid="00" * 8, expires_at=_now() + dt.timedelta(hours=1),
+            threshold_pct=100, state=ckr.CommandKeyRotationState.abandoned,
+            created_by="test"))
+        s.commit()
+    third = enroll_device(api, 3)
+    assert third.enrollment["trust_statement"] == handed

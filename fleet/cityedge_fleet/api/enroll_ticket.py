@@ -123,7 +123,7 @@ def _existing(session: Session, ca: CertificateAuthority, settings: Settings,
         ca_bundle_pem=ca.device_trust_pem(),
         broker_url=settings.broker_url,
         config=enrollment.device_config(device, settings, bytes.fromhex(cred.kid)),
-        fleet_keys=fleet_keys)
+        fleet_keys=fleet_keys, trust_statement=enrollment.newest_statement(session))
 
 
 @router.post("/enroll/ticket", response_model=EnrollResponse,

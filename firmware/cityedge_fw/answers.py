@@ -1,0 +1,126 @@
+"""Signed command results from the device: ``<prefix>/<device>/up/result``.
+
+Every command the gate takes or refuses for this device is answered with a result signed
+by the device's current key (``cityedge_core.command.encode_result``: the format the
+fleet's ingest verifies, as the Pi gateway's ``cityedge_host.command_responder`` sends
+it): ``ok``, ``refused`` with the reason, or ``failed`` with the error. Forged commands
+and other devices' are not answered (only an authentic command for this device is worth
+an answer); the retained ``desired`` state is not a queued command and is not answered.
+
+The fleet sends a command again until it has an answer, so the last ``_KEPT`` answers are
+kept on flash (``<state file>.ans``, one atomic write per answer: ``[seq 8 bytes, length
+2 bytes, signed result]...``, oldest first) and a repeat of a seq answered before gets
+the same bytes again; a repeat of one with no answer kept (a power cut between taking and
+answering it, or too old) is refused as a replay, with the gate's reason, as the fast
+device does (``cityedge.fastdevice``). Results go out at QoS 0: the agent's QoS 1 window
+is the forwarder's, and a lost result is answered again when the fleet re-sends.
+
+The result is encoded here as ``command.encode_result`` encodes it (the same bytes:
+``tests/firmware/test_answers.py``), with the map keys as constants the compiler folds:
+the core's module would bring two dozen names onto the device's heap for good. Loaded
+for the answer only (``Agent.handle_command``), then unloaded; its names are interned at
+boot (``main.build``), where the tests' device had 8 free entries in its last pool of
+names (``docs/ARCHITECTURE.md``, "Memory on the device"): the functions and arguments
+reuse names the agent interns anyway, and the rotation's commands live in
+``rotation_device``, loaded (and its names interned) for a rotation only.
+"""
+
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+from cityedge_core import cbor, cose
+
+from . import mqtt, unload
+from .files import write_atomic
+
+_KEPT = const(4)  # answers kept on flash for repeats
+_DETAIL_MAX = const(256)  # limits.RESULT_DETAIL_MAX_CHARS (held equal by the test)
+
+
+async def send(agent, name, seq, args):
+    """Answer command ``name`` (seq ``seq``, arguments ``args``), which the gate took; or
+    ``name`` is the gate's ``CommandRefused`` for this device: the kept answer of a seq
+    answered before, or ``refused`` with the gate's reason."""
+    if not isinstance(name, str):
+        if name.replay:
+            for s, data in _kept(agent):
+                if s == name.seq:
+                    await _send(agent, data)
+                    return
+        await _signed(agent, name.name, name.seq, "refused", str(name))
+    elif name == "status":  # the status itself went out already (``publish_status``)
+        await _signed(agent, name, seq, "ok", "")
+    else:  # the rotation's module (it unloads itself), imported by a name not interned
+        import sys  # at boot: its module's names come with a rotation
+
+        __import__("cityedge_fw.rotation_device")
+        todo = await sys.modules["cityedge_fw.rotation_device"].run(agent, name, seq, args)
+        if todo is not None:  # a certificate installed: the switch, the rotation unloaded
+            import gc
+
+            gc.collect()
+            __import__("cityedge_fw.key_slots")
+            try:
+                sys.modules["cityedge_fw.key_slots"].after(agent, *todo)
+            finally:
+                unload("cityedge_fw.key_slots", "cityedge_fw.keys")
+
+
+def _encode(agent, name, seq, kind, msg):
+    """``command.encode_result`` (outcome ``kind``, detail ``msg``) with the device's
+    current key, and no data."""
+    return cose.encode_sign1(cbor.dumps({1: name, 2: agent.device, 3: seq, 4: kind,
+                                         5: msg[:_DETAIL_MAX]}),
+                             agent.writer.signer, agent.writer.kid)
+
+
+def _path(agent):
+    return agent.state.path + ".ans"
+
+
+def _kept(agent):
+    """``[(seq, signed result)]`` kept on flash, oldest first (a torn tail is ignored)."""
+    try:
+        with open(_path(agent), "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    out = []
+    i = 0
+    while i + 10 <= len(raw):
+        n = int.from_bytes(raw[i + 8:i + 10], "big")
+        if i + 10 + n > len(raw):
+            break
+        out.append((int.from_bytes(raw[i:i + 8], "big"), raw[i + 10:i + 10 + n]))
+        i += 10 + n
+    return out
+
+
+async def _send(agent, data):
+    """Publish a signed result if the link is up (else the fleet sends the command again)."""
+    if agent.link.client.state == mqtt.CONNECTED:
+        # beside up/readings: the scheme's and the configured prefix's (``topics``)
+        await agent.link.publish(agent.topics[0][:-8] + "result", data, 0)
+
+
+async def _signed(agent, name, seq, kind, msg):
+    """Sign the result of command ``seq``, keep it on flash, publish it."""
+    data = _encode(agent, name, seq, kind, msg)
+    parts = []
+    for s, d in _kept(agent)[-(_KEPT - 1):]:
+        if s != seq:
+            parts.append(s.to_bytes(8, "big") + len(d).to_bytes(2, "big"))
+            parts.append(d)
+    parts.append(seq.to_bytes(8, "big") + len(data).to_bytes(2, "big"))
+    parts.append(data)
+    try:
+        write_atomic(_path(agent), tuple(parts))
+    except OSError:  # not kept: a repeat is refused as a replay; the answer still goes out
+        pass
+    parts = None
+    await _send(agent, data)
