@@ -2,7 +2,8 @@
 
 Errors a user can cause (a bad file, a bad key, an unreachable service) are raised as
 ``cityedge_host.errors.UserError`` by every part and printed here, once, as ``cityedge:
-<what went wrong>`` and ``  what to do: <hint>``, exit code 1 — never a traceback. The
+<what went wrong>`` and ``  what to do: <hint>``, exit code 1 (3 when the error says
+nothing was there to work on: ``EXIT_UNAVAILABLE``) — never a traceback. The
 core's ``CityedgeError`` family and ``OSError`` are reported the same way, without a hint.
 Usage errors (a wrong option) exit 2, as Click does; Ctrl-C exits 130.
 """
@@ -45,7 +46,7 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except (UserError, CityedgeError, OSError) as e:
             report(e)
-            raise typer.Exit(EXIT_USER_ERROR) from e
+            raise typer.Exit(getattr(e, "exit_code", EXIT_USER_ERROR)) from e
 
 
 app = typer.Typer(
@@ -87,7 +88,7 @@ def main() -> None:
         app()
     except (UserError, CityedgeError, OSError) as e:  # raised outside a sub-command
         report(e)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
 

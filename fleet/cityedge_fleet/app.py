@@ -1,9 +1,10 @@
 """The fleet service's FastAPI application: ``create_app(settings)``.
 
-The factory opens the database, applies the migrations, loads the command key
-(``command_key``), creates the rate limiters and mounts the routers. It does not start
-the ingest worker, the CRL refresher or the command publisher: ``fleet serve`` does
-(``cityedge_fleet.serve``), so tests can build an app without MQTT.
+The factory opens the database (``db.open_database``: it creates one only with
+``init_db``, else a missing or foreign database stops it), applies the migrations, loads
+the command key (``command_key``), creates the rate limiters and mounts the routers. It
+does not start the ingest worker, the CRL refresher or the command publisher: ``fleet
+serve`` does (``cityedge_fleet.serve``), so tests can build an app without MQTT.
 
 Every request passes the body limit of its route first (``body_limits``: 413 before a
 body is parsed), then the URL text rule; validation errors never echo the input
@@ -37,7 +38,7 @@ from cityedge_fleet.api import (
 from cityedge_fleet.body_limits import BodyLimits, route_limits
 from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.config import Settings
-from cityedge_fleet.db import make_engine, migrate
+from cityedge_fleet.db import open_database
 from cityedge_fleet.models import CONTROL_CHARACTERS
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
@@ -54,9 +55,8 @@ ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
            campaigns.router, command_key_routes.router, hw_reports.router)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    engine = make_engine(settings)
-    migrate(engine)
+def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
+    engine = open_database(settings, "create" if init_db else "write")
     app = FastAPI(
         title="cityedge fleet",
         summary="Device registry, CA, gated enrollment, audit log and verified readings.",

@@ -1,12 +1,17 @@
 """``cityedge fleet serve``: the API under uvicorn, plus (by default) an ingest worker, the
 broker reconciler (grants and CRL kept in step with the registry: ``broker_sync``) and the
 command publisher (``command_publisher``) and the key campaigns' and renewal's runner
-(``campaign_runner``) in background threads of the same process."""
+(``campaign_runner``) in background threads of the same process.
+
+At start it says what it runs against (``describe_start``: the mode, the database with its
+password masked, the CA directory, the broker devices are told and the one the ingest
+uses): a fleet started with the wrong settings shows it in its first lines."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +26,7 @@ from cityedge_fleet.ca import CaError, CertificateAuthority
 from cityedge_fleet.campaign_runner import CampaignRunner
 from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
+from cityedge_fleet.db import describe_database
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 
@@ -96,8 +102,28 @@ def proxy_options(settings: Settings) -> dict[str, Any]:
     return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted}
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    app = create_app(settings)
+def describe_start(settings: Settings, *, ingest: bool) -> list[str]:
+    """What a starting ``fleet serve`` / ``fleet ingest`` uses, one item a line."""
+    lines = ["mode %s" % settings.mode,
+             "database %s" % describe_database(settings.database_url),
+             "CA directory %s" % settings.ca_dir.absolute(),
+             "broker for devices %s" % settings.broker_url]
+    if ingest:
+        lines.append("ingest from mqtts://%s:%d (share group %s)" % (
+            settings.mqtt_host, settings.mqtt_port, settings.ingest_share_group))
+    else:
+        lines.append("ingest off")
+    return lines
+
+
+def say_start(command: str, settings: Settings, *, ingest: bool) -> None:
+    for line in describe_start(settings, ingest=ingest):
+        print("cityedge %s: %s" % (command, line), file=sys.stderr, flush=True)
+
+
+def serve(settings: Settings, host: str, port: int, *, init_db: bool = False) -> None:
+    say_start("fleet serve", settings, ingest=settings.ingest_with_serve)
+    app = create_app(settings, init_db=init_db)
     reconciler = start_reconciler(settings, app.state.engine, app.state.broker_access)
     app.state.reconciler = reconciler
     publisher = start_publisher(settings, app.state.engine)

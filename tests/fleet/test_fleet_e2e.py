@@ -138,7 +138,7 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
                         mqtt_cert_file=ingest_crt, mqtt_key_file=ingest_key,
                         broker_control_cert_file=control_crt,
                         broker_control_key_file=control_key, ingest_with_serve=False)
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     assert wait_for(lambda: _listening(port), timeout=20), "mosquitto did not start"
     worker = None
     cli_worker: subprocess.Popen[bytes] | None = None
