@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cityedge_fleet import command_key
+from cityedge_fleet import command_key, readiness
 from cityedge_fleet.api import (
     audit_routes,
     campaigns,
@@ -47,7 +47,18 @@ health_router = APIRouter(tags=["health"])
 
 @health_router.get("/health")
 def health() -> dict[str, str]:
+    """Liveness: the process answers (its parts are judged by ``/ready``)."""
     return {"status": "ok"}
+
+
+@health_router.get("/ready", responses={503: {"description": "a component is not ready"}})
+def ready(request: Request) -> JSONResponse:
+    """Readiness, each component on its own: the database, the CA, the CRL (age, time
+    left) and this process's ingest worker (``readiness``). 200 ready, 503 not."""
+    state = request.app.state
+    ok, body = readiness.check(state.engine, state.settings,
+                               getattr(state, "ingest_worker", None))
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 ROUTERS = (health_router, tokens.router, devices.router, enroll_routes.router,
@@ -71,6 +82,7 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
     # loaded now, so a missing or unsafe key stops the start, not a request
     app.state.command_key = command_key.from_settings(settings)
     app.state.command_publisher = None  # ``fleet serve`` sets it (woken by new commands)
+    app.state.ingest_worker = None  # ``fleet serve`` sets it (``/ready`` reports it)
     app.state.broker_access = BrokerAccess.from_settings(settings)
     app.state.auth_limiter = TokenBucketLimiter(lim.auth_fail_burst, lim.auth_fail_per_s,
                                                 lim.rate_limit_clients_max)

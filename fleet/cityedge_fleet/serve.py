@@ -134,6 +134,7 @@ def serve(settings: Settings, host: str, port: int, *, init_db: bool = False) ->
     if settings.ingest_with_serve:
         worker = MqttIngestWorker(ingestor_for(settings, app.state.engine, reconciler,
                                                publisher), settings).start()
+        app.state.ingest_worker = worker
     freeze_startup_objects()
     try:
         uvicorn.run(app, host=host, port=port, **proxy_options(settings))

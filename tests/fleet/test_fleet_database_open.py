@@ -204,3 +204,31 @@ def test_writers_migrate_an_existing_fleet_database(db_url: str, tmp_path: Path)
         assert (before, after) == ("0010", head_revision())
     finally:
         engine.dispose()
+
+
+def test_fleet_ingest_with_no_broker_is_one_line_naming_host_and_port(tmp_path: Path) -> None:
+    """``fleet ingest`` says what it runs against, then a closed broker port is one line
+    (and its hint), not a ``ConnectionRefusedError`` without an address."""
+    from support.mosquitto import TestPKI
+
+    pki = TestPKI(tmp_path / "pki")
+    ingest = pki.issue_client("fleet-ingest")
+    db = "sqlite:///%s" % (tmp_path / "fleet.sqlite3")
+    assert cityedge(["fleet", "init-db"], tmp_path, CITYEDGE_DATABASE_URL=db).returncode == 0
+    port = free_port()
+    got = cityedge(["fleet", "ingest"], tmp_path, CITYEDGE_DATABASE_URL=db,
+                   CITYEDGE_MQTT_PORT=str(port), CITYEDGE_MQTT_CA_FILE=str(pki.ca_pem),
+                   CITYEDGE_MQTT_CERT_FILE=str(ingest.cert_pem),
+                   CITYEDGE_MQTT_KEY_FILE=str(ingest.key_pem))
+    assert got.returncode == 1, got.stderr
+    said = got.stderr.splitlines()
+    assert said[:5] == ["cityedge fleet ingest: mode development",
+                        "cityedge fleet ingest: database sqlite:///%s"
+                        % (tmp_path / "fleet.sqlite3"),
+                        "cityedge fleet ingest: CA directory %s" % (tmp_path / "var" / "ca"),
+                        "cityedge fleet ingest: broker for devices mqtts://127.0.0.1:8883",
+                        "cityedge fleet ingest: ingest from mqtts://127.0.0.1:%d (share group "
+                        "cityedge-ingest)" % port]
+    assert len(said) == 6 and said[5].startswith(
+        "cityedge: cannot reach the broker at 127.0.0.1:%d (Connection refused)" % port)
+    assert HEAVY_TRACE not in got.stderr
