@@ -28,6 +28,7 @@ from cityedge_fleet.api import (
     command_key_routes,
     commands,
     devices,
+    docs,
     enroll_routes,
     enroll_ticket,
     errors,
@@ -70,6 +71,8 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
     engine = open_database(settings, "create" if init_db else "write")
     app = FastAPI(
         title="cityedge fleet",
+        docs_url=None,  # ``api.docs``: the page and its assets served from here, no CDN
+        redoc_url=None,
         summary="Device registry, CA, gated enrollment, audit log and verified readings.",
         version="0.1.0",
         exception_handlers={RequestValidationError: errors.validation_error,
@@ -95,10 +98,13 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = errors.public_openapi(make_openapi)
+            app.openapi_schema = docs.add_bearer_scheme(
+                errors.public_openapi(make_openapi),
+                [route for router in ROUTERS for route in router.routes])
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    docs.mount_docs(app, app.title)
 
     @app.middleware("http")
     async def refuse_control_characters(
