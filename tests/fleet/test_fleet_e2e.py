@@ -115,6 +115,9 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
     control_crt, control_key = _issue(ca_dir, world, "fleet-control", server=False)
     env = dict(os.environ, CITYEDGE_MODE="development", CITYEDGE_CA_DIR=str(ca_dir),
                CITYEDGE_DATABASE_URL="sqlite:///%s" % (world / "fleet.sqlite3"))
+    init = subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "init-db"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr  # the operator's first step: nothing else creates
     r = subprocess.run([sys.executable, "-m", "cityedge.cli", "broker", "config", "--out-dir",
                         str(broker_dir), "--certfile", str(server_crt), "--keyfile",
                         str(server_key), "--port", str(port), "--bind", "127.0.0.1",
