@@ -232,3 +232,15 @@ def test_fleet_ingest_with_no_broker_is_one_line_naming_host_and_port(tmp_path: 
     assert len(said) == 6 and said[5].startswith(
         "cityedge: cannot reach the broker at 127.0.0.1:%d (Connection refused)" % port)
     assert HEAVY_TRACE not in got.stderr
+
+
+@pytest.mark.parametrize("command", [["fleet", "serve", "--port", "70000"],
+                                     ["fleet", "serve", "--port", "0"],
+                                     ["broker", "config", "--out-dir", "b", "--certfile", "c",
+                                      "--keyfile", "k", "--port", "65536"]])
+def test_a_port_out_of_range_is_a_usage_error_before_anything_is_opened(
+        command: list[str], tmp_path: Path) -> None:
+    got = cityedge(command, tmp_path)
+    assert got.returncode == 2, got.stderr
+    assert "Invalid value for '--port'" in got.stderr
+    assert files_under(tmp_path) == []
