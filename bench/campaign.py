@@ -51,8 +51,8 @@ def campaign_wall_time(base: Path, ca_dir: Path, n: int = DEVICES) -> dict[str, 
     settings = Settings(mode="development", database_url="sqlite:///%s" % (base / "f.sqlite3"),
                         ca_dir=ca_dir, ingest_with_serve=False,
                         command_key_file=base / "command.key", audit_key_file=base / "audit.key")
-    engine = make_engine(settings)
-    migrate(engine)
+    engine = make_engine(settings, create=True)
+    migrate(engine, create=True)
     sim = SimFleet(engine, settings)
     sim.add_devices(n, issued=dt.datetime.now(dt.UTC) - dt.timedelta(days=70))
     run = CampaignRunner(engine, settings, command_key.from_settings(settings), renew=False)

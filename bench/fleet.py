@@ -93,8 +93,8 @@ def _settings(url: str, ca_dir: Path, **kw: Any) -> Settings:
 
 
 def _engine(settings: Settings) -> Engine:
-    engine = make_engine(settings)
-    migrate(engine)
+    engine = make_engine(settings, create=True)
+    migrate(engine, create=True)
     return engine
 
 
@@ -324,7 +324,7 @@ def registry_latency(url: str, ca_dir: Path, n: int = REGISTRY_DEVICES) -> dict[
     from cityedge_fleet.serve import freeze_startup_objects
 
     settings = _settings(url, ca_dir)
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     out: dict[str, Any] = {}
     with TestClient(app) as client:
         freeze_startup_objects()  # as `fleet serve` does once the app is up

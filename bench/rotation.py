@@ -87,8 +87,8 @@ def _fleet_db(url: str, ca_dir: Path, base: Path, n: int) -> tuple[Settings, Any
                         ingest_with_serve=False, command_key_file=base / "command.key",
                         audit_key_file=base / "audit.key",
                         limits=FleetLimits(command_pending_max=4))
-    engine = make_engine(settings)
-    migrate(engine)
+    engine = make_engine(settings, create=True)
+    migrate(engine, create=True)
     from cityedge_fleet import command_key
 
     cmdkey = command_key.from_settings(settings)

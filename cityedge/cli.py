@@ -2,32 +2,131 @@
 
 Errors a user can cause (a bad file, a bad key, an unreachable service) are raised as
 ``cityedge_host.errors.UserError`` by every part and printed here, once, as ``cityedge:
-<what went wrong>`` and ``  what to do: <hint>``, exit code 1 — never a traceback. The
+<what went wrong>`` and ``  what to do: <hint>``, exit code 1 (3 when the error says
+nothing was there to work on: ``EXIT_UNAVAILABLE``) — never a traceback. The
 core's ``CityedgeError`` family and ``OSError`` are reported the same way, without a hint.
 Usage errors (a wrong option) exit 2, as Click does; Ctrl-C exits 130.
+
+**Start-up cost.** The parts' command groups are imported only when one is run
+(``_Commands.resolve_command``): ``cityedge --help`` and ``cityedge --version`` list them
+from ``PARTS`` (name, module, attribute, one-line help) without importing FastAPI,
+SQLAlchemy or the crypto libraries, so the bare command answers at once on a Raspberry Pi.
+A test keeps ``PARTS``' help lines equal to the groups' own. ``cityedge PART --version``
+answers for a part too (the parts ship in one distribution: one version).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
 import typer
 from typer.core import TyperGroup
 
-from cityedge.hw_upload import upload_command
-from cityedge.inspect_cmd import inspect_command
-from cityedge.release_cmd import release_app
-from cityedge.sim import sim_app
 from cityedge_core.errors import CityedgeError
-from cityedge_fleet.ca_cli import ca_app  # ca init/issue-service + rollover/retire/status
-from cityedge_fleet.cli import audit_app, broker_app, fleet_app
-from cityedge_fleet.keys_cli import keys_app
-from cityedge_fleet.ota_cli import ota_app
-from cityedge_gateway.cli import gateway_app
-from cityedge_hardware.cli import hw_app
 from cityedge_host.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
-from cityedge_provision.cli import provision_app
+
+# name: (module, attribute, the group's one-line help as the group itself says it).
+# A module listed twice is imported once; ``ca_cli`` adds rollover/retire/status to the
+# fleet's ``ca`` group, ``hw_upload`` adds ``hw upload`` (the fleet side of ``hw``).
+PARTS: dict[str, tuple[str, str, str]] = {
+    "inspect": ("cityedge.inspect_cmd", "inspect_command",
+                "Decode a signed reading batch; verify its signature when a key is given."),
+    "gateway": ("cityedge_gateway.cli", "gateway_app", "The Raspberry Pi gateway agent: "
+                "serial sensors, node relay, store-and-forward."),
+    "fleet": ("cityedge_fleet.cli", "fleet_app", "Fleet service: API, ingest, tokens."),
+    "ca": ("cityedge_fleet.ca_cli", "ca_app",
+           "Certificate authority: offline root, online intermediate."),
+    "audit": ("cityedge_fleet.cli", "audit_app", "The hash-chained audit log."),
+    "broker": ("cityedge_fleet.cli", "broker_app", "Mosquitto configuration for the fleet."),
+    "keys": ("cityedge_fleet.keys_cli", "keys_app",
+             "Keys and signed fleet commands (security team)."),
+    "sim": ("cityedge.sim", "sim_app", "Run simulated devices on the MicroPython unix port."),
+    "provision": ("cityedge_provision.cli", "provision_app", "Provision devices over USB "
+                  "serial: identity, certificate, config, self-test."),
+    "release": ("cityedge.release_cmd", "release_app",
+                "Release keys, signed update manifests (release manager)."),
+    "hw": ("cityedge_hardware.cli", "hw_app",
+           "Check hardware against the city's device guidelines."),
+    "ota": ("cityedge_fleet.ota_cli", "ota_app",
+            "Releases and staged OTA campaigns (release manager)."),
+}
+
+
+def version() -> str:
+    """The installed distribution's version (``pyproject.toml``)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("cityedge")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
+def _print_version(ctx: Any, _param: Any, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        typer.echo("cityedge %s" % version())
+        raise typer.Exit()
+
+
+def load_part(name: str) -> Any:
+    """The click command of part ``name``, imported now."""
+    module, attribute, _help = PARTS[name]
+    obj = getattr(importlib.import_module(module), attribute)
+    if name == "hw":
+        from cityedge.hw_upload import upload_command
+
+        if not any(c.name == "upload" for c in obj.registered_commands):
+            obj.command("upload")(upload_command)
+    cmd: Any
+    if isinstance(obj, typer.Typer):
+        cmd = typer.main.get_group(obj)
+    else:  # a single command (``inspect``)
+        single = typer.Typer(add_completion=False)
+        single.command(name)(obj)
+        cmd = typer.main.get_command(single)
+    cmd.name = name
+    return cmd
+
+
+def _part_version(args: list[str]) -> bool:
+    """``cityedge PART --version``: answered before typer builds anything (the parts ship
+    in one distribution, so the version is the distribution's)."""
+    if len(args) == 2 and args[0] in PARTS and args[1] == "--version":
+        typer.echo("cityedge %s %s" % (args[0], version()))
+        return True
+    return False
+
+
+class _Commands(TyperGroup):
+    """The root group: parts listed from ``PARTS``, imported when run; any sub-command's
+    user error is reported here, once."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for name, (_module, _attribute, help_text) in PARTS.items():
+            if name not in self.commands:  # a stand-in for the listing (``--help``)
+                self.commands[name] = TyperGroup(name=name, help=help_text,
+                                                 rich_markup_mode=None)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if _part_version(args):
+            raise typer.Exit()
+        if args and args[0] in PARTS and not getattr(self.commands[args[0]], "_loaded",
+                                                     False):
+            cmd = load_part(args[0])
+            cmd._loaded = True
+            self.commands[args[0]] = cmd
+        return super().resolve_command(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own click Context
+        try:
+            return super().invoke(ctx)
+        except (UserError, CityedgeError, OSError) as e:
+            report(e)
+            raise typer.Exit(getattr(e, "exit_code", EXIT_USER_ERROR)) from e
 
 
 def report(e: BaseException) -> None:
@@ -38,58 +137,33 @@ def report(e: BaseException) -> None:
         typer.echo("  what to do: %s" % hint, err=True)
 
 
-class _Commands(TyperGroup):
-    """The root group: any sub-command's user error is reported here, once."""
-
-    def invoke(self, ctx: Any) -> Any:  # typer's own click Context
-        try:
-            return super().invoke(ctx)
-        except (UserError, CityedgeError, OSError) as e:
-            report(e)
-            raise typer.Exit(EXIT_USER_ERROR) from e
-
-
 app = typer.Typer(
     name="cityedge",
     help="Edge gateway firmware and fleet manager for a city's sensor network.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich's import alone would double the start-up
     cls=_Commands,
 )
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    _version: bool = typer.Option(False, "--version", is_eager=True, expose_value=False,
+                                  callback=_print_version, help="Show the version and exit."),
+) -> None:
     """cityedge: sign, relay, verify and manage a city's sensor readings."""
 
 
-app.command("inspect")(inspect_command)
-hw_app.command("upload")(upload_command)  # the fleet side of `hw`: a report to the city
-
-# Sub-command groups of the other parts, one entry each.
-for _name, _group in (
-    ("gateway", gateway_app),
-    ("fleet", fleet_app),
-    ("ca", ca_app),
-    ("audit", audit_app),
-    ("broker", broker_app),
-    ("keys", keys_app),
-    ("sim", sim_app),
-    ("provision", provision_app),
-    ("release", release_app),
-    ("ota", ota_app),
-    ("hw", hw_app),
-):
-    app.add_typer(_group, name=_name)
-
-
 def main() -> None:
+    if _part_version(sys.argv[1:]):
+        return
     try:
         app()
     except (UserError, CityedgeError, OSError) as e:  # raised outside a sub-command
         report(e)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
 

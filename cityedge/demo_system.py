@@ -181,6 +181,7 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
                    CITYEDGE_HOME=str(work / "laptop"))
         con.print("[bold]2. fleet service[/bold]: API on 127.0.0.1:%d (SQLite), ingest worker"
                   % api_port)
+        cityedge(["fleet", "init-db"], env)  # the one step that creates the database
         procs.start("fleet", [str(BIN / "cityedge"), "fleet", "serve", "--port",
                               str(api_port)], env)
         url = "http://127.0.0.1:%d" % api_port

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from sqlmodel import Session
 
-from cityedge_fleet.cli import _engine, ca_app, load_settings
+from cityedge_fleet.cli import _engine, _reading, ca_app, load_settings
 
 __all__ = ["ca_app"]
 from cityedge_host.errors import UserError
@@ -124,7 +124,7 @@ def status_command(
         ca = CertificateAuthority(ca_dir or settings.ca_dir, custody_of(settings))
     except CaError as e:
         raise UserError(str(e)) from e
-    with Session(_engine(settings)) as session:
+    with Session(_reading(settings)) as session:
         rows = status(session, ca)
     if as_json:
         json.dump([{"id": r.id, "subject": r.subject, "role": r.role,

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 from sqlmodel import Session
 
-from cityedge_fleet.cli import _engine, load_settings
+from cityedge_fleet.cli import _engine, _reading, load_settings
 from cityedge_host.errors import UserError
 
 WATCH_EVERY_S = 2.0  # seconds between refreshes of ``status --watch``
@@ -97,7 +97,7 @@ def _status(campaign_id: int, devices: bool = False) -> dict[str, Any]:
     from cityedge_fleet.campaign import CampaignError
 
     settings = load_settings()
-    with Session(_engine(settings)) as session:
+    with Session(_engine(settings, "read")) as session:
         try:
             return campaign_store.status(session, campaign_id, devices=devices)
         except CampaignError as e:
@@ -213,7 +213,7 @@ def campaigns_command(
     from cityedge_fleet import campaign_store
 
     settings = load_settings()
-    with Session(_engine(settings)) as session:
+    with Session(_reading(settings)) as session:
         rows = [campaign_store.status(session, c.id or 0)
                 for c in campaign_store.campaigns(session, limit=50)]
     if as_json:
@@ -237,7 +237,7 @@ def report_command(
     from cityedge_fleet import renewal
 
     settings = load_settings()
-    with Session(_engine(settings)) as session:
+    with Session(_reading(settings)) as session:
         got = renewal.key_report(session)
     if not everything:
         got["devices"] = [d for d in got["devices"] if d["status"] != "ok"]

@@ -1,7 +1,12 @@
 """The fleet's sub-commands of ``cityedge``: ``fleet``, ``ca``, ``audit`` and ``broker``.
 
 Errors the operator can fix raise ``cityedge_host.errors.UserError``, which the
-``cityedge`` command prints once as ``cityedge: <message>`` with exit code 1.
+``cityedge`` command prints once as ``cityedge: <message>`` with exit code 1 (3 for a
+missing, empty, foreign or unreachable database: ``db.DatabaseError``).
+
+Only ``fleet init-db`` and ``fleet serve --init-db`` create a database; the commands that
+change things migrate an existing one; the readers (``audit verify``, ``audit export``, the
+reports) neither create nor migrate, and name the database they read (``db.open_database``).
 """
 
 from __future__ import annotations
@@ -9,17 +14,18 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from pydantic import ValidationError
-from sqlalchemy import Engine
 from sqlmodel import Session
 
 from cityedge_fleet.config import ENV_FILE_VARIABLE, Settings, describe_errors, env_file_from
-from cityedge_host.errors import UserError
+from cityedge_host.errors import EXIT_UNAVAILABLE, UserError
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from cityedge_fleet.models import AuditVerifyResult
 
 fleet_app = typer.Typer(help="Fleet service: API, ingest, tokens.", no_args_is_help=True)
@@ -45,19 +51,61 @@ def load_settings() -> Settings:
         raise UserError("fleet settings: %s" % "; ".join(describe_errors(e))) from e
 
 
-def _engine(settings: Settings) -> Engine:
-    from cityedge_fleet.db import make_engine, migrate
+def _engine(settings: Settings, purpose: Literal["read", "write"] = "write") -> Engine:
+    """The database for a command: ``write`` migrates an existing fleet database, ``read``
+    only checks it; neither creates one (``fleet init-db`` does)."""
+    from cityedge_fleet.db import open_database
 
-    engine = make_engine(settings)
-    migrate(engine)
+    return open_database(settings, purpose)
+
+
+def _reading(settings: Settings, *, to_stdout: bool = False) -> Engine:
+    """A reader's engine, the database it reads said on stderr (password masked; on
+    stdout with ``to_stdout``, where a verdict says what it rests on)."""
+    from cityedge_fleet.db import describe_database
+
+    engine = _engine(settings, "read")
+    print("database: %s" % describe_database(settings.database_url),
+          file=sys.stdout if to_stdout else sys.stderr)
     return engine
+
+
+class NothingToCheck(UserError):
+    """A reader found its table empty where a fleet that has run has rows."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+@fleet_app.command("init-db")
+def init_db_command() -> None:
+    """Create the fleet's database (a SQLite file, or the schema in an empty PostgreSQL
+    database) or bring an existing one to the newest schema. The only command that
+    creates one: the others refuse a missing database (a mistyped URL)."""
+    from cityedge_fleet.db import describe_database, make_engine, migrate
+
+    settings = load_settings()
+    engine = make_engine(settings, create=True)
+    try:
+        before, after = migrate(engine, create=True)
+    finally:
+        engine.dispose()
+    where = describe_database(settings.database_url)
+    if before is None:
+        print("database %s: created, schema %s" % (where, after))
+    elif before != after:
+        print("database %s: migrated from schema %s to %s" % (where, before, after))
+    else:
+        print("database %s: up to date, schema %s" % (where, after))
 
 
 @fleet_app.command("serve")
 def serve_command(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
     ingest: Annotated[bool, typer.Option(help="Also run an ingest worker.")] = True,
+    init_db: Annotated[bool, typer.Option(
+        "--init-db", help="Create the database if it does not exist (as `fleet init-db`); "
+        "without it a missing database stops the start.")] = False,
 ) -> None:
     """Run the fleet API (OpenAPI at /docs); migrations are applied at start."""
     from cityedge_fleet.serve import serve
@@ -65,7 +113,7 @@ def serve_command(
     settings = load_settings()
     settings.ingest_with_serve = ingest and settings.ingest_with_serve
     try:
-        serve(settings, host, port)
+        serve(settings, host, port, init_db=init_db)
     except ValueError as e:
         raise UserError(str(e)) from e
 
@@ -75,8 +123,10 @@ def ingest_command() -> None:
     """Run one ingest worker (MQTT 5 shared subscription); several may run side by side."""
     from cityedge_fleet.ingest import Ingestor
     from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+    from cityedge_fleet.serve import say_start
 
     settings = load_settings()
+    say_start("fleet ingest", settings, ingest=True)
     try:
         worker = MqttIngestWorker(Ingestor(_engine(settings), settings), settings)
     except ValueError as e:
@@ -211,9 +261,13 @@ def audit_verify_command(
         help="Verify this export (`cityedge audit export`) instead of the database.")] = None,
     without_key: Annotated[bool, typer.Option(
         help="With --jsonl, for an auditor without the key: linkage only.")] = False,
+    allow_empty: Annotated[bool, typer.Option(
+        help="Accept an empty log (a fleet that has not yet written one).")] = False,
 ) -> None:
     """Check the audit log's MACs and chain; exit 1 naming every edited, forged, deleted
-    or reordered row (and a missing or emptied anchor)."""
+    or reordered row (and a missing or emptied anchor); exit 3 when there was nothing to
+    check (no database, not a fleet database, unreachable, or an empty log). Never
+    creates or migrates the database; names the one it checked."""
     from cityedge_fleet import audit, audit_key
 
     if jsonl is not None:
@@ -222,8 +276,15 @@ def audit_verify_command(
     elif without_key:
         raise typer.BadParameter("--without-key checks an export: give --jsonl FILE")
     else:
-        with Session(_engine(load_settings())) as session:
+        with Session(_reading(load_settings(), to_stdout=True)) as session:
             result = audit.verify(session)
+    if result.rows == 0 and not allow_empty:
+        raise NothingToCheck(
+            "the audit log %s has no rows: nothing was verified"
+            % ("export %s" % jsonl if jsonl is not None else "in this database"),
+            hint="a fleet that has run has rows (tokens, enrollments, revocations are "
+                 "audited): check CITYEDGE_DATABASE_URL; --allow-empty accepts a new "
+                 "fleet's empty log")
     _print_verified_with(result)
     if not result.ok:
         for problem in result.problems:
@@ -300,13 +361,25 @@ def audit_init_key_command() -> None:
 
 @audit_app.command("export")
 def audit_export_command(
-    out: Annotated[Path | None, typer.Option(help="File to write (default: stdout).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="File to write (default: stdout).", dir_okay=False)] = None,
+    allow_empty: Annotated[bool, typer.Option(
+        help="Accept an empty log (a fleet that has not yet written one).")] = False,
 ) -> None:
-    """Export the audit log as JSON lines."""
+    """Export the audit log as JSON lines (exit 3 when there is no database or the log is
+    empty; never creates or migrates the database; names the one it read on stderr)."""
+    from sqlmodel import func, select
+
     from cityedge_fleet import audit
+    from cityedge_fleet.models import AuditRecord
 
     settings = load_settings()
-    with Session(_engine(settings)) as session:
+    with Session(_reading(settings)) as session:
+        if not allow_empty and not session.exec(select(func.count()).select_from(
+                AuditRecord)).one():
+            raise NothingToCheck("the audit log in this database has no rows: nothing to "
+                                 "export", hint="check CITYEDGE_DATABASE_URL; "
+                                 "--allow-empty accepts a new fleet's empty log")
         if out is None:
             for line in audit.export_jsonl(session):
                 sys.stdout.write(line)
@@ -323,7 +396,7 @@ def broker_config_command(
              "must be able to write there: the plugin rewrites its file).")],
     certfile: Annotated[Path, typer.Option(help="The broker's server certificate (PEM).")],
     keyfile: Annotated[Path, typer.Option(help="The broker's server key (PEM).")],
-    port: Annotated[int, typer.Option(help="TLS listener port.")] = 8883,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TLS listener port.")] = 8883,
     bind: Annotated[str, typer.Option(help="Listener address.")] = "0.0.0.0",  # noqa: S104
     pid_file: Annotated[Path | None, typer.Option(help="Mosquitto pid file (for SIGHUP).")]
     = None,

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from cityedge_fleet.config import Settings
-from cityedge_fleet.db import make_engine
+from cityedge_fleet.db import open_database
 from cityedge_fleet.ingest import DEAD_LETTER, Ingestor, Outcome, bounded_text, parse_topic
 from cityedge_fleet.models import IngestDeadLetter, IngestEvent
 
@@ -93,7 +93,7 @@ def replay_from_settings(settings: Settings, limit: int = 100
                          ) -> list[tuple[int, Outcome | str]]:
     """``replay`` with the fleet's settings (``cityedge fleet replay-dead-letters``),
     printing one line each."""
-    engine = make_engine(settings)
+    engine = open_database(settings, "write")
     try:
         done = replay(Ingestor(engine, settings), limit)
     finally:

@@ -34,6 +34,7 @@ from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_host import sd_notify
 from cityedge_host.backoff import Backoff
+from cityedge_host.errors import UserError
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2  # seconds the ingest thread waits for a first message before re-checking
@@ -76,6 +77,7 @@ class MqttIngestWorker:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self._props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         self._props.SessionExpiryInterval = s.limits.ingest_session_expiry_s
         self._props.ReceiveMaximum = s.limits.ingest_receive_max
@@ -250,12 +252,27 @@ class MqttIngestWorker:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def _on_connect_fail(self, *_args: Any) -> None:
+        log.warning("%s; retrying", self.unreachable_text())
+
+    def unreachable_text(self, reason: object = "no answer") -> str:
+        s = self.settings
+        return ("cannot reach the broker at %s:%d (%s): check that Mosquitto runs there with "
+                "its TLS listener, and CITYEDGE_MQTT_HOST / CITYEDGE_MQTT_PORT"
+                % (s.mqtt_host, s.mqtt_port, reason))
+
     def run_forever(self) -> None:
+        """Connect, then consume until stopped. A broker that cannot be reached at the
+        first try stops the command with one line (``UserError``) naming host and port:
+        a service manager restarts it; once connected, paho reconnects by itself."""
         self._service = True
         self._start_thread()
         try:
-            self.client.connect(self.settings.mqtt_host, self.settings.mqtt_port,
-                                keepalive=30, clean_start=False, properties=self._props)
+            try:
+                self.client.connect(self.settings.mqtt_host, self.settings.mqtt_port,
+                                    keepalive=30, clean_start=False, properties=self._props)
+            except OSError as e:
+                raise UserError(self.unreachable_text(e.strerror or e)) from e
             self.client.loop_forever(retry_first_connection=True)
         finally:
             sd_notify.notify("STOPPING=1")

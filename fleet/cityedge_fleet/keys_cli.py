@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from cityedge_fleet import campaign_cli
-from cityedge_fleet.cli import _engine, load_settings
+from cityedge_fleet.cli import _engine, _reading, load_settings
 from cityedge_host.errors import UserError
 
 keys_app = typer.Typer(help="Keys and signed fleet commands (security team).",
@@ -115,7 +115,7 @@ def commands_command(
     from cityedge_fleet.models import Device
 
     settings = load_settings()
-    with Session(_engine(settings)) as session:
+    with Session(_reading(settings)) as session:
         if session.get(Device, device) is None:
             raise UserError("no device %s" % device)
         rows = [command_queue.to_public(c)
@@ -197,7 +197,7 @@ def rotations_command(
     from cityedge_fleet.models import Device
 
     settings = load_settings()
-    with Session(_engine(settings)) as session:
+    with Session(_reading(settings)) as session:
         if session.get(Device, device) is None:
             raise UserError("no device %s" % device)
         rows = [rotation.to_public(r) for r in rotation.of_device(session, device,

@@ -1,13 +1,18 @@
 """``cityedge fleet serve``: the API under uvicorn, plus (by default) an ingest worker, the
 broker reconciler (grants and CRL kept in step with the registry: ``broker_sync``) and the
 command publisher (``command_publisher``) and the key campaigns' and renewal's runner
-(``campaign_runner``) in background threads of the same process."""
+(``campaign_runner``) in background threads of the same process.
+
+At start it says what it runs against (``describe_start``: the mode, the database with its
+password masked, the CA directory, the broker devices are told and the one the ingest
+uses): a fleet started with the wrong settings shows it in its first lines."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +28,7 @@ from cityedge_fleet.ca_custody import custody_of
 from cityedge_fleet.campaign_runner import CampaignRunner
 from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
+from cityedge_fleet.db import describe_database
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
 from cityedge_host import sd_notify
@@ -124,13 +130,33 @@ class NotifyingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def describe_start(settings: Settings, *, ingest: bool) -> list[str]:
+    """What a starting ``fleet serve`` / ``fleet ingest`` uses, one item a line."""
+    lines = ["mode %s" % settings.mode,
+             "database %s" % describe_database(settings.database_url),
+             "CA directory %s" % settings.ca_dir.absolute(),
+             "broker for devices %s" % settings.broker_url]
+    if ingest:
+        lines.append("ingest from mqtts://%s:%d (share group %s)" % (
+            settings.mqtt_host, settings.mqtt_port, settings.ingest_share_group))
+    else:
+        lines.append("ingest off")
+    return lines
+
+
+def say_start(command: str, settings: Settings, *, ingest: bool) -> None:
+    for line in describe_start(settings, ingest=ingest):
+        print("cityedge %s: %s" % (command, line), file=sys.stderr, flush=True)
+
+
+def serve(settings: Settings, host: str, port: int, *, init_db: bool = False) -> None:
+    say_start("fleet serve", settings, ingest=settings.ingest_with_serve)
     if settings.mode == "production":  # the CA key opened once before anything starts: a
         try:  # key in clear, a wrong passphrase or PIN stops the start (ca_custody)
             load_current(settings.ca_dir, custody_of(settings))
         except CaError as e:
             raise ValueError(str(e)) from e
-    app = create_app(settings)
+    app = create_app(settings, init_db=init_db)
     reconciler = start_reconciler(settings, app.state.engine, app.state.broker_access)
     app.state.reconciler = reconciler
     publisher = start_publisher(settings, app.state.engine)

@@ -64,7 +64,7 @@ def settings(db_url: str, ca_dirs: tuple[Path, Path], tmp_path: Path) -> Setting
 
 @pytest.fixture
 def api(settings: Settings) -> Iterator[Api]:
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     with TestClient(app) as client:
         yield Api(client, settings)
     app.state.engine.dispose()
@@ -75,8 +75,8 @@ def api_settings_engine(settings: Settings) -> Iterator[tuple[Settings, object]]
     """Settings and a migrated engine, without an HTTP client."""
     from cityedge_fleet.db import make_engine, migrate
 
-    engine = make_engine(settings)
-    migrate(engine)
+    engine = make_engine(settings, create=True)
+    migrate(engine, create=True)
     yield settings, engine
     engine.dispose()
 

@@ -228,6 +228,7 @@ def test_rows_from_before_the_key_stay_verifiable(api: Api, tmp_path: Path) -> N
     audit_key.attach(api.engine, None)  # as the fleet ran before this change
     _fill(api, 3)
     new_key = tmp_path / "keys" / "audit.key"
+    audit_key.create(tmp_path / "other.key")  # a reader makes no key: this one vouches nothing
     unvouched = _cli(api, "verify", key_file=tmp_path / "other.key", anchor=False)
     assert unvouched.returncode == 1
     assert "none of the" in unvouched.stderr and "audit init-key" in unvouched.stderr

@@ -19,6 +19,7 @@ from support.fleet import Api
 
 PUBLIC = {  # endpoints anyone may call, and why
     ("GET", "/health"),
+    ("GET", "/ready"),  # readiness: ok flags and the CRL's age, no paths, URLs or errors
     ("POST", "/enroll"),  # gated by an enrollment token or allow-list, rate-limited
     ("POST", "/enroll/ticket"),  # a device redeeming its offline ticket: token, rate-limited
     ("GET", "/ca/crl"),  # the CRL is public by design

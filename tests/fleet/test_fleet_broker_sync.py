@@ -61,7 +61,7 @@ def fleet(db_url: str, pki: TestPKI) -> Iterator[Fleet]:
         mqtt_key_file=ingest.key_pem, broker_control_cert_file=control.cert_pem,
         broker_control_key_file=control.key_pem, ingest_with_serve=False,
         limits=FleetLimits(broker_control_timeout_s=10.0))
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     try:
         with TestClient(app) as client:
             yield Fleet(api=Api(client, settings), broker=broker, settings=settings, ca=ca,

@@ -277,8 +277,8 @@ def test_a_retirement_cut_at_every_file_operation_signs_and_finishes_when_run_ag
                         command_key_file=tmp_path / "command.key")
 
     def run(ca_dir: Path) -> None:
-        engine = make_engine(settings(ca_dir))
-        migrate(engine)
+        engine = make_engine(settings(ca_dir), create=True)
+        migrate(engine, create=True)
         try:
             with Session(engine) as session:
                 ca_retire.retire(session, ca_dir, settings(ca_dir), by="test")

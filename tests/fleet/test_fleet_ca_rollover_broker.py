@@ -100,8 +100,8 @@ def test_overlap_revocation_and_retirement_at_the_real_broker() -> None:
                         ca_dir=ca_dir, broker_pid_file=broker.pid_file,
                         audit_key_file=world / "audit.key",
                         command_key_file=world / "command.key", ingest_with_serve=False)
-    engine = make_engine(settings)
-    migrate(engine)
+    engine = make_engine(settings, create=True)
+    migrate(engine, create=True)
 
     def connects(dev: SimpleNamespace) -> bool:
         try:
@@ -237,8 +237,8 @@ def test_the_firmwares_tls_trusting_the_root_connects_with_either_intermediate(
                                  broker_pid_file=broker.pid_file,
                                  audit_key_file=world / "audit.key",
                                  command_key_file=world / "command.key")
-        engine = make_engine(with_settings)
-        migrate(engine)
+        engine = make_engine(with_settings, create=True)
+        migrate(engine, create=True)
         try:
             with Session(engine) as session:
                 ca_retire.retire(session, ca_dir, with_settings, by="test")

@@ -49,7 +49,7 @@ class Fleet(SimpleNamespace):
 def fleet(db_url: str, pki: TestPKI) -> Iterator[Fleet]:
     w = fleet_world(pki, db_url, "cityedge-cmd-")
     world, broker, settings = w.dir, w.broker, w.settings
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     try:
         with TestClient(app) as client:
             yield Fleet(api=Api(client, settings), broker=broker, settings=settings,

@@ -115,6 +115,9 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
     control_crt, control_key = _issue(ca_dir, world, "fleet-control", server=False)
     env = dict(os.environ, CITYEDGE_MODE="development", CITYEDGE_CA_DIR=str(ca_dir),
                CITYEDGE_DATABASE_URL="sqlite:///%s" % (world / "fleet.sqlite3"))
+    init = subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "init-db"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr  # the operator's first step: nothing else creates
     r = subprocess.run([sys.executable, "-m", "cityedge.cli", "broker", "config", "--out-dir",
                         str(broker_dir), "--certfile", str(server_crt), "--keyfile",
                         str(server_key), "--port", str(port), "--bind", "127.0.0.1",
@@ -138,7 +141,7 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
                         mqtt_cert_file=ingest_crt, mqtt_key_file=ingest_key,
                         broker_control_cert_file=control_crt,
                         broker_control_key_file=control_key, ingest_with_serve=False)
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     assert wait_for(lambda: _listening(port), timeout=20), "mosquitto did not start"
     worker = None
     cli_worker: subprocess.Popen[bytes] | None = None

@@ -33,7 +33,7 @@ START_TIMEOUT_S = 10.0
 
 class Fleet:
     def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
+        self.app = create_app(settings, init_db=True)
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,

@@ -29,7 +29,7 @@ def gated(settings: Settings) -> Iterator[Api]:
     on = settings.model_copy(update={"hw_report_profile": "city-baseline",
                                      "hw_report_site_profiles": {"waterworks":
                                                                  "city-critical"}})
-    app = create_app(on)
+    app = create_app(on, init_db=True)
     with TestClient(app) as client:
         yield Api(client, on)
     app.state.engine.dispose()

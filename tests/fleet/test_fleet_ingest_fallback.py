@@ -141,7 +141,7 @@ def outage_world(request: pytest.FixtureRequest, tmp_path: Path,
                else "sqlite:///%s" % (tmp_path / "fleet.sqlite3"))
         settings = Settings(mode="development", database_url=url, ca_dir=online,
                             ingest_with_serve=False, limits=LIMITS)
-        app = create_app(settings)
+        app = create_app(settings, init_db=True)
         outage = _Outage(settings, cluster)
         try:
             with TestClient(app) as client:

@@ -16,7 +16,7 @@ DEVICE = "urn:dev:mac:0024befffe800001"
 
 
 def test_0003_upgrades_0002_data_and_downgrades(db_url: str) -> None:
-    engine = make_engine(Settings(mode="development", database_url=db_url))
+    engine = make_engine(Settings(mode="development", database_url=db_url), create=True)
     try:
         migrate_to(engine, "0002")
         with engine.begin() as c:

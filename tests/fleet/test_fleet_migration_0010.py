@@ -25,7 +25,7 @@ def test_0010_fills_in_the_issuer_of_existing_credentials(
     ca = CertificateAuthority(ca_dirs[1])
     with_aki = ca.sign_csr(make_csr(DEVICE)[0], DEVICE)
     without_aki = TestPKI(tmp_path / "pki").issue_client(DEVICE).cert  # no AKI extension
-    engine = make_engine(Settings(mode="development", database_url=db_url))
+    engine = make_engine(Settings(mode="development", database_url=db_url), create=True)
     try:
         migrate_to(engine, "0009")
         with engine.begin() as c:

@@ -13,7 +13,7 @@ from support.migrations import migrate_to
 
 
 def test_0011_adds_vendors_models_and_reports(db_url: str) -> None:
-    engine = make_engine(Settings(mode="development", database_url=db_url))
+    engine = make_engine(Settings(mode="development", database_url=db_url), create=True)
     try:
         migrate_to(engine, "0010")
         with engine.begin() as c:

@@ -58,8 +58,8 @@ def fleet_serve(tmp_path: Path, ca_dir: Path, **env: str) -> Iterator[Fleet]:
     full_env = dict(os.environ, CITYEDGE_MODE="development",
                     CITYEDGE_DATABASE_URL="sqlite:///%s" % db, CITYEDGE_CA_DIR=str(ca_dir),
                     CITYEDGE_INGEST_WITH_SERVE="false", **env)
-    proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "fleet", "serve", "--port",
-                             str(port)], env=full_env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "fleet", "serve", "--init-db",
+                             "--port", str(port)], env=full_env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     fleet = Fleet("http://127.0.0.1:%d" % port, db)
 

@@ -224,9 +224,18 @@ class Outcomes:
     def __init__(self, api: Api) -> None:
         self.api = api
         self.statuses: dict[int, int] = {}
+        self.unauthenticated: dict[int, int] = {}  # negative cases without a token
         self.failures: list[str] = []
 
     def call(self, case: Any, headers: dict[str, str]) -> None:
+        if case.operation.schema.is_security_param_negated(case):
+            # a negative case without the bearer token the schema declares (schemathesis
+            # strips every Authorization header from it): it must be refused
+            response = case.call()
+            self.unauthenticated[response.status_code] = self.unauthenticated.get(
+                response.status_code, 0) + 1
+            return
+        _own_token_only(case)
         try:
             response = case.call(headers=headers)
         except Exception as e:  # the app raised: what a client sees as a 500
@@ -269,6 +278,15 @@ def _schema(api: Api, world: World) -> Any:
 
 
 @pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def _own_token_only(case: Any) -> None:
+    """The schema declares the bearer scheme, so schemathesis makes up an Authorization
+    header of its own: the fuzzer calls with the admin token it was given instead (the
+    refusal of wrong tokens is test_fleet_auth's)."""
+    if case.headers:
+        for name in [k for k in case.headers if k.lower() == "authorization"]:
+            del case.headers[name]
+
+
 def test_no_server_error_and_every_answer_matches_the_schema(api: Api) -> None:
     _no_rate_limits(api)
     share = 1 if api.settings.database_url.startswith("sqlite") else PG_SHARE
@@ -296,6 +314,10 @@ def test_no_server_error_and_every_answer_matches_the_schema(api: Api) -> None:
     assert operations >= 18
     statuses = outcomes.statuses
     assert statuses.get(401, 0) == 0 and statuses.get(429, 0) == 0, statuses
+    # refused (401, or 400/422 for a URL or body refused before authentication), never served
+    assert outcomes.unauthenticated.get(401, 0) > 0, outcomes.unauthenticated
+    assert all(code in (400, 401, 422) for code in outcomes.unauthenticated), (
+        outcomes.unauthenticated)
     assert sum(n for code, n in statuses.items() if code < 300) > 150 // share, statuses
     assert not outcomes.failures, "\n".join(outcomes.failures[:10])
 
@@ -308,6 +330,7 @@ def test_no_server_error_and_every_answer_matches_the_schema(api: Api) -> None:
             return {"headers": headers}
 
         def before_call(self, case: Any) -> None:
+            _own_token_only(case)
             # a device enrolls with its own CSR: one for the serial a link brought in
             if case.path in ENROLL_PATHS and isinstance(case.body, dict):
                 csr = world.csr_for_serial(case.body.get("serial"))

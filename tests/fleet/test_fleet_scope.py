@@ -141,7 +141,8 @@ def test_cli_creates_a_scoped_token(api: Api, tmp_path: Path) -> None:
 
 
 def test_tokens_made_before_scopes_stay_unscoped(db_url: str, tmp_path: Path) -> None:
-    engine = make_engine(Settings(mode="development", database_url=db_url, ca_dir=tmp_path))
+    engine = make_engine(Settings(mode="development", database_url=db_url, ca_dir=tmp_path),
+                         create=True)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as conn:
@@ -152,7 +153,7 @@ def test_tokens_made_before_scopes_stay_unscoped(db_url: str, tmp_path: Path) ->
             "INSERT INTO api_token (name, role, token_hash, created_by, created_at, revoked) "
             "VALUES ('old', 'technician', :h, 'cli', CURRENT_TIMESTAMP, false)"),
             {"h": "0" * 64})
-    migrate(engine)
+    migrate(engine, create=True)
     with Session(engine) as s:
         row = s.exec(select(ApiToken)).one()
     assert row.sites == []

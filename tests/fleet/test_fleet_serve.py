@@ -1,5 +1,6 @@
-"""`cityedge fleet serve` for real: uvicorn on a free port, migrations applied at start,
-OpenAPI at /docs, and the bootstrap admin token from `cityedge fleet create-token`."""
+"""`cityedge fleet serve` for real: uvicorn on a free port, the database made by `cityedge
+fleet init-db`, what it runs against said at start, OpenAPI at /docs, and the bootstrap
+admin token from `cityedge fleet create-token`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cityedge_fleet.db import describe_database
+
 from support.fleet import wait_for
 from support.mosquitto import free_port
 from support.procs import stop
@@ -24,6 +27,9 @@ def test_serve_applies_migrations_and_accepts_the_bootstrap_token(
     env = dict(os.environ, CITYEDGE_MODE="development", CITYEDGE_DATABASE_URL=db_url,
                CITYEDGE_CA_DIR=str(ca_dirs[1]),
                CITYEDGE_INGEST_WITH_SERVE="false")
+    init = subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "init-db"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0 and ": created, schema " in init.stdout, init.stderr
     made = subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "create-token",
                            "--name", "ops", "--role", "admin"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
@@ -52,6 +58,12 @@ def test_serve_applies_migrations_and_accepts_the_bootstrap_token(
                          ).status_code == 401
     finally:
         stop(proc, 10)
+    said = proc.stderr.read().decode() if proc.stderr else ""
+    banner = [ln.removeprefix("cityedge fleet serve: ") for ln in said.splitlines()
+              if ln.startswith("cityedge fleet serve: ")]
+    assert banner == ["mode development", "database %s" % describe_database(db_url),
+                      "CA directory %s" % ca_dirs[1], "broker for devices %s"
+                      % "mqtts://127.0.0.1:8883", "ingest off"], said
 
 
 def test_serve_tells_systemd_ready_once_listening_pings_and_says_stopping(
@@ -69,7 +81,7 @@ def test_serve_tells_systemd_ready_once_listening_pings_and_says_stopping(
                CITYEDGE_AUDIT_KEY_FILE=str(tmp_path / "audit.key"),
                NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
     proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "fleet", "serve", "--port",
-                             str(port), "--no-ingest"], env=env, cwd=tmp_path,
+                             str(port), "--no-ingest", "--init-db"], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         first = sock.recv(4096).decode()

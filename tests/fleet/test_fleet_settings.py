@@ -122,7 +122,7 @@ def test_a_dot_env_file_is_not_read_unless_named(tmp_path: Path) -> None:
     named = tmp_path / "fleet.env"
     named.write_text("CITYEDGE_MODE=development\nCITYEDGE_DATABASE_URL=sqlite:///%s\n"
                      "CITYEDGE_AUDIT_KEY_FILE=%s\n" % (db, tmp_path / "audit.key"))
-    r = _cli(["audit", "verify"], {"CITYEDGE_ENV_FILE": str(named)}, tmp_path)
+    r = _cli(["fleet", "init-db"], {"CITYEDGE_ENV_FILE": str(named)}, tmp_path)
     assert r.returncode == 0, r.stderr
     assert "reading %s (CITYEDGE_ENV_FILE)" % named in r.stderr
     assert db.exists() and not (tmp_path / "var").exists()
@@ -152,8 +152,8 @@ def test_sqlite_files_are_private_even_under_a_permissive_umask(tmp_path: Path) 
     old = os.umask(0o000)  # the worst case: what a service manager might leave
     try:
         engine = make_engine(Settings(mode="development", database_url="sqlite:///%s" % db,
-                                      ca_dir=tmp_path))
-        migrate(engine)
+                                      ca_dir=tmp_path), create=True)
+        migrate(engine, create=True)
         with engine.connect() as conn:  # WAL mode: the -wal and -shm files exist while open
             conn.execute(text("SELECT count(*) FROM device"))
             sides = [db.with_name(db.name + s) for s in ("-wal", "-shm")]
@@ -170,16 +170,17 @@ def test_an_existing_world_readable_database_is_tightened(tmp_path: Path) -> Non
     db.touch()
     db.chmod(0o644)
     engine = make_engine(Settings(mode="development", database_url="sqlite:///%s" % db,
-                                  ca_dir=tmp_path))
-    migrate(engine)
+                                  ca_dir=tmp_path), create=True)
+    migrate(engine, create=True)
     engine.dispose()
     assert _mode(db) == 0o600
 
 
 def test_migrations_create_every_table_and_are_idempotent(db_url: str, tmp_path: Path) -> None:
-    engine = make_engine(Settings(mode="development", database_url=db_url, ca_dir=tmp_path))
-    migrate(engine)
-    migrate(engine)  # a second start is a no-op
+    engine = make_engine(Settings(mode="development", database_url=db_url, ca_dir=tmp_path),
+                         create=True)
+    migrate(engine, create=True)
+    migrate(engine)  # a second start is a no-op (and needs no create)
     tables = set(inspect(engine).get_table_names())
     assert {"device", "device_tag", "credential", "api_token", "enrollment_token",
             "allowed_serial", "audit_record", "chain_state", "reading",

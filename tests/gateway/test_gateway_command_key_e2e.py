@@ -55,7 +55,7 @@ def world(pki: TestPKI) -> Iterator[SimpleNamespace]:
 
     w = fleet_world(pki, None, "cityedge-cmdkey-", command_poll_s=0.2, command_resend_s=1.0,
                     command_absent_retry_s=0.5)
-    app = create_app(w.settings)
+    app = create_app(w.settings, init_db=True)
     try:
         with TestClient(app) as client:
             yield SimpleNamespace(api=Api(client, w.settings), broker=w.broker,

@@ -53,7 +53,7 @@ def world(pki: TestPKI) -> Iterator[SimpleNamespace]:
     w = fleet_world(pki, None, "cityedge-gwrot-", command_poll_s=0.2, command_resend_s=1.0,
                     command_absent_retry_s=0.5)
     d, broker, settings = w.dir, w.broker, w.settings
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     try:
         with TestClient(app) as client:
             yield SimpleNamespace(api=Api(client, settings), broker=broker, settings=settings,

@@ -46,7 +46,7 @@ class FleetServer:
             # many devices from one test client address: no enrollment rate limit here
             limits=FleetLimits(enroll_burst=10_000, enroll_per_s=1000.0))
         self.worker: MqttIngestWorker | None = None
-        self.app = create_app(self.settings)
+        self.app = create_app(self.settings, init_db=True)
         self.port = port or free_port()
         self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
         ssl_files = {"ssl_certfile": str(pki.server.cert_pem),

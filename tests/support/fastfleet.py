@@ -45,7 +45,7 @@ def real_fleet(db_url: str, pki: TestPKI, **limits: Any) -> Iterator[Fleet]:
     w = fleet_world(pki, db_url, "cityedge-rot-", **{
         "command_poll_s": 0.2, "ingest_group_max_s": 0.05, "enroll_burst": 100_000, **limits})
     world, broker, settings = w.dir, w.broker, w.settings
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     worker = publisher = None
     try:
         with TestClient(app) as client:
