@@ -56,7 +56,7 @@ def campaign_run(base: Path, ca_dir: Path, n: int = DEVICES) -> dict[str, float]
                         command_key_file=base / "command.key", audit_key_file=base / "audit.key",
                         ota_dir=base / "ota", ota_root_set_file=kit.root_set_file,
                         ota_public_url="https://fleet.bench")
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     out: dict[str, float] = {}
     with TestClient(app) as client:
         engine: Any = app.state.engine

@@ -122,7 +122,7 @@ def test_the_written_config_runs_as_the_debian_service_does(etc: Path) -> None:
     settings = Settings(mode="development", database_url=env["CITYEDGE_DATABASE_URL"],
                         ca_dir=ca_dir, broker_url="mqtts://127.0.0.1:8883",
                         ingest_with_serve=False)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings, init_db=True)) as client:
         dev = enroll_device(Api(client, settings), 1)  # the registry grants it at the broker
     port = free_port()
     args = ["broker", "config", "--out-dir", str(out), "--certfile", str(svc / "broker.crt"),

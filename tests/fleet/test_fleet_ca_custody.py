@@ -192,7 +192,7 @@ def test_a_device_enrolled_through_the_api_under_each_custody_chains_to_the_root
     its emergency revocation re-signs the CRL (through the token) so OpenSSL refuses it."""
     _, ca_dir, custody = make_ca(kind, tmp_path, hsm)
     settings = _settings(kind, tmp_path, ca_dir, custody)
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     with TestClient(app) as client:
         api = Api(client, settings)
         dev = enroll_device(api, 1)
@@ -560,8 +560,8 @@ def test_a_rollover_from_a_token_intermediate_then_its_retirement(
     assert ca.crl_serials() == set()  # a CRL of each, the old one's through the token
     settings = _settings("pkcs11", tmp_path, ca_dir, both).model_copy(
         update={"ca_password_file": pw})
-    engine = make_engine(settings)
-    migrate(engine)
+    engine = make_engine(settings, create=True)
+    migrate(engine, create=True)
     try:
         with Session(engine) as session:
             ca_retire.retire(session, ca_dir, settings, by="test")

@@ -23,7 +23,7 @@ RELEASE = ("INSERT INTO ota_release (component, version, sequence, hw_classes, s
 
 
 def test_0012_adds_the_ota_tables(db_url: str) -> None:
-    engine = make_engine(Settings(mode="development", database_url=db_url))
+    engine = make_engine(Settings(mode="development", database_url=db_url), create=True)
     try:
         migrate_to(engine, "0011")
         assert not set(TABLES) & set(inspect(engine).get_table_names())

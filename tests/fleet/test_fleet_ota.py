@@ -49,7 +49,7 @@ def oapi(ota_settings: Settings) -> Any:
 
     from cityedge_fleet.app import create_app
 
-    app = create_app(ota_settings)
+    app = create_app(ota_settings, init_db=True)
     with TestClient(app) as client:
         yield Api(client, ota_settings)
     app.state.engine.dispose()

@@ -46,7 +46,7 @@ def served(settings: Settings, pki: TestPKI, tmp_path: Path) -> Iterator[tuple[A
     settings.ota_dir = tmp_path / "ota"
     settings.ota_root_set_file = kit.root_set_file
     settings.ota_public_url = "https://127.0.0.1:%d" % port
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     app.state.kit = kit
     server = uvicorn.Server(uvicorn.Config(
         app, host="127.0.0.1", port=port, ssl_certfile=str(pki.server.cert_pem),

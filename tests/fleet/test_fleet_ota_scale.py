@@ -40,7 +40,7 @@ def test_a_thousand_devices_in_three_waves(settings: Settings, tmp_path: Path) -
     settings.ota_dir = tmp_path / "ota"
     settings.ota_root_set_file = kit.root_set_file
     settings.ota_public_url = "https://fleet.test"
-    app = create_app(settings)
+    app = create_app(settings, init_db=True)
     with TestClient(app) as client:
         engine: Any = app.state.engine
         sim = OtaSimFleet(engine, settings, kit, client_fetch(client))
