@@ -405,6 +405,12 @@ class Agent:
         elif name == "status":
             if not await self.publish_status():
                 self._defer(None, 1)  # asked for: sent once the heap has room
+        elif name == "update" and self.cfg.get("update"):
+            # kept, and carried out from the next boot's start (``update_agent``): its
+            # module loaded now would need room that streaming has taken
+            self.state.set(update_cmd=[args, self.board.unix_time()])
+            self.seal()  # the records collected so far: no reading is lost to the reset
+            self.board.reset()
         else:
             self.last_error = "command %s: not supported by this firmware" % name
         return name
@@ -495,6 +501,7 @@ class Agent:
             "mqtt_connects": self.link.connects,
             "mem_errors": self.mem_errors,
             "last_error": self.last_error or self.link.last_error or "",
+            "update": self.state.get("update"),  # [state, version, sequence, reason]
         }
 
     async def publish_status(self):
@@ -573,6 +580,20 @@ class Agent:
         would keep one more asyncio module on the heap."""
         tasks = [asyncio.create_task(c) for c in (
             self.link.run(), self.sampler(), self.forwarder(), self.status())]
+        if self.cfg.get("update"):  # an update in progress (or on trial) goes on
+            from os import stat
+
+            try:
+                if not self.state.get("update_cmd"):
+                    stat(self.cfg["update"]["dir"].rstrip("/") + "/update.json")
+                from . import update_agent  # loaded only then (its module doc)
+
+                update_agent.run(self)
+            except OSError:
+                pass
+            except MemoryError:  # streaming goes on; the update waits for a boot with room
+                self.mem_errors += 1
+                self.last_error = "update: no heap to load it"
         try:
             await self.watchdog(tasks)
         finally:
