@@ -13,7 +13,9 @@ over HTTPS with Range (``support.artifact_server``), the A/B slots and the boot 
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +215,87 @@ def test_an_interrupted_download_resumes_from_where_it_stopped(
     assert starts == sorted(set(starts)), arts
     assert arts[-1].endswith("-%d" % (size - 1)) or int(arts[-1].split("-")[1]) >= size - 1
     assert "resumed at" in dev.log(), dev.log()
+
+
+# (case, expected reason) — the attacks of the TUF/Uptane/SUIT threat lists a device must
+# refuse, and the servers it must survive. The device has sequence 5 installed.
+ATTACKS = [
+    ("rollback", "rollback"),  # an older release, validly signed
+    ("replay", "replay"),  # the installed release again
+    ("expired", "expired"),  # a frozen manifest
+    ("other_hw_class", "wrong_hw_class"),  # mix-and-match
+    ("unknown_release_key", "unknown_key"),
+    ("revoked_release_key", "unknown_key"),  # left out of a newer root-signed list
+    ("fleet_key_without_release_key", "unknown_key"),  # a stolen fleet server's key
+    ("keys_under_threshold", "keys_threshold"),  # 1 root signature, 2 needed
+    ("manifest_not_the_commands", "manifest_digest"),
+    ("tampered_artifact", "artifact_digest"),
+    ("artifact_too_long", "artifact_too_long"),  # endless data
+    ("wrong_content_range", "download:"),
+    ("trickling_server", "download:"),  # slow retrieval: bounded by the request timeout
+]
+
+
+@pytest.mark.parametrize(("case", "reason"), ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_update_attacks_are_refused_and_nothing_installs(
+        world: World, images: dict[str, Path], case: str, reason: str) -> None:
+    rel = world.releases
+    image = images[NEW]
+    seq, key, hw, expires, keys, mode = 6, rel.key, "unix-test", None, rel.keys, "normal"
+    body = image.read_bytes()
+    if case == "rollback":
+        seq = 4
+    elif case == "replay":
+        seq = 5
+    elif case == "expired":
+        expires = int(time.time()) - 60
+    elif case == "other_hw_class":
+        hw = "esp32-s3"
+    elif case == "unknown_release_key":
+        key = EcSigner.generate()
+    elif case == "revoked_release_key":
+        keys = rel.certify([EcSigner.generate()], version=2)  # the new list drops it
+    elif case == "fleet_key_without_release_key":
+        key = world.fleet
+    elif case == "keys_under_threshold":
+        keys = rel.certify([rel.key], version=2, signers=1)
+    elif case == "tampered_artifact":
+        body = body[:100] + bytes([body[100] ^ 1]) + body[101:]
+    elif case == "artifact_too_long":
+        mode = "endless-declared"
+    elif case == "wrong_content_range":
+        mode = "wrong-range"
+    elif case == "trickling_server":
+        mode = "trickle"
+    man = rel.manifest(image, NEW, seq, key=key, hw=hw, expires=expires)
+    named = man
+    if case == "manifest_not_the_commands":
+        named = rel.manifest(image, NEW, seq + 1)  # another valid release
+    dev = UpdatingDevice(world.tmp, world.broker, world.pki, world.creds, images[OLD],
+                         world.releases, world.fleet_key)
+    (dev.flash / "boot.json").write_text(json.dumps(
+        {"slot": "a", "seq": 5, "version": OLD, "keys": 1}))
+    if case == "trickling_server":
+        dev.update_conf(request_ms=1000)
+    dev.start()
+    try:
+        with ArtifactServer(world.pki, body, mode,
+                            files={"manifest": man, "keys": keys}) as server:
+            dev.wait_for(lambda: len(world.sub.readings()) >= 2, 60)
+            world.cmd_seq += 1
+            world.send(update_command(world.fleet, world.cmd_seq, folder(server), named))
+            fw, upd = wait_update(world, dev, "failed", 150)
+            served = sum(len(body) for p in server.paths if p.endswith("artifact"))
+    finally:
+        dev.stop()
+    assert fw == OLD
+    assert upd[0] == "failed" and upd[3].startswith(reason), upd
+    assert "b" not in dev.boots, dev.boots  # the new slot never booted
+    p = dev.pointer()
+    assert (p["slot"], p["seq"], p["version"], p["trial"]) == ("a", 5, OLD, None), p
+    if reason not in ("artifact_digest", "artifact_too_long", "download:"):
+        assert served == 0  # refused on the manifest: not a byte of the artifact asked for
+    image_b = dev.flash / "slot_b" / "firmware.romfs"
+    if reason.startswith("artifact"):
+        assert not image_b.exists()  # nothing of a refused artifact stays
+    assert image_b.stat().st_size <= len(image.read_bytes()) if image_b.exists() else True
