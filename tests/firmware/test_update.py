@@ -299,3 +299,17 @@ def test_update_attacks_are_refused_and_nothing_installs(
     if reason.startswith("artifact"):
         assert not image_b.exists()  # nothing of a refused artifact stays
     assert image_b.stat().st_size <= len(image.read_bytes()) if image_b.exists() else True
+
+
+def test_the_esp32_partition_writer_compiles_for_the_board(tmp_path: Path, mpy_cross: str
+                                                           ) -> None:
+    """Compile-checked only (no ESP32 here): ``mpy-cross`` takes it as a board build does,
+    and it is in the freeze manifest a board image is built from."""
+    from cityedge import build_firmware
+    from cityedge_host import mpy
+
+    out = tmp_path / "update_partition.mpy"
+    mpy.compile_file(build_firmware.FIRMWARE / "cityedge_fw" / "update_partition.py", out,
+                     "cityedge_fw.update_partition")
+    assert out.read_bytes()[:1] == b"M"  # an .mpy file
+    assert "update_partition.py" in build_firmware.manifest_text()
