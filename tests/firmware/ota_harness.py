@@ -47,15 +47,19 @@ UPDATE_HEAP = os.environ.get("CE_UPDATE_HEAP", "96k")
 _VERSION = re.compile(r'^VERSION = "[0-9.]+"$', re.M)
 
 
-def build_release(out: Path, version: str) -> Path:
+def build_release(out: Path, version: str, crash: bool = False) -> Path:
     """The firmware (and the tests' ``mp_device``) compiled with ``VERSION = version``,
-    as its ROMFS image; returns the image."""
+    as its ROMFS image; returns the image. ``crash``: a release whose firmware package
+    cannot be imported (it fails at every boot, before the agent starts)."""
     tree = out / ("tree-" + version)
     for rel in build_firmware.sources():
         src = FIRMWARE / rel
         if rel.as_posix() == "cityedge_fw/__init__.py":
             patched = out / ("init-" + version + ".py")
-            patched.write_text(_VERSION.sub('VERSION = "%s"' % version, src.read_text()))
+            text = _VERSION.sub('VERSION = "%s"' % version, src.read_text())
+            if crash:
+                text += '\nraise RuntimeError("a broken release")\n'
+            patched.write_text(text)
             src = patched
         mpy.compile_file(src, tree / rel.with_suffix(".mpy"), build_firmware.module_name(rel))
     mpy.compile_file(Path(__file__).with_name("mp_device.py"), tree / "mp_device.mpy")

@@ -185,6 +185,33 @@ def test_a_release_that_cannot_reach_the_broker_is_rolled_back_by_the_device(
         world.close()
 
 
+def test_a_release_that_crashes_at_every_boot_is_rolled_back_by_the_boot_selector(
+        world: World, images: dict[str, Path], tmp_path: Path) -> None:
+    """The new release cannot even start its agent (so nothing of it can roll back):
+    the selector's trial boots, counted down on flash before each boot, run out and it
+    boots the old release, which reports why."""
+    broken = build_release(tmp_path, "1.2.0", crash=True)
+    man = world.releases.manifest(broken, "1.2.0", 3)
+    dev = UpdatingDevice(world.tmp, world.broker, world.pki, world.creds, images[OLD],
+                         world.releases, world.fleet_key).start()
+    try:
+        with serve(world, broken, man) as server:
+            dev.wait_for(lambda: len(world.sub.readings()) >= 2, 60)
+            world.update(server, man)
+            fw, upd = wait_update(world, dev, "rolled-back", 180)
+    finally:
+        dev.stop()
+    assert fw == OLD
+    assert upd[:3] == ["rolled-back", "1.2.0", 3] and "did not commit" in upd[3], upd
+    i = dev.boots.index("b")
+    assert dev.boots[i:i + 4] == ["b", "b", "b", "a"], dev.boots  # 3 trial boots, then a
+    assert "a broken release" in dev.log()
+    p = dev.pointer()
+    assert (p["slot"], p["seq"], p["trial"]) == ("a", 0, None), p
+    seqs = check_chain(world.sub.readings(), world.creds)
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
 def test_an_interrupted_download_resumes_from_where_it_stopped(
         world: World, images: dict[str, Path]) -> None:
     """A link lost mid-body (the server drops the connection), then a device reset in the
