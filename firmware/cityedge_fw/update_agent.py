@@ -7,10 +7,11 @@ States (hawkBit's vocabulary; each one reported in the signed status as ``update
 ==============  ==========================================================  ==========
 state           what happens                                                 where
 ==============  ==========================================================  ==========
-scheduled       the command passed the gate; its arguments are kept in       agent
-                ``update.json``; the manifest (at most 2 KiB) and the key
-                list (at most 8 KiB) are fetched to flash, and the
-                manifest's SHA-256 must be the command's (``manifest_digest``)
+scheduled       the command passed the gate; ``Agent.handle_command`` keeps    agent
+                it (``State`` ``update_cmd``) and resets; at the agent's
+                start it goes to ``update.json``, the manifest (at most
+                2 KiB) and the key list (at most 8 KiB) are fetched to
+                flash, and the manifest's SHA-256 must be the command's
 checking        the board resets; ``check_update`` runs at boot             ``update_check``
 downloading     ``ok``: the artifact is fetched in Range requests of         agent
                 ``RANGE_BYTES`` into the inactive slot, hashed as written;
