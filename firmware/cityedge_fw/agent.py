@@ -414,6 +414,18 @@ class Agent:
                 return name
             if name == "status" and not await self.publish_status():
                 self._defer(None, 1)  # asked for: sent once the heap has room
+        if name == "update" and self.cfg.get("update"):
+            # kept, and carried out from the next boot's start (``update_agent``): its
+            # module loaded now would need room that streaming has taken. Not answered
+            # now: its outcome (committed, rolled back) is the answer the fleet waits for
+            self.state.set(update_cmd=[args, self.board.unix_time(), seq])
+            self.seal()  # the records collected so far: no reading is lost to the reset
+            self.board.reset()
+            return name
+        if not isinstance(name, str) and name.name == "update":
+            kept = self.state.get("update_cmd")
+            if kept and len(kept) > 2 and kept[2] == name.seq:
+                return None  # the fleet sent it again while it is carried out
         # the signed result (``answers``, loaded for it; the rotation's commands run there)
         from . import answers
 
@@ -513,6 +525,7 @@ class Agent:
             "mqtt_connects": self.link.connects,
             "mem_errors": self.mem_errors,
             "last_error": self.last_error or self.link.last_error or "",
+            "update": self.state.get("update"),  # [state, version, sequence, reason]
         }
 
     async def publish_status(self):
@@ -591,6 +604,20 @@ class Agent:
         would keep one more asyncio module on the heap."""
         tasks = [asyncio.create_task(c) for c in (
             self.link.run(), self.sampler(), self.forwarder(), self.status())]
+        if self.cfg.get("update"):  # an update in progress (or on trial) goes on
+            from os import stat
+
+            try:
+                if not self.state.get("update_cmd"):
+                    stat(self.cfg["update"]["dir"].rstrip("/") + "/update.json")
+                from . import update_agent  # loaded only then (its module doc)
+
+                update_agent.run(self)
+            except OSError:
+                pass
+            except MemoryError:  # streaming goes on; the update waits for a boot with room
+                self.mem_errors += 1
+                self.last_error = "update: no heap to load it"
         try:
             await self.watchdog(tasks)
         finally:

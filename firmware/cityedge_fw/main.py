@@ -110,6 +110,7 @@ def build(cfg, board=None, board_class=None):
         board = board_class(cfg)
     checked = cfg["agent"]
     checked["tls"] = tls  # the key slots' paths, for a rotation (``rotation_device``)
+    checked["update"] = cfg.get("update")  # the update's section (``update_agent``)
     st = cfg.get("store", {})
     broker = cfg["broker"]
     device = cfg.get("device") or board.device_id()
@@ -173,6 +174,22 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         unload("cityedge_fw.provision_main", "cityedge_fw.provision")
     cfg = config.load(config_file or config_path(root), agent=False)
     del config
+    if cfg.get("update"):  # an update in progress: its release is checked now, in the
+        from os import stat  # boot's empty heap (``update_check``), then the board resets
+
+        try:
+            stat(cfg["update"]["dir"].rstrip("/") + "/update.json")
+        except OSError:
+            pass
+        else:
+            from . import update_check
+
+            if update_check.run(cfg):
+                gc.collect()
+                reset()  # the check's names stay interned: the agent boots without them
+                return True
+            del update_check
+            unload("cityedge_fw.update_check", "cityedge_fw.update_slots")
     if board_class is None:
         from . import hal
 

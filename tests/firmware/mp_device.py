@@ -8,8 +8,8 @@ TLS context, keys, settings, the board, the agent; the same order and code as
 ``main.boot()``), with this stand-in board class instead of the port's HAL board, and runs
 the agent under a supervisor until ``stop`` in ``TEST.json`` (the test's own keys) is met:
 ``{"batches": N}`` (N batches signed and every stored batch acknowledged) and/or
-``{"seconds": S}`` and/or ``{"file": PATH}`` (once the test made that file and every
-stored batch is acknowledged) and/or
+``{"seconds": S}`` and/or ``{"file": PATH}`` (once the test made that file and, unless
+``{"drain": False}``, every stored batch is acknowledged) and/or
 ``{"window": {"warmup_ms": W, "length_ms": L}}`` (the bench:
 once connected and W ms in, the counters are marked, and again L ms later). It then
 prints one line ``RESULT <json list>`` with counters and heap use (``fw_harness.result``
@@ -61,6 +61,9 @@ class Board:
 
     def device_id(self):
         return self.device
+
+    def reset(self):
+        _reset()
 
     def wdt_feed(self):
         self.fed += 1
@@ -124,7 +127,8 @@ async def supervise(agent, stop, stats, alloc, marks):
             and agent.store.count == 0
         if "seconds" in stop and t > stop["seconds"] * 1000:
             done = True
-        if "file" in stop and tick % 20 == 0 and agent.store.count == 0:
+        if "file" in stop and tick % 20 == 0 and (agent.store.count == 0
+                                                  or not stop.get("drain", True)):
             try:  # the test's signal (it created the file), once every batch is acknowledged
                 os.stat(stop["file"])
                 done = True
@@ -167,7 +171,11 @@ def run(path):
     _BOARD.append(test)
     # without CITYEDGE_FLASH (an older setup): the one file is the device's configuration
     main.main(root=root or "/", config_file=None if root else path, board_class=Board,
-              run_agent=lambda agent: supervised(agent, stop))
+              run_agent=lambda agent: supervised(agent, stop), reset=_reset)
+
+
+def _reset():
+    sys.exit(0)  # a board resets; the unix port's process ends (the test boots it again)
 
 
 def _qstr_info():

@@ -15,6 +15,11 @@ server certificate (127.0.0.1). ``mode`` chooses what it does:
 
 ``cut_after``: in ``normal`` mode, the connection is dropped once the body has been sent up
 to that absolute offset (a lost link); it applies to the next response only.
+
+A bounded range (``bytes=N-M``, the device's requests) is answered with bytes N..M.
+``files``: other paths it serves whole-or-ranged in ``normal`` mode (a release folder: the
+device GETs ``<folder>manifest`` and ``<folder>keys`` beside ``<folder>artifact``, the
+body); ``paths`` logs the path of every request, in step with ``log``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 from support.mosquitto import TestPKI
 
-_RANGE = re.compile(r"bytes=(\d+)-\Z")
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)\Z")
 _ACCEPT_POLL_S = 0.5  # the listening socket's timeout: shutdown() is seen at least this often
 _HANDSHAKE_S = 10.0  # a connection that does not finish its TLS handshake is dropped
 
@@ -57,8 +62,11 @@ class _TlsServer(ThreadingHTTPServer):
 
 
 class ArtifactServer:
-    def __init__(self, pki: TestPKI, body: bytes, mode: str = "normal") -> None:
+    def __init__(self, pki: TestPKI, body: bytes, mode: str = "normal",
+                 files: dict[str, bytes] | None = None) -> None:
         self.body = body
+        self.files = files or {}
+        self.paths: list[str] = []
         self.mode = mode
         self.cut_after: int | None = None
         self.trickle_bytes = 16
@@ -74,6 +82,7 @@ class ArtifactServer:
                 pass
 
             def do_GET(self) -> None:
+                outer.paths.append(self.path)
                 outer.log.append(self.headers.get("Range"))
                 with contextlib.suppress(OSError):  # the client hung up: its choice
                     outer._answer(self)
@@ -100,8 +109,14 @@ class ArtifactServer:
 
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
         body, mode = self.body, self.mode
+        name = h.path.rsplit("/", 1)[-1]
+        if name in self.files:
+            body, mode = self.files[name], "normal"
         m = _RANGE.match(h.headers.get("Range") or "")
         start = int(m[1]) if m else 0
+        top = len(body)  # bytes=N-M: up to M
+        if m and m[2]:
+            top = min(top, int(m[2]) + 1)
         if mode == "normal" and m and start >= len(body):
             h.send_response(416)
             h.send_header("Content-Range", "bytes */%d" % len(body))
@@ -111,8 +126,8 @@ class ArtifactServer:
         if mode in ("normal", "wrong-range") and m:
             shown = 0 if mode == "wrong-range" else start
             h.send_response(206)
-            h.send_header("Content-Range", "bytes %d-%d/%d" % (shown, len(body) - 1, len(body)))
-            payload = body[start:]
+            h.send_header("Content-Range", "bytes %d-%d/%d" % (shown, top - 1, len(body)))
+            payload = body[start:top]
         else:
             h.send_response(200)
             start, payload = 0, body
@@ -138,7 +153,9 @@ class ArtifactServer:
             w.flush()
             self.stop_event.wait(30)
             return
-        cut, self.cut_after = self.cut_after, None
+        cut = None
+        if name not in self.files:  # the artifact's next response, not a folder file's
+            cut, self.cut_after = self.cut_after, None
         if cut is not None and start < cut < start + len(payload):
             w.write(payload[:cut - start])
             w.flush()
