@@ -45,7 +45,7 @@ from support.mqtt_probe import WAIT_S, Probe
 # block, which ``fw_harness.HEAP`` (72k) does not have once streaming has cut the heap
 # up (the import fails with a MemoryError and the command is lost). Measured: see
 # docs/ARCHITECTURE.md, "Memory on the device". ``CE_ROTATION_HEAP`` overrides it.
-ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "96k")
+ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "112k")
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ class Agent:
         from cityedge_fw.store import State
 
         self.device = DEVICE
+        self.topics = ("ce/v1/%s/up/readings" % DEVICE,)  # ``Agent.topics``' first
         self.cfg = {"tls": TLS}
         self.state = State(ROOT + "/state.cbor")
         self.writer = Writer(key, kid)
