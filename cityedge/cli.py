@@ -54,6 +54,12 @@ PARTS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# the extra (pyproject.toml) each part needs beyond the base install
+EXTRAS = {"gateway": "gateway", "fleet": "fleet", "ca": "fleet", "audit": "fleet",
+          "broker": "fleet", "keys": "fleet", "ota": "fleet", "provision": "provisioning",
+          "hw": "hardware", "sim": "firmware", "release": "firmware", "inspect": "gateway"}
+
+
 def version() -> str:
     """The installed distribution's version (``pyproject.toml``)."""
     from importlib.metadata import PackageNotFoundError
@@ -74,11 +80,24 @@ def _print_version(ctx: Any, _param: Any, value: bool) -> None:
 def load_part(name: str) -> Any:
     """The click command of part ``name``, imported now."""
     module, attribute, _help = PARTS[name]
-    obj = getattr(importlib.import_module(module), attribute)
-    if name == "hw":
-        from cityedge.hw_upload import upload_command
-
-        if not any(c.name == "upload" for c in obj.registered_commands):
+    try:
+        obj = getattr(importlib.import_module(module), attribute)
+    except ModuleNotFoundError as e:  # a part whose extra this install left out
+        if e.name and e.name.split(".")[0].startswith("cityedge"):
+            raise
+        extra = EXTRAS.get(name, "all")
+        raise UserError("cityedge %s is not installed here (it needs %s)" % (name, e.name),
+                        hint="pip install 'cityedge[%s]'" % extra) from e
+    if name == "hw" and not any(c.name == "upload" for c in obj.registered_commands):
+        try:  # the fleet side of `hw`: checks a report as the fleet will, then sends it
+            from cityedge.hw_upload import upload_command
+        except ModuleNotFoundError as e:  # a vendor's install without the fleet's stack
+            upload_command = _needs_extra("hw upload", "fleet", str(e.name))
+            obj.command("upload", context_settings={"allow_extra_args": True,
+                                                    "ignore_unknown_options": True},
+                        help="Send a report to the city's fleet (needs cityedge[fleet]).")(
+                upload_command)
+        else:
             obj.command("upload")(upload_command)
     cmd: Any
     if isinstance(obj, typer.Typer):
@@ -89,6 +108,16 @@ def load_part(name: str) -> Any:
         cmd = typer.main.get_command(single)
     cmd.name = name
     return cmd
+
+
+def _needs_extra(command: str, extra: str, missing: str) -> Any:
+    """A stand-in for ``command`` in an install without ``extra``: says what to install."""
+
+    def stand_in() -> None:
+        raise UserError("cityedge %s is not installed here (it needs %s)" % (command, missing),
+                        hint="pip install 'cityedge[%s]'" % extra)
+
+    return stand_in
 
 
 def _part_version(args: list[str]) -> bool:
@@ -141,7 +170,7 @@ app = typer.Typer(
     name="cityedge",
     help="Edge gateway firmware and fleet manager for a city's sensor network.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: rich's import alone would double the start-up
     cls=_Commands,

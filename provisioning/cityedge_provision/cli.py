@@ -15,11 +15,12 @@ devices from a vendor delivery manifest, summary table at the end), ``label`` an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,6 +51,9 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before cha
 SiteOpt = Annotated[str, typer.Option(help="Site the device is installed at.")]
 OfflineOpt = Annotated[bool, typer.Option(help="No fleet connection: use enrollment tokens "
                                           "fetched beforehand and queue the CSR.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the outcome as JSON on stdout (for scripts); progress goes to "
+    "stderr.")]
 LabelOpt = Annotated[Path | None, typer.Option("--label", help="Save a label (.png or .pdf) "
                                                "with a QR code of the device URN.")]
 
@@ -130,6 +134,26 @@ def run_session(port: str, ws: Workspace, fleet: FleetClient | None, opts: Optio
             raise
 
 
+def outcome_json(outcome: Outcome) -> dict[str, Any]:
+    """What ``--json`` prints of one device's outcome (no secret: ids, times, steps)."""
+    return {"status": outcome.status, "device": outcome.device, "serial": outcome.serial,
+            "kid": outcome.kid, "site": outcome.site, "seconds": round(outcome.seconds, 3),
+            "steps": [{"name": s.name, "detail": s.detail, "seconds": round(s.seconds, 3)}
+                      for s in outcome.steps]}
+
+
+@contextlib.contextmanager
+def _json_mode(on: bool) -> Iterator[None]:
+    """With ``--json`` the human progress goes to stderr, so stdout holds the JSON alone
+    (for the command's run only: the console follows ``sys.stdout`` again after it)."""
+    if on:
+        out.file = sys.stderr
+    try:
+        yield
+    finally:
+        out.file = None  # type: ignore[assignment]  # rich: None is the current sys.stdout
+
+
 def report(outcome: Outcome, label_path: Path | None) -> None:
     if outcome.status == "ticket":
         out.print("Queued %s (serial %s) for enrollment in %.1f s: the device enrolls itself "
@@ -178,10 +202,21 @@ def provision(
     dev_http_enroll: Annotated[bool, typer.Option(
         help="Offline, DEVELOPMENT ONLY: let the device enroll itself over plain http:// "
              "(a fleet on loopback without TLS). Never for a real fleet.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Provision the device on the USB port (when no sub-command is given)."""
     if ctx.invoked_subcommand is not None:
         return
+    with _json_mode(as_json):
+        _provision_one(port, yes, site, hardware_class, tag, offline, restart, self_test,
+                       fleet_key, server_hostname, label, fleet_ca, dev_http_enroll, as_json)
+
+
+def _provision_one(port: str | None, yes: bool, site: str, hardware_class: str,
+                   tag: list[str] | None, offline: bool, restart: bool, self_test: bool,
+                   fleet_key: list[Path] | None, server_hostname: str | None,
+                   label: Path | None, fleet_ca: Path | None, dev_http_enroll: bool,
+                   as_json: bool) -> None:
     ws = workspace()
     opts = Options(site=site, hardware_class=hardware_class, tags=list(tag or []),
                    offline=offline, restart=restart, self_test=self_test,
@@ -190,7 +225,10 @@ def provision(
                    fleet_ca=_der_certificate(fleet_ca) if fleet_ca else None,
                    dev_http_enroll=dev_http_enroll)
     fleet = _fleet(offline, ws)
-    report(run_session(choose_port(port, yes), ws, fleet, opts), label)
+    outcome = run_session(choose_port(port, yes), ws, fleet, opts)
+    report(outcome, label)
+    if as_json:
+        typer.echo(json.dumps(outcome_json(outcome)))
 
 
 @provision_app.command("ports")
@@ -355,6 +393,7 @@ def bulk_command(
     yes: YesOpt = False,
     labels_dir: Annotated[Path | None, typer.Option(help="Save a PNG label per device "
                                                     "here.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Provision every device of a vendor manifest, one after another; summary at the end.
 
@@ -364,12 +403,18 @@ def bulk_command(
     enrolls without a token, with the claim secret it reports from its flash (checked
     against the manifest's hash before it is sent).
     """
+    with _json_mode(as_json):
+        _bulk(manifest, yes, labels_dir, as_json)
+
+
+def _bulk(manifest: Path, yes: bool, labels_dir: Path | None, as_json: bool) -> None:
     data = _load_manifest(manifest)
     ws = workspace()
     fleet = FleetClient.from_workspace(ws)
     fleet_call_upload(fleet, data)
     table = Table("serial", "device", "site", "result", "seconds")
     failed = 0
+    results: list[dict[str, Any]] = []
     for entry in data["devices"]:
         serial = str(entry["serial"])
         port = entry.get("port")
@@ -384,13 +429,17 @@ def bulk_command(
             failed += 1
             err.print("cityedge: %s: %s" % (serial, e))
             table.add_row(serial, "", str(entry.get("site", "")), "FAILED: %s" % e, "")
+            results.append({"status": "failed", "serial": serial, "error": str(e)})
             continue
         if labels_dir is not None:
             labels_dir.mkdir(parents=True, exist_ok=True)
             labels.save(labels.LabelData(o.device, o.serial, o.site),
                         labels_dir / ("%s.png" % serial))
         table.add_row(serial, o.device, o.site, o.status, "%.1f" % o.seconds)
+        results.append(outcome_json(o))
     out.print(table)
+    if as_json:
+        typer.echo(json.dumps({"manifest": data.get("manifest"), "devices": results}))
     out.print("%d of %d devices provisioned." % (len(data["devices"]) - failed,
                                                  len(data["devices"])))
     if failed:

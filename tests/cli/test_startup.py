@@ -81,3 +81,25 @@ def test_a_part_named_is_imported_and_runs() -> None:
     assert code == 0 and "init-db" in out and "serve" in out
     code, _top, out = run_probe(["hw", "--help"])
     assert code == 0 and "upload" in out  # added by the fleet side when `hw` loads
+
+
+def test_the_shell_completes_parts_and_their_commands() -> None:
+    """``--show-completion`` gives the shell's script; the shell's question (the words
+    typed so far) is answered with the parts, then a part's own commands (imported for
+    it)."""
+    cityedge = Path(sys.executable).parent / "cityedge"
+    shown = subprocess.run([str(cityedge), "--show-completion", "bash"], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and "_cityedge_completion" in shown.stdout
+
+    def complete(words: str) -> list[str]:
+        env = dict(os.environ, _CITYEDGE_COMPLETE="complete_bash", COMP_WORDS=words,
+                   COMP_CWORD=str(len(words.split()) - 1))
+        r = subprocess.run([str(cityedge)], env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert complete("cityedge fl") == ["fleet"]
+    assert set(complete("cityedge fleet in")) == {"init-db", "ingest"}
+    assert "upload" in complete("cityedge hw u")

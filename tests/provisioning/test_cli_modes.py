@@ -188,9 +188,16 @@ def test_bulk_enrolls_only_the_devices_holding_their_claim(
     manifest.write_text(json.dumps({"manifest": "DN-2026-118", "devices": [
         {"serial": "SN-00612", "claim_sha256": sha256_hex(claims["SN-00612"]),
          "port": genuine.port}]}))
-    res = run_cli(["provision", "bulk", str(manifest), "--yes"], home)
+    res = run_cli(["provision", "bulk", str(manifest), "--yes", "--json"], home)
     assert res.exit_code == 0, res.output
-    assert "0 serial(s) allow-listed, 1 already listed" in res.output
+    assert "0 serial(s) allow-listed, 1 already listed" in res.stderr  # progress: stderr
+    got = json.loads(res.stdout)  # stdout is the JSON alone, for a script
+    assert got["manifest"] == "DN-2026-118" and len(got["devices"]) == 1
+    one = got["devices"][0]
+    assert (one["status"], one["serial"], one["device"]) == (
+        "provisioned", "SN-00612", "urn:dev:mac:0024befffe800612")
+    assert one["steps"] and all(set(s) == {"name", "detail", "seconds"} for s in one["steps"])
+    assert claims["SN-00612"] not in res.stdout
     assert state_of(genuine.port) == "locked"
     assert len(creds(fleet, "urn:dev:mac:0024befffe800612")) == 1
     again = httpx.post(fleet.url + "/enroll", json={
