@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +243,7 @@ def test_an_interrupted_download_resumes_from_where_it_stopped(
     # what the server sent was not on flash yet), never at 0 again; the last one ends at
     # the artifact's end
     assert starts == sorted(starts) and starts.count(0) == 1, arts
-    assert all(b - a <= 8192 for a, b in zip(starts, starts[1:])), arts
+    assert all(b - a <= 8192 for a, b in pairwise(starts)), arts
     assert arts[-1].endswith("-%d" % (size - 1)) or int(arts[-1].split("-")[1]) >= size - 1
     assert "resumed at" in dev.log(), dev.log()
 
