@@ -290,7 +290,10 @@ def _own_token_only(case: Any) -> None:
 def test_no_server_error_and_every_answer_matches_the_schema(api: Api) -> None:
     _no_rate_limits(api)
     share = 1 if api.settings.database_url.startswith("sqlite") else PG_SHARE
-    examples, scenario_goal = EXAMPLES_PER_OPERATION // share, STATEFUL_SCENARIOS // share
+    # the stateful phase keeps its whole count on PostgreSQL too: with every route of the
+    # fleet (OTA, metrics, readiness) a third of the scenarios could end without one
+    # chained call (seen twice in whole-suite runs)
+    examples, scenario_goal = EXAMPLES_PER_OPERATION // share, STATEFUL_SCENARIOS
     world = World(api).build()
     schema = _schema(api, world)
     headers = api.headers(Role.admin)
@@ -314,9 +317,10 @@ def test_no_server_error_and_every_answer_matches_the_schema(api: Api) -> None:
     assert operations >= 18
     statuses = outcomes.statuses
     assert statuses.get(401, 0) == 0 and statuses.get(429, 0) == 0, statuses
-    # refused (401, or 400/422 for a URL or body refused before authentication), never served
+    # refused (401, or 400/422 for a URL or body refused before authentication, 413 for a
+    # body over the route's limit, which is read before the token), never served
     assert outcomes.unauthenticated.get(401, 0) > 0, outcomes.unauthenticated
-    assert all(code in (400, 401, 422) for code in outcomes.unauthenticated), (
+    assert all(code in (400, 401, 413, 422) for code in outcomes.unauthenticated), (
         outcomes.unauthenticated)
     assert sum(n for code, n in statuses.items() if code < 300) > 150 // share, statuses
     assert not outcomes.failures, "\n".join(outcomes.failures[:10])
@@ -360,7 +364,8 @@ def test_no_server_error_and_every_answer_matches_the_schema(api: Api) -> None:
         with contextlib.suppress(Flaky):
             Workflow.run(settings=settings(
                 max_examples=left, phases=[Phase.generate], stateful_step_count=STATEFUL_STEPS,
-                deadline=None, database=None, suppress_health_check=list(HealthCheck)))
+                deadline=None, database=None, suppress_health_check=list(HealthCheck),
+                derandomize=True))  # the same scenarios every run: a result, not a draw
     assert not stateful.failures, "\n".join(stateful.failures[:10])
     assert len(scenarios) >= scenario_goal // 2, len(scenarios)
     assert links_followed, "the stateful phase chained no calls"
