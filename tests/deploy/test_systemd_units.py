@@ -40,10 +40,8 @@ def _service_options(unit: Path) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def analyze() -> str:
     tool = shutil.which("systemd-analyze")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("systemd-analyze is missing (Debian's systemd package has it)")
-        pytest.skip("systemd-analyze is not installed")
+    if tool is None:  # a real component: missing is a failure, never a skip
+        pytest.fail("systemd-analyze is missing (Debian's systemd package has it)")
     return tool
 
 
