@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from support import ast_source
+
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
 OURS = ("cityedge_fw", "cityedge_core")
 
@@ -55,7 +57,7 @@ def imports_of(module: str) -> frozenset[str]:
     assert path is not None, module
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast_source.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

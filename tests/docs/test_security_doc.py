@@ -7,6 +7,8 @@ import ast
 import re
 from pathlib import Path
 
+from support import ast_source
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "SECURITY.md"
 # "tests/x/test_y.py::test_z" and the "::test_w" that follow it in the same cell
@@ -14,7 +16,7 @@ REF = re.compile(r"(tests/[\w/]+\.py)?::(\w+)")
 
 
 def _tests_in(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast_source.parse(path.read_text())
     tests = {node.name for node in ast.walk(tree)
              if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
              and node.name.startswith("test_")}
