@@ -37,7 +37,7 @@ demo: setup
 # The suite runs on every core (pytest-xdist), one test file per worker at a time, so a
 # file's module fixtures (a broker, a built firmware) are made once.
 test: setup lint typecheck
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
