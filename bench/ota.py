@@ -13,7 +13,18 @@ in the same process, so the fleet's is at most that).
 
 **Baseline in the same run**: the same artifact fetched whole by as many plain GETs from
 the same app (the artifact route without ``Range``, no campaign, no checks): the transport
-no campaign can skip. ``RUNS`` runs (one: minutes each), the median if more.
+no campaign can skip (the per-device download budget raised for it: it is one member's
+capability fetched ``n`` times). ``RUNS`` runs (one: minutes each), the median if more.
+
+**The Pi gateway's artifact download** (``download_run``): the fleet app served over HTTPS
+by uvicorn (a throwaway PKI), a ``DOWNLOAD_BYTES`` release, one member's capability URL;
+the gateway's ``ota_download.download`` (TLS against the CA only, ``Range: bytes=0-``,
+every byte through SHA-256 and into the partial file, fsync and a progress record every
+MiB, the digest compared) against a **plain download of the same URL in the same run**
+(httpx over the same TLS, the bytes read and dropped: no hash, no disk). The device's
+per-device download budget is raised for the bench (it would otherwise throttle one
+device's repeated downloads, as it should). ``DOWNLOAD_RUNS`` of each, alternating,
+medians.
 """
 
 from __future__ import annotations
@@ -40,10 +51,15 @@ from cityedge_fleet import command_key, ota_store  # noqa: E402
 from cityedge_fleet.app import create_app  # noqa: E402
 from cityedge_fleet.ca import init_ca  # noqa: E402
 from cityedge_fleet.campaign_runner import CampaignRunner  # noqa: E402
-from cityedge_fleet.config import Settings  # noqa: E402
+from cityedge_fleet.config import FleetLimits, Settings  # noqa: E402
 
 from support.ota import OtaSimFleet, ReleaseKit, client_fetch, write_artifact  # noqa: E402
 
+# the per-device download budget raised: the baselines fetch one member's artifact again
+# and again, which the budget throttles (as it should for a device)
+_UNTHROTTLED = FleetLimits(ota_download_bytes_burst=2**40, ota_download_requests_burst=10**7)
+DOWNLOAD_BYTES = 32 * 1024 * 1024
+DOWNLOAD_RUNS = 5
 RUNS = 1  # one: a 1,000-device campaign takes minutes on this machine (its baseline runs in it)
 DEVICES = 1000
 ARTIFACT_BYTES = 64 * 1024
@@ -55,7 +71,7 @@ def campaign_run(base: Path, ca_dir: Path, n: int = DEVICES) -> dict[str, float]
                         ca_dir=ca_dir, ingest_with_serve=False,
                         command_key_file=base / "command.key", audit_key_file=base / "audit.key",
                         ota_dir=base / "ota", ota_root_set_file=kit.root_set_file,
-                        ota_public_url="https://fleet.bench")
+                        ota_public_url="https://fleet.bench", limits=_UNTHROTTLED)
     app = create_app(settings, init_db=True)
     out: dict[str, float] = {}
     with TestClient(app) as client:
@@ -127,6 +143,73 @@ def _one_artifact_path(sim: OtaSimFleet) -> str:
     return url[len(sim.settings.ota_public_url or ""):] + "artifact"
 
 
+def download_run(base: Path, ca_dir: Path, runs: int = DOWNLOAD_RUNS) -> dict[str, float]:
+    """Seconds of the gateway's download and of a plain GET, medians (module docstring)."""
+    import ssl
+
+    import httpx
+
+    from cityedge_gateway.ota_download import download
+    from cityedge_gateway.ota_release import VerifiedRelease
+
+    from support.mosquitto import TestPKI
+    from support.ota import serve_https
+
+    pki = TestPKI(base / "pki")
+    kit = ReleaseKit.make(base)
+    settings = Settings(mode="development", database_url="sqlite:///%s" % (base / "d.sqlite3"),
+                        ca_dir=ca_dir, ingest_with_serve=False,
+                        command_key_file=base / "command.key", audit_key_file=base / "audit.key",
+                        ota_dir=base / "ota", ota_root_set_file=kit.root_set_file,
+                        ota_public_url="https://127.0.0.1", limits=_UNTHROTTLED)
+    app = create_app(settings, init_db=True)
+    art = write_artifact(base / "big.bin", DOWNLOAD_BYTES)
+    data = art.read_bytes()
+    digest = hashlib.sha256(data).digest()
+    plain_s: list[float] = []
+    ours_s: list[float] = []
+    with TestClient(app) as client, serve_https(app, pki) as url:
+        engine: Any = app.state.engine
+        sim = OtaSimFleet(engine, settings, kit, client_fetch(client))
+        sim.add_devices(1, issued=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+        with Session(engine) as s:
+            up = ota_store.ArtifactUpload(settings, digest.hex())
+            up.feed(data)
+            up.finish()
+            rel = ota_store.create_release(s, settings, manifest=kit.sign(art, "1.2.0", 3),
+                                           key_list=kit.key_list, by="bench")
+            s.commit()
+            ota_store.create_campaign(s, settings, release_id=rel.id or 0,
+                                      selector_text="all", waves="100%", success="90%",
+                                      max_failures="5%", by="bench", confirmed=True)
+            s.commit()
+        CampaignRunner(engine, settings, command_key.from_settings(settings),
+                       renew=False).round(renewal_due=False)
+        artifact_url = url + _one_artifact_path(sim)
+        release = VerifiedRelease("gateway", "1.2.0", 3, DOWNLOAD_BYTES, digest, artifact_url)
+        ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+        for k in range(runs):
+            t = time.perf_counter()
+            got = 0
+            with httpx.Client(verify=ctx, timeout=30, trust_env=False) as http, \
+                    http.stream("GET", artifact_url,
+                                headers={"Accept-Encoding": "identity"}) as r:
+                for chunk in r.iter_raw():
+                    got += len(chunk)
+            plain_s.append(time.perf_counter() - t)
+            if r.status_code != 200 or got != DOWNLOAD_BYTES:
+                raise RuntimeError("plain GET: %d, %d bytes" % (r.status_code, got))
+            part = base / ("run%d.part" % k)
+            t = time.perf_counter()
+            download(release, part, ca_file=pki.ca_pem)
+            ours_s.append(time.perf_counter() - t)
+            if part.stat().st_size != DOWNLOAD_BYTES:
+                raise RuntimeError("the gateway's download is not whole")
+            part.unlink()
+    app.state.engine.dispose()
+    return {"dl_plain_s": statistics.median(plain_s), "dl_gateway_s": statistics.median(ours_s)}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     runs = 1 if quick else RUNS
     n = DEVICES // 5 if quick else DEVICES
@@ -138,9 +221,14 @@ def run(quick: bool = False) -> dict[str, Any]:
             work = base / ("w%d" % k)
             work.mkdir()
             got.append(campaign_run(work, base / "ca", n))
+        dl_dir = base / "download"
+        dl_dir.mkdir()
+        dl = download_run(dl_dir, base / "ca", 3 if quick else DOWNLOAD_RUNS)
     return {"devices": n, "runs": runs, "artifact_bytes": ARTIFACT_BYTES,
             **{"ota_%s" % k: statistics.median(w[k] for w in got)
-               for k in ("wall_s", "cpu_s", "rounds", "plain_s")}}
+               for k in ("wall_s", "cpu_s", "rounds", "plain_s")},
+            "download_bytes": DOWNLOAD_BYTES, "download_runs": 3 if quick else DOWNLOAD_RUNS,
+            **dl}
 
 
 def report(r: dict[str, Any]) -> None:
@@ -155,6 +243,14 @@ def report(r: dict[str, Any]) -> None:
              r["ota_wall_s"] / r["ota_plain_s"]))
     print("  process CPU during the campaign (fleet + devices)    %7.1f s"
           % r["ota_cpu_s"])
+    mib = r["download_bytes"] / 2**20
+    print("\nPi gateway artifact download, %.0f MiB from the fleet over HTTPS (uvicorn, "
+          "loopback), median of %d:" % (mib, r["download_runs"]))
+    print("  plain GET of the same URL, bytes dropped (baseline) %7.2f s (%.1f MiB/s)"
+          % (r["dl_plain_s"], mib / r["dl_plain_s"]))
+    print("  ota_download: Range, SHA-256, file, fsync per MiB   %7.2f s (%.1f MiB/s = "
+          "%.2fx the plain GET's rate)" % (r["dl_gateway_s"], mib / r["dl_gateway_s"],
+                                          r["dl_plain_s"] / r["dl_gateway_s"]))
 
 
 if __name__ == "__main__":

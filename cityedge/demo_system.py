@@ -10,6 +10,7 @@
 4. The devices boot their agent and stream signed readings; the fleet verifies every batch
    and serves the readings with their provenance; the audit log is verified.
 5. The security team rotates a streaming Raspberry Pi gateway's key (``demo_rotation``).
+6. A signed release reaches that gateway through an OTA campaign (``demo_ota``).
 
 Everything runs as child processes that are stopped at the end, whatever happens.
 """
@@ -35,7 +36,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from cityedge import demo_rotation
+from cityedge import demo_ota, demo_rotation
 from cityedge_fleet import broker, broker_acl
 from cityedge_fleet.ca import CertificateAuthority, init_ca, issue_service
 from cityedge_fleet.ca_custody import Custody
@@ -164,7 +165,8 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
                   "id, CRL, per-identity rules (dynamic security plugin)" % port)
 
         api_port = free_port()
-        env = dict(os.environ, CITYEDGE_MODE="development",
+        ota = demo_ota.offline_keys(work)  # the release manager's, made away from the fleet
+        env = dict(os.environ, **ota["env"], CITYEDGE_MODE="development",
                    CITYEDGE_DATABASE_URL="sqlite:///%s" % (work / "fleet.sqlite3"),
                    CITYEDGE_CA_DIR=str(work / "ca"), CITYEDGE_CA_PASSWORD_FILE=str(passphrase),
                    CITYEDGE_BROKER_URL="mqtts://127.0.0.1:%d" % port,
@@ -192,7 +194,8 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
         tech = cityedge(["fleet", "create-token", "--name", "demo-technician", "--role",
                          "technician"], env).stdout.strip()
         yield {"work": work, "env": env, "url": url, "admin": admin, "tech": tech,
-               "procs": procs, "logs": logs, "broker_port": port}
+               "procs": procs, "logs": logs, "broker_port": port, "ota": ota,
+               "custody": custody}
     except BaseException:
         for log in sorted(logs.glob("*.log")):  # what the failing part said, before cleanup
             tail = log.read_text(errors="replace").strip().splitlines()[-8:]
@@ -284,6 +287,7 @@ def main(con: Console) -> None:
             roots = provision(con, c)
             stream(con, c, roots)
             demo_rotation.main(con, c, cityedge, BIN, c["broker_port"])
+            demo_ota.main(con, c, cityedge)
     except (DemoError, RuntimeError) as e:
         con.print("[red]cityedge: demo failed: %s[/red]" % e)
         raise SystemExit(1) from e

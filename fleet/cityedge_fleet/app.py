@@ -43,7 +43,7 @@ from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import open_database
 from cityedge_fleet.models import CONTROL_CHARACTERS
-from cityedge_fleet.ratelimit import TokenBucketLimiter
+from cityedge_fleet.ratelimit import DownloadBudget, TokenBucketLimiter
 
 health_router = APIRouter(tags=["health"])
 
@@ -95,6 +95,10 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
                                                 lim.rate_limit_clients_max)
     app.state.enroll_limiter = TokenBucketLimiter(lim.enroll_burst, lim.enroll_per_s,
                                                   lim.rate_limit_clients_max)
+    app.state.download_budget = DownloadBudget(
+        lim.ota_download_requests_burst, lim.ota_download_requests_per_s,
+        lim.ota_download_bytes_burst, lim.ota_download_bytes_per_s,
+        lim.ota_download_devices_max)
     for router in ROUTERS:
         app.include_router(router)
     metrics.instrument(app)

@@ -108,6 +108,14 @@ class FleetLimits(BaseModel):
     # (a device never takes a lower sequence again) with one manifest
     ota_max_sequence_jump: int = 1000
     ota_command_expires_s: int = 14 * 86400  # seconds an ``update`` command stays valid
+    # each device's share of the download endpoints (``ratelimit.DownloadBudget``): 429
+    # with Retry-After beyond it. Requests: a burst, then per second; bytes: a burst, then
+    # per second (a response may overdraw the bytes by itself, never lock a device out)
+    ota_download_requests_burst: int = 120
+    ota_download_requests_per_s: float = 2.0
+    ota_download_bytes_burst: int = 64 * 1024 * 1024
+    ota_download_bytes_per_s: float = 2 * 1024 * 1024
+    ota_download_devices_max: int = 100_000  # devices one budget tracks (LRU beyond)
 
     @property
     def enroll_body_max_bytes(self) -> int:

@@ -22,6 +22,12 @@ HTTP_SECONDS = Histogram(PREFIX + "http_request_duration_seconds",
                          "API request time, by method, route template and status.",
                          ["method", "route", "status"], registry=INSTRUMENTS,
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+OTA_THROTTLED = Counter(PREFIX + "ota_download_throttled",
+                        "OTA download requests refused 429 by a device's budget, by what ran "
+                        "out (requests or bytes).", ["what"], registry=INSTRUMENTS)
+OTA_SERVED_BYTES = Counter(PREFIX + "ota_download_bytes",
+                           "Bytes of OTA manifests, key lists and artifacts admitted to be "
+                           "served to devices.", registry=INSTRUMENTS)
 ProcessCollector(registry=INSTRUMENTS)
 PlatformCollector(registry=INSTRUMENTS)
 

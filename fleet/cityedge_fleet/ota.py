@@ -47,6 +47,18 @@ device fetched (the fleet serves the release's files, so it sees the download):
 So a wave waits for its devices to commit, not merely to answer: an offline device holds
 its wave only if the threshold needs it (``--success 100%``).
 
+**One device, one vote.** ``decide`` counts members, and a campaign has one member per
+device (the member table's key); a member's status comes from its own ``update`` command
+only, whose result the ingest takes once: signed by the device's active key, naming that
+device, on its own topic, for a seq the fleet sent it — and the first result is kept (a
+repeat is a duplicate, a contradiction a conflict: neither changes it). So a device, also
+a stolen one with its valid key, can advance a wave by its own commit and halt a campaign
+by its own failure, never by more; it cannot vote for a device not in the wave, nor twice.
+What it can do is lie about its own outcome (commit without having updated): in a small
+wave that one vote may be the whole threshold (``1,100%``: the first device decides the
+second wave). Size the first wave so that the threshold needs several devices, and
+watch their signed status (the installed version) before widening.
+
 **Range requests** (``parse_range``): one range of ``bytes=`` (``a-b``, ``a-``, ``-n``),
 numbers of at most ``RANGE_DIGITS_MAX`` digits; several ranges, a start past the end, an
 end before the start, or anything else is ``RangeRefused`` (416). An end past the artifact

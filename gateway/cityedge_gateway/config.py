@@ -11,7 +11,8 @@ per mistake: the key path, what is wrong, and what to do. The layout (see
     [broker]    host, port, ca_file, cert_file, key_file, keepalive_s, inflight
     [node_link] the same keys, for the site's local broker the nodes publish to
     [metrics]   port (127.0.0.1 only)
-    [update]    root, trial_deadline_s, trial_max_starts (the update installer: ``ota_*``)
+    [update]    root, trial_deadline_s, trial_max_starts (the update installer: ``ota_*``);
+                release_roots, hw_class, ca_file, build: the fleet's ``update`` command
     [[serial]]  name, port, protocol = "sds011" | "modbus", baud, parity,
                 modbus only: poll_interval_s, timeout_s, max_registers, and either one slave
                 (unit, [[serial.registers]]) or several ([[serial.slaves]]: name, unit,
@@ -111,6 +112,9 @@ class BrokerConfig:
     inflight: int = 64
 
 
+BUILDS = ("venv", "copy")  # [update] build
+
+
 @dataclass(frozen=True)
 class UpdateConfig:
     """Where releases are installed and how a release in trial proves its health."""
@@ -118,6 +122,16 @@ class UpdateConfig:
     root: Path  # releases/, current, previous, state.json (``ota_install``)
     trial_deadline_s: float = limits.OTA_TRIAL_DEADLINE_DEFAULT_S
     trial_max_starts: int = limits.OTA_TRIAL_MAX_STARTS_DEFAULT
+    # the fleet's signed ``update`` command (``ota_command``): the offline root set the
+    # release keys are certified by (JSON, ``cityedge release``), this gateway's hardware
+    # class, the CA the artifact server's certificate is checked against (None: the
+    # broker's ca_file); None roots: the command is refused (updates by hand only)
+    release_roots: Path | None = None
+    hw_class: str = ""
+    ca_file: Path | None = None
+    # how a release is laid down: "venv" (pip install of the artifact's wheels/) or
+    # "copy" (the artifact's tree is the release as it is: built elsewhere for the Pi)
+    build: str = "venv"
 
 
 @dataclass(frozen=True)
@@ -485,7 +499,8 @@ def _update(c: _Checker, doc: dict[str, Any]) -> UpdateConfig | None:
     u = c.table(doc, "update", required=False)
     if not u:
         return None
-    c.unknown("update", u, {"root", "trial_deadline_s", "trial_max_starts"})
+    c.unknown("update", u, {"root", "trial_deadline_s", "trial_max_starts", "release_roots",
+                            "hw_class", "ca_file", "build"})
     root = c.path("update", u, "root", must_exist=False)
     if root != Path() and not root.is_dir():
         c.bad("update.root", "directory %s does not exist; create it (it holds releases/, "
@@ -496,7 +511,20 @@ def _update(c: _Checker, doc: dict[str, Any]) -> UpdateConfig | None:
     lo_n, hi_n = limits.OTA_TRIAL_MAX_STARTS_RANGE
     starts = c.number("update", u, "trial_max_starts", limits.OTA_TRIAL_MAX_STARTS_DEFAULT,
                       lo_n, hi_n, "starts", True)
-    return UpdateConfig(root=root, trial_deadline_s=float(deadline), trial_max_starts=starts)
+    roots = c.path("update", u, "release_roots") if "release_roots" in u else None
+    hw_class = c.text("update", u, "hw_class") if roots is not None else ""
+    if roots is None and "hw_class" in u:
+        c.bad("update.hw_class", "applies with release_roots (the fleet's update command) "
+              "only; add release_roots or remove hw_class")
+    ca_file = c.path("update", u, "ca_file") if "ca_file" in u else None
+    build = u.get("build", "venv")
+    if build not in BUILDS:
+        c.bad("update.build", '%r is not a way to build a release; use "venv" (pip '
+              'installs the wheels/ of the artifact) or "copy" (the artifact is the release)'
+              % (build,))
+        build = "venv"
+    return UpdateConfig(root=root, trial_deadline_s=float(deadline), trial_max_starts=starts,
+                        release_roots=roots, hw_class=hw_class, ca_file=ca_file, build=build)
 
 
 def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig:

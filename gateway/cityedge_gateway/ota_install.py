@@ -41,8 +41,9 @@ started gateway must prove its health within its deadline (``ota_health``) and t
 starts the previous release.
 
 Building a release is pluggable (``ReleaseBuilder``): ``build_venv`` is production's
-(``python -m venv`` + ``pip install --no-index`` from the artifact's ``wheels/``); tests
-use a faster one and test this one once.
+(``python -m venv`` + ``pip install --no-index`` from the artifact's ``wheels/``);
+``build_copy`` lays down an artifact that is a whole release already (``[update] build``);
+tests use a faster one and test this one once.
 """
 
 from __future__ import annotations
@@ -129,6 +130,14 @@ def build_venv(unpacked: Path, target: Path) -> None:
     if result.returncode:
         raise InstallFailed("pip could not install the release's wheels: %s"
                             % result.stderr.strip()[-500:])
+
+
+def build_copy(unpacked: Path, target: Path) -> None:
+    """The artifact's tree is the release as it is (``[update] build = "copy"``: a release
+    built for the Pi elsewhere, with its ``bin/cityedge``); it must hold that program."""
+    if not (unpacked / "bin" / "cityedge").is_file():
+        raise InstallFailed("the artifact has no bin/cityedge to start")
+    shutil.copytree(unpacked, target, symlinks=True)
 
 
 def unpack(artifact: Path, into: Path) -> None:

@@ -18,7 +18,21 @@ gate, answers signed with the gateway's key, kept in the buffer for repeats). It
 ``erase-key`` (``rotation_device``), and ``trust-update`` (``cityedge_host.fleet_trust``:
 a statement of the fleet's offline root, checked against ``root_cert``, replaces the
 fleet keys it obeys; the installed statement is kept in the buffer's state and wins over
-``fleet_keys`` from then on); any other command is answered ``refused``.
+``fleet_keys`` from then on), and with ``[update]`` the OTA campaign's ``update`` (below);
+any other command is answered ``refused``.
+
+Updates from the fleet: ``update`` is checked, downloaded and installed into trial by
+``ota_command.take_update`` (in a thread: readings and the link go on meanwhile); a refusal
+is answered ``refused`` with the manifest check's reason, a failed fetch or install
+``failed``. Once the new release is switched in, the command is kept *taken, answered
+later* (``command_responder.Later``, durably in the buffer's state: the fleet's repeats are
+neither run again nor answered) and the gateway exits with ``EXIT_RESTART``; systemd
+starts the new release. Its trial decides, and the answer follows the outcome, signed by
+whichever release learns it: the new one right after its commit (``ok``, data ``{"state":
+"committed", ...}``), the previous one at its start after a rollback (``failed``, data
+``{"state": "rolled-back"}``, the reason as detail) — also when the boot guard rolled a
+crashing release back. The answer is kept for repeats and published until the broker
+acknowledges it.
 
 Identity: with ``[gateway] identity_dir`` the key (TLS and signing) and certificate come
 from the key slots there (``key_slots``; seeded on the first start from ``[broker]
@@ -41,9 +55,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cityedge_core import senml
+from cityedge_core import command, senml, topics, update_manifest
 from cityedge_host import sd_notify
-from cityedge_host.command_responder import CommandResponder, Done
+from cityedge_host.command_responder import CommandResponder, Done, Later, Refuse
 from cityedge_host.crypto import KeyFileError, load_signer, load_verifier
 from cityedge_host.fleet_trust import FleetTrust
 
@@ -54,9 +68,18 @@ from .key_slots import Identity, KeySlots
 from .metrics import metrics_text, registry_for
 from .metrics_http import serve_metrics
 from .node_link import NodeListener
+from .ota_command import UpdateRefused, take_update
 from .ota_health import BEACON_NAME, TrialGate
-from .ota_install import CURRENT, EXIT_ROLLED_BACK, Installer
-from .ota_state import ROLLED_BACK, TRIAL, UpdateRecord
+from .ota_install import (
+    CURRENT,
+    EXIT_RESTART,
+    EXIT_ROLLED_BACK,
+    Installer,
+    ReleaseBuilder,
+    build_copy,
+    build_venv,
+)
+from .ota_state import BUSY, COMMITTED, FAILED, ROLLED_BACK, TRIAL, UpdateRecord
 from .readings import Reading
 from .relay import NodeRelay
 from .rotation_device import GatewayRotation
@@ -140,11 +163,14 @@ class Gateway:
                                           lambda: int(time.time()))
             rotating = GatewayRotation(cfg.device, self.slots, self.forwarder,
                                        lambda: self.signer, self.use_identity)
+            updating = ({update_manifest.UPDATE: self._update_command}
+                        if cfg.update is not None else {})
             self.responder = CommandResponder(cfg.device, self.signer, self.signer.kid,
                                               self.fleet_trust, state,
                                               {"status": self._status_now,
                                                **rotating.handlers(),
-                                               **self.fleet_trust.handlers()})
+                                               **self.fleet_trust.handlers(),
+                                               **updating})
             self.forwarder.on_command = self.responder.answer
         self._records: list[dict[int, Any]] = []
         self._first_at = 0.0  # monotonic time of the oldest reading in ``_records``
@@ -153,11 +179,16 @@ class Gateway:
         self.supervisor = Supervisor()  # restarts, counts and reports a task that fails
         # updates (``ota_*``): the installer, its record as of the last look, and an error
         # reading it (reported in the status; the gateway runs on without updates)
-        self.updates = (Installer(cfg.update.root, trial_max_starts=cfg.update.trial_max_starts)
+        builder: ReleaseBuilder = (build_copy if cfg.update is not None
+                                   and cfg.update.build == "copy" else build_venv)
+        self.updates = (Installer(cfg.update.root, build=builder,
+                                  trial_max_starts=cfg.update.trial_max_starts)
                         if cfg.update is not None else None)
         self.update_record: UpdateRecord | None = None
         self.update_error = ""
         self.exit_code = 0  # what ``cityedge gateway run`` exits with (``EXIT_ROLLED_BACK``)
+        self._stop = asyncio.Event()  # set: ``run`` returns (SIGTERM, a restart, a rollback)
+        self._results: asyncio.Queue[bytes] = asyncio.Queue()  # answers given later, to send
 
     def use_identity(self, ident: Identity) -> None:
         """Sign and connect with ``ident`` from now on (a rotation's switch): the chain
@@ -225,6 +256,74 @@ class Gateway:
             sent = await self.forwarder.publish_status(sign_status(self))
             await asyncio.sleep(limits.STATUS_INTERVAL_S if sent else 1.0)
 
+    async def _update_command(self, args: Any) -> Done | Later:
+        """The fleet's ``update``: install into trial, then restart; answered after the
+        trial (module docstring)."""
+        u = self.cfg.update
+        if self.updates is None or u is None or u.release_roots is None:
+            raise Refuse("this gateway takes no update command: [update] release_roots "
+                         "is not configured")
+        broker = self.cfg.broker
+        assert broker is not None  # commands come over the broker link
+        try:
+            rec = await asyncio.to_thread(
+                take_update, args, self.updates, roots_file=u.release_roots,
+                hw_class=u.hw_class, ca_file=u.ca_file or broker.ca_file)
+        except UpdateRefused as e:
+            raise Refuse(str(e)[:200]) from e
+        self.update_record = rec
+        log.info("release %s (seq %d) installed in trial: restarting into it",
+                 rec.version, rec.sequence)
+        self.exit_code = EXIT_RESTART
+        if self.forwarder is not None:  # after this command's (absent) answer: stop
+            self.forwarder.after_answer = self._stop.set
+        else:
+            self._stop.set()
+        return Later({"sequence": rec.sequence, "version": rec.version})
+
+    def _answer_updates(self) -> None:
+        """Answer the ``update`` commands taken before a restart whose release's trial has
+        an outcome in the record; queue the answers to be published."""
+        rec = self.update_record
+        if self.responder is None or rec is None:
+            return
+        for p in self.responder.pending():
+            if p.name != update_manifest.UPDATE:
+                continue
+            note = p.note if isinstance(p.note, dict) else {}
+            data: dict[str, Any]
+            if note.get("sequence") != rec.sequence:
+                if rec.state in BUSY:
+                    continue  # another release is under way: its outcome answers later
+                outcome, detail, data = (command.FAILED, "release %s was replaced before "
+                                         "its outcome was known" % note.get("version"),
+                                         {"state": FAILED})
+            elif rec.state == COMMITTED:
+                outcome, detail, data = command.OK, "committed", {
+                    "state": COMMITTED, "version": rec.version, "sequence": rec.sequence}
+            elif rec.state in (ROLLED_BACK, FAILED):
+                outcome, detail, data = command.FAILED, rec.reason or rec.state, {
+                    "state": rec.state, "version": rec.version, "sequence": rec.sequence}
+            else:
+                continue  # still in trial: its outcome answers
+            log.info("update command %d: answering %s (%s)", p.seq, outcome, rec.state)
+            try:
+                self._results.put_nowait(self.responder.finish(p.seq, outcome, detail, data))
+            except Exception as e:  # the buffer's state: the next start tries again
+                self.update_error = ("%s: %s" % (type(e).__name__, e))[:200]
+                log.error("the update command's answer could not be kept: %s",
+                          self.update_error)
+
+    async def _send_results(self) -> None:
+        """Publish the answers given later, each until the broker acknowledges it (a lost
+        one is also answered from the kept answers when the fleet sends the command
+        again)."""
+        assert self.forwarder is not None
+        while True:
+            signed = await self._results.get()
+            while not await self.forwarder.publish_up(topics.RESULT, signed):
+                await asyncio.sleep(1.0)
+
     def _start_updates(self, stop: asyncio.Event) -> asyncio.Task[None] | None:
         """Finish what a stop interrupted; in trial, start the health gate."""
         if self.updates is None:
@@ -261,9 +360,12 @@ class Gateway:
             if self.forwarder is not None:
                 self.forwarder.on_acked = None
         if rec.state == ROLLED_BACK:
+            # the previous release answers the update command at its start (the broker
+            # may well be out of reach from here: that may be why the trial failed)
             self.exit_code = EXIT_ROLLED_BACK
             stop.set()  # systemd starts ``current``: the previous release
         elif self.forwarder is not None:
+            self._answer_updates()
             await self.forwarder.publish_status(sign_status(self))
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -271,8 +373,10 @@ class Gateway:
         A release in trial that is not healthy in time stops it too (``exit_code``)."""
         loop = asyncio.get_running_loop()
         tasks = self.supervisor
-        stop = asyncio.Event()
+        stop = self._stop
         trial = self._start_updates(stop)
+        if trial is None:
+            self._answer_updates()
         for i in self.inputs:
             tasks.keep("input:%s" % i.cfg.name, i.run)
         tasks.keep("committer", self._committer)
@@ -281,6 +385,8 @@ class Gateway:
         if self.forwarder is not None:
             tasks.keep("forwarder", self.forwarder.run)
             tasks.keep("status", self._status)
+            if self.responder is not None:
+                tasks.keep("results", self._send_results)
         server = None
         if self.cfg.metrics_port:
             registry = registry_for(self)

@@ -11,12 +11,19 @@ import contextlib
 import time
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cityedge_core import command, command_decode
-from cityedge_host.command_responder import ANSWERS_KEPT, CommandResponder, Done, Refuse
+from cityedge_host.command_responder import (
+    ANSWERS_KEPT,
+    CommandResponder,
+    Done,
+    Later,
+    Refuse,
+)
 from cityedge_host.crypto import EcSigner
 
 from support.commands import MemState
@@ -162,3 +169,41 @@ def test_a_command_taken_but_not_answered_is_answered_failed_after_a_restart() -
     assert answer is not None
     result = command_decode.decode_result(answer, ME.verifier())
     assert result.outcome == command.FAILED and "interrupted" in result.detail
+
+
+def test_a_command_answered_later_runs_once_survives_a_restart_and_is_finished_once() -> None:
+    """``Later``: taken, not answered now; a repeat (also after a restart) is neither run
+    nor answered; ``finish`` answers it once, and a repeat then gets that answer byte for
+    byte. Later commands do not push it out of the kept answers while it is owed."""
+    state = MemState()
+    ran: list[int] = []
+
+    async def update(args: Any) -> Later:
+        ran.append(1)
+        return Later({"sequence": 7})
+
+    async def work(args: Any) -> Done:
+        return Done("ok")
+
+    def responder() -> CommandResponder:
+        return CommandResponder(DEVICE, ME, ME.kid, {FLEET.kid: FLEET.verifier()}, state,
+                                {"update": update, "work": work}, clock=lambda: NOW)
+
+    data = command.encode_command(FLEET, FLEET.kid, "update", DEVICE, 1, NOW + 60)
+    r = responder()
+    assert asyncio.run(r.answer(data)) is None and ran == [1]
+    assert asyncio.run(r.answer(data)) is None and ran == [1]  # a repeat: nothing
+    for seq in range(2, 2 + 2 * ANSWERS_KEPT):  # more commands than answers are kept
+        asyncio.run(r.answer(command.encode_command(FLEET, FLEET.kid, "work", DEVICE, seq,
+                                                    NOW + 60)))
+    again = responder()  # a restart (into the new release)
+    assert asyncio.run(again.answer(data)) is None and ran == [1]
+    (p,) = again.pending()
+    assert (p.seq, p.name, p.note) == (1, "update", {"sequence": 7})
+    signed = again.finish(1, command.OK, "", {"state": "committed"})
+    result = command_decode.decode_result(signed, ME.verifier())
+    assert (result.seq, result.name, result.outcome) == (1, "update", command.OK)
+    assert again.pending() == []
+    assert asyncio.run(responder().answer(data)) == signed and ran == [1]
+    with pytest.raises(KeyError):
+        again.finish(1, command.FAILED, "twice")

@@ -387,3 +387,123 @@ def test_attack_range_abuse_is_bounded(oapi: Api, kit: ReleaseKit, tmp_path: Pat
         assert r.status_code == 416, bad
         assert r.headers["content-range"] == "bytes */%d" % size
         assert len(r.content) < 200
+
+
+def _throttled(what: str) -> float:
+    from cityedge_fleet.instruments import INSTRUMENTS
+
+    return INSTRUMENTS.get_sample_value("cityedge_fleet_ota_download_throttled_total",
+                                        {"what": what}) or 0.0
+
+
+def test_attack_one_device_cannot_exhaust_the_download_endpoints(
+        oapi: Api, kit: ReleaseKit, tmp_path: Path) -> None:
+    """A device with its own valid capability hammers the manifest and the artifact: past
+    its request budget and then past its byte budget it gets 429 with Retry-After (counted
+    in the metrics), while another device is served all along; waiting as told admits it
+    again (the budget slows a device, never locks it out)."""
+    from cityedge_fleet.ratelimit import DownloadBudget
+
+    _sim, ids, urls, size = _campaign_with_tokens(oapi, kit, tmp_path, n=2)
+    now = [0.0]
+    oapi.client.app.state.download_budget = DownloadBudget(  # type: ignore[attr-defined]
+        requests_burst=6, requests_per_s=1.0, bytes_burst=3 * size, bytes_per_s=size / 2,
+        max_devices=100, clock=lambda: now[0])
+    hog, other = urls[ids[0]], urls[ids[1]]
+    requests_before, bytes_before = _throttled("requests"), _throttled("bytes")
+    for _ in range(6):
+        assert oapi.client.get(hog + "keys").status_code == 200
+    r = oapi.client.get(hog + "manifest")
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert oapi.client.get(hog + "artifact", headers={"Range": "bytes=0-9"}).status_code == 429
+    assert _throttled("requests") == requests_before + 2
+    assert oapi.client.get(other + "manifest").status_code == 200  # the others are served
+    assert oapi.client.get(other + "artifact").status_code == 200
+    # bytes: whole artifacts until the bucket is overdrawn by one response
+    now[0] += 10.0  # the request bucket is full again (6)
+    served = 0
+    while (r := oapi.client.get(hog + "artifact")).status_code == 200:
+        served += len(r.content)
+    assert r.status_code == 429 and served <= 4 * size + 2 * 1024  # burst + one response
+    assert int(r.headers["retry-after"]) >= 1
+    assert _throttled("bytes") == bytes_before + 1
+    assert oapi.client.get(other + "artifact").status_code == 200
+    now[0] += int(r.headers["retry-after"])  # waiting as told admits it again
+    r = oapi.client.get(hog + "artifact", headers={"Range": "bytes=0-99"})
+    assert r.status_code == 206 and len(r.content) == 100
+    # a refused range costs a request too: it cannot be used to probe for free
+    now[0] += 100.0
+    codes = [oapi.client.get(hog + "artifact", headers={"Range": "bytes=5-1"}).status_code
+             for _ in range(8)]
+    assert codes == [416] * 6 + [429] * 2
+
+
+def test_attack_one_device_is_one_vote_toward_a_waves_threshold_and_its_halt(
+        oapi: Api, kit: ReleaseKit, tmp_path: Path) -> None:
+    """A campaign whose first wave is one device (``1,100%``, success 100%, one failure
+    allowed). A device can move the campaign by its own member's first result only:
+    results it signs for another device (naming it, or on its topic), for a seq it was
+    never sent, and its own result repeated or contradicted later count for nothing. So
+    a forging or babbling device advances a wave by at most its own commit and halts a
+    campaign by at most its own failure (``ota.decide`` counts members, and
+    ``acceptance.answered`` keeps a command's first result)."""
+    from cityedge_core import command, topics
+
+    from support.campaign_sim import SimDevice
+
+    rel = upload(oapi, kit, tmp_path).json()
+    sim = OtaSimFleet(oapi.engine, oapi.settings, kit, client_fetch(oapi.client))
+    ids = sim.add_devices(4, issued=NOW - dt.timedelta(days=1))
+    cid = oapi.client.post("/ota/campaigns", json={
+        "release": rel["id"], "select": "all", "waves": "1,100%", "success": "100%",
+        "max_failures": "1"}, headers=oapi.headers(RM)).json()["id"]
+    run = _runner(oapi)
+
+    def result(by: SimDevice, names: str, seq: int, outcome: str, topic_of: str = "",
+               state: str = "") -> tuple[str, bytes]:
+        return (topics.up(topic_of or by.id, topics.RESULT),
+                command.encode_result(by.key, by.key.kid, "update", names, seq, outcome,
+                                      "", {"state": state} if state else None))
+
+    def feed(*msgs: tuple[str, bytes]) -> None:
+        run.round(renewal_due=False)
+        sim.ingest.handle_many(list(msgs))
+        run.round(renewal_due=False)
+
+    run.round(renewal_due=False)
+    first = sim.publish()  # wave 1: one member's command is out
+    assert len(first) == 1
+    voter = first[0].device_id
+    others = [sim.devices[d] for d in ids if d != voter]
+    seq = first[0].seq
+    # other devices forge the voter's commit: naming it, on its topic, or for its seq
+    feed(result(others[0], voter, seq, "ok"),
+         result(others[0], voter, seq, "ok", topic_of=voter),
+         result(others[1], others[1].id, seq, "ok"))
+    st = _status(oapi, cid)
+    assert (st["wave"], st["counts"]["committed"], st["state"]) == (1, 0, "running")
+    # the voter commits, then says so again and again, then claims a rollback
+    v = sim.devices[voter]
+    feed(*[result(v, voter, seq, "ok")] * 5,
+         *[result(v, voter, seq, "failed", state="rolled-back")] * 3)
+    st = _status(oapi, cid)
+    assert st["counts"]["committed"] == 1 and st["counts"]["rolled-back"] == 0
+    assert (st["wave"], st["state"]) == (2, "running")  # its one vote, counted once
+    second = {c.device_id: c for c in sim.publish()}
+    assert set(second) == {d.id for d in others}
+    # wave 2: the committed voter cannot commit for the others, nor fail them
+    a, b, c = others
+    feed(result(v, a.id, second[a.id].seq, "ok", topic_of=a.id),
+         result(v, b.id, second[b.id].seq, "failed", topic_of=b.id, state="rolled-back"))
+    st = _status(oapi, cid)
+    assert (st["counts"]["committed"], st["counts"]["rolled-back"], st["state"]) == (
+        1, 0, "running")
+    # one device's rollback, repeated, is one failure (one allowed): no halt
+    feed(*[result(a, a.id, second[a.id].seq, "failed", state="rolled-back")] * 4)
+    st = _status(oapi, cid)
+    assert (st["counts"]["rolled-back"], st["state"]) == (1, "running")
+    # a second device's own failure is the second vote: over the limit, halted
+    feed(result(b, b.id, second[b.id].seq, "failed", state="rolled-back"))
+    st = _status(oapi, cid)
+    assert (st["counts"]["rolled-back"], st["state"]) == (2, "halted")
+    assert c.id not in {f["device_id"] for f in st["failed"]}

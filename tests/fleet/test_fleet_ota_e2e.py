@@ -9,13 +9,11 @@ then the rest; one device's trial fails and the campaign counts its rollback."""
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from sqlmodel import Session
 
 from cityedge_fleet import command_key, ota_store
@@ -24,9 +22,9 @@ from cityedge_fleet.models import Role
 
 from support.fastfleet import DeviceLoop, Fleet, enroll_fast, real_fleet
 from support.fleet import wait_for
-from support.mosquitto import TestPKI, free_port
+from support.mosquitto import TestPKI
 from support.mqtt_probe import WAIT_S
-from support.ota import ReleaseKit, write_artifact
+from support.ota import ReleaseKit, serve_https, write_artifact
 
 RM = Role.release_manager
 
@@ -40,19 +38,8 @@ def fleet(db_url: str, pki: TestPKI) -> Iterator[Fleet]:
 @pytest.fixture
 def https(fleet: Fleet) -> Iterator[str]:
     """The fleet's app served over HTTPS by uvicorn (the test PKI's server certificate)."""
-    port = free_port()
-    app: Any = fleet.api.client.app
-    server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, ssl_certfile=str(fleet.pki.server.cert_pem),
-        ssl_keyfile=str(fleet.pki.server.key_pem), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert wait_for(lambda: server.started, WAIT_S)
-    try:
-        yield "https://127.0.0.1:%d" % port
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_https(fleet.api.client.app, fleet.pki) as url:
+        yield url
 
 
 def test_a_two_wave_campaign_reaches_streaming_devices_over_https(

@@ -341,3 +341,51 @@ def test_the_update_section_is_checked(tmp_path: Path) -> None:
     assert "update.trial_deadline_s: 1 is out of range" in text
     assert "update.trial_max_starts: 0 is out of range" in text
     assert "update.roots: unknown key" in text
+
+
+def test_the_update_commands_settings_are_checked(tmp_path: Path) -> None:
+    """``release_roots`` (must exist), ``hw_class`` (needed with it, refused without it),
+    ``ca_file``, ``build`` ("venv" or "copy")."""
+    from cityedge_gateway.config import ConfigError, parse_config
+
+    key = tmp_path / "gw.key"
+    key.write_text("x")
+    roots = tmp_path / "roots.json"
+    roots.write_text("{}")
+    base = {"gateway": {"device": "urn:dev:mac:b827ebfffe123456", "key_file": str(key)},
+            "store": {"path": str(tmp_path / "b.sqlite")}}
+    cfg = parse_config({**base, "update": {"root": str(tmp_path), "release_roots": "roots.json",
+                                           "hw_class": "rpi4", "build": "copy"}},
+                       tmp_path, tmp_path / "g.toml")
+    assert cfg.update is not None
+    assert (cfg.update.release_roots, cfg.update.hw_class, cfg.update.ca_file,
+            cfg.update.build) == (roots, "rpi4", None, "copy")
+    cfg = parse_config({**base, "update": {"root": str(tmp_path)}}, tmp_path, tmp_path / "g.toml")
+    assert cfg.update is not None and (cfg.update.release_roots, cfg.update.build) == (
+        None, "venv")
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "update": {"root": str(tmp_path), "release_roots": "gone.json",
+                                         "build": "rsync", "ca_file": "nope.pem"}},
+                     tmp_path, tmp_path / "g.toml")
+    text = "\n".join(e.value.problems)
+    assert "update.release_roots: file" in text and "does not exist" in text
+    assert "update.hw_class: missing" in text
+    assert "update.build: 'rsync' is not a way to build a release" in text
+    assert "update.ca_file: file" in text
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "update": {"root": str(tmp_path), "hw_class": "rpi4"}},
+                     tmp_path, tmp_path / "g.toml")
+    assert "update.hw_class: applies with release_roots" in "\n".join(e.value.problems)
+
+
+def test_build_copy_lays_down_a_release_that_has_its_program(tmp_path: Path) -> None:
+    from cityedge_gateway.ota_install import InstallFailed, build_copy
+
+    tree = tmp_path / "unpacked"
+    (tree / "bin").mkdir(parents=True)
+    with pytest.raises(InstallFailed):
+        build_copy(tree, tmp_path / "r1")
+    assert not (tmp_path / "r1").exists()
+    (tree / "bin" / "cityedge").write_text("#!/bin/sh\n")
+    build_copy(tree, tmp_path / "r2")
+    assert (tmp_path / "r2" / "bin" / "cityedge").is_file()

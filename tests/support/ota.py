@@ -11,9 +11,11 @@ callable: ``TestClient`` in process, httpx against uvicorn)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,3 +178,26 @@ def client_fetch(client: Any) -> Fetch:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=1, default=str)
+
+
+@contextlib.contextmanager
+def serve_https(app: Any, pki: Any) -> Iterator[str]:
+    """``app`` served over HTTPS by uvicorn in a thread (the test PKI's server
+    certificate); yields its base URL."""
+    import uvicorn
+
+    from support.fleet import wait_for
+    from support.mosquitto import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, ssl_certfile=str(pki.server.cert_pem),
+        ssl_keyfile=str(pki.server.key_pem), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_for(lambda: server.started, 30), "uvicorn did not start"
+    try:
+        yield "https://127.0.0.1:%d" % port
+    finally:
+        server.should_exit = True
+        thread.join(10)

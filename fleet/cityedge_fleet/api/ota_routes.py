@@ -19,6 +19,12 @@ Devices (no API token: the capability in the URL their signed ``update`` command
 ``Range``). The fleet notes what each device fetched (the member's ``downloading`` /
 ``downloaded``). Any static server or CDN can serve the same three files instead: the
 device trusts the signatures and the digests, not the server.
+
+Each device has a budget on these three routes (``ratelimit.DownloadBudget``: requests
+and bytes, from ``FleetLimits.ota_download_*``), charged after its capability is found
+and before anything is served or noted: beyond it, 429 with ``Retry-After`` (whole
+seconds), counted in ``cityedge_fleet_ota_download_throttled_total{what}``. So one device
+(a stolen one, or a firmware bug re-fetching in a loop) slows only itself.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import Field
 from sqlmodel import Session
 
-from cityedge_fleet import audit, ota, ota_store
+from cityedge_fleet import audit, instruments, ota, ota_store
 from cityedge_fleet.auth import Principal, client_address, require_role
 from cityedge_fleet.campaign import LIMITS as CLIMITS
 from cityedge_fleet.db import SessionDep
@@ -221,22 +227,35 @@ def _delivery(session: Session, token: str) -> ota_store.Delivery:
     return d
 
 
-@router.get("/ota/d/{token}/manifest", responses={404: {}})
-def device_manifest(token: Token, session: SessionDep) -> Response:
+def _admit(request: Request, d: ota_store.Delivery, nbytes: int) -> None:
+    """Charge the device's download budget; 429 with ``Retry-After`` beyond it."""
+    refused = request.app.state.download_budget.admit(d.device_id, nbytes)
+    if refused is not None:
+        instruments.OTA_THROTTLED.labels(what=refused.what).inc()
+        raise HTTPException(429, "too many download %s from this device; retry after %d s"
+                            % (refused.what, refused.retry_after_s),
+                            headers={"Retry-After": str(refused.retry_after_s)})
+    instruments.OTA_SERVED_BYTES.inc(nbytes)
+
+
+@router.get("/ota/d/{token}/manifest", responses={404: {}, 429: {}})
+def device_manifest(token: Token, request: Request, session: SessionDep) -> Response:
     """The signed manifest of the release this capability was given for."""
     d = _delivery(session, token)
+    _admit(request, d, len(d.release.manifest))
     ota_store.note_progress(session, d, ota.MemberStatus.downloading)
     return Response(d.release.manifest, media_type="application/cose")
 
 
-@router.get("/ota/d/{token}/keys", responses={404: {}})
-def device_keys(token: Token, session: SessionDep) -> Response:
+@router.get("/ota/d/{token}/keys", responses={404: {}, 429: {}})
+def device_keys(token: Token, request: Request, session: SessionDep) -> Response:
     """The root-signed release-key list the manifest's key is certified by."""
     d = _delivery(session, token)
+    _admit(request, d, len(d.release.key_list))
     return Response(d.release.key_list, media_type="application/cose")
 
 
-@router.get("/ota/d/{token}/artifact", responses={206: {}, 404: {}, 416: {}})
+@router.get("/ota/d/{token}/artifact", responses={206: {}, 404: {}, 416: {}, 429: {}})
 def device_artifact(token: Token, request: Request, session: SessionDep) -> Response:
     """The artifact, whole or one byte range."""
     d = _delivery(session, token)
@@ -247,9 +266,11 @@ def device_artifact(token: Token, request: Request, session: SessionDep) -> Resp
     try:
         got = ota.parse_range(request.headers.get("range"), size)
     except ota.RangeRefused as e:
+        _admit(request, d, 0)  # a refused range costs a request
         return Response(str(e), status_code=416, media_type="text/plain",
                         headers={**headers, "Content-Range": "bytes */%d" % size})
     first, last = got if got is not None else (0, size - 1)
+    _admit(request, d, last - first + 1)
     if last == size - 1:
         ota_store.note_progress(session, d, ota.MemberStatus.downloaded)
     else:
