@@ -44,9 +44,10 @@ test-only API in tests; no store ``__repr__``
 ================================================================  ====  ======  =============
 
 (The last two rows: ``bench/firmware.py``'s ``board_path_heap`` at 72 KiB, 30 s.) It
-streams with no MemoryError at 72 KiB (``tests/firmware/test_boot.py``'s ``BOOT_HEAP``; 78
-before; at 70 it keeps up with one or two survived while it connects), not at 64: docs/ARCHITECTURE.md, "Memory on the device". Five pools hold 620 names: 5-6 are
-left before the sixth (7.5 KiB in one block). The tests' stand-in board: see
+streams with no MemoryError at 72 KiB (``tests/firmware/test_boot.py``'s ``BOOT_HEAP``;
+78 before; at 70 it keeps up with one or two survived while it connects), not at 64:
+docs/ARCHITECTURE.md, "Memory on the device". Five pools hold 620 names: 5-6 are left
+before the sixth (7.5 KiB in one block). The tests' stand-in board: see
 ``fw_harness.HEAP``.
 
 The configuration is a JSON map (checked by ``config.load``):
