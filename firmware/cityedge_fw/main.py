@@ -37,11 +37,16 @@ sensor wiring
 byte/str constants folded, no ``uasyncio``, unix ``info`` in      58.1  63.8    612 (5)
 ``unix_io``
 topics under ``topic_prefix`` (+24 names), paid for by name cuts  58.1  63.6    610 (5)
-final                                                             58.1  63.6    609 (5)
+final of that round                                               58.1  63.6    609 (5)
+the last item's start (answers, rotation, update hooks merged)    58.9  64.4    619 (5)
+on-demand names interned before the board and agent; MQTT's       58.3  63.9    615 (5)
+test-only API in tests; no store ``__repr__``
 ================================================================  ====  ======  =============
 
-It streams at 72 KiB (``tests/firmware/test_boot.py``'s ``BOOT_HEAP``; 78 before), not at
-64: docs/ARCHITECTURE.md, "Memory on the device". Five pools hold 620 names: 11 are left
+(The last two rows: ``bench/firmware.py``'s ``board_path_heap`` at 72 KiB, 30 s.) It
+streams with no MemoryError at 72 KiB (``tests/firmware/test_boot.py``'s ``BOOT_HEAP``;
+78 before; at 70 it keeps up with one or two survived while it connects), not at 64:
+docs/ARCHITECTURE.md, "Memory on the device". Five pools hold 620 names: 5-6 are left
 before the sixth (7.5 KiB in one block). The tests' stand-in board: see
 ``fw_harness.HEAP``.
 
@@ -106,6 +111,22 @@ def build(cfg, board=None, board_class=None):
 
     unload("cityedge_fw.config", "cityedge_fw.settings", "cityedge_fw.keys")
     gc.collect()
+    # Every module the running agent loads for a moment only (the drop ledger, the link's
+    # backoff, the command gate and the decoders) is loaded once now, then unloaded, so
+    # that its names are interned at boot, before the board, its sensors and the agent
+    # take their ~8 KiB (the boot's peak is here: a 68 KiB heap had no room for a decoder
+    # loaded after them). Interned names stay (``unload``) in pools that
+    # never shrink; when the last pool is full the next new name takes a pool twice its
+    # size in one block (the sixth: 640 names, 7.5 KiB), which a heap cut up by streaming
+    # does not have: a drop, a command or a reconnect whose module brought a new name has
+    # failed with 10 KiB free and 4 KiB the largest free block. After this the running
+    # agent interns no name (the firmware tests check that no pool is added).
+    for name in ("cityedge_fw.drops", "cityedge_fw.backoff", "cityedge_core.command_gate",
+                 "cityedge_core.cbor_decode", "cityedge_fw.answers"):
+        __import__(name)
+        unload(name)
+    unload(*ON_DEMAND)
+    gc.collect()
     if board is None:
         board = board_class(cfg)
     checked = cfg["agent"]
@@ -127,19 +148,7 @@ def build(cfg, board=None, board_class=None):
         store.State(st.get("state", "/state.cbor")),
         checked, broker["host"], broker.get("port", 8883), ssl_ctx,
         broker.get("server_hostname"), fleet_keys, board.sensors(cfg), names)
-    # Every module the running agent loads for a moment only (the drop ledger, the link's
-    # backoff, the command gate and the decoders) is loaded once now, then unloaded, so
-    # that its names are interned at boot. Interned names stay (``unload``) in pools that
-    # never shrink; when the last pool is full the next new name takes a pool twice its
-    # size in one block (the sixth: 640 names, 7.5 KiB), which a heap cut up by streaming
-    # does not have: a drop, a command or a reconnect whose module brought a new name has
-    # failed with 10 KiB free and 4 KiB the largest free block. After this the running
-    # agent interns no name (the firmware tests check that no pool is added).
-    for name in ("cityedge_fw.drops", "cityedge_fw.backoff", "cityedge_core.command_gate",
-                 "cityedge_core.cbor_decode", "cityedge_fw.answers"):
-        __import__(name)
-        unload(name)
-    unload(*ON_DEMAND)
+    unload(*ON_DEMAND)  # the state file's decoder
     gc.collect()
     return a
 

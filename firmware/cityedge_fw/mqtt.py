@@ -1,7 +1,7 @@
 """MQTT 3.1.1 client as a sans-IO state machine (OASIS MQTT 3.1.1, 2014).
 
 The client is fed the bytes the broker sent (``feed``) and returns events; whatever it has
-to send accumulates until ``data_to_send`` takes it. Sockets, TLS and asyncio live in
+to send accumulates until ``chunks_to_send`` takes it. Sockets, TLS and asyncio live in
 ``mqtt_async``; this module does no I/O, reads no clock (``tick`` is given the time) and
 runs unchanged on MicroPython and CPython.
 
@@ -17,7 +17,10 @@ What it does:
   (``bytearray``, ``memoryview``): a re-send must carry the bytes first published. An
   inbound QoS 1 PUBLISH is acknowledged at once. Inbound QoS 2 is refused: we never
   subscribe above QoS 1.
-- SUBSCRIBE / SUBACK (§3.8, §3.9), PINGREQ / PINGRESP (§3.12, §3.13), DISCONNECT (§3.14).
+- SUBSCRIBE / SUBACK (§3.8, §3.9), PINGREQ / PINGRESP (§3.12, §3.13); no DISCONNECT: the
+  device only ever closes the socket. What only tests use (a whole PUBLISH in one piece,
+  the queue joined) is in ``tests/support/mqtt_codec.py``: every function here costs the
+  board heap.
 
 Errors: bytes from the broker that break the protocol raise ``MalformedError`` (the peer is
 at fault; drop the connection); a PINGRESP that does not come and a refused CONNACK raise
@@ -120,11 +123,6 @@ def encode_connect(client_id, keepalive_s, clean_session, username=None):
         raise ValueError("mqtt: keep-alive %d s out of range" % keepalive_s)
     head = b"\x00\x04MQTT\x04" + bytes([flags]) + keepalive_s.to_bytes(2, "big")
     return packet(_CONNECT, 0, head + payload)
-
-
-def encode_publish(topic, payload, qos=0, retain=False, packet_id=0, dup=False):
-    """PUBLISH (§3.3)."""
-    return publish_header(topic, len(payload), qos, retain, packet_id, dup) + bytes(payload)
 
 
 def publish_header(topic, payload_len, qos=0, retain=False, packet_id=0, dup=False):
@@ -244,10 +242,11 @@ def _frozen(payload):
 class Client:
     """One MQTT session seen from the client. Not thread-safe; one connection at a time.
 
-    Typical use: ``connect()`` once the socket is up, send ``data_to_send()``, pass every
-    received chunk to ``feed()`` and handle the events, call ``tick(now_ms)`` about once a
-    second. When the transport breaks call ``connection_lost()`` and later ``connect()``
-    again: unacknowledged QoS 1 messages are re-sent after the next CONNACK.
+    Typical use: ``connect()`` once the socket is up, send the chunks ``chunks_to_send()``
+    hands over, pass every received chunk to ``feed()`` and handle the events, call
+    ``tick(now_ms)`` about once a second. When the transport breaks call
+    ``connection_lost()`` and later ``connect()`` again: unacknowledged QoS 1 messages are
+    re-sent after the next CONNACK.
 
     ``now_ms`` must be a clock that does not wrap (``mqtt_async`` builds one from
     ``time.ticks_ms``).
@@ -313,16 +312,6 @@ class Client:
         self._pending_subs.append(packet_id)
         return packet_id
 
-    def disconnect(self):
-        """Queue DISCONNECT (§3.14); the caller closes the socket after sending it."""
-        if self.state == CONNECTED:
-            self._out.append(b"\xe0\x00")  # DISCONNECT
-        self.state = DISCONNECTED
-
-    def data_to_send(self):
-        """Take the bytes queued for the broker, joined (may be empty)."""
-        return b"".join(self.chunks_to_send())
-
     @property
     def queued(self):
         """True while chunks wait in the queue (a PUBLISH payload is still referenced)."""
@@ -358,10 +347,6 @@ class Client:
         self._out = []
         self._pending_subs = []
         self._ping_sent_ms = None
-
-    @property
-    def inflight_count(self):
-        return len(self._inflight)
 
     def can_publish(self):
         return self.state == CONNECTED and len(self._inflight) < self.max_inflight

@@ -160,9 +160,6 @@ class State:
                 _put(values, key, old[key])
             raise StorageError("state: cannot write %s: %s" % (self.path, e)) from None
 
-    def __repr__(self) -> str:
-        return "State(%r, keys=%r)" % (self.path, sorted(self._values))
-
 
 class RingBuffer:
     """Signed batches on flash, oldest first, within ``budget_bytes`` (data + 20-byte headers).
@@ -495,11 +492,3 @@ class RingBuffer:
         if got != length or crc32(data) & 0xFFFFFFFF != crc:
             return None
         return data
-
-    def __repr__(self) -> str:
-        return "RingBuffer(%r, %d/%d bytes, %d batches)" % (
-            self.root,
-            self._used,
-            self.budget,
-            self.count,
-        )

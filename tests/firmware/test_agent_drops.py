@@ -13,6 +13,7 @@ from cityedge_fw import agent as agentmod
 from cityedge_fw import drops, mqtt, store
 
 from support.firmware_agent import DEVICE, KEY, KID, account, make_agent
+from support.mqtt_codec import sent
 
 
 @pytest.mark.parametrize("budget", [4096, 6000])
@@ -115,7 +116,7 @@ class Broker:
     def connect(self) -> None:
         c = self.a.link.client
         c.connect()
-        c.data_to_send()
+        sent(c)
         asyncio.run(self.feed(bytes([0x20, 2, 0, 0])))  # CONNACK
 
     async def feed(self, data: bytes) -> None:

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from cityedge_core.errors import LimitError, LocalError, MalformedError, PeerError, TransportError
 from cityedge_fw import mqtt
 
+from support.mqtt_codec import encode_publish, sent
+
 topic_names = st.text(
     alphabet=st.characters(blacklist_characters="+#\x00", blacklist_categories=("Cs",)),
     min_size=1, max_size=40,
@@ -35,7 +37,7 @@ def suback(packet_id: int, granted: list[int]) -> bytes:
 def connected_client(**kw: object) -> mqtt.Client:
     c = mqtt.Client("urn:dev:mac:0011223344556677", **kw)  # type: ignore[arg-type]
     c.connect()
-    c.data_to_send()
+    sent(c)
     events = c.feed(connack(False, 0))
     assert events == [(mqtt.CONNACK, False)]
     return c
@@ -70,7 +72,7 @@ def test_remaining_length_round_trip(n: int) -> None:
        st.integers(1, 0xFFFF))
 def test_publish_round_trip(topic: str, payload: bytes, qos: int, retain: bool, dup: bool,
                             pid: int) -> None:
-    data = mqtt.encode_publish(topic, payload, qos, retain, pid if qos else 0, dup)
+    data = encode_publish(topic, payload, qos, retain, pid if qos else 0, dup)
     [(ptype, flags, body)] = split_all(data)
     assert ptype == mqtt.PUBLISH
     got = mqtt.decode_publish(flags, body)
@@ -140,7 +142,7 @@ def test_inflight_window_model(ops: list[str], keep: bool) -> None:
                     c.publish("t/x", payload, qos)
                 continue
             pid = c.publish("t/x", payload, qos)
-            [(ptype, flags, body)] = split_all(c.data_to_send())
+            [(ptype, flags, body)] = split_all(sent(c))
             topic, got, q, _r, dup, gpid = mqtt.decode_publish(flags, body)
             assert (topic, got, q, dup, gpid) == ("t/x", payload, qos, False, pid)
             if qos:
@@ -161,18 +163,18 @@ def test_inflight_window_model(ops: list[str], keep: bool) -> None:
             with pytest.raises(TransportError):
                 c.publish("t/x", b"y", 1)
             c.connect()
-            [(ptype, _, _)] = split_all(c.data_to_send())
+            [(ptype, _, _)] = split_all(sent(c))
             assert ptype == mqtt._CONNECT
             c.feed(connack(True, 0))
             assert c.sessions == sessions + 1
-            resent = split_all(c.data_to_send())
+            resent = split_all(sent(c))
             got = []
             for ptype, flags, body in resent:
                 topic, payload, q, _r, dup, pid = mqtt.decode_publish(flags, body)
                 assert (ptype, q, dup) == (mqtt.PUBLISH, 1, True)
                 got.append((pid, payload))
             assert got == model
-        assert c.inflight_count == len(model) <= 3
+        assert len(c._inflight) == len(model) <= 3
 
 
 
@@ -196,7 +198,7 @@ def test_callers_payload_is_released_once_sent(keep: bool) -> None:
     gc.collect()
     assert watch() is None
     c.feed(mqtt.encode_puback(pid))
-    assert c.inflight_count == 0
+    assert len(c._inflight) == 0
 
 
 @given(st.binary(min_size=1, max_size=300), st.booleans())
@@ -214,7 +216,7 @@ def test_resend_after_reconnect_carries_the_bytes_first_published(
     buf[0] ^= 0xFF
     c.connection_lost()
     c.connect()
-    c.data_to_send()
+    sent(c)
     c.feed(connack(False, 0))
     again = b"".join(bytes(x) for x in c.chunks_to_send())
     assert again[1:] == first[1:] and again[0] == first[0] | 0x08  # same packet, DUP set
@@ -228,16 +230,16 @@ def test_payload_as_chunks_is_the_same_packet_as_joined(chunks: list[bytes], qos
     pid = c.publish("t/x", tuple(chunks), qos)
     queued = c.chunks_to_send()
     assert queued[1:] == chunks
-    assert b"".join(queued) == mqtt.encode_publish("t/x", b"".join(chunks), qos, False, pid)
+    assert b"".join(queued) == encode_publish("t/x", b"".join(chunks), qos, False, pid)
 
 
 def _server_stream() -> tuple[bytes, list[tuple[object, ...]]]:
     parts: list[tuple[bytes, tuple[object, ...]]] = [
         (connack(True, 0), (mqtt.CONNACK, True)),
         (suback(1, [1, 0x80]), (mqtt.SUBACK, 1, b"\x01\x80")),
-        (mqtt.encode_publish("ce/v1/d/down/cmd", b"\x01" * 700, 1, False, 9),
+        (encode_publish("ce/v1/d/down/cmd", b"\x01" * 700, 1, False, 9),
          (mqtt.PUBLISH, "ce/v1/d/down/cmd", b"\x01" * 700, False)),
-        (mqtt.encode_publish("ce/v1/d/down/desired", b"", 0, True),
+        (encode_publish("ce/v1/d/down/desired", b"", 0, True),
          (mqtt.PUBLISH, "ce/v1/d/down/desired", b"", True)),
         (b"\xd0\x00", (mqtt.PINGRESP,)),
     ]
@@ -249,7 +251,7 @@ def test_feed_any_chunking_gives_the_same_events(cuts: list[int]) -> None:
     stream, expected = _server_stream()
     c = mqtt.Client("urn:dev:mac:0011223344556677")
     c.connect()
-    c.data_to_send()
+    sent(c)
     c._pending_subs.append(1)  # as if subscribe() had been called before CONNACK
     events = []
     pos = 0
@@ -260,7 +262,7 @@ def test_feed_any_chunking_gives_the_same_events(cuts: list[int]) -> None:
             break
     assert events == expected
     # the QoS 1 message was acknowledged at once
-    assert split_all(c.data_to_send()) == [(mqtt.PUBACK, 0, (9).to_bytes(2, "big"))]
+    assert split_all(sent(c)) == [(mqtt.PUBACK, 0, (9).to_bytes(2, "big"))]
 
 
 @settings(max_examples=300)
@@ -299,16 +301,16 @@ def test_keepalive_ping_and_timeout() -> None:
     c = mqtt.Client("urn:dev:mac:0011223344556677", keepalive_s=10)
     c.connect(now_ms=0)
     c.feed(connack(False, 0))
-    c.data_to_send()
+    sent(c)
     c.tick(4000)
-    assert c.data_to_send() == b""
+    assert sent(c) == b""
     c.tick(5000)
-    assert c.data_to_send() == mqtt._PINGREQ_BYTES
+    assert sent(c) == mqtt._PINGREQ_BYTES
     c.tick(14000)  # waiting for PINGRESP, not yet late
-    assert c.data_to_send() == b""
+    assert sent(c) == b""
     assert c.feed(b"\xd0\x00") == [(mqtt.PINGRESP,)]
     c.tick(10000)
-    assert c.data_to_send() == mqtt._PINGREQ_BYTES
+    assert sent(c) == mqtt._PINGREQ_BYTES
     with pytest.raises(TransportError):
         c.tick(20000)
 
@@ -326,23 +328,27 @@ def test_bad_arguments_are_value_errors() -> None:
 
 _MP_SCRIPT = """
 from cityedge_fw import mqtt
+def sent(c):
+    return b"".join(c.chunks_to_send())
+def encode_publish(topic, payload, qos, retain, pid):
+    return mqtt.publish_header(topic, len(payload), qos, retain, pid) + payload
 c = mqtt.Client("urn:dev:mac:0011223344556677", keepalive_s=30)
 c.connect()
-out = c.data_to_send()
+out = sent(c)
 assert out[0] == 0x10, out
 c.feed(b"\\x20\\x02\\x00\\x00")
 pid = c.publish("ce/v1/x/up/readings", b"abc" * 100, 1)
 c.connection_lost()
 c.connect()
-c.data_to_send()
+sent(c)
 c.feed(b"\\x20\\x02\\x00\\x00")
-resent = c.data_to_send()
+resent = sent(c)
 assert resent[0] == 0x3A, resent[:2]  # PUBLISH, DUP, QoS 1
-ev = c.feed(mqtt.encode_puback(pid) + mqtt.encode_publish("a/b", b"hi", 1, False, 3)[:5])
-assert ev == [(mqtt.PUBACK, pid)] and c.inflight_count == 0
-ev = c.feed(mqtt.encode_publish("a/b", b"hi", 1, False, 3)[5:])
+ev = c.feed(mqtt.encode_puback(pid) + encode_publish("a/b", b"hi", 1, False, 3)[:5])
+assert ev == [(mqtt.PUBACK, pid)] and len(c._inflight) == 0
+ev = c.feed(encode_publish("a/b", b"hi", 1, False, 3)[5:])
 assert ev == [(mqtt.PUBLISH, "a/b", b"hi", False)], ev
-assert c.data_to_send() == mqtt.encode_puback(3)
+assert sent(c) == mqtt.encode_puback(3)
 try:
     c.feed(b"\\x30\\xff\\xff\\xff\\xff\\x01")
 except mqtt.MalformedError:

@@ -48,11 +48,13 @@ async def _report(agent):
 
     last = None
     while True:
-        now = (agent.writer.seq, agent.store.count, agent.published, agent.link.connects)
+        now = (agent.writer.seq, agent.store.count, agent.published, agent.link.connects,
+               agent.mem_errors)
         if now != last:
             gc.collect()
             micropython.qstr_info()  # the interned names' pools: none may be added
-            print("sim: seq=%d buffered=%d published=%d connects=%d heap_free=%d %s" % (
+            print("sim: seq=%d buffered=%d published=%d connects=%d mem_errors=%d heap_free=%d"
+                  " %s" % (
                 now + (gc.mem_free(), agent.last_error or agent.link.last_error or "")))
             last = now
         await asyncio.sleep_ms(1000)
