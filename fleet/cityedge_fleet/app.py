@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cityedge_fleet import command_key, metrics, readiness
+from cityedge_fleet import command_key, console, metrics, readiness
 from cityedge_fleet.api import (
     audit_routes,
     campaigns,
@@ -110,6 +110,7 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     docs.mount_docs(app, app.title)
+    console.install(app)  # the web console's pages (not in the API's schema)
 
     @app.middleware("http")
     async def refuse_control_characters(

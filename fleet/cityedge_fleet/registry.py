@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from cityedge_fleet.models import (
@@ -152,9 +153,15 @@ def list_devices(
     site: str | None = None,
     firmware_version: str | None = None,
     tag: str | None = None,
+    search: str | None = None,
 ) -> tuple[Sequence[Device], str | None]:
-    """One page of devices ordered by id, and the ``after`` cursor of the next page."""
+    """One page of devices ordered by id, and the ``after`` cursor of the next page.
+    ``search``: devices whose id starts with it or whose serial is it (the console's
+    search box; both read an index: the primary key in id order, the serial's unique)."""
     query = select(Device)
+    if search is not None:
+        query = query.where(or_(col(Device.id).startswith(search, autoescape=True),
+                                col(Device.serial) == search))
     if after is not None:
         query = query.where(col(Device.id) > after)
     if state is not None:
