@@ -96,3 +96,58 @@ def seed_fleet(engine: Engine, devices: int = 30, *, readings: int = 48) -> list
                      target=first, source="127.0.0.1")
         s.commit()
     return ids
+
+
+def rotation_campaign(engine: Engine, settings: object, devices: int = 6) -> int:
+    """A running key rotation campaign over ``devices`` simulated devices with old keys,
+    its first wave started by the real runner; returns its id."""
+    from cityedge_fleet import campaign_store, command_key
+    from cityedge_fleet.campaign_runner import CampaignRunner
+
+    from support.campaign_sim import SimFleet
+
+    sim = SimFleet(engine, settings)  # type: ignore[arg-type]
+    sim.add_devices(devices, issued=utcnow() - dt.timedelta(days=70), site="depot")
+    with Session(engine) as s:
+        camp, _ = campaign_store.create(s, selector_text="site=depot", wave_size=4,
+                                        max_failures="50%", by="seed", confirmed=True)
+        s.commit()
+        cid = camp.id or 0
+    runner = CampaignRunner(engine, settings, command_key.from_settings(settings),  # type: ignore[arg-type]
+                            renew=False)
+    runner.round(renewal_due=False)
+    return cid
+
+
+class ServerThread:
+    """The app under uvicorn on a free loopback port, in a thread (for the browser)."""
+
+    def __init__(self, app: object) -> None:
+        import threading
+
+        import uvicorn
+
+        from support.mosquitto import free_port
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1",  # type: ignore[arg-type]
+                                                    port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d" % self.port
+
+    def __enter__(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
