@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from cityedge_fleet import audit
-from cityedge_fleet.console.session import COOKIE, LOGIN_COOKIE
+from cityedge_fleet.console.session import COOKIE
 from cityedge_fleet.models import (
     ChainStateRow,
     Device,
