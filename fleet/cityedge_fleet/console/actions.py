@@ -21,6 +21,7 @@ from cityedge_fleet.console import session as sessions
 from cityedge_fleet.console.pages import campaign_status, waves_of
 from cityedge_fleet.console.web import (
     HERE,
+    ConsoleRefusal,
     PostVisit,
     harden,
     read_form,
@@ -166,9 +167,14 @@ def issue_enrollment_token(visit: PostVisit, session: SessionDep) -> Response:
     return render("enrollment.html", status=201, visit=visit, **context)
 
 
-@router.get("/static/console.css")
-def stylesheet() -> Response:
-    css = (HERE / "static" / "console.css").read_bytes()
-    response = harden(Response(css, media_type="text/css"))
+STATIC = {"console.css": "text/css", "favicon.svg": "image/svg+xml"}  # the only files
+
+
+@router.get("/static/{name}")
+def static_file(name: str) -> Response:
+    if name not in STATIC:
+        raise ConsoleRefusal(404, "no such file")
+    data = (HERE / "static" / name).read_bytes()
+    response = harden(Response(data, media_type=STATIC[name]))
     response.headers["Cache-Control"] = "public, max-age=3600"
     return response
