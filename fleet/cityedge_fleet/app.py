@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cityedge_fleet import command_key, console, metrics, readiness
+from cityedge_fleet import command_key, metrics, readiness
 from cityedge_fleet.api import (
     audit_routes,
     campaigns,
@@ -41,6 +41,7 @@ from cityedge_fleet.api import (
 from cityedge_fleet.body_limits import BodyLimits, route_limits
 from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.config import Settings
+from cityedge_fleet.console.mount import install as install_console
 from cityedge_fleet.db import open_database
 from cityedge_fleet.models import CONTROL_CHARACTERS
 from cityedge_fleet.ratelimit import TokenBucketLimiter
@@ -110,7 +111,7 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     docs.mount_docs(app, app.title)
-    console.install(app)  # the web console's pages (not in the API's schema)
+    install_console(app)  # the web console's pages (not in the API's schema)
 
     @app.middleware("http")
     async def refuse_control_characters(
