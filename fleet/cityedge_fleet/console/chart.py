@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Sequence
 from html import escape
 
@@ -17,14 +18,35 @@ PAD_LEFT, PAD_RIGHT, PAD_TOP, PAD_BOTTOM = 56, 12, 12, 28
 POINTS_MAX = 500  # points drawn in one chart (a page reads no more)
 
 
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _text(value: str) -> str:
+    """Escaped, without the characters XML 1.0 cannot hold (a name is the device's)."""
+    return escape(NOT_XML.sub("\ufffd", value))
+
+
 def _label(value: float) -> str:
     return "%.4g" % value
 
 
 def _time(t: float) -> str:
-    if t < 10**9:  # seconds since boot, not UNIX time
+    if 0 <= t < 10**9:  # seconds since boot, not UNIX time
         return "+%ds" % t
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%m-%d %H:%M")
+    try:
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError):  # beyond what a date can say
+        return _label(t)
+
+
+def _frac(a: float, lo: float, hi: float) -> float:
+    """Where ``a`` lies between ``lo`` and ``hi``, 0..1 (0.5 when they are equal), also
+    when ``hi - lo`` overflows a float (a device may send any finite value)."""
+    if hi <= lo:
+        return 0.5
+    span = hi - lo
+    f = (a - lo) / span if math.isfinite(span) else (a / 2 - lo / 2) / (hi / 2 - lo / 2)
+    return min(max(f, 0.0), 1.0)
 
 
 def line_chart(name: str, unit: str | None, points: Sequence[tuple[float, float]]) -> str:
@@ -32,18 +54,15 @@ def line_chart(name: str, unit: str | None, points: Sequence[tuple[float, float]
     pts = [(t, v) for t, v in points[-POINTS_MAX:] if math.isfinite(t) and math.isfinite(v)]
     title = "%s%s" % (name, " (%s)" % unit if unit else "")
     if not pts:
-        return ('<p class="empty">No numeric readings of %s.</p>' % escape(title))
-    t0, t1 = pts[0][0], pts[-1][0]
+        return ('<p class="empty">No numeric readings of %s.</p>' % _text(title))
+    t0, t1 = min(t for t, _ in pts), max(t for t, _ in pts)
     lo, hi = min(v for _, v in pts), max(v for _, v in pts)
-    if hi == lo:
-        lo, hi = lo - 1, hi + 1
-    span_t = (t1 - t0) or 1.0
     w = WIDTH - PAD_LEFT - PAD_RIGHT
     h = HEIGHT - PAD_TOP - PAD_BOTTOM
 
     def xy(t: float, v: float) -> str:
-        return "%.1f,%.1f" % (PAD_LEFT + (t - t0) / span_t * w,
-                              PAD_TOP + (hi - v) / (hi - lo) * h)
+        return "%.1f,%.1f" % (PAD_LEFT + _frac(t, t0, t1) * w,
+                              PAD_TOP + (1 - _frac(v, lo, hi)) * h)
 
     line = " ".join(xy(t, v) for t, v in pts)
     desc = "%d readings from %s to %s; lowest %s, highest %s, latest %s" % (
@@ -53,7 +72,7 @@ def line_chart(name: str, unit: str | None, points: Sequence[tuple[float, float]
     parts = [
         '<svg class="chart" viewBox="0 0 %d %d" role="img" aria-labelledby="%s-t %s-d" '
         'xmlns="http://www.w3.org/2000/svg">' % (WIDTH, HEIGHT, _id(name), _id(name)),
-        '<title id="%s-t">%s</title>' % (_id(name), escape(title)),
+        '<title id="%s-t">%s</title>' % (_id(name), _text(title)),
         '<desc id="%s-d">%s</desc>' % (_id(name), escape(desc)),
         '<line class="axis" x1="%d" y1="%d" x2="%d" y2="%d"/>' % (
             PAD_LEFT, PAD_TOP, PAD_LEFT, bottom),
