@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
+from sqlalchemy import text as sa_text
 from sqlmodel import Session, col, select
 
 from cityedge_fleet.models import (
@@ -244,7 +245,7 @@ def search_ids(session: Session, text: str, *, limit: int, after: str | None = N
                                      col(Device.id).startswith(text, autoescape=True))
         if after is not None:
             query = query.where(col(Device.id) > after)
-        if session.get_bind().dialect.name == "sqlite":  # ids sort bytewise (BINARY)
+        if _sorts_bytewise(session):  # the prefix's ids end before text + DEL
             query = query.where(col(Device.id) < text + "\x7f")
         if state is not None:
             query = query.where(Device.state == state)
@@ -257,6 +258,25 @@ def search_ids(session: Session, text: str, *, limit: int, after: str | None = N
     if len(rows) > limit:
         return rows[:limit], rows[limit - 1].id
     return rows, None
+
+
+BYTEWISE_COLLATIONS = frozenset({"C", "POSIX", "C.UTF-8", "C.utf8", "ucs_basic"})
+_bytewise: dict[str, bool] = {}  # database URL: does its text sort bytewise
+
+
+def _sorts_bytewise(session: Session) -> bool:
+    """SQLite's BINARY collation and PostgreSQL's C collations order ids byte by byte, so
+    an id prefix is one bounded range of the primary key; a linguistic collation (it may
+    ignore punctuation or DEL) gets the lower bound only."""
+    bind = session.get_bind()
+    if bind.dialect.name == "sqlite":
+        return True
+    key = str(bind.engine.url if hasattr(bind, "engine") else bind)
+    if key not in _bytewise:
+        collation = session.execute(sa_text(
+            "SELECT datcollate FROM pg_database WHERE datname = current_database()")).scalar()
+        _bytewise[key] = collation in BYTEWISE_COLLATIONS
+    return _bytewise[key]
 
 
 def _matches(device: Device, state: DeviceState | None, site: str | None,
