@@ -175,4 +175,10 @@ async def handle_refusal(request: Request, exc: Exception) -> Response:
     if exc.sign_in:
         nxt = urllib.parse.quote(request.url.path)
         return redirect("/console/login?next=%s" % nxt)
-    return render("error.html", status=exc.status, message=exc.message)
+    visit = None
+    with Session(request.app.state.engine) as session:  # the menu, for one signed in
+        got = sessions.resume(session, request.cookies.get(sessions.COOKIE),
+                              request.app.state.settings.limits)
+        if got is not None:
+            visit = Visit(got[0], got[1], request, access.pages_for(got[0]))
+        return render("error.html", status=exc.status, visit=visit, message=exc.message)
