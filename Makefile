@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the real-component tests and the demo use. Installed only when missing.
 # PostgreSQL: the server binaries only; tests start their own throwaway cluster.
-# Chromium: headless, renders the hardware checker's HTML report in its tests.
+# Chromium: headless, renders the hardware checker's HTML report in its tests, and is the
+# browser Playwright drives in the web console's tests (never a browser it downloads).
 # Prometheus: its promtool checks and unit-tests the alert rules in deploy/prometheus.
 # systemd (systemd-analyze) rates the units in deploy/systemd; Debian has it already.
 # SoftHSM2: the PKCS#11 token the CA's intermediate key custody is tested with.

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from bench import campaign as campaign_bench
+from bench import console as console_bench
 from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
 from bench import ota as ota_bench
@@ -37,6 +38,9 @@ def main() -> None:
     f = fleet_bench.run()
     results["fleet"] = f
     fleet_bench.report(f)
+    cons = console_bench.run()
+    results["console"] = cons
+    console_bench.report(cons)
     rot = rotation_bench.run()
     results["rotation"] = rot
     rotation_bench.report(rot)

@@ -41,6 +41,7 @@ from cityedge_fleet.api import (
 from cityedge_fleet.body_limits import BodyLimits, route_limits
 from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.config import Settings
+from cityedge_fleet.console.mount import install as install_console
 from cityedge_fleet.db import open_database
 from cityedge_fleet.models import CONTROL_CHARACTERS
 from cityedge_fleet.ratelimit import DownloadBudget, TokenBucketLimiter
@@ -114,6 +115,7 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     docs.mount_docs(app, app.title)
+    install_console(app)  # the web console's pages (not in the API's schema)
 
     @app.middleware("http")
     async def refuse_control_characters(

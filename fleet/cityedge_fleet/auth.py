@@ -135,16 +135,29 @@ def _refuse(request: Request, session: Session, why: str) -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
+def principal_of(row: ApiToken) -> Principal:
+    """The caller a stored, unrevoked token stands for."""
+    assert row.id is not None  # a stored row
+    return Principal(name=row.name, role=Role(row.role), token_id=row.id,
+                     sites=frozenset(row.sites), vendor=row.vendor)
+
+
+def authenticate(request: Request, session: Session, token: str) -> Principal:
+    """The caller ``token`` names; a failure is refused as every failed login is (rate
+    limited per address, audited, 401). The API's bearer header and the console's sign-in
+    form both come here."""
+    row = _lookup(session, token.strip()) if token.strip() else None
+    if row is None or row.id is None:
+        raise _refuse(request, session, "invalid or revoked token")
+    return principal_of(row)
+
+
 def current_principal(request: Request, session: SessionDep) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise _refuse(request, session, "missing bearer token")
-    row = _lookup(session, token.strip())
-    if row is None or row.id is None:
-        raise _refuse(request, session, "invalid or revoked token")
-    return Principal(name=row.name, role=Role(row.role), token_id=row.id,
-                     sites=frozenset(row.sites), vendor=row.vendor)
+    return authenticate(request, session, token)
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]

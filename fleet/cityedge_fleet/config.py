@@ -43,6 +43,9 @@ class FleetLimits(BaseModel):
     cert_validity_days: int = 90  # days a device certificate is valid
     crl_validity_s: int = 7 * 86400  # seconds from thisUpdate to nextUpdate of a CRL
     page_max: int = 500  # rows in one page of a list endpoint
+    console_session_s: int = 8 * 3600  # seconds a console sign-in lasts at most
+    console_idle_s: int = 30 * 60  # seconds without a page view before it ends
+    console_page: int = 50  # devices on one page of the console's device list
     page_default: int = 100  # rows in a page when the client does not say
     tags_max: int = 32  # tags on one device
     text_max_chars: int = 128  # characters of a serial, model, site, tag, name

@@ -216,6 +216,10 @@ class DeviceUpdate(InputModel):
 
 
 class Device(DeviceBase, table=True):
+    # keyset pages filtered by state, site or model: one index range each (migration 0013)
+    __table_args__ = (Index("ix_device_state_id", "state", "id"),
+                      Index("ix_device_site_id", "site", "id"),
+                      Index("ix_device_model_id", "model", "id"))
     id: str = Field(primary_key=True, max_length=128)
     state: DeviceState = Field(default=DeviceState.registered, index=True, sa_type=AutoString(16))
     forgeries: int = 0  # bad-signature batches seen since the last (re)activation
@@ -632,7 +636,7 @@ class IngestEvent(SQLModel, table=True):
     __tablename__ = "ingest_event"
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(index=True, max_length=128)
-    at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
     status: str = Field(max_length=32)
     seq: int | None = Field(default=None, sa_type=BigInteger)
     missing: int = Field(default=0, sa_type=BigInteger)  # up to SEQ_MAX
