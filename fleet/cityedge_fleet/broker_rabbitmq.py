@@ -83,15 +83,33 @@ def nodes(count: int, *, host: str = "localhost", prefix: str = "ce", mqtt_port:
 
 
 def routing_key(topic: str) -> str:
-    """The AMQP routing key the MQTT plugin makes of an MQTT topic (``/`` and ``.`` swap)."""
-    return topic.translate(str.maketrans({"/": ".", ".": "/"}))
+    """The AMQP routing key the MQTT plugin (3.10) makes of an MQTT topic: each ``/`` a
+    ``.``. A ``.`` stays, so a device id with dots spans several routing-key words:
+    bindings use ``#`` for the device level, and ``topic_of`` cuts the device id out
+    between the fixed prefix and the two fixed last levels."""
+    return topic.replace("/", ".")
+
+
+def topic_of(key: str) -> str:
+    """The MQTT topic of a routing key ``ce.v1.<device>.<up|down>.<kind>`` (the device id
+    may hold dots; the other levels never do); other keys: dots back to slashes."""
+    head = topics.PREFIX.replace("/", ".") + "."
+    parts = key.rsplit(".", 2)
+    if key.startswith(head) and len(parts) == 3 and len(parts[0]) > len(head):
+        return "%s/%s/%s/%s" % (topics.PREFIX, parts[0][len(head):], parts[1], parts[2])
+    return key.replace(".", "/")
 
 
 def _rk(topic_filter: str) -> str:
     """A regex for the routing keys of an MQTT filter with ``+`` levels (literal
-    elsewhere)."""
-    return "^%s$" % r"\.".join("[^.]+" if level == "+" else re.escape(routing_key(level))
-                               for level in topic_filter.split("/"))
+    elsewhere); a ``+`` in the device level (the third) may span words (dotted ids)."""
+    out = []
+    for i, level in enumerate(topic_filter.split("/")):
+        if level == "+":
+            out.append(".+" if i == 2 else "[^.]+")
+        else:
+            out.append(re.escape(level))
+    return "^%s$" % r"\.".join(out)
 
 
 def _any(patterns: Iterable[str]) -> str:
@@ -167,10 +185,16 @@ def definitions(identities: Iterable[str]) -> dict[str, Any]:
                                   "x-overflow": "reject-publish"}}],
         "bindings": [{"source": EXCHANGE, "vhost": VHOST, "destination": INGEST_QUEUE,
                       "destination_type": "queue",
-                      "routing_key": routing_key(topics.every_up(kind)).replace("+", "*"),
+                      "routing_key": _binding_key(topics.every_up(kind)),
                       "arguments": {}} for kind in broker_acl.INGEST_KINDS],
         "exchanges": [], "policies": [], "parameters": [], "global_parameters": [],
     }
+
+
+def _binding_key(topic_filter: str) -> str:
+    """``ce/v1/+/up/<kind>`` as a binding key: ``#`` for the device level (dotted ids)."""
+    return ".".join("#" if i == 2 and level == "+" else level
+                    for i, level in enumerate(topic_filter.split("/")))
 
 
 def _erl(text: str | Path) -> str:
@@ -204,7 +228,9 @@ def render_conf(node: Node, cluster: list[Node], *, bind: str, definitions_file:
 
 def render_advanced(files: BrokerFiles, crl_dir: Path) -> str:
     """TLS for every listener: the city CA, a client certificate required, the CRL of the
-    certificate's issuer required (``crl_check peer``: no CRL for it refuses)."""
+    certificate's issuer required (``crl_check peer``: no CRL for it refuses); and the
+    MQTT username taken whole (``ignore_colons_in_username``: ``rabbitmq.conf`` has no key
+    for it)."""
     return """%% written by `cityedge broker config --engine rabbitmq`
 [{rabbit, [{ssl_options, [
     {cacertfile, %s}, {certfile, %s}, {keyfile, %s},
@@ -212,7 +238,9 @@ def render_advanced(files: BrokerFiles, crl_dir: Path) -> str:
     {versions, ['tlsv1.3', 'tlsv1.2']},
     {ciphers, %s},
     {crl_check, peer},
-    {crl_cache, {ssl_crl_hash_dir, {internal, [{dir, %s}]}}}]}]}].
+    {crl_cache, {ssl_crl_hash_dir, {internal, [{dir, %s}]}}}]}]},
+ %% a device id is a URN (colons): not "vhost:user", which the MQTT plugin reads otherwise
+ {rabbitmq_mqtt, [{ignore_colons_in_username, true}]}].
 """ % (_erl(files.cafile.resolve()), _erl(files.certfile.resolve()),
        _erl(files.keyfile.resolve()), _erl(TLS13_CIPHERS + ":" + TLS12_CIPHERS),
        _erl(crl_dir.resolve()))

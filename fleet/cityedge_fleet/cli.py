@@ -120,15 +120,16 @@ def serve_command(
 
 @fleet_app.command("ingest")
 def ingest_command() -> None:
-    """Run one ingest worker (MQTT 5 shared subscription); several may run side by side."""
+    """Run one ingest worker (MQTT 5 shared subscription, or the cluster's queue with
+    CITYEDGE_BROKER_ENGINE=rabbitmq); several may run side by side."""
     from cityedge_fleet.ingest import Ingestor
-    from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+    from cityedge_fleet.ingest_transport import ingest_worker
     from cityedge_fleet.serve import say_start
 
     settings = load_settings()
     say_start("fleet ingest", settings, ingest=True)
     try:
-        worker = MqttIngestWorker(Ingestor(_engine(settings), settings), settings)
+        worker = ingest_worker(Ingestor(_engine(settings), settings), settings)
     except ValueError as e:
         raise UserError(str(e)) from e
     worker.run_forever()
