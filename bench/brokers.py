@@ -129,12 +129,18 @@ def _wait_mqtt(port: int, pki: Any, cn: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         ok = threading.Event()
+
+        def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any,
+                       ok: threading.Event = ok) -> None:
+            if not rc.is_failure:
+                ok.set()
+
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cn + "-probe",
                         protocol=mqtt.MQTTv311)
         ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
         ctx.load_cert_chain(str(creds.cert_pem), str(creds.key_pem))
         c.tls_set_context(ctx)
-        c.on_connect = lambda _c, _u, _f, rc, _p: ok.set() if not rc.is_failure else None
+        c.on_connect = on_connect
         try:
             c.connect("127.0.0.1", port, keepalive=10)
             c.loop_start()
@@ -153,6 +159,7 @@ def run() -> dict[str, float]:
     """msgs/s at QoS 1 for each engine (one run, same publishers and payloads)."""
     _support()
     from cityedge_core import topics
+
     from support.mosquitto import Mosquitto, TestPKI
     from support.rabbitmq import RabbitCluster
 
@@ -160,7 +167,10 @@ def run() -> dict[str, float]:
     work.chmod(0o755)
     pki = TestPKI(work / "pki")
     ids = ["urn:dev:mac:bench%04d" % i for i in range(PUBLISHERS)]
-    up = (lambda cn: topics.up(cn, topics.READINGS))
+
+    def up(cn: str) -> str:
+        return topics.up(cn, topics.READINGS)
+
     out: dict[str, float] = {}
 
     mosq = Mosquitto(pki).start()
@@ -191,6 +201,12 @@ def run() -> dict[str, float]:
     return out
 
 
+def report(rates: dict[str, float]) -> None:
+    print("\nBrokers, QoS 1 over TLS, %d publishers x %d messages of %d bytes (docs/BROKERS.md):"
+          % (PUBLISHERS, MESSAGES, PAYLOAD_BYTES))
+    for name, rate in rates.items():
+        print("  %-45s %8.0f msgs/s" % (name, rate))
+
+
 if __name__ == "__main__":
-    for name, rate in run().items():
-        print("%-45s %8.0f msgs/s" % (name, rate))
+    report(run())
