@@ -55,6 +55,7 @@ class RabbitCluster:
         self.node_dirs = rmq.write(self.dir / "conf", self.files, self.nodes,
                                    bind="127.0.0.1", identities=identities)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.epmd: subprocess.Popen[bytes] | None = None
 
     def env(self, i: int | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
@@ -85,6 +86,16 @@ class RabbitCluster:
                            % (self.nodes[i].name, timeout_s, self.read_log(i)[-3000:]))
 
     def start(self) -> RabbitCluster:
+        # our own epmd in the foreground (a node would start a daemon nobody stops)
+        self.epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port)], env=self.env(),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.epmd_port), 0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
         # the first node alone, then the others: RabbitMQ 3.10's MQTT plugin tracks client
         # ids in a Raft group that a node joins only if one runs when its plugin starts
         # (nodes started together each make their own, and the later ones answer every
@@ -147,5 +158,6 @@ class RabbitCluster:
     def stop(self) -> None:
         for i in range(len(self.nodes)):
             self.kill(i)
-        subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], env=self.env(),
-                       capture_output=True, timeout=10, check=False)
+        if self.epmd is not None:
+            self.epmd.kill()
+            self.epmd.wait(10)
