@@ -14,10 +14,13 @@ STAMP := $(VENV)/.installed
 # Prometheus: its promtool checks and unit-tests the alert rules in deploy/prometheus.
 # systemd (systemd-analyze) rates the units in deploy/systemd; Debian has it already.
 # SoftHSM2: the PKCS#11 token the CA's intermediate key custody is tested with.
-DEBS := mosquitto mosquitto-clients openssl postgresql chromium prometheus softhsm2
+# RabbitMQ: the clustered broker (docs/BROKERS.md), three nodes in its tests; NATS: the
+# other candidate, measured beside it by `make bench`.
+DEBS := mosquitto mosquitto-clients openssl postgresql chromium prometheus softhsm2 rabbitmq-server nats-server
 system-deps:
-	@missing=""; for c in mosquitto mosquitto_sub openssl chromium promtool softhsm2-util; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=""; for c in mosquitto mosquitto_sub openssl chromium promtool softhsm2-util nats-server; do command -v $$c >/dev/null || missing=1; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
+	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  echo "cityedge: installing Debian packages: $(DEBS)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \

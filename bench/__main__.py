@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench import brokers as brokers_bench
 from bench import campaign as campaign_bench
 from bench import console as console_bench
 from bench import core, firmware, gateway
@@ -56,6 +57,9 @@ def main() -> None:
     g = gateway.gateway_bench()
     results["gateway"] = g
     gateway.report(g)
+    b = brokers_bench.run()
+    results["brokers"] = b
+    brokers_bench.report(b)
     out = Path("build") / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

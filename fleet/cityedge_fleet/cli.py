@@ -32,7 +32,8 @@ fleet_app = typer.Typer(help="Fleet service: API, ingest, tokens.", no_args_is_h
 ca_app = typer.Typer(help="Certificate authority: offline root, online intermediate.",
                      no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
-broker_app = typer.Typer(help="Mosquitto configuration for the fleet.", no_args_is_help=True)
+broker_app = typer.Typer(help="Broker configuration for the fleet (Mosquitto, or a RabbitMQ "
+                         "cluster).", no_args_is_help=True)
 
 
 def load_settings() -> Settings:
@@ -120,15 +121,16 @@ def serve_command(
 
 @fleet_app.command("ingest")
 def ingest_command() -> None:
-    """Run one ingest worker (MQTT 5 shared subscription); several may run side by side."""
+    """Run one ingest worker (MQTT 5 shared subscription, or the cluster's queue with
+    CITYEDGE_BROKER_ENGINE=rabbitmq); several may run side by side."""
     from cityedge_fleet.ingest import Ingestor
-    from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+    from cityedge_fleet.ingest_transport import ingest_worker
     from cityedge_fleet.serve import say_start
 
     settings = load_settings()
     say_start("fleet ingest", settings, ingest=True)
     try:
-        worker = MqttIngestWorker(Ingestor(_engine(settings), settings), settings)
+        worker = ingest_worker(Ingestor(_engine(settings), settings), settings)
     except ValueError as e:
         raise UserError(str(e)) from e
     worker.run_forever()
@@ -389,6 +391,37 @@ def audit_export_command(
                 f.write(line)
 
 
+def _rabbitmq_config(settings: Settings, out_dir: Path, certfile: Path, keyfile: Path,
+                     bind: str, service: list[str] | None, *, nodes: int, host: str,
+                     mqtt_port: int, amqp_port: int, dist_port: int) -> None:
+    from cityedge_fleet import broker, broker_acl, broker_rabbitmq
+    from cityedge_fleet.broker_sync import desired_devices
+    from cityedge_fleet.ca import CRL_FILE, CertificateAuthority
+    from cityedge_fleet.ca_custody import custody_of
+
+    services = service or [broker_acl.INGEST_CN, broker_acl.COMMANDS_CN]
+    for cn in services:
+        if broker_acl.identity_kind(cn) not in broker_acl.SERVICE_KINDS:
+            raise UserError("--service %s is not a fleet service identity" % cn)
+    ca = CertificateAuthority(settings.ca_dir, custody_of(settings))
+    with Session(_engine(settings)) as session:
+        devices = desired_devices(session)
+    files = broker.BrokerFiles(cafile=ca.write_broker_bundle(), certfile=certfile,
+                               keyfile=keyfile, crlfile=settings.ca_dir / CRL_FILE)
+    try:
+        cluster = broker_rabbitmq.nodes(nodes, host=host, mqtt_port=mqtt_port,
+                                        amqp_port=amqp_port, dist_port=dist_port)
+        dirs = broker_rabbitmq.write(out_dir, files, cluster, bind=bind,
+                                     identities=[*services, *devices])
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    for node, d in zip(cluster, dirs, strict=True):
+        print("%s %s" % (node.name, d))
+    print("cityedge: %d nodes, %d services and %d devices; start each node with its "
+          "rabbitmq-env.conf (docs/BROKERS.md)" % (len(cluster), len(services), len(devices)),
+          file=sys.stderr)
+
+
 @broker_app.command("config")
 def broker_config_command(
     out_dir: Annotated[Path, typer.Option(
@@ -411,17 +444,42 @@ def broker_config_command(
     set_owner: Annotated[bool, typer.Option(
         help="Give the broker's user what it lacks: group read on the files, group enter "
              "on their folders, ownership of --out-dir (run as root).")] = False,
+    engine: Annotated[str, typer.Option(
+        help="mosquitto (one node) or rabbitmq (a cluster; docs/BROKERS.md).")]
+    = "mosquitto",
+    nodes: Annotated[int, typer.Option(
+        min=1, max=99, help="rabbitmq: cluster nodes (on one host each takes the next "
+                            "ports after --port, --amqp-port and --dist-port).")] = 3,
+    node_host: Annotated[str, typer.Option(
+        help="rabbitmq: the host part of the nodes' names (one host: localhost).")]
+    = "localhost",
+    amqp_port: Annotated[int, typer.Option(min=1, max=65535,
+                                           help="rabbitmq: first AMQP TLS port.")] = 5671,
+    dist_port: Annotated[int, typer.Option(
+        min=1, max=65535, help="rabbitmq: first Erlang distribution port.")] = 25672,
 ) -> None:
     """Write a Mosquitto config: mTLS listener, CN as username and client id, CRL, and the
     dynamic security plugin's rules for the fleet's services and every device the
     registry lets connect now. Then check that the broker's user can read every file it
-    names (exit 1 listing what to change, or --set-owner to change it)."""
+    names (exit 1 listing what to change, or --set-owner to change it).
+
+    --engine rabbitmq writes a cluster instead: one directory per node (rabbitmq.conf,
+    advanced.config, enabled_plugins, rabbitmq-env.conf), the registry's users and rules in
+    definitions.json and the CRL in its hash directory."""
     from cityedge_fleet import broker, broker_acl, broker_files
     from cityedge_fleet.broker_sync import desired_devices
     from cityedge_fleet.ca import CRL_FILE, CertificateAuthority
     from cityedge_fleet.ca_custody import custody_of
 
+    if engine not in ("mosquitto", "rabbitmq"):
+        raise UserError("--engine %s is not supported" % engine,
+                        hint="use mosquitto (one node) or rabbitmq (a cluster)")
     settings = load_settings()
+    if engine == "rabbitmq":
+        _rabbitmq_config(settings, out_dir, certfile, keyfile, bind, service, nodes=nodes,
+                         host=node_host, mqtt_port=port, amqp_port=amqp_port,
+                         dist_port=dist_port)
+        return
     user = broker_files.lookup(broker_user)
     if user is None:
         raise UserError("there is no user %s on this machine" % broker_user,

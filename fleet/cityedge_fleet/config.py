@@ -192,6 +192,11 @@ class Settings(BaseSettings):
     # the ingest's shared-subscription group (8-64 of A-Z a-z 0-9 _ -); production needs
     # one of its own: a device may not join it (broker_acl) and need not guess it either
     ingest_share_group: str = "cityedge-ingest"
+    # the broker engine (docs/BROKERS.md): "mosquitto" (one node; the ingest holds MQTT 5
+    # shared subscriptions) or "rabbitmq" (a cluster; the ingest consumes its quorum queue
+    # over AMQP from the first of ``ingest_amqp_nodes`` that answers, host:port,...)
+    broker_engine: Literal["mosquitto", "rabbitmq"] = "mosquitto"
+    ingest_amqp_nodes: str = "127.0.0.1:5671"
     # the fleet-control certificate: grants and cuts devices at the broker (broker_sync)
     broker_control_cert_file: Path | None = None
     broker_control_key_file: Path | None = None

@@ -30,7 +30,7 @@ from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import describe_database
 from cityedge_fleet.ingest import Ingestor
-from cityedge_fleet.ingest_mqtt import MqttIngestWorker
+from cityedge_fleet.ingest_transport import ingest_worker
 from cityedge_host import sd_notify
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ def serve(settings: Settings, host: str, port: int, *, init_db: bool = False) ->
     app.state.campaign_runner = runner
     worker = None
     if settings.ingest_with_serve:
-        worker = MqttIngestWorker(ingestor_for(settings, app.state.engine, reconciler,
-                                               publisher), settings).start()
+        worker = ingest_worker(ingestor_for(settings, app.state.engine, reconciler,
+                                            publisher), settings).start()
         app.state.ingest_worker = worker  # its verdict counts go to /metrics
     freeze_startup_objects()
     try:

@@ -1,0 +1,310 @@
+"""RabbitMQ cluster configuration for the fleet: what ``cityedge broker config --engine
+rabbitmq`` writes (the clustered deployment next to single-node Mosquitto; the comparison
+and the reasons are in docs/BROKERS.md).
+
+Devices speak MQTT 3.1.1 (RabbitMQ's MQTT plugin) over TLS with their certificate; the
+ingest consumes over AMQP 0-9-1 with its own certificate (``ingest_amqp``). One directory
+per node (``node-<i>/``) holds:
+
+- ``rabbitmq.conf``: listeners on TLS only (MQTT for devices and the command publisher,
+  AMQP for the ingest), the certificate's CN as the username (``ssl_cert_login``,
+  ``EXTERNAL`` on AMQP), no anonymous MQTT, the cluster's peers;
+- ``advanced.config``: the TLS options, which ``rabbitmq.conf`` cannot express: peer
+  verification against the city CA, a client certificate required, and the CRL checked on
+  every handshake from a hash directory (``crl/<issuer hash>.r0``, re-read each time: a
+  new CRL takes effect without a restart);
+- ``enabled_plugins`` and ``rabbitmq-env.conf`` (node name, ports, data directory).
+
+``definitions.json`` (shared, loaded at boot) is the registry's view, as
+``dynamic-security.json`` is for Mosquitto: every user without a password (only a
+certificate logs in), one vhost, the quorum queue ``cityedge.ingest`` bound to
+``amq.topic`` for every ``up/`` kind the ingest takes, and per identity its resource and
+topic permissions (``rules_for``). Topic permissions are literal per device (the device id
+escaped into the regex), not RabbitMQ's ``{username}`` expansion: a device id may hold
+``.``, which expands unescaped and would match another device's id.
+
+Why the messages are safe: a QoS 1 PUBLISH is acknowledged by the MQTT plugin only after
+the quorum queue confirmed it, i.e. a majority of the nodes wrote it; the ingest
+acknowledges each message after its database commit, so a killed node or worker leaves
+unacknowledged messages that RabbitMQ delivers again (the chain then calls a twice-stored
+batch a duplicate).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cityedge_core import topics
+from cityedge_fleet import broker_acl
+from cityedge_fleet.broker import MAX_PACKET_BYTES, TLS12_CIPHERS, BrokerFiles
+from cityedge_host.files import write_atomic
+
+VHOST = "cityedge"
+INGEST_QUEUE = "cityedge.ingest"
+EXCHANGE = "amq.topic"  # where the MQTT plugin publishes
+DEFINITIONS_FILE = "definitions.json"
+CRL_DIR = "crl"
+PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl")
+# messages a consumer (an ingest worker) holds unacknowledged; the rest wait in the queue
+INGEST_PREFETCH = 500
+# the quorum queue's bound: past it new publishes are refused (not acknowledged: the
+# devices keep them), never dropped; alert on ingest lag long before
+INGEST_QUEUE_MAX_MESSAGES = 1_000_000
+TLS13_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+NODE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One cluster node: its Erlang node name and its ports."""
+
+    name: str  # "ce1@localhost"
+    mqtt_port: int  # MQTT over TLS (devices, the command publisher)
+    amqp_port: int  # AMQP over TLS (the ingest)
+    dist_port: int  # Erlang distribution (node to node)
+
+
+def nodes(count: int, *, host: str = "localhost", prefix: str = "ce", mqtt_port: int = 8883,
+          amqp_port: int = 5671, dist_port: int = 25672, step: int = 1) -> list[Node]:
+    """``count`` nodes; on one host each takes the next ports (``step`` apart)."""
+    if not 1 <= count <= 99:
+        raise ValueError("a cluster has 1 to 99 nodes, got %d" % count)
+    if not NODE_NAME.fullmatch(prefix):
+        raise ValueError("node prefix %r: a-z, then a-z 0-9 _ -" % prefix)
+    return [Node("%s%d@%s" % (prefix, i + 1, host), mqtt_port + i * step,
+                 amqp_port + i * step, dist_port + i * step) for i in range(count)]
+
+
+def routing_key(topic: str) -> str:
+    """The AMQP routing key the MQTT plugin (3.10) makes of an MQTT topic: each ``/`` a
+    ``.``. A ``.`` stays, so a device id with dots spans several routing-key words:
+    bindings use ``#`` for the device level, and ``topic_of`` cuts the device id out
+    between the fixed prefix and the two fixed last levels."""
+    return topic.replace("/", ".")
+
+
+def topic_of(key: str) -> str:
+    """The MQTT topic of a routing key ``ce.v1.<device>.<up|down>.<kind>`` (the device id
+    may hold dots; the other levels never do); other keys: dots back to slashes."""
+    head = topics.PREFIX.replace("/", ".") + "."
+    parts = key.rsplit(".", 2)
+    if key.startswith(head) and len(parts) == 3 and len(parts[0]) > len(head):
+        return "%s/%s/%s/%s" % (topics.PREFIX, parts[0][len(head):], parts[1], parts[2])
+    return key.replace(".", "/")
+
+
+def _rk(topic_filter: str) -> str:
+    """A regex for the routing keys of an MQTT filter with ``+`` levels (literal
+    elsewhere); a ``+`` in the device level (the third) may span words (dotted ids)."""
+    out = []
+    for i, level in enumerate(topic_filter.split("/")):
+        if level == "+":
+            out.append(".+" if i == 2 else "[^.]+")
+        else:
+            out.append(re.escape(level))
+    return "^%s$" % r"\.".join(out)
+
+
+def _any(patterns: Iterable[str]) -> str:
+    return "|".join(patterns) or "^$"
+
+
+def _sub_queue(cn: str) -> str:
+    # the queues the MQTT plugin makes for a client's subscriptions (QoS 0 and 1)
+    return "^mqtt-subscription-%sqos[01]$" % re.escape(cn)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One identity's permissions: resources (regexes over exchange and queue names) and
+    topics (regexes over ``amq.topic`` routing keys)."""
+
+    configure: str
+    write: str
+    read: str
+    topic_write: str
+    topic_read: str
+
+
+NOTHING = "^$"
+
+
+def rules_for(cn: str) -> Rules:
+    """What ``cn`` may do (the same grants as ``broker_acl.acls_for`` for Mosquitto);
+    ValueError for a CN that names nobody."""
+    kind = broker_acl.identity_kind(cn)
+    exchange = "^%s$" % re.escape(EXCHANGE)
+    if kind == broker_acl.DEVICE:
+        queue = _sub_queue(cn)
+        return Rules(configure=queue, write=_any([exchange, queue]),
+                     read=_any([exchange, queue]),
+                     topic_write=_rk(topics.up(cn, "+")),
+                     topic_read=_rk(topics.down(cn, "+")))
+    if kind == broker_acl.INGEST:  # consume the ingest queue over AMQP, nothing else
+        return Rules(NOTHING, NOTHING, "^%s$" % re.escape(INGEST_QUEUE), NOTHING, NOTHING)
+    if kind == broker_acl.COMMANDS:
+        return Rules(NOTHING, exchange, NOTHING,
+                     _any(_rk(topics.every_down(k)) for k in topics.DOWN_KINDS), NOTHING)
+    if kind == broker_acl.CONTROL:  # Mosquitto's control topic: here rabbitmqctl
+        return Rules(NOTHING, NOTHING, NOTHING, NOTHING, NOTHING)
+    raise ValueError("%r names no broker identity (a device URN, or %s, %s or %s with an "
+                     "optional -<suffix>)" % (cn, broker_acl.INGEST_CN, broker_acl.COMMANDS_CN,
+                                              broker_acl.CONTROL_CN))
+
+
+def definitions(identities: Iterable[str]) -> dict[str, Any]:
+    """The definitions RabbitMQ loads at boot: the users ``identities`` with their rules,
+    the vhost, the ingest's quorum queue and its bindings. No password anywhere (an empty
+    hash refuses every password: only a certificate logs in), no guest user."""
+    cns = sorted(set(identities))
+    users, permissions, topic_permissions = [], [], []
+    for cn in cns:
+        r = rules_for(cn)
+        users.append({"name": cn, "password_hash": "", "tags": [],
+                      "hashing_algorithm": "rabbit_password_hashing_sha256", "limits": {}})
+        permissions.append({"user": cn, "vhost": VHOST, "configure": r.configure,
+                            "write": r.write, "read": r.read})
+        topic_permissions.append({"user": cn, "vhost": VHOST, "exchange": EXCHANGE,
+                                  "write": r.topic_write, "read": r.topic_read})
+    return {
+        "users": users,
+        "vhosts": [{"name": VHOST}],
+        "permissions": permissions,
+        "topic_permissions": topic_permissions,
+        "queues": [{"name": INGEST_QUEUE, "vhost": VHOST, "durable": True,
+                    "auto_delete": False,
+                    "arguments": {"x-queue-type": "quorum",
+                                  "x-max-length": INGEST_QUEUE_MAX_MESSAGES,
+                                  "x-overflow": "reject-publish"}}],
+        "bindings": [{"source": EXCHANGE, "vhost": VHOST, "destination": INGEST_QUEUE,
+                      "destination_type": "queue",
+                      "routing_key": _binding_key(topics.every_up(kind)),
+                      "arguments": {}} for kind in broker_acl.INGEST_KINDS],
+        "exchanges": [], "policies": [], "parameters": [], "global_parameters": [],
+    }
+
+
+def _binding_key(topic_filter: str) -> str:
+    """``ce/v1/+/up/<kind>`` as a binding key: ``#`` for the device level (dotted ids)."""
+    return ".".join("#" if i == 2 and level == "+" else level
+                    for i, level in enumerate(topic_filter.split("/")))
+
+
+def _erl(text: str | Path) -> str:
+    """An Erlang string literal."""
+    return '"%s"' % str(text).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def render_conf(node: Node, cluster: list[Node], *, bind: str, definitions_file: Path) -> str:
+    lines = [
+        "# written by `cityedge broker config --engine rabbitmq`",
+        "listeners.tcp = none",
+        "listeners.ssl.default = %s:%d" % (bind, node.amqp_port),
+        "mqtt.listeners.tcp = none",
+        "mqtt.listeners.ssl.default = %s:%d" % (bind, node.mqtt_port),
+        "mqtt.ssl_cert_login = true",
+        "mqtt.allow_anonymous = false",
+        "mqtt.vhost = %s" % VHOST,
+        "mqtt.exchange = %s" % EXCHANGE,
+        "ssl_cert_login_from = common_name",
+        "auth_mechanisms.1 = EXTERNAL",
+        "loopback_users = none",
+        "max_message_size = %d" % MAX_PACKET_BYTES,
+        "load_definitions = %s" % definitions_file.resolve(),
+        "cluster_formation.peer_discovery_backend = classic_config",
+        *("cluster_formation.classic_config.nodes.%d = %s" % (i + 1, n.name)
+          for i, n in enumerate(cluster)),
+        "cluster_partition_handling = pause_minority",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_advanced(files: BrokerFiles, crl_dir: Path) -> str:
+    """TLS for every listener: the city CA, a client certificate required, the CRL of the
+    certificate's issuer required (``crl_check peer``: no CRL for it refuses); and the
+    MQTT username taken whole (``ignore_colons_in_username``: ``rabbitmq.conf`` has no key
+    for it)."""
+    return """%% written by `cityedge broker config --engine rabbitmq`
+[{rabbit, [{ssl_options, [
+    {cacertfile, %s}, {certfile, %s}, {keyfile, %s},
+    {verify, verify_peer}, {fail_if_no_peer_cert, true},
+    {versions, ['tlsv1.3', 'tlsv1.2']},
+    {ciphers, %s},
+    {crl_check, peer},
+    {crl_cache, {ssl_crl_hash_dir, {internal, [{dir, %s}]}}}]}]},
+ %% a device id is a URN (colons): not "vhost:user", which the MQTT plugin reads otherwise
+ {rabbitmq_mqtt, [{ignore_colons_in_username, true}]}].
+""" % (_erl(files.cafile.resolve()), _erl(files.certfile.resolve()),
+       _erl(files.keyfile.resolve()), _erl(TLS13_CIPHERS + ":" + TLS12_CIPHERS),
+       _erl(crl_dir.resolve()))
+
+
+def render_env(node: Node, node_dir: Path) -> str:
+    d = node_dir.resolve()
+    return "\n".join([
+        "# written by `cityedge broker config --engine rabbitmq`",
+        "NODENAME=%s" % node.name,
+        "DIST_PORT=%d" % node.dist_port,
+        "CONFIG_FILE=%s" % (d / "rabbitmq.conf"),
+        "ADVANCED_CONFIG_FILE=%s" % (d / "advanced.config"),
+        "ENABLED_PLUGINS_FILE=%s" % (d / "enabled_plugins"),
+        "MNESIA_BASE=%s" % (d / "data"),
+        "LOG_BASE=%s" % (d / "log"),
+    ]) + "\n"
+
+
+def env_for(node: Node, node_dir: Path) -> dict[str, str]:
+    """``rabbitmq-env.conf`` as environment variables (``RABBITMQ_`` prefixed)."""
+    out = {}
+    for line in render_env(node, node_dir).splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            out["RABBITMQ_" + key] = value
+    return out
+
+
+def crl_hash_name(crl_pem: Path) -> str:
+    """The file name Erlang's ``ssl_crl_hash_dir`` looks for: OpenSSL's issuer name hash
+    and ``.r0``."""
+    openssl = shutil.which("openssl") or "/usr/bin/openssl"
+    out = subprocess.run([openssl, "crl", "-hash", "-noout", "-in", str(crl_pem)],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.strip() + ".r0"
+
+
+def install_crl(crl_pem: Path, crl_dir: Path) -> Path:
+    """Put the fleet's CRL where every node reads it on each handshake (atomically)."""
+    crl_dir.mkdir(parents=True, exist_ok=True)
+    target = crl_dir / crl_hash_name(crl_pem)
+    write_atomic(target, crl_pem.read_bytes(), 0o644)
+    return target
+
+
+def write(out_dir: Path, files: BrokerFiles, cluster: list[Node], *, bind: str,
+          identities: Iterable[str]) -> list[Path]:
+    """Write one directory per node and the shared definitions and CRL directory into
+    ``out_dir``; returns the nodes' directories."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    defs = out_dir / DEFINITIONS_FILE
+    write_atomic(defs, (json.dumps(definitions(identities), indent=1, sort_keys=True)
+                        + "\n").encode(), 0o644)  # names and rules: no secrets
+    crl_dir = out_dir / CRL_DIR
+    install_crl(files.crlfile, crl_dir)
+    dirs = []
+    for node in cluster:
+        d = out_dir / ("node-%s" % node.name.split("@")[0])
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "rabbitmq.conf").write_text(render_conf(node, cluster, bind=bind,
+                                                     definitions_file=defs))
+        (d / "advanced.config").write_text(render_advanced(files, crl_dir))
+        (d / "enabled_plugins").write_text("[%s].\n" % ",".join(PLUGINS))
+        (d / "rabbitmq-env.conf").write_text(render_env(node, d))
+        dirs.append(d)
+    return dirs

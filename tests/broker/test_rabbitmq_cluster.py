@@ -1,0 +1,285 @@
+"""The clustered broker (docs/BROKERS.md): three RabbitMQ nodes configured by
+``broker_rabbitmq`` as ``cityedge broker config --engine rabbitmq`` writes them, fast
+devices (real mTLS MQTT, signed batches) spread over the nodes, two ingest workers
+consuming the quorum queue over AMQP (``ingest_amqp``) into the fleet's database.
+
+One cluster for the module (a RabbitMQ node boots in ~10 s); the attacks run against the
+same nodes. A missing ``rabbitmq-server`` fails here (``RabbitCluster``), never skips.
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from fastapi.testclient import TestClient
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlmodel import Session, col, func, select
+
+from cityedge.fastdevice import FastDevice, provision
+from cityedge_core import topics
+from cityedge_fleet.app import create_app
+from cityedge_fleet.ca import CertificateAuthority
+from cityedge_fleet.config import FleetLimits, Settings
+from cityedge_fleet.ingest import Ingestor
+from cityedge_fleet.ingest_transport import ingest_worker
+from cityedge_fleet.models import Reading, Role
+from cityedge_host.crypto import EcSigner
+
+from support.fastfleet import DeviceLoop
+from support.fleet import Api, csr_for, device_body, wait_for
+from support.fleet_ca import fleet_ca_from_pki
+from support.mosquitto import Credentials, TestPKI
+from support.rabbitmq import RabbitCluster
+
+DEVICES = 6  # two per node
+WAIT_S = 60.0
+
+
+def enroll(api: Api, world: Path, pki: TestPKI, i: int) -> tuple[str, Path]:
+    body = device_body(i)
+    tech = api.headers(Role.technician)
+    assert api.client.post("/devices", json=body, headers=tech).status_code == 201
+    token = api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
+                            headers=tech).json()["token"]
+    signer = EcSigner.generate()
+    r = api.client.post("/enroll", json={"serial": body["serial"], "token": token,
+                                         "csr_pem": csr_for(signer, str(body["id"]))})
+    assert r.status_code == 200, r.text
+    enrolled = r.json()
+    d = world / ("dev%d" % i)
+    provision(d, device_id=str(body["id"]), signer=signer, chain_pem=enrolled["chain_pem"],
+              ca_pem=pki.ca_pem.read_text(), fleet_keys=enrolled["fleet_keys"])
+    (d / "key.pem").write_bytes(signer.private_pem())
+    (d / "chain.pem").write_text(enrolled["chain_pem"])
+    return str(body["id"]), d
+
+
+@pytest.fixture(scope="module")
+def cluster_fleet() -> Iterator[SimpleNamespace]:
+    world = Path(tempfile.mkdtemp(prefix="cityedge-cluster-"))
+    world.chmod(0o755)
+    pki = TestPKI(world / "pki")
+    ca_dir = fleet_ca_from_pki(pki, world / "ca")
+    ca = CertificateAuthority(ca_dir)
+    ca.write_crl([], 86400)
+    ingest = pki.service("fleet-ingest")
+    settings = Settings(
+        mode="development", database_url="sqlite:///%s" % (world / "fleet.sqlite3"),
+        ca_dir=ca_dir, broker_engine="rabbitmq", mqtt_ca_file=pki.ca_pem,
+        mqtt_cert_file=ingest.cert_pem, mqtt_key_file=ingest.key_pem,
+        ingest_with_serve=False, commands_with_serve=False,
+        audit_key_file=world / "audit.key", command_key_file=world / "command.key",
+        limits=FleetLimits(ingest_group_max_s=0.05, enroll_burst=100_000))
+    app = create_app(settings, init_db=True)
+    ids = [str(device_body(i)["id"]) for i in range(DEVICES)]
+    # the registry's devices are known before they enroll: the cluster boots meanwhile
+    cluster = RabbitCluster(pki, [*ids, "fleet-ingest", "fleet-commands"],
+                            directory=world / "rmq", crl_file=ca.crl_path)
+    booting = ThreadPoolExecutor(1).submit(cluster.start)
+    try:
+        with TestClient(app) as client:
+            api = Api(client, settings)
+            devices = [enroll(api, world, pki, i) for i in range(DEVICES)]
+            booting.result()
+            settings = settings.model_copy(update={"ingest_amqp_nodes": ",".join(
+                "127.0.0.1:%d" % n.amqp_port for n in cluster.nodes)})
+            yield SimpleNamespace(api=api, world=world, pki=pki, ca=ca, cluster=cluster,
+                                  devices=devices, settings=settings, engine=app.state.engine)
+    finally:
+        booting.exception()
+        cluster.stop()
+        app.state.engine.dispose()
+        shutil.rmtree(world, ignore_errors=True)
+
+
+def stored(engine: Any, device: str) -> tuple[int, int]:
+    """(distinct batches stored, reading rows) for ``device``."""
+    with Session(engine) as s:
+        batches, rows = s.exec(select(func.count(func.distinct(Reading.batch_seq)),
+                                      func.count()).where(
+            col(Reading.device_id) == device)).one()
+    return int(batches), int(rows)
+
+
+def refused(workers: list[Any]) -> int:
+    """Batches the ingest workers refused (a revoked device's)."""
+    return sum(n for w in workers for status, n in w.ingestor.counts.items()
+               if status == "not_accepting")
+
+
+def test_a_node_killed_under_load_loses_no_acknowledged_batch(
+        cluster_fleet: SimpleNamespace) -> None:
+    """Two ingest workers share the quorum queue; node 1 (two devices on it, perhaps the
+    queue's leader) is killed under load and restarted; a device on node 2 is revoked
+    meanwhile. Every batch a device saw acknowledged is stored exactly once, every device
+    of node 1 reconnects, the revoked one stays out."""
+    f = cluster_fleet
+    c: RabbitCluster = f.cluster
+    workers = [ingest_worker(Ingestor(f.engine, f.settings), f.settings).start()
+               for _ in range(2)]
+    devices = [FastDevice(d, "127.0.0.1", c.nodes[i % 3].mqtt_port, interval_s=0.2)
+               for i, (_, d) in enumerate(f.devices)]
+    revoked = devices[1]  # on node 2
+    loop = DeviceLoop(devices).start()
+    try:
+        assert all(w.subscribed.wait(WAIT_S) for w in workers)
+        assert wait_for(lambda: all(d.stats.published >= 3 for d in devices), WAIT_S), \
+            [(d.stats.connects, d.stats.published, d.stats.last_error) for d in devices]
+        c.kill(0)
+        on_killed = [d for i, d in enumerate(devices) if i % 3 == 0]
+        assert wait_for(lambda: all(d.stats.connect_failures >= 1 for d in on_killed), WAIT_S)
+        r = f.api.client.post("/devices/%s/revoke" % revoked.id,
+                              json={"reason": "key-compromise"},
+                              headers=f.api.headers(Role.security))
+        assert r.status_code == 200, r.text
+        c.revoke(revoked.id)
+        assert wait_for(lambda: revoked.stats.connect_failures >= 2, WAIT_S)
+        revoked_published = revoked.stats.published
+        # the node comes back (its service manager restarts it); the devices of the dead
+        # node reconnect to it. (Sent to another node instead, they could not subscribe
+        # again while it is down: RabbitMQ 3.10 keeps each MQTT subscription in a classic
+        # queue on the node it was made on; docs/BROKERS.md)
+        c.start_node(0)
+        c.wait_listening(0)
+        marks = {d.id: d.stats.published for d in on_killed}
+        assert wait_for(lambda: all(d.stats.connects >= 2 and d.stats.published
+                                    >= marks[d.id] + 3 for d in on_killed), WAIT_S), \
+            [(d.stats.connects, d.stats.published, marks[d.id], d.stats.last_error)
+             for d in on_killed]
+    finally:
+        loop.stop()
+    try:
+        # everything acknowledged by the cluster reaches the database: stored, or (the
+        # revoked device's last ones, in the queue when the fleet revoked it) refused by
+        # the ingest with a recorded verdict
+        assert wait_for(lambda: all(stored(f.engine, d.id)[0] >= d.stats.published
+                                    for d in devices if d is not revoked), WAIT_S), \
+            [(d.id, d.stats.published, stored(f.engine, d.id)) for d in devices]
+        # the revoked device's last batches (in the queue when the fleet revoked it) are
+        # refused by the ingest, counted: stored or refused, none vanished
+        assert wait_for(lambda: stored(f.engine, revoked.id)[0] + refused(workers)
+                        >= revoked.stats.published, WAIT_S), \
+            (revoked.stats.published, stored(f.engine, revoked.id),
+             [w.ingestor.counts for w in workers])
+    finally:
+        for w in workers:
+            w.stop()
+    for d in devices:
+        batches, rows = stored(f.engine, d.id)
+        if d is not revoked:
+            assert batches >= d.stats.published  # no acknowledged batch lost
+        assert rows == batches * d.readings  # each stored once (duplicates classified)
+    assert revoked.stats.published == revoked_published  # stayed out
+    assert sum(w.groups for w in workers) > 0 and all(w.dead_letters == 0 for w in workers)
+
+
+class MqttTry:
+    """One MQTT 3.1.1 client over TLS with a certificate: what the broker let it do."""
+
+    def __init__(self, port: int, cert: Path, key: Path, ca: Path, client_id: str,
+                 username: str | None = None, password: str | None = None) -> None:
+        self.connack: int | None = None
+        self.granted: list[int] = []
+        self.acked: list[int] = []
+        self.gone = threading.Event()
+        self.subacked = threading.Event()
+        self.connected = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv311)
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.load_cert_chain(str(cert), str(key))
+        self.client.tls_set_context(ctx)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *_a: self.gone.set()
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = lambda _c, _u, mid, *_a: self.acked.append(mid)
+        try:
+            self.client.connect("127.0.0.1", port, keepalive=10)
+        except (ssl.SSLError, OSError):
+            self.gone.set()
+            return
+        self.client.loop_start()
+        threading.Event().wait(0)
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.connack = reason.value
+        if not reason.is_failure:
+            self.connected.set()
+        else:
+            self.gone.set()
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
+        self.granted = [r.value for r in reasons]
+        self.subacked.set()
+
+    def wait_connected(self) -> bool:
+        for _ in range(200):
+            if self.connected.is_set() or self.gone.is_set():
+                break
+            self.gone.wait(0.05)
+        return self.connected.is_set() and not self.gone.is_set()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_a_device_cannot_publish_or_subscribe_to_another_devices_topics(
+        cluster_fleet: SimpleNamespace) -> None:
+    f = cluster_fleet
+    c: RabbitCluster = f.cluster
+    port = c.nodes[c.alive()].mqtt_port
+    (a, a_dir), (b, _) = f.devices[2], f.devices[3]
+    before = stored(f.engine, b)
+
+    # subscribing to another device's commands, or to everyone's, is refused
+    t = MqttTry(port, a_dir / "chain.pem", a_dir / "key.pem", f.pki.ca_pem, a)
+    assert t.wait_connected()
+    t.client.subscribe([(topics.down(b, topics.CMD), 1), ("ce/v1/+/down/cmd", 1),
+                        ("ce/v1/#", 1), (topics.down(a, topics.CMD), 1)])
+    assert t.subacked.wait(10) or t.gone.is_set()
+    assert t.gone.is_set() or t.granted == [0x80, 0x80, 0x80, 1]
+    t.close()
+
+    # publishing into another device's topic: the broker refuses and drops the client
+    t = MqttTry(port, a_dir / "chain.pem", a_dir / "key.pem", f.pki.ca_pem, a)
+    assert t.wait_connected()
+    info = t.client.publish(topics.up(b, topics.READINGS), b"forged", qos=1)
+    assert t.gone.wait(10)
+    assert info.mid not in t.acked
+    t.close()
+    assert stored(f.engine, b) == before
+
+    # naming another identity with a password does not log in as it (no user has one)
+    t = MqttTry(port, a_dir / "chain.pem", a_dir / "key.pem", f.pki.ca_pem, a,
+                username="fleet-ingest", password="guess")
+    assert not t.wait_connected()
+    t.close()
+
+
+def test_a_foreign_ca_certificate_is_refused_at_the_handshake(
+        cluster_fleet: SimpleNamespace) -> None:
+    f = cluster_fleet
+    c: RabbitCluster = f.cluster
+    device = f.devices[4][0]
+    foreign = TestPKI(f.world / "foreign", "some other CA")
+    fake: Credentials = foreign.issue_client(device)  # the right CN, the wrong issuer
+    for node in range(3):
+        if c.procs[node] is None or c.procs[node].poll() is not None:  # type: ignore[union-attr]
+            continue
+        t = MqttTry(c.nodes[node].mqtt_port, fake.cert_pem, fake.key_pem, f.pki.ca_pem,
+                    device)
+        assert not t.wait_connected()
+        t.close()

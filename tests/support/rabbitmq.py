@@ -1,0 +1,163 @@
+"""A real three-node RabbitMQ cluster for tests, configured by ``broker_rabbitmq`` exactly
+as ``cityedge broker config --engine rabbitmq`` writes it, on free loopback ports.
+
+Every node is ``/usr/lib/rabbitmq/bin/rabbitmq-server`` (Debian's ``rabbitmq-server``
+package) with its own directory; the cluster has its own Erlang cookie (in its own HOME)
+and its own ``epmd`` port, so it never meets the machine's RabbitMQ. A node can be
+killed (SIGKILL, as a crash) and started again. A missing package fails the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from cityedge_fleet import broker_rabbitmq as rmq
+from cityedge_fleet.broker import BrokerFiles
+
+from support.mosquitto import TestPKI, free_port
+
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+START_TIMEOUT_S = 90.0
+CTL_TIMEOUT_S = 60.0
+
+
+class RabbitCluster:
+    """``count`` RabbitMQ nodes on loopback, TLS only, the fleet's definitions."""
+
+    def __init__(self, pki: TestPKI, identities: list[str], count: int = 3,
+                 directory: Path | None = None, crl_file: Path | None = None) -> None:
+        server = RABBIT_BIN / "rabbitmq-server"
+        if not server.exists():
+            raise RuntimeError("RabbitMQ is not installed (%s): `make system-deps` installs "
+                               "Debian's rabbitmq-server" % server)
+        self.pki = pki
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="cityedge-rmq-"))
+        self.home = self.dir / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        cookie = self.home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16))
+        cookie.chmod(0o400)
+        self.epmd_port = free_port()
+        prefix = "ce%s" % secrets.token_hex(3)
+        self.nodes = [rmq.Node("%s%d@localhost" % (prefix, i + 1), free_port(), free_port(),
+                               free_port()) for i in range(count)]
+        crl = crl_file or pki.write_crl(self.dir / "crl.pem")
+        self.files = BrokerFiles(cafile=pki.ca_pem, certfile=pki.server.cert_pem,
+                                 keyfile=pki.server.key_pem, crlfile=crl)
+        self.node_dirs = rmq.write(self.dir / "conf", self.files, self.nodes,
+                                   bind="127.0.0.1", identities=identities)
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.epmd: subprocess.Popen[bytes] | None = None
+
+    def env(self, i: int | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        env.update(HOME=str(self.home), ERL_EPMD_PORT=str(self.epmd_port), LC_ALL="C.UTF-8")
+        if i is not None:
+            env.update(rmq.env_for(self.nodes[i], self.node_dirs[i]))
+        return env
+
+    def start_node(self, i: int) -> None:
+        log = (self.node_dirs[i] / "stdout.log").open("ab")
+        self.procs[i] = subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")],
+                                         env=self.env(i), stdout=log, stderr=log,
+                                         start_new_session=True)
+
+    def wait_listening(self, i: int, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        proc = self.procs[i]
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError("RabbitMQ node %s exited at start: %s"
+                                   % (self.nodes[i].name, self.read_log(i)[-3000:]))
+            try:
+                with socket.create_connection(("127.0.0.1", self.nodes[i].mqtt_port), 0.2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("RabbitMQ node %s did not listen in %.0f s: %s"
+                           % (self.nodes[i].name, timeout_s, self.read_log(i)[-3000:]))
+
+    def start(self) -> RabbitCluster:
+        # our own epmd in the foreground (a node would start a daemon nobody stops)
+        self.epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port)], env=self.env(),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.epmd_port), 0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        # the first node alone, then the others: RabbitMQ 3.10's MQTT plugin tracks client
+        # ids in a Raft group that a node joins only if one runs when its plugin starts
+        # (nodes started together each make their own, and the later ones answer every
+        # CONNECT "server unavailable")
+        self.start_node(0)
+        self.wait_listening(0)
+        for i in range(1, len(self.nodes)):
+            self.start_node(i)
+        for i in range(1, len(self.nodes)):
+            self.wait_listening(i)
+        self.ctl("await_online_nodes", str(len(self.nodes)), "--timeout", "60")
+        # the quorum queue was declared by the node that booted first, perhaps before
+        # the others joined: a member on every node (one CLI call: each costs a VM boot)
+        self.ctl("eval", "[rabbit_quorum_queue:grow(N, <<\"%s\">>, <<\".*\">>, all) "
+                 "|| N <- rabbit_nodes:all_running()]." % rmq.VHOST)
+        return self
+
+    def ctl(self, *args: str, node: int = 0, tool: str = "rabbitmqctl") -> str:
+        out = subprocess.run([str(RABBIT_BIN / tool), "-n", self.nodes[node].name, *args],
+                             env=self.env(), capture_output=True, text=True,
+                             timeout=CTL_TIMEOUT_S)
+        if out.returncode != 0:
+            raise RuntimeError("%s %s: %s %s" % (tool, " ".join(args), out.stdout, out.stderr))
+        return out.stdout
+
+    def queues(self, *args: str, node: int = 0) -> str:
+        return self.ctl(*args, node=node, tool="rabbitmq-queues")
+
+    def alive(self) -> int:
+        """A node index that runs."""
+        for i, p in enumerate(self.procs):
+            if p is not None and p.poll() is None:
+                return i
+        raise RuntimeError("no RabbitMQ node runs")
+
+    def revoke(self, cn: str) -> None:
+        """Immediate revocation: the CRL file (already naming the certificate) installed
+        where every node reads it on each handshake, the user deleted and its sessions
+        closed."""
+        rmq.install_crl(self.files.crlfile, self.dir / "conf" / rmq.CRL_DIR)
+        node = self.alive()
+        self.ctl("delete_user", cn, node=node)
+        self.ctl("close_all_user_connections", cn, "revoked", node=node)
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def read_log(self, i: int) -> str:
+        parts = []
+        for p in [self.node_dirs[i] / "stdout.log",
+                  *sorted((self.node_dirs[i] / "log").glob("*.log"))]:
+            with contextlib.suppress(OSError):
+                parts.append(p.read_text(errors="replace"))
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for i in range(len(self.nodes)):
+            self.kill(i)
+        if self.epmd is not None:
+            self.epmd.kill()
+            self.epmd.wait(10)
