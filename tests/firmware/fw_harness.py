@@ -207,6 +207,11 @@ class Subscriber:
         with self.lock:
             return [p for t, p in self.messages if t == "ce/v1/%s/up/status" % device]
 
+    def results(self, device: str = DEVICE) -> list[bytes]:
+        """The device's signed command results (``up/result``), in arrival order."""
+        with self.lock:
+            return [p for t, p in self.messages if t == "ce/v1/%s/up/result" % device]
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
@@ -237,3 +242,4 @@ def wait_for(pred: Any, timeout: float = 20) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("timed out waiting")
+
