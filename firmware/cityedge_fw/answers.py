@@ -25,7 +25,9 @@ for the answer only (``Agent.handle_command``), then unloaded; its names are int
 boot (``main.build``), where the tests' device had 8 free entries in its last pool of
 names (``docs/ARCHITECTURE.md``, "Memory on the device"): the functions and arguments
 reuse names the agent interns anyway, and the rotation's commands live in
-``rotation_device``, loaded (and its names interned) for a rotation only.
+``rotation_device``, loaded (and its names interned) for a rotation only. A
+``trust-update`` is kept on flash here and the board resets: its statement is checked at
+the next boot (``trust_check``), which keeps the signed answer for the fleet's resend.
 """
 
 try:
@@ -43,6 +45,7 @@ from .files import write_atomic
 
 _KEPT = const(4)  # answers kept on flash for repeats
 _DETAIL_MAX = const(256)  # limits.RESULT_DETAIL_MAX_CHARS (held equal by the test)
+_STATEMENT_MAX = const(1024)  # trust_statement.STATEMENT_MAX_BYTES (held equal by a test)
 
 
 async def send(agent, name, seq, args):
@@ -58,6 +61,15 @@ async def send(agent, name, seq, args):
         await _signed(agent, name.name, name.seq, "refused", str(name))
     elif name == "status":  # the status itself went out already (``publish_status``)
         await _signed(agent, name, seq, "ok", "")
+    elif name == "trust-update":  # kept, checked at the next boot (``trust_check``)
+        raw = args.get(1) if isinstance(args, dict) else None  # (names interned anyway)
+        d = agent.device.encode()
+        write_atomic(agent.state.path + ".trust.new", (
+            bytes([len(d)]) + d + seq.to_bytes(8, "big") +
+            (agent.board.unix_time() or 0).to_bytes(8, "big"),
+            raw if isinstance(raw, bytes) and len(raw) <= _STATEMENT_MAX else b""))
+        agent.seal()  # the records collected so far: no reading is lost to the reset
+        agent.board.reset()
     else:  # the rotation's module (it unloads itself), imported by a name not interned
         import sys  # at boot: its module's names come with a rotation
 
@@ -77,10 +89,10 @@ async def send(agent, name, seq, args):
 def _encode(agent, name, seq, kind, msg, data=None):
     """``command.encode_result`` (outcome ``kind``, detail ``msg``, ``data`` if not None)
     with the device's current key."""
-    body = {1: name, 2: agent.device, 3: seq, 4: kind, 5: msg[:_DETAIL_MAX]}
-    if data is not None:
-        body[6] = data
-    return cose.encode_sign1(cbor.dumps(body), agent.writer.signer, agent.writer.kid)
+    out = {1: name, 2: agent.device, 3: seq, 4: kind, 5: msg[:_DETAIL_MAX]}  # names
+    if data is not None:  # the agent interns anyway (a new one is a heap at boot)
+        out[6] = data
+    return cose.encode_sign1(cbor.dumps(out), agent.writer.signer, agent.writer.kid)
 
 
 def _path(agent):

@@ -96,7 +96,10 @@ def build(cfg, board=None, board_class=None):
     kid = cose.kid_for_public_key(private_key_from_der(key_der).public_key().to_sec1())
     key = private_key_from_der(key_der)
     del key_der
-    fleet_keys = load_fleet_keys(cfg.get("fleet_keys", ()))
+    # the provisioned seed, or the root's statement installed (``trust_check``: the
+    # state file + ".trust", spelled from the pending file's name: one interned name less)
+    fleet_keys = load_fleet_keys(cfg.get("fleet_keys", ()), (cfg.get("store", {}).get(
+        "state", "/state.cbor") + ".trust.new")[:-4])
     gc.collect()
     from . import config
 
@@ -174,22 +177,29 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         unload("cityedge_fw.provision_main", "cityedge_fw.provision")
     cfg = config.load(config_file or config_path(root), agent=False)
     del config
-    if cfg.get("update"):  # an update in progress: its release is checked now, in the
-        from os import stat  # boot's empty heap (``update_check``), then the board resets
+    # a trust-update's statement (``trust_check``) or an update in progress: checked now,
+    # in the boot's empty heap (``update_check``), then the board resets
+    from os import stat
 
+    for f in (cfg.get("store", {}).get("state", "/state.cbor") + ".trust.new",
+              cfg.get("update") and cfg["update"]["dir"].rstrip("/") + "/update.json"):
         try:
-            stat(cfg["update"]["dir"].rstrip("/") + "/update.json")
+            if f:
+                stat(f)
+                break
         except OSError:
             pass
-        else:
-            from . import update_check
+    else:
+        f = None
+    if f:
+        from . import update_check
 
-            if update_check.run(cfg):
-                gc.collect()
-                reset()  # the check's names stay interned: the agent boots without them
-                return True
-            del update_check
-            unload("cityedge_fw.update_check", "cityedge_fw.update_slots")
+        if update_check.run(cfg):
+            gc.collect()
+            reset()  # the check's names stay interned: the agent boots without them
+            return True
+        del update_check
+        unload("cityedge_fw.update_check", "cityedge_fw.update_slots")
     if board_class is None:
         from . import hal
 
