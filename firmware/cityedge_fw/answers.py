@@ -12,8 +12,11 @@ kept on flash (``<state file>.ans``, one atomic write per answer: ``[seq 8 bytes
 2 bytes, signed result]...``, oldest first) and a repeat of a seq answered before gets
 the same bytes again; a repeat of one with no answer kept (a power cut between taking and
 answering it, or too old) is refused as a replay, with the gate's reason, as the fast
-device does (``cityedge.fastdevice``). Results go out at QoS 0: the agent's QoS 1 window
-is the forwarder's, and a lost result is answered again when the fleet re-sends.
+device does (``cityedge.fastdevice``). Results go out at QoS 1 when the agent's in-flight
+window has room (the broker then holds the result for the fleet's persistent session),
+else at QoS 0: the window is the forwarder's, and nothing here waits for room in it (an
+answer is sent from the link's own task, which reads the PUBACKs). The PUBACK is not
+waited for either: a lost result is answered again, from flash, when the fleet re-sends.
 
 The result is encoded here as ``command.encode_result`` encodes it (the same bytes:
 ``tests/firmware/test_answers.py``), with the map keys as constants the compiler folds:
@@ -22,7 +25,9 @@ for the answer only (``Agent.handle_command``), then unloaded; its names are int
 boot (``main.build``), where the tests' device had 8 free entries in its last pool of
 names (``docs/ARCHITECTURE.md``, "Memory on the device"): the functions and arguments
 reuse names the agent interns anyway, and the rotation's commands live in
-``rotation_device``, loaded (and its names interned) for a rotation only.
+``rotation_device``, loaded (and its names interned) for a rotation only. A
+``trust-update`` is kept on flash here and the board resets: its statement is checked at
+the next boot (``trust_check``), which keeps the signed answer for the fleet's resend.
 """
 
 try:
@@ -40,6 +45,7 @@ from .files import write_atomic
 
 _KEPT = const(4)  # answers kept on flash for repeats
 _DETAIL_MAX = const(256)  # limits.RESULT_DETAIL_MAX_CHARS (held equal by the test)
+_STATEMENT_MAX = const(1024)  # trust_statement.STATEMENT_MAX_BYTES (held equal by a test)
 
 
 async def send(agent, name, seq, args):
@@ -55,6 +61,15 @@ async def send(agent, name, seq, args):
         await _signed(agent, name.name, name.seq, "refused", str(name))
     elif name == "status":  # the status itself went out already (``publish_status``)
         await _signed(agent, name, seq, "ok", "")
+    elif name == "trust-update":  # kept, checked at the next boot (``trust_check``)
+        raw = args.get(1) if isinstance(args, dict) else None  # (names interned anyway)
+        d = agent.device.encode()
+        write_atomic(agent.state.path + ".trust.new", (
+            bytes([len(d)]) + d + seq.to_bytes(8, "big") +
+            (agent.board.unix_time() or 0).to_bytes(8, "big"),
+            raw if isinstance(raw, bytes) and len(raw) <= _STATEMENT_MAX else b""))
+        agent.seal()  # the records collected so far: no reading is lost to the reset
+        agent.board.reset()
     else:  # the rotation's module (it unloads itself), imported by a name not interned
         import sys  # at boot: its module's names come with a rotation
 
@@ -71,12 +86,13 @@ async def send(agent, name, seq, args):
                 unload("cityedge_fw.key_slots", "cityedge_fw.keys")
 
 
-def _encode(agent, name, seq, kind, msg):
-    """``command.encode_result`` (outcome ``kind``, detail ``msg``) with the device's
-    current key, and no data."""
-    return cose.encode_sign1(cbor.dumps({1: name, 2: agent.device, 3: seq, 4: kind,
-                                         5: msg[:_DETAIL_MAX]}),
-                             agent.writer.signer, agent.writer.kid)
+def _encode(agent, name, seq, kind, msg, data=None):
+    """``command.encode_result`` (outcome ``kind``, detail ``msg``, ``data`` if not None)
+    with the device's current key."""
+    out = {1: name, 2: agent.device, 3: seq, 4: kind, 5: msg[:_DETAIL_MAX]}  # names
+    if data is not None:  # the agent interns anyway (a new one is a heap at boot)
+        out[6] = data
+    return cose.encode_sign1(cbor.dumps(out), agent.writer.signer, agent.writer.kid)
 
 
 def _path(agent):
@@ -105,12 +121,14 @@ async def _send(agent, data):
     """Publish a signed result if the link is up (else the fleet sends the command again)."""
     if agent.link.client.state == mqtt.CONNECTED:
         # beside up/readings: the scheme's and the configured prefix's (``topics``)
-        await agent.link.publish(agent.topics[0][:-8] + "result", data, 0)
+        await agent.link.publish(agent.topics[0][:-8] + "result", data,
+                                 1 if agent.link.client.can_publish() else 0)
 
 
-async def _signed(agent, name, seq, kind, msg):
-    """Sign the result of command ``seq``, keep it on flash, publish it."""
-    data = _encode(agent, name, seq, kind, msg)
+async def _signed(agent, name, seq, kind, msg, data=None):
+    """Sign the result of command ``seq`` (with ``data``, if not None), keep it on flash,
+    publish it."""
+    data = _encode(agent, name, seq, kind, msg, data)
     parts = []
     for s, d in _kept(agent)[-(_KEPT - 1):]:
         if s != seq:

@@ -43,11 +43,29 @@ def private_key_from_der(data):
     return p256.PrivateKey(int.from_bytes(data[start:start + 32], "big"))
 
 
-def load_fleet_keys(paths):
+def load_fleet_keys(paths, path=None):
     """The trust store: ``{kid: p256.PublicKey}`` of the fleet keys in ``paths`` (65-byte
-    SEC1 points), each keyed by its COSE ``kid`` as the fleet's commands name it."""
-    keys = {}
-    for path in paths:
-        pub = p256.PublicKey.from_sec1(read_file(path))
-        keys[cose.kid_for_public_key(pub.to_sec1())] = pub
-    return keys
+    SEC1 points), each keyed by its COSE ``kid`` as the fleet's commands name it; or, once
+    the root's statement is installed in the file ``path`` (``trust_check``: it replaces
+    the provisioned seed), the keys it lists, each until its end by the clock now (a key
+    with an end is not trusted without a clock). Only names interned anyway: each new
+    one costs the boot's heap."""
+    keys = [read_file(i) for i in paths]
+    try:
+        data = read_file(path) if path else None
+    except LocalError:
+        data = None
+    if data is not None and data[:4] == b"CET1" and len(data) > 12:
+        import time
+
+        start = int(time.time())
+        keys = []
+        for i in range(13, 13 + 70 * data[12], 70):
+            e = int.from_bytes(data[i + 65:i + 70], "big")  # the key's end
+            if e == 0xFFFFFFFFFF or 1600000000 < start < e:
+                keys.append(data[i:i + 65])
+    data = {}
+    for pub in keys:
+        pub = p256.PublicKey.from_sec1(pub)
+        data[cose.kid_for_public_key(pub.to_sec1())] = pub
+    return data

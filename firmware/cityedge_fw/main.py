@@ -46,9 +46,10 @@ test-only API in tests; no store ``__repr__``
 (The last two rows: ``bench/firmware.py``'s ``board_path_heap`` at 72 KiB, 30 s.) It
 streams with no MemoryError at 72 KiB (``tests/firmware/test_boot.py``'s ``BOOT_HEAP``;
 78 before; at 70 it keeps up with one or two survived while it connects), not at 64:
-docs/ARCHITECTURE.md, "Memory on the device". Five pools hold 620 names: 5-6 are left
-before the sixth (7.5 KiB in one block). The tests' stand-in board: see
-``fw_harness.HEAP``.
+docs/ARCHITECTURE.md, "Memory on the device". Five pools hold the names; the sixth is
+7.5 KiB in one block, so each new module must free names to pay for its own.
+``trust-update`` (``answers``, ``update_check._trust``) interns two names at boot
+(``.trust.new``, ``trust-update``). The tests' stand-in board: see ``fw_harness.HEAP``.
 
 The configuration is a JSON map (checked by ``config.load``):
 
@@ -101,7 +102,10 @@ def build(cfg, board=None, board_class=None):
     kid = cose.kid_for_public_key(private_key_from_der(key_der).public_key().to_sec1())
     key = private_key_from_der(key_der)
     del key_der
-    fleet_keys = load_fleet_keys(cfg.get("fleet_keys", ()))
+    # the provisioned seed, or the root's statement installed (``trust_check``: the
+    # state file + ".trust", spelled from the pending file's name: one interned name less)
+    fleet_keys = load_fleet_keys(cfg.get("fleet_keys", ()), (cfg.get("store", {}).get(
+        "state", "/state.cbor") + ".trust.new")[:-4])
     gc.collect()
     from . import config
 
@@ -183,22 +187,29 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         unload("cityedge_fw.provision_main", "cityedge_fw.provision")
     cfg = config.load(config_file or config_path(root), agent=False)
     del config
-    if cfg.get("update"):  # an update in progress: its release is checked now, in the
-        from os import stat  # boot's empty heap (``update_check``), then the board resets
+    # a trust-update's statement (``trust_check``) or an update in progress: checked now,
+    # in the boot's empty heap (``update_check``), then the board resets
+    from os import stat
 
+    for f in (cfg.get("store", {}).get("state", "/state.cbor") + ".trust.new",
+              cfg.get("update") and cfg["update"]["dir"].rstrip("/") + "/update.json"):
         try:
-            stat(cfg["update"]["dir"].rstrip("/") + "/update.json")
+            if f:
+                stat(f)
+                break
         except OSError:
             pass
-        else:
-            from . import update_check
+    else:
+        f = None
+    if f:
+        from . import update_check
 
-            if update_check.run(cfg):
-                gc.collect()
-                reset()  # the check's names stay interned: the agent boots without them
-                return True
-            del update_check
-            unload("cityedge_fw.update_check", "cityedge_fw.update_slots")
+        if update_check.run(cfg):
+            gc.collect()
+            reset()  # the check's names stay interned: the agent boots without them
+            return True
+        del update_check
+        unload("cityedge_fw.update_check", "cityedge_fw.update_slots")
     if board_class is None:
         from . import hal
 

@@ -269,6 +269,7 @@ class Provisioner:
         key = p256.PrivateKey.generate(self.randbytes)
         _write_atomic(self._path(KEY_FILE), csr.ec_private_key_der(key))
         _remove(self._path(AGENT_STATE_FILE))  # a new key starts a new batch chain
+        _remove(self._path(AGENT_STATE_FILE) + ".trust")  # and trusts the new seed only
         self._key = key
         self._set_state(KEYED)
         pub = key.public_key().to_sec1()
@@ -396,7 +397,28 @@ class Provisioner:
                _T.F_CONFIG: answer.get("config") or {},
                _T.F_FLEET_KEYS: ticket.get("fleet_keys") or []}
         self.install(msg)
+        statement = answer.get("trust_statement")
+        if statement:  # the root's newest statement of the fleet's command keys
+            self._install_statement(statement, msg[_T.F_CA][-1])
         self._set_state(LOCKED)  # the agent's connection is the proof from here on
+
+    def _install_statement(self, b64, root_der):
+        """Install the trust statement of the enrollment answer (base64) as a
+        ``trust-update`` would (``trust_check``: the root's signature, the window by the
+        device's clock); one that does not hold is not installed (the ticket's fleet keys
+        stay the device's trust) and the reason printed on the console."""
+        from binascii import a2b_base64
+
+        from cityedge_core.errors import PeerError
+
+        from . import trust_check
+
+        try:
+            v = trust_check.install_checked(self._path(AGENT_STATE_FILE) + ".trust",
+                                            root_der, a2b_base64(b64), _unix_clock())
+            print("enrollment: trust statement v%d installed" % v)
+        except (PeerError, ValueError, TypeError) as e:
+            print("enrollment: trust statement not installed: %s" % e)
 
     def drop_ticket(self):
         """The fleet refused the ticket for good: back to ``keyed``."""

@@ -90,27 +90,41 @@ def _pending_path(agent):
 
 
 def run(agent):
-    """The agent's one entry, at its start: a new command (``State`` key ``update_cmd``,
-    kept by ``Agent.handle_command``, which then reset the board) or the update in
-    progress."""
+    """The agent's one entry, at its start: a new command (``State`` key ``update_cmd``
+    ``[args, time, seq]``, kept by ``Agent.handle_command``, which then reset the board)
+    or the update in progress. Once taken, ``update_cmd`` becomes ``[None, None, seq]``
+    until the command is answered (``_answer``): while it is set, the agent does not
+    answer the fleet's resends of that seq, and this module is loaded at every start."""
     cmd = agent.state.get("update_cmd")
-    if cmd:
-        task = accept(agent, cmd[0], cmd[1])
-        agent.state.set(update_cmd=None)
+    if cmd and cmd[0] is not None:
+        seq = cmd[2] if len(cmd) > 2 else None
+        pend = slots.read_json(_pending_path(agent))
+        task = None
+        if not pend or pend.get("state") == "done":
+            task = accept(agent, cmd[0], cmd[1], seq)
+        elif pend.get("cmd") != seq:  # another update runs: this one is refused
+            if seq is not None:
+                asyncio.create_task(_refuse(agent, seq, "busy: update sequence %s is %s"
+                                            % (pend.get("seq"), pend.get("state"))))
+            seq = pend.get("cmd")  # the one still to be answered
+        # (else: taken before a power cut, the state not moved on yet)
+        agent.state.set(update_cmd=[None, None, seq])
         if task is not None:
             return task
     return resume(agent)
 
 
-def accept(agent, args, now):
-    """A signed ``update`` command (``now``: the trusted time it was accepted at): keep
-    it, then fetch its manifest (a task). Its arguments are checked in full at boot
-    (``update_manifest.update_args``); here only what keeping them needs."""
+def accept(agent, args, now, cmd=None):
+    """A signed ``update`` command (``now``: the trusted time it was accepted at; ``cmd``:
+    its seq): keep it, then fetch its manifest (a task). Its arguments are checked in full
+    at boot (``update_manifest.update_args``); here only what keeping them needs."""
     url = args.get(1) if isinstance(args, dict) else None
     digest = args.get(2) if isinstance(args, dict) else None
     if not isinstance(url, str) or not url.startswith("https://") or len(url) > 256 or \
             not isinstance(digest, bytes) or len(digest) != 32:
-        report(agent, slots.FAILED, None, None, "malformed: update arguments")
+        rep = [slots.FAILED, None, None, "malformed: update arguments"]
+        slots.finish(_conf(agent)["dir"], rep)  # the outcome ``_answer`` answers
+        report(agent, *rep)
         return None
     pend = slots.read_json(_pending_path(agent))
     if pend and pend.get("state") != "done":
@@ -118,7 +132,7 @@ def accept(agent, args, now):
         return None
     write_atomic(_pending_path(agent), json.dumps(
         {"state": SCHEDULED, "url": url, "digest": _hex(digest),
-         "now": now}))
+         "now": now, "cmd": cmd}))
     report(agent, SCHEDULED)
     return asyncio.create_task(_fetch_release(agent))
 
@@ -149,6 +163,8 @@ def resume(agent):
             return asyncio.create_task(_install(agent, pend))
     if p["last"]:
         report(agent, *p["last"])
+    if _cmd_seq(agent) is not None:  # decided (pointer ``last``), not answered yet
+        return asyncio.create_task(_answer(agent))
     return None
 
 
@@ -156,6 +172,7 @@ def _fail(agent, version, seq, reason):
     slots.finish(_conf(agent)["dir"], [slots.FAILED, version, seq, reason])
     report(agent, slots.FAILED, version, seq, reason)
     agent.last_error = "update: " + reason
+    asyncio.create_task(_answer(agent))
 
 
 def _reset(agent):
@@ -330,6 +347,7 @@ async def _watch_trial(agent, root, trial_s):
             p = slots.read_pointer(root)
             slots.commit(root, p)
             report(agent, *p["last"])
+            await _answer(agent)
             return
         await asyncio.sleep_ms(200)
     p = slots.read_pointer(root)
@@ -340,3 +358,87 @@ async def _watch_trial(agent, root, trial_s):
     slots.roll_back(root, p, reason)
     report(agent, *p["last"])
     _reset(agent)
+
+
+# --- the signed result ---------------------------------------------------------------
+# The update command is answered once its outcome is decided: ``committed`` -> ``ok``;
+# ``rolled-back`` -> ``failed`` with data ``{"state": "rolled-back", ...}``; ``failed``
+# -> ``refused`` for a release the rules refuse (the reason code of ``check_update``, a
+# manifest that is not the command's, malformed arguments), ``failed`` for a fetch or
+# download that did not succeed (the fleet's ``ota.member_status`` reads exactly this).
+# The decision is on flash (the boot pointer's ``last``, one atomic write) and the seq in
+# ``State`` (``update_cmd``) before anything is signed: a power cut between the decision
+# and the publish leaves both, and the next start signs and publishes the result. It is
+# kept with the other answers (``answers``), so a resend of the command gets it again.
+
+_FAILURES = ("fetch", "download", "artifact_digest", "artifact_too_long")
+
+
+def _cmd_seq(agent):
+    """The seq of the update command taken and not answered yet, or None."""
+    cmd = agent.state.get("update_cmd")
+    if cmd and len(cmd) > 2 and cmd[0] is None:
+        return cmd[2]
+    return None
+
+
+def outcome(last):
+    """``(outcome, detail, data)`` of the result for the pointer's ``last`` outcome."""
+    state, version, seq, reason = (list(last) + [None, None, None, ""])[:4]
+    data = {"state": state, "version": version, "sequence": seq}
+    if state == slots.COMMITTED:
+        return "ok", "committed %s (sequence %s)" % (version, seq), data
+    if state == slots.ROLLED_BACK:
+        return "failed", reason or "rolled back", data
+    reason = reason or "failed"
+    for prefix in _FAILURES:
+        if reason.startswith(prefix):
+            return "failed", reason, data
+    return "refused", reason, data
+
+
+async def _wait_connected(agent):
+    from .mqtt import CONNECTED
+
+    while agent.link.client.state != CONNECTED:
+        await asyncio.sleep_ms(200)
+
+
+async def _answer(agent):
+    """Answer the update command taken (``_cmd_seq``) with its outcome once connected;
+    then it is done (``update_cmd`` cleared, ``update.json`` removed)."""
+    seq = _cmd_seq(agent)
+    if seq is None:
+        return
+    await _wait_connected(agent)
+    root = _conf(agent)["dir"]
+    last = slots.read_pointer(root)["last"] or [slots.FAILED, None, None,
+                                                "no outcome recorded"]
+    kind, detail, data = outcome(last)
+    await _result(agent, seq, kind, detail, data)
+    if _cmd_seq(agent) == seq:
+        agent.state.set(update_cmd=None)
+        pend = slots.read_json(_pending_path(agent))
+        if pend is None or pend.get("state") == "done":
+            slots.remove(_pending_path(agent))
+
+
+async def _refuse(agent, seq, why):
+    await _wait_connected(agent)
+    await _result(agent, seq, "refused", why, None)
+
+
+async def _result(agent, seq, kind, detail, data):
+    """The kept answer of ``seq`` again if there is one, else sign, keep and publish."""
+    from . import answers, unload
+
+    try:
+        for s, d in answers._kept(agent):
+            if s == seq:
+                await answers._send(agent, d)
+                return
+        gc.collect()
+        await answers._signed(agent, "update", seq, kind, detail, data)
+    finally:
+        answers = None
+        unload("cityedge_fw.answers")

@@ -29,6 +29,7 @@ update with ``failed`` and the reason (``update_slots.finish``), reported in the
 
 import gc
 import json
+import os
 import sys
 
 from cityedge_core.errors import PeerError
@@ -72,10 +73,20 @@ def verdict(u, pend, pointer):
 
 
 def run(cfg):
-    """Check the fetched release if one waits (``update.json`` state ``checking``);
+    """Check a trust-update's statement if one waits (``trust_check.run``), else the
+    fetched release if one waits (``update.json`` state ``checking``);
     ``main`` resets the board after (the names the check interned would stay on the
     agent's heap)."""
-    u = cfg["update"]
+    try:  # a trust-update's statement first (``trust_check``: the module is named here,
+        # not in ``main``, whose names are interned at every boot)
+        os.stat(cfg.get("store", {}).get("state", "/state.cbor") + ".trust.new")
+    except OSError:
+        pass
+    else:
+        return _trust(cfg)
+    u = cfg.get("update")
+    if not u:
+        return False
     root = u["dir"]
     pend = update_slots.read_json(update_slots.path(root, update_slots.UPDATE))
     if not pend or pend.get("state") != "checking":
@@ -105,4 +116,82 @@ def run(cfg):
     write_atomic(update_slots.path(root, update_slots.UPDATE), json.dumps(pend))
     print("update: %s %s (sequence %d) accepted; downloading into slot %s"
           % (m.component, m.version, m.sequence, slot))
+    return True
+
+
+# --- a trust-update's statement (``trust_check``) ---------------------------------
+
+class _Signer:
+    """What ``answers`` needs of an agent to sign and keep a result (no link: nothing is
+    published; the fleet's resend of the command gets the kept answer)."""
+
+    def __init__(self, device, key, kid, state_path):
+        self.device = device
+        self.writer = self  # ``writer.signer``, ``writer.kid``
+        self.signer = key
+        self.kid = kid
+        self.state = self  # ``state.path``
+        self.path = state_path
+        self.link = self  # ``link.client.state``: this object, never ``mqtt.CONNECTED``
+        self.client = self
+
+
+def _key(tls):
+    """The device's current key (``key_slots``' pointer: the slot's suffix)."""
+    from .keys import private_key_from_der, read_file
+
+    try:
+        with open(tls["key"] + ".slot") as f:
+            sfx = f.read()
+    except OSError:
+        sfx = ""
+    return private_key_from_der(read_file(tls["key"] + sfx))
+
+
+def _trust(cfg):
+    """Check the statement that waits (``S.trust.new``), install it if it holds, keep the
+    signed answer (``trust_check``'s rules); True (``main`` then resets: the names the
+    check interned would stay on the agent's heap)."""
+    state = cfg.get("store", {}).get("state", "/state.cbor")
+    pending = state + ".trust.new"
+    with open(pending, "rb") as f:
+        raw = f.read()
+    n = raw[0] if raw else 0
+    if len(raw) < 17 + n:  # torn cannot be (an atomic write): not ours, dropped
+        os.remove(pending)
+        return True
+    device = raw[1:1 + n].decode()
+    seq = int.from_bytes(raw[1 + n:9 + n], "big")
+    now = int.from_bytes(raw[9 + n:17 + n], "big") or None
+    data = bytes(raw[17 + n:])
+    raw = None
+    from .trust_check import install_checked
+
+    outcome = "ok"
+    try:
+        if not data:  # the agent keeps none that cannot be one (``answers``)
+            raise PeerError("trust-update: the statement (1) must be 1..1024 bytes")
+        with open(cfg["tls"]["ca"], "rb") as f:
+            root = f.read()
+        v = install_checked(state + ".trust", root, data, now)
+        detail = ("trust statement v%d installed" % v) if v else \
+            "trust statement already installed"
+    except PeerError as e:
+        outcome, detail = "refused", str(e)
+    except (OSError, ValueError, KeyError) as e:
+        outcome, detail = "failed", "trust store: %s" % e
+    print("trust-update %d: %s: %s" % (seq, outcome, detail))
+    gc.collect()
+    from cityedge_core import cose
+
+    from . import answers
+
+    key = _key(cfg["tls"])
+    agent = _Signer(device, key, cose.kid_for_public_key(key.public_key().to_sec1()), state)
+    coro = answers._signed(agent, "trust-update", seq, outcome, detail)
+    try:
+        coro.send(None)  # not connected: it keeps the answer and returns at once
+    except StopIteration:
+        pass
+    os.remove(pending)
     return True

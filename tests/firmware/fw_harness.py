@@ -207,6 +207,11 @@ class Subscriber:
         with self.lock:
             return [p for t, p in self.messages if t == "ce/v1/%s/up/status" % device]
 
+    def results(self, device: str = DEVICE) -> list[bytes]:
+        """The device's signed command results (``up/result``), in arrival order."""
+        with self.lock:
+            return [p for t, p in self.messages if t == "ce/v1/%s/up/result" % device]
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
@@ -237,3 +242,42 @@ def wait_for(pred: Any, timeout: float = 20) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("timed out waiting")
+
+
+class RebootingDevice:
+    """``start_device`` again each time the device resets (its process ends without the
+    test's stop file: a board's reset), until ``stop``: the unix port's stand-in for a
+    board that reboots. ``outputs``: each boot's stdout and stderr."""
+
+    def __init__(self, mpy_dir: Path, config: Path, stop_file: Path, heap: str = HEAP,
+                 max_boots: int = 30) -> None:
+        self.mpy_dir = mpy_dir
+        self.config = config
+        self.stop_file = stop_file
+        self.heap = heap
+        self.max_boots = max_boots
+        self.outputs: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while len(self.outputs) < self.max_boots:
+            self.proc = start_device(self.mpy_dir, self.config, self.heap)
+            out, err = self.proc.communicate()
+            self.outputs.append(out + err)
+            if self.stop_file.exists():
+                return
+
+    def start(self) -> RebootingDevice:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60) -> None:
+        self.stop_file.write_text("stop")
+        self._thread.join(timeout)
+        if self._thread.is_alive() and self.proc is not None:
+            self.proc.kill()
+            self._thread.join(10)
+
+    def log(self) -> str:
+        return "\n----- boot -----\n".join(self.outputs)

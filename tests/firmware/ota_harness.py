@@ -207,3 +207,67 @@ class UpdatingDevice:
 
     def log(self) -> str:
         return "\n----- boot -----\n".join(self.outputs)
+
+
+class FleetUpdateCommands:
+    """The fleet's side of a device's ``update`` commands, with the fleet's own code: the
+    ingest's result rules in its order (``ingest.Ingestor._result``: envelope, the key's
+    device, signature, payload, the device named, the command with that seq and name, not
+    answered yet; ``acceptance.Acceptance``), then the campaign's reading of the recorded
+    answer (``ota_store._result_state``, ``ota.member_status``). No database: a command
+    is ``{seq: state}``; ``take`` records a taken result as ``command_queue`` does."""
+
+    def __init__(self, creds: Credentials, device: str = DEVICE) -> None:
+        from cityedge_host.crypto import EcVerifier
+
+        self.device = device
+        self.verifier = EcVerifier(creds.key.public_key())
+        self.commands: dict[int, dict[str, Any]] = {}
+
+    def sent(self, seq: int, name: str = "update") -> None:
+        self.commands[seq] = {"name": name, "state": "sent", "detail": "", "data": None}
+
+    def take(self, payload: bytes) -> str:
+        """The decision's status (``acceptance.RESULT`` when taken) or the refusal."""
+        from types import SimpleNamespace
+
+        from cityedge_core import command_decode
+        from cityedge_core.errors import MalformedError, SignatureError
+        from cityedge_fleet import acceptance
+
+        rules = acceptance.Acceptance(3, 3)
+        publisher = SimpleNamespace(id=self.device, state="active", gateway_id=None)
+        try:
+            msg = command_decode.open_result(payload)
+        except MalformedError:
+            return "malformed"
+        signer = self.device if bytes(msg.kid) == self.verifier.kid else None
+        refusal = rules.signer(acceptance.RESULTS, publisher, bytes(msg.kid), signer, None)
+        if refusal is not None:
+            return refusal.status
+        try:
+            msg.verify(self.verifier)
+        except SignatureError:
+            return "bad_signature"
+        result = command_decode.result_from_payload(msg.payload)
+        refusal = rules.result_device(publisher, self.device, result)
+        if refusal is not None:
+            return refusal.status
+        row = self.commands.get(result.seq)
+        cmd = SimpleNamespace(**row) if row is not None else None
+        decision = rules.answered(publisher, cmd, result)
+        if decision.taken and row is not None:
+            row.update(state=result.outcome, detail=result.detail, data=result.data)
+        return decision.status
+
+    def member_status(self, seq: int) -> tuple[str, str]:
+        """What the OTA campaign makes of command ``seq``'s recorded answer."""
+        from cityedge_core import cbor
+        from cityedge_fleet import ota, ota_store
+
+        row = self.commands[seq]
+        data = cbor.dumps(row["data"]) if row["data"] is not None else None
+        facts = ota.CommandFacts(row["state"], sends=1, attempts=1, detail=row["detail"],
+                                 result_state=ota_store._result_state(data))
+        status, reason = ota.member_status(facts)
+        return str(status.value), reason

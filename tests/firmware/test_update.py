@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from fw_harness import DEVICE, Subscriber, check_chain, wait_for
 from ota_harness import (
+    FleetUpdateCommands,
     Releases,
     UpdatingDevice,
     build_release,
@@ -31,7 +32,9 @@ from ota_harness import (
     updates,
 )
 
-from cityedge_host.crypto import EcSigner, public_sec1
+from cityedge_core import command
+from cityedge_core.command_decode import decode_result
+from cityedge_host.crypto import EcSigner, EcVerifier, public_sec1
 
 from support.artifact_server import ArtifactServer
 from support.linkproxy import LinkProxy
@@ -59,6 +62,7 @@ class World:
         self.fleet_key.write_bytes(public_sec1(self.fleet.public_key))
         self.releases = Releases(tmp)
         self.sub = Subscriber(broker, pki)
+        self.fleet_side = FleetUpdateCommands(self.creds)  # the fleet's result rules
         self.cmd_seq = 0
         import paho.mqtt.client as paho
         from test_agent_commands import fleet_publisher
@@ -69,9 +73,30 @@ class World:
         info = self.pub.publish("ce/v1/%s/down/cmd" % DEVICE, payload, qos=1)
         info.wait_for_publish(10)
 
-    def update(self, server: ArtifactServer, manifest: bytes) -> None:
+    def update(self, server: ArtifactServer, manifest: bytes) -> bytes:
         self.cmd_seq += 1
-        self.send(update_command(self.fleet, self.cmd_seq, folder(server), manifest))
+        self.fleet_side.sent(self.cmd_seq)
+        cmd = update_command(self.fleet, self.cmd_seq, folder(server), manifest)
+        self.send(cmd)
+        return cmd
+
+    def results(self, seq: int) -> list[tuple[bytes, Any]]:
+        """(signed bytes, decoded result) of every answer to command ``seq`` so far."""
+        verifier = EcVerifier(self.creds.key.public_key())
+        out = []
+        for data in self.sub.results():
+            res = decode_result(data, verifier)
+            if res.seq == seq:
+                out.append((data, res))
+        return out
+
+    def result(self, dev: UpdatingDevice, seq: int, timeout: float = 120) -> tuple[bytes, Any]:
+        """The device's first signed answer to ``update`` command ``seq``, taken by the
+        fleet's result rules (``FleetUpdateCommands``)."""
+        dev.wait_for(lambda: self.results(seq), timeout)
+        data, res = self.results(seq)[0]
+        assert self.fleet_side.take(data) == "result", res
+        return data, res
 
     def close(self) -> None:
         self.pub.loop_stop()
@@ -120,9 +145,18 @@ def test_device_updates_while_streaming_commits_and_reports_the_new_version(
     try:
         with serve(world, images[NEW], man) as server:
             dev.wait_for(lambda: len(world.sub.readings()) >= 2, 60)
-            world.update(server, man)
+            cmd = world.update(server, man)
+            dev.wait_for(lambda: len(dev.boots) >= 3, 120)
+            world.send(cmd)  # the fleet sends it again mid-update: not answered (below)
             fw, upd = wait_update(world, dev, "committed", 180)
             assert (fw, upd) == (NEW, ["committed", NEW, 2, ""]), world.sub.status()
+            data, res = world.result(dev, 1)
+            assert (res.name, res.outcome) == ("update", "ok"), res
+            assert res.data == {"state": "committed", "version": NEW, "sequence": 2}, res
+            assert world.fleet_side.member_status(1) == ("committed", "")
+            world.send(cmd)  # a resend after the answer: the kept answer, the same bytes
+            dev.wait_for(lambda: len(world.results(1)) >= 2, 60)
+            assert {d for d, _r in world.results(1)} == {data}
             arts = [r for p, r in zip(server.paths, server.log, strict=True)
                     if p.endswith("artifact")]
             size = images[NEW].stat().st_size
@@ -144,8 +178,45 @@ def test_device_updates_while_streaming_commits_and_reports_the_new_version(
     order = ["scheduled", "checking", "downloading", "installing", "trial", "committed"]
     states = [order.index(u[0]) for _fw, u in updates(world.sub.status()) if u]
     assert states == sorted(states) and states[-1] == 5, updates(world.sub.status())
+    # never refused as a replay while it ran; the fleet takes the answer once
+    assert [r.outcome for _d, r in world.results(1)] == ["ok", "ok"]
+    assert world.fleet_side.take(data) == "result_duplicate"
     peak = [int(x) for x in re.findall(r"update: download heap peak (\d+)", dev.log())]
     print("update heap: download peak %s bytes in use at %s" % (peak, dev.heap))
+
+
+def test_a_forged_or_replayed_update_result_is_refused_by_the_fleets_rules(pki: TestPKI
+                                                                         ) -> None:
+    """What the device's answer protects: a result signed by another key under the
+    device's kid is a forgery; the device's own answer taken once is a duplicate the
+    second time (a replay changes nothing); an answer for a seq never sent, or naming
+    another command, is not taken; and a ``rolled-back`` answer cannot be turned into
+    ``ok`` (the outcome is signed)."""
+    creds = pki.issue_client(DEVICE)
+    device = EcSigner(creds.key)
+    fleet = FleetUpdateCommands(creds)
+    fleet.sent(4)
+    data = {"state": "rolled-back", "version": NEW, "sequence": 2}
+    honest = command.encode_result(device, device.kid, "update", DEVICE, 4, "failed",
+                                   "health: broker not reached", data)
+    forger = EcSigner.generate()
+    forged = command.encode_result(forger, device.kid, "update", DEVICE, 4, "ok",
+                                   "committed", dict(data, state="committed"))
+    assert fleet.take(forged) == "bad_signature"
+    assert fleet.take(command.encode_result(forger, forger.kid, "update", DEVICE, 4, "ok",
+                                            "")) == "unknown_key"
+    assert fleet.take(honest.replace(b"failed", b"passed")) == "bad_signature"  # altered
+    assert fleet.take(command.encode_result(device, device.kid, "update", DEVICE, 9, "ok",
+                                            "")) == "unknown_command"
+    assert fleet.take(command.encode_result(device, device.kid, "rotate", DEVICE, 4, "ok",
+                                            "")) == "result_mismatch"
+    assert fleet.take(honest) == "result"
+    assert fleet.member_status(4) == ("rolled-back", "rolled back: health: broker not "
+                                      "reached")
+    assert fleet.take(honest) == "result_duplicate"  # replayed: recorded once
+    later = command.encode_result(device, device.kid, "update", DEVICE, 4, "ok", "")
+    assert fleet.take(later) == "result_conflict"  # kept aside, the first answer stands
+    assert fleet.member_status(4)[0] == "rolled-back"
 
 
 def test_a_release_that_cannot_reach_the_broker_is_rolled_back_by_the_device(
@@ -171,10 +242,16 @@ def test_a_release_that_cannot_reach_the_broker_is_rolled_back_by_the_device(
                 wait_for(lambda: dev.pointer().get("last") is not None, 120)
                 proxy.restore()
                 fw, upd = wait_update(world, dev, "rolled-back", 120)
+                _data, res = world.result(dev, 1)
         finally:
             dev.stop()
         assert fw == OLD
         assert upd[:3] == ["rolled-back", NEW, 2] and "broker not reached" in upd[3], upd
+        # decided by the trial release, which reset with no link: signed and sent by the
+        # old release at its next start
+        assert res.outcome == "failed" and "broker not reached" in res.detail, res
+        assert res.data == {"state": "rolled-back", "version": NEW, "sequence": 2}, res
+        assert world.fleet_side.member_status(1)[0] == "rolled-back"
         p = dev.pointer()
         assert (p["slot"], p["seq"], p["trial"]) == ("a", 0, None), p
         i = dev.boots.index("b")
@@ -200,10 +277,15 @@ def test_a_release_that_crashes_at_every_boot_is_rolled_back_by_the_boot_selecto
             dev.wait_for(lambda: len(world.sub.readings()) >= 2, 60)
             world.update(server, man)
             fw, upd = wait_update(world, dev, "rolled-back", 180)
+            _data, res = world.result(dev, 1)
     finally:
         dev.stop()
     assert fw == OLD
     assert upd[:3] == ["rolled-back", "1.2.0", 3] and "did not commit" in upd[3], upd
+    # decided by the boot selector: the old release signs and sends the result
+    assert res.outcome == "failed" and "did not commit" in res.detail, res
+    assert res.data == {"state": "rolled-back", "version": "1.2.0", "sequence": 3}, res
+    assert world.fleet_side.member_status(1)[0] == "rolled-back"
     i = dev.boots.index("b")
     assert dev.boots[i:i + 4] == ["b", "b", "b", "a"], dev.boots  # 3 trial boots, then a
     assert "a broken release" in dev.log()
@@ -314,13 +396,21 @@ def test_update_attacks_are_refused_and_nothing_installs(
                             files={"manifest": man, "keys": keys}) as server:
             dev.wait_for(lambda: len(world.sub.readings()) >= 2, 60)
             world.cmd_seq += 1
+            world.fleet_side.sent(world.cmd_seq)
             world.send(update_command(world.fleet, world.cmd_seq, folder(server), named))
             fw, upd = wait_update(world, dev, "failed", 150)
+            _data, res = world.result(dev, world.cmd_seq)
             served = sum(len(body) for p in server.paths if p.endswith("artifact"))
     finally:
         dev.stop()
     assert fw == OLD
     assert upd[0] == "failed" and upd[3].startswith(reason), upd
+    # the signed result: a release the rules refuse is ``refused`` with the reason code,
+    # a download that did not succeed ``failed``; the campaign counts either as failed
+    assert res.detail.startswith(reason), res
+    assert res.outcome == ("failed" if reason.startswith(("artifact", "download"))
+                           else "refused"), res
+    assert world.fleet_side.member_status(world.cmd_seq)[0] == "failed"
     assert "b" not in dev.boots, dev.boots  # the new slot never booted
     p = dev.pointer()
     assert (p["slot"], p["seq"], p["version"], p["trial"]) == ("a", 5, OLD, None), p
