@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test test-core test-mp lint typecheck bench firmware clean
+.PHONY: setup system-deps demo test test-core test-mp lint typecheck bench firmware clean screenshots
 
 # Debian packages the real-component tests and the demo use. Installed only when missing.
 # PostgreSQL: the server binaries only; tests start their own throwaway cluster.
@@ -42,6 +42,10 @@ demo: setup
 # file's module fixtures (a broker, a built firmware) are made once.
 test: setup lint typecheck
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=30
+
+# the console's pictures in the docs, taken by the browser tests
+screenshots: setup
+	CITYEDGE_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/fleet/test_console_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

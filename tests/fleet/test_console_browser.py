@@ -3,11 +3,14 @@ against the real app under uvicorn. Sign in per role and see only what the role 
 filter devices, open a device and read its chart, pause a campaign, see the audit log's
 verification fail after a row is tampered with; no console errors on any page; axe-core
 finds no serious or critical violation; each page fits a phone's width. Screenshots of
-each page go to docs/screenshots/ (the docs site shows them)."""
+each page go to a temporary folder, or to docs/screenshots/ under `make screenshots`
+(the docs site shows them)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,11 @@ from cityedge_fleet.models import Role
 from support.console import ServerThread, rotation_campaign, seed_fleet
 from support.fleet import Api
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# `make screenshots` sets CITYEDGE_SCREENSHOTS=docs/screenshots to refresh the docs' pictures;
+# a plain test run writes them beside its other temporary files and leaves the tree clean
+SHOTS = Path(os.environ.get("CITYEDGE_SCREENSHOTS")
+             or Path(tempfile.gettempdir()) / ("cityedge-screenshots-%d" % os.getpid()))
+DOCS_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 NAV = {  # what each role's menu offers (the API's roles: ``console.access``)
@@ -112,6 +119,8 @@ def check_page(tab: Tab, shot: str | None = None) -> None:
     if shot:
         SHOTS.mkdir(parents=True, exist_ok=True)
         tab.page.screenshot(path=str(SHOTS / shot), full_page=True)
+        # the docs show a picture of this page under the same name
+        assert (DOCS_SHOTS / shot).is_file(), shot
 
 
 def test_each_role_sees_only_its_pages(site: Site, browser: Browser) -> None:
