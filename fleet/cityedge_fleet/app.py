@@ -43,6 +43,8 @@ from cityedge_fleet.broker_sync import BrokerAccess
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import open_database
 from cityedge_fleet.models import CONTROL_CHARACTERS
+from cityedge_fleet.opendata import routes as opendata_routes
+from cityedge_fleet.opendata.catalogue import OpenData
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
 health_router = APIRouter(tags=["health"])
@@ -97,6 +99,10 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
                                                   lim.rate_limit_clients_max)
     for router in ROUTERS:
         app.include_router(router)
+    # open data: public, read-only, no token (``opendata``); off without its secret file
+    app.state.opendata = OpenData.from_settings(settings, engine)
+    app.include_router(opendata_routes.router)
+    app.include_router(opendata_routes.bulk_router)
     metrics.instrument(app)
 
     make_openapi = app.openapi
