@@ -8,6 +8,7 @@ from pathlib import Path
 from bench import campaign as campaign_bench
 from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
+from bench import opendata as opendata_bench
 from bench import ota as ota_bench
 from bench import rotation as rotation_bench
 from bench.machine import describe
@@ -37,6 +38,9 @@ def main() -> None:
     f = fleet_bench.run()
     results["fleet"] = f
     fleet_bench.report(f)
+    od = opendata_bench.run()
+    results["opendata"] = od
+    opendata_bench.report(od)
     rot = rotation_bench.run()
     results["rotation"] = rot
     rotation_bench.report(rot)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.models import Credential, Device, Role
 from cityedge_fleet.opendata.catalogue import OpenDataError
 
-from support.fleet import Api, EnrolledDevice, enroll_device
+from support.fleet import Api, EnrolledDevice, enroll_device, relay_topic
 from support.opendata import (
     LATITUDE,
     LONGITUDE,
@@ -84,7 +83,8 @@ class World:
 
 
 def make_world(api: Api, settings: Settings) -> World:
-    a, b, c, d = (enroll_device(api, i) for i in (1, 2, 3, 4))
+    a, b, c, d, gw = (enroll_device(api, i) for i in (1, 2, 3, 4, 5))
+    node = enroll_device(api, 6, gateway=gw.id)  # reports through the gateway gw
     r = api.client.patch("/devices/%s" % c.id, json={"site": PRIVATE_SITE},
                          headers=api.headers(Role.technician))
     assert r.status_code == 200, r.text
@@ -107,14 +107,20 @@ def make_world(api: Api, settings: Settings) -> World:
                           timebase=batchmod.TIME_SINCE_BOOT))  # seconds since boot: no time
     a.writer.head = bytes(32)  # the chain broken: a fork, stored but not published
     send(a, a.writer.sign(pack(a.id, [("pm25", 960, 777.0)], True), boot=1))
-    assert statuses == ["ok", "ok", "ok", "ok", "bad_signature", "duplicate", "ok", "fork"]
+    # the node's own signed batch, relayed byte for byte by its gateway
+    statuses.append(ingest.handle(relay_topic(gw.id), node.writer.sign(
+        pack(node.id, [("temp", 30, -3.5)], True), boot=1)).status)
+    assert statuses == ["ok", "ok", "ok", "ok", "bad_signature", "duplicate", "ok", "fork",
+                        "ok"]
     expected = {
         (a.id, "pm25"): [(T0, 10.5), (T0 + 60, 11.0)] + [(T0 + 120 + 60 * i, 12.0 + i)
                                                          for i in range(7)],
         (a.id, "temp"): [(T0 + 1, 20.25)],
         (b.id, "pm25"): [(T0, 5.0), (T0 + 60, 6.0)],
+        (node.id, "temp"): [(T0 + 30, -3.5)],
     }
-    return World(api, settings, {"a": a, "b": b, "c": c, "d": d}, expected, statuses)
+    return World(api, settings, {"a": a, "b": b, "c": c, "d": d, "gw": gw, "node": node},
+                 expected, statuses)
 
 
 @pytest.fixture
@@ -138,13 +144,14 @@ def test_frost_client_reads_the_verified_readings_with_filters_and_paging(
     with served(app) as base:  # type: ignore[arg-type]
         service = fsc.SensorThingsService(base + STA)
         things = list(service.things().query().top(1).list())  # pages of one
-        # the three devices enrolled at the public site (one has sent nothing yet)
-        assert len(things) == 3 and len({t.id for t in things}) == 3
+        # the five devices enrolled at the public site (two have sent nothing themselves)
+        assert len(things) == 5 and len({t.id for t in things}) == 5
         streams = list(service.datastreams().query().list())
-        assert len(streams) == 3
+        assert len(streams) == 4
         got: dict[tuple[str, str], list[tuple[float, float]]] = {}
         by_thing: dict[str, str] = {}
         kind_of: dict[str, str] = {}
+        relayed: list[str] = []
         for thing in things:
             for ds in thing.get_datastreams().query().list():
                 by_thing[ds.id] = thing.id
@@ -163,6 +170,8 @@ def test_frost_client_reads_the_verified_readings_with_filters_and_paging(
             for o in obs:
                 assert o.parameters["signature"].startswith("ES256")
                 assert o.parameters["chainStatus"] == "ok"
+                if o.parameters["relayed"]:
+                    relayed.append(o.parameters["relayedBy"])
         # the things' public ids stand for a and b: match them by their readings
         want = {}
         names = {}
@@ -172,6 +181,9 @@ def test_frost_client_reads_the_verified_readings_with_filters_and_paging(
             want[(names[device], kind)] = values
         assert got == want
         assert names[a.id] != names[b.id]
+        # the relayed reading names its gateway by the gateway's public Thing id
+        gw_thing = app.state.opendata.ids.thing(world.devices["gw"].id)  # type: ignore[attr-defined]
+        assert relayed == [gw_thing] and gw_thing in {t.id for t in things}
 
         # $filter over time and value, $count, $orderby desc
         pm25_a = next(s.id for s in streams
@@ -380,5 +392,8 @@ def test_datastream_filter_on_names_and_ids(world: World) -> None:
     props = client.get(STA + "/ObservedProperties",
                        params={"$filter": "name eq 'PM2.5'"}).json()["value"]
     assert [p["@iot.id"] for p in props] == ["pm25"]
-    assert math.isclose(len(client.get(STA + "/Things", params={"$skip": "2"}).json()[
-        "value"]), 1)
+    every = [t["@iot.id"] for t in client.get(STA + "/Things").json()["value"]]
+    assert len(every) == 5 and every == sorted(every)  # by @iot.id unless told
+    page = client.get(STA + "/Things", params={"$skip": "2", "$top": "2"}).json()
+    assert [t["@iot.id"] for t in page["value"]] == every[2:4]
+    assert "$skip=4" in page["@iot.nextLink"]

@@ -141,6 +141,7 @@ class Catalogue:
     kinds: dict[str, OpenDataKind] = field(default_factory=dict)
     datastreams: dict[str, DatastreamEntry] = field(default_factory=dict)
     by_stream: dict[tuple[str, str], DatastreamEntry] = field(default_factory=dict)
+    by_thing: dict[str, list[DatastreamEntry]] = field(default_factory=dict)
 
 
 def kind_of(device_id: str, name: str, kinds: Iterable[str]) -> str | None:
@@ -209,6 +210,7 @@ def build(session: Session, settings: Settings, ids: PublicIds) -> Catalogue:
         stream = DatastreamEntry(ids.datastream(device_id, kind), owner, kind)
         cat.datastreams[stream.id] = stream
         cat.by_stream[(device_id, kind)] = stream
+        cat.by_thing.setdefault(owner.id, []).append(stream)
     return cat
 
 

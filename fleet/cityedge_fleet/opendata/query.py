@@ -168,7 +168,7 @@ class Entities:
         cat = self.cat
         if entity_set == "Things":
             th = cat.things[key]
-            kinds = sorted(s.kind for s in cat.datastreams.values() if s.thing is th)
+            kinds = sorted(s.kind for s in cat.by_thing.get(th.id, ()))
             loc = cat.locations.get(th.location_id)
             return {"@iot.id": th.id, "name": "%s at %s" % (th.model, loc.name if loc
                                                              else "a public site"),
@@ -200,19 +200,21 @@ class Entities:
                     "observationType": MEASUREMENT}
         raise KeyError(entity_set)
 
-    def keys(self, entity_set: str) -> list[Any]:
+    def table(self, entity_set: str) -> Mapping[str, Any]:
         cat = self.cat
         tables: dict[str, Mapping[str, Any]] = {
             "Things": cat.things, "Locations": cat.locations, "Sensors": cat.sensors,
             "ObservedProperties": cat.kinds, "Datastreams": cat.datastreams}
-        table = tables[entity_set]
-        return list(table)
+        return tables[entity_set]
+
+    def keys(self, entity_set: str) -> list[Any]:
+        return list(self.table(entity_set))
 
     def exists(self, entity_set: str, key: Any) -> bool:
         if entity_set == "Observations":
             return isinstance(key, int) and bool(self.observations(
                 None, col(Reading.id) == key, None, (), 0, 1)[0])
-        return isinstance(key, str) and key in self.keys(entity_set)
+        return isinstance(key, str) and key in self.table(entity_set)
 
     def related(self, entity_set: str, key: Any, nav: str) -> list[Any]:
         """Keys of the entities ``nav`` leads to (not for Observations of a stream)."""
@@ -221,7 +223,7 @@ class Entities:
             th = cat.things[key]
             if nav == "Locations":
                 return [th.location_id] if th.location_id in cat.locations else []
-            return [s.id for s in cat.datastreams.values() if s.thing is th]
+            return [s.id for s in cat.by_thing.get(th.id, ())]
         if entity_set == "Locations":
             return [t.id for t in cat.things.values() if t.location_id == key]
         if entity_set == "Sensors":
