@@ -12,6 +12,8 @@ readings in the database, queried with the filter turned into SQL with bound par
 from __future__ import annotations
 
 import datetime as dt
+import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +36,13 @@ from cityedge_fleet.opendata.catalogue import (
 )
 from cityedge_fleet.opendata.sta_filter import Type
 
-OPTIONS = ("$filter", "$top", "$skip", "$orderby", "$expand", "$select", "$count")
+OPTIONS = ("$filter", "$top", "$skip", "$orderby", "$expand", "$select", "$count",
+           "$skiptoken")
+# ``$skiptoken`` (OData's server-driven paging): the sort value and id of the last
+# observation of the page before, ``<value>_<id>``; the next page starts right after it
+# through the index instead of counting ``$skip`` rows again
+_SKIPTOKEN = re.compile(r"^(-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:e[+-]?[0-9]{1,3})?)?_([0-9]{1,19})$")
+KEYSET = ("phenomenonTime", "resultTime", "result", "@iot.id", "id")
 SIGNATURE = "ES256 COSE_Sign1 verified by the fleet ingest"
 MEASUREMENT = "http://www.opengis.net/def/observationType/OGC-OM/2.0/OM_Measurement"
 _NAMED: dict[str, Type] = {"@iot.id": "text", "id": "text", "name": "text",
@@ -79,6 +87,11 @@ class Options:
     expand: tuple[str, ...]
     select: tuple[str, ...]
     count: bool
+    after: tuple[float, int] | None = None  # from $skiptoken: (sort value, id)
+
+    def keyset(self) -> bool:
+        """Can the next page start after the last row (one sort property at most)?"""
+        return len(self.orderby) <= 1 and all(p in KEYSET for p, _ in self.orderby)
 
     @classmethod
     def parse(cls, entity_set: str, params: Sequence[tuple[str, str]],
@@ -121,7 +134,16 @@ class Options:
         count = seen.get("$count", "false")
         if count not in ("true", "false"):
             raise QueryError("$count is true or false")
-        return cls(node, top, skip, tuple(orderby), expand, select_, count == "true")
+        after = None
+        if "$skiptoken" in seen:
+            m = _SKIPTOKEN.match(seen["$skiptoken"])
+            mark = float(m.group(1)) if m and m.group(1) else 0.0
+            if (entity_set != "Observations" or m is None or not math.isfinite(mark)
+                    or len(orderby) > 1 or any(p not in KEYSET for p, _ in orderby)):
+                raise QueryError("$skiptoken is only the one an @iot.nextLink gave")
+            after = (mark, int(m.group(2)))
+        return cls(node, top, skip, tuple(orderby), expand, select_, count == "true",
+                   after)
 
 
 def _count_option(name: str, text: str | None, default: int, most: int) -> int:
@@ -262,7 +284,8 @@ class Entities:
     def observations(self, streams: list[DatastreamEntry] | None,
                      extra: ColumnElement[bool] | None, node: sta_filter.Node | None,
                      orderby: Sequence[tuple[str, bool]], skip: int, top: int,
-                     count: bool = False) -> tuple[list[Reading], int | None]:
+                     count: bool = False, after: tuple[float, int] | None = None
+                     ) -> tuple[list[Reading], int | None]:
         """Published readings of ``streams`` (None: of every public datastream)."""
         settings = self.settings
         if streams is None:
@@ -277,7 +300,10 @@ class Entities:
         if node is not None:
             where.append(to_sql(node))
         order = [(_COLUMNS[p]).desc() if desc else _COLUMNS[p] for p, desc in orderby]
-        query = select(Reading).where(*where).order_by(*order, col(Reading.id))
+        query = select(Reading).where(*where)
+        if after is not None:
+            query = query.where(after_condition(orderby, after))
+        query = query.order_by(*order, col(Reading.id))
         rows = list(self.session.exec(query.offset(skip).limit(top)).all())
         if streams is None:  # a hostile name matching another device's prefix: not shown
             rows = [r for r in rows if self.stream_of(r) is not None]
@@ -286,6 +312,29 @@ class Entities:
             total = self.session.exec(select(func.count()).select_from(Reading)
                                       .where(*where)).one()
         return rows, total
+
+
+def after_condition(orderby: Sequence[tuple[str, bool]], after: tuple[float, int]
+                    ) -> ColumnElement[bool]:
+    """Rows after (value, id) in the order ``orderby`` then id ascending; the bound on
+    the sort column alone comes first so an index on it is used."""
+    value, last_id = after
+    rid = col(Reading.id)
+    if not orderby or orderby[0][0] in ("@iot.id", "id"):
+        desc = bool(orderby) and orderby[0][1]
+        return rid < last_id if desc else rid > last_id
+    column = _COLUMNS[orderby[0][0]]
+    if orderby[0][1]:
+        return and_(column <= value, or_(column < value, rid > last_id))
+    return and_(column >= value, or_(column > value, rid > last_id))
+
+
+def skiptoken(orderby: Sequence[tuple[str, bool]], row: Reading) -> str:
+    """The ``$skiptoken`` of the page after ``row``."""
+    if not orderby or orderby[0][0] in ("@iot.id", "id"):
+        return "_%d" % (row.id or 0)
+    value = row.value if orderby[0][0] == "result" else row.t
+    return "%r_%d" % (value, row.id or 0)
 
 
 _COLUMNS: dict[str, Any] = {"@iot.id": col(Reading.id), "id": col(Reading.id),

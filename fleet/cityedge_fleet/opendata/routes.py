@@ -39,6 +39,7 @@ from cityedge_fleet.opendata.query import (
     iso,
     order_key,
     props_of,
+    skiptoken,
 )
 
 STA_PREFIX = "/sta/v1.1"
@@ -186,12 +187,15 @@ def _body(ent: Entities, entity_set: str, key: Any) -> dict[str, Any]:
 
 def _collection(ent: Entities, od: OpenData, entity_set: str, key: Any, nav: str | None,
                 target: str, opts: Options, base: str, request: Request) -> dict[str, Any]:
+    token = ""
     if target == "Observations":
         streams = None if nav is None else [ent.cat.datastreams[key]]
         rows, total = ent.observations(streams, None, opts.filter, opts.orderby, opts.skip,
-                                       opts.top + 1, opts.count)
+                                       opts.top + 1, opts.count, opts.after)
         more = len(rows) > opts.top
         page = [ent.observation(r) for r in rows[:opts.top]]
+        if more and opts.keyset() and opts.top > 0:
+            token = skiptoken(opts.orderby, rows[opts.top - 1])
     else:
         keys = ent.keys(target) if nav is None else ent.related(entity_set, key, nav)
         bodies = [ent.body(target, k) for k in keys]
@@ -208,8 +212,12 @@ def _collection(ent: Entities, od: OpenData, entity_set: str, key: Any, nav: str
         out["@iot.count"] = total
     out["value"] = [_render(ent, od, target, b, opts, base) for b in page]
     if more:
-        params = [(k, v) for k, v in request.query_params.multi_items() if k != "$skip"]
-        params.append(("$skip", str(opts.skip + opts.top)))
+        params = [(k, v) for k, v in request.query_params.multi_items()
+                  if k not in ("$skip", "$skiptoken")]
+        if target == "Observations" and opts.keyset() and opts.top > 0:
+            params.append(("$skiptoken", token))
+        else:
+            params.append(("$skip", str(opts.skip + opts.top)))
         if "$top" not in dict(params):
             params.append(("$top", str(opts.top)))
         out["@iot.nextLink"] = "%s/%s?%s" % (base, request.path_params["path"].strip("/"),
