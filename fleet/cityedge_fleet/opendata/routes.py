@@ -44,8 +44,10 @@ from cityedge_fleet.opendata.query import (
 
 STA_PREFIX = "/sta/v1.1"
 BULK_PREFIX = "/opendata/v1"
-router = APIRouter(prefix=STA_PREFIX, tags=["open data"])
-bulk_router = APIRouter(prefix=BULK_PREFIX, tags=["open data"])
+# not in the fleet's OpenAPI document: the SensorThings API is its own standard (its
+# service document is ``/sta/v1.1``), and these public routes take no token
+router = APIRouter(prefix=STA_PREFIX, tags=["open data"], include_in_schema=False)
+bulk_router = APIRouter(prefix=BULK_PREFIX, tags=["open data"], include_in_schema=False)
 ENTITY_SETS = tuple(NAVIGATION)
 _SEGMENT = re.compile(r"^(?P<set>[A-Za-z]{1,32})"
                       r"(?:\((?:'(?P<text>[0-9A-Za-z_.-]{1,64})'|(?P<num>[0-9]{1,18}))\))?$")
@@ -102,7 +104,7 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + STA_PREFIX
 
 
-@router.get("", include_in_schema=False)
+@router.get("")
 @router.get("/")
 def sta_root(request: Request) -> Response:
     """The service document: the entity sets and the conformance classes."""
