@@ -10,6 +10,7 @@ from bench import campaign as campaign_bench
 from bench import console as console_bench
 from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
+from bench import opendata as opendata_bench
 from bench import ota as ota_bench
 from bench import rotation as rotation_bench
 from bench.machine import describe
@@ -42,6 +43,9 @@ def main() -> None:
     cons = console_bench.run()
     results["console"] = cons
     console_bench.report(cons)
+    od = opendata_bench.run()
+    results["opendata"] = od
+    opendata_bench.report(od)
     rot = rotation_bench.run()
     results["rotation"] = rot
     rotation_bench.report(rot)

@@ -44,6 +44,8 @@ from cityedge_fleet.config import Settings
 from cityedge_fleet.console.mount import install as install_console
 from cityedge_fleet.db import open_database
 from cityedge_fleet.models import CONTROL_CHARACTERS
+from cityedge_fleet.opendata import routes as opendata_routes
+from cityedge_fleet.opendata.catalogue import OpenData
 from cityedge_fleet.ratelimit import DownloadBudget, TokenBucketLimiter
 
 health_router = APIRouter(tags=["health"])
@@ -102,6 +104,10 @@ def create_app(settings: Settings, *, init_db: bool = False) -> FastAPI:
         lim.ota_download_devices_max)
     for router in ROUTERS:
         app.include_router(router)
+    # open data: public, read-only, no token (``opendata``); off without its secret file
+    app.state.opendata = OpenData.from_settings(settings, engine)
+    app.include_router(opendata_routes.router)
+    app.include_router(opendata_routes.bulk_router)
     metrics.instrument(app)
 
     make_openapi = app.openapi

@@ -13,11 +13,12 @@ defaults put everything under ``var/``). No ``.env`` file is read unless
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cityedge_fleet.broker_acl import check_share_group
@@ -119,6 +120,23 @@ class FleetLimits(BaseModel):
     ota_download_bytes_burst: int = 64 * 1024 * 1024
     ota_download_bytes_per_s: float = 2 * 1024 * 1024
     ota_download_devices_max: int = 100_000  # devices one budget tracks (LRU beyond)
+    # open data (``opendata``: the public SensorThings API and the bulk downloads)
+    sta_page_max: int = 1000  # entities in one page ($top beyond it is refused: 400)
+    sta_page_default: int = 100  # entities in a page when the client gives no $top
+    sta_skip_max: int = 10_000_000  # entities a client may skip ($skip beyond: 400)
+    sta_query_max_chars: int = 2048  # characters of a whole query string (414 beyond)
+    sta_filter_max_chars: int = 1024  # characters of one $filter expression
+    sta_filter_max_depth: int = 16  # nesting of parentheses and ``not`` in a $filter
+    sta_filter_max_terms: int = 64  # comparisons in one $filter
+    sta_literal_max_chars: int = 128  # characters of one literal in a $filter
+    sta_orderby_max: int = 3  # properties in one $orderby
+    sta_expand_max: int = 100  # entities in one expanded collection
+    sta_burst: int = 120  # open-data requests allowed in a burst per client IP
+    sta_per_s: float = 20.0  # refill rate of that bucket, per second
+    sta_cache_s: int = 60  # seconds a client or proxy may keep an answer (Cache-Control)
+    sta_index_ttl_s: float = 60.0  # seconds the public catalogue (things, datastreams)
+    # is kept before it is built again from the registry
+    sta_bulk_max_rows: int = 500_000  # readings in one bulk download (site and day)
 
     @property
     def enroll_body_max_bytes(self) -> int:
@@ -145,6 +163,36 @@ class FleetLimits(BaseModel):
             raise ValueError("command_resend_s must be above 0 and at most "
                              "command_resend_max_s")
         return self
+
+
+OPEN_KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LOCATION_DECIMALS_MAX = 4  # decimals of a published coordinate: 1e-4 degree, ~11 m
+# chain verdicts whose readings open data may publish (``cityedge_core.chain.ACCEPTED``
+# less ``fork``: a fork is signed but breaks its device's chain, see docs/OPEN_DATA.md)
+OPEN_CHAIN_STATUSES = ("ok", "gap", "reordered")
+
+
+class OpenDataSite(BaseModel):
+    """A site the city publishes: its public name and where it is (degrees, WGS 84;
+    published rounded to ``opendata_location_decimals``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    description: str = Field(default="", max_length=512)
+    latitude: float = Field(ge=-90, le=90)
+    longitude: float = Field(ge=-180, le=180)
+
+
+class OpenDataKind(BaseModel):
+    """A sensor kind the city publishes (an ObservedProperty) and its unit."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    description: str = Field(default="", max_length=512)
+    definition: str = Field(default="", max_length=256)  # a URI naming the property
+    unit_name: str = Field(min_length=1, max_length=64)
+    unit_symbol: str = Field(min_length=1, max_length=32)  # the SenML unit stored
+    unit_definition: str = Field(default="", max_length=256)
 
 
 class Settings(BaseSettings):
@@ -224,7 +272,39 @@ class Settings(BaseSettings):
     ota_dir: Path = DEV_VAR_DIR / "ota"
     ota_root_set_file: Path | None = None
     ota_public_url: str | None = None
+    # open data (``opendata``; docs/OPEN_DATA.md): the file holding the server secret that
+    # keys the public ids (at least 32 random bytes, mode 0600; `openssl rand -out FILE
+    # 32`). No default: without it the open-data endpoints answer 404
+    opendata_secret_file: Path | None = None
+    # the sites the city publishes: {"harbour": {"name": ..., "latitude": ...,
+    # "longitude": ...}} (as an environment variable, JSON); a device elsewhere is not
+    opendata_sites: dict[str, OpenDataSite] = Field(default_factory=dict)
+    # the sensor kinds published: a reading's SenML name (less its device's id and ":")
+    # -> its ObservedProperty and unit; a reading of any other name is not published
+    opendata_kinds: dict[str, OpenDataKind] = Field(default_factory=dict)
+    opendata_location_decimals: int = Field(default=3, ge=0, le=LOCATION_DECIMALS_MAX)
+    # chain verdicts of the batches whose readings are published
+    opendata_chain_statuses: list[str] = Field(
+        default_factory=lambda: list(OPEN_CHAIN_STATUSES))
     limits: FleetLimits = Field(default_factory=FleetLimits)
+
+    @field_validator("opendata_kinds")
+    @classmethod
+    def _open_kinds(cls, value: dict[str, OpenDataKind]) -> dict[str, OpenDataKind]:
+        for kind in value:
+            if not OPEN_KIND.match(kind):
+                raise ValueError("a published kind is 1..64 of A-Z a-z 0-9 _ . - (it is "
+                                 "matched against reading names)")
+        return value
+
+    @field_validator("opendata_chain_statuses")
+    @classmethod
+    def _open_statuses(cls, value: list[str]) -> list[str]:
+        wrong = [v for v in value if v not in OPEN_CHAIN_STATUSES]
+        if wrong or not value:
+            raise ValueError("one or more of %s (verified readings only)"
+                             % ", ".join(OPEN_CHAIN_STATUSES))
+        return sorted(set(value))
 
     @field_validator("ota_public_url")
     @classmethod
