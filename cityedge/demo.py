@@ -112,8 +112,7 @@ def main() -> None:
     con.print("   Inspect any batch yourself: cityedge inspect FILE --pubkey KEY.pem")
     from cityedge import demo_hardware, demo_system
 
-    demo_system.main(con)
-    demo_hardware.main(con)
+    demo_system.main(con, then=demo_hardware.main)  # the console and open data come last
 
 
 if __name__ == "__main__":

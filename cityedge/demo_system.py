@@ -11,6 +11,9 @@
    and serves the readings with their provenance; the audit log is verified.
 5. The security team rotates a streaming Raspberry Pi gateway's key (``demo_rotation``).
 6. A signed release reaches that gateway through an OTA campaign (``demo_ota``).
+7. ``then`` (the hardware checker's part of the demo) runs while the city still runs;
+   at the end the web console and the public SensorThings API answer, with the address,
+   a token to sign in with and the open-data URL (``demo_opendata``).
 
 Everything runs as child processes that are stopped at the end, whatever happens.
 """
@@ -28,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from cityedge import demo_ota, demo_rotation
+from cityedge import demo_opendata, demo_ota, demo_rotation
 from cityedge_fleet import broker, broker_acl
 from cityedge_fleet.ca import CertificateAuthority, init_ca, issue_service
 from cityedge_fleet.ca_custody import Custody
@@ -180,7 +183,7 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
                    CITYEDGE_AUDIT_ANCHOR_FILE=str(work / "audit-anchor"),
                    CITYEDGE_AUDIT_KEY_FILE=str(work / "audit.key"),
                    CITYEDGE_COMMAND_KEY_FILE=str(work / "command.key"),
-                   CITYEDGE_HOME=str(work / "laptop"))
+                   CITYEDGE_HOME=str(work / "laptop"), **demo_opendata.fleet_env(work))
         con.print("[bold]2. fleet service[/bold]: API on 127.0.0.1:%d (SQLite), ingest worker"
                   % api_port)
         cityedge(["fleet", "init-db"], env)  # the one step that creates the database
@@ -280,7 +283,7 @@ def stream(con: Console, c: dict[str, Any], roots: list[Path]) -> None:
     con.print("6. %s (hash chain checked row by row)" % audit)
 
 
-def main(con: Console) -> None:
+def main(con: Console, then: Callable[[Console], None] | None = None) -> None:
     con.rule("[bold]cityedge demo, part 2: the whole system on this machine")
     try:
         with city(con) as c:
@@ -288,8 +291,11 @@ def main(con: Console) -> None:
             stream(con, c, roots)
             demo_rotation.main(con, c, cityedge, BIN, c["broker_port"])
             demo_ota.main(con, c, cityedge)
+            con.rule("[bold green]part 2 complete: every reading above was signed on its "
+                     "device and verified by the fleet")
+            if then is not None:
+                then(con)
+            demo_opendata.main(con, c, cityedge)
     except (DemoError, RuntimeError) as e:
         con.print("[red]cityedge: demo failed: %s[/red]" % e)
         raise SystemExit(1) from e
-    con.rule("[bold green]part 2 complete: every reading above was signed on its device and "
-             "verified by the fleet")

@@ -165,7 +165,8 @@ class FleetLimits(BaseModel):
         return self
 
 
-OPEN_KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# a SenML name's characters (RFC 8428 4.5.1) less ":", which separates a device id
+OPEN_KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,63}$")
 LOCATION_DECIMALS_MAX = 4  # decimals of a published coordinate: 1e-4 degree, ~11 m
 # chain verdicts whose readings open data may publish (``cityedge_core.chain.ACCEPTED``
 # less ``fork``: a fork is signed but breaks its device's chain, see docs/OPEN_DATA.md)
@@ -293,7 +294,7 @@ class Settings(BaseSettings):
     def _open_kinds(cls, value: dict[str, OpenDataKind]) -> dict[str, OpenDataKind]:
         for kind in value:
             if not OPEN_KIND.match(kind):
-                raise ValueError("a published kind is 1..64 of A-Z a-z 0-9 _ . - (it is "
+                raise ValueError("a published kind is 1..64 of A-Z a-z 0-9 _ . / - (it is "
                                  "matched against reading names)")
         return value
 
