@@ -208,6 +208,12 @@ class Settings(BaseSettings):
     ota_dir: Path = DEV_VAR_DIR / "ota"
     ota_root_set_file: Path | None = None
     ota_public_url: str | None = None
+    # readings (``reading_partitions``, `cityedge fleet retention`): on PostgreSQL one
+    # partition per day or month, made this many periods ahead; readings stored more than
+    # ``reading_retention_days`` ago are dropped by the job (0: kept for ever)
+    reading_partition: Literal["day", "month"] = "day"
+    reading_partitions_ahead: int = Field(default=7, ge=1, le=400)
+    reading_retention_days: int = Field(default=0, ge=0, le=36_600)
     limits: FleetLimits = Field(default_factory=FleetLimits)
 
     @field_validator("ota_public_url")
