@@ -85,3 +85,13 @@ def test_a_full_database_disk_holds_messages_until_space_is_freed(
         r = faults.database_disk_full(rig)
     assert r.notes["dead_letters"] == 0  # held and stored, not set aside
     _check(r)
+
+
+def test_a_device_flooding_the_shared_stream_holds_back_nobody(
+        pki: TestPKI, pg_cluster: PgCluster) -> None:
+    with FaultRig(pki, pg_cluster, devices=DEVICES) as rig:
+        r = faults.flood(rig)
+    others = r.notes["others_batches"]
+    assert r.notes["flooder_batches"] > 2 * max(others)  # it did flood
+    assert min(others) > 0
+    _check(r)  # and every batch of everyone is stored, once

@@ -161,3 +161,30 @@ def test_the_retention_command_reports_what_it_did(tmp_path: Path,
     made = [reading_partitions.partition_name(today + k * DAY) for k in (8, 9)]  # up to today + 9
     assert r.stdout.splitlines()[0] == "partitions made: " + " ".join(made)
     assert "partitions dropped: none" in r.stdout
+
+
+def test_a_device_clock_cannot_choose_where_its_readings_land_or_when_they_expire(
+        pg_cluster: PgCluster) -> None:
+    """Readings timed at 1970, at boot (timebase 1) and in 2286 all land in today's
+    partition (the database's clock) and outlive a retention that counts from ``t``
+    would have expired; they go when their stored day does."""
+    url = pg_cluster.new_database()
+    engine = make_engine(Settings(mode="development", database_url=url), create=True)
+    try:
+        migrate(engine, create=True)
+        now = dt.datetime.now(dt.UTC)
+        with Session(engine) as session:
+            rows = ReadingRows(session)
+            rows.extend([(*ROW[:1], t, *ROW[2:11], base, None)
+                         for t, base in ((0.0, 0), (12.5, 1), (1e10, 0))])
+            rows.flush()
+            session.commit()
+        assert _count(engine, "reading_legacy") == 3  # today's (the migration's day)
+        report = reading_partitions.maintain(engine, period="day", ahead=1,
+                                             retention_days=1, now=now)
+        assert report.dropped == [] and _count(engine) == 3
+        reading_partitions.maintain(engine, period="day", ahead=1, retention_days=1,
+                                    now=now + 3 * DAY)
+        assert _count(engine) == 0
+    finally:
+        engine.dispose()

@@ -296,7 +296,7 @@ def worker_killed(rig: FaultRig) -> FaultResult:
     victim.kill()
     since = time.monotonic()
     r.notes["killed_in_transaction"] = in_tx
-    time.sleep(1.0)  # as systemd's RestartSec=1
+    time.sleep(2.0)  # as the unit's RestartSec=2
     victim.start()
     r.notes["restart_ready_s"] = round(victim.ready_s, 2)
     rig.recover(r, since)
@@ -422,6 +422,24 @@ def broker_restarted(rig: FaultRig, down_s: float = 2.0) -> FaultResult:
     return rig.finish(r)
 
 
+def flood(rig: FaultRig, interval_s: float = 0.005) -> FaultResult:
+    """One device signs a batch every ``interval_s`` (as fast as its PUBACKs come back)
+    while the others stream at their rate: the shared subscription carries the flood to
+    the workers, and every device's batches are still stored, once."""
+    r = FaultResult("one device flooding the stream")
+    rig.devices[0].interval_s = interval_s
+    rig.start_devices()
+    rig.steady()
+    time.sleep(2.0)
+    since = time.monotonic()
+    rig.recover(r, since)
+    r = rig.finish(r)
+    flooder = rig.devices[0]
+    r.notes["flooder_batches"] = flooder.stats.published
+    r.notes["others_batches"] = [d.stats.published for d in rig.devices[1:]]
+    return r
+
+
 DISK_FULL_TABLES = ("reading", "ingest_event", "chain_state", "ingest_dead_letter", "device")
 
 
@@ -475,7 +493,7 @@ def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
                 (clocks_skewed, {"skew_s": -5 * 3600.0}),
                 (database_disk_full, {}),
                 (thundering_herd, {"devices": herd, "broker_proxy": True}),
-                (broker_restarted, {}),
+                (flood, {}), (broker_restarted, {}),
             ]
             for fault, opts in plan:
                 opts = {"devices": devices, **opts}
