@@ -10,6 +10,7 @@ from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
 from bench import ota as ota_bench
 from bench import rotation as rotation_bench
+from bench import scaling as scaling_bench
 from bench.machine import describe
 
 
@@ -37,6 +38,9 @@ def main() -> None:
     f = fleet_bench.run()
     results["fleet"] = f
     fleet_bench.report(f)
+    sc = scaling_bench.run()
+    results["ingest_scaling"] = sc
+    scaling_bench.report(sc)
     rot = rotation_bench.run()
     results["rotation"] = rot
     rotation_bench.report(rot)

@@ -80,8 +80,10 @@ class IngestProc:
     """``cityedge fleet ingest`` in a process of its own, as systemd runs it: it says
     READY=1 on ``NOTIFY_SOCKET`` once its shared subscriptions are granted."""
 
-    def __init__(self, rig: FaultRig, cn: str) -> None:
-        self.rig, self.cn = rig, cn
+    def __init__(self, rig: Any, cn: str, env: dict[str, str] | None = None) -> None:
+        """``rig``: a ``FaultRig`` or anything with its ``pki``, ``dir``, ``settings``,
+        ``broker`` and ``worker_db_url`` (``bench/scaling.py``)."""
+        self.rig, self.cn, self.extra_env = rig, cn, env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = rig.dir / ("%s.log" % cn)
         self.starts = 0
@@ -108,7 +110,7 @@ class IngestProc:
                    CITYEDGE_LIMITS__INGEST_GROUP_MAX_S="0.05",
                    CITYEDGE_LIMITS__INGEST_RETRY_S="0.05",
                    CITYEDGE_LIMITS__INGEST_DOWN_RETRY_MAX_S="1.0",
-                   NOTIFY_SOCKET=str(sock_path))
+                   NOTIFY_SOCKET=str(sock_path), **self.extra_env)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "fleet",
                                           "ingest"], env=env, stdout=out, stderr=out)
