@@ -68,11 +68,11 @@ class FaultResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> str:
-        return "%-34s | %8d | %6d | %10d | %8.2f s" % (
+        return "%-38s | %8d | %6d | %10d | %8.2f s" % (
             self.fault, self.acknowledged, self.lost, self.duplicates_stored, self.recovery_s)
 
 
-HEADER = "%-34s | %8s | %6s | %10s | %10s" % ("fault", "acked", "lost", "dup stored",
+HEADER = "%-38s | %8s | %6s | %10s | %10s" % ("fault", "acked", "lost", "dup stored",
                                                "recovery")
 
 
