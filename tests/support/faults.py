@@ -110,7 +110,8 @@ class IngestProc:
                    CITYEDGE_LIMITS__INGEST_GROUP_MAX_S="0.05",
                    CITYEDGE_LIMITS__INGEST_RETRY_S="0.05",
                    CITYEDGE_LIMITS__INGEST_DOWN_RETRY_MAX_S="1.0",
-                   NOTIFY_SOCKET=str(sock_path), **self.extra_env)
+                   NOTIFY_SOCKET=str(sock_path))
+        env.update(self.extra_env)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "fleet",
                                           "ingest"], env=env, stdout=out, stderr=out)
