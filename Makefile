@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test test-core test-mp lint typecheck bench firmware clean screenshots
+.PHONY: setup system-deps demo test test-core test-mp lint typecheck bench chaos firmware clean screenshots
 
 # Debian packages the real-component tests and the demo use. Installed only when missing.
 # PostgreSQL: the server binaries only; tests start their own throwaway cluster.
@@ -55,6 +55,14 @@ typecheck: $(STAMP)
 
 bench: setup
 	$(BIN)/python -m bench
+
+# Fault injection at a large size (the small versions run in `make test`:
+# tests/fleet/test_fleet_faults.py): prints fault | acknowledged | lost | duplicates
+# stored | recovery time. CHAOS_DEVICES devices per fault, CHAOS_HERD for the herd.
+CHAOS_DEVICES ?= 40
+CHAOS_HERD ?= 200
+chaos: setup
+	cd tests && ../$(BIN)/python -m support.chaos $(CHAOS_DEVICES) $(CHAOS_HERD)
 
 firmware: setup
 	$(BIN)/python -m cityedge.build_firmware

@@ -13,6 +13,7 @@ from bench import fleet as fleet_bench
 from bench import opendata as opendata_bench
 from bench import ota as ota_bench
 from bench import rotation as rotation_bench
+from bench import scaling as scaling_bench
 from bench.machine import describe
 
 
@@ -46,6 +47,9 @@ def main() -> None:
     od = opendata_bench.run()
     results["opendata"] = od
     opendata_bench.report(od)
+    sc = scaling_bench.run()
+    results["ingest_scaling"] = sc
+    scaling_bench.report(sc)
     rot = rotation_bench.run()
     results["rotation"] = rot
     rotation_bench.report(rot)

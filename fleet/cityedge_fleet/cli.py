@@ -136,6 +136,27 @@ def ingest_command() -> None:
     worker.run_forever()
 
 
+@fleet_app.command("retention")
+def retention_command() -> None:
+    """Make the readings' coming partitions and drop those retention expired (run daily:
+    CITYEDGE_READING_PARTITION, _PARTITIONS_AHEAD, _RETENTION_DAYS)."""
+    from cityedge_fleet import reading_partitions
+
+    settings = load_settings()
+    engine = _engine(settings)
+    try:
+        report = reading_partitions.maintain(
+            engine, period=settings.reading_partition,
+            ahead=settings.reading_partitions_ahead,
+            retention_days=settings.reading_retention_days)
+    finally:
+        engine.dispose()
+    print("partitions made: %s" % (" ".join(report.created) or "none"))
+    print("partitions dropped: %s" % (" ".join(report.dropped) or "none"))
+    print("expired rows deleted: %d; rows moved out of the default partition: %d"
+          % (report.deleted_rows, report.moved_rows))
+
+
 @fleet_app.command("replay-dead-letters")
 def replay_dead_letters_command(
     limit: Annotated[int, typer.Option(min=1, max=10_000,

@@ -287,6 +287,12 @@ class Settings(BaseSettings):
     # chain verdicts of the batches whose readings are published
     opendata_chain_statuses: list[str] = Field(
         default_factory=lambda: list(OPEN_CHAIN_STATUSES))
+    # readings (``reading_partitions``, `cityedge fleet retention`): on PostgreSQL one
+    # partition per day or month, made this many periods ahead; readings stored more than
+    # ``reading_retention_days`` ago are dropped by the job (0: kept for ever)
+    reading_partition: Literal["day", "month"] = "day"
+    reading_partitions_ahead: int = Field(default=7, ge=1, le=400)
+    reading_retention_days: int = Field(default=0, ge=0, le=36_600)
     limits: FleetLimits = Field(default_factory=FleetLimits)
 
     @field_validator("opendata_kinds")

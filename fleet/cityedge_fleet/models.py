@@ -27,6 +27,7 @@ from sqlalchemy import (
     LargeBinary,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -624,6 +625,10 @@ class Reading(ReadingBase, table=True):
         ),
     )
     device_id: str = Field(max_length=128)
+    # when the ingest stored it (the database's clock, ``now()`` of its transaction): the
+    # partition key on PostgreSQL and what retention counts from (``reading_partitions``)
+    stored_at: dt.datetime | None = Field(default=None, sa_column=Column(
+        UTCDateTime, nullable=False, server_default=func.now()))
 
 
 class ReadingPublic(ReadingBase):

@@ -23,6 +23,8 @@ RUN_BY = {
     ("fleet", "init-db"): "tests/deploy/test_packaging.py",
     ("fleet", "create-token"): "tests/fleet/test_fleet_serve.py",
     ("gateway", "run"): "tests/gateway/test_gateway_service_unit.py",
+    ("fleet", "ingest"): "tests/support/faults.py",
+    ("fleet", "retention"): "tests/fleet/test_fleet_reading_partitions.py",
 }
 
 

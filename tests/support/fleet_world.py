@@ -24,16 +24,18 @@ class FleetWorld:
     settings: Settings
 
 
-def fleet_world(pki: TestPKI, db_url: str | None, prefix: str, **limits: Any) -> FleetWorld:
+def fleet_world(pki: TestPKI, db_url: str | None, prefix: str, *, persistence: bool = False,
+                **limits: Any) -> FleetWorld:
     """``db_url`` None: SQLite in the world's directory. ``limits``: FleetLimits fields
-    (the broker control timeout is 10 s unless given: a busy machine)."""
+    (the broker control timeout is 10 s unless given: a busy machine). ``persistence``:
+    the broker keeps its sessions and queued messages across a restart."""
     world = Path(tempfile.mkdtemp(prefix=prefix))
     world.chmod(0o755)
     ca_dir = fleet_ca_from_pki(pki, world / "ca")
     ca_dir.chmod(0o755)
     ca = CertificateAuthority(ca_dir)
     ca.write_crl([], 86400)
-    broker = Mosquitto(pki, crl_file=ca.crl_path).start()
+    broker = Mosquitto(pki, crl_file=ca.crl_path, persistence=persistence).start()
     control, ingest = pki.service("fleet-control"), pki.service("fleet-ingest")
     commands = pki.service("fleet-commands")
     settings = Settings(

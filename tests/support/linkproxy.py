@@ -8,6 +8,10 @@
 - ``blackhole()``: connections stay open but bytes vanish in both directions until
   ``restore()`` (a silent link: only keep-alive timeouts can notice). Bytes sent into the
   hole are lost, as on a real dead link; TLS and MQTT must cope.
+
+Two ways to degrade: ``delay(s)`` holds every chunk ``s`` seconds before forwarding it (a
+slow, congested link), and ``corrupt(n)`` flips one bit in each of the next ``n`` chunks
+(a link that garbles bytes: TLS must notice and drop the connection).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 from support.mosquitto import free_port
 
@@ -37,6 +42,9 @@ class LinkProxy:
         self._hole = False
         self._stop = False
         self.connections = 0  # accepted connections that reached the target
+        self.delay_s = 0.0
+        self._corrupt = 0
+        self.corrupted = 0  # chunks garbled
 
     def start(self) -> LinkProxy:
         threading.Thread(target=self._accept_loop, daemon=True).start()
@@ -70,8 +78,17 @@ class LinkProxy:
                     data = s.recv(_CHUNK)
                     if not data:
                         return
-                    if not self._hole:
-                        peers[s].sendall(data)
+                    if self._hole:
+                        continue
+                    if self.delay_s:
+                        time.sleep(self.delay_s)
+                    if self._corrupt > 0:
+                        with self._lock:
+                            if self._corrupt > 0:
+                                self._corrupt -= 1
+                                self.corrupted += 1
+                                data = data[:-1] + bytes([data[-1] ^ 0x10])
+                    peers[s].sendall(data)
         except OSError:
             return
         finally:
@@ -95,9 +112,21 @@ class LinkProxy:
         """Keep connections open but drop every byte until ``restore()``."""
         self._hole = True
 
+    def delay(self, seconds: float) -> None:
+        """Hold every chunk ``seconds`` before it is forwarded (0: none)."""
+        self.delay_s = seconds
+
+    def corrupt(self, chunks: int) -> None:
+        """Flip a bit in each of the next ``chunks`` chunks forwarded."""
+        with self._lock:
+            self._corrupt = chunks
+
     def restore(self) -> None:
         self._refuse = False
         self._hole = False
+        self.delay_s = 0.0
+        with self._lock:
+            self._corrupt = 0
 
     def close(self) -> None:
         self._stop = True

@@ -57,10 +57,12 @@ class PgCluster:
             conn.execute("CREATE DATABASE %s" % name)
         return "postgresql://postgres@127.0.0.1:%d/%s" % (self.port, name)
 
-    def stop(self) -> None:
-        """Stop the server, keeping its data (fast shutdown: open connections are cut)."""
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data (``fast``: open connections are cut;
+        ``immediate``: every server process quits at once, as in a crash, and the next
+        start replays the WAL)."""
         subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"),
-                                     "-m", "fast", "-w", "stop"]),
+                                     "-m", mode, "-w", "stop"]),
                        check=True, capture_output=True)
 
     def start(self) -> None:

@@ -1,0 +1,149 @@
+"""Ingest scale-out: readings/s into PostgreSQL with 1, 2 and 4 ``cityedge fleet ingest``
+processes sharing the stream (MQTT 5 shared subscription), in the same run.
+
+The same 50-reading batches of ``bench.fleet.Fleet`` are published (QoS 1) by a separate
+publisher process through a real Mosquitto (TLS, client certificates) while N worker
+processes (each its own certificate and client id, as in production) store them into one
+PostgreSQL (``fsync`` on). The rate is the readings stored divided by the time from the
+first stored row to the last (the database is polled every 50 ms). The baseline is the
+one-worker rate of the same run; the target is 2 workers >= 1.8 x one.
+
+On a machine with fewer cores than workers + PostgreSQL + broker + publisher, the curve
+measures the machine, not the ingest: the report prints the core count next to it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+WORKERS = (1, 2, 4)
+N_BATCHES = 4000  # 200,000 readings per run
+RUNS = 3
+TIMEOUT_S = 300.0
+
+
+def _count(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as c:
+        return int(c.execute("SELECT count(*) FROM reading").fetchone()[0])  # type: ignore[index]
+
+
+def one_run(n_workers: int, fleet: Any, cluster: Any, base: Path, pki: Any) -> float:
+    from bench.fleet import PUBLISHER, READINGS
+    from cityedge_fleet.broker_acl import Acl
+    from cityedge_fleet.config import FleetLimits, Settings
+    from cityedge_fleet.db import make_engine, migrate
+
+    from support.faults import IngestProc
+    from support.mosquitto import Mosquitto
+
+    work = Path(tempfile.mkdtemp(prefix="w%d-" % n_workers, dir=base))
+    work.chmod(0o755)
+    url = cluster.new_database()
+    broker = Mosquitto(pki, work / "broker",
+                       extra="max_inflight_messages 0\nmax_queued_messages 0")
+    broker.grant_custom("bench-publisher", [Acl("publishClientSend", "ce/v1/+/up/#")])
+    broker.start()
+    cns = ["fleet-ingest"] + ["fleet-ingest-%d" % k for k in range(2, n_workers + 1)]
+    broker.grant(*cns)
+    settings = Settings(mode="development", database_url=url, ca_dir=base / "ca",
+                        mqtt_port=broker.port, mqtt_ca_file=pki.ca_pem,
+                        audit_key_file=base / "audit.key", command_key_file=base / "cmd.key",
+                        limits=FleetLimits())
+    engine = make_engine(settings, create=True)
+    migrate(engine, create=True)
+    fleet.register(engine)
+    engine.dispose()
+    rig = SimpleNamespace(pki=pki, dir=work, settings=settings, broker=broker,
+                          worker_db_url=lambda cn: url + "?application_name=" + cn)
+    env = {"CITYEDGE_LIMITS__INGEST_SESSION_EXPIRY_S": "0",
+           "CITYEDGE_LIMITS__INGEST_GROUP_MAX_S": "0.05"}
+    workers = []
+    try:
+        workers = [IngestProc(rig, cn, env).start() for cn in cns]
+        pub = pki.issue_client("bench-publisher")
+        import pickle
+
+        path = work / "messages.pickle"
+        path.write_bytes(pickle.dumps(fleet.messages))
+        proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(broker.port),
+                                 str(pki.ca_pem), str(pub.cert_pem), str(pub.key_pem),
+                                 str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        want = len(fleet.messages) * READINGS
+        first = last = None
+        deadline = time.monotonic() + TIMEOUT_S
+        n = 0
+        while time.monotonic() < deadline:
+            n = _count(url)
+            now = time.perf_counter()
+            if n and first is None:
+                first, n_first = now, n
+            if n >= want:
+                last = now
+                break
+            time.sleep(0.05)
+        proc.wait(TIMEOUT_S)
+        if last is None or first is None:
+            raise SystemExit("bench scaling: %d workers stored %d of %d readings"
+                             % (n_workers, n, want))
+        return (want - n_first) / (last - first)
+    finally:
+        for w in workers:
+            w.stop()
+        broker.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from bench.fleet import N_DEVICES, Fleet
+    from cityedge_fleet.ca import init_ca
+
+    from support.mosquitto import TestPKI
+    from support.pg import pg_cluster
+
+    runs = 1 if quick else RUNS
+    n_batches = N_BATCHES // 4 if quick else N_BATCHES
+    rates: dict[int, list[float]] = {n: [] for n in WORKERS}
+    with tempfile.TemporaryDirectory(prefix="cityedge-bench-scale-") as d, \
+            pg_cluster(fsync=True) as cluster:
+        base = Path(d)
+        base.chmod(0o755)
+        init_ca(base / "root", base / "ca")
+        pki = TestPKI(base / "pki")
+        for _ in range(runs):
+            fleet = Fleet(N_DEVICES, n_batches)
+            for n in WORKERS:  # interleaved: every run measures each size
+                rates[n].append(one_run(n, fleet, cluster, base, pki))
+    med = {n: statistics.median(v) for n, v in rates.items()}
+    return {"cores": os.cpu_count(), "runs": runs, "readings": n_batches * 50,
+            "readings_per_s": {str(n): med[n] for n in WORKERS},
+            "speedup": {str(n): med[n] / med[1] for n in WORKERS}}
+
+
+def report(r: dict[str, Any]) -> None:
+    print("\nIngest scale-out into PostgreSQL, %d readings a run, median of %d, %s cores:"
+          % (r["readings"], r["runs"], r["cores"]))
+    for n, rate in r["readings_per_s"].items():
+        print("  %s worker(s)  %10.0f readings/s   %.2f x one worker"
+              % (n, rate, r["speedup"][n]))
+    print("  target: 2 workers >= 1.80 x one")
+
+
+if __name__ == "__main__":
+    report(run(quick="--quick" in sys.argv))
+    os._exit(0)
