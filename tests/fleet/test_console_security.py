@@ -20,7 +20,14 @@ from cityedge_fleet.app import create_app
 from cityedge_fleet.config import Settings
 from cityedge_fleet.console import access, actions, pages
 from cityedge_fleet.console.session import COOKIE, LOGIN_COOKIE, ConsoleSession
-from cityedge_fleet.models import ApiToken, AuditRecord, EnrollmentToken, Role
+from cityedge_fleet.models import (
+    ApiToken,
+    AuditRecord,
+    EnrollmentToken,
+    IngestEvent,
+    Reading,
+    Role,
+)
 
 from support.console import ConsoleClient, csrf_of, https_client, rotation_campaign, seed_fleet
 from support.fleet import Api
@@ -321,3 +328,36 @@ def test_device_list_pages_filters_and_searches(api: Api) -> None:
     assert got == [ids[i] for i in range(30) if i % 3 == 1 and i % 2 == 1]
     r = api.client.get("/console/devices?q=%25")  # a LIKE wildcard matches itself only
     assert "No device matches." in r.text
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_overview_shows_the_ingest_rate_and_the_alerts_of_the_last_hour(api: Api) -> None:
+    """The rate counts readings by when the database stored them; alerts name what the
+    ingest refused within the hour, and quarantines; older events raise nothing."""
+    ids = seed_fleet(api.engine, 30)
+    now = dt.datetime.now(dt.UTC)
+    with Session(api.engine) as s:
+        s.execute(text("UPDATE reading SET stored_at = :t"),
+                  {"t": now - dt.timedelta(hours=2)})
+        for n, ago in ((600, dt.timedelta(seconds=30)), (1800, dt.timedelta(minutes=30))):
+            s.add_all(Reading(device_id=ids[1], t=1.0e9 + i, name="noise", unit="dB",
+                              value=50.0, batch_seq=i, status="ok", stored_at=now - ago)
+                      for i in range(n))
+        s.add_all([IngestEvent(device_id=ids[2], status="bad_signature"),
+                   IngestEvent(device_id=ids[3], status="bad_signature"),
+                   IngestEvent(device_id=ids[4], status="malformed",
+                               at=now - dt.timedelta(hours=2))])
+        s.commit()
+    ConsoleClient(api.client).sign_in(api.token(Role.viewer))
+    html = api.client.get("/console/").text
+    rates = re.search(r'id="h-rate".*?<tbody><tr>(.*?)</tr>', html, re.S)
+    assert rates is not None
+    # 600 in the last minute; the same 600 over 5 min; 2,400 over the hour
+    assert re.findall(r'<td class="num">([\d.]+)</td>', rates.group(1)) == ["10.0", "2.0",
+                                                                           "0.7"]
+    alerts = re.search(r'<ul class="alerts" role="list">(.*?)</ul>', html, re.S)
+    assert alerts is not None
+    assert re.findall(r"<li>(.*?)</li>", alerts.group(1)) == [
+        "2 bad signature in the last hour, from 2 device(s)",
+        "1 replay in the last hour, from 1 device(s)",  # seeded: a gap, a replay, a "forgery"
+        "3 device(s) quarantined"]

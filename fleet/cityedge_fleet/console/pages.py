@@ -13,6 +13,7 @@ from sqlalchemy import case, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from cityedge_core import chain
 from cityedge_fleet import (
     audit,
     campaign_store,
@@ -28,6 +29,7 @@ from cityedge_fleet.console.chart import line_chart
 from cityedge_fleet.console.web import ConsoleRefusal, Visit, page_visit, render, require
 from cityedge_fleet.db import SessionDep
 from cityedge_fleet.hw_report_store import list_reports
+from cityedge_fleet.ingest import DEAD_LETTER
 from cityedge_fleet.models import (
     ID_MAX,
     AuditRecord,
@@ -70,6 +72,47 @@ def age(when: dt.datetime | None, now: dt.datetime) -> str:
 
 
 FRESHNESS = (("within 15 min", 900), ("within 1 h", 3600), ("within 24 h", 86400))
+# the ingest's rate: readings stored (``reading.stored_at``, the database's clock) per
+# second over each window
+RATE_WINDOWS = (("last minute", 60), ("last 5 min", 300), ("last hour", 3600))
+# what the overview raises as an alert when the ingest saw it within the last hour: a
+# signature that does not verify, an unknown key, a replayed or forked chain, a batch
+# that does not parse, one the database refused (the dead letters); the Prometheus rules
+# (deploy/prometheus/cityedge-alerts.yml) raise the same from the fleet's metrics
+ALERT_STATUSES = (chain.BAD_SIGNATURE, chain.UNKNOWN_KEY, chain.REPLAY, chain.FORK,
+                  chain.MALFORMED, DEAD_LETTER)
+ALERT_WINDOW_S = 3600
+
+
+def ingest_rates(session: Session, now: dt.datetime) -> list[tuple[str, float]]:
+    """Readings stored per second over each of ``RATE_WINDOWS`` (one index range each)."""
+    rates = []
+    for label, seconds in RATE_WINDOWS:
+        n = session.execute(sa_select(func.count()).select_from(Reading).where(
+            col(Reading.stored_at) >= now - dt.timedelta(seconds=seconds))).scalar_one()
+        rates.append((label, int(n) / seconds))
+    return rates
+
+
+def alerts(session: Session, now: dt.datetime, by_state: dict[str, int],
+           keys: dict[str, int] | None) -> list[str]:
+    """What needs a person now, each as one sentence (empty: nothing)."""
+    found = []
+    since = now - dt.timedelta(seconds=ALERT_WINDOW_S)
+    for status, n, devices in session.execute(
+            sa_select(col(IngestEvent.status), func.count(),
+                      func.count(col(IngestEvent.device_id).distinct()))
+            .where(col(IngestEvent.at) >= since,
+                   col(IngestEvent.status).in_(ALERT_STATUSES))
+            .group_by(IngestEvent.status).order_by(IngestEvent.status)):
+        found.append("%d %s in the last hour, from %d device(s)" % (
+            n, status.replace("_", " "), devices))
+    if by_state.get(DeviceState.quarantined.value):
+        found.append("%d device(s) quarantined" % by_state[DeviceState.quarantined.value])
+    for status in ("expired", "overdue"):
+        if keys and keys.get(status):
+            found.append("%d device key(s) %s" % (keys[status], status))
+    return found
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -112,7 +155,9 @@ def overview(visit: Overview, session: SessionDep) -> HTMLResponse:
     return render("overview.html", visit=visit, by_state=by_state, total=total,
                   states=[s.value for s in DeviceState], sites=busiest, fresh=fresh,
                   quarantined=quarantined, days=days, kinds=kinds, keys=keys,
-                  key_api=key_api, api=access.DEVICES, age=age)
+                  key_api=key_api, api=access.DEVICES, age=age,
+                  rates=ingest_rates(session, now),
+                  alerts=alerts(session, now, by_state, keys))
 
 
 @router.get("/devices", response_class=HTMLResponse)
