@@ -51,7 +51,9 @@ DEVICES = (
     ("SN-DEMO-0003", "urn:dev:mac:02c17e000003", "ring-road"),
 )
 STREAM_SECONDS = 25
-AGENT_SETTINGS = {"sample_interval_s": 1, "batch_readings": 10, "time_scale": 5,
+# the real clock (time_scale 1): readings carry UNIX time, as on a board after NTP, so
+# open data may publish them (it never publishes seconds-since-boot readings)
+AGENT_SETTINGS = {"sample_interval_s": 1, "batch_readings": 6, "time_scale": 1,
                   "status_interval_s": 10}
 START_TIMEOUT_S = 30
 SHARE_GROUP = "demo-ingest-share"  # the ingest's shared-subscription group
@@ -245,8 +247,10 @@ def _get(url: str, headers: dict[str, str], **params: Any) -> Any:
 
 def stream(con: Console, c: dict[str, Any], roots: list[Path]) -> None:
     """The devices boot their agents; the fleet verifies and stores what they send."""
-    con.print("[bold]4. devices stream[/bold] signed batches for %d s (sampling sped up %dx)"
-              % (STREAM_SECONDS, AGENT_SETTINGS["time_scale"]))
+    con.print("[bold]4. devices stream[/bold] signed batches for %d s (a sweep of the sensors "
+              "every %d s, %d readings a batch)" % (STREAM_SECONDS,
+                                                  AGENT_SETTINGS["sample_interval_s"],
+                                                  AGENT_SETTINGS["batch_readings"]))
     overrides = c["work"] / "agent.json"
     overrides.write_text(json.dumps({"agent": AGENT_SETTINGS}))
     agents = [c["procs"].start("agent-" + root.name, [

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.routing import APIRoute
 from sqlmodel import Session, select
 
 from cityedge_fleet import audit
@@ -184,6 +185,19 @@ def require_role(*roles: Role) -> Callable[..., Principal]:
 def allowed_roles_of(dependency: Any) -> frozenset[Role] | None:
     roles = getattr(dependency, "allowed_roles", None)
     return roles if isinstance(roles, frozenset) else None
+
+
+def roles_of_route(route: APIRoute) -> frozenset[Role] | None:
+    """The roles a route's own role check lets in (searched through its dependencies), or
+    None for a route without one (the console and the role tests read the API this way)."""
+    stack = [route.dependant]
+    while stack:
+        dep = stack.pop()
+        roles = allowed_roles_of(dep.call)
+        if roles is not None:
+            return roles
+        stack.extend(dep.dependencies)
+    return None
 
 
 def require_sites(request: Request, session: Session, who: Principal,

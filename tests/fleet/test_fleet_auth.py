@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 from sqlmodel import Session, select
 
 from cityedge_fleet.app import ROUTERS
-from cityedge_fleet.auth import allowed_roles_of, hash_token
+from cityedge_fleet.auth import hash_token, roles_of_route
 from cityedge_fleet.models import ApiToken, AuditRecord, Role
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
@@ -33,17 +33,6 @@ PUBLIC = {  # endpoints anyone may call, and why
 }
 
 
-def _roles_of_route(route: APIRoute) -> frozenset[Role] | None:
-    stack = [route.dependant]
-    while stack:
-        dep = stack.pop()
-        roles = allowed_roles_of(dep.call)
-        if roles is not None:
-            return roles
-        stack.extend(dep.dependencies)
-    return None
-
-
 def _protected_routes(api: Api) -> list[tuple[str, str, frozenset[Role]]]:
     """Every operation of the OpenAPI schema with the roles its route lets in."""
     declared: dict[tuple[str, str], frozenset[Role] | None] = {}
@@ -51,7 +40,7 @@ def _protected_routes(api: Api) -> list[tuple[str, str, frozenset[Role]]]:
         for route in router.routes:
             assert isinstance(route, APIRoute)
             for method in route.methods:
-                declared[(method, route.path)] = _roles_of_route(route)
+                declared[(method, route.path)] = roles_of_route(route)
     schema = api.client.get("/openapi.json").json()
     out = []
     for path, ops in schema["paths"].items():

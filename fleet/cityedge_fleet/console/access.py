@@ -22,7 +22,7 @@ from cityedge_fleet.api import (
     hw_reports,
     ota_routes,
 )
-from cityedge_fleet.auth import Principal, allowed_roles_of
+from cityedge_fleet.auth import Principal, roles_of_route
 from cityedge_fleet.models import Role
 
 ROUTERS = (audit_routes.router, campaigns.router, commands.router, devices.router,
@@ -67,13 +67,9 @@ def _route(method: str, path: str) -> tuple[frozenset[Role], str]:
 
 
 def _roles(route: APIRoute) -> frozenset[Role]:
-    stack = [route.dependant]
-    while stack:
-        dep = stack.pop()
-        roles = allowed_roles_of(dep.call)
-        if roles is not None:
-            return roles
-        stack.extend(dep.dependencies)
+    roles = roles_of_route(route)
+    if roles is not None:
+        return roles
     raise LookupError("%s has no role check: the console shows no public operation"
                       % route.path)
 
