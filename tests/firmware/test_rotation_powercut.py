@@ -57,13 +57,16 @@ class Link:
     def __init__(self):
         from cityedge_fw import mqtt
 
-        self.client = type("C", (), {"state": mqtt.CONNECTED})()
+        # connected, with room in its send window (``answers`` then publishes at QoS 1)
+        self.client = type("C", (), {"state": mqtt.CONNECTED,
+                                     "can_publish": lambda self: True})()
         self.sent = []
         self.ssl_ctx = None
         self._read_error = None
 
     async def publish(self, topic, payload, qos=0):
         self.sent.append((topic, bytes(payload)))
+        self.qos = qos
 
 
 class Writer:

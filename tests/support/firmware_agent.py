@@ -1,7 +1,13 @@
 """The device agent on CPython with a real ring buffer and state file: the stand-in board,
 the device's identity and key, and a verifier that reads what the fleet would read.
 
-Shared by the agent tests that need no broker (drops, memory errors, sensor faults)."""
+Shared by the agent tests that need no broker (drops, memory errors, sensor faults).
+
+The agent signs with OpenSSL (``cityedge_host.crypto.EcSigner``) holding the same P-256
+key, and the verifier checks with OpenSSL too: these tests are about the agent's
+bookkeeping, and the core's pure-Python ES256 took about a second a batch here (the
+drop tests ran 100 s each). The core's own signer is what the MicroPython tests and
+``tests/core`` use; its signatures and OpenSSL's verify against each other there."""
 
 from __future__ import annotations
 
@@ -9,14 +15,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from cityedge_core import batch as batchmod
 from cityedge_core import chain, cose, p256
 from cityedge_fw import agent as agentmod
 from cityedge_fw import settings, store
+from cityedge_host.crypto import EcSigner, EcVerifier, public_sec1
+from cityedge_host.verify import make_batch_verifier
 
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 KEY = p256.PrivateKey(0xC0FFEE)
 KID = cose.kid_for_public_key(KEY.public_key().to_sec1())
+SIGNER = EcSigner(ec.derive_private_key(0xC0FFEE, ec.SECP256R1()))  # KEY, in OpenSSL
+assert public_sec1(SIGNER.public_key) == KEY.public_key().to_sec1()
 
 Reading = tuple[str, str, Any]
 
@@ -63,7 +75,7 @@ def make_agent(tmp: Path, budget: int = 8192, board: Board | None = None,
                **cfg: Any) -> agentmod.Agent:
     """An agent whose ring buffer and state live under ``tmp`` (a reboot is another call
     with the same ``tmp``)."""
-    return agentmod.Agent(board or Board(), DEVICE, KEY, KID,
+    return agentmod.Agent(board or Board(), DEVICE, SIGNER, KID,
                           store.RingBuffer(str(tmp / "buf"), budget),
                           store.State(str(tmp / "state.cbor")),
                           settings.check({"buffer_budget_bytes": budget, **cfg}),
@@ -71,7 +83,8 @@ def make_agent(tmp: Path, budget: int = 8192, board: Board | None = None,
 
 
 def fleet_verifier() -> chain.BatchVerifier:
-    return chain.BatchVerifier({KID: chain.KeyEntry(DEVICE, KEY.public_key())})
+    return make_batch_verifier({KID: chain.KeyEntry(DEVICE, EcVerifier(
+        SIGNER.public_key))})
 
 
 def account(messages: Iterable[bytes], verifier: chain.BatchVerifier | None = None,
