@@ -20,7 +20,7 @@ from cityedge_core.batch import Batch
 from cityedge_fw import agent as agentmod
 from cityedge_fw import mqtt, settings, store
 
-from support.firmware_agent import DEVICE, KEY, KID, Board
+from support.firmware_agent import DEVICE, KID, SIGNER, Board
 
 FLEET = p256.PrivateKey(0xF1EE7)
 FLEET_KID = cose.kid_for_public_key(FLEET.public_key().to_sec1())
@@ -37,7 +37,7 @@ class Clock:
 
 
 def make_agent(tmp: Path) -> agentmod.Agent:
-    a = agentmod.Agent(Board(), DEVICE, KEY, KID, store.RingBuffer(str(tmp / "buf"), 8192),
+    a = agentmod.Agent(Board(), DEVICE, SIGNER, KID, store.RingBuffer(str(tmp / "buf"), 8192),
                        store.State(str(tmp / "state.cbor")),
                        settings.check({"batch_readings": 10}), "127.0.0.1", 1,
                        fleet_keys={FLEET_KID: FLEET.public_key()})
