@@ -181,17 +181,27 @@ def _trust(cfg):
     except (OSError, ValueError, KeyError) as e:
         outcome, detail = "failed", "trust store: %s" % e
     print("trust-update %d: %s: %s" % (seq, outcome, detail))
+    # the checker and the statement's decoder off the heap before the answer is signed
+    install_checked = data = None
+    unload("cityedge_fw.trust_check", "cityedge_core.trust_statement")
     gc.collect()
-    from cityedge_core import cose
-
-    from . import answers
-
-    key = _key(cfg["tls"])
-    agent = _Signer(device, key, cose.kid_for_public_key(key.public_key().to_sec1()), state)
-    coro = answers._signed(agent, "trust-update", seq, outcome, detail)
     try:
-        coro.send(None)  # not connected: it keeps the answer and returns at once
-    except StopIteration:
-        pass
+        from cityedge_core import cose
+
+        from . import answers
+
+        key = _key(cfg["tls"])
+        agent = _Signer(device, key, cose.kid_for_public_key(key.public_key().to_sec1()),
+                        state)
+        coro = answers._signed(agent, "trust-update", seq, outcome, detail)
+        try:
+            coro.send(None)  # not connected: it keeps the answer and returns at once
+        except StopIteration:
+            pass
+    except MemoryError:
+        # never a boot loop over an answer: the statement waits no more (what it installed
+        # stays installed); the fleet sends the command again and gets its answer then
+        # (no new string: each one is a name interned at boot, and five pools are full)
+        print("trust-update %d: %s: %s" % (seq, outcome, "MemoryError"))
     os.remove(pending)
     return True

@@ -25,7 +25,7 @@ from cityedge_fleet.broker import BrokerFiles
 from support.mosquitto import TestPKI, free_port
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
-START_TIMEOUT_S = 90.0
+START_TIMEOUT_S = 240.0
 CTL_TIMEOUT_S = 60.0
 
 
