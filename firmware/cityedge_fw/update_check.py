@@ -148,23 +148,74 @@ def _key(tls):
     return private_key_from_der(read_file(tls["key"] + sfx))
 
 
+_OUTCOMES = ("ok", "refused", "failed")
+
+
 def _trust(cfg):
     """Check the statement that waits (``S.trust.new``), install it if it holds, keep the
     signed answer (``trust_check``'s rules); True (``main`` then resets: the names the
-    check interned would stay on the agent's heap)."""
+    check interned would stay on the agent's heap).
+
+    The check and the answer's signature may not fit in one boot's heap (the check leaves
+    it cut up): then the verdict replaces the statement in ``S.trust.new`` (``0``, the
+    header, the outcome's index, the detail) and the next boot, with nothing else loaded,
+    signs and keeps the answer. A boot that cannot sign even that drops it (no boot loop:
+    the fleet's resend is then refused as a replay)."""
     state = cfg.get("store", {}).get("state", "/state.cbor")
     pending = state + ".trust.new"
     with open(pending, "rb") as f:
         raw = f.read()
+    owed = raw[:1] == b"\x00"  # a verdict an earlier boot could not sign
+    if owed:
+        raw = raw[1:]
     n = raw[0] if raw else 0
-    if len(raw) < 17 + n:  # torn cannot be (an atomic write): not ours, dropped
+    if not n or len(raw) < 17 + n + (1 if owed else 0):  # torn cannot be (an atomic write): dropped
         os.remove(pending)
         return True
+    head = bytes(raw[:17 + n])
     device = raw[1:1 + n].decode()
     seq = int.from_bytes(raw[1 + n:9 + n], "big")
     now = int.from_bytes(raw[9 + n:17 + n], "big") or None
     data = bytes(raw[17 + n:])
     raw = None
+    if owed:
+        outcome, detail = _OUTCOMES[min(data[0], 2)], data[1:].decode()
+    else:
+        outcome, detail = _check(cfg, state, seq, data, now)
+    data = None
+    try:
+        from cityedge_core import cose
+
+        from . import answers
+
+        key = _key(cfg["tls"])
+        agent = _Signer(device, key, cose.kid_for_public_key(key.public_key().to_sec1()),
+                        state)
+        coro = answers._signed(agent, "trust-update", seq, outcome, detail)
+        try:
+            coro.send(None)  # not connected: it keeps the answer and returns at once
+        except StopIteration:
+            pass
+    except MemoryError:
+        agent = key = coro = None
+        gc.collect()
+        if not owed:  # the verdict waits for the next boot's clean heap
+            from .files import write_atomic
+
+            write_atomic(pending, (b"\x00", head, bytes([_OUTCOMES.index(outcome)]),
+                                   detail.encode()))
+            print("trust-update %d: the answer is signed at the next boot (heap)" % seq)
+            return True
+        print("trust-update %d: no heap to sign the answer: dropped" % seq)
+    else:
+        if owed:
+            print("trust-update %d: answer kept" % seq)
+    os.remove(pending)
+    return True
+
+
+def _check(cfg, state, seq, data, now):
+    """``(outcome, detail)`` of statement ``data`` (installed if it holds)."""
     from .trust_check import install_checked
 
     outcome = "ok"
@@ -182,26 +233,7 @@ def _trust(cfg):
         outcome, detail = "failed", "trust store: %s" % e
     print("trust-update %d: %s: %s" % (seq, outcome, detail))
     # the checker and the statement's decoder off the heap before the answer is signed
-    install_checked = data = None
+    install_checked = data = root = None
     unload("cityedge_fw.trust_check", "cityedge_core.trust_statement")
     gc.collect()
-    try:
-        from cityedge_core import cose
-
-        from . import answers
-
-        key = _key(cfg["tls"])
-        agent = _Signer(device, key, cose.kid_for_public_key(key.public_key().to_sec1()),
-                        state)
-        coro = answers._signed(agent, "trust-update", seq, outcome, detail)
-        try:
-            coro.send(None)  # not connected: it keeps the answer and returns at once
-        except StopIteration:
-            pass
-    except MemoryError:
-        # never a boot loop over an answer: the statement waits no more (what it installed
-        # stays installed); the fleet sends the command again and gets its answer then
-        # (no new string: each one is a name interned at boot, and five pools are full)
-        print("trust-update %d: %s: %s" % (seq, outcome, "MemoryError"))
-    os.remove(pending)
-    return True
+    return outcome, detail

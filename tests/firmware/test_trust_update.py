@@ -178,6 +178,59 @@ def test_trust_update_installs_the_roots_statement_and_attacks_are_refused(
     assert "trust-update 1: ok: trust statement v1 installed" in log, log
 
 
+@pytest.mark.parametrize("second_boot_has_heap", [True, False])
+def test_a_verdict_with_no_heap_left_to_sign_it_is_answered_at_the_next_boot(
+        tmp_path: Path, pki: TestPKI, monkeypatch: pytest.MonkeyPatch,
+        second_boot_has_heap: bool) -> None:
+    """``update_check._trust`` at boot: the check installs the statement, then signing the
+    answer runs out of heap (as a 72 KiB board's cut-up heap can): the verdict is kept in
+    place of the statement, and the next boot signs and keeps that same answer (the
+    fleet's resend gets it); a boot that cannot sign even then drops it, no boot loop."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from cityedge_fw import answers, update_check
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    device_key = EcSigner(private)
+    key_file = tmp_path / "device.key.der"
+    key_file.write_bytes(private.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    state = tmp_path / "state.cbor"
+    cfg = {"store": {"state": str(state)},
+           "tls": {"ca": str(pki.ca_der), "key": str(key_file)}}
+    st = statement(EcSigner(pki.ca_key), 1, [(EcSigner.generate(), None)])
+    pending = Path(str(state) + ".trust.new")
+    dev = DEVICE.encode()
+    pending.write_bytes(bytes([len(dev)]) + dev + (7).to_bytes(8, "big")
+                        + int(time.time()).to_bytes(8, "big") + st)
+    real_encode = answers._encode
+    fail = [True]
+
+    def encode(*a: Any, **kw: Any) -> bytes:
+        if fail[0]:
+            raise MemoryError
+        return real_encode(*a, **kw)
+
+    monkeypatch.setattr(answers, "_encode", encode)
+    assert update_check._trust(cfg) is True
+    assert trust_check.installed(str(state) + ".trust")[0] == 1  # installed at once
+    assert pending.read_bytes()[:1] == b"\x00"  # the verdict waits, the answer not kept
+    assert answers._kept(update_check._Signer(DEVICE, None, b"", str(state))) == []
+    fail[0] = not second_boot_has_heap
+    assert update_check._trust(cfg) is True
+    assert not pending.exists()  # never asked again: no boot loop
+    kept = answers._kept(update_check._Signer(DEVICE, None, b"", str(state)))
+    if not second_boot_has_heap:
+        assert kept == []
+        return
+    assert [s for s, _ in kept] == [7]
+    res = decode_result(kept[0][1], EcVerifier(device_key.public_key))
+    assert (res.seq, res.name, res.outcome, res.detail) == (
+        7, "trust-update", "ok", "trust statement v1 installed")
+
+
 def test_the_statement_limits_are_the_cores() -> None:
     from cityedge_fw import answers
 
