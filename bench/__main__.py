@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench import brokers as brokers_bench
 from bench import campaign as campaign_bench
@@ -12,9 +14,25 @@ from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
 from bench import opendata as opendata_bench
 from bench import ota as ota_bench
+from bench import ota_device as ota_device_bench
 from bench import rotation as rotation_bench
 from bench import scaling as scaling_bench
 from bench.machine import describe
+
+# (key in build/bench.json, run, report): each part prints its figures with its baseline
+PARTS: list[tuple[str, Callable[[], Any], Callable[[Any], None]]] = [
+    ("fleet", fleet_bench.run, fleet_bench.report),
+    ("console", console_bench.run, console_bench.report),
+    ("opendata", opendata_bench.run, opendata_bench.report),
+    ("ingest_scaling", scaling_bench.run, scaling_bench.report),
+    ("rotation", rotation_bench.run, rotation_bench.report),
+    ("campaign", campaign_bench.run, campaign_bench.report),
+    ("ota", ota_bench.run, ota_bench.report),
+    ("ota_device", ota_device_bench.run, ota_device_bench.report),
+    ("firmware", firmware.firmware_bench, firmware.report),
+    ("gateway", gateway.gateway_bench, gateway.report),
+    ("brokers", brokers_bench.run, brokers_bench.report),
+]
 
 
 def main() -> None:
@@ -38,36 +56,10 @@ def main() -> None:
           % m["mp_min_heap_kib"])
     print("  smallest heap that signs, code loaded into the heap     %4d KiB"
           % m["mp_min_heap_files_kib"])
-    f = fleet_bench.run()
-    results["fleet"] = f
-    fleet_bench.report(f)
-    cons = console_bench.run()
-    results["console"] = cons
-    console_bench.report(cons)
-    od = opendata_bench.run()
-    results["opendata"] = od
-    opendata_bench.report(od)
-    sc = scaling_bench.run()
-    results["ingest_scaling"] = sc
-    scaling_bench.report(sc)
-    rot = rotation_bench.run()
-    results["rotation"] = rot
-    rotation_bench.report(rot)
-    camp = campaign_bench.run()
-    results["campaign"] = camp
-    campaign_bench.report(camp)
-    o = ota_bench.run()
-    results["ota"] = o
-    ota_bench.report(o)
-    fw = firmware.firmware_bench()
-    results["firmware"] = fw
-    firmware.report(fw)
-    g = gateway.gateway_bench()
-    results["gateway"] = g
-    gateway.report(g)
-    b = brokers_bench.run()
-    results["brokers"] = b
-    brokers_bench.report(b)
+    for key, run, report in PARTS:
+        r = run()
+        results[key] = r
+        report(r)
     out = Path("build") / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

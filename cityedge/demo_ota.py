@@ -1,22 +1,30 @@
-"""The update part of ``make demo``: a signed release reaches the Pi gateway.
+"""The update part of ``make demo``: signed releases reach two Pi gateways in waves.
 
 Before the city starts (``offline_keys``): the release manager's offline ceremony — three
 root keys, a root set that needs two of them, a release key certified by two roots — and
 the fleet is told where the root set is and at which https:// address devices fetch
 releases (``CITYEDGE_OTA_*``).
 
-10. The gateway of the rotation demo is now run as systemd runs it (``ServiceLoop``: the
-    unit's boot guard, then ``/opt/cityedge/current/bin/cityedge gateway run``, started
-    again whenever it exits non-zero), from a factory image holding release 1.0.0, with
-    ``[update]`` in its config (the release root set, its hardware class).
+10. The gateway of the rotation demo and a second one, enrolled now, are run as systemd
+    runs them (``ServiceLoop``: the unit's boot guard, then ``/opt/cityedge/current/bin/
+    cityedge gateway run``, started again whenever it exits non-zero), from a factory image
+    holding release 1.0.0, with ``[update]`` in their configs (the release root set, their
+    hardware class, a trial of at most two starts).
 11. The release manager signs gateway release 1.1.0 where the release key lives
     (``cityedge release sign``), uploads it (``cityedge ota release upload``: the fleet
-    checks it as a device would) and starts a campaign (``cityedge ota campaign create``).
-12. The fleet sends the gateway a signed ``update`` command naming its download URL (an
-    HTTPS front before the fleet: any TLS proxy or CDN does this in production); the
-    gateway checks the manifest, downloads the artifact in Range requests, switches to
-    1.1.0 in trial and restarts; 1.1.0 proves its health (a signed batch acknowledged by
-    the broker), commits and answers the command: the campaign counts it committed.
+    checks it as a device would) and starts a campaign in two waves (``cityedge ota
+    campaign create --waves 50%,100%``: one gateway, then both).
+12. The fleet sends each gateway of the wave a signed ``update`` command naming its
+    download URL (an HTTPS front before the fleet: any TLS proxy or CDN does this in
+    production); the gateway checks the manifest, downloads the artifact in Range
+    requests, switches to 1.1.0 in trial and restarts; 1.1.0 proves its health (a signed
+    batch acknowledged by the broker), commits and answers the command; the second wave
+    starts once the first committed; the campaign ends ``done``.
+13. A broken release 1.2.0 (it fails at every start) goes out the same way: the first
+    wave's gateway starts it twice, the boot guard rolls back to 1.1.0, which answers
+    ``rolled-back``; with no failure allowed the campaign halts, and the second gateway
+    never receives it.
+14. The campaign's status, each gateway's record and the releases each one started.
 
 A demo release is this same code with a new version number (its ``bin/cityedge`` runs
 this interpreter): the point is the way it travels, checked at every step.
@@ -29,6 +37,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -42,16 +51,22 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from cityedge import demo_rotation
 from cityedge_fleet.ca import CertificateAuthority, issue_service
 from cityedge_host import release
 from cityedge_host.crypto import EcSigner, public_sec1
 
 HW_CLASS = "rpi4"  # the demo gateway's hardware class (``demo_rotation.enroll_gateway``)
 CAMPAIGN_TIMEOUT_S = 120  # seconds from the campaign to the gateway's commit
-STARTS_MAX = 8  # starts of the gateway the service loop makes at most
+STARTS_MAX = 12  # starts of a gateway the service loop makes at most
+GATEWAY2 = ("SN-DEMO-GW02", "urn:dev:mac:b827ebfffe0de702", "old-town")
 CLI = """#!/bin/sh
-echo "%(version)s $$" >> "%(starts)s"
+echo "%(version)s $$" >> "${CITYEDGE_DEMO_STARTS:-%(starts)s}"
 exec "%(python)s" -m cityedge.cli "$@"
+"""
+CRASH = """#!/bin/sh
+echo "%(version)s $$ crash" >> "${CITYEDGE_DEMO_STARTS:-%(starts)s}"
+exit 1
 """
 PYTHON = """#!/bin/sh
 exec "%(python)s" "$@"
@@ -146,8 +161,10 @@ class ServiceLoop:
     start the boot guard from ``previous``, then ``current/bin/cityedge gateway run``;
     started again when it exits non-zero (75: a new release is installed)."""
 
-    def __init__(self, root: Path, config: Path, log: Path) -> None:
+    def __init__(self, root: Path, config: Path, log: Path, starts: Path) -> None:
         self.root, self.config, self.log = root, config, log
+        # where each release notes its starts (the demo's, per gateway)
+        self.env = dict(os.environ, CITYEDGE_DEMO_STARTS=str(starts))
         self.exits: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
@@ -170,7 +187,7 @@ class ServiceLoop:
                         return
                     self.proc = subprocess.Popen(
                         [str(self.root / "current" / "bin" / "cityedge"), "gateway", "run",
-                         "--config", str(self.config)], stdout=out, stderr=out)
+                         "--config", str(self.config)], stdout=out, stderr=out, env=self.env)
                 rc = self.proc.wait()
                 if self._stop.is_set():
                     return
@@ -191,12 +208,14 @@ class ServiceLoop:
         self.thread.join(30)
 
 
-def release_tree(version: str, starts: Path) -> dict[str, tuple[str, int]]:
-    """The files of a demo release: ``bin/cityedge`` (notes each start), ``bin/python``
-    (the boot guard's interpreter), ``VERSION``."""
+def release_tree(version: str, starts: Path, crash: bool = False
+                 ) -> dict[str, tuple[str, int]]:
+    """The files of a demo release: ``bin/cityedge`` (notes each start; ``crash``: then
+    fails, as a broken release does at every start), ``bin/python`` (the boot guard's
+    interpreter), ``VERSION``."""
     values = {"version": version, "starts": starts, "python": sys.executable}
-    return {"bin/cityedge": (CLI % values, 0o755), "bin/python": (PYTHON % values, 0o755),
-            "VERSION": (version + "\n", 0o644)}
+    return {"bin/cityedge": ((CRASH if crash else CLI) % values, 0o755),
+            "bin/python": (PYTHON % values, 0o755), "VERSION": (version + "\n", 0o644)}
 
 
 def pack(files: dict[str, tuple[str, int]]) -> bytes:
@@ -228,68 +247,128 @@ def _stop_named(procs: Any, name: str) -> None:
             proc.wait(20)
 
 
-def main(con: Console, c: dict[str, Any], cityedge: Any) -> None:
-    ota, env, work = c["ota"], c["env"], c["work"]
-    gw = work / "gateway"
-    con.print("[bold]10. the gateway under systemd[/bold]: factory release 1.0.0, "
-              "\\[update] in its config")
-    _stop_named(c["procs"], "gateway")
+def _under_systemd(c: dict[str, Any], gw: Path, name: str) -> dict[str, Path]:
+    """Gateway directory ``gw`` (its ``gateway.toml`` written by enrollment) made a Pi
+    from the factory (release 1.0.0) with ``[update]`` in its config."""
     root, starts = gw / "opt-cityedge", gw / "starts.log"
     root.mkdir()
     factory_image(root, starts)
-    (gw / "release-roots.json").write_bytes((ota["dir"] / "root-set.json").read_bytes())
+    (gw / "release-roots.json").write_bytes((c["ota"]["dir"] / "root-set.json").read_bytes())
     with (gw / "gateway.toml").open("a") as out:
-        out.write('\n[update]\nroot = "%s"\ntrial_deadline_s = 60\nrelease_roots = '
-                  '"release-roots.json"\nhw_class = "%s"\nbuild = "copy"\n' % (root, HW_CLASS))
+        out.write('\n[update]\nroot = "%s"\ntrial_deadline_s = 60\ntrial_max_starts = 2\n'
+                  'release_roots = "release-roots.json"\nhw_class = "%s"\nbuild = "copy"\n'
+                  % (root, HW_CLASS))
+    return {"root": root, "starts": starts, "config": gw / "gateway.toml",
+            "log": c["logs"] / ("%s-service.log" % name)}
+
+
+def _release(c: dict[str, Any], cityedge: Any, version: str, sequence: int,
+             starts: Path, crash: bool = False) -> dict[str, Any]:
+    """``cityedge release sign`` then ``cityedge ota release upload``: the release's row."""
+    ota, env, work = c["ota"], c["env"], c["work"]
+    art = work / ("gateway-%s.tar.gz" % version)
+    art.write_bytes(pack(release_tree(version, starts, crash)))
+    manifest = work / ("gateway-%s.manifest" % version)
+    cityedge(["release", "sign", "--key", str(ota["dir"] / "release.key"), "--artifact",
+              str(art), "--component", "gateway", "--version", version, "--sequence",
+              str(sequence), "--hw-class", HW_CLASS, "--expires", "+14d", "--out",
+              str(manifest)], env)
+    up: dict[str, Any] = json.loads(cityedge(
+        ["ota", "release", "upload", "--manifest", str(manifest), "--keys",
+         str(ota["dir"] / "release-keys.cose"), "--artifact", str(art), "--json"],
+        env).stdout)
+    return up
+
+
+def _campaign(c: dict[str, Any], cityedge: Any, release_id: int) -> tuple[int, str]:
+    """``cityedge ota campaign create``: two waves (one gateway, then both), every member
+    of a wave committed before the next, the first rollback or failure halts it."""
+    out = cityedge(["ota", "campaign", "create", "--release", str(release_id), "--select",
+                    "hardware-class=%s" % HW_CLASS, "--waves", "50%,100%", "--success",
+                    "100%", "--max-failures", "0"], c["env"]).stdout.strip()
+    m = re.search(r"OTA campaign (\d+)", out)
+    if m is None:
+        raise RuntimeError("cityedge ota campaign create said: %s" % out)
+    return int(m[1]), out.splitlines()[0]
+
+
+def main(con: Console, c: dict[str, Any], cityedge: Any) -> None:
+    ota, work = c["ota"], c["work"]
+    con.print("[bold]10. two gateways under systemd[/bold]: the rotation's and %s, enrolled "
+              "now; factory release 1.0.0, \\[update] in their configs" % GATEWAY2[1])
+    _stop_named(c["procs"], "gateway")
+    demo_rotation.enroll_gateway(c, work / "gateway2", c["broker_port"], GATEWAY2)
+    gws = {demo_rotation.GATEWAY[1]: _under_systemd(c, work / "gateway", "gateway"),
+           GATEWAY2[1]: _under_systemd(c, work / "gateway2", "gateway2")}
     ca = CertificateAuthority(work / "ca", c["custody"])
     cert, key = issue_service(ca, "ota-front", work / "ota-front", ("localhost", "127.0.0.1"))
     front = TlsFront(cert, key, ota["front_port"], int(c["url"].rsplit(":", 1)[1])).start()
-    service = ServiceLoop(root, gw / "gateway.toml", c["logs"] / "gateway-service.log").start()
+    # the new gateway's sensor: it is active (in a campaign) once its first batch is stored
+    feed = demo_rotation.Sds011Feed(work / "gateway2" / "ttyUSB0")
+    services = {d: ServiceLoop(g["root"], g["config"], g["log"], g["starts"]).start()
+                for d, g in gws.items()}
     try:
+        _wait_active(c, GATEWAY2[1])
         con.print("[bold]11. release manager[/bold]: cityedge release sign, cityedge ota "
-                  "release upload, cityedge ota campaign create")
-        art = work / "gateway-1.1.0.tar.gz"
-        art.write_bytes(pack(release_tree("1.1.0", starts)))
-        manifest = work / "gateway-1.1.0.manifest"
-        cityedge(["release", "sign", "--key", str(ota["dir"] / "release.key"), "--artifact",
-                  str(art), "--component", "gateway", "--version", "1.1.0", "--sequence", "2",
-                  "--hw-class", HW_CLASS, "--expires", "+14d", "--out", str(manifest)], env)
-        up = json.loads(cityedge(["ota", "release", "upload", "--manifest", str(manifest),
-                                  "--keys", str(ota["dir"] / "release-keys.cose"),
-                                  "--artifact", str(art), "--json"], env).stdout)
-        out = cityedge(["ota", "campaign", "create", "--release", str(up["id"]), "--select",
-                        "hardware-class=%s" % HW_CLASS, "--waves", "100%", "--success",
-                        "100%", "--max-failures", "0"], env).stdout.strip()
+                  "release upload, cityedge ota campaign create --waves 50%,100%")
+        starts = work / "starts.log"  # (the service loops name each gateway's own)
+        up = _release(c, cityedge, "1.1.0", 2, starts)
+        cid, said = _campaign(c, cityedge, up["id"])
         con.print("   release %s: gateway %s, seq %s, %d bytes, sha256 %s...; %s" % (
-            up["id"], up["version"], up["sequence"], up["size"], up["sha256"][:16],
-            out.splitlines()[0] if out else ""))
-        cid = _campaign_id(c)
+            up["id"], up["version"], up["sequence"], up["size"], up["sha256"][:16], said))
         t0 = time.monotonic()
         st = _wait_campaign(c, cid)
         took = time.monotonic() - t0
+        _table(con, "12. the update in two waves (cityedge ota campaign status)", cid, st,
+               gws, services, "%.1f s from the campaign to done (signed answers included)"
+               % took)
+        if st["state"] != "done" or st["counts"].get("committed") != len(gws):
+            raise RuntimeError("the gateways did not both commit release 1.1.0 (logs: %s)"
+                               % ", ".join(str(g["log"]) for g in gws.values()))
+        con.print("[bold]13. a broken release[/bold]: 1.2.0 crashes at every start; its "
+                  "campaign's first wave rolls back and halts it")
+        broken = _release(c, cityedge, "1.2.0", 3, starts, crash=True)
+        cid, said = _campaign(c, cityedge, broken["id"])
+        con.print("   release %s: gateway 1.2.0, seq 3; %s" % (broken["id"], said))
+        t0 = time.monotonic()
+        st = _wait_campaign(c, cid)
+        took = time.monotonic() - t0
+        _table(con, "14. the broken release (cityedge ota campaign status)", cid, st, gws,
+               services, "%.1f s from the campaign to halted" % took)
+        if st["state"] != "halted" or st["counts"].get("rolled-back") != 1:
+            raise RuntimeError("the broken release was not rolled back by one gateway and "
+                               "halted: %s %s" % (st["state"], st["counts"]))
     finally:
-        service.stop()
+        for service in services.values():
+            service.stop()
         front.stop()
-    ran = [line.split()[0] for line in starts.read_text().splitlines()] if starts.exists() \
-        else []
-    state = json.loads((root / "state.json").read_text())
-    table = Table(title="12. the update (cityedge ota campaign status)", show_header=False)
+        feed.close()
+
+
+def _table(con: Console, title: str, cid: int, st: dict[str, Any],
+           gws: dict[str, dict[str, Path]], services: dict[str, ServiceLoop],
+           took: str) -> None:
+    table = Table(title=title, show_header=False)
     table.add_column("what")
     table.add_column("recorded")
-    table.add_row("campaign %d" % cid, "%s: %s" % (st["state"], ", ".join(
-        "%s %d" % kv for kv in st["counts"].items() if kv[1])))
-    dev = st["devices"][0] if st.get("devices") else {}
-    table.add_row(dev.get("device_id", "?"), "%s%s" % (dev.get("status", "?"),
-                  (": " + dev["reason"]) if dev.get("reason") else ""))
-    table.add_row("gateway's record", "%s %s (installed sequence %d)" % (
-        state["state"], state["installed_version"], state["installed_sequence"]))
-    table.add_row("releases started", " -> ".join(ran) + "  (exit %s: restart into the "
-                  "new release)" % ",".join(map(str, service.exits)))
-    table.add_row("took", "%.1f s from the campaign to done (signed answer included)" % took)
+    table.add_row("campaign %d" % cid, "%s%s: %s" % (
+        st["state"], (" (%s)" % st["reason"]) if st.get("reason") else "",
+        ", ".join("%s %d" % kv for kv in st["counts"].items() if kv[1])))
+    for dev in st.get("devices") or []:
+        d = dev["device_id"]
+        state = json.loads((gws[d]["root"] / "state.json").read_text()) \
+            if (gws[d]["root"] / "state.json").exists() else {}
+        table.add_row(d, "wave %s: %s%s; the gateway's record: %s %s" % (
+            dev.get("wave") or "-", dev.get("status", "?"),
+            (": " + dev["reason"]) if dev.get("reason") else "",
+            state.get("state", "-"), state.get("installed_version", "1.0.0")))
+    for d, g in gws.items():
+        ran = [" ".join(line.split()[::2]) for line in g["starts"].read_text().splitlines()] \
+            if g["starts"].exists() else []
+        table.add_row("%s started" % d[-6:], "%s  (exits %s; 75: restart into the new "
+                      "release)" % (" -> ".join(ran), ",".join(map(str, services[d].exits))))
+    table.add_row("took", took)
     con.print(table)
-    if st["counts"].get("committed") != 1 or state["state"] != "committed":
-        raise RuntimeError("the gateway did not commit release 1.1.0 (log: %s)"
-                           % (c["logs"] / "gateway-service.log"))
 
 
 def _campaign_id(c: dict[str, Any]) -> int:
@@ -303,6 +382,15 @@ def _api(c: dict[str, Any], path: str, **params: Any) -> Any:
     if r.status_code != 200:
         raise RuntimeError("GET %s answered %d: %s" % (path, r.status_code, r.text[:200]))
     return r.json()
+
+
+def _wait_active(c: dict[str, Any], device: str) -> None:
+    deadline = time.monotonic() + demo_rotation.READINGS_TIMEOUT_S
+    while _api(c, "/devices/%s" % device)["state"] != "active":
+        if time.monotonic() > deadline:
+            raise RuntimeError("%s sent no batch within %d s" % (
+                device, demo_rotation.READINGS_TIMEOUT_S))
+        time.sleep(0.5)
 
 
 def _wait_campaign(c: dict[str, Any], cid: int) -> dict[str, Any]:

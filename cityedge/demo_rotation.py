@@ -85,10 +85,12 @@ def _call(method: str, url: str, token: str, **kw: Any) -> Any:
     return resp.json()
 
 
-def enroll_gateway(c: dict[str, Any], work: Path, broker_port: int) -> Path:
-    """Register and enroll the gateway as a technician does; its key is made here (on
-    the gateway) and a copy kept aside only to show the broker refusing it later."""
-    serial, urn, site = GATEWAY
+def enroll_gateway(c: dict[str, Any], work: Path, broker_port: int,
+                   who: tuple[str, str, str] = GATEWAY) -> Path:
+    """Register and enroll the gateway ``who`` (serial, id, site) as a technician does;
+    its key is made here (on the gateway) and a copy kept aside only to show the broker
+    refusing it later."""
+    serial, urn, site = who
     url, tech = c["url"], c["tech"]
     _call("POST", url + "/devices", tech, json={"id": urn, "serial": serial,
                                                 "model": "ce-gw-1", "hardware_class": "rpi4",

@@ -10,7 +10,8 @@
 4. The devices boot their agent and stream signed readings; the fleet verifies every batch
    and serves the readings with their provenance; the audit log is verified.
 5. The security team rotates a streaming Raspberry Pi gateway's key (``demo_rotation``).
-6. A signed release reaches that gateway through an OTA campaign (``demo_ota``).
+6. Signed releases reach that gateway and a second one through OTA campaigns in two
+   waves; a broken release is rolled back and halts its campaign (``demo_ota``).
 7. ``then`` (the hardware checker's part of the demo) runs while the city still runs;
    at the end the web console and the public SensorThings API answer, with the address,
    a token to sign in with and the open-data URL (``demo_opendata``).

@@ -34,6 +34,7 @@ from ota_harness import (
 
 from cityedge_core import command
 from cityedge_core.command_decode import decode_result
+from cityedge_fw import update_agent
 from cityedge_host.crypto import EcSigner, EcVerifier, public_sec1
 
 from support.artifact_server import ArtifactServer
@@ -160,7 +161,8 @@ def test_device_updates_while_streaming_commits_and_reports_the_new_version(
             arts = [r for p, r in zip(server.paths, server.log, strict=True)
                     if p.endswith("artifact")]
             size = images[NEW].stat().st_size
-            assert arts[0] == "bytes=0-8191" and len(arts) == -(-size // 8192), arts
+            step = update_agent.RANGE_BYTES  # the default: no ``update.range_bytes``
+            assert arts[0] == "bytes=0-%d" % (step - 1) and len(arts) == -(-size // step), arts
         before = len(world.sub.readings())
         wait_for(lambda: len(world.sub.readings()) >= before + 2, 60)
     finally:
@@ -302,7 +304,9 @@ def test_an_interrupted_download_resumes_from_where_it_stopped(
     end, not at 0."""
     man = world.releases.manifest(images[NEW], NEW, 2)
     dev = UpdatingDevice(world.tmp, world.broker, world.pki, world.creds, images[OLD],
-                         world.releases, world.fleet_key).start()
+                         world.releases, world.fleet_key)
+    dev.update_conf(range_bytes=8192)  # many requests: the power cut lands mid-way
+    dev.start()
     size = images[NEW].stat().st_size
     try:
         with serve(world, images[NEW], man) as server:

@@ -1,0 +1,183 @@
+"""The device's artifact download on the MicroPython unix port (``make bench``; alone:
+``python -m bench.ota_device``).
+
+**What is measured**: the firmware's own download step, ``update_agent._download`` (the
+code a board runs in state ``downloading``), compiled to .mpy and run from the ROMFS image
+on the unix port at the update tests' heap (``ota_harness.UPDATE_HEAP``): Range requests
+of ``RANGE_BYTES`` over TLS (the device's mTLS context: ``mqtt_async.tls_context`` with
+its certificate, key and the city CA), each piece through SHA-256 and appended to the
+slot's image file (closed after every request), the digest compared with the manifest's,
+then the slot marked for trial (``update_slots.start_trial``) and the board reset (here:
+the end of the measured step). The agent around it is a stand-in with the few parts the
+step touches (its update settings, the link's TLS context, the state, the board's reset):
+the step itself is not changed.
+
+**Baseline in the same run, same interpreter**: a plain download of the same file from
+the same server (``update_http.get`` for the whole file in one request over the same TLS
+context, every byte read into the same 512-byte buffer and dropped: no hash, no file, no
+Range pieces). The ratio is what the device's checks and durability cost over the
+transport it cannot skip. Server: ``tests/support/artifact_server`` (HTTPS, Range) on
+loopback. The download is also run with 8 KiB requests (the default before this bench
+showed what each request's TLS handshake costs). ``RUNS`` of each, in rotated order,
+medians.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT / "tests", ROOT / "tests" / "firmware", ROOT):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from fw_harness import compile_device, device_argv  # noqa: E402
+from ota_harness import UPDATE_HEAP  # noqa: E402
+
+from cityedge_fw.update_agent import RANGE_BYTES  # noqa: E402
+
+from support.artifact_server import ArtifactServer  # noqa: E402
+from support.mosquitto import TestPKI  # noqa: E402
+
+ARTIFACT_BYTES = 1 << 20  # 1 MiB: a firmware image's order of size
+KINDS = ["plain", "device", "device-8k"]
+STEPS = {"device": RANGE_BYTES, "device-8k": 8192}
+RUNS = 3
+QUICK_BYTES = 64 * 1024
+
+# Runs on the device. CFG: the run's settings (a JSON file). Prints one JSON line.
+PROGRAM = """
+import asyncio, gc, json, time
+from cityedge_fw import update_agent, update_http, update_slots
+from cityedge_fw.keys import read_file
+from cityedge_fw.mqtt_async import tls_context
+c = json.loads(open(%(cfg)r).read())
+ctx = tls_context(read_file(c["cert"]), read_file(c["key"]), read_file(c["ca"]))
+class Reset(Exception):
+    pass
+class Part:
+    pass
+agent = Part()
+agent.cfg = {"update": {"dir": c["dir"]}}
+agent.link = Part()
+agent.link.ssl_ctx = ctx
+agent.last_error = None
+agent.state = Part()
+held = {}
+agent.state.get = held.get
+agent.state.set = lambda **kw: held.update(kw)
+agent.seal = lambda: None
+agent.board = Part()
+def reset():
+    raise Reset()
+agent.board.reset = reset
+pend = {"slot": "b", "size": c["size"], "version": "9.9.9", "seq": 9, "keys": 1,
+        "sha256": c["sha256"], "url": c["url"], "state": "downloading"}
+def plain():
+    buf = bytearray(512)
+    got = [0]
+    def sink(mv):
+        got[0] += len(mv)
+    n = asyncio.run(update_http.get(c["url"] + "artifact", 0, c["size"] - 1, ctx, buf,
+                                    sink, 60000, c["size"]))
+    return n, got[0]
+def device(step):
+    update_slots.remove(update_slots.image_path(c["dir"], "b"))
+    agent.cfg["update"]["range_bytes"] = step
+    held.clear()
+    try:
+        asyncio.run(update_agent._download(agent, pend))
+    except Reset:
+        return True
+    return False
+out = {}
+for kind in c["order"]:
+    gc.collect()
+    t0 = time.ticks_ms()
+    if kind == "plain":
+        n, got = plain()
+        ok = n == got == c["size"]
+    else:
+        ok = device(c["steps"][kind]) and held.get("update", [None])[0] == "installing"
+    out.setdefault(kind, []).append([time.ticks_diff(time.ticks_ms(), t0), ok])
+print("BENCH " + json.dumps(out))
+"""
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    size = QUICK_BYTES if quick else ARTIFACT_BYTES
+    runs = 1 if quick else RUNS
+    body = os.urandom(size)
+    with tempfile.TemporaryDirectory(prefix="cityedge-bench-otadev-") as d:
+        work = Path(d)
+        pki = TestPKI(work / "pki")
+        creds = pki.issue_client("urn:dev:mac:0024befffe80bec1")
+        mpy = compile_device(work / "mpy")
+        server = ArtifactServer(pki, body, files={})
+        try:
+            results: dict[str, list[float]] = {k: [] for k in KINDS}
+            for i in range(runs):
+                order = KINDS[i % len(KINDS):] + KINDS[:i % len(KINDS)]
+                flash = work / ("flash%d" % i)
+                flash.mkdir()
+                cfg = work / ("run%d.json" % i)
+                cfg.write_text(json.dumps({
+                    "cert": str(creds.cert_der), "key": str(creds.key_der),
+                    "ca": str(pki.ca_der), "dir": str(flash), "size": size,
+                    "sha256": hashlib.sha256(body).hexdigest(),
+                    "url": server.url.rsplit("/", 1)[0] + "/", "order": order,
+                    "steps": STEPS}))
+                proc = subprocess.run(device_argv(mpy, PROGRAM % {"cfg": str(cfg)},
+                                                  UPDATE_HEAP),
+                                      capture_output=True, text=True, timeout=900,
+                                      env={"MICROPYPATH": ".frozen",
+                                           "PATH": os.environ.get("PATH", "")})
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")),
+                            None)
+                if proc.returncode != 0 or line is None:
+                    raise SystemExit("bench: the device download failed (%d):\n%s%s"
+                                     % (proc.returncode, proc.stdout[-2000:],
+                                        proc.stderr[-2000:]))
+                got = json.loads(line[6:])
+                if sorted(got) != sorted(KINDS):
+                    raise SystemExit("bench: the device ran %s" % sorted(got))
+                for kind, [[ms, ok]] in got.items():
+                    if not ok:
+                        raise SystemExit("bench: the %s download did not complete" % kind)
+                    results[kind].append(ms / 1000)
+                image = flash / "slot_b" / "firmware.romfs"
+                if image.read_bytes() != body:
+                    raise SystemExit("bench: the slot's image is not the artifact")
+        finally:
+            server.close()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {"bytes": size, "runs": runs, "heap": UPDATE_HEAP, "range": RANGE_BYTES,
+            "bytes_per_s": {k: size / t for k, t in med.items()},
+            "ratio": {k: med["plain"] / t for k, t in med.items()}, "seconds": results}
+
+
+def report(r: dict[str, Any]) -> None:
+    print("\nDevice artifact download on the MicroPython unix port (heap %s, %d bytes, "
+          "median of %d), against a plain download in the same run:"
+          % (r["heap"], r["bytes"], r["runs"]))
+    rows = [("plain", "plain: one GET, same TLS and server, bytes dropped"),
+            ("device", "update_agent._download, %d KiB requests (default)" % (r["range"] >> 10)),
+            ("device-8k", "update_agent._download, 8 KiB requests")]
+    for kind, what in rows:
+        print("  %-58s %9.0f B/s  %.2fx" % (what, r["bytes_per_s"][kind], r["ratio"][kind]))
+
+
+def main() -> None:
+    report(run(quick="--quick" in sys.argv))
+
+
+if __name__ == "__main__":
+    main()
