@@ -6,9 +6,13 @@ SHA-256) -> GET ``<url>manifest`` and ``<url>keys`` over TLS verified against th
 configured CA only, each bounded to the core's limits -> the manifest must be the one the
 command names (``check_manifest_digest``) -> ``check_update`` (component ``gateway``,
 this gateway's hardware class, the release root set of ``roots_file``, the installed
-sequence and version from the installer's record, now) -> ``ota_release.from_verdict``
-with ``<url>artifact`` -> ``Installer.update`` (resumable Range download, side-by-side
-build, the switch into ``trial``). The caller then exits with ``EXIT_RESTART``.
+sequence, version and release-key list version from the installer's record, now) ->
+``ota_release.from_verdict`` with ``<url>artifact`` (the release carries the key list's
+version, which the installer records and makes the floor at commit: a key list older than
+the one a committed release came with is refused, ``keys_rollback``) ->
+``Installer.update`` (the Range download, resumed and retried within ``bounds``:
+``download_limits`` of the ``[update]`` section; side-by-side build, the switch into
+``trial``). The caller then exits with ``EXIT_RESTART``.
 
 Refusals are ``UpdateRefused`` with the core's reason code (the signed result's detail:
 ``refused``); a fetch or install failure is ``UpdateFailed`` (``failed``). A *wait*
@@ -28,7 +32,8 @@ import httpx
 from cityedge_core import release_keys, update_manifest
 from cityedge_host.release import RootSet, sec1_verifier
 
-from .ota_download import DownloadError, DownloadLimits
+from .config import UpdateConfig
+from .ota_download import DownloadError, DownloadLimits, Observer
 from .ota_install import Installer, InstallFailed, ReleaseRefused
 from .ota_release import COMPONENT, from_verdict
 from .ota_state import UpdateRecord
@@ -60,9 +65,16 @@ def _get(client: httpx.Client, url: str, most: int) -> bytes:
         return body
 
 
+def download_limits(u: UpdateConfig) -> DownloadLimits:
+    """The artifact download's bounds as the ``[update]`` section sets them."""
+    return DownloadLimits(deadline_s=u.download_deadline_s, attempts_max=u.download_attempts,
+                          retry_max_s=u.download_backoff_max_s)
+
+
 def take_update(args: Any, installer: Installer, *, roots_file: Path, hw_class: str,
-                ca_file: Path, keys_version: int = 0, now: int | None = None,
-                bounds: DownloadLimits | None = None) -> UpdateRecord:
+                ca_file: Path, now: int | None = None,
+                bounds: DownloadLimits | None = None,
+                observe: Observer | None = None) -> UpdateRecord:
     """Check and install the release an ``update`` command names (module docstring)."""
     url, digest = update_manifest.update_args(args)  # PeerError: the command is malformed
     roots = RootSet.load(roots_file)
@@ -81,14 +93,15 @@ def take_update(args: Any, installer: Installer, *, roots_file: Path, hw_class: 
         raise UpdateRefused(e.reason, e.detail) from e
     rec = installer.record()
     verdict = update_manifest.check_update(
-        manifest, keys, roots.verifiers, roots.threshold, keys_version, COMPONENT, hw_class,
+        manifest, keys, roots.verifiers, roots.threshold, rec.installed_keys_version,
+        COMPONENT, hw_class,
         rec.installed_sequence, rec.installed_version or None,
         int(time.time()) if now is None else now, make_verifier=sec1_verifier)
     if not verdict.ok:
         raise UpdateRefused(verdict.reason, verdict.detail)
     release = from_verdict(verdict, url + "artifact")
     try:
-        return installer.update(release, ca_file=ca_file, bounds=bounds)
+        return installer.update(release, ca_file=ca_file, bounds=bounds, observe=observe)
     except ReleaseRefused as e:
         raise UpdateRefused("installer", str(e)) from e
     except (DownloadError, InstallFailed) as e:

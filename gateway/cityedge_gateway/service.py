@@ -68,7 +68,7 @@ from .key_slots import Identity, KeySlots
 from .metrics import metrics_text, registry_for
 from .metrics_http import serve_metrics
 from .node_link import NodeListener
-from .ota_command import UpdateRefused, take_update
+from .ota_command import UpdateRefused, download_limits, take_update
 from .ota_health import BEACON_NAME, TrialGate
 from .ota_install import (
     CURRENT,
@@ -268,7 +268,8 @@ class Gateway:
         try:
             rec = await asyncio.to_thread(
                 take_update, args, self.updates, roots_file=u.release_roots,
-                hw_class=u.hw_class, ca_file=u.ca_file or broker.ca_file)
+                hw_class=u.hw_class, ca_file=u.ca_file or broker.ca_file,
+                bounds=download_limits(u))
         except UpdateRefused as e:
             raise Refuse(str(e)[:200]) from e
         self.update_record = rec
