@@ -23,6 +23,7 @@ campaign counts it, and a later campaign sends the release again.
 from __future__ import annotations
 
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def download_limits(u: UpdateConfig) -> DownloadLimits:
 def take_update(args: Any, installer: Installer, *, roots_file: Path, hw_class: str,
                 ca_file: Path, now: int | None = None,
                 bounds: DownloadLimits | None = None,
-                observe: Observer | None = None) -> UpdateRecord:
+                observe: Observer | None = None,
+                stop: threading.Event | None = None) -> UpdateRecord:
     """Check and install the release an ``update`` command names (module docstring)."""
     url, digest = update_manifest.update_args(args)  # PeerError: the command is malformed
     roots = RootSet.load(roots_file)
@@ -94,14 +96,14 @@ def take_update(args: Any, installer: Installer, *, roots_file: Path, hw_class: 
     rec = installer.record()
     verdict = update_manifest.check_update(
         manifest, keys, roots.verifiers, roots.threshold, rec.installed_keys_version,
-        COMPONENT, hw_class,
-        rec.installed_sequence, rec.installed_version or None,
+        COMPONENT, hw_class, rec.installed_sequence, rec.installed_version or None,
         int(time.time()) if now is None else now, make_verifier=sec1_verifier)
     if not verdict.ok:
         raise UpdateRefused(verdict.reason, verdict.detail)
     release = from_verdict(verdict, url + "artifact")
     try:
-        return installer.update(release, ca_file=ca_file, bounds=bounds, observe=observe)
+        return installer.update(release, ca_file=ca_file, bounds=bounds, observe=observe,
+                                stop=stop)
     except ReleaseRefused as e:
         raise UpdateRefused("installer", str(e)) from e
     except (DownloadError, InstallFailed) as e:

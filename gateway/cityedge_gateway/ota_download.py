@@ -46,6 +46,10 @@ up after ``attempts_max`` failed requests in a row; a request that brought new b
 that count (and the backoff) again, so a link that keeps breaking but keeps delivering is
 bounded by the deadline and ``requests_max`` instead. A refusal is never retried.
 
+``stop`` (a ``threading.Event``: the download runs in a thread of the service) ends the
+call between two chunks or during a wait (``stopped``, progress kept), so a gateway told to
+stop does not sit out a ``Retry-After`` until systemd kills it.
+
 Progress: every request, response, retry and the result are ``DownloadEvent``s, given to
 ``observe`` (tests, the bench) and logged, with the bytes held and the percentage; the
 body's progress is logged at each tenth of the artifact.
@@ -69,6 +73,7 @@ import logging
 import os
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,8 +305,8 @@ def _start_of_body(resp: httpx.Response, sink: _Sink, size: int) -> int:
 def download(release: VerifiedRelease, part: Path, *, ca_file: Path,
              bounds: DownloadLimits | None = None,
              clock: Callable[[], float] = time.monotonic,
-             sleep: Callable[[float], None] = time.sleep,
-             observe: Observer | None = None) -> Path:
+             observe: Observer | None = None,
+             stop: threading.Event | None = None) -> Path:
     """Bring ``release``'s artifact into ``part`` (see the module's docstring)."""
     b = bounds or DownloadLimits()
     size = release.size
@@ -310,7 +315,7 @@ def download(release: VerifiedRelease, part: Path, *, ca_file: Path,
     with os.fdopen(fd, "r+b") as f:
         sink = _Sink(release, part, f, b.sync_every_bytes)
         sink.resume()
-        run = _Run(release, sink, ca_file, b, clock, sleep, observe)
+        run = _Run(release, sink, ca_file, b, clock, observe, stop or threading.Event())
         if sink.offset:
             log.info("download of %s: resuming at byte %d of %d (%d%%)", release.version,
                      sink.offset, size, 100 * sink.offset // size)
@@ -340,19 +345,24 @@ def download(release: VerifiedRelease, part: Path, *, ca_file: Path,
     return part
 
 
+def _stopped() -> DownloadInterrupted:
+    return DownloadInterrupted("stopped", "the gateway is stopping; the bytes are kept")
+
+
 class _Run:
-    """One download call: its requests, retries and events."""
+    """One download call: its requests, retries and events; ``stop`` (set by the service
+    when it stops) ends a wait or a body at once."""
 
     def __init__(self, release: VerifiedRelease, sink: _Sink, ca_file: Path,
-                 b: DownloadLimits, clock: Callable[[], float],
-                 sleep: Callable[[float], None], observe: Observer | None) -> None:
+                 b: DownloadLimits, clock: Callable[[], float], observe: Observer | None,
+                 stop: threading.Event) -> None:
         self.release = release
         self.sink = sink
         self.ca_file = ca_file
         self.b = b
         self.clock = clock
-        self.sleep = sleep
         self.observe = observe
+        self.stop = stop
         self.attempt = 0
         self.started = clock()
         self.logged_step = 0
@@ -385,6 +395,8 @@ class _Run:
         with httpx.Client(verify=_tls(self.ca_file), timeout=timeout, follow_redirects=False,
                           trust_env=False) as client:
             while sink.offset < size:
+                if self.stop.is_set():
+                    raise _stopped()
                 if self.attempt >= b.requests_max:
                     raise DownloadInterrupted("too-many-requests", "%d requests; %d of %d "
                                               "bytes" % (b.requests_max, sink.offset, size))
@@ -419,7 +431,10 @@ class _Run:
                                       "download's deadline of %.0f s"
                                       % (e, wait, b.deadline_s), e.retry_after) from e
         self.emit(RETRY, reason=e.reason, detail=str(e), wait_s=wait)
-        self.sleep(wait)
+        with contextlib.suppress(OSError):
+            self.sink.sync()  # a stop during the wait keeps every byte that arrived
+        if self.stop.wait(wait):
+            raise _stopped() from e
 
     def _request(self, client: httpx.Client) -> None:
         sink, b = self.sink, self.b
@@ -457,6 +472,8 @@ class _Run:
                 raise DownloadRefused("bad-content-range", "the server sent past the end "
                                       "of its Content-Range (byte %d)" % (end - 1))
             sink.write(chunk)
+            if self.stop.is_set():
+                raise _stopped()
             window_bytes += len(chunk)
             step = _PROGRESS_STEPS * sink.offset // size
             if step > self.logged_step:

@@ -63,6 +63,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -336,7 +337,8 @@ class Installer:
 
     def download(self, release: VerifiedRelease, *, ca_file: Path,
                  bounds: DownloadLimits | None = None,
-                 observe: Observer | None = None) -> Path:
+                 observe: Observer | None = None,
+                 stop: threading.Event | None = None) -> Path:
         """Fetch the artifact (resuming); ``downloaded`` when it is whole and its hash holds.
         An interruption leaves ``downloading`` (call again); a refusal records ``failed``."""
         rec = self.schedule(release)
@@ -346,7 +348,7 @@ class Installer:
             rec = self._save(rec.after(DOWNLOAD), "download")
         try:
             part = download(release, self.part_file(release), ca_file=ca_file, bounds=bounds,
-                            observe=observe)
+                            observe=observe, stop=stop)
         except DownloadRefused as e:
             self._save(rec.after(FAIL, reason="download refused: %s" % e), "download-failed")
             raise
@@ -443,8 +445,10 @@ class Installer:
 
     def update(self, release: VerifiedRelease, *, ca_file: Path,
                bounds: DownloadLimits | None = None,
-               observe: Observer | None = None) -> UpdateRecord:
+               observe: Observer | None = None,
+               stop: threading.Event | None = None) -> UpdateRecord:
         """Download (resuming, retrying), install and switch: the whole way to ``trial``."""
-        part = self.download(release, ca_file=ca_file, bounds=bounds, observe=observe)
+        part = self.download(release, ca_file=ca_file, bounds=bounds, observe=observe,
+                             stop=stop)
         return self.install(release, part)
 

@@ -50,6 +50,7 @@ import contextlib
 import logging
 import signal
 import stat
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -188,6 +189,8 @@ class Gateway:
         self.update_error = ""
         self.exit_code = 0  # what ``cityedge gateway run`` exits with (``EXIT_ROLLED_BACK``)
         self._stop = asyncio.Event()  # set: ``run`` returns (SIGTERM, a restart, a rollback)
+        # set as ``run`` returns: an update's download (in a thread) stops at once
+        self._download_stop = threading.Event()
         self._results: asyncio.Queue[bytes] = asyncio.Queue()  # answers given later, to send
 
     def use_identity(self, ident: Identity) -> None:
@@ -269,7 +272,7 @@ class Gateway:
             rec = await asyncio.to_thread(
                 take_update, args, self.updates, roots_file=u.release_roots,
                 hw_class=u.hw_class, ca_file=u.ca_file or broker.ca_file,
-                bounds=download_limits(u))
+                bounds=download_limits(u), stop=self._download_stop)
         except UpdateRefused as e:
             raise Refuse(str(e)[:200]) from e
         self.update_record = rec
@@ -413,6 +416,7 @@ class Gateway:
             await stop.wait()
         finally:
             sd_notify.notify("STOPPING=1")
+            self._download_stop.set()
             pinger.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -214,6 +215,41 @@ def test_a_resume_labelled_right_with_the_wrong_bytes_fails_the_digest(
     assert server.log == [None, "bytes=100000-"]
     assert not of(DONE, events) and of(GAVE_UP, events)[0].reason == "hash-mismatch"
     assert not part.exists() and not progress_path(part).exists()
+
+
+def test_a_stop_ends_a_long_retry_after_wait_and_keeps_the_bytes(
+        pki: TestPKI, tmp_path: Path) -> None:
+    """The gateway stops (SIGTERM) while its download waits out a 600 s Retry-After: the
+    call ends ``stopped`` once the stop is set, with what it fetched kept for a resume."""
+    part = tmp_path / "7.part"
+    events: list[DownloadEvent] = []
+    waiting, stop = threading.Event(), threading.Event()
+    outcome: list[BaseException] = []
+
+    def observe(e: DownloadEvent) -> None:
+        events.append(e)
+        if e.kind == RETRY and e.wait_s >= 600:
+            waiting.set()
+
+    def run() -> None:
+        try:
+            download(release(server.url), part, ca_file=pki.ca_pem, observe=observe,
+                     bounds=replace(FAST, deadline_s=3600), stop=stop)
+        except BaseException as e:
+            outcome.append(e)
+
+    with FlakyArtifactServer(pki, BODY, [Cut(100_000), Status(503, "600")]) as server:
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        assert waiting.wait(60), events
+        stop.set()
+        t.join(60)
+        assert not t.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], DownloadInterrupted)
+    assert outcome[0].reason == "stopped"
+    assert [e.reason for e in of(GAVE_UP, events)] == ["stopped"]
+    assert part.read_bytes() == BODY[:100_000]
+    assert '"durable_bytes": 100000' in progress_path(part).read_text()
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
