@@ -9,8 +9,8 @@ adds key B. Whoever holds A replays list 1, still validly root-signed, with a ne
 signed by A under it. Once a release under list 2 was committed the gateway refuses it
 (``keys_rollback``), also after a restart; a gateway that had not stored the version would
 take it (checked below with the same bytes), which is why the floor is kept. Then the
-download's retries through the same path: the fleet's 429 with ``Retry-After`` from the
-artifact server does not fail the update.
+retries through the same path: the fleet's 429 with ``Retry-After`` (for the artifact, the
+manifest or the key list) and a 503 do not fail the update.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import pytest
 
 from cityedge_core import update_manifest as um
 from cityedge_gateway import ota_state as s
-from cityedge_gateway.ota_command import UpdateRefused, take_update
+from cityedge_gateway.ota_command import UpdateFailed, UpdateRefused, take_update
 from cityedge_gateway.ota_download import DONE, RETRY, DownloadEvent, DownloadLimits
 from cityedge_gateway.ota_install import CURRENT, STATE, Installer
 from cityedge_host.crypto import EcSigner
@@ -71,8 +72,10 @@ def command(server: FlakyArtifactServer, manifest: bytes) -> dict[int, Any]:
 
 
 def serve(pki: TestPKI, body: bytes, manifest: bytes, keys: bytes,
-          script: list[Any] | None = None) -> FlakyArtifactServer:
-    return FlakyArtifactServer(pki, body, script, files={"manifest": manifest, "keys": keys})
+          script: list[Any] | None = None,
+          file_script: dict[str, list[Status]] | None = None) -> FlakyArtifactServer:
+    return FlakyArtifactServer(pki, body, script, files={"manifest": manifest, "keys": keys},
+                               file_script=file_script)
 
 
 def installer(tmp: Path) -> Installer:
@@ -160,3 +163,30 @@ def test_the_fleets_429_with_retry_after_does_not_fail_the_update(pki: TestPKI,
     assert retries[0].wait_s >= 1.0
     assert artifact_ranges == [None, None, "bytes=%d-" % cut]
     assert [e.sha256 for e in events if e.kind == DONE] == [hashlib.sha256(body).hexdigest()]
+
+
+def test_the_manifest_and_key_list_fetches_are_retried_too(pki: TestPKI,
+                                                            tmp_path: Path) -> None:
+    """A 503 for the manifest, a 429 with ``Retry-After: 1`` for the key list: both asked
+    again, the update reaches its trial. Five 503s in a row for the manifest with three
+    tries allowed: ``UpdateFailed``, nothing downloaded."""
+    h = Holders(tmp_path)
+    inst = installer(tmp_path)
+    body, manifest = h.release(h.b, "2.0.0", 2)
+    script = {"manifest": [Status(503)], "keys": [Status(429, "1")]}
+    with serve(pki, body, manifest, h.key_list(1, h.b), file_script=script) as srv:
+        rec = take_update(command(srv, manifest), inst, roots_file=h.root_file, hw_class=HW,
+                          ca_file=pki.ca_pem, bounds=FAST)
+        names = [p.rsplit("/", 1)[-1] for p in srv.paths]
+    assert (rec.state, inst.link(CURRENT)) == (s.TRIAL, "2.0.0")
+    assert names == ["manifest", "manifest", "keys", "keys", "artifact"]
+
+    (tmp_path / "other").mkdir()
+    other = installer(tmp_path / "other")
+    with serve(pki, body, manifest, h.key_list(1, h.b),
+               file_script={"manifest": [Status(503)] * 5}) as srv:
+        with pytest.raises(UpdateFailed, match=r"manifest: HTTP 503 \(3 tries, the limit\)"):
+            take_update(command(srv, manifest), other, roots_file=h.root_file, hw_class=HW,
+                        ca_file=pki.ca_pem, bounds=replace(FAST, attempts_max=3))
+        assert [p.rsplit("/", 1)[-1] for p in srv.paths] == ["manifest"] * 3
+    assert other.record().state == s.COMMITTED  # the factory release, untouched

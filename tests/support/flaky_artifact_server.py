@@ -4,8 +4,9 @@ artifact, so a test drives one download call through several failures in a row.
 
 ``FlakyArtifactServer(pki, body, script=[...])``: each request for the artifact takes the
 next step of ``script``; once the script is used up the server answers as ``mode`` says
-(``normal`` by default). The folder's other files (``files``: manifest, keys) are never
-scripted. Steps:
+(``normal`` by default). The folder's other files (``files``: manifest, keys) have scripts
+of their own, ``file_script`` (name -> steps; ``Status`` only), then are served whole.
+Steps:
 
 - ``Cut(at)``: a normal answer whose connection is dropped once the body reached the
   absolute offset ``at`` (no TLS close_notify: a lost link);
@@ -81,12 +82,18 @@ Step = Cut | Stall | Status | Mode | Shifted | Overlong | LengthLie
 
 class FlakyArtifactServer(ArtifactServer):
     def __init__(self, pki: TestPKI, body: bytes, script: list[Step] | None = None,
-                 files: dict[str, bytes] | None = None) -> None:
+                 files: dict[str, bytes] | None = None,
+                 file_script: dict[str, list[Status]] | None = None) -> None:
         self.script: list[Step] = list(script or [])
+        self.file_script = {k: list(v) for k, v in (file_script or {}).items()}
         self.statuses: list[int] = []
         super().__init__(pki, body, files=files)
 
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
+        name = h.path.rsplit("/", 1)[-1]
+        if self.file_script.get(name):
+            self._status(h, self.file_script[name].pop(0))
+            return
         if h.path.rsplit("/", 1)[-1] in self.files or not self.script:
             if h.path.rsplit("/", 1)[-1] not in self.files:
                 self.statuses.append(200 if h.headers.get("Range") is None
@@ -110,11 +117,7 @@ class FlakyArtifactServer(ArtifactServer):
                 self.mode = mode
         elif isinstance(step, Status):
             self.statuses.append(step.code)
-            h.send_response(step.code)
-            if step.retry_after is not None:
-                h.send_header("Retry-After", step.retry_after)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
+            self._status(h, step)
         elif isinstance(step, Stall):
             self._head(h, start, len(body) - 1, len(body) - start, m is not None)
             h.wfile.write(body[start:step.at])
@@ -129,6 +132,14 @@ class FlakyArtifactServer(ArtifactServer):
         elif isinstance(step, LengthLie):
             self._head(h, start, len(body) - 1, len(body) - start - step.n, True)
             h.wfile.write(body[start:len(body) - step.n])
+
+    @staticmethod
+    def _status(h: BaseHTTPRequestHandler, step: Status) -> None:
+        h.send_response(step.code)
+        if step.retry_after is not None:
+            h.send_header("Retry-After", step.retry_after)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
 
     def _head(self, h: BaseHTTPRequestHandler, first: int, last: int, length: int | None,
               ranged: bool) -> None:
