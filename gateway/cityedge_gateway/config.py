@@ -12,7 +12,9 @@ per mistake: the key path, what is wrong, and what to do. The layout (see
     [node_link] the same keys, for the site's local broker the nodes publish to
     [metrics]   port (127.0.0.1 only)
     [update]    root, trial_deadline_s, trial_max_starts (the update installer: ``ota_*``);
-                release_roots, hw_class, ca_file, build: the fleet's ``update`` command
+                release_roots, hw_class, ca_file, build: the fleet's ``update`` command;
+                download_deadline_s, download_attempts, download_backoff_max_s: the
+                artifact download's retries
     [[serial]]  name, port, protocol = "sds011" | "modbus", baud, parity,
                 modbus only: poll_interval_s, timeout_s, max_registers, and either one slave
                 (unit, [[serial.registers]]) or several ([[serial.slaves]]: name, unit,
@@ -132,6 +134,11 @@ class UpdateConfig:
     # how a release is laid down: "venv" (pip install of the artifact's wheels/) or
     # "copy" (the artifact's tree is the release as it is: built elsewhere for the Pi)
     build: str = "venv"
+    # the artifact's download (``ota_download``): its whole time, retries included; the
+    # failed requests in a row it gives up after; the longest wait between two requests
+    download_deadline_s: float = limits.OTA_DOWNLOAD_DEADLINE_S
+    download_attempts: int = limits.OTA_DOWNLOAD_ATTEMPTS_DEFAULT
+    download_backoff_max_s: float = limits.OTA_RETRY_MAX_DEFAULT_S
 
 
 @dataclass(frozen=True)
@@ -500,7 +507,8 @@ def _update(c: _Checker, doc: dict[str, Any]) -> UpdateConfig | None:
     if not u:
         return None
     c.unknown("update", u, {"root", "trial_deadline_s", "trial_max_starts", "release_roots",
-                            "hw_class", "ca_file", "build"})
+                            "hw_class", "ca_file", "build", "download_deadline_s",
+                            "download_attempts", "download_backoff_max_s"})
     root = c.path("update", u, "root", must_exist=False)
     if root != Path() and not root.is_dir():
         c.bad("update.root", "directory %s does not exist; create it (it holds releases/, "
@@ -523,8 +531,19 @@ def _update(c: _Checker, doc: dict[str, Any]) -> UpdateConfig | None:
               'installs the wheels/ of the artifact) or "copy" (the artifact is the release)'
               % (build,))
         build = "venv"
+    lo, hi = limits.OTA_DOWNLOAD_DEADLINE_RANGE_S
+    dl_deadline = c.number("update", u, "download_deadline_s", limits.OTA_DOWNLOAD_DEADLINE_S,
+                           lo, hi, "s")
+    lo_n, hi_n = limits.OTA_DOWNLOAD_ATTEMPTS_RANGE
+    attempts = c.number("update", u, "download_attempts", limits.OTA_DOWNLOAD_ATTEMPTS_DEFAULT,
+                        lo_n, hi_n, "requests", True)
+    lo, hi = limits.OTA_RETRY_MAX_RANGE_S
+    backoff_max = c.number("update", u, "download_backoff_max_s",
+                           limits.OTA_RETRY_MAX_DEFAULT_S, lo, hi, "s")
     return UpdateConfig(root=root, trial_deadline_s=float(deadline), trial_max_starts=starts,
-                        release_roots=roots, hw_class=hw_class, ca_file=ca_file, build=build)
+                        release_roots=roots, hw_class=hw_class, ca_file=ca_file, build=build,
+                        download_deadline_s=float(dl_deadline), download_attempts=attempts,
+                        download_backoff_max_s=float(backoff_max))
 
 
 def parse_config(doc: dict[str, Any], base: Path, source: Path) -> GatewayConfig:

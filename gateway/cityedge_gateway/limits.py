@@ -65,7 +65,16 @@ OTA_DOWNLOAD_DEADLINE_S = 3600.0  # seconds: one download call, all its requests
 OTA_MIN_RATE_BYTES_S = 1024  # bytes per second, averaged over each rate window
 OTA_RATE_WINDOW_S = 60.0  # seconds: the window the minimum rate is judged over
 OTA_SYNC_EVERY_BYTES = 1024**2  # bytes: fsync + progress record this often
-OTA_REQUESTS_MAX = 32  # requests in one download call (responses that end early)
+OTA_REQUESTS_MAX = 64  # requests in one download call, retries included
+# retries of a download (``ota_download``): a failed request (a cut link, a stall, a 5xx,
+# a 429) is tried again after a jittered, doubling wait, resuming with Range
+OTA_DOWNLOAD_ATTEMPTS_DEFAULT = 8  # failed requests in a row (no new byte), then give up
+OTA_DOWNLOAD_ATTEMPTS_RANGE = (1, 100)
+OTA_DOWNLOAD_DEADLINE_RANGE_S = (60.0, 86400.0)  # seconds: what [update] may set
+OTA_RETRY_FIRST_S = 1.0  # seconds: the first wait before a retry
+OTA_RETRY_MAX_DEFAULT_S = 60.0  # seconds: the longest wait the doubling reaches
+OTA_RETRY_MAX_RANGE_S = (1.0, 3600.0)
+OTA_RETRY_AFTER_MAX_S = 900.0  # seconds: a longer Retry-After gives the download up
 OTA_UNPACK_MAX_FILES = 20_000  # members of an artifact's tar
 OTA_UNPACK_MAX_BYTES = 1024**3  # bytes: the artifact unpacked
 OTA_STATE_MAX_BYTES = 64 * 1024  # bytes: the update state file

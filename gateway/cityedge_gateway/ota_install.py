@@ -30,7 +30,14 @@ A version directory is reused only when its RELEASE names the same artifact dige
 Anti-rollback: ``installed_sequence`` is the sequence of the release last committed,
 persisted in the record; a release whose sequence is not above it is refused
 (``ReleaseRefused``), also when its files are still on disk. A sanctioned return to old
-content is a new release of it with a higher sequence.
+content is a new release of it with a higher sequence. The release-key list is kept from
+going back the same way (as the device keeps ``keys`` in its boot pointer): the record
+holds the list version each release was verified under (``keys_version``) and, from its
+commit, ``installed_keys_version`` beside the installed sequence, in the same atomic write.
+``ota_command`` hands that floor to ``check_update``, which refuses an older list
+(``keys_rollback``: a list that still certifies a release key the root holders have since
+revoked); ``check`` here refuses such a release again. A rollback leaves the floor where it
+was; RELEASE carries the version too, so a factory image without a record has its floor.
 
 The trial: after the switch the process exits (``EXIT_RESTART``) and systemd starts
 ``current``. Before each start the boot guard (``ota_boot``, run by systemd from
@@ -56,6 +63,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -64,7 +72,13 @@ from cityedge_host.errors import UserError
 from cityedge_host.files import write_atomic
 
 from . import limits
-from .ota_download import DownloadInterrupted, DownloadLimits, DownloadRefused, download
+from .ota_download import (
+    DownloadInterrupted,
+    DownloadLimits,
+    DownloadRefused,
+    Observer,
+    download,
+)
 from .ota_release import COMPONENT, VerifiedRelease
 from .ota_state import (
     BUSY,
@@ -228,8 +242,10 @@ class Installer:
                 return UpdateRecord()
             marker = json.loads((self.release_dir(version) / MARKER).read_bytes())
             seq = int(marker.get("sequence", 0))
+            keys = int(marker.get("keys_version", 0))
             return UpdateRecord(state=COMMITTED, version=version, sequence=seq,
-                                installed_version=version, installed_sequence=seq)
+                                keys_version=keys, installed_version=version,
+                                installed_sequence=seq, installed_keys_version=keys)
         if len(data) > limits.OTA_STATE_MAX_BYTES:
             raise UpdateStateError("%s is %d bytes" % (STATE, len(data)))
         return UpdateRecord.from_bytes(data)
@@ -292,6 +308,12 @@ class Installer:
         if release.sequence <= rec.installed_sequence:
             raise ReleaseRefused("release %s has sequence %d; the installed one has %d"
                                  % (release.version, release.sequence, rec.installed_sequence))
+        if release.keys_version < rec.installed_keys_version:
+            raise ReleaseRefused("release %s was verified under release-key list version %d; "
+                                 "the installed one came with version %d"
+                                 % (release.version, release.keys_version,
+                                    rec.installed_keys_version),
+                                 hint="sign the release under the current key list")
         if rec.state in BUSY:
             raise ReleaseRefused("release %s is %s; wait for its outcome"
                                  % (rec.version, rec.state), hint="")
@@ -302,16 +324,21 @@ class Installer:
     def schedule(self, release: VerifiedRelease) -> UpdateRecord:
         rec = self.check(release)
         if rec.state in (DOWNLOADING, DOWNLOADED) and rec.sequence == release.sequence:
+            if rec.keys_version < release.keys_version:  # fetched with a newer key list
+                rec = self._save(replace(rec, keys_version=release.keys_version), "keys")
             return rec  # the same release again (a resume): keep its progress
         return self._save(rec.after(
             SCHEDULE, version=release.version, sequence=release.sequence, size=release.size,
-            sha256=release.sha256.hex(), url=release.url, reason=""), "schedule")
+            sha256=release.sha256.hex(), url=release.url, keys_version=release.keys_version,
+            reason=""), "schedule")
 
     def part_file(self, release: VerifiedRelease) -> Path:
         return self.root / DOWNLOADS / ("%d.part" % release.sequence)
 
     def download(self, release: VerifiedRelease, *, ca_file: Path,
-                 bounds: DownloadLimits | None = None) -> Path:
+                 bounds: DownloadLimits | None = None,
+                 observe: Observer | None = None,
+                 stop: threading.Event | None = None) -> Path:
         """Fetch the artifact (resuming); ``downloaded`` when it is whole and its hash holds.
         An interruption leaves ``downloading`` (call again); a refusal records ``failed``."""
         rec = self.schedule(release)
@@ -320,7 +347,8 @@ class Installer:
         if rec.state != DOWNLOADING:
             rec = self._save(rec.after(DOWNLOAD), "download")
         try:
-            part = download(release, self.part_file(release), ca_file=ca_file, bounds=bounds)
+            part = download(release, self.part_file(release), ca_file=ca_file, bounds=bounds,
+                            observe=observe, stop=stop)
         except DownloadRefused as e:
             self._save(rec.after(FAIL, reason="download refused: %s" % e), "download-failed")
             raise
@@ -376,7 +404,7 @@ class Installer:
             self.build(unpacked, tmp)
             self.fault("marker")
             marker = {"version": release.version, "sequence": release.sequence,
-                      "sha256": release.sha256.hex()}
+                      "sha256": release.sha256.hex(), "keys_version": release.keys_version}
             write_atomic(tmp / MARKER, json.dumps(marker).encode(), 0o644)
             self.fault("rename-release")
             os.replace(tmp, final)
@@ -388,11 +416,14 @@ class Installer:
     # -- the trial's outcome
 
     def commit(self) -> UpdateRecord:
-        """The release in trial is healthy: it becomes the installed one (its sequence the
-        new floor). Releases other than it and the previous one are removed."""
+        """The release in trial is healthy: it becomes the installed one (its sequence and
+        its key list's version the new floors). Releases other than it and the previous
+        one are removed."""
         rec = self.record()
-        rec = self._save(rec.after(HEALTHY, installed_version=rec.version,
-                                   installed_sequence=rec.sequence, reason=""), "commit")
+        rec = self._save(rec.after(
+            HEALTHY, installed_version=rec.version, installed_sequence=rec.sequence,
+            installed_keys_version=max(rec.installed_keys_version, rec.keys_version),
+            reason=""), "commit")
         keep = {rec.installed_version, rec.previous_version}
         shutil.rmtree(self.root / DOWNLOADS, ignore_errors=True)
         if self.releases.is_dir():
@@ -413,8 +444,11 @@ class Installer:
         return rec
 
     def update(self, release: VerifiedRelease, *, ca_file: Path,
-               bounds: DownloadLimits | None = None) -> UpdateRecord:
-        """Download (resuming), install and switch: the whole way to ``trial``."""
-        part = self.download(release, ca_file=ca_file, bounds=bounds)
+               bounds: DownloadLimits | None = None,
+               observe: Observer | None = None,
+               stop: threading.Event | None = None) -> UpdateRecord:
+        """Download (resuming, retrying), install and switch: the whole way to ``trial``."""
+        part = self.download(release, ca_file=ca_file, bounds=bounds, observe=observe,
+                             stop=stop)
         return self.install(release, part)
 

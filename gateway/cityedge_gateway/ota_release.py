@@ -32,6 +32,9 @@ class VerifiedRelease:
     size: int  # bytes of the artifact
     sha256: bytes  # digest of the artifact
     url: str  # https:// where the artifact is served (any server with Range support)
+    # the version of the release-key list the manifest was verified under: recorded with
+    # the release and, once it commits, the floor below which no key list is taken
+    keys_version: int = 0
 
     def __post_init__(self) -> None:
         v = self.version
@@ -46,6 +49,8 @@ class VerifiedRelease:
                              % (self.size, limits.OTA_ARTIFACT_MAX_BYTES))
         if not isinstance(self.sha256, bytes) or len(self.sha256) != 32:
             raise ValueError("sha256 must be 32 bytes")
+        if isinstance(self.keys_version, bool) or not 0 <= self.keys_version <= SEQUENCE_MAX:
+            raise ValueError("keys_version %r is not in 0..2**53" % (self.keys_version,))
         if not self.url.startswith("https://"):
             raise ValueError("the artifact URL must be https://, got %r" % self.url[:64])
 
@@ -61,4 +66,5 @@ def from_verdict(verdict: Any, url: str) -> VerifiedRelease:
     m = verdict.manifest
     if m.component != COMPONENT:
         raise ValueError("the manifest is for %r, not the gateway" % (m.component,))
-    return VerifiedRelease(m.component, m.version, m.sequence, m.size, bytes(m.sha256), url)
+    return VerifiedRelease(m.component, m.version, m.sequence, m.size, bytes(m.sha256), url,
+                           verdict.keys.version)

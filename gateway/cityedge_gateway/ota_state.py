@@ -88,10 +88,14 @@ class UpdateRecord:
     size: int = 0
     sha256: str = ""  # hex
     url: str = ""
+    keys_version: int = 0  # the release-key list version its manifest was verified under
     reason: str = ""  # why it failed or rolled back
-    # what runs when nothing is under way; the anti-rollback floor
+    # what runs when nothing is under way; the anti-rollback floors: of the release, and of
+    # the release-key list (``check_update``'s stored list version: an older list, e.g. one
+    # that still certifies a revoked key, is refused)
     installed_version: str = ""
     installed_sequence: int = 0
+    installed_keys_version: int = 0
     previous_version: str = ""  # what ``trial`` rolls back to
     trial_starts: int = 0  # starts counted by the boot guard while in trial
     trial_max_starts: int = 0
@@ -133,4 +137,5 @@ class UpdateRecord:
         return {"state": self.state, "version": self.version, "sequence": self.sequence,
                 "reason": self.reason, "installed_version": self.installed_version,
                 "installed_sequence": self.installed_sequence,
+                "installed_keys_version": self.installed_keys_version,
                 "trial_starts": self.trial_starts}

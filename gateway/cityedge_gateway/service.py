@@ -50,6 +50,7 @@ import contextlib
 import logging
 import signal
 import stat
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -68,7 +69,7 @@ from .key_slots import Identity, KeySlots
 from .metrics import metrics_text, registry_for
 from .metrics_http import serve_metrics
 from .node_link import NodeListener
-from .ota_command import UpdateRefused, take_update
+from .ota_command import UpdateRefused, download_limits, take_update
 from .ota_health import BEACON_NAME, TrialGate
 from .ota_install import (
     CURRENT,
@@ -188,6 +189,8 @@ class Gateway:
         self.update_error = ""
         self.exit_code = 0  # what ``cityedge gateway run`` exits with (``EXIT_ROLLED_BACK``)
         self._stop = asyncio.Event()  # set: ``run`` returns (SIGTERM, a restart, a rollback)
+        # set as ``run`` returns: an update's download (in a thread) stops at once
+        self._download_stop = threading.Event()
         self._results: asyncio.Queue[bytes] = asyncio.Queue()  # answers given later, to send
 
     def use_identity(self, ident: Identity) -> None:
@@ -268,7 +271,8 @@ class Gateway:
         try:
             rec = await asyncio.to_thread(
                 take_update, args, self.updates, roots_file=u.release_roots,
-                hw_class=u.hw_class, ca_file=u.ca_file or broker.ca_file)
+                hw_class=u.hw_class, ca_file=u.ca_file or broker.ca_file,
+                bounds=download_limits(u), stop=self._download_stop)
         except UpdateRefused as e:
             raise Refuse(str(e)[:200]) from e
         self.update_record = rec
@@ -412,6 +416,7 @@ class Gateway:
             await stop.wait()
         finally:
             sd_notify.notify("STOPPING=1")
+            self._download_stop.set()
             pinger.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -26,8 +26,10 @@ from support.artifact_server import ArtifactServer
 from support.mosquitto import TestPKI
 
 BODY = os.urandom(300_000)
+# one request may fail and the call gives up: these tests resume across calls (a reboot,
+# a killed process); retries within a call: test_ota_download_retry.py
 SMALL = DownloadLimits(sync_every_bytes=16_384, read_timeout_s=5,
-                       connect_timeout_s=5, deadline_s=60)
+                       connect_timeout_s=5, deadline_s=60, attempts_max=1)
 
 
 def release(url: str, body: bytes = BODY, seq: int = 7) -> VerifiedRelease:
@@ -159,7 +161,7 @@ def test_a_trickling_server_is_refused_for_slow_retrieval(
     part = tmp_path / "7.part"
     server.mode = "trickle"
     bounds = DownloadLimits(read_timeout_s=5, rate_window_s=0.3,
-                            min_rate_bytes_s=10_000)
+                            min_rate_bytes_s=10_000, attempts_max=1)
     with pytest.raises(DownloadRefused) as e:
         download(release(server.url), part, ca_file=pki.ca_pem, bounds=bounds)
     assert e.value.reason == "slow-retrieval" and "below the minimum" in str(e.value)
@@ -170,7 +172,7 @@ def test_a_trickle_fast_enough_for_the_rate_still_meets_the_deadline(
         server: ArtifactServer, pki: TestPKI, tmp_path: Path) -> None:
     server.mode = "trickle"
     bounds = DownloadLimits(read_timeout_s=5, deadline_s=0.3,
-                            min_rate_bytes_s=1)
+                            min_rate_bytes_s=1, attempts_max=1)
     with pytest.raises(DownloadRefused) as e:
         download(release(server.url), tmp_path / "7.part", ca_file=pki.ca_pem, bounds=bounds)
     assert e.value.reason == "slow-retrieval" and "longer than" in str(e.value)
@@ -179,7 +181,7 @@ def test_a_trickle_fast_enough_for_the_rate_still_meets_the_deadline(
 def test_a_stalled_server_is_bounded_by_the_read_timeout(
         server: ArtifactServer, pki: TestPKI, tmp_path: Path) -> None:
     server.mode = "stall"
-    bounds = DownloadLimits(read_timeout_s=0.3)
+    bounds = DownloadLimits(read_timeout_s=0.3, attempts_max=1)
     with pytest.raises(DownloadInterrupted) as e:
         download(release(server.url), tmp_path / "7.part", ca_file=pki.ca_pem, bounds=bounds)
     assert e.value.reason == "slow-retrieval"

@@ -389,3 +389,38 @@ def test_build_copy_lays_down_a_release_that_has_its_program(tmp_path: Path) -> 
     (tree / "bin" / "cityedge").write_text("#!/bin/sh\n")
     build_copy(tree, tmp_path / "r2")
     assert (tmp_path / "r2" / "bin" / "cityedge").is_file()
+
+
+def test_the_downloads_retry_settings_are_checked_and_reach_its_limits(
+        tmp_path: Path) -> None:
+    """``download_deadline_s``, ``download_attempts``, ``download_backoff_max_s``: defaults,
+    ranges, and the ``DownloadLimits`` the ``update`` command downloads with."""
+    from cityedge_gateway import limits
+    from cityedge_gateway.config import ConfigError, parse_config
+    from cityedge_gateway.ota_command import download_limits
+
+    key = tmp_path / "gw.key"
+    key.write_text("x")
+    base = {"gateway": {"device": "urn:dev:mac:b827ebfffe123456", "key_file": str(key)},
+            "store": {"path": str(tmp_path / "b.sqlite")}}
+    cfg = parse_config({**base, "update": {"root": str(tmp_path)}}, tmp_path,
+                       tmp_path / "g.toml")
+    assert cfg.update is not None
+    b = download_limits(cfg.update)
+    assert (b.deadline_s, b.attempts_max, b.retry_max_s) == (
+        limits.OTA_DOWNLOAD_DEADLINE_S, limits.OTA_DOWNLOAD_ATTEMPTS_DEFAULT,
+        limits.OTA_RETRY_MAX_DEFAULT_S)
+    cfg = parse_config({**base, "update": {
+        "root": str(tmp_path), "download_deadline_s": 600, "download_attempts": 3,
+        "download_backoff_max_s": 10}}, tmp_path, tmp_path / "g.toml")
+    assert cfg.update is not None
+    b = download_limits(cfg.update)
+    assert (b.deadline_s, b.attempts_max, b.retry_max_s) == (600.0, 3, 10.0)
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "update": {
+            "root": str(tmp_path), "download_deadline_s": 5, "download_attempts": 0,
+            "download_backoff_max_s": 1e6}}, tmp_path, tmp_path / "g.toml")
+    text = "\n".join(e.value.problems)
+    assert "update.download_deadline_s: 5 is out of range" in text
+    assert "update.download_attempts: 0 is out of range" in text
+    assert "update.download_backoff_max_s: 1000000.0 is out of range" in text
