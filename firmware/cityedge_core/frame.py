@@ -38,9 +38,12 @@ hello (1)     -                                      1 model, 2 serial, 3 firmwa
 generate_key  -                                      1 public key (SEC1), 7 kid
 csr (3)       -                                      1 PKCS#10 DER
 install (4)   1 chain [DER], 2 CA [DER], 3 broker    7 kid (4 state "pending-enrollment"
-              {host, port, server_hostname},         when it carried a ticket)
-              4 config {..}, 5 fleet keys [SEC1],
-              or 6 ticket (offline provisioning)
+              {host, port, server_hostname},         when it carried a ticket); with a
+              4 config {..}, 5 fleet keys [SEC1],    statement: 9 "installed" (10 the
+              9 the root's trust statement (COSE,    version held) or "refused" (3 why)
+              at most 1 KiB, optional), 10 the
+              host's UNIX time (optional), or
+              6 ticket (offline provisioning)
 self_test     1 timeout (s)                          1 ok, 2 stage, 3 message, 4 seq
 lock (6)      -                                      4 state
 unlock (7)    1 COSE_Sign1 fleet command "unlock"    4 state
@@ -122,6 +125,12 @@ F_BROKER = const(3)  # {"host": str, "port": int, "server_hostname": str}
 F_CONFIG = const(4)  # device config map (as the fleet gave it)
 F_FLEET_KEYS = const(5)  # list of SEC1 fleet public keys trusted for commands
 F_TICKET = const(6)  # offline provisioning: the enrollment ticket instead of a chain
+F_STATEMENT = const(9)  # the offline root's trust statement of the fleet's command keys
+# (``trust_statement``; the fleet's enrollment answer), checked by the device against its root
+F_NOW = const(10)  # the host's UNIX time: the statement's window, for a device with no clock
+# install reply, when the request carried a statement
+F_TRUST = const(9)  # "installed" or "refused" (the reason in F_MESSAGE)
+F_TRUST_VERSION = const(10)  # the statement version the device holds (when installed)
 # self_test request: F_TIMEOUT; reply: F_OK, F_STAGE, F_MESSAGE, F_SEQ
 F_TIMEOUT = const(1)  # seconds the device may spend on the self-test
 F_OK = const(1)

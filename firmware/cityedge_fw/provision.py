@@ -28,7 +28,9 @@ csr           keyed..tested                PKCS#10 DER for the key (``cityedge_c
 install       keyed..tested, pending       certificate chain (its leaf must hold our public
                                            key), CA, broker, fleet keys, config; each file
                                            written atomically, the state file last:
-                                           ``installed``
+                                           ``installed``. With ``F_STATEMENT`` (the
+                                           fleet's trust statement, below) the reply
+                                           also says whether it was installed
 install with  keyed, pending               offline provisioning: an *enrollment ticket*
   a ticket                                 (``F_TICKET``, below) instead of a chain; stored
                                            atomically, state ``pending-enrollment``
@@ -59,6 +61,22 @@ Claim secret: the vendor writes a one-time secret (at least 128 random bits, tex
 technician's tool can prove to the fleet that the device in hand is the allow-listed one
 (a serial alone is public). Nothing here writes or removes it; the fleet accepts it once.
 
+Trust statement: the fleet's enrollment answer carries the offline root's newest signed
+statement of the fleet's command keys (``EnrollResponse.trust_statement``,
+``cityedge_core.trust_statement``). The device's own enrollment (a ticket) installs it
+from the answer; the technician's tool passes it on in the ``install`` request
+(``F_STATEMENT``, the bytes the root signed). Both go through ``_install_statement``:
+``trust_check.install_checked`` against the root of the CA just installed (the last
+certificate: the offline root), at the device's own clock, or, for a device without one
+(a board before NTP), at the host's time the request carries (``F_NOW``: the host may
+write the seed ``fleet_keys`` itself, so its clock gives it nothing more; the window only
+bounds which root-signed statement may be installed). Installed: the device holds that
+version and its keys from the agent's first boot (``keys.load_fleet_keys``), and an older
+statement replayed later is refused as a rollback. Refused (not the root's, garbage,
+outside its window, not newer): nothing is written, the seed ``fleet_keys`` stay the
+device's trust, the install itself stands, and the reply says ``refused`` with the
+reason. The checker is unloaded afterwards (the self-test needs the room).
+
 A request out of order gets ``E_ORDER``; bad fields ``E_BAD_INPUT``; a flash failure
 ``E_STORAGE``. Every reply echoes the request's ``F_ID``. Nothing here blocks except the
 self-test, which is bounded by its timeout.
@@ -70,11 +88,15 @@ the TLS context) and 65 KB after the key, CSR and install steps; the self-test l
 MQTT client, the link and asyncio (81 KB in use before TLS) and peaks at 83.7 KB with its
 TLS link up. A whole provisioning passes at ``-X heapsize=90k`` and above
 (``tests/firmware/test_boot.py`` runs it at 96k). As .mpy loaded into the heap
-(``tests/provisioning``, 192k) the peak is 107 KB. The CSR code is loaded only by the
-steps that use it, so the self-test can drop it before TLS. Key generation and the CSR
-signature take a few milliseconds each on the unix port (pure-Python P-256).
+(``tests/provisioning``, 192k) the peak is 107 KB. An install with a trust statement
+keeps 1.9 KB more (the checker's names stay interned when its modules are unloaded) and
+cuts the heap up more (``tests/firmware/test_boot.py`` runs that case at 104k). The CSR
+code is loaded only by the steps that use it, so the self-test can drop it before TLS.
+Key generation and the CSR signature take a few milliseconds each on the unix port
+(pure-Python P-256).
 """
 
+import gc
 import os
 import time
 
@@ -326,7 +348,20 @@ class Provisioner:
         _write_atomic(self._path(CONFIG_FILE), json.dumps(cfg).encode())
         self._set_state(INSTALLED)
         _remove(self._path(TICKET_FILE))  # installed: a pending ticket has no use any more
-        return {_T.F_TYPE: _T.T_INSTALL, _T.F_KID: cose.kid_for_public_key(pub)}
+        reply = {_T.F_TYPE: _T.T_INSTALL, _T.F_KID: cose.kid_for_public_key(pub)}
+        statement = msg.get(_T.F_STATEMENT)
+        if statement is not None:
+            now = self.clock()
+            if now is None and isinstance(msg.get(_T.F_NOW), int):
+                now = msg[_T.F_NOW]  # no clock here: the host's (see the docstring)
+            version, why = self._install_statement(statement, msg[_T.F_CA][-1], now)
+            if version:
+                reply[_T.F_TRUST] = "installed"
+                reply[_T.F_TRUST_VERSION] = version
+            else:
+                reply[_T.F_TRUST] = "refused"
+                reply[_T.F_MESSAGE] = why
+        return reply
 
     # --- offline enrollment ticket ----------------------------------------------------------
     def store_ticket(self, ticket):
@@ -382,7 +417,8 @@ class Provisioner:
             return None  # torn: the technician's next visit finishes the device
 
     def finish_enrollment(self, ticket, answer):
-        """Install the fleet's answer to the ticket exactly as ``install`` does, then lock."""
+        """Install the fleet's answer to the ticket exactly as ``install`` does, then lock.
+        Returns what became of the answer's trust statement (for the log)."""
         from .enroll_http import pem_to_der_list
 
         broker_url = answer.get("broker_url") or ""
@@ -397,28 +433,45 @@ class Provisioner:
                _T.F_CONFIG: answer.get("config") or {},
                _T.F_FLEET_KEYS: ticket.get("fleet_keys") or []}
         self.install(msg)
+        said = "no trust statement"
         statement = answer.get("trust_statement")
-        if statement:  # the root's newest statement of the fleet's command keys
-            self._install_statement(statement, msg[_T.F_CA][-1])
+        if statement:  # the root's newest statement of the fleet's command keys (base64)
+            from binascii import a2b_base64
+
+            try:
+                data = a2b_base64(statement)
+            except ValueError as e:
+                version, why = 0, "not base64: %s" % e
+            else:
+                version, why = self._install_statement(data, msg[_T.F_CA][-1],
+                                                       self.clock())
+            said = ("trust statement v%d installed" % version) if version else \
+                "trust statement not installed: %s" % why
         self._set_state(LOCKED)  # the agent's connection is the proof from here on
+        return said
 
-    def _install_statement(self, b64, root_der):
-        """Install the trust statement of the enrollment answer (base64) as a
-        ``trust-update`` would (``trust_check``: the root's signature, the window by the
-        device's clock); one that does not hold is not installed (the ticket's fleet keys
-        stay the device's trust) and the reason printed on the console."""
-        from binascii import a2b_base64
-
+    def _install_statement(self, data, root_der, now):
+        """Install trust statement ``data`` as a ``trust-update`` would (``trust_check``:
+        the root in ``root_der``, the window at ``now``, a version above the one held).
+        Returns ``(version held, None)``, or ``(0, reason)`` when it is not installed (the
+        seed fleet keys stay the device's trust). The checker leaves the heap after."""
         from cityedge_core.errors import PeerError
 
-        from . import trust_check
+        from . import trust_check, unload
 
+        path = self._path(AGENT_STATE_FILE) + ".trust"
         try:
-            v = trust_check.install_checked(self._path(AGENT_STATE_FILE) + ".trust",
-                                            root_der, a2b_base64(b64), _unix_clock())
-            print("enrollment: trust statement v%d installed" % v)
+            version = trust_check.install_checked(path, root_der, data, now)
+            if not version:  # this very statement is installed already (a resumed install)
+                version = trust_check.installed(path)[0]
+            return version, None
         except (PeerError, ValueError, TypeError) as e:
-            print("enrollment: trust statement not installed: %s" % e)
+            return 0, str(e) or type(e).__name__
+        finally:
+            trust_check = None
+            unload("cityedge_fw.trust_check", "cityedge_core.trust_statement",
+                   "cityedge_core.cose_decode")
+            gc.collect()
 
     def drop_ticket(self):
         """The fleet refused the ticket for good: back to ``keyed``."""

@@ -136,11 +136,12 @@ class EnrollRetry:
             self.enroller = None
         elif outcome == enroll_http.OK:
             try:
-                self.prov.finish_enrollment(ticket, value)
+                said = self.prov.finish_enrollment(ticket, value)
             except Exception as e:  # a bad answer: the same ticket gets it again later
                 self.enroller._retry("cannot install the answer: %s: %s"
                                      % (type(e).__name__, e))
                 return
+            self._log("enroll: %s" % said)  # stderr: stdout is the line
             self._log("enroll: enrolled after %d failed attempt(s); locked (%d bytes of heap "
                       "free before the POST)" % (self.enroller.attempts,
                                                  self.enroller.heap_free))

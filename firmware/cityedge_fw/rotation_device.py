@@ -9,7 +9,8 @@ command            does, or refuses
 =================  ===========================================================================
 ``rotate``         a new P-256 key (the board's RNG, ``os.urandom``) in the slot that is not
                    current, a CSR for it (CN and SAN = the device), the proof signed by the
-                   *current* key, published on ``up/csr``; ``ok``. Refused: bad args.
+                   *current* key, published on ``up/csr`` (QoS 1 when the link's send
+                   window has room, else QoS 0); ``ok``. Refused: bad args.
                    Failed: not connected, no heap, a flash error.
 ``install-cert``   the certificate must hold the pending key of this rotation; stored, the
                    pointer moved; ``ok`` (signed with the old key); *after* the answer: the
@@ -115,8 +116,11 @@ async def _rotate(agent, rid):
     der = None
     if agent.link.client.state != mqtt.CONNECTED:
         raise TransportError("not connected: the CSR was not sent")
-    # beside up/readings: the scheme's and the configured prefix's (``topics``)
-    await agent.link.publish(agent.topics[0][:-8] + "csr", msg, 0)
+    # beside up/readings: the scheme's and the configured prefix's (``topics``); QoS 1
+    # when the link's send window has room (as ``answers._send`` does for results), else
+    # QoS 0: a CSR lost then is sent again by the fleet's resend of ``rotate``
+    await agent.link.publish(agent.topics[0][:-8] + "csr", msg,
+                             1 if agent.link.client.can_publish() else 0)
     return "csr sent for key %s" % _hex(kid)
 
 

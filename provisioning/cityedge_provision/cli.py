@@ -26,6 +26,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cityedge_provision import label as labels
@@ -139,7 +140,7 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
     return {"status": outcome.status, "device": outcome.device, "serial": outcome.serial,
             "kid": outcome.kid, "site": outcome.site, "seconds": round(outcome.seconds, 3),
             "steps": [{"name": s.name, "detail": s.detail, "seconds": round(s.seconds, 3)}
-                      for s in outcome.steps]}
+                      for s in outcome.steps], "warnings": outcome.warnings}
 
 
 @contextlib.contextmanager
@@ -169,6 +170,8 @@ def report(outcome: Outcome, label_path: Path | None) -> None:
         out.print("Provisioned %s (serial %s) at site %s in %.1f s."
                   % (outcome.device, outcome.serial, outcome.site or "(none)",
                      outcome.seconds))
+    for text in outcome.warnings:
+        out.print("[bold yellow]Warning:[/] %s" % escape(text))
     if label_path is not None:
         labels.save(labels.LabelData(outcome.device, outcome.serial, outcome.site), label_path)
         out.print("Label saved to %s" % label_path)
@@ -435,7 +438,10 @@ def _bulk(manifest: Path, yes: bool, labels_dir: Path | None, as_json: bool) -> 
             labels_dir.mkdir(parents=True, exist_ok=True)
             labels.save(labels.LabelData(o.device, o.serial, o.site),
                         labels_dir / ("%s.png" % serial))
-        table.add_row(serial, o.device, o.site, o.status, "%.1f" % o.seconds)
+        for text in o.warnings:
+            out.print("[bold yellow]Warning:[/] %s: %s" % (serial, escape(text)))
+        status = o.status + (" (%d warning(s))" % len(o.warnings) if o.warnings else "")
+        table.add_row(serial, o.device, o.site, status, "%.1f" % o.seconds)
         results.append(outcome_json(o))
     out.print(table)
     if as_json:

@@ -24,7 +24,10 @@ enroll      get an enrollment token (online, or pre-fetched for offline work) an
             it and retries the enrollment itself until the fleet answers
 install     certificate, CA, broker, config and the fleet keys it trusts for commands (the
             fleet's trust store from the enrollment answer; ``--fleet-key`` overrides it)
-            to the device (written atomically there)
+            to the device (written atomically there), with the offline root's trust
+            statement of the fleet's command keys when the answer carries one: the device
+            checks it against its root and says ``installed`` (the version it holds) or
+            ``refused`` (why; nothing installed, the run goes on and ends with a warning)
 self_test   the device connects to the broker with its new identity and publishes one
             signed batch; failures say whether the broker was unreachable or refused us
 lock        provisioning mode is closed; the session record is replaced by a log line
@@ -38,6 +41,8 @@ dangling credential. The device's steps are each atomic on the device.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hashlib
 import hmac
@@ -128,6 +133,8 @@ class Outcome:
     kid: str
     site: str
     steps: list[StepResult]
+    # what went wrong without stopping the run (a trust statement the device refused)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -153,6 +160,7 @@ class ProvisionSession:
         self.current: str | None = None  # the step running (set while it runs or failed)
         self.info: DeviceInfo | None = None
         self.record: dict[str, Any] = {}
+        self.warnings: list[str] = []
         self.site = self.opts.site
 
     # --- the walk ----------------------------------------------------------------------
@@ -191,7 +199,7 @@ class ProvisionSession:
     def _outcome(self, status: str) -> Outcome:
         info = self._info()
         return Outcome(status, info.device, info.serial, (info.kid or b"").hex(), self.site,
-                       self.steps)
+                       self.steps, self.warnings)
 
     def _info(self) -> DeviceInfo:
         assert self.info is not None, "connect runs first"
@@ -437,11 +445,48 @@ class ProvisionSession:
         port = url.port or 8883
         broker = {"host": host, "port": port,
                   "server_hostname": self.opts.server_hostname or host}
-        self.t.request(frame.T_INSTALL, {
+        fields: dict[int, Any] = {
             frame.F_CHAIN: chain, frame.F_CA: cas, frame.F_BROKER: broker,
-            frame.F_CONFIG: ans.get("config") or {}, frame.F_FLEET_KEYS: self.fleet_keys(ans)})
+            frame.F_CONFIG: ans.get("config") or {}, frame.F_FLEET_KEYS: self.fleet_keys(ans)}
+        statement = self.trust_statement(ans)
+        if statement is not None:
+            fields[frame.F_STATEMENT] = statement
+            fields[frame.F_NOW] = int(time.time())  # for a device without a clock
+        reply = self.t.request(frame.T_INSTALL, fields)
         info.state = "installed"
-        return "certificate, CA and config installed (broker %s:%d)" % (host, port)
+        detail = "certificate, CA and config installed (broker %s:%d)" % (host, port)
+        if statement is None:
+            return detail
+        trust = reply.get(frame.F_TRUST)
+        version = reply.get(frame.F_TRUST_VERSION)
+        if trust == "installed" and isinstance(version, int):
+            return detail + "; the fleet's trust statement v%d installed" % version
+        if trust == "refused":
+            self.warn("the device refused the fleet's trust statement: %s. It trusts only "
+                      "the fleet keys installed with it; tell the fleet's security team "
+                      "(a statement the device's root did not sign is an attack or a "
+                      "misconfigured fleet)" % reply.get(frame.F_MESSAGE, "no reason given"))
+        else:
+            self.warn("the device's firmware did not take the fleet's trust statement (it "
+                      "predates it); it trusts only the fleet keys installed with it")
+        return detail + "; the fleet's trust statement NOT installed (see the warning)"
+
+    def trust_statement(self, answer: dict[str, Any]) -> bytes | None:
+        """The root's trust statement from the enrollment answer (base64 there), as the
+        root signed it; None when the fleet has none. One that is not base64 is reported
+        (a warning) and not sent: the device could only refuse it."""
+        text = answer.get("trust_statement")
+        if not text:
+            return None
+        try:
+            return base64.b64decode(str(text), validate=True)
+        except (binascii.Error, ValueError):
+            self.warn("the fleet's trust statement is not base64; not sent to the device, "
+                      "which trusts only the fleet keys installed with it")
+            return None
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
 
     def fleet_keys(self, answer: dict[str, Any]) -> list[bytes]:
         """The keys the device will trust for fleet commands: the fleet's own trust store,

@@ -19,6 +19,9 @@ image left behind and the device boots as ``main.build`` does (``key_slots.curre
   that was cut: ``cityedge_core.rotation``, "Power cuts"): the device ends on a new key
   with its certificate, and the key before it is gone from the flash.
 
+``micropython test_rotation_powercut.py qos`` (no cuts): ``rotate`` publishes its CSR at
+QoS 1 while the stand-in link's send window has room, at QoS 0 when it is full.
+
 The "certificates" are stand-ins (the key's SEC1 point in a BIT STRING, as
 ``rotation.cert_holds_key`` looks for it): the fleet's real certificates are in the
 end-to-end test, ``test_agent_rotation.py``.
@@ -57,16 +60,18 @@ class Link:
     def __init__(self):
         from cityedge_fw import mqtt
 
-        # connected, with room in its send window (``answers`` then publishes at QoS 1)
+        link = self
+        self.room = True  # room in its send window: ``answers`` then publishes at QoS 1
         self.client = type("C", (), {"state": mqtt.CONNECTED,
-                                     "can_publish": lambda self: True})()
+                                     "can_publish": lambda self: link.room})()
         self.sent = []
+        self.sent_qos = []  # the QoS of each publish, in the order of ``sent``
         self.ssl_ctx = None
         self._read_error = None
 
     async def publish(self, topic, payload, qos=0):
         self.sent.append((topic, bytes(payload)))
-        self.qos = qos
+        self.sent_qos.append(qos)
 
 
 class Writer:
@@ -226,6 +231,38 @@ def run_once(base, cut_at, mode, tear):
     return flash.ops, flash.dead, stage
 
 
+def csr_qos():
+    """``rotate`` with room in the link's send window, then with the window full: the
+    QoS of each CSR published on ``up/csr`` (and of each answer on ``up/result``)."""
+    import asyncio
+
+    import vfs
+
+    from cityedge_fw import answers
+
+    from simbus import CutFlash
+
+    flash = CutFlash(BLOCK_SIZE, BLOCKS)
+    vfs.VfsLfs2.mkfs(flash)
+    vfs.mount(vfs.VfsLfs2(flash), ROOT)
+    try:
+        provision()
+        agent = boot()
+        got = []
+        for rid, room in ((7, True), (8, False)):
+            agent.link.room = room
+            asyncio.run(answers.send(agent, "rotate", rid, {1: rid}))
+            assert results(agent)[-1][:2] == (rid, "ok"), results(agent)
+            for i, (topic, _) in enumerate(agent.link.sent):  # (no zip(strict=) there)
+                got.append("%s:%s:%d" % (rid, topic.rsplit("/", 1)[1],
+                                         agent.link.sent_qos[i]))
+            del agent.link.sent[:]
+            del agent.link.sent_qos[:]
+    finally:
+        vfs.umount(ROOT)
+    print("QOS " + " ".join(got))
+
+
 def mp_main(argv):
     import vfs
 
@@ -237,6 +274,9 @@ def mp_main(argv):
     from simbus import CutFlash
 
     _ = os
+    if argv[1] == "qos":
+        csr_qos()
+        return
     blank = CutFlash(BLOCK_SIZE, BLOCKS)
     vfs.VfsLfs2.mkfs(blank)
     vfs.mount(vfs.VfsLfs2(blank), ROOT)
@@ -278,6 +318,19 @@ if CPYTHON:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         assert proc.stdout.strip().splitlines()[-1].startswith("OK"), proc.stdout
         return proc.stdout
+
+    def test_the_csr_goes_at_qos_1_when_the_send_window_has_room() -> None:
+        """``rotate`` publishes its CSR at QoS 1 while the link's in-flight window has
+        room (the broker then acknowledges it), at QoS 0 when the window is full (a CSR
+        lost then is sent again by the fleet's resend of ``rotate``), as the answers go."""
+        if not MICROPYTHON.exists():
+            pytest.fail("micropython not found: run `make setup`")
+        proc = subprocess.run(
+            [str(MICROPYTHON), str(HERE / "test_rotation_powercut.py"), "qos"],
+            capture_output=True, text=True, timeout=120, cwd=HERE)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        line = proc.stdout.strip().splitlines()[-1]
+        assert line == "QOS 7:csr:1 7:result:1 8:csr:0 8:result:0", proc.stdout
 
     @pytest.mark.parametrize("seed", [0, 1, 2])
     def test_a_power_cut_at_every_write_of_a_rotation_leaves_a_working_identity(
