@@ -11,6 +11,10 @@ everything denied by default, one role per identity (the fleet's services and ev
 that may connect now). The plugin owns the file once the broker runs (it rewrites it on
 every change); the fleet keeps it in step with the registry over the plugin's control
 topic (``broker_sync``). All paths are absolute, so the broker starts from any directory.
+
+The broker saves its state (``persistence``): the ingest's session, with its plain
+subscriptions and the messages queued for it, outlives a restart (Mosquitto 2.0 saves no
+shared subscription: docs/OPERATIONS.md section 8).
 """
 
 from __future__ import annotations
@@ -120,6 +124,9 @@ def render(files: BrokerFiles, *, port: int, bind: str, plugin: Path, dynsec_fil
         "plugin %s" % plugin.resolve(),
         "plugin_opt_config_file %s" % dynsec_file.resolve(),
         "max_packet_size %d" % MAX_PACKET_BYTES,
+        "# what the broker keeps for one client that is away or slow (the ingest), by count",
+        "# and by bytes; past either it drops what comes next although it acknowledged it",
+        "# (docs/OPERATIONS.md section 8; the bytes bound: docs/SECURITY.md)",
         "max_queued_messages %d" % max_queued_messages,
         "max_queued_bytes %d" % max_queued_bytes,
     ]
@@ -127,6 +134,9 @@ def render(files: BrokerFiles, *, port: int, bind: str, plugin: Path, dynsec_fil
         # the ingest's session (its plain subscriptions and every message queued for it)
         # outlives a broker restart only if the broker saves it
         lines += [
+            "# save sessions, their plain subscriptions (never a shared one) and queued",
+            "# messages at every stop and every autosave_interval seconds: a crash loses",
+            "# what changed since the last save (docs/OPERATIONS.md section 8)",
             "persistence true",
             "persistence_location %s/" % persistence_dir.resolve(),
             "autosave_interval %d" % autosave_interval_s,
