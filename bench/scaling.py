@@ -72,6 +72,7 @@ def one_run(n_workers: int, fleet: Any, cluster: Any, base: Path, pki: Any) -> f
     rig = SimpleNamespace(pki=pki, dir=work, settings=settings, broker=broker,
                           worker_db_url=lambda cn: url + "?application_name=" + cn)
     env = {"CITYEDGE_LIMITS__INGEST_SESSION_EXPIRY_S": "0",
+           "CITYEDGE_INGEST_SUBSCRIPTION": "shared",
            "CITYEDGE_LIMITS__INGEST_GROUP_MAX_S": "0.05"}
     workers = []
     try:

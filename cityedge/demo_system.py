@@ -162,7 +162,8 @@ def city(con: Console) -> Iterator[dict[str, Any]]:
         port = free_port()
         conf = broker.write(work / "broker", broker.BrokerFiles(bundle, bcrt, bkey, ca.crl_path),
                             port=port, bind="127.0.0.1", pid_file=work / "broker" / "pid",
-                            identities=broker_acl.DEFAULT_SERVICES, share_group=SHARE_GROUP)
+                            identities=broker_acl.DEFAULT_SERVICES, share_group=SHARE_GROUP,
+                            persistence_dir=work / "broker")
         _mosquitto_can_read(work / "broker" / broker.DYNSEC_FILE)  # the plugin rewrites it
         procs.start("mosquitto", [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
                                   str(conf)], dict(os.environ))

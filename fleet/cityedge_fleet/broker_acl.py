@@ -14,7 +14,8 @@ CN                  kind                       may
                                                receive, only ``ce/v1/<cn>/down/...``
 ``fleet-ingest``    ``ingest``                 subscribe to the ingest's shared subscriptions
                                                (``$share/<group>/ce/v1/+/up/readings|relay|
-                                               result|csr``) and receive what they carry;
+                                               result|csr``) or the same filters plain (one
+                                               worker) and receive what they carry;
                                                nothing else
 ``fleet-commands``  ``commands``               publish ``ce/v1/+/down/cmd|desired``
 ``fleet-control``   ``control``                publish to the dynamic security plugin's
@@ -106,9 +107,28 @@ INGEST_KINDS = (topics.READINGS, topics.RELAY, topics.RESULT, topics.CSR)  # the
 
 
 def ingest_filters(share_group: str) -> list[str]:
-    """The shared subscriptions an ingest worker holds."""
+    """The shared subscriptions an ingest worker holds (``ingest_subscription=shared``)."""
     return ["$share/%s/%s" % (check_share_group(share_group), topics.every_up(kind))
             for kind in INGEST_KINDS]
+
+
+def ingest_plain_filters() -> list[str]:
+    """The ordinary subscriptions a lone ingest worker holds (``ingest_subscription=plain``):
+    Mosquitto keeps these in its persistence file, and no shared one (docs/OPERATIONS.md
+    section 8)."""
+    return [topics.every_up(kind) for kind in INGEST_KINDS]
+
+
+def ingest_subscriptions(share_group: str, mode: str) -> tuple[list[str], list[str]]:
+    """The filters an ingest worker subscribes to in ``mode`` ("plain" or "shared"), and
+    those of the other mode (it drops them from its session: a worker switched from one
+    to the other must not hold both, which would deliver every message twice)."""
+    plain, shared = ingest_plain_filters(), ingest_filters(share_group)
+    if mode == "plain":
+        return plain, shared
+    if mode == "shared":
+        return shared, plain
+    raise ValueError("ingest_subscription is plain or shared, not %r" % mode)
 
 
 def role_name(cn: str) -> str:
@@ -128,7 +148,7 @@ def acls_for(cn: str, share_group: str) -> tuple[Acl, ...]:
             *(Acl("unsubscribeLiteral", f) for f in filters),
         )
     if kind == INGEST:
-        shared = ingest_filters(share_group)
+        shared = ingest_filters(share_group) + ingest_plain_filters()
         return (
             *(Acl("subscribeLiteral", f) for f in shared),
             *(Acl("unsubscribeLiteral", f) for f in shared),

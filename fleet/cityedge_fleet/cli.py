@@ -465,6 +465,14 @@ def broker_config_command(
     set_owner: Annotated[bool, typer.Option(
         help="Give the broker's user what it lacks: group read on the files, group enter "
              "on their folders, ownership of --out-dir (run as root).")] = False,
+    persistence_dir: Annotated[Path, typer.Option(
+        help="mosquitto: where the broker saves its sessions and queued messages "
+             "(mosquitto.db; the broker's user writes there).")]
+    = Path("/var/lib/mosquitto"),
+    max_queued_mb: Annotated[int, typer.Option(
+        min=1, help="mosquitto: MiB of messages the broker queues for one client (the "
+                    "ingest, while it is away) before it drops what comes next; the bound "
+                    "on its memory (docs/SECURITY.md).")] = 1024,
     engine: Annotated[str, typer.Option(
         help="mosquitto (one node) or rabbitmq (a cluster; docs/BROKERS.md).")]
     = "mosquitto",
@@ -516,6 +524,7 @@ def broker_config_command(
     with Session(_engine(settings)) as session:
         devices = desired_devices(session)
     out_dir.mkdir(parents=True, exist_ok=True)
+    persistence_dir.mkdir(parents=True, exist_ok=True)
     # the CA keeps its bundle beside its CRL: a rollover and a retirement change both
     bundle = ca.write_broker_bundle()
     files = broker.BrokerFiles(cafile=bundle, certfile=certfile, keyfile=keyfile,
@@ -524,12 +533,14 @@ def broker_config_command(
         conf = broker.write(out_dir, files, port=port, bind=bind, pid_file=pid_file,
                             identities=[*services, *devices],
                             share_group=settings.ingest_share_group, plugin=plugin,
-                            user=broker_user)
+                            user=broker_user, persistence_dir=persistence_dir,
+                            max_queued_bytes=max_queued_mb << 20)
     except ValueError as e:
         raise UserError(str(e)) from e
     read = [conf, files.cafile, files.certfile, files.keyfile, files.crlfile,
             plugin or broker.find_dynsec_plugin()]
-    write = [out_dir]  # the plugin saves its file as <file>.new, renamed over it
+    # the plugin saves its file as <file>.new, renamed over it; the broker its state
+    write = [out_dir, persistence_dir]
     if set_owner:
         try:
             for change in broker_files.set_owner(user, read, write):

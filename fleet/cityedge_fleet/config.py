@@ -241,6 +241,13 @@ class Settings(BaseSettings):
     # the ingest's shared-subscription group (8-64 of A-Z a-z 0-9 _ -); production needs
     # one of its own: a device may not join it (broker_acl) and need not guess it either
     ingest_share_group: str = "cityedge-ingest"
+    # how the ingest subscribes on Mosquitto (docs/OPERATIONS.md section 8): "plain" (one
+    # worker: ordinary subscriptions, which Mosquitto keeps in its persistence file, so a
+    # broker restart queues what devices send before the worker is back) or "shared"
+    # (several workers on $share/<group>/...: Mosquitto 2.0 saves no shared subscription,
+    # so what devices send after a broker restart and before a worker has subscribed again
+    # is acknowledged and dropped)
+    ingest_subscription: Literal["plain", "shared"] = "plain"
     # the broker engine (docs/BROKERS.md): "mosquitto" (one node; the ingest holds MQTT 5
     # shared subscriptions) or "rabbitmq" (a cluster; the ingest consumes its quorum queue
     # over AMQP from the first of ``ingest_amqp_nodes`` that answers, host:port,...)

@@ -1,9 +1,13 @@
 """The ingest worker on MQTT: paho-mqtt (MQTT 5) in front of an ``ingest.Ingestor``.
 
-It holds the ingest's shared subscriptions (``broker_acl.ingest_filters``:
-``$share/<group>/ce/v1/+/up/readings``, ``.../up/relay`` and ``.../up/result``, a device's
-signed answer to a fleet command), over TLS with a client certificate, so several workers
-split the load.
+It subscribes (QoS 1, persistent session: clean start off, session expiry
+``ingest_session_expiry_s``) to ``ce/v1/+/up/readings``, ``.../up/relay``,
+``.../up/result`` (a device's signed answer to a fleet command) and ``.../up/csr``, over
+TLS with a client certificate: plain filters by default (``ingest_subscription=plain``, one
+worker; Mosquitto saves them with the session, so a broker restart loses nothing), or the
+shared subscriptions ``$share/<group>/...`` (``broker_acl.ingest_filters``) so several
+workers split the load (Mosquitto 2.0 saves no shared subscription: docs/OPERATIONS.md
+section 8).
 paho's network thread only queues each message; the worker's own thread takes a group
 (up to ``ingest_group_max_messages``, or whatever arrived within ``ingest_group_max_s``
 of the group's first message), stores it in one transaction and only then acknowledges
@@ -38,6 +42,9 @@ from cityedge_host.errors import UserError
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2  # seconds the ingest thread waits for a first message before re-checking
+# seconds at most between reconnects (paho's default grows to 120): a broker back after an
+# outage has devices' batches for the ingest at once
+RECONNECT_MAX_S = 5
 
 
 class MqttIngestWorker:
@@ -55,7 +62,8 @@ class MqttIngestWorker:
                              "and CITYEDGE_MQTT_KEY_FILE (its client certificate); "
                              "or run `cityedge fleet serve --no-ingest`")
         self.ingestor = ingestor
-        self.topics = broker_acl.ingest_filters(s.ingest_share_group)
+        self.topics, self.other_topics = broker_acl.ingest_subscriptions(
+            s.ingest_share_group, s.ingest_subscription)
         self.settings = s
         self.limits = s.limits
         self.connected = threading.Event()
@@ -78,6 +86,7 @@ class MqttIngestWorker:
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
+        self.client.reconnect_delay_set(1, RECONNECT_MAX_S)
         self._props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         self._props.SessionExpiryInterval = s.limits.ingest_session_expiry_s
         self._props.ReceiveMaximum = s.limits.ingest_receive_max
@@ -88,6 +97,11 @@ class MqttIngestWorker:
             log.error("broker refused the ingest: %s", reason)
             return
         self.connected.set()
+        # always SUBSCRIBE again, also when the broker says the session is present: after
+        # a restart Mosquitto restores the session and its queue but no shared
+        # subscription. Unsubscribe the other mode's filters first (a worker switched
+        # between plain and shared must not hold both: every message twice)
+        client.unsubscribe(self.other_topics)
         client.subscribe([(topic, 1) for topic in self.topics])
 
     def _on_subscribe(self, _client: Any, _userdata: Any, _mid: int, reasons: Any,

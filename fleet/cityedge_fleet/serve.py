@@ -137,8 +137,10 @@ def describe_start(settings: Settings, *, ingest: bool) -> list[str]:
              "CA directory %s" % settings.ca_dir.absolute(),
              "broker for devices %s" % settings.broker_url]
     if ingest:
-        lines.append("ingest from mqtts://%s:%d (share group %s)" % (
-            settings.mqtt_host, settings.mqtt_port, settings.ingest_share_group))
+        how = ("plain subscriptions" if settings.ingest_subscription == "plain"
+               else "share group %s" % settings.ingest_share_group)
+        lines.append("ingest from mqtts://%s:%d (%s)" % (
+            settings.mqtt_host, settings.mqtt_port, how))
     else:
         lines.append("ingest off")
     return lines

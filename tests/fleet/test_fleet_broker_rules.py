@@ -66,11 +66,18 @@ def test_a_device_may_write_its_up_topics_and_read_its_down_topics_only() -> Non
 
 
 def test_the_ingest_may_only_hold_its_shared_subscriptions() -> None:
+    """... or the same four filters plain (one worker: docs/OPERATIONS.md section 8)."""
     acls = broker_acl.acls_for("fleet-ingest-2", "secret-group-7")
     assert _allowed(acls, "subscribeLiteral") == {
         "$share/secret-group-7/ce/v1/+/up/readings", "$share/secret-group-7/ce/v1/+/up/relay",
-        "$share/secret-group-7/ce/v1/+/up/result", "$share/secret-group-7/ce/v1/+/up/csr"}
+        "$share/secret-group-7/ce/v1/+/up/result", "$share/secret-group-7/ce/v1/+/up/csr",
+        "ce/v1/+/up/readings", "ce/v1/+/up/relay", "ce/v1/+/up/result", "ce/v1/+/up/csr"}
     assert not _allowed(acls, "publishClientSend")
+    for mode in ("plain", "shared"):  # a worker subscribes to one set and drops the other
+        mine, other = broker_acl.ingest_subscriptions("secret-group-7", mode)
+        assert set(mine) | set(other) == _allowed(acls, "subscribeLiteral")
+        assert not set(mine) & set(other)
+        assert all(f.startswith("$share/") == (mode == "shared") for f in mine)
 
 
 @pytest.mark.parametrize("group", ["ingest", "a/b", "has+plus", "#", "x" * 65, ""])

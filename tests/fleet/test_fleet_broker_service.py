@@ -124,8 +124,10 @@ def test_the_written_config_runs_as_the_debian_service_does(etc: Path) -> None:
     with TestClient(create_app(settings, init_db=True)) as client:
         dev = enroll_device(Api(client, settings), 1)  # the registry grants it at the broker
     port = free_port()
+    state = etc / "broker-state"  # Debian's is /var/lib/mosquitto
     args = ["broker", "config", "--out-dir", str(out), "--certfile", str(svc / "broker.crt"),
-            "--keyfile", str(svc / "broker.key"), "--port", str(port), "--bind", "127.0.0.1"]
+            "--keyfile", str(svc / "broker.key"), "--port", str(port), "--bind", "127.0.0.1",
+            "--persistence-dir", str(state)]
 
     # as the fleet made them, the broker's user cannot enter the CA folder (0700) nor read
     # the key (0600): the command says so, naming each and the change to make
@@ -152,6 +154,7 @@ def test_the_written_config_runs_as_the_debian_service_does(etc: Path) -> None:
     assert stat.S_IMODE((ca_dir / "intermediate.key").stat().st_mode) == 0o600
     conf = Path(r.stdout.strip())
     assert "user mosquitto" in conf.read_text()
+    assert "persistence_location %s/" % state in conf.read_text()
     broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], cwd="/",
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -189,3 +192,6 @@ def test_the_written_config_runs_as_the_debian_service_does(etc: Path) -> None:
         assert broker.poll() is None
     finally:
         stop(broker)
+    # a graceful stop saved its state where the config says, as its own user
+    assert (state / "mosquitto.db").is_file()
+    assert (state / "mosquitto.db").stat().st_uid == user.uid

@@ -227,8 +227,8 @@ def test_fleet_ingest_with_no_broker_is_one_line_naming_host_and_port(tmp_path: 
                         % (tmp_path / "fleet.sqlite3"),
                         "cityedge fleet ingest: CA directory %s" % (tmp_path / "var" / "ca"),
                         "cityedge fleet ingest: broker for devices mqtts://127.0.0.1:8883",
-                        "cityedge fleet ingest: ingest from mqtts://127.0.0.1:%d (share group "
-                        "cityedge-ingest)" % port]
+                        "cityedge fleet ingest: ingest from mqtts://127.0.0.1:%d (plain "
+                        "subscriptions)" % port]
     assert len(said) == 6 and said[5].startswith(
         "cityedge: cannot reach the broker at 127.0.0.1:%d (Connection refused)" % port)
     assert HEAVY_TRACE not in got.stderr

@@ -140,7 +140,8 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
                         mqtt_port=port, mqtt_ca_file=ca_dir / "root.crt",
                         mqtt_cert_file=ingest_crt, mqtt_key_file=ingest_key,
                         broker_control_cert_file=control_crt,
-                        broker_control_key_file=control_key, ingest_with_serve=False)
+                        broker_control_key_file=control_key, ingest_with_serve=False,
+                        ingest_subscription="shared")  # two workers share the stream
     app = create_app(settings, init_db=True)
     assert wait_for(lambda: _listening(port), timeout=20), "mosquitto did not start"
     worker = None
@@ -162,7 +163,7 @@ def test_enrolled_device_reaches_readings_api_and_revocation_locks_it_out(
                               CITYEDGE_MQTT_CERT_FILE=str(ingest2_crt),
                               CITYEDGE_MQTT_KEY_FILE=str(ingest2_key),
                               NOTIFY_SOCKET=str(world / "notify.sock"),
-                              WATCHDOG_USEC="400000")
+                              WATCHDOG_USEC="400000", CITYEDGE_INGEST_SUBSCRIPTION="shared")
             cli_worker = subprocess.Popen(
                 [sys.executable, "-m", "cityedge.cli", "fleet", "ingest"], env=ingest_env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

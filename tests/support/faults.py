@@ -110,6 +110,7 @@ class IngestProc:
                    CITYEDGE_LIMITS__INGEST_GROUP_MAX_S="0.05",
                    CITYEDGE_LIMITS__INGEST_RETRY_S="0.05",
                    CITYEDGE_LIMITS__INGEST_DOWN_RETRY_MAX_S="1.0",
+                   CITYEDGE_INGEST_SUBSCRIPTION=getattr(rig, "subscription", "shared"),
                    NOTIFY_SOCKET=str(sock_path))
         env.update(self.extra_env)
         with self.log.open("ab") as out:
@@ -135,17 +136,31 @@ class IngestProc:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process is frozen (it cannot reconnect) until ``resume``."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused one too
             stop(self.proc)
 
 
 class FaultRig:
     def __init__(self, pki: TestPKI, pg: PgCluster, *, devices: int, workers: int = 2,
                  interval_s: float = 0.2, skew_s: float = 0.0, broker_proxy: bool = False,
-                 db_proxy: bool = False, persistence: bool = True) -> None:
+                 db_proxy: bool = False, persistence: bool = True,
+                 subscription: str | None = None) -> None:
         self.pki, self.pg = pki, pg
         self.n_devices, self.n_workers = devices, workers
+        # the ingest's subscriptions: plain for one worker (production's default), shared
+        # for several (CITYEDGE_INGEST_SUBSCRIPTION)
+        self.subscription = subscription or ("plain" if workers == 1 else "shared")
         self.interval_s, self.skew_s = interval_s, skew_s
         self.db_url = pg.new_database()
         self.db_proxy = LinkProxy(pg.port).start() if db_proxy else None
@@ -248,9 +263,9 @@ class FaultRig:
         assert self.wait_stored(dict.fromkeys(self.signed(), batches), 60) is not None, \
             "the fleet never stored %d batches of every device" % batches
 
-    def finish(self, result: FaultResult) -> FaultResult:
-        """Stop signing, wait for every signed batch to be acknowledged and stored, and
-        count what was lost or stored twice."""
+    def finish(self, result: FaultResult, settle_s: float = SETTLE_S) -> FaultResult:
+        """Stop signing, wait for every signed batch to be acknowledged and stored (up to
+        ``settle_s`` for the storing), and count what was lost or stored twice."""
         assert self.loop is not None
         for d in self.devices:
             self.loop.call(lambda d=d: setattr(d, "sampling", False))
@@ -260,7 +275,7 @@ class FaultRig:
         self.loop.stop()
         acked = {d.id: d.stats.published for d in self.devices}
         assert all(not d.outbox for d in self.devices), "devices still hold batches"
-        self.wait_stored(acked)
+        self.wait_stored(acked, settle_s)
         have = self.stored()
         result.acknowledged = sum(acked.values())
         result.stored = sum(len(v) for v in have.values())
@@ -407,22 +422,58 @@ def thundering_herd(rig: FaultRig, down_s: float = 2.0) -> FaultResult:
     return rig.finish(r)
 
 
-def broker_restarted(rig: FaultRig, down_s: float = 2.0) -> FaultResult:
-    """Mosquitto stops (SIGTERM: it writes its persistence file) and starts again under
-    load: every device and worker reconnects. The messages it had acknowledged to devices
-    but not yet delivered to (or had unacknowledged at) the ingest must survive."""
-    r = FaultResult("broker restart (single Mosquitto)")
+def broker_restarted(rig: FaultRig, down_s: float = 2.0, crash: bool = False,
+                     away_batches: int = 3, settle_s: float = SETTLE_S) -> FaultResult:
+    """Mosquitto stops under load (SIGTERM: it saves its state; ``crash``: SIGKILL, its
+    state is what it saved last, ``autosave_interval``) and starts again. The ingest
+    workers are frozen (SIGSTOP) from just before the stop until every device has been
+    acknowledged ``away_batches`` more batches by the new broker: the worst order, devices
+    back before the ingest has subscribed again. Those batches, and what the broker had
+    queued for the ingest, must be stored once the workers are back."""
+    r = FaultResult("broker %s, %d %s worker%s" % (
+        "kill -9" if crash else "restart", len(rig.workers), rig.subscription,
+        "s" if len(rig.workers) > 1 else ""))
+    if rig.subscription == "shared":
+        r.notes["known_gap"] = "Mosquitto saves no shared subscription"
+    elif crash:
+        r.notes["known_gap"] = "a crash loses what changed since the last autosave"
     rig.start_devices()
     rig.steady()
     connects = {d.id: d.stats.connects for d in rig.devices}
-    rig.broker.stop()
-    time.sleep(down_s)
-    rig.broker.start()
-    since = time.monotonic()
-    r.notes["reconnected"] = _reconnected(rig, connects)
-    rig.wait_stored(rig.signed(), 30)  # what was lost stays lost: finish() counts it
+    for w in rig.workers:
+        w.pause()
+    try:
+        (rig.broker.kill if crash else rig.broker.stop)()
+        time.sleep(down_s)
+        rig.broker.start()
+        since = time.monotonic()
+        r.notes["reconnected"] = _reconnected(rig, connects)
+        back = {d.id: d.stats.published for d in rig.devices}
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline and any(
+                d.stats.published < back[d.id] + away_batches for d in rig.devices):
+            time.sleep(0.05)
+        r.notes["acked_while_ingest_away"] = sum(d.stats.published - back[d.id]
+                                                 for d in rig.devices)
+    finally:
+        for w in rig.workers:
+            w.resume()
+    rig.wait_stored(rig.signed(), min(60.0, settle_s))  # what was lost stays lost
     r.recovery_s = time.monotonic() - since
-    return rig.finish(r)
+    return rig.finish(r, settle_s)
+
+
+def broker_restarted_after_save(rig: FaultRig) -> FaultResult:
+    """A crash (kill -9) of Mosquitto, once it has saved the ingest's session (after
+    ``autosave_interval``): what it had acknowledged since its last save and not yet
+    delivered is gone; the rest must be stored."""
+    t0 = time.monotonic()
+    db = rig.broker.dir / "mosquitto.db"
+    deadline = t0 + SETTLE_S
+    while not db.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert db.exists(), "the broker never saved its state"
+    return broker_restarted(rig, crash=True)
 
 
 def flood(rig: FaultRig, interval_s: float = 0.005) -> FaultResult:
@@ -480,8 +531,9 @@ def own_cluster() -> Iterator[PgCluster]:
 
 
 def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
-            say: Callable[[str], None] = print) -> list[FaultResult]:
-    """Every fault at the given size, each on a fresh rig; prints the table."""
+            say: Callable[[str], None] = print, only: str = "") -> list[FaultResult]:
+    """Every fault at the given size (``only``: those whose function's name contains
+    it), each on a fresh rig; prints the table."""
     base = Path(tempfile.mkdtemp(prefix="cityedge-chaos-"))
     base.chmod(0o755)
     pki = TestPKI(pki_dir or base / "pki")
@@ -496,9 +548,14 @@ def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
                 (clocks_skewed, {"skew_s": -5 * 3600.0}),
                 (database_disk_full, {}),
                 (thundering_herd, {"devices": herd, "broker_proxy": True}),
-                (flood, {}), (broker_restarted, {}),
+                (flood, {}),
+                (broker_restarted, {"workers": 1}),  # production: plain subscriptions
+                (broker_restarted, {"workers": 2}),  # shared: Mosquitto loses the window
+                (broker_restarted_after_save, {"workers": 1}),
             ]
             for fault, opts in plan:
+                if only not in fault.__name__:
+                    continue
                 opts = {"devices": devices, **opts}
                 with FaultRig(pki, cluster, **opts) as rig:
                     result = fault(rig)

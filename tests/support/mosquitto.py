@@ -213,9 +213,9 @@ class Mosquitto:
         if crl_file is None:
             pki.write_crl(self.crl_path, revoked=None if crl else ())
         self.pid_file = self.dir / "mosquitto.pid"  # for the fleet's SIGHUP after a new CRL
-        lines = [
-            "persistence %s" % ("true" if persistence else "false"),
-            "persistence_location %s/" % self.dir,
+        # persistence: the production lines (cityedge_fleet.broker), state in self.dir
+        lines = [] if persistence else ["persistence false"]
+        lines += [
             "log_dest file %s" % self.log,
             "log_type error",
             "log_type warning",
@@ -230,7 +230,8 @@ class Mosquitto:
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(broker.render(files, port=self.port, bind="127.0.0.1",
                                            plugin=broker.find_dynsec_plugin(),
-                                           dynsec_file=self.dynsec_file, extra=lines))
+                                           dynsec_file=self.dynsec_file, extra=lines,
+                                           persistence_dir=self.dir if persistence else None))
         self.conf.chmod(0o644)
         # pki files must be reachable by the mosquitto user
         for d in (pki.dir, pki.dir.parent):
