@@ -13,6 +13,7 @@ from bench import fleet as fleet_bench
 from bench import opendata as opendata_bench
 from bench import ota as ota_bench
 from bench import rotation as rotation_bench
+from bench import scale_queries as scale_queries_bench
 from bench import scaling as scaling_bench
 from bench.machine import describe
 
@@ -44,6 +45,9 @@ def main() -> None:
     cons = console_bench.run()
     results["console"] = cons
     console_bench.report(cons)
+    sq = scale_queries_bench.run()
+    results["scale_queries"] = sq
+    scale_queries_bench.report(sq)
     od = opendata_bench.run()
     results["opendata"] = od
     opendata_bench.report(od)

@@ -183,6 +183,7 @@ class Query:
     expect: int  # rows the answer holds
     rows: str  # how to count them: "data", "list", "value", "console"
     timed: bool = True  # False: a known table walk, run once (``measure``)
+    index: str = ""  # an index the plan is also shown without (dropped, rolled back)
 
 
 def queries(size: Size, now: dt.datetime, datastream: str, sta: str) -> list[Query]:
@@ -239,7 +240,7 @@ def queries(size: Size, now: dt.datetime, datastream: str, sta: str) -> list[Que
         Query("STA: Observations of the open site over a day",
               "%s/Observations?$top=%d&$orderby=phenomenonTime&$filter=phenomenonTime%%20ge"
               "%%20%s%%20and%%20phenomenonTime%%20lt%%20%s" % (sta, PAGE, lo, hi), "public",
-              min(PAGE, site_day), "value"),
+              min(PAGE, site_day), "value", index="ix_reading_t"),
         # the same in the default order (by id): the primary key walked from the first
         # partition, every row before the day read and dropped
         Query("STA: the same, default order (by id)",
@@ -286,14 +287,15 @@ def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _scans(child)
 
 
-def explain(url: str, statements: list[tuple[str, Any]], timeout_s: float = 600.0
-            ) -> dict[str, Any]:
+def explain(url: str, statements: list[tuple[str, Any]], timeout_s: float = 600.0,
+            without: str = "") -> dict[str, Any]:
     """``EXPLAIN (ANALYZE, BUFFERS)`` of each statement: its scans, the rows they read
     (returned and removed by filters, over all loops), shared buffers touched, execution
     time; a plan is ``indexed`` when it reads no table of more than ``SEQ_SCAN_ROWS_MAX``
     rows sequentially (an empty partition's seq scan is no finding) and reads at most
     ``ROWS_READ_MAX`` rows. ``timeout_s``: a statement still running then is cut
-    (``timed_out``)."""
+    (``timed_out``). ``without``: an index dropped first in the same transaction, which
+    is rolled back (the plan as it was before the migration that made it)."""
     import psycopg
 
     scans: list[str] = []
@@ -305,6 +307,8 @@ def explain(url: str, statements: list[tuple[str, Any]], timeout_s: float = 600.
         sizes = dict(conn.execute("SELECT relname, reltuples FROM pg_class "
                                   "WHERE relkind IN ('r', 'p')").fetchall())
         conn.execute("SET statement_timeout = %d" % int(timeout_s * 1000))
+        if without:
+            conn.execute("DROP INDEX %s" % without)
         for statement, params in statements:
             try:
                 row = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement,
@@ -332,6 +336,7 @@ def explain(url: str, statements: list[tuple[str, Any]], timeout_s: float = 600.
                     scans.append(text)
                 if node["Node Type"] == "Seq Scan" and sizes.get(rel, 0) > SEQ_SCAN_ROWS_MAX:
                     seq.append(text)
+        conn.rollback()
     return {"scans": scans, "seq_scans_of_big_tables": seq, "rows_read": rows_read,
             "shared_buffers": buffers, "execution_ms": ms, "timed_out": timed_out,
             "indexed": not seq and not timed_out and rows_read <= ROWS_READ_MAX}
@@ -441,6 +446,9 @@ def measure(url: str, base: Path, size: Size, now: dt.datetime, *, runs: int,
                 "p50_ms": statistics.median(p50s), "p99_ms": statistics.median(p99s),
                 "statements": len(seen)}
             entry["plan"] = explain(url, seen)
+            if q.index:
+                entry["plan_without_" + q.index] = explain(url, seen, SLOW_TIMEOUT_S,
+                                                           without=q.index)
             out["queries"][q.name] = entry
     engine.dispose()
     gc.unfreeze()
@@ -529,6 +537,14 @@ def report(r: dict[str, Any]) -> None:
             print("  %-44s %15s %15s %11s %4s %9d %s" % (
                 name, "%.0f once" % bq["plan"]["execution_ms"],
                 "%.0f once" % plan["execution_ms"], "", "-", plan["rows_read"], verdict))
+    for name, q in g["queries"].items():
+        for key in (k for k in q if k.startswith("plan_without_")):
+            print("  %s, plan without %s (dropped, rolled back): baseline %.1f ms, %d rows "
+                  "read; big %.1f ms, %d rows read%s" % (
+                      name, key.removeprefix("plan_without_"),
+                      b["queries"][name][key]["execution_ms"],
+                      b["queries"][name][key]["rows_read"], q[key]["execution_ms"],
+                      q[key]["rows_read"], " (cut)" if q[key]["timed_out"] else ""))
     for label, x in (("baseline", b), ("big", g)):
         print("  %s: filled in %s s; database %.1f GB; STA catalogue built in %.0f ms"
               % (label, {k: round(v, 1) for k, v in x["fill_s"].items()},

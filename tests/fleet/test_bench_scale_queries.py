@@ -24,9 +24,13 @@ def test_quick_size_fills_measures_and_reports(capsys: pytest.CaptureFixture[str
         assert part["database_bytes"] > 0
         assert set(part["fill_s"]) == {"devices", "audit", "readings", "vacuum_analyze",
                                        "total"}
+        site_day = part["queries"]["STA: Observations of the open site over a day"]
+        assert "plan_without_ix_reading_t" in site_day  # the plan before migration 0015
         for name, q in part["queries"].items():
             assert q["statements"] >= 1, (label, name)
             assert q["plan"]["scans"], (label, name)  # every query read a table
+            for key in (k for k in q if k.startswith("plan_without_")):
+                assert q[key]["rows_read"] > 0 and q[key]["execution_ms"] > 0
             assert q["plan"]["rows_read"] > 0 and q["plan"]["execution_ms"] > 0
             assert q["plan"]["indexed"] == (not q["plan"]["seq_scans_of_big_tables"]
                                             and q["plan"]["rows_read"] <= sq.ROWS_READ_MAX
