@@ -16,6 +16,7 @@ from bench import opendata as opendata_bench
 from bench import ota as ota_bench
 from bench import ota_device as ota_device_bench
 from bench import rotation as rotation_bench
+from bench import scale_queries as scale_queries_bench
 from bench import scaling as scaling_bench
 from bench.machine import describe
 
@@ -23,6 +24,7 @@ from bench.machine import describe
 PARTS: list[tuple[str, Callable[[], Any], Callable[[Any], None]]] = [
     ("fleet", fleet_bench.run, fleet_bench.report),
     ("console", console_bench.run, console_bench.report),
+    ("scale_queries", scale_queries_bench.run, scale_queries_bench.report),
     ("opendata", opendata_bench.run, opendata_bench.report),
     ("ingest_scaling", scaling_bench.run, scaling_bench.report),
     ("rotation", rotation_bench.run, rotation_bench.report),

@@ -617,7 +617,8 @@ class ReadingBase(SQLModel):
 
 
 class Reading(ReadingBase, table=True):
-    __table_args__ = (Index("ix_reading_device_t", "device_id", "t"),)
+    # a device's readings by time; open data's time windows over many devices (0015)
+    __table_args__ = (Index("ix_reading_device_t", "device_id", "t"), Index("ix_reading_t", "t"))
     id: int | None = Field(
         default=None,
         sa_column=Column(
