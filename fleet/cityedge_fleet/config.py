@@ -137,6 +137,10 @@ class FleetLimits(BaseModel):
     sta_index_ttl_s: float = 60.0  # seconds the public catalogue (things, datastreams)
     # is kept before it is built again from the registry
     sta_bulk_max_rows: int = 500_000  # readings in one bulk download (site and day)
+    # milliseconds one open-data request's queries may run on PostgreSQL (anyone may send
+    # one: a time window over every public device in id order read 90 M rows, 33 s, at
+    # 100 M readings: bench/scale_queries.py); cut there and answered 400
+    sta_statement_timeout_ms: int = Field(default=5000, ge=100)
 
     @property
     def enroll_body_max_bytes(self) -> int:

@@ -28,6 +28,10 @@ OTA_THROTTLED = Counter(PREFIX + "ota_download_throttled",
 OTA_SERVED_BYTES = Counter(PREFIX + "ota_download_bytes",
                            "Bytes of OTA manifests, key lists and artifacts admitted to be "
                            "served to devices.", registry=INSTRUMENTS)
+OPENDATA_TIMEOUTS = Counter(PREFIX + "opendata_query_timeouts",
+                            "Open-data requests whose queries ran over "
+                            "limits.sta_statement_timeout_ms and were stopped (400).",
+                            registry=INSTRUMENTS)
 ProcessCollector(registry=INSTRUMENTS)
 PlatformCollector(registry=INSTRUMENTS)
 

@@ -401,3 +401,41 @@ def test_datastream_filter_on_names_and_ids(world: World) -> None:
     page = client.get(STA + "/Things", params={"$skip": "2", "$top": "2"}).json()
     assert [t["@iot.id"] for t in page["value"]] == every[2:4]
     assert "$skip=4" in page["@iot.nextLink"]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_public_query_over_its_time_limit_is_stopped_and_refused(
+        settings: Settings, tmp_path: Path) -> None:
+    """Anyone may ask open data for a time window over every public device in id order;
+    at city scale PostgreSQL read 90 M rows for one page (bench/scale_queries.py). Here
+    1,000,000 published readings (each statement over them takes about 1 s on the test
+    machine) and a limit of 100 ms: the query is stopped by the database, answered 400
+    with what to narrow, and counted; the next request on the pool still answers."""
+    from sqlalchemy import text
+
+    from cityedge_fleet.instruments import OPENDATA_TIMEOUTS
+
+    od = opendata_settings(settings, tmp_path, limits=UNLIMITED.model_copy(
+        update={"sta_statement_timeout_ms": 100}))
+    app = create_app(od, init_db=True)
+    with TestClient(app) as client:
+        world = make_world(Api(client, od), od)
+        a = world.devices["a"].id
+        with app.state.engine.begin() as conn:  # one row copied 1,000,000 times, later on
+            conn.execute(text(
+                "INSERT INTO reading (t, name, unit, value, batch_seq, status, timebase, "
+                "device_id) SELECT r.t + 86400 + g, r.name, r.unit, r.value, r.batch_seq, "
+                "r.status, r.timebase, r.device_id FROM reading r, generate_series(1, "
+                "1000000) g WHERE r.id = (SELECT min(id) FROM reading WHERE device_id = :a "
+                "AND name LIKE '%pm25')"), {"a": a})
+        before = OPENDATA_TIMEOUTS._value.get()
+        # every observation whose result is above -1, and how many: a scan of them all
+        r = client.get(STA + "/Observations", params={
+            "$filter": "result gt -1 and result lt 1000000", "$count": "true",
+            "$orderby": "result desc", "$top": "1"})
+        assert r.status_code == 400, r.text[:300]
+        assert "ran over 100 ms and was stopped" in r.json()["message"], r.text
+        assert OPENDATA_TIMEOUTS._value.get() == before + 1
+        ok = client.get(STA + "/Things", params={"$top": "2"})
+        assert ok.status_code == 200 and len(ok.json()["value"]) == 2, ok.text
+    app.state.engine.dispose()

@@ -17,16 +17,22 @@ import hmac
 import io
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from psycopg.errors import QueryCanceled
+from sqlalchemy import text as sa_text
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from cityedge_core import senml
 from cityedge_core.errors import PeerError
 from cityedge_fleet.auth import client_address
+from cityedge_fleet.instruments import OPENDATA_TIMEOUTS
 from cityedge_fleet.models import Device, Reading
 from cityedge_fleet.opendata import sta_filter
 from cityedge_fleet.opendata.catalogue import OpenData, public_devices, published
@@ -118,13 +124,35 @@ def sta_root(request: Request) -> Response:
     return _respond(request, od, _json(data), "application/json")
 
 
+@contextmanager
+def _public_session(od: OpenData) -> Iterator[Session]:
+    """A session for one public request: on PostgreSQL each of its queries may run
+    ``sta_statement_timeout_ms`` (``SET LOCAL``: this transaction only); one stopped
+    there is refused (400: the client narrows its query) and counted. SQLite (one
+    machine, the embedded default) has no such limit."""
+    with Session(od.engine) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(sa_text("SET LOCAL statement_timeout = %d"
+                                    % od.settings.limits.sta_statement_timeout_ms))
+        try:
+            yield session
+        except OperationalError as e:
+            if not isinstance(e.orig, QueryCanceled):
+                raise
+            OPENDATA_TIMEOUTS.inc()
+            raise Refused(400, "the query ran over %d ms and was stopped: narrow it (a "
+                          "Datastream's Observations, $orderby=phenomenonTime with a time "
+                          "window, a smaller window)"
+                          % od.settings.limits.sta_statement_timeout_ms) from None
+
+
 @router.get("/{path:path}")
 def sta_resource(path: str, request: Request) -> Response:
     """An entity set, an entity, or an entity's navigation property (one level)."""
     try:
         od = _admit(request)
         cat = od.catalogue()
-        with Session(od.engine) as session:
+        with _public_session(od) as session:
             ent = Entities(cat, od.settings, od.ids, session)
             data = _resource(ent, od, path, request)
     except Refused as e:
@@ -284,7 +312,7 @@ def bulk_download(location_id: str, day_file: str, request: Request) -> Response
             raise Refused(404, "not a valid day") from None
         start = day.timestamp()
         most = od.settings.limits.sta_bulk_max_rows
-        with Session(od.engine) as session:
+        with _public_session(od) as session:
             rows = session.exec(
                 select(Reading).where(
                     col(Reading.device_id).in_(public_devices(od.settings).where(
