@@ -40,17 +40,8 @@ demo: setup
 
 # The suite runs on every core (pytest-xdist), one test file per worker at a time, so a
 # file's module fixtures (a broker, a built firmware) are made once.
-# Its temporary files (pytest's tmp_path, every tempfile: brokers, databases, device
-# flash directories) live in RAM (/dev/shm) when the machine has it: on ext4 an fsync
-# waits for the journal to flush every other process's writes, and with databases and
-# package installs beside it the CPython agents' fsyncs took 20 times longer (3 s alone,
-# 69 s in the suite). The tests kill processes to cut power; none needs the disk itself.
-# The directory is open to read (755) as /tmp is: PostgreSQL runs as its own user.
-TEST_TMP := $(shell test -d /dev/shm -a -w /dev/shm && echo /dev/shm || echo /tmp)
 test: setup lint typecheck
-	@d=$$(mktemp -d $(TEST_TMP)/cityedge-test.XXXXXX) && chmod 755 $$d; \
-	TMPDIR=$$d $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=30 \
-	  --basetemp=$$d/pytest; rc=$$?; rm -rf $$d; exit $$rc
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=30
 
 # the console's pictures in the docs, taken by the browser tests
 screenshots: setup
