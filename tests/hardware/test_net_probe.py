@@ -6,6 +6,7 @@ flag."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
@@ -128,6 +129,8 @@ class _Misbehaving:
                 self.conns.append(conn)  # held open, never answered
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes ``_serve``'s accept (a close does not)
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         for c in self.conns:
             c.close()

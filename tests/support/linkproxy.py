@@ -130,6 +130,8 @@ class LinkProxy:
 
     def close(self) -> None:
         self._stop = True
+        with contextlib.suppress(OSError):  # wakes the accept loop (a close alone does not:
+            self._listener.shutdown(socket.SHUT_RDWR)  # its thread would block for good)
         with contextlib.suppress(OSError):
             self._listener.close()
         self.cut()
