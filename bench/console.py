@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet import Databases, _bulk_devices, _settings
+from bench.machine import p50_p99
 from cityedge_fleet.ca import init_ca
 from cityedge_fleet.models import Role
 
@@ -52,8 +53,8 @@ def _queries(n: int) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
 
 
 def _pct(times: list[float]) -> dict[str, float]:
-    times.sort()
-    return {"p50_ms": times[len(times) // 2], "p99_ms": times[int(len(times) * 0.99) - 1]}
+    p50, p99 = p50_p99(times)
+    return {"p50_ms": p50, "p99_ms": p99}
 
 
 def latency(url: str, ca_dir: Path, n: int = DEVICES) -> dict[str, Any]:

@@ -23,3 +23,9 @@ def describe() -> str:
 
 def median_of(runs: int, fn: Callable[[], float]) -> float:
     return statistics.median(fn() for _ in range(runs))
+
+
+def p50_p99(times: list[float]) -> tuple[float, float]:
+    """The median and the 99th percentile (nearest rank) of ``times``."""
+    times = sorted(times)
+    return times[len(times) // 2], times[max(0, int(len(times) * 0.99) - 1)]

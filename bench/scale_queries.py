@@ -43,6 +43,7 @@ for p in (ROOT / "tests", ROOT):
         sys.path.insert(0, str(p))
 
 from bench.fleet import _engine, _settings  # noqa: E402
+from bench.machine import p50_p99  # noqa: E402
 from cityedge_fleet import reading_partitions  # noqa: E402
 from cityedge_fleet.ca import init_ca  # noqa: E402
 from cityedge_fleet.config import OpenDataKind, OpenDataSite, Settings  # noqa: E402
@@ -342,11 +343,6 @@ def explain(url: str, statements: list[tuple[str, Any]], timeout_s: float = 600.
             "indexed": not seq and not timed_out and rows_read <= ROWS_READ_MAX}
 
 
-def _pct(times: list[float]) -> tuple[float, float]:
-    times = sorted(times)
-    return times[len(times) // 2], times[max(0, int(len(times) * 0.99) - 1)]
-
-
 def _app_settings(url: str, base: Path) -> Settings:
     secret = base / "opendata.secret"
     if not secret.exists():
@@ -438,7 +434,7 @@ def measure(url: str, base: Path, size: Size, now: dt.datetime, *, runs: int,
                     times.append((time.perf_counter() - t) * 1000)
                     if r.status_code != 200:
                         raise SystemExit("bench: %s -> %d" % (q.path, r.status_code))
-                p50, p99 = _pct(times)
+                p50, p99 = p50_p99(times)
                 p50s.append(p50)
                 p99s.append(p99)
             entry: dict[str, Any] = {
