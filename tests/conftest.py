@@ -6,6 +6,7 @@ a message saying what to install (``make setup`` does it).
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -36,6 +37,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.mosquitto import Mosquitto, TestPKI  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """Each test's garbage collections see only what the test made.
+
+    The firmware's code calls ``gc.collect()`` where a board must defragment its heap (the
+    agent after every sweep and seal, MQTT before a TLS handshake, ...). On CPython, where
+    the tests run much of that code, each call is a full collection of everything the
+    process holds, and an xdist worker that has run a few hundred tests holds millions of
+    objects: a buffer-full test that takes 0.2 s with a small heap took 100 s late in a
+    worker, all of it in ``gc.collect``. Freezing what exists before the test moves it out
+    of the collector's sight for the test (``gc.freeze``); it returns to the oldest
+    generation after the test (``gc.unfreeze``), so nothing is kept that would otherwise be
+    freed. A test's own objects are collected as before.
+    """
+    gc.freeze()
+    try:
+        return (yield)
+    finally:
+        gc.unfreeze()
 
 MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"
 
