@@ -19,6 +19,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,8 +48,37 @@ OBSERVER = "test-observer"
 FIXTURE_CONTROL = "fleet-control-fixture"  # the fixture's own grants (the fleet's may run too)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_PICK = random.SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback TCP port nothing listens on, for a server the test starts later.
+
+    Taken at random from below the kernel's ephemeral range (``ip_local_port_range``),
+    not from it: a port the kernel hands out for ``bind(0)`` is one it may also give any
+    outgoing connection as its local port before our server binds it, and on a busy
+    suite (RabbitMQ's nodes, brokers, databases, clients in the other worker) that race
+    was lost now and then (RabbitMQ's ``dist_port_already_used``). Below the range, only
+    another test's choice can collide, and the bind check here catches a listener."""
+    high = _EPHEMERAL_LOW
+    low = max(1024, high - 12000)
+    for _ in range(256):
+        port = _PICK.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that range is full: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
