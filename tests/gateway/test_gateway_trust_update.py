@@ -21,7 +21,9 @@ import pytest
 from cityedge_core import command, command_decode, cose, trust_statement
 from cityedge_fleet.ca import ROOT_CERT, ROOT_KEY, init_ca
 from cityedge_gateway.config import load_config
+from cityedge_gateway.metrics import metrics_text, registry_for
 from cityedge_gateway.service import Gateway
+from cityedge_gateway.status import status_map
 from cityedge_host.crypto import EcSigner, load_signer, public_sec1
 from cityedge_host.fleet_trust import STATE_KEY, TrustStoreError
 
@@ -254,14 +256,24 @@ def test_without_a_root_certificate_the_keys_never_change(site: dict[str, Any]) 
     gw.close()
 
 
-def test_a_store_whose_statement_the_root_does_not_sign_refuses_to_start(
+def test_a_store_whose_statement_the_root_does_not_sign_obeys_no_command(
         site: dict[str, Any], tmp_path: Path) -> None:
-    gw = Gw(site["config"], Clock())
+    """Fail closed: the gateway starts (readings go on) but trusts no fleet key, and says
+    why in its status and metrics."""
+    clock = Clock()
+    gw = Gw(site["config"], clock)
     assert gw.update(site["old"], statement(site["root"], 1, [
         (point(site["old"]), None)])).outcome == command.OK  # type: ignore[union-attr]
     gw.close()
     init_ca(tmp_path / "o2", tmp_path / "c2")  # root_cert swapped for another root
     (site["dir"] / "root.crt").write_bytes((tmp_path / "c2" / ROOT_CERT).read_bytes())
-    with pytest.raises(TrustStoreError, match="root_cert"):
-        Gateway(load_config(site["config"]))
+    gw = Gw(site["config"], clock)
+    assert "root_cert" in gw.trust.broken and gw.trust.trusted() == {}
+    assert not gw.obeys(site["old"], clock)
+    trust = status_map(gw.gw)["commands"]["trust"]
+    assert trust["broken"] == gw.trust.broken and trust["kids"] == []
+    assert "cityedge_gateway_fleet_trust_broken 1.0" in metrics_text(registry_for(gw.gw))
+    gw.close()
+    with pytest.raises(TrustStoreError, match="root_cert"):  # a configuration to fix
+        Gateway(load_config(site["dir"] / "noroot.toml"))
     assert cose.kid_for_public_key(point(site["old"])) == site["old"].kid
