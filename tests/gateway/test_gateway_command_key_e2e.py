@@ -69,8 +69,8 @@ def world(pki: TestPKI) -> Iterator[SimpleNamespace]:
 
 def enroll_gateway(w: SimpleNamespace) -> Path:
     config, _, _ = support_enroll(w.api, w.dir / "gw", 901, w.broker.port, w.pki.ca_pem,
-                                  'key_file = "gateway.key"\nroot_cert = "root.crt"')
-    (config.parent / "root.crt").write_bytes((w.settings.ca_dir / "root.crt").read_bytes())
+                                  'key_file = "gateway.key"\nroot_cert = "root.crt"',
+                                  (w.settings.ca_dir / "root.crt").read_bytes())
     return config
 
 
