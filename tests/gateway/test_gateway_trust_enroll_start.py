@@ -9,8 +9,8 @@ key obeyed at once); a forged, not-the-root's, garbage, rolled-back or out-of-wi
 is refused with the reason and nothing is written. Start: a tampered statement, a
 rolled-back or emptied state, or a garbage version mark makes the gateway obey no fleet
 command (fail closed), said in its status and metrics; a technician mends it by
-installing the fleet's statement again. A key whose end passed while the gateway was off
-is not obeyed."""
+installing the fleet's statement again; ``cityedge gateway run --check`` says so first.
+A key whose end passed while the gateway was off is not obeyed."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from cityedge_fleet.ca import ROOT_KEY, init_ca
 from cityedge_gateway.config import load_config
 from cityedge_gateway.enroll_trust import GatewayEnrollmentError, install_enrollment
 from cityedge_gateway.metrics import metrics_text, registry_for
+from cityedge_gateway.preflight import check
 from cityedge_gateway.status import status_map
 from cityedge_host.crypto import EcSigner, load_signer
 from cityedge_host.fleet_trust import STATE_KEY
@@ -170,6 +171,8 @@ def test_a_tampered_statement_at_start_obeys_no_command_until_mended(
     with sqlite3.connect(buffer(site)) as db:
         db.execute("UPDATE meta SET value = ? WHERE key = ?",
                    (cbor.dumps(tampered.hex()), ROW))
+    fails = [f.what for f in check(load_config(site["config"])) if f.level == "fail"]
+    assert len(fails) == 1 and "trust store" in fails[0] and "tampered" in fails[0], fails
     gw = Gw(site["config"], clock)
     assert_broken(gw, "tampered with", clock, thief, new, old)
     assert "signature" in gw.trust.broken
@@ -181,6 +184,8 @@ def test_a_tampered_statement_at_start_obeys_no_command_until_mended(
     gw.close()
     # the technician installs the fleet's newest statement again: the gateway is mended
     assert enroll(site, v1).startswith("trust statement v1 installed")
+    assert "trust store: statement v1 installed, 1 fleet keys trusted now" in [
+        f.what for f in check(load_config(site["config"])) if f.level == "ok"]
     gw = Gw(site["config"], clock)
     assert not gw.trust.broken and gw.obeys(new, clock) and not gw.obeys(old, clock)
     gw.close()
@@ -215,6 +220,10 @@ def test_a_rolled_back_state_at_start_obeys_no_command(site: dict[str, Any], tmp
     else:
         mark.write_text("two\n")
         why = "is not a version"
+    before = mark.read_bytes()
+    fails = [f.what for f in check(load_config(site["config"])) if f.level == "fail"]
+    assert len(fails) == 1 and why in fails[0], fails  # said by --check, nothing changed
+    assert mark.read_bytes() == before
     gw = Gw(site["config"], clock)
     assert_broken(gw, why, clock, old, new)
     gw.close()
