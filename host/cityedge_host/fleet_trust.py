@@ -25,9 +25,10 @@ statement trusted at the clock's time (an old key until its ``until``: the overl
 the seed keys while none is installed.
 
 At enrollment (``install_enrolled``): the fleet's answer carries its newest statement
-(``EnrollResponse.trust_statement``, base64). The same checks as a ``trust-update``
-(rules 1-3 and 5 above; the same statement installed already is taken as it is) install
-it before the device's first start, so a device enrolled after a command-key rotation
+(``EnrollResponse.trust_statement``, base64). The rules of a ``trust-update`` above
+(a root configured; base64 holding a statement; ``check_statement``; the statement
+installed already taken as it is; persisted before it is used) install it before the
+device's first start, so a device enrolled after a command-key rotation
 obeys the new key at once. A statement that fails any check raises
 ``EnrollmentTrustError`` naming the reason, and nothing is written: enrollment is never
 silently poisoned (nor silently left on the seed keys).
