@@ -70,7 +70,7 @@ from cityedge_host.backoff import Backoff
 from cityedge_host.command_responder import Refuse
 from cityedge_host.crypto import EcSigner, EcVerifier, load_signer, public_sec1
 from cityedge_host.files import write_atomic
-from cityedge_host.fleet_trust import FleetTrust
+from cityedge_host.fleet_trust import FleetTrust, VersionMark
 
 log = logging.getLogger(__name__)
 ANSWERS_KEPT = 16  # results kept to answer a re-sent command again with the same bytes
@@ -145,11 +145,35 @@ def _pem(der: bytes) -> str:
     return csr.pem("CERTIFICATE", der)
 
 
+class _ProvisionState:
+    """``state.json`` as ``FleetTrust`` reads and writes it before the device first runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return json.loads(self.path.read_text()).get(key, default)
+
+    def set(self, **values: Any) -> None:
+        state = json.loads(self.path.read_text())
+        state.update(values)
+        write_atomic(self.path, json.dumps(state).encode(), 0o600)
+
+
+def version_mark(directory: Path) -> VersionMark:
+    """The device's trust version mark (``fleet_trust.VersionMark``) beside its state."""
+    return VersionMark(directory / "trust-version")
+
+
 def provision(directory: Path, *, device_id: str, signer: EcSigner, chain_pem: str,
-              ca_pem: str, fleet_keys: list[str], root_pem: str | None = None) -> Path:
+              ca_pem: str, fleet_keys: list[str], root_pem: str | None = None,
+              statement: str | None = None, clock: Any = time.time) -> Path:
     """Give a device directory its first identity (slot 0): key, chain (leaf first), the
     CA bundle it trusts for the broker, the fleet's command keys (SEC1 hex) and, to take
-    ``trust-update``, the fleet's offline root certificate (PEM)."""
+    ``trust-update``, the fleet's offline root certificate (PEM). ``statement``: the
+    enrollment answer's (base64), installed with a ``trust-update``'s checks at ``clock``
+    (``FleetTrust.install_enrolled``); refused: ``EnrollmentTrustError`` and the
+    directory holds no identity (``current`` is written last, only after it)."""
     batchmod.check_device_id(device_id)
     directory.mkdir(parents=True, exist_ok=True)
     leaf_end = chain_pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
@@ -160,6 +184,12 @@ def provision(directory: Path, *, device_id: str, signer: EcSigner, chain_pem: s
     write_atomic(directory / "slot0.key", signer.private_pem(), 0o600)
     write_atomic(directory / "slot0.crt", chain_pem.encode(), 0o644)
     write_atomic(directory / "state.json", json.dumps({"cmd_seq": 0}).encode(), 0o600)
+    remove(version_mark(directory).path)  # a new enrollment: the new seed, as on a board
+    if statement:
+        trust = FleetTrust([EcVerifier.from_sec1(bytes.fromhex(k)) for k in fleet_keys],
+                           _root_verifier(root_pem), _ProvisionState(directory / "state.json"),
+                           lambda: int(clock()), version_mark(directory))
+        log.info("%s: %s", device_id, trust.install_enrolled(statement))
     write_atomic(directory / "current", b"0", 0o644)
     return directory
 
@@ -184,7 +214,7 @@ class FastDevice:
         # the fleet keys it obeys: the seed, until a statement of the root replaces them
         self.fleet_keys = FleetTrust(
             [EcVerifier.from_sec1(bytes.fromhex(k)) for k in ident["fleet_keys"]], root,
-            _GateState(self), lambda: int(self.clock()))
+            _GateState(self), lambda: int(self.clock()), version_mark(directory))
         self.slot = int((directory / "current").read_text())
         self.signer = load_signer(self._path(self.slot, "key"))
         # the chain's position (seq, head) is kept in memory only: a board keeps it in its

@@ -53,3 +53,15 @@ def run_command(
     asyncio.run(gateway.run())
     if gateway.exit_code:  # a release in trial rolled back: systemd starts the previous one
         raise typer.Exit(gateway.exit_code)
+
+
+@gateway_app.command("install-trust")
+def install_trust_command(
+    answer: Annotated[Path, typer.Argument(help="the fleet's enrollment answer (JSON)")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="gateway TOML configuration")],
+) -> None:
+    """Install the trust statement of the fleet's enrollment answer (checked against
+    [gateway] root_cert) before the gateway's first start; run with the service stopped."""
+    from .enroll_trust import install_enrollment, read_answer
+
+    print(install_enrollment(load_config(config), read_answer(answer)))

@@ -130,6 +130,9 @@ def metric_rows(gw: Gateway) -> list[Row]:
     if trust is not None:
         metric("fleet_trust_version", "gauge", "Version of the root's trust statement held "
                "(0: the configured fleet keys).", [({}, trust["version"])])
+        metric("fleet_trust_broken", "gauge", "1: the installed trust statement was "
+               "refused at start (tampered or rolled back); no fleet command is obeyed.",
+               [({}, 1 if trust["broken"] else 0)])
         metric("trust_updates_total", "counter", "trust-update commands by outcome.",
                [({"outcome": k}, trust[k])
                 for k in ("installed", "no_root", "malformed", "not_root", "bad_signature",

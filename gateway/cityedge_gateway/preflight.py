@@ -5,23 +5,80 @@ Reads everything the gateway would read at start and changes nothing: it opens n
 finding is ``ok``, ``warn`` (the gateway starts, but something will not work until
 fixed: a serial port not plugged in yet) or ``fail`` (the gateway would not start, or
 would start and fail: a key others may read, a certificate expired or not for this key,
-a folder it cannot write).
+a folder it cannot write, an installed trust statement that does not hold: the
+gateway would obey no fleet command).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from cityedge_core import cbor
+from cityedge_core.errors import CityedgeError
 from cityedge_host.crypto import KeyFileError, load_signer, load_verifier, public_sec1
+from cityedge_host.fleet_trust import FleetTrust, VersionMark
 
 from .config import BrokerConfig, GatewayConfig
+from .enroll_trust import version_mark
 from .key_slots import IdentityError, KeySlots
+from .store import CommandState
+
+
+class _ReadOnlyMark(VersionMark):
+    """The version mark, read and never written (the check changes nothing)."""
+
+    def set(self, version: int) -> None:
+        pass
+
+
+class _ReadOnlyState:
+    """The buffer's command state read through a read-only SQLite connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?",
+                              (CommandState.PREFIX + key,)).fetchone()
+        return default if row is None else cbor.loads(bytes(row[0]))
+
+    def set(self, **values: Any) -> None:
+        raise AssertionError("the check writes nothing")
+
+
+def _trust(cfg: GatewayConfig) -> Finding:
+    """The trust statement in the buffer, checked as the start checks it
+    (``FleetTrust.check_at_start``): the gateway would obey no command if it fails."""
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % cfg.store_path, uri=True)
+    except sqlite3.Error as e:
+        return Finding("fail", "[store] %s: %s" % (cfg.store_path, e))
+    try:
+        root = load_verifier(cfg.root_cert) if cfg.root_cert is not None else None
+        trust = FleetTrust(map(load_verifier, cfg.fleet_keys), root, _ReadOnlyState(db),
+                           lambda: int(time.time()),
+                           _ReadOnlyMark(version_mark(cfg).path))
+    except (CityedgeError, KeyFileError, sqlite3.Error, ValueError) as e:
+        return Finding("fail", "trust store: %s" % e)
+    finally:
+        db.close()
+    if trust.broken:
+        return Finding("fail", "trust store: %s; the gateway would obey no fleet command "
+                               "(install the fleet's statement again: cityedge gateway "
+                               "install-trust)" % trust.broken)
+    if trust.statement is None:
+        return Finding("ok", "trust store: no statement installed, fleet_keys trusted")
+    return Finding("ok", "trust store: statement v%d installed, %d fleet keys trusted now"
+                   % (trust.version, len(trust.trusted())))
 
 
 @dataclass(frozen=True)
@@ -141,6 +198,8 @@ def check(cfg: GatewayConfig, now: dt.datetime | None = None) -> list[Finding]:
         out.append(Finding("ok" if os.access(cfg.store_path, os.R_OK | os.W_OK) else "fail",
                            "[store] path %s: %s" % (cfg.store_path, "exists" if os.access(
                                cfg.store_path, os.R_OK | os.W_OK) else "not writable")))
+        if cfg.fleet_keys:
+            out.append(_trust(cfg))
     else:
         out.append(_writable_dir(cfg.store_path.parent, "[store] path's folder"))
     for s in cfg.serial:

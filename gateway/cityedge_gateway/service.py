@@ -18,8 +18,11 @@ gate, answers signed with the gateway's key, kept in the buffer for repeats). It
 ``erase-key`` (``rotation_device``), and ``trust-update`` (``cityedge_host.fleet_trust``:
 a statement of the fleet's offline root, checked against ``root_cert``, replaces the
 fleet keys it obeys; the installed statement is kept in the buffer's state and wins over
-``fleet_keys`` from then on), and with ``[update]`` the OTA campaign's ``update`` (below);
-any other command is answered ``refused``.
+``fleet_keys`` from then on; ``cityedge gateway install-trust`` installs the enrollment
+answer's statement before the first start, ``enroll_trust``; at each start the installed
+statement is checked again and a tampered or rolled-back one makes the gateway obey no
+fleet command, reported in its status and metrics), and with ``[update]`` the OTA
+campaign's ``update`` (below); any other command is answered ``refused``.
 
 Updates from the fleet: ``update`` is checked, downloaded and installed into trial by
 ``ota_command.take_update`` (in a thread: readings and the link go on meanwhile); a refusal
@@ -64,6 +67,7 @@ from cityedge_host.fleet_trust import FleetTrust
 
 from . import limits
 from .config import BrokerConfig, GatewayConfig
+from .enroll_trust import version_mark
 from .forwarder import Forwarder
 from .key_slots import Identity, KeySlots
 from .metrics import metrics_text, registry_for
@@ -161,7 +165,7 @@ class Gateway:
             state = CommandState(self.store)
             root = load_verifier(cfg.root_cert) if cfg.root_cert is not None else None
             self.fleet_trust = FleetTrust(map(load_verifier, cfg.fleet_keys), root, state,
-                                          lambda: int(time.time()))
+                                          lambda: int(time.time()), version_mark(cfg))
             rotating = GatewayRotation(cfg.device, self.slots, self.forwarder,
                                        lambda: self.signer, self.use_identity)
             updating = ({update_manifest.UPDATE: self._update_command}

@@ -105,7 +105,7 @@ def _commands(gw: Gateway) -> dict[str, Any]:
     t = gw.fleet_trust
     if t is not None:  # the trust store: its version, and trust-updates by outcome
         out["trust"] = {"version": t.version, "kids": sorted(k.hex() for k in t.trusted()),
-                        **t.stats.as_dict()}
+                        "broken": t.broken, "dropped": list(t.dropped), **t.stats.as_dict()}
     return out
 
 

@@ -70,7 +70,8 @@ def real_fleet(db_url: str, pki: TestPKI, **limits: Any) -> Iterator[Fleet]:
 
 def enroll_fast(f: Fleet, i: int, interval_s: float = 0.2) -> tuple[FastDevice, Path]:
     """Register and enroll device ``i`` through the API (granted at the broker by the
-    enrollment) and provision a fast device with it; also returns a copy of its first
+    enrollment) and provision a fast device with it (the fleet's root certificate, and
+    the answer's trust statement installed); also returns a copy of its first
     key and chain (``<dir>/first``), to try them after they are revoked."""
     body = device_body(i)
     tech = f.api.headers(Role.technician)
@@ -84,7 +85,9 @@ def enroll_fast(f: Fleet, i: int, interval_s: float = 0.2) -> tuple[FastDevice, 
     enrolled = r.json()
     d = f.world / ("dev%d" % i)
     provision(d, device_id=str(body["id"]), signer=signer, chain_pem=enrolled["chain_pem"],
-              ca_pem=f.pki.ca_pem.read_text(), fleet_keys=enrolled["fleet_keys"])
+              ca_pem=f.pki.ca_pem.read_text(), fleet_keys=enrolled["fleet_keys"],
+              root_pem=(f.settings.ca_dir / "root.crt").read_text(),
+              statement=enrolled.get("trust_statement"))
     first = d / "first"
     first.mkdir()
     (first / "key.pem").write_bytes(signer.private_pem())
