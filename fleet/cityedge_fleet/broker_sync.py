@@ -27,6 +27,11 @@ Who calls what:
 
 With no control certificate configured (development without a broker) every call is a
 no-op and ``enabled`` is False; production mode refuses to start that way.
+
+This class drives Mosquitto; ``broker_rabbitmq_sync.RabbitAccess`` makes the same calls on
+a RabbitMQ cluster (``from_settings`` picks by ``broker_engine``). ``install_crl`` is
+the CRL's way to the broker's nodes where the engine has one (Mosquitto is reloaded by
+``revocation`` instead).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlmodel import Session, col, select
 
@@ -73,7 +79,14 @@ class BrokerAccess:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BrokerAccess:
+        """The access for ``settings.broker_engine``: Mosquitto's control topic, or
+        ``rabbitmqctl`` against a RabbitMQ cluster (``broker_rabbitmq_sync``)."""
         s = settings
+        if s.broker_engine == "rabbitmq":
+            # lazy: broker_rabbitmq_sync builds on this module (RabbitAccess subclasses it)
+            from cityedge_fleet.broker_rabbitmq_sync import RabbitAccess
+
+            return RabbitAccess.from_settings(s)
         control = None
         if s.broker_control_cert_file is not None and s.broker_control_key_file is not None:
             if s.mqtt_ca_file is None:
@@ -113,6 +126,10 @@ class BrokerAccess:
         self._run([{"command": "disableClient", "username": cn},
                    {"command": "enableClient", "username": cn}],
                   fine=("Client not found",))
+
+    def install_crl(self, crl_file: Path | None = None) -> dict[str, str]:
+        """Nothing here: Mosquitto re-reads its own CRL file on SIGHUP (``revocation``)."""
+        return {}
 
     def clients(self) -> set[str]:
         """Every username the broker's plugin knows."""

@@ -81,6 +81,8 @@ class FleetLimits(BaseModel):
     ingest_receive_max: int = 1000  # unacknowledged messages the broker may send (MQTT 5)
     broker_control_timeout_s: float = 5.0  # seconds to wait for the broker's control answer
     broker_sync_every_s: float = 30.0  # seconds between reconciles of the broker's grants
+    # seconds one rabbitmqctl call may take (it boots an Erlang VM: 1-3 s on a small host)
+    broker_rabbitmqctl_timeout_s: float = 30.0
     # fleet commands (``command_queue``, ``command_publisher``); a command's own sizes are
     # the core's (``cityedge_core.limits``: name, args, whole command)
     command_expires_default_s: int = 86400  # seconds a command stays valid unless told
@@ -260,6 +262,14 @@ class Settings(BaseSettings):
     # the fleet-control certificate: grants and cuts devices at the broker (broker_sync)
     broker_control_cert_file: Path | None = None
     broker_control_key_file: Path | None = None
+    # the same for "rabbitmq" (broker_rabbitmq_sync): rabbitmqctl against these nodes
+    # (name@host,...; the first that answers), with the cluster's Erlang cookie in
+    # ``<broker_rabbitmq_home>/.erlang.cookie`` (mode 0400: it is the key to every node;
+    # docs/BROKERS.md). No nodes: the fleet does not drive the cluster
+    broker_rabbitmq_nodes: str = ""
+    broker_rabbitmq_home: Path | None = None
+    broker_rabbitmq_ctl: Path = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+    broker_rabbitmq_epmd_port: int | None = None  # None: Erlang's default (4369)
     ingest_with_serve: bool = True  # `fleet serve` also runs an ingest worker
     # the fleet's command key (P-256, PKCS#8 PEM, mode 0600; `cityedge keys
     # init-command-key` makes it; development makes its own at first start): every fleet
@@ -381,7 +391,9 @@ class Settings(BaseSettings):
             "%s must be set explicitly in production, not left at its development default"
             % variable(name)
             for name in ("database_url", "ca_dir", "broker_url", "ingest_share_group",
-                         "broker_control_cert_file", "broker_control_key_file",
+                         *(("broker_rabbitmq_nodes", "broker_rabbitmq_home")
+                           if self.broker_engine == "rabbitmq" else
+                           ("broker_control_cert_file", "broker_control_key_file")),
                          "audit_key_file", "command_key_file", "commands_cert_file",
                          "commands_key_file")
             if name not in self.model_fields_set

@@ -1,7 +1,10 @@
 """Publishing the CRL: re-sign it from the registry's revoked credentials, write it where
-the broker reads it, and tell the broker (SIGHUP) to reload.
+the broker reads it, and tell the broker (``tell_broker``).
 
-Mosquitto re-reads its ``crlfile`` on SIGHUP. An expired CRL would lock every client out,
+Mosquitto re-reads its ``crlfile`` on SIGHUP. A RabbitMQ cluster reads a CRL directory
+on every node at every handshake: the CRL is copied into each node's directory
+(``broker_rabbitmq_sync.RabbitAccess.install_crl``; a node it missed gets it at the
+reconciler's next round). An expired CRL would lock every client out,
 so ``refresh_if_due`` re-signs it when less than half of its validity remains, or when
 it differs from the registry; ``fleet serve`` calls it periodically (``broker_sync``).
 Suspended credentials (a quarantined device) are listed with reason ``certificateHold``
@@ -38,6 +41,26 @@ def reload_broker(pid_file: Path | None) -> bool:
     return True
 
 
+def tell_broker(settings: Settings, crl_file: Path) -> bool:
+    """The broker takes the CRL now: Mosquitto is reloaded, a RabbitMQ cluster's nodes get
+    the file. False when it could not be told (logged; the reconciler tries again)."""
+    if settings.broker_engine != "rabbitmq":
+        return reload_broker(settings.broker_pid_file)
+    # lazy: only a RabbitMQ fleet talks to its broker here (Mosquitto gets a signal)
+    from cityedge_fleet.broker_control import BrokerUnavailable, CommandFailed
+    from cityedge_fleet.broker_sync import BrokerAccess
+
+    try:
+        access = BrokerAccess.from_settings(settings)
+        if not access.enabled:
+            return False
+        access.install_crl(crl_file)
+    except (BrokerUnavailable, CommandFailed, ValueError) as e:
+        log.warning("the CRL is not on every broker node yet (%s); the reconciler retries", e)
+        return False
+    return True
+
+
 def _listed(session: Session) -> list[Revoked]:
     return [
         Revoked(serial=int(c.serial, 16), revoked_at=c.revoked_at or c.not_before,
@@ -48,7 +71,7 @@ def _listed(session: Session) -> list[Revoked]:
 
 def publish_crl(session: Session, ca: CertificateAuthority, settings: Settings) -> Path:
     path = ca.write_crl(_listed(session), settings.limits.crl_validity_s)
-    reload_broker(settings.broker_pid_file)
+    tell_broker(settings, path)
     return path
 
 
@@ -59,6 +82,5 @@ def refresh_if_due(session: Session, ca: CertificateAuthority, settings: Setting
     listed = _listed(session)
     if not ca.crl_due() and ca.crl_serials() == {r.serial for r in listed}:
         return False
-    ca.write_crl(listed, settings.limits.crl_validity_s)
-    reload_broker(settings.broker_pid_file)
+    tell_broker(settings, ca.write_crl(listed, settings.limits.crl_validity_s))
     return True

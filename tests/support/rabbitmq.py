@@ -113,9 +113,10 @@ class RabbitCluster:
                  "|| N <- rabbit_nodes:all_running()]." % rmq.VHOST)
         return self
 
-    def ctl(self, *args: str, node: int = 0, tool: str = "rabbitmqctl") -> str:
+    def ctl(self, *args: str, node: int = 0, tool: str = "rabbitmqctl",
+            stdin: str | None = None) -> str:
         out = subprocess.run([str(RABBIT_BIN / tool), "-n", self.nodes[node].name, *args],
-                             env=self.env(), capture_output=True, text=True,
+                             env=self.env(), input=stdin, capture_output=True, text=True,
                              timeout=CTL_TIMEOUT_S)
         if out.returncode != 0:
             raise RuntimeError("%s %s: %s %s" % (tool, " ".join(args), out.stdout, out.stderr))
