@@ -252,3 +252,64 @@ def decode_prefix(
     if obj is _BREAK:
         raise MalformedError("CBOR: break outside an indefinite-length item")
     return obj, dec.pos
+
+
+# --- the device's COSE_Sign1 reader (``cose.split_sign1``) ---------------------------------
+# Here, not in ``cose``, which a device keeps loaded: every caller on a device (the command
+# gate, the drop ledger) decodes the payload with this module next, so the reader and its
+# error messages are on the heap only while a command or a dropped batch is read.
+# (private consts come before their first use: the compiler folds them from there)
+_PROTECTED_ES256 = const(b"\xa2\x01\x26\x04")  # map(2): alg (1) = ES256 (-7), kid (4) = ...
+_SIGNATURE_BYTES = const(64)  # cose.SIGNATURE_BYTES (ES256 r || s)
+
+
+def split_sign1(data: Any, max_bytes: int) -> Any:
+    """``cose.split_sign1``: ``(kid, protected_raw, payload, signature)`` of a COSE_Sign1
+    in exactly the form ``cose.encode_sign1`` writes (its docstring); anything else is
+    ``MalformedError``, a message over ``max_bytes`` ``LimitError``."""
+    if len(data) > max_bytes:
+        raise LimitError("COSE: message of %d bytes, limit %d" % (len(data), max_bytes))
+    try:
+        if data[0] != 0xD2 or data[1] != 0x84:
+            raise MalformedError("COSE: not a tagged COSE_Sign1 of four items")
+        protected, pos = _bstr_at(data, 2)
+        if data[pos] != 0xA0:
+            raise MalformedError("COSE: unprotected parameters are not accepted here")
+        payload, pos = _bstr_at(data, pos + 1)
+        sig, pos = _bstr_at(data, pos)
+    except IndexError:
+        raise MalformedError("COSE: message is truncated") from None
+    if pos != len(data):
+        raise MalformedError("COSE: bytes after the message")
+    n = len(protected) - 5
+    if not 0 < n < 24 or protected[:4] != _PROTECTED_ES256 or protected[4] != 0x40 | n:
+        raise MalformedError("COSE: protected header is not {alg: ES256, kid}")
+    if len(sig) != _SIGNATURE_BYTES:
+        raise MalformedError("COSE: signature is not 64 bytes")
+    return protected[5:], protected, payload, sig
+
+
+def _bstr_at(data: Any, pos: int) -> Any:
+    """The byte string whose head (shortest form, at most 65535 bytes) is at ``pos``, and
+    the position after it; IndexError when the data ends first."""
+    ib = data[pos]
+    n = ib & 31
+    if ib >> 5 != 2 or n > 25:
+        raise MalformedError("COSE: expected a byte string of definite length")
+    pos += 1
+    if n == 24:
+        n = data[pos]
+        pos += 1
+        short = n < 24
+    elif n == 25:
+        n = (data[pos] << 8) | data[pos + 1]
+        pos += 2
+        short = n < 256
+    else:
+        short = False
+    if short:
+        raise MalformedError("COSE: byte string head is not in its shortest form")
+    end = pos + n
+    if end > len(data):
+        raise IndexError
+    return bytes(data[pos:end]), end
