@@ -125,7 +125,7 @@ def test_command_is_dropped_with_a_reason_after_the_last_try(tmp_path: Path,
     assert a.mem_errors == agentmod._COMMAND_TRIES
     assert a.commands_accepted == 0 and a.cfg["batch_readings"] == 10
     assert a.last_error == "command dropped: no heap to check it"
-    assert a.status_map()["mem_errors"] == agentmod._COMMAND_TRIES
+    assert cbor2.loads(a.status_cbor())["mem_errors"] == agentmod._COMMAND_TRIES
     # the heap has room again: the next command goes through as usual
     asyncio.run(a.handle_command(desired(2, 6)))
     assert a.commands_accepted == 1 and a.cfg["batch_readings"] == 6
