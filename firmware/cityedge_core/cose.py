@@ -39,6 +39,7 @@ except ImportError:  # CPython
 
 
 from . import cbor
+from .errors import LimitError, MalformedError
 
 # limits (``limits``) as private consts: the compiler folds them, and the device
 # never loads ``limits`` (its names would be interned: "Memory on the device");
@@ -76,6 +77,10 @@ def sig_structure(protected_raw: bytes, payload: bytes, external_aad: bytes = b"
     ))
 
 
+# (a private const must come before its first use: the compiler folds it from there)
+_PROTECTED_ES256 = const(b"\xa2\x01\x26\x04")  # map(2): alg (1) = ES256 (-7), kid (4) = ...
+
+
 def split_sign1(data: Any, max_bytes: int = _BATCH_MAX_BYTES) -> Any:
     """``(kid, protected_raw, payload, signature)`` of a COSE_Sign1 in exactly the form
     ``encode_sign1`` writes: tag 18, four items with shortest heads, the protected header
@@ -85,15 +90,55 @@ def split_sign1(data: Any, max_bytes: int = _BATCH_MAX_BYTES) -> Any:
     on its heap, and nothing parsed beyond this fixed shape before the caller checks the
     signature. Anything else, valid COSE included, is ``MalformedError`` (``decode_sign1``
     reads every form the rules above allow).
-
-    The code lives in ``cbor_decode`` (``split_sign1`` there), loaded on first use: every
-    caller on a device (the command gate, the drop ledger) goes on to decode the payload
-    with it, so the reader and its error messages cost the device's heap only while a
-    command or a dropped batch is read, not all the time this module is loaded.
     """
-    from . import cbor_decode  # on first use (above)
+    if len(data) > max_bytes:
+        raise LimitError("COSE: message of %d bytes, limit %d" % (len(data), max_bytes))
+    try:
+        if data[0] != 0xD2 or data[1] != 0x84:
+            raise MalformedError("COSE: not a tagged COSE_Sign1 of four items")
+        protected, pos = _bstr_at(data, 2)
+        if data[pos] != 0xA0:
+            raise MalformedError("COSE: unprotected parameters are not accepted here")
+        payload, pos = _bstr_at(data, pos + 1)
+        sig, pos = _bstr_at(data, pos)
+    except IndexError:
+        raise MalformedError("COSE: message is truncated") from None
+    if pos != len(data):
+        raise MalformedError("COSE: bytes after the message")
+    n = len(protected) - 5
+    if not 0 < n < 24 or protected[:4] != _PROTECTED_ES256 or protected[4] != 0x40 | n:
+        raise MalformedError("COSE: protected header is not {alg: ES256, kid}")
+    if len(sig) != SIGNATURE_BYTES:
+        raise MalformedError("COSE: signature is not 64 bytes")
+    return protected[5:], protected, payload, sig
 
-    return cbor_decode.split_sign1(data, max_bytes)
+
+
+
+def _bstr_at(data: Any, pos: int) -> Any:
+    """The byte string whose head (shortest form, at most 65535 bytes) is at ``pos``, and
+    the position after it; IndexError when the data ends first."""
+    ib = data[pos]
+    n = ib & 31
+    if ib >> 5 != 2 or n > 25:
+        raise MalformedError("COSE: expected a byte string of definite length")
+    pos += 1
+    if n == 24:
+        n = data[pos]
+        pos += 1
+        short = n < 24
+    elif n == 25:
+        n = (data[pos] << 8) | data[pos + 1]
+        pos += 2
+        short = n < 256
+    else:
+        short = False
+    if short:
+        raise MalformedError("COSE: byte string head is not in its shortest form")
+    end = pos + n
+    if end > len(data):
+        raise IndexError
+    return bytes(data[pos:end]), end
 
 
 def encode_sign1(payload: bytes, signer: Any, kid: bytes, external_aad: bytes = b"") -> bytes:

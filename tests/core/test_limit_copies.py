@@ -37,9 +37,3 @@ def test_the_device_path_modules_do_not_import_limits() -> None:
     """A copy is the only way these modules see a limit (no second, stale import)."""
     for module in (cbor, cose, batch, cbor_decode):
         assert not hasattr(module, "limits"), module.__name__
-
-
-def test_the_cose_readers_copy_of_the_signature_size() -> None:
-    """``cbor_decode.split_sign1`` (``cose.split_sign1``'s code, off the device's resident
-    heap) checks the signature's size with its own private copy."""
-    assert cbor_decode._SIGNATURE_BYTES == cose.SIGNATURE_BYTES
