@@ -137,17 +137,6 @@ def _int32(x: int) -> bytes:
     return x.to_bytes(32, "big")
 
 
-def rfc6979_nonce(d: int, digest: bytes) -> int:
-    """The first RFC 6979 §3.2 candidate k for private key ``d`` and a SHA-256 digest.
-
-    Callers that need the next candidate (r or s came out zero) use ``rfc6979_nonces``.
-    """
-    for k in rfc6979_nonces(d, digest):
-        nonce: int = k
-        return nonce
-    raise AssertionError("unreachable")
-
-
 def _nth_nonce(d: int, digest: bytes, i: int) -> int:
     """Candidate ``i`` (from 0) of ``rfc6979_nonces``; the generator is let go."""
     for k in rfc6979_nonces(d, digest):

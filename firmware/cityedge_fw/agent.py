@@ -91,6 +91,17 @@ _RETRY_MS = const(400)  # ms before a command's next try, times the tries so far
 _DEFERRED_MAX = const(2)  # commands waiting for another try at most
 
 
+# The status map's keys (``Agent.status_cbor``), CBOR-encoded (a text string under 24 bytes
+# is a head byte, 0x60 + its length, then its UTF-8) and in their deterministic order (RFC
+# 8949 §4.2.1: shorter first, then bytewise): one bytes constant, one object on the heap,
+# where 17 string constants were 8 objects (those over 10 characters) and 9 names
+_STATUS_KEYS = const(b"\x62fw" b"\x63seq" b"\x64boot" b"\x65board" b"\x65drops"
+                      b"\x66device" b"\x66update" b"\x68readings" b"\x68uptime_s"
+                      b"\x69heap_free" b"\x6alast_error" b"\x6amem_errors"
+                      b"\x6cbuffer_bytes" b"\x6dbuffer_budget" b"\x6dmqtt_connects"
+                      b"\x6dsensor_faults" b"\x6ebuffer_batches")
+_STATUS_PAIRS = const(17)
+
 # ``Agent.topics``, by index
 _T_READINGS = const(0)
 _T_STATUS = const(1)
@@ -506,27 +517,41 @@ class Agent:
             while self.link.sending():  # another task drains the queue: ``_fwd`` is in it
                 await sleep_ms(_FORWARD_BUSY_MS)
 
-    def status_map(self):
+    def status_cbor(self):
+        """The status map, CBOR-encoded (deterministic, as ``cbor.dumps`` of the same map
+        writes it) straight into one buffer: the keys in their encoded order
+        (``_STATUS_KEYS``), the values in the same order. No dict and no sorted list of
+        encoded pairs (``cbor.dumps``' way, about 2 KiB of pieces) in the heap a status
+        shares with streaming: a status that found no room was skipped."""
         gc.collect()
-        return {
-            "device": self.device,
-            "fw": VERSION,
-            "board": getattr(self.board, "name", "?"),
-            "boot": self.boot,
-            "uptime_s": self.sim_ms() // 1000,
-            "heap_free": self.board.free_heap(),
-            "buffer_batches": self.store.count,
-            "buffer_bytes": self.store.used_bytes,
-            "buffer_budget": self.store.budget,
-            "drops": self.drops_total,
-            "sensor_faults": self.sensor_faults,
-            "readings": self.readings_total,
-            "seq": self.writer.seq,
-            "mqtt_connects": self.link.connects,
-            "mem_errors": self.mem_errors,
-            "last_error": self.last_error or self.link.last_error or "",
-            "update": self.state.get("update"),  # [state, version, sequence, reason]
-        }
+        values = (  # in the order of ``_STATUS_KEYS``
+            VERSION,
+            self.writer.seq,
+            self.boot,
+            getattr(self.board, "name", "?"),
+            self.drops_total,
+            self.device,
+            self.state.get("update"),  # [state, version, sequence, reason]
+            self.readings_total,
+            self.sim_ms() // 1000,
+            self.board.free_heap(),
+            self.last_error or self.link.last_error or "",
+            self.mem_errors,
+            self.store.used_bytes,
+            self.store.budget,
+            self.link.connects,
+            self.sensor_faults,
+            self.store.count,
+        )
+        out = bytearray()
+        cbor.encode_head(out, 5, _STATUS_PAIRS)
+        pos = 0
+        for value in values:
+            end = pos + _STATUS_KEYS[pos] - 0x5F  # the key's head byte and its text
+            out.extend(_STATUS_KEYS[pos:end])
+            pos = end
+            cbor.encode_into(out, value)
+        return out
 
     async def publish_status(self):
         """Sign and send the status map (QoS 0), as chunks that are never joined. A heap
@@ -535,7 +560,7 @@ class Agent:
         if self.link.client.state != mqtt.CONNECTED:
             return False
         try:
-            data = cose.sign1_chunks((cbor.dumps(self.status_map()),), self.writer.signer,
+            data = cose.sign1_chunks((self.status_cbor(),), self.writer.signer,
                                      self.writer.kid)
         except MemoryError:
             self.mem_errors += 1

@@ -289,14 +289,6 @@ class RingBuffer:
         """The highest seq held, or 0."""
         return self._runs[-1] if self._runs else 0
 
-    def seqs(self) -> list:
-        """Sequence numbers held, oldest first (a new list: for tests and tools)."""
-        out = []
-        r = self._runs
-        for i in range(0, len(r), 2):
-            out.extend(range(r[i], r[i + 1] + 1))
-        return out
-
     def _path(self, seq: int) -> str:
         return _join(self.root, "%012x%s" % (seq, _SUFFIX))
 
@@ -410,19 +402,6 @@ class RingBuffer:
             self._unlink(seq, "drop")
 
     # -- reading --------------------------------------------------------------
-
-    def oldest(self, n: int) -> list:
-        """Up to ``n`` ``(seq, data)`` pairs, oldest first. Corrupt files are dropped
-        through ``on_drop``."""
-        out = []  # type: list
-        after = 0
-        while len(out) < n:
-            got = self.next_after(after)
-            if got is None:
-                break
-            out.append(got)
-            after = got[0]
-        return out
 
     def next_after(self, after: int, into: bytearray | None = None) -> tuple | None:
         """The oldest ``(seq, data)`` with ``seq > after``, or None; reads only that file

@@ -14,6 +14,7 @@ from cityedge_fw import drops, mqtt, store
 
 from support.firmware_agent import DEVICE, KEY, KID, account, make_agent
 from support.mqtt_codec import sent
+from support.ring_reader import oldest, seqs
 
 
 @pytest.mark.parametrize("budget", [4096, 6000])
@@ -37,7 +38,7 @@ def test_buffer_full_drops_oldest_and_reports_exact_counts(tmp_path: Path, budge
             break
     assert a.drops_total > 0 and a.state.get("drop") is None
 
-    got = account(data for _seq, data in a.store.oldest(a.store.count))
+    got = account(data for _seq, data in oldest(a.store, a.store.count))
     assert got["readings"] + got["lost_readings"] == readings
     assert got["batches"] + got["lost_batches"] == a.writer.seq
     assert got["missing"] == 0  # every gap explained by a record
@@ -65,7 +66,7 @@ def test_a_batch_that_fails_its_crc_is_reported_in_a_signed_drop_record(
     assert not path.exists()
     assert a.state.get("drop") == [2, 2, 1, 4]  # the seq and its readings (header's count)
     assert a.report_drops()
-    sent.extend(data for seq, data in a.store.oldest(a.store.count) if seq > after)
+    sent.extend(data for seq, data in oldest(a.store, a.store.count) if seq > after)
     fleet = account(sent)
     assert fleet["records"] == 1 and fleet["lost_batches"] == 1 and fleet["missing"] == 0
     assert fleet["batches"] + fleet["lost_batches"] == a.writer.seq
@@ -96,8 +97,8 @@ def test_cost_counts_from_headers_and_decodes_only_what_has_none(tmp_path: Path)
     rec = w.sign([], 1, batchmod.TIME_SINCE_BOOT, batchmod.KIND_DROP, [1, 1, 1, 4])
     with_meta.append(w.seq, rec)  # a drop record: no meta, decoded
     without.append(w.seq, rec)
-    for seqs in ([1], [1, 2, 3], [1, 2, 3, 4, 5]):
-        assert drops.cost(with_meta, seqs) == drops.cost(without, seqs)
+    for held in ([1], [1, 2, 3], [1, 2, 3, 4, 5]):
+        assert drops.cost(with_meta, held) == drops.cost(without, held)
     assert drops.cost(with_meta, [1, 2, 3, 4, 5]) == [1, 5, 6, 4 + 9]  # incl. the record's
     assert drops.cost(with_meta, [1]) == [1, 1, 1, 3]
 
@@ -168,7 +169,7 @@ def test_a_batch_whose_puback_was_lost_in_a_reset_is_never_also_counted_lost(
     while (a.state.get("drop") or [0, 0, 0])[2] < 10:  # type: ignore[index]
         # a long outage: the buffer overflows
         readings += a.sweep()
-    assert a.store.seqs()[:2] == [1, 2]  # the batches the fleet may have are still here
+    assert seqs(a.store)[:2] == [1, 2]  # the batches the fleet may have are still here
     assert a.state.get("drop")[0] >= 3  # type: ignore[index]  # the tally starts past them
     a.seal()
     broker.connect()

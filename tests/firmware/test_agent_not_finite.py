@@ -10,6 +10,7 @@ from typing import Any
 from cityedge_core import chain, senml
 
 from support.firmware_agent import Board, fleet_verifier, make_agent
+from support.ring_reader import oldest
 
 NAN, INF = float("nan"), float("inf")
 
@@ -30,7 +31,7 @@ def test_values_that_are_not_finite_are_sensor_faults(tmp_path: Path) -> None:
     taken = sum(a.sweep() for _ in range(6))
     a.seal()
     assert taken == 9 and a.sensor_faults == 3
-    (_seq, data), = a.store.oldest(1)
+    (_seq, data), = oldest(a.store, 1)
     verdict = fleet_verifier().check(data)
     assert verdict.status == chain.OK  # the fleet's rules hold: every value finite
     values = [r[senml.V] for r in senml.resolve(verdict.batch.records)]

@@ -18,7 +18,8 @@ MICROPYTHON = ROOT / ".venv" / "bin" / "micropython"
 sys.path.insert(0, str(FIRMWARE))
 
 from cityedge.build_firmware import compile_tree  # noqa: E402
-from cityedge_fw.hal import FaultySensor, mac_urn  # noqa: E402
+from cityedge_fw.hal import FaultySensor  # noqa: E402
+from cityedge_fw.hal.mcu import mac_urn  # noqa: E402
 from cityedge_host import mpy  # noqa: E402
 
 

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "firmware"))
 from cityedge_core.errors import StorageError
 from cityedge_fw.store import HEADER_SIZE, RingBuffer, State
 
+from support.ring_reader import oldest, seqs
+
 
 def _data(seq: int, n: int = 100) -> bytes:
     return bytes((seq + i) & 0xFF for i in range(n))
@@ -29,11 +31,11 @@ def test_append_oldest_remove_and_reopen(tmp_path: Path) -> None:
         rb.append(seq, _data(seq))
     assert rb.count == 5
     assert rb.used_bytes == 5 * (100 + HEADER_SIZE)
-    assert [s for s, _ in rb.oldest(3)] == [1, 2, 3]
+    assert [s for s, _ in oldest(rb, 3)] == [1, 2, 3]
     assert rb.remove(1) and rb.remove(3)
     assert not rb.remove(3)  # a second PUBACK for the same batch is harmless
     again = RingBuffer(str(tmp_path / "rb"), 10_000)
-    assert again.oldest(10) == [(2, _data(2)), (4, _data(4)), (5, _data(5))]
+    assert oldest(again, 10) == [(2, _data(2)), (4, _data(4)), (5, _data(5))]
     assert again.used_bytes == 3 * (100 + HEADER_SIZE)
     with pytest.raises(ValueError, match="not after"):
         again.append(5, b"x")
@@ -45,10 +47,10 @@ def test_append_of_chunks_stores_what_their_join_would(tmp_path: Path) -> None:
     data = _data(7, 300)
     a.append(7, (data[:5], bytearray(data[5:200]), memoryview(data)[200:]))
     b.append(7, data)
-    assert (a.used_bytes, a.oldest(1)) == (b.used_bytes, [(7, data)])
+    assert (a.used_bytes, oldest(a, 1)) == (b.used_bytes, [(7, data)])
     assert (tmp_path / "a" / "000000000007.b").read_bytes() == \
         (tmp_path / "b" / "000000000007.b").read_bytes()
-    assert RingBuffer(str(tmp_path / "a"), 10_000).oldest(1) == [(7, data)]  # CRC holds
+    assert oldest(RingBuffer(str(tmp_path / "a"), 10_000), 1) == [(7, data)]  # CRC holds
 
 
 def ledger(rb: RingBuffer) -> list[list[int]]:
@@ -72,7 +74,7 @@ def test_budget_full_drops_oldest_and_counts_exactly(tmp_path: Path) -> None:
     assert got == []
     rb.append(5, _data(5))  # one over: batch 1 goes
     rb.append(6, _data(6))  # and batch 2
-    assert rb.seqs() == [3, 4, 5, 6]
+    assert seqs(rb) == [3, 4, 5, 6]
     assert rb.used_bytes == 4 * per
     assert got == [[1], [2]] and rb.dropped == 2
     rb.append(7, _data(7, 2 * 100 + HEADER_SIZE))  # needs two slots: 3 and 4 go
@@ -89,9 +91,9 @@ def test_batches_the_owner_keeps_are_dropped_last(tmp_path: Path) -> None:
         rb.append(seq, _data(seq))
     rb.keep.extend([1, 2])
     rb.append(5, _data(5))
-    assert got == [[3]] and rb.seqs() == [1, 2, 4, 5]
+    assert got == [[3]] and seqs(rb) == [1, 2, 4, 5]
     rb.append(6, _data(6, 4 * 100 + 3 * HEADER_SIZE))  # room for it alone: all go
-    assert got[1:] == [[4, 5, 1, 2]] and rb.seqs() == [6]
+    assert got[1:] == [[4, 5, 1, 2]] and seqs(rb) == [6]
 
 
 def test_reopen_finishes_a_cut_drop_but_spares_kept_batches(tmp_path: Path) -> None:
@@ -107,12 +109,12 @@ def test_reopen_finishes_a_cut_drop_but_spares_kept_batches(tmp_path: Path) -> N
     rb.keep.append(1)
     rb.append(4, _data(4, 50))
     rb.append(5, _data(5, 50))
-    assert rb.seqs() == [1, 4, 5]
+    assert seqs(rb) == [1, 4, 5]
     for s, raw in saved.items():  # as if the deletes were cut short
         (root / ("%012x.b" % s)).write_bytes(raw)
     again = RingBuffer(str(root), 3 * per)
-    assert again.seqs() == [1, 4, 5]
-    assert [s for s, _ in again.oldest(5)] == [1, 4, 5]
+    assert seqs(again) == [1, 4, 5]
+    assert [s for s, _ in oldest(again, 5)] == [1, 4, 5]
 
 
 def test_corrupt_file_is_dropped_and_reported_not_handed_out(tmp_path: Path) -> None:
@@ -124,7 +126,7 @@ def test_corrupt_file_is_dropped_and_reported_not_handed_out(tmp_path: Path) -> 
     raw[-1] ^= 0x01  # one flipped bit: the CRC catches it
     path.write_bytes(bytes(raw))
     got = ledger(rb)
-    assert [s for s, _ in rb.oldest(5)] == [1, 3]
+    assert [s for s, _ in oldest(rb, 5)] == [1, 3]
     assert got == [[2]]
     assert not path.exists()
 
@@ -177,7 +179,7 @@ def test_meta_rides_in_the_header_and_never_changes_the_seq(
     rb = RingBuffer(root, 10_000)
     rb.append(seq, _data(seq), meta)
     again = RingBuffer(root, 10_000)
-    assert again.seqs() == [seq] and again.meta(seq) == meta
+    assert seqs(again) == [seq] and again.meta(seq) == meta
     assert again.next_after(seq - 1) == (seq, _data(seq))
     assert again.size(seq) == 100 + HEADER_SIZE
     assert again.meta(seq + 1) is None  # not held
@@ -200,7 +202,7 @@ def test_stray_temp_file_from_a_cut_is_cleaned(tmp_path: Path) -> None:
     rb.append(1, _data(1))
     (root / ("%012x.b.tmp" % 2)).write_bytes(b"half a batch")
     rb = RingBuffer(str(root), 10_000)
-    assert rb.seqs() == [1]
+    assert seqs(rb) == [1]
     assert os.listdir(root) == ["%012x.b" % 1]
 
 
@@ -229,14 +231,14 @@ def test_accounting_matches_disk(
             rb.append(seq, _data(seq, size))
             dropped = rb.dropped
         else:
-            assert rb.remove(rb.seqs()[0])
+            assert rb.remove(seqs(rb)[0])
             removed += 1
         assert rb.used_bytes <= budget
     assert dropped + removed + rb.count == seq  # every batch is held, removed or counted
     again = RingBuffer(root, budget)
-    assert again.seqs() == rb.seqs()
+    assert seqs(again) == seqs(rb)
     assert again.used_bytes == rb.used_bytes
-    assert [s for s, _ in again.oldest(1000)] == rb.seqs()
+    assert [s for s, _ in oldest(again, 1000)] == seqs(rb)
 
 
 
@@ -270,7 +272,7 @@ def test_index_of_runs_matches_a_set_through_any_acks_and_reopens(
             assert not rb.remove(gone)
         elif op == "x":
             rb = RingBuffer(root, 1_000_000)
-        assert rb.seqs() == sorted(held)
+        assert seqs(rb) == sorted(held)
         assert rb.count == len(held)
         assert _runs_well_formed(rb._runs)
         assert rb.newest == (max(held) if held else 0)

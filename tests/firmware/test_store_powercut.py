@@ -72,6 +72,28 @@ def _merge(a, b):
     return [min(a[0], b[0]), max(a[1], b[1]), a[2] + b[2]]
 
 
+def seqs(rb):
+    """Sequence numbers held (``support.ring_reader.seqs``; this file runs on MicroPython)."""
+    out = []
+    r = rb._runs
+    for i in range(0, len(r), 2):
+        out.extend(range(r[i], r[i + 1] + 1))
+    return out
+
+
+def oldest(rb, n):
+    """Up to ``n`` ``(seq, data)``, oldest first (``support.ring_reader.oldest``)."""
+    out = []
+    after = 0
+    while len(out) < n:
+        got = rb.next_after(after)
+        if got is None:
+            break
+        out.append(got)
+        after = got[0]
+    return out
+
+
 def _open(root):
     """The ring buffer and its owner's state file, with the owner's drop ledger in it (as
     the agent keeps it: ``drop`` in the state, written before the files go)."""
@@ -135,7 +157,7 @@ def workload(root, seed, m, flash):
                 m.state_done = seq
                 m.state_inflight = None
             elif r < 9:
-                for s, data in rb.oldest(r % 3):
+                for s, data in oldest(rb, r % 3):
                     assert data == payload(s), "batch %d handed out corrupt" % s
                     m.inflight = s
                     rb.remove(s)
@@ -161,8 +183,8 @@ def check(root, m):
     import hashlib
 
     rb, state = _open(root)
-    present = rb.seqs()
-    got = rb.oldest(len(present))
+    present = seqs(rb)
+    got = oldest(rb, len(present))
     assert [s for s, _ in got] == present, "corrupt batches on flash: %r vs %r" % (got, present)
     for s, data in got:
         assert data == payload(s), "batch %d corrupt after remount" % s
@@ -204,7 +226,7 @@ def check(root, m):
         assert state.get("head") == hashlib.sha256(payload(value)).digest(), "state torn"
     nxt = max(list(m.acked) + present + [value]) + 1000
     rb.append(nxt, b"after the cut")
-    assert rb.oldest(rb.count)[-1] == (nxt, b"after the cut")
+    assert oldest(rb, rb.count)[-1] == (nxt, b"after the cut")
     return len(present), lost
 
 

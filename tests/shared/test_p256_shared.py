@@ -20,7 +20,7 @@ _SIG = (
 def test_rfc6979_sample_vector():
     key = p256.PrivateKey(_D)
     assert key.public_key().x == _UX
-    assert p256.rfc6979_nonce(_D, hashlib.sha256(b"sample").digest()) == _K
+    assert next(p256.rfc6979_nonces(_D, hashlib.sha256(b"sample").digest())) == _K
     assert key.sign(b"sample") == unhex(_SIG)
     assert key.public_key().verify(b"sample", unhex(_SIG))
     assert not key.public_key().verify(b"sample!", unhex(_SIG))

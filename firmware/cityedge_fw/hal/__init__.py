@@ -1,13 +1,14 @@
 """Board support: ``board_class()`` is the class of the board the agent runs on.
 
 Every board has the same members: ``name``, ``device_id()`` (RFC 9039
-``urn:dev:mac:<12 hex>``), ``connect_network() -> bool``, ``wdt_feed()``, ``free_heap()``,
-``ticks_ms()``, ``unix_time()`` (None until NTP set the clock), ``sensors(config)``; and,
-before any configuration exists (``main.boot``: an unprovisioned device has none), class
-methods for the boot: ``flash_root()``, ``provisioning_uart()`` (the line the technician's
-laptop talks to; None: no provisioning mode), ``info(root)`` (``{"model", "serial",
-"device", "firmware"}``, what provisioning reports) and ``reset()``. ``board_class()``
-picks the class.
+``urn:dev:mac:<12 hex>``: ``mcu.mac_urn``; the unix board's from its configuration),
+``connect_network() -> bool``, ``wdt_feed()``, ``free_heap()``, ``ticks_ms()``,
+``unix_time()`` (None until NTP set the clock), ``sensors(config)``; and, before any
+configuration exists (``main.boot``: an unprovisioned device has none), class methods
+for the boot: ``flash_root()``, ``provisioning_uart()`` (the line the technician's laptop
+talks to; None: no provisioning mode), ``info(root)`` (``{"model", "serial", "device",
+"firmware"}``, what provisioning reports) and ``reset()``. ``board_class()`` picks the
+class.
 
 What every board shares is ``BaseBoard`` here (the sensor wiring among it); what boards
 with MicroPython's ``machine`` module share (UART, I2C, 1-Wire, ADC, the chip's id, NTP) is
@@ -21,13 +22,6 @@ import sys
 import time
 
 from ..sensors import SensorFault
-
-
-def mac_urn(mac: bytes) -> str:
-    """RFC 9039 device URN of a 6-byte MAC address: ``urn:dev:mac:`` + 12 lowercase hex."""
-    if len(mac) != 6:
-        raise ValueError("MAC address must be 6 bytes")
-    return "urn:dev:mac:" + "".join("%02x" % b for b in mac)
 
 
 class FaultySensor:
@@ -68,9 +62,6 @@ class BaseBoard:
         self._clock_set = False
 
     # -- identity, health, time ---------------------------------------------
-
-    def device_id(self) -> str:
-        return self.config.get("device") or mac_urn(self.mac())  # type: ignore[attr-defined]
 
     def connect_network(self) -> bool:
         return True

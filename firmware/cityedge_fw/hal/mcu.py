@@ -5,7 +5,16 @@ does not load this module (``hal/__init__.py``)."""
 
 import time
 
-from . import BaseBoard, mac_urn
+from . import BaseBoard
+
+
+def mac_urn(mac: bytes) -> str:
+    """RFC 9039 device URN of a 6-byte MAC address: ``urn:dev:mac:`` + 12 lowercase hex.
+    Here, not in ``hal``: the unix board (its URN from the configuration) never needs it."""
+    if len(mac) != 6:
+        raise ValueError("MAC address must be 6 bytes")
+    return "urn:dev:mac:" + "".join("%02x" % b for b in mac)
+
 
 UNIX_EPOCH_OFFSET_2000 = 946684800  # seconds from 1970-01-01 to 2000-01-01 (MicroPython epoch)
 NTP_MIN_YEAR = 2024  # a clock before this was never set: report no time
@@ -51,6 +60,9 @@ class McuBoard(BaseBoard):
                 "device": mac_urn(uid[:6]), "firmware": VERSION}
 
     # -- identity, time -------------------------------------------------------
+
+    def device_id(self) -> str:
+        return self.config.get("device") or mac_urn(self.mac())
 
     def mac(self) -> bytes:
         import machine
