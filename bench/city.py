@@ -53,9 +53,14 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import aiomqtt  # noqa: E402
+import paho.mqtt.client as mqtt  # noqa: E402
+
+from bench.machine import p50_p99  # noqa: E402
 from cityedge.fastdevice import FastDevice  # noqa: E402
 from cityedge_core import topics  # noqa: E402
 
+MISC_S = 5.0  # the MQTT clients' housekeeping period (LightClient)
 JITTER = 0.1  # each interval is interval_s * uniform(1 - JITTER, 1 + JITTER)
 WORKERS = 2
 ENGINES = ("rabbitmq", "mosquitto")
@@ -81,10 +86,23 @@ FULL = Size(devices=10_000, interval_s=60.0, readings=10, ramp_s=120.0, warm_s=6
 QUICK = Size(devices=6, interval_s=1.0, readings=10, ramp_s=1.0, warm_s=2.0, window_s=4.0)
 
 
+class LightClient(aiomqtt.Client):
+    """aiomqtt's client with its housekeeping (``loop_misc``: keepalive pings and their
+    timeouts) every ``MISC_S`` instead of every second: 10,000 clients waking every second
+    cost the simulator a large share of a core. A ping is at most ``MISC_S`` late against
+    a 30 s keepalive (the broker waits 45 s)."""
+
+    async def _misc_loop(self) -> None:
+        while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(MISC_S)
+
+
 class CityDevice(FastDevice):
     """A fast device that records when it signed each batch, samples at a jittered
     interval from a random phase, and waits for work without polling (10,000 devices
     polling every 0.2 s would be the machine's busiest process)."""
+
+    mqtt_client = LightClient
 
     def __init__(self, *a: Any, phase_s: float = 0.0, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -138,6 +156,15 @@ class Swarm:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
+        self.lags: list[float] = []  # seconds the loop was late waking a 1 s timer
+
+    async def _watch(self) -> None:
+        """How late the loop runs a 1 s timer: a simulator that cannot keep up is late
+        (its devices miss their keepalives and the broker drops them)."""
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(1.0)
+            self.lags.append(time.monotonic() - t - 1.0)
 
     def _run(self) -> None:
         async def one(d: CityDevice, delay: float) -> None:
@@ -147,8 +174,10 @@ class Swarm:
                 await d.run()
 
         async def main() -> None:
+            watch = asyncio.create_task(self._watch())
             await asyncio.gather(*(one(d, t) for d, t in
                                    zip(self.devices, self.delays, strict=True)))
+            watch.cancel()
 
         try:
             self.loop.run_until_complete(main())
@@ -302,7 +331,7 @@ def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str]
         assert broker.proc is not None
         try:
             yield SimpleNamespace(
-                ports=[broker.port], pids=lambda: {broker.proc.pid},  # type: ignore[union-attr]
+                ports=[broker.port], pids=lambda: {broker.proc.pid},
                 port=broker.port, env={"CITYEDGE_LIMITS__INGEST_SESSION_EXPIRY_S": "0",
                                        "CITYEDGE_INGEST_SUBSCRIPTION": "shared"})
         finally:
@@ -373,10 +402,13 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
             groups = {"workers": {w.proc.pid for w in workers if w.proc is not None},
                       "broker": b.pids(), "postgresql": pg_pids, "devices": {os.getpid()}}
             before = {k: cpu_ticks(v) for k, v in groups.items()}
+            lag0, conn0 = len(swarm.lags), sum(d.stats.connects for d in devices)
             w0 = time.time()
             time.sleep(size.window_s)
             w1 = time.time()
             after = {k: cpu_ticks(v) for k, v in groups.items()}
+            lags = sorted(swarm.lags[lag0:]) or [0.0]
+            reconnects = sum(d.stats.connects for d in devices) - conn0
             cpu = {k: cpu_delta(before[k], after[k]) for k in groups}
             # drain: nothing more signed; every outbox acknowledged; everything stored
             swarm.stop_sampling()
@@ -410,14 +442,14 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
                      "BETWEEN to_timestamp(%s) AND to_timestamp(%s)", w0, w1)[0][0]
     lat = sorted(stored[(d.id, s)][1] - t for d in devices for s, t in d.signed_at.items()
                  if w0 <= t <= w1 and (d.id, s) in stored)
-    from bench.machine import p50_p99
-
     p50, p99 = p50_p99(lat) if lat else (float("nan"), float("nan"))
     per_k = {k: (1000.0 * v / in_window if in_window else float("nan")) for k, v in cpu.items()}
     return {
         "engine": engine, "devices": len(devices), "connected": connected,
         "connected_s": round(connected_s, 1), "broker_boot_s": round(boot_s, 1),
         "connect_failures": sum(d.stats.connect_failures for d in devices),
+        "reconnects_in_window": reconnects,
+        "loop_lag_p99_s": round(p50_p99(lags)[1], 3), "loop_lag_max_s": round(lags[-1], 3),
         "offered_readings_per_s": len(devices) * size.readings / size.interval_s,
         "readings_per_s": in_window / (w1 - w0), "window_s": round(w1 - w0, 1),
         "latency_batches": len(lat), "p50_s": p50, "p99_s": p99,
@@ -476,6 +508,8 @@ def report(r: dict[str, Any]) -> None:
                  e["readings_per_s"], e["window_s"]))
         print("    signing -> committed row: p50 %.3f s, p99 %.3f s, max %.3f s (%d batches; "
               "target p99 < 1 s)" % (e["p50_s"], e["p99_s"], e["max_s"], e["latency_batches"]))
+        print("    simulator loop late by p99 %.2f s, max %.2f s; %d reconnects in the window"
+              % (e["loop_lag_p99_s"], e["loop_lag_max_s"], e["reconnects_in_window"]))
         print("    CPU s per 1,000 readings: " + ", ".join(
             "%s %.3f" % kv for kv in e["cpu_s_per_1000_readings"].items()))
         print("    acknowledged %d batches, stored %d, lost %d, stored twice %d, "
