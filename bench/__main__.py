@@ -9,6 +9,7 @@ from typing import Any
 
 from bench import brokers as brokers_bench
 from bench import campaign as campaign_bench
+from bench import city as city_bench
 from bench import console as console_bench
 from bench import core, firmware, gateway
 from bench import fleet as fleet_bench
@@ -34,6 +35,7 @@ PARTS: list[tuple[str, Callable[[], Any], Callable[[Any], None]]] = [
     ("firmware", firmware.firmware_bench, firmware.report),
     ("gateway", gateway.gateway_bench, gateway.report),
     ("brokers", brokers_bench.run, brokers_bench.report),
+    ("city", city_bench.run, city_bench.report),
 ]
 
 
