@@ -86,7 +86,7 @@ def enroll_fast(f: Fleet, i: int, interval_s: float = 0.2) -> tuple[FastDevice, 
     d = f.world / ("dev%d" % i)
     provision(d, device_id=str(body["id"]), signer=signer, chain_pem=enrolled["chain_pem"],
               ca_pem=f.pki.ca_pem.read_text(), fleet_keys=enrolled["fleet_keys"],
-              root_pem=(f.settings.ca_dir / "root.crt").read_text(),
+              root_pem=(f.api.settings.ca_dir / "root.crt").read_text(),
               statement=enrolled.get("trust_statement"))
     first = d / "first"
     first.mkdir()
