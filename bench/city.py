@@ -59,7 +59,6 @@ import paho.mqtt.client as mqtt  # noqa: E402
 
 from bench.machine import p50_p99  # noqa: E402
 from cityedge.fastdevice import FastDevice  # noqa: E402
-from cityedge_core import topics  # noqa: E402
 
 MISC_S = 5.0  # the MQTT clients' housekeeping period (LightClient)
 JITTER = 0.1  # each interval is interval_s * uniform(1 - JITTER, 1 + JITTER)
@@ -101,8 +100,7 @@ class LightClient(aiomqtt.Client):
 
 class CityDevice(FastDevice):
     """A fast device that records when it signed each batch, samples at a jittered
-    interval from a random phase, and waits for work without polling (10,000 devices
-    polling every 0.2 s would be the machine's busiest process)."""
+    interval from a random phase."""
 
     mqtt_client = LightClient
 
@@ -120,34 +118,6 @@ class CityDevice(FastDevice):
                 self.sign_batch()
                 self.signed_at[self.writer.seq] = t
             await asyncio.sleep(self.interval_s * self.rand.uniform(1 - JITTER, 1 + JITTER))
-
-    async def _session(self, client: Any) -> None:
-        async def commands() -> None:
-            async for message in client.messages:
-                await self.on_command(bytes(message.payload))
-
-        reader = asyncio.create_task(commands())
-        try:
-            while not (self._stop.is_set() or self._switch.is_set()):
-                if reader.done():
-                    reader.result()  # raises the connection's error
-                    return
-                if self.outbox:
-                    await client.publish(topics.up(self.id, topics.READINGS), self.outbox[0],
-                                         qos=1)
-                    self.outbox.pop(0)
-                    self.stats.published += 1
-                    continue
-                self._wake.clear()
-                waker = asyncio.ensure_future(self._wake.wait())
-                try:
-                    await asyncio.wait({waker, reader}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waker.cancel()
-        finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
 
 
 class Swarm:

@@ -388,6 +388,7 @@ class FastDevice:
             self.writer.signer, self.writer.kid = new, new.kid
             self.stats.rotations += 1
             self._switch.set()  # reconnect with the new key and certificate
+            self._wake.set()  # the session ends at once, not at its next look
 
         return command.OK, "installed for key %s" % new.kid.hex(), switch
 
@@ -450,9 +451,14 @@ class FastDevice:
                     self.outbox.pop(0)
                     self.stats.published += 1
                     continue
+                # nothing to send: sleep until a batch, a stop or a key switch sets _wake,
+                # or the connection ends (no polling: thousands of devices share one loop)
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.2)
+                waker = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({waker, reader}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waker.cancel()
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
