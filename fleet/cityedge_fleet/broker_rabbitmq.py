@@ -12,8 +12,16 @@ per node (``node-<i>/``) holds:
 - ``advanced.config``: the TLS options, which ``rabbitmq.conf`` cannot express: peer
   verification against the city CA, a client certificate required, and the CRL checked on
   every handshake from a hash directory (``crl/<issuer hash>.r0``, re-read each time: a
-  new CRL takes effect without a restart);
-- ``enabled_plugins`` and ``rabbitmq-env.conf`` (node name, ports, data directory).
+  new CRL takes effect without a restart); and the authorization backends: the internal
+  one, and ``cityedge_mqtt_client_id`` beside it;
+- ``ebin/cityedge_mqtt_client_id.beam``: that backend, compiled here from
+  ``rabbitmq/cityedge_mqtt_client_id.erl`` (``erlc``, which comes with RabbitMQ's Erlang).
+  It refuses an MQTT CONNECT whose client id is not the certificate's CN, before the MQTT
+  plugin registers the id: RabbitMQ 3.10 has no setting for this (Mosquitto's
+  ``use_username_as_clientid``), and without it a stolen device closes another device's
+  connection by naming its client id (the plugin closes an id's older holder);
+- ``enabled_plugins`` and ``rabbitmq-env.conf`` (node name, ports, data directory, the
+  ``ebin`` directory on the code path).
 
 ``definitions.json`` (shared, loaded at boot) is the registry's view, as
 ``dynamic-security.json`` is for Mosquitto: every user without a password (only a
@@ -36,6 +44,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +61,11 @@ EXCHANGE = "amq.topic"  # where the MQTT plugin publishes
 DEFINITIONS_FILE = "definitions.json"
 CRL_DIR = "crl"
 PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl")
+# the authorization backend that binds an MQTT client id to the CN (module docstring)
+CLIENT_ID_MODULE = "cityedge_mqtt_client_id"
+CLIENT_ID_SOURCE = Path(__file__).parent / "rabbitmq" / (CLIENT_ID_MODULE + ".erl")
+CODE_DIR = "ebin"  # in each node's directory: the compiled backend
+ERLC_TIMEOUT_S = 60
 # messages a consumer (an ingest worker) holds unacknowledged; the rest wait in the queue
 INGEST_PREFETCH = 500
 # the quorum queue's bound: past it new publishes are refused (not acknowledged: the
@@ -228,9 +242,11 @@ def render_conf(node: Node, cluster: list[Node], *, bind: str, definitions_file:
 
 def render_advanced(files: BrokerFiles, crl_dir: Path) -> str:
     """TLS for every listener: the city CA, a client certificate required, the CRL of the
-    certificate's issuer required (``crl_check peer``: no CRL for it refuses); and the
-    MQTT username taken whole (``ignore_colons_in_username``: ``rabbitmq.conf`` has no key
-    for it)."""
+    certificate's issuer required (``crl_check peer``: no CRL for it refuses); the
+    internal backend authenticates and authorizes, and ``cityedge_mqtt_client_id`` must
+    authorize too (every listed authorization backend must allow); and the MQTT username
+    taken whole (``ignore_colons_in_username``). ``rabbitmq.conf`` has no keys for a list
+    of authorization backends, nor for the last."""
     return """%% written by `cityedge broker config --engine rabbitmq`
 [{rabbit, [{ssl_options, [
     {cacertfile, %s}, {certfile, %s}, {keyfile, %s},
@@ -238,12 +254,15 @@ def render_advanced(files: BrokerFiles, crl_dir: Path) -> str:
     {versions, ['tlsv1.3', 'tlsv1.2']},
     {ciphers, %s},
     {crl_check, peer},
-    {crl_cache, {ssl_crl_hash_dir, {internal, [{dir, %s}]}}}]}]},
+    {crl_cache, {ssl_crl_hash_dir, {internal, [{dir, %s}]}}}]},
+  %% an MQTT client id must be the certificate's CN (cityedge_mqtt_client_id.erl)
+  {auth_backends, [{rabbit_auth_backend_internal,
+                    [rabbit_auth_backend_internal, %s]}]}]},
  %% a device id is a URN (colons): not "vhost:user", which the MQTT plugin reads otherwise
  {rabbitmq_mqtt, [{ignore_colons_in_username, true}]}].
 """ % (_erl(files.cafile.resolve()), _erl(files.certfile.resolve()),
        _erl(files.keyfile.resolve()), _erl(TLS13_CIPHERS + ":" + TLS12_CIPHERS),
-       _erl(crl_dir.resolve()))
+       _erl(crl_dir.resolve()), CLIENT_ID_MODULE)
 
 
 def render_env(node: Node, node_dir: Path) -> str:
@@ -257,6 +276,8 @@ def render_env(node: Node, node_dir: Path) -> str:
         "ENABLED_PLUGINS_FILE=%s" % (d / "enabled_plugins"),
         "MNESIA_BASE=%s" % (d / "data"),
         "LOG_BASE=%s" % (d / "log"),
+        # quoted by rabbitmq-server (-pa "$RABBITMQ_SERVER_CODE_PATH"): one directory
+        "SERVER_CODE_PATH=%s" % (d / CODE_DIR),
     ]) + "\n"
 
 
@@ -279,6 +300,24 @@ def crl_hash_name(crl_pem: Path) -> str:
     return out.stdout.strip() + ".r0"
 
 
+def compile_client_id_module() -> bytes:
+    """``cityedge_mqtt_client_id.erl`` compiled by ``erlc`` (Erlang's compiler, in Debian's
+    ``erlang-base``, which RabbitMQ needs anyway); ValueError when it is missing or the
+    compile fails."""
+    erlc = shutil.which("erlc")
+    if erlc is None:
+        raise ValueError("erlc not found: the RabbitMQ configuration compiles its client-id "
+                         "check; install Erlang (Debian: erlang-base, which rabbitmq-server "
+                         "depends on) where you run `cityedge broker config`")
+    with tempfile.TemporaryDirectory(prefix="cityedge-erlc-") as tmp:
+        out = subprocess.run([erlc, "-o", tmp, str(CLIENT_ID_SOURCE)],
+                             capture_output=True, text=True, timeout=ERLC_TIMEOUT_S)
+        if out.returncode != 0:
+            raise ValueError("erlc could not compile %s: %s"
+                             % (CLIENT_ID_SOURCE, (out.stdout + out.stderr).strip()))
+        return (Path(tmp) / (CLIENT_ID_MODULE + ".beam")).read_bytes()
+
+
 def install_crl(crl_pem: Path, crl_dir: Path) -> Path:
     """Put the fleet's CRL where every node reads it on each handshake (atomically)."""
     crl_dir.mkdir(parents=True, exist_ok=True)
@@ -297,6 +336,7 @@ def write(out_dir: Path, files: BrokerFiles, cluster: list[Node], *, bind: str,
                         + "\n").encode(), 0o644)  # names and rules: no secrets
     crl_dir = out_dir / CRL_DIR
     install_crl(files.crlfile, crl_dir)
+    beam = compile_client_id_module()
     dirs = []
     for node in cluster:
         d = out_dir / ("node-%s" % node.name.split("@")[0])
@@ -306,5 +346,7 @@ def write(out_dir: Path, files: BrokerFiles, cluster: list[Node], *, bind: str,
         (d / "advanced.config").write_text(render_advanced(files, crl_dir))
         (d / "enabled_plugins").write_text("[%s].\n" % ",".join(PLUGINS))
         (d / "rabbitmq-env.conf").write_text(render_env(node, d))
+        (d / CODE_DIR).mkdir(exist_ok=True)
+        write_atomic(d / CODE_DIR / (CLIENT_ID_MODULE + ".beam"), beam, 0o644)
         dirs.append(d)
     return dirs

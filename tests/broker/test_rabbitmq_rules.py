@@ -1,16 +1,23 @@
 """The RabbitMQ cluster's rules (``broker_rabbitmq``) without a broker: each device's topic
 permissions match its own routing keys and never another device's, dotted device ids
-included (the MQTT plugin keeps a ``.`` of a topic, so an id may span routing-key words)."""
+included (the MQTT plugin keeps a ``.`` of a topic, so an id may span routing-key words);
+the client-id check (``cityedge_mqtt_client_id.erl``) run by a real Erlang VM, and the
+configuration that loads it on every node."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cityedge_core import topics
 from cityedge_fleet import broker_rabbitmq as rmq
+from cityedge_fleet.broker import BrokerFiles
+
+from support.mosquitto import TestPKI
 
 ids = st.text("abc019.-:", min_size=1, max_size=12).map(lambda s: "urn:dev:x:" + s)
 
@@ -54,3 +61,52 @@ def test_services_get_only_their_own_grants() -> None:
     assert all(u["password_hash"] == "" for u in defs["users"])  # certificates only
     assert [u["name"] for u in defs["users"]] == ["fleet-ingest", "urn:dev:x:a"]  # no guest
     assert defs["queues"][0]["arguments"]["x-queue-type"] == "quorum"
+
+
+# (the vhost-access context the MQTT plugin hands the check, as an Erlang term; expected)
+CLIENT_ID_CASES = [
+    ('#{<<"client_id">> => <<"urn:dev:x:a">>}', "true"),  # its own CN
+    ('#{<<"client_id">> => <<"urn:dev:x:b">>}', "false"),  # another device's
+    ('#{<<"client_id">> => <<"urn:dev:x:a-relay">>}', "false"),
+    ('#{<<"client_id">> => <<"mqtt-subscription-x">>}', "false"),
+    ('#{peeraddr => {127,0,0,1}, <<"client_id">> => <<"urn:dev:x:a">>}', "true"),
+    ("#{peeraddr => {127,0,0,1}}", "true"),  # AMQP, the CLI: no client id
+    ("undefined", "true"),
+]
+
+
+def test_the_client_id_check_allows_only_the_users_own_id(tmp_path: Path) -> None:
+    """The compiled backend in a real Erlang VM, with the contexts RabbitMQ 3.10 passes
+    (``rabbit_access_control:create_vhost_access_authz_data``)."""
+    (tmp_path / (rmq.CLIENT_ID_MODULE + ".beam")).write_bytes(rmq.compile_client_id_module())
+    calls = ", ".join("%s:check_vhost_access({auth_user, <<\"urn:dev:x:a\">>, [], none}, "
+                      "<<\"%s\">>, %s)" % (rmq.CLIENT_ID_MODULE, rmq.VHOST, ctx)
+                      for ctx, _ in CLIENT_ID_CASES)
+    # (its warning for a refusal would share stdout with the verdicts: logging off here)
+    out = subprocess.run(["erl", "-noshell", "-kernel", "logger_level", "none",
+                          "-pa", str(tmp_path), "-eval",
+                          "io:format(\"~w~n\", [[%s]]), halt()." % calls],
+                         capture_output=True, text=True, timeout=60, check=True)
+    want = ",".join(want for _, want in CLIENT_ID_CASES)
+    assert out.stdout.strip() == "[%s]" % want, out.stdout + out.stderr
+
+
+def test_every_node_loads_the_client_id_check(tmp_path: Path) -> None:
+    """``write`` gives every node the compiled backend on its code path and lists it
+    beside the internal backend (Erlang reads ``advanced.config`` back)."""
+    pki = TestPKI(tmp_path / "pki")
+    files = BrokerFiles(cafile=pki.ca_pem, certfile=pki.server.cert_pem,
+                        keyfile=pki.server.key_pem, crlfile=pki.write_crl(tmp_path / "crl.pem"))
+    dirs = rmq.write(tmp_path / "conf", files, rmq.nodes(2), bind="127.0.0.1",
+                     identities=["urn:dev:x:a"])
+    for node, d in zip(rmq.nodes(2), dirs, strict=True):
+        code = Path(rmq.env_for(node, d)["RABBITMQ_SERVER_CODE_PATH"])
+        assert (code / (rmq.CLIENT_ID_MODULE + ".beam")).read_bytes().startswith(b"FOR1")
+        out = subprocess.run(
+            ["erl", "-noshell", "-eval",
+             "{ok, [C]} = file:consult(\"%s\"), "
+             "io:format(\"~w~n\", [proplists:get_value(auth_backends, "
+             "proplists:get_value(rabbit, C))]), halt()." % (d / "advanced.config")],
+            capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout.strip() == ("[{rabbit_auth_backend_internal,[rabbit_auth_backend_"
+                                      "internal,%s]}]" % rmq.CLIENT_ID_MODULE), out.stdout
