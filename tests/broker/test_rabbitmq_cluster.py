@@ -4,7 +4,8 @@ devices (real mTLS MQTT, signed batches) spread over the nodes, two ingest worke
 consuming the quorum queue over AMQP (``ingest_amqp``) into the fleet's database.
 
 One cluster for the module (a RabbitMQ node boots in ~10 s); the attacks run against the
-same nodes. A missing ``rabbitmq-server`` fails here (``RabbitCluster``), never skips.
+same nodes: another device's topics, another CA, another device's client id. A missing
+``rabbitmq-server`` fails here (``RabbitCluster``), never skips.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from support.rabbit_devices import MqttTry, enroll
 from support.rabbitmq import RabbitCluster
 
 DEVICES = 6  # two per node
+# one more enrolled device, not run by the load test: a FastDevice keeps its chain's seq
+# in memory only, so a device run again would send seqs stored already (duplicates)
+SPARE = 1
 WAIT_S = 60.0
 
 
@@ -58,7 +62,7 @@ def cluster_fleet() -> Iterator[SimpleNamespace]:
         audit_key_file=world / "audit.key", command_key_file=world / "command.key",
         limits=FleetLimits(ingest_group_max_s=0.05, enroll_burst=100_000))
     app = create_app(settings, init_db=True)
-    ids = [str(device_body(i)["id"]) for i in range(DEVICES)]
+    ids = [str(device_body(i)["id"]) for i in range(DEVICES + SPARE)]
     # the registry's devices are known before they enroll: the cluster boots meanwhile
     cluster = RabbitCluster(pki, [*ids, "fleet-ingest", "fleet-commands"],
                             directory=world / "rmq", crl_file=ca.crl_path)
@@ -66,7 +70,7 @@ def cluster_fleet() -> Iterator[SimpleNamespace]:
     try:
         with TestClient(app) as client:
             api = Api(client, settings)
-            devices = [enroll(api, world, pki, i) for i in range(DEVICES)]
+            devices = [enroll(api, world, pki, i) for i in range(DEVICES + SPARE)]
             booting.result()
             settings = settings.model_copy(update={"ingest_amqp_nodes": ",".join(
                 "127.0.0.1:%d" % n.amqp_port for n in cluster.nodes)})
@@ -105,7 +109,7 @@ def test_a_node_killed_under_load_loses_no_acknowledged_batch(
     workers = [ingest_worker(Ingestor(f.engine, f.settings), f.settings).start()
                for _ in range(2)]
     devices = [FastDevice(d, "127.0.0.1", c.nodes[i % 3].mqtt_port, interval_s=0.2)
-               for i, (_, d) in enumerate(f.devices)]
+               for i, (_, d) in enumerate(f.devices[:DEVICES])]
     revoked = devices[1]  # on node 2
     loop = DeviceLoop(devices).start()
     try:
@@ -207,3 +211,64 @@ def test_a_foreign_ca_certificate_is_refused_at_the_handshake(
                     device)
         assert not t.wait_connected()
         t.close()
+
+
+NOT_AUTHORIZED = 0x87  # CONNACK 5 of MQTT 3.1.1, as paho reports it (MQTT 5's code)
+
+
+def test_a_device_cannot_take_over_another_devices_client_id(
+        cluster_fleet: SimpleNamespace) -> None:
+    """Device B's valid certificate connects, to every node, with device A's client id
+    while A streams batches through node 3: each CONNECT is refused "not authorized" by
+    ``cityedge_mqtt_client_id`` before the MQTT plugin registers the id, so A keeps its
+    one connection and its batches keep being acknowledged and stored. B's certificate
+    with its own id twice shows what the check prevents: the plugin closes the older
+    holder of an id, across nodes."""
+    f = cluster_fleet
+    c: RabbitCluster = f.cluster
+    (a_id, a_dir), (b_id, b_dir) = f.devices[DEVICES], f.devices[4]  # A: the spare
+    b_cert = (b_dir / "chain.pem", b_dir / "key.pem", f.pki.ca_pem)
+    worker = ingest_worker(Ingestor(f.engine, f.settings), f.settings).start()
+    a = FastDevice(a_dir, "127.0.0.1", c.nodes[2].mqtt_port, interval_s=0.2)
+    loop = DeviceLoop([a]).start()
+    try:
+        assert worker.subscribed.wait(WAIT_S)
+        assert wait_for(lambda: a.stats.published >= 3, WAIT_S), \
+            (a.stats.connects, a.stats.published, a.stats.last_error)
+
+        # the takeover the plugin does for a duplicate id: the newer connection wins
+        first = MqttTry(c.nodes[1].mqtt_port, *b_cert, b_id)
+        assert first.wait_connected()
+        second = MqttTry(c.nodes[0].mqtt_port, *b_cert, b_id)
+        assert second.wait_connected()
+        assert first.gone.wait(WAIT_S)
+        assert not second.gone.is_set()
+        first.close()
+        second.close()
+
+        # the attack: B's certificate, A's client id, on every node
+        connects, published = a.stats.connects, a.stats.published
+        stored_before = stored(f.engine, a_id)[0]
+        verdicts = []
+        for node in range(3):
+            t = MqttTry(c.nodes[node].mqtt_port, *b_cert, a_id)
+            assert not t.wait_connected()
+            verdicts.append(t.connack)
+            t.close()
+        assert verdicts == [NOT_AUTHORIZED] * 3
+        # A was never disconnected and goes on: acknowledged, then stored
+        assert wait_for(lambda: a.stats.published >= published + 5, WAIT_S), \
+            (a.stats.connects, a.stats.published, a.stats.last_error)
+        assert (a.stats.connects, a.stats.connect_failures) == (connects, 0)
+        assert connects == 1
+    finally:
+        loop.stop()
+    try:
+        assert wait_for(lambda: stored(f.engine, a_id)[0]
+                        >= stored_before + a.stats.published - published, WAIT_S), \
+            (stored_before, a.stats.published, published, stored(f.engine, a_id))
+    finally:
+        worker.stop()
+    # each node's check refused, and said so in its log (written a moment later)
+    assert wait_for(lambda: all("cityedge: MQTT client id" in c.read_log(i)
+                                for i in range(3)), WAIT_S)
