@@ -24,6 +24,7 @@ from sqlmodel import Session, col, func, select
 
 from cityedge.fastdevice import FastDevice
 from cityedge_core import topics
+from cityedge_fleet import broker_rabbitmq as rmq
 from cityedge_fleet.app import create_app
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import FleetLimits, Settings
@@ -272,3 +273,27 @@ def test_a_device_cannot_take_over_another_devices_client_id(
     # each node's check refused, and said so in its log (written a moment later)
     assert wait_for(lambda: all("cityedge: MQTT client id" in c.read_log(i)
                                 for i in range(3)), WAIT_S)
+
+
+BAD_CREDENTIALS = 0x86  # CONNACK 4 of MQTT 3.1.1 (paho reports MQTT 5's code)
+
+
+def test_a_node_without_the_client_id_check_refuses_every_login(tmp_path: Path) -> None:
+    """A node whose ``ebin`` lost the compiled check (a node directory copied without it)
+    fails closed: RabbitMQ turns the missing backend into a refused login, so a client id
+    is never left unchecked. One node of its own (~30 s to boot)."""
+    tmp_path.chmod(0o755)
+    pki = TestPKI(tmp_path / "pki")
+    device = "urn:dev:mac:nocheck01"
+    creds = pki.issue_client(device)
+    c = RabbitCluster(pki, [device], count=1, directory=tmp_path / "rmq")
+    for d in c.node_dirs:
+        (d / rmq.CODE_DIR / (rmq.CLIENT_ID_MODULE + ".beam")).unlink()
+    try:
+        c.start()
+        t = MqttTry(c.nodes[0].mqtt_port, creds.cert_pem, creds.key_pem, pki.ca_pem, device)
+        assert not t.wait_connected()  # its own CN as its id, and still refused
+        t.close()
+        assert t.connack == BAD_CREDENTIALS
+    finally:
+        c.stop()
