@@ -44,7 +44,7 @@ INSERT_STREAMS = {
               "ON CONFLICT DO NOTHING",
 }
 StreamKey = tuple[str, str, str]  # device_id, name, status
-STREAMS_KNOWN_MAX = 200_000  # stream keys an ingest process remembers as written
+STREAMS_KNOWN_MAX = 100_000  # stream keys an ingest process remembers as written (then anew)
 
 
 def stream_keys(rows: Iterable[ReadingRow]) -> set[StreamKey]:

@@ -210,3 +210,22 @@ def test_the_python_rule_is_open_datas_sql_rule(rows: list[tuple[float, Any, int
     # the verdicts open data publishes are the catalogue's filter on the streams
     assert {k for k in stream_keys(full) if k[2] in od.opendata_chain_statuses} == by_sql
     engine.dispose()
+
+
+def test_a_device_sending_ever_new_names_cannot_grow_the_remembered_streams(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stolen device signs batches of names never seen: each adds its rows (as many as
+    its readings, no more), and the set the ingest remembers starts over at its bound."""
+    from cityedge_fleet import ingest as ingest_mod
+
+    monkeypatch.setattr(ingest_mod, "STREAMS_KNOWN_MAX", 25)
+    dev = enroll_device(api, 5)
+    ingest = Ingestor(api.engine, api.settings)
+    sizes = []
+    for k in range(6):
+        payload = dev.writer.sign(records(dev.id, [("x%d_%d" % (k, i), 1.0)
+                                                   for i in range(10)]), boot=1)
+        assert ingest.handle(dev.topic, payload).status == "ok"
+        sizes.append(len(ingest.streams))
+    assert max(sizes) <= 25 and sizes == [10, 20, 10, 20, 10, 20]
+    assert len(streams(api.engine)) == 60  # one row per new name, all stored
