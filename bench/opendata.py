@@ -33,7 +33,7 @@ from sqlmodel import Session
 
 from cityedge_fleet.ca import init_ca
 from cityedge_fleet.config import FleetLimits, OpenDataKind, OpenDataSite, Settings
-from cityedge_fleet.models import Device, DeviceState, Reading, Role
+from cityedge_fleet.models import Device, DeviceState, Reading, ReadingStream, Role
 
 ROOT = Path(__file__).resolve().parent.parent
 for p in (ROOT, ROOT / "tests"):
@@ -77,6 +77,12 @@ def _fill(engine: Any, per_device: int) -> None:
                      "status": "ok", "timebase": 0}
                     for k in range(start, min(per_device, start + CHUNK))])
             s.commit()
+        # what the ingest writes beside the first such reading (``ReadingStream``)
+        s.execute(insert(ReadingStream), [
+            {"device_id": "urn:dev:mac:0024beff%08x" % i,
+             "name": "urn:dev:mac:0024beff%08x:pm25" % i, "status": "ok"}
+            for i in range(DEVICES)])
+        s.commit()
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.exec_driver_sql("VACUUM ANALYZE")

@@ -150,6 +150,14 @@ def _fill_readings(conn: Any, size: Size, now: dt.datetime) -> None:
     conn.commit()
 
 
+def _fill_streams(conn: Any) -> None:
+    """The ``reading_stream`` rows the ingest would have written for these readings (the
+    same grouped scan as migration 0016's)."""
+    conn.execute("INSERT INTO reading_stream (device_id, name, status) SELECT DISTINCT "
+                 "device_id, name, status FROM reading WHERE value IS NOT NULL AND "
+                 "timebase = 0 AND t >= 0 AND t <= 253402300799")
+
+
 def fill(url: str, size: Size, now: dt.datetime) -> dict[str, float]:
     """Fill the migrated database at ``url``; seconds per part."""
     import psycopg
@@ -160,7 +168,8 @@ def fill(url: str, size: Size, now: dt.datetime) -> dict[str, float]:
         conn.execute("SET synchronous_commit = off")
         for part, fn in (("devices", lambda: _fill_devices(conn, size.devices)),
                          ("audit", lambda: _fill_audit(conn, size.devices)),
-                         ("readings", lambda: _fill_readings(conn, size, now))):
+                         ("readings", lambda: _fill_readings(conn, size, now)),
+                         ("streams", lambda: _fill_streams(conn))):
             t = time.perf_counter()
             fn()
             conn.commit()

@@ -63,7 +63,13 @@ from cityedge_fleet import (
     rotation_ingest,
 )
 from cityedge_fleet.config import Settings
-from cityedge_fleet.ingest_store import ChainStates, ReadingRow, ReadingRows
+from cityedge_fleet.ingest_store import (
+    STREAMS_KNOWN_MAX,
+    ChainStates,
+    ReadingRow,
+    ReadingRows,
+    StreamKey,
+)
 from cityedge_fleet.models import (
     EVENT_DETAIL_MAX,
     Credential,
@@ -163,10 +169,10 @@ def _readings(device: str, verdict: chain.Verdict, now: float,
 class _Group:
     """What one transaction accumulates while its messages are decided."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, streams: set[StreamKey] | None = None) -> None:
         self.session = session
         self.chains = ChainStates(session)
-        self.readings = ReadingRows(session)
+        self.readings = ReadingRows(session, streams if streams is not None else frozenset())
         self.devices: dict[str, Device | None] = {}  # strong references: the session's
         # identity map is weak, and a device read once is used by every message of it
         self.returned: set[str] = set()  # devices seen again after a silence
@@ -223,6 +229,9 @@ class Ingestor:
         # serve``: the command publisher sends their unanswered commands at once)
         self.on_return = on_return
         self._returned: list[str] = []
+        # the reading streams this process wrote in a committed group (written again
+        # only after ``STREAMS_KNOWN_MAX`` keys, when the set starts over)
+        self.streams: set[StreamKey] = set()
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
         return self.handle_many([(topic, payload)])[0]
@@ -248,7 +257,7 @@ class Ingestor:
         self._quarantined = []
         self._returned = []
         with Session(self.engine) as session:
-            group = _Group(session)
+            group = _Group(session, self.streams)
             try:
                 group.prefetch(messages)
                 self.rotations.steps = 0
@@ -268,6 +277,7 @@ class Ingestor:
                 self.rotations.crl_due = False  # nothing was revoked
                 raise
             self.rotations.publish_crl(session)
+        self._remember_streams(group.readings.new_streams)
         for outcome in outcomes:
             self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
         if self._quarantined and self.on_quarantine is not None:
@@ -275,6 +285,11 @@ class Ingestor:
         if self._returned and self.on_return is not None:
             self.on_return(self._returned)
         return outcomes
+
+    def _remember_streams(self, committed: set[StreamKey]) -> None:
+        if len(self.streams) + len(committed) > STREAMS_KNOWN_MAX:
+            self.streams.clear()
+        self.streams |= committed
 
     def _handle(self, group: _Group, topic: str, payload: bytes) -> Outcome:
         """One message through the acceptance rules (``acceptance``), then stored."""

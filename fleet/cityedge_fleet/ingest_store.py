@@ -21,8 +21,9 @@ import cbor2
 from sqlalchemy import Connection, event
 from sqlmodel import Session, col, select
 
+from cityedge_core.batch import TIME_UNIX
 from cityedge_core.chain import ChainState
-from cityedge_fleet.models import ChainStateRow
+from cityedge_fleet.models import STREAM_TIME_MAX, ChainStateRow
 
 log = logging.getLogger(__name__)
 STREAM_ROWS = 1000  # readings buffered before they are sent into the COPY in progress
@@ -34,6 +35,23 @@ COPY_READINGS = "COPY reading (" + _COLUMNS + ") FROM STDIN"
 INSERT_READINGS = (
     "INSERT INTO reading (" + _COLUMNS + ") "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# a stream already there is left as it is (another worker may add it at the same time:
+# the keys go in sorted, so two transactions wait for each other's keys in one order)
+INSERT_STREAMS = {
+    "postgresql": "INSERT INTO reading_stream (device_id, name, status) VALUES (%s, %s, %s) "
+                  "ON CONFLICT DO NOTHING",
+    "sqlite": "INSERT INTO reading_stream (device_id, name, status) VALUES (?, ?, ?) "
+              "ON CONFLICT DO NOTHING",
+}
+StreamKey = tuple[str, str, str]  # device_id, name, status
+STREAMS_KNOWN_MAX = 100_000  # stream keys an ingest process remembers as written (then anew)
+
+
+def stream_keys(rows: Iterable[ReadingRow]) -> set[StreamKey]:
+    """The ``reading_stream`` keys of ``rows``: those of a reading with a UNIX time in
+    ``0 .. STREAM_TIME_MAX`` and a numeric value (``models.ReadingStream``)."""
+    return {(r[0], r[2], r[10]) for r in rows
+             if r[4] is not None and r[11] == TIME_UNIX and 0.0 <= r[1] <= STREAM_TIME_MAX}
 
 
 def state_to_bytes(state: ChainState) -> bytes:
@@ -109,15 +127,22 @@ class ReadingRows:
     SQLite: rows wait for ``flush``, one ``executemany``.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, known: set[StreamKey] | frozenset[StreamKey] = frozenset()
+                 ) -> None:
         self.session = session
         self.rows: list[ReadingRow] = []
+        # stream keys of this group not in ``known`` (those the process wrote and saw
+        # committed: ``Ingestor``); written at ``flush``
+        self.known = known
+        self.new_streams: set[StreamKey] = set()
         self._copy: Any = None  # psycopg.Copy in progress
         self._copy_exit: ExitStack | None = None
         self._conn: Connection | None = None
-        self._pg = session.get_bind().dialect.name == "postgresql"
+        self._dialect = session.get_bind().dialect.name
+        self._pg = self._dialect == "postgresql"
 
     def extend(self, rows: list[ReadingRow]) -> None:
+        self.new_streams |= stream_keys(rows) - self.known
         self.rows.extend(rows)
         if self._pg and len(self.rows) >= STREAM_ROWS:
             self._stream()
@@ -151,7 +176,8 @@ class ReadingRows:
                 stack.__exit__(type(error), error, error.__traceback__)
 
     def flush(self) -> None:
-        """Write every row still waiting; on PostgreSQL end the ``COPY``."""
+        """Write every row still waiting (on PostgreSQL end the ``COPY``), then the new
+        streams."""
         if self._pg:
             if self.rows:
                 self._stream()
@@ -159,10 +185,14 @@ class ReadingRows:
         elif self.rows:
             self.session.connection().exec_driver_sql(INSERT_READINGS, self.rows)
             self.rows = []
+        if self.new_streams:
+            self.session.connection().exec_driver_sql(INSERT_STREAMS[self._dialect],
+                                                      sorted(self.new_streams))
 
     def abort(self, error: BaseException) -> None:
         """End a ``COPY`` in progress with ``error`` (the transaction is rolled back)."""
         self.rows = []
+        self.new_streams = set()
         try:
             self._end_copy(error)
         except Exception:  # the server refuses the failed COPY: expected, rolled back

@@ -636,6 +636,26 @@ class ReadingPublic(ReadingBase):
     pass
 
 
+# what ``ReadingStream`` records of a reading: a UNIX time within this range (a time open
+# data can publish, ``opendata.catalogue.TIME_MAX``: 9999-12-31T23:59:59Z) and a number
+STREAM_TIME_MAX = 253402300799.0
+
+
+class ReadingStream(SQLModel, table=True):
+    """Each (device, SenML name, chain verdict) of which at least one reading was stored
+    with a UNIX time in ``0 .. STREAM_TIME_MAX`` and a numeric value: the form open data
+    publishes (``opendata.catalogue.published``). The ingest adds a row in the same
+    transaction as the first such reading (``ingest_store.ReadingRows``); open data's
+    catalogue reads these rows instead of grouping every reading (migration 0016). Rows
+    are never removed when retention drops old readings: a datastream stays listed with
+    no observations left."""
+
+    __tablename__ = "reading_stream"
+    device_id: str = Field(primary_key=True, max_length=128)
+    name: str = Field(primary_key=True, max_length=senml.NAME_MAX_CHARS)
+    status: str = Field(primary_key=True, max_length=16)
+
+
 class IngestEvent(SQLModel, table=True):
     """Anything the ingest noticed that is not a plain ``ok``: gaps, drops, forgeries."""
 

@@ -22,7 +22,7 @@ def test_quick_size_fills_measures_and_reports(capsys: pytest.CaptureFixture[str
         assert (part["devices"], part["readings"]) == (size.devices, size.readings)
         assert list(part["queries"]) == names
         assert part["database_bytes"] > 0
-        assert set(part["fill_s"]) == {"devices", "audit", "readings", "vacuum_analyze",
+        assert set(part["fill_s"]) == {"devices", "audit", "readings", "streams", "vacuum_analyze",
                                        "total"}
         site_day = part["queries"]["STA: Observations of the open site over a day"]
         assert "plan_without_ix_reading_t" in site_day  # the plan before migration 0015

@@ -18,7 +18,7 @@ from sqlmodel import Session
 from cityedge_fleet import reading_partitions
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import make_engine, migrate
-from cityedge_fleet.ingest_store import ReadingRows
+from cityedge_fleet.ingest_store import ReadingRows, stream_keys
 
 from support.migrations import migrate_to
 from support.pg import PgCluster
@@ -32,7 +32,8 @@ OLD = ("INSERT INTO reading (device_id, t, name, value, batch_seq, status, timeb
 def _store(engine: Engine, n: int) -> None:
     """``n`` rows through the ingest's own writer (a COPY on PostgreSQL)."""
     with Session(engine) as session:
-        rows = ReadingRows(session)
+        # the readings only: ``reading_stream`` (0016) may not be there yet
+        rows = ReadingRows(session, known=stream_keys([ROW]))
         rows.extend([ROW] * n)
         rows.flush()
         session.commit()

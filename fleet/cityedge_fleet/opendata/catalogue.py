@@ -13,8 +13,8 @@ Rules (docs/OPEN_DATA.md), each one a place where private data could leak:
    certificate serial never appears;
 3. a location is the site's configured point rounded to ``opendata_location_decimals``
    (never a device's own position: the registry does not keep one);
-4. the public catalogue is built from the registry at most every ``sta_index_ttl_s``
-   (``OpenData.catalogue``).
+4. the public catalogue is built from the registry and the streams the ingest keeps
+   (``models.ReadingStream``) at most every ``sta_index_ttl_s`` (``OpenData.catalogue``).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from sqlmodel import Session, col, select
 from cityedge_core import batch as batchmod
 from cityedge_core.errors import LocalError
 from cityedge_fleet.config import OpenDataKind, Settings
-from cityedge_fleet.models import Device, DeviceState, Reading
+from cityedge_fleet.models import STREAM_TIME_MAX, Device, DeviceState, Reading, ReadingStream
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
 SECRET_MIN_BYTES = 32  # bytes of the server secret that keys the public ids
 SECRET_MAX_BYTES = 4096
 PUBLIC_ID_HEX = 32  # hex characters of a public id (128 bits of the HMAC)
-TIME_MAX = 253402300799.0  # 9999-12-31T23:59:59Z: a reading time published must format
+TIME_MAX = STREAM_TIME_MAX  # 9999-12-31T23:59:59Z: a reading time published must format
 
 
 class OpenDataError(LocalError):
@@ -197,11 +197,17 @@ def build(session: Session, settings: Settings, ids: PublicIds) -> Catalogue:
                            dev.hardware_class, ids.location(dev.site), sensor)
         cat.things[thing.id] = thing
         cat.by_device[dev.id] = thing
-    # which (device, kind) pairs have a published reading: one grouped scan
+    # which (device, kind) pairs have a published reading: the streams the ingest keeps
+    # (``ReadingStream``: one row per device, name and verdict, not a scan of the readings)
+    kinds = sorted(settings.opendata_kinds)
     pairs = session.exec(
-        select(Reading.device_id, Reading.name)
-        .where(col(Reading.device_id).in_(public_devices(settings)), *published(settings))
-        .group_by(col(Reading.device_id), col(Reading.name))).all()
+        select(ReadingStream.device_id, ReadingStream.name)
+        .where(col(ReadingStream.device_id).in_(public_devices(settings)),
+               col(ReadingStream.status).in_(settings.opendata_chain_statuses),
+               or_(col(ReadingStream.name).in_(kinds),
+                   *[col(ReadingStream.name) == col(ReadingStream.device_id).concat(":" + k)
+                     for k in kinds]))
+        .distinct()).all()
     for device_id, name in sorted(pairs):
         kind = kind_of(device_id, name, cat.kinds)
         owner = cat.by_device.get(device_id)
