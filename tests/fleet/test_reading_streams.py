@@ -189,28 +189,30 @@ _t = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=64),
                                 math.nextafter(STREAM_TIME_MAX, math.inf), -1e-300]))
 
 
+_RULE_DB = create_engine("sqlite://")  # one in-memory table for every example below
+Reading.metadata.create_all(_RULE_DB, tables=[Reading.__table__])  # type: ignore[attr-defined]
+_RULE_SETTINGS = Settings(mode="development", database_url="sqlite://",
+                          opendata_kinds={"pm25": {"name": "PM2.5", "unit_name": "ug/m3",
+                                                   "unit_symbol": "ug/m3"}},
+                          opendata_chain_statuses=["ok", "gap"])
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(_t, _value, st.sampled_from([0, 1]),
                           st.sampled_from(["ok", "gap", "fork"])), min_size=1, max_size=12))
 def test_the_python_rule_is_open_datas_sql_rule(rows: list[tuple[float, Any, int, str]]) -> None:
     """``stream_keys`` keeps exactly the rows ``catalogue.published`` selects (SQLite)."""
-    engine = create_engine("sqlite://")
-    Reading.metadata.create_all(engine, tables=[Reading.__table__])  # type: ignore[attr-defined]
-    od = Settings(mode="development", database_url="sqlite://",
-                  opendata_kinds={"pm25": {"name": "PM2.5", "unit_name": "ug/m3",
-                                           "unit_symbol": "ug/m3"}},
-                  opendata_chain_statuses=["ok", "gap"])
+    od = _RULE_SETTINGS
     full = [("dev", t, "pm25", None, v, None, None, None, None, i + 1, status, tb, None)
             for i, (t, v, tb, status) in enumerate(rows)]
-    with Session(engine) as s:
+    with Session(_RULE_DB) as s:
+        s.execute(text("DELETE FROM reading"))
         s.execute(insert(Reading), [dict(zip(READING_COLUMNS, r, strict=True)) for r in full])
-        s.commit()
         by_sql = {(r.device_id, r.name, r.status)
                   for r in s.execute(select(Reading).where(*catalogue.published(od))).scalars()}
+        s.rollback()
     # the verdicts open data publishes are the catalogue's filter on the streams
     assert {k for k in stream_keys(full) if k[2] in od.opendata_chain_statuses} == by_sql
-    engine.dispose()
-
 
 def test_a_device_sending_ever_new_names_cannot_grow_the_remembered_streams(
         api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
