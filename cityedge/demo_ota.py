@@ -290,7 +290,8 @@ def main(con: Console, c: dict[str, Any], cityedge: Any) -> None:
     con.print("[bold]10. two gateways under systemd[/bold]: the rotation's and %s, enrolled "
               "now; factory release 1.0.0, \\[update] in their configs" % GATEWAY2[1])
     _stop_named(c["procs"], "gateway")
-    demo_rotation.enroll_gateway(c, work / "gateway2", c["broker_port"], GATEWAY2)
+    demo_rotation.install_trust(c, cityedge, demo_rotation.enroll_gateway(
+        c, work / "gateway2", c["broker_port"], GATEWAY2))
     gws = {demo_rotation.GATEWAY[1]: _under_systemd(c, work / "gateway", "gateway"),
            GATEWAY2[1]: _under_systemd(c, work / "gateway2", "gateway2")}
     ca = CertificateAuthority(work / "ca", c["custody"])
