@@ -24,17 +24,17 @@ which carries the HTTP status):
 
 The devices' answers move their commands (``ok``: installed). ``to_public`` counts them;
 ``switch`` makes the next key the signing key once ``threshold_pct`` of the devices at
-the broker installed the statement (``force`` below it). A device counts as installed when
-it answered ``ok``, or when the fleet handed it this very statement in its enrollment
-answer (``Device.trust_version``, written by ``enrollment.hand_out_statement``: the
-fleet's own record, nothing the device says; the device installs it at enrollment, so it
-may never get a ``trust-update`` to answer). The current file is kept as ``<file>.retired`` (it
-signs ``resend``'s trust-updates for devices still on the old set, while their overlap
-runs) and ``<file>.next`` takes its place (each a rename: a crash leaves one of the two
-states, and ``switch`` again finishes it). ``fleet serve`` and ``fleet ingest`` hold the
-key as a ``command_key.KeyFile``, which loads the file again when it changes: no
-restart. ``resend`` queues the statement again for devices without an ``ok``.
-Every step is audited by the caller.
+the broker installed the statement (``force`` below it). A device counts as installed
+when it answered ``ok``, or when the fleet handed it this very statement in its
+enrollment answer (``Device.trust_version``, written by ``enrollment.hand_out_statement``:
+the fleet's own record, nothing the device says; the device installs it at enrollment,
+so it may never get a ``trust-update`` to answer). The current file is kept as
+``<file>.retired`` (it signs ``resend``'s trust-updates for devices still on the old set,
+while their overlap runs) and ``<file>.next`` takes its place (each a rename: a crash
+leaves one of the two states, and ``switch`` again finishes it). ``fleet serve`` and
+``fleet ingest`` hold the key as a ``command_key.KeyFile``, which loads the file again
+when it changes: no restart. ``resend`` queues the statement again for devices without
+an ``ok``. Every step is audited by the caller.
 """
 
 from __future__ import annotations

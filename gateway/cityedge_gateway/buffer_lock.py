@@ -47,7 +47,8 @@ class BufferLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise UserError("cannot open the buffer's lock %s: %s" % (self.path, e.strerror),
-                            hint="run as the gateway's user (or root)") from e
+                            hint="the buffer's folder must exist and be writable by this "
+                            "user (the gateway's, or root)") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -30,7 +30,8 @@ def test_0016_adds_the_statement_version_handed_out(db_url: str) -> None:
         with engine.begin() as c:
             c.execute(text(DEVICE), {"id": "urn:dev:mac:01"})
         migrate_to(engine, "0016")
-        assert _columns(engine) == set(Device.__table__.columns.keys())  # type: ignore[attr-defined]
+        table = Device.__table__  # type: ignore[attr-defined]
+        assert _columns(engine) == set(table.columns.keys())
         with engine.begin() as c:
             assert c.execute(text("SELECT trust_version FROM device")).scalar_one() is None
             c.execute(text("UPDATE device SET trust_version = :v"), {"v": 2**48 - 1})

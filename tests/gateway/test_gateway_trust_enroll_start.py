@@ -36,8 +36,8 @@ from cityedge_host.crypto import EcSigner, load_signer
 from cityedge_host.fleet_trust import STATE_KEY
 
 from support.fleet import wait_for
-from support.procs import stop
 from support.gateway_trust import T0, Clock, Gw, point, site, statement
+from support.procs import stop
 
 __all__ = ["site"]  # the fixture, used by name
 
