@@ -86,7 +86,7 @@ def _run(ports: list[int], pki: Any, ids: list[str], topic_of: Any) -> float:
 
 def _nats_cluster(work: Path, pki: Any, users: list[str]) -> tuple[list[subprocess.Popen[bytes]],
                                                                     list[int]]:
-    from support.mosquitto import free_port
+    from cityedge_host.ports import free_port
 
     n = 3
     client = [free_port() for _ in range(n)]

@@ -55,6 +55,7 @@ from cityedge import demo_rotation
 from cityedge_fleet.ca import CertificateAuthority, issue_service
 from cityedge_host import release
 from cityedge_host.crypto import EcSigner, public_sec1
+from cityedge_host.ports import free_port
 
 HW_CLASS = "rpi4"  # the demo gateway's hardware class (``demo_rotation.enroll_gateway``)
 CAMPAIGN_TIMEOUT_S = 120  # seconds from the campaign to the gateway's commit
@@ -86,19 +87,11 @@ def offline_keys(work: Path) -> dict[str, Any]:
     expires = int(time.time()) + 365 * 86400
     (keys / "release-keys.cose").write_bytes(release.certify(root_set, roots[:2], [
         release.CertifiedKey(public_sec1(key.public_key), ["gateway"], expires)], 1))
-    front = _free_port()
+    front = free_port()
     return {"dir": keys, "front_port": front, "env": {
         "CITYEDGE_OTA_DIR": str(work / "ota-store"),
         "CITYEDGE_OTA_ROOT_SET_FILE": str(keys / "root-set.json"),
         "CITYEDGE_OTA_PUBLIC_URL": "https://127.0.0.1:%d" % front}}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class TlsFront:
@@ -297,7 +290,8 @@ def main(con: Console, c: dict[str, Any], cityedge: Any) -> None:
     con.print("[bold]10. two gateways under systemd[/bold]: the rotation's and %s, enrolled "
               "now; factory release 1.0.0, \\[update] in their configs" % GATEWAY2[1])
     _stop_named(c["procs"], "gateway")
-    demo_rotation.enroll_gateway(c, work / "gateway2", c["broker_port"], GATEWAY2)
+    demo_rotation.install_trust(c, cityedge, demo_rotation.enroll_gateway(
+        c, work / "gateway2", c["broker_port"], GATEWAY2))
     gws = {demo_rotation.GATEWAY[1]: _under_systemd(c, work / "gateway", "gateway"),
            GATEWAY2[1]: _under_systemd(c, work / "gateway2", "gateway2")}
     ca = CertificateAuthority(work / "ca", c["custody"])

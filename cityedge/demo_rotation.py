@@ -2,8 +2,11 @@
 gateway's key, and the city sees it happen.
 
 7. A Raspberry Pi gateway (``cityedge gateway run``, its identity in two key slots) is
-   registered and enrolled like any device; a simulated SDS011 particulate sensor on a
-   pseudo-terminal feeds it readings, which it signs and forwards.
+   registered and enrolled like any device; the technician saves the enrollment answer
+   and, before the first start, installs the fleet's trust statement from it
+   (``cityedge gateway install-trust``, checked against the offline root's certificate,
+   ``[gateway] root_cert``); a simulated SDS011 particulate sensor on a pseudo-terminal
+   feeds it readings, which it signs and forwards.
 8. ``cityedge keys rotate-device`` starts the rotation: the gateway makes a new key, sends
    a CSR proven by its current key, installs the new certificate, reconnects with it and
    keeps its batch chain; once the fleet has stored a batch signed with the new key it
@@ -32,6 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 from rich.table import Table
 
+from cityedge_fleet.ca import ROOT_CERT
 from cityedge_gateway import sds011
 from cityedge_host.crypto import EcSigner
 
@@ -39,6 +43,7 @@ GATEWAY = ("SN-DEMO-GW01", "urn:dev:mac:b827ebfffe0de701", "harbour")
 ROTATION_TIMEOUT_S = 120  # seconds the whole rotation may take on a busy machine
 READINGS_TIMEOUT_S = 60  # seconds until the gateway's first (and post-rotation) readings
 FRAME_INTERVAL_S = 0.5  # seconds between the simulated sensor's frames
+ANSWER = "enrolled.json"  # the enrollment answer the technician saves beside the config
 
 
 class Sds011Feed:
@@ -107,12 +112,17 @@ def enroll_gateway(c: dict[str, Any], work: Path, broker_port: int,
     key.save(work / "gateway.key")
     key.save(work / "old-key-copy.pem")  # the demo's own copy, to try the old identity
     (work / "fleet0.pub").write_text(enrolled["fleet_keys"][0] + "\n")
+    (work / ANSWER).write_text(json.dumps(enrolled))
+    # the offline root's certificate, from `cityedge ca init`'s output (not from the
+    # answer: the root is what the answer's statement is checked against)
+    (work / ROOT_CERT).write_bytes((c["work"] / "ca" / ROOT_CERT).read_bytes())
     config = work / "gateway.toml"
     config.write_text("""\
 [gateway]
 device = "%s"
 identity_dir = "identity"
 fleet_keys = ["fleet0.pub"]
+root_cert = "%s"
 batch_readings = 10
 batch_max_age_s = 2.0
 
@@ -131,8 +141,16 @@ keepalive_s = 5
 name = "pm"
 port = "%s"
 protocol = "sds011"
-""" % (urn, broker_port, c["work"] / "ca-bundle.pem", work / "ttyUSB0"))
+""" % (urn, ROOT_CERT, broker_port, c["work"] / "ca-bundle.pem", work / "ttyUSB0"))
     return config
+
+
+def install_trust(c: dict[str, Any], cityedge: Any, config: Path) -> str:
+    """The technician's step before the gateway's first start: ``cityedge gateway
+    install-trust`` on the saved enrollment answer; returns what it said."""
+    done = cityedge(["gateway", "install-trust", str(config.parent / ANSWER), "--config",
+                     str(config)], c["env"])
+    return str(done.stdout.strip())
 
 
 def _stored(c: dict[str, Any]) -> list[dict[str, Any]]:
@@ -194,6 +212,7 @@ def main(con: Console, c: dict[str, Any], cityedge: Any, bin_dir: Path,
               "an SDS011 on its serial line")
     work = c["work"] / "gateway"
     config = enroll_gateway(c, work, broker_port)
+    con.print("   cityedge gateway install-trust: %s" % install_trust(c, cityedge, config))
     feed = Sds011Feed(work / "ttyUSB0")
     try:
         c["procs"].start("gateway", [str(bin_dir / "cityedge"), "gateway", "run", "--config",

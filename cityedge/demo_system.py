@@ -44,6 +44,7 @@ from cityedge import demo_opendata, demo_ota, demo_rotation
 from cityedge_fleet import broker, broker_acl
 from cityedge_fleet.ca import CertificateAuthority, init_ca, issue_service
 from cityedge_fleet.ca_custody import Custody
+from cityedge_host.ports import free_port
 
 BIN = Path(sys.executable).parent
 DEVICES = (
@@ -63,12 +64,6 @@ READINGS_PAGE = 500  # the readings API's page maximum
 
 class DemoError(Exception):
     """A step of the demo failed; the message says which and where its log is."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(check: Any, what: str, timeout: float = START_TIMEOUT_S) -> None:

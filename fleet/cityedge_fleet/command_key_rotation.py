@@ -22,15 +22,19 @@ which carries the HTTP status):
    queued for every device at the broker (``command_queue``; a device that cannot take
    one now is left out and named); the rotation row records the statement.
 
-The devices' answers move their commands (``ok``: installed). ``progress`` counts them;
-``switch`` makes the next key the signing key once ``threshold_pct`` of the devices
-answered ``ok`` (``force`` below it): the current file is kept as ``<file>.retired`` (it
-signs ``resend``'s trust-updates for devices still on the old set, while their overlap
-runs) and ``<file>.next`` takes its place (each a rename: a crash leaves one of the two
-states, and ``switch`` again finishes it). ``fleet serve`` and ``fleet ingest`` hold the
-key as a ``command_key.KeyFile``, which loads the file again when it changes: no
-restart. ``resend`` queues the statement again for devices without an ``ok``.
-Every step is audited by the caller.
+The devices' answers move their commands (``ok``: installed). ``to_public`` counts them;
+``switch`` makes the next key the signing key once ``threshold_pct`` of the devices at
+the broker installed the statement (``force`` below it). A device counts as installed
+when it answered ``ok``, or when the fleet handed it this very statement in its
+enrollment answer (``Device.trust_version``, written by ``enrollment.hand_out_statement``:
+the fleet's own record, nothing the device says; the device installs it at enrollment,
+so it may never get a ``trust-update`` to answer). The current file is kept as
+``<file>.retired`` (it signs ``resend``'s trust-updates for devices still on the old set,
+while their overlap runs) and ``<file>.next`` takes its place (each a rename: a crash
+leaves one of the two states, and ``switch`` again finishes it). ``fleet serve`` and
+``fleet ingest`` hold the key as a ``command_key.KeyFile``, which loads the file again
+when it changes: no restart. ``resend`` queues the statement again for devices without
+an ``ok``. Every step is audited by the caller.
 """
 
 from __future__ import annotations
@@ -225,11 +229,42 @@ def device_states(session: Session, rot: CommandKeyRotation) -> dict[str, Comman
     return out
 
 
+def enrolled_with(session: Session, rot: CommandKeyRotation) -> set[str]:
+    """The devices at the broker that the fleet handed this rotation's statement at their
+    enrollment (``Device.trust_version``)."""
+    return set(session.exec(select(Device.id).where(
+        col(Device.trust_version) == rot.version,
+        col(Device.state).in_(command_queue.AT_BROKER))).all())
+
+
+@dataclass(frozen=True)
+class Installed:
+    """Who counts as having installed a rotation's statement: ``answered`` ok, or handed
+    it at enrollment (``enrolled``: those without an ok answer, so the two never overlap)."""
+
+    answered: set[str]
+    enrolled: set[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.answered) + len(self.enrolled)
+
+
+def installed(session: Session, rot: CommandKeyRotation,
+              states: dict[str, CommandState] | None = None) -> Installed:
+    if states is None:
+        states = device_states(session, rot)
+    answered = {d for d, s in states.items() if s == CommandState.ok}
+    return Installed(answered, enrolled_with(session, rot) - answered)
+
+
 def to_public(session: Session, rot: CommandKeyRotation) -> CommandKeyRotationPublic:
-    states = list(device_states(session, rot).values())
+    by_device = device_states(session, rot)
+    states = list(by_device.values())
     out = CommandKeyRotationPublic.model_validate(rot, from_attributes=True)
     out.devices = len(states)
     out.installed = states.count(CommandState.ok)
+    out.enrolled = len(installed(session, rot, by_device).enrolled)
     out.refused = sum(1 for s in states if s in ANSWERED_COMMANDS and s != CommandState.ok)
     out.pending = sum(1 for s in states if s in PENDING_COMMANDS)
     out.lapsed = out.devices - out.installed - out.refused - out.pending
@@ -243,24 +278,29 @@ def current(session: Session) -> CommandKeyRotation | None:
     return rolling or latest(session)
 
 
-def threshold_reached(session: Session, rot: CommandKeyRotation) -> bool:
-    """``threshold_pct`` of the devices at the broker answered ok."""
+def threshold_reached(session: Session, rot: CommandKeyRotation,
+                      counted: Installed | None = None) -> bool:
+    """``threshold_pct`` of the devices at the broker installed the statement (answered
+    ok, or were handed it at enrollment: ``installed``)."""
     at_broker = session.exec(select(func.count()).select_from(Device).where(
         col(Device.state).in_(command_queue.AT_BROKER))).one()
-    installed = list(device_states(session, rot).values()).count(CommandState.ok)
-    return at_broker == 0 or installed * 100 >= rot.threshold_pct * at_broker
+    n = (counted or installed(session, rot)).count
+    return at_broker == 0 or n * 100 >= rot.threshold_pct * at_broker
 
 
 def switch(session: Session, rot: CommandKeyRotation, key_file: Path, *, force: bool,
-           now: dt.datetime | None = None) -> None:
-    """Make the next key the signing key (rules in the module docstring)."""
+           now: dt.datetime | None = None) -> Installed:
+    """Make the next key the signing key (rules in the module docstring); returns who
+    counted as installed, for the caller's audit."""
     if rot.state != ROLLING_OUT:
         raise CommandKeyRotationError(409, "rotation %s is %s" % (rot.id, rot.state))
-    if not force and not threshold_reached(session, rot):
-        p = to_public(session, rot)
-        raise CommandKeyRotationError(409, "%d devices installed the statement, %d%% are "
-                                      "needed: wait, resend, or switch with --force"
-                                      % (p.installed, rot.threshold_pct))
+    counted = installed(session, rot)
+    if not force and not threshold_reached(session, rot, counted):
+        raise CommandKeyRotationError(409, "%d devices installed the statement (%d of them "
+                                      "enrolled with it), %d%% are needed: wait, resend, "
+                                      "or switch with --force"
+                                      % (counted.count, len(counted.enrolled),
+                                         rot.threshold_pct))
     nxt, retired = next_key_path(key_file), retired_key_path(key_file)
     if nxt.exists():
         if command_key.load(nxt).kid.hex() != rot.new_kid:
@@ -283,6 +323,7 @@ def switch(session: Session, rot: CommandKeyRotation, key_file: Path, *, force: 
     rot.switched_at = now
     rot.updated_at = now
     session.add(rot)
+    return counted
 
 
 def resend(session: Session, rot: CommandKeyRotation, signer: EcSigner, *, by: str,

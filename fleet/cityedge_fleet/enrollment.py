@@ -230,12 +230,17 @@ def device_config(device: Device, settings: Settings, kid: bytes) -> dict[str, A
     }
 
 
-def newest_statement(session: Session) -> str | None:
+def hand_out_statement(session: Session, device: Device) -> str | None:
     """The newest trust statement the fleet rolled out (a command-key rotation not
-    abandoned), base64 as the root signed it; None if there is none."""
+    abandoned), base64 as the root signed it, for ``device``'s enrollment answer; None if
+    there is none. Its version is recorded as ``device.trust_version`` (None: none handed
+    out), in the caller's transaction: the fleet's own record of what it handed out, which
+    a rotation counts as installed (``command_key_rotation.threshold_reached``)."""
     row = session.exec(select(CommandKeyRotation).where(
         col(CommandKeyRotation.state) != CommandKeyRotationState.abandoned)
         .order_by(col(CommandKeyRotation.version).desc())).first()
+    device.trust_version = None if row is None else row.version
+    session.add(device)
     return None if row is None else base64.b64encode(bytes(row.statement)).decode()
 
 
@@ -289,7 +294,7 @@ def enroll(session: Session, *, ca: CertificateAuthority, settings: Settings,
         device_id=device.id, certificate_pem=cert_pem, chain_pem=cert_pem + ca.chain_pem(),
         ca_bundle_pem=ca.device_trust_pem(), broker_url=settings.broker_url,
         config=device_config(device, settings, kid), fleet_keys=fleet_keys,
-        trust_statement=newest_statement(session))
+        trust_statement=hand_out_statement(session, device))
     return device, credential, response, gate
 
 

@@ -352,6 +352,8 @@ def _print_rotation(p: Any) -> None:
         " (old key obeyed until %s)" % p.keep_old_until.isoformat()))
     print("  devices %d: installed %d, pending %d, refused %d, lapsed %d; switch at %d%%" % (
         p.devices, p.installed, p.pending, p.refused, p.lapsed, p.threshold_pct))
+    if p.enrolled:
+        print("  enrolled with the statement (counted as installed): %d devices" % p.enrolled)
 
 
 @keys_app.command("rotate-command-key")
@@ -423,8 +425,11 @@ def rotate_command_key_command(
                     done = ckr.resend(session, rot, signer, by="cli", lim=settings.limits)
                     detail.update(queued=len(done.queued), left_out=len(done.left_out))
                 if switch:
-                    ckr.switch(session, rot, key_file, force=force)
-                    detail.update(forced=force, new_kid=rot.new_kid)
+                    counted = ckr.switch(session, rot, key_file, force=force)
+                    detail.update(forced=force, new_kid=rot.new_kid,
+                                  installed=len(counted.answered),
+                                  enrolled=sorted(counted.enrolled)[:20],
+                                  enrolled_count=len(counted.enrolled))
             if changes:
                 audit.append(session, actor="cli", action=action, outcome=audit.OK,
                              target=target, source="local", detail=detail)

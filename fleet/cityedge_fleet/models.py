@@ -227,6 +227,11 @@ class Device(DeviceBase, table=True):
     malformed: int = 0  # malformed batches and refused relays since the last (re)activation
     created_at: dt.datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     last_seen: dt.datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # the command-key trust statement version the fleet handed out in this device's last
+    # enrollment answer (``enrollment.hand_out_statement``; None: none), written by the
+    # fleet itself, never taken from the device: a rotation counts a device enrolled with
+    # its statement as installed (``command_key_rotation.threshold_reached``)
+    trust_version: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class DeviceTag(SQLModel, table=True):
@@ -935,6 +940,9 @@ class CommandKeyRotationPublic(SQLModel):
     switched_at: dt.datetime | None
     devices: int = 0  # trust-update commands queued
     installed: int = 0  # answered ok
+    # handed this statement at enrollment (``Device.trust_version``), at the broker, no ok
+    # answer: counted as installed towards the switch, like ``installed``
+    enrolled: int = 0
     refused: int = 0  # answered refused or failed
     pending: int = 0  # queued or sent
     lapsed: int = 0  # expired or cancelled without an answer

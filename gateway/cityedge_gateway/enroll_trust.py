@@ -13,7 +13,10 @@ the root of ``[gateway] root_cert`` signed it, it is valid now, its version is a
 one the gateway holds) and installs it in the buffer's state, where the service reads it
 at start. A statement that fails a check is refused with the reason
 (``EnrollmentTrustError``, a ``UserError``: the command exits 1) and nothing is written.
-Run it while the gateway service is stopped (the buffer is opened here).
+It refuses while a gateway runs on that buffer (``buffer_lock``: the running gateway
+holds ``<buffer>.lock``; ``BufferBusy``, a ``UserError`` whose hint says to stop the
+service first), and holds that lock itself while it installs, so the gateway cannot start
+in between.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cityedge_host.crypto import load_verifier
 from cityedge_host.errors import UserError
 from cityedge_host.fleet_trust import EnrollmentTrustError, FleetTrust, VersionMark
 
+from .buffer_lock import BufferLock
 from .config import GatewayConfig
 from .store import CommandState, Store
 
@@ -48,7 +52,8 @@ def install_enrollment(cfg: GatewayConfig, answer: dict[str, Any]) -> str:
     statement = answer.get("trust_statement")
     if statement is not None and not isinstance(statement, str):
         raise GatewayEnrollmentError("the enrollment answer's trust_statement is not text")
-    store = Store(cfg.store_path, cfg.budget_bytes)
+    store = Store(cfg.store_path, cfg.budget_bytes,
+                  lock=BufferLock(cfg.store_path))  # BufferBusy while a gateway runs
     try:
         root = load_verifier(cfg.root_cert) if cfg.root_cert is not None else None
         trust = FleetTrust(map(load_verifier, cfg.fleet_keys), root, CommandState(store),

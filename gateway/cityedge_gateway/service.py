@@ -66,6 +66,7 @@ from cityedge_host.crypto import KeyFileError, load_signer, load_verifier
 from cityedge_host.fleet_trust import FleetTrust
 
 from . import limits
+from .buffer_lock import BufferLock
 from .config import BrokerConfig, GatewayConfig
 from .enroll_trust import version_mark
 from .forwarder import Forwarder
@@ -130,6 +131,19 @@ def open_identity(cfg: GatewayConfig, broker: BrokerConfig) -> tuple[KeySlots, I
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
+        # one process per buffer, taken before anything is written (the key slots, the
+        # buffer): another gateway or `install-trust` on it is ``BufferBusy``; held until
+        # ``run`` closes the store, released here if the gateway cannot be built
+        lock = BufferLock(cfg.store_path)
+        try:
+            self._build(cfg, lock)
+        except BaseException:
+            if hasattr(self, "store"):
+                self.store.close()
+            lock.release()
+            raise
+
+    def _build(self, cfg: GatewayConfig, lock: BufferLock) -> None:
         self.cfg = cfg
         broker = cfg.broker
         self.slots: KeySlots | None = None
@@ -146,7 +160,7 @@ class Gateway:
             self.signer = load_signer(cfg.key_file)
         if cfg.node_link is not None:
             check_private_file(cfg.node_link.key_file)
-        self.store = Store(cfg.store_path, cfg.budget_bytes)
+        self.store = Store(cfg.store_path, cfg.budget_bytes, lock=lock)
         self.store.attach_writer(cfg.device, self.signer, self.signer.kid)
         nodes = {n.device: load_verifier(n.public_key) for n in cfg.nodes}
         self.relay = NodeRelay(nodes, self.store)

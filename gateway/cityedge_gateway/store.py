@@ -41,6 +41,7 @@ from cityedge_core import batch, cbor
 from cityedge_core.errors import StorageError
 
 from . import limits
+from .buffer_lock import BufferLock
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -93,11 +94,17 @@ def _size(data: bytes) -> int:
 
 
 class Store:
-    """The SQLite buffer. One writer process; not thread-safe (use from one thread)."""
+    """The SQLite buffer. One writer process; not thread-safe (use from one thread).
 
-    def __init__(self, path: Path, budget_bytes: int) -> None:
+    ``lock``: the buffer's lock (``buffer_lock.BufferLock``, taken by the caller), held
+    until ``close`` releases it: the gateway's service and ``install-trust`` open the
+    buffer so; a reader (tests, the bench) need not."""
+
+    def __init__(self, path: Path, budget_bytes: int, *, lock: BufferLock | None = None
+                 ) -> None:
         self.path = path
         self.budget_bytes = budget_bytes
+        self._lock = lock
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -105,6 +112,8 @@ class Store:
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()
         except sqlite3.Error as e:
+            if self._lock is not None:
+                self._lock.release()
             raise StorageError("buffer %s: %s" % (path, e)) from e
         self.used_bytes: int = row[0]
         self.writer: batch.BatchWriter | None = None
@@ -114,6 +123,8 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            self._lock.release()
 
     # -- the gateway's own chain -------------------------------------------------------
 

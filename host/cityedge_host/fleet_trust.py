@@ -96,7 +96,6 @@ class TrustStats:
     bad_signature: int = 0
     outside_window: int = 0  # not yet valid or expired
     rollback: int = 0  # version not above the one held (a replay)
-    enrolled: int = 0  # installed at enrollment (``install_enrolled``)
     last_error: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -328,8 +327,8 @@ class FleetTrust:
             self.stats.last_error = str(e)
             raise EnrollmentTrustError("the enrollment answer's trust statement is "
                                        "refused, nothing installed: %s" % e) from None
-        self._install(data, st)
-        self.stats.enrolled += 1
+        self._install(data, st)  # not counted in ``stats``: done by another process (the
+        # technician's `install-trust`, `provision`), never by the running service
         kids = self._kids()
         log.info("trust statement v%d installed at enrollment: fleet keys %s", st.version,
                  ", ".join(kids))

@@ -29,7 +29,7 @@ from cityedge_fleet.ca import ROOT_KEY
 from cityedge_fleet.models import AuditRecord, FleetCommand, Role
 from cityedge_host.crypto import EcSigner, load_signer, public_sec1
 
-from support.fleet import Api, enroll_device
+from support.fleet import Api, csr_for, device_body, enroll_device
 
 
 def _now() -> dt.datetime:
@@ -129,6 +129,92 @@ def test_a_rotation_rolls_out_to_every_device_and_switches_at_the_threshold(
                            lim=api.settings.limits)
         s.commit()
     assert again.queued == [devices[2]]
+
+
+def _enroll_claiming(api: Api, i: int, claim: dict[str, Any]) -> str:
+    """Enroll device ``i`` with ``claim`` added to its request body (what a device might
+    say about the statement it holds); returns its id."""
+    body = device_body(i)
+    tech = api.headers(Role.technician)
+    assert api.client.post("/devices", json=body, headers=tech).status_code == 201
+    token = api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
+                            headers=tech).json()["token"]
+    r = api.client.post("/enroll", json={
+        "serial": body["serial"], "token": token,
+        "csr_pem": csr_for(EcSigner.generate(), str(body["id"])), **claim})
+    assert r.status_code == 200, r.text
+    return str(body["id"])
+
+
+def _enroll_audit(api: Api, device: str) -> dict[str, Any]:
+    with Session(api.engine) as s:
+        row = s.exec(select(AuditRecord).where(col(AuditRecord.action) == "enroll",
+                                               col(AuditRecord.target) == device)).one()
+    detail: dict[str, Any] = json.loads(row.detail)
+    return detail
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_a_device_enrolled_with_the_statement_counts_towards_the_switch(
+        api: Api, root_dir: Path, tmp_path: Path) -> None:
+    """A device enrolled while a rotation rolls out installs the statement from its
+    enrollment answer and is sent no trust-update: the fleet counts it as installed from
+    its own record of what it handed out (``Device.trust_version``, audited with the
+    enrollment and the switch), so the switch needs no --force. A device enrolled with an
+    older statement, and one that claims a version in its request, are not counted."""
+    answering = enroll_device(api, 1).id
+    cur, nxt = _keys(api)
+    assert _start(api, _announce(root_dir, cur, nxt)).status_code == 201
+    _answer(api, answering)
+    late = enroll_device(api, 2)  # handed v1 with its certificate; no trust-update queued
+    assert late.enrollment["trust_statement"] is not None
+    assert _enroll_audit(api, late.id)["trust_version"] == 1
+    assert _enroll_audit(api, answering)["trust_version"] is None  # before the rotation
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None
+        p = ckr.to_public(s, rot)
+        assert (p.devices, p.installed, p.enrolled, p.pending) == (1, 1, 1, 0)
+    sw = _cli(api, tmp_path, "keys", "rotate-command-key", "--switch")  # 2 of 2, no --force
+    assert sw.returncode == 0, sw.stderr
+    assert "enrolled with the statement (counted as installed): 1 devices" in sw.stdout
+    assert command_key.load(api.settings.command_key_file).kid == nxt.kid
+    with Session(api.engine) as s:
+        row = s.exec(select(AuditRecord).where(
+            col(AuditRecord.action) == "command_key.switch")).one()
+    assert row.outcome == "ok"
+    detail = json.loads(row.detail)
+    assert {k: detail[k] for k in ("forced", "installed", "enrolled", "enrolled_count")} == {
+        "forced": False, "installed": 1, "enrolled": [late.id], "enrolled_count": 1}
+    # the next rotation (v2): the device enrolled with v1 is sent v2 and stays silent; one
+    # enrolled now is handed v2, and so is one that claims another version in its request
+    # (the claim is not read: what counts is what the fleet handed out)
+    cur2, nxt2 = nxt, ckr.keygen(api.settings.command_key_file)
+    assert _start(api, _announce(root_dir, cur2, nxt2)).status_code == 201
+    _answer(api, answering)
+    handed = enroll_device(api, 3)
+    claimed = _enroll_claiming(api, 4, {"trust_version": 99, "trust_statement": "djk5"})
+    assert _enroll_audit(api, handed.id)["trust_version"] == 2
+    assert _enroll_audit(api, claimed)["trust_version"] == 2
+    key_file = api.settings.command_key_file
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None and rot.version == 2
+        p = ckr.to_public(s, rot)
+        assert (p.installed, p.enrolled, p.pending) == (1, 2, 1)  # late: pending, silent
+        with pytest.raises(ckr.CommandKeyRotationError, match=r"3 devices installed the "
+                           r"statement \(2 of them enrolled with it\), 100%"):
+            ckr.switch(s, rot, key_file, force=False)  # 3 of 4: late (v1) blocks it
+    assert command_key.load(key_file).kid == nxt.kid  # nothing moved
+    _answer(api, late.id)
+    with Session(api.engine) as s:
+        rot = ckr.current(s)
+        assert rot is not None
+        counted = ckr.switch(s, rot, key_file, force=False)  # 4 of 4
+        s.commit()
+    assert counted.answered == {answering, late.id}
+    assert counted.enrolled == {handed.id, claimed}
+    assert command_key.load(key_file).kid == nxt2.kid
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

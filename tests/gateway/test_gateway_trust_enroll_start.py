@@ -37,6 +37,7 @@ from cityedge_host.fleet_trust import STATE_KEY
 
 from support.fleet import wait_for
 from support.gateway_trust import T0, Clock, Gw, point, site, statement
+from support.procs import stop
 
 __all__ = ["site"]  # the fixture, used by name
 
@@ -101,6 +102,51 @@ def test_the_install_trust_command_says_what_it_installed(
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "trust statement v3 installed: fleet keys %s\n" % new.kid.hex()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cityedge.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_install_trust_refuses_while_the_gateway_runs_on_the_buffer(
+        site: dict[str, Any], tmp_path: Path) -> None:
+    """``cityedge gateway run`` (a real process) holds its buffer: ``install-trust`` on it
+    is refused, naming the process and saying to stop the service, and writes nothing; a
+    second ``gateway run`` on it is refused too. Once the service is stopped the install
+    goes through."""
+    new = EcSigner.generate()
+    saved = tmp_path / "enrolled.json"
+    saved.write_text(json.dumps(answer(statement(site["root"], 1, [(point(new), None)]))))
+    config = str(site["config"])
+    log = tmp_path / "gateway.log"
+    with log.open("w") as err:
+        running = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "gateway", "run",
+                                    "--config", config], stdout=err, stderr=err)
+    try:
+        assert wait_for(lambda: " running: " in log.read_text() or running.poll() is not None,
+                        60), log.read_text()
+        assert running.poll() is None, log.read_text()
+        refused = _cli("gateway", "install-trust", str(saved), "--config", config)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stderr.startswith("cityedge: the buffer %s is in use by a running "
+                                          "gateway (process %d)" % (buffer(site), running.pid)
+                                          ), refused.stderr
+        assert "stop the gateway service first" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert stored(site) is None  # nothing written under the running gateway
+        assert not (Path(site["dir"]) / "buffer.sqlite.trust").exists()
+        second = _cli("gateway", "run", "--config", config)
+        assert second.returncode == 1 and "process %d" % running.pid in second.stderr, (
+            second.stderr)
+        assert running.poll() is None  # the first runs on
+    finally:
+        stop(running)
+    assert running.returncode == 0, log.read_text()
+    done = _cli("gateway", "install-trust", str(saved), "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "trust statement v1 installed: fleet keys %s\n" % new.kid.hex()
+    assert stored(site) is not None
 
 
 @pytest.mark.parametrize("attack", ["other-root", "command-key", "forged-kid", "garbage",

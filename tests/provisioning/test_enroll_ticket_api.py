@@ -4,6 +4,9 @@ else's certificate."""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import json
 from typing import Any
 
 import httpx
@@ -12,10 +15,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fleet_server import FleetServer
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
+from cityedge_fleet import command_key_rotation as ckr
 from cityedge_fleet import enrollment
-from cityedge_fleet.models import Credential, Device
+from cityedge_fleet.models import AuditRecord, CommandKeyRotation, Credential, Device
 
 URN = "urn:dev:mac:0024befffe800a01"
 
@@ -74,3 +78,34 @@ def test_a_bad_token_registers_nothing(fleet: FleetServer) -> None:
     res = post(fleet, serial="SN-A02", token=tok, csr_pem=csr_pem("urn:dev:mac:0024befffe800a02"),
                registration=dict(REG, id="urn:dev:mac:0024befffe800a02"))
     assert res.status_code == 200, res.text  # the token was not used up by the refusals
+
+
+def test_a_ticket_enrollment_records_the_statement_it_hands_out(fleet: FleetServer) -> None:
+    """A device that enrolls itself with an offline ticket during a command-key rotation is
+    handed the statement; the fleet records the version on the device and in the audit
+    row (issued and claimed again alike), and the rotation counts the device as installed
+    (``command_key_rotation.enrolled_with``)."""
+    engine = fleet.app.state.engine
+    with Session(engine) as s:
+        rot = CommandKeyRotation(
+            version=3, statement=b"the root's statement", statement_sha256="0" * 64,
+            old_kid="00" * 8, new_kid="11" * 8, threshold_pct=100, created_by="test",
+            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+        s.add(rot)
+        s.commit()
+    tok = token_for(fleet, "SN-A04")
+    csr = csr_pem("urn:dev:mac:0024befffe800a04")
+    reg = dict(REG, id="urn:dev:mac:0024befffe800a04")
+    for how in ("issued", "existing"):
+        res = post(fleet, serial="SN-A04", token=tok, csr_pem=csr, registration=reg)
+        assert res.status_code == 200 and res.headers["X-Cityedge-Enrollment"] == how
+        assert base64.b64decode(res.json()["trust_statement"]) == b"the root's statement"
+    with Session(engine) as s:
+        device = s.get(Device, reg["id"])
+        assert device is not None and device.trust_version == 3
+        details = [json.loads(a.detail) for a in s.exec(select(AuditRecord).where(
+            col(AuditRecord.action).startswith("enroll.ticket"),
+            col(AuditRecord.outcome) == "ok").order_by(col(AuditRecord.id)))]
+        assert [d["trust_version"] for d in details] == [3, 3]
+        row = s.exec(select(CommandKeyRotation)).one()
+        assert ckr.enrolled_with(s, row) == {reg["id"]}

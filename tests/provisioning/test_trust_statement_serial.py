@@ -49,7 +49,7 @@ def statement(signer: EcSigner, version: int, points: list[bytes],
 
 def roll_out(fleet: FleetServer, data: bytes, version: int) -> None:
     """The fleet's record of a command-key rotation with statement ``data``: what its
-    enrollment answer hands out from now on (``enrollment.newest_statement``)."""
+    enrollment answer hands out from now on (``enrollment.hand_out_statement``)."""
     now = dt.datetime.now(dt.UTC)
     with Session(fleet.app.state.engine) as s:
         s.add(CommandKeyRotation(

@@ -19,7 +19,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -37,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cityedge_fleet import broker, broker_acl
 from cityedge_fleet.broker_control import BrokerControl
 from cityedge_fleet.broker_sync import BrokerAccess
+from cityedge_host.ports import free_port as free_port  # its home; the tests import it here
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 START_TIMEOUT_S = 10.0
@@ -46,41 +46,6 @@ SHARE_GROUP = "cityedge-ingest"  # the fleet's development default (Settings)
 # production identity may (broker_acl)
 OBSERVER = "test-observer"
 FIXTURE_CONTROL = "fleet-control-fixture"  # the fixture's own grants (the fleet's may run too)
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-_EPHEMERAL_LOW = _ephemeral_low()
-_PICK = random.SystemRandom()
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on, for a server the test starts later.
-
-    Taken at random from below the kernel's ephemeral range (``ip_local_port_range``),
-    not from it: a port the kernel hands out for ``bind(0)`` is one it may also give any
-    outgoing connection as its local port before our server binds it, and on a busy
-    suite (RabbitMQ's nodes, brokers, databases, clients in the other worker) that race
-    was lost now and then (RabbitMQ's ``dist_port_already_used``). Below the range, only
-    another test's choice can collide, and the bind check here catches a listener."""
-    high = _EPHEMERAL_LOW
-    low = max(1024, high - 12000)
-    for _ in range(256):
-        port = _PICK.randrange(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # that range is full: the kernel's choice
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _name(cn: str) -> x509.Name:

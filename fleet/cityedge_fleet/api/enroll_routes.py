@@ -116,7 +116,8 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep, settings:
                         source=source)
     audit.append(session, actor="device:%s" % body.serial, action="enroll", outcome=audit.OK,
                  target=device.id, source=source,
-                 detail={"gate": gate, "cert_serial": cred.serial, "kid": cred.kid})
+                 detail={"gate": gate, "cert_serial": cred.serial, "kid": cred.kid,
+                         "trust_version": device.trust_version})
     session.commit()
     return response
 

@@ -49,6 +49,7 @@ from cityedge_fleet.db import SessionDep
 from cityedge_fleet.models import (
     TEXT_MAX,
     Credential,
+    Device,
     DeviceCreate,
     EnrollmentToken,
     EnrollRequest,
@@ -123,7 +124,14 @@ def _existing(session: Session, ca: CertificateAuthority, settings: Settings,
         ca_bundle_pem=ca.device_trust_pem(),
         broker_url=settings.broker_url,
         config=enrollment.device_config(device, settings, bytes.fromhex(cred.kid)),
-        fleet_keys=fleet_keys, trust_statement=enrollment.newest_statement(session))
+        fleet_keys=fleet_keys,
+        trust_statement=enrollment.hand_out_statement(session, device))
+
+
+def _trust_version(session: Session, answer: EnrollResponse) -> int | None:
+    """The statement version ``answer`` handed out, as recorded on its device."""
+    device = session.get(Device, answer.device_id)
+    return None if device is None else device.trust_version
 
 
 @router.post("/enroll/ticket", response_model=EnrollResponse,
@@ -148,7 +156,8 @@ def enroll_with_ticket(body: TicketEnrollRequest, request: Request, response: Re
         if existing is not None:
             audit.append(session, actor=actor, action="enroll.ticket.claim",
                          outcome=audit.OK, target=existing.device_id, source=source,
-                         detail={"kid": existing.config.get("kid")})
+                         detail={"kid": existing.config.get("kid"),
+                                 "trust_version": _trust_version(session, existing)})
             session.commit()
             response.headers["X-Cityedge-Enrollment"] = "existing"
             return existing
@@ -160,7 +169,7 @@ def enroll_with_ticket(body: TicketEnrollRequest, request: Request, response: Re
     audit.append(session, actor=actor, action="enroll.ticket", outcome=audit.OK,
                  target=device.id, source=source,
                  detail={"gate": gate, "cert_serial": cred.serial, "kid": cred.kid,
-                         "registered": registered})
+                         "registered": registered, "trust_version": device.trust_version})
     session.commit()
     response.headers["X-Cityedge-Enrollment"] = "issued"
     return answer
