@@ -4,8 +4,8 @@ command-key rotation counts a device enrolled with its statement as having insta
 (``command_key_rotation.threshold_reached``), from this record of the fleet's own, not
 from anything the device says.
 
-Revision ID: 0016
-Revises: 0015
+Revision ID: 0017
+Revises: 0016
 Create Date: 2026-12-04 21:00:00
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0016"
-down_revision = "0015"
+revision = "0017"
+down_revision = "0016"
 branch_labels = None
 depends_on = None
 

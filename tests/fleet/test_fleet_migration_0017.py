@@ -1,4 +1,4 @@
-"""Migration 0016 on SQLite and PostgreSQL: ``device.trust_version`` is added, empty for
+"""Migration 0017 on SQLite and PostgreSQL: ``device.trust_version`` is added, empty for
 the devices enrolled before it (none is counted as having installed a statement it was
 not recorded handing out), takes a statement version, and downgrade removes it keeping
 the devices."""
@@ -22,21 +22,21 @@ def _columns(engine: object) -> set[str]:
     return {c["name"] for c in inspect(engine).get_columns("device")}  # type: ignore[arg-type]
 
 
-def test_0016_adds_the_statement_version_handed_out(db_url: str) -> None:
+def test_0017_adds_the_statement_version_handed_out(db_url: str) -> None:
     engine = make_engine(Settings(mode="development", database_url=db_url), create=True)
     try:
-        migrate_to(engine, "0015")
+        migrate_to(engine, "0016")
         assert "trust_version" not in _columns(engine)
         with engine.begin() as c:
             c.execute(text(DEVICE), {"id": "urn:dev:mac:01"})
-        migrate_to(engine, "0016")
+        migrate_to(engine, "0017")
         table = Device.__table__  # type: ignore[attr-defined]
         assert _columns(engine) == set(table.columns.keys())
         with engine.begin() as c:
             assert c.execute(text("SELECT trust_version FROM device")).scalar_one() is None
             c.execute(text("UPDATE device SET trust_version = :v"), {"v": 2**48 - 1})
             assert c.execute(text("SELECT trust_version FROM device")).scalar_one() == 2**48 - 1
-        migrate_to(engine, "0015", down=True)
+        migrate_to(engine, "0016", down=True)
         assert "trust_version" not in _columns(engine)
         with engine.begin() as c:
             assert c.execute(text("SELECT id FROM device")).scalar_one() == "urn:dev:mac:01"
