@@ -1,7 +1,7 @@
 """Delivering fleet commands: ``fleet serve``'s thread that publishes each pending command on
-``ce/v1/<device>/down/cmd`` (QoS 1) as the ``fleet-commands`` identity (its CN is its
-client id), again and again until the device answers, the command expires or someone
-cancels it.
+``ce/v1/<device>/down/cmd`` (QoS 1) as the ``fleet-commands`` identity (its certificate's
+CN is its client id: ``client_id_of``), again and again until the device answers, the
+command expires or someone cancels it.
 
 How the fleet knows whether the device got it: a device subscribes to its ``down/cmd``
 with a clean session on every connect, so on Mosquitto (MQTT 5) the broker's PUBACK says
@@ -46,8 +46,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from paho.mqtt.enums import MQTTProtocolVersion
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -58,19 +60,35 @@ from cityedge_fleet.models import utcnow
 from cityedge_host.backoff import Backoff
 
 log = logging.getLogger(__name__)
-CLIENT_ID = "fleet-commands"  # the certificate's CN: RabbitMQ refuses another id
 DELIVERED = 0  # PUBACK reason: the broker had a subscriber and delivered to it
 NO_SUBSCRIBERS = 16  # PUBACK reason (MQTT 5): nobody subscribed, the message is dropped
 JITTER = 0.25  # of every retry delay (a campaign's commands do not come back in step)
 
 
-def protocol_for(broker_engine: str) -> int:
+def client_id_of(cert_file: Path) -> str:
+    """The publisher's MQTT client id: its certificate's CN (``fleet-commands``, or
+    ``fleet-commands-<suffix>`` for another replica), which RabbitMQ requires (it refuses
+    another id: docs/BROKERS.md) and Mosquitto puts in place of any id anyway."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ValueError("CITYEDGE_COMMANDS_CERT_FILE %s: not a readable PEM certificate "
+                         "(%s)" % (cert_file, e)) from e
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not cns:
+        raise ValueError("CITYEDGE_COMMANDS_CERT_FILE %s: the certificate has no CN (issue "
+                         "it with `cityedge ca issue-service --cn fleet-commands`)" % cert_file)
+    return str(cns[0].value)
+
+
+def protocol_for(broker_engine: str) -> MQTTProtocolVersion:
     """The MQTT version (paho's constant) the publisher speaks to ``broker_engine``: 5
     where the PUBACK tells an absent device (Mosquitto), 3.1.1 on RabbitMQ 3.10, whose
     MQTT plugin takes nothing newer."""
-    import paho.mqtt.client as mqtt
-
-    return mqtt.MQTTv311 if broker_engine == "rabbitmq" else mqtt.MQTTv5
+    return (MQTTProtocolVersion.MQTTv311 if broker_engine == "rabbitmq"
+            else MQTTProtocolVersion.MQTTv5)
 
 
 @dataclass
@@ -123,7 +141,8 @@ class CommandPublisher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.protocol = protocol_for(s.broker_engine)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=CLIENT_ID,
+        self.client_id = client_id_of(s.commands_cert_file)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   protocol=self.protocol)
         self.client.tls_set(ca_certs=str(s.mqtt_ca_file), certfile=str(s.commands_cert_file),
                             keyfile=str(s.commands_key_file))
