@@ -30,7 +30,7 @@ from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_transport import ingest_worker
-from cityedge_fleet.models import Reading, Role
+from cityedge_fleet.models import Device, Reading, Role, utcnow
 from cityedge_fleet.serve import start_publisher
 
 from support.fastfleet import DeviceLoop
@@ -277,6 +277,9 @@ def test_a_device_cannot_take_over_another_devices_client_id(
                                 for i in range(3)), WAIT_S)
 
 
+SILENCE_S = 2.0  # command_silence_s of the command test: away longer is a return
+
+
 def test_a_fleet_command_reaches_a_device_and_its_answer_is_recorded(
         cluster_fleet: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
     """``fleet serve``'s command publisher as it wires it (``start_publisher``: the
@@ -284,14 +287,21 @@ def test_a_fleet_command_reaches_a_device_and_its_answer_is_recorded(
     2 subscribed to its ``down/cmd``, the AMQP ingest waking the publisher as in ``fleet
     serve``: a ``status`` command queued through the API reaches the device (signed, the
     device's gate checks it), the device answers on ``up/result`` and the fleet records
-    the answer, through the quorum queue."""
+    the answer, through the quorum queue.
+
+    Then the device is away: MQTT 3.1.1 has no "no matching subscribers", so the
+    cluster's PUBACK makes the next command ``sent`` though nobody got it; the device's
+    first batch after a silence makes it due again at once and it is answered (resends
+    are an hour apart here: only the return can deliver it)."""
     f = cluster_fleet
     c: RabbitCluster = f.cluster
     commands = f.pki.service("fleet-commands")
     settings = f.settings.model_copy(update={
         "commands_with_serve": True, "commands_cert_file": commands.cert_pem,
         "commands_key_file": commands.key_pem, "mqtt_host": "127.0.0.1",
-        "mqtt_port": c.nodes[2].mqtt_port})
+        "mqtt_port": c.nodes[2].mqtt_port, "limits": f.settings.limits.model_copy(update={
+            "command_silence_s": SILENCE_S, "command_resend_s": 3600.0,
+            "command_resend_max_s": 3600.0})})
     device_id, device_dir = f.devices[COMMANDED]
     publisher = start_publisher(settings, f.engine)
     assert publisher is not None
@@ -301,6 +311,21 @@ def test_a_fleet_command_reaches_a_device_and_its_answer_is_recorded(
     loop = DeviceLoop([device]).start()
     app = f.api.client.app
     app.state.command_publisher = publisher  # as `fleet serve` sets it: new ones wake it
+
+    def queue_status() -> int:
+        r = f.api.client.post("/devices/%s/commands" % device_id, json={"name": "status"},
+                              headers=f.api.headers(Role.security))
+        assert r.status_code == 201, r.text
+        return int(r.json()["id"])
+
+    def state(command_id: int) -> dict[str, Any]:
+        return dict(f.api.client.get("/commands/%d" % command_id,
+                                     headers=f.api.headers(Role.viewer)).json())
+
+    def last_seen() -> Any:
+        with Session(f.engine) as s:
+            return s.exec(select(Device.last_seen).where(col(Device.id) == device_id)).one()
+
     try:
         assert worker.subscribed.wait(WAIT_S)
         # its first batch acknowledged: it subscribed to its down/cmd before
@@ -310,27 +335,37 @@ def test_a_fleet_command_reaches_a_device_and_its_answer_is_recorded(
             "the command publisher is not connected: %s" % [
                 r.getMessage() for r in caplog.records
                 if r.name == "cityedge_fleet.command_publisher"]
-        r = f.api.client.post("/devices/%s/commands" % device_id, json={"name": "status"},
-                              headers=f.api.headers(Role.security))
-        assert r.status_code == 201, r.text
-        cmd = r.json()
+        first = queue_status()
+        assert wait_for(lambda: state(first)["state"] == "ok", WAIT_S), \
+            (state(first), device.stats.commands, device.stats.forged, publisher.rounds)
+        got = state(first)
+        assert got["sends"] == 1 and got["result_detail"].startswith("seq ")
+        assert device.stats.commands == ["status"]  # taken once, checked by its gate
+        assert device.stats.forged == device.stats.refused == 0
 
-        def answered() -> dict[str, Any]:
-            return dict(f.api.client.get("/commands/%d" % cmd["id"],
-                                         headers=f.api.headers(Role.viewer)).json())
-
-        assert wait_for(lambda: answered()["state"] == "ok", WAIT_S), \
-            (answered(), device.stats.commands, device.stats.forged, publisher.rounds)
+        # the device goes away; a command queued meanwhile is acknowledged to nobody
+        device.sampling = False
+        loop.stop()
+        away = queue_status()
+        assert wait_for(lambda: state(away)["state"] == "sent", WAIT_S), state(away)
+        assert state(away)["sends"] == 1
+        assert device.stats.commands == ["status"]  # nothing reached it
+        # back after a silence (its chain goes on): its first batch makes the command due
+        gone = last_seen()
+        assert wait_for(lambda: (utcnow() - gone).total_seconds() > SILENCE_S, WAIT_S)
+        device = FastDevice(device_dir, "127.0.0.1", c.nodes[1].mqtt_port, interval_s=0.2,
+                            chain=(device.writer.seq, device.writer.head))
+        loop = DeviceLoop([device]).start()
+        assert wait_for(lambda: state(away)["state"] == "ok", WAIT_S), \
+            (state(away), device.stats.commands, device.stats.published, publisher.rounds)
+        assert state(away)["sends"] == 2  # the one to nobody, the one on its return
+        assert device.stats.commands == ["status"]
+        assert device.stats.forged == device.stats.refused == 0
     finally:
         app.state.command_publisher = None
         loop.stop()
         worker.stop()
         publisher.stop()
-    got = answered()
-    assert got["sends"] >= 1 and got["result_detail"].startswith("seq ")
-    assert device.stats.commands == ["status"]  # taken once, checked by its gate
-    assert device.stats.forged == device.stats.refused == 0
-    assert device.stats.results >= 1
 
 
 BAD_CREDENTIALS = 0x86  # CONNACK 4 of MQTT 3.1.1 (paho reports MQTT 5's code)
