@@ -1,15 +1,25 @@
 """Delivering fleet commands: ``fleet serve``'s thread that publishes each pending command on
-``ce/v1/<device>/down/cmd`` (QoS 1, MQTT 5) as the ``fleet-commands`` identity, again and
-again until the device answers, the command expires or someone cancels it.
+``ce/v1/<device>/down/cmd`` (QoS 1) as the ``fleet-commands`` identity (its certificate's
+CN is its client id: ``client_id_of``), again and again until the device answers, the
+command expires or someone cancels it.
 
 How the fleet knows whether the device got it: a device subscribes to its ``down/cmd``
-with a clean session on every connect, so the broker's PUBACK says whether the device was
-there. Reason code 0 means the broker had the device's subscription and delivered to it
-(the command becomes ``sent``); 16 ("no matching subscribers", MQTT 5) means the device
-is not connected and the broker dropped the message, which cost the device nothing. So:
+with a clean session on every connect, so on Mosquitto (MQTT 5) the broker's PUBACK says
+whether the device was there. Reason code 0 means the broker had the device's
+subscription and delivered to it (the command becomes ``sent``); 16 ("no matching
+subscribers", MQTT 5) means the device is not connected and the broker dropped the
+message, which cost the device nothing.
 
-- a device that is **not there** is tried again every ``command_absent_retry_s``
-  (jittered): the first try after it reconnects reaches it, at most that long after;
+RabbitMQ 3.10 (``CITYEDGE_BROKER_ENGINE=rabbitmq``) speaks MQTT 3.1.1 only: it cannot
+parse an MQTT 5 CONNECT and closes the connection without a CONNACK, so the publisher
+speaks 3.1.1 there (``protocol_for``). A 3.1.1 PUBACK has no reason code: every
+acknowledged command counts as delivered, whether the device was there or not, and one
+sent while the device was away waits for the resend below or for the device's return
+after a silence (docs/BROKERS.md). So:
+
+- a device that is **not there** (MQTT 5 only) is tried again every
+  ``command_absent_retry_s`` (jittered): the first try after it reconnects reaches it, at
+  most that long after;
 - a device that is **back after a silence** (the ingest takes its first batch after
   ``command_silence_s`` without one: ``ingest``) has its unanswered commands made due at
   once, and the ingest in ``fleet serve`` wakes this thread: no wait at all;
@@ -36,8 +46,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from paho.mqtt.enums import MQTTProtocolVersion
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -51,6 +63,32 @@ log = logging.getLogger(__name__)
 DELIVERED = 0  # PUBACK reason: the broker had a subscriber and delivered to it
 NO_SUBSCRIBERS = 16  # PUBACK reason (MQTT 5): nobody subscribed, the message is dropped
 JITTER = 0.25  # of every retry delay (a campaign's commands do not come back in step)
+
+
+def client_id_of(cert_file: Path) -> str:
+    """The publisher's MQTT client id: its certificate's CN (``fleet-commands``, or
+    ``fleet-commands-<suffix>`` for another replica), which RabbitMQ requires (it refuses
+    another id: docs/BROKERS.md) and Mosquitto puts in place of any id anyway."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ValueError("CITYEDGE_COMMANDS_CERT_FILE %s: not a readable PEM certificate "
+                         "(%s)" % (cert_file, e)) from e
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not cns:
+        raise ValueError("CITYEDGE_COMMANDS_CERT_FILE %s: the certificate has no CN (issue "
+                         "it with `cityedge ca issue-service --cn fleet-commands`)" % cert_file)
+    return str(cns[0].value)
+
+
+def protocol_for(broker_engine: str) -> MQTTProtocolVersion:
+    """The MQTT version (paho's constant) the publisher speaks to ``broker_engine``: 5
+    where the PUBACK tells an absent device (Mosquitto), 3.1.1 on RabbitMQ 3.10, whose
+    MQTT plugin takes nothing newer."""
+    return (MQTTProtocolVersion.MQTTv311 if broker_engine == "rabbitmq"
+            else MQTTProtocolVersion.MQTTv5)
 
 
 @dataclass
@@ -102,8 +140,10 @@ class CommandPublisher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id="fleet-commands", protocol=mqtt.MQTTv5)
+        self.protocol = protocol_for(s.broker_engine)
+        self.client_id = client_id_of(s.commands_cert_file)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                  protocol=self.protocol)
         self.client.tls_set(ca_certs=str(s.mqtt_ca_file), certfile=str(s.commands_cert_file),
                             keyfile=str(s.commands_key_file))
         self.client.max_inflight_messages_set(max(20, min(s.limits.command_round_max, 1000)))
@@ -122,8 +162,12 @@ class CommandPublisher:
         self.connected.set()
         self._wake.set()  # what waited for the broker goes out now
 
-    def _on_disconnect(self, *_args: Any) -> None:
+    def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any,
+                       _props: Any) -> None:
         self.connected.clear()
+        if reason.is_failure:  # e.g. a broker that closes an MQTT 5 CONNECT unanswered
+            log.warning("command publisher lost the broker (%s:%d): %s; reconnecting",
+                        self.settings.mqtt_host, self.settings.mqtt_port, reason)
 
     def _on_publish(self, _client: Any, _userdata: Any, mid: int, reason: Any,
                     _props: Any) -> None:

@@ -30,7 +30,8 @@ from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import FleetLimits, Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_transport import ingest_worker
-from cityedge_fleet.models import Reading, Role
+from cityedge_fleet.models import Device, Reading, Role, utcnow
+from cityedge_fleet.serve import start_publisher
 
 from support.fastfleet import DeviceLoop
 from support.fleet import Api, device_body, wait_for
@@ -43,6 +44,7 @@ DEVICES = 6  # two per node
 # one more enrolled device, not run by the load test: a FastDevice keeps its chain's seq
 # in memory only, so a device run again would send seqs stored already (duplicates)
 SPARE = 1
+COMMANDED = DEVICES + SPARE  # one more, run only by the command test (fresh seqs)
 WAIT_S = 60.0
 
 
@@ -63,7 +65,7 @@ def cluster_fleet() -> Iterator[SimpleNamespace]:
         audit_key_file=world / "audit.key", command_key_file=world / "command.key",
         limits=FleetLimits(ingest_group_max_s=0.05, enroll_burst=100_000))
     app = create_app(settings, init_db=True)
-    ids = [str(device_body(i)["id"]) for i in range(DEVICES + SPARE)]
+    ids = [str(device_body(i)["id"]) for i in range(COMMANDED + 1)]
     # the registry's devices are known before they enroll: the cluster boots meanwhile
     cluster = RabbitCluster(pki, [*ids, "fleet-ingest", "fleet-commands"],
                             directory=world / "rmq", crl_file=ca.crl_path)
@@ -71,7 +73,7 @@ def cluster_fleet() -> Iterator[SimpleNamespace]:
     try:
         with TestClient(app) as client:
             api = Api(client, settings)
-            devices = [enroll(api, world, pki, i) for i in range(DEVICES + SPARE)]
+            devices = [enroll(api, world, pki, i) for i in range(COMMANDED + 1)]
             booting.result()
             settings = settings.model_copy(update={"ingest_amqp_nodes": ",".join(
                 "127.0.0.1:%d" % n.amqp_port for n in cluster.nodes)})
@@ -273,6 +275,97 @@ def test_a_device_cannot_take_over_another_devices_client_id(
     # each node's check refused, and said so in its log (written a moment later)
     assert wait_for(lambda: all("cityedge: MQTT client id" in c.read_log(i)
                                 for i in range(3)), WAIT_S)
+
+
+SILENCE_S = 2.0  # command_silence_s of the command test: away longer is a return
+
+
+def test_a_fleet_command_reaches_a_device_and_its_answer_is_recorded(
+        cluster_fleet: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
+    """``fleet serve``'s command publisher as it wires it (``start_publisher``: the
+    ``fleet-commands`` certificate, its CN as client id) on node 3, a fast device on node
+    2 subscribed to its ``down/cmd``, the AMQP ingest waking the publisher as in ``fleet
+    serve``: a ``status`` command queued through the API reaches the device (signed, the
+    device's gate checks it), the device answers on ``up/result`` and the fleet records
+    the answer, through the quorum queue.
+
+    Then the device is away: MQTT 3.1.1 has no "no matching subscribers", so the
+    cluster's PUBACK makes the next command ``sent`` though nobody got it; the device's
+    first batch after a silence makes it due again at once and it is answered (resends
+    are an hour apart here: only the return can deliver it)."""
+    f = cluster_fleet
+    c: RabbitCluster = f.cluster
+    commands = f.pki.service("fleet-commands")
+    settings = f.settings.model_copy(update={
+        "commands_with_serve": True, "commands_cert_file": commands.cert_pem,
+        "commands_key_file": commands.key_pem, "mqtt_host": "127.0.0.1",
+        "mqtt_port": c.nodes[2].mqtt_port, "limits": f.settings.limits.model_copy(update={
+            "command_silence_s": SILENCE_S, "command_resend_s": 3600.0,
+            "command_resend_max_s": 3600.0})})
+    device_id, device_dir = f.devices[COMMANDED]
+    publisher = start_publisher(settings, f.engine)
+    assert publisher is not None
+    worker = ingest_worker(Ingestor(f.engine, settings, on_return=publisher.wake),
+                           settings).start()
+    device = FastDevice(device_dir, "127.0.0.1", c.nodes[1].mqtt_port, interval_s=0.2)
+    loop = DeviceLoop([device]).start()
+    app = f.api.client.app
+    app.state.command_publisher = publisher  # as `fleet serve` sets it: new ones wake it
+
+    def queue_status() -> int:
+        r = f.api.client.post("/devices/%s/commands" % device_id, json={"name": "status"},
+                              headers=f.api.headers(Role.security))
+        assert r.status_code == 201, r.text
+        return int(r.json()["id"])
+
+    def state(command_id: int) -> dict[str, Any]:
+        return dict(f.api.client.get("/commands/%d" % command_id,
+                                     headers=f.api.headers(Role.viewer)).json())
+
+    def last_seen() -> Any:
+        with Session(f.engine) as s:
+            return s.exec(select(Device.last_seen).where(col(Device.id) == device_id)).one()
+
+    try:
+        assert worker.subscribed.wait(WAIT_S)
+        # its first batch acknowledged: it subscribed to its down/cmd before
+        assert wait_for(lambda: device.stats.published >= 1, WAIT_S), \
+            (device.stats.connects, device.stats.last_error)
+        assert publisher.connected.wait(WAIT_S), \
+            "the command publisher is not connected: %s" % [
+                r.getMessage() for r in caplog.records
+                if r.name == "cityedge_fleet.command_publisher"]
+        first = queue_status()
+        assert wait_for(lambda: state(first)["state"] == "ok", WAIT_S), \
+            (state(first), device.stats.commands, device.stats.forged, publisher.rounds)
+        got = state(first)
+        assert got["sends"] == 1 and got["result_detail"].startswith("seq ")
+        assert device.stats.commands == ["status"]  # taken once, checked by its gate
+        assert device.stats.forged == device.stats.refused == 0
+
+        # the device goes away; a command queued meanwhile is acknowledged to nobody
+        device.sampling = False
+        loop.stop()
+        away = queue_status()
+        assert wait_for(lambda: state(away)["state"] == "sent", WAIT_S), state(away)
+        assert state(away)["sends"] == 1
+        assert device.stats.commands == ["status"]  # nothing reached it
+        # back after a silence (its chain goes on): its first batch makes the command due
+        gone = last_seen()
+        assert wait_for(lambda: (utcnow() - gone).total_seconds() > SILENCE_S, WAIT_S)
+        device = FastDevice(device_dir, "127.0.0.1", c.nodes[1].mqtt_port, interval_s=0.2,
+                            chain=(device.writer.seq, device.writer.head))
+        loop = DeviceLoop([device]).start()
+        assert wait_for(lambda: state(away)["state"] == "ok", WAIT_S), \
+            (state(away), device.stats.commands, device.stats.published, publisher.rounds)
+        assert state(away)["sends"] == 2  # the one to nobody, the one on its return
+        assert device.stats.commands == ["status"]
+        assert device.stats.forged == device.stats.refused == 0
+    finally:
+        app.state.command_publisher = None
+        loop.stop()
+        worker.stop()
+        publisher.stop()
 
 
 BAD_CREDENTIALS = 0x86  # CONNACK 4 of MQTT 3.1.1 (paho reports MQTT 5's code)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from paho.mqtt.enums import MQTTProtocolVersion
+from sqlalchemy import create_engine
 
 from cityedge_core import command, topics
 from cityedge_core.command_gate import CommandRefused
@@ -306,3 +308,24 @@ def test_the_publisher_identity_can_only_send_commands(fleet: Fleet, pki: TestPK
             assert not publisher.subscribe(topic), topic
     finally:
         publisher.close()
+
+
+@pytest.mark.parametrize(("engine", "protocol"), [("mosquitto", MQTTProtocolVersion.MQTTv5),
+                                                   ("rabbitmq", MQTTProtocolVersion.MQTTv311)])
+def test_the_publisher_names_itself_by_its_cn_and_speaks_the_engines_mqtt(
+        pki: TestPKI, tmp_path: Path, engine: str, protocol: MQTTProtocolVersion) -> None:
+    """Its client id is its certificate's CN (a replica's ``fleet-commands-2`` too: the
+    cluster refuses another id); MQTT 5 where the PUBACK tells an absent device, 3.1.1 on
+    RabbitMQ 3.10 (which cannot parse an MQTT 5 CONNECT:
+    tests/broker/test_rabbitmq_cluster.py delivers through it)."""
+    replica = pki.issue_client("fleet-commands-2")
+    settings = Settings(mode="development", database_url="sqlite://", broker_engine=engine,
+                        mqtt_ca_file=pki.ca_pem, commands_cert_file=replica.cert_pem,
+                        commands_key_file=replica.key_pem)
+    publisher = CommandPublisher(create_engine("sqlite://"), settings)
+    assert (publisher.client_id, publisher.protocol) == ("fleet-commands-2", protocol)
+    not_a_cert = tmp_path / "not-a-cert.pem"
+    not_a_cert.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValueError, match="CITYEDGE_COMMANDS_CERT_FILE"):
+        CommandPublisher(create_engine("sqlite://"), settings.model_copy(
+            update={"commands_cert_file": not_a_cert}))
