@@ -158,6 +158,18 @@ def build(cfg, board=None, board_class=None):
         checked, broker["host"], broker.get("port", 8883), ssl_ctx,
         broker.get("server_hostname"), fleet_keys, board.sensors(cfg), names)
     unload(*ON_DEMAND)  # the state file's decoder
+    try:  # messages a boot signed (a trust-update's or a rotation's answer, a CSR): the
+        # agent publishes them once connected (``answers.publish_unsent``)
+        from os import stat
+
+        stat(a.state.path + ".unpublished")
+        from . import answers
+
+        answers.publish_unsent(a)
+        answers = None
+        unload("cityedge_fw.answers")
+    except OSError:
+        pass
     gc.collect()
     return a
 
@@ -192,11 +204,13 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         unload("cityedge_fw.provision_main", "cityedge_fw.provision")
     cfg = config.load(config_file or config_path(root), agent=False)
     del config
-    # a trust-update's statement (``trust_check``) or an update in progress: checked now,
-    # in the boot's empty heap (``update_check``), then the board resets
+    # a trust-update's statement (``trust_check``), a rotation command (``rotation_device``)
+    # or an update in progress: carried out now, in the boot's empty heap
+    # (``update_check``), then the board resets
     from os import stat
 
-    for f in (cfg.get("store", {}).get("state", "/state.cbor") + ".trust.new",
+    state = cfg.get("store", {}).get("state", "/state.cbor")
+    for f in (state + ".trust.new", state + ".rotation.new",
               cfg.get("update") and cfg["update"]["dir"].rstrip("/") + "/update.json"):
         try:
             if f:
