@@ -40,7 +40,6 @@ except ImportError:  # CPython
 
 from cityedge_core import cbor, cose
 
-from . import mqtt
 from .files import write_atomic
 
 _KEPT = const(4)  # answers kept on flash for repeats
@@ -171,7 +170,9 @@ def _kept(agent):
 
 async def _send(agent, data):
     """Publish a signed result if the link is up (else the fleet sends the command again)."""
-    if agent.link.client.state == mqtt.CONNECTED:
+    from .mqtt import CONNECTED  # resident in the agent; a boot signs, never sends
+
+    if agent.link.client.state == CONNECTED:
         # beside up/readings: the scheme's and the configured prefix's (``topics``)
         await agent.link.publish(agent.topics[0][:-8] + "result", data,
                                  1 if agent.link.client.can_publish() else 0)
@@ -181,6 +182,12 @@ async def _signed(agent, name, seq, kind, msg, data=None):
     """Sign the result of command ``seq`` (with ``data``, if not None), keep it on flash,
     publish it."""
     data = _encode(agent, name, seq, kind, msg, data)
+    _keep(agent, seq, data)
+    await _send(agent, data)
+
+
+def _keep(agent, seq, data):
+    """Keep signed result ``data`` of command ``seq`` with the last answers on flash."""
     parts = []
     for s, d in _kept(agent)[-(_KEPT - 1):]:
         if s != seq:
@@ -192,5 +199,3 @@ async def _signed(agent, name, seq, kind, msg, data=None):
         write_atomic(_path(agent), tuple(parts))
     except OSError:  # not kept: a repeat is refused as a replay; the answer still goes out
         pass
-    parts = None
-    await _send(agent, data)

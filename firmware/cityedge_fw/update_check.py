@@ -138,8 +138,6 @@ class _Signer:
         self.kid = kid
         self.state = self  # ``state.path``
         self.path = state_path
-        self.link = self  # ``link.client.state``: this object, never ``mqtt.CONNECTED``
-        self.client = self
 
 
 def _key(tls):
@@ -230,19 +228,10 @@ def _sign(agent, name, seq, outcome, detail, csr=None):
     to publish once connected."""
     from . import answers
 
-    coro = answers._signed(agent, name, seq, outcome, detail)
-    try:
-        coro.send(None)  # not connected: it keeps the answer and returns at once
-    except StopIteration:
-        pass
-    coro = None
-    parts = [(1, csr)] if csr else []
-    for s, d in answers._kept(agent):
-        if s == seq:
-            parts.append((0, d))
-            break
-    else:  # not kept (a flash error): published all the same
-        parts.append((0, answers._encode(agent, name, seq, outcome, detail)))
+    data = answers._encode(agent, name, seq, outcome, detail)
+    answers._keep(agent, seq, data)  # (an OSError there: not kept, published all the same)
+    parts = [(1, csr), (0, data)] if csr else [(0, data)]
+    data = None
     try:
         answers.keep_unsent(agent.path, parts)
     except OSError as e:  # the answer is kept: the fleet's resend gets it
@@ -262,12 +251,19 @@ def _rotation(cfg):
         return True
     device, seq, data = got[2], got[3], got[5]
     got = None
+    # the boot's modules this needs not (``main`` resets after it): room for the
+    # rotation's names, its key and CSR
+    unload("cityedge_fw.config", "cityedge_core.topics", "cityedge_core.batch")
     before = set(sys.modules)
+    gc.collect()
     try:
         n = data[0] if data else 0
         name = data[1:1 + n].decode()
         from cityedge_core import cose
 
+        # the answer's module first: its names interned while the heap is whole (the
+        # rotation's take the boot past five pools, the sixth one 7.5 KiB block)
+        from . import answers  # noqa: F401
         from .store import State
 
         tls = cfg["tls"]

@@ -49,7 +49,7 @@ from support.mqtt_probe import WAIT_S, Probe
 # switch's TLS context) run at boot before the agent exists, and the switch is a normal
 # boot. Measured: see docs/ARCHITECTURE.md, "Memory on the device" (112k before, when the
 # rotation ran beside the streaming agent). ``CE_ROTATION_HEAP`` overrides it.
-ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "112k")
+ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "72k")
 RESEND_S = 3600.0  # the fleet's resend: never within a test
 
 
