@@ -258,7 +258,10 @@ def _rotation(cfg):
     gc.collect()
     try:
         n = data[0] if data else 0
-        name = data[1:1 + n].decode()
+        try:
+            name = data[1:1 + n].decode()
+        except ValueError:  # (UnicodeError) not a name this firmware's agent wrote
+            name = "?"
         from cityedge_core import cose
 
         # the answer's module first: its names interned while the heap is whole (the
