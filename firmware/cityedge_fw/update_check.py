@@ -261,7 +261,7 @@ def _rotation(cfg):
         try:
             name = data[1:1 + n].decode()
         except ValueError:  # (UnicodeError) not a name this firmware's agent wrote
-            name = "?"
+            name = "unknown"
         from cityedge_core import cose
 
         # the answer's module first: its names interned while the heap is whole (the
