@@ -24,10 +24,14 @@ the core's module would bring two dozen names onto the device's heap for good. L
 for the answer only (``Agent.handle_command``), then unloaded; its names are interned at
 boot (``main.build``), where the tests' device had 8 free entries in its last pool of
 names (``docs/ARCHITECTURE.md``, "Memory on the device"): the functions and arguments
-reuse names the agent interns anyway, and the rotation's commands live in
-``rotation_device``, loaded (and its names interned) for a rotation only. A
-``trust-update`` is kept on flash here and the board resets: its statement is checked at
-the next boot (``trust_check``), which keeps the signed answer for the fleet's resend.
+reuse names the agent interns anyway. The commands that need more than the running
+agent has room for are kept on flash here and the board resets (``_for_boot``): a
+``trust-update``'s statement is checked at the next boot (``trust_check``), a rotation's
+command carried out there (``rotation_device``), before the agent is built; that boot
+keeps the signed answer (and a CSR) for the agent (``keep_unsent``), which publishes
+them once connected (``publish_unsent``), and with the answers for the fleet's resend.
+``mqtt`` is not imported here (its ``CONNECTED`` is looked up where a result is sent):
+the boot signs and keeps answers with this module before MQTT is loaded.
 """
 
 try:
