@@ -48,11 +48,12 @@ until the blocks are reused (the fleet revoked its certificate before asking).
 
 import gc
 import os
+import sys
 
 from cityedge_core import cose, p256, rotation
 from cityedge_core.errors import LocalError, PeerError
 
-from . import key_slots
+from . import key_slots, unload
 from .files import write_atomic
 from .keys import private_key_from_der, read_file
 
@@ -61,6 +62,67 @@ def _hex(b):
     import binascii
 
     return binascii.hexlify(b).decode()
+
+
+def boot_step(cfg):
+    """Carry out the rotation command that waits (``S.rotation.new``:
+    ``rotation_device``), keep its signed answer (and its CSR) for the agent to publish,
+    remove the command; True (``main`` then resets: the rotation's names would stay on
+    the agent's heap). Whatever fails, the command is removed (no boot loop): a power cut
+    before that runs it again, which each of the rotation's steps allows."""
+    state = cfg.get("store", {}).get("state", "/state.cbor")
+    pending = state + ".rotation.new"
+    from .update_check import _key, _pending, _sign, _Signer
+
+    got = _pending(pending)
+    if got is None:
+        return True
+    device, seq, data = got[2], got[3], got[5]
+    got = None
+    # the boot's modules this needs not (``main`` resets after it): room for the
+    # rotation's names, its key and CSR
+    unload("cityedge_fw.config", "cityedge_core.topics", "cityedge_core.batch")
+    before = set(sys.modules)
+    gc.collect()
+    try:
+        n = data[0] if data else 0
+        try:
+            name = data[1:1 + n].decode()
+        except ValueError:  # (UnicodeError) not a name this firmware's agent wrote
+            name = "unknown"
+        # the answer's module first: its names interned while the heap is whole (the
+        # rotation's take the boot past five pools, the sixth one 7.5 KiB block)
+        from . import answers  # noqa: F401
+        from .store import State
+
+        tls = cfg["tls"]
+        key = _key(tls)
+        agent = _Signer(device, key, cose.kid_for_public_key(key.public_key().to_sec1()),
+                        state)
+        args = None
+        if len(data) > 1 + n:
+            from cityedge_core import cbor_decode
+
+            try:
+                args = cbor_decode.loads(data[1 + n:])
+            except (ValueError, PeerError):  # not from this firmware's agent: refused
+                args = None
+        data = None
+        outcome, detail, csr = at_boot(tls, State(state), device, key, agent.kid, name,
+                                       args)
+        args = None
+        for m in set(sys.modules) - before:
+            if m != "cityedge_fw.answers":
+                unload(m)
+        gc.collect()
+        _sign(agent, name, seq, outcome, detail, csr)
+    except MemoryError:
+        print("rotation %d: no heap to answer it: dropped" % seq)
+    finally:
+        os.remove(pending)
+    for m in set(sys.modules) - before:
+        unload(m)
+    return True
 
 
 def at_boot(tls, state, device, key, kid, name, args):

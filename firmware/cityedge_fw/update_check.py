@@ -88,8 +88,11 @@ def run(cfg):
         os.stat(cfg.get("store", {}).get("state", "/state.cbor") + ".rotation.new")
     except OSError:
         pass
-    else:
-        return _rotation(cfg)
+    else:  # (the rotation's boot step lives with it: this module stays small for the
+        # update's check, whose boot heap is tight)
+        from . import rotation_device
+
+        return rotation_device.boot_step(cfg)
     u = cfg.get("update")
     if not u:
         return False
@@ -236,69 +239,6 @@ def _sign(agent, name, seq, outcome, detail, csr=None):
         answers.keep_unsent(agent.path, parts)
     except OSError as e:  # the answer is kept: the fleet's resend gets it
         print("%s %d: not kept to publish: %s" % (name, seq, e))
-
-
-def _rotation(cfg):
-    """Carry out the rotation command that waits (``S.rotation.new``:
-    ``rotation_device``), keep its signed answer (and its CSR) for the agent to publish,
-    remove the command; True (``main`` then resets: the rotation's names would stay on
-    the agent's heap). Whatever fails, the command is removed (no boot loop): a power cut
-    before that runs it again, which each of the rotation's steps allows."""
-    state = cfg.get("store", {}).get("state", "/state.cbor")
-    pending = state + ".rotation.new"
-    got = _pending(pending)
-    if got is None:
-        return True
-    device, seq, data = got[2], got[3], got[5]
-    got = None
-    # the boot's modules this needs not (``main`` resets after it): room for the
-    # rotation's names, its key and CSR
-    unload("cityedge_fw.config", "cityedge_core.topics", "cityedge_core.batch")
-    before = set(sys.modules)
-    gc.collect()
-    try:
-        n = data[0] if data else 0
-        try:
-            name = data[1:1 + n].decode()
-        except ValueError:  # (UnicodeError) not a name this firmware's agent wrote
-            name = "unknown"
-        from cityedge_core import cose
-
-        # the answer's module first: its names interned while the heap is whole (the
-        # rotation's take the boot past five pools, the sixth one 7.5 KiB block)
-        from . import answers  # noqa: F401
-        from .store import State
-
-        tls = cfg["tls"]
-        key = _key(tls)
-        agent = _Signer(device, key, cose.kid_for_public_key(key.public_key().to_sec1()),
-                        state)
-        args = None
-        if len(data) > 1 + n:
-            from cityedge_core import cbor_decode
-
-            try:
-                args = cbor_decode.loads(data[1 + n:])
-            except (ValueError, PeerError):  # not from this firmware's agent: refused
-                args = None
-        data = None
-        from . import rotation_device
-
-        outcome, detail, csr = rotation_device.at_boot(tls, State(state), device, key,
-                                                       agent.kid, name, args)
-        args = rotation_device = None
-        for m in set(sys.modules) - before:
-            if m != "cityedge_fw.answers":
-                unload(m)
-        gc.collect()
-        _sign(agent, name, seq, outcome, detail, csr)
-    except MemoryError:
-        print("rotation %d: no heap to answer it: dropped" % seq)
-    finally:
-        os.remove(pending)
-    for m in set(sys.modules) - before:
-        unload(m)
-    return True
 
 
 def _check(cfg, state, seq, data, now):
