@@ -28,7 +28,7 @@ pair: before it moves, the old slot (``rotate`` and ``install-cert`` do not touc
 after, the new one, whose certificate was on flash before the pointer was written. A
 half-made pending slot is ignored and made again at the next ``rotate``.
 
-Loaded by ``rotation_device`` at boot (``update_check._rotation``), never by the running
+Loaded by ``rotation_device`` at boot (``rotation_device.boot_step``), never by the running
 agent; the boot after a switch builds the TLS context and the signing key from the slot
 the pointer names (``main.build``).
 """

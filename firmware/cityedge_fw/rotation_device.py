@@ -11,7 +11,7 @@ the device"). So the running agent only keeps a command the gate took on flash
 (``answers``: ``<state>.rotation.new``, ``[len, device, seq 8, now 8, name length,
 name, the arguments' CBOR]``), seals its readings and resets, as for a ``trust-update``;
 the next boot runs it here before the agent is built (``main.main`` ->
-``update_check._rotation`` -> ``at_boot``), keeps the signed answer with the others
+``update_check.run`` -> ``boot_step`` -> ``at_boot``), keeps the signed answer with the others
 (``answers``) and the messages for the agent to publish once connected
 (``answers.keep_unsent``: the CSR, then the answer), removes the command and resets again
 (the names interned here would stay on the agent's heap). The agent that boots then

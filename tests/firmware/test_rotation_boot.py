@@ -1,4 +1,4 @@
-"""The rotation's boot step (``update_check._rotation``, ``rotation_device.at_boot``) on a
+"""The rotation's boot step (``rotation_device.boot_step``, ``at_boot``) on a
 command file someone tampered with on the flash (the file is the agent's own write after
 the gate took the command; an attacker who writes the flash has the device key already,
 but the boot must still neither run what the gate did not take nor loop): each is
