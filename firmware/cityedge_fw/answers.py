@@ -24,10 +24,14 @@ the core's module would bring two dozen names onto the device's heap for good. L
 for the answer only (``Agent.handle_command``), then unloaded; its names are interned at
 boot (``main.build``), where the tests' device had 8 free entries in its last pool of
 names (``docs/ARCHITECTURE.md``, "Memory on the device"): the functions and arguments
-reuse names the agent interns anyway, and the rotation's commands live in
-``rotation_device``, loaded (and its names interned) for a rotation only. A
-``trust-update`` is kept on flash here and the board resets: its statement is checked at
-the next boot (``trust_check``), which keeps the signed answer for the fleet's resend.
+reuse names the agent interns anyway. The commands that need more than the running
+agent has room for are kept on flash here and the board resets (``_for_boot``): a
+``trust-update``'s statement is checked at the next boot (``trust_check``), a rotation's
+command carried out there (``rotation_device``), before the agent is built; that boot
+keeps the signed answer (and a CSR) for the agent (``keep_unsent``), which publishes
+them once connected (``publish_unsent``), and with the answers for the fleet's resend.
+``mqtt`` is not imported here (its ``CONNECTED`` is looked up where a result is sent):
+the boot signs and keeps answers with this module before MQTT is loaded.
 """
 
 try:
@@ -40,12 +44,13 @@ except ImportError:  # CPython
 
 from cityedge_core import cbor, cose
 
-from . import mqtt, unload
 from .files import write_atomic
 
 _KEPT = const(4)  # answers kept on flash for repeats
 _DETAIL_MAX = const(256)  # limits.RESULT_DETAIL_MAX_CHARS (held equal by the test)
 _STATEMENT_MAX = const(1024)  # trust_statement.STATEMENT_MAX_BYTES (held equal by a test)
+_ROTATION_NEW = const(".rotation.new")  # <state> + this: a rotation command for the boot
+_UNSENT = const(".unpublished")  # <state> + this: messages signed at boot, to publish
 
 
 async def send(agent, name, seq, args):
@@ -63,27 +68,77 @@ async def send(agent, name, seq, args):
         await _signed(agent, name, seq, "ok", "")
     elif name == "trust-update":  # kept, checked at the next boot (``trust_check``)
         raw = args.get(1) if isinstance(args, dict) else None  # (names interned anyway)
-        d = agent.device.encode()
-        write_atomic(agent.state.path + ".trust.new", (
-            bytes([len(d)]) + d + seq.to_bytes(8, "big") +
-            (agent.board.unix_time() or 0).to_bytes(8, "big"),
-            raw if isinstance(raw, bytes) and len(raw) <= _STATEMENT_MAX else b""))
-        agent.seal()  # the records collected so far: no reading is lost to the reset
-        agent.board.reset()
-    else:  # the rotation's module (it unloads itself), imported by a name not interned
-        import sys  # at boot: its module's names come with a rotation
+        _for_boot(agent, ".trust.new", seq, raw if isinstance(raw, bytes) and
+                  len(raw) <= _STATEMENT_MAX else b"")
+    else:  # the rotation's commands: carried out at the next boot (``rotation_device``)
+        try:
+            raw = cbor.dumps(args)
+        except (TypeError, ValueError):  # none the fleet sends: refused at boot
+            raw = b""
+        d = name.encode()
+        _for_boot(agent, _ROTATION_NEW, seq, (bytes([len(d)]) + d, raw))
 
-        __import__("cityedge_fw.rotation_device")
-        todo = await sys.modules["cityedge_fw.rotation_device"].run(agent, name, seq, args)
-        if todo is not None:  # a certificate installed: the switch, the rotation unloaded
-            import gc
 
-            gc.collect()
-            __import__("cityedge_fw.key_slots")
-            try:
-                sys.modules["cityedge_fw.key_slots"].after(agent, *todo)
-            finally:
-                unload("cityedge_fw.key_slots", "cityedge_fw.keys")
+def _for_boot(agent, sfx, seq, data):
+    """Keep command ``seq`` for the next boot (``<state>`` + ``sfx``: ``[len, device, seq
+    8, now 8]`` and ``data``, bytes or a tuple of parts), seal the readings collected so
+    far (none is lost to the reset) and reset the board."""
+    d = agent.device.encode()
+    write_atomic(agent.state.path + sfx, (
+        bytes([len(d)]) + d + seq.to_bytes(8, "big") +
+        (agent.board.unix_time() or 0).to_bytes(8, "big"),) +
+        (data if isinstance(data, tuple) else (data,)))
+    agent.seal()
+    agent.board.reset()
+
+
+def keep_unsent(state_path, parts):
+    """Keep messages signed at boot for the agent to publish once connected
+    (``publish_unsent``): ``parts`` is ``[(leaf, payload)]``, ``leaf`` 0 for
+    ``up/result``, 1 for ``up/csr``; one atomic write of ``[leaf 1, length 2, payload]``
+    each (``<state>.unpublished``)."""
+    out = []
+    for leaf, data in parts:
+        out.append(bytes([leaf]) + len(data).to_bytes(2, "big"))
+        out.append(data)
+    write_atomic(state_path + _UNSENT, tuple(out))
+
+
+def publish_unsent(agent):
+    """At boot (``main.build``), when messages signed at boot wait (``keep_unsent``): the
+    link's ``on_connect`` subscribes as the agent's does, then publishes them (QoS 1 when
+    the window has room, else 0, as the answers go) and removes the file, then gives the
+    link the agent's own ``on_connect`` back. A connection lost before the file is
+    removed publishes them all again at the next connect (the fleet takes a repeated
+    result or CSR as a repeat); one lost after it is answered from ``<state>.ans`` when
+    the fleet sends the command again."""
+
+    async def on_connect():
+        await agent._on_connect()
+        path = agent.state.path + _UNSENT
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError:
+            raw = b""
+        i = 0
+        while i + 3 <= len(raw):
+            n = int.from_bytes(raw[i + 1:i + 3], "big")
+            # beside up/readings: the scheme's and the configured prefix's (``topics``)
+            await agent.link.publish(agent.topics[0][:-8] + ("csr" if raw[i] else "result"),
+                                     raw[i + 3:i + 3 + n],
+                                     1 if agent.link.client.can_publish() else 0)
+            i += 3 + n
+        raw = None
+        try:
+            import os
+
+            os.remove(path)
+        except OSError:
+            pass
+        agent.link.on_connect = agent._on_connect
+
+    agent.link.on_connect = on_connect
 
 
 def _encode(agent, name, seq, kind, msg, data=None):
@@ -119,7 +174,9 @@ def _kept(agent):
 
 async def _send(agent, data):
     """Publish a signed result if the link is up (else the fleet sends the command again)."""
-    if agent.link.client.state == mqtt.CONNECTED:
+    from .mqtt import CONNECTED  # resident in the agent; a boot signs, never sends
+
+    if agent.link.client.state == CONNECTED:
         # beside up/readings: the scheme's and the configured prefix's (``topics``)
         await agent.link.publish(agent.topics[0][:-8] + "result", data,
                                  1 if agent.link.client.can_publish() else 0)
@@ -129,6 +186,12 @@ async def _signed(agent, name, seq, kind, msg, data=None):
     """Sign the result of command ``seq`` (with ``data``, if not None), keep it on flash,
     publish it."""
     data = _encode(agent, name, seq, kind, msg, data)
+    _keep(agent, seq, data)
+    await _send(agent, data)
+
+
+def _keep(agent, seq, data):
+    """Keep signed result ``data`` of command ``seq`` with the last answers on flash."""
     parts = []
     for s, d in _kept(agent)[-(_KEPT - 1):]:
         if s != seq:
@@ -140,5 +203,3 @@ async def _signed(agent, name, seq, kind, msg, data=None):
         write_atomic(_path(agent), tuple(parts))
     except OSError:  # not kept: a repeat is refused as a replay; the answer still goes out
         pass
-    parts = None
-    await _send(agent, data)

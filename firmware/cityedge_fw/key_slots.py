@@ -28,8 +28,9 @@ pair: before it moves, the old slot (``rotate`` and ``install-cert`` do not touc
 after, the new one, whose certificate was on flash before the pointer was written. A
 half-made pending slot is ignored and made again at the next ``rotate``.
 
-Loaded by ``rotation_device``, and for the switch (``after``) by ``answers`` once the
-rotation's other modules are off the heap; unloaded after either.
+Loaded by ``rotation_device`` at boot (``rotation_device.boot_step``), never by the running
+agent; the boot after a switch builds the TLS context and the signing key from the slot
+the pointer names (``main.build``).
 """
 
 import os
@@ -65,40 +66,3 @@ def remove(path):
     except OSError as e:
         if e.args and e.args[0] != 2:  # ENOENT
             raise
-
-
-def after(agent, key_path, cert_path, kid):
-    """The switch after ``install-cert`` was answered: a TLS context from the new slot's
-    key and certificate first; then batches, results and status are signed with the new
-    key (same seq, same previous hash: the chain goes on) and the link reconnects with
-    the new context. A heap with no room for the context (MemoryError) changes nothing
-    now: the board is reset (``machine.reset``) and boots on the new slot, which the
-    pointer names already; without a reset (the unix port) the device goes on with the
-    old key and connection and takes the new one at its next boot. It never signs with
-    a key whose certificate its connection cannot present."""
-    import gc
-
-    from cityedge_core.errors import TransportError
-
-    from .keys import private_key_from_der, read_file
-    from .mqtt_async import tls_context
-
-    key_der = read_file(key_path)
-    try:
-        gc.collect()
-        ctx = tls_context(read_file(cert_path), key_der, read_file(agent.cfg["tls"]["ca"]))
-    except MemoryError:
-        agent.mem_errors += 1
-        agent.last_error = "rotation: no heap for the new TLS context; the new key at boot"
-        import machine  # type: ignore[import-not-found]
-
-        reset = getattr(machine, "reset", None)
-        if reset is not None:
-            reset()
-        return
-    agent.writer.signer = private_key_from_der(key_der)  # no public point kept on it
-    agent.writer.kid = kid
-    link = agent.link
-    link.ssl_ctx = ctx
-    # the session ends at its next tick (``Link._session``) and reconnects
-    link._read_error = TransportError("key rotated: reconnecting with the new certificate")

@@ -54,7 +54,10 @@ rows; at 68 statuses signed beside the link and a batch find no room), not
 at 64: docs/ARCHITECTURE.md, "Memory on the device". Five pools hold the names; the sixth is
 7.5 KiB in one block, so each new module must free names to pay for its own.
 ``trust-update`` (``answers``, ``update_check._trust``) interns two names at boot
-(``.trust.new``, ``trust-update``). The tests' stand-in board: see ``fw_harness.HEAP``.
+(``.trust.new``, ``trust-update``); a rotation's command (``rotation_device``) and the
+messages a boot kept for the agent (``answers.publish_unsent``) add none (their file
+names are over 10 characters: constants, not names). The tests' stand-in board: see
+``fw_harness.HEAP``.
 
 The configuration is a JSON map (checked by ``config.load``):
 
@@ -158,6 +161,18 @@ def build(cfg, board=None, board_class=None):
         checked, broker["host"], broker.get("port", 8883), ssl_ctx,
         broker.get("server_hostname"), fleet_keys, board.sensors(cfg), names)
     unload(*ON_DEMAND)  # the state file's decoder
+    try:  # messages a boot signed (a trust-update's or a rotation's answer, a CSR): the
+        # agent publishes them once connected (``answers.publish_unsent``)
+        from os import stat
+
+        stat(a.state.path + ".unpublished")
+        from . import answers
+
+        answers.publish_unsent(a)
+        answers = None
+        unload("cityedge_fw.answers")
+    except OSError:
+        pass
     gc.collect()
     return a
 
@@ -192,11 +207,13 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         unload("cityedge_fw.provision_main", "cityedge_fw.provision")
     cfg = config.load(config_file or config_path(root), agent=False)
     del config
-    # a trust-update's statement (``trust_check``) or an update in progress: checked now,
-    # in the boot's empty heap (``update_check``), then the board resets
+    # a trust-update's statement (``trust_check``), a rotation command (``rotation_device``)
+    # or an update in progress: carried out now, in the boot's empty heap
+    # (``update_check``), then the board resets
     from os import stat
 
-    for f in (cfg.get("store", {}).get("state", "/state.cbor") + ".trust.new",
+    state = cfg.get("store", {}).get("state", "/state.cbor")
+    for f in (state + ".trust.new", state + ".rotation.new",
               cfg.get("update") and cfg["update"]["dir"].rstrip("/") + "/update.json"):
         try:
             if f:

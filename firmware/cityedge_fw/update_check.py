@@ -84,6 +84,15 @@ def run(cfg):
         pass
     else:
         return _trust(cfg)
+    try:  # a rotation command the agent kept (``rotation_device``)
+        os.stat(cfg.get("store", {}).get("state", "/state.cbor") + ".rotation.new")
+    except OSError:
+        pass
+    else:  # (the rotation's boot step lives with it: this module stays small for the
+        # update's check, whose boot heap is tight)
+        from . import rotation_device
+
+        return rotation_device.boot_step(cfg)
     u = cfg.get("update")
     if not u:
         return False
@@ -123,7 +132,7 @@ def run(cfg):
 
 class _Signer:
     """What ``answers`` needs of an agent to sign and keep a result (no link: nothing is
-    published; the fleet's resend of the command gets the kept answer)."""
+    published here; the agent publishes it once connected, ``answers.publish_unsent``)."""
 
     def __init__(self, device, key, kid, state_path):
         self.device = device
@@ -132,8 +141,6 @@ class _Signer:
         self.kid = kid
         self.state = self  # ``state.path``
         self.path = state_path
-        self.link = self  # ``link.client.state``: this object, never ``mqtt.CONNECTED``
-        self.client = self
 
 
 def _key(tls):
@@ -160,24 +167,15 @@ def _trust(cfg):
     it cut up): then the verdict replaces the statement in ``S.trust.new`` (``0``, the
     header, the outcome's index, the detail) and the next boot, with nothing else loaded,
     signs and keeps the answer. A boot that cannot sign even that drops it (no boot loop:
-    the fleet's resend is then refused as a replay)."""
+    the fleet's resend is then refused as a replay). The answer kept is also kept for the
+agent to publish once connected (``answers.keep_unsent``): the fleet has it without
+sending the command again."""
     state = cfg.get("store", {}).get("state", "/state.cbor")
     pending = state + ".trust.new"
-    with open(pending, "rb") as f:
-        raw = f.read()
-    owed = raw[:1] == b"\x00"  # a verdict an earlier boot could not sign
-    if owed:
-        raw = raw[1:]
-    n = raw[0] if raw else 0
-    if not n or len(raw) < 17 + n + (1 if owed else 0):  # torn cannot be (an atomic write): dropped
-        os.remove(pending)
+    got = _pending(pending)
+    if got is None:
         return True
-    head = bytes(raw[:17 + n])
-    device = raw[1:1 + n].decode()
-    seq = int.from_bytes(raw[1 + n:9 + n], "big")
-    now = int.from_bytes(raw[9 + n:17 + n], "big") or None
-    data = bytes(raw[17 + n:])
-    raw = None
+    owed, head, device, seq, now, data = got
     if owed:
         outcome, detail = _OUTCOMES[min(data[0], 2)], data[1:].decode()
     else:
@@ -186,18 +184,12 @@ def _trust(cfg):
     try:
         from cityedge_core import cose
 
-        from . import answers
-
         key = _key(cfg["tls"])
         agent = _Signer(device, key, cose.kid_for_public_key(key.public_key().to_sec1()),
                         state)
-        coro = answers._signed(agent, "trust-update", seq, outcome, detail)
-        try:
-            coro.send(None)  # not connected: it keeps the answer and returns at once
-        except StopIteration:
-            pass
+        _sign(agent, "trust-update", seq, outcome, detail)
     except MemoryError:
-        agent = key = coro = None
+        agent = key = None
         gc.collect()
         if not owed:  # the verdict waits for the next boot's clean heap
             from .files import write_atomic
@@ -212,6 +204,41 @@ def _trust(cfg):
             print("trust-update %d: answer kept" % seq)
     os.remove(pending)
     return True
+
+
+def _pending(pending):
+    """``(owed, head, device, seq, now, data)`` of a command kept for the boot
+    (``answers._for_boot``: ``[len, device, seq 8, now 8, data]``; ``owed``: a verdict an
+    earlier boot could not sign, ``0`` before it), or None after removing a file that is
+    not one (torn cannot be: an atomic write)."""
+    with open(pending, "rb") as f:
+        raw = f.read()
+    owed = raw[:1] == b"\x00"
+    if owed:
+        raw = raw[1:]
+    n = raw[0] if raw else 0
+    if not n or len(raw) < 17 + n + (1 if owed else 0):
+        os.remove(pending)
+        return None
+    return (owed, bytes(raw[:17 + n]), bytes(raw[1:1 + n]).decode(),
+            int.from_bytes(raw[1 + n:9 + n], "big"),
+            int.from_bytes(raw[9 + n:17 + n], "big") or None, bytes(raw[17 + n:]))
+
+
+def _sign(agent, name, seq, outcome, detail, csr=None):
+    """Sign and keep the answer to ``seq`` (``answers``: with the last answers, for the
+    fleet's resend), then keep it, after the CSR ``csr`` if there is one, for the agent
+    to publish once connected."""
+    from . import answers
+
+    data = answers._encode(agent, name, seq, outcome, detail)
+    answers._keep(agent, seq, data)  # (an OSError there: not kept, published all the same)
+    parts = [(1, csr), (0, data)] if csr else [(0, data)]
+    data = None
+    try:
+        answers.keep_unsent(agent.path, parts)
+    except OSError as e:  # the answer is kept: the fleet's resend gets it
+        print("%s %d: not kept to publish: %s" % (name, seq, e))
 
 
 def _check(cfg, state, seq, data, now):

@@ -63,6 +63,12 @@ class Board:
         return self.device
 
     def reset(self):
+        # the agent's reset (a command kept for the boot): what it survived and the names'
+        # pools now (``fw_harness.agent_resets`` reads the line), then the process ends
+        agent = _BOARD[-1]
+        if agent is not self:
+            sys.stdout.write("RESET mem_errors=%d\n" % agent.mem_errors)
+            _qstr_info()
         _reset()
 
     def wdt_feed(self):
@@ -193,6 +199,7 @@ def supervised(agent, stop):
 
     cityedge_fw.unload("cityedge_fw.main")  # boot-only, as on a board after boot
     board = _BOARD[0]
+    _BOARD.append(agent)  # for ``Board.reset``
     gc.collect()
     _qstr_info()  # the names interned at boot: the run must intern none (no pool grows)
     boot_alloc = gc.mem_alloc()

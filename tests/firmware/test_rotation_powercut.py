@@ -4,23 +4,29 @@ This file is both the pytest module (CPython side, bottom) and the MicroPython s
 tests run (top), as ``test_store_powercut.py`` is: ``micropython test_rotation_powercut.py
 sweep SEED``. The script formats ``vfs.VfsLfs2`` on ``simbus.CutFlash``, lays out a
 provisioned identity (slot 0: ``key.der``, ``cert.der``), and runs a whole rotation with
-the firmware's own code (``cityedge_fw.answers.send``, as the agent calls it for a
-command the gate took: ``rotation_device`` for ``rotate``, ``install-cert`` and
-``erase-key``, each answered, then ``key_slots.after`` for the switch; the state file
-``store.State``) against a stand-in fleet that issues a certificate for the CSR's key. The
-power is cut at one flash operation (program or erase), failing it, tearing it or
-(``flaky``) failing one write and going on; then a fresh file system is mounted on the
-image left behind and the device boots as ``main.build`` does (``key_slots.current``,
-``key_slots.paths``, ``keys.private_key_from_der``) and checks:
+the firmware's own code, as the device runs it: the agent takes each command
+(``cityedge_fw.answers.send``, as it calls it for a command the gate took: the command
+kept on flash, then the board's reset), the next boot carries it out
+(``update_check.run``, as ``main.main`` calls it: ``rotation_device.at_boot``, the answer
+signed and kept, the CSR and the answer kept for the agent; the state file
+``store.State``), and the agent after it publishes them once connected
+(``answers.publish_unsent``), against a stand-in fleet that issues a certificate for the
+CSR's key. The power is cut at one flash operation (program or erase), failing it,
+tearing it or (``flaky``) failing one write and going on; then a fresh file system is
+mounted on the image left behind and the device boots as ``main.main`` does (a command
+left on flash is carried out first; then ``key_slots.current``, ``key_slots.paths``,
+``keys.private_key_from_der``) and checks:
 
 - the current slot's key loads and its certificate holds it (a TLS identity that works),
   and it is the old key or the new one the fleet issued a certificate for;
 - the rotation then completes (the fleet's next rotation, as the fleet does after a step
   that was cut: ``cityedge_core.rotation``, "Power cuts"): the device ends on a new key
-  with its certificate, and the key before it is gone from the flash.
+  with its certificate, and the key before it is gone from the flash; no command file
+  is left behind (no boot loop).
 
-``micropython test_rotation_powercut.py qos`` (no cuts): ``rotate`` publishes its CSR at
-QoS 1 while the stand-in link's send window has room, at QoS 0 when it is full.
+``micropython test_rotation_powercut.py qos`` (no cuts): the agent publishes the CSR and
+the answer a boot kept at QoS 1 while the link's send window has room, at QoS 0 when it
+is full.
 
 The "certificates" are stand-ins (the key's SEC1 point in a BIT STRING, as
 ``rotation.cert_holds_key`` looks for it): the fleet's real certificates are in the
@@ -44,6 +50,9 @@ BLOCKS = 48  # 24 KiB file system
 DEVICE = "urn:dev:mac:0024befffe804ff1"
 ROOT = "/flash"
 TLS = {"key": ROOT + "/key.der", "cert": ROOT + "/cert.der", "ca": ROOT + "/ca.der"}
+STATE = ROOT + "/state.cbor"
+CFG = {"tls": TLS, "store": {"state": STATE}}
+SENT = []  # (topic, payload, qos) of every publish, across the device's boots
 
 
 # ---------------------------------------------------------------- MicroPython side
@@ -54,24 +63,25 @@ def fake_cert(point):
     return b"\x30\x82CERT" + DEVICE.encode() + b"\x03\x42\x00" + bytes(point)
 
 
+class Reset(Exception):
+    """The board's reset (the unix port's process would end)."""
+
+
 class Link:
     """The agent's link as the rotation uses it: connected; keeps what was published."""
+
+    room = True  # room in its send window: then published at QoS 1
 
     def __init__(self):
         from cityedge_fw import mqtt
 
         link = self
-        self.room = True  # room in its send window: ``answers`` then publishes at QoS 1
         self.client = type("C", (), {"state": mqtt.CONNECTED,
                                      "can_publish": lambda self: link.room})()
-        self.sent = []
-        self.sent_qos = []  # the QoS of each publish, in the order of ``sent``
-        self.ssl_ctx = None
-        self._read_error = None
+        self.on_connect = None
 
     async def publish(self, topic, payload, qos=0):
-        self.sent.append((topic, bytes(payload)))
-        self.sent_qos.append(qos)
+        SENT.append((topic, bytes(payload), qos))
 
 
 class Writer:
@@ -80,8 +90,18 @@ class Writer:
         self.kid = kid
 
 
+class Board:
+    @staticmethod
+    def unix_time():
+        return 1700000000
+
+    @staticmethod
+    def reset():
+        raise Reset()
+
+
 class Agent:
-    """The parts of ``Agent`` the rotation commands use."""
+    """The parts of ``Agent`` the rotation's commands use."""
 
     def __init__(self, key, kid):
         from cityedge_fw.store import State
@@ -89,31 +109,58 @@ class Agent:
         self.device = DEVICE
         self.topics = ("ce/v1/%s/up/readings" % DEVICE,)  # ``Agent.topics``' first
         self.cfg = {"tls": TLS}
-        self.state = State(ROOT + "/state.cbor")
+        self.state = State(STATE)
         self.writer = Writer(key, kid)
         self.link = Link()
+        self.board = Board()
         self.mem_errors = 0
         self.last_error = None
 
+    async def _on_connect(self):
+        pass
+
+    def seal(self):
+        pass
+
 
 def boot():
-    """What ``main.build`` loads: the current slot's key, and its certificate; checked."""
+    """What ``main.main`` does: a command a running agent kept is carried out first
+    (``update_check.run``; the board resets after it, and boots again), then
+    ``main.build``'s identity: the current slot's key and its certificate, checked; the
+    agent publishes what a boot kept for it once connected (``answers``)."""
+    import asyncio
+    import os
+
     from cityedge_core import cose, rotation
-    from cityedge_fw import key_slots
+    from cityedge_fw import answers, key_slots, update_check
     from cityedge_fw.keys import private_key_from_der, read_file
 
+    for f in (".trust.new", ".rotation.new"):
+        try:
+            os.stat(STATE + f)
+        except OSError:
+            continue
+        assert update_check.run(CFG), "boot: the kept command not run"
     key_path, cert_path = key_slots.paths(TLS, key_slots.current(TLS))
     key = private_key_from_der(read_file(key_path))
     point = key.public_key().to_sec1()
     assert rotation.cert_holds_key(read_file(cert_path), point), "boot: cert not for key"
-    return Agent(key, cose.kid_for_public_key(point))
+    agent = Agent(key, cose.kid_for_public_key(point))
+    try:
+        os.stat(STATE + ".unpublished")
+    except OSError:
+        return agent
+    answers.publish_unsent(agent)
+    asyncio.run(agent.link.on_connect())
+    assert agent.link.on_connect == agent._on_connect
+    return agent
 
 
-def results(agent):
+def results():
     from cityedge_core import cbor, cose
 
     out = []
-    for topic, data in agent.link.sent:
+    for topic, data, _ in SENT:
         if topic.endswith("/up/result"):
             body = cbor.loads(cose.decode_sign1(data).payload)
             out.append((body[3], body[4], body[5]))
@@ -135,32 +182,60 @@ class _Tls:
 sys.modules["cityedge_fw.mqtt_async"] = _Tls
 
 
-def rotate_once(agent, rid, seq):
-    """One rotation as the fleet drives it; returns the new key's kid (or raises)."""
+def command(agent, name, seq, args):
+    """The agent takes a command the gate took (``answers.send``): kept, then the reset;
+    the next boot carries it out and the agent after it publishes the answer."""
     import asyncio
 
-    from cityedge_core import cbor, cose, rotation
     from cityedge_fw import answers
 
-    def run(agent, name, seq, args):  # as the agent runs a command the gate took
-        return answers.send(agent, name, seq, args)
+    try:
+        asyncio.run(answers.send(agent, name, seq, args))
+    except Reset:
+        pass
+    else:
+        raise AssertionError("%s: the agent did not reset" % name)
+    agent = boot()
+    if not [r for r in results() if r[0] == seq]:  # nothing kept to publish (a flash
+        # error): the fleet sends the command again, the gate finds it a replay
+        asyncio.run(answers.send(agent, Replay(name, seq), None, None))
+    assert results()[-1][:2] == (seq, "ok"), results()
+    return agent
 
-    asyncio.run(run(agent, "rotate", seq, {1: rid}))
-    assert results(agent)[-1][:2] == (seq, "ok"), results(agent)
-    csr_msg = [d for t, d in agent.link.sent if t.endswith("/up/csr")][-1]
+
+class Replay:
+    """The gate's ``CommandRefused`` for a seq taken before (the fleet's resend)."""
+
+    replay = True
+
+    def __init__(self, name, seq):
+        self.name = name
+        self.seq = seq
+
+    def __str__(self):
+        return "replay"
+
+
+def rotate_once(agent, rid, seq):
+    """One rotation as the fleet drives it; returns (the old kid, the new one), the
+    agent after it."""
+    from cityedge_core import cbor, cose, rotation
+
+    agent = command(agent, "rotate", seq, {1: rid})
+    csrs = [d for t, d, _ in SENT if t.endswith("/up/csr")]
+    assert csrs, "no CSR published (a flash error): the fleet's rotation expires"
+    csr_msg = csrs[-1]
     csr_der = cbor.loads(csr_msg)[rotation.M_CSR]
     i = csr_der.find(b"\x03\x42\x00\x04")
     point = csr_der[i + 3:i + 68]
     NEW.append(cose.kid_for_public_key(point))
     old_kid = agent.writer.kid
-    asyncio.run(run(agent, "install-cert", seq + 1, {1: rid, 2: fake_cert(point)}))
-    assert results(agent)[-1][:2] == (seq + 1, "ok"), results(agent)
+    agent = command(agent, "install-cert", seq + 1, {1: rid, 2: fake_cert(point)})
     new_kid = cose.kid_for_public_key(point)
-    assert agent.writer.kid == new_kid and agent.link._read_error is not None
-    asyncio.run(run(agent, "erase-key", seq + 2, {1: rid, 2: old_kid}))
-    assert results(agent)[-1][:2] == (seq + 2, "ok"), results(agent)
-    assert "erased" in results(agent)[-1][2], results(agent)
-    return old_kid, new_kid
+    assert agent.writer.kid == new_kid  # the boot after the switch: the new slot
+    agent = command(agent, "erase-key", seq + 2, {1: rid, 2: old_kid})
+    assert "erased" in results()[-1][2], results()
+    return old_kid, new_kid, agent
 
 
 def provision():
@@ -188,6 +263,7 @@ def run_once(base, cut_at, mode, tear):
     vfs.mount(vfs.VfsLfs2(flash), ROOT)
     first = boot().writer.kid
     del NEW[:]
+    del SENT[:]
     stage = "done"
     try:
         agent = boot()
@@ -211,7 +287,7 @@ def run_once(base, cut_at, mode, tear):
         if stage == "done":
             assert held == NEW[0], "the rotation returned but the old key is current"
         # the fleet's next rotation completes from whatever the cut left
-        old, newer = rotate_once(agent, 8, 10)
+        old, newer, agent = rotate_once(agent, 8, 10)
         assert old == held and newer != first and newer not in NEW[:-1]
         import os
 
@@ -225,15 +301,17 @@ def run_once(base, cut_at, mode, tear):
         for path in (key_path, cert_path):
             assert path.rsplit("/", 1)[1] not in files, "old %s still on flash: %r" % (
                 path, files)
-        assert [f for f in files if f.endswith(".tmp")] == [], files
+        assert [f for f in files if f.endswith(".tmp") or f.endswith(".new")
+                or f.endswith(".unpublished")] == [], files
     finally:
         vfs.umount(ROOT)
     return flash.ops, flash.dead, stage
 
 
 def csr_qos():
-    """``rotate`` with room in the link's send window, then with the window full: the
-    QoS of each CSR published on ``up/csr`` (and of each answer on ``up/result``)."""
+    """A rotate carried out at boot, then the agent's publish with room in the link's
+    send window, and again with the window full: the QoS of the CSR (``up/csr``) and of
+    the answer (``up/result``) each time."""
     import asyncio
 
     import vfs
@@ -250,14 +328,16 @@ def csr_qos():
         agent = boot()
         got = []
         for rid, room in ((7, True), (8, False)):
-            agent.link.room = room
-            asyncio.run(answers.send(agent, "rotate", rid, {1: rid}))
-            assert results(agent)[-1][:2] == (rid, "ok"), results(agent)
-            for i, (topic, _) in enumerate(agent.link.sent):  # (no zip(strict=) there)
-                got.append("%s:%s:%d" % (rid, topic.rsplit("/", 1)[1],
-                                         agent.link.sent_qos[i]))
-            del agent.link.sent[:]
-            del agent.link.sent_qos[:]
+            try:  # noqa: SIM105 (no contextlib on MicroPython)
+                asyncio.run(answers.send(agent, "rotate", rid, {1: rid}))
+            except Reset:
+                pass
+            del SENT[:]
+            Link.room = room  # the next agent's link
+            agent = boot()
+            assert results()[-1][:2] == (rid, "ok"), results()
+            for topic, _, qos in SENT:
+                got.append("%s:%s:%d" % (rid, topic.rsplit("/", 1)[1], qos))
     finally:
         vfs.umount(ROOT)
     print("QOS " + " ".join(got))
@@ -320,9 +400,9 @@ if CPYTHON:
         return proc.stdout
 
     def test_the_csr_goes_at_qos_1_when_the_send_window_has_room() -> None:
-        """``rotate`` publishes its CSR at QoS 1 while the link's in-flight window has
-        room (the broker then acknowledges it), at QoS 0 when the window is full (a CSR
-        lost then is sent again by the fleet's resend of ``rotate``), as the answers go."""
+        """The agent publishes the CSR and the answer a boot kept at QoS 1 while the
+        link's in-flight window has room (the broker then acknowledges them), at QoS 0
+        when the window is full, as the answers go."""
         if not MICROPYTHON.exists():
             pytest.fail("micropython not found: run `make setup`")
         proc = subprocess.run(
