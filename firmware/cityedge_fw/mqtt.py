@@ -69,8 +69,10 @@ _CONNECTING = const(1)
 CONNECTED = const(2)
 
 # CONNACK return codes 1..5 (§3.2.2.3), by code
-_CONNACK_TEXT = const(("", "unacceptable protocol version", "client identifier rejected",
-                 "server unavailable", "bad user name or password", "not authorized"))
+# (one string constant, split when a broker refuses: a tuple of them was 6 objects on the
+# device heap; "/" is a name the interpreter has)
+_CONNACK_TEXT = const("/unacceptable protocol version/client identifier rejected"
+                      "/server unavailable/bad user name or password/not authorized")
 
 
 # Events returned by ``feed`` are tuples (cheaper than classes on a 64 KiB heap):
@@ -379,8 +381,9 @@ class Client:
             code = data[1]
             if code:  # a ``TransportError``, not a class per case (~300 bytes each)
                 self.state = DISCONNECTED
+                text = _CONNACK_TEXT.split("/")
                 raise TransportError("mqtt: broker refused the connection: %s (code %d)" % (
-                    _CONNACK_TEXT[code] if code < len(_CONNACK_TEXT) else "unknown", code))
+                    text[code] if code < len(text) else "unknown", code))
             self.state = CONNECTED
             self.sessions += 1
             events.append((CONNACK, bool(data[0] & 1)))
