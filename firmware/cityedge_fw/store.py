@@ -300,7 +300,8 @@ class RingBuffer:
         except OSError as e:
             if e.args and e.args[0] == _ENOENT:
                 return 0
-            raise StorageError("ring buffer: cannot %s batch %d: %s" % ("stat", seq, e)) from None
+            raise StorageError("ring buffer: cannot %s batch %d: %s"
+                               % ("stat", seq, e)) from None
 
     # -- writing --------------------------------------------------------------
 
@@ -338,7 +339,8 @@ class RingBuffer:
                 if e.args and e.args[0] == _ENOSPC and self.count:
                     self._drop_oldest(1)
                     continue
-                raise StorageError("ring buffer: cannot %s batch %d: %s" % ("store", seq, e)) from None
+                raise StorageError("ring buffer: cannot %s batch %d: %s"
+                                   % ("store", seq, e)) from None
         self._insert(seq)
         self._used += need
 
