@@ -69,8 +69,10 @@ _CONNECTING = const(1)
 CONNECTED = const(2)
 
 # CONNACK return codes 1..5 (§3.2.2.3), by code
-_CONNACK_TEXT = const(("", "unacceptable protocol version", "client identifier rejected",
-                 "server unavailable", "bad user name or password", "not authorized"))
+# (one string constant, split when a broker refuses: a tuple of them was 6 objects on the
+# device heap; "/" is a name the interpreter has)
+_CONNACK_TEXT = const("/unacceptable protocol version/client identifier rejected"
+                      "/server unavailable/bad user name or password/not authorized")
 
 
 # Events returned by ``feed`` are tuples (cheaper than classes on a 64 KiB heap):
@@ -191,7 +193,7 @@ def split_packet(buf, max_packet=_MAX_PACKET_BYTES):
 def decode_str(data, pos):
     """Read a length-prefixed UTF-8 string; returns (text, next position)."""
     if pos + 2 > len(data):
-        raise MalformedError("mqtt: string length runs past the packet")
+        raise MalformedError("mqtt: string runs past the packet")
     n = (data[pos] << 8) | data[pos + 1]
     end = pos + 2 + n
     if end > len(data):
@@ -212,7 +214,7 @@ def decode_publish(flags, data):
         raise MalformedError("mqtt: PUBLISH with QoS 3")
     topic, pos = decode_str(data, 0)
     if not topic or "+" in topic or "#" in topic:
-        raise MalformedError("mqtt: PUBLISH with bad topic name %r" % topic)
+        raise MalformedError("mqtt: bad topic name %r" % topic)
     packet_id = 0
     if qos:
         if pos + 2 > len(data):
@@ -306,7 +308,7 @@ class Client:
         self._require_connected()
         for _topic, qos in filters:
             if qos not in (0, 1):
-                raise ValueError("mqtt: subscribe QoS %r not supported" % qos)
+                raise ValueError("mqtt: QoS %r not supported" % qos)
         packet_id = self._new_packet_id()
         self._send(encode_subscribe(packet_id, filters), now_ms)
         self._pending_subs.append(packet_id)
@@ -379,8 +381,9 @@ class Client:
             code = data[1]
             if code:  # a ``TransportError``, not a class per case (~300 bytes each)
                 self.state = DISCONNECTED
+                text = _CONNACK_TEXT.split("/")
                 raise TransportError("mqtt: broker refused the connection: %s (code %d)" % (
-                    _CONNACK_TEXT[code] if code < len(_CONNACK_TEXT) else "unknown", code))
+                    text[code] if code < len(text) else "unknown", code))
             self.state = CONNECTED
             self.sessions += 1
             events.append((CONNACK, bool(data[0] & 1)))

@@ -132,7 +132,7 @@ class State:
                 raw = f.read()
         except OSError as e:
             if e.args and e.args[0] != _ENOENT:
-                raise StorageError("state: cannot read %s: %s" % (path, e)) from None
+                raise StorageError("state: cannot %s %s: %s" % ("read", path, e)) from None
             return
         try:
             obj = cbor.loads(raw)
@@ -158,7 +158,7 @@ class State:
         except OSError as e:
             for key in old:
                 _put(values, key, old[key])
-            raise StorageError("state: cannot write %s: %s" % (self.path, e)) from None
+            raise StorageError("state: cannot %s %s: %s" % ("write", self.path, e)) from None
 
 
 class RingBuffer:
@@ -300,7 +300,8 @@ class RingBuffer:
         except OSError as e:
             if e.args and e.args[0] == _ENOENT:
                 return 0
-            raise StorageError("ring buffer: cannot stat batch %d: %s" % (seq, e)) from None
+            raise StorageError("ring buffer: cannot %s batch %d: %s"
+                               % ("stat", seq, e)) from None
 
     # -- writing --------------------------------------------------------------
 
@@ -338,7 +339,8 @@ class RingBuffer:
                 if e.args and e.args[0] == _ENOSPC and self.count:
                     self._drop_oldest(1)
                     continue
-                raise StorageError("ring buffer: cannot store batch %d: %s" % (seq, e)) from None
+                raise StorageError("ring buffer: cannot %s batch %d: %s"
+                                   % ("store", seq, e)) from None
         self._insert(seq)
         self._used += need
 
@@ -439,7 +441,7 @@ class RingBuffer:
         except OSError as e:
             if e.args and e.args[0] == _ENOENT:
                 return None
-            raise StorageError("ring buffer: cannot read batch %d: %s" % (seq, e)) from None
+            raise StorageError("ring buffer: cannot %s batch %d: %s" % ("read", seq, e)) from None
         magic, fseq, _length, _crc = struct.unpack(_HEADER_FMT, self._hdr)
         if magic != _MAGIC or fseq & _SEQ_MASK != seq:
             return None
@@ -467,7 +469,7 @@ class RingBuffer:
         except OSError as e:
             if e.args and e.args[0] == _ENOENT:
                 return None
-            raise StorageError("ring buffer: cannot read batch %d: %s" % (seq, e)) from None
+            raise StorageError("ring buffer: cannot %s batch %d: %s" % ("read", seq, e)) from None
         if got != length or crc32(data) & 0xFFFFFFFF != crc:
             return None
         return data
