@@ -41,20 +41,3 @@ class TransportError(LocalError):
 
 class StorageError(LocalError):
     """Persistent storage failed (flash full, write torn, database locked)."""
-
-
-# On MicroPython a ``class`` statement gives each class a namespace dict of its own (with
-# ``__module__`` and ``__qualname__``), and the device keeps all nine classes resident.
-# There the same classes (names, bases, behaviour) are re-made sharing one empty namespace:
-# none of them has an attribute of its own (one set on a class would show on all nine;
-# nothing sets any, and a subclass defined elsewhere gets its own as usual). The board's
-# boot path then has 0.8 KiB less in use (docs/ARCHITECTURE.md, "Memory on the device");
-# the first classes are garbage once this returns. CPython keeps the classes above.
-if __import__("sys").implementation.name == "micropython":
-    data: dict[str, object] = {}
-    for name in ("CityedgeError", "PeerError", "MalformedError", "LimitError", "SignatureError",
-                 "UnknownKeyError", "LocalError", "TransportError", "StorageError"):
-        key = globals()[name]
-        globals()[name] = type(name, tuple(globals().get(b.__name__, b) for b in key.__bases__),
-                               data)
-    del data, name, key

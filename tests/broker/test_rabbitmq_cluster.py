@@ -339,7 +339,9 @@ def test_a_fleet_command_reaches_a_device_and_its_answer_is_recorded(
         assert wait_for(lambda: state(first)["state"] == "ok", WAIT_S), \
             (state(first), device.stats.commands, device.stats.forged, publisher.rounds)
         got = state(first)
-        assert got["sends"] == 1 and got["result_detail"].startswith("seq ")
+        # sent at least once: on a loaded machine the device's first batch can also wake
+        # the publisher (a return after a silence) before the answer is in
+        assert got["sends"] >= 1 and got["result_detail"].startswith("seq ")
         assert device.stats.commands == ["status"]  # taken once, checked by its gate
         assert device.stats.forged == device.stats.refused == 0
 
