@@ -38,10 +38,15 @@ setup: system-deps $(STAMP)
 demo: setup
 	$(BIN)/python -m cityedge.demo
 
-# The suite runs on every core (pytest-xdist), one test file per worker at a time, so a
-# file's module fixtures (a broker, a built firmware) are made once.
+# The suite runs on pytest-xdist workers, one test file per worker at a time, so a file's
+# module fixtures (a broker, a built firmware) are made once. One worker more than cores:
+# most tests spend much of their time waiting on a subprocess (a broker, MicroPython, pip),
+# so the cores stay busy. The longest files start first (tests/support/file_order.py,
+# seconds in tests/file_seconds.txt), in that order (--no-loadscope-reorder).
+TEST_WORKERS ?= $(shell python3 -c "import os; print(len(os.sched_getaffinity(0)) + 1)")
 test: setup lint typecheck
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=30
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--durations=30
 
 # the console's pictures in the docs, taken by the browser tests
 screenshots: setup

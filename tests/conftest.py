@@ -36,7 +36,13 @@ os.environ.pop("LINES", None)
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from support import file_order  # noqa: E402
 from support.mosquitto import Mosquitto, TestPKI  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest files first (``support.file_order``), so the workers end together."""
+    items[:] = file_order.longest_first(items, file_order.read_seconds())
 
 
 @pytest.hookimpl(wrapper=True)

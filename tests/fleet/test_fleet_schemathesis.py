@@ -18,6 +18,7 @@ import hashlib
 import random
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,10 +37,12 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from sqlalchemy import update
 from sqlmodel import Session, select
 
+from cityedge_fleet.config import Settings
 from cityedge_fleet.models import CONTROL_CHARACTERS, ApiToken, Device, Role
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
 from support.fleet import Api
+from support.ota import ReleaseKit
 
 EXAMPLES_PER_OPERATION = 30  # per generation mode, on SQLite: about 25 s on a quiet machine
 STATEFUL_SCENARIOS = 50
@@ -285,6 +288,17 @@ def _own_token_only(case: Any) -> None:
     if case.headers:
         for name in [k for k in case.headers if k.lower() == "authorization"]:
             del case.headers[name]
+
+
+@pytest.fixture(name="settings")
+def ota_ready_settings(settings: Settings, tmp_path: Path) -> Settings:
+    """The conftest's fleet, set up to take releases as a live one is: a root set (without
+    it every ``POST /ota/releases`` is a 503, the fleet's configuration missing, which a
+    random valid body reached in a local run), the artifact store and its public URL."""
+    settings.ota_root_set_file = ReleaseKit.make(tmp_path).root_set_file
+    settings.ota_dir = tmp_path / "ota"
+    settings.ota_public_url = "https://fleet.test:8443"
+    return settings
 
 
 def test_no_server_error_and_every_answer_matches_the_schema(api: Api) -> None:
