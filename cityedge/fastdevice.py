@@ -202,13 +202,17 @@ class FastDevice:
 
     def __init__(self, directory: Path, host: str, port: int, *, interval_s: float = 1.0,
                  readings: int = 10, clock: Any = time.time,
-                 chain: tuple[int, bytes] | None = None) -> None:
+                 chain: tuple[int, bytes] | None = None, prove_at_once: bool = False) -> None:
         self.dir = directory
         self.host = host
         self.port = port
         self.interval_s = interval_s
         self.readings = readings
         self.clock = clock
+        # True: the first batch under a new key is signed as the key switches, not at the
+        # next sampling time (the fleet's proof, and so the old certificate's revocation,
+        # comes a sampling interval sooner: a campaign's waves need not wait for it)
+        self.prove_at_once = prove_at_once
         ident = json.loads((directory / "identity.json").read_text())
         self.id: str = ident["device_id"]
         self.chain_tail: str = ident["chain_tail"]
@@ -387,6 +391,8 @@ class FastDevice:
             self.slot, self.signer = slot, new
             self.writer.signer, self.writer.kid = new, new.kid
             self.stats.rotations += 1
+            if self.prove_at_once and self.sampling:
+                self.sign_batch()  # sent first on the new session
             self._switch.set()  # reconnect with the new key and certificate
             self._wake.set()  # the session ends at once, not at its next look
 
