@@ -22,7 +22,9 @@ What it does, as a device does:
   issued: ``rotate`` makes a key in the other slot and sends the CSR proven by the current
   key; ``install-cert`` checks the certificate holds the pending key, stores it, answers
   ``ok``, moves the pointer and reconnects with the new key and certificate, signing the
-  next batch with it (its ``prev`` is the last batch under the old key); ``erase-key``
+  next batch with it (its ``prev`` is the last batch under the old key; with
+  ``prove_at_once`` that batch is signed at the switch, not at the next sampling time,
+  so the fleet's proof does not wait an interval); ``erase-key``
   deletes the named key only if it is not the current one.
 - **takes the fleet's new command keys** (``trust-update``) when provisioned with the
   fleet's root certificate: ``cityedge_host.fleet_trust``, as the Pi gateway does (the

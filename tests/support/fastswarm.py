@@ -74,9 +74,16 @@ class Swarm:
             return ""
 
 
-def _raise_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def raise_fd_limit(need: int = 0) -> int:
+    """The soft limit of open descriptors up to the hard one (each TLS connection is one,
+    here and at the broker, which inherits the limit of the process that starts it); the
+    limit now. ``need``: AssertionError if even the hard limit is below it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert soft >= need, "RLIMIT_NOFILE is %d: %d descriptors are needed" % (soft, need)
+    return soft
 
 
 async def _run(spec: dict[str, Any]) -> None:
@@ -107,7 +114,7 @@ async def _run(spec: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    _raise_fd_limit()
+    raise_fd_limit()
     spec = json.loads(Path(argv[1]).read_text())
     asyncio.run(_run(spec))
     return 0
