@@ -108,7 +108,7 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
                 return
         except OperationalError:  # the write lock held past the busy timeout: look again
             pass
-        time.sleep(0.2)
+        time.sleep(0.5)
     raise RuntimeError(what)
 
 
@@ -119,8 +119,14 @@ def mqtt_campaign(n: int = DEVICES) -> dict[str, float]:
     from sqlmodel import col, func, select
 
     from cityedge_fleet import command_queue
-    from cityedge_fleet.campaign import CampaignLimits
-    from cityedge_fleet.models import ChainStateRow, CommandState, DeviceState, FleetCommand
+    from cityedge_fleet.campaign import CampaignLimits, CampaignState
+    from cityedge_fleet.campaign_store import RotationCampaign
+    from cityedge_fleet.models import (
+        ChainStateRow,
+        CommandState,
+        DeviceState,
+        FleetCommand,
+    )
 
     from support.fastfleet import real_fleet, register_fast_many
     from support.fastswarm import Swarm, raise_fd_limit
@@ -181,9 +187,10 @@ def mqtt_campaign(n: int = DEVICES) -> dict[str, float]:
                         cid = camp.id or 0
                     runner.wake()
 
-                    def done() -> bool:
+                    def done() -> bool:  # the runner's own record (status() is heavy)
                         with Session(engine) as s:
-                            return str(campaign_store.status(s, cid)["state"]) == "done"
+                            camp = s.get(RotationCampaign, cid)
+                            return camp is not None and camp.state == CampaignState.done
 
                     _wait(done, MQTT_WAIT_S, "the campaign did not finish")
                     wall = time.perf_counter() - t
