@@ -7,8 +7,8 @@ the campaign measures the devices' share as the fleet's).
 device directories (each made by ``fastdevice.provision``); the devices connect spread
 over ``stagger_s`` (no handshake storm at the broker) and run until ``stop()``, which
 sends SIGTERM, waits for them to end their sessions and returns each device's
-``FastStats`` (as a dict) and the kids of the keys left on its disk. The child raises its
-own descriptor limit to the hard one (a TLS connection each)."""
+``FastStats`` (as a dict), the kids of the keys left on its disk and the current one.
+The child raises its own descriptor limit to the hard one (a TLS connection each)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,7 +66,9 @@ class Swarm:
                 self.proc.wait(10)
                 raise AssertionError("the swarm did not stop: %s" % self.tail()) from None
         assert self.proc.returncode == 0, self.tail()
-        return dict(json.loads(self.out.read_text()))
+        stats = dict(json.loads(self.out.read_text()))
+        shutil.rmtree(self.work, ignore_errors=True)
+        return stats
 
     def tail(self, chars: int = 4000) -> str:
         try:
