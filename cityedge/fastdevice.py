@@ -22,7 +22,9 @@ What it does, as a device does:
   issued: ``rotate`` makes a key in the other slot and sends the CSR proven by the current
   key; ``install-cert`` checks the certificate holds the pending key, stores it, answers
   ``ok``, moves the pointer and reconnects with the new key and certificate, signing the
-  next batch with it (its ``prev`` is the last batch under the old key); ``erase-key``
+  next batch with it (its ``prev`` is the last batch under the old key; with
+  ``prove_at_once`` that batch is signed at the switch, not at the next sampling time,
+  so the fleet's proof does not wait an interval); ``erase-key``
   deletes the named key only if it is not the current one.
 - **takes the fleet's new command keys** (``trust-update``) when provisioned with the
   fleet's root certificate: ``cityedge_host.fleet_trust``, as the Pi gateway does (the
@@ -202,13 +204,17 @@ class FastDevice:
 
     def __init__(self, directory: Path, host: str, port: int, *, interval_s: float = 1.0,
                  readings: int = 10, clock: Any = time.time,
-                 chain: tuple[int, bytes] | None = None) -> None:
+                 chain: tuple[int, bytes] | None = None, prove_at_once: bool = False) -> None:
         self.dir = directory
         self.host = host
         self.port = port
         self.interval_s = interval_s
         self.readings = readings
         self.clock = clock
+        # True: the first batch under a new key is signed as the key switches, not at the
+        # next sampling time (the fleet's proof, and so the old certificate's revocation,
+        # comes a sampling interval sooner: a campaign's waves need not wait for it)
+        self.prove_at_once = prove_at_once
         ident = json.loads((directory / "identity.json").read_text())
         self.id: str = ident["device_id"]
         self.chain_tail: str = ident["chain_tail"]
@@ -387,6 +393,8 @@ class FastDevice:
             self.slot, self.signer = slot, new
             self.writer.signer, self.writer.kid = new, new.kid
             self.stats.rotations += 1
+            if self.prove_at_once and self.sampling:
+                self.sign_batch()  # sent first on the new session
             self._switch.set()  # reconnect with the new key and certificate
             self._wake.set()  # the session ends at once, not at its next look
 

@@ -117,6 +117,14 @@ class BrokerAccess:
                    {"command": "createClient", **broker_acl.client_json(cn)}],
                   fine=("Role already exists", "Client already exists"))
 
+    def grant_many(self, cns: list[str]) -> None:
+        """``grant`` each of ``cns`` in one control request (a fleet registered in bulk)."""
+        commands: list[dict[str, object]] = []
+        for cn in cns:
+            commands += [{"command": "createRole", **broker_acl.role_json(cn, self.share_group)},
+                         {"command": "createClient", **broker_acl.client_json(cn)}]
+        self._run(commands, fine=("Role already exists", "Client already exists"))
+
     def cut(self, cn: str) -> None:
         self._run([{"command": "deleteClient", "username": cn},
                    {"command": "deleteRole", "rolename": broker_acl.role_name(cn)}],

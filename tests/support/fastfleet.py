@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import shutil
 import threading
 from collections.abc import Iterator
@@ -13,16 +14,21 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
+from sqlmodel import Session
 
 from cityedge.fastdevice import FastDevice, provision
+from cityedge_core.chain import ChainState
+from cityedge_fleet import command_key
 from cityedge_fleet.app import create_app
+from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.command_publisher import CommandPublisher
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
-from cityedge_fleet.models import Role
-from cityedge_host.crypto import EcSigner
+from cityedge_fleet.models import ChainStateRow, Credential, Device, DeviceState, Role
+from cityedge_host.crypto import EcSigner, public_sec1
 
 from support.fleet import Api, csr_for, device_body
 from support.fleet_world import fleet_world
@@ -127,3 +133,60 @@ class DeviceLoop:
         assert not self.thread.is_alive(), "fast devices did not stop"
         if self.error is not None:
             raise self.error
+
+
+GRANTS_PER_REQUEST = 10  # identities granted per broker control request (bulk)
+
+
+def register_fast_many(f: Fleet, first: int, n: int, *, not_before: dt.datetime,
+                       state: DeviceState = DeviceState.provisioned,
+                       base: Path | None = None) -> list[Path]:
+    """Devices ``first`` .. ``first + n - 1`` (``device_body``'s ids, site ``harbour``)
+    straight into the registry as enrollment leaves them (``state``, a credential of a
+    certificate the fleet's CA signed for a key made here, the chain's row), granted at
+    the broker (``BrokerAccess.grant_many``), and a fast device's directory each under
+    ``base`` (default: the world's; ``provision``, with a copy of its first key and chain
+    in ``<dir>/first`` as ``enroll_fast`` keeps); their directories. The credential rows
+    say the key was issued at ``not_before`` (a campaign over old keys); the certificates
+    are fresh. For campaigns over a thousand devices, where enrolling each through the
+    API is not what is measured (``enroll_fast`` does that)."""
+    ca = CertificateAuthority(f.settings.ca_dir)
+    fleet_keys = command_key.trust_store(command_key.from_settings(f.settings))
+    access = f.api.client.app.state.broker_access  # type: ignore[attr-defined]
+    root_pem = (f.settings.ca_dir / "root.crt").read_text()
+    ca_pem = f.pki.ca_pem.read_text()
+    chain_tail = ca.chain_pem()
+    base = base or f.world
+    dirs = []
+    for start in range(first, first + n, GRANTS_PER_REQUEST):
+        ids = []
+        with Session(f.api.engine) as s:
+            for i in range(start, min(first + n, start + GRANTS_PER_REQUEST)):
+                body = device_body(i)
+                dev = str(body["id"])
+                signer = EcSigner.generate()
+                cert = ca.sign_csr(csr_for(signer, dev), dev,
+                                   days=f.settings.limits.cert_validity_days)
+                cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+                s.add(Device(id=dev, serial=str(body["serial"]), model=str(body["model"]),
+                             hardware_class=str(body["hardware_class"]),
+                             site=str(body["site"]), state=state))
+                s.flush()
+                s.add(Credential(device_id=dev, serial="%x" % cert.serial_number,
+                                 kid=signer.kid.hex(), public_key=public_sec1(
+                                     signer.public_key).hex(), not_before=not_before,
+                                 not_after=cert.not_valid_after_utc, cert_pem=cert_pem,
+                                 issuer=ca.id))
+                s.add(ChainStateRow(device_id=dev, state=ChainState().to_bytes(),
+                                    last_seq=0))
+                d = provision(base / ("dev%d" % i), device_id=dev, signer=signer,
+                              chain_pem=cert_pem + chain_tail, ca_pem=ca_pem,
+                              fleet_keys=fleet_keys, root_pem=root_pem)
+                (d / "first").mkdir()
+                (d / "first" / "key.pem").write_bytes(signer.private_pem())
+                (d / "first" / "chain.pem").write_text(cert_pem + chain_tail)
+                dirs.append(d)
+                ids.append(dev)
+            access.grant_many(ids)  # before the commit, as enrollment grants
+            s.commit()
+    return dirs
