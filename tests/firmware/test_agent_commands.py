@@ -19,7 +19,6 @@ and requires each command obeyed once.
 
 from __future__ import annotations
 
-import ssl
 import time
 from pathlib import Path
 
@@ -35,23 +34,13 @@ from fw_harness import (
     start_device,
     wait_for,
 )
+from mp_fleet import fleet_publisher
 
 from cityedge_core import cose
 from cityedge_core.command import encode_command
 from cityedge_host.crypto import EcSigner, public_sec1
 
 from support.mosquitto import Mosquitto, TestPKI
-
-
-def fleet_publisher(broker: Mosquitto, pki: TestPKI) -> paho.Client:
-    creds = pki.issue_client("fleet-commands")
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="commands-test",
-                    protocol=paho.MQTTv311)
-    c.tls_set(ca_certs=str(pki.ca_pem), certfile=str(creds.cert_pem),
-              keyfile=str(creds.key_pem), tls_version=ssl.PROTOCOL_TLS_CLIENT)
-    c.connect("127.0.0.1", broker.port)
-    c.loop_start()
-    return c
 
 
 def publish(c: paho.Client, leaf: str, payload: bytes, retain: bool = False) -> None:

@@ -20,37 +20,34 @@ and the CSR reach it from the agent's own publish (``answers.publish_unsent``).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from fw_harness import RebootingDevice, device_config, finish, qstr_pools, result, start_device
+from fw_harness import RebootingDevice, finish, qstr_pools, result, start_device
+from mp_fleet import (
+    RESEND_S,
+    ROTATION_HEAP,
+    enroll_mp,
+    mp_config,
+    refused_at_the_broker,
+    stored,
+)
 from sqlmodel import Session, col, select
 
 from cityedge_core import chain, command
 from cityedge_core.command_decode import decode_result
 from cityedge_fleet import command_key, rotation_ingest
-from cityedge_fleet.models import ChainStateRow, FleetCommand, IngestEvent, Reading, Role
+from cityedge_fleet.models import FleetCommand, IngestEvent, Role
 from cityedge_host.crypto import EcSigner, EcVerifier
 
 from support import pg
 from support.fastfleet import Fleet, real_fleet
-from support.fleet import csr_for, device_body, wait_for
+from support.fleet import wait_for
 from support.mosquitto import OBSERVER, TestPKI
 from support.mqtt_probe import WAIT_S, Probe
-
-# The rotation's heap: the agent only keeps each command and resets; its heavy steps (the
-# rotation's modules and their ~86 names, the key generation, the CSR and proof, the
-# switch's TLS context) run at boot before the agent exists, and the switch is a normal
-# boot. Measured: see docs/ARCHITECTURE.md, "Memory on the device" (112k before, when the
-# rotation ran beside the streaming agent). ``CE_ROTATION_HEAP`` overrides it.
-ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "72k")
-RESEND_S = 3600.0  # the fleet's resend: never within a test
 
 
 @pytest.fixture(scope="module")
@@ -78,54 +75,6 @@ def fleet(db_url: str, pki: TestPKI) -> Iterator[Fleet]:
         yield f
 
 
-def _pem_to_der(pem: str) -> bytes:
-    import base64
-
-    body = pem.split("-----BEGIN CERTIFICATE-----")[1].split("-----END CERTIFICATE-----")[0]
-    return base64.b64decode("".join(body.split()))
-
-
-def enroll_mp(f: Fleet, i: int, tmp: Path) -> SimpleNamespace:
-    """Register and enroll device ``i`` through the API and lay out its flash files as
-    provisioning does (key.der, cert.der = the leaf, ca.der, the fleet's command keys);
-    also keeps its first key and chain as PEM (``first``), to try them once revoked."""
-    body = device_body(i)
-    tech = f.api.headers(Role.technician)
-    assert f.api.client.post("/devices", json=body, headers=tech).status_code == 201
-    token = f.api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
-                              headers=tech).json()["token"]
-    signer = EcSigner.generate()
-    r = f.api.client.post("/enroll", json={"serial": body["serial"], "token": token,
-                                           "csr_pem": csr_for(signer, str(body["id"]))})
-    assert r.status_code == 200, r.text
-    enrolled = r.json()
-    files = tmp / "files"
-    files.mkdir()
-    key = serialization.load_pem_private_key(signer.private_pem(), password=None)
-    (files / "key.der").write_bytes(key.private_bytes(
-        serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()))
-    (files / "cert.der").write_bytes(_pem_to_der(enrolled["chain_pem"]))
-    keys = []
-    for n, hexkey in enumerate(enrolled["fleet_keys"]):
-        (files / ("fleet%d.pub" % n)).write_bytes(bytes.fromhex(hexkey))
-        keys.append(str(files / ("fleet%d.pub" % n)))
-    first = tmp / "first"
-    first.mkdir()
-    (first / "key.pem").write_bytes(signer.private_pem())
-    (first / "chain.pem").write_text(enrolled["chain_pem"])
-    return SimpleNamespace(id=str(body["id"]), signer=signer, files=files, first=first,
-                           fleet_keys=tuple(keys),
-                           creds=SimpleNamespace(cert_der=files / "cert.der",
-                                                 key_der=files / "key.der"))
-
-
-def mp_config(f: Fleet, dev: SimpleNamespace, tmp: Path, stop: dict[str, Any]) -> Path:
-    return device_config(tmp, f.broker, f.pki, dev.creds, stop, dev.id, clock=True,
-                         fleet_keys=dev.fleet_keys, batch_readings=4, time_scale=5,
-                         status_interval_s=86400)
-
-
 def rotation_state(f: Fleet, device: str) -> str:
     rows = f.api.client.get("/devices/%s/rotations" % device,
                             headers=f.api.headers(Role.viewer)).json()
@@ -138,31 +87,10 @@ def commands(f: Fleet, device: str) -> list[tuple[str, str]]:
     return sorted((str(c["name"]), str(c["state"])) for c in rows)
 
 
-def stored(f: Fleet, device: str) -> tuple[int, int, int]:
-    """(distinct batches with readings, last seq on the chain, gaps still missing)."""
-    from sqlmodel import func
-
-    with Session(f.api.engine) as s:
-        batches = s.exec(select(func.count(func.distinct(Reading.batch_seq))).where(
-            col(Reading.device_id) == device)).one()
-        row = s.get(ChainStateRow, device)
-        return int(batches), (row.last_seq if row else 0), (row.missing if row else 0)
-
-
 def events(f: Fleet, device: str) -> list[str]:
     with Session(f.api.engine) as s:
         return [e.status for e in s.exec(select(IngestEvent).where(
             col(IngestEvent.device_id) == device))]
-
-
-def refused_at_the_broker(f: Fleet, first: Path) -> bool:
-    creds = SimpleNamespace(cert_pem=first / "chain.pem", key_pem=first / "key.pem")
-    try:
-        probe = Probe(f.broker, creds)  # type: ignore[arg-type]
-    except ConnectionRefusedError:
-        return True
-    probe.close()
-    return False
 
 
 def flash_files(dev: SimpleNamespace) -> list[str]:

@@ -38,9 +38,9 @@ from typing import Any
 
 import pytest
 from fw_harness import RebootingDevice
+from mp_fleet import ROTATION_HEAP, enroll_mp, mp_config, refused_at_the_broker
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, func, select, update
-from test_agent_rotation import ROTATION_HEAP, enroll_mp, mp_config, refused_at_the_broker
 
 from cityedge_core import chain
 from cityedge_fleet import campaign_store, command_key, rotation_ingest

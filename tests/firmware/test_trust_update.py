@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 from fw_harness import DEVICE, RebootingDevice, Subscriber, device_config, wait_for
+from mp_fleet import fleet_publisher
 from ota_harness import FleetUpdateCommands
-from test_agent_commands import fleet_publisher
 
 from cityedge_core import command, cose, trust_statement
 from cityedge_core.command_decode import decode_result

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from fw_harness import RebootingDevice
+from mp_fleet import RESEND_S, enroll_mp, mp_config, stored
 from sqlmodel import Session
-from test_agent_rotation import enroll_mp, mp_config, stored
 
 from cityedge_fleet import command_key, command_queue
 from cityedge_fleet import command_key_rotation as ckr
@@ -35,8 +35,6 @@ from support.fastfleet import Fleet, real_fleet
 from support.fleet import wait_for
 from support.mosquitto import TestPKI
 from support.mqtt_probe import WAIT_S
-
-RESEND_S = 3600.0  # the fleet's resend: never within the test
 
 
 @pytest.fixture

@@ -66,7 +66,7 @@ class World:
         self.fleet_side = FleetUpdateCommands(self.creds)  # the fleet's result rules
         self.cmd_seq = 0
         import paho.mqtt.client as paho
-        from test_agent_commands import fleet_publisher
+        from mp_fleet import fleet_publisher
 
         self.pub: paho.Client = fleet_publisher(broker, pki)
 

@@ -1,0 +1,110 @@
+"""A MicroPython agent beside the real fleet: the helpers the firmware tests that wire the
+unix-port agent to ``support.fastfleet.real_fleet`` share (the rotation, the trust update,
+the 1,000-device campaign), and the stand-in command publisher of the tests without a
+fleet. Test modules import these from here, never from each other."""
+
+from __future__ import annotations
+
+import base64
+import os
+import ssl
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import paho.mqtt.client as paho
+from cryptography.hazmat.primitives import serialization
+from fw_harness import device_config
+from sqlmodel import Session, col, func, select
+
+from cityedge_fleet.models import ChainStateRow, Reading, Role
+from cityedge_host.crypto import EcSigner
+
+from support.fastfleet import Fleet
+from support.fleet import csr_for, device_body
+from support.mosquitto import Mosquitto, TestPKI
+from support.mqtt_probe import Probe
+
+# The rotation's heap: the agent only keeps each command and resets; its heavy steps (the
+# rotation's modules and their ~86 names, the key generation, the CSR and proof, the
+# switch's TLS context) run at boot before the agent exists, and the switch is a normal
+# boot. Measured: see docs/ARCHITECTURE.md, "Memory on the device" (112k before, when the
+# rotation ran beside the streaming agent). ``CE_ROTATION_HEAP`` overrides it.
+ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "72k")
+RESEND_S = 3600.0  # the fleet's resend: never within a test
+
+
+def pem_to_der(pem: str) -> bytes:
+    body = pem.split("-----BEGIN CERTIFICATE-----")[1].split("-----END CERTIFICATE-----")[0]
+    return base64.b64decode("".join(body.split()))
+
+
+def enroll_mp(f: Fleet, i: int, tmp: Path) -> SimpleNamespace:
+    """Register and enroll device ``i`` through the API and lay out its flash files as
+    provisioning does (key.der, cert.der = the leaf, ca.der, the fleet's command keys);
+    also keeps its first key and chain as PEM (``first``), to try them once revoked."""
+    body = device_body(i)
+    tech = f.api.headers(Role.technician)
+    assert f.api.client.post("/devices", json=body, headers=tech).status_code == 201
+    token = f.api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
+                              headers=tech).json()["token"]
+    signer = EcSigner.generate()
+    r = f.api.client.post("/enroll", json={"serial": body["serial"], "token": token,
+                                           "csr_pem": csr_for(signer, str(body["id"]))})
+    assert r.status_code == 200, r.text
+    enrolled = r.json()
+    files = tmp / "files"
+    files.mkdir()
+    key = serialization.load_pem_private_key(signer.private_pem(), password=None)
+    (files / "key.der").write_bytes(key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    (files / "cert.der").write_bytes(pem_to_der(enrolled["chain_pem"]))
+    keys = []
+    for n, hexkey in enumerate(enrolled["fleet_keys"]):
+        (files / ("fleet%d.pub" % n)).write_bytes(bytes.fromhex(hexkey))
+        keys.append(str(files / ("fleet%d.pub" % n)))
+    first = tmp / "first"
+    first.mkdir()
+    (first / "key.pem").write_bytes(signer.private_pem())
+    (first / "chain.pem").write_text(enrolled["chain_pem"])
+    return SimpleNamespace(id=str(body["id"]), signer=signer, files=files, first=first,
+                           fleet_keys=tuple(keys),
+                           creds=SimpleNamespace(cert_der=files / "cert.der",
+                                                 key_der=files / "key.der"))
+
+
+def mp_config(f: Fleet, dev: SimpleNamespace, tmp: Path, stop: dict[str, Any]) -> Path:
+    return device_config(tmp, f.broker, f.pki, dev.creds, stop, dev.id, clock=True,
+                         fleet_keys=dev.fleet_keys, batch_readings=4, time_scale=5,
+                         status_interval_s=86400)
+
+
+def stored(f: Fleet, device: str) -> tuple[int, int, int]:
+    """(distinct batches with readings, last seq on the chain, gaps still missing)."""
+    with Session(f.api.engine) as s:
+        batches = s.exec(select(func.count(func.distinct(Reading.batch_seq))).where(
+            col(Reading.device_id) == device)).one()
+        row = s.get(ChainStateRow, device)
+        return int(batches), (row.last_seq if row else 0), (row.missing if row else 0)
+
+
+def refused_at_the_broker(f: Fleet, first: Path) -> bool:
+    creds = SimpleNamespace(cert_pem=first / "chain.pem", key_pem=first / "key.pem")
+    try:
+        probe = Probe(f.broker, creds)  # type: ignore[arg-type]
+    except ConnectionRefusedError:
+        return True
+    probe.close()
+    return False
+
+
+def fleet_publisher(broker: Mosquitto, pki: TestPKI) -> paho.Client:
+    creds = pki.issue_client("fleet-commands")
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="commands-test",
+                    protocol=paho.MQTTv311)
+    c.tls_set(ca_certs=str(pki.ca_pem), certfile=str(creds.cert_pem),
+              keyfile=str(creds.key_pem), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    return c
