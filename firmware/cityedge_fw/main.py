@@ -48,6 +48,7 @@ status map encoded straight into one buffer (``status_cbor``)
 the start of the next round (error family's cut reverted)         57.7  63.2    614 (5)
 a collection every 1 KiB allocated from ``boot`` on               57.7  63.3    614 (5)
 (``_GC_EVERY``): no less in use, the free heap in one piece
+the watchdog loop inline in ``Agent.run``                          57.6  63.0    613 (5)
 ================================================================  ====  ======  =============
 
 (``bench/firmware.py``'s ``board_path_heap``: the two rows before "the same" at 72 KiB,
