@@ -610,23 +610,13 @@ class Agent:
         return self.store_ok and late < _UNHEALTHY_AFTER_SWEEPS * \
             self.cfg["sample_interval_s"] * 1000
 
-    async def watchdog(self, tasks=()):
-        """Feed the board's watchdog while healthy; end as soon as one of ``tasks`` has
-        ended (re-raising its error, if it still has it)."""
-        while True:
-            for t in tasks:
-                if t.done():
-                    await t
-                    return
-            if self.healthy():
-                self.board.wdt_feed()
-            await sleep_ms(self.cfg["watchdog_ms"])
-
     async def run(self):
         """Run every task until one of them ends (then the watchdog resets the board).
 
-        The watchdog loop runs in this task and watches the others: ``asyncio.gather``
-        would keep one more asyncio module on the heap."""
+        The watchdog loop runs in this task and watches the others: it feeds the board's
+        watchdog while healthy and ends as soon as one of them has ended (re-raising its
+        error, if it still has it). ``asyncio.gather`` would keep one more asyncio module
+        on the heap; a coroutine of its own, one more frame (~200 bytes) while streaming."""
         tasks = [asyncio.create_task(c) for c in (
             self.link.run(), self.sampler(), self.forwarder(), self.status())]
         if self.cfg.get("update"):  # an update in progress (or on trial) goes on
@@ -644,7 +634,14 @@ class Agent:
                 self.mem_errors += 1
                 self.last_error = "update: no heap to load it"
         try:
-            await self.watchdog(tasks)
+            while True:
+                for t in tasks:
+                    if t.done():
+                        await t
+                        return
+                if self.healthy():
+                    self.board.wdt_feed()
+                await sleep_ms(self.cfg["watchdog_ms"])
         finally:
             for t in tasks:
                 t.cancel()
