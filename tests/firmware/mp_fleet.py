@@ -17,13 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from fw_harness import device_config
 from sqlmodel import Session, col, func, select
 
-from cityedge_fleet.models import ChainStateRow, Reading, Role
-from cityedge_host.crypto import EcSigner
+from cityedge_fleet.models import ChainStateRow, Reading
 
-from support.fastfleet import Fleet
-from support.fleet import csr_for, device_body
+from support.fastfleet import Fleet, enroll_through_api, keep_first
 from support.mosquitto import Mosquitto, TestPKI
-from support.mqtt_probe import Probe
 
 # The rotation's heap: the agent only keeps each command and resets; its heavy steps (the
 # rotation's modules and their ~86 names, the key generation, the CSR and proof, the
@@ -40,19 +37,11 @@ def pem_to_der(pem: str) -> bytes:
 
 
 def enroll_mp(f: Fleet, i: int, tmp: Path) -> SimpleNamespace:
-    """Register and enroll device ``i`` through the API and lay out its flash files as
-    provisioning does (key.der, cert.der = the leaf, ca.der, the fleet's command keys);
-    also keeps its first key and chain as PEM (``first``), to try them once revoked."""
-    body = device_body(i)
-    tech = f.api.headers(Role.technician)
-    assert f.api.client.post("/devices", json=body, headers=tech).status_code == 201
-    token = f.api.client.post("/enrollment/tokens", json={"serial": body["serial"]},
-                              headers=tech).json()["token"]
-    signer = EcSigner.generate()
-    r = f.api.client.post("/enroll", json={"serial": body["serial"], "token": token,
-                                           "csr_pem": csr_for(signer, str(body["id"]))})
-    assert r.status_code == 200, r.text
-    enrolled = r.json()
+    """Register and enroll device ``i`` through the API (``enroll_through_api``) and lay
+    out its flash files as provisioning does (key.der, cert.der = the leaf, the fleet's
+    command keys); also keeps its first key and chain as PEM (``first``: ``keep_first``),
+    to try them once revoked."""
+    body, signer, enrolled = enroll_through_api(f, i)
     files = tmp / "files"
     files.mkdir()
     key = serialization.load_pem_private_key(signer.private_pem(), password=None)
@@ -64,10 +53,7 @@ def enroll_mp(f: Fleet, i: int, tmp: Path) -> SimpleNamespace:
     for n, hexkey in enumerate(enrolled["fleet_keys"]):
         (files / ("fleet%d.pub" % n)).write_bytes(bytes.fromhex(hexkey))
         keys.append(str(files / ("fleet%d.pub" % n)))
-    first = tmp / "first"
-    first.mkdir()
-    (first / "key.pem").write_bytes(signer.private_pem())
-    (first / "chain.pem").write_text(enrolled["chain_pem"])
+    first = keep_first(tmp, signer, enrolled["chain_pem"])
     return SimpleNamespace(id=str(body["id"]), signer=signer, files=files, first=first,
                            fleet_keys=tuple(keys),
                            creds=SimpleNamespace(cert_der=files / "cert.der",
@@ -87,16 +73,6 @@ def stored(f: Fleet, device: str) -> tuple[int, int, int]:
             col(Reading.device_id) == device)).one()
         row = s.get(ChainStateRow, device)
         return int(batches), (row.last_seq if row else 0), (row.missing if row else 0)
-
-
-def refused_at_the_broker(f: Fleet, first: Path) -> bool:
-    creds = SimpleNamespace(cert_pem=first / "chain.pem", key_pem=first / "key.pem")
-    try:
-        probe = Probe(f.broker, creds)  # type: ignore[arg-type]
-    except ConnectionRefusedError:
-        return True
-    probe.close()
-    return False
 
 
 def fleet_publisher(broker: Mosquitto, pki: TestPKI) -> paho.Client:

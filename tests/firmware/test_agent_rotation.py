@@ -32,7 +32,6 @@ from mp_fleet import (
     ROTATION_HEAP,
     enroll_mp,
     mp_config,
-    refused_at_the_broker,
     stored,
 )
 from sqlmodel import Session, col, select
@@ -44,7 +43,7 @@ from cityedge_fleet.models import FleetCommand, IngestEvent, Role
 from cityedge_host.crypto import EcSigner, EcVerifier
 
 from support import pg
-from support.fastfleet import Fleet, real_fleet
+from support.fastfleet import Fleet, real_fleet, refused_at_the_broker
 from support.fleet import wait_for
 from support.mosquitto import OBSERVER, TestPKI
 from support.mqtt_probe import WAIT_S, Probe

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 from fw_harness import RebootingDevice
-from mp_fleet import ROTATION_HEAP, enroll_mp, mp_config, refused_at_the_broker
+from mp_fleet import ROTATION_HEAP, enroll_mp, mp_config
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, func, select, update
 
@@ -59,7 +59,7 @@ from cityedge_fleet.models import (
     RotationState,
 )
 
-from support.fastfleet import Fleet, real_fleet, register_fast_many
+from support.fastfleet import Fleet, real_fleet, refused_at_the_broker, register_fast_many
 from support.fastswarm import Swarm, raise_fd_limit
 from support.mosquitto import TestPKI
 

@@ -9,7 +9,6 @@ and the ingest refuses its batches."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import pytest
 from sqlmodel import Session, col, func, select
@@ -18,10 +17,10 @@ from cityedge_core import chain
 from cityedge_fleet import rotation_ingest
 from cityedge_fleet.models import ChainStateRow, IngestEvent, Reading, Role
 
-from support.fastfleet import DeviceLoop, Fleet, enroll_fast, real_fleet
+from support.fastfleet import DeviceLoop, Fleet, enroll_fast, real_fleet, refused_at_the_broker
 from support.fleet import wait_for
 from support.mosquitto import TestPKI
-from support.mqtt_probe import WAIT_S, Probe
+from support.mqtt_probe import WAIT_S
 
 
 @pytest.fixture
@@ -50,17 +49,6 @@ def events(f: Fleet, device: str) -> list[str]:
     with Session(f.api.engine) as s:
         return [e.status for e in s.exec(select(IngestEvent).where(
             col(IngestEvent.device_id) == device))]
-
-
-def refused_at_the_broker(f: Fleet, key_chain_dir: object) -> bool:
-    creds = SimpleNamespace(cert_pem=key_chain_dir / "chain.pem",  # type: ignore[operator]
-                            key_pem=key_chain_dir / "key.pem")  # type: ignore[operator]
-    try:
-        probe = Probe(f.broker, creds)  # type: ignore[arg-type]
-    except ConnectionRefusedError:
-        return True
-    probe.close()
-    return False
 
 
 def test_a_streaming_fast_device_is_rotated_without_losing_a_batch(fleet: Fleet) -> None:

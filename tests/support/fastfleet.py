@@ -33,7 +33,7 @@ from cityedge_host.crypto import EcSigner, public_sec1
 from support.fleet import Api, csr_for, device_body
 from support.fleet_world import fleet_world
 from support.mosquitto import Mosquitto, TestPKI
-from support.mqtt_probe import WAIT_S
+from support.mqtt_probe import WAIT_S, Probe
 
 
 class Fleet(SimpleNamespace):
@@ -74,11 +74,10 @@ def real_fleet(db_url: str, pki: TestPKI, **limits: Any) -> Iterator[Fleet]:
         shutil.rmtree(world, ignore_errors=True)
 
 
-def enroll_fast(f: Fleet, i: int, interval_s: float = 0.2) -> tuple[FastDevice, Path]:
-    """Register and enroll device ``i`` through the API (granted at the broker by the
-    enrollment) and provision a fast device with it (the fleet's root certificate, and
-    the answer's trust statement installed); also returns a copy of its first
-    key and chain (``<dir>/first``), to try them after they are revoked."""
+def enroll_through_api(f: Fleet, i: int) -> tuple[dict[str, Any], EcSigner, dict[str, Any]]:
+    """Register device ``i`` and enroll it through the API as a technician and the device
+    would (granted at the broker by the enrollment): its registry body, its first key and
+    the enrollment's answer."""
     body = device_body(i)
     tech = f.api.headers(Role.technician)
     assert f.api.client.post("/devices", json=body, headers=tech).status_code == 201
@@ -88,16 +87,42 @@ def enroll_fast(f: Fleet, i: int, interval_s: float = 0.2) -> tuple[FastDevice, 
     r = f.api.client.post("/enroll", json={"serial": body["serial"], "token": token,
                                            "csr_pem": csr_for(signer, str(body["id"]))})
     assert r.status_code == 200, r.text
-    enrolled = r.json()
+    return body, signer, dict(r.json())
+
+
+def keep_first(directory: Path, signer: EcSigner, chain_pem: str) -> Path:
+    """A copy of a device's first key and chain (``<directory>/first``), to try them after
+    they are revoked (``refused_at_the_broker``)."""
+    first = directory / "first"
+    first.mkdir()
+    (first / "key.pem").write_bytes(signer.private_pem())
+    (first / "chain.pem").write_text(chain_pem)
+    return first
+
+
+def refused_at_the_broker(f: Fleet, first: Path) -> bool:
+    """Whether the broker refuses a connection with the key and chain kept in ``first``."""
+    creds = SimpleNamespace(cert_pem=first / "chain.pem", key_pem=first / "key.pem")
+    try:
+        probe = Probe(f.broker, creds)  # type: ignore[arg-type]
+    except ConnectionRefusedError:
+        return True
+    probe.close()
+    return False
+
+
+def enroll_fast(f: Fleet, i: int, interval_s: float = 0.2) -> tuple[FastDevice, Path]:
+    """Register and enroll device ``i`` through the API (``enroll_through_api``) and
+    provision a fast device with it (the fleet's root certificate, and the answer's trust
+    statement installed); also returns a copy of its first key and chain
+    (``keep_first``)."""
+    body, signer, enrolled = enroll_through_api(f, i)
     d = f.world / ("dev%d" % i)
     provision(d, device_id=str(body["id"]), signer=signer, chain_pem=enrolled["chain_pem"],
               ca_pem=f.pki.ca_pem.read_text(), fleet_keys=enrolled["fleet_keys"],
               root_pem=(f.api.settings.ca_dir / "root.crt").read_text(),
               statement=enrolled.get("trust_statement"))
-    first = d / "first"
-    first.mkdir()
-    (first / "key.pem").write_bytes(signer.private_pem())
-    (first / "chain.pem").write_text(enrolled["chain_pem"])
+    first = keep_first(d, signer, enrolled["chain_pem"])
     return FastDevice(d, "127.0.0.1", f.broker.port, interval_s=interval_s), first
 
 
