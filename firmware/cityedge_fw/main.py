@@ -224,9 +224,9 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         except OSError:
             kept = None
     # (``update.agent``: the update's part the agent carries out; it boots at once)
-    u = cfg.get("update") and cfg["update"]["dir"].rstrip("/") + "/update."
-    for f in (state + ".trust.new", state + ".rotation.new", u and u + "agent",
-              u and u + "json"):
+    u = cfg.get("update") and cfg["update"]["dir"].rstrip("/")
+    for f in (state + ".trust.new", state + ".rotation.new", u and u + "/update.agent",
+              u and u + "/update.json"):
         try:
             if f:
                 stat(f)
@@ -235,7 +235,7 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
             pass
     else:
         f = kept
-    if f and not (u and f == u + "agent"):
+    if f and not (u and f == u + "/update.agent"):
         # the configuration's checker and what it imported off the heap (``build`` loads
         # them again): the boot step has the room
         unload("cityedge_fw.config", "cityedge_core.batch", "cityedge_core.cose",

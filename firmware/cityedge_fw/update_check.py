@@ -196,7 +196,7 @@ def _update(cfg, u):
         from .files import write_atomic
 
         write_atomic(update_slots.path(root, HANDOFF), json.dumps(
-            {"trial": 1 if pointer["trial"] else 0, "owed": owed}))
+            {"trial": 1 if pointer["trial"] else 0, "owed": owed}).encode())
     return True
 
 
