@@ -143,7 +143,8 @@ async def _answer(agent):
         return
     await _wait_connected(agent)
     for seq, kind, detail, data in owed:
-        await _result(agent, seq, kind, detail, data)
+        if not await _result(agent, seq, kind, detail, data):
+            continue  # no heap to sign it: the next boot hands it over again
         cmd = agent.state.get("update_cmd")
         if cmd and len(cmd) > 2 and cmd[0] is None and cmd[2] == seq:
             agent.state.set(update_cmd=None)
@@ -152,21 +153,23 @@ async def _answer(agent):
 
 async def _result(agent, seq, kind, detail, data):
     """The kept answer of ``seq`` again if there is one, else sign, keep and publish;
-    a heap too cut up to sign is tried again (the agent goes on streaming)."""
+    a heap too cut up to sign is tried again (the agent goes on streaming). True once
+    sent."""
     from . import answers, unload
 
     try:
         for s, d in answers._kept(agent):
             if s == seq:
                 await answers._send(agent, d)
-                return
+                return True
         for tries in range(5):
             try:
                 await answers._signed(agent, "update", seq, kind, detail, data)
-                return
+                return True
             except MemoryError:
                 agent.mem_errors = getattr(agent, "mem_errors", 0) + 1
                 await asyncio.sleep_ms(400 * (tries + 1))
+        return False
     finally:
         answers = None
         unload("cityedge_fw.answers")
