@@ -1,16 +1,16 @@
 """The device's artifact download on the MicroPython unix port (``make bench``; alone:
 ``python -m bench.ota_device``).
 
-**What is measured**: the firmware's own download step, ``update_agent._download`` (the
-code a board runs in state ``downloading``), compiled to .mpy and run from the ROMFS image
-on the unix port at the update tests' heap (``ota_harness.UPDATE_HEAP``): Range requests
-of ``RANGE_BYTES`` over TLS (the device's mTLS context: ``mqtt_async.tls_context`` with
-its certificate, key and the city CA), each piece through SHA-256 and appended to the
-slot's image file (closed after every request), the digest compared with the manifest's,
-then the slot marked for trial (``update_slots.start_trial``) and the board reset (here:
-the end of the measured step). The agent around it is a stand-in with the few parts the
-step touches (its update settings, the link's TLS context, the state, the board's reset):
-the step itself is not changed.
+**What is measured**: the firmware's own download step, ``update_boot.download`` (the
+code a board runs at boot in state ``downloading``, before the agent is built), compiled
+to .mpy and run from the ROMFS image on the unix port at the update tests' heap
+(``ota_harness.UPDATE_HEAP``): Range requests of ``RANGE_BYTES`` over TLS (the device's
+mTLS context: ``mqtt_async.tls_context`` with its certificate, key and the city CA), each
+piece through SHA-256 and appended to the slot's image file (closed after every request),
+the digest compared with the manifest's, then the slot marked for trial
+(``update_slots.start_trial``; on a board the reset follows). Also reported: the heap in
+use after a collection between requests, at most (the step prints it: ``update: download
+heap peak``; the whole update's boot measures it too, ``tests/firmware/test_update.py``).
 
 **Baseline in the same run, same interpreter**: a plain download of the same file from
 the same server (``update_http.get`` for the whole file in one request over the same TLS
@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ for p in (ROOT / "tests", ROOT / "tests" / "firmware", ROOT):
 from fw_harness import compile_device, device_argv  # noqa: E402
 from ota_harness import UPDATE_HEAP  # noqa: E402
 
-from cityedge_fw.update_agent import RANGE_BYTES  # noqa: E402
+from cityedge_fw.update_boot import RANGE_BYTES  # noqa: E402
 
 from support.artifact_server import ArtifactServer  # noqa: E402
 from support.mosquitto import TestPKI  # noqa: E402
@@ -56,29 +57,11 @@ QUICK_BYTES = 64 * 1024
 # Runs on the device. CFG: the run's settings (a JSON file). Prints one JSON line.
 PROGRAM = """
 import asyncio, gc, json, time
-from cityedge_fw import update_agent, update_http, update_slots
+from cityedge_fw import update_boot, update_http, update_slots
 from cityedge_fw.keys import read_file
 from cityedge_fw.mqtt_async import tls_context
 c = json.loads(open(%(cfg)r).read())
 ctx = tls_context(read_file(c["cert"]), read_file(c["key"]), read_file(c["ca"]))
-class Reset(Exception):
-    pass
-class Part:
-    pass
-agent = Part()
-agent.cfg = {"update": {"dir": c["dir"]}}
-agent.link = Part()
-agent.link.ssl_ctx = ctx
-agent.last_error = None
-agent.state = Part()
-held = {}
-agent.state.get = held.get
-agent.state.set = lambda **kw: held.update(kw)
-agent.seal = lambda: None
-agent.board = Part()
-def reset():
-    raise Reset()
-agent.board.reset = reset
 pend = {"slot": "b", "size": c["size"], "version": "9.9.9", "seq": 9, "keys": 1,
         "sha256": c["sha256"], "url": c["url"], "state": "downloading"}
 def plain():
@@ -91,13 +74,9 @@ def plain():
     return n, got[0]
 def device(step):
     update_slots.remove(update_slots.image_path(c["dir"], "b"))
-    agent.cfg["update"]["range_bytes"] = step
-    held.clear()
-    try:
-        asyncio.run(update_agent._download(agent, pend))
-    except Reset:
-        return True
-    return False
+    update_slots.write_pointer(c["dir"], {"slot": "a", "seq": 0})
+    asyncio.run(update_boot.download({"dir": c["dir"], "range_bytes": step}, dict(pend), ctx))
+    return bool(update_slots.read_pointer(c["dir"])["trial"])
 out = {}
 for kind in c["order"]:
     gc.collect()
@@ -106,7 +85,7 @@ for kind in c["order"]:
         n, got = plain()
         ok = n == got == c["size"]
     else:
-        ok = device(c["steps"][kind]) and held.get("update", [None])[0] == "installing"
+        ok = device(c["steps"][kind])
     out.setdefault(kind, []).append([time.ticks_diff(time.ticks_ms(), t0), ok])
 print("BENCH " + json.dumps(out))
 """
@@ -122,6 +101,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         creds = pki.issue_client("urn:dev:mac:0024befffe80bec1")
         mpy = compile_device(work / "mpy")
         server = ArtifactServer(pki, body, files={})
+        peaks: list[int] = []
         try:
             results: dict[str, list[float]] = {k: [] for k in KINDS}
             for i in range(runs):
@@ -147,6 +127,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                                      % (proc.returncode, proc.stdout[-2000:],
                                         proc.stderr[-2000:]))
                 got = json.loads(line[6:])
+                peaks += [int(x) for x in re.findall(r"update: download heap peak (\d+)",
+                                                     proc.stdout)]
                 if sorted(got) != sorted(KINDS):
                     raise SystemExit("bench: the device ran %s" % sorted(got))
                 for kind, [[ms, ok]] in got.items():
@@ -160,6 +142,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             server.close()
     med = {k: statistics.median(v) for k, v in results.items()}
     return {"bytes": size, "runs": runs, "heap": UPDATE_HEAP, "range": RANGE_BYTES,
+            "heap_peak": max(peaks) if peaks else None,
             "bytes_per_s": {k: size / t for k, t in med.items()},
             "ratio": {k: med["plain"] / t for k, t in med.items()}, "seconds": results}
 
@@ -169,10 +152,12 @@ def report(r: dict[str, Any]) -> None:
           "median of %d), against a plain download in the same run:"
           % (r["heap"], r["bytes"], r["runs"]))
     rows = [("plain", "plain: one GET, same TLS and server, bytes dropped"),
-            ("device", "update_agent._download, %d KiB requests (default)" % (r["range"] >> 10)),
-            ("device-8k", "update_agent._download, 8 KiB requests")]
+            ("device", "update_boot.download, %d KiB requests (default)" % (r["range"] >> 10)),
+            ("device-8k", "update_boot.download, 8 KiB requests")]
     for kind, what in rows:
         print("  %-58s %9.0f B/s  %.2fx" % (what, r["bytes_per_s"][kind], r["ratio"][kind]))
+    print("  device heap in use while downloading, at most (after a collection): %s bytes"
+          % r["heap_peak"])
 
 
 def main() -> None:

@@ -89,10 +89,6 @@ except ImportError:  # CPython
         return x
 
 
-# the device key and the fleet's trust store, read at boot (provisioning reads them from
-# ``keys`` itself)
-from .keys import load_fleet_keys, private_key_from_der, read_file
-
 CONFIG_FILE = "config.json"
 _GC_EVERY = const(1024)  # bytes allocated between two collections on a board (``boot``)
 
@@ -108,6 +104,10 @@ def build(cfg, board=None, board_class=None):
     modules are unloaded before it returns."""
     from cityedge_core import cose
 
+    # the device key and the fleet's trust store (provisioning reads them from ``keys``
+    # itself; imported here, not with this module: a boot step before ``build`` runs
+    # without P-256 and COSE on its heap, ``update_check``)
+    from .keys import load_fleet_keys, private_key_from_der, read_file
     from .mqtt_async import tls_context
 
     tls = cfg["tls"]
@@ -227,8 +227,20 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
     from os import stat
 
     state = cfg.get("store", {}).get("state", "/state.cbor")
-    for f in (state + ".trust.new", state + ".rotation.new",
-              cfg.get("update") and cfg["update"]["dir"].rstrip("/") + "/update.json"):
+    kept = None
+    if cfg.get("update"):  # an update command the agent kept or has not answered yet:
+        # the state file's CBOR holds the key ``update_cmd`` with a value other than null
+        # (``store.State``; not decoded here: ``update_check`` does)
+        try:
+            with open(state, "rb") as f:
+                kept = f.read()
+            kept = kept.find(b"jupdate_cmd") >= 0 and kept.find(b"jupdate_cmd\xf6") < 0
+        except OSError:
+            kept = None
+    # (``update.agent``: the update's part the agent carries out; it boots at once)
+    u = cfg.get("update") and cfg["update"]["dir"].rstrip("/")
+    for f in (state + ".trust.new", state + ".rotation.new", u and u + "/update.agent",
+              u and u + "/update.json"):
         try:
             if f:
                 stat(f)
@@ -236,8 +248,13 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         except OSError:
             pass
     else:
-        f = None
-    if f:
+        f = kept
+    if f and not (u and f == u + "/update.agent"):
+        # the configuration's checker and what it imported off the heap (``build`` loads
+        # them again): the boot step has the room
+        unload("cityedge_fw.config", "cityedge_core.batch", "cityedge_core.cose",
+               "cityedge_core.cbor", "cityedge_core.topics")
+        gc.collect()
         from . import update_check
 
         if update_check.run(cfg):

@@ -1,5 +1,5 @@
-"""One bounded HTTPS ``GET`` with a byte range, on the agent's asyncio: the update's only
-HTTP code (a manifest, a key list, a piece of an artifact).
+"""One bounded HTTPS ``GET`` with a byte range, on asyncio, run at boot (``update_boot``):
+the update's only HTTP code (a manifest, a key list, a piece of an artifact).
 
 ``get(url, start, end, ssl_ctx, buf, sink)`` asks for bytes ``start..end`` (inclusive,
 ``Range: bytes=start-end``) and hands each piece of the body to ``sink(memoryview)`` as it
@@ -21,7 +21,7 @@ What a server may answer, and what happens:
 - a server that sends slowly or not at all: the whole request has ``timeout_ms``
   (``asyncio.wait_for_ms``); a trickle cannot hold the device beyond it.
 
-TLS: the agent's context (the city CA; a fleet or CDN server certificate chains to it),
+TLS: the device's context (the city CA; a fleet or CDN server certificate chains to it),
 the URL's host as the server name.
 """
 
@@ -32,14 +32,47 @@ except ImportError:  # pragma: no cover
 
 from cityedge_core.errors import LimitError, TransportError
 
-from .mqtt_async import open_socket, send
-
 try:
     from asyncio import core as _aio
 except ImportError:  # CPython: not used there
     _aio = None
 
 HEADER_MAX = 1024  # bytes: the status line and headers of one response
+
+
+# The connection as ``mqtt_async.open_socket`` and ``send`` make it (a non-blocking
+# socket on asyncio's I/O queue), written again here: this module runs at boot
+# (``update_boot``), where importing ``mqtt_async`` would bring MQTT's client (about
+# 10 KiB with it) onto the heap the download needs.
+def open_socket(host, port, ssl_ctx):
+    """Awaitable: a non-blocking TLS socket to ``host:port`` (``host`` the server name)."""
+    import socket
+    from errno import EINPROGRESS
+
+    ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(ai[0], ai[1], ai[2])
+    sock.setblocking(False)
+    try:
+        sock.connect(ai[-1])
+    except OSError as e:
+        if e.errno != EINPROGRESS:
+            sock.close()
+            raise
+    sock = ssl_ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    sock.setblocking(False)
+    yield _aio._io_queue.queue_write(sock)  # connected (or failed: the next I/O says)
+    return sock
+
+
+def send(sock, data):
+    """Awaitable: all of ``data`` written."""
+    mv = memoryview(data)
+    off = 0
+    while off < len(mv):
+        yield _aio._io_queue.queue_write(sock)
+        n = sock.write(mv[off:])
+        if n is not None:
+            off += n
 
 
 def split_url(url):
@@ -74,7 +107,7 @@ def _header(head, name):
 
 async def _get(url, start, end, ssl_ctx, buf, sink, total_max):
     host, port, path = split_url(url)
-    sock = await open_socket(host, port, ssl_ctx, host)
+    sock = await open_socket(host, port, ssl_ctx)
     try:
         await send(sock, b"GET %s HTTP/1.1\r\nHost: %s\r\nRange: bytes=%d-%d\r\n"
                    b"Connection: close\r\n\r\n" % (path.encode(), host.encode(), start, end))

@@ -43,7 +43,10 @@ POINTER = "boot.json"
 UPDATE = "update.json"
 IMAGE = "firmware.romfs"
 SLOTS = ("a", "b")
-TRIAL_BOOTS = 3  # boots a trial release gets to commit itself before the selector rolls back
+# boots a trial release gets to commit itself before the selector rolls back: a healthy
+# trial takes 3 (the boot that hands the watch to the agent, the agent's, the boot that
+# commits: ``update_check``), so 2 are left for power cuts
+TRIAL_BOOTS = 5
 
 COMMITTED = "committed"
 ROLLED_BACK = "rolled-back"

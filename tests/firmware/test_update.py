@@ -34,7 +34,7 @@ from ota_harness import (
 
 from cityedge_core import command
 from cityedge_core.command_decode import decode_result
-from cityedge_fw import update_agent
+from cityedge_fw import update_boot, update_slots
 from cityedge_host.crypto import EcSigner, EcVerifier, public_sec1
 
 from support.artifact_server import ArtifactServer
@@ -161,16 +161,23 @@ def test_device_updates_while_streaming_commits_and_reports_the_new_version(
             arts = [r for p, r in zip(server.paths, server.log, strict=True)
                     if p.endswith("artifact")]
             size = images[NEW].stat().st_size
-            step = update_agent.RANGE_BYTES  # the default: no ``update.range_bytes``
+            step = update_boot.RANGE_BYTES  # the default: no ``update.range_bytes``
             assert arts[0] == "bytes=0-%d" % (step - 1) and len(arts) == -(-size // step), arts
         before = len(world.sub.readings())
         wait_for(lambda: len(world.sub.readings()) >= before + 2, 60)
     finally:
         dev.stop()
-    # the selector's slot per boot: N takes the command, fetches the manifest, checks it
-    # at boot, downloads and installs (a reset after each); then N+1 on trial commits
-    assert dev.boots[:5] == ["a", "a", "a", "a", "b"], (dev.boots, dev.log())
-    assert set(dev.boots[4:]) == {"b"}
+    # the selector's slot per boot: N takes the command, its agent keeps it in
+    # ``update.json``, then boots fetch the manifest, check it, download and install (a
+    # reset after each, no agent built in them); then N+1 on trial commits
+    assert dev.boots[:6] == ["a", "a", "a", "a", "a", "b"], (dev.boots, dev.log())
+    assert set(dev.boots[5:]) == {"b"}
+    stages = re.findall(r"update: boot stage (\w+) took (\d+) ms", dev.log())
+    assert [s for s, _ms in stages] == ["scheduled", "downloading"], dev.log()
+    # no agent (no sampling) from the boot that takes the kept command (the second) to
+    # the trial's agent (the seventh: the sixth hands it the watch): the readings
+    # collected before were sealed (the chain below has no gap)
+    pause = dev.started[6] - dev.started[1]
     p = dev.pointer()
     assert (p["slot"], p["seq"], p["version"], p["trial"]) == ("b", 2, NEW, None), p
     assert "MemoryError" not in dev.log(), dev.log()
@@ -184,7 +191,9 @@ def test_device_updates_while_streaming_commits_and_reports_the_new_version(
     assert [r.outcome for _d, r in world.results(1)] == ["ok", "ok"]
     assert world.fleet_side.take(data) == "result_duplicate"
     peak = [int(x) for x in re.findall(r"update: download heap peak (\d+)", dev.log())]
-    print("update heap: download peak %s bytes in use at %s" % (peak, dev.heap))
+    print("update heap: download peak %s bytes in use at %s; boot stages %s ms; no "
+          "agent for %.1f s (boots 2-6)" % (peak, dev.heap, [int(ms) for _s, ms in stages],
+                                            pause))
 
 
 def test_a_forged_or_replayed_update_result_is_refused_by_the_fleets_rules(pki: TestPKI
@@ -257,7 +266,9 @@ def test_a_release_that_cannot_reach_the_broker_is_rolled_back_by_the_device(
         p = dev.pointer()
         assert (p["slot"], p["seq"], p["trial"]) == ("a", 0, None), p
         i = dev.boots.index("b")
-        assert dev.boots[i + 1] == "a", dev.boots  # rolled back by itself, at once
+        # rolled back by itself at its deadline, not by the selector: the boot that hands
+        # the watch to the agent, the agent's, the boot that rolls back, then the old one
+        assert dev.boots[i:i + 4] == ["b", "b", "b", "a"], dev.boots
         seqs = check_chain(world.sub.readings(), world.creds)
         assert seqs == list(range(1, len(seqs) + 1))
     finally:
@@ -289,7 +300,8 @@ def test_a_release_that_crashes_at_every_boot_is_rolled_back_by_the_boot_selecto
     assert res.data == {"state": "rolled-back", "version": "1.2.0", "sequence": 3}, res
     assert world.fleet_side.member_status(1)[0] == "rolled-back"
     i = dev.boots.index("b")
-    assert dev.boots[i:i + 4] == ["b", "b", "b", "a"], dev.boots  # 3 trial boots, then a
+    n = update_slots.TRIAL_BOOTS
+    assert dev.boots[i:i + n + 1] == ["b"] * n + ["a"], dev.boots  # its trial boots, then a
     assert "a broken release" in dev.log()
     p = dev.pointer()
     assert (p["slot"], p["seq"], p["trial"]) == ("a", 0, None), p

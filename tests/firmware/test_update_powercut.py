@@ -5,8 +5,8 @@ This file is both the pytest module (CPython side, bottom) and the MicroPython s
 runs (``micropython test_update_powercut.py sweep``). The workload is the update's flash
 work with the firmware's own ``update_slots`` (boot pointer, selector, trial, commit,
 roll-back) and ``files.write_atomic``; the download's file operations are those of
-``update_agent._download`` (append each piece to the inactive slot's image, close the file
-after each request, hash again what is on flash when resumed). A cut falls at each
+``update_boot.download`` (run at boot: append each piece to the inactive slot's image,
+close the file after each request, hash again what is on flash when resumed). A cut falls at each
 program/erase in turn; then, on a fresh mount of what was left, the device boots as it
 would (the selector, then the update resumed from ``update.json``) until the update has
 committed or rolled back. Checked at every boot: the slot the selector picks holds a
@@ -28,7 +28,7 @@ except ImportError:
 
 BLOCK_SIZE = 512
 BLOCKS = 64  # 32 KiB file system
-PIECE = 512  # bytes per piece (``update_agent.BUF_BYTES``)
+PIECE = 512  # bytes per piece (``update_boot.BUF_BYTES``)
 RANGE = 2048  # bytes per request (smaller than ``RANGE_BYTES``: more cuts per image)
 OLD = bytes((i * 7) & 0xFF for i in range(3000))
 NEW = bytes((i * 13 + 5) & 0xFF for i in range(6000))
@@ -72,7 +72,7 @@ def accepted(root):
 
 
 def download_and_install(root):
-    """``update_agent._download`` and ``_install``'s flash work (module doc)."""
+    """``update_boot.download``'s flash work, the trial set at its end (module doc)."""
     import hashlib
     import json
     import os
@@ -130,9 +130,10 @@ def boot(root, healthy):
             slots.commit(root, p)
     elif pend and pend.get("state") == "checking":
         accepted(root)
-    elif pend and pend.get("state") in ("downloading", "installing"):
-        download_and_install(root)
-    elif pend and pend.get("state") == "done":
+    elif pend and (pend.get("state") == "downloading" or (
+            pend.get("state") == "installing" and pend["seq"] > p["seq"])):
+        download_and_install(root)  # (``update_check._update``'s condition)
+    elif pend:  # done, or a commit cut before ``update.json`` was removed: over
         slots.remove(slots.path(root, slots.UPDATE))
     return slot
 

@@ -1,5 +1,6 @@
-"""The update's signed result on CPython, with the firmware's own ``update_agent``,
-``update_slots``, ``answers`` and ``store.State`` on real files: a power cut at each step
+"""The update's signed result on CPython, with the firmware's own ``update_check`` (the
+boot's decision and hand-off), ``update_agent``, ``update_slots``, ``answers`` and
+``store.State`` on real files: a power cut at each step
 between the decision and the publish (the signature, the kept answer's write, the
 publish, the state's write) still ends in one answer, published once connected, the same
 bytes a resend of the command gets; and the outcome each decision maps to is the one the
@@ -20,7 +21,7 @@ import pytest
 from cityedge_core import cose, p256
 from cityedge_core.command_decode import decode_result
 from cityedge_core.command_gate import CommandRefused
-from cityedge_fw import answers, files, mqtt, store, update_agent, update_slots
+from cityedge_fw import answers, files, mqtt, store, update_agent, update_check, update_slots
 from cityedge_host.crypto import EcVerifier
 
 KEY = p256.PrivateKey(0xC0FFEE)
@@ -42,10 +43,17 @@ def device(tmp: Path, published: list[bytes], cut_publish: bool = False) -> Any:
         published.append(bytes(data))
 
     client = SimpleNamespace(state=mqtt.CONNECTED, can_publish=lambda: True)
+    # what the boot hands the agent (``update_check._update``: the answer owed)
+    u = {"dir": str(tmp / "flash")}
+    update_check._update({"store": {"state": str(tmp / "state.cbor")}, "update": u}, u)
+    hand = tmp / "flash" / update_check.HANDOFF  # as ``update_agent.run`` reads it
+    if hand.exists():
+        u["owed"] = json.loads(hand.read_text())["owed"]
+        hand.unlink()
     return SimpleNamespace(
         device=DEVICE, writer=SimpleNamespace(signer=KEY, kid=KID),
         state=store.State(str(tmp / "state.cbor")),
-        cfg={"update": {"dir": str(tmp / "flash")}},
+        cfg={"update": u},
         link=SimpleNamespace(client=client, publish=publish),
         topics=("ce/v1/%s/up/readings" % DEVICE,))
 
@@ -75,10 +83,11 @@ def test_the_result_survives_a_cut_between_the_decision_and_the_publish(
             return real(*a, **k)
         return f
 
+    first = device(tmp_path, published, cut_publish=cut == "publish")  # the boot, then
     monkeypatch.setattr(answers, "_encode", cut_at("sign", real_encode))
     monkeypatch.setattr(answers, "write_atomic", cut_at("keep", real_write))
     monkeypatch.setattr(store.State, "set", cut_at("state", store.State.set))
-    first = device(tmp_path, published, cut_publish=cut == "publish")
+    first.state = store.State(str(tmp_path / "state.cbor"))
     if cut == "none":
         asyncio.run(update_agent._answer(first))
     else:
@@ -129,7 +138,7 @@ def test_each_decision_is_the_result_the_campaign_reads(last: list[Any], outcome
     from cityedge_core import cbor
     from cityedge_fleet import ota, ota_store
 
-    kind, detail, data = update_agent.outcome(last)
+    kind, detail, data = update_check.outcome(last)
     assert kind == outcome
     facts = ota.CommandFacts(kind, sends=1, attempts=1, detail=detail,
                              result_state=ota_store._result_state(cbor.dumps(data)))
