@@ -6,7 +6,11 @@ to ``keep``, which writes its topic and payload, its publisher and the error to
 ``ingest_dead_letter`` with an ``IngestEvent`` (status ``dead_letter``), in a transaction
 of its own. The worker then acknowledges it: nothing acknowledged is lost, and no message
 holds back the ones after it. If ``keep`` fails too, the database is down, and the worker
-acknowledges nothing until it is back.
+acknowledges nothing until it is back. A failure that says the database lacks a resource
+or is unavailable (``unavailable``: a full disk, out of memory or connections, a lost
+connection, a shutdown, a deadlock, SQLite's lock or I/O error) is never the message's
+fault: the message is held as with the database down, whatever ``keep`` could do (space
+freed between the message's last try and its dead letter had set a good batch aside).
 
 ``replay`` runs the kept messages through an ``Ingestor`` again, oldest first, once the
 cause is fixed, and deletes each one the ingest has now decided (stored or refused, with
@@ -34,6 +38,29 @@ def describe(error: BaseException) -> str:
     (``orig``), not SQLAlchemy's text, which repeats the statement's parameters."""
     cause = getattr(error, "orig", None) or error
     return bounded_text("%s: %s" % (type(cause).__name__, cause))
+
+
+# SQLSTATE classes of a database that cannot take a write now, whatever the message: 08
+# connection exception, 53 insufficient resources (53100 disk full, 53200 out of memory,
+# 53300 too many connections), 58 system error (58030 I/O error), 40 transaction rollback
+# (serialization failure, deadlock); and 57P, a server shutting down or starting
+# (57014, a cancelled statement, is left out: a timeout a message could cause each time)
+UNAVAILABLE_CLASSES = ("08", "53", "58", "40", "57P")
+# SQLite's words for the same (``sqlite3.OperationalError``'s text)
+UNAVAILABLE_SQLITE = ("database is locked", "database or disk is full", "disk I/O error",
+                      "unable to open database file", "database table is locked")
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot take a write now (a resource, the
+    connection, a shutdown, a lock), not that it refused this message."""
+    cause = getattr(error, "orig", None) or error
+    state = getattr(cause, "sqlstate", None)
+    if isinstance(state, str):
+        return state.startswith(UNAVAILABLE_CLASSES)
+    if type(cause).__name__ == "OperationalError" and type(cause).__module__ == "sqlite3":
+        return any(words in str(cause) for words in UNAVAILABLE_SQLITE)
+    return False
 
 
 def keep(engine: Engine, topic: str, payload: bytes, error: str, max_bytes: int) -> int:

@@ -70,6 +70,9 @@ class MqttIngestWorker:
         self.subscribed = threading.Event()
         self.groups = 0  # transactions committed (a group, or one message of a failed one)
         self.dead_letters = 0  # messages kept aside (see ingest_dead_letter)
+        # the last ``_try`` failed for want of the database, not for its messages
+        # (``ingest_dead_letter.unavailable``): its messages are held, never kept aside
+        self._unavailable = False
         self.database_down = 0  # rounds in which even a dead letter failed (then it waited)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stopping = threading.Event()
@@ -186,11 +189,15 @@ class MqttIngestWorker:
             if error is not None:
                 # a poison message, or a database that is going down or coming back? Only
                 # when the database takes a transaction now and the message still fails
-                # right after is it the message (a database starting up failed the
-                # message's tries and then took its dead letter)
-                if not self._database_up():
+                # right after, for a reason other than a lack of resources (a full disk
+                # freed between the two had set a good batch aside), is it the message
+                # (a database starting up failed the message's tries and then took its
+                # dead letter)
+                if self._unavailable or not self._database_up():
                     return pending[i:]
                 error = self._try([(topic, payload)])
+                if self._unavailable:
+                    return pending[i:]
             if error is not None:
                 try:
                     ingest_dead_letter.keep(self.ingestor.engine, topic, payload, error,
@@ -214,9 +221,11 @@ class MqttIngestWorker:
 
     def _try(self, messages: list[tuple[str, bytes]]) -> str | None:
         """One transaction; None if it committed, else what went wrong."""
+        self._unavailable = False
         try:
             self.ingestor.handle_many(messages)
         except Exception as e:  # the database refused (a row, a lock, a lost connection)
+            self._unavailable = ingest_dead_letter.unavailable(e)
             error = ingest_dead_letter.describe(e)
             log.warning("ingest failed on %d messages: %s", len(messages), error)
             return error

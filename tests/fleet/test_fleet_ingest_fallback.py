@@ -182,3 +182,65 @@ def test_with_the_database_down_nothing_is_acknowledged_until_it_is_back(
     with Session(api.engine) as s:
         assert s.exec(select(IngestDeadLetter)).all() == []
         assert s.exec(select(IngestEvent).order_by(col(IngestEvent.id))).all() == []
+
+
+def _disk_full(engine: Engine, table: str, full: bool = True) -> None:
+    """PostgreSQL refuses every new ``table`` row as a full disk does (SQLSTATE 53100,
+    ``disk_full``, from a trigger: a size-limited filesystem needs root)."""
+    with engine.begin() as c:
+        if full:
+            c.exec_driver_sql(
+                "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'could not extend file: No space left on device' "
+                "USING ERRCODE = 'disk_full'; END $$")
+            c.exec_driver_sql("CREATE TRIGGER full_%s BEFORE INSERT ON %s FOR EACH ROW "
+                              "EXECUTE FUNCTION full_disk()" % (table, table))
+        else:
+            c.exec_driver_sql("DROP TRIGGER full_%s ON %s" % (table, table))
+            c.exec_driver_sql("DROP FUNCTION full_disk()")
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_full_disk_never_sets_a_good_batch_aside(api: Api, tmp_path: Path) -> None:
+    """The moment space comes back, between a message's last try and its dead letter: the
+    readings' table still full, the dead letters' writable (as in the fault suite's full
+    disk, seen once in a loaded run). The message is held, not kept aside, and stored
+    once the disk has room."""
+    a = enroll_device(api, 1)
+    worker, acks = _worker(api.settings, api.engine, tmp_path)
+    _disk_full(api.engine, "reading")
+    msg = FakeMessage(1, a.topic, a.sign(2))
+    assert worker._one_by_one([msg]) == [msg]  # held: the database lacks room
+    assert acks == [] and worker.dead_letters == 0
+    with Session(api.engine) as s:
+        assert s.exec(select(IngestDeadLetter)).all() == []
+    _disk_full(api.engine, "reading", full=False)
+    assert worker._store([msg]) is True
+    assert acks == [1] and worker.dead_letters == 0
+    assert _readings(api.engine) == [(a.id, 1, "ok"), (a.id, 1, "ok")]
+
+
+def test_what_says_the_database_is_unavailable_and_what_does_not() -> None:
+    import psycopg
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    def wrapped(e: BaseException) -> BaseException:
+        return OperationalError("INSERT ...", {}, e)
+
+    for held in (psycopg.errors.DiskFull("no space"), psycopg.errors.OutOfMemory("oom"),
+                 psycopg.errors.TooManyConnections("too many"),
+                 psycopg.errors.AdminShutdown("shutdown"),
+                 psycopg.errors.DeadlockDetected("deadlock"),
+                 psycopg.errors.SerializationFailure("serialization"),
+                 sqlite3.OperationalError("database is locked"),
+                 sqlite3.OperationalError("database or disk is full")):
+        assert ingest_dead_letter.unavailable(wrapped(held)), held
+    for refused in (psycopg.errors.RaiseException("refused by the test"),
+                    psycopg.errors.NumericValueOutOfRange("out of range"),
+                    psycopg.errors.QueryCanceled("statement timeout"),
+                    sqlite3.IntegrityError("CHECK constraint failed"),
+                    sqlite3.OperationalError("refused by the test"),
+                    ValueError("not a database error")):
+        cause = (IntegrityError("INSERT ...", {}, refused)
+                 if isinstance(refused, sqlite3.IntegrityError) else wrapped(refused))
+        assert not ingest_dead_letter.unavailable(cause), refused
