@@ -18,10 +18,12 @@ Command line (a drop-in for ``micropython`` with one extra option)::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from mpremote.romfs import VfsRomWriter
@@ -63,11 +65,19 @@ def build_image(tree: Path) -> bytes:
 
 
 def write_image(tree: Path, out: Path) -> int:
-    """Build the image of ``tree`` into ``out``; returns its size in bytes."""
+    """Build the image of ``tree`` into ``out`` (a temporary file of its own, then renamed:
+    two writers at once each leave a whole image); returns its size in bytes."""
     image = build_image(tree)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(image)
-    tmp.replace(out)
+    fd, name = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # a build artifact, as a plain write leaves it
+            f.write(image)
+        os.replace(name, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
     return len(image)
 
 

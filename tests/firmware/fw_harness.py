@@ -81,11 +81,15 @@ def compile_device(out: Path) -> Path:
     return out
 
 
+_IMAGES = threading.Lock()  # devices started on threads of one test build it once
+
+
 def romfs_image(mpy_dir: Path) -> Path:
     """The ROMFS image of a compiled tree (built once, next to the tree)."""
     image = mpy_dir.with_name(mpy_dir.name + ".romfs")
-    if not image.exists():
-        romfs.write_image(mpy_dir, image)
+    with _IMAGES:
+        if not image.exists():
+            romfs.write_image(mpy_dir, image)
     return image
 
 
