@@ -63,6 +63,7 @@ from cityedge_fleet.models import (
     DeviceState,
     FleetCommand,
     UTCDateTime,
+    end_read,
     utcnow,
 )
 from cityedge_host.crypto import EcSigner, EcVerifier, KeyFileError
@@ -657,7 +658,9 @@ def delivery(session: Session, token: str) -> Delivery | None:
 
 
 def note_progress(session: Session, d: Delivery, progress: ota.MemberStatus) -> None:
-    """Record that the device fetched (part of) its release; only ever forward."""
+    """Record that the device fetched (part of) its release; only ever forward. A GET:
+    its read transaction ends first (``end_read``), the write takes the write lock."""
+    end_read(session)
     m = session.get(OtaMember, (d.campaign_id, d.device_id))
     if m is None or m.status in ota.FINISHED:
         return
