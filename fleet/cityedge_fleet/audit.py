@@ -45,7 +45,7 @@ from sqlmodel import Session, col, select
 from cityedge_fleet import audit_anchor, audit_key
 from cityedge_fleet.audit_key import AuditKey
 from cityedge_fleet.instruments import count_audit
-from cityedge_fleet.models import AuditRecord, AuditVerifyResult, end_read
+from cityedge_fleet.models import AuditRecord, AuditVerifyResult
 
 GENESIS = "0" * 64
 OK = "ok"
@@ -145,11 +145,7 @@ def append(
 
 
 def record(session: Session, **fields: Any) -> AuditRecord:
-    """Append one row and commit it at once (for outcomes that must survive a rollback).
-    In a read transaction (``db.READ_FIRST``: a GET's, which holds no write lock) the
-    transaction is ended first, so the row is written in an ordinary one (on SQLite:
-    ``BEGIN IMMEDIATE``, the chain's head read under the write lock)."""
-    end_read(session)
+    """Append one row and commit it at once (for outcomes that must survive a rollback)."""
     row = append(session, **fields)
     session.commit()
     return row

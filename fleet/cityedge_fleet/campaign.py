@@ -87,9 +87,6 @@ class CampaignLimits:
     retry_base_s: float = 600.0  # seconds before the first retry of an unreached member
     retry_max_s: float = 6 * 3600.0  # seconds: the longest wait between retries
     runner_every_s: float = 5.0  # seconds between the runner's rounds in fleet serve
-    starts_per_transaction: int = 20  # devices one ``advance`` call (one transaction)
-    #   starts at most: a wave larger than this is started by several calls within one
-    #   round, committed between them, so SQLite's write lock is held briefly each time
     selector_max_chars: int = 1024  # characters of a selector
     selector_terms_max: int = 32  # terms in a selector
 

@@ -1,13 +1,9 @@
 """The loop in ``fleet serve`` that moves key campaigns, OTA campaigns and renewal along:
 every ``CampaignLimits.runner_every_s`` each running campaign gets a round
-(``campaign_store.advance``, ``ota_store.advance``; its row locked so replicas take
-turns). One call starts at most ``CampaignLimits.starts_per_transaction`` devices and is
-committed on its own; the round calls again while the last call stopped at that cap, so
-a wave of any size starts within one round while SQLite's write lock (which readers and
-the command publisher wait on) is held for one small batch at a time. Every
-``RenewalLimits.every_s`` a renewal round (``renewal.renewal_round``; its ``round_max``
-starts committed in batches of the same size). Rotations and updates it starts wake the
-command publisher, so their commands go out at once.
+(``campaign_store.advance``, ``ota_store.advance``; one transaction per campaign, its row
+locked so replicas take turns), and every ``RenewalLimits.every_s`` a renewal round
+(``renewal.renewal_round``). Rotations and updates it starts wake the command publisher,
+so their commands go out at once.
 A round's fault is logged and the next round tries again; nothing here talks to the
 broker."""
 
@@ -71,62 +67,35 @@ class CampaignRunner:
         with Session(self.engine) as session:
             ids = campaign_store.live_ids(session)
         for cid in ids:
-            more = True
-            while more:  # a transaction per call: at most clim.starts_per_transaction
-                with Session(self.engine) as session:
-                    plan = campaign_store.advance(session, cid, signer=self.signer,
-                                                  lim=self.settings.limits, now=now,
-                                                  clim=self.clim)
-                    session.commit()
-                out.campaigns[cid] = str(plan.state)
-                out.started += len(plan.start)
-                more = plan.more
+            with Session(self.engine) as session:
+                plan = campaign_store.advance(session, cid, signer=self.signer,
+                                              lim=self.settings.limits, now=now,
+                                              clim=self.clim)
+                session.commit()
+            out.campaigns[cid] = str(plan.state)
+            out.started += len(plan.start)
         with Session(self.engine) as session:
             ota_ids = ota_store.live_ids(session)
         for oid in ota_ids:
-            more = True
-            while more:  # as above
-                with Session(self.engine) as session:
-                    oplan = ota_store.advance(session, oid, signer=self.signer,
-                                              settings=self.settings, now=now,
-                                              cap=self.clim.starts_per_transaction)
-                    session.commit()
-                out.ota_campaigns[oid] = str(oplan.state)
-                out.started += len(oplan.start)
-                more = oplan.more
+            with Session(self.engine) as session:
+                oplan = ota_store.advance(session, oid, signer=self.signer,
+                                          settings=self.settings, now=now)
+                session.commit()
+            out.ota_campaigns[oid] = str(oplan.state)
+            out.started += len(oplan.start)
         if renewal_due is None:
             renewal_due = self.renew and time.monotonic() >= self._next_renewal
         if renewal_due:
             self._next_renewal = time.monotonic() + self.rlim.every_s
-            out.renewal = self._renewal(now)
+            with Session(self.engine) as session:
+                out.renewal = renewal.renewal_round(session, signer=self.signer,
+                                                    lim=self.settings.limits, now=now,
+                                                    rl=self.rlim)
+                session.commit()
         started = out.started + (len(out.renewal.started) if out.renewal else 0)
         if started and self.wake_publisher is not None:
             self.wake_publisher()
         return out
-
-    def _renewal(self, now: dt.datetime) -> renewal.RoundResult:
-        """A renewal round: up to ``rlim.round_max`` starts, committed in batches of
-        ``clim.starts_per_transaction`` (a device refused is not tried again this round)."""
-        total = renewal.RoundResult()
-        batch = max(1, self.clim.starts_per_transaction)
-        first = True
-        while True:
-            left = self.rlim.round_max - len(total.started) - len(total.refused)
-            with Session(self.engine) as session:
-                got = renewal.renewal_round(session, signer=self.signer,
-                                            lim=self.settings.limits, now=now, rl=self.rlim,
-                                            limit=min(batch, left),
-                                            skip=frozenset(total.refused))
-                session.commit()
-            if first:
-                total.due = got.due
-                first = False
-            total.started += got.started
-            total.flagged += got.flagged
-            total.refused.update(got.refused)
-            tried = len(got.started) + len(got.refused)
-            if tried < min(batch, left) or tried == left:
-                return total
 
     def wake(self) -> None:
         self._wake.set()

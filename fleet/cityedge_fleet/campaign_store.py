@@ -243,24 +243,9 @@ def _view(m: CampaignMember) -> Member:
                   m.next_try_at.timestamp() if m.next_try_at else None)
 
 
-@dataclass
-class Advanced(Plan):
-    """What one ``advance`` call did: the policy's plan with ``start`` the devices this
-    call tried to start (at most ``CampaignLimits.starts_per_transaction``), and ``more``
-    when it stopped at that cap with members of the plan left to start (the caller
-    commits and calls again: ``campaign_runner``)."""
-
-    more: bool = False
-
-
 def advance(session: Session, campaign_id: int, *, signer: EcSigner, lim: FleetLimits,
-            now: dt.datetime | None = None, clim: CampaignLimits = policy.LIMITS
-            ) -> Advanced:
-    """One round of a campaign (module docstring), in the caller's transaction; starts
-    at most ``clim.starts_per_transaction`` devices. A new wave's members are given the
-    wave at once; those not started yet (``waiting`` with the current wave) are started
-    first by the next calls while the campaign is ``running`` (they keep the wave
-    unsettled, so ``decide`` starts no other wave meanwhile)."""
+            now: dt.datetime | None = None, clim: CampaignLimits = policy.LIMITS) -> Plan:
+    """One round of a campaign (module docstring), in the caller's transaction."""
     now = now or utcnow()
     camp = get(session, campaign_id, lock=True)
     if camp is None:
@@ -273,27 +258,18 @@ def advance(session: Session, campaign_id: int, *, signer: EcSigner, lim: FleetL
     if plan.state != camp.state:
         _set_state(session, camp, plan.state, by, plan.why, now, policy.counts(
             _view(m) for m in rows))
-    wanted = set(plan.start)
     if plan.wave != camp.wave:
         camp.wave = plan.wave
         camp.updated_at = now
         session.add(camp)
         audit.append(session, actor=by, action="campaign.wave", outcome=audit.OK,
                      target=by, detail={"wave": plan.wave, "devices": len(plan.start)})
+    if plan.start:
+        wanted = set(plan.start)
         for m in rows:
-            if m.device_id in wanted and m.wave is None:
-                m.wave = plan.wave  # in this wave from now on, started or not yet
-                session.add(m)
-    todo: list[CampaignMember] = []
-    if plan.state == CampaignState.running:
-        todo = [m for m in rows if m.device_id in wanted or (
-            m.wave == camp.wave and m.status == M.waiting and m.rotation_id is None)]
-    cap = max(1, clim.starts_per_transaction)
-    out = Advanced(plan.state, plan.wave, [m.device_id for m in todo[:cap]], plan.why,
-                   more=len(todo) > cap)
-    for m in todo[:cap]:
-        _start(session, camp, m, signer=signer, lim=lim, now=now, clim=clim)
-    return out
+            if m.device_id in wanted:
+                _start(session, camp, m, signer=signer, lim=lim, now=now, clim=clim)
+    return plan
 
 
 def _start(session: Session, camp: RotationCampaign, m: CampaignMember, *, signer: EcSigner,

@@ -44,7 +44,6 @@ from sqlmodel import Session, create_engine
 
 from cityedge_fleet import audit_anchor, audit_key
 from cityedge_fleet.config import Settings
-from cityedge_fleet.models import READ_FIRST, begin_read
 from cityedge_host.errors import EXIT_UNAVAILABLE, UserError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "alembic"
@@ -61,21 +60,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-
 def _sqlite_begin_immediate(conn: Any) -> None:
     """Take SQLite's write lock when a transaction starts, not at its first write.
 
     The chain state, the audit chain and one-time tokens are read, then updated; with
     pysqlite's deferred transactions two processes (say two ingest workers) could both
-    read the same state and one update would be lost. A transaction on a connection with
-    the ``READ_FIRST`` option (an API GET's, ``get_session``) begins deferred: in WAL mode
-    it reads a snapshot and never waits for the write lock (a writer holding it, say a
-    campaign batch, would otherwise keep a plain read waiting up to ``busy_timeout``).
+    read the same state and one update would be lost. Readers in WAL mode are not blocked.
     """
-    if conn.get_execution_options().get(READ_FIRST):
-        conn.exec_driver_sql("BEGIN")
-    else:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 OpenFor = Literal["read", "write", "create"]
@@ -281,17 +273,8 @@ def open_database(settings: Settings, purpose: OpenFor) -> Engine:
     return engine
 
 
-READ_METHODS = ("GET", "HEAD")
-
-
 def get_session(request: Request) -> Iterator[Session]:
-    """The request's session. A GET's or HEAD's first transaction is a read
-    (``READ_FIRST``: on SQLite it does not wait for a writer); the one write a read may
-    make, an audit row of a refusal (``audit.record``), ends that transaction and writes
-    in a new, ordinary one."""
     with Session(request.app.state.engine) as session:
-        if request.method in READ_METHODS:
-            begin_read(session)
         yield session
 
 

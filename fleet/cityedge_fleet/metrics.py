@@ -67,7 +67,6 @@ class FleetCollector(Collector):
             IngestDeadLetter,
             KeyRotation,
             Reading,
-            begin_read,
         )
 
         info = InfoMetricFamily(PREFIX + "build", "The fleet's software.")
@@ -75,7 +74,6 @@ class FleetCollector(Collector):
         yield info
         now = dt.datetime.now(dt.UTC)
         with Session(self.engine) as s:
-            begin_read(s)  # a scrape never waits for a writer (SQLite)
             devices = GaugeMetricFamily(PREFIX + "devices", "Devices by state.",
                                         labels=["state"])
             for state, n in s.exec(select(Device.state, func.count()).group_by(

@@ -72,29 +72,6 @@ class InputModel(SQLModel):
         return data
 
 
-READ_FIRST = "cityedge_read_first"  # execution option: a transaction begun to read (``db``)
-
-
-def begin_read(session: Any) -> Any:
-    """Begin ``session``'s transaction as a read (``READ_FIRST``; on SQLite a deferred
-    ``BEGIN``: it reads a WAL snapshot and never waits for a writer's lock). A write in
-    it calls ``end_read`` first. Returns ``session``."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.connection(execution_options={READ_FIRST: True})
-    return session
-
-
-def end_read(session: Any) -> None:
-    """Before a write: end the session's transaction if it was begun as a read
-    (``READ_FIRST``, an API GET's: on SQLite a deferred transaction, no write lock), so the
-    write happens in an ordinary one (``BEGIN IMMEDIATE``: what it reads before writing is
-    read under the write lock). The read transaction wrote nothing: ending it loses
-    nothing (the session's objects are reloaded when next used)."""
-    if session.in_transaction() and session.connection().get_execution_options().get(
-            READ_FIRST):
-        session.rollback()
-
-
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 

@@ -63,7 +63,6 @@ from cityedge_fleet.models import (
     DeviceState,
     FleetCommand,
     UTCDateTime,
-    end_read,
     utcnow,
 )
 from cityedge_host.crypto import EcSigner, EcVerifier, KeyFileError
@@ -469,59 +468,32 @@ def _view(m: OtaMember) -> ota.Member:
     return ota.Member(m.device_id, M(m.status), m.wave)
 
 
-@dataclass
-class Advanced(ota.Plan):
-    """What one ``advance`` call did: ``start`` the devices it tried to start (at most
-    ``cap``), ``more`` when it stopped at the cap with members of the wave left to start
-    (the caller commits and calls again: ``campaign_runner``)."""
-
-    more: bool = False
-
-
 def advance(session: Session, campaign_id: int, *, signer: EcSigner, settings: Settings,
-            now: dt.datetime | None = None,
-            cap: int = CLIMITS.starts_per_transaction) -> Advanced:
-    """One round of a campaign, in the caller's transaction; starts at most ``cap``
-    devices. A new wave's members are given the wave at once; those not started yet
-    (``waiting`` with the current wave) are started by the next calls while the campaign
-    is ``running`` (they hold the wave's gate, so no other wave starts meanwhile)."""
+            now: dt.datetime | None = None) -> ota.Plan:
+    """One round of a campaign, in the caller's transaction."""
     now = now or utcnow()
     camp = get_campaign(session, campaign_id, lock=True)
     rows = members_of(session, campaign_id)
     refresh(session, rows)
     plan = ota.decide(CampaignState(camp.state), camp.wave, camp.waves, camp.success_pct,
                       camp.allowed_failures, [_view(m) for m in rows])
-    unstarted = [m for m in rows if m.wave is not None and m.wave == camp.wave
-                 and m.status == M.waiting and m.command_id is None]
-    if unstarted and plan.wave != camp.wave:  # a gate of 0%: finish starting this wave
-        plan = ota.Plan(plan.state, camp.wave, [], plan.why)
     by = "ota-campaign:%d" % campaign_id
     if plan.state != camp.state:
         _set_state(session, camp, plan.state, by, plan.why, now,
                    ota.counts(_view(m) for m in rows))
-    wanted = set(plan.start)
     if plan.wave != camp.wave:
         camp.wave = plan.wave
         camp.updated_at = now
         session.add(camp)
         audit.append(session, actor=by, action="ota.campaign.wave", outcome=audit.OK,
                      target=by, detail={"wave": plan.wave, "devices": len(plan.start)})
+    if plan.start:
+        rel = get_release(session, camp.release_id)
+        wanted = set(plan.start)
         for m in rows:
             if m.device_id in wanted:
-                m.wave = plan.wave  # in this wave from now on, started or not yet
-                session.add(m)
-    todo: list[OtaMember] = []
-    if plan.state == CampaignState.running:
-        wanted |= {m.device_id for m in unstarted}
-        todo = [m for m in rows if m.device_id in wanted]
-    cap = max(1, cap)
-    out = Advanced(plan.state, plan.wave, [m.device_id for m in todo[:cap]], plan.why,
-                   more=len(todo) > cap)
-    if todo:
-        rel = get_release(session, camp.release_id)
-        for m in todo[:cap]:
-            _start(session, camp, rel, m, signer=signer, settings=settings, now=now)
-    return out
+                _start(session, camp, rel, m, signer=signer, settings=settings, now=now)
+    return plan
 
 
 def update_command_args(settings: Settings, token: str, rel: OtaRelease) -> dict[int, Any]:
@@ -658,9 +630,7 @@ def delivery(session: Session, token: str) -> Delivery | None:
 
 
 def note_progress(session: Session, d: Delivery, progress: ota.MemberStatus) -> None:
-    """Record that the device fetched (part of) its release; only ever forward. A GET:
-    its read transaction ends first (``end_read``), the write takes the write lock."""
-    end_read(session)
+    """Record that the device fetched (part of) its release; only ever forward."""
     m = session.get(OtaMember, (d.campaign_id, d.device_id))
     if m is None or m.status in ota.FINISHED:
         return

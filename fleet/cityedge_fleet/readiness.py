@@ -26,7 +26,6 @@ from sqlalchemy import Engine, text
 
 from cityedge_fleet.ca import ROOT_CERT, CaError, load_current
 from cityedge_fleet.config import Settings
-from cityedge_fleet.models import READ_FIRST
 
 log = logging.getLogger(__name__)
 Component = dict[str, Any]
@@ -35,8 +34,6 @@ Component = dict[str, Any]
 def database(engine: Engine) -> Component:
     try:
         with engine.connect() as conn:
-            # a read: on SQLite it does not wait for a writer's lock (``db``)
-            conn = conn.execution_options(**{READ_FIRST: True})
             conn.execute(text("SELECT 1"))
     except Exception as e:  # any driver failure means: not ready
         log.warning("ready: database not answering: %s", str(e).splitlines()[0] if str(e)

@@ -102,12 +102,8 @@ class RoundResult:
 
 
 def renewal_round(session: Session, *, signer: EcSigner, lim: FleetLimits,
-                  now: dt.datetime | None = None, rl: RenewalLimits = LIMITS,
-                  limit: int | None = None, skip: frozenset[str] = frozenset()
-                  ) -> RoundResult:
-    """One round (rules in the module docstring), in the caller's transaction.
-    ``limit``: start at most this many (fewer than ``round_max``: the runner commits
-    batches and calls again), ``skip``: devices refused earlier in the same round."""
+                  now: dt.datetime | None = None, rl: RenewalLimits = LIMITS) -> RoundResult:
+    """One round (rules in the module docstring), in the caller's transaction."""
     now = now or utcnow()
     out = RoundResult()
     creds = current_credentials(session)
@@ -140,15 +136,14 @@ def renewal_round(session: Session, *, signer: EcSigner, lim: FleetLimits,
                                             "technician must bring the device back"})
                 out.flagged.append(device_id)
             continue
-        if (device_id in open_ or device_id in campaigned or device_id in failed_lately
-                or device_id in skip):
+        if device_id in open_ or device_id in campaigned or device_id in failed_lately:
             continue
         at = due_at(cred, rl)
         if at <= now:
             due.append((at, device_id))
     due.sort()
     out.due = len(due)
-    for _at, device_id in due[:rl.round_max if limit is None else limit]:  # 4
+    for _at, device_id in due[:rl.round_max]:  # 4
         try:
             with session.begin_nested():
                 rotation.start_rotation(session, device_id, by=ACTOR, signer=signer, lim=lim)

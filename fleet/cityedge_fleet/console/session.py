@@ -24,7 +24,7 @@ from sqlmodel import Field, Session, SQLModel, col, delete, select
 
 from cityedge_fleet.auth import Principal, principal_of
 from cityedge_fleet.config import FleetLimits
-from cityedge_fleet.models import ApiToken, UTCDateTime, end_read, utcnow
+from cityedge_fleet.models import ApiToken, UTCDateTime, utcnow
 
 COOKIE = "__Host-cityedge-console"  # the session (``__Host-``: Secure, Path=/, no Domain)
 LOGIN_COOKIE = "__Host-cityedge-login"  # the sign-in form's CSRF pair, before a session
@@ -79,12 +79,10 @@ def resume(session: Session, cookie: str | None, lim: FleetLimits
     token = session.get(ApiToken, row.token_id)
     if (now >= row.expires_at or now - row.last_used > dt.timedelta(seconds=lim.console_idle_s)
             or token is None or token.revoked):
-        end_read(session)  # a page's GET began as a read: the write takes the lock
         session.delete(row)
         session.commit()
         return None
     if now - row.last_used > dt.timedelta(seconds=TOUCH_S):
-        end_read(session)
         row.last_used = now
         session.add(row)
         session.commit()

@@ -35,14 +35,7 @@ from sqlmodel import Session, col, select
 from cityedge_core import batch as batchmod
 from cityedge_core.errors import LocalError
 from cityedge_fleet.config import OpenDataKind, Settings
-from cityedge_fleet.models import (
-    STREAM_TIME_MAX,
-    Device,
-    DeviceState,
-    Reading,
-    ReadingStream,
-    begin_read,
-)
+from cityedge_fleet.models import STREAM_TIME_MAX, Device, DeviceState, Reading, ReadingStream
 from cityedge_fleet.ratelimit import TokenBucketLimiter
 
 SECRET_MIN_BYTES = 32  # bytes of the server secret that keys the public ids
@@ -256,7 +249,6 @@ class OpenData:
             if (self._catalogue is None
                     or now - self._built_at >= self.settings.limits.sta_index_ttl_s):
                 with Session(self.engine) as session:
-                    begin_read(session)
                     self._catalogue = build(session, self.settings, self.ids)
                 self._built_at = now
             return self._catalogue

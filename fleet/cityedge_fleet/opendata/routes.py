@@ -33,7 +33,7 @@ from cityedge_core import senml
 from cityedge_core.errors import PeerError
 from cityedge_fleet.auth import client_address
 from cityedge_fleet.instruments import OPENDATA_TIMEOUTS
-from cityedge_fleet.models import Device, Reading, begin_read
+from cityedge_fleet.models import Device, Reading
 from cityedge_fleet.opendata import sta_filter
 from cityedge_fleet.opendata.catalogue import OpenData, public_devices, published
 from cityedge_fleet.opendata.query import (
@@ -131,7 +131,6 @@ def _public_session(od: OpenData) -> Iterator[Session]:
     there is refused (400: the client narrows its query) and counted. SQLite (one
     machine, the embedded default) has no such limit."""
     with Session(od.engine) as session:
-        begin_read(session)  # public reads never wait for a writer (SQLite)
         if session.get_bind().dialect.name == "postgresql":
             session.execute(sa_text("SET LOCAL statement_timeout = %d"
                                     % od.settings.limits.sta_statement_timeout_ms))
