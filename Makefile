@@ -39,11 +39,12 @@ demo: setup
 	$(BIN)/python -m cityedge.demo
 
 # The suite runs on pytest-xdist workers, one test file per worker at a time, so a file's
-# module fixtures (a broker, a built firmware) are made once. One worker more than cores:
-# most tests spend much of their time waiting on a subprocess (a broker, MicroPython, pip),
-# so the cores stay busy. The longest files start first (tests/support/file_order.py,
-# seconds in tests/file_seconds.txt), in that order (--no-loadscope-reorder).
-TEST_WORKERS ?= $(shell python3 -c "import os; print(len(os.sched_getaffinity(0)) + 1)")
+# module fixtures (a broker, a built firmware) are made once; one worker per core (3 on 2
+# cores took 17 min instead of about 22, but two tests that passed everywhere else failed
+# in those runs: TEST_WORKERS=3 to try it). The longest files start first
+# (tests/support/file_order.py, seconds in tests/file_seconds.txt), in that order
+# (--no-loadscope-reorder).
+TEST_WORKERS ?= $(shell python3 -c "import os; print(len(os.sched_getaffinity(0)))")
 test: setup lint typecheck
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		--durations=30
