@@ -11,9 +11,9 @@ per node (``node-<i>/``) holds:
   ``EXTERNAL`` on AMQP), no anonymous MQTT, the cluster's peers;
 - ``advanced.config``: the TLS options, which ``rabbitmq.conf`` cannot express: peer
   verification against the city CA, a client certificate required, and the CRL checked on
-  every handshake from a hash directory (``crl/<issuer hash>.r0``, re-read each time: a
-  new CRL takes effect without a restart); and the authorization backends: the internal
-  one, and ``cityedge_mqtt_client_id`` beside it;
+  every handshake from a hash directory (``crl/<issuer hash>.r0``, one per intermediate in
+  service, re-read each time: a new CRL takes effect without a restart); and the
+  authorization backends: the internal one, and ``cityedge_mqtt_client_id`` beside it;
 - ``ebin/cityedge_mqtt_client_id.beam``: that backend, compiled here from
   ``rabbitmq/cityedge_mqtt_client_id.erl`` (``erlc``, which comes with RabbitMQ's Erlang).
   It refuses an MQTT CONNECT whose client id is not the certificate's CN, before the MQTT
@@ -50,9 +50,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from cityedge_core import topics
 from cityedge_fleet import broker_acl
 from cityedge_fleet.broker import MAX_PACKET_BYTES, TLS12_CIPHERS, BrokerFiles
+from cityedge_fleet.ca import load_crls
 from cityedge_host.files import write_atomic
 
 VHOST = "cityedge"
@@ -291,13 +294,33 @@ def env_for(node: Node, node_dir: Path) -> dict[str, str]:
     return out
 
 
-def crl_hash_name(crl_pem: Path) -> str:
-    """The file name Erlang's ``ssl_crl_hash_dir`` looks for: OpenSSL's issuer name hash
-    and ``.r0``."""
+# the names Erlang's ``ssl_crl_hash_dir`` reads: OpenSSL's issuer name hash, ``.r`` and a
+# number (two issuers whose names hash alike take .r0 and .r1); nothing else is kept in
+# the CRL directory, so a file of this shape that the fleet's CRL no longer holds (a
+# retired intermediate's) is removed
+CRL_FILE_NAME = re.compile(r"[0-9a-f]{8}\.r[0-9]+")
+
+
+def _issuer_hash(crl_pem: bytes) -> str:
     openssl = shutil.which("openssl") or "/usr/bin/openssl"
-    out = subprocess.run([openssl, "crl", "-hash", "-noout", "-in", str(crl_pem)],
-                         capture_output=True, text=True, check=True, timeout=30)
-    return out.stdout.strip() + ".r0"
+    out = subprocess.run([openssl, "crl", "-hash", "-noout"], input=crl_pem,
+                         capture_output=True, check=True, timeout=30)
+    return out.stdout.decode().strip()
+
+
+def crl_hash_files(crl_pem: Path) -> list[tuple[str, bytes]]:
+    """Each CRL of the fleet's file (one per intermediate in service: two during a
+    rollover's overlap) as ``(name, PEM)`` under the name Erlang's ``ssl_crl_hash_dir``
+    looks for, ``<issuer hash>.r<n>``. ValueError when the file holds no CRL."""
+    out: list[tuple[str, bytes]] = []
+    taken: dict[str, int] = {}
+    for crl in load_crls(crl_pem.read_bytes()):
+        pem = crl.public_bytes(Encoding.PEM)
+        h = _issuer_hash(pem)
+        n = taken.get(h, 0)
+        taken[h] = n + 1
+        out.append(("%s.r%d" % (h, n), pem))
+    return out
 
 
 def compile_client_id_module() -> bytes:
@@ -318,12 +341,21 @@ def compile_client_id_module() -> bytes:
         return (Path(tmp) / (CLIENT_ID_MODULE + ".beam")).read_bytes()
 
 
-def install_crl(crl_pem: Path, crl_dir: Path) -> Path:
-    """Put the fleet's CRL where every node reads it on each handshake (atomically)."""
+def install_crl(crl_pem: Path, crl_dir: Path) -> list[Path]:
+    """Put every CRL of the fleet's file where every node reads it on each handshake (each
+    atomically, under its issuer's hash name), and remove the CRLs of issuers the file no
+    longer holds; returns the files written."""
     crl_dir.mkdir(parents=True, exist_ok=True)
-    target = crl_dir / crl_hash_name(crl_pem)
-    write_atomic(target, crl_pem.read_bytes(), 0o644)
-    return target
+    wanted = crl_hash_files(crl_pem)
+    paths = []
+    for name, pem in wanted:
+        write_atomic(crl_dir / name, pem, 0o644)
+        paths.append(crl_dir / name)
+    keep = {name for name, _ in wanted}
+    for old in crl_dir.iterdir():
+        if CRL_FILE_NAME.fullmatch(old.name) and old.name not in keep:
+            old.unlink()
+    return paths
 
 
 def write(out_dir: Path, files: BrokerFiles, cluster: list[Node], *, bind: str,

@@ -19,10 +19,12 @@ The calls (each one ``rabbitmqctl`` run, a short-lived Erlang VM: ~1-3 s here):
 - ``cut(cn)``: ``delete_user``, *then* ``close_all_user_connections`` (in that order: a
   device that reconnects between the two is refused, the user is gone);
 - ``kick(cn)``: ``close_all_user_connections`` (the grant stays);
-- ``install_crl(path)``: one ``eval`` that writes the CRL under its hash name into the
-  CRL directory of *every* cluster node, each node's own (read from its ``ssl_options``:
-  ``crl_cache``), atomically and only when it differs; a node that does not answer is
-  named in the ``CommandFailed``. Every handshake reads that directory: no restart;
+- ``install_crl(path)``: one ``eval`` that writes each CRL of the fleet's file (one per
+  intermediate in service) under its issuer's hash name into the CRL directory of
+  *every* cluster node, each node's own (read from its ``ssl_options``: ``crl_cache``),
+  atomically and only when it differs, and removes the CRL of an issuer the file no
+  longer holds; a node that does not answer is named in the ``CommandFailed``. Every
+  handshake reads that directory: no restart;
 - ``reconcile``: one ``export_definitions -`` shows the users and their permissions; a
   device user that should not be there is cut, a device that should be there and is
   missing, or whose permissions differ from its rules, is granted; and the CRL is
@@ -62,25 +64,36 @@ COOKIE_FILE = ".erlang.cookie"
 NODE_NAME = re.compile(r"[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+")
 
 # the Erlang run by ``install_crl`` (as one ``rabbitmqctl eval``): on every cluster node,
-# the CRL written into the directory that node's TLS listener reads (its own setting),
-# through a temporary file and a rename, only when it differs. Answers one string,
-# "node status;" per node (written, same, or the error), plus "node down;" per node that
-# did not answer.
+# each CRL of the fleet's file written into the directory that node's TLS listener reads
+# (its own setting) under its issuer's hash name, through a temporary file and a rename,
+# only when it differs; and the CRL files of issuers the fleet's file no longer holds (a
+# retired intermediate's) removed. Answers one string, "node status;" per node (written
+# when anything changed, same, or the error), plus "node down;" per node that did not
+# answer.
 _INSTALL_CRL = """
-Data = base64:decode(<<"%(data)s">>),
-Name = "%(name)s",
+Files = [%(files)s],
 Put = fun() ->
     {ok, Opts} = application:get_env(rabbit, ssl_options),
     {ssl_crl_hash_dir, {internal, Conf}} = proplists:get_value(crl_cache, Opts),
-    Path = filename:join(proplists:get_value(dir, Conf), Name),
-    case file:read_file(Path) of
-        {ok, Data} -> same;
-        _ ->
-            Tmp = Path ++ "." ++ atom_to_list(node()) ++ ".tmp",
-            ok = file:write_file(Tmp, Data, [sync]),
-            ok = file:rename(Tmp, Path),
-            written
-    end
+    Dir = proplists:get_value(dir, Conf),
+    One = fun({Name, Data}) ->
+        Path = filename:join(Dir, Name),
+        case file:read_file(Path) of
+            {ok, Data} -> same;
+            _ ->
+                Tmp = Path ++ "." ++ atom_to_list(node()) ++ ".tmp",
+                ok = file:write_file(Tmp, Data, [sync]),
+                ok = file:rename(Tmp, Path),
+                written
+        end
+    end,
+    Changed = [S || S <- lists:map(One, Files), S =:= written],
+    Wanted = [N || {N, _} <- Files],
+    {ok, Present} = file:list_dir(Dir),
+    Gone = [ok = file:delete(filename:join(Dir, F)) || F <- Present,
+            re:run(F, "^[0-9a-f]{8}[.]r[0-9]+$", [{capture, none}]) =:= match,
+            not lists:member(F, Wanted)],
+    case Changed ++ Gone of [] -> same; _ -> written end
 end,
 Run = fun() -> try {node(), Put()} catch C:E -> {node(), {C, E}} end end,
 {Answers, Down} = rpc:multicall(rabbit_nodes:all(), erlang, apply, [Run, []], %(ms)d),
@@ -265,10 +278,9 @@ class RabbitAccess(BrokerAccess):
         path = crl_file or self.crl_file
         if self.ctl is None or path is None:
             return {}
-        code = _INSTALL_CRL % {
-            "data": base64.b64encode(path.read_bytes()).decode(),
-            "name": broker_rabbitmq.crl_hash_name(path),
-            "ms": int(self.ctl.timeout_s * 1000)}
+        files = ",".join('{"%s", base64:decode(<<"%s">>)}' % (name, base64.b64encode(pem).decode())
+                         for name, pem in broker_rabbitmq.crl_hash_files(path))
+        code = _INSTALL_CRL % {"files": files, "ms": int(self.ctl.timeout_s * 1000)}
         out = self._ctl("eval", " ".join(code.split()))
         done: dict[str, str] = {}
         for item in out.strip().strip('"').split(";"):

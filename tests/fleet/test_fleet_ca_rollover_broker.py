@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session
 
 from cityedge_fleet import ca_retire, revocation
@@ -31,50 +30,16 @@ from cityedge_fleet.ca import (
     Revoked,
     _cert_pem,
     init_ca,
-    issue_service,
 )
 from cityedge_fleet.ca_rollover import rollover
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import make_engine, migrate
 
-from support.fleet import make_csr
+from support.fleet_ca import FleetPKI, device
 from support.mosquitto import Mosquitto
 from support.mqtt_probe import Probe
 
 WAIT_S = 20.0  # seconds the broker may take to act on a SIGHUP on a busy machine
-
-
-class FleetPKI:
-    """What ``support.mosquitto.Mosquitto`` needs of a PKI, from the fleet's own CA: the
-    cafile is the CA directory's ``broker-ca.pem``, the server certificate is issued by
-    the intermediate that signs at the start, as ``ca issue-service --server`` does."""
-
-    def __init__(self, ca_dir: Path, out: Path) -> None:
-        self.dir = out
-        self.ca_dir = ca_dir
-        self.ca_pem = CertificateAuthority(ca_dir).broker_bundle_path
-        self.server = self.service("broker", ("127.0.0.1", "localhost"))
-
-    def service(self, cn: str, server: tuple[str, ...] = ()) -> SimpleNamespace:
-        cert, key = issue_service(CertificateAuthority(self.ca_dir), cn, self.dir, server)
-        key.chmod(0o644)  # a throwaway test key Mosquitto reads as its own user
-        return SimpleNamespace(cert_pem=cert, key_pem=key)
-
-
-def device(ca_dir: Path, out: Path, n: int) -> SimpleNamespace:
-    """A device certificate from the intermediate that signs now; the file holds the leaf
-    and its intermediate, as a gateway presents them."""
-    cn = "urn:dev:mac:0024befffe80%04x" % n
-    key = ec.generate_private_key(ec.SECP256R1())
-    ca = CertificateAuthority(ca_dir)
-    cert = ca.sign_csr(make_csr(cn, key)[0], cn)
-    chain, key_file = out / ("dev%d.crt" % n), out / ("dev%d.key" % n)
-    chain.write_bytes(_cert_pem(cert) + _cert_pem(ca.cert))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return SimpleNamespace(cn=cn, serial=cert.serial_number, issuer=ca.id, cert_pem=chain,
-                           key_pem=key_file)
 
 
 def wait_until(cond: Callable[[], bool], what: str) -> None:

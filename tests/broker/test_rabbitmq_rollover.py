@@ -1,0 +1,98 @@
+"""An intermediate CA rollover on the RabbitMQ deployment, against a real node configured
+as ``cityedge broker config --engine rabbitmq`` writes it (TLS with ``crl_check peer``: a
+certificate whose issuer has no CRL in the node's hash directory is refused).
+
+During the overlap the fleet's CRL file holds two CRLs, one per intermediate. Each must be
+installed under its own issuer's hash name, at configuration time and by the fleet's live
+path (``RabbitAccess.install_crl``, one ``rabbitmqctl eval``): with only the first one
+installed (the defect fixed here) every device of the other intermediate is refused, and
+a certificate revoked by the other intermediate's CRL could not be told apart from it. And
+when an intermediate leaves the fleet's file (retirement), its CRL leaves the nodes, so its
+devices are refused again."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+from cityedge_fleet import broker_rabbitmq as rmq
+from cityedge_fleet.broker_rabbitmq_sync import RabbitAccess, RabbitCtl
+from cityedge_fleet.ca import ROOT_CERT, CertificateAuthority, Revoked, init_ca
+from cityedge_fleet.ca_rollover import rollover
+
+from support.fleet_ca import FleetPKI, device
+from support.rabbit_devices import MqttTry
+from support.rabbitmq import RABBIT_BIN, RabbitCluster
+
+ATTEMPTS = 20  # connection attempts a CRL change may take to be seen (each a handshake)
+
+
+def test_both_intermediates_crls_reach_the_node_and_a_retired_one_leaves() -> None:
+    world = Path(tempfile.mkdtemp(prefix="cityedge-rmqroll-"))
+    world.chmod(0o755)
+    root_dir, ca_dir, files = world / "root", world / "ca", world / "files"
+    init_ca(root_dir, ca_dir)
+    ca_dir.chmod(0o755)
+    files.mkdir(mode=0o755)
+    pki = FleetPKI(ca_dir, files)
+    old_a, old_x = device(ca_dir, files, 1), device(ca_dir, files, 2)
+    done = rollover(root_dir, ca_dir)
+    new_b, new_y = device(ca_dir, files, 3), device(ca_dir, files, 4)
+    assert new_b.issuer == done.new_id != old_a.issuer
+    ca = CertificateAuthority(ca_dir)
+    assert len(rmq.crl_hash_files(ca.crl_path)) == 2  # the overlap: one CRL per issuer
+    devices = [old_a, old_x, new_b, new_y]
+    cluster = RabbitCluster(pki, [d.cn for d in devices], count=1,  # type: ignore[arg-type]
+                            directory=world / "rmq", crl_file=ca.crl_path)
+    node = cluster.nodes[0]
+    access = RabbitAccess(RabbitCtl([node.name], ctl=RABBIT_BIN / "rabbitmqctl",
+                                    home=cluster.home, epmd_port=cluster.epmd_port,
+                                    timeout_s=60.0), ca.crl_path)
+    crl_dir = cluster.dir / "conf" / rmq.CRL_DIR
+
+    def connects(dev: SimpleNamespace) -> bool:
+        t = MqttTry(node.mqtt_port, dev.cert_pem, dev.key_pem, ca_dir / ROOT_CERT, dev.cn)
+        try:
+            return t.wait_connected()
+        finally:
+            t.close()
+
+    def settles(cond: Callable[[], bool], what: str) -> None:
+        for _ in range(ATTEMPTS):
+            if cond():
+                return
+        raise AssertionError("not after %d connections: %s" % (ATTEMPTS, what))
+
+    try:
+        cluster.start()
+        # configuration time (``broker config``): both CRLs, so both issuers' devices
+        assert sorted(p.name for p in crl_dir.iterdir()) == sorted(
+            n for n, _ in rmq.crl_hash_files(ca.crl_path))
+        assert connects(old_a), "a device of the old intermediate is refused"
+        assert connects(new_b), "a device of the new intermediate is refused"
+
+        # the live path: one certificate of each intermediate revoked, installed by eval
+        now = ca.cert.not_valid_before_utc
+        ca.write_crl([Revoked(old_x.serial, now), Revoked(new_y.serial, now)], 3600)
+        assert set(access.install_crl().values()) == {"written"}
+        assert set(access.install_crl().values()) == {"same"}  # nothing changed
+        settles(lambda: not connects(old_x), "the old intermediate's revoked certificate")
+        settles(lambda: not connects(new_y), "the new intermediate's revoked certificate")
+        assert connects(old_a) and connects(new_b)
+
+        # the old intermediate leaves the fleet's file (as ``ca retire`` leaves it): its
+        # CRL leaves the node and its devices are refused; the new one's still connect
+        new = ca.signer
+        assert new.id == done.new_id
+        ca.crl_path.write_bytes(ca.make_crl([Revoked(new_y.serial, now)], 3600, issuer=new))
+        assert set(access.install_crl().values()) == {"written"}
+        assert [p.name for p in crl_dir.iterdir()] == [
+            n for n, _ in rmq.crl_hash_files(ca.crl_path)]
+        settles(lambda: not connects(old_a), "a device of the retired intermediate")
+        assert connects(new_b) and not connects(new_y)
+    finally:
+        cluster.stop()
+        shutil.rmtree(world, ignore_errors=True)
