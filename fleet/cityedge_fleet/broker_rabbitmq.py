@@ -23,9 +23,10 @@ per node (``node-<i>/``) holds:
 - ``enabled_plugins`` and ``rabbitmq-env.conf`` (node name, ports, data directory, the
   ``ebin`` directory on the code path).
 
-``definitions.json`` (shared, loaded at boot) is the registry's view, as
-``dynamic-security.json`` is for Mosquitto: every user without a password (only a
-certificate logs in), one vhost, the quorum queue ``cityedge.ingest`` bound to
+``definitions.json`` (shared, loaded at boot when it changed since the cluster last
+imported it: ``definitions.skip_if_unchanged``, so a restart keeps the cuts made since) is
+the registry's view, as ``dynamic-security.json`` is for Mosquitto: every user without a
+password (only a certificate logs in), one vhost, the quorum queue ``cityedge.ingest`` bound to
 ``amq.topic`` for every ``up/`` kind the ingest takes, and per identity its resource and
 topic permissions (``rules_for``). Topic permissions are literal per device (the device id
 escaped into the regex), not RabbitMQ's ``{username}`` expansion: a device id may hold
@@ -234,7 +235,11 @@ def render_conf(node: Node, cluster: list[Node], *, bind: str, definitions_file:
         "auth_mechanisms.1 = EXTERNAL",
         "loopback_users = none",
         "max_message_size = %d" % MAX_PACKET_BYTES,
-        "load_definitions = %s" % definitions_file.resolve(),
+        # loaded at boot only when it changed since the cluster last imported it: loaded
+        # every time, a restarted node would bring back the users of devices cut since
+        "definitions.import_backend = local_filesystem",
+        "definitions.local.path = %s" % definitions_file.resolve(),
+        "definitions.skip_if_unchanged = true",
         "cluster_formation.peer_discovery_backend = classic_config",
         *("cluster_formation.classic_config.nodes.%d = %s" % (i + 1, n.name)
           for i, n in enumerate(cluster)),

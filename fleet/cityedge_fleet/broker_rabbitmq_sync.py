@@ -25,7 +25,7 @@ The calls (each one ``rabbitmqctl`` run, a short-lived Erlang VM: ~1-3 s here):
   atomically and only when it differs, and removes the CRL of an issuer the file no
   longer holds; a node that does not answer is named in the ``CommandFailed``. Every
   handshake reads that directory: no restart;
-- ``reconcile``: one ``export_definitions -`` shows the users and their permissions; a
+- ``reconcile``: one ``eval`` (``definitions``) shows the users and their permissions; a
   device user that should not be there is cut, a device that should be there and is
   missing, or whose permissions differ from its rules, is granted; and the CRL is
   installed again (mends a node that was down when it changed).
@@ -100,6 +100,23 @@ Run = fun() -> try {node(), Put()} catch C:E -> {node(), {C, E}} end end,
 lists:flatten([[io_lib:format("~s ~p;", [N, S]) || {N, S} <- Answers, is_atom(N)],
                [io_lib:format("~s down;", [N]) || N <- Down],
                [io_lib:format("? ~p;", [A]) || A <- Answers, not is_tuple(A)]]).
+"""
+
+
+# the part of the cluster's definitions the fleet reads (users, their permissions and topic
+# permissions), as JSON in base64, by one ``rabbitmqctl eval``. Not ``export_definitions``:
+# with ``definitions.skip_if_unchanged`` the cluster keeps the boot import's hash as a raw
+# binary global parameter, which RabbitMQ 3.10's JSON export cannot encode (it fails with
+# ``function_clause``). Users are given by name, tags and whether a password is set: no
+# password hash leaves the node.
+_EXPORT = """
+D = rabbit_definitions:all_definitions(),
+Get = fun(K, M) -> case M of #{K := V} -> V; _ -> maps:get(atom_to_binary(K), M) end end,
+base64:encode_to_string(rabbit_json:encode(#{
+    users => [#{name => Get(name, U), tags => Get(tags, U),
+                password_set => Get(password_hash, U) =/= <<>>} || U <- maps:get(users, D)],
+    permissions => maps:get(permissions, D),
+    topic_permissions => maps:get(topic_permissions, D)})).
 """
 
 
@@ -179,7 +196,7 @@ def user_definitions(cn: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Granted:
-    """What the cluster holds for one user (from ``export_definitions``)."""
+    """What the cluster holds for one user (from ``definitions``)."""
 
     permissions: tuple[str, str, str] | None  # configure, write, read in the vhost
     topic: tuple[str, str] | None  # write, read on amq.topic
@@ -258,13 +275,16 @@ class RabbitAccess(BrokerAccess):
         self._ctl("close_all_user_connections", cn, "access to the city broker withdrawn")
 
     def definitions(self) -> dict[str, Any]:
-        out = self._ctl("export_definitions", "-", "--format", "json")
+        """The cluster's users (name, tags, ``password_set``), permissions and topic permissions, as
+        ``export_definitions`` would show them (which RabbitMQ 3.10 cannot do once it keeps
+        the boot import's hash: ``_EXPORT``)."""
+        out = self._ctl("eval", " ".join(_EXPORT.split()))
         try:
-            defs = json.loads(out)
+            defs = json.loads(base64.b64decode(out.strip().strip('"'), validate=True))
         except ValueError as e:
-            raise CommandFailed("rabbitmqctl export_definitions: not JSON (%s)" % e) from e
+            raise CommandFailed("the cluster's definitions: not JSON (%s)" % e) from e
         if not isinstance(defs, dict):
-            raise CommandFailed("rabbitmqctl export_definitions: not an object")
+            raise CommandFailed("the cluster's definitions: not an object")
         return defs
 
     def clients(self) -> set[str]:
