@@ -64,7 +64,14 @@ INGEST_QUEUE = "cityedge.ingest"
 EXCHANGE = "amq.topic"  # where the MQTT plugin publishes
 DEFINITIONS_FILE = "definitions.json"
 CRL_DIR = "crl"
-PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl")
+PLUGINS = ("rabbitmq_mqtt", "rabbitmq_auth_mechanism_ssl", "rabbitmq_event_exchange")
+# the event exchange (``rabbitmq_event_exchange``, in the fleet's vhost): the ingest learns
+# from a ``binding.created`` of a device's own ``down/cmd`` that it is back and subscribed
+# (``subscribed_device``), and makes its pending commands due at once
+EVENT_EXCHANGE = "amq.rabbitmq.event"
+PRESENCE_KEY = "binding.created"
+PRESENCE_QUEUE_PREFIX = "cityedge.presence."  # one per ingest worker, exclusive
+PRESENCE_QUEUE_MAX = 10_000  # events kept for a slow worker; the oldest go first
 # the authorization backend that binds an MQTT client id to the CN (module docstring)
 CLIENT_ID_MODULE = "cityedge_mqtt_client_id"
 CLIENT_ID_SOURCE = Path(__file__).parent / "rabbitmq" / (CLIENT_ID_MODULE + ".erl")
@@ -118,6 +125,27 @@ def topic_of(key: str) -> str:
     return key.replace(".", "/")
 
 
+def subscribed_device(headers: Any) -> str | None:
+    """The device a ``binding.created`` event shows subscribed to its own ``down/cmd``
+    (the MQTT plugin binds the device's queue to ``amq.topic`` at its SUBSCRIBE): the
+    user who bound it, when that user is a device and the key is its own command topic;
+    else None. A device's topic permissions let it bind only its own ``down/`` keys, and
+    the event names the authenticated user: no device can announce another."""
+    if not isinstance(headers, dict):
+        return None
+    who, key = headers.get("user_who_performed_action"), headers.get("routing_key")
+    if isinstance(who, bytes):
+        who = who.decode("utf-8", "replace")
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "replace")
+    if not isinstance(who, str) or not isinstance(key, str) or \
+            headers.get("source_name") not in (EXCHANGE, EXCHANGE.encode()):
+        return None
+    if broker_acl.identity_kind(who) != broker_acl.DEVICE:
+        return None
+    return who if topic_of(key) == topics.down(who, "cmd") else None
+
+
 def _rk(topic_filter: str) -> str:
     """A regex for the routing keys of an MQTT filter with ``+`` levels (literal
     elsewhere); a ``+`` in the device level (the third) may span words (dotted ids)."""
@@ -165,8 +193,11 @@ def rules_for(cn: str) -> Rules:
                      read=_any([exchange, queue]),
                      topic_write=_rk(topics.up(cn, "+")),
                      topic_read=_rk(topics.down(cn, "+")))
-    if kind == broker_acl.INGEST:  # consume the ingest queue over AMQP, nothing else
-        return Rules(NOTHING, NOTHING, "^%s$" % re.escape(INGEST_QUEUE), NOTHING, NOTHING)
+    if kind == broker_acl.INGEST:  # consume the ingest queue over AMQP; its presence queue
+        presence = "^%s[A-Za-z0-9_-]{1,64}$" % re.escape(PRESENCE_QUEUE_PREFIX)
+        return Rules(presence, presence,
+                     _any(["^%s$" % re.escape(INGEST_QUEUE), presence,
+                           "^%s$" % re.escape(EVENT_EXCHANGE)]), NOTHING, NOTHING)
     if kind == broker_acl.COMMANDS:
         return Rules(NOTHING, exchange, NOTHING,
                      _any(_rk(topics.every_down(k)) for k in topics.DOWN_KINDS), NOTHING)
@@ -231,6 +262,7 @@ def render_conf(node: Node, cluster: list[Node], *, bind: str, definitions_file:
         "mqtt.allow_anonymous = false",
         "mqtt.vhost = %s" % VHOST,
         "mqtt.exchange = %s" % EXCHANGE,
+        "event_exchange.vhost = %s" % VHOST,
         "ssl_cert_login_from = common_name",
         "auth_mechanisms.1 = EXTERNAL",
         "loopback_users = none",

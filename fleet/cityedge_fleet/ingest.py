@@ -233,6 +233,18 @@ class Ingestor:
         # only after ``STREAMS_KNOWN_MAX`` keys, when the set starts over)
         self.streams: set[StreamKey] = set()
 
+    def devices_subscribed(self, devices: list[str]) -> int:
+        """``devices`` are connected and subscribed again (the broker says so: on a
+        RabbitMQ cluster, ``ingest_amqp``'s presence events): their unanswered commands are
+        due now (one transaction), and ``on_return`` is told when any was. Returns how
+        many commands were made due."""
+        with Session(self.engine) as session:
+            due = command_queue.resend_now(session, devices, utcnow())
+            session.commit()
+        if due and self.on_return is not None:
+            self.on_return(sorted(set(devices)))
+        return due
+
     def handle(self, topic: str, payload: bytes) -> Outcome:
         return self.handle_many([(topic, payload)])[0]
 

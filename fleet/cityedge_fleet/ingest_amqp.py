@@ -14,6 +14,18 @@ on the channel that delivered it and only while that channel is open: delivery t
 per channel, so an ack sent on a newer channel would acknowledge another message. Whatever
 was unacknowledged when a channel closed is delivered again by RabbitMQ (to this worker or
 another); the chain classifies a batch stored twice as a duplicate.
+
+Presence: MQTT 3.1.1 tells the command publisher nothing of a device that is away (no
+"no matching subscribers"), so a command sent meanwhile would wait for its resend. The
+worker also consumes the cluster's event exchange (an exclusive queue of its own, bound
+to ``binding.created``): when a device binds its own ``down/cmd`` again (its SUBSCRIBE
+after a reconnect, ``broker_rabbitmq.subscribed_device``), its unanswered commands are
+made due at once (``Ingestor.devices_subscribed``; the publisher is woken in ``fleet
+serve``). The devices seen are gathered in a set that the storing thread turns into one
+UPDATE between groups (at most every ``IDLE_POLL_S``), so a device reconnecting in a loop
+costs no more than one; events missed while the worker is away are covered by the
+resend. A cluster without the event exchange plugin (one
+configured before it) is consumed as before, with a warning.
 """
 
 from __future__ import annotations
@@ -21,12 +33,14 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import secrets
 import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from cityedge_fleet import broker_rabbitmq as rmq
+from cityedge_fleet import ingest_dead_letter
 from cityedge_fleet.config import Settings
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.ingest_mqtt import MqttIngestWorker
@@ -38,6 +52,7 @@ CONNECT_TIMEOUT_S = 5.0
 HEARTBEAT_S = 10  # a node that stops answering is noticed within about twice this
 RETRY_FIRST_S = 0.2  # the first wait after a round over every node failed
 RETRY_MAX_S = 5.0
+PRESENCE_PENDING_MAX = 100_000  # devices waiting for the storing thread; more are dropped
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,10 @@ class AmqpIngestWorker(MqttIngestWorker):
         self._tls = ssl.create_default_context(cafile=str(s.mqtt_ca_file))
         self._tls.load_cert_chain(str(s.mqtt_cert_file), str(s.mqtt_key_file))
         self._connection: Any = None
+        self.presence_events = 0  # devices seen subscribing again (acted on)
+        self.presence_due = 0  # commands those made due
+        self._present: set[str] = set()  # waiting for the storing thread
+        self._present_lock = threading.Lock()
 
     # -- the transport ------------------------------------------------------------------
 
@@ -129,6 +148,7 @@ class AmqpIngestWorker(MqttIngestWorker):
             channel.basic_qos(prefetch_count=rmq.INGEST_PREFETCH)
             channel.basic_consume(rmq.INGEST_QUEUE, functools.partial(
                 self._on_delivery, connection), auto_ack=False)
+            self._watch_presence(connection)
             self.connected.set()
             self.subscribed.set()
             if self._service and not self._told_ready:
@@ -145,6 +165,42 @@ class AmqpIngestWorker(MqttIngestWorker):
                     connection.close()
                 except Exception:  # closing a broken connection
                     log.debug("closing the AMQP connection failed", exc_info=True)
+
+    def _watch_presence(self, connection: Any) -> None:
+        """The presence queue on a channel of its own (a refusal closes only that one)."""
+        import pika
+
+        try:
+            channel = connection.channel()
+            name = rmq.PRESENCE_QUEUE_PREFIX + secrets.token_hex(8)
+            channel.queue_declare(name, exclusive=True, auto_delete=True, arguments={
+                "x-max-length": rmq.PRESENCE_QUEUE_MAX, "x-overflow": "drop-head"})
+            channel.queue_bind(name, rmq.EVENT_EXCHANGE, rmq.PRESENCE_KEY)
+            channel.basic_consume(name, self._on_presence, auto_ack=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            log.warning("no presence events from the cluster (%s): commands to a device "
+                        "that was away wait for their resend; run `cityedge broker config` "
+                        "again and restart the nodes (rabbitmq_event_exchange)", e)
+
+    def _on_presence(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
+        device = rmq.subscribed_device(props.headers)
+        if device is None:
+            return
+        with self._present_lock:
+            if len(self._present) < PRESENCE_PENDING_MAX:
+                self._present.add(device)
+
+    def _between_groups(self) -> None:
+        with self._present_lock:
+            devices, self._present = sorted(self._present), set()
+        if not devices:
+            return
+        try:
+            self.presence_due += self.ingestor.devices_subscribed(devices)
+            self.presence_events += len(devices)
+        except Exception as e:  # the database is down: the resend covers them
+            log.warning("presence of %d devices not recorded: %s", len(devices),
+                        ingest_dead_letter.describe(e))
 
     def _amqp_loop(self) -> None:
         backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S)

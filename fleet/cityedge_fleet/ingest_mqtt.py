@@ -251,6 +251,10 @@ class MqttIngestWorker:
             group = self._take_group()
             if group:
                 self._store(group)
+            self._between_groups()
+
+    def _between_groups(self) -> None:
+        """Work of the storing thread between groups (the AMQP worker's presence events)."""
 
     def _start_thread(self) -> None:
         self._stopping.clear()

@@ -10,6 +10,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -51,7 +52,20 @@ def test_the_ingest_gets_back_the_topic_the_device_used(device: str, kind: str) 
 def test_services_get_only_their_own_grants() -> None:
     ingest = rmq.rules_for("fleet-ingest")
     assert re.fullmatch(ingest.read, rmq.INGEST_QUEUE)
-    assert (ingest.configure, ingest.write, ingest.topic_write) == ("^$", "^$", "^$")
+    assert ingest.topic_write == ingest.topic_read == "^$"
+    # its presence queue (declared, bound, read) and the event exchange (read), no other
+    presence = rmq.PRESENCE_QUEUE_PREFIX + "0123abcd"
+    assert re.fullmatch(ingest.configure, presence) and re.fullmatch(ingest.write, presence)
+    assert re.fullmatch(ingest.read, presence) and re.fullmatch(ingest.read, rmq.EVENT_EXCHANGE)
+    for name in (rmq.INGEST_QUEUE, rmq.EXCHANGE, rmq.PRESENCE_QUEUE_PREFIX, "amq.gen-x",
+                 "mqtt-subscription-urn:dev:x:aqos1", rmq.PRESENCE_QUEUE_PREFIX + "a.b"):
+        assert not re.fullmatch(ingest.configure, name) and not re.fullmatch(ingest.write, name)
+    for name in (rmq.EXCHANGE, "mqtt-subscription-urn:dev:x:aqos1", "amq.rabbitmq.trace"):
+        assert not re.fullmatch(ingest.read, name)
+    device = rmq.rules_for("urn:dev:x:a")
+    for pattern in (device.configure, device.write, device.read):  # no presence for them
+        assert not re.fullmatch(pattern, rmq.EVENT_EXCHANGE)
+        assert not re.fullmatch(pattern, presence)
     commands = rmq.rules_for("fleet-commands")
     assert re.fullmatch(commands.topic_write, rmq.routing_key(topics.down("urn:dev:x:a.b",
                                                                            "cmd")))
@@ -61,6 +75,36 @@ def test_services_get_only_their_own_grants() -> None:
     assert all(u["password_hash"] == "" for u in defs["users"])  # certificates only
     assert [u["name"] for u in defs["users"]] == ["fleet-ingest", "urn:dev:x:a"]  # no guest
     assert defs["queues"][0]["arguments"]["x-queue-type"] == "quorum"
+
+
+def _binding(who: object, key: object, source: object = "amq.topic") -> dict[str, object]:
+    """The headers of a ``binding.created`` event (as pika gives them: str or bytes)."""
+    return {"user_who_performed_action": who, "routing_key": key, "source_name": source,
+            "destination_name": "mqtt-subscription-%sqos1" % who}
+
+
+@given(ids, ids, st.sampled_from(["cmd", "ota", "trust"]), st.booleans())
+def test_a_presence_event_names_only_the_device_that_subscribed_to_its_own_commands(
+        a: str, b: str, kind: str, as_bytes: bool) -> None:
+    key = rmq.routing_key(topics.down(b, kind))
+    headers = _binding(a.encode() if as_bytes else a, key.encode() if as_bytes else key)
+    expected = a if a == b and kind == "cmd" else None
+    assert rmq.subscribed_device(headers) == expected
+
+
+@pytest.mark.parametrize("headers", [
+    None, {}, "text",
+    _binding("fleet-ingest", "ce.v1.fleet-ingest.down.cmd"),  # not a device
+    _binding("urn:dev:x:a", "ce.v1.urn:dev:x:a.down.cmd", source="amq.rabbitmq.event"),
+    _binding("urn:dev:x:a", "ce.v1.urn:dev:x:a.up.readings"),
+    _binding(None, "ce.v1.urn:dev:x:a.down.cmd"),
+    _binding("urn:dev:x:a", 7),
+    _binding("not a device id", "ce.v1.not a device id.down.cmd"),
+], ids=["none", "empty", "text", "service", "other-exchange", "up-topic", "no-user",
+        "key-not-text", "bad-id"])
+def test_a_presence_event_that_is_not_a_devices_own_subscription_names_nobody(
+        headers: object) -> None:
+    assert rmq.subscribed_device(headers) is None
 
 
 # (the vhost-access context the MQTT plugin hands the check, as an Erlang term; expected)
