@@ -47,6 +47,7 @@ def rollover_command(
     """Make a new online intermediate signed by the root; it signs from now on, the old
     one stays trusted until `ca retire` (run where the root lives)."""
     from cityedge_fleet import audit, revocation
+    from cityedge_fleet.ca import CRL_FILE
     from cityedge_fleet.ca_custody import Custody, custody_of
     from cityedge_fleet.ca_rollover import rollover
     from cityedge_fleet.config import Settings
@@ -60,7 +61,8 @@ def rollover_command(
     reloads: list[bool] = []
 
     def reload() -> None:
-        reloads.append(revocation.reload_broker(pid_file))
+        reloads.append(revocation.take_new_intermediate(settings, pid_file,
+                                                        ca_dir / CRL_FILE))
 
     done = rollover(root_dir, ca_dir, before_switch=reload,
                     root_password_file=root_password_file, custody=custody)
@@ -68,8 +70,14 @@ def rollover_command(
           "overlap%s" % (done.new_id, done.new_subject, done.new_not_after.date(),
                          done.old_id, " (CA directory moved to the rollover layout)"
                          if done.migrated else ""))
+    rabbitmq = settings is not None and settings.broker_engine == "rabbitmq"
     if reloads and all(reloads):
-        print("broker reloaded: it trusts both intermediates")
+        print("broker %s: it trusts both intermediates"
+              % ("nodes have both CRLs" if rabbitmq else "reloaded"))
+    elif rabbitmq:
+        print("cityedge: the new CRL file is NOT on every RabbitMQ node: the fleet's "
+              "reconciler installs it within CITYEDGE_BROKER_SYNC_EVERY_S; until then the "
+              "new intermediate's certificates are refused there", file=sys.stderr)
     else:
         print("cityedge: the broker was NOT reloaded: send it SIGHUP now (it refuses the "
               "new intermediate's certificates until it re-reads %s and %s)"

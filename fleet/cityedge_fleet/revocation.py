@@ -61,6 +61,19 @@ def tell_broker(settings: Settings, crl_file: Path) -> bool:
     return True
 
 
+def take_new_intermediate(settings: Settings | None, pid_file: Path | None,
+                          crl_file: Path) -> bool:
+    """A rollover's hook before its switch (``ca rollover``): the broker trusts the new
+    intermediate before a certificate of it exists. Mosquitto re-reads ``broker-ca.pem``
+    and ``crl.pem`` on SIGHUP; a RabbitMQ cluster's nodes get the new CRL file (one CRL
+    per intermediate: a certificate whose issuer has no CRL there is refused), and need
+    no new bundle (they trust the root; a device sends its intermediate). False when the
+    broker could not be told."""
+    if settings is not None and settings.broker_engine == "rabbitmq":
+        return tell_broker(settings, crl_file)
+    return reload_broker(pid_file)
+
+
 def _listed(session: Session) -> list[Revoked]:
     return [
         Revoked(serial=int(c.serial, 16), revoked_at=c.revoked_at or c.not_before,

@@ -1,14 +1,15 @@
 """An intermediate CA rollover on the RabbitMQ deployment, against a real node configured
 as ``cityedge broker config --engine rabbitmq`` writes it (TLS with ``crl_check peer``: a
-certificate whose issuer has no CRL in the node's hash directory is refused).
+certificate whose issuer has no CRL in the node's hash directory is refused), started
+before the rollover.
 
 During the overlap the fleet's CRL file holds two CRLs, one per intermediate. Each must be
-installed under its own issuer's hash name, at configuration time and by the fleet's live
-path (``RabbitAccess.install_crl``, one ``rabbitmqctl eval``): with only the first one
-installed (the defect fixed here) every device of the other intermediate is refused, and
-a certificate revoked by the other intermediate's CRL could not be told apart from it. And
-when an intermediate leaves the fleet's file (retirement), its CRL leaves the nodes, so its
-devices are refused again."""
+installed under its own issuer's hash name by the fleet's live path
+(``RabbitAccess.install_crl``, one ``rabbitmqctl eval``), and ``ca rollover`` must do so
+before its switch: with only the first one installed (the defect fixed here), or none
+before the switch (``ca rollover`` only knew Mosquitto's SIGHUP), every device of the new
+intermediate is refused. And when an intermediate leaves the fleet's file (retirement), its
+CRL leaves the nodes, so its devices are refused again."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from cityedge_fleet import broker_rabbitmq as rmq
+from cityedge_fleet import revocation
 from cityedge_fleet.broker_rabbitmq_sync import RabbitAccess, RabbitCtl
 from cityedge_fleet.ca import ROOT_CERT, CertificateAuthority, Revoked, init_ca
 from cityedge_fleet.ca_rollover import rollover
+from cityedge_fleet.config import Settings
 
 from support.fleet_ca import FleetPKI, device
 from support.rabbit_devices import MqttTry
@@ -39,19 +42,22 @@ def test_both_intermediates_crls_reach_the_node_and_a_retired_one_leaves() -> No
     files.mkdir(mode=0o755)
     pki = FleetPKI(ca_dir, files)
     old_a, old_x = device(ca_dir, files, 1), device(ca_dir, files, 2)
-    done = rollover(root_dir, ca_dir)
-    new_b, new_y = device(ca_dir, files, 3), device(ca_dir, files, 4)
-    assert new_b.issuer == done.new_id != old_a.issuer
+    new_cns = ["urn:dev:mac:0024befffe80%04x" % n for n in (3, 4)]
+    # the cluster as configured before the rollover: one intermediate, one CRL
     ca = CertificateAuthority(ca_dir)
-    assert len(rmq.crl_hash_files(ca.crl_path)) == 2  # the overlap: one CRL per issuer
-    devices = [old_a, old_x, new_b, new_y]
-    cluster = RabbitCluster(pki, [d.cn for d in devices], count=1,  # type: ignore[arg-type]
-                            directory=world / "rmq", crl_file=ca.crl_path)
+    cluster = RabbitCluster(pki, [old_a.cn, old_x.cn, *new_cns],  # type: ignore[arg-type]
+                            count=1, directory=world / "rmq", crl_file=ca.crl_path)
     node = cluster.nodes[0]
     access = RabbitAccess(RabbitCtl([node.name], ctl=RABBIT_BIN / "rabbitmqctl",
                                     home=cluster.home, epmd_port=cluster.epmd_port,
                                     timeout_s=60.0), ca.crl_path)
     crl_dir = cluster.dir / "conf" / rmq.CRL_DIR
+    settings = Settings(
+        mode="development", database_url="sqlite:///%s" % (world / "fleet.sqlite3"),
+        ca_dir=ca_dir, broker_engine="rabbitmq", broker_rabbitmq_nodes=node.name,
+        broker_rabbitmq_home=cluster.home, broker_rabbitmq_ctl=RABBIT_BIN / "rabbitmqctl",
+        broker_rabbitmq_epmd_port=cluster.epmd_port, audit_key_file=world / "audit.key",
+        command_key_file=world / "command.key")
 
     def connects(dev: SimpleNamespace) -> bool:
         t = MqttTry(node.mqtt_port, dev.cert_pem, dev.key_pem, ca_dir / ROOT_CERT, dev.cn)
@@ -68,11 +74,25 @@ def test_both_intermediates_crls_reach_the_node_and_a_retired_one_leaves() -> No
 
     try:
         cluster.start()
-        # configuration time (``broker config``): both CRLs, so both issuers' devices
+        assert connects(old_a)
+        # the rollover while the node runs, with `ca rollover`'s hook before the switch
+        # (``take_new_intermediate`` with the fleet's RabbitMQ settings): the nodes get
+        # the new CRL file (two CRLs) by eval; no node restart, no new bundle (the device
+        # sends its intermediate, which chains to the root the node trusts)
+        told: list[bool] = []
+        done = rollover(root_dir, ca_dir, before_switch=lambda: told.append(
+            revocation.take_new_intermediate(settings, None, ca.crl_path)))
+        assert told == [True]
+        ca = CertificateAuthority(ca_dir)
+        assert len(rmq.crl_hash_files(ca.crl_path)) == 2  # the overlap: one CRL per issuer
         assert sorted(p.name for p in crl_dir.iterdir()) == sorted(
             n for n, _ in rmq.crl_hash_files(ca.crl_path))
-        assert connects(old_a), "a device of the old intermediate is refused"
+        assert set(access.install_crl().values()) == {"same"}  # the hook put them there
+        new_b, new_y = device(ca_dir, files, 3), device(ca_dir, files, 4)
+        assert [new_b.cn, new_y.cn] == new_cns
+        assert new_b.issuer == done.new_id != old_a.issuer
         assert connects(new_b), "a device of the new intermediate is refused"
+        assert connects(old_a), "a device of the old intermediate is refused"
 
         # the live path: one certificate of each intermediate revoked, installed by eval
         now = ca.cert.not_valid_before_utc
