@@ -201,7 +201,7 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
 
     Returns False if the provisioning line closed without a lock (only a test's UART
     does that), True after ``reset()`` returned (a real reset never does)."""
-    from . import config, unload
+    from . import ON_DEMAND, config, unload
 
     if uart is not None:
         from . import provision, provision_main
@@ -257,7 +257,16 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         gc.collect()
         from . import update_check
 
-        if update_check.run(cfg):
+        step = update_check.run(cfg)
+        if step:
+            if step == update_check.CHECK:  # the release's check: its own module, with
+                # the dispatcher and the state's decoder off the heap (the update's peak)
+                del update_check
+                unload("cityedge_fw.update_check", "cityedge_fw.store", *ON_DEMAND)
+                gc.collect()
+                from . import update_verify
+
+                update_verify.run(cfg)
             gc.collect()
             reset()  # the check's names stay interned: the agent boots without them
             return True

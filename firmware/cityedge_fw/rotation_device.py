@@ -72,7 +72,7 @@ def boot_step(cfg):
     before that runs it again, which each of the rotation's steps allows."""
     state = cfg.get("store", {}).get("state", "/state.cbor")
     pending = state + ".rotation.new"
-    from .update_check import _key, _pending, _sign, _Signer
+    from .boot_answer import _key, _pending, _sign, _Signer
 
     got = _pending(pending)
     if got is None:
