@@ -12,7 +12,7 @@ import os
 
 from cityedge_core.errors import PeerError
 
-from . import unload
+from . import state_path, unload
 
 
 class _Signer:
@@ -55,7 +55,7 @@ def run(cfg):
     the fleet's resend is then refused as a replay). The answer kept is also kept for the
 agent to publish once connected (``answers.keep_unsent``): the fleet has it without
 sending the command again."""
-    state = cfg.get("store", {}).get("state", "/state.cbor")
+    state = state_path(cfg)
     pending = state + ".trust.new"
     got = _pending(pending)
     if got is None:

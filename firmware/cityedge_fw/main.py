@@ -201,7 +201,7 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
 
     Returns False if the provisioning line closed without a lock (only a test's UART
     does that), True after ``reset()`` returned (a real reset never does)."""
-    from . import ON_DEMAND, config, unload
+    from . import ON_DEMAND, config, state_path, unload
 
     if uart is not None:
         from . import provision, provision_main
@@ -226,7 +226,7 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
     # (``update_check``), then the board resets
     from os import stat
 
-    state = cfg.get("store", {}).get("state", "/state.cbor")
+    state = state_path(cfg)
     kept = None
     if cfg.get("update"):  # an update command the agent kept or has not answered yet:
         # the state file's CBOR holds the key ``update_cmd`` with a value other than null

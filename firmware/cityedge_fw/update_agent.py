@@ -41,10 +41,7 @@ meanwhile). The boot hands this module its work in the ``update`` settings: ``tr
 Measured: ``tests/firmware/test_update.py`` (docs/ARCHITECTURE.md, "Device updates").
 """
 
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 
 from .files import write_atomic
 

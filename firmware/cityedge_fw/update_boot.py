@@ -28,16 +28,12 @@ A failure ends the update (``update_slots.finish``: ``failed`` and the reason, t
 ``last``); the next agent reports and answers it (``update_agent.resume``).
 """
 
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 import gc
 import hashlib
 import json
 import os
 import time
-
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
 
 from cityedge_core.errors import CityedgeError, LimitError, TransportError
 

@@ -15,7 +15,7 @@ import gc
 import json
 import os
 
-from . import ON_DEMAND, unload, update_slots
+from . import ON_DEMAND, state_path, unload, update_slots
 
 
 def run(cfg):
@@ -27,7 +27,7 @@ def run(cfg):
     would stay on the agent's heap)."""
     try:  # a trust-update's statement first (``trust_check``: the module is named here,
         # not in ``main``, whose names are interned at every boot)
-        os.stat(cfg.get("store", {}).get("state", "/state.cbor") + ".trust.new")
+        os.stat(state_path(cfg) + ".trust.new")
     except OSError:
         pass
     else:  # (its own module: the update's boot steps do not carry it)
@@ -35,7 +35,7 @@ def run(cfg):
 
         return boot_answer.run(cfg)
     try:  # a rotation command the agent kept (``rotation_device``)
-        os.stat(cfg.get("store", {}).get("state", "/state.cbor") + ".rotation.new")
+        os.stat(state_path(cfg) + ".rotation.new")
     except OSError:
         pass
     else:  # (the rotation's boot step lives with it: this module stays small for the
@@ -65,7 +65,7 @@ def _update(cfg, u):
     from .store import State
 
     root = u["dir"]
-    st = State(cfg.get("store", {}).get("state", "/state.cbor"))
+    st = State(state_path(cfg))
     cmd = st.get("update_cmd")
     seq = cmd[2] if cmd and len(cmd) > 2 else None
     upath = update_slots.path(root, update_slots.UPDATE)
@@ -101,7 +101,7 @@ def _update(cfg, u):
         update_boot = pend = None
         unload("cityedge_fw.update_boot", "cityedge_fw.update_http")
         gc.collect()
-        _report(None, root, cfg.get("store", {}).get("state", "/state.cbor"))
+        _report(None, root, state_path(cfg))
         return True
     elif state == "checking":  # the release's check (``update_verify``): ``main`` runs
         # it with this module and the state's decoder off the heap, the check's peak being
@@ -140,7 +140,7 @@ def _update(cfg, u):
     return True
 
 
-def _report(st, root, state_path=None):
+def _report(st, root, path=None):
     """The update's state for the agent's signed status (``State`` ``update``:
     ``[state, version, sequence, reason]``), from the files; ``st`` None: the state file
     is read now (a heap too cut up for that: the next boot's step reports)."""
@@ -148,7 +148,7 @@ def _report(st, root, state_path=None):
         from .store import State
 
         try:
-            st = State(state_path)
+            st = State(path)
         except MemoryError:
             return
     p = update_slots.read_pointer(root)
