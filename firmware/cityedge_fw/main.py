@@ -58,7 +58,7 @@ collection threshold: the boot's temporaries had left ~9 KiB of holes, the large
 block at 66 KiB 576 bytes), not at 64: docs/ARCHITECTURE.md, "Memory on the device".
 Five pools hold the names; the sixth is 7.5 KiB in one block, so each new module must free
 names to pay for its own.
-``trust-update`` (``answers``, ``update_check._trust``) interns two names at boot
+``trust-update`` (``answers``, ``boot_answer.run``) interns two names at boot
 (``.trust.new``, ``trust-update``); a rotation's command (``rotation_device``) and the
 messages a boot kept for the agent (``answers.publish_unsent``) add none (their file
 names are over 10 characters: constants, not names). The tests' stand-in board: see
