@@ -12,6 +12,11 @@ the digest compared with the manifest's, then the slot marked for trial
 use after a collection between requests, at most (the step prints it: ``update: download
 heap peak``; the whole update's boot measures it too, ``tests/firmware/test_update.py``).
 
+**The update's boot steps** (``check_min_heap``, ``--check`` alone): the fetch, the
+check and the download as a board boots them (``main.main`` on the tests' stand-in
+board, one process per boot) at 64 KiB, the heap the agent streams in; and the smallest
+heap the check step (``update_verify``, the update's peak) completes in, by bisection.
+
 **Baseline in the same run, same interpreter**: a plain download of the same file from
 the same server (``update_http.get`` for the whole file in one request over the same TLS
 context, every byte read into the same 512-byte buffer and dropped: no hash, no file, no

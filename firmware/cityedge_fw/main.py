@@ -259,14 +259,13 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
 
         step = update_check.run(cfg)
         if step:
-            if step == update_check.CHECK:  # the release's check: its own module, with
-                # the dispatcher and the state's decoder off the heap (the update's peak)
+            if step == 2:  # (``update_check.CHECK``) the release's check: its own module,
+                # with the dispatcher and the state's decoder off the heap (the update's
+                # peak); named by a string, not a name this module interns at every boot
                 del update_check
                 unload("cityedge_fw.update_check", "cityedge_fw.store", *ON_DEMAND)
                 gc.collect()
-                from . import update_verify
-
-                update_verify.run(cfg)
+                __import__("cityedge_fw.update_verify", None, None, ("run",)).run(cfg)
             gc.collect()
             reset()  # the check's names stay interned: the agent boots without them
             return True
