@@ -1,9 +1,9 @@
 """The device-path modules' private copies of ``limits`` are the core's limits.
 
-``cbor``, ``cose``, ``cose_decode``, ``batch`` and ``cbor_decode`` keep the limits they check as private
-``const()``s so that a device never loads ``limits`` (every name of a loaded module is
-interned for good: docs/ARCHITECTURE.md, "Memory on the device"). ``limits`` stays the
-one home of every number; this test fails when a copy drifts from it.
+``cbor``, ``cose``, ``cose_decode``, ``batch`` and ``cbor_decode`` keep the limits they
+check as private ``const()``s so that a device never loads ``limits`` (every name of a
+loaded module is interned for good: docs/ARCHITECTURE.md, "Memory on the device").
+``limits`` stays the one home of every number; this test fails when a copy drifts from it.
 """
 
 from __future__ import annotations
