@@ -32,6 +32,7 @@ PARTS: list[tuple[str, Callable[[], Any], Callable[[Any], None]]] = [
     ("campaign", campaign_bench.run, campaign_bench.report),
     ("ota", ota_bench.run, ota_bench.report),
     ("ota_device", ota_device_bench.run, ota_device_bench.report),
+    ("ota_device_steps", ota_device_bench.check_min_heap, ota_device_bench.report_check),
     ("firmware", firmware.firmware_bench, firmware.report),
     ("gateway", gateway.gateway_bench, gateway.report),
     ("brokers", brokers_bench.run, brokers_bench.report),

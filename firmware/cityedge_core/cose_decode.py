@@ -9,7 +9,15 @@ try:
 except ImportError:  # MicroPython: annotations are not evaluated
     pass
 
-from . import cbor, limits
+try:
+    from micropython import const  # type: ignore[import-not-found]
+except ImportError:  # CPython
+
+    def const(x: Any) -> Any:
+        return x
+
+
+from . import cbor
 from .cose import (
     _UNDERSTOOD,
     ALG_ES256,
@@ -21,6 +29,12 @@ from .cose import (
     sig_structure,
 )
 from .errors import MalformedError, SignatureError
+
+# limits (``limits``) as private consts, as ``cose`` keeps them: a device that decodes a
+# COSE_Sign1 (an update's manifest) never loads ``limits`` and its names;
+# tests/core/test_limit_copies.py holds them equal
+_BATCH_MAX_BYTES = const(16384)
+_KID_MAX_BYTES = const(64)
 
 
 class Sign1:
@@ -66,7 +80,7 @@ class Sign1:
 def decode_sign1(
     data: Any,
     allow_untagged: bool = False,
-    max_bytes: int = limits.BATCH_MAX_BYTES,
+    max_bytes: int = _BATCH_MAX_BYTES,
     loads: Any = None,
 ) -> Sign1:
     """Decode and structurally check a COSE_Sign1 message (rules in the module doc).
@@ -153,7 +167,7 @@ def sign1_from_array(obj: Any, loads: Any = None, tbs: Any = None) -> Sign1:
         if label in protected:
             raise MalformedError("COSE: header label %r in both buckets" % (label,))
     kid = protected.get(HDR_KID, unprotected.get(HDR_KID))
-    if kid is not None and (not isinstance(kid, bytes) or len(kid) > limits.KID_MAX_BYTES):
+    if kid is not None and (not isinstance(kid, bytes) or len(kid) > _KID_MAX_BYTES):
         raise MalformedError("COSE: kid must be a byte string of at most 64 bytes")
     if len(sig) != SIGNATURE_BYTES:
         raise SignatureError("COSE: ES256 signature must be 64 bytes, got %d" % len(sig))

@@ -34,9 +34,9 @@ key    name        value
 refuses with a reason code (``RefusedList.reason``):
 
 1. ``keys_malformed``: at most ``LIST_MAX_BYTES``; tag 98, four items; body protected
-   header empty or a map without ``crit``; at most ``MAX_SIGNATURES`` signatures, each a
+   header empty or a map without ``crit``; at most ``_MAX_SIGNATURES`` signatures, each a
    protected ``{alg: ES256, kid}``; the payload map exactly as above (no unknown keys,
-   kids unique and equal to their point's, roles known, at most ``MAX_RELEASE_KEYS``).
+   kids unique and equal to their point's, roles known, at most ``_MAX_RELEASE_KEYS``).
 2. ``keys_threshold``: the list's roots are all roots the device trusts, and the number
    of *distinct* trusted roots whose signature verifies is at least
    ``max(device threshold, list threshold)``. Signatures by unknown kids do not count,
@@ -68,27 +68,27 @@ except ImportError:  # CPython
 from . import cbor, cose
 from .errors import PeerError
 
-COSE_SIGN_TAG = 98
+_COSE_SIGN_TAG = const(98)
 LIST_AAD = b"cityedge release-keys v1"
 ROLES = ("device-firmware", "gateway")  # the components a release key may sign
 
 # limits (here, not in ``limits``: a device loads this module only while it updates)
 LIST_MAX_BYTES = const(8192)  # bytes: a whole signed list
 MAX_ROOTS = const(16)  # root keys a device trusts, and a list names
-MAX_SIGNATURES = const(16)  # COSE_Signatures in one list
-MAX_RELEASE_KEYS = const(16)  # release keys in one list
-KID_BYTES = const(8)  # bytes: cityedge kids (``cose.kid_for_public_key``)
-SEC1_BYTES = const(65)  # bytes: an uncompressed P-256 point
+_MAX_SIGNATURES = const(16)  # COSE_Signatures in one list
+_MAX_RELEASE_KEYS = const(16)  # release keys in one list
+_KID_BYTES = const(8)  # bytes: cityedge kids (``cose.kid_for_public_key``)
+_SEC1_BYTES = const(65)  # bytes: an uncompressed P-256 point
 VERSION_MAX = const(0xFFFFFFFF)  # largest list version
 
 L_VERSION = const(1)
-L_THRESHOLD = const(2)
-L_ROOTS = const(3)
-L_KEYS = const(4)
-K_KID = const(1)
-K_PUBLIC = const(2)
-K_ROLES = const(3)
-K_EXPIRES = const(4)
+_L_THRESHOLD = const(2)
+_L_ROOTS = const(3)
+_L_KEYS = const(4)
+_K_KID = const(1)
+_K_PUBLIC = const(2)
+_K_ROLES = const(3)
+_K_EXPIRES = const(4)
 
 KEYS_MALFORMED = "keys_malformed"
 KEYS_THRESHOLD = "keys_threshold"
@@ -134,10 +134,10 @@ def payload_map(version: int, threshold: int, roots: Any, keys: Any) -> Any:
     """The list's payload map; ``keys``: iterable of ``(sec1_point, roles, expires)``."""
     entries = []
     for public, roles, expires in keys:
-        entries.append({K_KID: cose.kid_for_public_key(public), K_PUBLIC: public,
-                        K_ROLES: list(roles), K_EXPIRES: expires})
-    return {L_VERSION: version, L_THRESHOLD: threshold, L_ROOTS: list(roots),
-            L_KEYS: entries}
+        entries.append({_K_KID: cose.kid_for_public_key(public), _K_PUBLIC: public,
+                        _K_ROLES: list(roles), _K_EXPIRES: expires})
+    return {L_VERSION: version, _L_THRESHOLD: threshold, _L_ROOTS: list(roots),
+            _L_KEYS: entries}
 
 
 def signature_structure(body_protected: bytes, sign_protected: bytes, payload: bytes,
@@ -158,7 +158,7 @@ def encode_list(payload: bytes, signatures: Any, body_protected: bytes = b"") ->
     from .cbor_types import Tag  # loaded on use (a device never encodes a list)
 
     sigs = [[prot, {}, sig] for prot, sig in signatures]
-    return cbor.dumps(Tag(COSE_SIGN_TAG, [body_protected, {}, payload, sigs]))
+    return cbor.dumps(Tag(_COSE_SIGN_TAG, [body_protected, {}, payload, sigs]))
 
 
 def add_signature(data: bytes, signer: Any, kid: bytes) -> bytes:
@@ -191,7 +191,7 @@ def _split(data: Any) -> Any:
         obj = cbor.loads(data, max_bytes=LIST_MAX_BYTES, max_depth=4, max_items=256)
     except PeerError as e:
         raise _malformed("not CBOR: %s" % e) from None
-    if getattr(obj, "tag", None) != COSE_SIGN_TAG:
+    if getattr(obj, "tag", None) != _COSE_SIGN_TAG:
         raise _malformed("not a tagged COSE_Sign (98)")
     obj = obj.value
     if not isinstance(obj, list) or len(obj) != 4:
@@ -207,8 +207,8 @@ def _split(data: Any) -> Any:
         raise _malformed("crit in an unprotected header")
     if not isinstance(payload, bytes):
         raise _malformed("payload must be a byte string")
-    if not isinstance(sigs, list) or not 0 < len(sigs) <= MAX_SIGNATURES:
-        raise _malformed("1 to %d signatures expected" % MAX_SIGNATURES)
+    if not isinstance(sigs, list) or not 0 < len(sigs) <= _MAX_SIGNATURES:
+        raise _malformed("1 to %d signatures expected" % _MAX_SIGNATURES)
     out = []
     for s in sigs:
         if not isinstance(s, list) or len(s) != 3:
@@ -222,8 +222,8 @@ def _split(data: Any) -> Any:
                 cose.HDR_CRIT in s_unprot or cose.HDR_ALG in s_unprot:
             raise _malformed("a signature's protected header must be {alg: ES256, kid}")
         kid = hdr.get(cose.HDR_KID)
-        if not isinstance(kid, bytes) or len(kid) != KID_BYTES or cose.HDR_KID in s_unprot:
-            raise _malformed("a signature's kid must be protected, %d bytes" % KID_BYTES)
+        if not isinstance(kid, bytes) or len(kid) != _KID_BYTES or cose.HDR_KID in s_unprot:
+            raise _malformed("a signature's kid must be protected, %d bytes" % _KID_BYTES)
         if len(sig) != cose.SIGNATURE_BYTES:
             raise _malformed("an ES256 signature is 64 bytes")
         out.append((prot, kid, sig))
@@ -255,33 +255,33 @@ def decode_payload(payload: bytes, make_verifier: Any) -> Any:
         m = cbor.loads(payload, max_bytes=LIST_MAX_BYTES, max_depth=4, max_items=256)
     except PeerError as e:
         raise _malformed("payload is not CBOR: %s" % e) from None
-    if not _exact_keys(m, (L_VERSION, L_THRESHOLD, L_ROOTS, L_KEYS)):
+    if not _exact_keys(m, (L_VERSION, _L_THRESHOLD, _L_ROOTS, _L_KEYS)):
         raise _malformed("payload must be a map of keys 1-4")
     version = m[L_VERSION]
-    threshold = m[L_THRESHOLD]
-    roots = m[L_ROOTS]
+    threshold = m[_L_THRESHOLD]
+    roots = m[_L_ROOTS]
     if not _uint(version, VERSION_MAX) or version < 1:
         raise _malformed("version must be 1..%d" % VERSION_MAX)
     if not isinstance(roots, list) or not 0 < len(roots) <= MAX_ROOTS:
         raise _malformed("roots: 1 to %d kids" % MAX_ROOTS)
     for r in roots:
-        if not isinstance(r, bytes) or len(r) != KID_BYTES or roots.count(r) != 1:
-            raise _malformed("roots: distinct %d-byte kids" % KID_BYTES)
+        if not isinstance(r, bytes) or len(r) != _KID_BYTES or roots.count(r) != 1:
+            raise _malformed("roots: distinct %d-byte kids" % _KID_BYTES)
     if not _uint(threshold, len(roots)) or threshold < 1:
         raise _malformed("threshold must be 1..%d (the roots named)" % len(roots))
-    entries = m[L_KEYS]
-    if not isinstance(entries, list) or len(entries) > MAX_RELEASE_KEYS:
-        raise _malformed("keys: at most %d" % MAX_RELEASE_KEYS)
+    entries = m[_L_KEYS]
+    if not isinstance(entries, list) or len(entries) > _MAX_RELEASE_KEYS:
+        raise _malformed("keys: at most %d" % _MAX_RELEASE_KEYS)
     keys = {}
     for entry in entries:
-        if not _exact_keys(entry, (K_KID, K_PUBLIC, K_ROLES, K_EXPIRES)):
+        if not _exact_keys(entry, (_K_KID, _K_PUBLIC, _K_ROLES, _K_EXPIRES)):
             raise _malformed("a release key is a map of keys 1-4")
-        kid = entry[K_KID]
-        public = entry[K_PUBLIC]
-        roles = entry[K_ROLES]
-        expires = entry[K_EXPIRES]
-        if not isinstance(public, bytes) or len(public) != SEC1_BYTES:
-            raise _malformed("a release key's point is %d bytes" % SEC1_BYTES)
+        kid = entry[_K_KID]
+        public = entry[_K_PUBLIC]
+        roles = entry[_K_ROLES]
+        expires = entry[_K_EXPIRES]
+        if not isinstance(public, bytes) or len(public) != _SEC1_BYTES:
+            raise _malformed("a release key's point is %d bytes" % _SEC1_BYTES)
         if kid != cose.kid_for_public_key(public) or kid in keys:
             raise _malformed("a release key's kid is not its point's, or repeats")
         if not isinstance(roles, list) or not 0 < len(roles) <= len(ROLES):

@@ -10,7 +10,7 @@ key    name          value
                      ``"gateway"`` (the Pi's wheel set, one tar)
 2      version       text, 1-4 dot-separated decimal numbers (``"1.4.0"``)
 3      sequence      uint 1..``SEQ_MAX``, monotonic per component: anti-rollback
-4      hw_classes    array of 1..``MAX_HW_CLASSES`` texts the artifact fits
+4      hw_classes    array of 1..``_MAX_HW_CLASSES`` texts the artifact fits
 5      size          uint: the artifact's exact length in bytes
 6      sha256        32 bytes: the artifact's SHA-256
 7      expires       UNIX seconds after which the manifest is void (freeze)
@@ -73,26 +73,26 @@ MANIFEST_AAD = b"cityedge update manifest v1"
 
 # limits (here, not in ``limits``: loaded only while updating)
 MANIFEST_MAX_BYTES = const(2048)  # bytes: a whole signed manifest
-MAX_HW_CLASSES = const(16)  # hardware classes one manifest names
-HW_CLASS_MAX_CHARS = const(32)  # characters of one hardware class
-VERSION_MAX_CHARS = const(32)  # characters of a version text
-VERSION_MAX_PARTS = const(4)  # dot-separated numbers in a version
-MAX_WINDOWS = const(8)  # install windows in one manifest
+_MAX_HW_CLASSES = const(16)  # hardware classes one manifest names
+_HW_CLASS_MAX_CHARS = const(32)  # characters of one hardware class
+_VERSION_MAX_CHARS = const(32)  # characters of a version text
+_VERSION_MAX_PARTS = const(4)  # dot-separated numbers in a version
+_MAX_WINDOWS = const(8)  # install windows in one manifest
 SEQ_MAX = const(0xFFFFFFFFFFFF)  # largest sequence number (48 bits)
 ARTIFACT_MAX_BYTES = const(0x7FFFFFFF)  # bytes: largest artifact any manifest names
-DAY_MINUTES = const(1440)
+_DAY_MINUTES = const(1440)
 
 M_COMPONENT = const(1)
-M_VERSION = const(2)
-M_SEQUENCE = const(3)
-M_HW_CLASSES = const(4)
-M_SIZE = const(5)
+_M_VERSION = const(2)
+_M_SEQUENCE = const(3)
+_M_HW_CLASSES = const(4)
+_M_SIZE = const(5)
 M_SHA256 = const(6)
-M_EXPIRES = const(7)
-M_MIN_VERSION = const(8)
-M_WINDOWS = const(9)
-_REQUIRED = (M_COMPONENT, M_VERSION, M_SEQUENCE, M_HW_CLASSES, M_SIZE, M_SHA256, M_EXPIRES)
-_KNOWN = _REQUIRED + (M_MIN_VERSION, M_WINDOWS)
+_M_EXPIRES = const(7)
+_M_MIN_VERSION = const(8)
+_M_WINDOWS = const(9)
+_REQUIRED = (M_COMPONENT, _M_VERSION, _M_SEQUENCE, _M_HW_CLASSES, _M_SIZE, M_SHA256, _M_EXPIRES)
+_KNOWN = _REQUIRED + (_M_MIN_VERSION, _M_WINDOWS)
 
 OK = "ok"
 MALFORMED = "malformed"
@@ -179,13 +179,13 @@ class Manifest:
         self.windows = windows
 
     def to_map(self) -> Any:
-        m = {M_COMPONENT: self.component, M_VERSION: self.version,
-             M_SEQUENCE: self.sequence, M_HW_CLASSES: list(self.hw_classes),
-             M_SIZE: self.size, M_SHA256: self.sha256, M_EXPIRES: self.expires}
+        m = {M_COMPONENT: self.component, _M_VERSION: self.version,
+             _M_SEQUENCE: self.sequence, _M_HW_CLASSES: list(self.hw_classes),
+             _M_SIZE: self.size, M_SHA256: self.sha256, _M_EXPIRES: self.expires}
         if self.min_version is not None:
-            m[M_MIN_VERSION] = self.min_version
+            m[_M_MIN_VERSION] = self.min_version
         if self.windows is not None:
-            m[M_WINDOWS] = [list(w) for w in self.windows]
+            m[_M_WINDOWS] = [list(w) for w in self.windows]
         return m
 
     def encode(self) -> bytes:
@@ -232,17 +232,17 @@ class Refused(PeerError):
 
 def parse_version(text: Any) -> Any:
     """``"1.4.0"`` -> ``(1, 4, 0)``; ``Refused(malformed)`` for anything else."""
-    if not isinstance(text, str) or not 0 < len(text) <= VERSION_MAX_CHARS:
-        raise Refused(MALFORMED, "a version is text of 1..%d characters" % VERSION_MAX_CHARS)
+    if not isinstance(text, str) or not 0 < len(text) <= _VERSION_MAX_CHARS:
+        raise Refused(MALFORMED, "a version is text of 1..%d characters" % _VERSION_MAX_CHARS)
     parts = text.split(".")
-    if len(parts) > VERSION_MAX_PARTS:
-        raise Refused(MALFORMED, "a version has at most %d parts" % VERSION_MAX_PARTS)
+    if len(parts) > _VERSION_MAX_PARTS:
+        raise Refused(MALFORMED, "a version has at most %d parts" % _VERSION_MAX_PARTS)
     out = []
     for p in parts:
         if not p or len(p) > 9 or not all("0" <= c <= "9" for c in p):
             raise Refused(MALFORMED, "version %r is not dot-separated numbers" % text)
         out.append(int(p))
-    while len(out) < VERSION_MAX_PARTS:  # "1.4" == "1.4.0"
+    while len(out) < _VERSION_MAX_PARTS:  # "1.4" == "1.4.0"
         out.append(0)
     return tuple(out)
 
@@ -274,37 +274,37 @@ def decode_payload(payload: bytes) -> Manifest:
     component = m[M_COMPONENT]
     if component not in release_keys.ROLES:
         raise Refused(MALFORMED, "unknown component %r" % (component,))
-    version = m[M_VERSION]
+    version = m[_M_VERSION]
     parse_version(version)
-    sequence = m[M_SEQUENCE]
+    sequence = m[_M_SEQUENCE]
     if not _uint(sequence, SEQ_MAX) or sequence < 1:
         raise Refused(MALFORMED, "sequence must be 1..%d" % SEQ_MAX)
-    classes = m[M_HW_CLASSES]
-    if not isinstance(classes, list) or not 0 < len(classes) <= MAX_HW_CLASSES:
-        raise Refused(MALFORMED, "hw_classes: 1 to %d" % MAX_HW_CLASSES)
+    classes = m[_M_HW_CLASSES]
+    if not isinstance(classes, list) or not 0 < len(classes) <= _MAX_HW_CLASSES:
+        raise Refused(MALFORMED, "hw_classes: 1 to %d" % _MAX_HW_CLASSES)
     for c in classes:
-        if not _text(c, HW_CLASS_MAX_CHARS) or classes.count(c) != 1:
+        if not _text(c, _HW_CLASS_MAX_CHARS) or classes.count(c) != 1:
             raise Refused(MALFORMED, "hardware class %r: distinct, a-z 0-9 - _ ., at most "
-                          "%d characters" % (c, HW_CLASS_MAX_CHARS))
-    size = m[M_SIZE]
+                          "%d characters" % (c, _HW_CLASS_MAX_CHARS))
+    size = m[_M_SIZE]
     if not _uint(size, ARTIFACT_MAX_BYTES) or size < 1:
         raise Refused(MALFORMED, "size must be 1..%d bytes" % ARTIFACT_MAX_BYTES)
     digest = m[M_SHA256]
     if not isinstance(digest, bytes) or len(digest) != 32:
         raise Refused(MALFORMED, "sha256 must be 32 bytes")
-    expires = m[M_EXPIRES]
+    expires = m[_M_EXPIRES]
     if not _uint(expires, 0xFFFFFFFFFF):
         raise Refused(MALFORMED, "expires must be UNIX seconds")
-    min_version = m.get(M_MIN_VERSION)
+    min_version = m.get(_M_MIN_VERSION)
     if min_version is not None:
         parse_version(min_version)
-    windows = m.get(M_WINDOWS)
+    windows = m.get(_M_WINDOWS)
     if windows is not None:
-        if not isinstance(windows, list) or not 0 < len(windows) <= MAX_WINDOWS:
-            raise Refused(MALFORMED, "windows: 1 to %d" % MAX_WINDOWS)
+        if not isinstance(windows, list) or not 0 < len(windows) <= _MAX_WINDOWS:
+            raise Refused(MALFORMED, "windows: 1 to %d" % _MAX_WINDOWS)
         for w in windows:
-            if not isinstance(w, list) or len(w) != 2 or not _uint(w[0], DAY_MINUTES - 1) \
-                    or not _uint(w[1], DAY_MINUTES - 1) or w[0] == w[1]:
+            if not isinstance(w, list) or len(w) != 2 or not _uint(w[0], _DAY_MINUTES - 1) \
+                    or not _uint(w[1], _DAY_MINUTES - 1) or w[0] == w[1]:
                 raise Refused(MALFORMED, "a window is [start, end], minutes 0..1439, "
                               "start != end")
         windows = [tuple(w) for w in windows]
@@ -321,7 +321,7 @@ def in_window(windows: Any, now: int) -> bool:
     """True if ``now`` (UNIX seconds) is inside one of ``windows`` (None: always)."""
     if windows is None:
         return True
-    minute = (now // 60) % DAY_MINUTES
+    minute = (now // 60) % _DAY_MINUTES
     for start, end in windows:
         if start < end:
             if start <= minute < end:

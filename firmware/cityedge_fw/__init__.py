@@ -16,6 +16,13 @@ VERSION = "0.1.0"
 ON_DEMAND = ("cityedge_core.command_gate", "cityedge_core.cbor_decode", "cityedge_core.cbor_types")
 
 
+def state_path(cfg):
+    """The state file's path: ``config.json`` ``store.state`` (``config.load`` fills the
+    default in; a test's bare map may leave it out). Here because every boot loads this
+    package: the boot's dispatch (``main``, ``update_check``) and the boot steps share it."""
+    return cfg.get("store", {}).get("state", "/state.cbor")
+
+
 def unload(*names):
     """Take modules off the heap: out of ``sys.modules`` and out of their package, their
     last references (function and class objects, constants). Their interned names stay.

@@ -58,7 +58,7 @@ collection threshold: the boot's temporaries had left ~9 KiB of holes, the large
 block at 66 KiB 576 bytes), not at 64: docs/ARCHITECTURE.md, "Memory on the device".
 Five pools hold the names; the sixth is 7.5 KiB in one block, so each new module must free
 names to pay for its own.
-``trust-update`` (``answers``, ``update_check._trust``) interns two names at boot
+``trust-update`` (``answers``, ``boot_answer.run``) interns two names at boot
 (``.trust.new``, ``trust-update``); a rotation's command (``rotation_device``) and the
 messages a boot kept for the agent (``answers.publish_unsent``) add none (their file
 names are over 10 characters: constants, not names). The tests' stand-in board: see
@@ -201,7 +201,7 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
 
     Returns False if the provisioning line closed without a lock (only a test's UART
     does that), True after ``reset()`` returned (a real reset never does)."""
-    from . import config, unload
+    from . import ON_DEMAND, config, state_path, unload
 
     if uart is not None:
         from . import provision, provision_main
@@ -226,7 +226,7 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
     # (``update_check``), then the board resets
     from os import stat
 
-    state = cfg.get("store", {}).get("state", "/state.cbor")
+    state = state_path(cfg)
     kept = None
     if cfg.get("update"):  # an update command the agent kept or has not answered yet:
         # the state file's CBOR holds the key ``update_cmd`` with a value other than null
@@ -257,7 +257,15 @@ def main(uart=None, info=None, root="/", reset=None, agent=None,
         gc.collect()
         from . import update_check
 
-        if update_check.run(cfg):
+        step = update_check.run(cfg)
+        if step:
+            if step == 2:  # (``update_check.CHECK``) the release's check: its own module,
+                # with the dispatcher and the state's decoder off the heap (the update's
+                # peak); named by a string, not a name this module interns at every boot
+                del update_check
+                unload("cityedge_fw.update_check", "cityedge_fw.store", *ON_DEMAND)
+                gc.collect()
+                __import__("cityedge_fw.update_verify", None, None, ("run",)).run(cfg)
             gc.collect()
             reset()  # the check's names stay interned: the agent boots without them
             return True

@@ -53,7 +53,7 @@ import sys
 from cityedge_core import cose, p256, rotation
 from cityedge_core.errors import LocalError, PeerError
 
-from . import key_slots, unload
+from . import key_slots, state_path, unload
 from .files import write_atomic
 from .keys import private_key_from_der, read_file
 
@@ -70,9 +70,9 @@ def boot_step(cfg):
     remove the command; True (``main`` then resets: the rotation's names would stay on
     the agent's heap). Whatever fails, the command is removed (no boot loop): a power cut
     before that runs it again, which each of the rotation's steps allows."""
-    state = cfg.get("store", {}).get("state", "/state.cbor")
+    state = state_path(cfg)
     pending = state + ".rotation.new"
-    from .update_check import _key, _pending, _sign, _Signer
+    from .boot_answer import _key, _pending, _sign, _Signer
 
     got = _pending(pending)
     if got is None:

@@ -29,10 +29,10 @@ must be above the installed one: no rollback), then:
    between installing and answering): ``ok``, nothing changes;
 2. ``S.trust`` is written (the new set), then the signed result is kept with the
    device's other answers (``answers``: the fleet's resend of the command gets it), then
-   ``S.trust.new`` is removed (``update_check._trust`` runs these steps at boot: this
+   ``S.trust.new`` is removed (``boot_answer.run`` runs these steps at boot: this
    module stays free of the agent's modules, so provisioning can use it). A cut before
    the last step checks again: rule 1. An answer the check left no heap to sign is
-   signed at the next boot (``update_check._trust``).
+   signed at the next boot (``boot_answer.run``).
 
 Refusals (forged, signed by another key than the root, a retired root, the wrong AAD,
 truncated or garbage CBOR, not valid now, not newer) are answered ``refused`` with the

@@ -13,7 +13,7 @@ scheduled       the command passed the gate; ``Agent.handle_command`` keeps    a
 (fetch)         a boot, before the agent is built, fetches the manifest     ``update_boot``
                 (at most 2 KiB) and the key list (at most 8 KiB) to
                 flash; the manifest's SHA-256 must be the command's; reset
-checking        the next boot runs ``check_update``; reset                  ``update_check``
+checking        the next boot runs ``check_update``; reset                  ``update_verify``
 downloading     ``ok``: the next boot fetches the artifact in Range         ``update_boot``
                 requests into the inactive slot, hashed as written;
                 nothing past the manifest's size is taken
@@ -41,10 +41,7 @@ meanwhile). The boot hands this module its work in the ``update`` settings: ``tr
 Measured: ``tests/firmware/test_update.py`` (docs/ARCHITECTURE.md, "Device updates").
 """
 
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 
 from .files import write_atomic
 

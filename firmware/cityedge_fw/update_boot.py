@@ -3,7 +3,7 @@
 
 - ``scheduled``: the manifest (at most ``MANIFEST_MAX`` bytes) and the release-key list
   (at most ``KEYS_MAX``) to flash, the manifest's SHA-256 compared with the command's;
-  then ``checking`` (the next boot's ``update_check.verdict``);
+  then ``checking`` (the next boot's ``update_verify``);
 - ``downloading``: the artifact in Range requests of ``RANGE_BYTES`` (``update.range_bytes``)
   appended to the inactive slot's image, hashed as written; nothing past the manifest's
   size is taken; the size and SHA-256 must match; then ``installing``: the slot becomes the
@@ -28,16 +28,12 @@ A failure ends the update (``update_slots.finish``: ``failed`` and the reason, t
 ``last``); the next agent reports and answers it (``update_agent.resume``).
 """
 
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 import gc
 import hashlib
 import json
 import os
 import time
-
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
 
 from cityedge_core.errors import CityedgeError, LimitError, TransportError
 

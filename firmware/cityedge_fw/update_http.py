@@ -25,10 +25,7 @@ TLS: the device's context (the city CA; a fleet or CDN server certificate chains
 the URL's host as the server name.
 """
 
-try:
-    import asyncio
-except ImportError:  # pragma: no cover
-    import uasyncio as asyncio  # type: ignore[no-redef]
+import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name less
 
 from cityedge_core.errors import LimitError, TransportError
 

@@ -3,7 +3,7 @@ for a release whose artifact is the whole MicroPython image rather than the ROMF
 
 Compile-checked only (``mpy-cross``; there is no ESP32 here): what must be checked on a
 board is in docs/BOARD_BRINGUP.md. The trust decisions are the same as for a bundle:
-``update_check`` accepts the manifest, ``update_agent`` downloads in Range requests and
+``update_verify`` accepts the manifest, ``update_agent`` downloads in Range requests and
 hashes as it writes; this module is only where the bytes go and how the boot switches.
 
 - ``PartitionWriter(size)``: the next OTA partition (``Partition.get_next_update()``),

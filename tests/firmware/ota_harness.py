@@ -43,8 +43,10 @@ HW_CLASS = "unix-test"
 COMPONENT = "device-firmware"
 MAX_BOOTS = 20  # a device that boots more often in one test is broken: the loop ends
 # The heap of the update tests' devices (``CE_UPDATE_HEAP`` overrides it, to measure):
-# the whole update passed at 80 KiB (the boot's manifest check is the peak), 84 for margin
-UPDATE_HEAP = os.environ.get("CE_UPDATE_HEAP", "84k")
+# the agent tests' heap (``fw_harness.HEAP``). The update's boot steps complete at 64 KiB
+# (``bench.ota_device --check``); the stand-in agent itself needs 72 (docs/ARCHITECTURE.md,
+# "Device updates")
+UPDATE_HEAP = os.environ.get("CE_UPDATE_HEAP", "72k")
 _VERSION = re.compile(r'^VERSION = "[0-9.]+"$', re.M)
 
 

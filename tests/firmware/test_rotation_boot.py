@@ -19,7 +19,7 @@ from fw_harness import DEVICE
 
 from cityedge_core import cbor, rotation
 from cityedge_core.command_decode import decode_result
-from cityedge_fw import answers, update_check
+from cityedge_fw import answers, boot_answer, update_check
 from cityedge_host.crypto import EcSigner, EcVerifier
 
 
@@ -109,5 +109,5 @@ def test_a_kept_rotate_leaves_its_csr_and_answer_for_the_agent(flash: dict[str, 
     assert (flash["dir"] / "key.der.1").exists()
     assert not (flash["dir"] / "key.der.slot").exists()  # the switch waits for its cert
     # the answer is kept with the others too: the fleet's resend gets the same bytes
-    got = answers._kept(update_check._Signer(DEVICE, None, b"", str(flash["state"])))
+    got = answers._kept(boot_answer._Signer(DEVICE, None, b"", str(flash["state"])))
     assert got == [(4, parts[1][1])]

@@ -182,14 +182,14 @@ def test_trust_update_installs_the_roots_statement_and_attacks_are_refused(
 def test_a_verdict_with_no_heap_left_to_sign_it_is_answered_at_the_next_boot(
         tmp_path: Path, pki: TestPKI, monkeypatch: pytest.MonkeyPatch,
         second_boot_has_heap: bool) -> None:
-    """``update_check._trust`` at boot: the check installs the statement, then signing the
+    """``boot_answer.run`` at boot: the check installs the statement, then signing the
     answer runs out of heap (as a 72 KiB board's cut-up heap can): the verdict is kept in
     place of the statement, and the next boot signs and keeps that same answer (the
     fleet's resend gets it); a boot that cannot sign even then drops it, no boot loop."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from cityedge_fw import answers, update_check
+    from cityedge_fw import answers, boot_answer
 
     private = ec.generate_private_key(ec.SECP256R1())
     device_key = EcSigner(private)
@@ -214,14 +214,14 @@ def test_a_verdict_with_no_heap_left_to_sign_it_is_answered_at_the_next_boot(
         return real_encode(*a, **kw)
 
     monkeypatch.setattr(answers, "_encode", encode)
-    assert update_check._trust(cfg) is True
+    assert boot_answer.run(cfg) is True
     assert trust_check.installed(str(state) + ".trust")[0] == 1  # installed at once
     assert pending.read_bytes()[:1] == b"\x00"  # the verdict waits, the answer not kept
-    assert answers._kept(update_check._Signer(DEVICE, None, b"", str(state))) == []
+    assert answers._kept(boot_answer._Signer(DEVICE, None, b"", str(state))) == []
     fail[0] = not second_boot_has_heap
-    assert update_check._trust(cfg) is True
+    assert boot_answer.run(cfg) is True
     assert not pending.exists()  # never asked again: no boot loop
-    kept = answers._kept(update_check._Signer(DEVICE, None, b"", str(state)))
+    kept = answers._kept(boot_answer._Signer(DEVICE, None, b"", str(state)))
     if not second_boot_has_heap:
         assert kept == []
         return
