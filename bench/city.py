@@ -27,6 +27,16 @@ Figures, per engine, over a window of ``window_s`` after ``warm_s`` of steady ru
   on the same 2 cores);
 - **acknowledged vs stored**: after the devices stop signing and their outboxes are empty,
   every batch a device saw acknowledged must be stored (``lost`` = 0), each once.
+- **where the time goes** (``stage_timings``): per batch signed in the window, signed ->
+  handed to the MQTT client (the simulator's own delay) -> PUBACK, -> delivered to a
+  bystander subscriber in its own process (``bench/city_watch.py``; Mosquitto only), ->
+  the storing transaction's start (``reading.stored_at``) -> its commit; the storing
+  transactions' sizes and durations; the simulator's collector pauses. ``CITY_TRACE=FILE``
+  writes every batch's stages (JSON).
+
+The simulator's objects are frozen out of the collector (``gc.freeze``) once every device
+is connected: a full collection walking 10,000 devices' clients stopped the loop for
+2.4 s, delaying batches signed before it (docs/CAPACITY.md, C9).
 
 ``python -m bench.city [devices] [--interval S] [rabbitmq] [mosquitto]`` runs it (``FULL``
 by default); ``QUICK`` is the test's size.
@@ -430,9 +440,11 @@ def stage_timings(url: str, devices: list[CityDevice], seen: dict[tuple[str, int
             per.append({"total": commit - t, "sim": pub - t,
                         "puback": d.acked_at.get(s, float("nan")) - pub,
                         "broker": seen.get((d.id, s), float("nan")) - pub,
-                        "to_tx": start - pub, "tx": commit - start, "signed": t})
+                        "to_tx": start - pub, "tx": commit - start,
+                        "handed": commit - pub, "signed": t})
     out: dict[str, Any] = {k: _pcts([p[k] for p in per if p[k] == p[k]])
-                           for k in ("total", "sim", "puback", "broker", "to_tx", "tx")}
+                           for k in ("total", "sim", "puback", "broker", "to_tx", "tx",
+                                     "handed")}
     per.sort(key=lambda p: p["total"])
     tail = per[-max(1, len(per) // 100):] if per else []
     out["slowest_1pct"] = [{k: round(v, 3) for k, v in p.items()} for p in tail]
@@ -636,7 +648,8 @@ def report(r: dict[str, Any]) -> None:
         st = e.get("stages", {})
         names = {"sim": "signed -> handed to MQTT (simulator)",
                  "puback": "handed -> PUBACK", "broker": "handed -> bystander subscriber",
-                 "to_tx": "handed -> storing transaction starts", "tx": "transaction"}
+                 "to_tx": "handed -> storing transaction starts", "tx": "transaction",
+                 "handed": "handed -> committed (no simulator stage)"}
         for k, name in names.items():
             if st.get(k):
                 print("      %-40s p50 %.3f s, p99 %.3f s, max %.3f s"
