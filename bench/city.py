@@ -353,8 +353,9 @@ def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str]
         finally:
             broker.cleanup()
         return
-    cluster = RabbitCluster(pki, [*ids, *cns], directory=work / "rmq").start()
+    cluster = RabbitCluster(pki, [*ids, *cns], directory=work / "rmq")
     try:
+        cluster.start()  # in the try: nodes that booted are stopped if the cluster fails
         def pids() -> set[int]:
             out: set[int] = set()
             for proc in cluster.procs:
