@@ -27,6 +27,16 @@ Figures, per engine, over a window of ``window_s`` after ``warm_s`` of steady ru
   on the same 2 cores);
 - **acknowledged vs stored**: after the devices stop signing and their outboxes are empty,
   every batch a device saw acknowledged must be stored (``lost`` = 0), each once.
+- **where the time goes** (``stage_timings``): per batch signed in the window, signed ->
+  handed to the MQTT client (the simulator's own delay) -> PUBACK, -> delivered to a
+  bystander subscriber in its own process (``bench/city_watch.py``; Mosquitto only), ->
+  the storing transaction's start (``reading.stored_at``) -> its commit; the storing
+  transactions' sizes and durations; the simulator's collector pauses. ``CITY_TRACE=FILE``
+  writes every batch's stages (JSON).
+
+The simulator's objects are frozen out of the collector (``gc.freeze``) once every device
+is connected: a full collection walking 10,000 devices' clients stopped the loop for
+2.4 s, delaying batches signed before it (docs/CAPACITY.md, C9).
 
 ``python -m bench.city [devices] [--interval S] [rabbitmq] [mosquitto]`` runs it (``FULL``
 by default); ``QUICK`` is the test's size.
@@ -38,9 +48,13 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
+import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -97,6 +111,21 @@ class LightClient(aiomqtt.Client):
         while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
             await asyncio.sleep(MISC_S)
 
+    async def publish(self, topic: str, payload: Any = None, *a: Any, **kw: Any) -> None:
+        """Publish, noting (for the stage timings) when a reading batch was handed to the
+        client and when its PUBACK came back."""
+        device = DEVICES.get(self.identifier) if topic.endswith("/up/readings") else None
+        if device is None:
+            await super().publish(topic, payload, *a, **kw)
+            return
+        seq = device.stats.published + 1  # the outbox goes out in order, oldest first
+        device.published_at.setdefault(seq, time.time())
+        await super().publish(topic, payload, *a, **kw)
+        device.acked_at.setdefault(seq, time.time())
+
+
+DEVICES: dict[str, CityDevice] = {}  # by id: the client finds its device's timings
+
 
 class CityDevice(FastDevice):
     """A fast device that records when it signed each batch, samples at a jittered
@@ -108,6 +137,9 @@ class CityDevice(FastDevice):
         super().__init__(*a, **kw)
         self.phase_s = phase_s
         self.signed_at: dict[int, float] = {}  # batch seq -> wall clock when signed
+        self.published_at: dict[int, float] = {}  # ... when handed to the MQTT client
+        self.acked_at: dict[int, float] = {}  # ... when the broker's PUBACK came back
+        DEVICES[self.id] = self
         self.rand = random.Random(self.id)
 
     async def _sample(self) -> None:
@@ -129,6 +161,15 @@ class Swarm:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
         self.lags: list[float] = []  # seconds the loop was late waking a 1 s timer
+        self.gc_pauses: list[tuple[float, float, int]] = []  # (wall clock, s, generation)
+        self._gc_t0 = 0.0
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_pauses.append((time.time(), time.perf_counter() - self._gc_t0,
+                                   info["generation"]))
 
     async def _watch(self) -> None:
         """How late the loop runs a 1 s timer: a simulator that cannot keep up is late
@@ -151,10 +192,13 @@ class Swarm:
                                    zip(self.devices, self.delays, strict=True)))
             watch.cancel()
 
+        gc.callbacks.append(self._gc)
         try:
             self.loop.run_until_complete(main())
         except BaseException as e:  # reported by stop()
             self.error = e
+        finally:
+            gc.callbacks.remove(self._gc)
 
     def start(self) -> Swarm:
         self.thread.start()
@@ -309,8 +353,9 @@ def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str]
         finally:
             broker.cleanup()
         return
-    cluster = RabbitCluster(pki, [*ids, *cns], directory=work / "rmq").start()
+    cluster = RabbitCluster(pki, [*ids, *cns], directory=work / "rmq")
     try:
+        cluster.start()  # in the try: nodes that booted are stopped if the cluster fails
         def pids() -> set[int]:
             out: set[int] = set()
             for proc in cluster.procs:
@@ -327,6 +372,102 @@ def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str]
                 "127.0.0.1:%d" % n.amqp_port for n in cluster.nodes)})
     finally:
         cluster.stop()
+
+
+def _watch(b: Any, pki: Any, out: Path) -> subprocess.Popen[bytes] | None:
+    """The bystander subscriber (``bench.city_watch``) on Mosquitto (the test broker's
+    ``OBSERVER``); None on RabbitMQ (its cluster grants no observer)."""
+    from support.mosquitto import OBSERVER
+
+    if "CITYEDGE_BROKER_ENGINE" in b.env:
+        return None
+    c = pki.service(OBSERVER)
+    return subprocess.Popen([sys.executable, str(ROOT / "bench" / "city_watch.py"),
+                             "127.0.0.1", str(b.port), str(pki.ca_pem), str(c.cert_pem),
+                             str(c.key_pem), str(out)])
+
+
+def _read_watch(path: Path) -> dict[tuple[str, int], float]:
+    """(device, seq) -> when the bystander got it: a device's k-th delivery is its batch
+    k (one at a time, in order; a copy sent again after a reconnect counts once: the
+    first arrival of each is kept, which may shift a device that resent)."""
+    out: dict[tuple[str, int], float] = {}
+    count: dict[str, int] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        t, _, device = line.partition(" ")
+        k = count[device] = count.get(device, 0) + 1
+        out[(device, k)] = float(t)
+    return out
+
+
+def _checkpoints(cluster: Any, w0: float, w1: float) -> list[str]:
+    """PostgreSQL's checkpoint log lines (log_checkpoints is on by default in 15)."""
+    log = cluster.dir / "log"
+    if not log.exists():
+        return []
+    return [line for line in log.read_text(errors="replace").splitlines()
+            if "checkpoint" in line]
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {}
+    xs = sorted(xs)
+    p50, p99 = p50_p99(xs)
+    return {"n": len(xs), "p50": round(p50, 3), "p99": round(p99, 3), "max": round(xs[-1], 3)}
+
+
+def stage_timings(url: str, devices: list[CityDevice], seen: dict[tuple[str, int], float],
+                  w0: float, w1: float, gc_pauses: list[tuple[float, float, int]],
+                  checkpoints: list[str]) -> dict[str, Any]:
+    """Where the time from signing to the committed row goes, for the batches signed in
+    the window: signed -> handed to the MQTT client (the simulator) -> delivered to the
+    bystander subscriber (the broker) / PUBACK -> the storing transaction's start
+    (``reading.stored_at`` is its ``now()``: the broker's delivery to the worker, the
+    worker's queue and grouping) -> its commit (the database)."""
+    rows = _sql(url, "SELECT device_id, batch_seq, extract(epoch FROM min(stored_at)), "
+                "extract(epoch FROM max(pg_xact_commit_timestamp(xmin))), min(xmin::text) "
+                "FROM reading GROUP BY device_id, batch_seq")
+    tx = {(d, int(s)): (float(a), float(c), x) for d, s, a, c, x in rows}
+    per: list[dict[str, float]] = []
+    for d in devices:
+        for s, t in d.signed_at.items():
+            if not (w0 <= t <= w1) or (d.id, s) not in tx:
+                continue
+            start, commit, _x = tx[(d.id, s)]
+            pub = d.published_at.get(s, float("nan"))
+            per.append({"total": commit - t, "sim": pub - t,
+                        "puback": d.acked_at.get(s, float("nan")) - pub,
+                        "broker": seen.get((d.id, s), float("nan")) - pub,
+                        "to_tx": start - pub, "tx": commit - start,
+                        "handed": commit - pub, "signed": t})
+    out: dict[str, Any] = {k: _pcts([p[k] for p in per if p[k] == p[k]])
+                           for k in ("total", "sim", "puback", "broker", "to_tx", "tx",
+                                     "handed")}
+    per.sort(key=lambda p: p["total"])
+    tail = per[-max(1, len(per) // 100):] if per else []
+    out["slowest_1pct"] = [{k: round(v, 3) for k, v in p.items()} for p in tail]
+    # the storing transactions whose commits fall in the window
+    txs = _sql(url, "SELECT extract(epoch FROM min(stored_at)), extract(epoch FROM "
+               "max(pg_xact_commit_timestamp(xmin))), count(DISTINCT (device_id, batch_seq)) "
+               "FROM reading GROUP BY xmin::text HAVING max(pg_xact_commit_timestamp(xmin)) "
+               "BETWEEN to_timestamp(%s) AND to_timestamp(%s) ORDER BY 2", w0, w1)
+    out["transactions"] = {"n": len(txs),
+                           "batches": _pcts([float(n) for _a, _c, n in txs]),
+                           "duration": _pcts([float(c) - float(a) for a, c, _n in txs])}
+    out["gc_pauses_in_window"] = {"n": len(gc_pauses),
+                                  "by_generation": {g: _pcts([p for _t, p, gg in gc_pauses
+                                                              if gg == g]) for g in (0, 1, 2)}}
+    out["checkpoints"] = checkpoints
+    trace = os.environ.get("CITY_TRACE")
+    if trace:
+        Path(trace).write_text(json.dumps({"per": per, "transactions": txs,
+                                           "gc": gc_pauses, "w0": w0, "w1": w1,
+                                           "checkpoints": checkpoints},
+                                          default=str))
+    return out
 
 
 def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids: Ids,
@@ -351,8 +492,11 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
                               worker_db_url=lambda cn: url + "?application_name=" + cn)
         workers: list[IngestProc] = []
         swarm: Swarm | None = None
+        watch: subprocess.Popen[bytes] | None = None
+        watch_file = work / "watch.txt"
         try:
             workers = [IngestProc(rig, cn, b.env).start() for cn in cns]
+            watch = _watch(b, pki, watch_file)
             rand = random.Random(engine)
             devices = [CityDevice(d, "127.0.0.1", b.ports[i % len(b.ports)],
                                   interval_s=size.interval_s, readings=size.readings,
@@ -369,6 +513,12 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
             connected = sum(1 for d in devices if d.stats.connects > 0)
             say("  %s: %d of %d devices connected in %.0f s" % (engine, connected,
                                                                len(devices), connected_s))
+            # the 10,000 devices' objects (clients, TLS sessions, keys) are long-lived: out
+            # of the collector's reach once, so a full collection does not walk them again
+            # (one took 2.4 s in the window, the simulator's loop stopped meanwhile, batches
+            # signed before it published after it: docs/CAPACITY.md, C9)
+            gc.collect()
+            gc.freeze()
             time.sleep(size.warm_s)
             pg_pids = pids_where(4, postmaster_pid(cluster))
             groups = {"workers": {w.proc.pid for w in workers if w.proc is not None},
@@ -395,14 +545,21 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
                 if n >= want:
                     break
                 time.sleep(1.0)
+            swarm_gc = [g for g in swarm.gc_pauses if w0 <= g[0] <= w1]
             swarm.stop()
             swarm = None
+            gc.unfreeze()
         finally:
             if swarm is not None:
                 with contextlib.suppress(Exception):
                     swarm.stop()
             for w in workers:
                 w.stop()
+            if watch is not None:
+                watch.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    watch.wait(10)
+    seen = _read_watch(watch_file)
     shutil.rmtree(work, ignore_errors=True)
     rows = _sql(url, "SELECT device_id, batch_seq, count(*), "
                 "extract(epoch FROM max(pg_xact_commit_timestamp(xmin))) "
@@ -415,6 +572,7 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
     lat = sorted(stored[(d.id, s)][1] - t for d in devices for s, t in d.signed_at.items()
                  if w0 <= t <= w1 and (d.id, s) in stored)
     p50, p99 = p50_p99(lat) if lat else (float("nan"), float("nan"))
+    stages = stage_timings(url, devices, seen, w0, w1, swarm_gc, _checkpoints(cluster, w0, w1))
     per_k = {k: (1000.0 * v / in_window if in_window else float("nan")) for k, v in cpu.items()}
     return {
         "engine": engine, "devices": len(devices), "connected": connected,
@@ -432,6 +590,7 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
         "stored_twice": twice,
         "duplicate_events": _sql(url, "SELECT count(*) FROM ingest_event "
                                       "WHERE status = 'duplicate'")[0][0],
+        "stages": stages,
     }
 
 
@@ -487,6 +646,19 @@ def report(r: dict[str, Any]) -> None:
         print("    acknowledged %d batches, stored %d, lost %d, stored twice %d, "
               "duplicates classified %d" % (e["acknowledged"], e["stored"], e["lost"],
                                             e["stored_twice"], e["duplicate_events"]))
+        st = e.get("stages", {})
+        names = {"sim": "signed -> handed to MQTT (simulator)",
+                 "puback": "handed -> PUBACK", "broker": "handed -> bystander subscriber",
+                 "to_tx": "handed -> storing transaction starts", "tx": "transaction",
+                 "handed": "handed -> committed (no simulator stage)"}
+        for k, name in names.items():
+            if st.get(k):
+                print("      %-40s p50 %.3f s, p99 %.3f s, max %.3f s"
+                      % (name, st[k]["p50"], st[k]["p99"], st[k]["max"]))
+        if st.get("gc_pauses_in_window"):
+            g2 = st["gc_pauses_in_window"]["by_generation"][2]
+            print("      simulator GC pauses in the window: %d; generation 2: %s"
+                  % (st["gc_pauses_in_window"]["n"], g2))
 
 
 if __name__ == "__main__":

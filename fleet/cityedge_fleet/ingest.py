@@ -41,8 +41,10 @@ stores their ``Decision``:
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -96,6 +98,8 @@ RELAY = acceptance.RELAY
 RESULTS = acceptance.RESULTS
 CSRS = acceptance.CSRS
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# kids (and devices) a worker's key cache keeps: a parsed key each, a few hundred bytes
+KEYRING_MAX_ENTRIES = 200_000
 
 
 parse_topic = acceptance.Acceptance.topic  # (publisher, kind) of a topic the ingest takes
@@ -109,44 +113,80 @@ def bounded_text(text: str, most: int = EVENT_DETAIL_MAX) -> str:
 
 
 class Keyring:
-    """kid -> KeyEntry for every active credential, loaded from the registry.
+    """kid -> KeyEntry for the active credentials this worker has used, each entry checked
+    against the registry at most ``max_age_s`` ago (so a revocation reaches every worker
+    within that time).
 
-    Reloaded when older than ``max_age_s`` (so a revocation reaches every worker within
-    that time). A kid it does not know (a device enrolled since the last load) is looked up
-    on its own with one indexed query, at once: a device's first batch may arrive within
-    milliseconds of its enrollment, and must not be refused for a stale cache. Loads use the
-    caller's session: on SQLite a second connection would wait for the write lock that
-    session holds.
+    The work is per group, never per fleet: at a group's start (``prefetch``) the active
+    credentials of its publishers whose check is older than ``max_age_s`` are read in one
+    indexed query; a kid still unknown or stale when a batch names it (a relayed node's, a
+    device enrolled a moment ago) is looked up on its own with one indexed query, at once.
+    (It used to read every active credential of the registry every ``max_age_s``, inside
+    the storing transaction: with 10,000 devices that held each worker's transactions
+    for seconds every few seconds, the C9 tail of docs/CAPACITY.md.) At most
+    ``max_entries`` kids and devices are kept, the least recently checked dropped first.
+    Loads use the caller's session: on SQLite a second connection would wait for the write
+    lock that session holds.
     """
 
-    def __init__(self, max_age_s: float = 5.0) -> None:
+    def __init__(self, max_age_s: float = 5.0, max_entries: int = KEYRING_MAX_ENTRIES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_age_s = max_age_s
-        self.entries: dict[bytes, KeyEntry] = {}
-        self.loaded_at = -float("inf")
+        self.max_entries = max_entries
+        self.clock = clock
+        # kid -> (entry, its public key (hex), when it was checked), oldest check first
+        self.entries: OrderedDict[bytes, tuple[KeyEntry, str, float]] = OrderedDict()
+        self.devices: OrderedDict[str, float] = OrderedDict()  # device -> last prefetch
 
-    def reload(self, session: Session) -> None:
-        entries: dict[bytes, KeyEntry] = {}
-        for cred in session.exec(select(Credential).where(
-                Credential.status == CredentialStatus.active)):
-            entries[bytes.fromhex(cred.kid)] = _entry(cred)
-        self.entries = entries
-        self.loaded_at = time.monotonic()
+    def _fresh(self, checked: float, now: float) -> bool:
+        return now - checked < self.max_age_s
 
-    def get(self, kid: bytes, session: Session) -> KeyEntry | None:
-        if time.monotonic() - self.loaded_at >= self.max_age_s:
-            self.reload(session)
-        entry = self.entries.get(kid)
-        if entry is None and len(kid) <= limits.KID_MAX_BYTES:
-            cred = session.exec(select(Credential).where(
-                Credential.kid == kid.hex(),
-                Credential.status == CredentialStatus.active)).first()
-            if cred is not None:
-                entry = self.entries[kid] = _entry(cred)
+    def _put(self, kid: bytes, device: str, public_key: str, now: float) -> KeyEntry:
+        old = self.entries.pop(kid, None)
+        if old is not None and old[0].device == device and old[1] == public_key:
+            entry = old[0]  # the same key: its parsed point is kept
+        else:
+            entry = KeyEntry(device, EcVerifier.from_sec1(bytes.fromhex(public_key)))
+        self.entries[kid] = (entry, public_key, now)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
         return entry
 
+    def prefetch(self, devices: Iterable[str], session: Session) -> None:
+        """Check the active credentials of those of ``devices`` not checked within
+        ``max_age_s`` (one query)."""
+        now = self.clock()
+        stale = sorted(d for d in devices if not self._fresh(self.devices.get(d, -math.inf),
+                                                             now))
+        if not stale:
+            return
+        for device, kid, public_key in session.exec(
+                select(Credential.device_id, Credential.kid, Credential.public_key).where(
+                    col(Credential.device_id).in_(stale),
+                    Credential.status == CredentialStatus.active)):
+            self._put(bytes.fromhex(kid), device, public_key, now)
+        for d in stale:
+            self.devices.pop(d, None)
+            self.devices[d] = now
+        while len(self.devices) > self.max_entries:
+            self.devices.popitem(last=False)
 
-def _entry(cred: Credential) -> KeyEntry:
-    return KeyEntry(cred.device_id, EcVerifier.from_sec1(bytes.fromhex(cred.public_key)))
+    def get(self, kid: bytes, session: Session) -> KeyEntry | None:
+        """The active credential ``kid`` names, checked within ``max_age_s``; None if the
+        registry has no active one."""
+        now = self.clock()
+        hit = self.entries.get(kid)
+        if hit is not None and self._fresh(hit[2], now):
+            return hit[0]
+        if len(kid) > limits.KID_MAX_BYTES:
+            return None
+        row = session.exec(select(Credential.device_id, Credential.public_key).where(
+            Credential.kid == kid.hex(),
+            Credential.status == CredentialStatus.active)).first()
+        if row is None:
+            self.entries.pop(kid, None)
+            return None
+        return self._put(kid, row[0], row[1], now)
 
 
 @dataclass
@@ -181,7 +221,8 @@ class _Group:
         # then the log), so the two cannot wait for each other
         self.audits: list[dict[str, object]] = []
 
-    def prefetch(self, messages: Sequence[tuple[str, bytes]]) -> None:
+    def prefetch(self, messages: Sequence[tuple[str, bytes]]) -> set[str]:
+        """Read the publishers of ``messages`` and their chains; returns the publishers."""
         publishers = {p[0] for p in (parse_topic(t) for t, _ in messages) if p is not None}
         if publishers:
             for d in self.session.exec(select(Device).where(col(Device.id).in_(publishers))):
@@ -189,6 +230,7 @@ class _Group:
             for p in publishers:
                 self.devices.setdefault(p, None)
             self.chains.prefetch(publishers)
+        return publishers
 
     def device(self, device_id: str) -> Device | None:
         if device_id not in self.devices:
@@ -271,7 +313,7 @@ class Ingestor:
         with Session(self.engine) as session:
             group = _Group(session, self.streams)
             try:
-                group.prefetch(messages)
+                self.keyring.prefetch(group.prefetch(messages), session)
                 self.rotations.steps = 0
                 outcomes = []
                 for topic, payload in messages:

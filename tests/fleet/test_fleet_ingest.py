@@ -3,6 +3,8 @@ readings with provenance, topic/signer mismatch, forgeries (pycose) and quaranti
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -124,8 +126,25 @@ def test_revoked_credential_is_refused_and_published_in_the_crl(api: Api) -> Non
     crl = x509.load_pem_x509_crl(api.client.get("/ca/crl").content)
     assert crl.get_revoked_certificate_by_serial_number(int(cred["serial"], 16)) is not None
     assert ing.handle(dev.topic, dev.sign()).status == chain.OK  # cached key, still fresh
-    ing.keyring.loaded_at -= api.settings.limits.keyring_max_age_s  # time passes
+    later = time.monotonic() + api.settings.limits.keyring_max_age_s
+    ing.keyring.clock = lambda: later  # time passes: the cached key is checked again
     assert ing.handle(dev.topic, dev.sign()).status == chain.UNKNOWN_KEY
+
+
+def test_key_cache_reads_the_keys_a_group_uses_not_the_registry(api: Api) -> None:
+    """The worker's key cache holds the kids its groups used, each checked within
+    ``keyring_max_age_s``: a fleet of many devices is never read whole (docs/CAPACITY.md,
+    C9: the whole registry every 5 s held every transaction at 10,000 devices)."""
+    devs = [enroll_device(api, n) for n in range(20, 25)]
+    ing = Ingestor(api.engine, api.settings)
+    assert ing.handle_many([(d.topic, d.sign()) for d in devs[:2]])[-1].status == chain.OK
+    assert sorted(e.device for e, _key, _t in ing.keyring.entries.values()) == sorted(
+        d.id for d in devs[:2])
+    later = time.monotonic() + api.settings.limits.keyring_max_age_s
+    ing.keyring.clock = lambda: later  # both entries are stale now: checked again
+    assert ing.handle(devs[2].topic, devs[2].sign()).status == chain.OK
+    assert ing.handle(devs[0].topic, devs[0].sign()).status == chain.OK
+    assert len(ing.keyring.entries) == 3
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
