@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from cityedge_core import topics
@@ -338,11 +339,27 @@ def env_for(node: Node, node_dir: Path) -> dict[str, str]:
 CRL_FILE_NAME = re.compile(r"[0-9a-f]{8}\.r[0-9]+")
 
 
-def _issuer_hash(crl_pem: bytes) -> str:
+# issuer name (DER) -> OpenSSL's hash of it: an issuer's hash never changes, and the
+# reconciler asks for every CRL every round (30 s), so openssl runs once per issuer
+_ISSUER_HASHES: dict[bytes, str] = {}
+_ISSUER_HASHES_MAX = 64  # intermediates in service are one or two
+
+
+def _issuer_hash(crl: x509.CertificateRevocationList, crl_pem: bytes) -> str:
+    """OpenSSL's issuer name hash (the canonical name's SHA-1, as ``openssl crl -hash``
+    prints it; asked of openssl rather than re-implemented)."""
+    name = crl.issuer.public_bytes()
+    known = _ISSUER_HASHES.get(name)
+    if known is not None:
+        return known
     openssl = shutil.which("openssl") or "/usr/bin/openssl"
     out = subprocess.run([openssl, "crl", "-hash", "-noout"], input=crl_pem,
                          capture_output=True, check=True, timeout=30)
-    return out.stdout.decode().strip()
+    h = out.stdout.decode().strip()
+    if len(_ISSUER_HASHES) >= _ISSUER_HASHES_MAX:
+        _ISSUER_HASHES.clear()
+    _ISSUER_HASHES[name] = h
+    return h
 
 
 def crl_hash_files(crl_pem: Path) -> list[tuple[str, bytes]]:
@@ -353,7 +370,7 @@ def crl_hash_files(crl_pem: Path) -> list[tuple[str, bytes]]:
     taken: dict[str, int] = {}
     for crl in load_crls(crl_pem.read_bytes()):
         pem = crl.public_bytes(Encoding.PEM)
-        h = _issuer_hash(pem)
+        h = _issuer_hash(crl, pem)
         n = taken.get(h, 0)
         taken[h] = n + 1
         out.append(("%s.r%d" % (h, n), pem))

@@ -61,8 +61,8 @@ def rollover_command(
     reloads: list[bool] = []
 
     def reload() -> None:
-        reloads.append(revocation.take_new_intermediate(settings, pid_file,
-                                                        ca_dir / CRL_FILE))
+        reloads.append(revocation.tell_broker(settings, ca_dir / CRL_FILE,
+                                              pid_file=pid_file))
 
     done = rollover(root_dir, ca_dir, before_switch=reload,
                     root_password_file=root_password_file, custody=custody)
@@ -109,10 +109,15 @@ def retire_command(
     settings = load_settings()
     with Session(_engine(settings)) as session:
         done = retire(session, ca_dir or settings.ca_dir, settings, by="cli")
+    if done.broker_reloaded:
+        told = "told"
+    elif settings.broker_engine == "rabbitmq":
+        told = ("NOT told (a node did not answer; the fleet's reconciler installs the CRL "
+                "on every node at its next round)")
+    else:
+        told = "NOT reloaded (no CITYEDGE_BROKER_PID_FILE): send it SIGHUP"
     print("retired %s (key destroyed, no longer trusted by the broker); %s signs; broker %s"
-          % (", ".join(done.retired), done.signing,
-             "reloaded" if done.broker_reloaded else "NOT reloaded (no "
-             "CITYEDGE_BROKER_PID_FILE): send it SIGHUP"))
+          % (", ".join(done.retired), done.signing, told))
 
 
 @ca_app.command("status")

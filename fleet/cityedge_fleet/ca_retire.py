@@ -217,8 +217,8 @@ def retire(session: Session, ca_dir: Path, settings: Settings, *, by: str,
         destroy_key(key)
     ca = CertificateAuthority(ca_dir, custody_of(settings))
     ca.write_broker_bundle()
-    revocation.publish_crl(session, ca, settings)  # re-signed for what is left; SIGHUP
-    reloaded = settings.broker_pid_file is not None
+    # re-signed for what is left: Mosquitto reloaded, a RabbitMQ cluster's nodes given it
+    reloaded = revocation.publish_crl(session, ca, settings)
     audit.append(session, actor=by, action="ca.retire", outcome=audit.OK,
                  target=",".join(sorted(ids)), source=source,
                  detail={"signing": ca.id,

@@ -41,11 +41,20 @@ def reload_broker(pid_file: Path | None) -> bool:
     return True
 
 
-def tell_broker(settings: Settings, crl_file: Path) -> bool:
-    """The broker takes the CRL now: Mosquitto is reloaded, a RabbitMQ cluster's nodes get
-    the file. False when it could not be told (logged; the reconciler tries again)."""
-    if settings.broker_engine != "rabbitmq":
-        return reload_broker(settings.broker_pid_file)
+def tell_broker(settings: Settings | None, crl_file: Path, *,
+                pid_file: Path | None = None) -> bool:
+    """The broker takes the CRL now: Mosquitto is reloaded (SIGHUP to ``pid_file``, by
+    default the settings' ``broker_pid_file``; it re-reads ``crl.pem`` and
+    ``broker-ca.pem``), a RabbitMQ cluster's nodes get the file, one CRL per issuer (a
+    certificate whose issuer has no CRL there is refused; the nodes trust the root and a
+    device sends its intermediate, so a CA rollover needs no new bundle there). Called
+    by ``ca rollover`` before its switch, with the settings when a fleet is configured
+    here (None otherwise: only a pid file). False when it could not be told (logged;
+    the reconciler tries again)."""
+    if settings is None or settings.broker_engine != "rabbitmq":
+        if pid_file is None and settings is not None:
+            pid_file = settings.broker_pid_file
+        return reload_broker(pid_file)
     # lazy: only a RabbitMQ fleet talks to its broker here (Mosquitto gets a signal)
     from cityedge_fleet.broker_control import BrokerUnavailable, CommandFailed
     from cityedge_fleet.broker_sync import BrokerAccess
@@ -61,19 +70,6 @@ def tell_broker(settings: Settings, crl_file: Path) -> bool:
     return True
 
 
-def take_new_intermediate(settings: Settings | None, pid_file: Path | None,
-                          crl_file: Path) -> bool:
-    """A rollover's hook before its switch (``ca rollover``): the broker trusts the new
-    intermediate before a certificate of it exists. Mosquitto re-reads ``broker-ca.pem``
-    and ``crl.pem`` on SIGHUP; a RabbitMQ cluster's nodes get the new CRL file (one CRL
-    per intermediate: a certificate whose issuer has no CRL there is refused), and need
-    no new bundle (they trust the root; a device sends its intermediate). False when the
-    broker could not be told."""
-    if settings is not None and settings.broker_engine == "rabbitmq":
-        return tell_broker(settings, crl_file)
-    return reload_broker(pid_file)
-
-
 def _listed(session: Session) -> list[Revoked]:
     return [
         Revoked(serial=int(c.serial, 16), revoked_at=c.revoked_at or c.not_before,
@@ -82,10 +78,10 @@ def _listed(session: Session) -> list[Revoked]:
     ]
 
 
-def publish_crl(session: Session, ca: CertificateAuthority, settings: Settings) -> Path:
-    path = ca.write_crl(_listed(session), settings.limits.crl_validity_s)
-    tell_broker(settings, path)
-    return path
+def publish_crl(session: Session, ca: CertificateAuthority, settings: Settings) -> bool:
+    """Re-sign the CRL from the registry and tell the broker; whether the broker took it
+    (``tell_broker``)."""
+    return tell_broker(settings, ca.write_crl(_listed(session), settings.limits.crl_validity_s))
 
 
 def refresh_if_due(session: Session, ca: CertificateAuthority, settings: Settings) -> bool:

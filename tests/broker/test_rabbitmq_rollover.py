@@ -76,12 +76,12 @@ def test_both_intermediates_crls_reach_the_node_and_a_retired_one_leaves() -> No
         cluster.start()
         assert connects(old_a)
         # the rollover while the node runs, with `ca rollover`'s hook before the switch
-        # (``take_new_intermediate`` with the fleet's RabbitMQ settings): the nodes get
+        # (``revocation.tell_broker`` with the fleet's RabbitMQ settings): the nodes get
         # the new CRL file (two CRLs) by eval; no node restart, no new bundle (the device
         # sends its intermediate, which chains to the root the node trusts)
         told: list[bool] = []
         done = rollover(root_dir, ca_dir, before_switch=lambda: told.append(
-            revocation.take_new_intermediate(settings, None, ca.crl_path)))
+            revocation.tell_broker(settings, ca.crl_path)))
         assert told == [True]
         ca = CertificateAuthority(ca_dir)
         assert len(rmq.crl_hash_files(ca.crl_path)) == 2  # the overlap: one CRL per issuer

@@ -154,3 +154,33 @@ def test_every_node_loads_the_client_id_check(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60, check=True)
         assert out.stdout.strip() == ("[{rabbit_auth_backend_internal,[rabbit_auth_backend_"
                                       "internal,%s]}]" % rmq.CLIENT_ID_MODULE), out.stdout
+
+
+def test_the_crl_names_are_openssls_hashes_asked_once_per_issuer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reconciler round (30 s) names the fleet's CRLs: a CRL re-signed by the same
+    issuer (new bytes, same issuer name) takes the hash openssl gave the first time, and
+    each of two issuers gets its own, equal to ``openssl crl -hash``."""
+    one = TestPKI(tmp_path / "one", "cityedge test CA one")
+    two = TestPKI(tmp_path / "two", "cityedge test CA two")
+    crl_file = tmp_path / "crl.pem"
+    crl_file.write_bytes(one.write_crl(tmp_path / "a.pem").read_bytes()
+                         + two.write_crl(tmp_path / "b.pem").read_bytes())
+    expected = [subprocess.run(["openssl", "crl", "-hash", "-noout", "-in", str(p)],
+                               capture_output=True, text=True, check=True).stdout.strip()
+                for p in (tmp_path / "a.pem", tmp_path / "b.pem")]
+    rmq._ISSUER_HASHES.clear()
+    calls: list[object] = []
+    real_run = subprocess.run
+
+    def counted(*args: object, **kw: object) -> object:
+        calls.append(args[0])
+        return real_run(*args, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(rmq.subprocess, "run", counted)
+    names = [n for n, _ in rmq.crl_hash_files(crl_file)]
+    assert [n.split(".")[0] for n in names] == expected and len(calls) == 2
+    # re-signed (new bytes) by the same two issuers, with a serial revoked
+    crl_file.write_bytes(one.write_crl(tmp_path / "a.pem", [7]).read_bytes()
+                         + two.write_crl(tmp_path / "b.pem").read_bytes())
+    assert [n for n, _ in rmq.crl_hash_files(crl_file)] == names and len(calls) == 2

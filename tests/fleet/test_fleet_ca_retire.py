@@ -115,8 +115,17 @@ def test_enroll_status_select_and_retire_across_a_rollover(
         old_serials = {int(c.serial, 16) for c in session.exec(select(Credential).where(
             col(Credential.issuer) == old_id, col(Credential.status) == "revoked"))}
 
-        result = retire(session, s.ca_dir, s, by="test")
+        # the broker's pid file names a process that is gone: the retirement says the
+        # broker was not told rather than assuming it from the setting
+        stale = s.ca_dir.parent / "gone.pid"
+        stale.write_text("%d\n" % (2**22 + 1))  # above Linux's pid_max: no such process
+        saved, s.broker_pid_file = s.broker_pid_file, stale
+        try:
+            result = retire(session, s.ca_dir, s, by="test")
+        finally:
+            s.broker_pid_file = saved
         assert result.retired == [old_id] and result.signing == done.new_id
+        assert result.broker_reloaded is False
         assert _audits(session, "ca.retire") == [("refused", old_id), ("ok", old_id)]
         ca = CertificateAuthority(s.ca_dir)
         assert ca.overlap == [] and (s.ca_dir / RETIRED_DIR / (old_id + ".crt")).is_file()
