@@ -14,19 +14,17 @@ CRL leaves the nodes, so its devices are refused again."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 
 from cityedge_fleet import broker_rabbitmq as rmq
 from cityedge_fleet import revocation
 from cityedge_fleet.broker_rabbitmq_sync import RabbitAccess, RabbitCtl
-from cityedge_fleet.ca import ROOT_CERT, CertificateAuthority, Revoked, init_ca
+from cityedge_fleet.ca import ROOT_CERT, CertificateAuthority, Revoked
 from cityedge_fleet.ca_rollover import rollover
 from cityedge_fleet.config import Settings
 
-from support.fleet_ca import FleetPKI, device
+from support.fleet_ca import FleetPKI, device, rollover_world
 from support.rabbit_devices import MqttTry
 from support.rabbitmq import RABBIT_BIN, RabbitCluster
 
@@ -34,12 +32,7 @@ ATTEMPTS = 20  # connection attempts a CRL change may take to be seen (each a ha
 
 
 def test_both_intermediates_crls_reach_the_node_and_a_retired_one_leaves() -> None:
-    world = Path(tempfile.mkdtemp(prefix="cityedge-rmqroll-"))
-    world.chmod(0o755)
-    root_dir, ca_dir, files = world / "root", world / "ca", world / "files"
-    init_ca(root_dir, ca_dir)
-    ca_dir.chmod(0o755)
-    files.mkdir(mode=0o755)
+    world, root_dir, ca_dir, files = rollover_world("cityedge-rmqroll-")
     pki = FleetPKI(ca_dir, files)
     old_a, old_x = device(ca_dir, files, 1), device(ca_dir, files, 2)
     new_cns = ["urn:dev:mac:0024befffe80%04x" % n for n in (3, 4)]

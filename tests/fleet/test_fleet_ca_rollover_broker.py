@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,13 +28,12 @@ from cityedge_fleet.ca import (
     CertificateAuthority,
     Revoked,
     _cert_pem,
-    init_ca,
 )
 from cityedge_fleet.ca_rollover import rollover
 from cityedge_fleet.config import Settings
 from cityedge_fleet.db import make_engine, migrate
 
-from support.fleet_ca import FleetPKI, device
+from support.fleet_ca import FleetPKI, device, rollover_world
 from support.mosquitto import Mosquitto
 from support.mqtt_probe import Probe
 
@@ -49,12 +47,7 @@ def wait_until(cond: Callable[[], bool], what: str) -> None:
 
 
 def test_overlap_revocation_and_retirement_at_the_real_broker() -> None:
-    world = Path(tempfile.mkdtemp(prefix="cityedge-rollover-"))
-    world.chmod(0o755)
-    root_dir, ca_dir, files = world / "root", world / "ca", world / "files"
-    init_ca(root_dir, ca_dir)
-    ca_dir.chmod(0o755)
-    files.mkdir(mode=0o755)
+    world, root_dir, ca_dir, files = rollover_world("cityedge-rollover-")
     root = ca_dir / ROOT_CERT  # what every device trusts for the broker
     old_a, old_x = device(ca_dir, files, 1), device(ca_dir, files, 2)
     old_chain = CertificateAuthority(ca_dir).cert
@@ -153,12 +146,7 @@ def assert_reloaded(sent: bool) -> None:
 
 def test_the_firmwares_tls_trusting_the_root_connects_with_either_intermediate(
         micropython: str) -> None:
-    world = Path(tempfile.mkdtemp(prefix="cityedge-rollover-mp-"))
-    world.chmod(0o755)
-    root_dir, ca_dir, files = world / "root", world / "ca", world / "files"
-    init_ca(root_dir, ca_dir)
-    ca_dir.chmod(0o755)
-    files.mkdir(mode=0o755)
+    world, root_dir, ca_dir, files = rollover_world("cityedge-rollover-mp-")
     root_der = files / "root.der"
     root_der.write_bytes(CertificateAuthority(ca_dir).root.public_bytes(
         serialization.Encoding.DER))

@@ -5,13 +5,14 @@ signs now (``device``), for the CA rollover tests against real brokers."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cityedge_fleet.ca import CertificateAuthority, _cert_pem, issue_service
+from cityedge_fleet.ca import CertificateAuthority, _cert_pem, init_ca, issue_service
 
 from support.fleet import make_csr
 from support.mosquitto import TestPKI
@@ -43,6 +44,20 @@ class FleetPKI:
         cert, key = issue_service(CertificateAuthority(self.ca_dir), cn, self.dir, server)
         key.chmod(0o644)  # a throwaway test key Mosquitto reads as its own user
         return SimpleNamespace(cert_pem=cert, key_pem=key)
+
+
+def rollover_world(prefix: str) -> tuple[Path, Path, Path, Path]:
+    """A fresh fleet CA for a rollover test against a real broker: ``(world, root_dir,
+    ca_dir, files)``, the world in the system's temporary directory (short paths for the
+    brokers' sockets) and readable by a broker running as its own user; the caller
+    removes ``world``."""
+    world = Path(tempfile.mkdtemp(prefix=prefix))
+    world.chmod(0o755)
+    root_dir, ca_dir, files = world / "root", world / "ca", world / "files"
+    init_ca(root_dir, ca_dir)
+    ca_dir.chmod(0o755)
+    files.mkdir(mode=0o755)
+    return world, root_dir, ca_dir, files
 
 
 def device(ca_dir: Path, out: Path, n: int) -> SimpleNamespace:
