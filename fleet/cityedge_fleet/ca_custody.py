@@ -524,15 +524,21 @@ def encrypt_key_files(paths: list[Path], password: bytes) -> list[Path]:
     return done
 
 
-def shred(path: Path) -> None:
-    """Overwrite a key file with random bytes, then remove it (a copy-on-write or
-    wear-levelled disk may keep old blocks: docs/SECURITY_TEAM.md)."""
+def overwrite(path: Path) -> bool:
+    """Overwrite a key file in place with random bytes, synced; False when there is none
+    (a copy-on-write or wear-levelled disk may keep old blocks: docs/SECURITY_TEAM.md)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        return
+        return False
     with path.open("r+b") as f:
         f.write(os.urandom(size))
         f.flush()
         os.fsync(f.fileno())
-    path.unlink(missing_ok=True)
+    return True
+
+
+def shred(path: Path) -> None:
+    """Overwrite a key file with random bytes, then remove it."""
+    if overwrite(path):
+        path.unlink(missing_ok=True)

@@ -36,7 +36,6 @@ old intermediate is retired once none depends on it (``ca_retire``).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +65,7 @@ from cityedge_fleet.ca import (
     key_id,
     load_crls,
 )
-from cityedge_fleet.ca_custody import DEVELOPMENT, Custody, load_key
+from cityedge_fleet.ca_custody import DEVELOPMENT, Custody, load_key, overwrite
 from cityedge_host.errors import UserError
 from cityedge_host.files import write_atomic
 
@@ -94,16 +93,10 @@ def remove(path: Path) -> None:
 
 
 def destroy_key(path: Path) -> None:
-    """Overwrite a private key file with random bytes, then remove it."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    with path.open("r+b") as f:
-        f.write(os.urandom(size))
-        f.flush()
-        os.fsync(f.fileno())
-    remove(path)
+    """Overwrite a private key file with random bytes, then remove it (a missing one is
+    fine: a step run again)."""
+    if overwrite(path):
+        remove(path)
 
 
 def load_root(root_dir: Path, ca_dir: Path, root_password_file: Path | None = None
