@@ -14,7 +14,8 @@ queue empty (``queue_depth``; what was left is purged and counted in
 ``broker_proxy`` puts a ``LinkProxy`` in front of each node (``NodeLinks``), broken
 together: a device's uplink, whichever node it uses.
 
-``python -m support.chaos --engine rabbitmq`` runs them at a large size (``run_all``).
+``python -m support.chaos --engine rabbitmq`` (``make chaos CHAOS_ENGINE=rabbitmq``) runs them
+at a large size (``run_all``).
 """
 
 from __future__ import annotations
