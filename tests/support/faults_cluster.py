@@ -33,6 +33,7 @@ from typing import Any
 import pika
 
 from cityedge_fleet import broker_rabbitmq as rmq
+from cityedge_fleet import ingest_amqp
 from cityedge_fleet.ca import CertificateAuthority
 from cityedge_fleet.config import FleetLimits, Settings
 
@@ -121,9 +122,13 @@ class ClusterFaultRig(FaultRig):
     """A ``FaultRig`` whose broker is ``cluster`` and whose workers consume its quorum
     queue over AMQP, as production's ``cityedge fleet ingest`` does on a cluster."""
 
-    def __init__(self, pki: TestPKI, pg: PgCluster, cluster: RabbitCluster,
-                 **opts: Any) -> None:
+    def __init__(self, pki: TestPKI, pg: PgCluster, cluster: RabbitCluster, *,
+                 amqp_proxy: bool = False, **opts: Any) -> None:
+        """``amqp_proxy``: the workers reach the nodes' AMQP listeners through a
+        ``NodeLinks`` of their own (``amqp_links``)."""
         self.cluster = cluster
+        self.amqp_links = (NodeLinks([n.amqp_port for n in cluster.nodes]) if amqp_proxy
+                           else None)
         super().__init__(pki, pg, **opts)
 
     def _world(self, persistence: bool) -> tuple[Path, Any, Settings]:
@@ -143,7 +148,14 @@ class ClusterFaultRig(FaultRig):
         return world, ClusterBroker(self.cluster), settings
 
     def amqp_nodes(self) -> str:
+        if self.amqp_links is not None:
+            return ",".join("127.0.0.1:%d" % p.port for p in self.amqp_links.proxies)
         return ",".join("127.0.0.1:%d" % n.amqp_port for n in self.cluster.nodes)
+
+    def close(self) -> None:
+        super().close()
+        if self.amqp_links is not None:
+            self.amqp_links.close()
 
     def ingest_env(self) -> dict[str, str]:
         return {"CITYEDGE_BROKER_ENGINE": "rabbitmq",
@@ -258,6 +270,32 @@ def node_killed(rig: ClusterFaultRig, node: int = 0) -> FaultResult:
     return rig.finish(r)
 
 
+def worker_link(rig: ClusterFaultRig, down_s: float = 2.0,
+                silent_s: float = 2.5 * ingest_amqp.HEARTBEAT_S) -> FaultResult:
+    """Between the ingest workers and the nodes (``amqp_proxy``): every AMQP connection
+    reset and refused; then silent (bytes vanish, connections stay open) for
+    ``silent_s``, long enough for both ends' heartbeats to give up; then a slow link;
+    then back."""
+    assert rig.amqp_links is not None
+    r = FaultResult("workers<->nodes cut/silent/delay")
+    rig.start_devices()
+    rig.steady()
+    links = rig.amqp_links
+    links.cut()
+    time.sleep(down_s)
+    links.restore()
+    time.sleep(down_s)
+    links.blackhole()
+    time.sleep(silent_s)
+    links.restore()
+    links.delay(0.02)
+    time.sleep(down_s)
+    links.restore()
+    since = time.monotonic()
+    rig.recover(r, since)
+    return rig.finish(r)
+
+
 # -- make chaos ----------------------------------------------------------------------------
 
 
@@ -279,6 +317,7 @@ def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
                 (faults.worker_killed, {}), (faults.database_restarted, {}),
                 (faults.device_link, {"broker_proxy": True}),
                 (faults.database_link, {"db_proxy": True}),
+                (worker_link, {"amqp_proxy": True}),
                 (faults.clocks_skewed, {"skew_s": 5 * 3600.0}),
                 (faults.clocks_skewed, {"skew_s": -5 * 3600.0}),
                 (faults.database_disk_full, {}),
