@@ -6,7 +6,8 @@ configured as ``cityedge broker config --engine rabbitmq`` writes it) -> the quo
 -> PostgreSQL.
 
 The fault functions of ``support.faults`` run unchanged on a ``ClusterFaultRig``; the
-cluster adds ``node_killed`` (a node ``kill -9``ed under load and started again). A
+cluster adds ``node_killed`` (a node ``kill -9``ed under load and started again) and
+``worker_link`` (the workers' AMQP links to the nodes broken: ``amqp_proxy``). A
 cluster boots in tens of seconds, so one serves every rig (the caller's, as its
 PostgreSQL): each rig has its own database, devices and workers, and finds the ingest
 queue empty (``queue_depth``; what was left is purged and counted in
