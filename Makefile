@@ -64,11 +64,14 @@ bench: setup
 
 # Fault injection at a large size (the small versions run in `make test`:
 # tests/fleet/test_fleet_faults.py): prints fault | acknowledged | lost | duplicates
-# stored | recovery time. CHAOS_DEVICES devices per fault, CHAOS_HERD for the herd.
+# stored | duplicate events | recovery time. CHAOS_DEVICES devices per fault, CHAOS_HERD
+# for the herd; CHAOS_ENGINE=rabbitmq: on a three-node RabbitMQ cluster (the small sizes:
+# tests/broker/test_rabbitmq_faults.py).
 CHAOS_DEVICES ?= 40
 CHAOS_HERD ?= 200
+CHAOS_ENGINE ?= mosquitto
 chaos: setup
-	cd tests && ../$(BIN)/python -m support.chaos $(CHAOS_DEVICES) $(CHAOS_HERD)
+	cd tests && ../$(BIN)/python -m support.chaos --engine $(CHAOS_ENGINE) $(CHAOS_DEVICES) $(CHAOS_HERD)
 
 firmware: setup
 	$(BIN)/python -m cityedge.build_firmware

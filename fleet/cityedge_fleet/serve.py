@@ -22,6 +22,7 @@ from sqlmodel import Session
 
 from cityedge_fleet import campaign_runner, revocation
 from cityedge_fleet.app import create_app
+from cityedge_fleet.broker_rabbitmq import INGEST_QUEUE
 from cityedge_fleet.broker_sync import BrokerAccess, Reconciler
 from cityedge_fleet.ca import CaError, CertificateAuthority, load_current
 from cityedge_fleet.ca_custody import custody_of
@@ -136,7 +137,12 @@ def describe_start(settings: Settings, *, ingest: bool) -> list[str]:
              "database %s" % describe_database(settings.database_url),
              "CA directory %s" % settings.ca_dir.absolute(),
              "broker for devices %s" % settings.broker_url]
-    if ingest:
+    if ingest and settings.broker_engine == "rabbitmq":  # ingest_amqp: never the MQTT port
+        lines.append("ingest from the RabbitMQ queue %s (AMQP over TLS: %s; the first that "
+                     "answers)" % (INGEST_QUEUE, ", ".join(
+                         n.strip() for n in settings.ingest_amqp_nodes.split(",")
+                         if n.strip())))
+    elif ingest:
         how = ("plain subscriptions" if settings.ingest_subscription == "plain"
                else "share group %s" % settings.ingest_share_group)
         lines.append("ingest from mqtts://%s:%d (%s)" % (

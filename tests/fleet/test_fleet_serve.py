@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cityedge_fleet.config import Settings
 from cityedge_fleet.db import describe_database
+from cityedge_fleet.serve import describe_start
 
 from support.fleet import wait_for
 from support.mosquitto import free_port
@@ -99,3 +101,18 @@ def test_serve_tells_systemd_ready_once_listening_pings_and_says_stopping(
     finally:
         stop(proc, 10)
         sock.close()
+
+
+def test_the_start_banner_names_the_clusters_queue_when_the_ingest_reads_it(
+        tmp_path: Path) -> None:
+    """On a RabbitMQ cluster the ingest consumes the quorum queue over AMQP from
+    ``ingest_amqp_nodes``: its banner says so, not the MQTT port it never opens."""
+    s = Settings(mode="development", database_url="sqlite:///%s" % (tmp_path / "f.sqlite3"),
+                 ca_dir=tmp_path, broker_engine="rabbitmq",
+                 ingest_amqp_nodes="10.0.0.1:5671,10.0.0.2:5671")
+    assert describe_start(s, ingest=True)[-1] == (
+        "ingest from the RabbitMQ queue cityedge.ingest (AMQP over TLS: 10.0.0.1:5671, "
+        "10.0.0.2:5671; the first that answers)")
+    mosquitto = s.model_copy(update={"broker_engine": "mosquitto", "mqtt_port": 8884})
+    assert describe_start(mosquitto, ingest=True)[-1] == (
+        "ingest from mqtts://127.0.0.1:8884 (plain subscriptions)")

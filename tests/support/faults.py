@@ -17,7 +17,10 @@ thing while the devices stream, ends the fault, and returns a ``FaultResult``:
   after a fault is what a service manager does (start a killed worker again).
 
 ``tests/fleet/test_fleet_faults.py`` runs each at a small size (``make test``);
-``python -m support.chaos`` (``make chaos``) at a large one and prints the table.
+``python -m support.chaos`` (``make chaos``) at a large one and prints the table. The
+broker is a Mosquitto of the rig's own; ``support.faults_cluster.ClusterFaultRig`` puts a
+three-node RabbitMQ cluster there instead (the hooks ``_world``, ``_broker_proxy``,
+``device_port``, ``_start_workers`` and the rig's ``ingest_env``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from fastapi.testclient import TestClient
 
 from cityedge.fastdevice import FastDevice
 from cityedge_fleet.app import create_app
+from cityedge_fleet.config import Settings
 
 from support.fastfleet import DeviceLoop, enroll_fast
 from support.fleet import Api
@@ -68,12 +72,13 @@ class FaultResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> str:
-        return "%-38s | %8d | %6d | %10d | %8.2f s" % (
-            self.fault, self.acknowledged, self.lost, self.duplicates_stored, self.recovery_s)
+        return "%-38s | %8d | %6d | %10d | %10d | %8.2f s" % (
+            self.fault, self.acknowledged, self.lost, self.duplicates_stored,
+            self.duplicate_events, self.recovery_s)
 
 
-HEADER = "%-38s | %8s | %6s | %10s | %10s" % ("fault", "acked", "lost", "dup stored",
-                                               "recovery")
+HEADER = "%-38s | %8s | %6s | %10s | %10s | %10s" % (
+    "fault", "acked", "lost", "dup stored", "dup events", "recovery")
 
 
 class IngestProc:
@@ -112,6 +117,7 @@ class IngestProc:
                    CITYEDGE_LIMITS__INGEST_DOWN_RETRY_MAX_S="1.0",
                    CITYEDGE_INGEST_SUBSCRIPTION=getattr(rig, "subscription", "shared"),
                    NOTIFY_SOCKET=str(sock_path))
+        env.update(getattr(rig, "ingest_env", dict)())  # the broker engine's (a cluster)
         env.update(self.extra_env)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "cityedge.cli", "fleet",
@@ -164,16 +170,28 @@ class FaultRig:
         self.interval_s, self.skew_s = interval_s, skew_s
         self.db_url = pg.new_database()
         self.db_proxy = LinkProxy(pg.port).start() if db_proxy else None
-        w = fleet_world(pki, self.db_url, "cityedge-fault-", persistence=persistence,
-                        ingest_group_max_s=0.05, enroll_burst=100_000)
-        self.dir, self.broker, self.settings = w.dir, w.broker, w.settings
-        self.broker_proxy = LinkProxy(self.broker.port).start() if broker_proxy else None
+        self.dir, self.broker, self.settings = self._world(persistence)
+        self.broker_proxy: Any = self._broker_proxy() if broker_proxy else None
         self.workers: list[IngestProc] = []
         self.devices: list[FastDevice] = []
         self.loop: DeviceLoop | None = None
         self._stack = contextlib.ExitStack()
 
-    # -- building --------------------------------------------------------------------
+    # -- building (the broker engine's hooks: ``faults_cluster.ClusterFaultRig``) ------
+
+    def _world(self, persistence: bool) -> tuple[Path, Any, Settings]:
+        """The fleet's directory, broker and settings: a Mosquitto of the rig's own."""
+        w = fleet_world(self.pki, self.db_url, "cityedge-fault-", persistence=persistence,
+                        ingest_group_max_s=0.05, enroll_burst=100_000)
+        return w.dir, w.broker, w.settings
+
+    def _broker_proxy(self) -> Any:
+        """What stands between the devices and the broker (``device_port``)."""
+        return LinkProxy(self.broker.port).start()
+
+    def device_port(self, i: int) -> int:
+        """The port device ``i`` (0-based) connects to."""
+        return self.broker_proxy.port if self.broker_proxy is not None else self.broker.port
 
     def worker_db_url(self, cn: str) -> str:
         port = self.db_proxy.port if self.db_proxy is not None else self.pg.port
@@ -195,18 +213,20 @@ class FaultRig:
         client = self._stack.enter_context(TestClient(app))
         fleet = SimpleNamespace(api=Api(client, self.settings), world=self.dir, pki=self.pki,
                                 broker=self.broker)
-        port = self.broker_proxy.port if self.broker_proxy is not None else self.broker.port
         now = time.time
         skew = self.skew_s
         for i in range(self.n_devices):
             dev, _first = enroll_fast(fleet, i + 1, self.interval_s)  # type: ignore[arg-type]
             clock: Callable[[], float] = (lambda: now() + skew) if skew else time.time
-            self.devices.append(FastDevice(dev.dir, "127.0.0.1", port,
+            self.devices.append(FastDevice(dev.dir, "127.0.0.1", self.device_port(i),
                                            interval_s=self.interval_s, readings=READINGS,
                                            clock=clock))
         cns = ["fleet-ingest"] + ["fleet-ingest-%d" % k for k in range(2, self.n_workers + 1)]
         self.broker.grant(*cns)
-        self.workers = [IngestProc(self, cn).start() for cn in cns]
+        self.workers = self._start_workers(cns)
+
+    def _start_workers(self, cns: list[str]) -> list[IngestProc]:
+        return [IngestProc(self, cn).start() for cn in cns]
 
     def start_devices(self) -> None:
         self.loop = DeviceLoop(self.devices).start()

@@ -27,6 +27,7 @@ from support.mosquitto import TestPKI, free_port
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 START_TIMEOUT_S = 240.0
 CTL_TIMEOUT_S = 60.0
+STRAY_WAIT_S = 1.0  # seconds a stop watches for the cluster's processes outliving it
 
 
 class RabbitCluster:
@@ -162,3 +163,30 @@ class RabbitCluster:
         if self.epmd is not None:
             self.epmd.kill()
             self.epmd.wait(10)
+        # once (2026-12-05, a chaos run) an ``epmd -daemon`` of the cluster's port was
+        # started at the stop and outlived it: whatever still runs with the cluster's own
+        # HOME is this cluster's (never the machine's RabbitMQ nor another cluster's)
+        deadline = time.monotonic() + STRAY_WAIT_S
+        while True:
+            for pid in self._strays():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+
+    def _strays(self) -> list[int]:
+        """Processes whose environment has this cluster's HOME (its nodes, epmd and CLI
+        calls get it: ``env``)."""
+        mark = b"HOME=" + str(self.home).encode()
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                environ = (d / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if mark in environ:
+                pids.append(int(d.name))
+        return pids

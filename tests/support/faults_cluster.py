@@ -1,0 +1,340 @@
+"""The fault rig of ``support.faults`` on the clustered broker (docs/BROKERS.md): fast
+devices spread over the nodes of a three-node RabbitMQ cluster (``support.rabbitmq``,
+configured as ``cityedge broker config --engine rabbitmq`` writes it) -> the quorum queue
+-> several ``cityedge fleet ingest`` processes run with ``broker_engine = "rabbitmq"``
+(``ingest_amqp``: AMQP competing consumers, each message acknowledged after its commit)
+-> PostgreSQL.
+
+The fault functions of ``support.faults`` run unchanged on a ``ClusterFaultRig``; the
+cluster adds ``node_killed`` (a node ``kill -9``ed under load and started again) and
+``worker_link`` (the workers' AMQP links to the nodes broken: ``amqp_proxy``). A
+cluster boots in tens of seconds, so one serves every rig (the caller's, as its
+PostgreSQL): each rig has its own database, devices and workers, and finds the ingest
+queue empty (``queue_depth``; what was left is purged and counted in
+``notes["queue_left_before"]``). Device ``i`` (0-based) is on node ``i % nodes``;
+``broker_proxy`` puts a ``LinkProxy`` in front of each node (``NodeLinks``), broken
+together: a device's uplink, whichever node it uses.
+
+``python -m support.chaos --engine rabbitmq`` (``make chaos CHAOS_ENGINE=rabbitmq``) runs them
+at a large size (``run_all``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pika
+
+from cityedge_fleet import broker_rabbitmq as rmq
+from cityedge_fleet import ingest_amqp
+from cityedge_fleet.ca import CertificateAuthority
+from cityedge_fleet.config import FleetLimits, Settings
+
+from support import faults
+from support.faults import FaultResult, FaultRig
+from support.fleet import device_body
+from support.fleet_ca import fleet_ca_from_pki
+from support.linkproxy import LinkProxy
+from support.mosquitto import TestPKI
+from support.pg import PgCluster
+from support.rabbitmq import RabbitCluster
+
+WORKERS_MAX = 4  # ingest identities the cluster knows: fleet-ingest, fleet-ingest-2..
+DRAIN_S = 60.0  # the longest wait for the ingest queue to be empty after a fault
+
+
+def identities(devices: int) -> list[str]:
+    """The users a cluster for rigs of up to ``devices`` devices boots with (the rigs
+    enroll ``device_body(1..devices)``; the fleet's grants are no-ops without
+    ``broker_rabbitmq_nodes``, as the registry's view is already there)."""
+    return [*(str(device_body(i)["id"]) for i in range(1, devices + 1)), "fleet-ingest",
+            *("fleet-ingest-%d" % k for k in range(2, WORKERS_MAX + 1))]
+
+
+class ClusterBroker:
+    """What a ``FaultRig`` asks of its broker, on a cluster it does not own."""
+
+    def __init__(self, cluster: RabbitCluster) -> None:
+        self.cluster = cluster
+
+    @property
+    def port(self) -> int:  # MQTT of the first node (the enrollment's throwaway device)
+        return self.cluster.nodes[0].mqtt_port
+
+    def grant(self, *_cns: str) -> None:
+        """Every identity is in the definitions the cluster booted with."""
+
+    def cleanup(self) -> None:
+        """The cluster is the caller's."""
+
+
+class NodeLinks:
+    """A ``LinkProxy`` in front of each node, with one proxy's interface: every link is
+    cut, garbled, delayed and restored together."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.proxies = [LinkProxy(p).start() for p in ports]
+
+    @property
+    def port(self) -> int:
+        return self.proxies[0].port
+
+    def port_for(self, i: int) -> int:
+        return self.proxies[i % len(self.proxies)].port
+
+    @property
+    def corrupted(self) -> int:
+        return sum(p.corrupted for p in self.proxies)
+
+    def cut(self, refuse: bool = True) -> None:
+        for p in self.proxies:
+            p.cut(refuse)
+
+    def blackhole(self) -> None:
+        for p in self.proxies:
+            p.blackhole()
+
+    def delay(self, seconds: float) -> None:
+        for p in self.proxies:
+            p.delay(seconds)
+
+    def corrupt(self, chunks: int) -> None:
+        for p in self.proxies:
+            p.corrupt(chunks)
+
+    def restore(self) -> None:
+        for p in self.proxies:
+            p.restore()
+
+    def close(self) -> None:
+        for p in self.proxies:
+            p.close()
+
+
+class ClusterFaultRig(FaultRig):
+    """A ``FaultRig`` whose broker is ``cluster`` and whose workers consume its quorum
+    queue over AMQP, as production's ``cityedge fleet ingest`` does on a cluster."""
+
+    def __init__(self, pki: TestPKI, pg: PgCluster, cluster: RabbitCluster, *,
+                 amqp_proxy: bool = False, **opts: Any) -> None:
+        """``amqp_proxy``: the workers reach the nodes' AMQP listeners through a
+        ``NodeLinks`` of their own (``amqp_links``)."""
+        self.cluster = cluster
+        self.amqp_links = (NodeLinks([n.amqp_port for n in cluster.nodes]) if amqp_proxy
+                           else None)
+        super().__init__(pki, pg, **opts)
+
+    def _world(self, persistence: bool) -> tuple[Path, Any, Settings]:
+        world = Path(tempfile.mkdtemp(prefix="cityedge-cfault-"))
+        world.chmod(0o755)
+        ca_dir = fleet_ca_from_pki(self.pki, world / "ca")
+        CertificateAuthority(ca_dir).write_crl([], 86400)
+        ingest = self.pki.service("fleet-ingest")
+        settings = Settings(
+            mode="development", database_url=self.db_url, ca_dir=ca_dir,
+            broker_engine="rabbitmq", ingest_amqp_nodes=self.amqp_nodes(),
+            mqtt_ca_file=self.pki.ca_pem, mqtt_cert_file=ingest.cert_pem,
+            mqtt_key_file=ingest.key_pem, ingest_with_serve=False,
+            commands_with_serve=False, audit_key_file=world / "audit.key",
+            command_key_file=world / "command.key",
+            limits=FleetLimits(ingest_group_max_s=0.05, enroll_burst=100_000))
+        return world, ClusterBroker(self.cluster), settings
+
+    def amqp_nodes(self) -> str:
+        if self.amqp_links is not None:
+            return ",".join("127.0.0.1:%d" % p.port for p in self.amqp_links.proxies)
+        return ",".join("127.0.0.1:%d" % n.amqp_port for n in self.cluster.nodes)
+
+    def close(self) -> None:
+        super().close()
+        if self.amqp_links is not None:
+            self.amqp_links.close()
+
+    def ingest_env(self) -> dict[str, str]:
+        return {"CITYEDGE_BROKER_ENGINE": "rabbitmq",
+                "CITYEDGE_INGEST_AMQP_NODES": self.amqp_nodes()}
+
+    def _broker_proxy(self) -> Any:
+        return NodeLinks([n.mqtt_port for n in self.cluster.nodes])
+
+    def device_port(self, i: int) -> int:
+        if self.broker_proxy is not None:
+            return int(self.broker_proxy.port_for(i))
+        return self.cluster.nodes[i % len(self.cluster.nodes)].mqtt_port
+
+    def _start_workers(self, cns: list[str]) -> list[faults.IngestProc]:
+        """All at once (each takes seconds to import and connect)."""
+        with ThreadPoolExecutor(len(cns)) as pool:
+            return list(pool.map(lambda cn: faults.IngestProc(self, cn).start(), cns))
+
+    def _build(self) -> None:
+        self.queue_left_before = purge(self.cluster, self.pki)
+        super()._build()
+
+    def finish(self, result: FaultResult, settle_s: float = faults.SETTLE_S) -> FaultResult:
+        """As ``FaultRig.finish``, then until the queue is empty and the ingest quiet
+        (redeliveries of stored batches still on their way are counted too)."""
+        r = super().finish(result, settle_s)
+        r.notes["queue_left_before"] = self.queue_left_before
+        deadline = time.monotonic() + DRAIN_S
+        last = -1
+        while time.monotonic() < deadline:
+            events = self.sql("SELECT count(*) FROM ingest_event")[0][0]
+            if queue_depth(self.cluster, self.pki) == 0 and events == last:
+                break
+            last = events
+            time.sleep(0.5)
+        else:
+            raise AssertionError("%s: the ingest queue never emptied" % r.fault)
+        have = self.stored()
+        r.stored = sum(len(v) for v in have.values())
+        r.duplicates_stored = sum(1 for v in have.values() for n in v.values()
+                                  if n != faults.READINGS)
+        r.duplicate_events = self.sql(
+            "SELECT count(*) FROM ingest_event WHERE status = 'duplicate'")[0][0]
+        return r
+
+
+# -- the queue, seen as the ingest sees it ------------------------------------------------
+
+
+@contextlib.contextmanager
+def _channel(cluster: RabbitCluster, pki: TestPKI) -> Iterator[Any]:
+    creds = pki.service("fleet-ingest")
+    tls = ssl.create_default_context(cafile=str(pki.ca_pem))
+    tls.load_cert_chain(str(creds.cert_pem), str(creds.key_pem))
+    params = [pika.ConnectionParameters(
+        host="127.0.0.1", port=n.amqp_port, virtual_host=rmq.VHOST,
+        credentials=pika.credentials.ExternalCredentials(),
+        ssl_options=pika.SSLOptions(tls, server_hostname="127.0.0.1"),
+        socket_timeout=5, connection_attempts=1) for n in cluster.nodes]
+    connection = pika.BlockingConnection(params)
+    try:
+        yield connection.channel()
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
+def queue_depth(cluster: RabbitCluster, pki: TestPKI) -> int:
+    """Messages ready in the ingest queue (not those a worker holds unacknowledged)."""
+    with _channel(cluster, pki) as ch:
+        return int(ch.queue_declare(rmq.INGEST_QUEUE, passive=True).method.message_count)
+
+
+def purge(cluster: RabbitCluster, pki: TestPKI) -> int:
+    """Empty the ingest queue (a previous rig's leftovers); how many messages it held."""
+    with _channel(cluster, pki) as ch:
+        return int(ch.queue_purge(rmq.INGEST_QUEUE).method.message_count)
+
+
+# -- the cluster's own fault --------------------------------------------------------------
+
+
+def node_killed(rig: ClusterFaultRig, node: int = 0) -> FaultResult:
+    """A node ``kill -9``ed under load and started again by its service manager: the node
+    the ingest workers consume from (the first of their ``ingest_amqp_nodes``; they move
+    to the next) and, booted first, likely the quorum queue's leader; its devices keep
+    their batches until it is back and reconnect to it (RabbitMQ 3.10 keeps a device's
+    MQTT subscription on its node: docs/BROKERS.md). Recovery is from the kill."""
+    c = rig.cluster
+    r = FaultResult("node %d of %d kill -9 + restart" % (node + 1, len(c.nodes)))
+    rig.start_devices()
+    rig.steady()
+    on_node = [d for i, d in enumerate(rig.devices) if i % len(c.nodes) == node]
+    failures = {d.id: d.stats.connect_failures for d in on_node}
+    connects = {d.id: d.stats.connects for d in on_node}
+    c.kill(node)
+    since = time.monotonic()
+    deadline = since + faults.SETTLE_S
+    while time.monotonic() < deadline and any(d.stats.connect_failures == failures[d.id]
+                                              for d in on_node):
+        time.sleep(0.05)
+    r.notes["devices_refused"] = sum(d.stats.connect_failures > failures[d.id]
+                                     for d in on_node)
+    c.start_node(node)
+    c.wait_listening(node)
+    r.notes["node_back_s"] = round(time.monotonic() - since, 2)
+    while time.monotonic() < deadline and any(d.stats.connects == connects[d.id]
+                                              for d in on_node):
+        time.sleep(0.05)
+    r.notes["reconnected"] = sum(d.stats.connects > connects[d.id] for d in on_node)
+    rig.recover(r, since)
+    return rig.finish(r)
+
+
+def worker_link(rig: ClusterFaultRig, down_s: float = 2.0,
+                silent_s: float = 2.5 * ingest_amqp.HEARTBEAT_S) -> FaultResult:
+    """Between the ingest workers and the nodes (``amqp_proxy``): every AMQP connection
+    reset and refused; then silent (bytes vanish, connections stay open) for
+    ``silent_s``, long enough for both ends' heartbeats to give up; then a slow link;
+    then back."""
+    assert rig.amqp_links is not None
+    r = FaultResult("workers<->nodes cut/silent/delay")
+    rig.start_devices()
+    rig.steady()
+    links = rig.amqp_links
+    links.cut()
+    time.sleep(down_s)
+    links.restore()
+    time.sleep(down_s)
+    links.blackhole()
+    time.sleep(silent_s)
+    links.restore()
+    links.delay(0.02)
+    time.sleep(down_s)
+    links.restore()
+    since = time.monotonic()
+    rig.recover(r, since)
+    return rig.finish(r)
+
+
+# -- make chaos ----------------------------------------------------------------------------
+
+
+def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
+            say: Callable[[str], None] = print, only: str = "") -> list[FaultResult]:
+    """``faults.run_all`` on one cluster: every fault at the given size, each on a fresh
+    rig; prints the table."""
+    base = Path(tempfile.mkdtemp(prefix="cityedge-chaos-rmq-"))
+    base.chmod(0o755)
+    pki = TestPKI(pki_dir or base / "pki")
+    results = []
+    say(faults.HEADER)
+    cluster = RabbitCluster(pki, identities(max(devices, herd)), directory=base / "rmq")
+    try:
+        with ThreadPoolExecutor(1) as pool, faults.own_cluster() as pg:
+            booting = pool.submit(cluster.start)  # while PostgreSQL starts
+            booting.result()
+            plan: list[tuple[Callable[[Any], FaultResult], dict[str, Any]]] = [
+                (faults.worker_killed, {}), (faults.database_restarted, {}),
+                (faults.device_link, {"broker_proxy": True}),
+                (faults.database_link, {"db_proxy": True}),
+                (worker_link, {"amqp_proxy": True}),
+                (faults.clocks_skewed, {"skew_s": 5 * 3600.0}),
+                (faults.clocks_skewed, {"skew_s": -5 * 3600.0}),
+                (faults.database_disk_full, {}),
+                (faults.thundering_herd, {"devices": herd, "broker_proxy": True}),
+                (faults.flood, {}),
+                (node_killed, {}),
+            ]
+            for fault, opts in plan:
+                if only not in fault.__name__:
+                    continue
+                opts = {"devices": devices, **opts}
+                with ClusterFaultRig(pki, pg, cluster, **opts) as rig:
+                    result = fault(rig)
+                results.append(result)
+                say(result.row())
+    finally:
+        cluster.stop()  # every node and its epmd
+        shutil.rmtree(base, ignore_errors=True)
+    return results
