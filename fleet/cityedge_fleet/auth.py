@@ -35,7 +35,7 @@ from sqlmodel import Session, select
 
 from cityedge_fleet import audit
 from cityedge_fleet.config import IpNetwork
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import ApiToken, Role
 
 TOKEN_BYTES = 32  # bytes of randomness in an API or enrollment token

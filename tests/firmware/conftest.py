@@ -8,14 +8,20 @@ from pathlib import Path
 import pytest
 from fw_harness import DEVICE, compile_device
 
+from support import mpy_cache
 from support.linkproxy import LinkProxy
 from support.mosquitto import Mosquitto, TestPKI
+
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def mpy_dir(tmp_path_factory: pytest.TempPathFactory, micropython: str, mpy_cross: str) -> Path:
-    """The firmware compiled to .mpy, with the test device's stand-in board."""
-    return compile_device(tmp_path_factory.mktemp("mpy"))
+    """The firmware compiled to .mpy, with the test device's stand-in board: a copy of
+    the run's one build of the same sources (``support.mpy_cache``)."""
+    inputs = mpy_cache.firmware_inputs(HERE / "mp_device.py", HERE / "fw_harness.py")
+    return mpy_cache.cached_tree(tmp_path_factory, "device", inputs, mpy_cross, compile_device,
+                                 tmp_path_factory.mktemp("mpy"))
 
 
 @pytest.fixture

@@ -24,7 +24,10 @@ from cityedge_core import cbor, csr, frame, p256
 from cityedge_hardware.serial_probe import HELLO, PROBE_STEPS, probe
 from cityedge_hardware.serial_rules import REQ_NO_CONSOLE, ProbeStep, check_transcript, escape
 from cityedge_hardware.verdict import Outcome
+from cityedge_provision import simdevice
 from cityedge_provision.simdevice import SimulatedDevice, compile_firmware
+
+from support import mpy_cache
 
 BANNER = (b"MicroPython v1.24.1 on 2024-11-29; Generic ESP32 module with ESP32\r\n"
           b'Type "help()" for more information.\r\n>>> ')
@@ -248,7 +251,9 @@ def test_real_micropython_repl_fails(micropython: str) -> None:
 
 @pytest.fixture(scope="module")
 def fw_mpy(tmp_path_factory: pytest.TempPathFactory, mpy_cross: str, micropython: str) -> Path:
-    return compile_firmware(tmp_path_factory.mktemp("fw-mpy"))
+    return mpy_cache.cached_tree(  # the run's one build (``support.mpy_cache``)
+        tmp_path_factory, "simdevice", mpy_cache.firmware_inputs(Path(simdevice.__file__)),
+        mpy_cross, compile_firmware, tmp_path_factory.mktemp("fw-mpy"))
 
 
 def _locked_flash(root: Path) -> Path:

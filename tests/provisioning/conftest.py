@@ -8,20 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from cityedge_provision.simdevice import compile_firmware
+from cityedge_provision import simdevice
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from device_pty import DeviceFactory, PtyDevice
 from fleet_server import FleetServer
 
+from support import mpy_cache
 from support.mosquitto import Mosquitto, TestPKI
 
 
 @pytest.fixture(scope="session")
 def fw_mpy(tmp_path_factory: pytest.TempPathFactory, mpy_cross: str, micropython: str) -> Path:
-    """The core and the device firmware compiled to .mpy (what a board runs)."""
-    return compile_firmware(tmp_path_factory.mktemp("fw-mpy"))
+    """The core and the device firmware compiled to .mpy (what a board runs): a copy of
+    the run's one build of the same sources (``support.mpy_cache``)."""
+    return mpy_cache.cached_tree(
+        tmp_path_factory, "simdevice", mpy_cache.firmware_inputs(Path(simdevice.__file__)),
+        mpy_cross, simdevice.compile_firmware, tmp_path_factory.mktemp("fw-mpy"))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from sqlmodel import Session, col, select
 
 from cityedge_fleet import audit
 from cityedge_fleet.api.deps import SecurityDep
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import ID_MAX, AuditPublic, AuditRecord, AuditVerifyResult
 
 router = APIRouter(prefix="/audit", tags=["audit"])

@@ -16,7 +16,7 @@ from cityedge_fleet import audit, campaign_store, renewal
 from cityedge_fleet.api.deps import SecurityDep
 from cityedge_fleet.auth import client_address
 from cityedge_fleet.campaign import LIMITS, CampaignError, SelectorError, parse_selector
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import ID_MAX, InputModel, utcnow
 
 router = APIRouter(tags=["campaigns"])

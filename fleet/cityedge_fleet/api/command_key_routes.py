@@ -19,7 +19,7 @@ from cityedge_fleet import command_key_rotation as ckr
 from cityedge_fleet.api.commands import _wake_publisher
 from cityedge_fleet.api.deps import CommandKeyDep, SecurityDep, SettingsDep
 from cityedge_fleet.auth import client_address
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import CommandKeyRotationPublic, CommandKeyRotationStart
 
 router = APIRouter(tags=["keys"])

@@ -16,7 +16,7 @@ from cityedge_fleet import audit, command_queue, rotation
 from cityedge_fleet.api.deps import CommandKeyDep, ReaderDep, SecurityDep, SettingsDep
 from cityedge_fleet.auth import client_address
 from cityedge_fleet.command_queue import CommandError
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import (
     ID_MAX,
     CommandCreate,

@@ -27,7 +27,7 @@ from cityedge_fleet.api.deps import (
 )
 from cityedge_fleet.auth import client_address, require_sites
 from cityedge_fleet.broker_sync import desired_devices
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import (
     Credential,
     CredentialPublic,

@@ -45,7 +45,7 @@ from cityedge_fleet.api.deps import (
 from cityedge_fleet.auth import client_address, hash_token
 from cityedge_fleet.ca import CertificateAuthority, CsrError
 from cityedge_fleet.config import Settings
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import (
     TEXT_MAX,
     Credential,

@@ -20,7 +20,7 @@ from cityedge_fleet import audit, hw_access, hw_report_check, hw_report_store
 from cityedge_fleet.api.deps import SecurityDep, SettingsDep
 from cityedge_fleet.api.errors import invalid
 from cityedge_fleet.auth import Principal, client_address, require_role
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import (
     ID_MAX,
     TEXT_MAX,

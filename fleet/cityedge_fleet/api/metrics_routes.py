@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from cityedge_fleet import metrics
 from cityedge_fleet.auth import Principal, require_role
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import Role
 
 router = APIRouter(tags=["metrics"])

@@ -42,7 +42,7 @@ from sqlmodel import Session
 from cityedge_fleet import audit, instruments, ota, ota_store
 from cityedge_fleet.auth import Principal, client_address, require_role
 from cityedge_fleet.campaign import LIMITS as CLIMITS
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import ID_MAX, InputModel, Role
 
 router = APIRouter(tags=["ota"])

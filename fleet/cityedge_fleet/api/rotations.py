@@ -23,7 +23,7 @@ from cityedge_fleet.api.deps import (
 )
 from cityedge_fleet.auth import client_address
 from cityedge_fleet.command_queue import CommandError
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import Device, KeyRotationPublic, RevokePublic, RevokeRequest
 
 router = APIRouter(tags=["keys"])

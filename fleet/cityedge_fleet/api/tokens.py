@@ -12,7 +12,7 @@ from sqlmodel import col, select
 from cityedge_fleet import audit
 from cityedge_fleet.api.deps import AdminDep
 from cityedge_fleet.auth import client_address, create_api_token
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import (
     ID_MAX,
     ApiToken,

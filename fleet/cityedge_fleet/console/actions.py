@@ -30,7 +30,7 @@ from cityedge_fleet.console.web import (
     require,
     same_origin,
 )
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import ID_MAX, EnrollmentTokenCreate
 
 router = APIRouter(prefix="/console", include_in_schema=False)

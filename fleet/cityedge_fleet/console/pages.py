@@ -27,7 +27,7 @@ from cityedge_fleet.campaign import CampaignError
 from cityedge_fleet.console import access
 from cityedge_fleet.console.chart import line_chart
 from cityedge_fleet.console.web import ConsoleRefusal, Visit, page_visit, render, require
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.hw_report_store import list_reports
 from cityedge_fleet.ingest import DEAD_LETTER
 from cityedge_fleet.models import (

@@ -31,7 +31,7 @@ from cityedge_fleet import audit
 from cityedge_fleet.auth import Principal, client_address
 from cityedge_fleet.console import access
 from cityedge_fleet.console import session as sessions
-from cityedge_fleet.db import SessionDep
+from cityedge_fleet.db_session import SessionDep
 from cityedge_fleet.models import utcnow
 
 HERE = Path(__file__).parent
