@@ -174,11 +174,11 @@ def encode_sign1_parts(parts: Any, signer: Any, kid: bytes, external_aad: bytes 
 
 def join_chunks(chunks: Any) -> bytes:
     """Bytes-like chunks as one ``bytes`` (MicroPython's ``bytes.join`` refuses a
-    memoryview)."""
-    out = bytearray()
-    for chunk in chunks:
-        out.extend(chunk)
-    return bytes(out)
+    memoryview: those are copied first). One allocation of the result's size: a
+    ``bytearray`` grown an ``extend`` at a time and then copied needed two or three
+    blocks of about that size in one piece (in a cut-up 64 KiB heap, the joined batch's
+    877 bytes found none: ``tests/core/test_interop.py``)."""
+    return b"".join([chunk if isinstance(chunk, bytes) else bytes(chunk) for chunk in chunks])
 
 
 def sign1_chunks(parts: Any, signer: Any, kid: bytes, external_aad: bytes = b"") -> Any:
