@@ -56,8 +56,11 @@ def _double(pt: Any) -> Any:
 
 
 def _affine_x(pt: Any) -> int:
+    """The affine x of a Jacobian point (all a signature needs): no product over 512
+    bits (a 768-bit one is a 98-byte allocation, at the signature's heap peak)."""
     zinv = pow(pt[2], P - 2, P)
-    x: int = pt[0] * zinv * zinv % P
+    zinv = zinv * zinv % P
+    x: int = pt[0] * zinv % P
     return x
 
 
@@ -260,11 +263,11 @@ class PrivateKey:
         while True:
             k = _nth_nonce(self._d, digest, i)
             i += 1
-            x, _ = _to_affine(_mul(k, GX, GY))
-            r = x % N
+            r = _affine_x(_mul(k, GX, GY)) % N
             if r == 0:
                 continue
-            s = pow(k, N - 2, N) * (int.from_bytes(digest, "big") + r * self._d) % N
+            # reduced before the product: no integer over 512 bits (as ``_affine_x``)
+            s = pow(k, N - 2, N) * ((int.from_bytes(digest, "big") + r * self._d) % N) % N
             if s == 0:
                 continue
             return _int32(r) + _int32(s)
