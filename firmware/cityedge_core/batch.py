@@ -42,7 +42,7 @@ except ImportError:  # CPython
 
 
 from . import cbor, cose
-from .errors import LimitError, MalformedError
+from .errors import LimitError, MalformedError, text
 
 # limits (``limits``) as private consts: the compiler folds them, and the device
 # never loads ``limits`` (its names would be interned: "Memory on the device");
@@ -50,6 +50,18 @@ from .errors import LimitError, MalformedError
 _BATCH_MAX_BYTES = const(16384)
 _BATCH_MAX_RECORDS = const(256)
 _DEVICE_ID_MAX_CHARS = const(128)
+# The messages this module raises, one string constant (``errors.text``): on a device each
+# string constant over 10 characters is an object of its own on the heap
+_TEXTS = const("batch: device id must be text|batch: device id longer than %d|"
+               "batch: device id %r is not an RFC 9039 urn:dev: name|"
+               "batch: device id has character %r|batch full: %d records|"
+               "batch too large: %d bytes payload")
+_M_TEXT = const(0)
+_M_LONG = const(1)
+_M_URN = const(2)
+_M_CHAR = const(3)
+_M_FULL = const(4)
+_M_LARGE = const(5)
 
 KIND_READINGS = 0
 KIND_DROP = 1
@@ -73,15 +85,15 @@ _URN_CHARS = const("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 def check_device_id(device: Any) -> None:
     """An RFC 9039 ``urn:dev:`` name that is also safe as an MQTT topic level and a CN."""
     if not isinstance(device, str):
-        raise MalformedError("batch: device id must be text")
+        raise MalformedError(text(_TEXTS, _M_TEXT))
     if len(device) > _DEVICE_ID_MAX_CHARS:
-        raise LimitError("batch: device id longer than %d" % _DEVICE_ID_MAX_CHARS)
+        raise LimitError(text(_TEXTS, _M_LONG, (_DEVICE_ID_MAX_CHARS,)))
     if not device.startswith("urn:dev:") or len(device) < 10:
-        raise MalformedError("batch: device id %r is not an RFC 9039 urn:dev: name" % device)
+        raise MalformedError(text(_TEXTS, _M_URN, (device,)))
     if device.strip(_URN_CHARS):  # something is left: a character outside the set
         for ch in device:
             if ch not in _URN_CHARS:
-                raise MalformedError("batch: device id has character %r" % ch)
+                raise MalformedError(text(_TEXTS, _M_CHAR, (ch,)))
 
 
 def batch_hash(signed: bytes) -> bytes:
@@ -111,7 +123,7 @@ class RecordBuffer:
     def add(self, record: Any) -> None:
         """Append one SenML record (a dict keyed by CBOR labels)."""
         if self.count >= _BATCH_MAX_RECORDS:
-            raise ValueError("batch full: %d records" % _BATCH_MAX_RECORDS)
+            raise ValueError(text(_TEXTS, _M_FULL, (_BATCH_MAX_RECORDS,)))
         enc = bytearray()
         cbor.encode_into(enc, record)
         end = self.size + len(enc)
@@ -218,7 +230,7 @@ class BatchWriter:
         )
         size = len(parts[0]) + len(parts[1]) + len(parts[2])
         if size + 128 > _BATCH_MAX_BYTES:
-            raise ValueError("batch too large: %d bytes payload" % size)
+            raise ValueError(text(_TEXTS, _M_LARGE, (size,)))
         chunks = cose.sign1_chunks(parts, self.signer, self.kid)
         h = hashlib.sha256()
         for chunk in chunks:

@@ -2,12 +2,13 @@
 
 Tasks (asyncio), all started by ``Agent.run``:
 
-- **sampler** reads every sensor each ``sample_interval_s``; a reading becomes a SenML
-  record (CBOR labels). A sensor that fails is counted and reported in the status, never
-  fatal. Every ``batch_readings`` records or ``batch_seconds`` seconds the records are
-  signed as one batch (``BatchWriter``: COSE_Sign1 ES256, hash chain) and appended to the
-  ring buffer; ``seq`` and the chain ``head`` are persisted after each batch. Only then is
-  a reading "accepted": from here on it survives power cuts and outages.
+- **sampler** (in ``run``'s own task) reads every sensor each ``sample_interval_s``; a
+  reading becomes a SenML record (CBOR labels). A sensor that fails is counted and
+  reported in the status, never fatal. Every ``batch_readings`` records or
+  ``batch_seconds`` seconds the records are signed as one batch (``BatchWriter``:
+  COSE_Sign1 ES256, hash chain) and appended to the ring buffer; ``seq`` and the chain
+  ``head`` are persisted after each batch. Only then is a reading "accepted": from here
+  on it survives power cuts and outages.
 - **forwarder** (every 200 ms) publishes the oldest stored batches (QoS 1, at most
   ``_INFLIGHT`` awaiting PUBACK) on ``<prefix>/<device>/up/readings`` and removes each from
   flash on its PUBACK. Each is read from flash into one reused buffer, which the MQTT
@@ -16,7 +17,8 @@ Tasks (asyncio), all started by ``Agent.run``:
   is lost the client forgets the unacknowledged ones; after the next CONNACK the
   forwarder starts again from the oldest batch on flash, in order. A batch whose PUBACK
   was lost goes out twice: the chain makes the copy a duplicate the fleet recognises.
-- **status** publishes a signed status map on ``up/status`` every ``status_interval_s``.
+- **status** (in the forwarder's task) publishes a signed status map on ``up/status``
+  every ``status_interval_s``.
 - **watchdog** (in ``run``'s own task) feeds the board's watchdog only while the sampler
   and the store are healthy, and ends the agent when another task has ended.
 - the MQTT ``Link`` (``mqtt_async``) keeps the session up and delivers ``down/cmd`` and the
@@ -60,7 +62,7 @@ import asyncio  # MicroPython 1.25+ (ROMFS): no ``uasyncio`` fallback, one name 
 
 from cityedge_core import batch as batchmod
 from cityedge_core import cbor, cose
-from cityedge_core.errors import CityedgeError, PeerError, StorageError
+from cityedge_core.errors import CityedgeError, PeerError, StorageError, text
 
 from . import ON_DEMAND, VERSION, mqtt, unload
 from .mqtt_async import Link, monotonic_ms, sleep_ms
@@ -89,6 +91,16 @@ _BATCH_OVERHEAD = const(160)  # bytes a signed batch adds to its records and dev
 _COMMAND_TRIES = const(5)  # times a command is checked before a full heap drops it
 _RETRY_MS = const(400)  # ms before a command's next try, times the tries so far
 _DEFERRED_MAX = const(2)  # commands waiting for another try at most
+# Messages of ``last_error``, one string constant (``errors.text``): on a device each
+# string constant over 10 characters is an object of its own on the heap. Those set when
+# a heap had no room stay constants of their own: cutting one out needs heap.
+_TEXTS = const("sensor %s: %s|mqtt: subscription refused by the broker|command refused: %s|"
+               "forwarder: %s|sampler: %s")
+_M_SENSOR = const(0)
+_M_SUBSCRIBE = const(1)
+_M_REFUSED = const(2)
+_M_FORWARDER = const(3)
+_M_SAMPLER = const(4)
 
 
 # The status map's keys (``Agent.status_cbor``), CBOR-encoded (a text string under 24 bytes
@@ -232,7 +244,7 @@ class Agent:
                 raise
             except Exception as e:  # a driver's fault: reported, never fatal
                 self.sensor_faults += 1
-                self.last_error = "sensor %s: %s" % (getattr(sensor, "name", "?"), e)
+                self.last_error = text(_TEXTS, _M_SENSOR, (getattr(sensor, "name", "?"), e))
                 continue
             for name, unit, value in values:
                 if value - value != 0:  # NaN or infinity: a fault the fleet would refuse
@@ -382,7 +394,7 @@ class Agent:
         elif kind == mqtt.PUBLISH:
             await self.handle_command(event[2])
         elif kind == mqtt.SUBACK and 0x80 in event[2]:
-            self.last_error = "mqtt: subscription refused by the broker"
+            self.last_error = text(_TEXTS, _M_SUBSCRIBE)
 
     async def handle_command(self, payload, tries=0):
         """Check a fleet command (``command_gate.CommandGate``) and carry it out. The gate and
@@ -406,7 +418,7 @@ class Agent:
             name, seq, args = commands.CommandGate(self.device, self.fleet_keys, self.state,
                                                    self.board.unix_time).check(payload)
         except (PeerError, StorageError) as e:
-            self.last_error = "command refused: %s" % e
+            self.last_error = text(_TEXTS, _M_REFUSED, (e,))
             if getattr(e, "seq", None) is None or e.name == "desired":
                 return None  # forged, another device's, the retained state: not answered
             name = e  # authentic, for this device: answered (refused, or the kept answer)
@@ -570,40 +582,30 @@ class Agent:
         return True
 
     # --- tasks -------------------------------------------------------------------------
-    async def sampler(self):
-        while True:
-            start = self.sim_ms()
-            try:
-                self.sweep()
-            except (StorageError, CityedgeError, ValueError) as e:
-                self.last_error = "sampler: %s" % e
-            spent = self.sim_ms() - start
-            await self.sleep_sim(max(0, self.cfg["sample_interval_s"] * 1000 - spent))
-
     async def forwarder(self):
         """Forward whenever the link is up, polling: every ``_FORWARD_POLL_MS`` while
         there is nothing to send (a sealed batch waits at most that long), every
         ``_FORWARD_BUSY_MS`` while batches wait for room in the in-flight window (for a
         PUBACK). A poll costs no heap; an ``asyncio.Event`` would keep its module (1.2 KB)
-        on the heap."""
+        on the heap. The status goes out from here too, every ``status_interval_s`` (the
+        task that sends batches sends it: no task and coroutine frame of its own)."""
+        due = self.sim_ms()  # the next status, on the schedule clock
         while True:
             waiting = False
             if self.link.client.state == mqtt.CONNECTED:
                 try:
                     waiting = await self.forward_once()
                 except (OSError, CityedgeError) as e:
-                    self.last_error = "forwarder: %s" % e
+                    self.last_error = text(_TEXTS, _M_FORWARDER, (e,))
                 except MemoryError:  # a batch read or a send found no room: the batch
                     self.mem_errors += 1  # is on flash, sent on a later round
+            if self.sim_ms() - due >= self.cfg["status_interval_s"] * 1000:
+                due = self.sim_ms()
+                try:
+                    await self.publish_status()
+                except (OSError, CityedgeError) as e:
+                    self.last_error = "status: %s" % e
             await sleep_ms(_FORWARD_BUSY_MS if waiting else _FORWARD_POLL_MS)
-
-    async def status(self):
-        while True:
-            await self.sleep_sim(self.cfg["status_interval_s"] * 1000)
-            try:
-                await self.publish_status()
-            except (OSError, CityedgeError) as e:
-                self.last_error = "status: %s" % e
 
     def healthy(self):
         late = self.sim_ms() - self.last_sweep_ms
@@ -611,14 +613,15 @@ class Agent:
             self.cfg["sample_interval_s"] * 1000
 
     async def run(self):
-        """Run every task until one of them ends (then the watchdog resets the board).
+        """Run the agent until one of its tasks ends (then the watchdog resets the board).
 
-        The watchdog loop runs in this task and watches the others: it feeds the board's
-        watchdog while healthy and ends as soon as one of them has ended (re-raising its
-        error, if it still has it). ``asyncio.gather`` would keep one more asyncio module
-        on the heap; a coroutine of its own, one more frame (~200 bytes) while streaming."""
-        tasks = [asyncio.create_task(c) for c in (
-            self.link.run(), self.sampler(), self.forwarder(), self.status())]
+        This task samples (a sweep every ``sample_interval_s``, ``sweep``) and runs the
+        watchdog: it feeds the board's watchdog while healthy and ends as soon as another
+        task (the link, the forwarder) has ended, re-raising its error, if it still has
+        it. The sampler and the watchdog share this task, and the status the forwarder's
+        (``forwarder``): each task and its coroutine frame is ~0.3 KB of heap while
+        streaming; ``asyncio.gather`` would keep one more asyncio module on the heap."""
+        tasks = [asyncio.create_task(self.link.run()), asyncio.create_task(self.forwarder())]
         if self.cfg.get("update"):  # an update in progress (or on trial) goes on
             from os import stat
 
@@ -634,14 +637,23 @@ class Agent:
                 self.mem_errors += 1
                 self.last_error = "update: no heap to load it"
         try:
+            due = self.sim_ms()  # the next sweep, on the schedule clock
             while True:
                 for t in tasks:
                     if t.done():
                         await t
                         return
+                start = self.sim_ms()
+                if start >= due:
+                    try:
+                        self.sweep()
+                    except (StorageError, CityedgeError, ValueError) as e:
+                        self.last_error = text(_TEXTS, _M_SAMPLER, (e,))
+                    due = start + self.cfg["sample_interval_s"] * 1000
                 if self.healthy():
                     self.board.wdt_feed()
-                await sleep_ms(self.cfg["watchdog_ms"])
+                await self.sleep_sim(min(due - self.sim_ms(), self.cfg["watchdog_ms"] *
+                                         self.cfg["time_scale"]))
         finally:
             for t in tasks:
                 t.cancel()

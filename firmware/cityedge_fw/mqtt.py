@@ -39,7 +39,7 @@ except ImportError:  # CPython
         return x
 
 
-from cityedge_core.errors import LimitError, LocalError, MalformedError, TransportError
+from cityedge_core.errors import LimitError, LocalError, MalformedError, TransportError, text
 
 # --- limits (all MQTT sizes, counts and times in one place) ---------------------------
 # A public ``X = const()`` is a module attribute on the device heap; names no other module
@@ -68,11 +68,64 @@ DISCONNECTED = const(0)
 _CONNECTING = const(1)
 CONNECTED = const(2)
 
-# CONNACK return codes 1..5 (§3.2.2.3), by code
-# (one string constant, split when a broker refuses: a tuple of them was 6 objects on the
-# device heap; "/" is a name the interpreter has)
-_CONNACK_TEXT = const("/unacceptable protocol version/client identifier rejected"
-                      "/server unavailable/bad user name or password/not authorized")
+# Every message this module raises: one string constant, the message cut out and
+# formatted only when raised (``text``). Each string constant over 10 characters was an
+# object of its own on the device heap for as long as the module is loaded (27 of them,
+# 0.9 KiB, with a tuple of the CONNACK texts); the last six are the CONNACK refusals
+# (§3.2.2.3: codes 1..5, then "unknown" for any other), by code.
+_TEXTS = const(
+    "mqtt: remaining length %d out of range|mqtt: string contains NUL|"
+    "mqtt: string of %d bytes, limit %d|mqtt: keep-alive %d s out of range|"
+    "mqtt: QoS %r not supported|mqtt: bad topic name %r|"
+    "mqtt: SUBSCRIBE needs at least one filter|"
+    "mqtt: remaining length longer than four bytes|"
+    "mqtt: packet of %d bytes, limit %d|mqtt: string runs past the packet|"
+    "mqtt: string is not UTF-8|mqtt: PUBLISH with QoS 3|"
+    "mqtt: PUBLISH without packet id|mqtt: PUBLISH with packet id 0|"
+    "mqtt: %s of %d bytes, expected 2|mqtt: connect() while not disconnected|"
+    "mqtt: %d messages await PUBACK|mqtt: no PINGRESP within %d s|"
+    "mqtt: feed() while disconnected|"
+    "mqtt: expected CONNACK, got packet type %d|mqtt: malformed CONNACK|"
+    "mqtt: broker refused the connection: %s (code %d)|"
+    "mqtt: QoS 2 PUBLISH on a QoS 1 subscription|"
+    "mqtt: SUBACK without return codes|"
+    "mqtt: unexpected packet type %d from the broker|mqtt: not connected|"
+    "mqtt: no free packet id|unknown|unacceptable protocol version|"
+    "client identifier rejected|server unavailable|bad user name or password|"
+    "not authorized")
+_M_LENGTH = const(0)
+_M_NUL = const(1)
+_M_STRING = const(2)
+_M_KEEPALIVE = const(3)
+_M_QOS = const(4)
+_M_TOPIC = const(5)
+_M_NO_FILTER = const(6)
+_M_LENGTH_BYTES = const(7)
+_M_PACKET = const(8)
+_M_PAST = const(9)
+_M_UTF8 = const(10)
+_M_QOS3 = const(11)
+_M_NO_ID = const(12)
+_M_ID0 = const(13)
+_M_SHORT = const(14)
+_M_CONNECT = const(15)
+_M_WINDOW = const(16)
+_M_PING = const(17)
+_M_FEED = const(18)
+_M_NOT_CONNACK = const(19)
+_M_CONNACK = const(20)
+_M_REFUSED = const(21)
+_M_QOS2 = const(22)
+_M_SUBACK = const(23)
+_M_UNEXPECTED = const(24)
+_M_DOWN = const(25)
+_M_NO_FREE_ID = const(26)
+_M_CODE_UNKNOWN = const(27)
+_M_CODE1 = const(28)
+_M_CODE2 = const(29)
+_M_CODE3 = const(30)
+_M_CODE4 = const(31)
+_M_CODE5 = const(32)
 
 
 # Events returned by ``feed`` are tuples (cheaper than classes on a 64 KiB heap):
@@ -87,7 +140,7 @@ _CONNACK_TEXT = const("/unacceptable protocol version/client identifier rejected
 def encode_length(n):
     """Remaining Length (§2.2.3): 7 bits per byte, continuation bit 0x80, at most 4 bytes."""
     if n < 0 or n > _REMAINING_LENGTH_MAX:
-        raise ValueError("mqtt: remaining length %d out of range" % n)
+        raise ValueError(text(_TEXTS, _M_LENGTH, (n,)))
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -103,9 +156,9 @@ def encode_str(s, limit=_MAX_TOPIC_BYTES):
     """UTF-8 string with a two-byte length prefix (§1.5.3)."""
     b = s.encode() if isinstance(s, str) else bytes(s)
     if b"\x00" in b:
-        raise ValueError("mqtt: string contains NUL")
+        raise ValueError(text(_TEXTS, _M_NUL))
     if len(b) > limit:
-        raise ValueError("mqtt: string of %d bytes, limit %d" % (len(b), limit))
+        raise ValueError(text(_TEXTS, _M_STRING, (len(b), limit)))
     return len(b).to_bytes(2, "big") + b
 
 
@@ -122,7 +175,7 @@ def encode_connect(client_id, keepalive_s, clean_session, username=None):
         flags |= 0x80
         payload += encode_str(username, _MAX_CLIENT_ID_BYTES)
     if keepalive_s < 0 or keepalive_s > 0xFFFF:
-        raise ValueError("mqtt: keep-alive %d s out of range" % keepalive_s)
+        raise ValueError(text(_TEXTS, _M_KEEPALIVE, (keepalive_s,)))
     head = b"\x00\x04MQTT\x04" + bytes([flags]) + keepalive_s.to_bytes(2, "big")
     return packet(_CONNECT, 0, head + payload)
 
@@ -131,9 +184,9 @@ def publish_header(topic, payload_len, qos=0, retain=False, packet_id=0, dup=Fal
     """The bytes of a PUBLISH (§3.3) before its payload of ``payload_len`` bytes: the
     client queues header and payload one after the other, never a joined copy."""
     if qos not in (0, 1):
-        raise ValueError("mqtt: QoS %r not supported" % qos)
+        raise ValueError(text(_TEXTS, _M_QOS, (qos,)))
     if not topic or "+" in topic or "#" in topic:  # a topic name, not a filter (§4.7)
-        raise ValueError("mqtt: bad topic name %r" % topic)
+        raise ValueError(text(_TEXTS, _M_TOPIC, (topic,)))
     flags = (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
     body = encode_str(topic)
     if qos:
@@ -144,7 +197,7 @@ def publish_header(topic, payload_len, qos=0, retain=False, packet_id=0, dup=Fal
 def encode_subscribe(packet_id, filters):
     """SUBSCRIBE (§3.8): ``filters`` is a list of (topic filter, max QoS)."""
     if not filters:
-        raise ValueError("mqtt: SUBSCRIBE needs at least one filter")
+        raise ValueError(text(_TEXTS, _M_NO_FILTER))
     body = packet_id.to_bytes(2, "big")
     for topic, qos in filters:
         body += encode_str(topic) + bytes([qos])
@@ -176,7 +229,7 @@ def split_packet(buf, max_packet=_MAX_PACKET_BYTES):
         if i >= n:
             return None
         if i > 4:
-            raise MalformedError("mqtt: remaining length longer than four bytes")
+            raise MalformedError(text(_TEXTS, _M_LENGTH_BYTES))
         byte = buf[i]
         length |= (byte & 0x7F) << shift
         i += 1
@@ -184,7 +237,7 @@ def split_packet(buf, max_packet=_MAX_PACKET_BYTES):
             break
         shift += 7
     if i + length > max_packet:
-        raise LimitError("mqtt: packet of %d bytes, limit %d" % (i + length, max_packet))
+        raise LimitError(text(_TEXTS, _M_PACKET, (i + length, max_packet)))
     if n < i + length:
         return None
     return buf[0] >> 4, buf[0] & 0x0F, i, i + length
@@ -193,42 +246,42 @@ def split_packet(buf, max_packet=_MAX_PACKET_BYTES):
 def decode_str(data, pos):
     """Read a length-prefixed UTF-8 string; returns (text, next position)."""
     if pos + 2 > len(data):
-        raise MalformedError("mqtt: string runs past the packet")
+        raise MalformedError(text(_TEXTS, _M_PAST))
     n = (data[pos] << 8) | data[pos + 1]
     end = pos + 2 + n
     if end > len(data):
-        raise MalformedError("mqtt: string runs past the packet")
+        raise MalformedError(text(_TEXTS, _M_PAST))
     try:
-        text = bytes(data[pos + 2:end]).decode()
+        s = bytes(data[pos + 2:end]).decode()
     except UnicodeError as e:
-        raise MalformedError("mqtt: string is not UTF-8") from e
-    if "\x00" in text:
-        raise MalformedError("mqtt: string contains NUL")
-    return text, end
+        raise MalformedError(text(_TEXTS, _M_UTF8)) from e
+    if "\x00" in s:
+        raise MalformedError(text(_TEXTS, _M_NUL))
+    return s, end
 
 
 def decode_publish(flags, data):
     """A PUBLISH body (``data``) -> (topic, payload, qos, retain, dup, packet_id)."""
     qos = (flags >> 1) & 3
     if qos == 3:
-        raise MalformedError("mqtt: PUBLISH with QoS 3")
+        raise MalformedError(text(_TEXTS, _M_QOS3))
     topic, pos = decode_str(data, 0)
     if not topic or "+" in topic or "#" in topic:
-        raise MalformedError("mqtt: bad topic name %r" % topic)
+        raise MalformedError(text(_TEXTS, _M_TOPIC, (topic,)))
     packet_id = 0
     if qos:
         if pos + 2 > len(data):
-            raise MalformedError("mqtt: PUBLISH without packet id")
+            raise MalformedError(text(_TEXTS, _M_NO_ID))
         packet_id = (data[pos] << 8) | data[pos + 1]
         pos += 2
         if packet_id == 0:
-            raise MalformedError("mqtt: PUBLISH with packet id 0")
+            raise MalformedError(text(_TEXTS, _M_ID0))
     return topic, bytes(data[pos:]), qos, bool(flags & 1), bool(flags & 8), packet_id
 
 
 def _packet_id(data, name):
     if len(data) != 2:
-        raise MalformedError("mqtt: %s of %d bytes, expected 2" % (name, len(data)))
+        raise MalformedError(text(_TEXTS, _M_SHORT, (name, len(data))))
     return (data[0] << 8) | data[1]
 
 
@@ -278,7 +331,7 @@ class Client:
     def connect(self, now_ms=0):
         """Queue CONNECT. Valid only when disconnected."""
         if self.state != DISCONNECTED:
-            raise ValueError("mqtt: connect() while not disconnected")
+            raise ValueError(text(_TEXTS, _M_CONNECT))
         self._in = b""
         self._out = []
         self._ping_sent_ms = None
@@ -293,7 +346,7 @@ class Client:
         packet_id = 0
         if qos == 1:
             if len(self._inflight) >= self.max_inflight:
-                raise LocalError("mqtt: %d messages await PUBACK" % len(self._inflight))
+                raise LocalError(text(_TEXTS, _M_WINDOW, (len(self._inflight),)))
             packet_id = self._new_packet_id()
             if self.keep_inflight:  # kept for a re-send: a buffer the caller reuses is copied
                 payload = _frozen(payload)
@@ -308,7 +361,7 @@ class Client:
         self._require_connected()
         for _topic, qos in filters:
             if qos not in (0, 1):
-                raise ValueError("mqtt: QoS %r not supported" % qos)
+                raise ValueError(text(_TEXTS, _M_QOS, (qos,)))
         packet_id = self._new_packet_id()
         self._send(encode_subscribe(packet_id, filters), now_ms)
         self._pending_subs.append(packet_id)
@@ -333,7 +386,7 @@ class Client:
             return
         if self._ping_sent_ms is not None:
             if now_ms - self._ping_sent_ms >= self.keepalive_ms:
-                raise TransportError("mqtt: no PINGRESP within %d s" % (self.keepalive_ms // 1000))
+                raise TransportError(text(_TEXTS, _M_PING, (self.keepalive_ms // 1000,)))
         elif now_ms - self._last_sent_ms >= self.keepalive_ms // 2:
             # Half the interval: the broker allows 1.5x, so a slow link still keeps us alive.
             self._send(_PINGREQ_BYTES, now_ms)
@@ -357,7 +410,7 @@ class Client:
     def feed(self, data, now_ms=0):
         """Take bytes from the broker; returns the list of events they complete."""
         if self.state == DISCONNECTED:
-            raise ValueError("mqtt: feed() while disconnected")
+            raise ValueError(text(_TEXTS, _M_FEED))
         buf = self._in + bytes(data) if self._in else bytes(data)
         events = []
         start = 0
@@ -375,15 +428,14 @@ class Client:
     def _handle(self, ptype, flags, data, events, now_ms):
         if self.state == _CONNECTING:
             if ptype != CONNACK:
-                raise MalformedError("mqtt: expected CONNACK, got packet type %d" % ptype)
+                raise MalformedError(text(_TEXTS, _M_NOT_CONNACK, (ptype,)))
             if len(data) != 2 or flags:
-                raise MalformedError("mqtt: malformed CONNACK")
+                raise MalformedError(text(_TEXTS, _M_CONNACK))
             code = data[1]
             if code:  # a ``TransportError``, not a class per case (~300 bytes each)
                 self.state = DISCONNECTED
-                text = _CONNACK_TEXT.split("/")
-                raise TransportError("mqtt: broker refused the connection: %s (code %d)" % (
-                    text[code] if code < len(text) else "unknown", code))
+                raise TransportError(text(_TEXTS, _M_REFUSED, (text(
+                    _TEXTS, _M_CODE_UNKNOWN + (code if code <= 5 else 0)), code)))
             self.state = CONNECTED
             self.sessions += 1
             events.append((CONNACK, bool(data[0] & 1)))
@@ -393,7 +445,7 @@ class Client:
         if ptype == PUBLISH:
             topic, payload, qos, retain, _dup, packet_id = decode_publish(flags, data)
             if qos == 2:
-                raise MalformedError("mqtt: QoS 2 PUBLISH on a QoS 1 subscription")
+                raise MalformedError(text(_TEXTS, _M_QOS2))
             if qos == 1:
                 self._send(encode_puback(packet_id), now_ms)
             events.append((PUBLISH, topic, payload, retain))
@@ -407,7 +459,7 @@ class Client:
             # A PUBACK for an id we no longer hold (answer to a DUP): nothing to do.
         elif ptype == SUBACK:
             if len(data) < 3:
-                raise MalformedError("mqtt: SUBACK without return codes")
+                raise MalformedError(text(_TEXTS, _M_SUBACK))
             packet_id = (data[0] << 8) | data[1]
             if packet_id in self._pending_subs:
                 self._pending_subs.remove(packet_id)
@@ -416,12 +468,12 @@ class Client:
             self._ping_sent_ms = None
             events.append((PINGRESP,))
         else:
-            raise MalformedError("mqtt: unexpected packet type %d from the broker" % ptype)
+            raise MalformedError(text(_TEXTS, _M_UNEXPECTED, (ptype,)))
 
     # --- helpers ----------------------------------------------------------------------
     def _require_connected(self):
         if self.state != CONNECTED:
-            raise TransportError("mqtt: not connected")
+            raise TransportError(text(_TEXTS, _M_DOWN))
 
     def _send(self, data, now_ms):
         self._out.append(data)
@@ -445,4 +497,4 @@ class Client:
             self._next_id = self._next_id % 0xFFFF + 1
             if self._next_id not in busy:
                 return self._next_id
-        raise LocalError("mqtt: no free packet id")
+        raise LocalError(text(_TEXTS, _M_NO_FREE_ID))

@@ -98,12 +98,13 @@ def tls_context(cert, key, ca):
     return ctx
 
 
-# One TCP (TLS) connection on MicroPython's asyncio: ``open_socket``, ``read``, ``send``.
+# One TCP (TLS) connection on MicroPython's asyncio: ``open_socket``, ``send`` (the reads
+# are ``Link._connection``'s own loop).
 # ``asyncio.open_connection`` and its ``Stream`` do the same, but their module keeps
 # 1.9 KB on the heap (a server, line reading, legacy aliases) that the agent never uses.
 # The socket is non-blocking: ``read``/``write`` return None when they would block, and
 # the task then waits in asyncio's I/O queue (``asyncio.core._io_queue``, the hook
-# ``asyncio.stream`` itself uses) until the socket is ready. They are generators, which
+# ``asyncio.stream`` itself uses) until the socket is ready. These are generators, which
 # MicroPython awaits like coroutines; plain functions, not a class (~400 bytes less heap).
 
 
@@ -128,15 +129,6 @@ def open_socket(host, port, ssl_ctx=None, server_hostname=None):
         sock.setblocking(False)
     yield _aio._io_queue.queue_write(sock)  # connected (or failed: the next I/O says)
     return sock
-
-
-def read(sock, n):
-    """Awaitable: up to ``n`` bytes; ``b""`` when the peer closed the connection."""
-    while True:
-        yield _aio._io_queue.queue_read(sock)
-        data = sock.read(n)
-        if data is not None:
-            return data
 
 
 def send(sock, data):
@@ -171,28 +163,11 @@ class Link:
         self._stop = False
         self._read_error = None
 
-    async def run(self):
-        attempt = 0
-        while not self._stop:
-            try:
-                await self._session()
-                attempt = 0
-            except (OSError, TransportError, PeerError, MemoryError) as e:
-                # MemoryError: a TLS handshake found no room in a fragmented heap; after
-                # the back-off the heap has changed (what it says shows in ``last_error``)
-                self.failures += 1
-                self.last_error = "mqtt: %s" % (e,)
-            finally:
-                self._close()
-            if self._stop:
-                break
-            from .backoff import delay_ms  # loaded for the moment: 0.5 KB of heap
-
-            wait = delay_ms(attempt, _BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
-            delay_ms = None
-            unload("cityedge_fw.backoff")
-            await sleep_ms(wait)
-            attempt += 1
+    def run(self):
+        """The task: connect, and after any failure back off and connect again, until
+        ``stop()``. Returns the session's coroutine itself (``_session``), with no frame of
+        its own around it on the heap while the link runs."""
+        return self._session(None, _TICK_MS, True)
 
     def stop(self):
         """End ``run()`` or ``once()``: the session closes at its next tick."""
@@ -203,10 +178,7 @@ class Link:
         raises what ended the connection first, or ``TransportError`` once ``timeout_ms``
         passed; the socket is closed either way."""
         self._stop = False
-        try:
-            await self._session(self.clock() + timeout_ms, _ONCE_TICK_MS)
-        finally:
-            self._close()
+        await self._session(self.clock() + timeout_ms, _ONCE_TICK_MS, False)
 
     async def publish(self, topic, payload, qos=0, retain=False):
         """Publish now (raises ``TransportError`` when down, ``LocalError`` when the
@@ -244,36 +216,61 @@ class Link:
         with the connection): a payload the caller means to reuse is free after that."""
         return self._draining or self.client.queued
 
-    async def _session(self, until=None, tick_ms=_TICK_MS):
-        """One connection: ``_connection`` opens it and reads; this task ticks the
+    async def _session(self, until, tick_ms, retry):
+        """Connections: ``_connection`` opens one and reads; this task ticks the
         keep-alive every ``tick_ms`` and enforces the connect deadline (TCP + TLS +
         CONNACK) and ``until`` (``once``), without a ``wait_for`` (its module and task
-        would stay on the heap). Returns after ``stop()``."""
-        deadline = self.clock() + _CONNECT_TIMEOUT_MS
-        self._read_error = None
-        task = asyncio.create_task(self._connection())
-        try:
-            while not task.done():
-                await sleep_ms(tick_ms)
-                if self._stop or self._read_error is not None or task.done():
-                    break
-                now = self.clock()
-                if self.client.state != mqtt.CONNECTED and now > deadline:
-                    raise TransportError("mqtt: not connected within %d ms"
-                                         % _CONNECT_TIMEOUT_MS)
-                if until is not None and now > until:
-                    raise TransportError("mqtt: not done in time")
-                self.client.tick(now)
-                await self.flush()
-            if self._read_error is not None and not self._stop:
-                raise self._read_error
-        finally:
-            if not task.done():
-                task.cancel()
+        would stay on the heap). Returns after ``stop()``; a failure ends it (``once``)
+        or, with ``retry`` (``run``), is counted and followed by a jittered, doubling
+        back-off and the next connection."""
+        attempt = 0
+        while True:
+            deadline = self.clock() + _CONNECT_TIMEOUT_MS
+            self._read_error = None
+            task = asyncio.create_task(self._connection())
+            try:
+                while not task.done():
+                    await sleep_ms(tick_ms)
+                    if self._stop or self._read_error is not None or task.done():
+                        break
+                    now = self.clock()
+                    if self.client.state != mqtt.CONNECTED and now > deadline:
+                        raise TransportError("mqtt: not connected within %d ms"
+                                             % _CONNECT_TIMEOUT_MS)
+                    if until is not None and now > until:
+                        raise TransportError("mqtt: not done in time")
+                    self.client.tick(now)
+                    await self.flush()
+                if self._read_error is not None and not self._stop:
+                    raise self._read_error
+                attempt = 0
+            except (OSError, TransportError, PeerError, MemoryError) as e:
+                if not retry:
+                    raise
+                # MemoryError: a TLS handshake found no room in a fragmented heap; after
+                # the back-off the heap has changed (what it says shows in ``last_error``)
+                self.failures += 1
+                self.last_error = "mqtt: %s" % (e,)
+            finally:
+                if not task.done():
+                    task.cancel()
+                task = None
+                self._close()
+            if self._stop or not retry:
+                return
+            from .backoff import delay_ms  # loaded for the moment: 0.5 KB of heap
+
+            wait = delay_ms(attempt, _BACKOFF_MIN_MS, _BACKOFF_MAX_MS)
+            delay_ms = None
+            unload("cityedge_fw.backoff")
+            await sleep_ms(wait)
+            attempt += 1
 
     async def _connection(self):
         """Open the connection, send CONNECT, then read and feed the client until an
-        error, which is handed to ``_session`` (it reconnects)."""
+        error, which is handed to ``_session`` (it reconnects). The reads wait in
+        asyncio's I/O queue right here (``read``'s loop inline: no generator frame on the
+        heap while the link is idle, which is most of the time)."""
         try:
             gc.collect()  # the TLS handshake needs ~4 KB at once: start from a clean heap
             sock = self._sock = await open_socket(self.host, self.port, self.ssl_ctx,
@@ -281,7 +278,10 @@ class Link:
             self.client.connect(self.clock())
             await self.flush()
             while True:
-                data = await read(sock, _READ_CHUNK)
+                yield _aio._io_queue.queue_read(sock)  # MicroPython: a coroutine may yield
+                data = sock.read(_READ_CHUNK)
+                if data is None:
+                    continue
                 if not data:
                     raise TransportError("mqtt: the broker closed the connection")
                 events = self.client.feed(data, self.clock())

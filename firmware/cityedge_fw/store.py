@@ -55,7 +55,7 @@ except ImportError:  # CPython
 
 
 from cityedge_core import cbor
-from cityedge_core.errors import MalformedError, StorageError
+from cityedge_core.errors import MalformedError, StorageError, text
 
 from .files import write_atomic
 
@@ -67,6 +67,24 @@ _NAME_DIGITS = const(12)  # hex digits of seq in a file name (seq is at most 48 
 _SUFFIX = const(".b")
 _TMP = const(".tmp")
 _DROPS_FILE = const("drops.cbor")
+# The messages this module raises, one string constant (``cityedge_fw.text``): each string
+# constant over 10 characters is an object of its own on the device heap
+_TEXTS = const("state: cannot %s %s: %s|state: %s is corrupt: %s|state: %s is not a map|"
+               "ring buffer: budget must be more than %d bytes|"
+               "ring buffer: cannot open %s: %s|ring buffer: cannot %s batch %d: %s|"
+               "ring buffer: seq out of range|ring buffer: meta out of range|"
+               "ring buffer: seq %d not after %d|"
+               "ring buffer: a %d-byte batch exceeds the budget")
+_M_STATE = const(0)
+_M_CORRUPT = const(1)
+_M_NOT_MAP = const(2)
+_M_BUDGET = const(3)
+_M_OPEN = const(4)
+_M_BATCH = const(5)
+_M_SEQ = const(6)
+_M_META = const(7)
+_M_ORDER = const(8)
+_M_TOO_LARGE = const(9)
 _ENOENT = const(2)
 _ENOSPC = const(28)
 
@@ -132,14 +150,14 @@ class State:
                 raw = f.read()
         except OSError as e:
             if e.args and e.args[0] != _ENOENT:
-                raise StorageError("state: cannot %s %s: %s" % ("read", path, e)) from None
+                raise StorageError(text(_TEXTS, _M_STATE, ("read", path, e))) from None
             return
         try:
             obj = cbor.loads(raw)
         except MalformedError as e:
-            raise StorageError("state: %s is corrupt: %s" % (path, e)) from None
+            raise StorageError(text(_TEXTS, _M_CORRUPT, (path, e))) from None
         if not isinstance(obj, dict):
-            raise StorageError("state: %s is not a map" % path)
+            raise StorageError(text(_TEXTS, _M_NOT_MAP, (path,)))
         self._values = obj
 
     def get(self, key: str, default: object = None) -> object:
@@ -158,7 +176,7 @@ class State:
         except OSError as e:
             for key in old:
                 _put(values, key, old[key])
-            raise StorageError("state: cannot %s %s: %s" % ("write", self.path, e)) from None
+            raise StorageError(text(_TEXTS, _M_STATE, ("write", self.path, e))) from None
 
 
 class RingBuffer:
@@ -176,7 +194,7 @@ class RingBuffer:
 
     def __init__(self, root_dir: str, budget_bytes: int) -> None:
         if budget_bytes <= HEADER_SIZE:
-            raise ValueError("ring buffer: budget must be more than %d bytes" % HEADER_SIZE)
+            raise ValueError(text(_TEXTS, _M_BUDGET, (HEADER_SIZE,)))
         self.root = root_dir.rstrip("/") or "/"
         self.budget = budget_bytes
         self._runs = []  # type: list  # [first, last, first, last, ...] ascending, disjoint
@@ -195,7 +213,7 @@ class RingBuffer:
             self._kept = self._drops.get("kept", [])  # type: ignore[assignment]
             self._recover()
         except OSError as e:
-            raise StorageError("ring buffer: cannot open %s: %s" % (self.root, e)) from None
+            raise StorageError(text(_TEXTS, _M_OPEN, (self.root, e))) from None
 
     # -- opening --------------------------------------------------------------
 
@@ -300,8 +318,7 @@ class RingBuffer:
         except OSError as e:
             if e.args and e.args[0] == _ENOENT:
                 return 0
-            raise StorageError("ring buffer: cannot %s batch %d: %s"
-                               % ("stat", seq, e)) from None
+            raise StorageError(text(_TEXTS, _M_BATCH, ("stat", seq, e))) from None
 
     # -- writing --------------------------------------------------------------
 
@@ -312,11 +329,11 @@ class RingBuffer:
         after the other: a device never joins them into one object in RAM). ``meta``
         (0-65535) goes into the header, for ``meta``."""
         if seq < 1 or seq > _SEQ_MASK:
-            raise ValueError("ring buffer: seq out of range")
+            raise ValueError(text(_TEXTS, _M_SEQ))
         if meta < 0 or meta > 0xFFFF:
-            raise ValueError("ring buffer: meta out of range")
+            raise ValueError(text(_TEXTS, _M_META))
         if self._runs and seq <= self._runs[-1]:
-            raise ValueError("ring buffer: seq %d not after %d" % (seq, self._runs[-1]))
+            raise ValueError(text(_TEXTS, _M_ORDER, (seq, self._runs[-1])))
         chunks = data if isinstance(data, tuple) else (data,)
         size = crc = 0
         for chunk in chunks:
@@ -324,7 +341,7 @@ class RingBuffer:
             crc = crc32(chunk, crc)
         need = HEADER_SIZE + size
         if need > self.budget:
-            raise ValueError("ring buffer: a %d-byte batch exceeds the budget" % size)
+            raise ValueError(text(_TEXTS, _M_TOO_LARGE, (size,)))
         excess = self._used + need - self.budget
         if excess > 0:
             self._drop_oldest(excess)
@@ -339,8 +356,7 @@ class RingBuffer:
                 if e.args and e.args[0] == _ENOSPC and self.count:
                     self._drop_oldest(1)
                     continue
-                raise StorageError("ring buffer: cannot %s batch %d: %s"
-                                   % ("store", seq, e)) from None
+                raise StorageError(text(_TEXTS, _M_BATCH, ("store", seq, e))) from None
         self._insert(seq)
         self._used += need
 
@@ -358,8 +374,7 @@ class RingBuffer:
             os.remove(self._path(seq))
         except OSError as e:
             if e.args and e.args[0] != _ENOENT:
-                raise StorageError("ring buffer: cannot %s batch %d: %s" % (what, seq, e)) \
-                    from None
+                raise StorageError(text(_TEXTS, _M_BATCH, (what, seq, e))) from None
         self._used = max(0, self._used - size)
 
     def _drop_oldest(self, nbytes: int) -> None:
@@ -441,7 +456,7 @@ class RingBuffer:
         except OSError as e:
             if e.args and e.args[0] == _ENOENT:
                 return None
-            raise StorageError("ring buffer: cannot %s batch %d: %s" % ("read", seq, e)) from None
+            raise StorageError(text(_TEXTS, _M_BATCH, ("read", seq, e))) from None
         magic, fseq, _length, _crc = struct.unpack(_HEADER_FMT, self._hdr)
         if magic != _MAGIC or fseq & _SEQ_MASK != seq:
             return None
@@ -469,7 +484,7 @@ class RingBuffer:
         except OSError as e:
             if e.args and e.args[0] == _ENOENT:
                 return None
-            raise StorageError("ring buffer: cannot %s batch %d: %s" % ("read", seq, e)) from None
+            raise StorageError(text(_TEXTS, _M_BATCH, ("read", seq, e))) from None
         if got != length or crc32(data) & 0xFFFFFFFF != crc:
             return None
         return data

@@ -24,12 +24,20 @@ def records(n: int, t0: int = 1_700_000_000) -> list[dict[int, Any]]:
 
 def run_micropython(script: str, heap: str = "4m", core_dir: Path | None = None,
                     timeout: float = 120) -> str:
-    """Run ``script`` on the MicroPython unix port with the core importable; return stdout."""
+    """Run ``script`` on the MicroPython unix port with the core importable; return stdout.
+
+    A compiled core (``core_dir``) is loaded from the working directory, by relative
+    paths: every module's path is interned into the heap as its ``__file__``, so a core
+    under pytest's temporary directory (longer under xdist, ``popen-gw0/``) gave a heap
+    laid out differently on every machine and worker, and a program near its heap's
+    limit passed or failed with the path's length (docs/ARCHITECTURE.md, "Memory on the
+    device"). The source tree (no ``core_dir``) keeps ``cwd`` at the project root."""
     mp = ROOT / ".venv" / "bin" / "micropython"
-    path = str(core_dir or ROOT / "firmware")
+    path = "" if core_dir else str(ROOT / "firmware")
     prog = "import sys\nsys.path.insert(0, %r)\n%s" % (path, script)
     res = subprocess.run([str(mp), "-X", "heapsize=" + heap, "-c", prog],
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                         capture_output=True, text=True, timeout=timeout,
+                         cwd=core_dir or ROOT)
     if res.returncode != 0:
         raise AssertionError("micropython failed (%d): %s %s" % (res.returncode, res.stdout,
                                                                  res.stderr))
