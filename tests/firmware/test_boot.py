@@ -46,8 +46,10 @@ from support.mosquitto import Mosquitto, TestPKI
 # core busy, 5 of 5 with both, 3 of 3 idle, 6 of 6 beside the agent's end-to-end test at
 # -n 2, and failed 1 of 1 in a -n 2 run of the firmware files (1 survived); longer runs
 # still survive one now and then (1-4 in 30 s, a seal tried again at the next reading).
+# 66k passed 9 of 9 (3 with the other core busy, 4 with both, 2 idle) and survived none in
+# 30 s runs: the suite boots at 66k until 64k survives none (64 KiB is not met yet).
 # ``CE_BOOT_HEAP`` overrides it, to measure.
-BOOT_HEAP = os.environ.get("CE_BOOT_HEAP", "64k")
+BOOT_HEAP = os.environ.get("CE_BOOT_HEAP", "66k")
 # provisioning mode from ROMFS (72k enters it; the key and TLS steps need more: the whole
 # provisioning with its self-test passed 35 of 35 runs at 90k-104k, 5 at each size, and
 # none at 88k; docs/ARCHITECTURE.md, "Provisioning")
