@@ -24,7 +24,6 @@ from types import SimpleNamespace
 import pytest
 
 from support import faults
-from support.faults import FaultResult
 from support.faults_cluster import ClusterFaultRig, identities, node_killed
 from support.mosquitto import TestPKI
 from support.rabbitmq import RabbitCluster
@@ -52,40 +51,32 @@ def rig(w: SimpleNamespace, **opts: object) -> ClusterFaultRig:
     return ClusterFaultRig(w.pki, w.pg, w.cluster, **{"devices": DEVICES, **opts})
 
 
-def _check(r: FaultResult) -> None:
-    print("\n" + faults.HEADER + "\n" + r.row(), r.notes)
-    assert r.acknowledged > 0
-    assert r.lost == 0
-    assert r.duplicates_stored == 0
-    assert r.stored == r.acknowledged  # every acknowledged batch, once
-
-
 def test_an_ingest_worker_killed_mid_transaction_loses_and_doubles_nothing(
         world: SimpleNamespace) -> None:
     with rig(world) as fr:
         r = faults.worker_killed(fr)
     assert r.notes["killed_in_transaction"]
     assert r.notes["worker_starts"] == [2, 1]
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_postgresql_crashing_under_load_loses_nothing(world: SimpleNamespace) -> None:
     with rig(world) as fr:
-        _check(faults.database_restarted(fr))
+        faults.check_nothing_lost(faults.database_restarted(fr))
 
 
 def test_a_cut_garbled_and_slow_device_link_loses_nothing(world: SimpleNamespace) -> None:
     with rig(world, broker_proxy=True) as fr:
         r = faults.device_link(fr)
     assert r.notes["corrupted_chunks"] > 0
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_device_clocks_hours_off_store_everything_with_their_time(
         world: SimpleNamespace) -> None:
     with rig(world, skew_s=-5 * 3600.0) as fr:
         r = faults.clocks_skewed(fr)
-    _check(r)
+    faults.check_nothing_lost(r)
     lo, hi = r.notes["t_offset_s"]
     assert abs(lo + 5 * 3600) < 600 and abs(hi + 5 * 3600) < 600
 
@@ -94,7 +85,7 @@ def test_a_herd_reconnecting_at_once_loses_nothing(world: SimpleNamespace) -> No
     with rig(world, devices=HERD, broker_proxy=True) as fr:
         r = faults.thundering_herd(fr)
     assert r.notes["reconnected"] == HERD
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_a_device_flooding_the_queue_holds_back_nobody(world: SimpleNamespace) -> None:
@@ -103,7 +94,7 @@ def test_a_device_flooding_the_queue_holds_back_nobody(world: SimpleNamespace) -
     others = r.notes["others_batches"]
     assert r.notes["flooder_batches"] > 2 * max(others)  # it did flood
     assert min(others) > 0
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_a_node_killed_and_restarted_under_load_loses_nothing(
@@ -113,4 +104,4 @@ def test_a_node_killed_and_restarted_under_load_loses_nothing(
     with rig(world) as fr:
         r = node_killed(fr)
     assert r.notes["devices_refused"] == r.notes["reconnected"] == DEVICES // 3
-    _check(r)
+    faults.check_nothing_lost(r)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from support import faults
-from support.faults import FaultResult, FaultRig
+from support.faults import FaultRig
 from support.mosquitto import TestPKI
 from support.pg import PgCluster
 
@@ -25,26 +25,18 @@ def own_pg() -> Iterator[PgCluster]:
         yield cluster
 
 
-def _check(r: FaultResult) -> None:
-    print("\n" + faults.HEADER + "\n" + r.row(), r.notes)
-    assert r.acknowledged > 0
-    assert r.lost == 0
-    assert r.duplicates_stored == 0
-    assert r.stored == r.acknowledged  # every acknowledged batch, once
-
-
 def test_an_ingest_worker_killed_mid_transaction_loses_and_doubles_nothing(
         pki: TestPKI, pg_cluster: PgCluster) -> None:
     with FaultRig(pki, pg_cluster, devices=DEVICES) as rig:
         r = faults.worker_killed(rig)
     assert r.notes["killed_in_transaction"]
     assert r.notes["worker_starts"] == [2, 1]
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_postgresql_crashing_under_load_loses_nothing(pki: TestPKI, own_pg: PgCluster) -> None:
     with FaultRig(pki, own_pg, devices=DEVICES) as rig:
-        _check(faults.database_restarted(rig))
+        faults.check_nothing_lost(faults.database_restarted(rig))
 
 
 def test_a_cut_garbled_and_slow_device_link_loses_nothing(pki: TestPKI,
@@ -52,13 +44,13 @@ def test_a_cut_garbled_and_slow_device_link_loses_nothing(pki: TestPKI,
     with FaultRig(pki, pg_cluster, devices=DEVICES, broker_proxy=True) as rig:
         r = faults.device_link(rig)
     assert r.notes["corrupted_chunks"] > 0
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_a_cut_and_slow_database_link_loses_nothing(pki: TestPKI,
                                                     pg_cluster: PgCluster) -> None:
     with FaultRig(pki, pg_cluster, devices=DEVICES, db_proxy=True) as rig:
-        _check(faults.database_link(rig))
+        faults.check_nothing_lost(faults.database_link(rig))
 
 
 @pytest.mark.parametrize("hours", [5, -5])
@@ -66,7 +58,7 @@ def test_device_clocks_hours_off_store_everything_with_their_time(
         pki: TestPKI, pg_cluster: PgCluster, hours: int) -> None:
     with FaultRig(pki, pg_cluster, devices=DEVICES, skew_s=hours * 3600.0) as rig:
         r = faults.clocks_skewed(rig)
-    _check(r)
+    faults.check_nothing_lost(r)
     lo, hi = r.notes["t_offset_s"]
     assert abs(lo - hours * 3600) < 600 and abs(hi - hours * 3600) < 600
 
@@ -76,7 +68,7 @@ def test_a_herd_reconnecting_at_once_loses_nothing(pki: TestPKI,
     with FaultRig(pki, pg_cluster, devices=12, broker_proxy=True) as rig:
         r = faults.thundering_herd(rig)
     assert r.notes["reconnected"] == 12
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_a_full_database_disk_holds_messages_until_space_is_freed(
@@ -84,7 +76,7 @@ def test_a_full_database_disk_holds_messages_until_space_is_freed(
     with FaultRig(pki, pg_cluster, devices=DEVICES) as rig:
         r = faults.database_disk_full(rig)
     assert r.notes["dead_letters"] == 0  # held and stored, not set aside
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_a_device_flooding_the_shared_stream_holds_back_nobody(
@@ -94,7 +86,7 @@ def test_a_device_flooding_the_shared_stream_holds_back_nobody(
     others = r.notes["others_batches"]
     assert r.notes["flooder_batches"] > 2 * max(others)  # it did flood
     assert min(others) > 0
-    _check(r)  # and every batch of everyone is stored, once
+    faults.check_nothing_lost(r)  # and every batch of everyone is stored, once
 
 
 def test_a_broker_restart_under_load_loses_nothing(pki: TestPKI,
@@ -107,7 +99,7 @@ def test_a_broker_restart_under_load_loses_nothing(pki: TestPKI,
         r = faults.broker_restarted(rig)
     assert r.notes["reconnected"] == DEVICES
     assert r.notes["acked_while_ingest_away"] >= 3 * DEVICES  # the window was there
-    _check(r)
+    faults.check_nothing_lost(r)
 
 
 def test_shared_subscriptions_do_not_survive_a_mosquitto_restart(

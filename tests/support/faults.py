@@ -81,6 +81,16 @@ HEADER = "%-38s | %8s | %6s | %10s | %10s | %10s" % (
     "fault", "acked", "lost", "dup stored", "dup events", "recovery")
 
 
+def check_nothing_lost(r: FaultResult) -> None:
+    """A fault's verdict in every test of it: the fleet took batches, and every batch
+    acknowledged to a device is stored, exactly once (the row is printed for ``-s``)."""
+    print("\n" + HEADER + "\n" + r.row(), r.notes)
+    assert r.acknowledged > 0
+    assert r.lost == 0
+    assert r.duplicates_stored == 0
+    assert r.stored == r.acknowledged  # every acknowledged batch, once
+
+
 class IngestProc:
     """``cityedge fleet ingest`` in a process of its own, as systemd runs it: it says
     READY=1 on ``NOTIFY_SOCKET`` once its shared subscriptions are granted."""
