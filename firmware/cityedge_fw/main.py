@@ -56,8 +56,7 @@ the error family by ``type`` on MicroPython (no class statement)  56.8  61.2    
 MQTT's messages one string constant (``errors.text``)             55.9  60.3    614 (5)
 the store's, COSE's, the batch's and the agent's the same         55.0  59.4    614 (5)
 the start of the next round (the same code, measured again)       55.3  59.6    614 (5)
-the unix report from the agent's loop (no task: the test's path   55.3  59.6    614 (5)
-only); a signature's integers at most 512 bits (no 98-byte one)
+a signature's integers at most 512 bits (no 98-byte one)          55.3  59.6    614 (5)
 ================================================================  ====  ======  =============
 
 (``bench/firmware.py``'s ``board_path_heap``: the two rows before "the same" at 72 KiB,

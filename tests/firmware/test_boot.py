@@ -42,7 +42,8 @@ from support.mosquitto import Mosquitto, TestPKI
 # KiB in use while streaming, ``board_path_heap`` at 256k). With ``main.boot``'s collection
 # threshold (the free heap left in one piece) 68k passed 9 of 9 runs with the other core
 # busy; after the rounds that took the board's path to 55.3 / 59.6 KiB (from 57.9 / 63.3)
-# and ran the unix board's report from the agent's loop, 64k passed 10 of 10 with the other
+# (with the unix board's report run from the agent's loop, a change the merge did not
+# keep: the report is a task beside the agent's), 64k passed 10 of 10 with the other
 # core busy, 5 of 5 with both, 3 of 3 idle, 6 of 6 beside the agent's end-to-end test at
 # -n 2, and failed 1 of 1 in a -n 2 run of the firmware files (1 survived); longer runs
 # still survive one now and then (1-4 in 30 s, a seal tried again at the next reading).

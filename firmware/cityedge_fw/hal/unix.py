@@ -60,16 +60,12 @@ async def _report(agent):
         await asyncio.sleep_ms(1000)
 
 
-async def _supervise(agent, ms):
+async def _supervise(agent, ms, tasks):
+    """The simulator's ``--seconds``: the agent (and the report, if any) for ``ms``."""
     import asyncio
 
-    tasks = [asyncio.create_task(agent.run())]
-    if os.getenv("CITYEDGE_REPORT") == "1":
-        tasks.append(asyncio.create_task(_report(agent)))
-    if ms:
-        await asyncio.sleep_ms(ms)
-    else:
-        await tasks[0]
+    tasks.append(asyncio.create_task(agent.run()))
+    await asyncio.sleep_ms(ms)
     for t in tasks:
         t.cancel()
     await asyncio.sleep_ms(10)
@@ -95,15 +91,20 @@ class Board(BaseBoard):
 
     @classmethod
     def run_agent(cls, agent):
-        """Run the agent (``main.boot``): until ``CITYEDGE_SECONDS`` passed, if set."""
+        """Run the agent (``main.boot``): until ``CITYEDGE_SECONDS`` passed, if set. Without
+        it the agent's task is the only one a board has (and the report's, when asked
+        for): no supervising coroutine and task on the heap beside them."""
         import asyncio
 
+        tasks = []
         if os.getenv("CITYEDGE_REPORT") == "1":
             print("sim: %s boot %d on %s, chain at seq %d, %d batches buffered" % (
                 agent.device, agent.boot, agent.board.name, agent.writer.seq,
                 agent.store.count))
+            tasks.append(asyncio.create_task(_report(agent)))  # runs with the agent's
         agent.board.connect_network()
-        asyncio.run(_supervise(agent, int(float(os.getenv("CITYEDGE_SECONDS") or 0) * 1000)))
+        ms = int(float(os.getenv("CITYEDGE_SECONDS") or 0) * 1000)
+        asyncio.run(_supervise(agent, ms, tasks) if ms else agent.run())
 
     @classmethod
     def provisioning_uart(cls):
