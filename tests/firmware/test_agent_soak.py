@@ -42,9 +42,9 @@ def test_soak_30_simulated_minutes(mosquitto: Mosquitto, pki: TestPKI, mpy_dir: 
         assert third >= 5, alloc
         # flat: the last third of the run needs no more heap than the first third (+1 KiB)
         assert max(alloc[-third:]) <= max(alloc[:third]) + 1024, alloc
-        print("soak: heap %s, boot alloc %d B, peak alloc %d B, min free %d B, %d batches"
-              % (HEAP, result["boot_alloc"], max(alloc), result["min_free"],
-                 result["batches"]))
+        print("soak: heap %s, boot alloc %d B, peak alloc %d B, min free %d B, %d batches,"
+              " heap in use %s" % (HEAP, result["boot_alloc"], max(alloc), result["min_free"],
+                                   result["batches"], alloc))
         wait_for(lambda: len(sub.readings()) >= result["seq"] - result["stored"])
         check_chain(sub.readings(), creds)
     finally:

@@ -139,7 +139,7 @@ def test_delivered_again_after_a_reconnect_and_never_after_the_result(fleet: Fle
         assert (sent["state"], sent["attempts"], sent["sends"]) == ("sent", 1, 1)
         # not due again before its resend time: a round sends nothing
         assert publisher.round(now=t0 + dt.timedelta(seconds=1)).tried == 0
-        device.close()  # the device loses its connection before it could answer
+        device.leave(f.broker, dev.id)  # the device is gone before it could answer
         t1 = t0 + dt.timedelta(seconds=lim.command_resend_s + 1)
         away = publisher.round(now=t1)
         assert away.absent == [cmd["id"]]  # the broker had no subscriber: it knows

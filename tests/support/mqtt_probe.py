@@ -106,3 +106,26 @@ class Probe:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    def leave(self, broker: Mosquitto, client_id: str, timeout: float = WAIT_S) -> None:
+        """Close, then wait until the broker has ended the session: its log has the line
+        for ``client_id`` (the certificate's CN: ``use_username_as_clientid``). ``close``
+        alone returns once DISCONNECT is sent, and a publish on another connection can
+        still reach the broker first and find the subscription. Mosquitto writes the line
+        while it handles the disconnect and frees a clean session's subscriptions at the
+        top of its next loop, before it reads anything sent after the line."""
+        ends = ("Client %s disconnected." % client_id,
+                "Client %s closed its connection." % client_id)
+
+        def count() -> int:
+            log = broker.read_log()
+            return sum(log.count(e) for e in ends)
+
+        before = count()
+        self.close()
+        deadline = time.monotonic() + timeout
+        while count() <= before:
+            if time.monotonic() > deadline:
+                raise AssertionError("the broker did not end %s's session within %.0f s"
+                                     % (client_id, timeout))
+            time.sleep(0.02)
