@@ -6,8 +6,9 @@ configured as ``cityedge broker config --engine rabbitmq`` writes it) -> the quo
 -> PostgreSQL.
 
 The fault functions of ``support.faults`` run unchanged on a ``ClusterFaultRig``; the
-cluster adds ``node_killed`` (a node ``kill -9``ed under load and started again) and
-``worker_link`` (the workers' AMQP links to the nodes broken: ``amqp_proxy``). A
+cluster adds ``node_killed`` (a node ``kill -9``ed under load and started again),
+``node_disk_full`` (a node's disk alarm) and ``worker_link`` (the workers' AMQP links
+to the nodes broken: ``amqp_proxy``). A
 cluster boots in tens of seconds, so one serves every rig (the caller's, as its
 PostgreSQL): each rig has its own database, devices and workers, and finds the ingest
 queue empty (``queue_depth``; what was left is purged and counted in
@@ -297,6 +298,52 @@ def worker_link(rig: ClusterFaultRig, down_s: float = 2.0,
     return rig.finish(r)
 
 
+def disk_alarm(cluster: RabbitCluster, node: int) -> bool:
+    """Whether ``node`` reports its disk alarm (``rabbit_alarm:get_alarms()``)."""
+    return "disk" in cluster.ctl("eval", "rabbit_alarm:get_alarms().", node=node)
+
+
+def _wait_alarm(cluster: RabbitCluster, node: int, on: bool) -> None:
+    deadline = time.monotonic() + faults.SETTLE_S
+    while disk_alarm(cluster, node) != on:
+        if time.monotonic() > deadline:
+            raise AssertionError("node %d: the disk alarm did not %s" % (
+                node + 1, "go on" if on else "clear"))
+        time.sleep(0.1)
+
+
+def node_disk_full(rig: ClusterFaultRig, node: int = 1, full_s: float = 3.0) -> FaultResult:
+    """A node's disk is full: its free-space limit raised past what the disk has
+    (``rabbitmqctl set_disk_free_limit``), which is how RabbitMQ meets a full disk: the
+    disk alarm, which blocks every publishing connection of the cluster (not only the
+    node's) until space is back, then the limit it had restored. Nothing a node could
+    not write is acknowledged to a device: the devices keep their batches, send them
+    when the alarm clears, and every one is stored once. Recovery is from the alarm's
+    end."""
+    c = rig.cluster
+    r = FaultResult("node %d disk full (disk alarm) %.0f s" % (node + 1, full_s))
+    rig.start_devices()
+    rig.steady()
+    limit = c.ctl("eval", "rabbit_disk_monitor:get_disk_free_limit().", node=node).strip()
+    assert limit.isdigit(), limit
+    c.ctl("set_disk_free_limit", "%dGB" % 10 ** 9, node=node)
+    try:
+        _wait_alarm(c, node, True)
+        acked = sum(d.stats.published for d in rig.devices)
+        signed = sum(rig.signed().values())
+        time.sleep(full_s)
+        r.notes["alarm_on_other_nodes"] = [disk_alarm(c, i) for i in range(len(c.nodes))
+                                           if i != node]
+        r.notes["acked_while_full"] = sum(d.stats.published for d in rig.devices) - acked
+        r.notes["signed_while_full"] = sum(rig.signed().values()) - signed
+    finally:
+        c.ctl("set_disk_free_limit", limit, node=node)
+    _wait_alarm(c, node, False)
+    since = time.monotonic()
+    rig.recover(r, since)
+    return rig.finish(r)
+
+
 # -- make chaos ----------------------------------------------------------------------------
 
 
@@ -325,6 +372,7 @@ def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
                 (faults.thundering_herd, {"devices": herd, "broker_proxy": True}),
                 (faults.flood, {}),
                 (node_killed, {}),
+                (node_disk_full, {}),
             ]
             for fault, opts in plan:
                 if only not in fault.__name__:
