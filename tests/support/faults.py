@@ -318,7 +318,9 @@ class FaultRig:
             time.sleep(0.1)
         self.loop.stop()
         acked = {d.id: d.stats.published for d in self.devices}
-        assert all(not d.outbox for d in self.devices), "devices still hold batches"
+        assert all(not d.outbox for d in self.devices), "devices still hold batches: %s" % [
+            (d.id, len(d.outbox), d.stats.connects, d.stats.connect_failures,
+             d.stats.last_error) for d in self.devices if d.outbox]
         self.wait_stored(acked, settle_s, given_up)
         have = self.stored()
         result.acknowledged = sum(acked.values())

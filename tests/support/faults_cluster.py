@@ -7,8 +7,8 @@ configured as ``cityedge broker config --engine rabbitmq`` writes it) -> the quo
 
 The fault functions of ``support.faults`` run unchanged on a ``ClusterFaultRig``; the
 cluster adds ``node_killed`` (a node ``kill -9``ed under load and started again),
-``node_disk_full`` (a node's disk alarm) and ``worker_link`` (the workers' AMQP links
-to the nodes broken: ``amqp_proxy``). A
+``node_disk_full`` (a node's disk alarm), ``node_paused`` (a node frozen) and
+``worker_link`` (the workers' AMQP links to the nodes broken: ``amqp_proxy``). A
 cluster boots in tens of seconds, so one serves every rig (the caller's, as its
 PostgreSQL): each rig has its own database, devices and workers, and finds the ingest
 queue empty (``queue_depth``; what was left is purged and counted in
@@ -50,6 +50,7 @@ from support.rabbitmq import RabbitCluster
 
 WORKERS_MAX = 4  # ingest identities the cluster knows: fleet-ingest, fleet-ingest-2..
 DRAIN_S = 60.0  # the longest wait for the ingest queue to be empty after a fault
+FROZEN_MAX_S = 60.0  # the longest a node stays frozen waiting for the majority to go on
 
 
 def identities(devices: int) -> list[str]:
@@ -344,6 +345,57 @@ def node_disk_full(rig: ClusterFaultRig, node: int = 1, full_s: float = 3.0) -> 
     return rig.finish(r)
 
 
+def leader_number(cluster: RabbitCluster) -> int:
+    """The ingest queue's leader now: its node's number (1-based, as the faults name
+    nodes)."""
+    leader = cluster.queue_leader(rmq.INGEST_QUEUE)
+    return [n.name for n in cluster.nodes].index(leader) + 1
+
+
+def node_paused(rig: ClusterFaultRig, node: int = 0, pause_s: float = 6.0) -> FaultResult:
+    """A node frozen for ``pause_s`` (SIGSTOP to its processes, then SIGCONT), longer if
+    the others have not acknowledged a batch sent after the freeze by then
+    (``notes["frozen_s"]``): a VM stall,
+    or the node cut off from the others and from its clients at once (Jepsen's "pause").
+    Node 1: the one the workers consume from and, booted first, likely the quorum queue's
+    leader. The other two are a majority: they elect a leader among themselves and go on
+    confirming their devices' batches; the frozen node's devices get no PUBACK until it is
+    back; nothing is stored while the workers' node is frozen (they wait for it through
+    a pause shorter than their AMQP heartbeats, and move to the next node after a longer
+    one). Recovery is from the SIGCONT."""
+    c = rig.cluster
+    r = FaultResult("node %d of %d frozen (SIGSTOP)" % (node + 1, len(c.nodes)))
+    rig.start_devices()
+    rig.steady()
+    r.notes["leader_before"] = leader_number(c)
+    on_node = [d for i, d in enumerate(rig.devices) if i % len(c.nodes) == node]
+    others = [d for d in rig.devices if d not in on_node]
+    acked_on = sum(d.stats.published for d in on_node)
+    acked_others = sum(d.stats.published for d in others)
+    c.pause(node)
+    frozen = time.monotonic()
+    try:
+        # frozen at least pause_s, and until the majority acknowledged a batch sent after
+        # the freeze (its new leader elected: seconds, not a fixed time), or FROZEN_MAX_S
+        # at most. A device waits for one PUBACK at a time, so more than one per device
+        # means at least one publish made after the freeze was confirmed.
+        while time.monotonic() - frozen < FROZEN_MAX_S and (
+                time.monotonic() - frozen < pause_s
+                or sum(d.stats.published for d in others) - acked_others <= len(others)):
+            time.sleep(0.05)
+        r.notes["other_devices"] = len(others)
+        r.notes["frozen_s"] = round(time.monotonic() - frozen, 1)
+        r.notes["acked_on_frozen_node"] = sum(d.stats.published for d in on_node) - acked_on
+        r.notes["acked_on_other_nodes"] = (sum(d.stats.published for d in others)
+                                           - acked_others)
+    finally:
+        c.resume(node)
+    since = time.monotonic()
+    rig.recover(r, since)
+    r.notes["leader_after"] = leader_number(c)
+    return rig.finish(r)
+
+
 # -- make chaos ----------------------------------------------------------------------------
 
 
@@ -373,6 +425,7 @@ def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
                 (faults.flood, {}),
                 (node_killed, {}),
                 (node_disk_full, {}),
+                (node_paused, {}),
             ]
             for fault, opts in plan:
                 if only not in fault.__name__:

@@ -149,6 +149,28 @@ class RabbitCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
 
+    def pause(self, i: int) -> None:
+        """Freeze node ``i`` (SIGSTOP to its process group): its sockets stay open and
+        nothing on them is answered, as in a VM stall or a node cut off from everything."""
+        proc = self.procs[i]
+        assert proc is not None and proc.poll() is None, "node %d does not run" % i
+        os.killpg(proc.pid, signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)
+
+    def queue_leader(self, queue: str, node: int = 0) -> str:
+        """The node that leads ``queue`` (a quorum queue) now."""
+        out = self.ctl("list_queues", "-p", rmq.VHOST, "name", "leader", "--quiet",
+                       "--no-table-headers", node=node)
+        for line in out.splitlines():
+            name, _, leader = line.partition("\t")
+            if name == queue:
+                return leader.strip()
+        raise RuntimeError("no queue %s: %s" % (queue, out))
+
     def read_log(self, i: int) -> str:
         parts = []
         for p in [self.node_dirs[i] / "stdout.log",
