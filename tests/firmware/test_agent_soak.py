@@ -40,7 +40,8 @@ def test_soak_30_simulated_minutes(mosquitto: Mosquitto, pki: TestPKI, mpy_dir: 
         alloc = result["alloc"]
         third = len(alloc) // 3
         assert third >= 5, alloc
-        # flat: the last third of the run needs no more heap than the first third (+1 KiB)
+        # flat: the last third of the run needs no more heap than the first third (+1 KiB);
+        # the samples are taken while the link sends nothing (``mp_device.supervise``)
         assert max(alloc[-third:]) <= max(alloc[:third]) + 1024, alloc
         print("soak: heap %s, boot alloc %d B, peak alloc %d B, min free %d B, %d batches,"
               " heap in use %s" % (HEAP, result["boot_alloc"], max(alloc), result["min_free"],
