@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support import cli
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "OPERATIONS.md"
@@ -48,9 +48,7 @@ def test_each_command_of_the_guide_exists_with_its_options_and_is_run_by_a_test(
         words: list[str]) -> None:
     path = words[:2]
     options = [w for w in words if w.startswith("--")]
-    r = subprocess.run([sys.executable, "-m", "cityedge.cli", *path, "--help"],
-                       capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, COLUMNS="200"))
+    r = cli.run([*path, "--help"], dict(os.environ, COLUMNS="200"))  # in process
     assert r.returncode == 0, r.stderr
     for opt in options:
         assert opt in r.stdout, (path, opt)

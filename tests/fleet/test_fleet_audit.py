@@ -12,7 +12,6 @@ import hmac
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from cityedge_fleet import audit, audit_key
 from cityedge_fleet.config import Settings
 from cityedge_fleet.models import AuditRecord, Role
 
+from support import cli
 from support.fleet import Api, device_body
 
 
@@ -36,8 +36,8 @@ def _fill(api: Api, n: int = 6, start: int = 0) -> None:
 
 def _cli(api: Api, *args: str, anchor: bool = True, key_file: Path | None = None,
          **env_extra: str) -> subprocess.CompletedProcess[str]:
-    """``cityedge audit ARGS`` in a subprocess, configured by environment as an operator
-    would (the test's database, key file and, with ``anchor``, anchor file)."""
+    """``cityedge audit ARGS`` (in process, ``support.cli``), configured by environment as
+    an operator would (the test's database, key file and, with ``anchor``, anchor file)."""
     env = dict(os.environ, CITYEDGE_MODE="development",
                CITYEDGE_DATABASE_URL=api.settings.database_url,
                CITYEDGE_CA_DIR=str(api.settings.ca_dir),
@@ -45,8 +45,7 @@ def _cli(api: Api, *args: str, anchor: bool = True, key_file: Path | None = None
     env.update(env_extra)
     if anchor:
         env["CITYEDGE_AUDIT_ANCHOR_FILE"] = str(api.settings.audit_anchor_file)
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", "audit", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return cli.run(["audit", *args], env)
 
 
 def _cli_verify(api: Api, anchor: bool = True) -> subprocess.CompletedProcess[str]:

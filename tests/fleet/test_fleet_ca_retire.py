@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from cityedge_fleet.campaign import SelectorError, parse_selector
 from cityedge_fleet.models import AuditRecord, Credential, Device, DeviceState
 from cityedge_host.errors import UserError
 
+from support.cli import run as run_cli
 from support.fleet import Api, csr_for, enroll_device
 
 
@@ -164,8 +164,7 @@ def test_ca_status_and_retire_from_the_command_line(api: Api, ca_dirs: tuple[Pat
            "CITYEDGE_COMMAND_KEY_FILE": str(s.command_key_file)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cityedge.cli", *args], env=env,
-                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        return run_cli(args, env, cwd=tmp_path)  # in process (support.cli)
 
     dev = enroll_device(api, 1)
     r = cli("ca", "rollover", "--root-dir", str(ca_dirs[0]), "--ca-dir", str(s.ca_dir))

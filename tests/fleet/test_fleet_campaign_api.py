@@ -21,6 +21,7 @@ from cityedge_fleet import command_key
 from cityedge_fleet.campaign_runner import CampaignRunner
 from cityedge_fleet.models import AuditRecord, Role
 
+from support import cli
 from support.campaign_sim import SimFleet
 from support.fleet import Api
 
@@ -116,9 +117,7 @@ def _cli(api: Api, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env.update({"CITYEDGE_MODE": "development", "CITYEDGE_DATABASE_URL": s.database_url,
                 "CITYEDGE_CA_DIR": str(s.ca_dir), "CITYEDGE_AUDIT_KEY_FILE": str(s.audit_key_file),
                 "CITYEDGE_COMMAND_KEY_FILE": str(s.command_key_file)})
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", "keys", *args], env=env,
-                          cwd=cwd, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL)
+    return cli.run(["keys", *args], env, cwd=cwd)  # in process (support.cli), stdin empty
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from cityedge_fleet.ca import ROOT_KEY
 from cityedge_fleet.models import AuditRecord, FleetCommand, Role
 from cityedge_host.crypto import EcSigner, load_signer, public_sec1
 
+from support import cli
 from support.fleet import Api, csr_for, device_body, enroll_device
 
 
@@ -296,8 +296,7 @@ def _cli(api: Api, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[st
     env.update(CITYEDGE_MODE="development", CITYEDGE_DATABASE_URL=s.database_url,
                CITYEDGE_CA_DIR=str(s.ca_dir), CITYEDGE_AUDIT_KEY_FILE=str(s.audit_key_file),
                CITYEDGE_COMMAND_KEY_FILE=str(s.command_key_file))
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", *args], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return cli.run(args, env, cwd=tmp_path)  # in process (support.cli)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -1,6 +1,7 @@
 """No false greens, no silent creation: which commands may create, migrate or only read the
 fleet's database (``db.open_database``), run as an operator runs them (the ``cityedge``
-command in a subprocess, from a folder of its own), on SQLite and PostgreSQL.
+command's entry point with only the environment and the working directory to go by, from
+a folder of its own; in process, ``support.cli``), on SQLite and PostgreSQL.
 
 Each test here failed before the rule existed: ``audit verify`` from another folder made an
 empty SQLite file and said "intact: 0 rows" with exit 0; a mistyped URL made a new empty
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from cityedge_fleet.db import (
 )
 from cityedge_host.errors import EXIT_UNAVAILABLE
 
+from support import cli
 from support.migrations import migrate_to
 from support.mosquitto import free_port
 from support.pg import PgCluster
@@ -38,8 +39,7 @@ HEAVY_TRACE = "Traceback"
 
 def cityedge(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     full = dict(os.environ, CITYEDGE_MODE="development", **env)
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", *args], cwd=cwd, env=full,
-                          capture_output=True, text=True, timeout=120)
+    return cli.run(args, full, cwd=cwd)
 
 
 def files_under(path: Path) -> list[str]:

@@ -9,7 +9,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from cityedge_fleet.config import Settings
 from cityedge_fleet.hw_report_store import register_model
 from cityedge_fleet.models import AuditRecord, HwReport, Role
 
+from support import cli
 from support.hw_reports import encode, make_report
 from support.mosquitto import free_port
 
@@ -79,9 +79,7 @@ def hw_upload(*args: str, token: str | None = None) -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if k != "CITYEDGE_FLEET_TOKEN"}
     if token is not None:
         env["CITYEDGE_FLEET_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", "hw", "upload", *args],
-                          capture_output=True, text=True, timeout=60, check=False, env=env,
-                          stdin=subprocess.DEVNULL)
+    return cli.run(["hw", "upload", *args], env)  # in process (support.cli), stdin empty
 
 
 def test_a_vendor_uploads_its_report(fleet: Fleet, tmp_path: Path) -> None:
@@ -146,10 +144,8 @@ def test_create_token_makes_a_vendor_token_that_names_its_vendor(
                CITYEDGE_COMMAND_KEY_FILE=str(fleet.app.state.settings.command_key_file))
 
     def create_token(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "create-token",
-                               "--name", "acme-reports", "--role", "vendor", *args],
-                              env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60, check=False)
+        return cli.run(["fleet", "create-token", "--name", "acme-reports", "--role",
+                        "vendor", *args], env, cwd=tmp_path)  # in process (support.cli)
 
     missing = create_token()
     assert missing.returncode == 1

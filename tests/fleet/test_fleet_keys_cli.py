@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,15 @@ from cityedge_fleet import command_key
 from cityedge_fleet.models import AuditRecord
 from cityedge_host.crypto import public_sec1
 
+from support import cli
 from support.fleet import Api, enroll_device
 
 
 def _cli(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``cityedge ARGS`` in process (``support.cli``), in ``cwd``, configured only by
+    ``env`` (no ``CITYEDGE_*`` of the test's own environment)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("CITYEDGE_")}
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", *args], env={**base, **env},
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    return cli.run(args, {**base, **env}, cwd=cwd)
 
 
 def _env(api: Api, **more: str) -> dict[str, str]:

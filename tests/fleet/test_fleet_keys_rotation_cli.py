@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -18,6 +17,7 @@ from cityedge_core import chain
 from cityedge_fleet.ingest import Ingestor
 from cityedge_fleet.models import AuditRecord, Credential
 
+from support import cli
 from support.fleet import Api, enroll_device
 
 
@@ -28,8 +28,7 @@ def _cli(api: Api, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                 "CITYEDGE_CA_DIR": str(s.ca_dir),
                 "CITYEDGE_AUDIT_KEY_FILE": str(s.audit_key_file),
                 "CITYEDGE_COMMAND_KEY_FILE": str(s.command_key_file)})
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", "keys", *args], env=env,
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    return cli.run(["keys", *args], env, cwd=cwd)  # in process (support.cli)
 
 
 def _actions(api: Api) -> list[tuple[str, str, str]]:

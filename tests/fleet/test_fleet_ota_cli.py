@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from sqlmodel import Session, col, select
 from cityedge_fleet.models import AuditRecord
 from cityedge_host.crypto import EcSigner
 
+from support import cli
 from support.fleet import Api
 from support.ota import OtaSimFleet, ReleaseKit, client_fetch, write_artifact
 
@@ -32,8 +32,7 @@ def _cli(api: Api, kit: ReleaseKit, *args: str, cwd: Path) -> subprocess.Complet
                 "CITYEDGE_OTA_DIR": str(cwd / "ota"),
                 "CITYEDGE_OTA_ROOT_SET_FILE": str(kit.root_set_file),
                 "CITYEDGE_OTA_PUBLIC_URL": "https://fleet.test"})
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", "ota", *args], env=env,
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    return cli.run(["ota", *args], env, cwd=cwd)  # in process (support.cli)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from alembic import command
@@ -20,6 +19,7 @@ from cityedge_fleet.config import Settings
 from cityedge_fleet.db import MIGRATIONS_DIR, make_engine, migrate
 from cityedge_fleet.models import ApiToken, AuditRecord, Role
 
+from support.cli import run as run_cli
 from support.fleet import Api, device_body
 
 SITES = ["docks", "harbour"]
@@ -124,9 +124,7 @@ def test_cli_creates_a_scoped_token(api: Api, tmp_path: Path) -> None:
                CITYEDGE_CA_DIR=str(api.settings.ca_dir))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cityedge.cli", "fleet", "create-token",
-                               *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=60)
+        return run_cli(["fleet", "create-token", *args], env, cwd=tmp_path)  # in process
 
     made = cli("--name", "alice", "--role", "technician", "--site", "harbour", "--site",
                "docks")

@@ -8,8 +8,8 @@ import dataclasses
 import datetime
 import io
 import json
+import os
 import subprocess
-import sys
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -38,6 +38,8 @@ from cityedge_hardware.secret_scan import (
     secrets_verdict,
 )
 from cityedge_hardware.verdict import Outcome
+
+from support import cli
 
 _EC = ec.generate_private_key(ec.SECP256R1())
 _RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -215,8 +217,7 @@ def test_a_secret_planted_in_the_romfs_image_is_caught(firmware_build: Path,
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cityedge.cli", "hw", "secrets", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return cli.run(["hw", "secrets", *args], os.environ)  # in process (support.cli)
 
 
 def test_cli_exits_1_on_a_finding_and_0_on_the_firmware_build(
