@@ -60,11 +60,11 @@ a signature's integers at most 512 bits (no 98-byte one)          55.3  59.6    
 ================================================================  ====  ======  =============
 
 (``bench/firmware.py``'s ``board_path_heap``: the two rows before "the same" at 72 KiB,
-30 s; the rest at 256 KiB, 20 s.) It boots and streams at 66 KiB with no MemoryError
-(``tests/firmware/test_boot.py``'s ``BOOT_HEAP``; 78, then 72, 70 and 68 before); at 64
-KiB the test passed 21 of 22 runs under load, but a 30 s run there still survives 1-4
-MemoryErrors (a seal tried again at the next reading, nothing lost), so 64 KiB is not
-met yet: docs/ARCHITECTURE.md, "Memory on the device".
+30 s; the rest at 256 KiB, 20 s.) It boots and streams at 64 KiB with no MemoryError
+(``tests/firmware/test_boot.py``'s ``BOOT_HEAP``; 78, then 72, 70, 68 and 66 before): the
+last MemoryErrors survived there were seals signed while a status was being written,
+gone since ``mqtt_async.send`` writes before it waits (docs/ARCHITECTURE.md, "Memory on
+the device").
 Five pools hold the names; the sixth is 7.5 KiB in one block, so each new module must free
 names to pay for its own.
 ``trust-update`` (``answers``, ``boot_answer.run``) interns two names at boot
