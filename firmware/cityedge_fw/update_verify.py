@@ -79,8 +79,13 @@ def verdict(u, pend, pointer):
     """``(reason, manifest or None)`` for the fetched release in ``pend``'s files."""
     from binascii import unhexlify
 
+    from cityedge_core import cose_decode  # noqa: F401
     from cityedge_core import update_manifest as um
 
+    # cose_decode is loaded now, before the root set and the key list are read and
+    # verified (``cose.decode_sign1`` loads it at the manifest otherwise): its objects
+    # then sit below that work's integers, not in a gap they leave (at 64 KiB that
+    # import failed for some heap layouts)
     um.update_args({um.A_URL: pend["url"], um.A_MANIFEST_SHA256: unhexlify(pend["digest"])})
     roots, threshold = _root_set(u["root_set"])
     d = update_slots.path(u["dir"], "update/")
