@@ -41,7 +41,7 @@ from cityedge_fleet.config import FleetLimits, Settings
 
 from support import faults
 from support.faults import FaultResult, FaultRig
-from support.fleet import device_body
+from support.fleet import device_body, wait_for
 from support.fleet_ca import fleet_ca_from_pki
 from support.linkproxy import LinkProxy
 from support.mosquitto import TestPKI
@@ -305,12 +305,8 @@ def disk_alarm(cluster: RabbitCluster, node: int) -> bool:
 
 
 def _wait_alarm(cluster: RabbitCluster, node: int, on: bool) -> None:
-    deadline = time.monotonic() + faults.SETTLE_S
-    while disk_alarm(cluster, node) != on:
-        if time.monotonic() > deadline:
-            raise AssertionError("node %d: the disk alarm did not %s" % (
-                node + 1, "go on" if on else "clear"))
-        time.sleep(0.1)
+    assert wait_for(lambda: disk_alarm(cluster, node) == on, faults.SETTLE_S), \
+        "node %d: the disk alarm did not %s" % (node + 1, "go on" if on else "clear")
 
 
 def node_disk_full(rig: ClusterFaultRig, node: int = 1, full_s: float = 3.0) -> FaultResult:
@@ -379,10 +375,8 @@ def node_paused(rig: ClusterFaultRig, node: int = 0, pause_s: float = 6.0) -> Fa
         # the freeze (its new leader elected: seconds, not a fixed time), or FROZEN_MAX_S
         # at most. A device waits for one PUBACK at a time, so more than one per device
         # means at least one publish made after the freeze was confirmed.
-        while time.monotonic() - frozen < FROZEN_MAX_S and (
-                time.monotonic() - frozen < pause_s
-                or sum(d.stats.published for d in others) - acked_others <= len(others)):
-            time.sleep(0.05)
+        wait_for(lambda: time.monotonic() - frozen >= pause_s and sum(
+            d.stats.published for d in others) - acked_others > len(others), FROZEN_MAX_S)
         r.notes["other_devices"] = len(others)
         r.notes["frozen_s"] = round(time.monotonic() - frozen, 1)
         r.notes["acked_on_frozen_node"] = sum(d.stats.published for d in on_node) - acked_on
