@@ -85,6 +85,9 @@ INGEST_PREFETCH = 500
 INGEST_QUEUE_MAX_MESSAGES = 1_000_000
 TLS13_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 NODE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# a node's host: a DNS name (labels of letters, digits and hyphens) or an IPv4 address
+NODE_HOST = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -99,13 +102,37 @@ class Node:
 
 def nodes(count: int, *, host: str = "localhost", prefix: str = "ce", mqtt_port: int = 8883,
           amqp_port: int = 5671, dist_port: int = 25672, step: int = 1) -> list[Node]:
-    """``count`` nodes; on one host each takes the next ports (``step`` apart)."""
+    """``count`` nodes. ``host`` is one host, where each node takes the next ports
+    (``step`` apart), or a comma-separated list of ``count`` hosts, a node on each with
+    the same ports (a cluster that outlives a machine). A host with a dot (a full name or
+    an IPv4 address) makes every node's name a long one (``long_names``)."""
     if not 1 <= count <= 99:
         raise ValueError("a cluster has 1 to 99 nodes, got %d" % count)
     if not NODE_NAME.fullmatch(prefix):
         raise ValueError("node prefix %r: a-z, then a-z 0-9 _ -" % prefix)
+    hosts = [h.strip() for h in host.split(",")]
+    for h in hosts:
+        if not NODE_HOST.fullmatch(h):
+            raise ValueError("node host %r: a host name or an IPv4 address" % h)
+    if len(set(hosts)) != len(hosts):
+        raise ValueError("node hosts repeat: %s" % host)
+    if len(hosts) > 1 and len(hosts) != count:
+        raise ValueError("%d node hosts for %d nodes: name one host, or one per node"
+                         % (len(hosts), count))
+    if len({"." in h for h in hosts}) > 1:
+        raise ValueError("node hosts %s: every one a full name (with dots) or none; "
+                         "Erlang does not mix long and short node names" % host)
+    if len(hosts) > 1:
+        return [Node("%s%d@%s" % (prefix, i + 1, h), mqtt_port, amqp_port, dist_port)
+                for i, h in enumerate(hosts)]
     return [Node("%s%d@%s" % (prefix, i + 1, host), mqtt_port + i * step,
                  amqp_port + i * step, dist_port + i * step) for i in range(count)]
+
+
+def long_names(names: Iterable[str]) -> bool:
+    """Whether these node names are Erlang long names (a host part with a dot): the nodes
+    then run with ``USE_LONGNAME`` and every ``rabbitmqctl`` call needs ``--longnames``."""
+    return any("." in n.partition("@")[2] for n in names)
 
 
 def routing_key(topic: str) -> str:
@@ -311,6 +338,7 @@ def render_env(node: Node, node_dir: Path) -> str:
     return "\n".join([
         "# written by `cityedge broker config --engine rabbitmq`",
         "NODENAME=%s" % node.name,
+        *(["USE_LONGNAME=true"] if long_names([node.name]) else []),
         "DIST_PORT=%d" % node.dist_port,
         "CONFIG_FILE=%s" % (d / "rabbitmq.conf"),
         "ADVANCED_CONFIG_FILE=%s" % (d / "advanced.config"),

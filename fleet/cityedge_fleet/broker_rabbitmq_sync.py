@@ -139,6 +139,8 @@ class RabbitCtl:
         self.home = home
         self.epmd_port = epmd_port
         self.timeout_s = timeout_s
+        # nodes on hosts with full names (``broker config --node-host a.x,b.x,...``)
+        self.name_flags = ["--longnames"] if broker_rabbitmq.long_names(nodes) else []
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
@@ -155,7 +157,7 @@ class RabbitCtl:
             start = time.monotonic()
             try:
                 out = subprocess.run(
-                    [str(self.ctl), "-q", "-n", node, *args, "--timeout",
+                    [str(self.ctl), "-q", *self.name_flags, "-n", node, *args, "--timeout",
                      str(int(self.timeout_s))], input=stdin, env=self.env(),
                     capture_output=True, text=True, timeout=self.timeout_s + 30)
                 log.debug("rabbitmqctl %s on %s: exit %d in %.2f s", args[0], node,

@@ -480,7 +480,9 @@ def broker_config_command(
         min=1, max=99, help="rabbitmq: cluster nodes (on one host each takes the next "
                             "ports after --port, --amqp-port and --dist-port).")] = 3,
     node_host: Annotated[str, typer.Option(
-        help="rabbitmq: the host part of the nodes' names (one host: localhost).")]
+        help="rabbitmq: the host of the nodes: one (every node on it, each the next ports), "
+             "or one per node, comma-separated (a node per machine, the same ports on "
+             "each; full names or IPv4 addresses give Erlang long node names).")]
     = "localhost",
     amqp_port: Annotated[int, typer.Option(min=1, max=65535,
                                            help="rabbitmq: first AMQP TLS port.")] = 5671,

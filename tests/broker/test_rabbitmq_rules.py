@@ -184,3 +184,43 @@ def test_the_crl_names_are_openssls_hashes_asked_once_per_issuer(
     crl_file.write_bytes(one.write_crl(tmp_path / "a.pem", [7]).read_bytes()
                          + two.write_crl(tmp_path / "b.pem").read_bytes())
     assert [n for n, _ in rmq.crl_hash_files(crl_file)] == names and len(calls) == 2
+
+
+labels = st.from_regex(r"[a-z][a-z0-9-]{0,8}[a-z0-9]", fullmatch=True)
+
+
+@given(st.lists(labels, min_size=2, max_size=5, unique=True), st.booleans())
+def test_a_node_per_host_has_the_same_ports_and_long_names_with_full_hosts(
+        names: list[str], full: bool) -> None:
+    """``--node-host a,b,c``: a node on each host (names distinct, the same ports on
+    every host), long node names (``USE_LONGNAME``, and ``--longnames`` for the CLI)
+    exactly when the hosts are full names."""
+    hosts = [h + ".city.example" if full else h for h in names]
+    cluster = rmq.nodes(len(hosts), host=",".join(hosts))
+    assert [n.name.split("@")[1] for n in cluster] == hosts
+    assert len({n.name for n in cluster}) == len(hosts)
+    assert {(n.mqtt_port, n.amqp_port, n.dist_port) for n in cluster} == {(8883, 5671, 25672)}
+    assert rmq.long_names(n.name for n in cluster) == full
+    for node in cluster:
+        env = rmq.env_for(node, Path("/n"))
+        assert (env.get("RABBITMQ_USE_LONGNAME") == "true") == full
+
+
+@pytest.mark.parametrize(("count", "host", "why"), [
+    (3, "a.x,b.x", "2 node hosts for 3 nodes"),
+    (2, "a.x,a.x", "repeat"),
+    (2, "a.x,b", "long and short"),
+    (2, "a.x,b_x", "a host name or an IPv4 address"),
+    (1, "-a", "a host name or an IPv4 address"),
+])
+def test_node_hosts_that_cannot_make_a_cluster_are_refused(count: int, host: str,
+                                                           why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        rmq.nodes(count, host=host)
+
+
+def test_one_host_keeps_short_names_and_the_next_ports() -> None:
+    cluster = rmq.nodes(3, host="localhost")
+    assert [n.mqtt_port for n in cluster] == [8883, 8884, 8885]
+    assert not rmq.long_names(n.name for n in cluster)
+    assert "RABBITMQ_USE_LONGNAME" not in rmq.env_for(cluster[0], Path("/n"))
