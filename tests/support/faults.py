@@ -199,6 +199,11 @@ class FaultRig:
         """What stands between the devices and the broker (``device_port``)."""
         return LinkProxy(self.broker.port).start()
 
+    def device_host(self, i: int) -> str:
+        """Where device ``i`` connects (on a cluster of several hosts, its node's)."""
+        del i
+        return "127.0.0.1"
+
     def device_port(self, i: int) -> int:
         """The port device ``i`` (0-based) connects to."""
         return self.broker_proxy.port if self.broker_proxy is not None else self.broker.port
@@ -228,7 +233,7 @@ class FaultRig:
         for i in range(self.n_devices):
             dev, _first = enroll_fast(fleet, i + 1, self.interval_s)  # type: ignore[arg-type]
             clock: Callable[[], float] = (lambda: now() + skew) if skew else time.time
-            self.devices.append(FastDevice(dev.dir, "127.0.0.1", self.device_port(i),
+            self.devices.append(FastDevice(dev.dir, self.device_host(i), self.device_port(i),
                                            interval_s=self.interval_s, readings=READINGS,
                                            clock=clock))
         cns = ["fleet-ingest"] + ["fleet-ingest-%d" % k for k in range(2, self.n_workers + 1)]

@@ -8,7 +8,9 @@ configured as ``cityedge broker config --engine rabbitmq`` writes it) -> the quo
 The fault functions of ``support.faults`` run unchanged on a ``ClusterFaultRig``; the
 cluster adds ``node_killed`` (a node ``kill -9``ed under load and started again),
 ``node_disk_full`` (a node's disk alarm), ``node_paused`` (a node frozen) and
-``worker_link`` (the workers' AMQP links to the nodes broken: ``amqp_proxy``). A
+``worker_link`` (the workers' AMQP links to the nodes broken: ``amqp_proxy``) and, on
+a cluster whose nodes have hosts of their own (``RabbitCluster(hosts=...)``),
+``node_partitioned`` (a node cut off from the other nodes, not from its clients). A
 cluster boots in tens of seconds, so one serves every rig (the caller's, as its
 PostgreSQL): each rig has its own database, devices and workers, and finds the ingest
 queue empty (``queue_depth``; what was left is purged and counted in
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import ssl
 import tempfile
 import time
@@ -51,6 +54,7 @@ from support.rabbitmq import RabbitCluster
 WORKERS_MAX = 4  # ingest identities the cluster knows: fleet-ingest, fleet-ingest-2..
 DRAIN_S = 60.0  # the longest wait for the ingest queue to be empty after a fault
 FROZEN_MAX_S = 60.0  # the longest a node stays frozen waiting for the majority to go on
+PARTITION_MAX_S = 90.0  # the longest a partition lasts waiting for both sides to act
 
 
 def identities(devices: int) -> list[str]:
@@ -82,8 +86,10 @@ class NodeLinks:
     """A ``LinkProxy`` in front of each node, with one proxy's interface: every link is
     cut, garbled, delayed and restored together."""
 
-    def __init__(self, ports: list[int]) -> None:
-        self.proxies = [LinkProxy(p).start() for p in ports]
+    def __init__(self, ports: list[int], hosts: list[str] | None = None) -> None:
+        self.proxies = [LinkProxy(p, h).start()
+                        for p, h in zip(ports, hosts or ["127.0.0.1"] * len(ports),
+                                        strict=True)]
 
     @property
     def port(self) -> int:
@@ -130,8 +136,8 @@ class ClusterFaultRig(FaultRig):
         """``amqp_proxy``: the workers reach the nodes' AMQP listeners through a
         ``NodeLinks`` of their own (``amqp_links``)."""
         self.cluster = cluster
-        self.amqp_links = (NodeLinks([n.amqp_port for n in cluster.nodes]) if amqp_proxy
-                           else None)
+        self.amqp_links = (NodeLinks([n.amqp_port for n in cluster.nodes], self._hosts())
+                           if amqp_proxy else None)
         super().__init__(pki, pg, **opts)
 
     def _world(self, persistence: bool) -> tuple[Path, Any, Settings]:
@@ -150,10 +156,14 @@ class ClusterFaultRig(FaultRig):
             limits=FleetLimits(ingest_group_max_s=0.05, enroll_burst=100_000))
         return world, ClusterBroker(self.cluster), settings
 
+    def _hosts(self) -> list[str]:
+        return [self.cluster.host(i) for i in range(len(self.cluster.nodes))]
+
     def amqp_nodes(self) -> str:
         if self.amqp_links is not None:
             return ",".join("127.0.0.1:%d" % p.port for p in self.amqp_links.proxies)
-        return ",".join("127.0.0.1:%d" % n.amqp_port for n in self.cluster.nodes)
+        return ",".join("%s:%d" % (h, n.amqp_port)
+                        for h, n in zip(self._hosts(), self.cluster.nodes, strict=True))
 
     def close(self) -> None:
         super().close()
@@ -165,7 +175,12 @@ class ClusterFaultRig(FaultRig):
                 "CITYEDGE_INGEST_AMQP_NODES": self.amqp_nodes()}
 
     def _broker_proxy(self) -> Any:
-        return NodeLinks([n.mqtt_port for n in self.cluster.nodes])
+        return NodeLinks([n.mqtt_port for n in self.cluster.nodes], self._hosts())
+
+    def device_host(self, i: int) -> str:
+        if self.broker_proxy is not None:
+            return "127.0.0.1"
+        return self.cluster.host(i % len(self.cluster.nodes))
 
     def device_port(self, i: int) -> int:
         if self.broker_proxy is not None:
@@ -214,10 +229,10 @@ def _channel(cluster: RabbitCluster, pki: TestPKI) -> Iterator[Any]:
     tls = ssl.create_default_context(cafile=str(pki.ca_pem))
     tls.load_cert_chain(str(creds.cert_pem), str(creds.key_pem))
     params = [pika.ConnectionParameters(
-        host="127.0.0.1", port=n.amqp_port, virtual_host=rmq.VHOST,
+        host=cluster.host(i), port=n.amqp_port, virtual_host=rmq.VHOST,
         credentials=pika.credentials.ExternalCredentials(),
-        ssl_options=pika.SSLOptions(tls, server_hostname="127.0.0.1"),
-        socket_timeout=5, connection_attempts=1) for n in cluster.nodes]
+        ssl_options=pika.SSLOptions(tls, server_hostname=cluster.host(i)),
+        socket_timeout=5, connection_attempts=1) for i, n in enumerate(cluster.nodes)]
     connection = pika.BlockingConnection(params)
     try:
         yield connection.channel()
@@ -386,6 +401,80 @@ def node_paused(rig: ClusterFaultRig, node: int = 0, pause_s: float = 6.0) -> Fa
         c.resume(node)
     since = time.monotonic()
     rig.recover(r, since)
+    r.notes["leader_after"] = leader_number(c)
+    return rig.finish(r)
+
+
+def listening(cluster: RabbitCluster, node: int) -> bool:
+    """Whether ``node`` takes MQTT connections (a node paused by ``pause_minority`` has
+    stopped its listeners)."""
+    try:
+        with socket.create_connection((cluster.host(node), cluster.nodes[node].mqtt_port), 1):
+            return True
+    except OSError:
+        return False
+
+
+def cluster_view(cluster: RabbitCluster, node: int) -> tuple[int, list[str]]:
+    """What ``node`` sees: how many nodes run, and the partitions it has recorded."""
+    out = cluster.ctl("eval", "{length(rabbit_nodes:all_running()), "
+                      "rabbit_node_monitor:partitions()}.", node=node).strip()
+    running, _, partitions = out.strip("{}").partition(",")
+    return int(running), [p.strip("' ") for p in partitions.strip("[]").split(",") if p]
+
+
+def node_partitioned(rig: ClusterFaultRig, node: int = 0) -> FaultResult:
+    """Node ``node`` cut off from the other nodes (``Hosts.partition``: no packet crosses,
+    the open connections go silent) while it and they still reach their devices and the
+    workers, until it has noticed and paused itself (``cluster_partition_handling =
+    pause_minority``: it stops its listeners and drops its clients; it notices after
+    Erlang's ``net_ticktime``) and the majority has acknowledged more batches than it has
+    devices (a leader of the quorum queue among themselves). Then healed. Node 1: the
+    workers' node and, booted first, the quorum queue's leader. The minority must
+    acknowledge nothing sent after the cut (a device waits for one PUBACK at a time, so
+    at most one per device, sent before it); after the heal the node rejoins by itself,
+    its devices reconnect, and the cluster records no partition. Recovery is from the
+    heal."""
+    c = rig.cluster
+    assert c.hosts is not None, "a partition needs the nodes on hosts of their own"
+    others_i = [i for i in range(len(c.nodes)) if i != node]
+    r = FaultResult("node %d of %d partitioned from the others" % (node + 1, len(c.nodes)))
+    rig.start_devices()
+    rig.steady()
+    r.notes["leader_before"] = leader_number(c)
+    on_node = [d for i, d in enumerate(rig.devices) if i % len(c.nodes) == node]
+    others = [d for d in rig.devices if d not in on_node]
+    acked_on = sum(d.stats.published for d in on_node)
+    acked_others = sum(d.stats.published for d in others)
+    connects = {d.id: d.stats.connects for d in on_node}
+    c.hosts.partition([node], others_i)
+    cut = time.monotonic()
+    paused_s = None
+    try:
+        def settled() -> bool:
+            nonlocal paused_s
+            if paused_s is None and not listening(c, node):
+                paused_s = time.monotonic() - cut
+            return paused_s is not None and (
+                sum(d.stats.published for d in others) - acked_others > len(others))
+        wait_for(settled, PARTITION_MAX_S)
+        r.notes["partitioned_s"] = round(time.monotonic() - cut, 1)
+        r.notes["minority_paused_s"] = None if paused_s is None else round(paused_s, 1)
+        r.notes["acked_on_minority"] = sum(d.stats.published for d in on_node) - acked_on
+        r.notes["acked_on_majority"] = (sum(d.stats.published for d in others)
+                                        - acked_others)
+        r.notes["devices_on_minority"] = len(on_node)
+        r.notes["devices_on_majority"] = len(others)
+        r.notes["majority_view"] = cluster_view(c, others_i[0])
+    finally:
+        c.hosts.heal()
+    since = time.monotonic()
+    c.wait_listening(node, PARTITION_MAX_S)
+    r.notes["node_back_s"] = round(time.monotonic() - since, 1)
+    wait_for(lambda: all(d.stats.connects > connects[d.id] for d in on_node), faults.SETTLE_S)
+    r.notes["reconnected"] = sum(d.stats.connects > connects[d.id] for d in on_node)
+    rig.recover(r, since)
+    r.notes["views_after"] = [cluster_view(c, i) for i in range(len(c.nodes))]
     r.notes["leader_after"] = leader_number(c)
     return rig.finish(r)
 

@@ -1,7 +1,7 @@
 """A TCP proxy on loopback that a test can cut, as a fibre drop or a 4G link fails.
 
 ``LinkProxy(target_port).start()`` listens on a free port and forwards each connection to
-127.0.0.1:``target_port``. Two ways to fail:
+``target_host`` (127.0.0.1 unless named):``target_port``. Two ways to fail:
 
 - ``cut(refuse=True)``: every open connection is reset and new ones are refused until
   ``restore()`` (a router that is down: the peer notices at once);
@@ -29,8 +29,9 @@ _CHUNK = 65536
 
 
 class LinkProxy:
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target_port = target_port
+        self.target_host = target_host
         self.port = free_port()
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -60,7 +61,8 @@ class LinkProxy:
                 _reset(client)
                 continue
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream = socket.create_connection((self.target_host, self.target_port),
+                                                    timeout=5)
             except OSError:
                 _reset(client)
                 continue

@@ -108,8 +108,14 @@ class TestPKI:
         self._services: dict[str, Credentials] = {}
         self.server = self._issue("server", server=True)
 
+    def issue_server(self, name: str, addresses: list[str]) -> Credentials:
+        """Another server certificate, for these IP addresses as well as 127.0.0.1 and
+        localhost (brokers on hosts of their own: ``support.netns``)."""
+        return self._issue(name, server=True, addresses=addresses)
+
     def _issue(self, cn: str, server: bool = False,
-               key: ec.EllipticCurvePrivateKey | None = None) -> Credentials:
+               key: ec.EllipticCurvePrivateKey | None = None,
+               addresses: list[str] | None = None) -> Credentials:
         key = key or ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         builder = (
@@ -124,7 +130,8 @@ class TestPKI:
         )
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(a))
+                                             for a in ["127.0.0.1", *(addresses or [])])]),
                 critical=False).add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         else:

@@ -5,6 +5,13 @@ Every node is ``/usr/lib/rabbitmq/bin/rabbitmq-server`` (Debian's ``rabbitmq-ser
 package) with its own directory; the cluster has its own Erlang cookie (in its own HOME)
 and its own ``epmd`` port, so it never meets the machine's RabbitMQ. A node can be
 killed (SIGKILL, as a crash) and started again. A missing package fails the test.
+
+With ``hosts`` (``support.netns.Hosts``) each node runs on a host of its own, as
+``cityedge broker config --node-host a,b,c`` lays a cluster out on three machines: the
+same ports on every host, long node names (``ce..1@10.213.x.1``), an ``epmd`` on each
+host, and the hosts can be partitioned from one another (``hosts.partition``).
+``net_ticktime`` (seconds; Erlang's default is 60) is how long a node takes to call a
+silent peer gone: a test of partitions sets it short so that a node notices in seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from cityedge_fleet import broker_rabbitmq as rmq
 from cityedge_fleet.broker import BrokerFiles
 
 from support.mosquitto import TestPKI, free_port
+from support.netns import Hosts
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 START_TIMEOUT_S = 240.0
@@ -34,7 +42,8 @@ class RabbitCluster:
     """``count`` RabbitMQ nodes on loopback, TLS only, the fleet's definitions."""
 
     def __init__(self, pki: TestPKI, identities: list[str], count: int = 3,
-                 directory: Path | None = None, crl_file: Path | None = None) -> None:
+                 directory: Path | None = None, crl_file: Path | None = None,
+                 hosts: Hosts | None = None, net_ticktime: int | None = None) -> None:
         server = RABBIT_BIN / "rabbitmq-server"
         if not server.exists():
             raise RuntimeError("RabbitMQ is not installed (%s): `make system-deps` installs "
@@ -46,28 +55,54 @@ class RabbitCluster:
         cookie = self.home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16))
         cookie.chmod(0o400)
-        self.epmd_port = free_port()
+        self.hosts = hosts
+        self.net_ticktime = net_ticktime
         prefix = "ce%s" % secrets.token_hex(3)
-        self.nodes = [rmq.Node("%s%d@localhost" % (prefix, i + 1), free_port(), free_port(),
-                               free_port()) for i in range(count)]
+        server = pki.server
+        if hosts is None:
+            self.epmd_port = free_port()
+            self.nodes = [rmq.Node("%s%d@localhost" % (prefix, i + 1), free_port(),
+                                   free_port(), free_port()) for i in range(count)]
+        else:  # each host's ports are its own: the defaults, as on a machine
+            assert len(hosts.addresses) == count, "a host per node"
+            self.epmd_port = 4369
+            self.nodes = rmq.nodes(count, host=",".join(hosts.addresses), prefix=prefix)
+            server = pki.issue_server("server-" + prefix, hosts.addresses)
         crl = crl_file or pki.write_crl(self.dir / "crl.pem")
-        self.files = BrokerFiles(cafile=pki.ca_pem, certfile=pki.server.cert_pem,
-                                 keyfile=pki.server.key_pem, crlfile=crl)
+        self.files = BrokerFiles(cafile=pki.ca_pem, certfile=server.cert_pem,
+                                 keyfile=server.key_pem, crlfile=crl)
         self.node_dirs = rmq.write(self.dir / "conf", self.files, self.nodes,
-                                   bind="127.0.0.1", identities=identities)
+                                   bind="127.0.0.1" if hosts is None else "0.0.0.0",
+                                   identities=identities)
+        (self.dir / "cli-env.conf").write_text("# the CLI's: nothing from /etc/rabbitmq\n")
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
-        self.epmd: subprocess.Popen[bytes] | None = None
+        self.epmds: list[subprocess.Popen[bytes]] = []
+
+    def host(self, i: int) -> str:
+        """The address node ``i`` listens on."""
+        return "127.0.0.1" if self.hosts is None else self.hosts.addresses[i]
+
+    def _on(self, i: int | None, argv: list[str]) -> list[str]:
+        return argv if self.hosts is None or i is None else self.hosts.command(i, argv)
 
     def env(self, i: int | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
         env.update(HOME=str(self.home), ERL_EPMD_PORT=str(self.epmd_port), LC_ALL="C.UTF-8")
+        if self.net_ticktime is not None:  # the nodes' and the CLI's, which must agree
+            ticks = "-kernel net_ticktime %d" % self.net_ticktime
+            env.update(RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=ticks, RABBITMQ_CTL_ERL_ARGS=ticks)
+        # never the machine's /etc/rabbitmq/rabbitmq-env.conf (here it pins Erlang's
+        # distribution to 127.0.0.1): a node's own file, as production starts it, and an
+        # empty one for the CLI and epmd
+        env["RABBITMQ_CONF_ENV_FILE"] = str(self.dir / "cli-env.conf" if i is None
+                                            else self.node_dirs[i] / "rabbitmq-env.conf")
         if i is not None:
             env.update(rmq.env_for(self.nodes[i], self.node_dirs[i]))
         return env
 
     def start_node(self, i: int) -> None:
         log = (self.node_dirs[i] / "stdout.log").open("ab")
-        self.procs[i] = subprocess.Popen([str(RABBIT_BIN / "rabbitmq-server")],
+        self.procs[i] = subprocess.Popen(self._on(i, [str(RABBIT_BIN / "rabbitmq-server")]),
                                          env=self.env(i), stdout=log, stderr=log,
                                          start_new_session=True)
 
@@ -79,7 +114,7 @@ class RabbitCluster:
                 raise RuntimeError("RabbitMQ node %s exited at start: %s"
                                    % (self.nodes[i].name, self.read_log(i)[-3000:]))
             try:
-                with socket.create_connection(("127.0.0.1", self.nodes[i].mqtt_port), 0.2):
+                with socket.create_connection((self.host(i), self.nodes[i].mqtt_port), 0.2):
                     return
             except OSError:
                 time.sleep(0.2)
@@ -87,16 +122,19 @@ class RabbitCluster:
                            % (self.nodes[i].name, timeout_s, self.read_log(i)[-3000:]))
 
     def start(self) -> RabbitCluster:
-        # our own epmd in the foreground (a node would start a daemon nobody stops)
-        self.epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port)], env=self.env(),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.epmd_port), 0.2):
-                    break
-            except OSError:
-                time.sleep(0.05)
+        # our own epmd in the foreground (a node would start a daemon nobody stops): one,
+        # or one on each host
+        for i in [None] if self.hosts is None else range(len(self.nodes)):
+            self.epmds.append(subprocess.Popen(
+                self._on(i, ["epmd", "-port", str(self.epmd_port)]), env=self.env(),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    with socket.create_connection((self.host(i or 0), self.epmd_port), 0.2):
+                        break
+                except OSError:
+                    time.sleep(0.05)
         # the first node alone, then the others: RabbitMQ 3.10's MQTT plugin tracks client
         # ids in a Raft group that a node joins only if one runs when its plugin starts
         # (nodes started together each make their own, and the later ones answer every
@@ -116,7 +154,9 @@ class RabbitCluster:
 
     def ctl(self, *args: str, node: int = 0, tool: str = "rabbitmqctl",
             stdin: str | None = None) -> str:
-        out = subprocess.run([str(RABBIT_BIN / tool), "-n", self.nodes[node].name, *args],
+        names = ["--longnames"] if rmq.long_names([self.nodes[node].name]) else []
+        out = subprocess.run([str(RABBIT_BIN / tool), *names, "-n", self.nodes[node].name,
+                              *args],
                              env=self.env(), input=stdin, capture_output=True, text=True,
                              timeout=CTL_TIMEOUT_S)
         if out.returncode != 0:
@@ -162,14 +202,16 @@ class RabbitCluster:
             os.killpg(proc.pid, signal.SIGCONT)
 
     def queue_leader(self, queue: str, node: int = 0) -> str:
-        """The node that leads ``queue`` (a quorum queue) now."""
-        out = self.ctl("list_queues", "-p", rmq.VHOST, "name", "leader", "--quiet",
-                       "--no-table-headers", node=node)
-        for line in out.splitlines():
-            name, _, leader = line.partition("\t")
-            if name == queue:
-                return leader.strip()
-        raise RuntimeError("no queue %s: %s" % (queue, out))
+        """The node that leads ``queue`` (a quorum queue) now. One ``eval``, not
+        ``list_queues``: that one streams its rows from every node to the CLI's own Erlang
+        node, which nodes on other hosts cannot reach here (its name is this machine's)."""
+        out = self.ctl("eval", "{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"%s\">>, "
+                       "queue, <<\"%s\">>)), {_, L} = amqqueue:get_pid(Q), L." % (rmq.VHOST, queue),
+                       node=node)
+        leader = out.strip().strip("'")
+        if "@" not in leader:
+            raise RuntimeError("no leader for queue %s: %s" % (queue, out))
+        return leader
 
     def read_log(self, i: int) -> str:
         parts = []
@@ -182,9 +224,9 @@ class RabbitCluster:
     def stop(self) -> None:
         for i in range(len(self.nodes)):
             self.kill(i)
-        if self.epmd is not None:
-            self.epmd.kill()
-            self.epmd.wait(10)
+        for epmd in self.epmds:
+            epmd.kill()
+            epmd.wait(10)
         # once (2026-12-05, a chaos run) an ``epmd -daemon`` of the cluster's port was
         # started at the stop and outlived it: whatever still runs with the cluster's own
         # HOME is this cluster's (never the machine's RabbitMQ nor another cluster's)
