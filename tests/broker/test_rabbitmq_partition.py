@@ -11,8 +11,9 @@ loopback proxies cannot make (the Erlang distribution between nodes). The cluste
 minority must acknowledge nothing, and after the heal node 1 must rejoin by itself with
 no partition left recorded, its devices back and every acknowledged batch stored once.
 
-``net_ticktime`` is 10 s here (Erlang's default: 60) so that the nodes notice the silence
-in seconds; the product leaves the default (docs/BROKERS.md).
+``net_ticktime`` is 10 s here (``PARTITION_TICKTIME_S``; Erlang's default: 60) so that
+the nodes notice the silence in seconds; the product leaves the default
+(docs/BROKERS.md).
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ import pytest
 from cityedge_fleet.broker_rabbitmq_sync import RabbitCtl
 
 from support import faults
-from support.faults_cluster import ClusterFaultRig, identities, node_partitioned
+from support.faults_cluster import ClusterFaultRig, node_partitioned, partition_cluster
 from support.mosquitto import TestPKI
-from support.netns import Hosts
-from support.rabbitmq import RABBIT_BIN, RabbitCluster
+from support.rabbitmq import RABBIT_BIN
 
 DEVICES = 6  # two per node
-TICKTIME_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +41,15 @@ def world() -> Iterator[SimpleNamespace]:
     base = Path(tempfile.mkdtemp(prefix="cityedge-rmq-part-"))
     base.chmod(0o755)
     pki = TestPKI(base / "pki")
-    hosts = Hosts(3)
-    cluster = RabbitCluster(pki, identities(DEVICES), directory=base / "rmq", hosts=hosts,
-                            net_ticktime=TICKTIME_S)
     try:
         with faults.own_cluster() as pg:
-            cluster.start()
-            yield SimpleNamespace(pki=pki, pg=pg, cluster=cluster)
+            hosts, cluster = partition_cluster(pki, base / "rmq", DEVICES)
+            try:
+                yield SimpleNamespace(pki=pki, pg=pg, cluster=cluster)
+            finally:
+                cluster.stop()
+                hosts.close()
     finally:
-        cluster.stop()
-        hosts.close()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -48,6 +48,7 @@ from support.fleet import device_body, wait_for
 from support.fleet_ca import fleet_ca_from_pki
 from support.linkproxy import LinkProxy
 from support.mosquitto import TestPKI
+from support.netns import Hosts
 from support.pg import PgCluster
 from support.rabbitmq import RabbitCluster
 
@@ -55,6 +56,9 @@ WORKERS_MAX = 4  # ingest identities the cluster knows: fleet-ingest, fleet-inge
 DRAIN_S = 60.0  # the longest wait for the ingest queue to be empty after a fault
 FROZEN_MAX_S = 60.0  # the longest a node stays frozen waiting for the majority to go on
 PARTITION_MAX_S = 90.0  # the longest a partition lasts waiting for both sides to act
+# Erlang's net_ticktime on a cluster made for partitions: a silent peer is gone after
+# about this long (the default, 60 s, would make each partition minutes long)
+PARTITION_TICKTIME_S = 10
 
 
 def identities(devices: int) -> list[str]:
@@ -518,7 +522,40 @@ def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
                     result = fault(rig)
                 results.append(result)
                 say(result.row())
+            cluster.stop()
+            if only in node_partitioned.__name__:
+                results.append(_partitioned_run(pki, pg, base, devices))
+                say(results[-1].row())
     finally:
         cluster.stop()  # every node and its epmd
         shutil.rmtree(base, ignore_errors=True)
     return results
+
+
+def partition_cluster(pki: TestPKI, directory: Path, devices: int
+                      ) -> tuple[Hosts, RabbitCluster]:
+    """Three nodes on hosts of their own (``support.netns``), booted, for
+    ``node_partitioned``; the caller stops the cluster, then closes the hosts."""
+    hosts = Hosts(3)
+    try:
+        cluster = RabbitCluster(pki, identities(devices), directory=directory, hosts=hosts,
+                                net_ticktime=PARTITION_TICKTIME_S)
+        try:
+            cluster.start()
+        except BaseException:
+            cluster.stop()
+            raise
+    except BaseException:
+        hosts.close()
+        raise
+    return hosts, cluster
+
+
+def _partitioned_run(pki: TestPKI, pg: PgCluster, base: Path, devices: int) -> FaultResult:
+    hosts, cluster = partition_cluster(pki, base / "rmq-hosts", devices)
+    try:
+        with ClusterFaultRig(pki, pg, cluster, devices=devices) as rig:
+            return node_partitioned(rig)
+    finally:
+        cluster.stop()
+        hosts.close()
