@@ -495,35 +495,34 @@ def run_all(pki_dir: Path | None = None, *, devices: int, herd: int,
     pki = TestPKI(pki_dir or base / "pki")
     results = []
     say(faults.HEADER)
+    plan: list[tuple[Callable[[Any], FaultResult], dict[str, Any]]] = [
+        (faults.worker_killed, {}), (faults.database_restarted, {}),
+        (faults.device_link, {"broker_proxy": True}),
+        (faults.database_link, {"db_proxy": True}),
+        (worker_link, {"amqp_proxy": True}),
+        (faults.clocks_skewed, {"skew_s": 5 * 3600.0}),
+        (faults.clocks_skewed, {"skew_s": -5 * 3600.0}),
+        (faults.database_disk_full, {}),
+        (faults.thundering_herd, {"devices": herd, "broker_proxy": True}),
+        (faults.flood, {}),
+        (node_killed, {}),
+        (node_disk_full, {}),
+        (node_paused, {}),
+    ]
+    plan = [(fault, opts) for fault, opts in plan if only in fault.__name__]
     cluster = RabbitCluster(pki, identities(max(devices, herd)), directory=base / "rmq")
     try:
         with ThreadPoolExecutor(1) as pool, faults.own_cluster() as pg:
-            booting = pool.submit(cluster.start)  # while PostgreSQL starts
-            booting.result()
-            plan: list[tuple[Callable[[Any], FaultResult], dict[str, Any]]] = [
-                (faults.worker_killed, {}), (faults.database_restarted, {}),
-                (faults.device_link, {"broker_proxy": True}),
-                (faults.database_link, {"db_proxy": True}),
-                (worker_link, {"amqp_proxy": True}),
-                (faults.clocks_skewed, {"skew_s": 5 * 3600.0}),
-                (faults.clocks_skewed, {"skew_s": -5 * 3600.0}),
-                (faults.database_disk_full, {}),
-                (faults.thundering_herd, {"devices": herd, "broker_proxy": True}),
-                (faults.flood, {}),
-                (node_killed, {}),
-                (node_disk_full, {}),
-                (node_paused, {}),
-            ]
+            if plan:  # the loopback cluster boots while PostgreSQL starts
+                pool.submit(cluster.start).result()
             for fault, opts in plan:
-                if only not in fault.__name__:
-                    continue
                 opts = {"devices": devices, **opts}
                 with ClusterFaultRig(pki, pg, cluster, **opts) as rig:
                     result = fault(rig)
                 results.append(result)
                 say(result.row())
             cluster.stop()
-            if only in node_partitioned.__name__:
+            if only in node_partitioned.__name__:  # last: a cluster of its own, on hosts
                 results.append(_partitioned_run(pki, pg, base, devices))
                 say(results[-1].row())
     finally:
