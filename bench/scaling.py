@@ -9,7 +9,12 @@ first stored row to the last (the database is polled every 50 ms). The baseline 
 one-worker rate of the same run; the target is 2 workers >= 1.8 x one.
 
 On a machine with fewer cores than workers + PostgreSQL + broker + publisher, the curve
-measures the machine, not the ingest: the report prints the core count next to it.
+measures the machine, not the ingest: the report prints the core count next to it, and
+the CPU each part used between the first and the last stored row (``/proc/<pid>/stat``,
+as ``bench.city``): CPU seconds per 1,000 readings of the workers, PostgreSQL (the
+postmaster and its children), the broker and the publisher, and how busy that left the
+machine (their CPU / (wall time x cores)). Workers whose CPU per reading stays flat
+while the rate does not grow are waiting for cores, not for each other.
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ def _count(url: str) -> int:
         return int(c.execute("SELECT count(*) FROM reading").fetchone()[0])  # type: ignore[index]
 
 
-def one_run(n_workers: int, fleet: Any, cluster: Any, base: Path, pki: Any) -> float:
+PARTS = ("workers", "postgresql", "broker", "publisher")
+
+
+def one_run(n_workers: int, fleet: Any, cluster: Any, base: Path, pki: Any
+            ) -> tuple[float, dict[str, float]]:
+    """Readings/s stored, and CPU seconds per 1,000 readings of each of ``PARTS`` plus
+    ``busy`` (their CPU over wall time x cores) over the same span."""
+    from bench.city import cpu_delta, cpu_ticks, pids_where, postmaster_pid
     from bench.fleet import PUBLISHER, READINGS
     from cityedge_fleet.broker_acl import Acl
     from cityedge_fleet.config import FleetLimits, Settings
@@ -89,20 +101,31 @@ def one_run(n_workers: int, fleet: Any, cluster: Any, base: Path, pki: Any) -> f
         first = last = None
         deadline = time.monotonic() + TIMEOUT_S
         n = 0
+        groups = {"workers": {w.proc.pid for w in workers if w.proc is not None},
+                  "postgresql": pids_where(4, postmaster_pid(cluster)),
+                  "broker": {broker.proc.pid} if broker.proc is not None else set(),
+                  "publisher": {proc.pid}}
+        ticks: dict[str, dict[int, int]] = {}
         while time.monotonic() < deadline:
             n = _count(url)
             now = time.perf_counter()
             if n and first is None:
                 first, n_first = now, n
+                ticks = {k: cpu_ticks(v) for k, v in groups.items()}
             if n >= want:
                 last = now
                 break
             time.sleep(0.05)
+        after = {k: cpu_ticks(v) for k, v in groups.items()}
         proc.wait(TIMEOUT_S)
         if last is None or first is None:
             raise SystemExit("bench scaling: %d workers stored %d of %d readings"
                              % (n_workers, n, want))
-        return (want - n_first) / (last - first)
+        stored = want - n_first
+        cpu = {k: cpu_delta(ticks[k], after[k]) for k in PARTS}
+        per_k = {k: 1000 * v / stored for k, v in cpu.items()}
+        per_k["busy"] = sum(cpu.values()) / ((last - first) * (os.cpu_count() or 1))
+        return stored / (last - first), per_k
     finally:
         for w in workers:
             w.stop()
@@ -120,6 +143,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     runs = 1 if quick else RUNS
     n_batches = N_BATCHES // 4 if quick else N_BATCHES
     rates: dict[int, list[float]] = {n: [] for n in WORKERS}
+    cpus: dict[int, list[dict[str, float]]] = {n: [] for n in WORKERS}
     with tempfile.TemporaryDirectory(prefix="cityedge-bench-scale-") as d, \
             pg_cluster(fsync=True) as cluster:
         base = Path(d)
@@ -129,11 +153,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         for _ in range(runs):
             fleet = Fleet(N_DEVICES, n_batches)
             for n in WORKERS:  # interleaved: every run measures each size
-                rates[n].append(one_run(n, fleet, cluster, base, pki))
+                rate, cpu = one_run(n, fleet, cluster, base, pki)
+                rates[n].append(rate)
+                cpus[n].append(cpu)
     med = {n: statistics.median(v) for n, v in rates.items()}
     return {"cores": os.cpu_count(), "runs": runs, "readings": n_batches * 50,
             "readings_per_s": {str(n): med[n] for n in WORKERS},
-            "speedup": {str(n): med[n] / med[1] for n in WORKERS}}
+            "speedup": {str(n): med[n] / med[1] for n in WORKERS},
+            "cpu_per_1000": {str(n): {k: statistics.median(c[k] for c in cpus[n])
+                                      for k in (*PARTS, "busy")} for n in WORKERS}}
 
 
 def report(r: dict[str, Any]) -> None:
@@ -143,6 +171,10 @@ def report(r: dict[str, Any]) -> None:
         print("  %s worker(s)  %10.0f readings/s   %.2f x one worker"
               % (n, rate, r["speedup"][n]))
     print("  target: 2 workers >= 1.80 x one")
+    print("  CPU s per 1,000 readings (median): %s; machine busy" % ", ".join(PARTS))
+    for n, c in r["cpu_per_1000"].items():
+        print("  %s worker(s)  %s   %.0f %%" % (
+            n, "  ".join("%.3f" % c[k] for k in PARTS), 100 * c["busy"]))
 
 
 if __name__ == "__main__":
