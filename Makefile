@@ -15,10 +15,11 @@ STAMP := $(VENV)/.installed
 # systemd (systemd-analyze) rates the units in deploy/systemd; Debian has it already.
 # SoftHSM2: the PKCS#11 token the CA's intermediate key custody is tested with.
 # RabbitMQ: the clustered broker (docs/BROKERS.md), three nodes in its tests; NATS: the
-# other candidate, measured beside it by `make bench`.
-DEBS := mosquitto mosquitto-clients openssl postgresql chromium prometheus softhsm2 rabbitmq-server nats-server
+# other candidate, measured beside it by `make bench`. iproute2 (`ip netns`): the cluster's
+# nodes on hosts of their own, partitioned (tests/support/netns.py; root, as CI runs).
+DEBS := mosquitto mosquitto-clients openssl postgresql chromium prometheus softhsm2 rabbitmq-server nats-server iproute2
 system-deps:
-	@missing=""; for c in mosquitto mosquitto_sub openssl chromium promtool softhsm2-util nats-server; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=""; for c in mosquitto mosquitto_sub openssl chromium promtool softhsm2-util nats-server ip; do command -v $$c >/dev/null || missing=1; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
 	test -x /usr/lib/rabbitmq/bin/rabbitmq-server || missing=1; \
 	if [ -n "$$missing" ]; then \

@@ -65,6 +65,9 @@ class Hosts:
     def __init__(self, count: int) -> None:
         if not 1 <= count <= 9:
             raise ValueError("1 to 9 hosts")
+        if os.geteuid() != 0:
+            raise RuntimeError("hosts of their own need root (ip netns add): run the suite "
+                               "as root, as CI does")
         remove_strays()
         pid = "%x" % os.getpid()
         tag = "%sx%s" % (pid, secrets.token_hex(1))  # several Hosts in one process
