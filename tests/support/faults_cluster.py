@@ -345,12 +345,12 @@ def node_disk_full(rig: ClusterFaultRig, node: int = 1, full_s: float = 3.0) -> 
     c.ctl("set_disk_free_limit", "%dGB" % 10 ** 9, node=node)
     try:
         _wait_alarm(c, node, True)
-        acked = sum(d.stats.published for d in rig.devices)
+        acked_before = acked(rig.devices)
         signed = sum(rig.signed().values())
         time.sleep(full_s)
         r.notes["alarm_on_other_nodes"] = [disk_alarm(c, i) for i in range(len(c.nodes))
                                            if i != node]
-        r.notes["acked_while_full"] = sum(d.stats.published for d in rig.devices) - acked
+        r.notes["acked_while_full"] = acked(rig.devices) - acked_before
         r.notes["signed_while_full"] = sum(rig.signed().values()) - signed
     finally:
         c.ctl("set_disk_free_limit", limit, node=node)
@@ -367,6 +367,22 @@ def leader_number(cluster: RabbitCluster) -> int:
     return [n.name for n in cluster.nodes].index(leader) + 1
 
 
+def acked(devices: list[Any]) -> int:
+    """Batches these devices have seen acknowledged (PUBACK) so far."""
+    return sum(d.stats.published for d in devices)
+
+
+def _steady_sides(rig: ClusterFaultRig, node: int, r: FaultResult
+                  ) -> tuple[list[Any], list[Any]]:
+    """The devices started and steady, the queue's leader noted; the devices on ``node``
+    and the others."""
+    rig.start_devices()
+    rig.steady()
+    r.notes["leader_before"] = leader_number(rig.cluster)
+    on_node = [d for i, d in enumerate(rig.devices) if i % len(rig.cluster.nodes) == node]
+    return on_node, [d for d in rig.devices if d not in on_node]
+
+
 def node_paused(rig: ClusterFaultRig, node: int = 0, pause_s: float = 6.0) -> FaultResult:
     """A node frozen for ``pause_s`` (SIGSTOP to its processes, then SIGCONT), longer if
     the others have not acknowledged a batch sent after the freeze by then
@@ -380,13 +396,8 @@ def node_paused(rig: ClusterFaultRig, node: int = 0, pause_s: float = 6.0) -> Fa
     one). Recovery is from the SIGCONT."""
     c = rig.cluster
     r = FaultResult("node %d of %d frozen (SIGSTOP)" % (node + 1, len(c.nodes)))
-    rig.start_devices()
-    rig.steady()
-    r.notes["leader_before"] = leader_number(c)
-    on_node = [d for i, d in enumerate(rig.devices) if i % len(c.nodes) == node]
-    others = [d for d in rig.devices if d not in on_node]
-    acked_on = sum(d.stats.published for d in on_node)
-    acked_others = sum(d.stats.published for d in others)
+    on_node, others = _steady_sides(rig, node, r)
+    acked_on, acked_others = acked(on_node), acked(others)
     c.pause(node)
     frozen = time.monotonic()
     try:
@@ -394,13 +405,12 @@ def node_paused(rig: ClusterFaultRig, node: int = 0, pause_s: float = 6.0) -> Fa
         # the freeze (its new leader elected: seconds, not a fixed time), or FROZEN_MAX_S
         # at most. A device waits for one PUBACK at a time, so more than one per device
         # means at least one publish made after the freeze was confirmed.
-        wait_for(lambda: time.monotonic() - frozen >= pause_s and sum(
-            d.stats.published for d in others) - acked_others > len(others), FROZEN_MAX_S)
+        wait_for(lambda: time.monotonic() - frozen >= pause_s
+                 and acked(others) - acked_others > len(others), FROZEN_MAX_S)
         r.notes["other_devices"] = len(others)
         r.notes["frozen_s"] = round(time.monotonic() - frozen, 1)
-        r.notes["acked_on_frozen_node"] = sum(d.stats.published for d in on_node) - acked_on
-        r.notes["acked_on_other_nodes"] = (sum(d.stats.published for d in others)
-                                           - acked_others)
+        r.notes["acked_on_frozen_node"] = acked(on_node) - acked_on
+        r.notes["acked_on_other_nodes"] = acked(others) - acked_others
     finally:
         c.resume(node)
     since = time.monotonic()
@@ -443,13 +453,8 @@ def node_partitioned(rig: ClusterFaultRig, node: int = 0) -> FaultResult:
     assert c.hosts is not None, "a partition needs the nodes on hosts of their own"
     others_i = [i for i in range(len(c.nodes)) if i != node]
     r = FaultResult("node %d of %d partitioned from the others" % (node + 1, len(c.nodes)))
-    rig.start_devices()
-    rig.steady()
-    r.notes["leader_before"] = leader_number(c)
-    on_node = [d for i, d in enumerate(rig.devices) if i % len(c.nodes) == node]
-    others = [d for d in rig.devices if d not in on_node]
-    acked_on = sum(d.stats.published for d in on_node)
-    acked_others = sum(d.stats.published for d in others)
+    on_node, others = _steady_sides(rig, node, r)
+    acked_on, acked_others = acked(on_node), acked(others)
     connects = {d.id: d.stats.connects for d in on_node}
     c.hosts.partition([node], others_i)
     cut = time.monotonic()
@@ -459,14 +464,12 @@ def node_partitioned(rig: ClusterFaultRig, node: int = 0) -> FaultResult:
             nonlocal paused_s
             if paused_s is None and not listening(c, node):
                 paused_s = time.monotonic() - cut
-            return paused_s is not None and (
-                sum(d.stats.published for d in others) - acked_others > len(others))
+            return paused_s is not None and acked(others) - acked_others > len(others)
         wait_for(settled, PARTITION_MAX_S)
         r.notes["partitioned_s"] = round(time.monotonic() - cut, 1)
         r.notes["minority_paused_s"] = None if paused_s is None else round(paused_s, 1)
-        r.notes["acked_on_minority"] = sum(d.stats.published for d in on_node) - acked_on
-        r.notes["acked_on_majority"] = (sum(d.stats.published for d in others)
-                                        - acked_others)
+        r.notes["acked_on_minority"] = acked(on_node) - acked_on
+        r.notes["acked_on_majority"] = acked(others) - acked_others
         r.notes["devices_on_minority"] = len(on_node)
         r.notes["devices_on_majority"] = len(others)
         r.notes["majority_view"] = cluster_view(c, others_i[0])
