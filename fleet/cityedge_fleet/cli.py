@@ -424,22 +424,26 @@ def _rabbitmq_config(settings: Settings, out_dir: Path, certfile: Path, keyfile:
     for cn in services:
         if broker_acl.identity_kind(cn) not in broker_acl.SERVICE_KINDS:
             raise UserError("--service %s is not a fleet service identity" % cn)
+    try:  # the layout first: a wrong one is refused before anything is read or written
+        cluster = broker_rabbitmq.nodes(nodes, host=host, mqtt_port=mqtt_port,
+                                        amqp_port=amqp_port, dist_port=dist_port)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     ca = CertificateAuthority(settings.ca_dir, custody_of(settings))
     with Session(_engine(settings)) as session:
         devices = desired_devices(session)
     files = broker.BrokerFiles(cafile=ca.write_broker_bundle(), certfile=certfile,
                                keyfile=keyfile, crlfile=settings.ca_dir / CRL_FILE)
     try:
-        cluster = broker_rabbitmq.nodes(nodes, host=host, mqtt_port=mqtt_port,
-                                        amqp_port=amqp_port, dist_port=dist_port)
         dirs = broker_rabbitmq.write(out_dir, files, cluster, bind=bind,
                                      identities=[*services, *devices])
     except ValueError as e:
         raise UserError(str(e)) from e
     for node, d in zip(cluster, dirs, strict=True):
         print("%s %s" % (node.name, d))
-    print("cityedge: %d nodes, %d services and %d devices; start each node with its "
-          "rabbitmq-env.conf (docs/BROKERS.md)" % (len(cluster), len(services), len(devices)),
+    print("cityedge: %d nodes, %d services and %d devices; start each node with its own "
+          "file, first node first: RABBITMQ_CONF_ENV_FILE=<its dir>/rabbitmq-env.conf "
+          "rabbitmq-server (docs/BROKERS.md)" % (len(cluster), len(services), len(devices)),
           file=sys.stderr)
 
 

@@ -6,6 +6,7 @@ configuration that loads it on every node."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -18,6 +19,7 @@ from cityedge_core import topics
 from cityedge_fleet import broker_rabbitmq as rmq
 from cityedge_fleet.broker import BrokerFiles
 
+from support import cli
 from support.mosquitto import TestPKI
 
 ids = st.text("abc019.-:", min_size=1, max_size=12).map(lambda s: "urn:dev:x:" + s)
@@ -224,3 +226,40 @@ def test_one_host_keeps_short_names_and_the_next_ports() -> None:
     assert [n.mqtt_port for n in cluster] == [8883, 8884, 8885]
     assert not rmq.long_names(n.name for n in cluster)
     assert "RABBITMQ_USE_LONGNAME" not in rmq.env_for(cluster[0], Path("/n"))
+
+
+def test_broker_config_writes_a_node_per_host_and_refuses_a_short_list(tmp_path: Path) -> None:
+    """``cityedge broker config --engine rabbitmq --node-host a,b,c``, as an operator runs
+    it: a directory per node named for its host, long names, the same ports, and how to
+    start each; two hosts for three nodes are refused with the reason, nothing written."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYEDGE_")}
+    env.update(CITYEDGE_MODE="development", CITYEDGE_CA_DIR=str(tmp_path / "ca"),
+               CITYEDGE_DATABASE_URL="sqlite:///%s" % (tmp_path / "fleet.sqlite3"))
+    r = cli.run(["ca", "init", "--root-dir", str(tmp_path / "root"), "--out-dir",
+                 str(tmp_path / "ca")], env)
+    assert r.returncode == 0, r.stderr
+    r = cli.run(["ca", "issue-service", "--cn", "broker", "--out-dir", str(tmp_path / "svc"),
+                 "--server", "rmq1.city.example"], env)
+    assert r.returncode == 0, r.stderr
+    r = cli.run(["fleet", "init-db"], env)
+    assert r.returncode == 0, r.stderr
+    hosts = ["rmq1.city.example", "rmq2.city.example", "rmq3.city.example"]
+    args = ["broker", "config", "--engine", "rabbitmq", "--certfile",
+            str(tmp_path / "svc" / "broker.crt"), "--keyfile", str(tmp_path / "svc" / "broker.key")]
+    r = cli.run([*args, "--out-dir", str(tmp_path / "two"), "--node-host", ",".join(hosts[:2])],
+                env)
+    assert r.returncode == 1, r.stdout + r.stderr  # a UserError
+    assert "2 node hosts for 3 nodes" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "two").exists() or not any((tmp_path / "two").iterdir())
+    r = cli.run([*args, "--out-dir", str(tmp_path / "three"), "--node-host", ",".join(hosts)],
+                env)
+    assert r.returncode == 0, r.stderr
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert [name.split("@")[1] for name, _ in lines] == hosts
+    for name, d in lines:
+        env_file = (Path(d) / "rabbitmq-env.conf").read_text()
+        assert "NODENAME=%s\nUSE_LONGNAME=true\nDIST_PORT=25672\n" % name in env_file
+        conf = (Path(d) / "rabbitmq.conf").read_text()
+        assert "mqtt.listeners.ssl.default = 0.0.0.0:8883" in conf
+        assert all("= ce%d@%s" % (k + 1, h) in conf for k, h in enumerate(hosts))
+    assert "RABBITMQ_CONF_ENV_FILE=" in r.stderr
