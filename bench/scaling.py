@@ -117,7 +117,7 @@ def one_run(n_workers: int, fleet: Any, cluster: Any, base: Path, pki: Any
                 break
             time.sleep(0.05)
         after = {k: cpu_ticks(v) for k, v in groups.items()}
-        proc.wait(TIMEOUT_S)
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
         if last is None or first is None:
             raise SystemExit("bench scaling: %d workers stored %d of %d readings"
                              % (n_workers, n, want))
@@ -125,6 +125,9 @@ def one_run(n_workers: int, fleet: Any, cluster: Any, base: Path, pki: Any
         cpu = {k: cpu_delta(ticks[k], after[k]) for k in PARTS}
         per_k = {k: 1000 * v / stored for k, v in cpu.items()}
         per_k["busy"] = sum(cpu.values()) / ((last - first) * (os.cpu_count() or 1))
+        # the publisher's own rate (every message PUBACKed): a curve flat at it would
+        # measure the publisher, not the workers
+        per_k["publisher_readings_per_s"] = float(out.split()[-1]) * READINGS
         return stored / (last - first), per_k
     finally:
         for w in workers:
@@ -161,7 +164,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             "readings_per_s": {str(n): med[n] for n in WORKERS},
             "speedup": {str(n): med[n] / med[1] for n in WORKERS},
             "cpu_per_1000": {str(n): {k: statistics.median(c[k] for c in cpus[n])
-                                      for k in (*PARTS, "busy")} for n in WORKERS}}
+                                      for k in (*PARTS, "busy", "publisher_readings_per_s")}
+                             for n in WORKERS}}
 
 
 def report(r: dict[str, Any]) -> None:
@@ -173,8 +177,9 @@ def report(r: dict[str, Any]) -> None:
     print("  target: 2 workers >= 1.80 x one")
     print("  CPU s per 1,000 readings (median): %s; machine busy" % ", ".join(PARTS))
     for n, c in r["cpu_per_1000"].items():
-        print("  %s worker(s)  %s   %.0f %%" % (
-            n, "  ".join("%.3f" % c[k] for k in PARTS), 100 * c["busy"]))
+        print("  %s worker(s)  %s   %.0f %%   (publisher: %.0f readings/s)" % (
+            n, "  ".join("%.3f" % c[k] for k in PARTS), 100 * c["busy"],
+            c["publisher_readings_per_s"]))
 
 
 if __name__ == "__main__":
