@@ -78,8 +78,8 @@ class Fleet:
                 if decode_result(d, self.verifier).seq == seq]
 
     def close(self) -> None:
-        self.pub.loop_stop()
         self.pub.disconnect()
+        self.pub.loop_stop()
         self.sub.close()
 
 
