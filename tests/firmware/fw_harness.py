@@ -217,8 +217,10 @@ class Subscriber:
             return [p for t, p in self.messages if t == "ce/v1/%s/up/result" % device]
 
     def close(self) -> None:
-        self.client.loop_stop()
+        # disconnect first: it wakes the network thread, which then ends at once; stopped
+        # first, the thread ends only at its next 1 s select timeout
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def verifier_for(creds: Credentials, device: str = DEVICE) -> chain.BatchVerifier:

@@ -110,6 +110,6 @@ def test_signed_commands_are_obeyed_forged_ones_refused_across_a_reboot(
         assert seqs == list(range(1, second["seq"] + 1)), seqs
         assert max(record_counts(sub.readings()[seen:])) == 4
     finally:
-        pub.loop_stop()
         pub.disconnect()
+        pub.loop_stop()
         sub.close()

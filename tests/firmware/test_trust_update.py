@@ -41,6 +41,9 @@ def statement(root: EcSigner, version: int, keys: list[tuple[EcSigner, int | Non
         now - 60, now + 3600)
 
 
+RESEND_S = 3.0  # seconds between the fleet's sends of a command not answered yet
+
+
 class Fleet:
     """The fleet's side: its command keys, the publisher, the observer of results."""
 
@@ -78,8 +81,8 @@ class Fleet:
                 if decode_result(d, self.verifier).seq == seq]
 
     def close(self) -> None:
-        self.pub.loop_stop()
         self.pub.disconnect()
+        self.pub.loop_stop()
         self.sub.close()
 
 
@@ -94,8 +97,11 @@ def answer(fleet: Fleet, dev: RebootingDevice, seq: int, data: bytes,
            timeout: float = 150) -> Any:
     """The device's answer to ``seq``, the command ``data`` sent again every few seconds
     as the fleet does until it has one (the check runs at the next boot; its answer is
-    kept on flash and sent for the resend). Taken by the fleet's result rules."""
+    kept on flash and sent for the resend). Taken by the fleet's result rules. The answers
+    are looked for every 0.05 s, not only before each resend: one that came a moment after
+    a resend was otherwise found up to 3 s late."""
     deadline = time.monotonic() + timeout
+    resend_at = time.monotonic()
     while time.monotonic() < deadline:
         found = fleet.answers(seq)
         if found:
@@ -103,8 +109,10 @@ def answer(fleet: Fleet, dev: RebootingDevice, seq: int, data: bytes,
                        if decode_result(d, fleet.verifier).seq == seq)
             assert fleet.rules.take(raw) == "result", found[0]
             return found[0]
-        fleet.resend(data)
-        time.sleep(3)
+        if time.monotonic() >= resend_at:
+            fleet.resend(data)
+            resend_at = time.monotonic() + RESEND_S
+        time.sleep(0.05)
     dev.stop()  # its last boot's RESULT (mem_errors, last_error) into the log
     raise AssertionError("no answer to %d\n%s" % (seq, dev.log()))
 

@@ -100,8 +100,8 @@ class World:
         return data, res
 
     def close(self) -> None:
-        self.pub.loop_stop()
         self.pub.disconnect()
+        self.pub.loop_stop()
         self.sub.close()
 
 
