@@ -68,11 +68,11 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import aiomqtt  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 
 from bench.machine import p50_p99  # noqa: E402
 from cityedge.fastdevice import FastDevice  # noqa: E402
+from cityedge_host.mqtt_client import FailFastClient  # noqa: E402
 
 MISC_S = 5.0  # the MQTT clients' housekeeping period (LightClient)
 JITTER = 0.1  # each interval is interval_s * uniform(1 - JITTER, 1 + JITTER)
@@ -101,7 +101,7 @@ FULL = Size(devices=10_000, interval_s=300.0, readings=10, ramp_s=300.0, warm_s=
 QUICK = Size(devices=6, interval_s=1.0, readings=10, ramp_s=1.0, warm_s=2.0, window_s=4.0)
 
 
-class LightClient(aiomqtt.Client):
+class LightClient(FailFastClient):
     """aiomqtt's client with its housekeeping (``loop_misc``: keepalive pings and their
     timeouts) every ``MISC_S`` instead of every second: 10,000 clients waking every second
     cost the simulator a large share of a core. A ping is at most ``MISC_S`` late against
@@ -361,8 +361,7 @@ def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str]
             for proc in cluster.procs:
                 if proc is not None:
                     out |= pids_where(6, proc.pid)
-            if cluster.epmd is not None:
-                out.add(cluster.epmd.pid)
+            out.update(epmd.pid for epmd in cluster.epmds)
             return out
 
         yield SimpleNamespace(

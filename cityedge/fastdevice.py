@@ -73,6 +73,7 @@ from cityedge_host.command_responder import Refuse
 from cityedge_host.crypto import EcSigner, EcVerifier, load_signer, public_sec1
 from cityedge_host.files import write_atomic
 from cityedge_host.fleet_trust import FleetTrust, VersionMark
+from cityedge_host.mqtt_client import FailFastClient
 
 log = logging.getLogger(__name__)
 ANSWERS_KEPT = 16  # results kept to answer a re-sent command again with the same bytes
@@ -200,7 +201,7 @@ class FastDevice:
     """One device (module docstring). Not thread-safe: one asyncio loop."""
 
     # the MQTT client class (a bench of thousands swaps in a lighter one: ``bench.city``)
-    mqtt_client: type[aiomqtt.Client] = aiomqtt.Client
+    mqtt_client: type[aiomqtt.Client] = FailFastClient
 
     def __init__(self, directory: Path, host: str, port: int, *, interval_s: float = 1.0,
                  readings: int = 10, clock: Any = time.time,

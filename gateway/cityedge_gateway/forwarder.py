@@ -46,6 +46,7 @@ import aiomqtt
 
 from cityedge_core import topics
 from cityedge_host.backoff import Backoff
+from cityedge_host.mqtt_client import FailFastClient
 
 from . import limits
 from .config import BrokerConfig
@@ -80,6 +81,17 @@ class ForwarderStats:
     commands: int = 0  # messages received on down/cmd
     identity_switches: int = 0  # reconnects to present a new certificate
     last_error: str = ""
+
+
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Wait for a cancelled task and take how it ended (a broken link, what ended it
+    first, is expected; any other error is logged), so that nothing is left for the
+    collector to report as never retrieved. A cancel of the caller still cancels it."""
+    await asyncio.wait({task})
+    if not task.cancelled():
+        error = task.exception()
+        if error is not None and not isinstance(error, aiomqtt.MqttError):
+            log.error("command listener failed", exc_info=error)
 
 
 class Forwarder:
@@ -138,7 +150,7 @@ class Forwarder:
         while True:
             self._switch.clear()  # the context read below is the newest
             try:
-                client = aiomqtt.Client(
+                client = FailFastClient(
                     self.cfg.host,
                     self.cfg.port,
                     identifier=self.device,
@@ -171,6 +183,8 @@ class Forwarder:
                                 task.cancel()
                         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                             await drain
+                        if listener is not None:  # its end taken, not left to the collector
+                            await _ended(listener)
                     log.info("new identity: leaving the session to reconnect with it")
             except aiomqtt.MqttError as e:
                 self.stats.connect_failures += 1

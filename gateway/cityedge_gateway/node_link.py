@@ -23,6 +23,7 @@ import aiomqtt
 from cityedge_core import topics
 from cityedge_core.errors import StorageError
 from cityedge_host.backoff import Backoff
+from cityedge_host.mqtt_client import FailFastClient
 
 from . import limits
 from .config import BrokerConfig
@@ -57,7 +58,7 @@ class NodeListener:
     async def run(self) -> None:
         backoff = Backoff(limits.MQTT_BACKOFF_MIN_S, limits.MQTT_BACKOFF_MAX_S)
         while True:
-            client = aiomqtt.Client(
+            client = FailFastClient(
                 self.cfg.host,
                 self.cfg.port,
                 identifier=self.device + "-relay",

@@ -16,6 +16,7 @@ from sqlmodel import Session, col, func, select
 from cityedge_core import chain
 from cityedge_fleet import rotation_ingest
 from cityedge_fleet.models import ChainStateRow, IngestEvent, Reading, Role
+from cityedge_host.mqtt_client import CLOSED_BEFORE_CONNACK
 
 from support.fastfleet import DeviceLoop, Fleet, enroll_fast, real_fleet, refused_at_the_broker
 from support.fleet import wait_for
@@ -98,6 +99,9 @@ def test_a_revoked_device_is_refused_by_the_broker_and_the_ingest(fleet: Fleet) 
         # cut and kicked: its reconnects fail from now on
         failures = dev.stats.connect_failures
         assert wait_for(lambda: dev.stats.connect_failures >= failures + 2, WAIT_S)
+        # refused after the TLS handshake: the connect fails on the close, not by
+        # waiting out its timeout (which aiomqtt alone did)
+        assert CLOSED_BEFORE_CONNACK in dev.stats.last_error, dev.stats.last_error
         last = stored(f, dev.id)[1]
     finally:
         loop.stop()
