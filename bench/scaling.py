@@ -43,31 +43,27 @@ TIMEOUT_S = 300.0
 
 class Progress:
     """How many readings are stored, asked every 50 ms on one connection: the newest id
-    (the primary key's index, a few blocks; ids come from one sequence, so its distance
-    from the first id bounds the count from above), and the exact count only once that
-    bound reaches what is wanted. A ``count(*)`` of a growing table every 50 ms (a new
-    connection each, as this bench did until 2026-12-05) took CPU the workers needed, and
-    the curve measured it too."""
+    while it is below what is wanted (the primary key's index, a few blocks; each run's
+    database is new, so ids start at 1 and the newest bounds the count from above), the
+    exact count once it is not. A ``count(*)`` of a growing table every 50 ms (a new
+    connection each, as this bench did until 2026-12-05) took CPU the workers needed.
+    Not the newest id minus the first one seen: with several workers a transaction that
+    took lower ids can commit later, and that difference stayed short of the count."""
 
     def __init__(self, url: str) -> None:
         import psycopg
 
         self.conn = psycopg.connect(url, autocommit=True)
-        self.first_id: int | None = None
+        self.started = False
 
     def stored(self, want: int) -> int:
         newest = self.conn.execute("SELECT max(id) FROM reading").fetchone()[0]  # type: ignore[index]
         if newest is None:
             return 0
-        count = "SELECT count(*) FROM reading"
-        if self.first_id is None:  # the first rows: counted (few yet), the rate's start
-            self.first_id = int(self.conn.execute(
-                "SELECT min(id) FROM reading").fetchone()[0])  # type: ignore[index]
-            return int(self.conn.execute(count).fetchone()[0])  # type: ignore[index]
-        bound = int(newest) - self.first_id + 1
-        if bound < want:
-            return bound
-        return int(self.conn.execute(count).fetchone()[0])  # type: ignore[index]
+        if self.started and int(newest) < want:
+            return int(newest)
+        self.started = True  # the first rows are counted: the rate starts from them
+        return int(self.conn.execute("SELECT count(*) FROM reading").fetchone()[0])  # type: ignore[index]
 
     def close(self) -> None:
         self.conn.close()
@@ -146,8 +142,19 @@ def one_run(n_workers: int, fleet: Any, cluster: Any, base: Path, pki: Any
         progress.close()
         out, _ = proc.communicate(timeout=TIMEOUT_S)
         if last is None or first is None:
-            raise SystemExit("bench scaling: %d workers stored %d of %d readings"
-                             % (n_workers, n, want))
+            logs = "\n".join("%s: %s" % (w.cn, "\n  ".join(
+                w.log.read_text(errors="replace").splitlines()[-8:])) for w in workers)
+            import psycopg
+
+            with psycopg.connect(url) as c:
+                seen = c.execute("SELECT count(*) FROM reading").fetchone()
+                events = c.execute("SELECT status, count(*), sum(missing) FROM ingest_event "
+                                   "GROUP BY status").fetchall()
+                dead = c.execute("SELECT count(*) FROM ingest_dead_letter").fetchone()
+            raise SystemExit("bench scaling: %d workers stored %d of %d readings (a new "
+                             "connection counts %s; ingest events %s; dead letters %s); the "
+                             "workers' last lines:\n%s"
+                             % (n_workers, n, want, seen, events, dead, logs))
         stored = want - n_first
         cpu = {k: cpu_delta(ticks[k], after[k]) for k in PARTS}
         per_k = {k: 1000 * v / stored for k, v in cpu.items()}
