@@ -422,8 +422,7 @@ def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str],
             for proc in cluster.procs:
                 if proc is not None:
                     out |= pids_where(6, proc.pid)
-            if cluster.epmd is not None:
-                out.add(cluster.epmd.pid)
+            out |= {e.pid for e in cluster.epmds}  # an epmd per host
             return out
 
         yield SimpleNamespace(
