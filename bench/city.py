@@ -34,20 +34,20 @@ Figures, per engine, over a window of ``window_s`` after ``warm_s`` of steady ru
   transactions' sizes and durations; the simulator's collector pauses. ``CITY_TRACE=FILE``
   writes every batch's stages (JSON).
 
-**The herd** (``--herd [S]``, ``Size.herd_outage_s``; Mosquitto only): after the window,
-with every device connected, the broker is stopped (SIGTERM: it saves its state) and
-started again on the same port with the same configuration ``S`` seconds (default
-``HERD_OUTAGE_S``) after the SIGTERM, so that every device reconnects at once, each with
-its own backoff (``FastDevice.run``: 0.2 s doubling to 10 s, +-50 % jitter). For it the
-broker runs as production configures a single Mosquitto that must survive its restart:
+**The herd** (``--herd [S]``, ``Size.herd_outage_s``): after the window, with every device
+connected, the broker is stopped (Mosquitto: SIGTERM, it saves its state; RabbitMQ: every
+node killed, SIGKILL) and started again on the same ports with the same configuration ``S``
+seconds (default ``HERD_OUTAGE_S``) after the stop, so that every device reconnects at once,
+each with its own backoff (``FastDevice.run``: 0.2 s doubling to 10 s, +-50 % jitter). For
+it Mosquitto runs as production configures a single Mosquitto that must survive its restart:
 ``persistence true`` and one ingest worker on plain subscriptions (saved with its session;
-Mosquitto 2.0 saves no shared subscription, so the bench's two shared workers would lose,
-by design, what devices send before a worker subscribes again: docs/OPERATIONS.md,
-section 8). Measured (``herd``): the outage; from the broker's return until 50 %, 99 %
-and 100 % of the devices are connected again; the devices' connect attempts, refusals and
-failures; the broker's CPU until every device is back; the batches signed during the
-outage; and, after the drain, the recovery: from the broker's return until every batch
-signed before it is committed (PostgreSQL's commit timestamps).
+Mosquitto 2.0 saves no shared subscription, so the bench's two shared workers would lose, by
+design, what devices send before a worker subscribes again: docs/OPERATIONS.md, section 8);
+RabbitMQ keeps its two AMQP workers. Measured (``herd``): the outage; from the broker's
+return until 50 %, 99 % and 100 % of the devices are connected again; the devices' connect
+attempts, refusals and failures; the broker's CPU until every device is back; the batches
+signed during the outage; and, after the drain, the recovery: from the broker's return until
+every batch signed before it is committed (PostgreSQL's commit timestamps).
 
 The simulator's objects are frozen out of the collector (``gc.freeze``) once every device
 is connected: a full collection walking 10,000 devices' clients stopped the loop for
@@ -97,7 +97,7 @@ WORKERS = 2
 ENGINES = ("rabbitmq", "mosquitto")
 SETTLE_S = 300.0  # the longest wait for the outboxes to empty and everything to be stored
 STOP_S = 180.0
-HERD_OUTAGE_S = 5.0  # seconds from the broker's SIGTERM to its start again (--herd)
+HERD_OUTAGE_S = 5.0  # seconds from the broker's stop to its start again (--herd)
 HERD_WAIT_S = 300.0  # the longest wait for every device to be connected again
 BROKER_EXIT_S = 60.0  # the longest wait for a SIGTERMed Mosquitto to save and exit
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -425,9 +425,24 @@ def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str],
             out |= {e.pid for e in cluster.epmds}  # an epmd per host
             return out
 
+        def down() -> dict[str, Any]:
+            """Every node killed (SIGKILL to each node's process group) at once."""
+            t = time.monotonic()
+            for i in range(len(cluster.nodes)):
+                cluster.kill(i)
+            return {"exit_s": round(time.monotonic() - t, 2), "exit_code": "SIGKILL"}
+
+        def up() -> None:
+            """Every node started again together (each waits for the others' tables), then
+            all listening and online."""
+            for i in range(len(cluster.nodes)):
+                cluster.start_node(i)
+            for i in range(len(cluster.nodes)):
+                cluster.wait_listening(i)
+
         yield SimpleNamespace(
             ports=[n.mqtt_port for n in cluster.nodes], pids=pids,
-            port=cluster.nodes[0].mqtt_port, down=None, up=None,
+            port=cluster.nodes[0].mqtt_port, down=down, up=up,
             env={"CITYEDGE_BROKER_ENGINE": "rabbitmq", "CITYEDGE_INGEST_AMQP_NODES": ",".join(
                 "127.0.0.1:%d" % n.amqp_port for n in cluster.nodes)})
     finally:
@@ -537,7 +552,7 @@ def _fraction_back(xs: list[float], q: float) -> float:
 
 def herd(b: Any, devices: list[CityDevice], swarm: Swarm, outage_s: float,
          say: Any = print) -> dict[str, Any]:
-    """The broker stopped (SIGTERM) and started again ``outage_s`` after the SIGTERM, every
+    """The broker stopped (``b.down``) and started again ``outage_s`` after the stop, every
     device connected; returns once every device is connected again (or ``HERD_WAIT_S``).
     Times are from the broker's return (``t_back``, wall clock): when its port accepted a
     connection again, or a device's reconnection if one came first."""
@@ -598,7 +613,7 @@ def herd(b: Any, devices: list[CityDevice], swarm: Swarm, outage_s: float,
         "connect_errors": dict((CONNECT_ERRORS - errors0).most_common(5)),
         "t_term": t_term, "t_back": t_back,
     }
-    say("  herd: SIGTERM at %s UTC, broker down %.1f s; %d of %d devices back, 100 %% after "
+    say("  herd: stopped at %s UTC, broker down %.1f s; %d of %d devices back, 100 %% after "
         "%s s" % (dt.datetime.fromtimestamp(t_term, dt.UTC).strftime("%H:%M:%S"),
                   out["outage_s"], len(firsts), len(devices), out["back_100_s"]))
     return out
@@ -611,15 +626,13 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
     from support.faults import IngestProc
 
     herding = size.herd_outage_s > 0
-    if herding and engine != "mosquitto":
-        raise ValueError("the herd runs on Mosquitto only (not %s)" % engine)
     work = Path(tempfile.mkdtemp(prefix="%s-" % engine, dir=base))
     work.chmod(0o755)
     url = cluster.new_database()
     register(url, base / "ca", ids)
-    # the herd: one worker on plain subscriptions (the module docstring)
+    # the herd on Mosquitto: one worker on plain subscriptions (the module docstring)
     cns = ["fleet-ingest"] + ["fleet-ingest-%d" % k for k in range(2, 1 + (
-        1 if herding else WORKERS))]
+        1 if herding and engine == "mosquitto" else WORKERS))]
     herd_out: dict[str, Any] | None = None
     t_boot = time.monotonic()
     with _broker(engine, work, pki, ids.ids, cns, herd=herding) as b:
@@ -757,7 +770,7 @@ def run(size: Size = FULL, engines: tuple[str, ...] = ENGINES,
     from support.pg import pg_cluster
 
     out: dict[str, Any] = {"size": dataclasses.asdict(size),
-                           "workers": 1 if size.herd_outage_s > 0 else WORKERS,
+                           "workers": WORKERS,
                            "cores": os.cpu_count(), "engines": {}}
     # the devices' files on tmpfs: 10,000 directories of small files written durably
     shm = Path("/dev/shm")
@@ -784,14 +797,14 @@ NAMES = {"rabbitmq": "RabbitMQ 3.10, 3 nodes (quorum queue, AMQP ingest)",
 def report(r: dict[str, Any]) -> None:
     s = r["size"]
     print("\nCity scale: %d devices, a batch of %d readings every %.0f s (+-%d%%) each, "
-          "%d ingest workers, PostgreSQL fsync on, %s cores:"
-          % (s["devices"], s["readings"], s["interval_s"], JITTER * 100, r["workers"],
+          "PostgreSQL fsync on, %s cores:"
+          % (s["devices"], s["readings"], s["interval_s"], JITTER * 100,
              r["cores"]))
     for engine, e in r["engines"].items():
         name = NAMES.get(engine, engine)
         if e.get("herd"):
             name = name.replace("shared subscription", "plain subscriptions, saved")
-        print("  %s" % name)
+        print("  %s, %d ingest workers" % (name, e.get("workers", r["workers"])))
         print("    connected %d of %d in %.0f s; offered %.0f readings/s; stored %.0f "
               "readings/s over %.0f s"
               % (e["connected"], e["devices"], e["connected_s"], e["offered_readings_per_s"],
@@ -824,10 +837,14 @@ def report(r: dict[str, Any]) -> None:
 
 
 def report_herd(e: dict[str, Any], h: dict[str, Any]) -> None:
-    print("    herd (after the window; Mosquitto persistence on, %d ingest worker%s on plain "
-          "subscriptions):" % (e["workers"], "" if e["workers"] == 1 else "s"))
-    print("      broker SIGTERM -> exited in %.2f s (code %s); down until its return: %.2f s; "
-          "%d batches signed in the outage, %d unacknowledged at the SIGTERM"
+    if e["engine"] == "mosquitto":
+        print("    herd (after the window; Mosquitto persistence on, %d ingest worker%s on "
+              "plain subscriptions):" % (e["workers"], "" if e["workers"] == 1 else "s"))
+    else:
+        print("    herd (after the window; every node kill -9 and started again, %d AMQP "
+              "ingest workers):" % e["workers"])
+    print("      broker stopped -> exited in %.2f s (code %s); down until its return: %.2f s; "
+          "%d batches signed in the outage, %d unacknowledged at the stop"
           % (h["broker_exit_s"], h["broker_exit_code"], h["outage_s"], h["signed_in_outage"],
              h["unacked_at_outage"]))
     print("      connected again: %d of %d; from the broker's return: 50 %% %s s, 99 %% %s s, "
@@ -863,8 +880,5 @@ if __name__ == "__main__":
         with contextlib.suppress(IndexError, ValueError):
             outage = float(args[at])
         size = dataclasses.replace(size, herd_outage_s=outage)
-        if "rabbitmq" in args:
-            sys.exit("cityedge: the herd runs on Mosquitto only: drop 'rabbitmq'")
-        only = ("mosquitto",)
     report(run(size, only))
     os._exit(0)
