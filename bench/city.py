@@ -34,22 +34,39 @@ Figures, per engine, over a window of ``window_s`` after ``warm_s`` of steady ru
   transactions' sizes and durations; the simulator's collector pauses. ``CITY_TRACE=FILE``
   writes every batch's stages (JSON).
 
+**The herd** (``--herd [S]``, ``Size.herd_outage_s``): after the window, with every device
+connected, the broker is stopped (Mosquitto: SIGTERM, it saves its state; RabbitMQ: every
+node killed, SIGKILL) and started again on the same ports with the same configuration ``S``
+seconds (default ``HERD_OUTAGE_S``) after the stop, so that every device reconnects at once,
+each with its own backoff (``FastDevice.run``: 0.2 s doubling to 10 s, +-50 % jitter). For
+it Mosquitto runs as production configures a single Mosquitto that must survive its restart:
+``persistence true`` and one ingest worker on plain subscriptions (saved with its session;
+Mosquitto 2.0 saves no shared subscription, so the bench's two shared workers would lose, by
+design, what devices send before a worker subscribes again: docs/OPERATIONS.md, section 8);
+RabbitMQ keeps its two AMQP workers. Measured (``herd``): the outage; from the broker's
+return until 50 %, 99 % and 100 % of the devices are connected again; the devices' connect
+attempts, refusals and failures; the broker's CPU until every device is back; the batches
+signed during the outage; and, after the drain, the recovery: from the broker's return until
+every batch signed before it is committed (PostgreSQL's commit timestamps).
+
 The simulator's objects are frozen out of the collector (``gc.freeze``) once every device
 is connected: a full collection walking 10,000 devices' clients stopped the loop for
 2.4 s, delaying batches signed before it (docs/CAPACITY.md, C9).
 
-``python -m bench.city [devices] [--interval S] [rabbitmq] [mosquitto]`` runs it (``FULL``
-by default); ``QUICK`` is the test's size.
+``python -m bench.city [devices] [--interval S] [--herd [S]] [rabbitmq] [mosquitto]`` runs
+it (``FULL`` by default); ``QUICK`` and ``HERD_QUICK`` are the tests' sizes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
 import gc
 import json
+import math
 import os
 import random
 import shutil
@@ -68,6 +85,7 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import aiomqtt  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 
 from bench.machine import p50_p99  # noqa: E402
@@ -80,6 +98,9 @@ WORKERS = 2
 ENGINES = ("rabbitmq", "mosquitto")
 SETTLE_S = 300.0  # the longest wait for the outboxes to empty and everything to be stored
 STOP_S = 180.0
+HERD_OUTAGE_S = 5.0  # seconds from the broker's stop to its start again (--herd)
+HERD_WAIT_S = 300.0  # the longest wait for every device to be connected again
+BROKER_EXIT_S = 60.0  # the longest wait for a SIGTERMed Mosquitto to save and exit
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -91,6 +112,7 @@ class Size:
     ramp_s: float  # device connections spread over this
     warm_s: float  # steady running before the window
     window_s: float
+    herd_outage_s: float = 0.0  # > 0: the broker's outage after the window (Mosquitto)
 
 
 # a batch of 10 readings per device every 5 minutes (a reading every 30 s): 10,000 devices
@@ -99,6 +121,8 @@ class Size:
 FULL = Size(devices=10_000, interval_s=300.0, readings=10, ramp_s=300.0, warm_s=30.0,
             window_s=120.0)
 QUICK = Size(devices=6, interval_s=1.0, readings=10, ramp_s=1.0, warm_s=2.0, window_s=4.0)
+HERD_QUICK = Size(devices=30, interval_s=1.0, readings=10, ramp_s=2.0, warm_s=1.0,
+                  window_s=2.0, herd_outage_s=3.0)
 
 
 class LightClient(FailFastClient):
@@ -110,6 +134,21 @@ class LightClient(FailFastClient):
     async def _misc_loop(self) -> None:
         while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
             await asyncio.sleep(MISC_S)
+
+    async def __aenter__(self) -> LightClient:
+        """Connect, counting the device's attempts and noting when each one succeeded (the
+        herd's reconnection times)."""
+        device = DEVICES.get(self.identifier)
+        if device is not None:
+            device.attempts += 1
+        try:
+            await super().__aenter__()
+        except aiomqtt.MqttError as e:
+            CONNECT_ERRORS[str(e)[:60]] += 1
+            raise
+        if device is not None:
+            device.connected_at.append(time.time())
+        return self
 
     async def publish(self, topic: str, payload: Any = None, *a: Any, **kw: Any) -> None:
         """Publish, noting (for the stage timings) when a reading batch was handed to the
@@ -125,6 +164,7 @@ class LightClient(FailFastClient):
 
 
 DEVICES: dict[str, CityDevice] = {}  # by id: the client finds its device's timings
+CONNECT_ERRORS: collections.Counter[str] = collections.Counter()  # failed connects, by error
 
 
 class CityDevice(FastDevice):
@@ -139,6 +179,8 @@ class CityDevice(FastDevice):
         self.signed_at: dict[int, float] = {}  # batch seq -> wall clock when signed
         self.published_at: dict[int, float] = {}  # ... when handed to the MQTT client
         self.acked_at: dict[int, float] = {}  # ... when the broker's PUBACK came back
+        self.attempts = 0  # connects tried (``LightClient``)
+        self.connected_at: list[float] = []  # wall clock of each connection (CONNACK)
         DEVICES[self.id] = self
         self.rand = random.Random(self.id)
 
@@ -333,23 +375,43 @@ def _sql(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 @contextlib.contextmanager
-def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str]
-            ) -> Any:
-    """(ports the devices use, the broker's pids, extra worker environment)."""
+def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str],
+            herd: bool = False) -> Any:
+    """(ports the devices use, the broker's pids, extra worker environment; for the herd,
+    ``down()`` and ``up()``). ``herd``: Mosquitto saves its state (``persistence true``,
+    as production) and the ingest holds plain subscriptions, which it saves with the
+    session (module docstring)."""
     from support.mosquitto import Mosquitto
     from support.rabbitmq import RabbitCluster
 
     if engine == "mosquitto":
-        broker = Mosquitto(pki, work / "mosquitto",
+        broker = Mosquitto(pki, work / "mosquitto", persistence=herd,
                            extra="max_inflight_messages 0\nmax_queued_messages 0")
         broker.grant(*ids, *cns)
         broker.start()
         assert broker.proc is not None
+
+        def down() -> dict[str, Any]:
+            """SIGTERM; waits for the exit (Mosquitto saves its state first)."""
+            assert broker.proc is not None
+            t = time.monotonic()
+            broker.proc.terminate()
+            try:
+                code = broker.proc.wait(BROKER_EXIT_S)
+            except subprocess.TimeoutExpired:
+                broker.proc.kill()
+                code = broker.proc.wait(10)
+            return {"exit_s": round(time.monotonic() - t, 2), "exit_code": code}
+
+        def pids() -> set[int]:
+            return {broker.proc.pid} if broker.proc is not None else set()
+
+        env = ({"CITYEDGE_INGEST_SUBSCRIPTION": "plain"} if herd else
+               {"CITYEDGE_LIMITS__INGEST_SESSION_EXPIRY_S": "0",
+                "CITYEDGE_INGEST_SUBSCRIPTION": "shared"})
         try:
-            yield SimpleNamespace(
-                ports=[broker.port], pids=lambda: {broker.proc.pid},
-                port=broker.port, env={"CITYEDGE_LIMITS__INGEST_SESSION_EXPIRY_S": "0",
-                                       "CITYEDGE_INGEST_SUBSCRIPTION": "shared"})
+            yield SimpleNamespace(ports=[broker.port], pids=pids, port=broker.port, env=env,
+                                  down=down, up=broker.start)
         finally:
             broker.cleanup()
         return
@@ -361,12 +423,27 @@ def _broker(engine: str, work: Path, pki: Any, ids: list[str], cns: list[str]
             for proc in cluster.procs:
                 if proc is not None:
                     out |= pids_where(6, proc.pid)
-            out.update(epmd.pid for epmd in cluster.epmds)
+            out |= {e.pid for e in cluster.epmds}  # an epmd per host
             return out
+
+        def down() -> dict[str, Any]:
+            """Every node killed (SIGKILL to each node's process group) at once."""
+            t = time.monotonic()
+            for i in range(len(cluster.nodes)):
+                cluster.kill(i)
+            return {"exit_s": round(time.monotonic() - t, 2), "exit_code": "SIGKILL"}
+
+        def up() -> None:
+            """Every node started again together (each waits for the others' tables), then
+            all listening and online."""
+            for i in range(len(cluster.nodes)):
+                cluster.start_node(i)
+            for i in range(len(cluster.nodes)):
+                cluster.wait_listening(i)
 
         yield SimpleNamespace(
             ports=[n.mqtt_port for n in cluster.nodes], pids=pids,
-            port=cluster.nodes[0].mqtt_port,
+            port=cluster.nodes[0].mqtt_port, down=down, up=up,
             env={"CITYEDGE_BROKER_ENGINE": "rabbitmq", "CITYEDGE_INGEST_AMQP_NODES": ",".join(
                 "127.0.0.1:%d" % n.amqp_port for n in cluster.nodes)})
     finally:
@@ -469,19 +546,97 @@ def stage_timings(url: str, devices: list[CityDevice], seen: dict[tuple[str, int
     return out
 
 
+def _fraction_back(xs: list[float], q: float) -> float:
+    """The time by which a fraction ``q`` of ``xs`` (sorted) had come: its ceil(q n)-th."""
+    return xs[max(1, math.ceil(q * len(xs))) - 1]
+
+
+def herd(b: Any, devices: list[CityDevice], swarm: Swarm, outage_s: float,
+         say: Any = print) -> dict[str, Any]:
+    """The broker stopped (``b.down``) and started again ``outage_s`` after the stop, every
+    device connected; returns once every device is connected again (or ``HERD_WAIT_S``).
+    Times are from the broker's return (``t_back``, wall clock): when its port accepted a
+    connection again, or a device's reconnection if one came first."""
+    first = [(d.attempts, d.stats.connect_failures, d.stats.connects) for d in devices]
+    errors0 = collections.Counter(CONNECT_ERRORS)
+    unacked = sum(len(d.outbox) for d in devices)  # signed, not acknowledged yet
+    lag0 = len(swarm.lags)
+    t_term = time.time()
+    stopped = b.down()
+    t_exit = time.time()
+    time.sleep(max(0.0, outage_s - (t_exit - t_term)))
+    b.up()
+    t_up = time.time()
+    pids = b.pids()
+    me = {os.getpid()}
+    cpu0, sim0 = cpu_ticks(pids), cpu_ticks(me)
+    last_t, last = time.monotonic(), cpu0
+    peak = 0.0  # the broker's busiest second (cores)
+
+    def back(d: CityDevice) -> float | None:
+        ts = [t for t in d.connected_at if t > t_exit]
+        return min(ts) if ts else None
+
+    deadline = time.monotonic() + HERD_WAIT_S
+    while time.monotonic() < deadline and any(back(d) is None for d in devices):
+        time.sleep(0.25)
+        now, ticks = time.monotonic(), cpu_ticks(pids)
+        if now - last_t >= 1.0:
+            peak = max(peak, cpu_delta(last, ticks) / (now - last_t))
+            last_t, last = now, ticks
+    t_all = time.time()
+    cpu1, sim1 = cpu_ticks(pids), cpu_ticks(me)
+    firsts = [t for t in (back(d) for d in devices) if t is not None]
+    t_back = min([t_up, *firsts])
+    since = sorted(t - t_back for t in firsts)
+    wall = t_all - t_back
+    lags = swarm.lags[lag0:] or [0.0]
+    out: dict[str, Any] = {
+        "broker_exit_s": stopped["exit_s"], "broker_exit_code": stopped["exit_code"],
+        "outage_s": round(t_back - t_term, 2),
+        "unacked_at_outage": unacked,
+        "signed_in_outage": sum(1 for d in devices for t in d.signed_at.values()
+                                if t_term <= t <= t_back),
+        "reconnected": len(firsts),
+        "back_50_s": round(_fraction_back(since, 0.5), 2) if since else None,
+        "back_99_s": round(_fraction_back(since, 0.99), 2) if since else None,
+        "back_100_s": round(since[-1], 2) if len(since) == len(devices) else None,
+        "attempts": sum(d.attempts - a for d, (a, _f, _c) in zip(devices, first, strict=True)),
+        "connect_failures": sum(d.stats.connect_failures - f
+                                for d, (_a, f, _c) in zip(devices, first, strict=True)),
+        "connects": sum(d.stats.connects - c for d, (_a, _f, c) in zip(devices, first,
+                                                                      strict=True)),
+        "broker_cpu_s": round(cpu_delta(cpu0, cpu1), 2),
+        "broker_cores": round(cpu_delta(cpu0, cpu1) / wall, 2) if wall > 0 else None,
+        "broker_peak_cores": round(peak, 2),
+        "simulator_cpu_s": round(cpu_delta(sim0, sim1), 2),
+        "loop_lag_max_s": round(max(lags), 2),
+        "connect_errors": dict((CONNECT_ERRORS - errors0).most_common(5)),
+        "t_term": t_term, "t_back": t_back,
+    }
+    say("  herd: stopped at %s UTC, broker down %.1f s; %d of %d devices back, 100 %% after "
+        "%s s" % (dt.datetime.fromtimestamp(t_term, dt.UTC).strftime("%H:%M:%S"),
+                  out["outage_s"], len(firsts), len(devices), out["back_100_s"]))
+    return out
+
+
 def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids: Ids,
                say: Any = print) -> dict[str, Any]:
     from cityedge_fleet.config import FleetLimits, Settings
 
     from support.faults import IngestProc
 
+    herding = size.herd_outage_s > 0
     work = Path(tempfile.mkdtemp(prefix="%s-" % engine, dir=base))
     work.chmod(0o755)
     url = cluster.new_database()
     register(url, base / "ca", ids)
-    cns = ["fleet-ingest"] + ["fleet-ingest-%d" % k for k in range(2, WORKERS + 1)]
+    # the herd on Mosquitto: one worker on plain subscriptions (the module docstring)
+    cns = ["fleet-ingest"] + ["fleet-ingest-%d" % k for k in range(2, 1 + (
+        1 if herding and engine == "mosquitto" else WORKERS))]
+    herd_out: dict[str, Any] | None = None
     t_boot = time.monotonic()
-    with _broker(engine, work, pki, ids.ids, cns) as b:
+    with _broker(engine, work, pki, ids.ids, cns, herd=herding) as b:
         boot_s = time.monotonic() - t_boot
         settings = Settings(mode="development", database_url=url, ca_dir=base / "ca",
                             mqtt_port=b.port, mqtt_ca_file=pki.ca_pem,
@@ -531,6 +686,11 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
             lags = sorted(swarm.lags[lag0:]) or [0.0]
             reconnects = sum(d.stats.connects for d in devices) - conn0
             cpu = {k: cpu_delta(before[k], after[k]) for k in groups}
+            if herding:
+                dups0 = _sql(url, "SELECT count(*) FROM ingest_event "
+                             "WHERE status = 'duplicate'")[0][0]
+                herd_out = herd(b, devices, swarm, size.herd_outage_s, say)
+                herd_out["duplicate_events_before"] = dups0
             # drain: nothing more signed; every outbox acknowledged; everything stored
             swarm.stop_sampling()
             deadline = time.monotonic() + SETTLE_S
@@ -573,6 +733,17 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
     p50, p99 = p50_p99(lat) if lat else (float("nan"), float("nan"))
     stages = stage_timings(url, devices, seen, w0, w1, swarm_gc, _checkpoints(cluster, w0, w1))
     per_k = {k: (1000.0 * v / in_window if in_window else float("nan")) for k, v in cpu.items()}
+    dups = _sql(url, "SELECT count(*) FROM ingest_event WHERE status = 'duplicate'")[0][0]
+    if herd_out is not None:
+        # every batch signed before the broker came back, committed (PostgreSQL's clock)
+        t_back = herd_out["t_back"]
+        before_back = [(d.id, s) for d in devices for s, t in d.signed_at.items()
+                       if t <= t_back]
+        missing = sum(1 for k in before_back if k not in stored)
+        herd_out["signed_before_back"] = len(before_back)
+        herd_out["recovery_s"] = (None if missing or not before_back else round(
+            max(0.0, max(stored[k][1] for k in before_back) - t_back), 2))
+        herd_out["duplicate_events"] = dups - herd_out.pop("duplicate_events_before")
     return {
         "engine": engine, "devices": len(devices), "connected": connected,
         "connected_s": round(connected_s, 1), "broker_boot_s": round(boot_s, 1),
@@ -587,8 +758,7 @@ def one_engine(engine: str, size: Size, cluster: Any, base: Path, pki: Any, ids:
         "cpu_s_per_1000_readings": {k: round(v, 3) for k, v in per_k.items()},
         "acknowledged": want, "stored": len(stored), "unsent": unsent, "lost": lost,
         "stored_twice": twice,
-        "duplicate_events": _sql(url, "SELECT count(*) FROM ingest_event "
-                                      "WHERE status = 'duplicate'")[0][0],
+        "duplicate_events": dups, "workers": len(cns), "herd": herd_out,
         "stages": stages,
     }
 
@@ -600,7 +770,8 @@ def run(size: Size = FULL, engines: tuple[str, ...] = ENGINES,
     from support.mosquitto import TestPKI
     from support.pg import pg_cluster
 
-    out: dict[str, Any] = {"size": dataclasses.asdict(size), "workers": WORKERS,
+    out: dict[str, Any] = {"size": dataclasses.asdict(size),
+                           "workers": WORKERS,
                            "cores": os.cpu_count(), "engines": {}}
     # the devices' files on tmpfs: 10,000 directories of small files written durably
     shm = Path("/dev/shm")
@@ -627,11 +798,14 @@ NAMES = {"rabbitmq": "RabbitMQ 3.10, 3 nodes (quorum queue, AMQP ingest)",
 def report(r: dict[str, Any]) -> None:
     s = r["size"]
     print("\nCity scale: %d devices, a batch of %d readings every %.0f s (+-%d%%) each, "
-          "%d ingest workers, PostgreSQL fsync on, %s cores:"
-          % (s["devices"], s["readings"], s["interval_s"], JITTER * 100, r["workers"],
+          "PostgreSQL fsync on, %s cores:"
+          % (s["devices"], s["readings"], s["interval_s"], JITTER * 100,
              r["cores"]))
     for engine, e in r["engines"].items():
-        print("  %s" % NAMES.get(engine, engine))
+        name = NAMES.get(engine, engine)
+        if e.get("herd"):
+            name = name.replace("shared subscription", "plain subscriptions, saved")
+        print("  %s, %d ingest workers" % (name, e.get("workers", r["workers"])))
         print("    connected %d of %d in %.0f s; offered %.0f readings/s; stored %.0f "
               "readings/s over %.0f s"
               % (e["connected"], e["devices"], e["connected_s"], e["offered_readings_per_s"],
@@ -645,6 +819,9 @@ def report(r: dict[str, Any]) -> None:
         print("    acknowledged %d batches, stored %d, lost %d, stored twice %d, "
               "duplicates classified %d" % (e["acknowledged"], e["stored"], e["lost"],
                                             e["stored_twice"], e["duplicate_events"]))
+        h = e.get("herd")
+        if h:
+            report_herd(e, h)
         st = e.get("stages", {})
         names = {"sim": "signed -> handed to MQTT (simulator)",
                  "puback": "handed -> PUBACK", "broker": "handed -> bystander subscriber",
@@ -660,6 +837,34 @@ def report(r: dict[str, Any]) -> None:
                   % (st["gc_pauses_in_window"]["n"], g2))
 
 
+def report_herd(e: dict[str, Any], h: dict[str, Any]) -> None:
+    if e["engine"] == "mosquitto":
+        print("    herd (after the window; Mosquitto persistence on, %d ingest worker%s on "
+              "plain subscriptions):" % (e["workers"], "" if e["workers"] == 1 else "s"))
+    else:
+        print("    herd (after the window; every node kill -9 and started again, %d AMQP "
+              "ingest workers):" % e["workers"])
+    print("      broker stopped -> exited in %.2f s (code %s); down until its return: %.2f s; "
+          "%d batches signed in the outage, %d unacknowledged at the stop"
+          % (h["broker_exit_s"], h["broker_exit_code"], h["outage_s"], h["signed_in_outage"],
+             h["unacked_at_outage"]))
+    print("      connected again: %d of %d; from the broker's return: 50 %% %s s, 99 %% %s s, "
+          "100 %% %s s" % (h["reconnected"], e["devices"], h["back_50_s"], h["back_99_s"],
+                          h["back_100_s"]))
+    print("      devices' connect attempts %d (refused or failed %d), connections %d, failures "
+          "%d (FastStats: the drop counts one)" % (h["attempts"], h["attempts"] - h["connects"],
+                                                   h["connects"], h["connect_failures"]))
+    print("      failed connects by error: %s" % (h["connect_errors"] or "none"))
+    print("      broker CPU until every device was back: %.2f s, %s cores on average, "
+          "busiest second %.2f cores; simulator %.2f CPU s, its loop late by up to %.2f s"
+          % (h["broker_cpu_s"], h["broker_cores"], h["broker_peak_cores"],
+             h["simulator_cpu_s"], h["loop_lag_max_s"]))
+    print("      recovery (broker's return -> every batch signed before it committed): %s s "
+          "(%d batches); duplicates classified since the outage %d"
+          % (h.get("recovery_s"), h.get("signed_before_back", 0),
+             h.get("duplicate_events", 0)))
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     size = FULL
@@ -670,5 +875,11 @@ if __name__ == "__main__":
     if "--quick" in args:
         size = QUICK
     only = tuple(e for e in ENGINES if e in args) or ENGINES
+    if "--herd" in args:
+        at = args.index("--herd") + 1
+        outage = HERD_OUTAGE_S
+        with contextlib.suppress(IndexError, ValueError):
+            outage = float(args[at])
+        size = dataclasses.replace(size, herd_outage_s=outage)
     report(run(size, only))
     os._exit(0)
