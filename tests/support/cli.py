@@ -25,21 +25,26 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 
 @contextlib.contextmanager
-def _environment(env: Mapping[str, str]) -> Iterator[None]:
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
+def _replaced(store: MutableMapping[str, Any], contents: Mapping[str, Any]) -> Iterator[None]:
+    """``store`` holds exactly ``contents`` while inside, what it held before after."""
+    saved = dict(store)
+    store.clear()
+    store.update(contents)
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        store.clear()
+        store.update(saved)
+
+
+def _environment(env: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
+    return _replaced(os.environ, env)
 
 
 @contextlib.contextmanager
@@ -49,13 +54,8 @@ def _fresh_ca_cache() -> Iterator[None]:
     except ModuleNotFoundError:  # a part without the fleet's stack
         yield
         return
-    saved = dict(ca._cache)
-    ca._cache.clear()
-    try:
+    with _replaced(ca._cache, {}):
         yield
-    finally:
-        ca._cache.clear()
-        ca._cache.update(saved)
 
 
 @contextlib.contextmanager
