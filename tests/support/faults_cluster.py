@@ -442,8 +442,9 @@ def node_partitioned(rig: ClusterFaultRig, node: int = 0) -> FaultResult:
     the open connections go silent) while it and they still reach their devices and the
     workers, until it has noticed and paused itself (``cluster_partition_handling =
     pause_minority``: it stops its listeners and drops its clients; it notices after
-    Erlang's ``net_ticktime``) and the majority has acknowledged more batches than it has
-    devices (a leader of the quorum queue among themselves). Then healed. Node 1: the
+    Erlang's ``net_ticktime``), the majority has acknowledged more batches than it has
+    devices (a leader of the quorum queue among themselves) and sees it gone. Then
+    healed. Node 1: the
     workers' node and, booted first, the quorum queue's leader. The minority must
     acknowledge nothing sent after the cut (a device waits for one PUBACK at a time, so
     at most one per device, sent before it); after the heal the node rejoins by itself,
@@ -464,7 +465,12 @@ def node_partitioned(rig: ClusterFaultRig, node: int = 0) -> FaultResult:
             nonlocal paused_s
             if paused_s is None and not listening(c, node):
                 paused_s = time.monotonic() - cut
-            return paused_s is not None and acked(others) - acked_others > len(others)
+            if paused_s is None or acked(others) - acked_others <= len(others):
+                return False
+            # and the majority has called it gone (its own tick: node 1's may come first,
+            # and the quorum queue's leader moves sooner still); one CLI call a look
+            r.notes["majority_view"] = cluster_view(c, others_i[0])
+            return bool(r.notes["majority_view"][0] == len(others_i))
         wait_for(settled, PARTITION_MAX_S)
         r.notes["partitioned_s"] = round(time.monotonic() - cut, 1)
         r.notes["minority_paused_s"] = None if paused_s is None else round(paused_s, 1)
@@ -472,7 +478,6 @@ def node_partitioned(rig: ClusterFaultRig, node: int = 0) -> FaultResult:
         r.notes["acked_on_majority"] = acked(others) - acked_others
         r.notes["devices_on_minority"] = len(on_node)
         r.notes["devices_on_majority"] = len(others)
-        r.notes["majority_view"] = cluster_view(c, others_i[0])
     finally:
         c.hosts.heal()
     since = time.monotonic()
