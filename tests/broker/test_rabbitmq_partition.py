@@ -18,7 +18,9 @@ the nodes notice the silence in seconds; the product leaves the default
 
 from __future__ import annotations
 
+import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,29 @@ def test_the_fleet_controls_nodes_on_other_hosts_by_their_long_names(
     assert ctl.name_flags == ["--longnames"]
     running = ctl.run("eval", "lists:sort(rabbit_nodes:all_running()).")
     assert running.strip() == "[%s]" % ",".join("'%s'" % n for n in sorted(names))
+
+
+def test_a_device_host_without_the_cookie_cannot_control_a_node(
+        world: SimpleNamespace, tmp_path: Path) -> None:
+    """A stolen device's machine, on the network the nodes listen on (as the devices and
+    the test are here), reaches a node's epmd and distribution port; with its own
+    cookie (not the cluster's) ``rabbitmqctl`` gets nothing from it: no command runs,
+    the node's users are unchanged."""
+    c = world.cluster
+    home = tmp_path / "thief"
+    home.mkdir()
+    cookie = home / ".erlang.cookie"
+    cookie.write_text(secrets.token_hex(16))
+    cookie.chmod(0o400)
+    env = {**c.env(), "HOME": str(home)}
+    before = c.ctl("list_users", "--quiet")
+    out = subprocess.run([str(RABBIT_BIN / "rabbitmqctl"), "--longnames", "-n",
+                          c.nodes[0].name, "add_user", "thief", "x"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "authenticat" in (out.stdout + out.stderr).lower() or \
+        "cookie" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+    assert c.ctl("list_users", "--quiet") == before  # nothing added
 
 
 def test_a_node_partitioned_from_the_others_pauses_rejoins_and_loses_nothing(
