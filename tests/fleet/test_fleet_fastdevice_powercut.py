@@ -171,3 +171,40 @@ def test_a_power_cut_at_any_write_of_a_rotation_leaves_a_working_identity(
         assert dev.stats.commands == [rotation.ROTATE, rotation.INSTALL_CERT,
                                       rotation.ERASE_KEY]
         assert statuses.count(chain.OK) >= 2
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_tls_context_is_reused_until_a_rotation_replaces_the_key(
+        api: Api, tmp_path: Path) -> None:
+    """Every reconnect of a herd reuses the device's context; a rotation's switch, or a
+    CA file written again, builds a new one from the files then on disk."""
+    enrolled = enroll_device(api, 1)
+    d = tmp_path / "dev"
+    chain_pem = str(enrolled.enrollment["chain_pem"])
+    provision(d, device_id=enrolled.id, signer=enrolled.signer, chain_pem=chain_pem,
+              ca_pem=chain_pem, fleet_keys=list(enrolled.enrollment["fleet_keys"]))  # type: ignore[call-overload]
+    dev = boot(d, Ingestor(api.engine, api.settings))
+    drive(api, dev)
+    first = dev.tls_context()
+    assert dev.tls_context() is first
+    old_slot = dev.slot
+    start(api, dev.id)
+    drive(api, dev)
+    assert dev.slot != old_slot
+    second = dev.tls_context()
+    assert second is not first
+    assert dev.tls_context() is second
+    fastdevice.write_atomic(d / "ca.pem", (d / "ca.pem").read_bytes(), 0o644)
+    assert dev.tls_context() is not second
+
+
+def test_the_simulated_devices_reconnect_as_boards_and_gateways_do() -> None:
+    """The simulator's reconnect backoff is the real devices' (a shorter one overloads a
+    broker coming back harder than a real fleet would)."""
+    from cityedge_fw import mqtt_async
+    from cityedge_gateway import limits
+
+    assert fastdevice.RECONNECT_MIN_S == mqtt_async._BACKOFF_MIN_MS / 1000 \
+        == limits.MQTT_BACKOFF_MIN_S
+    assert fastdevice.RECONNECT_MAX_S == mqtt_async._BACKOFF_MAX_MS / 1000 \
+        == limits.MQTT_BACKOFF_MAX_S
