@@ -81,7 +81,7 @@ ANSWERS_KEPT = 16  # results kept to answer a re-sent command again with the sam
 # scaled by a random 50-150 %, ``Backoff``): the gateway's (``limits.MQTT_BACKOFF_MIN_S`` ..
 # ``_MAX_S``) and a board's (``cityedge_fw.mqtt_async._BACKOFF_MIN_MS`` .. ``_MAX_MS``,
 # 50-100 %), so a simulated herd hits a broker coming back as hard as a real fleet would,
-# not harder (a 10 s cap kept 10,000 devices churning against a booting cluster)
+# not harder (docs/CAPACITY.md: the herd on the RabbitMQ cluster)
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 60.0
 CONNECT_TIMEOUT_S = 10.0

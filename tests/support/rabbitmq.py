@@ -145,12 +145,28 @@ class RabbitCluster:
             self.start_node(i)
         for i in range(1, len(self.nodes)):
             self.wait_listening(i)
-        self.ctl("await_online_nodes", str(len(self.nodes)), "--timeout", "60")
+        self.await_online()
         # the quorum queue was declared by the node that booted first, perhaps before
         # the others joined: a member on every node (one CLI call: each costs a VM boot)
         self.ctl("eval", "[rabbit_quorum_queue:grow(N, <<\"%s\">>, <<\".*\">>, all) "
                  "|| N <- rabbit_nodes:all_running()]." % rmq.VHOST)
         return self
+
+    def await_online(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until every node runs the rabbit app in one cluster. ``await_online_nodes``
+        refuses at once on a node without the app, and a node that listened can be
+        without it a moment later (a bench's cluster once failed its start so; the cause
+        was not found: ``pause_minority`` stops the app of a node that sees no majority):
+        asked again until ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.ctl("await_online_nodes", str(len(self.nodes)), "--timeout", "60")
+                return
+            except RuntimeError as e:
+                if "app to be running" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def ctl(self, *args: str, node: int = 0, tool: str = "rabbitmqctl",
             stdin: str | None = None) -> str:
