@@ -64,8 +64,11 @@ def test_unknown_port_message(tmp_path: Path) -> None:
 
 
 def test_simulate_serves_a_device_until_interrupted(tmp_path: Path, micropython: str) -> None:
+    # -X faulthandler: a CLI that does not exit is made to print every thread's stack
+    # (SIGABRT) into the failure (one CI run, 2026-12-05, waited out the 20 s; 0.4 s is usual)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cityedge.cli", "provision", "simulate", "--root",
+        [sys.executable, "-X", "faulthandler", "-m", "cityedge.cli", "provision", "simulate",
+         "--root",
          str(tmp_path / "flash"), "--serial", "SN-00901", "--device",
          "urn:dev:mac:0024befffe800901"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, cwd=ROOT)
@@ -77,7 +80,13 @@ def test_simulate_serves_a_device_until_interrupted(tmp_path: Path, micropython:
         with SerialTransport(port) as t:
             assert t.request(frame.T_HELLO)[frame.F_SERIAL] == "SN-00901"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
+        try:
+            rc = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _out, err = proc.communicate(timeout=10)
+            pytest.fail("the CLI did not exit 20 s after SIGINT; its stacks:\n%s" % err[-6000:])
+        assert rc == 0, proc.communicate(timeout=10)[1][-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
