@@ -43,10 +43,6 @@ def _replaced(store: MutableMapping[str, Any], contents: Mapping[str, Any]) -> I
         store.update(saved)
 
 
-def _environment(env: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
-    return _replaced(os.environ, env)
-
-
 @contextlib.contextmanager
 def _fresh_ca_cache() -> Iterator[None]:
     try:
@@ -95,7 +91,7 @@ def run(args: list[str] | tuple[str, ...], env: Mapping[str, str],
     code: int = 0
     saved_argv, saved_stdin, saved_cwd = sys.argv, sys.stdin, os.getcwd()
     try:
-        with _environment(env), _engines_disposed(), _fresh_ca_cache(), \
+        with _replaced(os.environ, env), _engines_disposed(), _fresh_ca_cache(), \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             sys.argv, sys.stdin = argv, io.StringIO("")
             if cwd is not None:

@@ -169,12 +169,12 @@ class RabbitCluster:
                 time.sleep(1.0)
 
     def ctl(self, *args: str, node: int = 0, tool: str = "rabbitmqctl",
-            stdin: str | None = None) -> str:
+            stdin: str | None = None, env: dict[str, str] | None = None) -> str:
         names = ["--longnames"] if rmq.long_names([self.nodes[node].name]) else []
         out = subprocess.run([str(RABBIT_BIN / tool), *names, "-n", self.nodes[node].name,
                               *args],
-                             env=self.env(), input=stdin, capture_output=True, text=True,
-                             timeout=CTL_TIMEOUT_S)
+                             env=env or self.env(), input=stdin, capture_output=True,
+                             text=True, timeout=CTL_TIMEOUT_S)
         if out.returncode != 0:
             raise RuntimeError("%s %s: %s %s" % (tool, " ".join(args), out.stdout, out.stderr))
         return out.stdout
